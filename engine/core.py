@@ -1,0 +1,75 @@
+"""`EngineCore`: what every worker loads (model, KV cache, block pool, tokenizer, stop tokens) and
+how a request is validated and created. Schedulers are composed on top by each kind of worker."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import ConfigError, EngineConfig, ModelConfig
+from engine.loader import model_fingerprint, resolve_model_path
+from engine.model_runner import ModelRunner
+from engine.request import Request
+from engine.sampling_params import InvalidRequestError, SamplingParams
+from engine.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineCore:
+    config: EngineConfig
+    model_config: ModelConfig
+    tokenizer: Tokenizer
+    runner: ModelRunner
+    block_manager: BlockManager
+    eos_token_ids: frozenset[int]
+    model_id: str  # checkpoint fingerprint: KV moves only between workers that agree on it
+
+    @classmethod
+    def load(cls, config: EngineConfig, random_weights: bool = False) -> EngineCore:
+        """`random_weights`: the checkpoint's shapes with dummy weights (benchmarks)."""
+        model_dir = resolve_model_path(config.model)
+        model_config = ModelConfig.from_pretrained(model_dir)
+        tokenizer = Tokenizer.from_pretrained(model_dir)
+        runner = ModelRunner(config, model_config, None if random_weights else model_dir)
+        if runner.num_kv_blocks * config.block_size < runner.max_model_len:
+            raise ConfigError(
+                f"the KV cache holds {runner.num_kv_blocks * config.block_size} tokens, fewer than max_model_len "
+                f"{runner.max_model_len}: give it more memory or lower max_model_len"
+            )
+        block_manager = BlockManager(runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        eos = frozenset(tokenizer.eos_token_ids) | frozenset(model_config.eos_token_ids)
+        return cls(config, model_config, tokenizer, runner, block_manager, eos, model_fingerprint(model_dir))
+
+    @property
+    def max_model_len(self) -> int:
+        return self.runner.max_model_len
+
+    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
+                f"{len(prompt_token_ids)} tokens, which leaves no room for a completion.",
+                "prompt",
+            )
+        vocab = self.model_config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+
+    def new_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        self.validate_prompt(prompt_token_ids)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        return Request(
+            request_id=request_id,
+            prompt_token_ids=list(prompt_token_ids),
+            params=params,
+            eos_token_ids=self.eos_token_ids,
+            generator=generator,
+        )

@@ -1,0 +1,43 @@
+"""`LLMEngine`: the colocated engine (one scheduler + one model runner in this process). It is the
+reference the disaggregated path must match and the baseline it is benchmarked against."""
+from __future__ import annotations
+
+from engine.config import EngineConfig
+from engine.core import EngineCore
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+
+
+class LLMEngine:
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        config = core.config
+        self.scheduler = Scheduler(
+            core.block_manager, config.max_num_seqs, config.max_num_batched_tokens, core.max_model_len
+        )
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, random_weights: bool = False) -> LLMEngine:
+        return cls(EngineCore.load(config, random_weights))
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        request = self.core.new_request(request_id, prompt_token_ids, params)
+        self.scheduler.add(request)
+        return request
+
+    def abort_request(self, request_id: str) -> Request | None:
+        return self.scheduler.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def step(self) -> list[Request]:
+        """One forward pass; returns the requests that got a token (some may have finished)."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            if self.has_unfinished_requests():
+                raise RuntimeError("no request could be scheduled: the KV cache is too small for the waiting requests")
+            return []
+        output = self.core.runner.execute(scheduled)
+        return self.scheduler.update(scheduled, output)

@@ -1,0 +1,182 @@
+"""`ModelRunner`: owns the model weights and the paged KV cache of one worker, turns a scheduled
+batch into model inputs, runs the forward pass (decode through CUDA graphs on a GPU) and samples."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.attention import AttentionMetadata
+from engine.config import ConfigError, EngineConfig, ModelConfig
+from engine.cuda_graph import DecodeGraphRunner
+from engine.loader import init_random_weights, load_weights
+from engine.model import LlamaForCausalLM
+from engine.request import Request, ScheduledRequest
+from engine.sampler import Sampler, SamplerOutput
+
+logger = logging.getLogger(__name__)
+
+CPU_KV_CACHE_GIB = 0.5
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor  # int64 [num_tokens]
+    positions: torch.Tensor  # int64 [num_tokens]
+    meta: AttentionMetadata
+    logits_rows: torch.Tensor  # int64 [num_sampled]: rows of the hidden states that give logits
+    sampled: list[Request]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, model_dir: Path | None) -> None:
+        """`model_dir=None` builds the model with random weights (benchmarks)."""
+        self.config = config
+        self.model_config = model_config
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype(model_config, self.device)
+        self.block_size = config.block_size
+        self.max_model_len = config.model_len(model_config)
+        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
+        self.model = self._build_model(model_dir)
+        self.kv_cache = self._allocate_kv_cache()
+        self.sampler = Sampler()
+        self.graphs: DecodeGraphRunner | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.graphs = DecodeGraphRunner(
+                self.model, self.kv_cache, min(config.max_num_seqs, 512), self.max_blocks_per_seq, self.block_size
+            )
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.kv_cache.shape[2]
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _build_model(self, model_dir: Path | None) -> LlamaForCausalLM:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(self.model_config)
+        model.to_empty(device=self.device)
+        model.tie_weights()
+        model.to(self.dtype)
+        if model_dir is None:
+            init_random_weights(model, self.config.seed)
+        else:
+            load_weights(model, model_dir)
+        model.init_rotary(self.max_model_len, self.device)
+        return model.eval()
+
+    def _kv_shape(self, num_blocks: int) -> tuple[int, ...]:
+        m = self.model_config
+        return (m.num_layers, 2, num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+
+    def _allocate_kv_cache(self) -> torch.Tensor:
+        num_blocks = self.config.num_kv_blocks or self._num_blocks_for_memory()
+        if num_blocks * self.block_size < self.block_size * 2:
+            raise ConfigError("the KV cache has room for fewer than two blocks; give it more memory")
+        logger.info("KV cache: %d blocks of %d tokens", num_blocks, self.block_size)
+        return torch.zeros(self._kv_shape(num_blocks), dtype=self.dtype, device=self.device)
+
+    def _num_blocks_for_memory(self) -> int:
+        bytes_per_block = self.model_config.kv_bytes_per_token * self.block_size * self.dtype.itemsize
+        if self.config.kv_cache_memory_gib is not None:
+            return max(1, int(self.config.kv_cache_memory_gib * 2**30) // bytes_per_block)
+        if self.device.type == "cpu":
+            return max(1, int(CPU_KV_CACHE_GIB * 2**30) // bytes_per_block)
+        return max(1, self._profile_free_gpu_memory() // bytes_per_block)
+
+    @torch.inference_mode()
+    def _profile_free_gpu_memory(self) -> int:
+        """Run the largest batch once with a scratch cache; what is left under the utilisation cap
+        after the weights and that peak goes to the KV cache."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
+        num_blocks = -(-num_tokens // self.block_size)
+        scratch = torch.zeros(self._kv_shape(num_blocks), dtype=self.dtype, device=self.device)
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(num_tokens, device=self.device),
+            block_tables=torch.arange(num_blocks, dtype=torch.int32, device=self.device)[None],
+            context_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
+            cu_seqlens_q=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
+            max_seqlen_q=num_tokens,
+        )
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, torch.arange(num_tokens, device=self.device), scratch, meta)
+        self.model.compute_logits(hidden[: self.config.max_num_seqs])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del scratch, hidden
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return int(total * self.config.gpu_memory_utilization) - peak
+
+    # -- execution ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, batch: list[ScheduledRequest]) -> SamplerOutput:
+        """Run one step; returns sampled tokens for the requests whose chunk ends at their last token."""
+        logits, sampled = self.compute_logits(batch)
+        if not sampled:
+            return SamplerOutput([], [])
+        return self.sampler(logits, sampled)
+
+    def compute_logits(self, batch: list[ScheduledRequest]) -> tuple[torch.Tensor, list[Request]]:
+        is_decode = all(s.num_tokens == 1 and s.is_sampled for s in batch)
+        if self.graphs is not None and is_decode and self.graphs.can_run(len(batch)):
+            return self.graphs.run([s.request for s in batch]), [s.request for s in batch]
+        inputs = self.prepare_inputs(batch)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
+        return self.model.compute_logits(hidden[inputs.logits_rows]), inputs.sampled
+
+    def prepare_inputs(self, batch: list[ScheduledRequest]) -> ModelInputs:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        context_lens: list[int] = []
+        cu_seqlens = [0]
+        logits_rows: list[int] = []
+        sampled: list[Request] = []
+        for item in batch:
+            r = item.request
+            start, end = r.num_computed_tokens, r.num_computed_tokens + item.num_tokens
+            input_ids += item.token_ids()
+            positions += range(start, end)
+            table = r.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            context_lens.append(end)
+            cu_seqlens.append(cu_seqlens[-1] + item.num_tokens)
+            if item.is_sampled:
+                logits_rows.append(cu_seqlens[-1] - 1)
+                sampled.append(r)
+        is_decode = all(item.num_tokens == 1 for item in batch)
+        device = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            block_tables=self._block_tables([item.request.block_table for item in batch]),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
+            cu_seqlens_q=None if is_decode else torch.tensor(cu_seqlens, dtype=torch.int32, device=device),
+            max_seqlen_q=max(item.num_tokens for item in batch),
+        )
+        return ModelInputs(
+            input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            meta=meta,
+            logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=device),
+            sampled=sampled,
+        )
+
+    def _block_tables(self, tables: list[list[int]]) -> torch.Tensor:
+        width = max(len(t) for t in tables)
+        padded = np.zeros((len(tables), width), dtype=np.int32)
+        for i, table in enumerate(tables):
+            padded[i, : len(table)] = table
+        return torch.from_numpy(padded).to(self.device)
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """KV copies for forked sequences: block src -> block dst in every layer."""
+        if copies:
+            src, dst = zip(*copies)
+            self.kv_cache[:, :, list(dst)] = self.kv_cache[:, :, list(src)]

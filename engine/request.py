@@ -1,0 +1,109 @@
+"""`Request`: one generation's tokens, KV block table and progress, as the schedulers see it."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Logprobs of one generated token: its own, its rank, and the top-n alternatives."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_cached_tokens: int = 0  # prompt tokens that came from the prefix cache at admission
+    num_preemptions: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    @property
+    def is_prefill_done(self) -> bool:
+        return self.num_computed_tokens >= self.num_prompt_tokens
+
+    def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
+        self.status = RequestStatus.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+
+    def check_stop(self, max_model_len: int) -> bool:
+        """Token-level stop conditions after a new token was appended; marks the request finished."""
+        token = self.output_token_ids[-1]
+        num_output = len(self.output_token_ids)
+        params = self.params
+        if num_output >= params.min_tokens:
+            if not params.ignore_eos and token in self.eos_token_ids:
+                self.finish("stop")
+                return True
+            if token in params.stop_token_ids:
+                self.finish("stop", token)
+                return True
+        if (params.max_tokens is not None and num_output >= params.max_tokens) or self.num_tokens >= max_model_len:
+            self.finish("length")
+            return True
+        return False
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """One request's share of a step: `num_tokens` tokens from `request.num_computed_tokens` on."""
+
+    request: Request
+    num_tokens: int
+
+    @property
+    def is_sampled(self) -> bool:
+        """The chunk reaches the last known token, so its logits give the next token."""
+        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+
+    def token_ids(self) -> list[int]:
+        r, start = self.request, self.request.num_computed_tokens
+        end, num_prompt = start + self.num_tokens, r.num_prompt_tokens
+        if start >= num_prompt:
+            return r.output_token_ids[start - num_prompt : end - num_prompt]
+        if end <= num_prompt:
+            return r.prompt_token_ids[start:end]
+        return r.prompt_token_ids[start:] + r.output_token_ids[: end - num_prompt]

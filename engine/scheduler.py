@@ -1,0 +1,128 @@
+"""The colocated continuous-batching scheduler: each step, running requests first (decodes and
+unfinished chunked prefills), then waiting ones while the token budget and the KV blocks last.
+When blocks run out, the latest-arrived running request is preempted and later recomputed.
+Pure CPU logic: requests and free blocks in, a batch plan out."""
+from __future__ import annotations
+
+from collections import deque
+
+from engine.block_manager import BlockManager
+from engine.request import Request, RequestStatus, ScheduledRequest
+from engine.sampler import SamplerOutput
+
+
+class Scheduler:
+    def __init__(
+        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int
+    ) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def add_running(self, request: Request) -> None:
+        """A request whose prompt KV is already in `request.block_table` (computed elsewhere)."""
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    def abort(self, request_id: str) -> Request | None:
+        for queue in (self.running, self.waiting):
+            for request in queue:
+                if request.request_id == request_id:
+                    queue.remove(request)
+                    self._release(request)
+                    request.finish("abort")
+                    return request
+        return None
+
+    def schedule(self) -> list[ScheduledRequest]:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            if self._grow(request, request.num_computed_tokens + num_tokens):
+                scheduled.append(ScheduledRequest(request, num_tokens))
+                budget -= num_tokens
+                i += 1
+            else:
+                preempted = True  # `request` itself was preempted; the loop ends
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            item = self._admit(self.waiting[0], budget)
+            if item is None:
+                break
+            self.waiting.popleft()
+            scheduled.append(item)
+            budget -= item.num_tokens
+        return scheduled
+
+    def _grow(self, request: Request, num_tokens: int) -> bool:
+        """Blocks for `num_tokens` slots, preempting from the back of `running` until they fit."""
+        while not self.block_manager.append_slots(request.block_table, num_tokens):
+            victim = self.running.pop()
+            self._preempt(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _admit(self, request: Request, budget: int) -> ScheduledRequest | None:
+        allocation = self.block_manager.allocate(request.all_token_ids)
+        if allocation is None:
+            return None
+        request.block_table = allocation.block_table
+        request.num_computed_tokens = allocation.num_cached_tokens
+        if request.num_preemptions == 0:
+            request.num_cached_tokens = allocation.num_cached_tokens
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        return ScheduledRequest(request, min(request.num_tokens - request.num_computed_tokens, budget))
+
+    def _preempt(self, request: Request) -> None:
+        self._release(request)
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _release(self, request: Request) -> None:
+        self.block_manager.free(request.block_table)
+        request.block_table = []
+        request.num_computed_tokens = 0
+
+    def update(self, scheduled: list[ScheduledRequest], output: SamplerOutput) -> list[Request]:
+        """Record a step's results; returns the requests that got a new token (finished ones too)."""
+        samples = iter(zip(output.token_ids, output.logprobs))
+        updated: list[Request] = []
+        block_size = self.block_manager.block_size
+        for item in scheduled:
+            request, is_sampled = item.request, item.is_sampled
+            before = request.num_computed_tokens
+            request.num_computed_tokens += item.num_tokens
+            if request.num_computed_tokens // block_size > before // block_size:
+                self.block_manager.cache_full_blocks(
+                    request.block_table, request.all_token_ids, request.num_computed_tokens
+                )
+            if not is_sampled:
+                continue
+            token, logprobs = next(samples)
+            request.output_token_ids.append(token)
+            if logprobs is not None:
+                request.output_logprobs.append(logprobs)
+            if request.check_stop(self.max_model_len):
+                self.block_manager.free(request.block_table)
+                request.block_table = []
+            updated.append(request)
+        self.running = [r for r in self.running if not r.is_finished]
+        return updated

@@ -1,0 +1,2 @@
+"""pdserve's wire contract: protobuf messages and gRPC services (`pdserve.proto`) and the modules
+generated from it (`python -m proto.generate`)."""

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny random checkpoints written by transformers itself (the independent
+reference), one per supported family, carrying the demo model's tokenizer files."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+FAMILIES = {
+    # Llama with GQA (4 query heads share 2 KV heads) and Llama-3 rope scaling
+    "llama": dict(
+        cls="LlamaConfig",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+        },
+    ),
+    "mistral": dict(cls="MistralConfig", num_attention_heads=4, num_key_value_heads=1, sliding_window=None),
+    # Qwen2: q/k/v biases, tied embeddings
+    "qwen2": dict(cls="Qwen2Config", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    # Qwen3: per-head q/k RMSNorm, head_dim != hidden / heads
+    "qwen3": dict(cls="Qwen3Config", num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+}
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from engine.demo_model import write_demo_model
+
+    return write_demo_model(tmp_path_factory.mktemp("demo") / "model")
+
+
+def write_hf_checkpoint(directory: Path, family: str, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A transformers-written checkpoint of `family` with random weights and the demo tokenizer."""
+    import json
+
+    import transformers
+
+    spec = dict(FAMILIES[family])
+    config_cls = getattr(transformers, spec.pop("cls"))
+    vocab_size = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
+    config = config_cls(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        **spec,
+    )
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # larger weights than HF's 0.02 init: sharper, less tie-prone logits
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.normal_(0.0, 0.08)
+    model.save_pretrained(directory)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, directory / name)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {family: write_hf_checkpoint(root / family, family, demo_model_dir) for family in FAMILIES}
