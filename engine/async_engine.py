@@ -4,26 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 from engine.engine_loop import EngineLoop
 from engine.llm_engine import LLMEngine
-from engine.request import Request, TokenLogprobs
+from engine.outputs import RequestDelta
+from engine.request import Request
 from engine.sampling_params import SamplingParams
-
-
-@dataclass
-class RequestDelta:
-    """New tokens of one request; the last delta of a request carries its finish_reason."""
-
-    request_id: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
-    stop_reason: int | str | None = None
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
-    error: str | None = None
 
 
 def delta_of(request: Request) -> RequestDelta:

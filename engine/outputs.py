@@ -1,4 +1,5 @@
-"""What generation returns to users: vLLM's `RequestOutput` / `CompletionOutput` / `Logprob` shapes."""
+"""What generation returns: vLLM's `RequestOutput` / `CompletionOutput` / `Logprob` shapes for users, and the
+plain `TokenLogprobs` / `RequestDelta` records that move between the engine, workers and gateway. No torch."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,3 +35,27 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Logprobs of one generated token: its own, its rank, and the top-n alternatives."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclass
+class RequestDelta:
+    """New tokens of one request; the last delta of a request carries its finish_reason."""
+
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: int | str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None

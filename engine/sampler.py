@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.request import Request, TokenLogprobs
+from engine.outputs import TokenLogprobs
+from engine.request import Request
 
 
 @dataclass

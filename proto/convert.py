@@ -2,7 +2,7 @@
 servers and the gateway's gRPC client) so schedulers and the engine never see protobuf."""
 from __future__ import annotations
 
-from engine.request import TokenLogprobs
+from engine.outputs import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from proto import pdserve_pb2 as pb
 

@@ -1,0 +1,99 @@
+"""The decode worker's gRPC edge: the DecodeWorker service and the KVTransfer service (KV pushed
+by prefill workers) on one server; protobuf is converted to plain calls on `DecodeWorker` here."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from decode_worker.worker import DecodeWorker, Reserved
+from engine.outputs import RequestDelta
+from engine.sampling_params import InvalidRequestError
+from kvtransfer.grpc_transport import add_kv_transfer_service
+from kvtransfer.local_transport import register_receiver, unregister_receiver
+from proto import pdserve_pb2 as pb
+from proto import pdserve_pb2_grpc as pb_grpc
+from proto.convert import logprobs_to_proto, params_from_proto
+
+GRPC_OPTIONS = [("grpc.max_send_message_length", 64 * 2**20), ("grpc.max_receive_message_length", 64 * 2**20)]
+DEFAULT_LEASE_S = 30.0
+
+
+class DecodeServicer(pb_grpc.DecodeWorkerServicer):
+    def __init__(self, worker: DecodeWorker, model_name: str, kv_address: str, transport: str) -> None:
+        self.worker = worker
+        self.model_name = model_name
+        self.kv_address = kv_address
+        self.transport = transport
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            params = params_from_proto(request.params)
+            lease_s = request.lease_seconds if request.lease_seconds > 0 else DEFAULT_LEASE_S
+            events = self.worker.generate(
+                request.request_id, request.transfer_id, list(request.prompt_token_ids), params, lease_s
+            )
+            async for event in events:
+                if isinstance(event, RequestDelta) and event.finish_reason == "error":
+                    await context.abort(grpc.StatusCode.ABORTED, event.error or "decode failed")
+                for message in self._to_proto(event):
+                    yield message
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    def _to_proto(self, event: Reserved | RequestDelta) -> list[pb.GenerateResponse]:
+        if isinstance(event, Reserved):
+            reservation = pb.Reservation(
+                block_ids=event.block_ids, kv_address=self.kv_address, transport=self.transport,
+                worker_id=self.worker.worker_id,
+            )
+            return [pb.GenerateResponse(reservation=reservation)]
+        messages = []
+        if event.token_ids:
+            logprobs = [logprobs_to_proto(lp) for lp in event.logprobs]
+            messages.append(pb.GenerateResponse(tokens=pb.TokenDelta(token_ids=event.token_ids, logprobs=logprobs)))
+        if event.finish_reason is not None:
+            finished = pb.Finished(finish_reason=event.finish_reason)
+            if isinstance(event.stop_reason, int):
+                finished.stop_token_id = event.stop_reason
+            messages.append(pb.GenerateResponse(finished=finished))
+        return messages
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        return pb.AbortResponse(found=await self.worker.abort(request.request_id))
+
+    async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.WorkerStatus:
+        core = self.worker.core
+        return pb.WorkerStatus(
+            worker_id=self.worker.worker_id,
+            role="decode",
+            model=self.model_name,
+            max_model_len=core.max_model_len,
+            block_size=core.config.block_size,
+            kv_transports=self.transport,
+            **self.worker.status(),
+        )
+
+
+async def start_server(
+    worker: DecodeWorker, model_name: str, host: str = "127.0.0.1", port: int = 0, transport: str = "grpc",
+    advertise_host: str | None = None,
+) -> tuple[grpc.aio.Server, int]:
+    """Starts the gRPC server (decode + KV transfer); returns it and its bound port. With the
+    `local` transport the receiver is also registered in-process under the same address."""
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{advertise_host or host}:{bound}"
+    pb_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(worker, model_name, address, transport), server)
+    add_kv_transfer_service(server, worker.receiver)
+    if transport == "local":
+        register_receiver(address, worker.receiver)
+    await server.start()
+    return server, bound
+
+
+async def stop_server(server: grpc.aio.Server, address: str, grace_s: float = 2.0) -> None:
+    unregister_receiver(address)
+    await server.stop(grace_s)

@@ -1,0 +1,1 @@
+"""Launching pdserve: the `pdserve` CLI, Ray placement of the workers, the gateway process."""

@@ -1,0 +1,98 @@
+"""`Cluster`: starts a local Ray instance (or joins one), places the prefill and decode workers as
+Ray actors on their own pools, and stops them all. `ServeConfig` is what `pdserve serve` was told."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from deploy.worker_host import WorkerHost, WorkerSpec
+from engine.config import EngineConfig
+from router.registry import WorkerRecord
+
+logger = logging.getLogger(__name__)
+REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    engine: EngineConfig
+    served_model_name: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    num_prefill_workers: int = 1
+    num_decode_workers: int = 1
+    redis_url: str | None = None
+    ray_address: str | None = None
+    worker_host: str = "127.0.0.1"
+    startup_timeout_s: float = 600.0
+    colocated: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_prefill_workers < 1 or self.num_decode_workers < 1:
+            raise ValueError("--prefill-workers and --decode-workers must be at least 1")
+
+
+class Cluster:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.actors: list[object] = []
+        self._started_ray = False
+
+    def start(self) -> list[WorkerRecord]:
+        """Starts every worker (models load in parallel); returns their registry records."""
+        import ray
+
+        config = self.config
+        num_workers = config.num_prefill_workers + config.num_decode_workers
+        if not ray.is_initialized():
+            ray.init(
+                address=config.ray_address,
+                num_cpus=None if config.ray_address else max(os.cpu_count() or 1, num_workers),
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}},
+            )
+            self._started_ray = True
+        on_gpu = self._workers_use_gpu(num_workers)
+        actor_cls = ray.remote(WorkerHost)
+        specs = [self._spec("prefill") for _ in range(config.num_prefill_workers)]
+        specs += [self._spec("decode") for _ in range(config.num_decode_workers)]
+        for spec in specs:
+            resources = {"num_gpus": 1, "num_cpus": 1} if on_gpu else {"num_cpus": 1}
+            self.actors.append(actor_cls.options(name=spec.worker_id, **resources).remote(spec))
+        return ray.get([actor.start.remote() for actor in self.actors], timeout=config.startup_timeout_s)
+
+    def _spec(self, role: str) -> WorkerSpec:
+        config = self.config
+        return WorkerSpec(role, config.engine, config.served_model_name, config.worker_host, redis_url=config.redis_url)
+
+    def _workers_use_gpu(self, num_workers: int) -> bool:
+        """One GPU per worker when asked for, or when `auto` and the cluster has enough GPUs."""
+        import ray
+
+        device = self.config.engine.device
+        if device == "auto":
+            return ray.cluster_resources().get("GPU", 0) >= num_workers
+        return device != "cpu"
+
+    def stop(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            return
+        try:
+            ray.get([actor.stop.remote() for actor in self.actors], timeout=15)
+        except Exception as exc:  # noqa: BLE001 - shutting down regardless
+            logger.warning("workers did not stop cleanly: %s", exc)
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors.clear()
+        if self._started_ray:
+            ray.shutdown()
+
+
+def _pythonpath() -> str:
+    existing = os.environ.get("PYTHONPATH")
+    return f"{REPO_ROOT}:{existing}" if existing else REPO_ROOT

@@ -1,0 +1,113 @@
+"""`WorkerHost`: one prefill or decode worker and its gRPC server, on a private asyncio loop thread
+inside whatever process hosts it (a Ray actor in a cluster; the test process in tests). With a
+Redis URL it also keeps the worker's registry record alive with heartbeats."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import uuid
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from engine.core import EngineCore
+from router.registry import DEFAULT_TTL_S, WorkerRecord, deregister, heartbeat
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    role: str  # "prefill" | "decode"
+    engine: EngineConfig
+    model_name: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    transport: str = "grpc"
+    redis_url: str | None = None
+    worker_id: str = ""
+
+    def __post_init__(self) -> None:
+        if self.role not in ("prefill", "decode"):
+            raise ValueError(f"role must be prefill or decode, got {self.role!r}")
+        if not self.worker_id:
+            object.__setattr__(self, "worker_id", f"{self.role}-{uuid.uuid4().hex[:8]}")
+
+
+class WorkerHost:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.record: WorkerRecord | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"{spec.worker_id}-grpc", daemon=True)
+        self._server = None
+        self._worker = None
+        self._stop_heartbeat = threading.Event()
+
+    def start(self) -> WorkerRecord:
+        """Loads the model, starts the server and returns the worker's registry record."""
+        core = EngineCore.load(self.spec.engine)
+        self._thread.start()
+        self.record = asyncio.run_coroutine_threadsafe(self._serve(core), self._loop).result()
+        if self.spec.redis_url:
+            threading.Thread(target=self._heartbeat_forever, name=f"{self.spec.worker_id}-heartbeat", daemon=True).start()
+        logger.info("%s serving at %s", self.spec.worker_id, self.record.address)
+        return self.record
+
+    async def _serve(self, core: EngineCore) -> WorkerRecord:
+        spec = self.spec
+        if spec.role == "prefill":
+            from prefill_worker.server import start_server
+            from prefill_worker.worker import PrefillWorker
+
+            self._worker = PrefillWorker(core, spec.worker_id)
+            self._server, port = await start_server(self._worker, spec.model_name, spec.host, spec.port)
+        else:
+            from decode_worker.server import start_server
+            from decode_worker.worker import DecodeWorker
+
+            self._worker = DecodeWorker(core, spec.worker_id)
+            self._server, port = await start_server(
+                self._worker, spec.model_name, spec.host, spec.port, spec.transport, advertise_host=advertised_host(spec.host)
+            )
+        return WorkerRecord(spec.worker_id, spec.role, f"{advertised_host(spec.host)}:{port}")
+
+    def _heartbeat_forever(self) -> None:
+        import redis
+
+        client = redis.Redis.from_url(self.spec.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        while True:
+            try:
+                heartbeat(client, self.record, DEFAULT_TTL_S)
+            except Exception as exc:  # noqa: BLE001 - keep beating through Redis hiccups
+                logger.warning("heartbeat to %s failed: %s", self.spec.redis_url, exc)
+            if self._stop_heartbeat.wait(DEFAULT_TTL_S / 4):
+                break
+        try:
+            deregister(client, self.spec.worker_id)
+        except Exception:  # noqa: BLE001 - the TTL removes the record anyway
+            pass
+
+    def stop(self) -> None:
+        self._stop_heartbeat.set()
+        if self._server is not None:
+            asyncio.run_coroutine_threadsafe(self._server.stop(1.0), self._loop).result(timeout=10)
+        if self._worker is not None:
+            self._worker.shutdown()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+    def ping(self) -> str:
+        return self.spec.worker_id
+
+
+def advertised_host(bind_host: str) -> str:
+    """The address peers should dial: the bind host, or this node's IP when bound to all."""
+    if bind_host not in ("0.0.0.0", "::", ""):
+        return bind_host
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))  # no packet is sent; picks the outgoing interface
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"

@@ -1,0 +1,92 @@
+"""`create_app(backend)`: the OpenAI-compatible HTTP gateway, with vLLM's routes and shapes, so
+OpenAI/vLLM clients, benchmarks and dashboards work unchanged."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from router.backend import Backend
+from router.chat import create_chat_completion, render_chat
+from router.completions import create_completion
+from router.errors import APIError, install_error_handlers
+from router.metrics import Metrics
+from router.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from router.serving import Serving, cancel_on_disconnect
+
+logger = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S = 5.0  # /health and /metrics ask the backend; a stuck backend must not hang them
+
+
+def create_app(backend: Backend, metrics: Metrics | None = None, request_timeout_s: float = 600.0) -> FastAPI:
+    """Routes: POST /v1/completions, /v1/chat/completions, /tokenize, /detokenize; GET /v1/models,
+    /health, /metrics. The caller owns the backend (and closes it)."""
+    serving = Serving(backend, metrics or Metrics(backend.model_name), request_timeout_s)
+    app = FastAPI(title="pdserve")
+    app.state.serving = serving
+    install_error_handlers(app)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw_request: Request) -> Response:
+        return await cancel_on_disconnect(raw_request, create_completion(serving, body))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, raw_request: Request) -> Response:
+        return await cancel_on_disconnect(raw_request, create_chat_completion(serving, body))
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = {
+            "id": backend.model_name, "object": "model", "created": int(time.time()), "owned_by": "pdserve",
+            "root": backend.model_name, "parent": None, "max_model_len": backend.max_model_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            is_healthy = await asyncio.wait_for(backend.is_healthy(), PROBE_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - a failing probe means unhealthy
+            logger.exception("health probe failed")
+            is_healthy = False
+        return Response(status_code=200 if is_healthy else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        try:
+            serving.metrics.update_stats(await asyncio.wait_for(backend.stats(), PROBE_TIMEOUT_S))
+        except Exception:  # noqa: BLE001 - serve the last known values rather than nothing
+            logger.exception("backend stats failed; /metrics shows the last known values")
+        return Response(serving.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> JSONResponse:
+        serving.check_model(body.model)
+        token_ids = _tokenize(backend, body)
+        return JSONResponse({"count": len(token_ids), "max_model_len": backend.max_model_len, "tokens": token_ids})
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> JSONResponse:
+        serving.check_model(body.model)
+        vocab_size = backend.tokenizer.vocab_size
+        if any(not 0 <= t < vocab_size for t in body.tokens):
+            raise APIError(400, f"token ids must be in [0, {vocab_size})", "tokens")
+        return JSONResponse({"prompt": backend.tokenizer.decode(body.tokens, skip_special_tokens=False)})
+
+    return app
+
+
+def _tokenize(backend: Backend, body: TokenizeRequest) -> list[int]:
+    """vLLM's /tokenize: a prompt (special tokens added by default) or chat messages (not)."""
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give exactly one of `prompt` and `messages`", "prompt")
+    if body.prompt is not None:
+        add_special_tokens = True if body.add_special_tokens is None else body.add_special_tokens
+        return backend.tokenizer.encode(body.prompt, add_special_tokens=add_special_tokens)
+    text = render_chat(backend.tokenizer, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+    return backend.tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))

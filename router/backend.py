@@ -1,0 +1,66 @@
+"""What the HTTP layer needs from whatever produces tokens. Two implementations: `ColocatedBackend`
+(one engine in this process: the baseline) and `DisaggregatedBackend` (prefill and decode workers
+over gRPC, in `router/disaggregated.py`)."""
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from engine.outputs import RequestDelta
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the disaggregated gateway never loads torch
+    from engine.async_engine import AsyncEngine
+
+
+class BackendUnavailableError(RuntimeError):
+    """No worker can take the request now (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class BackendStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # 0..1, the fullest worker's
+    num_preemptions: int
+
+
+class Backend(Protocol):
+    model_name: str
+    max_model_len: int
+    tokenizer: Tokenizer
+
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncGenerator[RequestDelta, None]:
+        """Token deltas of one request; the last carries finish_reason. Raises InvalidRequestError
+        (bad input) or BackendUnavailableError before the first delta; closing the iterator early
+        aborts the request and frees its KV."""
+        ...
+
+    async def stats(self) -> BackendStats: ...
+
+    async def is_healthy(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+class ColocatedBackend:
+    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.max_model_len = engine.engine.core.max_model_len
+        self.tokenizer = engine.engine.core.tokenizer
+
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncGenerator[RequestDelta, None]:
+        return self.engine.generate(request_id, prompt_token_ids, params)
+
+    async def stats(self) -> BackendStats:
+        s = self.engine.stats()
+        return BackendStats(int(s["num_running"]), int(s["num_waiting"]), s["kv_cache_usage"], int(s["num_preemptions"]))
+
+    async def is_healthy(self) -> bool:
+        return self.engine.loop.is_alive
+
+    async def close(self) -> None:
+        self.engine.shutdown()

@@ -1,0 +1,274 @@
+"""What both generation endpoints share: model and context-length checks, one request's run on the
+backend as text deltas (stop strings, deadline, metrics), and the SSE response that aborts the
+request on the workers as soon as the client goes away."""
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.sampling_params import InvalidRequestError, SamplingParams
+from engine.tokenizer import Tokenizer
+from router.backend import Backend, BackendUnavailableError
+from router.errors import APIError, as_api_error
+from router.metrics import Metrics
+
+if TYPE_CHECKING:
+    from engine.outputs import RequestDelta, TokenLogprobs
+
+Chunks = Callable[["TextDelta"], list[dict]]
+
+
+@dataclass
+class TextDelta:
+    """New output of one request. Every delta but the last has text: tokens whose text is held
+    back (half a character, a possible stop string) ride along with the next delta."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+
+
+class Serving:
+    """The backend plus what every request needs from the server: metrics and a time limit."""
+
+    def __init__(self, backend: Backend, metrics: Metrics, request_timeout_s: float) -> None:
+        self.backend = backend
+        self.metrics = metrics
+        self.request_timeout_s = request_timeout_s
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.backend.model_name:
+            raise APIError(404, f"The model `{model}` does not exist.", "model")
+
+    def max_tokens(self, num_prompt_tokens: int, requested: int | None, prompt_param: str) -> int:
+        """The completion budget: `requested`, or up to the context limit. Raises vLLM's 400 when
+        the prompt plus the completion do not fit."""
+        limit = self.backend.max_model_len
+        if num_prompt_tokens == 0:
+            raise APIError(400, "the prompt is empty", prompt_param)
+        if num_prompt_tokens >= limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your request has "
+                           f"{num_prompt_tokens} input tokens. Please reduce the length of the input.", prompt_param)
+        if requested is None:
+            return limit - num_prompt_tokens
+        if num_prompt_tokens + requested > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                           f"{num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the messages, {requested} "
+                           f"in the completion). Please reduce the length of the messages or completion.", "max_tokens")
+        return requested  # a value below 1 is left for SamplingParams to reject
+
+    def generation(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Generation:
+        return Generation(self, request_id, prompt_token_ids, params)
+
+
+class Generation:
+    """One request's run on the backend, turned into text. Stop strings are enforced here: the
+    detokenizer finds them and closing the backend stream aborts the request on the workers."""
+
+    def __init__(self, serving: Serving, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.num_output_tokens = 0
+        self.num_cached_tokens = 0
+        self._serving = serving
+        self._deadline = asyncio.get_running_loop().time() + serving.request_timeout_s
+        self._tracker = serving.metrics.track_request(len(prompt_token_ids))
+        self._detokenizer = IncrementalDetokenizer(
+            serving.backend.tokenizer, params.stop, params.include_stop_str_in_output, params.skip_special_tokens
+        )
+        self._held = TextDelta("")  # tokens whose text the detokenizer holds back
+
+    @property
+    def usage(self) -> dict:
+        num_prompt = len(self.prompt_token_ids)
+        usage: dict[str, Any] = {
+            "prompt_tokens": num_prompt,
+            "completion_tokens": self.num_output_tokens,
+            "total_tokens": num_prompt + self.num_output_tokens,
+        }
+        if self.num_cached_tokens > 0:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.num_cached_tokens}
+        return usage
+
+    async def deltas(self) -> AsyncGenerator[TextDelta, None]:
+        """The request's text deltas, the last with its finish_reason. Closing this generator early
+        (client gone) aborts the request; so does the deadline (an APIError 504)."""
+        stream = self._serving.backend.generate(self.request_id, self.prompt_token_ids, self.params)
+        finish_reason: str | None = "abort"  # unless it runs to its end: the client left, the deadline passed
+        try:
+            while True:
+                delta = await self._next(stream)
+                if delta.finish_reason == "error":
+                    raise APIError(500, f"generation failed: {delta.error or 'unknown error'}")
+                text_delta = self._on_delta(delta)
+                if text_delta is None:
+                    continue  # its text is held back
+                if text_delta.finish_reason is not None:
+                    await _close(stream)  # after a stop string: aborts the request on the workers
+                    finish_reason = text_delta.finish_reason
+                yield text_delta
+                if text_delta.finish_reason is not None:
+                    return
+        except Exception as exc:
+            finish_reason = _finish_reason_of(exc)
+            raise
+        finally:
+            await _close(stream)
+            if finish_reason is not None:
+                self._tracker.on_finish(finish_reason)
+
+    async def _next(self, stream: AsyncIterator[RequestDelta]) -> RequestDelta:
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                return await anext(stream)
+        except TimeoutError:
+            raise APIError(504, f"the request did not finish within {self._serving.request_timeout_s:g} s") from None
+        except StopAsyncIteration:
+            raise APIError(500, "the backend ended the request without a finish reason") from None
+
+    def _on_delta(self, delta: RequestDelta) -> TextDelta | None:
+        """The text delta to send, or None while the detokenizer holds all new text back."""
+        self.num_output_tokens += len(delta.token_ids)
+        self.num_cached_tokens = delta.num_cached_tokens
+        self._tracker.on_tokens(len(delta.token_ids))
+        held = self._held
+        held.token_ids += delta.token_ids
+        held.logprobs += delta.logprobs
+        text, is_stopped = self._detokenizer.step(delta.token_ids)
+        held.text += text
+        if is_stopped:
+            held.finish_reason, held.stop_reason = "stop", self._detokenizer.stop_reason
+        elif delta.finish_reason is not None:
+            held.text += self._detokenizer.flush()
+            held.finish_reason, held.stop_reason = delta.finish_reason, delta.stop_reason
+        if not held.text and held.finish_reason is None:
+            return None
+        self._held = TextDelta("")
+        return held
+
+
+def _finish_reason_of(exc: Exception) -> str | None:
+    """How a failed request counts in the metrics; None: rejected before it ran, not counted."""
+    if isinstance(exc, (InvalidRequestError, BackendUnavailableError)):
+        return None
+    return "abort" if isinstance(exc, APIError) and exc.status_code == 504 else "error"
+
+
+async def _close(stream: AsyncIterator[RequestDelta]) -> None:
+    """Close a backend stream even while this task is being cancelled (that is when it matters)."""
+    with anyio.CancelScope(shield=True):
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def collect(deltas: AsyncGenerator[TextDelta, None]) -> TextDelta:
+    """A whole request's output as one delta."""
+    whole = TextDelta("")
+    async with aclosing(deltas):
+        async for delta in deltas:
+            whole.text += delta.text
+            whole.token_ids += delta.token_ids
+            whole.logprobs += delta.logprobs
+            whole.finish_reason, whole.stop_reason = delta.finish_reason, delta.stop_reason
+    return whole
+
+
+async def start_stream(
+    deltas: AsyncGenerator[TextDelta, None], chunks: Chunks, final: Callable[[], list[dict]]
+) -> Response:
+    """Wait for the first delta before answering, so that a failure before any output gets its
+    HTTP status (400, 503, ...) rather than an error event; then stream the rest as SSE."""
+    try:
+        first = await anext(deltas)
+    except BaseException:
+        await deltas.aclose()
+        raise
+    return EventStreamResponse(_events(first, deltas, chunks, final))
+
+
+async def _events(first: TextDelta, rest: AsyncGenerator[TextDelta, None], chunks: Chunks,
+                  final: Callable[[], list[dict]]) -> AsyncGenerator[str, None]:
+    """The SSE body: the chunks of every delta, the final chunks, `[DONE]`. A failure mid-stream
+    becomes an error event, as in vLLM (the status line went out with the first chunk)."""
+    async with aclosing(rest):
+        try:
+            for chunk in chunks(first):
+                yield sse(chunk)
+            async for delta in rest:
+                for chunk in chunks(delta):
+                    yield sse(chunk)
+            for chunk in final():
+                yield sse(chunk)
+        except Exception as exc:  # noqa: BLE001 - reported to the client in the stream
+            yield sse(as_api_error(exc).body())
+    yield "data: [DONE]\n\n"
+
+
+def token_text(tokenizer: Tokenizer, token_id: int, as_token_id: bool = False) -> str:
+    """One token's text for logprobs (special tokens included, as vLLM shows them), or
+    "token_id:N" when the request asked for `return_tokens_as_token_ids`."""
+    if as_token_id:
+        return f"token_id:{token_id}"
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def json_logprob(value: float) -> float:
+    """JSON has no -inf or NaN; vLLM clamps to -9999.0."""
+    return value if value > -9999.0 else -9999.0
+
+
+def sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, allow_nan=False)}\n\n"
+
+
+class EventStreamResponse(StreamingResponse):
+    """SSE whose body generator is closed the moment the response ends. On a client disconnect
+    Starlette only cancels its send loop and leaves the generator, and with it the request on the
+    workers, to the garbage collector."""
+
+    def __init__(self, events: AsyncGenerator[str, None]) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self._events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._events.aclose()
+
+
+async def cancel_on_disconnect(request: Request, handler: Coroutine[Any, Any, Response]) -> Response:
+    """Run a handler until it answers or the client hangs up. FastAPI would keep generating for a
+    client that left; cancelling the handler closes its backend stream, which aborts the request."""
+    handler_task = asyncio.ensure_future(handler)
+    disconnect_task = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait((handler_task, disconnect_task), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnect_task.cancel()
+        handler_task.cancel()  # no-op once it is done
+    if not handler_task.cancelled() and handler_task.done():
+        try:
+            return handler_task.result()
+        except Exception as exc:  # noqa: BLE001 - answered here: Starlette's 500 handler would also drop the connection
+            return as_api_error(exc).response()
+    await asyncio.gather(handler_task, return_exceptions=True)  # let the abort go out
+    return Response(status_code=204)  # nobody is listening
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,509 @@
+"""The OpenAI-compatible gateway end to end: a real engine on the CPU behind a real uvicorn server,
+driven by the official openai client and raw httpx, checked against the offline `LLM`; plus a
+scripted backend for the failures a real engine will not produce on demand (timeouts, crashes)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine import LLM, SamplingParams
+from engine.async_engine import AsyncEngine
+from engine.outputs import RequestDelta
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.tokenizer import Tokenizer
+from router.app import create_app
+from router.backend import BackendStats, BackendUnavailableError, ColocatedBackend
+from router.metrics import Metrics
+
+MODEL = "demo"
+MAX_MODEL_LEN = 128
+PROMPT = "The little engine ran along the valley"
+NUM_TOKENS = 10
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the weather like today?"}]
+
+
+@contextmanager
+def serve(app: object) -> Iterator[str]:
+    """A real uvicorn server on a free local port, in a background thread."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, timeout_s=10)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+@dataclass
+class Server:
+    http: httpx.Client
+    client: openai.OpenAI
+    engine: LLMEngine
+    metrics: Metrics
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.core.tokenizer
+
+
+@pytest.fixture(scope="module")
+def server(demo_model_dir: Path) -> Iterator[Server]:
+    config = EngineConfig(model=str(demo_model_dir), device="cpu", max_model_len=MAX_MODEL_LEN, num_kv_blocks=64)
+    engine = LLMEngine.from_config(config)
+    async_engine = AsyncEngine(engine)
+    app = create_app(ColocatedBackend(async_engine, MODEL), request_timeout_s=120)
+    try:
+        with serve(app) as url, httpx.Client(base_url=url, timeout=120) as http:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+            yield Server(http, client, engine, app.state.serving.metrics)
+    finally:
+        async_engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def llm(demo_model_dir: Path) -> LLM:
+    return LLM(str(demo_model_dir), device="cpu", max_model_len=MAX_MODEL_LEN)
+
+
+def greedy(**overrides: object) -> SamplingParams:
+    return SamplingParams(**{"temperature": 0.0, "max_tokens": NUM_TOKENS, "ignore_eos": True, **overrides})
+
+
+def greedy_body(**overrides: object) -> dict:
+    return {"model": MODEL, "max_tokens": NUM_TOKENS, "temperature": 0, "ignore_eos": True, **overrides}
+
+
+def sse_events(response: httpx.Response) -> list:
+    """The decoded `data:` payloads of an SSE response, `[DONE]` kept as a string."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            payload = line.removeprefix("data: ")
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def stream(http: httpx.Client, path: str, body: dict) -> list:
+    with http.stream("POST", path, json={**body, "stream": True}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        return sse_events(response)
+
+
+def metric_samples(text: str) -> dict[tuple[str, frozenset], float]:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text) for s in family.samples
+    }
+
+
+def assert_kv_freed(engine: LLMEngine) -> None:
+    scheduler = engine.scheduler
+    wait_until(lambda: engine.core.block_manager.num_used_blocks == 0, timeout_s=5)
+    assert not scheduler.running and not scheduler.waiting
+
+
+# ---- generation against the offline LLM ----
+
+def test_completion_matches_offline_llm(server: Server, llm: LLM) -> None:
+    expected = llm.generate(PROMPT, greedy())[0].outputs[0]
+    result = server.client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=NUM_TOKENS, temperature=0, extra_body={"ignore_eos": True}
+    )
+    choice = result.choices[0]
+    assert choice.text == expected.text and choice.finish_reason == "length"
+    assert result.id.startswith("cmpl-") and result.object == "text_completion" and result.model == MODEL
+    num_prompt = len(server.tokenizer.encode(PROMPT))
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens, result.usage.total_tokens) == (
+        num_prompt, NUM_TOKENS, num_prompt + NUM_TOKENS)
+    # the same prompt as token ids, as a one-element batch, and with `model` left out
+    ids = server.tokenizer.encode(PROMPT)
+    for prompt in (ids, [ids], [PROMPT]):
+        assert server.http.post("/v1/completions", json=greedy_body(prompt=prompt)).json()["choices"][0]["text"] == expected.text
+    body = greedy_body(prompt=PROMPT)
+    del body["model"]
+    assert server.http.post("/v1/completions", json=body).json()["choices"][0]["text"] == expected.text
+
+
+def test_seeded_sampling_matches_offline_llm(server: Server, llm: LLM) -> None:
+    expected = llm.generate(PROMPT, SamplingParams(temperature=1.0, top_k=50, seed=1234, max_tokens=8))[0].outputs[0]
+    result = server.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, seed=1234, extra_body={"top_k": 50})
+    assert result.choices[0].text == expected.text
+
+
+def test_streamed_completion_equals_whole(server: Server) -> None:
+    body = greedy_body(prompt=PROMPT, logprobs=2)
+    whole = server.http.post("/v1/completions", json=body).json()
+    events = stream(server.http, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]"
+    *chunks, usage_chunk = events[:-1]
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"] == whole["usage"]
+    choices = [c["choices"][0] for c in chunks]
+    assert "".join(c["text"] for c in choices) == whole["choices"][0]["text"]
+    assert all(c["text"] for c in choices[:-1]), "empty deltas are merged into the next chunk"
+    assert [c["finish_reason"] for c in choices] == [None] * (len(choices) - 1) + ["length"]
+    whole_logprobs = whole["choices"][0]["logprobs"]
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for c in choices for x in c["logprobs"][key]] == whole_logprobs[key]
+    assert all(c["id"] == chunks[0]["id"] and c["object"] == "text_completion" for c in chunks)
+
+
+def test_chat_matches_templated_prompt(server: Server, llm: LLM) -> None:
+    tokenizer = server.tokenizer
+    prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(MESSAGES), add_special_tokens=False)
+    expected = llm.generate({"prompt_token_ids": prompt_ids}, greedy())[0].outputs[0].text
+    result = server.client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=NUM_TOKENS, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert result.choices[0].message.content == expected and result.choices[0].message.role == "assistant"
+    assert result.id.startswith("chatcmpl-") and result.object == "chat.completion"
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (len(prompt_ids), NUM_TOKENS)
+    # text parts and max_completion_tokens mean the same thing
+    parts = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in MESSAGES]
+    body = greedy_body(messages=parts, max_completion_tokens=NUM_TOKENS)
+    del body["max_tokens"]
+    assert server.http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"] == expected
+    chunks = list(server.client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=NUM_TOKENS, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    ))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == NUM_TOKENS
+
+
+def test_chat_without_max_tokens_runs_to_the_context_limit(server: Server) -> None:
+    messages = [{"role": "user", "content": "The key value cache is stored in fixed size blocks. " * 8}]
+    result = server.http.post("/v1/chat/completions", json={"messages": messages, "ignore_eos": True}).json()
+    usage = result["usage"]
+    assert MAX_MODEL_LEN - usage["prompt_tokens"] < 20, "the prompt should leave only a few tokens"
+    assert usage["completion_tokens"] == MAX_MODEL_LEN - usage["prompt_tokens"]
+    assert result["choices"][0]["finish_reason"] == "length"
+
+
+def test_stop_strings_truncate_and_free_kv(server: Server) -> None:
+    body = greedy_body(prompt=PROMPT, max_tokens=16)
+    full = server.http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    cut = full.index(stop)
+    choice = server.http.post("/v1/completions", json={**body, "stop": [stop, "never-generated"]}).json()["choices"][0]
+    assert (choice["text"], choice["finish_reason"], choice["stop_reason"]) == (full[:cut], "stop", stop)
+    kept = server.http.post("/v1/completions", json={**body, "stop": stop, "include_stop_str_in_output": True}).json()
+    assert kept["choices"][0]["text"] == full[: cut + len(stop)]
+    choices = [e["choices"][0] for e in stream(server.http, "/v1/completions", {**body, "stop": [stop]})[:-1]]
+    assert "".join(c["text"] for c in choices) == full[:cut] and choices[-1]["finish_reason"] == "stop"
+    assert_kv_freed(server.engine)
+
+
+def test_logprobs_match_offline_llm(server: Server, llm: LLM) -> None:
+    expected = llm.generate(PROMPT, greedy(logprobs=3))[0].outputs[0]
+    logprobs = server.http.post("/v1/completions", json=greedy_body(prompt=PROMPT, logprobs=3)).json()["choices"][0]["logprobs"]
+    tokens = [server.tokenizer.decode([t], skip_special_tokens=False) for t in expected.token_ids]
+    assert logprobs["tokens"] == tokens
+    assert logprobs["token_logprobs"] == pytest.approx([lp[t].logprob for t, lp in zip(expected.token_ids, expected.logprobs)], abs=1e-4)
+    for token, value, top in zip(tokens, logprobs["token_logprobs"], logprobs["top_logprobs"]):
+        assert token in top and len(top) <= 4
+        assert value == pytest.approx(max(top.values()))  # greedy picks the most likely token
+    assert logprobs["text_offset"] == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    result = server.http.post("/v1/chat/completions", json=greedy_body(messages=MESSAGES, logprobs=True, top_logprobs=2)).json()
+    content = result["choices"][0]["logprobs"]["content"]
+    assert len(content) == NUM_TOKENS
+    for entry in content:
+        assert len(entry["top_logprobs"]) == 2 and entry["bytes"] == list(entry["token"].encode())
+        assert entry["logprob"] == pytest.approx(entry["top_logprobs"][0]["logprob"])
+
+
+# ---- errors ----
+
+BAD_JSON = b'{"model": "demo", "prompt": '
+CASES = [  # (path, body, status, param, words in the message)
+    ("/v1/completions", {"max_tokens": 0}, 400, "max_tokens", "max_tokens"),
+    ("/v1/completions", {"max_tokens": -1}, 400, "max_tokens", "max_tokens"),
+    ("/v1/completions", {"temperature": -1}, 400, "temperature", "temperature"),
+    ("/v1/completions", {"top_p": 0}, 400, "top_p", "top_p"),
+    ("/v1/completions", {"top_p": 1.5}, 400, "top_p", "top_p"),
+    ("/v1/completions", {"n": 2}, 400, "n", "n must be 1"),
+    ("/v1/completions", {"top_k": -2}, 400, "top_k", "top_k"),
+    ("/v1/completions", {"logprobs": 21}, 400, "logprobs", "logprobs"),
+    ("/v1/completions", {"stop": [""]}, 400, "stop", "stop"),
+    ("/v1/completions", {"model": "gpt-4"}, 404, "model", "The model `gpt-4` does not exist."),
+    ("/v1/completions", {"prompt": [7] * MAX_MODEL_LEN}, 400, "prompt", "maximum context length"),
+    ("/v1/completions", {"prompt": [7] * 100, "max_tokens": 50}, 400, "max_tokens", "maximum context length"),
+    ("/v1/completions", {"prompt": [10**6]}, 400, "prompt", "prompt token ids"),
+    ("/v1/completions", {"prompt": []}, 400, "prompt", "empty"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt", "one prompt"),
+    ("/v1/completions", {"prompt": None}, 400, "prompt", "prompt"),
+    ("/v1/completions", {"max_tokens": "many"}, 400, "max_tokens", "integer"),
+    ("/v1/completions", {"temperature": "hot"}, 400, "temperature", "number"),
+    ("/v1/completions", {"stop": 5}, 400, "stop", "stop"),
+    ("/v1/completions", {"echo": True}, 400, "echo", "not supported"),
+    ("/v1/completions", {"presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
+    ("/v1/completions", {"frequency_penalty": -1}, 400, "frequency_penalty", "not supported"),
+    ("/v1/completions", {"stream": True, "temperature": -1}, 400, "temperature", "temperature"),
+    ("/v1/completions", {"stream_options": {"include_usage": True}}, 400, "stream_options", "stream"),
+    ("/v1/chat/completions", {"max_tokens": 0}, 400, "max_tokens", "max_tokens"),
+    ("/v1/chat/completions", {"max_completion_tokens": -1}, 400, "max_tokens", "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "blocks " * 200}]}, 400, "messages",
+     "maximum context length"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "messages", "list"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages", "at least 1"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     400, "messages", "only text content parts"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "not supported"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, 400, "response_format", "not supported"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, 400, "top_logprobs", "logprobs"),
+    ("/v1/chat/completions", {"model": "gpt-4"}, 404, "model", "does not exist"),
+    ("/v1/completions", BAD_JSON, 400, None, "not valid JSON"),
+    ("/v1/chat/completions", [1, 2], 400, None, "JSON object"),
+    ("/tokenize", {"prompt": "a", "messages": MESSAGES}, 400, "prompt", "exactly one"),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens", "token ids"),
+    ("/v1/nothing", {}, 404, None, "Not Found"),
+]
+DEFAULTS = {"/v1/completions": {"model": MODEL, "prompt": PROMPT, "max_tokens": 2},
+            "/v1/chat/completions": {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}}
+
+
+@pytest.mark.parametrize("path, body, status, param, words", CASES, ids=lambda x: None)
+def test_invalid_request_gets_openai_error(server: Server, path: str, body: object, status: int, param: str | None, words: str) -> None:
+    if isinstance(body, dict):
+        response = server.http.post(path, json={**DEFAULTS.get(path, {}), **body})
+    else:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        response = server.http.post(path, content=content, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(response.json()) == {"error"} and set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == status and error["param"] == param and words in error["message"]
+    assert error["type"] == {400: "BadRequestError", 404: "NotFoundError"}[status]
+    assert_serving(server)
+
+
+def assert_serving(server: Server) -> None:
+    result = server.http.post("/v1/completions", json=DEFAULTS["/v1/completions"])
+    assert result.status_code == 200 and result.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_openai_client_raises_typed_errors(server: Server) -> None:
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        server.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "go " * 300}])
+    with pytest.raises(openai.NotFoundError):
+        server.client.chat.completions.create(model="gpt-4", messages=MESSAGES)
+    assert_serving(server)
+
+
+def test_concurrent_requests_are_batched_and_finish(server: Server, llm: LLM) -> None:
+    prompts = [PROMPT, "What is the weather like today?", "A function returns a value", "The key value cache"]
+    expected = [out.outputs[0].text for out in llm.generate(prompts, greedy())]
+
+    def run(prompt: str) -> str:
+        events = stream(server.http, "/v1/completions", greedy_body(prompt=prompt))
+        return "".join(e["choices"][0]["text"] for e in events[:-1])
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        assert list(pool.map(run, prompts)) == expected
+    assert_kv_freed(server.engine)
+
+
+def test_stream_client_disconnect_aborts_request(server: Server) -> None:
+    aborted = ("vllm:request_success_total", frozenset({"model_name": MODEL, "finished_reason": "abort"}.items()))
+    num_aborted = metric_samples(server.http.get("/metrics").text).get(aborted, 0.0)
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": MAX_MODEL_LEN - 16, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=str(server.http.base_url), timeout=60) as http, http.stream("POST", "/v1/completions", json=body) as response:
+        first = next(line for line in response.iter_lines() if line.startswith("data: "))
+        assert json.loads(first.removeprefix("data: "))["choices"][0]["text"]
+    # leaving the blocks closed the connection mid-stream
+    assert_kv_freed(server.engine)
+    assert metric_samples(server.http.get("/metrics").text)[aborted] == num_aborted + 1
+    assert_serving(server)
+
+
+# ---- models, health, tokenizer, metrics ----
+
+def test_models_and_health(server: Server) -> None:
+    [card] = server.client.models.list().data
+    assert (card.id, card.owned_by, card.model_dump()["max_model_len"]) == (MODEL, "pdserve", MAX_MODEL_LEN)
+    assert server.http.get("/health").status_code == 200
+
+
+def test_tokenize_detokenize_round_trip(server: Server) -> None:
+    tokenizer = server.tokenizer
+    result = server.http.post("/tokenize", json={"model": MODEL, "prompt": PROMPT}).json()
+    assert result == {"count": len(tokenizer.encode(PROMPT)), "max_model_len": MAX_MODEL_LEN, "tokens": tokenizer.encode(PROMPT)}
+    plain = server.http.post("/tokenize", json={"prompt": PROMPT, "add_special_tokens": False}).json()["tokens"]
+    assert server.http.post("/detokenize", json={"tokens": plain}).json() == {"prompt": PROMPT}
+    assert server.http.post("/detokenize", json={"tokens": result["tokens"]}).json()["prompt"].endswith(PROMPT)
+    chat = server.http.post("/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+    assert chat == tokenizer.encode(tokenizer.apply_chat_template(MESSAGES), add_special_tokens=False)
+
+
+def test_metrics_use_vllm_names_and_count_requests(server: Server) -> None:
+    labels = frozenset({"model_name": MODEL}.items())
+    before = metric_samples(server.http.get("/metrics").text)
+    server.http.post("/v1/completions", json=greedy_body(prompt=PROMPT, max_tokens=4))
+    server.metrics.observe_kv_transfer(4096, 0.002)
+    text = server.http.get("/metrics").text
+    after = metric_samples(text)
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:num_preemptions_total", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+                 "vllm:time_to_first_token_seconds_count", "vllm:inter_token_latency_seconds_count",
+                 "vllm:e2e_request_latency_seconds_count", "pdserve:kv_transfer_bytes_total",
+                 "pdserve:kv_transfer_seconds_count"):
+        assert (name, labels) in after, name
+    assert f'vllm:generation_tokens_total{{model_name="{MODEL}"}}' in text
+
+    def grew(name: str, extra: dict | None = None) -> float:
+        key = (name, frozenset({"model_name": MODEL, **(extra or {})}.items()))
+        return after[key] - before.get(key, 0.0)
+
+    assert grew("vllm:generation_tokens_total") == 4
+    assert grew("vllm:prompt_tokens_total") == len(server.tokenizer.encode(PROMPT))
+    assert grew("vllm:request_success_total", {"finished_reason": "length"}) == 1
+    assert grew("vllm:time_to_first_token_seconds_count") == 1 and grew("vllm:e2e_request_latency_seconds_count") == 1
+    assert grew("vllm:inter_token_latency_seconds_count") == 3
+    assert grew("pdserve:kv_transfer_bytes_total") == 4096
+    assert after[("vllm:num_requests_running", labels)] == 0 and 0 <= after[("vllm:kv_cache_usage_perc", labels)] <= 1
+
+
+# ---- failures, with a scripted backend ----
+
+class ScriptedBackend:
+    """A Backend whose requests follow `script`: a list of steps, each a RequestDelta to yield, a
+    number of seconds to sleep, or an exception to raise. Counts requests closed before their end."""
+
+    model_name = "scripted"
+    max_model_len = 64
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.script: list = []
+        self.is_up = True
+        self.num_aborted = 0
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestDelta]:
+        is_finished = False
+        try:
+            for step in self.script:
+                if isinstance(step, BaseException):
+                    raise step
+                if isinstance(step, (int, float)):
+                    await asyncio.sleep(step)
+                    continue
+                is_finished = step.finish_reason is not None
+                yield RequestDelta(request_id, list(step.token_ids), finish_reason=step.finish_reason, error=step.error,
+                                   num_prompt_tokens=len(prompt_token_ids), num_cached_tokens=step.num_cached_tokens)
+        finally:
+            self.num_aborted += not is_finished
+
+    async def stats(self) -> BackendStats:
+        return BackendStats(num_running=3, num_waiting=2, kv_cache_usage=0.25, num_preemptions=7)
+
+    async def is_healthy(self) -> bool:
+        return self.is_up
+
+    async def close(self) -> None:
+        pass
+
+
+@dataclass
+class Scripted:
+    http: httpx.Client
+    backend: ScriptedBackend
+    token: int
+    text: str  # the token's text
+
+
+@pytest.fixture(scope="module")
+def scripted(demo_model_dir: Path) -> Iterator[Scripted]:
+    tokenizer = Tokenizer.from_pretrained(demo_model_dir)
+    backend = ScriptedBackend(tokenizer)
+    with serve(create_app(backend, request_timeout_s=1.0)) as url, httpx.Client(base_url=url, timeout=30) as http:
+        token = tokenizer.encode(" the", add_special_tokens=False)[0]
+        yield Scripted(http, backend, token, tokenizer.decode([token]))
+
+
+def tokens(token: int, n: int, finish_reason: str | None = None, **kw: object) -> RequestDelta:
+    return RequestDelta("", [token] * n, finish_reason=finish_reason, **kw)
+
+
+BODY = {"prompt": "hi", "max_tokens": 8}
+
+
+def test_backend_failures_map_to_http_errors(scripted: Scripted) -> None:
+    cases = [  # (script, status, words)
+        ([BackendUnavailableError("all workers are busy")], 503, "all workers are busy"),
+        ([RuntimeError("boom")], 500, "boom"),
+        ([RequestDelta("", [], finish_reason="error", error="worker died")], 500, "worker died"),
+        ([3600], 504, "did not finish within 1 s"),
+    ]
+    chat = {"messages": MESSAGES, "max_tokens": 8}
+    for script, status, words in cases:
+        scripted.backend.script = script
+        # nothing was generated yet, so even a stream answers with a plain HTTP error (no role chunk)
+        for path, body in (("/v1/completions", BODY), ("/v1/chat/completions", chat)):
+            for is_stream in (False, True):
+                response = scripted.http.post(path, json={**body, "stream": is_stream})
+                assert response.status_code == status and words in response.json()["error"]["message"]
+                assert response.json()["error"]["code"] == status
+    scripted.backend.script = [tokens(scripted.token, 2), tokens(scripted.token, 1, "length", num_cached_tokens=16)]
+    result = scripted.http.post("/v1/completions", json=BODY).json()
+    assert result["choices"][0]["text"] == scripted.text * 3
+    assert result["usage"]["prompt_tokens_details"] == {"cached_tokens": 16}
+
+
+def test_failure_mid_stream_sends_error_event(scripted: Scripted) -> None:
+    for tail, code in (([3600], 504), ([RequestDelta("", [], finish_reason="error", error="worker died")], 500)):
+        scripted.backend.script = [tokens(scripted.token, 1), *tail]
+        num_aborted = scripted.backend.num_aborted
+        events = stream(scripted.http, "/v1/chat/completions", {"messages": MESSAGES})
+        assert [e["choices"][0]["delta"] for e in events[:2]] == [{"role": "assistant", "content": ""}, {"content": scripted.text}]
+        assert events[2]["error"]["code"] == code and events[3] == "[DONE]" and len(events) == 4
+        assert scripted.backend.num_aborted == num_aborted + (code == 504)
+
+
+def test_client_disconnect_aborts_non_streaming_request(scripted: Scripted) -> None:
+    scripted.backend.script = [tokens(scripted.token, 1), 3600]
+    num_aborted = scripted.backend.num_aborted
+    with pytest.raises(httpx.ReadTimeout):
+        scripted.http.post("/v1/completions", json=BODY, timeout=0.3)
+    wait_until(lambda: scripted.backend.num_aborted == num_aborted + 1, timeout_s=2)
+
+
+def test_health_and_stats_follow_the_backend(scripted: Scripted) -> None:
+    samples = metric_samples(scripted.http.get("/metrics").text)
+    labels = frozenset({"model_name": "scripted"}.items())
+    assert samples[("vllm:num_requests_running", labels)] == 3 and samples[("vllm:num_requests_waiting", labels)] == 2
+    assert samples[("vllm:kv_cache_usage_perc", labels)] == 0.25 and samples[("vllm:num_preemptions_total", labels)] == 7
+    scripted.backend.is_up = False
+    assert scripted.http.get("/health").status_code == 503
+    scripted.backend.is_up = True
+    assert scripted.http.get("/health").status_code == 200
