@@ -92,7 +92,13 @@ class WorkerHost:
     def stop(self) -> None:
         self._stop_heartbeat.set()
         if self._server is not None:
-            asyncio.run_coroutine_threadsafe(self._server.stop(1.0), self._loop).result(timeout=10)
+            if self.spec.role == "decode":  # also drops its in-process ("local") KV receiver
+                from decode_worker.server import stop_server
+
+                stopping = stop_server(self._server, self.record.address, 1.0)
+            else:
+                stopping = self._server.stop(1.0)
+            asyncio.run_coroutine_threadsafe(stopping, self._loop).result(timeout=10)
         if self._worker is not None:
             self._worker.shutdown()
         self._loop.call_soon_threadsafe(self._loop.stop)

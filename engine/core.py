@@ -42,7 +42,8 @@ class EngineCore:
             )
         block_manager = BlockManager(runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         eos = frozenset(tokenizer.eos_token_ids) | frozenset(model_config.eos_token_ids)
-        return cls(config, model_config, tokenizer, runner, block_manager, eos, model_fingerprint(model_dir))
+        model_id = model_fingerprint(model_dir) + (f"-random{config.seed}" if random_weights else "")
+        return cls(config, model_config, tokenizer, runner, block_manager, eos, model_id)
 
     @property
     def max_model_len(self) -> int:

@@ -89,6 +89,6 @@ def model_fingerprint(model_dir: Path) -> str:
     """Identity of a checkpoint for KV hand-offs: its config and the names and sizes of its weight
     files. Two workers may exchange KV only when these agree."""
     digest = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for file in safetensors_files(model_dir):
+    for file in sorted(model_dir.glob("*.safetensors")):
         digest.update(f"{file.name}:{file.stat().st_size}".encode())
     return digest.hexdigest()[:16]

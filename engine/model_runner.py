@@ -15,11 +15,18 @@ from engine.cuda_graph import DecodeGraphRunner
 from engine.loader import init_random_weights, load_weights
 from engine.model import LlamaForCausalLM
 from engine.request import Request, ScheduledRequest
-from engine.sampler import Sampler, SamplerOutput
+from engine.sampler import Sampler, SamplerOutput, only_argmax
 
 logger = logging.getLogger(__name__)
 
 CPU_KV_CACHE_GIB = 0.5
+
+
+@dataclass
+class StepLogits:
+    logits: torch.Tensor  # float32 [len(requests), vocab]
+    greedy_ids: torch.Tensor | None  # their argmax, when the step computed it (CUDA-graph decode)
+    requests: list[Request]  # the sampled requests, in row order
 
 
 @dataclass
@@ -57,10 +64,9 @@ class ModelRunner:
     # -- set-up -------------------------------------------------------------------------------
     def _build_model(self, model_dir: Path | None) -> LlamaForCausalLM:
         with torch.device("meta"):
-            model = LlamaForCausalLM(self.model_config)
+            model = LlamaForCausalLM(self.model_config).to(self.dtype)  # no memory is touched yet
         model.to_empty(device=self.device)
         model.tie_weights()
-        model.to(self.dtype)
         if model_dir is None:
             init_random_weights(model, self.config.seed)
         else:
@@ -117,18 +123,20 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledRequest]) -> SamplerOutput:
         """Run one step; returns sampled tokens for the requests whose chunk ends at their last token."""
-        logits, sampled = self.compute_logits(batch)
-        if not sampled:
+        step = self.compute_logits(batch)
+        if not step.requests:
             return SamplerOutput([], [])
-        return self.sampler(logits, sampled)
+        if step.greedy_ids is not None and only_argmax(step.requests):
+            return SamplerOutput(step.greedy_ids.tolist(), [None] * len(step.requests))
+        return self.sampler(step.logits, step.requests)
 
-    def compute_logits(self, batch: list[ScheduledRequest]) -> tuple[torch.Tensor, list[Request]]:
-        is_decode = all(s.num_tokens == 1 and s.is_sampled for s in batch)
-        if self.graphs is not None and is_decode and self.graphs.can_run(len(batch)):
-            return self.graphs.run([s.request for s in batch]), [s.request for s in batch]
+    def compute_logits(self, batch: list[ScheduledRequest]) -> StepLogits:
+        if self.graphs is not None and self.graphs.can_run(len(batch)) and _is_plain_decode(batch):
+            requests = [s.request for s in batch]
+            return StepLogits(*self.graphs.run(requests), requests)
         inputs = self.prepare_inputs(batch)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
-        return self.model.compute_logits(hidden[inputs.logits_rows]), inputs.sampled
+        return StepLogits(self.model.compute_logits(hidden[inputs.logits_rows]), None, inputs.sampled)
 
     def prepare_inputs(self, batch: list[ScheduledRequest]) -> ModelInputs:
         bs = self.block_size
@@ -180,3 +188,8 @@ class ModelRunner:
         if copies:
             src, dst = zip(*copies)
             self.kv_cache[:, :, list(dst)] = self.kv_cache[:, :, list(src)]
+
+
+def _is_plain_decode(batch: list[ScheduledRequest]) -> bool:
+    """Every request computes exactly its last known token (and is sampled from it)."""
+    return all(s.num_tokens == 1 and s.request.num_computed_tokens + 1 == s.request.num_tokens for s in batch)

@@ -33,6 +33,14 @@ class Sampler:
         return SamplerOutput(ids, _gather_logprobs(raw_logprobs, token_ids, requests))
 
 
+def only_argmax(requests: list[Request]) -> bool:
+    """Whether the batch's tokens are just the argmax: greedy, no logprobs, no stop tokens held back."""
+    return all(
+        r.params.is_greedy and r.params.logprobs is None and len(r.output_token_ids) >= r.params.min_tokens
+        for r in requests
+    )
+
+
 def _greedy_mask(requests: list[Request], device: torch.device) -> torch.Tensor:
     return torch.tensor([r.params.is_greedy for r in requests], device=device)
 

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 _PROGRAMS_PER_SM = 4  # enough resident programs per SM to keep HBM busy
-_MIN_TOKENS_PER_SPLIT = 256  # below this a split's partial-result traffic stops paying off
+_MIN_TOKENS_PER_SPLIT = 64  # one tile: small batches spread short contexts over more SMs
 _MAX_SPLITS = 32
 _CPU_SM_COUNT = 4  # TRITON_INTERPRET runs have no SMs; any small number exercises splitting
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -53,9 +53,9 @@ def record_logits(llm: LLM) -> list[tuple[list[str], list[int], torch.Tensor]]:
 
     def compute_logits(batch: list[ScheduledRequest]):  # noqa: ANN202
         positions = [s.request.num_computed_tokens + s.num_tokens - 1 for s in batch if s.is_sampled]
-        logits, sampled = original(batch)
-        steps.append(([r.request_id for r in sampled], positions, logits.clone()))
-        return logits, sampled
+        step = original(batch)
+        steps.append(([r.request_id for r in step.requests], positions, step.logits.clone()))
+        return step
 
     runner.compute_logits = compute_logits
     return steps
