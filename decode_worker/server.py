@@ -55,7 +55,7 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
             logprobs = [logprobs_to_proto(lp) for lp in event.logprobs]
             messages.append(pb.GenerateResponse(tokens=pb.TokenDelta(token_ids=event.token_ids, logprobs=logprobs)))
         if event.finish_reason is not None:
-            finished = pb.Finished(finish_reason=event.finish_reason)
+            finished = pb.Finished(finish_reason=event.finish_reason, num_output_tokens=event.num_output_tokens)
             if isinstance(event.stop_reason, int):
                 finished.stop_token_id = event.stop_reason
             messages.append(pb.GenerateResponse(finished=finished))

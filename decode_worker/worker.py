@@ -62,6 +62,8 @@ class DecodeWorker:
             nonlocal pending
             if request_id in self._streams:
                 raise InvalidRequestError(f"request {request_id} is already running here", "request_id")
+            if self._is_transfer_known(transfer_id):
+                raise InvalidRequestError(f"transfer {transfer_id} is already pending here", "transfer_id")
             request = self.core.new_request(request_id, prompt_token_ids, params)
             pending = _Pending(request, transfer_id, lease_s)
             self._streams[request_id] = (aloop, events)
@@ -77,6 +79,9 @@ class DecodeWorker:
         finally:
             if not finished:
                 self.loop.call(lambda: self._abort(request_id))
+
+    def _is_transfer_known(self, transfer_id: str) -> bool:
+        return transfer_id in self._waiting_for_kv or any(p.transfer_id == transfer_id for p in self._waiting_for_blocks)
 
     async def abort(self, request_id: str) -> bool:
         return await asyncio.wrap_future(self.loop.call(lambda: self._abort(request_id)))
@@ -120,7 +125,12 @@ class DecodeWorker:
         self.core.block_manager.cache_full_blocks(request.block_table, request.prompt_token_ids, request.num_prompt_tokens)
         if request.check_stop(self.core.max_model_len):
             self._release(request)
-            self._publish(RequestDelta(request.request_id, [], finish_reason=request.finish_reason, stop_reason=request.stop_reason))
+            self._publish(
+                RequestDelta(
+                    request.request_id, [], finish_reason=request.finish_reason, stop_reason=request.stop_reason,
+                    num_output_tokens=len(request.output_token_ids),
+                )
+            )
         else:
             self.scheduler.add_running(request)
 

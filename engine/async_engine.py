@@ -23,6 +23,7 @@ def delta_of(request: Request) -> RequestDelta:
         stop_reason=request.stop_reason,
         num_prompt_tokens=request.num_prompt_tokens,
         num_cached_tokens=request.num_cached_tokens,
+        num_output_tokens=len(request.output_token_ids),
     )
 
 

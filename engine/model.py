@@ -7,7 +7,7 @@ from torch import nn
 
 from engine.attention import Attention, AttentionMetadata
 from engine.config import ModelConfig
-from engine.layers import MergedLinear, RMSNorm, silu_and_mul
+from engine.layers import Linear, MergedLinear, RMSNorm, silu_and_mul
 from engine.rotary import build_cos_sin_cache
 
 # HF projection name -> (our fused module, shard within it)
@@ -26,7 +26,7 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, config.attention_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+        self.o_proj = Linear(q_size, config.hidden_size, transposed=True)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
@@ -57,8 +57,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, bias=False)
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=False)
+        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, bias=False, transposed=True)
+        self.down_proj = Linear(size, config.hidden_size, transposed=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -107,7 +107,8 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # A tied head shares the embedding's [vocab, hidden] tensor, so only an untied one is transposed.
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, transposed=not config.tie_word_embeddings)
         self.cos_sin_cache = torch.empty(0)
         self.tie_weights()
 
@@ -157,12 +158,16 @@ class LlamaForCausalLM(nn.Module):
             fused, shard = FUSED_SHARDS[module_name]
             target = ".".join([*prefix, fused, kind])
             module = self.get_submodule(".".join([*prefix, fused]))
-            module.load_shard(shard, self.get_parameter(target), tensor)
+            module.load_shard(shard, kind, tensor)
             return {f"{target}#{shard}"}
         try:
             param = self.get_parameter(name)
         except AttributeError:
             return set()  # e.g. rotary_emb.inv_freq in old checkpoints: nothing of ours to fill
+        module = self.get_submodule(".".join([*prefix, module_name]))
+        if isinstance(module, Linear):
+            module.load(kind, tensor)
+            return {name}
         if param.shape != tensor.shape:
             raise ValueError(f"weight {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
         param.data.copy_(tensor)

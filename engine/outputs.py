@@ -58,4 +58,5 @@ class RequestDelta:
     stop_reason: int | str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    num_output_tokens: int = 0  # the request's generated tokens so far
     error: str | None = None

@@ -56,10 +56,14 @@ class KVSender:
     ) -> TransferResult:
         """Push the KV of `src_block_ids` into the peer's reservation `transfer_id`, then commit;
         everything within `timeout` seconds. Returns once the peer acknowledged."""
-        self._check_blocks(transfer_id, src_block_ids, dst_num_blocks)
+        self._check_sources(transfer_id, src_block_ids)
         start = time.monotonic()
         transport = self._transport(transport_name)
-        await self._handshake(transport_name, transport, address, timeout)
+        await self._handshake(transport_name, transport, address, timeout)  # a layout mismatch is named here
+        if len(src_block_ids) != dst_num_blocks:
+            raise ValueError(
+                f"transfer {transfer_id!r}: {len(src_block_ids)} source blocks but the peer reserved {dst_num_blocks}"
+            )
         remaining = timeout - (time.monotonic() - start)
         if remaining <= 0:
             raise KVTransferError(f"transfer {transfer_id!r}: no time left after the handshake", "DEADLINE_EXCEEDED")
@@ -101,11 +105,7 @@ class KVSender:
             self._transports[name] = make_transport(name, self.sender_id)
         return self._transports[name]
 
-    def _check_blocks(self, transfer_id: str, src_block_ids: list[int], dst_num_blocks: int) -> None:
-        if len(src_block_ids) != dst_num_blocks:
-            raise ValueError(
-                f"transfer {transfer_id!r}: {len(src_block_ids)} source blocks but the peer reserved {dst_num_blocks}"
-            )
+    def _check_sources(self, transfer_id: str, src_block_ids: list[int]) -> None:
         num_cache_blocks = self.kv_cache.shape[2]
         if not src_block_ids or not all(0 <= block_id < num_cache_blocks for block_id in src_block_ids):
             raise ValueError(

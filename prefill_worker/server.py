@@ -32,9 +32,11 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except KVLayoutMismatchError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"KV layout mismatch with {target.address}: {exc}")
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"decode worker at {target.address}: {exc}")
         except KVTransferError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer to {target.address} failed: {exc}")
+            # The peer refused the push (e.g. NOT_FOUND: its reservation expired) or could not be reached.
+            code = grpc.StatusCode.ABORTED if exc.code in ("NOT_FOUND", "INVALID_ARGUMENT") else grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, f"KV transfer to {target.address} failed: {exc}")
         finally:
             self._tasks.pop(request.request_id, None)
         response = pb.PrefillResponse(

@@ -46,7 +46,7 @@ class PrefillWorker:
         self.sender = KVSender(core.runner.kv_cache, KVLayout.of(core.runner.kv_cache, core.model_id), worker_id)
         # Owned by the loop thread: requests computing, and prompts done whose KV is in flight.
         self._waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[Request]]] = {}
-        self._handing_off: dict[str, Request] = {}
+        self._handing_off: dict[str, tuple[Request, asyncio.Future[Request]]] = {}
         self.loop = EngineLoop(self._step, self._fail_all, name="prefill-engine")
         self.loop.start()
 
@@ -60,8 +60,10 @@ class PrefillWorker:
         caller aborts the request and frees its blocks."""
         aloop = asyncio.get_running_loop()
         done: asyncio.Future[Request] = aloop.create_future()
-        await asyncio.wrap_future(self.loop.call(lambda: self._add(request_id, prompt_token_ids, params, aloop, done)))
         try:
+            # A cancel may land after `_add` ran on the loop thread but before we hear back: the
+            # `finally` covers that too (`_forget` runs after `_add`: the loop takes calls in order).
+            await asyncio.wrap_future(self.loop.call(lambda: self._add(request_id, prompt_token_ids, params, aloop, done)))
             request = await done
             logprobs = request.output_logprobs[0] if request.output_logprobs else None
             commit = KVCommitInfo(request.output_token_ids[0], logprobs, request.num_prompt_tokens)
@@ -71,7 +73,7 @@ class PrefillWorker:
             )
             return PrefillResult(commit.first_token_id, logprobs, request.num_cached_tokens, sent.num_bytes, sent.seconds)
         finally:
-            self.loop.call(lambda: self._forget(request_id))
+            self.loop.call(lambda: self._forget(request_id, done))
 
     def _add(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -83,14 +85,15 @@ class PrefillWorker:
         self._waiters[request_id] = (aloop, done)
         self.scheduler.add(request)
 
-    def _forget(self, request_id: str) -> None:
-        """The caller is done with the request (KV acknowledged, failed or cancelled): free it."""
-        self._waiters.pop(request_id, None)
-        request = self._handing_off.pop(request_id, None)
-        if request is not None:
-            self.scheduler.release(request)
-        else:
+    def _forget(self, request_id: str, done: asyncio.Future[Request]) -> None:
+        """The caller whose future is `done` is finished with its request (KV acknowledged, failed
+        or cancelled): free it. Another caller's request under the same id is left alone."""
+        if request_id in self._waiters and self._waiters[request_id][1] is done:
+            del self._waiters[request_id]
             self.scheduler.abort(request_id)
+        elif request_id in self._handing_off and self._handing_off[request_id][1] is done:
+            request, _ = self._handing_off.pop(request_id)
+            self.scheduler.release(request)
 
     def _step(self) -> bool:
         scheduled = self.scheduler.schedule()
@@ -98,8 +101,8 @@ class PrefillWorker:
             return False
         output = self.core.runner.execute(scheduled)
         for request in self.scheduler.update(scheduled, output):
-            self._handing_off[request.request_id] = request
             aloop, done = self._waiters.pop(request.request_id)
+            self._handing_off[request.request_id] = (request, done)
             aloop.call_soon_threadsafe(_resolve, done, request, None)
         return True
 

@@ -128,7 +128,8 @@ def test_decode_launch_depends_on_shapes_only() -> None:
     choose = decode_module.choose_launch
     common = dict(num_kv_heads=8, block_size=16, head_dim=128, dtype=torch.bfloat16, sm_count=132)
     assert choose(num_seqs=32, max_num_blocks=256, **common).num_splits == 3  # 256 programs -> 768
-    assert choose(num_seqs=1, max_num_blocks=256, **common).num_splits == 16  # capped by length
+    assert choose(num_seqs=1, max_num_blocks=256, **common).num_splits == 32  # capped at _MAX_SPLITS
+    assert choose(num_seqs=1, max_num_blocks=16, **common).num_splits == 4  # capped by length: one 64-token tile each
     assert choose(num_seqs=256, max_num_blocks=256, **common).num_splits == 1
     assert choose(num_seqs=4, max_num_blocks=1, **common).num_splits == 1
     assert choose(num_seqs=32, max_num_blocks=256, **common).tile_tokens == 64

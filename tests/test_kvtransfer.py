@@ -404,11 +404,19 @@ def test_push_past_its_deadline_fails_with_deadline_exceeded(transport_name: str
     assert receiver.is_pending("t1")  # the owner's expire() frees it
 
 
-def test_sender_refuses_bad_requests_before_any_network_call() -> None:
+def test_sender_refuses_bad_requests_before_any_kv_moves() -> None:
     cache = make_cache(4)
     sender = KVSender(cache, KVLayout.of(cache, MODEL_ID), "prefill-0")
-    with pytest.raises(ValueError, match="2 source blocks but the peer reserved 3"):
-        asyncio.run(sender.send("grpc", "127.0.0.1:1", "t1", [0, 1], 3, COMMIT, timeout=1))
+    receiver = KVReceiver(make_cache(4), MODEL_ID)
+    register_receiver("local:count-check", receiver)
+    try:  # the layouts agree (handshake passes), the reservation is the wrong size: nothing lands
+        with pytest.raises(ValueError, match="2 source blocks but the peer reserved 3"):
+            asyncio.run(sender.send("local", "local:count-check", "t1", [0, 1], 3, COMMIT, timeout=1))
+        assert receiver.bytes_received == 0
+    finally:
+        unregister_receiver("local:count-check")
+    with pytest.raises(ValueError, match="source blocks"):
+        asyncio.run(sender.send("grpc", "127.0.0.1:1", "t1", [0, 9], 2, COMMIT, timeout=1))
     with pytest.raises(ValueError, match="unknown KV transport 'nccl'"):
         asyncio.run(sender.send("nccl", "127.0.0.1:1", "t1", [0, 1], 2, COMMIT, timeout=1))
     with pytest.raises(ValueError, match="does not describe kv_cache"):
