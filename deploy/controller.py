@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from deploy.worker_host import WorkerHost, WorkerSpec
-from engine.config import EngineConfig
+from engine.config import ConfigError, EngineConfig
 from router.registry import WorkerRecord
 
 logger = logging.getLogger(__name__)
@@ -55,27 +55,34 @@ class Cluster:
                 runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}},
             )
             self._started_ray = True
-        on_gpu = self._workers_use_gpu(num_workers)
+        gpus_per_worker = self._gpus_per_worker(num_workers)
+        engine = config.engine
+        if 0 < gpus_per_worker < 1 and engine.kv_cache_memory_gib is None:
+            # Workers share a GPU: each sizes its KV cache within its share of the memory.
+            engine = replace(engine, gpu_memory_utilization=engine.gpu_memory_utilization * gpus_per_worker)
         actor_cls = ray.remote(WorkerHost)
-        specs = [self._spec("prefill") for _ in range(config.num_prefill_workers)]
-        specs += [self._spec("decode") for _ in range(config.num_decode_workers)]
+        specs = [self._spec("prefill", engine) for _ in range(config.num_prefill_workers)]
+        specs += [self._spec("decode", engine) for _ in range(config.num_decode_workers)]
         for spec in specs:
-            resources = {"num_gpus": 1, "num_cpus": 1} if on_gpu else {"num_cpus": 1}
+            resources = {"num_gpus": gpus_per_worker, "num_cpus": 1} if gpus_per_worker else {"num_cpus": 1}
             self.actors.append(actor_cls.options(name=spec.worker_id, **resources).remote(spec))
         return ray.get([actor.start.remote() for actor in self.actors], timeout=config.startup_timeout_s)
 
-    def _spec(self, role: str) -> WorkerSpec:
+    def _spec(self, role: str, engine: EngineConfig) -> WorkerSpec:
         config = self.config
-        return WorkerSpec(role, config.engine, config.served_model_name, config.worker_host, redis_url=config.redis_url)
+        return WorkerSpec(role, engine, config.served_model_name, config.worker_host, redis_url=config.redis_url)
 
-    def _workers_use_gpu(self, num_workers: int) -> bool:
-        """One GPU per worker when asked for, or when `auto` and the cluster has enough GPUs."""
+    def _gpus_per_worker(self, num_workers: int) -> float:
+        """One GPU per worker when the cluster has enough; else the GPUs are shared evenly (a single
+        GPU machine runs a prefill and a decode worker on one GPU). 0: the workers run on the CPU."""
         import ray
 
-        device = self.config.engine.device
-        if device == "auto":
-            return ray.cluster_resources().get("GPU", 0) >= num_workers
-        return device != "cpu"
+        num_gpus = ray.cluster_resources().get("GPU", 0)
+        if self.config.engine.device == "cpu" or num_gpus == 0:
+            if self.config.engine.device == "cuda":
+                raise ConfigError("--device cuda was asked for but the Ray cluster has no GPU")
+            return 0
+        return 1 if num_gpus >= num_workers else num_gpus / num_workers
 
     def stop(self) -> None:
         import ray

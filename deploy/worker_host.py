@@ -8,7 +8,7 @@ import logging
 import socket
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.config import EngineConfig
 from engine.core import EngineCore
@@ -47,7 +47,10 @@ class WorkerHost:
 
     def start(self) -> WorkerRecord:
         """Loads the model, starts the server and returns the worker's registry record."""
-        core = EngineCore.load(self.spec.engine)
+        engine = self.spec.engine
+        if self.spec.role == "prefill":
+            engine = replace(engine, enforce_eager=True)  # it never runs a decode step: no graphs to capture
+        core = EngineCore.load(engine)
         self._thread.start()
         self.record = asyncio.run_coroutine_threadsafe(self._serve(core), self._loop).result()
         if self.spec.redis_url:
