@@ -65,6 +65,8 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         return pb.AbortResponse(found=await self.worker.abort(request.request_id))
 
     async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.WorkerStatus:
+        if not self.worker.is_healthy:  # the gateway's poll marks it unhealthy and stops routing to it
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine loop or the device has failed")
         core = self.worker.core
         return pb.WorkerStatus(
             worker_id=self.worker.worker_id,

@@ -15,6 +15,7 @@ from engine.core import EngineCore
 from engine.engine_loop import EngineLoop
 from engine.request import Request
 from engine.sampling_params import InvalidRequestError, SamplingParams
+from engine.sampler import skip_first_draw
 from engine.scheduler import Scheduler
 from kvtransfer.receiver import KVCommitInfo, KVReceiver
 
@@ -43,6 +44,7 @@ class DecodeWorker:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._waiting_for_blocks: deque[_Pending] = deque()
         self._waiting_for_kv: dict[str, _Pending] = {}  # by transfer_id
+        self.is_broken = False
         self.loop = EngineLoop(self._step, self._fail_all, name="decode-engine")
         self.loop.start()
 
@@ -69,16 +71,18 @@ class DecodeWorker:
             self._streams[request_id] = (aloop, events)
             self._waiting_for_blocks.append(pending)
 
-        await asyncio.wrap_future(self.loop.call(add))
         finished = False
         try:
+            # A cancel may land after `add` ran on the loop thread but before we hear back: the
+            # `finally` covers that too (the loop takes calls in order).
+            await asyncio.wrap_future(self.loop.call(add))
             while not finished:
                 event = await events.get()
                 finished = isinstance(event, RequestDelta) and event.finish_reason is not None
                 yield event
         finally:
             if not finished:
-                self.loop.call(lambda: self._abort(request_id))
+                self.loop.call(lambda: self._abort_own(request_id, events))
 
     def _is_transfer_known(self, transfer_id: str) -> bool:
         return transfer_id in self._waiting_for_kv or any(p.transfer_id == transfer_id for p in self._waiting_for_blocks)
@@ -86,10 +90,16 @@ class DecodeWorker:
     async def abort(self, request_id: str) -> bool:
         return await asyncio.wrap_future(self.loop.call(lambda: self._abort(request_id)))
 
+    @property
+    def is_healthy(self) -> bool:
+        """False once the engine loop died or the device failed (e.g. a sticky CUDA error)."""
+        return self.loop.is_alive and not self.is_broken
+
     # -- loop thread ----------------------------------------------------------------------------
     def _step(self) -> bool:
         self._expire_leases()
-        self._reserve_waiting()
+        if not self.scheduler.waiting:  # preempted requests get freed blocks before new prompts do
+            self._reserve_waiting()
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return False
@@ -99,7 +109,8 @@ class DecodeWorker:
         return True
 
     def _reserve_waiting(self) -> None:
-        while self._waiting_for_blocks:
+        max_num_seqs = self.core.config.max_num_seqs
+        while self._waiting_for_blocks and len(self.scheduler.running) + len(self._waiting_for_kv) < max_num_seqs:
             pending = self._waiting_for_blocks[0]
             request = pending.request
             block_ids = self.core.block_manager.reserve(request.num_prompt_tokens)
@@ -120,6 +131,7 @@ class DecodeWorker:
         request = pending.request
         request.num_computed_tokens = request.num_prompt_tokens
         request.output_token_ids.append(info.first_token_id)
+        skip_first_draw(request, self.core.model_config.vocab_size, self.core.runner.device)
         if info.first_logprobs is not None and request.params.logprobs is not None:
             request.output_logprobs.append(info.first_logprobs)
         self.core.block_manager.cache_full_blocks(request.block_table, request.prompt_token_ids, request.num_prompt_tokens)
@@ -142,6 +154,12 @@ class DecodeWorker:
             self._release(pending.request)
             message = f"the KV of transfer {transfer_id} did not arrive within its {pending.lease_s:g} s lease"
             self._publish(RequestDelta(pending.request.request_id, [], finish_reason="error", error=message))
+
+    def _abort_own(self, request_id: str, events: asyncio.Queue) -> None:
+        """The stream owning `events` went away: abort its request, and only its (not a later one's)."""
+        stream = self._streams.get(request_id)
+        if stream is not None and stream[1] is events:
+            self._abort(request_id)
 
     def _abort(self, request_id: str, finish_reason: str = "abort", error: str | None = None) -> bool:
         """Drops the request wherever it is, freeing its blocks, and ends its stream; False if it
@@ -181,6 +199,7 @@ class DecodeWorker:
     def _fail_all(self, exc: BaseException) -> None:
         for request_id in list(self._streams):
             self._abort(request_id, "error", f"decode step failed: {type(exc).__name__}: {exc}")
+        self.is_broken = not self.core.is_device_healthy()
 
     def status(self) -> dict[str, int]:
         blocks = self.core.block_manager

@@ -3,6 +3,7 @@ Ray actors on their own pools, and stops them all. `ServeConfig` is what `pdserv
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -82,7 +83,9 @@ class Cluster:
             if self.config.engine.device == "cuda":
                 raise ConfigError("--device cuda was asked for but the Ray cluster has no GPU")
             return 0
-        return 1 if num_gpus >= num_workers else num_gpus / num_workers
+        if num_gpus >= num_workers:
+            return 1
+        return 1 / math.ceil(num_workers / num_gpus)  # equal shares that pack whole GPUs
 
     def stop(self) -> None:
         import ray

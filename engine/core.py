@@ -45,9 +45,25 @@ class EngineCore:
         model_id = model_fingerprint(model_dir) + (f"-random{config.seed}" if random_weights else "")
         return cls(config, model_config, tokenizer, runner, block_manager, eos, model_id)
 
+    def is_device_healthy(self) -> bool:
+        """Whether the device still runs work: after a sticky CUDA error (a device-side assert)
+        every later launch fails, and the worker must stop taking requests."""
+        try:
+            torch.ones(1, device=self.runner.device).add_(1).cpu()
+            return True
+        except RuntimeError:
+            return False
+
     @property
     def max_model_len(self) -> int:
         return self.runner.max_model_len
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Everything about a request that depends on the model; raises InvalidRequestError."""
+        self.validate_prompt(prompt_token_ids)
+        vocab = self.model_config.vocab_size
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         if not prompt_token_ids:
@@ -63,7 +79,7 @@ class EngineCore:
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
 
     def new_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
-        self.validate_prompt(prompt_token_ids)
+        self.validate(prompt_token_ids, params)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)

@@ -49,8 +49,8 @@ class LLM:
         prompts = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompts))
         encoded = [self._encode(p) for p in prompts]
-        for _, token_ids in encoded:  # validate everything before anything is queued
-            self.engine.core.validate_prompt(token_ids)
+        for (_, token_ids), p in zip(encoded, params):  # validate everything before anything is queued
+            self.engine.core.validate(token_ids, p)
         runs = []
         for (text, token_ids), p in zip(encoded, params):
             request = self.engine.add_request(str(next(self._ids)), token_ids, p)

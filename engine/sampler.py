@@ -33,6 +33,13 @@ class Sampler:
         return SamplerOutput(ids, _gather_logprobs(raw_logprobs, token_ids, requests))
 
 
+def skip_first_draw(request: Request, vocab_size: int, device: torch.device) -> None:
+    """Advance a seeded request's generator past the draw that sampled its first token elsewhere
+    (the prefill worker), so the decode worker continues the same random stream as one engine."""
+    if request.generator is not None and not request.params.is_greedy:
+        torch.empty(vocab_size, dtype=torch.float32, device=device).exponential_(generator=request.generator)
+
+
 def only_argmax(requests: list[Request]) -> bool:
     """Whether the batch's tokens are just the argmax: greedy, no logprobs, no stop tokens held back."""
     return all(
@@ -47,9 +54,11 @@ def _greedy_mask(requests: list[Request], device: torch.device) -> torch.Tensor:
 
 def _mask_stop_tokens_before_min(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     rows, cols = [], []
+    vocab = logits.shape[-1]
     for i, r in enumerate(requests):
         if len(r.output_token_ids) < r.params.min_tokens:
             banned = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else set(r.eos_token_ids))
+            banned = {t for t in banned if t < vocab}  # out-of-vocab ids are refused at admission anyway
             rows += [i] * len(banned)
             cols += sorted(banned)
     if not rows:

@@ -1,6 +1,7 @@
 """`SamplingParams`: how one request picks its tokens and when it stops (vLLM's field names)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
@@ -45,8 +46,8 @@ class SamplingParams:
 
         if self.n != 1:
             fail(f"n must be 1, got {self.n}", "n")
-        if self.temperature < 0:
-            fail(f"temperature must be >= 0, got {self.temperature}", "temperature")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            fail(f"temperature must be a number >= 0, got {self.temperature}", "temperature")
         if not 0.0 < self.top_p <= 1.0:
             fail(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.top_k == 0 or self.top_k < -1:

@@ -67,7 +67,12 @@ class KVSender:
         remaining = timeout - (time.monotonic() - start)
         if remaining <= 0:
             raise KVTransferError(f"transfer {transfer_id!r}: no time left after the handshake", "DEADLINE_EXCEEDED")
-        num_bytes = await transport.push(address, transfer_id, self.chunks(src_block_ids), commit, remaining)
+        try:
+            num_bytes = await transport.push(address, transfer_id, self.chunks(src_block_ids), commit, remaining)
+        except KVTransferError as exc:
+            if exc.code == "UNAVAILABLE":  # the peer may come back restarted, maybe configured otherwise
+                self._peer_layouts.pop((transport_name, address), None)
+            raise
         num_expected = self.layout.chunk_num_bytes(self.layout.num_layers, len(src_block_ids))
         if num_bytes != num_expected:
             raise KVTransferError(f"transfer {transfer_id!r}: peer acknowledged {num_bytes} of {num_expected} bytes")

@@ -56,6 +56,8 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         return pb.AbortResponse(found=task is not None)
 
     async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.WorkerStatus:
+        if not self.worker.is_healthy:  # the gateway's poll marks it unhealthy and stops routing to it
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine loop or the device has failed")
         core = self.worker.core
         return pb.WorkerStatus(
             worker_id=self.worker.worker_id,

@@ -47,6 +47,7 @@ class PrefillWorker:
         # Owned by the loop thread: requests computing, and prompts done whose KV is in flight.
         self._waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[Request]]] = {}
         self._handing_off: dict[str, tuple[Request, asyncio.Future[Request]]] = {}
+        self.is_broken = False
         self.loop = EngineLoop(self._step, self._fail_all, name="prefill-engine")
         self.loop.start()
 
@@ -111,6 +112,12 @@ class PrefillWorker:
             self.scheduler.abort(request_id)
             aloop.call_soon_threadsafe(_resolve, done, None, RuntimeError(f"prefill step failed: {exc}"))
         self._waiters.clear()
+        self.is_broken = not self.core.is_device_healthy()
+
+    @property
+    def is_healthy(self) -> bool:
+        """False once the engine loop died or the device failed (e.g. a sticky CUDA error)."""
+        return self.loop.is_alive and not self.is_broken
 
     def status(self) -> dict[str, int]:
         blocks = self.core.block_manager

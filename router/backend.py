@@ -23,7 +23,7 @@ class BackendUnavailableError(RuntimeError):
 class BackendStats:
     num_running: int
     num_waiting: int
-    kv_cache_usage: float  # 0..1, the fullest worker's
+    kv_cache_usage: float  # 0..1: blocks in use / all blocks (of the decode workers, when disaggregated)
     num_preemptions: int
 
 

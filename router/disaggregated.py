@@ -19,7 +19,11 @@ from proto.convert import logprobs_from_proto, params_to_proto
 from router.backend import BackendStats, BackendUnavailableError
 from router.workers import WorkerHandle, WorkerPool
 
-UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# ABORTED: the decode worker dropped the reservation (its lease ran out under load) — try again later.
+UNAVAILABLE_CODES = (
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+)
 
 
 class BackendError(RuntimeError):
@@ -29,8 +33,10 @@ class BackendError(RuntimeError):
 @dataclass(frozen=True)
 class Deadlines:
     reservation_s: float = 60.0  # waiting for decode blocks
-    lease_s: float = 30.0  # reserved blocks wait this long for their KV
-    prefill_s: float = 300.0
+    prefill_s: float = 300.0  # queueing + prefill + KV push
+    # Reserved blocks wait this long for their KV: longer than any prefill the gateway still awaits
+    # (a failed or cancelled prefill cancels the reservation at once; the lease is the backstop).
+    lease_s: float = 330.0
     request_s: float = 600.0  # the whole decode stream
 
 
@@ -55,18 +61,19 @@ class DisaggregatedBackend:
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncGenerator[RequestDelta, None]:
+        transfer_id = uuid.uuid4().hex
+        try:
+            wire_params = params_to_proto(params)
+            generate_request = pb.GenerateRequest(
+                request_id=request_id, transfer_id=transfer_id, prompt_token_ids=prompt_token_ids,
+                params=wire_params, lease_seconds=self.deadlines.lease_s,
+            )
+        except ValueError as exc:  # a value the int32 wire fields cannot hold
+            raise InvalidRequestError(f"a token id or sampling value is out of range: {exc}") from exc
         decode, prefill = self.pool.pick("decode"), self.pool.pick("prefill")
         decode.num_in_flight += 1
         prefill.num_in_flight += 1
-        transfer_id = uuid.uuid4().hex
-        wire_params = params_to_proto(params)
-        stream = decode.stub.Generate(
-            pb.GenerateRequest(
-                request_id=request_id, transfer_id=transfer_id, prompt_token_ids=prompt_token_ids,
-                params=wire_params, lease_seconds=self.deadlines.lease_s,
-            ),
-            timeout=self.deadlines.request_s,
-        )
+        stream = decode.stub.Generate(generate_request, timeout=self.deadlines.request_s)
         finished = False
         try:
             reservation = await self._reservation(stream, decode)
@@ -136,6 +143,7 @@ class DisaggregatedBackend:
         yield RequestDelta(request_id, [], finish_reason="error", error="the decode stream ended without finishing")
 
     async def stats(self) -> BackendStats:
+        """Requests across all workers; KV usage is used / total blocks over all decode workers."""
         statuses = [w.status for w in self.pool.workers.values() if w.status is not None and w.is_healthy]
         decodes = [s for s in statuses if s.role == "decode"]
         total = sum(s.num_total_blocks for s in decodes)

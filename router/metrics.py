@@ -37,7 +37,7 @@ class Metrics:
 
         self.num_requests_running = gauge("vllm:num_requests_running", "Requests being prefilled or decoded.")
         self.num_requests_waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.")
-        self.kv_cache_usage = gauge("vllm:kv_cache_usage_perc", "KV cache usage of the fullest worker (1 = full).")
+        self.kv_cache_usage = gauge("vllm:kv_cache_usage_perc", "KV cache usage: blocks in use over all blocks of the decode workers (1 = full).")
         self.num_preemptions = counter("vllm:num_preemptions", "Requests preempted by the schedulers.")
         self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens of admitted requests.")
         self.generation_tokens = counter("vllm:generation_tokens", "Generated tokens.")

@@ -142,7 +142,7 @@ class Generation:
     def _on_delta(self, delta: RequestDelta) -> TextDelta | None:
         """The text delta to send, or None while the detokenizer holds all new text back."""
         self.num_output_tokens += len(delta.token_ids)
-        self.num_cached_tokens = delta.num_cached_tokens
+        self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)  # only the first delta knows
         self._tracker.on_tokens(len(delta.token_ids))
         held = self._held
         held.token_ids += delta.token_ids

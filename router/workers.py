@@ -42,7 +42,7 @@ class WorkerPool:
         self.rpc_timeout_s = rpc_timeout_s
         self.workers: dict[str, WorkerHandle] = {}
         self._task: asyncio.Task | None = None
-        self._first_poll = asyncio.Event()
+        self._refreshing = asyncio.Lock()  # the poller and /admin/workers may refresh at once
 
     async def start(self) -> None:
         await self.refresh()
@@ -86,6 +86,10 @@ class WorkerPool:
                 logger.exception("refreshing the worker pool failed")
 
     async def refresh(self) -> None:
+        async with self._refreshing:
+            await self._refresh()
+
+    async def _refresh(self) -> None:
         records = {r.worker_id: r for r in await self.registry.list_workers()}
         for worker_id in list(self.workers):
             if worker_id not in records or records[worker_id] != self.workers[worker_id].record:
