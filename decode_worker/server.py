@@ -13,7 +13,7 @@ from kvtransfer.grpc_transport import add_kv_transfer_service
 from kvtransfer.local_transport import register_receiver, unregister_receiver
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
-from proto.convert import logprobs_to_proto, params_from_proto
+from proto.convert import logprobs_to_proto, params_from_proto, worker_status
 
 GRPC_OPTIONS = [("grpc.max_send_message_length", 64 * 2**20), ("grpc.max_receive_message_length", 64 * 2**20)]
 DEFAULT_LEASE_S = 30.0
@@ -65,18 +65,7 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         return pb.AbortResponse(found=await self.worker.abort(request.request_id))
 
     async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.WorkerStatus:
-        if not self.worker.is_healthy:  # the gateway's poll marks it unhealthy and stops routing to it
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine loop or the device has failed")
-        core = self.worker.core
-        return pb.WorkerStatus(
-            worker_id=self.worker.worker_id,
-            role="decode",
-            model=self.model_name,
-            max_model_len=core.max_model_len,
-            block_size=core.config.block_size,
-            kv_transports=self.transport,
-            **self.worker.status(),
-        )
+        return await worker_status(self.worker, "decode", self.model_name, context, kv_transports=self.transport)
 
 
 async def start_server(

@@ -12,7 +12,7 @@ from kvtransfer.transport import KVTransferError
 from prefill_worker.worker import KVTarget, PrefillWorker
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
-from proto.convert import logprobs_to_proto, params_from_proto
+from proto.convert import logprobs_to_proto, params_from_proto, worker_status
 
 
 class PrefillServicer(pb_grpc.PrefillWorkerServicer):
@@ -56,17 +56,7 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         return pb.AbortResponse(found=task is not None)
 
     async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.WorkerStatus:
-        if not self.worker.is_healthy:  # the gateway's poll marks it unhealthy and stops routing to it
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine loop or the device has failed")
-        core = self.worker.core
-        return pb.WorkerStatus(
-            worker_id=self.worker.worker_id,
-            role="prefill",
-            model=self.model_name,
-            max_model_len=core.max_model_len,
-            block_size=core.config.block_size,
-            **self.worker.status(),
-        )
+        return await worker_status(self.worker, "prefill", self.model_name, context)
 
 
 async def start_server(worker: PrefillWorker, model_name: str, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.Server, int]:

@@ -2,6 +2,8 @@
 servers and the gateway's gRPC client) so schedulers and the engine never see protobuf."""
 from __future__ import annotations
 
+import grpc
+
 from engine.outputs import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from proto import pdserve_pb2 as pb
@@ -54,3 +56,20 @@ def logprobs_to_proto(lp: TokenLogprobs) -> pb.TokenLogprobs:
 
 def logprobs_from_proto(msg: pb.TokenLogprobs) -> TokenLogprobs:
     return TokenLogprobs(msg.token_id, msg.logprob, msg.rank, tuple(zip(msg.top_token_ids, msg.top_logprobs)))
+
+
+async def worker_status(worker: object, role: str, model_name: str, context: object, **extra: object) -> pb.WorkerStatus:
+    """A worker's `GetStatus` answer, or UNAVAILABLE once its engine loop or device has failed (the
+    gateway's poll then marks it unhealthy and stops routing to it). `worker` has `worker_id`,
+    `core`, `is_healthy` and `status()`."""
+    if not worker.is_healthy:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine loop or the device has failed")
+    return pb.WorkerStatus(
+        worker_id=worker.worker_id,
+        role=role,
+        model=model_name,
+        max_model_len=worker.core.max_model_len,
+        block_size=worker.core.config.block_size,
+        **worker.status(),
+        **extra,
+    )
