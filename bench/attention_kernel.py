@@ -10,9 +10,10 @@ from collections.abc import Callable
 
 import torch
 import triton
-from triton.testing import do_bench, do_bench_cudagraph
+from triton.testing import do_bench_cudagraph
 
 import kernels
+from bench.ceilings import copy_bandwidth_gbs, median_ms
 from kernels.paged_decode_attention import DecodeLaunch, launch_decode
 from kernels.paged_decode_attention import choose_launch as choose_decode_launch
 from kernels.paged_prefill_attention import PrefillLaunch, launch_prefill
@@ -27,22 +28,10 @@ DECODE_SHAPES = [HEADLINE_DECODE, (1, 4096), (8, 4096), (64, 4096), (32, 1024), 
 PREFILL_LENS = [512, 2048, 8192]
 
 
-def median_ms(fn: Callable[[], object]) -> float:
-    return do_bench(fn, warmup=25, rep=200, return_mode="median")
-
-
 def graph_median_ms(fn: Callable[[], object]) -> float:
     """Median time per call of `fn` replayed from a CUDA graph, as the engine's decode step runs it:
     kernels alone, without Python launch overhead (which exceeds small decode kernels' run time)."""
     return do_bench_cudagraph(fn, rep=200, return_mode="median")
-
-
-def copy_bandwidth_gbs() -> float:
-    """(bytes read + bytes written) / time of a 1 GiB device-to-device copy."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src))
-    return 2 * src.numel() / (ms * 1e-3) / 1e9
 
 
 def num_rotation_sets(bytes_per_set: int) -> int:

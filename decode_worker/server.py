@@ -11,11 +11,10 @@ from engine.outputs import RequestDelta
 from engine.sampling_params import InvalidRequestError
 from kvtransfer.grpc_transport import add_kv_transfer_service
 from kvtransfer.local_transport import register_receiver, unregister_receiver
+from proto import GRPC_OPTIONS
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
 from proto.convert import logprobs_to_proto, params_from_proto, worker_status
-
-GRPC_OPTIONS = [("grpc.max_send_message_length", 64 * 2**20), ("grpc.max_receive_message_length", 64 * 2**20)]
 DEFAULT_LEASE_S = 30.0
 
 

@@ -91,10 +91,9 @@ class _Run:
     def on_token(self, engine: LLMEngine) -> None:
         delta, stopped = self.detokenizer.step(self.request.output_token_ids[-1:])
         self.text += delta
-        if stopped and not self.request.is_finished:
-            engine.abort_request(self.request.request_id)
-            self.request.finish("stop", self.detokenizer.stop_reason)
-        elif stopped:
+        if stopped:
+            if not self.request.is_finished:
+                engine.abort_request(self.request.request_id)  # frees its blocks
             self.request.finish("stop", self.detokenizer.stop_reason)
         elif self.request.is_finished:
             self.text += self.detokenizer.flush()

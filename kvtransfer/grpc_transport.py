@@ -15,15 +15,8 @@ from kvtransfer.layout import KVLayout, KVLayoutMismatchError
 from kvtransfer.receiver import KVCommitInfo, KVReceiver, UnknownTransferError
 from kvtransfer.transport import HANDSHAKE_TIMEOUT_S, TRANSPORTS, KVChunkData, KVTransferError, status_code_name
 from proto import pdserve_pb2 as pb
-from proto import pdserve_pb2_grpc
+from proto import GRPC_OPTIONS, pdserve_pb2_grpc
 
-MAX_MESSAGE_BYTES = 64 * 2**20
-# For the client channels here and for the decode worker's `grpc.aio.server(options=GRPC_OPTIONS)`:
-# gRPC's default 4 MiB receive limit is below one default-sized chunk plus its header.
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
 
 
 class GrpcTransport:

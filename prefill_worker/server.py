@@ -10,6 +10,7 @@ from engine.sampling_params import InvalidRequestError
 from kvtransfer.layout import KVLayoutMismatchError
 from kvtransfer.transport import KVTransferError
 from prefill_worker.worker import KVTarget, PrefillWorker
+from proto import GRPC_OPTIONS
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
 from proto.convert import logprobs_to_proto, params_from_proto, worker_status
@@ -66,6 +67,3 @@ async def start_server(worker: PrefillWorker, model_name: str, host: str = "127.
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     return server, bound
-
-
-GRPC_OPTIONS = [("grpc.max_send_message_length", 64 * 2**20), ("grpc.max_receive_message_length", 64 * 2**20)]

@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from proto import GRPC_OPTIONS
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
 from router.backend import BackendUnavailableError
 from router.registry import Registry, WorkerRecord
 
 logger = logging.getLogger(__name__)
-GRPC_OPTIONS = [("grpc.max_send_message_length", 64 * 2**20), ("grpc.max_receive_message_length", 64 * 2**20)]
 
 
 @dataclass(eq=False)

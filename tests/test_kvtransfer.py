@@ -18,7 +18,8 @@ from kvtransfer import (
     KVChunkData, KVCommitInfo, KVLayout, KVLayoutMismatchError, KVReceiver, KVSender, KVTransferError,
     UnknownTransferError, make_transport,
 )
-from kvtransfer.grpc_transport import GRPC_OPTIONS, add_kv_transfer_service, encode_chunk
+from kvtransfer.grpc_transport import add_kv_transfer_service, encode_chunk
+from proto import GRPC_OPTIONS
 from kvtransfer.local_transport import register_receiver, unregister_receiver
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc
