@@ -14,7 +14,7 @@ import json
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -69,7 +69,7 @@ def bench_pdserve(name: str, batch_sizes: list[int], context: int, num_steps: in
         model=str(write_shape(name)), dtype="bfloat16", device="cuda", max_model_len=context + 64,
         max_num_seqs=max_bs, num_kv_blocks=max_bs * blocks_per_seq + 8, enable_prefix_caching=False,
     )
-    core = EngineCore.load(config, random_weights=True)
+    core = EngineCore.load(replace(config, load_format="dummy"))
     core.runner.kv_cache.normal_()  # attention reads real-looking values, never zeros
     rng = random.Random(0)
     greedy = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)

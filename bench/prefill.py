@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -46,7 +46,7 @@ def bench_pdserve(name: str, lengths: list[int], rate: float) -> list[PrefillRow
         max_num_batched_tokens=longest, max_num_seqs=8, num_kv_blocks=-(-(longest + 64) // 16) + 8,
         enable_prefix_caching=False, enforce_eager=True,
     )
-    core = EngineCore.load(config, random_weights=True)
+    core = EngineCore.load(replace(config, load_format="dummy"))
     rng = random.Random(0)
     rows = []
     for n in lengths:

@@ -4,6 +4,8 @@ CUPTI), summed by kernel, against the graph's wall time and the memory roofline.
     python -m bench.profile_decode --model llama3-8b --batch-size 1 --context 1024"""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import argparse
 import random
 from collections import defaultdict
@@ -32,7 +34,7 @@ def main() -> None:
         model=str(write_shape(args.model)), dtype="bfloat16", device="cuda", max_model_len=args.context + 64,
         max_num_seqs=max_bs, num_kv_blocks=max_bs * (-(-(args.context + 1) // 16)) + 8, enable_prefix_caching=False,
     )
-    core = EngineCore.load(config, random_weights=True)
+    core = EngineCore.load(replace(config, load_format="dummy"))
     core.runner.kv_cache.normal_()
     rng = random.Random(0)
     for bs in args.batch_size:

@@ -1,5 +1,5 @@
-"""The decode worker's gRPC edge: the DecodeWorker service and the KVTransfer service (KV pushed
-by prefill workers) on one server; protobuf is converted to plain calls on `DecodeWorker` here."""
+"""The decode worker's gRPC edge: the DecodeWorker service and the KV hand-off's KVTransfer service
+on one server; protobuf is converted to plain calls on `DecodeWorker` here."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
@@ -9,21 +9,22 @@ import grpc
 from decode_worker.worker import DecodeWorker, Reserved
 from engine.outputs import RequestDelta
 from engine.sampling_params import InvalidRequestError
-from kvtransfer.grpc_transport import add_kv_transfer_service
-from kvtransfer.local_transport import register_receiver, unregister_receiver
+from kvtransfer import AUTO, Endpoint, accepts
+from kvtransfer.control import KVTransferServicer, add_kv_transfer_service
 from proto import GRPC_OPTIONS
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
 from proto.convert import logprobs_to_proto, params_from_proto, worker_status
+
 DEFAULT_LEASE_S = 30.0
 
 
 class DecodeServicer(pb_grpc.DecodeWorkerServicer):
-    def __init__(self, worker: DecodeWorker, model_name: str, kv_address: str, transport: str) -> None:
+    def __init__(self, worker: DecodeWorker, model_name: str, kv_address: str, transports: list[str]) -> None:
         self.worker = worker
         self.model_name = model_name
         self.kv_address = kv_address
-        self.transport = transport
+        self.transports = transports
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -45,7 +46,7 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
     def _to_proto(self, event: Reserved | RequestDelta) -> list[pb.GenerateResponse]:
         if isinstance(event, Reserved):
             reservation = pb.Reservation(
-                block_ids=event.block_ids, kv_address=self.kv_address, transport=self.transport,
+                block_ids=event.block_ids, kv_address=self.kv_address, transports=self.transports,
                 worker_id=self.worker.worker_id,
             )
             return [pb.GenerateResponse(reservation=reservation)]
@@ -64,26 +65,21 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         return pb.AbortResponse(found=await self.worker.abort(request.request_id))
 
     async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.WorkerStatus:
-        return await worker_status(self.worker, "decode", self.model_name, context, kv_transports=self.transport)
+        return await worker_status(self.worker, "decode", self.model_name, context, kv_transports=",".join(self.transports))
 
 
 async def start_server(
-    worker: DecodeWorker, model_name: str, host: str = "127.0.0.1", port: int = 0, transport: str = "grpc",
+    worker: DecodeWorker, model_name: str, host: str = "127.0.0.1", port: int = 0, kv_transport: str = AUTO,
     advertise_host: str | None = None,
-) -> tuple[grpc.aio.Server, int]:
-    """Starts the gRPC server (decode + KV transfer); returns it and its bound port. With the
-    `local` transport the receiver is also registered in-process under the same address."""
+) -> tuple[grpc.aio.Server, int, KVTransferServicer]:
+    """Starts the gRPC server (decode + KV transfer); returns it, its bound port and the KV servicer
+    (close it after the server stops)."""
     server = grpc.aio.server(options=GRPC_OPTIONS)
     bound = server.add_insecure_port(f"{host}:{port}")
-    address = f"{advertise_host or host}:{bound}"
-    pb_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(worker, model_name, address, transport), server)
-    add_kv_transfer_service(server, worker.receiver)
-    if transport == "local":
-        register_receiver(address, worker.receiver)
+    address = advertise_host or host
+    transports = accepts(kv_transport, worker.core.runner.device)
+    pb_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(worker, model_name, f"{address}:{bound}", transports), server)
+    kv_servicer = KVTransferServicer(worker.receiver, Endpoint.here(worker.core.runner.device, address), transports)
+    add_kv_transfer_service(server, kv_servicer)
     await server.start()
-    return server, bound
-
-
-async def stop_server(server: grpc.aio.Server, address: str, grace_s: float = 2.0) -> None:
-    unregister_receiver(address)
-    await server.stop(grace_s)
+    return server, bound, kv_servicer

@@ -36,11 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     serve.add_argument("--no-prefix-caching", action="store_true")
     serve.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    serve.add_argument(
+        "--kv-transport", default="auto", choices=["auto", "cuda_ipc", "nccl", "grpc", "local"],
+        help="how KV moves from prefill to decode workers (auto: CUDA IPC on one host, NCCL across hosts, else gRPC)",
+    )
+    serve.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights (benchmarks)")
     serve.add_argument("--colocated", action="store_true", help="one engine in this process, no workers (baseline)")
     serve.add_argument("--log-level", default="info")
     demo = commands.add_parser("demo-model", help="write the demo checkpoint into DIR")
     demo.add_argument("directory")
     demo.add_argument("--seed", type=int, default=0)
+    from bench.serve import add_arguments
+
+    add_arguments(commands.add_parser("bench", help="load-test an OpenAI-compatible server"))
     return parser
 
 
@@ -52,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(write_demo_model(args.directory, args.seed))
         return 0
+    if args.command == "bench":
+        from bench.serve import main as bench_main
+
+        return bench_main(args)
     return serve(args)
 
 
@@ -101,6 +113,7 @@ def serve_config(args: argparse.Namespace) -> object:
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=not args.no_prefix_caching,
         enforce_eager=args.enforce_eager,
+        load_format=args.load_format,
     )
     return ServeConfig(
         engine=engine,
@@ -112,6 +125,7 @@ def serve_config(args: argparse.Namespace) -> object:
         redis_url=args.redis_url,
         ray_address=args.ray_address,
         worker_host=args.worker_host,
+        kv_transport=args.kv_transport,
         colocated=args.colocated,
     )
 

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from deploy.worker_host import WorkerHost, WorkerSpec
+from deploy.worker_host import WorkerProcess, WorkerSpec
 from engine.config import ConfigError, EngineConfig
 from router.registry import WorkerRecord
 
@@ -28,11 +28,13 @@ class ServeConfig:
     ray_address: str | None = None
     worker_host: str = "127.0.0.1"
     startup_timeout_s: float = 600.0
+    kv_transport: str = "auto"
     colocated: bool = False
 
     def __post_init__(self) -> None:
         if self.num_prefill_workers < 1 or self.num_decode_workers < 1:
             raise ValueError("--prefill-workers and --decode-workers must be at least 1")
+
 
 
 class Cluster:
@@ -61,17 +63,27 @@ class Cluster:
         if 0 < gpus_per_worker < 1 and engine.kv_cache_memory_gib is None:
             # Workers share a GPU: each sizes its KV cache within its share of the memory.
             engine = replace(engine, gpu_memory_utilization=engine.gpu_memory_utilization * gpus_per_worker)
-        actor_cls = ray.remote(WorkerHost)
         specs = [self._spec("prefill", engine) for _ in range(config.num_prefill_workers)]
         specs += [self._spec("decode", engine) for _ in range(config.num_decode_workers)]
-        for spec in specs:
-            resources = {"num_gpus": gpus_per_worker, "num_cpus": 1} if gpus_per_worker else {"num_cpus": 1}
-            self.actors.append(actor_cls.options(name=spec.worker_id, **resources).remote(spec))
-        return ray.get([actor.start.remote() for actor in self.actors], timeout=config.startup_timeout_s)
+        # One process per worker; the `local` transport needs them all in one.
+        groups = [specs] if config.kv_transport == "local" else [[spec] for spec in specs]
+        actor_cls = ray.remote(WorkerProcess)
+        for group in groups:
+            num_gpus = min(1.0, gpus_per_worker * len(group))
+            resources = {"num_gpus": num_gpus, "num_cpus": 1} if gpus_per_worker else {"num_cpus": 1}
+            if gpus_per_worker:  # the worker orders the GPUs it sees itself (deploy/worker_host.py)
+                env = {"PYTHONPATH": _pythonpath(), "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
+                resources["runtime_env"] = {"env_vars": env}
+            actor = actor_cls.options(name=group[0].worker_id, **resources).remote(group)
+            self.actors.append(actor)
+        records = ray.get([actor.start.remote() for actor in self.actors], timeout=config.startup_timeout_s)
+        return [record for group_records in records for record in group_records]
 
     def _spec(self, role: str, engine: EngineConfig) -> WorkerSpec:
         config = self.config
-        return WorkerSpec(role, engine, config.served_model_name, config.worker_host, redis_url=config.redis_url)
+        return WorkerSpec(
+            role, engine, config.served_model_name, config.worker_host, kv_transport=config.kv_transport, redis_url=config.redis_url
+        )
 
     def _gpus_per_worker(self, num_workers: int) -> float:
         """One GPU per worker when the cluster has enough; else the GPUs are shared evenly (a single

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import threading
 import uuid
@@ -24,7 +25,7 @@ class WorkerSpec:
     model_name: str
     host: str = "127.0.0.1"
     port: int = 0
-    transport: str = "grpc"
+    kv_transport: str = "auto"  # auto | cuda_ipc | nccl | grpc | local
     redis_url: str | None = None
     worker_id: str = ""
 
@@ -43,6 +44,7 @@ class WorkerHost:
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"{spec.worker_id}-grpc", daemon=True)
         self._server = None
         self._worker = None
+        self._kv_servicer = None
         self._stop_heartbeat = threading.Event()
 
     def start(self) -> WorkerRecord:
@@ -59,22 +61,22 @@ class WorkerHost:
         return self.record
 
     async def _serve(self, core: EngineCore) -> WorkerRecord:
-        spec = self.spec
+        spec, host = self.spec, advertised_host(self.spec.host)
         if spec.role == "prefill":
             from prefill_worker.server import start_server
             from prefill_worker.worker import PrefillWorker
 
-            self._worker = PrefillWorker(core, spec.worker_id)
+            self._worker = PrefillWorker(core, spec.worker_id, spec.kv_transport, host)
             self._server, port = await start_server(self._worker, spec.model_name, spec.host, spec.port)
         else:
             from decode_worker.server import start_server
             from decode_worker.worker import DecodeWorker
 
             self._worker = DecodeWorker(core, spec.worker_id)
-            self._server, port = await start_server(
-                self._worker, spec.model_name, spec.host, spec.port, spec.transport, advertise_host=advertised_host(spec.host)
+            self._server, port, self._kv_servicer = await start_server(
+                self._worker, spec.model_name, spec.host, spec.port, spec.kv_transport, advertise_host=host
             )
-        return WorkerRecord(spec.worker_id, spec.role, f"{advertised_host(spec.host)}:{port}")
+        return WorkerRecord(spec.worker_id, spec.role, f"{host}:{port}")
 
     def _heartbeat_forever(self) -> None:
         import redis
@@ -95,19 +97,55 @@ class WorkerHost:
     def stop(self) -> None:
         self._stop_heartbeat.set()
         if self._server is not None:
-            if self.spec.role == "decode":  # also drops its in-process ("local") KV receiver
-                from decode_worker.server import stop_server
-
-                stopping = stop_server(self._server, self.record.address, 1.0)
-            else:
-                stopping = self._server.stop(1.0)
-            asyncio.run_coroutine_threadsafe(stopping, self._loop).result(timeout=10)
+            asyncio.run_coroutine_threadsafe(self._server.stop(1.0), self._loop).result(timeout=10)
+        if self._kv_servicer is not None:
+            self._kv_servicer.close()  # also drops its in-process ("local") KV receiver
         if self._worker is not None:
             self._worker.shutdown()
         self._loop.call_soon_threadsafe(self._loop.stop)
 
+    @property
+    def worker(self) -> object:
+        """The PrefillWorker or DecodeWorker, once started."""
+        return self._worker
+
     def ping(self) -> str:
         return self.spec.worker_id
+
+
+class WorkerProcess:
+    """What a Ray actor runs: one worker, or several sharing the process (the `local` KV transport).
+    On a GPU node it first makes the actor's own GPU device 0 and the node's others visible after
+    it, so that CUDA IPC can reach a peer on another GPU of the host."""
+
+    def __init__(self, specs: list[WorkerSpec]) -> None:
+        _own_gpu_first()
+        self.hosts = [WorkerHost(spec) for spec in specs]
+
+    def start(self) -> list[WorkerRecord]:
+        return [host.start() for host in self.hosts]
+
+    def stop(self) -> None:
+        for host in self.hosts:
+            host.stop()
+
+
+def _own_gpu_first() -> None:
+    """With Ray told not to set CUDA_VISIBLE_DEVICES (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES),
+    list this actor's GPU first: it is cuda:0 to everything in this process, its peers follow."""
+    if os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES") != "1":
+        return
+    import ray
+
+    own = [str(i) for i in ray.get_gpu_ids()]
+    if not own:
+        return
+    node_id = ray.get_runtime_context().get_node_id()
+    num_gpus = next(int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["NodeID"] == node_id)
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    every = inherited.split(",") if inherited else [str(i) for i in range(num_gpus)]
+    os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(own + [gpu for gpu in every if gpu not in own])
 
 
 def advertised_host(bind_host: str) -> str:

@@ -29,8 +29,9 @@ class EngineCore:
     model_id: str  # checkpoint fingerprint: KV moves only between workers that agree on it
 
     @classmethod
-    def load(cls, config: EngineConfig, random_weights: bool = False) -> EngineCore:
-        """`random_weights`: the checkpoint's shapes with dummy weights (benchmarks)."""
+    def load(cls, config: EngineConfig) -> EngineCore:
+        """`config.load_format == "dummy"`: the checkpoint's shapes with random weights (benchmarks)."""
+        random_weights = config.load_format == "dummy"
         model_dir = resolve_model_path(config.model)
         model_config = ModelConfig.from_pretrained(model_dir)
         tokenizer = Tokenizer.from_pretrained(model_dir)

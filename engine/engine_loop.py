@@ -1,17 +1,40 @@
-"""`EngineLoop`: a step loop on its own thread. Other threads (asyncio servers) hand it work with
-`call(fn)`; fn runs on the loop thread between two steps, so schedulers and block pools are only
-ever touched by one thread and need no locks."""
+"""`EngineLoop`: the one bridge between asyncio servers and an engine's step loop on its own
+thread. Work goes in with `call(fn)` (fn runs on the loop thread between two steps, so schedulers
+and block pools are only ever touched by one thread and need no locks); events come out per
+request through `stream()`, which the loop thread feeds with `publish()`."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from typing import TypeVar
+from typing import Generic, TypeVar
+
+from engine.sampling_params import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+E = TypeVar("E")
+
+
+class EventStream(Generic[E]):
+    """Events of one request, from the loop thread to one asyncio consumer."""
+
+    def __init__(self) -> None:
+        self._aloop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[tuple[E | BaseException, bool]] = asyncio.Queue()
+
+    def put(self, event: E | BaseException, is_last: bool) -> None:
+        """Thread-safe. An exception is raised to the consumer and ends the stream."""
+        self._aloop.call_soon_threadsafe(self._queue.put_nowait, (event, is_last))
+
+    async def get(self) -> tuple[E, bool]:
+        event, is_last = await self._queue.get()
+        if isinstance(event, BaseException):
+            raise event
+        return event, is_last
 
 
 class EngineLoop:
@@ -31,6 +54,7 @@ class EngineLoop:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._streams: dict[str, EventStream] = {}  # owned by the loop thread
 
     def start(self) -> None:
         self._thread.start()
@@ -45,7 +69,9 @@ class EngineLoop:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    # -- into the loop ----------------------------------------------------------------------------
     def call(self, fn: Callable[[], T]) -> Future[T]:
+        """Runs `fn` on the loop thread before the next step; its result or exception in the future."""
         future: Future[T] = Future()
         if self._stopping.is_set():
             future.set_exception(RuntimeError("the engine loop is stopped"))
@@ -54,6 +80,61 @@ class EngineLoop:
         self._wake.set()
         return future
 
+    async def run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.wrap_future(self.call(fn))
+
+    # -- out of the loop --------------------------------------------------------------------------
+    async def stream(self, request_id: str, add: Callable[[], None], abort: Callable[[], None]) -> AsyncIterator[E]:
+        """Runs `add` on the loop thread (it queues the request; InvalidRequestError for bad input)
+        with a stream open for `request_id`, then yields what `publish` sends it, up to the last
+        event. Leaving early runs `abort` on the loop thread, unless the stream already ended."""
+        events: EventStream[E] = EventStream()
+
+        def open_stream() -> None:
+            if request_id in self._streams:
+                raise InvalidRequestError(f"request {request_id} is already running here", "request_id")
+            add()
+            self._streams[request_id] = events
+
+        is_last = False
+        try:
+            # A cancel may land after `open_stream` ran but before we hear back: the `finally`
+            # covers that too, since the loop takes calls in order.
+            await self.run(open_stream)
+            while not is_last:
+                event, is_last = await events.get()
+                yield event
+        except BaseException:
+            is_last = False  # an exception event or a cancel: the request may still be queued
+            raise
+        finally:
+            if not is_last:
+                self.call(lambda: self._abort_own(request_id, events, abort))
+
+    def publish(self, request_id: str, event: object, is_last: bool = False) -> None:
+        """Loop thread: send `event` to the request's stream (if it still has one). An exception
+        event, or `is_last`, ends the stream."""
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        if is_last or isinstance(event, BaseException):
+            del self._streams[request_id]
+        stream.put(event, is_last)
+
+    def has_stream(self, request_id: str) -> bool:
+        return request_id in self._streams
+
+    @property
+    def stream_ids(self) -> list[str]:
+        return list(self._streams)
+
+    def _abort_own(self, request_id: str, events: EventStream, abort: Callable[[], None]) -> None:
+        """The consumer of `events` left: abort its request, and only its (not a later one's)."""
+        if self._streams.get(request_id) is events:
+            del self._streams[request_id]
+            abort()
+
+    # -- the thread -------------------------------------------------------------------------------
     def _drain_inbox(self) -> None:
         while True:
             try:

@@ -25,15 +25,13 @@ class LLM:
         """`model`: a local HF checkpoint directory or a Hub id; None serves the demo model.
         `load_format="dummy"`: the checkpoint's shapes with random weights (vLLM's name for it).
         `engine_args`: the other `EngineConfig` fields (block_size, max_model_len, num_kv_blocks, ...)."""
-        if load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format must be auto or dummy, got {load_format!r}")
         if model is None:
             from engine.demo_model import default_demo_model_dir
 
             model = str(default_demo_model_dir())
-        config = EngineConfig(model=model, device=device, dtype=dtype, **engine_args)
+        config = EngineConfig(model=model, device=device, dtype=dtype, load_format=load_format, **engine_args)
         torch.manual_seed(config.seed)
-        self.engine = LLMEngine.from_config(config, random_weights=load_format == "dummy")
+        self.engine = LLMEngine.from_config(config)
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Tokenizer:

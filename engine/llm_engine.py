@@ -18,8 +18,8 @@ class LLMEngine:
         )
 
     @classmethod
-    def from_config(cls, config: EngineConfig, random_weights: bool = False) -> LLMEngine:
-        return cls(EngineCore.load(config, random_weights))
+    def from_config(cls, config: EngineConfig) -> LLMEngine:
+        return cls(EngineCore.load(config))
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         request = self.core.new_request(request_id, prompt_token_ids, params)

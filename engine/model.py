@@ -2,6 +2,8 @@
 fused q/k/v and gate/up projections, and the mapping from HF checkpoint names to its parameters."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -126,11 +128,16 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,  # [num_tokens]
         kv_cache: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
+        on_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
+        """`on_layer(i)` runs once layer i's work is issued (its KV is in the cache once that work
+        is done): a KV hand-off can start on the first layers while the last ones compute."""
         hidden = self.model.embed_tokens(input_ids)
         residual = None
         for i, layer in enumerate(self.model.layers):
             hidden, residual = layer(positions, hidden, residual, kv_cache[i], meta, self.cos_sin_cache)
+            if on_layer is not None:
+                on_layer(i)
         hidden, _ = self.model.norm(hidden, residual)
         return hidden
 

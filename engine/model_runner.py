@@ -3,6 +3,7 @@ batch into model inputs, runs the forward pass (decode through CUDA graphs on a 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,21 +122,22 @@ class ModelRunner:
 
     # -- execution ----------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledRequest]) -> SamplerOutput:
-        """Run one step; returns sampled tokens for the requests whose chunk ends at their last token."""
-        step = self.compute_logits(batch)
+    def execute(self, batch: list[ScheduledRequest], on_layer: Callable[[int], None] | None = None) -> SamplerOutput:
+        """Run one step; returns sampled tokens for the requests whose chunk ends at their last token.
+        `on_layer(i)`: see `LlamaForCausalLM.forward` (eager steps only)."""
+        step = self.compute_logits(batch, on_layer)
         if not step.requests:
             return SamplerOutput([], [])
         if step.greedy_ids is not None and only_argmax(step.requests):
             return SamplerOutput(step.greedy_ids.tolist(), [None] * len(step.requests))
         return self.sampler(step.logits, step.requests)
 
-    def compute_logits(self, batch: list[ScheduledRequest]) -> StepLogits:
-        if self.graphs is not None and self.graphs.can_run(len(batch)) and _is_plain_decode(batch):
+    def compute_logits(self, batch: list[ScheduledRequest], on_layer: Callable[[int], None] | None = None) -> StepLogits:
+        if on_layer is None and self.graphs is not None and self.graphs.can_run(len(batch)) and _is_plain_decode(batch):
             requests = [s.request for s in batch]
             return StepLogits(*self.graphs.run(requests), requests)
         inputs = self.prepare_inputs(batch)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, on_layer)
         return StepLogits(self.model.compute_logits(hidden[inputs.logits_rows]), None, inputs.sampled)
 
     def prepare_inputs(self, batch: list[ScheduledRequest]) -> ModelInputs:

@@ -13,10 +13,17 @@ if TYPE_CHECKING:
     import torch
 
 
-class RequestStatus(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
+class RequestPhase(enum.Enum):
+    """Where a request is in its life. A worker sees only some phases: a prefill worker queued ->
+    prefilling -> handing_off -> done; a decode worker queued (waiting for blocks) -> handing_off
+    (blocks reserved, waiting for the KV) -> decoding -> done; the colocated engine queued ->
+    prefilling -> decoding -> done (and back to queued when preempted)."""
+
+    QUEUED = "queued"
+    PREFILLING = "prefilling"
+    HANDING_OFF = "handing_off"
+    DECODING = "decoding"
+    DONE = "done"
 
 
 @dataclass(eq=False)
@@ -32,7 +39,7 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # prompt tokens that came from the prefix cache at admission
     num_preemptions: int = 0
-    status: RequestStatus = RequestStatus.WAITING
+    phase: RequestPhase = RequestPhase.QUEUED
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     generator: torch.Generator | None = None
@@ -51,14 +58,14 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return self.status is RequestStatus.FINISHED
+        return self.phase is RequestPhase.DONE
 
     @property
     def is_prefill_done(self) -> bool:
         return self.num_computed_tokens >= self.num_prompt_tokens
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
-        self.status = RequestStatus.FINISHED
+        self.phase = RequestPhase.DONE
         self.finish_reason = reason
         self.stop_reason = stop_reason
 

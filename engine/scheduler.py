@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import deque
 
 from engine.block_manager import BlockManager
-from engine.request import Request, RequestStatus, ScheduledRequest
+from engine.request import Request, RequestPhase, ScheduledRequest
 from engine.sampler import SamplerOutput
 
 
@@ -32,7 +32,7 @@ class Scheduler:
 
     def add_running(self, request: Request) -> None:
         """A request whose prompt KV is already in `request.block_table` (computed elsewhere)."""
-        request.status = RequestStatus.RUNNING
+        request.phase = RequestPhase.DECODING
         self.running.append(request)
 
     def abort(self, request_id: str) -> Request | None:
@@ -85,13 +85,13 @@ class Scheduler:
         request.num_computed_tokens = allocation.num_cached_tokens
         if request.num_preemptions == 0:
             request.num_cached_tokens = allocation.num_cached_tokens
-        request.status = RequestStatus.RUNNING
+        request.phase = RequestPhase.PREFILLING
         self.running.append(request)
         return ScheduledRequest(request, min(request.num_tokens - request.num_computed_tokens, budget))
 
     def _preempt(self, request: Request) -> None:
         self._release(request)
-        request.status = RequestStatus.WAITING
+        request.phase = RequestPhase.QUEUED
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
@@ -120,6 +120,7 @@ class Scheduler:
             request.output_token_ids.append(token)
             if logprobs is not None:
                 request.output_logprobs.append(logprobs)
+            request.phase = RequestPhase.DECODING
             if request.check_stop(self.max_model_len):
                 self.block_manager.free(request.block_table)
                 request.block_table = []

@@ -1,4 +1,5 @@
 """Triton kernels of the model forward pass, each with its plain-torch reference (`*_ref`)."""
+from kernels.kv_block_copy import copy_kv_blocks, copy_kv_blocks_ref
 from kernels.kv_store import store_kv_cache, store_kv_cache_ref
 from kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
 from kernels.paged_prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
@@ -12,6 +13,8 @@ from kernels.rotary_embedding import (
 from kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
 
 __all__ = [
+    "copy_kv_blocks",
+    "copy_kv_blocks_ref",
     "fused_add_rms_norm",
     "fused_add_rms_norm_ref",
     "paged_decode_attention",

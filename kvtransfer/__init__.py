@@ -1,14 +1,19 @@
-"""KV transfer: moves one request's prompt KV from a prefill worker's paged cache into the blocks
-a decode worker reserved for it (`KVSender` -> `KVTransport` ("grpc" | "local") -> `KVReceiver`)."""
+"""KV hand-off: moves a prompt's KV from a prefill worker's paged cache into the blocks a decode
+worker reserved for it. Control over gRPC (`control.py`); the bytes over one of the data-plane
+transports in `TRANSPORTS` (`cuda_ipc`, `nccl`, `grpc`, `local`), agreed in each pair's handshake."""
 from __future__ import annotations
 
+from kvtransfer import cuda_ipc, grpc_transport, local_transport, nccl_transport  # noqa: F401  (fill TRANSPORTS)
+from kvtransfer.layer_progress import LayerProgress
 from kvtransfer.layout import KVLayout, KVLayoutMismatchError
 from kvtransfer.receiver import KVCommitInfo, KVReceiver, UnknownTransferError
-from kvtransfer.transport import TRANSPORTS, KVChunkData, KVTransferError, KVTransport, make_transport
-from kvtransfer import grpc_transport, local_transport  # noqa: E402,F401  (fill TRANSPORTS)
-from kvtransfer.sender import KVSender, TransferResult
+from kvtransfer.sender import KVPeer, KVSender
+from kvtransfer.transport import (
+    AUTO, TRANSPORTS, Endpoint, KVTransferError, NoCommonTransportError, OutgoingTransfer, accepts, choose, offers,
+)
 
 __all__ = [
-    "KVChunkData", "KVCommitInfo", "KVLayout", "KVLayoutMismatchError", "KVReceiver", "KVSender",
-    "KVTransferError", "KVTransport", "TRANSPORTS", "TransferResult", "UnknownTransferError", "make_transport",
+    "AUTO", "Endpoint", "KVCommitInfo", "KVLayout", "KVLayoutMismatchError", "KVPeer", "KVReceiver", "KVSender",
+    "KVTransferError", "LayerProgress", "NoCommonTransportError", "OutgoingTransfer", "TRANSPORTS",
+    "UnknownTransferError", "accepts", "choose", "offers",
 ]

@@ -1,72 +1,77 @@
-"""`LocalTransport`: KV transfer between a sender and a receiver in the same process (tests,
-single-process deployments). Tensors go straight into `KVReceiver.write`; nothing is serialised."""
+"""The `local` transport: sender and receiver in one process (tests, single-process set-ups). Layer
+groups go straight into the receiver's `write`; nothing is serialised or copied through the host."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Iterable
 
-from kvtransfer.layout import KVLayout, KVLayoutMismatchError
-from kvtransfer.receiver import KVCommitInfo, KVReceiver, UnknownTransferError
-from kvtransfer.transport import HANDSHAKE_TIMEOUT_S, TRANSPORTS, KVChunkData, KVTransferError, status_code_name
+import torch
 
-_RECEIVERS: dict[str, KVReceiver] = {}  # address -> receiver
+from kvtransfer.receiver import KVReceiver
+from kvtransfer.transport import TRANSPORTS, Endpoint, KVTransferError, OutgoingTransfer, PeerInfo, Transport
 
-
-def register_receiver(address: str, receiver: KVReceiver) -> None:
-    if address in _RECEIVERS:
-        raise ValueError(f"a KV receiver is already registered at {address!r}")
-    _RECEIVERS[address] = receiver
+_RECEIVERS: dict[str, KVReceiver] = {}  # receiver_id -> receiver, in this process
 
 
-def unregister_receiver(address: str) -> None:
-    _RECEIVERS.pop(address, None)
+class LocalSendHalf:
+    is_broken = False
 
-
-class LocalTransport:
-    def __init__(self, sender_id: str = "") -> None:
+    def __init__(self, kv_cache: torch.Tensor, sender_id: str, endpoint: Endpoint, peer: PeerInfo) -> None:
+        self.kv_cache = kv_cache
         self.sender_id = sender_id
+        self.receiver_id = peer.receiver_id
+        self._stream = torch.cuda.Stream(kv_cache.device) if kv_cache.is_cuda else None
 
-    async def handshake(self, address: str, layout: KVLayout, timeout: float = HANDSHAKE_TIMEOUT_S) -> KVLayout:
-        receiver = _receiver_at(address)
-        mismatches = layout.mismatches(receiver.layout)
-        if mismatches:
-            raise KVLayoutMismatchError(mismatches)
-        return receiver.layout
-
-    async def push(
-        self,
-        address: str,
-        transfer_id: str,
-        chunks: Iterable[KVChunkData],
-        commit: KVCommitInfo,
-        timeout: float,
-    ) -> int:
-        receiver = _receiver_at(address)
-        deadline = time.monotonic() + timeout
+    async def push(self, transfer: OutgoingTransfer) -> int:
+        receiver = _RECEIVERS.get(self.receiver_id)
+        if receiver is None:
+            raise KVTransferError(f"no KV receiver {self.receiver_id!r} in this process", "UNAVAILABLE")
+        index = torch.tensor(transfer.src_block_ids, dtype=torch.long, device=self.kv_cache.device)
         num_bytes = 0
-        try:
-            for chunk in chunks:
-                if time.monotonic() > deadline:
-                    raise KVTransferError(f"transfer {transfer_id!r} ran past {timeout}s", "DEADLINE_EXCEEDED")
-                num_bytes += receiver.write(
-                    transfer_id, chunk.layer_start, chunk.layer_end, chunk.block_start, chunk.block_end, chunk.data
-                )
-                await asyncio.sleep(0)  # like a network stream, let other tasks run between chunks
-            receiver.commit(transfer_id, commit)
-        except (UnknownTransferError, ValueError) as error:
-            raise KVTransferError(str(error), status_code_name(error)) from error
+        for group, (layer_start, layer_end) in enumerate(transfer.progress.groups):
+            event = await transfer.progress.ready(group, transfer.deadline)
+            num_bytes += await asyncio.to_thread(self._write, receiver, transfer, layer_start, layer_end, index, event)
         return num_bytes
+
+    def _write(
+        self, receiver: KVReceiver, transfer: OutgoingTransfer, layer_start: int, layer_end: int,
+        index: torch.Tensor, event: torch.cuda.Event | None,
+    ) -> int:
+        if self._stream is None:
+            data, ready = self.kv_cache[layer_start:layer_end, :, index], None
+        else:
+            with torch.cuda.stream(self._stream):
+                if event is not None:
+                    self._stream.wait_event(event)
+                data = self.kv_cache[layer_start:layer_end, :, index]
+                ready = self._stream.record_event()
+        try:
+            return receiver.write(
+                transfer.transfer_id, self.sender_id, layer_start, layer_end, 0, len(transfer.src_block_ids), data, ready
+            )
+        except (KeyError, ValueError) as error:
+            raise KVTransferError(str(error), "NOT_FOUND" if isinstance(error, KeyError) else "INVALID_ARGUMENT") from error
 
     async def close(self) -> None:
         pass
 
 
-def _receiver_at(address: str) -> KVReceiver:
-    receiver = _RECEIVERS.get(address)
-    if receiver is None:
-        raise KVTransferError(f"no KV receiver registered at {address!r}", "UNAVAILABLE")
-    return receiver
+class LocalReceiveHalf:
+    def __init__(self, receiver: KVReceiver, endpoint: Endpoint) -> None:
+        if receiver.receiver_id in _RECEIVERS:
+            raise ValueError(f"a KV receiver {receiver.receiver_id!r} is already registered in this process")
+        self.receiver = receiver
+        _RECEIVERS[receiver.receiver_id] = receiver
+
+    def accept(self, sender_id: str, sender: Endpoint) -> dict[str, bytes]:
+        return {}
+
+    def close(self) -> None:
+        _RECEIVERS.pop(self.receiver.receiver_id, None)
 
 
-TRANSPORTS["local"] = LocalTransport
+TRANSPORTS["local"] = Transport(
+    name="local",
+    can_connect=lambda sender, receiver: (sender.host_id, sender.pid) == (receiver.host_id, receiver.pid),
+    connect=LocalSendHalf,
+    receiver=LocalReceiveHalf,
+)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import deque
 
 from engine.block_manager import BlockManager
-from engine.request import Request, RequestStatus, ScheduledRequest
+from engine.request import Request, RequestPhase, ScheduledRequest
 from engine.sampler import SamplerOutput
 
 
@@ -58,7 +58,7 @@ class PrefillScheduler:
             self.waiting.popleft()
             request.block_table = allocation.block_table
             request.num_computed_tokens = request.num_cached_tokens = allocation.num_cached_tokens
-            request.status = RequestStatus.RUNNING
+            request.phase = RequestPhase.PREFILLING
             self.running.append(request)
             num_tokens = min(request.num_prompt_tokens - request.num_computed_tokens, budget)
             scheduled.append(ScheduledRequest(request, num_tokens))

@@ -7,8 +7,7 @@ import asyncio
 import grpc
 
 from engine.sampling_params import InvalidRequestError
-from kvtransfer.layout import KVLayoutMismatchError
-from kvtransfer.transport import KVTransferError
+from kvtransfer import KVLayoutMismatchError, KVTransferError, NoCommonTransportError
 from prefill_worker.worker import KVTarget, PrefillWorker
 from proto import GRPC_OPTIONS
 from proto import pdserve_pb2 as pb
@@ -23,7 +22,7 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         self._tasks: dict[str, asyncio.Task] = {}
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
-        target = KVTarget(list(request.target.block_ids), request.target.kv_address, request.target.transport, request.target.worker_id)
+        target = KVTarget(request.target.kv_address, request.target.worker_id)
         self._tasks[request.request_id] = asyncio.current_task()
         try:
             params = params_from_proto(request.params)
@@ -32,7 +31,7 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
             )
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except KVLayoutMismatchError as exc:
+        except (KVLayoutMismatchError, NoCommonTransportError) as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"decode worker at {target.address}: {exc}")
         except KVTransferError as exc:
             # The peer refused the push (e.g. NOT_FOUND: its reservation expired) or could not be reached.
@@ -45,6 +44,7 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
             num_cached_tokens=result.num_cached_tokens,
             kv_bytes=result.kv_bytes,
             kv_seconds=result.kv_seconds,
+            kv_transport=result.kv_transport,
         )
         if result.first_logprobs is not None:
             response.first_logprobs.CopyFrom(logprobs_to_proto(result.first_logprobs))

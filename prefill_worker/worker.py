@@ -1,30 +1,40 @@
-"""`PrefillWorker`: computes prompts' KV and first tokens on its `EngineLoop`, pushes each prompt's
-KV into the blocks a decode worker reserved, and frees its own blocks only once the decode worker
-has acknowledged them (or the hand-off failed)."""
+"""`PrefillWorker`: computes prompts' KV and first tokens on its `EngineLoop` and hands each prompt's
+KV to the decode worker that reserved blocks for it. The hand-off starts as the prompt's last
+forward pass is issued (layer group by layer group), so it hides behind the prefill; the prompt's
+blocks are freed only once the decode worker has acknowledged them, or the hand-off is given up."""
 from __future__ import annotations
 
 import asyncio
+import time
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from engine.core import EngineCore
 from engine.engine_loop import EngineLoop
 from engine.outputs import TokenLogprobs
-from engine.request import Request
+from engine.request import Request, RequestPhase
 from engine.sampling_params import InvalidRequestError, SamplingParams
-from kvtransfer.layout import KVLayout
-from kvtransfer.receiver import KVCommitInfo
-from kvtransfer.sender import KVSender
+from kvtransfer import AUTO, Endpoint, KVCommitInfo, KVLayout, KVPeer, KVSender, LayerProgress, OutgoingTransfer, offers
+from kvtransfer.layer_progress import LayerHook
+from kvtransfer.sender import Reservation
 from prefill_worker.scheduler import PrefillScheduler
+
+RPC_TIMEOUT_S = 10.0  # each control call to a decode worker
 
 
 @dataclass(frozen=True)
 class KVTarget:
-    """Where a prompt's KV goes: the decode worker's reservation."""
+    """Where a prompt's KV goes: the decode worker that reserved blocks for it."""
 
-    block_ids: list[int]
-    address: str
-    transport: str
+    address: str  # its KVTransfer service
     worker_id: str
+
+
+@dataclass(frozen=True)
+class PromptStarted:
+    """The step that completes the prompt is being issued: its KV can start moving."""
+
+    block_table: list[int]
 
 
 @dataclass(frozen=True)
@@ -33,20 +43,25 @@ class PrefillResult:
     first_logprobs: TokenLogprobs | None
     num_cached_tokens: int
     kv_bytes: int
-    kv_seconds: float
+    kv_seconds: float  # hand-off time not hidden behind the prefill (first token -> ack)
+    kv_transport: str
 
 
 class PrefillWorker:
-    def __init__(self, core: EngineCore, worker_id: str, kv_timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, core: EngineCore, worker_id: str, kv_transport: str = AUTO, address: str = "127.0.0.1",
+        layers_per_group: int = 4,
+    ) -> None:
         self.core = core
         self.worker_id = worker_id
-        self.kv_timeout_s = kv_timeout_s
-        config = core.config
+        config, kv_cache = core.config, core.runner.kv_cache
         self.scheduler = PrefillScheduler(core.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
-        self.sender = KVSender(core.runner.kv_cache, KVLayout.of(core.runner.kv_cache, core.model_id), worker_id)
-        # Owned by the loop thread: requests computing, and prompts done whose KV is in flight.
-        self._waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[Request]]] = {}
-        self._handing_off: dict[str, tuple[Request, asyncio.Future[Request]]] = {}
+        self.sender = KVSender(
+            kv_cache, KVLayout.of(kv_cache, core.model_id), worker_id, Endpoint.here(core.runner.device, address),
+            offers(kv_transport, core.runner.device), layers_per_group,
+        )
+        self._requests: dict[str, Request] = {}  # loop thread: every request here, in any phase
+        self._progress: dict[str, LayerProgress] = {}
         self.is_broken = False
         self.loop = EngineLoop(self._step, self._fail_all, name="prefill-engine")
         self.loop.start()
@@ -57,61 +72,90 @@ class PrefillWorker:
     async def prefill(
         self, request_id: str, transfer_id: str, prompt_token_ids: list[int], params: SamplingParams, target: KVTarget
     ) -> PrefillResult:
-        """Raises InvalidRequestError, KVLayoutMismatchError or KVTransferError; cancelling the
-        caller aborts the request and frees its blocks."""
-        aloop = asyncio.get_running_loop()
-        done: asyncio.Future[Request] = aloop.create_future()
+        """Raises InvalidRequestError, KVLayoutMismatchError, NoCommonTransportError or
+        KVTransferError; cancelling the caller aborts the request and frees its blocks."""
+        self.core.validate(prompt_token_ids, params)
+        peer = await self.sender.connect(target.address, RPC_TIMEOUT_S)
+        num_blocks = -(-len(prompt_token_ids) // self.core.config.block_size)
+        reservation = await self.sender.begin(peer, transfer_id, num_blocks, RPC_TIMEOUT_S)
+        progress = LayerProgress(self.sender.bounds)
+        push: asyncio.Task | None = None
         try:
-            # A cancel may land after `_add` ran on the loop thread but before we hear back: the
-            # `finally` covers that too (`_forget` runs after `_add`: the loop takes calls in order).
-            await asyncio.wrap_future(self.loop.call(lambda: self._add(request_id, prompt_token_ids, params, aloop, done)))
-            request = await done
+            events = self.loop.stream(request_id, lambda: self._add(request_id, prompt_token_ids, params, progress), _no_op)
+            async with aclosing(events):
+                async for event in events:
+                    if isinstance(event, PromptStarted):
+                        push = asyncio.create_task(self.sender.push(peer, _transfer(reservation, event, progress)))
+                    else:
+                        request = event
+            first_token_at = time.monotonic()
+            num_bytes = await push
             logprobs = request.output_logprobs[0] if request.output_logprobs else None
             commit = KVCommitInfo(request.output_token_ids[0], logprobs, request.num_prompt_tokens)
-            sent = await self.sender.send(
-                target.transport, target.address, transfer_id, request.block_table, len(target.block_ids),
-                commit, timeout=self.kv_timeout_s,
-            )
-            return PrefillResult(commit.first_token_id, logprobs, request.num_cached_tokens, sent.num_bytes, sent.seconds)
-        finally:
-            self.loop.call(lambda: self._forget(request_id, done))
+            await self.sender.commit(peer, transfer_id, commit, RPC_TIMEOUT_S)
+        except BaseException as error:
+            await asyncio.shield(asyncio.ensure_future(self._give_up(request_id, peer, transfer_id, push, error)))
+            raise
+        self.loop.call(lambda: self._release(request_id))
+        return PrefillResult(
+            commit.first_token_id, logprobs, request.num_cached_tokens, num_bytes, time.monotonic() - first_token_at, peer.transport
+        )
 
-    def _add(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-        aloop: asyncio.AbstractEventLoop, done: asyncio.Future[Request],
+    async def _give_up(
+        self, request_id: str, peer: KVPeer, transfer_id: str, push: asyncio.Task | None, error: BaseException
     ) -> None:
-        if request_id in self._waiters or request_id in self._handing_off:
+        """Stop the hand-off (issued device copies finish first), tell the decode worker, free the blocks."""
+        if push is not None:
+            push.cancel()
+            await asyncio.gather(push, return_exceptions=True)
+        await self.sender.abandon(peer, transfer_id, f"{type(error).__name__}: {error}")
+        await self.loop.run(lambda: self._release(request_id))
+
+    # -- loop thread ----------------------------------------------------------------------------
+    def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, progress: LayerProgress) -> None:
+        if request_id in self._requests:
             raise InvalidRequestError(f"request {request_id} is already being prefilled", "request_id")
         request = self.core.new_request(request_id, prompt_token_ids, params)
-        self._waiters[request_id] = (aloop, done)
+        self._requests[request_id] = request
+        self._progress[request_id] = progress
         self.scheduler.add(request)
 
-    def _forget(self, request_id: str, done: asyncio.Future[Request]) -> None:
-        """The caller whose future is `done` is finished with its request (KV acknowledged, failed
-        or cancelled): free it. Another caller's request under the same id is left alone."""
-        if request_id in self._waiters and self._waiters[request_id][1] is done:
-            del self._waiters[request_id]
-            self.scheduler.abort(request_id)
-        elif request_id in self._handing_off and self._handing_off[request_id][1] is done:
-            request, _ = self._handing_off.pop(request_id)
+    def _release(self, request_id: str) -> None:
+        """The caller is done with its request (KV acknowledged, failed or cancelled): free it."""
+        request = self._requests.pop(request_id, None)
+        self._progress.pop(request_id, None)
+        if request is None:
+            return
+        if request.phase is RequestPhase.HANDING_OFF:
             self.scheduler.release(request)
+        else:
+            self.scheduler.abort(request_id)
+        request.phase = RequestPhase.DONE
 
     def _step(self) -> bool:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return False
-        output = self.core.runner.execute(scheduled)
+        completing = [item.request for item in scheduled if item.is_sampled]
+        for request in completing:
+            self.loop.publish(request.request_id, PromptStarted(list(request.block_table)))
+        hook = LayerHook([self._progress[r.request_id] for r in completing], self.core.runner.device.type == "cuda")
+        try:
+            output = self.core.runner.execute(scheduled, hook if completing else None)
+        except BaseException as error:
+            hook.fail(error)
+            raise
         for request in self.scheduler.update(scheduled, output):
-            aloop, done = self._waiters.pop(request.request_id)
-            self._handing_off[request.request_id] = (request, done)
-            aloop.call_soon_threadsafe(_resolve, done, request, None)
+            request.phase = RequestPhase.HANDING_OFF
+            self.loop.publish(request.request_id, request, is_last=True)
         return True
 
     def _fail_all(self, exc: BaseException) -> None:
-        for request_id, (aloop, done) in list(self._waiters.items()):
-            self.scheduler.abort(request_id)
-            aloop.call_soon_threadsafe(_resolve, done, None, RuntimeError(f"prefill step failed: {exc}"))
-        self._waiters.clear()
+        """A failed step: every request not yet handed off fails (the callers free them)."""
+        for request in list(self._requests.values()):
+            if request.phase in (RequestPhase.QUEUED, RequestPhase.PREFILLING):
+                self.scheduler.abort(request.request_id)  # not computed again; `_release` finds it done
+                self.loop.publish(request.request_id, RuntimeError(f"prefill step failed: {exc}"))
         self.is_broken = not self.core.is_device_healthy()
 
     @property
@@ -122,7 +166,7 @@ class PrefillWorker:
     def status(self) -> dict[str, int]:
         blocks = self.core.block_manager
         return {
-            "num_running": len(self.scheduler.running) + len(self._handing_off),
+            "num_running": len(self.scheduler.running) + sum(r.phase is RequestPhase.HANDING_OFF for r in list(self._requests.values())),
             "num_waiting": len(self.scheduler.waiting),
             "num_total_blocks": blocks.num_blocks,
             "num_used_blocks": blocks.num_used_blocks,
@@ -130,10 +174,9 @@ class PrefillWorker:
         }
 
 
-def _resolve(future: asyncio.Future[Request], request: Request | None, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(request)
+def _transfer(reservation: Reservation, started: PromptStarted, progress: LayerProgress) -> OutgoingTransfer:
+    return OutgoingTransfer(reservation.transfer_id, started.block_table, reservation.block_ids, progress, reservation.deadline)
+
+
+def _no_op() -> None:
+    """Leaving the stream early frees nothing by itself: `_give_up` does, once the hand-off stopped."""

@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/pdserve.proto\x12\x07pdserve\"\xfa\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x07 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x02\x88\x01\x01\x42\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"m\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x15\n\rtop_token_ids\x18\x04 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x02\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rStatusRequest\"\xa8\x02\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x13\n\x0bnum_running\x18\x05 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\x07 \x01(\x05\x12\x17\n\x0fnum_used_blocks\x18\x08 \x01(\x05\x12\x12\n\nblock_size\x18\t \x01(\x05\x12\x17\n\x0fnum_preemptions\x18\n \x01(\x03\x12\x15\n\rkv_bytes_sent\x18\x0b \x01(\x03\x12\x19\n\x11kv_bytes_received\x18\x0c \x01(\x03\x12\x15\n\rkv_transports\x18\r \x01(\t\"\x8b\x01\n\x08KVLayout\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\x05\x12\x10\n\x08head_dim\x18\x05 \x01(\x05\x12\x12\n\nblock_size\x18\x06 \x01(\x05\x12\x0e\n\x06layout\x18\x07 \x01(\t\"H\n\x10HandshakeRequest\x12\x11\n\tsender_id\x18\x01 \x01(\t\x12!\n\x06layout\x18\x02 \x01(\x0b\x32\x11.pdserve.KVLayout\"K\n\x11HandshakeResponse\x12\x13\n\x0breceiver_id\x18\x01 \x01(\t\x12!\n\x06layout\x18\x02 \x01(\x0b\x32\x11.pdserve.KVLayout\"\x9f\x01\n\x07KVChunk\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\x05\x12\x11\n\tlayer_end\x18\x03 \x01(\x05\x12\x13\n\x0b\x62lock_start\x18\x04 \x01(\x05\x12\x11\n\tblock_end\x18\x05 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12!\n\x06\x63ommit\x18\x07 \x01(\x0b\x32\x11.pdserve.KVCommit\"m\n\x08KVCommit\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12.\n\x0e\x66irst_logprobs\x18\x02 \x01(\x0b\x32\x16.pdserve.TokenLogprobs\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\x05\"\x1f\n\x05KVAck\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x03\"\x94\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\'\n\x06params\x18\x04 \x01(\x0b\x32\x17.pdserve.SamplingParams\x12\x15\n\rlease_seconds\x18\x05 \x01(\x02\"Z\n\x0bReservation\x12\x11\n\tblock_ids\x18\x01 \x03(\x05\x12\x12\n\nkv_address\x18\x02 \x01(\t\x12\x11\n\ttransport\x18\x03 \x01(\t\x12\x11\n\tworker_id\x18\x04 \x01(\t\"I\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12(\n\x08logprobs\x18\x02 \x03(\x0b\x32\x16.pdserve.TokenLogprobs\"j\n\x08\x46inished\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x1a\n\rstop_token_id\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x19\n\x11num_output_tokens\x18\x03 \x01(\x05\x42\x10\n\x0e_stop_token_id\"\x96\x01\n\x10GenerateResponse\x12+\n\x0breservation\x18\x01 \x01(\x0b\x32\x14.pdserve.ReservationH\x00\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x13.pdserve.TokenDeltaH\x00\x12%\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x11.pdserve.FinishedH\x00\x42\x07\n\x05\x65vent\"\xa2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\'\n\x06params\x18\x04 \x01(\x0b\x32\x17.pdserve.SamplingParams\x12$\n\x06target\x18\x05 \x01(\x0b\x32\x14.pdserve.Reservation\"\x9a\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12.\n\x0e\x66irst_logprobs\x18\x02 \x01(\x0b\x32\x16.pdserve.TokenLogprobs\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\x05\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x03\x12\x12\n\nkv_seconds\x18\x05 \x01(\x02\x32~\n\nKVTransfer\x12\x42\n\tHandshake\x12\x19.pdserve.HandshakeRequest\x1a\x1a.pdserve.HandshakeResponse\x12,\n\x06PushKV\x12\x10.pdserve.KVChunk\x1a\x0e.pdserve.KVAck(\x01\x32\xc5\x01\n\x0c\x44\x65\x63odeWorker\x12\x41\n\x08Generate\x12\x18.pdserve.GenerateRequest\x1a\x19.pdserve.GenerateResponse0\x01\x12\x36\n\x05\x41\x62ort\x12\x15.pdserve.AbortRequest\x1a\x16.pdserve.AbortResponse\x12:\n\tGetStatus\x12\x16.pdserve.StatusRequest\x1a\x15.pdserve.WorkerStatus2\xc1\x01\n\rPrefillWorker\x12<\n\x07Prefill\x12\x17.pdserve.PrefillRequest\x1a\x18.pdserve.PrefillResponse\x12\x36\n\x05\x41\x62ort\x12\x15.pdserve.AbortRequest\x1a\x16.pdserve.AbortResponse\x12:\n\tGetStatus\x12\x16.pdserve.StatusRequest\x1a\x15.pdserve.WorkerStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/pdserve.proto\x12\x07pdserve\"\xfa\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x07 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x02\x88\x01\x01\x42\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"m\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x15\n\rtop_token_ids\x18\x04 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x02\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rStatusRequest\"\xa8\x02\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x13\n\x0bnum_running\x18\x05 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\x07 \x01(\x05\x12\x17\n\x0fnum_used_blocks\x18\x08 \x01(\x05\x12\x12\n\nblock_size\x18\t \x01(\x05\x12\x17\n\x0fnum_preemptions\x18\n \x01(\x03\x12\x15\n\rkv_bytes_sent\x18\x0b \x01(\x03\x12\x19\n\x11kv_bytes_received\x18\x0c \x01(\x03\x12\x15\n\rkv_transports\x18\r \x01(\t\"\x8b\x01\n\x08KVLayout\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\x05\x12\x10\n\x08head_dim\x18\x05 \x01(\x05\x12\x12\n\nblock_size\x18\x06 \x01(\x05\x12\x0e\n\x06layout\x18\x07 \x01(\t\"^\n\x08\x45ndpoint\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65vice_uuid\x18\x04 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\"\x81\x01\n\x10HandshakeRequest\x12\x11\n\tsender_id\x18\x01 \x01(\t\x12!\n\x06layout\x18\x02 \x01(\x0b\x32\x11.pdserve.KVLayout\x12\x12\n\ntransports\x18\x03 \x03(\t\x12#\n\x08\x65ndpoint\x18\x04 \x01(\x0b\x32\x11.pdserve.Endpoint\"\xc5\x01\n\x11HandshakeResponse\x12\x13\n\x0breceiver_id\x18\x01 \x01(\t\x12!\n\x06layout\x18\x02 \x01(\x0b\x32\x11.pdserve.KVLayout\x12\x11\n\ttransport\x18\x03 \x01(\t\x12\x36\n\x06params\x18\x04 \x03(\x0b\x32&.pdserve.HandshakeResponse.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"J\n\x0c\x42\x65ginRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\"=\n\rBeginResponse\x12\x19\n\x11lease_remaining_s\x18\x01 \x01(\x02\x12\x11\n\tblock_ids\x18\x02 \x03(\x05\"\x8f\x01\n\x07KVChunk\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\x05\x12\x11\n\tlayer_end\x18\x03 \x01(\x05\x12\x13\n\x0b\x62lock_start\x18\x04 \x01(\x05\x12\x11\n\tblock_end\x18\x05 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x11\n\tsender_id\x18\x07 \x01(\t\"N\n\x0eReceiveRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x14\n\x0clayer_bounds\x18\x03 \x03(\x05\"\x95\x01\n\x08KVCommit\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\x05\x12.\n\x0e\x66irst_logprobs\x18\x04 \x01(\x0b\x32\x16.pdserve.TokenLogprobs\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\x05\"\x1f\n\x05KVAck\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x03\"H\n\x0e\x41\x62\x61ndonRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x11\n\x0f\x41\x62\x61ndonResponse\"\x94\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\'\n\x06params\x18\x04 \x01(\x0b\x32\x17.pdserve.SamplingParams\x12\x15\n\rlease_seconds\x18\x05 \x01(\x02\"[\n\x0bReservation\x12\x11\n\tblock_ids\x18\x01 \x03(\x05\x12\x12\n\nkv_address\x18\x02 \x01(\t\x12\x12\n\ntransports\x18\x03 \x03(\t\x12\x11\n\tworker_id\x18\x04 \x01(\t\"I\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12(\n\x08logprobs\x18\x02 \x03(\x0b\x32\x16.pdserve.TokenLogprobs\"j\n\x08\x46inished\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x1a\n\rstop_token_id\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x19\n\x11num_output_tokens\x18\x03 \x01(\x05\x42\x10\n\x0e_stop_token_id\"\x96\x01\n\x10GenerateResponse\x12+\n\x0breservation\x18\x01 \x01(\x0b\x32\x14.pdserve.ReservationH\x00\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x13.pdserve.TokenDeltaH\x00\x12%\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x11.pdserve.FinishedH\x00\x42\x07\n\x05\x65vent\"\xa2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\'\n\x06params\x18\x04 \x01(\x0b\x32\x17.pdserve.SamplingParams\x12$\n\x06target\x18\x05 \x01(\x0b\x32\x14.pdserve.Reservation\"\xb0\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12.\n\x0e\x66irst_logprobs\x18\x02 \x01(\x0b\x32\x16.pdserve.TokenLogprobs\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\x05\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x03\x12\x12\n\nkv_seconds\x18\x05 \x01(\x02\x12\x14\n\x0ckv_transport\x18\x06 \x01(\t2\xd5\x02\n\nKVTransfer\x12\x42\n\tHandshake\x12\x19.pdserve.HandshakeRequest\x1a\x1a.pdserve.HandshakeResponse\x12\x36\n\x05\x42\x65gin\x12\x15.pdserve.BeginRequest\x1a\x16.pdserve.BeginResponse\x12,\n\x06PushKV\x12\x10.pdserve.KVChunk\x1a\x0e.pdserve.KVAck(\x01\x12\x32\n\x07Receive\x12\x17.pdserve.ReceiveRequest\x1a\x0e.pdserve.KVAck\x12+\n\x06\x43ommit\x12\x11.pdserve.KVCommit\x1a\x0e.pdserve.KVAck\x12<\n\x07\x41\x62\x61ndon\x12\x17.pdserve.AbandonRequest\x1a\x18.pdserve.AbandonResponse2\xc5\x01\n\x0c\x44\x65\x63odeWorker\x12\x41\n\x08Generate\x12\x18.pdserve.GenerateRequest\x1a\x19.pdserve.GenerateResponse0\x01\x12\x36\n\x05\x41\x62ort\x12\x15.pdserve.AbortRequest\x1a\x16.pdserve.AbortResponse\x12:\n\tGetStatus\x12\x16.pdserve.StatusRequest\x1a\x15.pdserve.WorkerStatus2\xc1\x01\n\rPrefillWorker\x12<\n\x07Prefill\x12\x17.pdserve.PrefillRequest\x1a\x18.pdserve.PrefillResponse\x12\x36\n\x05\x41\x62ort\x12\x15.pdserve.AbortRequest\x1a\x16.pdserve.AbortResponse\x12:\n\tGetStatus\x12\x16.pdserve.StatusRequest\x1a\x15.pdserve.WorkerStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.pdserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_HANDSHAKERESPONSE_PARAMSENTRY']._loaded_options = None
+  _globals['_HANDSHAKERESPONSE_PARAMSENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=33
   _globals['_SAMPLINGPARAMS']._serialized_end=283
   _globals['_TOKENLOGPROBS']._serialized_start=285
@@ -45,34 +47,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERSTATUS']._serialized_end=778
   _globals['_KVLAYOUT']._serialized_start=781
   _globals['_KVLAYOUT']._serialized_end=920
-  _globals['_HANDSHAKEREQUEST']._serialized_start=922
-  _globals['_HANDSHAKEREQUEST']._serialized_end=994
-  _globals['_HANDSHAKERESPONSE']._serialized_start=996
-  _globals['_HANDSHAKERESPONSE']._serialized_end=1071
-  _globals['_KVCHUNK']._serialized_start=1074
-  _globals['_KVCHUNK']._serialized_end=1233
-  _globals['_KVCOMMIT']._serialized_start=1235
-  _globals['_KVCOMMIT']._serialized_end=1344
-  _globals['_KVACK']._serialized_start=1346
-  _globals['_KVACK']._serialized_end=1377
-  _globals['_GENERATEREQUEST']._serialized_start=1380
-  _globals['_GENERATEREQUEST']._serialized_end=1528
-  _globals['_RESERVATION']._serialized_start=1530
-  _globals['_RESERVATION']._serialized_end=1620
-  _globals['_TOKENDELTA']._serialized_start=1622
-  _globals['_TOKENDELTA']._serialized_end=1695
-  _globals['_FINISHED']._serialized_start=1697
-  _globals['_FINISHED']._serialized_end=1803
-  _globals['_GENERATERESPONSE']._serialized_start=1806
-  _globals['_GENERATERESPONSE']._serialized_end=1956
-  _globals['_PREFILLREQUEST']._serialized_start=1959
-  _globals['_PREFILLREQUEST']._serialized_end=2121
-  _globals['_PREFILLRESPONSE']._serialized_start=2124
-  _globals['_PREFILLRESPONSE']._serialized_end=2278
-  _globals['_KVTRANSFER']._serialized_start=2280
-  _globals['_KVTRANSFER']._serialized_end=2406
-  _globals['_DECODEWORKER']._serialized_start=2409
-  _globals['_DECODEWORKER']._serialized_end=2606
-  _globals['_PREFILLWORKER']._serialized_start=2609
-  _globals['_PREFILLWORKER']._serialized_end=2802
+  _globals['_ENDPOINT']._serialized_start=922
+  _globals['_ENDPOINT']._serialized_end=1016
+  _globals['_HANDSHAKEREQUEST']._serialized_start=1019
+  _globals['_HANDSHAKEREQUEST']._serialized_end=1148
+  _globals['_HANDSHAKERESPONSE']._serialized_start=1151
+  _globals['_HANDSHAKERESPONSE']._serialized_end=1348
+  _globals['_HANDSHAKERESPONSE_PARAMSENTRY']._serialized_start=1303
+  _globals['_HANDSHAKERESPONSE_PARAMSENTRY']._serialized_end=1348
+  _globals['_BEGINREQUEST']._serialized_start=1350
+  _globals['_BEGINREQUEST']._serialized_end=1424
+  _globals['_BEGINRESPONSE']._serialized_start=1426
+  _globals['_BEGINRESPONSE']._serialized_end=1487
+  _globals['_KVCHUNK']._serialized_start=1490
+  _globals['_KVCHUNK']._serialized_end=1633
+  _globals['_RECEIVEREQUEST']._serialized_start=1635
+  _globals['_RECEIVEREQUEST']._serialized_end=1713
+  _globals['_KVCOMMIT']._serialized_start=1716
+  _globals['_KVCOMMIT']._serialized_end=1865
+  _globals['_KVACK']._serialized_start=1867
+  _globals['_KVACK']._serialized_end=1898
+  _globals['_ABANDONREQUEST']._serialized_start=1900
+  _globals['_ABANDONREQUEST']._serialized_end=1972
+  _globals['_ABANDONRESPONSE']._serialized_start=1974
+  _globals['_ABANDONRESPONSE']._serialized_end=1991
+  _globals['_GENERATEREQUEST']._serialized_start=1994
+  _globals['_GENERATEREQUEST']._serialized_end=2142
+  _globals['_RESERVATION']._serialized_start=2144
+  _globals['_RESERVATION']._serialized_end=2235
+  _globals['_TOKENDELTA']._serialized_start=2237
+  _globals['_TOKENDELTA']._serialized_end=2310
+  _globals['_FINISHED']._serialized_start=2312
+  _globals['_FINISHED']._serialized_end=2418
+  _globals['_GENERATERESPONSE']._serialized_start=2421
+  _globals['_GENERATERESPONSE']._serialized_end=2571
+  _globals['_PREFILLREQUEST']._serialized_start=2574
+  _globals['_PREFILLREQUEST']._serialized_end=2736
+  _globals['_PREFILLRESPONSE']._serialized_start=2739
+  _globals['_PREFILLRESPONSE']._serialized_end=2915
+  _globals['_KVTRANSFER']._serialized_start=2918
+  _globals['_KVTRANSFER']._serialized_end=3259
+  _globals['_DECODEWORKER']._serialized_start=3262
+  _globals['_DECODEWORKER']._serialized_end=3459
+  _globals['_PREFILLWORKER']._serialized_start=3462
+  _globals['_PREFILLWORKER']._serialized_end=3655
 # @@protoc_insertion_point(module_scope)

@@ -108,55 +108,130 @@ class KVLayout(_message.Message):
     layout: str
     def __init__(self, model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., layout: _Optional[str] = ...) -> None: ...
 
+class Endpoint(_message.Message):
+    __slots__ = ("host_id", "pid", "device", "device_uuid", "address")
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    host_id: str
+    pid: int
+    device: str
+    device_uuid: str
+    address: str
+    def __init__(self, host_id: _Optional[str] = ..., pid: _Optional[int] = ..., device: _Optional[str] = ..., device_uuid: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+
 class HandshakeRequest(_message.Message):
-    __slots__ = ("sender_id", "layout")
+    __slots__ = ("sender_id", "layout", "transports", "endpoint")
     SENDER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     sender_id: str
     layout: KVLayout
-    def __init__(self, sender_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ...) -> None: ...
+    transports: _containers.RepeatedScalarFieldContainer[str]
+    endpoint: Endpoint
+    def __init__(self, sender_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., transports: _Optional[_Iterable[str]] = ..., endpoint: _Optional[_Union[Endpoint, _Mapping]] = ...) -> None: ...
 
 class HandshakeResponse(_message.Message):
-    __slots__ = ("receiver_id", "layout")
+    __slots__ = ("receiver_id", "layout", "transport", "params")
+    class ParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     RECEIVER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
     receiver_id: str
     layout: KVLayout
-    def __init__(self, receiver_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ...) -> None: ...
+    transport: str
+    params: _containers.ScalarMap[str, bytes]
+    def __init__(self, receiver_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., transport: _Optional[str] = ..., params: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class BeginRequest(_message.Message):
+    __slots__ = ("transfer_id", "sender_id", "num_blocks")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    sender_id: str
+    num_blocks: int
+    def __init__(self, transfer_id: _Optional[str] = ..., sender_id: _Optional[str] = ..., num_blocks: _Optional[int] = ...) -> None: ...
+
+class BeginResponse(_message.Message):
+    __slots__ = ("lease_remaining_s", "block_ids")
+    LEASE_REMAINING_S_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    lease_remaining_s: float
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, lease_remaining_s: _Optional[float] = ..., block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("transfer_id", "layer_start", "layer_end", "block_start", "block_end", "data", "commit")
+    __slots__ = ("transfer_id", "layer_start", "layer_end", "block_start", "block_end", "data", "sender_id")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
     BLOCK_START_FIELD_NUMBER: _ClassVar[int]
     BLOCK_END_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
-    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     layer_start: int
     layer_end: int
     block_start: int
     block_end: int
     data: bytes
-    commit: KVCommit
-    def __init__(self, transfer_id: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., block_start: _Optional[int] = ..., block_end: _Optional[int] = ..., data: _Optional[bytes] = ..., commit: _Optional[_Union[KVCommit, _Mapping]] = ...) -> None: ...
+    sender_id: str
+    def __init__(self, transfer_id: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., block_start: _Optional[int] = ..., block_end: _Optional[int] = ..., data: _Optional[bytes] = ..., sender_id: _Optional[str] = ...) -> None: ...
+
+class ReceiveRequest(_message.Message):
+    __slots__ = ("transfer_id", "sender_id", "layer_bounds")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    sender_id: str
+    layer_bounds: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, transfer_id: _Optional[str] = ..., sender_id: _Optional[str] = ..., layer_bounds: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KVCommit(_message.Message):
-    __slots__ = ("first_token_id", "first_logprobs", "num_prompt_tokens")
+    __slots__ = ("transfer_id", "sender_id", "first_token_id", "first_logprobs", "num_prompt_tokens")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    sender_id: str
     first_token_id: int
     first_logprobs: TokenLogprobs
     num_prompt_tokens: int
-    def __init__(self, first_token_id: _Optional[int] = ..., first_logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., num_prompt_tokens: _Optional[int] = ...) -> None: ...
+    def __init__(self, transfer_id: _Optional[str] = ..., sender_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., num_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class KVAck(_message.Message):
     __slots__ = ("bytes_received",)
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     bytes_received: int
     def __init__(self, bytes_received: _Optional[int] = ...) -> None: ...
+
+class AbandonRequest(_message.Message):
+    __slots__ = ("transfer_id", "sender_id", "reason")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    sender_id: str
+    reason: str
+    def __init__(self, transfer_id: _Optional[str] = ..., sender_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AbandonResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "transfer_id", "prompt_token_ids", "params", "lease_seconds")
@@ -173,16 +248,16 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
 
 class Reservation(_message.Message):
-    __slots__ = ("block_ids", "kv_address", "transport", "worker_id")
+    __slots__ = ("block_ids", "kv_address", "transports", "worker_id")
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     KV_ADDRESS_FIELD_NUMBER: _ClassVar[int]
-    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     kv_address: str
-    transport: str
+    transports: _containers.RepeatedScalarFieldContainer[str]
     worker_id: str
-    def __init__(self, block_ids: _Optional[_Iterable[int]] = ..., kv_address: _Optional[str] = ..., transport: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, block_ids: _Optional[_Iterable[int]] = ..., kv_address: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class TokenDelta(_message.Message):
     __slots__ = ("token_ids", "logprobs")
@@ -227,15 +302,17 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., target: _Optional[_Union[Reservation, _Mapping]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token_id", "first_logprobs", "num_cached_tokens", "kv_bytes", "kv_seconds")
+    __slots__ = ("first_token_id", "first_logprobs", "num_cached_tokens", "kv_bytes", "kv_seconds", "kv_transport")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     first_token_id: int
     first_logprobs: TokenLogprobs
     num_cached_tokens: int
     kv_bytes: int
     kv_seconds: float
-    def __init__(self, first_token_id: _Optional[int] = ..., first_logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_seconds: _Optional[float] = ...) -> None: ...
+    kv_transport: str
+    def __init__(self, first_token_id: _Optional[int] = ..., first_logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_seconds: _Optional[float] = ..., kv_transport: _Optional[str] = ...) -> None: ...

@@ -39,10 +39,30 @@ class KVTransferStub:
                 request_serializer=proto_dot_pdserve__pb2.HandshakeRequest.SerializeToString,
                 response_deserializer=proto_dot_pdserve__pb2.HandshakeResponse.FromString,
                 _registered_method=True)
+        self.Begin = channel.unary_unary(
+                '/pdserve.KVTransfer/Begin',
+                request_serializer=proto_dot_pdserve__pb2.BeginRequest.SerializeToString,
+                response_deserializer=proto_dot_pdserve__pb2.BeginResponse.FromString,
+                _registered_method=True)
         self.PushKV = channel.stream_unary(
                 '/pdserve.KVTransfer/PushKV',
                 request_serializer=proto_dot_pdserve__pb2.KVChunk.SerializeToString,
                 response_deserializer=proto_dot_pdserve__pb2.KVAck.FromString,
+                _registered_method=True)
+        self.Receive = channel.unary_unary(
+                '/pdserve.KVTransfer/Receive',
+                request_serializer=proto_dot_pdserve__pb2.ReceiveRequest.SerializeToString,
+                response_deserializer=proto_dot_pdserve__pb2.KVAck.FromString,
+                _registered_method=True)
+        self.Commit = channel.unary_unary(
+                '/pdserve.KVTransfer/Commit',
+                request_serializer=proto_dot_pdserve__pb2.KVCommit.SerializeToString,
+                response_deserializer=proto_dot_pdserve__pb2.KVAck.FromString,
+                _registered_method=True)
+        self.Abandon = channel.unary_unary(
+                '/pdserve.KVTransfer/Abandon',
+                request_serializer=proto_dot_pdserve__pb2.AbandonRequest.SerializeToString,
+                response_deserializer=proto_dot_pdserve__pb2.AbandonResponse.FromString,
                 _registered_method=True)
 
 
@@ -50,16 +70,40 @@ class KVTransferServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Handshake(self, request, context):
-        """Once per (sender, receiver) pair: FAILED_PRECONDITION naming every field that differs.
+        """Once per (sender, receiver) pair: FAILED_PRECONDITION naming every layout field that differs,
+        or that no transport is common to both ends.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Begin(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PushKV(self, request_iterator, context):
-        """The chunks of one transfer, ending with a commit: NOT_FOUND for an unknown or expired
-        transfer_id, INVALID_ARGUMENT for chunks outside the reservation.
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Receive(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Commit(self, request, context):
+        """INVALID_ARGUMENT when KV is missing; NOT_FOUND for an unknown, expired or cancelled transfer.
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Abandon(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -72,10 +116,30 @@ def add_KVTransferServicer_to_server(servicer, server):
                     request_deserializer=proto_dot_pdserve__pb2.HandshakeRequest.FromString,
                     response_serializer=proto_dot_pdserve__pb2.HandshakeResponse.SerializeToString,
             ),
+            'Begin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Begin,
+                    request_deserializer=proto_dot_pdserve__pb2.BeginRequest.FromString,
+                    response_serializer=proto_dot_pdserve__pb2.BeginResponse.SerializeToString,
+            ),
             'PushKV': grpc.stream_unary_rpc_method_handler(
                     servicer.PushKV,
                     request_deserializer=proto_dot_pdserve__pb2.KVChunk.FromString,
                     response_serializer=proto_dot_pdserve__pb2.KVAck.SerializeToString,
+            ),
+            'Receive': grpc.unary_unary_rpc_method_handler(
+                    servicer.Receive,
+                    request_deserializer=proto_dot_pdserve__pb2.ReceiveRequest.FromString,
+                    response_serializer=proto_dot_pdserve__pb2.KVAck.SerializeToString,
+            ),
+            'Commit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Commit,
+                    request_deserializer=proto_dot_pdserve__pb2.KVCommit.FromString,
+                    response_serializer=proto_dot_pdserve__pb2.KVAck.SerializeToString,
+            ),
+            'Abandon': grpc.unary_unary_rpc_method_handler(
+                    servicer.Abandon,
+                    request_deserializer=proto_dot_pdserve__pb2.AbandonRequest.FromString,
+                    response_serializer=proto_dot_pdserve__pb2.AbandonResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -116,6 +180,33 @@ class KVTransfer:
             _registered_method=True)
 
     @staticmethod
+    def Begin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.KVTransfer/Begin',
+            proto_dot_pdserve__pb2.BeginRequest.SerializeToString,
+            proto_dot_pdserve__pb2.BeginResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def PushKV(request_iterator,
             target,
             options=(),
@@ -132,6 +223,87 @@ class KVTransfer:
             '/pdserve.KVTransfer/PushKV',
             proto_dot_pdserve__pb2.KVChunk.SerializeToString,
             proto_dot_pdserve__pb2.KVAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Receive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.KVTransfer/Receive',
+            proto_dot_pdserve__pb2.ReceiveRequest.SerializeToString,
+            proto_dot_pdserve__pb2.KVAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Commit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.KVTransfer/Commit',
+            proto_dot_pdserve__pb2.KVCommit.SerializeToString,
+            proto_dot_pdserve__pb2.KVAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Abandon(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.KVTransfer/Abandon',
+            proto_dot_pdserve__pb2.AbandonRequest.SerializeToString,
+            proto_dot_pdserve__pb2.AbandonResponse.FromString,
             options,
             channel_credentials,
             insecure,

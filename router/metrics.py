@@ -51,7 +51,9 @@ class Metrics:
         self.kv_transfer_bytes = counter(
             "pdserve:kv_transfer_bytes", "KV cache bytes moved from prefill to decode workers.")
         self.kv_transfer_seconds = histogram(
-            "pdserve:kv_transfer_seconds", "Time of one request's KV transfer.", KV_TRANSFER_BUCKETS)
+            "pdserve:kv_transfer_seconds",
+            "KV hand-off time of one request not hidden behind its prefill (first token to the decode worker's ack).",
+            KV_TRANSFER_BUCKETS)
         self._num_preemptions_seen = 0
         # Create every series now, so that dashboards see zeros rather than nothing before traffic.
         for metric in (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage, self.num_preemptions,

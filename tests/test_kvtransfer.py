@@ -1,12 +1,12 @@
-"""KV transfer end to end: a prefill-side cache pushed into a decode-side reservation over real
-gRPC servers on 127.0.0.1 and over the in-process transport; errors with the right status."""
+"""KV hand-off end to end on the CPU: a prefill-side cache handed into a decode-side reservation
+through the real control service (gRPC on 127.0.0.1) over each CPU transport (`grpc`, `nccl` as
+gloo, `local`); the transport choice; errors with the right status; the receiver's bookkeeping."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -15,12 +15,12 @@ import torch
 
 from engine.outputs import TokenLogprobs
 from kvtransfer import (
-    KVChunkData, KVCommitInfo, KVLayout, KVLayoutMismatchError, KVReceiver, KVSender, KVTransferError,
-    UnknownTransferError, make_transport,
+    AUTO, Endpoint, KVCommitInfo, KVLayout, KVLayoutMismatchError, KVReceiver, KVSender, KVTransferError,
+    LayerProgress, NoCommonTransportError, OutgoingTransfer, UnknownTransferError, accepts, choose, offers,
 )
-from kvtransfer.grpc_transport import add_kv_transfer_service, encode_chunk
+from kvtransfer.control import KVTransferServicer, add_kv_transfer_service
+from kvtransfer.grpc_transport import decode_chunk
 from proto import GRPC_OPTIONS
-from kvtransfer.local_transport import register_receiver, unregister_receiver
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc
 
@@ -29,15 +29,13 @@ NUM_LAYERS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM = 4, 4, 2, 8
 COMMIT = KVCommitInfo(
     first_token_id=42,
     first_logprobs=TokenLogprobs(42, -0.25, 1, ((42, -0.25), (7, -1.5))),  # exact in float32
-    num_prompt_tokens=18,
+    num_prompt_tokens=14,
 )
-TRANSPORT_NAMES = ["grpc", "local"]
-_local_addresses = itertools.count()
+CPU_TRANSPORTS = ["grpc", "nccl", "local"]
+CPU = torch.device("cpu")
 
 
-def make_cache(
-    num_blocks: int, dtype: torch.dtype = torch.float32, is_random: bool = True, **shape: int
-) -> torch.Tensor:
+def make_cache(num_blocks: int, dtype: torch.dtype = torch.float32, is_random: bool = True, **shape: int) -> torch.Tensor:
     dims = dict(num_layers=NUM_LAYERS, block_size=BLOCK_SIZE, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM) | shape
     size = (dims["num_layers"], 2, num_blocks, dims["block_size"], dims["num_kv_heads"], dims["head_dim"])
     return torch.randn(size).to(dtype) if is_random else torch.zeros(size, dtype=dtype)
@@ -47,115 +45,128 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().view(torch.uint8)
 
 
-def random_blocks(num_blocks: int, num_chosen: int, generator: torch.Generator) -> list[int]:
-    return torch.randperm(num_blocks, generator=generator)[:num_chosen].tolist()
+def later(seconds: float = 60.0) -> float:
+    return time.monotonic() + seconds
+
+
+class Commits(list):
+    """An on_commit callback that records what it was given."""
+
+    def __call__(self, info: KVCommitInfo, ready: object) -> None:
+        assert ready is None  # on the CPU every write is done when it returns
+        self.append(info)
 
 
 @contextlib.asynccontextmanager
-async def serving(transport_name: str, receiver: KVReceiver) -> AsyncIterator[str]:
-    """`receiver` reachable through `transport_name`; yields its address."""
-    if transport_name == "local":
-        address = f"local-{next(_local_addresses)}"
-        register_receiver(address, receiver)
-        try:
-            yield address
-        finally:
-            unregister_receiver(address)
-        return
+async def serving(receiver: KVReceiver, accepted: list[str]) -> AsyncIterator[str]:
+    """`receiver`'s KVTransfer service on a real gRPC server; yields its address."""
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    add_kv_transfer_service(server, receiver)
+    servicer = KVTransferServicer(receiver, Endpoint.here(CPU, "127.0.0.1"), accepted)
+    add_kv_transfer_service(server, servicer)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
         yield f"127.0.0.1:{port}"
     finally:
         await server.stop(grace=None)
+        servicer.close()
 
 
-class Commits(list):
-    """An on_commit callback that records what it was given."""
-
-    def __call__(self, info: KVCommitInfo) -> None:
-        self.append(info)
+def make_sender(cache: torch.Tensor, offered: list[str], layers_per_group: int = 2, model_id: str = MODEL_ID) -> KVSender:
+    return KVSender(cache, KVLayout.of(cache, model_id), "prefill-0", Endpoint.here(CPU, "127.0.0.1"), offered, layers_per_group)
 
 
-def later(seconds: float = 60.0) -> float:
-    return time.monotonic() + seconds
+async def hand_off(
+    sender: KVSender, address: str, transfer_id: str, src_blocks: list[int], progress: LayerProgress | None = None
+) -> int:
+    """What a prefill worker does for one prompt: connect, begin, push, commit."""
+    peer = await sender.connect(address, 10)
+    reservation = await sender.begin(peer, transfer_id, len(src_blocks), 10)
+    if progress is None:
+        progress = LayerProgress(sender.bounds)
+        progress.mark_all()
+    transfer = OutgoingTransfer(transfer_id, src_blocks, reservation.block_ids, progress, reservation.deadline)
+    num_bytes = await sender.push(peer, transfer)
+    assert await sender.commit(peer, transfer_id, COMMIT, 10) == num_bytes
+    return num_bytes
 
 
 # ---- data arrives bit for bit ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("transport_name", TRANSPORT_NAMES)
+@pytest.mark.parametrize("transport_name", CPU_TRANSPORTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    "max_chunk_bytes, layers_per_chunk",
-    [(4 * 2**20, None), (1, None), (3 * 2 * BLOCK_SIZE * NUM_KV_HEADS * HEAD_DIM * 4, 1), (4 * 2**20, 3)],
-    ids=["one-chunk", "block-per-chunk", "layer-groups-of-1-split", "layer-groups-of-3"],
-)
-def test_send_copies_blocks_bit_for_bit(
-    transport_name: str, dtype: torch.dtype, max_chunk_bytes: int, layers_per_chunk: int | None
-) -> None:
+@pytest.mark.parametrize("layers_per_group", [1, 3, 4])
+def test_hand_off_copies_blocks_bit_for_bit(transport_name: str, dtype: torch.dtype, layers_per_group: int) -> None:
     generator = torch.Generator().manual_seed(0)
     src_cache, dst_cache = make_cache(16, dtype), make_cache(12, dtype, is_random=False)
-    src_blocks, dst_blocks = random_blocks(16, 5, generator), random_blocks(12, 5, generator)
+    src_blocks = torch.randperm(16, generator=generator)[:5].tolist()
+    dst_blocks = torch.randperm(12, generator=generator)[:5].tolist()
     receiver = KVReceiver(dst_cache, MODEL_ID, "decode-0")
-    sender = KVSender(src_cache, KVLayout.of(src_cache, MODEL_ID), "prefill-0", max_chunk_bytes, layers_per_chunk)
+    sender = make_sender(src_cache, [transport_name], layers_per_group)
     commits = Commits()
     receiver.expect("t1", dst_blocks, later(), commits)
 
-    async def main() -> None:
-        async with serving(transport_name, receiver) as address:
-            result = await sender.send(transport_name, address, "t1", src_blocks, len(dst_blocks), COMMIT, timeout=10)
+    async def main() -> int:
+        async with serving(receiver, [transport_name]) as address:
+            num_bytes = await hand_off(sender, address, "t1", src_blocks)
             await sender.close()
-        num_bytes = src_cache[:, :, src_blocks].numel() * src_cache.element_size()
-        assert result.num_bytes == receiver.bytes_received == sender.bytes_sent == num_bytes
-        assert result.seconds > 0
+        return num_bytes
+
+    num_bytes = asyncio.run(main())
+    assert num_bytes == receiver.bytes_received == sender.bytes_sent == src_cache[:, :, src_blocks].numel() * src_cache.element_size()
+    assert torch.equal(bits(dst_cache[:, :, dst_blocks]), bits(src_cache[:, :, src_blocks]))
+    assert not dst_cache[:, :, [b for b in range(12) if b not in dst_blocks]].any()
+    assert commits == [COMMIT] and not receiver.is_pending("t1")
+
+
+@pytest.mark.parametrize("transport_name", CPU_TRANSPORTS)
+def test_a_layer_group_is_read_only_once_it_is_computed(transport_name: str) -> None:
+    """The push starts before the prompt's forward pass ends: each group's KV is taken only once
+    the pass marks it done, so later layers computed meanwhile arrive as computed."""
+    src_cache, dst_cache = make_cache(8), make_cache(8, is_random=False)
+    receiver = KVReceiver(dst_cache, MODEL_ID, "decode-0")
+    sender = make_sender(src_cache, [transport_name], layers_per_group=2)
+    receiver.expect("t1", [6, 1], later(), Commits())
+
+    async def main() -> None:
+        async with serving(receiver, [transport_name]) as address:
+            progress = LayerProgress(sender.bounds)
+            handing_off = asyncio.create_task(hand_off(sender, address, "t1", [3, 5], progress))
+            src_cache[:2, :, [3, 5]] = 1.0  # "layers 0-1 computed"
+            progress.on_layer(1, None)
+            await asyncio.sleep(0.2)
+            assert not handing_off.done()  # waits for the second group
+            src_cache[2:, :, [3, 5]] = 2.0  # "layers 2-3 computed"
+            progress.on_layer(3, None)
+            await handing_off
+            await sender.close()
 
     asyncio.run(main())
-    assert torch.equal(bits(dst_cache[:, :, dst_blocks]), bits(src_cache[:, :, src_blocks]))
-    others = [block for block in range(12) if block not in dst_blocks]
-    assert not dst_cache[:, :, others].any()
-    assert commits == [COMMIT]
-    assert not receiver.is_pending("t1")
+    assert (dst_cache[:2, :, [6, 1]] == 1.0).all() and (dst_cache[2:, :, [6, 1]] == 2.0).all()
 
 
-@pytest.mark.parametrize(
-    "max_chunk_bytes, layers_per_chunk, expected_ranges",
-    [
-        (1, None, [((0, 4), (b, b + 1)) for b in range(5)]),  # at least one block per chunk
-        (2 * 2 * 2 * BLOCK_SIZE * NUM_KV_HEADS * HEAD_DIM * 4, 2,  # two blocks of two layers
-         [((0, 2), (0, 2)), ((0, 2), (2, 4)), ((0, 2), (4, 5)), ((2, 4), (0, 2)), ((2, 4), (2, 4)), ((2, 4), (4, 5))]),
-        (4 * 2**20, 3, [((0, 3), (0, 5)), ((3, 4), (0, 5))]),
-    ],
-)
-def test_chunks_follow_layer_groups_and_byte_limit(
-    max_chunk_bytes: int, layers_per_chunk: int | None, expected_ranges: list
-) -> None:
-    cache = make_cache(8)
-    sender = KVSender(cache, KVLayout.of(cache, MODEL_ID), "prefill-0", max_chunk_bytes, layers_per_chunk)
-    chunks = list(sender.chunks([7, 1, 3, 0, 5]))
-    assert [((c.layer_start, c.layer_end), (c.block_start, c.block_end)) for c in chunks] == expected_ranges
-    for chunk in chunks:
-        one_block = sender.layout.chunk_num_bytes(chunk.layer_end - chunk.layer_start, 1)
-        assert chunk.num_bytes <= max(max_chunk_bytes, one_block)
+@pytest.mark.parametrize("transport_name", CPU_TRANSPORTS)
+def test_a_failed_forward_pass_fails_the_push_and_commits_nothing(transport_name: str) -> None:
+    receiver = KVReceiver(make_cache(8, is_random=False), MODEL_ID, "decode-0")
+    sender = make_sender(make_cache(8), [transport_name])
+    commits = Commits()
+    receiver.expect("t1", [0, 1], later(), commits)
+
+    async def main() -> None:
+        async with serving(receiver, [transport_name]) as address:
+            progress = LayerProgress(sender.bounds)
+            progress.on_layer(1, None)
+            progress.fail(RuntimeError("out of memory in layer 2"))
+            with pytest.raises(RuntimeError, match="out of memory in layer 2"):
+                await hand_off(sender, address, "t1", [2, 3], progress)
+            await sender.close()
+
+    asyncio.run(main())
+    assert commits == [] and receiver.is_pending("t1")
 
 
-def test_chunks_of_a_layer_group_are_read_only_when_reached() -> None:
-    cache = make_cache(8)
-    before = cache.clone()
-    sender = KVSender(cache, KVLayout.of(cache, MODEL_ID), "prefill-0", layers_per_chunk=2)
-    chunks = sender.chunks([3, 5])
-    first = next(chunks)
-    cache[2:] = 7.0  # "prefill" finishes layers 2-3 only after group 0 was handed out
-    second = next(chunks)
-    assert (first.layer_start, first.layer_end, second.layer_start, second.layer_end) == (0, 2, 2, 4)
-    assert torch.equal(first.data, before[0:2, :, [3, 5]])
-    assert torch.equal(second.data, torch.full_like(second.data, 7.0))
+# ---- handshake: layout and transport --------------------------------------------------------------
 
-
-# ---- layout handshake ------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("transport_name", TRANSPORT_NAMES)
 @pytest.mark.parametrize(
     "field, dst_kwargs, expected",
     [
@@ -166,37 +177,31 @@ def test_chunks_of_a_layer_group_are_read_only_when_reached() -> None:
         ("model_id", dict(model_id="other-model"), "model_id: ours 'tiny-model@abc123' != theirs 'other-model'"),
     ],
 )
-def test_handshake_mismatch_names_the_field_and_moves_no_bytes(
-    transport_name: str, field: str, dst_kwargs: dict, expected: str
-) -> None:
+def test_handshake_mismatch_names_the_field_and_moves_no_bytes(field: str, dst_kwargs: dict, expected: str) -> None:
     dst_kwargs = dict(dst_kwargs)
     model_id, dtype = dst_kwargs.pop("model_id", MODEL_ID), dst_kwargs.pop("dtype", torch.float32)
     dst_cache = make_cache(6, dtype, is_random=False, **dst_kwargs)
     receiver = KVReceiver(dst_cache, model_id)
     receiver.expect("t1", [1, 2], later(), Commits())
-    src_cache = make_cache(6)
-    sender = KVSender(src_cache, KVLayout.of(src_cache, MODEL_ID), "prefill-0")
+    sender = make_sender(make_cache(6), ["grpc"])
 
     async def main() -> None:
-        async with serving(transport_name, receiver) as address:
-            for _ in range(2):  # a failed handshake is not cached: the second send fails the same way
+        async with serving(receiver, ["grpc"]) as address:
+            for _ in range(2):  # a failed handshake is not cached: the second try fails the same way
                 with pytest.raises(KVLayoutMismatchError, match=expected) as caught:
-                    await sender.send(transport_name, address, "t1", [0, 4], 2, COMMIT, timeout=10)
+                    await hand_off(sender, address, "t1", [0, 4])
                 assert [m.split(":")[0] for m in caught.value.mismatches] == [field]
             await sender.close()
 
     asyncio.run(main())
-    assert receiver.bytes_received == 0 and not dst_cache.any()
-    assert receiver.is_pending("t1")
+    assert receiver.bytes_received == 0 and not dst_cache.any() and receiver.is_pending("t1")
 
 
 def test_layout_mismatch_names_every_field() -> None:
     ours = KVLayout.of(make_cache(2), MODEL_ID)
     theirs = KVLayout.of(make_cache(2, torch.float16, block_size=16), MODEL_ID)
     error = KVLayoutMismatchError(ours.mismatches(theirs))
-    assert str(error) == (
-        "KV layout mismatch: dtype: ours 'float32' != theirs 'float16'; block_size: ours 4 != theirs 16"
-    )
+    assert str(error) == "KV layout mismatch: dtype: ours 'float32' != theirs 'float16'; block_size: ours 4 != theirs 16"
     assert ours.mismatches(ours) == []
     with pytest.raises(ValueError, match="num_layers, 2, num_blocks"):
         KVLayout.of(torch.zeros(4, 3, 2, 4, 2, 8), MODEL_ID)
@@ -204,35 +209,120 @@ def test_layout_mismatch_names_every_field() -> None:
         KVLayout.of(torch.zeros(4, 2, 2, 4, 2, 8, dtype=torch.int8), MODEL_ID)
 
 
+def test_a_sender_with_no_transport_in_common_is_refused_by_name() -> None:
+    receiver = KVReceiver(make_cache(6, is_random=False), MODEL_ID)
+    receiver.expect("t1", [1, 2], later(), Commits())
+    sender = make_sender(make_cache(6), ["nccl"])
+
+    async def main() -> None:
+        async with serving(receiver, ["grpc"]) as address:
+            with pytest.raises(NoCommonTransportError, match=r"no common KV transport: the sender offers \['nccl'\], the receiver accepts \['grpc'\]"):
+                await hand_off(sender, address, "t1", [0, 4])
+            await sender.close()
+
+    asyncio.run(main())
+    assert receiver.is_pending("t1") and receiver.bytes_received == 0
+
+
+def _endpoint(host: str, device: str, uuid: str = "", pid: int = 1) -> Endpoint:
+    return Endpoint(host, pid, device, uuid)
+
+
+@pytest.mark.parametrize(
+    "sender, receiver, offered, expected",
+    [
+        (_endpoint("a", "cuda", "gpu0"), _endpoint("a", "cuda", "gpu0", 2), offers(AUTO, torch.device("cuda")), "cuda_ipc"),
+        (_endpoint("a", "cuda", "gpu0"), _endpoint("a", "cuda", "gpu1", 2), offers(AUTO, torch.device("cuda")), "cuda_ipc"),
+        (_endpoint("a", "cuda", "gpu0"), _endpoint("b", "cuda", "gpu1"), offers(AUTO, torch.device("cuda")), "nccl"),
+        (_endpoint("a", "cpu"), _endpoint("b", "cpu"), offers(AUTO, CPU), "grpc"),
+        (_endpoint("a", "cpu"), _endpoint("a", "cpu", pid=2), offers(AUTO, CPU), "grpc"),
+        (_endpoint("a", "cpu"), _endpoint("a", "cpu", pid=2), ["nccl"], "nccl"),  # gloo between CPU workers
+        (_endpoint("a", "cpu"), _endpoint("a", "cpu"), ["local", "grpc"], "local"),  # one process
+        (_endpoint("a", "cpu"), _endpoint("a", "cpu", pid=2), ["local", "grpc"], "grpc"),
+        (_endpoint("a", "cuda", "gpu0"), _endpoint("a", "cpu"), offers(AUTO, torch.device("cuda")), "grpc"),
+    ],
+    ids=["same-gpu", "two-gpus-one-host", "two-hosts", "cpu-hosts", "cpu-one-host", "cpu-gloo", "one-process",
+         "local-across-processes", "gpu-to-cpu"],
+)
+def test_auto_picks_the_fastest_transport_both_ends_can_use(
+    sender: Endpoint, receiver: Endpoint, offered: list[str], expected: str
+) -> None:
+    assert choose(offered, accepts(AUTO, torch.device(receiver.device)), sender, receiver) == expected
+
+
+def test_transport_settings_offer_and_accept_what_the_device_allows() -> None:
+    assert offers(AUTO, torch.device("cuda")) == ["cuda_ipc", "nccl", "grpc"]
+    assert offers(AUTO, CPU) == ["grpc"]
+    assert offers("nccl", CPU) == ["nccl"]
+    assert accepts(AUTO, CPU) == ["grpc", "local", "nccl"]
+    assert "cuda_ipc" in accepts(AUTO, torch.device("cuda"))
+    with pytest.raises(ValueError, match="the cuda_ipc KV transport needs a GPU"):
+        offers("cuda_ipc", CPU)
+    with pytest.raises(ValueError, match="unknown KV transport 'rdma'"):
+        accepts("rdma", CPU)
+    with pytest.raises(NoCommonTransportError, match="no common KV transport"):  # NCCL refuses two ranks on one GPU
+        choose(["nccl"], ["nccl"], _endpoint("a", "cuda", "gpu0"), _endpoint("a", "cuda", "gpu0", 2))
+
+
 # ---- unknown, expired, cancelled transfers --------------------------------------------------------
 
-@pytest.mark.parametrize("transport_name", TRANSPORT_NAMES)
+@pytest.mark.parametrize("transport_name", CPU_TRANSPORTS)
 def test_unknown_expired_and_cancelled_transfers_are_refused_others_unaffected(transport_name: str) -> None:
     src_cache, dst_cache = make_cache(8), make_cache(8, is_random=False)
-    receiver = KVReceiver(dst_cache, MODEL_ID)
+    receiver = KVReceiver(dst_cache, MODEL_ID, "decode-0")
     kept, old, cancelled = Commits(), Commits(), Commits()
     receiver.expect("kept", [0, 1], later(), kept)
     receiver.expect("old", [2, 3], time.monotonic() - 1.0, old)
     receiver.expect("cancelled", [4, 5], later(), cancelled)
-    assert receiver.expire(time.monotonic()) == ["old"]
-    assert receiver.cancel("cancelled") and not receiver.cancel("cancelled")
-    sender = KVSender(src_cache, KVLayout.of(src_cache, MODEL_ID), "prefill-0", max_chunk_bytes=1)
+    ended, released = receiver.poll()
+    assert [(e.transfer_id, e.reason, e.is_free) for e in ended] == [("old", "expired", True)] and released == []
+    assert receiver.cancel("cancelled") is True
+    sender = make_sender(src_cache, [transport_name])
 
     async def main() -> None:
-        async with serving(transport_name, receiver) as address:
+        async with serving(receiver, [transport_name]) as address:
             for transfer_id, reason in [("nope", "never expected"), ("old", "expired"), ("cancelled", "cancelled")]:
                 with pytest.raises(KVTransferError, match=f"'{transfer_id}' is not pending: {reason}") as caught:
-                    await sender.send(transport_name, address, transfer_id, [6, 7], 2, COMMIT, timeout=10)
+                    await hand_off(sender, address, transfer_id, [6, 7])
                 assert caught.value.code == "NOT_FOUND"
             assert receiver.bytes_received == 0
-            await sender.send(transport_name, address, "kept", [6, 7], 2, COMMIT, timeout=10)
+            await hand_off(sender, address, "kept", [6, 7])
             await sender.close()
 
     asyncio.run(main())
     assert kept == [COMMIT] and old == [] and cancelled == []
     assert torch.equal(dst_cache[:, :, [0, 1]], src_cache[:, :, [6, 7]])
     assert not dst_cache[:, :, 2:].any()
-    assert receiver.expire(time.monotonic() + 3600) == []  # "kept" was committed, nothing left
+    assert receiver.poll(time.monotonic() + 3600) == ([], [])  # "kept" was committed, nothing left
+
+
+def test_a_reservation_of_another_size_is_refused_before_any_kv_moves() -> None:
+    receiver = KVReceiver(make_cache(8, is_random=False), MODEL_ID)
+    receiver.expect("t1", [0, 1, 2], later(), Commits())
+    sender = make_sender(make_cache(8), ["grpc"])
+
+    async def main() -> None:
+        async with serving(receiver, ["grpc"]) as address:
+            with pytest.raises(KVTransferError, match="the sender has 2 blocks, the reservation 3") as caught:
+                await hand_off(sender, address, "t1", [4, 5])
+            await sender.close()
+        assert caught.value.code == "INVALID_ARGUMENT"
+
+    asyncio.run(main())
+    assert receiver.bytes_received == 0 and receiver.is_pending("t1")
+
+
+def test_only_the_sender_that_began_a_transfer_may_write_or_commit_it() -> None:
+    receiver = KVReceiver(make_cache(4, is_random=False), MODEL_ID)
+    receiver.expect("t1", [0, 1], later(), Commits())
+    receiver.begin("t1", "prefill-a", 2, is_device_writer=False)
+    with pytest.raises(ValueError, match="already begun by prefill-a"):
+        receiver.begin("t1", "prefill-b", 2, is_device_writer=False)
+    with pytest.raises(ValueError, match="not begun by 'prefill-b'"):
+        receiver.write("t1", "prefill-b", 0, NUM_LAYERS, 0, 2, make_cache(2))
+    with pytest.raises(ValueError, match="not begun by 'prefill-b'"):
+        receiver.commit("t1", "prefill-b", COMMIT)
+    assert receiver.bytes_received == 0 and receiver.is_pending("t1")
 
 
 def test_receiver_commits_exactly_once_only_after_every_layer_and_block() -> None:
@@ -240,196 +330,165 @@ def test_receiver_commits_exactly_once_only_after_every_layer_and_block() -> Non
     receiver = KVReceiver(cache, MODEL_ID)
     commits = Commits()
     receiver.expect("t1", [5, 0, 3], later(), commits)
+    receiver.begin("t1", "p", 3, is_device_writer=False)
     part = make_cache(3, num_layers=2)
-    assert receiver.write("t1", 0, 2, 0, 3, part) == part.numel() * 4
-    receiver.write("t1", 2, 4, 0, 2, make_cache(2, num_layers=2))
+    assert receiver.write("t1", "p", 0, 2, 0, 3, part) == part.numel() * 4
+    receiver.write("t1", "p", 2, 4, 0, 2, make_cache(2, num_layers=2))
     with pytest.raises(ValueError, match=r"missing layer 2 blocks \[2, 3\); layer 3 blocks \[2, 3\)"):
-        receiver.commit("t1", COMMIT)
+        receiver.commit("t1", "p", COMMIT)
     assert receiver.is_pending("t1") and commits == []
-    receiver.write("t1", 2, 4, 2, 3, make_cache(1, num_layers=2))
-    receiver.commit("t1", COMMIT)
+    receiver.write("t1", "p", 2, 4, 2, 3, make_cache(1, num_layers=2))
+    receiver.commit("t1", "p", COMMIT)
     assert commits == [COMMIT] and not receiver.is_pending("t1")
     with pytest.raises(UnknownTransferError, match="already committed"):
-        receiver.commit("t1", COMMIT)
-    assert torch.equal(cache[0:2, :, [5, 0, 3]], part)
-    assert commits == [COMMIT]
+        receiver.commit("t1", "p", COMMIT)
+    assert torch.equal(cache[0:2, :, [5, 0, 3]], part) and commits == [COMMIT]
 
 
-def test_receiver_takes_writes_from_many_threads_while_the_owner_expires() -> None:
+def test_receiver_takes_writes_from_many_threads_while_the_owner_polls() -> None:
     src = make_cache(16, num_layers=8)
     cache = make_cache(16, is_random=False, num_layers=8)
     receiver = KVReceiver(cache, MODEL_ID)
     commits = Commits()
     receiver.expect("t1", list(range(16)), later(), commits)
+    receiver.begin("t1", "p", 16, is_device_writer=False)
 
     def write_layer(layer: int) -> int:
-        receiver.expire(time.monotonic())  # the owner's periodic sweep, racing with the writes
-        return receiver.write("t1", layer, layer + 1, 0, 16, src[layer:layer + 1])
+        receiver.poll()  # the owner's sweep every step, racing with the writes
+        return receiver.write("t1", "p", layer, layer + 1, 0, 16, src[layer:layer + 1])
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         num_bytes = sum(pool.map(write_layer, range(8)))
-    receiver.commit("t1", COMMIT)
+    receiver.commit("t1", "p", COMMIT)
     assert num_bytes == receiver.bytes_received == src.numel() * 4
     assert torch.equal(cache, src) and commits == [COMMIT]
 
 
-@pytest.mark.parametrize("transport_name", TRANSPORT_NAMES)
-def test_push_without_every_block_fails_and_leaves_the_reservation_pending(transport_name: str) -> None:
-    receiver = KVReceiver(make_cache(6, is_random=False), MODEL_ID)
-    commits = Commits()
-    receiver.expect("t1", [1, 2, 3], later(), commits)
-    partial = [KVChunkData(0, NUM_LAYERS, 0, 2, make_cache(2))]  # block position 2 never sent
-
-    async def main() -> None:
-        transport = make_transport(transport_name)
-        async with serving(transport_name, receiver) as address:
-            with pytest.raises(KVTransferError, match=r"commit before all KV arrived.*blocks \[2, 3\)") as caught:
-                await transport.push(address, "t1", partial, COMMIT, timeout=10)
-        await transport.close()
-        assert caught.value.code == "INVALID_ARGUMENT"
-
-    asyncio.run(main())
-    assert receiver.is_pending("t1") and commits == []
-
-
-# ---- chunks outside the reservation ---------------------------------------------------------------
-
-@pytest.mark.parametrize("transport_name", TRANSPORT_NAMES)
-@pytest.mark.parametrize(
-    "chunk, expected",
-    [
-        (KVChunkData(0, NUM_LAYERS, 1, 4, make_cache(3)), r"blocks \[1, 4\) outside the reservation's \[0, 3\)"),
-        (KVChunkData(2, 6, 0, 1, make_cache(1)), r"layers \[2, 6\) outside \[0, 4\)"),
-    ],
-    ids=["blocks", "layers"],
-)
-def test_chunk_outside_the_reservation_is_refused_and_nothing_written(
-    transport_name: str, chunk: KVChunkData, expected: str
-) -> None:
+def test_chunks_outside_the_reservation_or_of_the_wrong_shape_are_refused_and_nothing_written() -> None:
     cache = make_cache(6, is_random=False)
     receiver = KVReceiver(cache, MODEL_ID)
     receiver.expect("t1", [3, 4, 5], later(), Commits())
-
-    async def main() -> None:
-        transport = make_transport(transport_name)
-        async with serving(transport_name, receiver) as address:
-            with pytest.raises(KVTransferError, match=expected) as caught:
-                await transport.push(address, "t1", [chunk], COMMIT, timeout=10)
-        await transport.close()
-        assert caught.value.code == "INVALID_ARGUMENT"
-
-    asyncio.run(main())
-    assert receiver.bytes_received == 0 and not cache.any() and receiver.is_pending("t1")
-
-
-def test_receiver_refuses_wrong_shape_or_dtype_and_writes_nothing() -> None:
-    cache = make_cache(4, is_random=False)
-    receiver = KVReceiver(cache, MODEL_ID)
-    receiver.expect("t1", [0, 2], later(), Commits())
+    receiver.begin("t1", "p", 3, is_device_writer=False)
+    with pytest.raises(ValueError, match=r"blocks \[1, 4\) outside the reservation's \[0, 3\)"):
+        receiver.write("t1", "p", 0, NUM_LAYERS, 1, 4, make_cache(3))
+    with pytest.raises(ValueError, match=r"layers \[2, 6\) outside \[0, 4\)"):
+        receiver.write("t1", "p", 2, 6, 0, 1, make_cache(1, num_layers=4))
     with pytest.raises(ValueError, match="chunk shape"):
-        receiver.write("t1", 0, NUM_LAYERS, 0, 2, make_cache(1))
+        receiver.write("t1", "p", 0, NUM_LAYERS, 0, 2, make_cache(1))
     with pytest.raises(ValueError, match="dtype"):
-        receiver.write("t1", 0, NUM_LAYERS, 0, 2, make_cache(2, torch.bfloat16))
-    with pytest.raises(ValueError, match="repeated block ids"):
+        receiver.write("t1", "p", 0, NUM_LAYERS, 0, 2, make_cache(2, torch.bfloat16))
+    with pytest.raises(ValueError, match="must be distinct"):
         receiver.expect("t2", [1, 1], later(), Commits())
     with pytest.raises(ValueError, match="already pending"):
         receiver.expect("t1", [1], later(), Commits())
-    assert receiver.bytes_received == 0 and not cache.any()
+    assert receiver.bytes_received == 0 and not cache.any() and receiver.is_pending("t1")
+
+
+def test_blocks_a_device_writer_may_still_write_are_held_until_it_is_done() -> None:
+    """With CUDA IPC the sender writes into our blocks itself: a reservation cancelled (or expired)
+    after it began keeps its blocks out of reuse until the sender says it is done, or a grace
+    period past its lease."""
+    receiver = KVReceiver(make_cache(8, is_random=False), MODEL_ID)
+    for transfer_id, blocks in [("abandoned", [0, 1]), ("late-commit", [2, 3]), ("silent", [4, 5]), ("plain", [6, 7])]:
+        receiver.expect(transfer_id, blocks, later(1.0), Commits())
+        receiver.begin(transfer_id, "p", 2, is_device_writer=transfer_id != "plain")
+    assert [receiver.cancel(t) for t in ("abandoned", "late-commit", "silent", "plain")] == [False, False, False, True]
+    assert receiver.num_held_blocks == 6 and receiver.poll() == ([], [])
+    receiver.abandon("abandoned", "p", "cancelled by the client")
+    with pytest.raises(UnknownTransferError, match="cancelled"):
+        receiver.commit("late-commit", "p", COMMIT)  # a commit says it is done too
+    assert receiver.poll() == ([], [[0, 1], [2, 3]])
+    assert receiver.poll(time.monotonic() + 5.0) == ([], [])  # "silent": held past its lease
+    assert receiver.poll(time.monotonic() + 60.0) == ([], [[4, 5]])
+    assert receiver.num_held_blocks == 0
+
+
+def test_an_abandoned_reservation_ends_and_its_blocks_are_free() -> None:
+    receiver = KVReceiver(make_cache(4, is_random=False), MODEL_ID)
+    receiver.expect("t1", [0, 1], later(), Commits())
+    receiver.begin("t1", "p", 2, is_device_writer=True)
+    receiver.abandon("t1", "someone-else", "not theirs")  # ignored
+    assert receiver.is_pending("t1")
+    receiver.abandon("t1", "p", "prefill failed")
+    ended, released = receiver.poll()
+    assert [(e.transfer_id, e.is_free) for e in ended] == [("t1", True)] and "prefill failed" in ended[0].reason
+    assert released == [] and receiver.num_held_blocks == 0
 
 
 # ---- the gRPC edge ---------------------------------------------------------------------------------
 
-def test_grpc_stream_without_commit_and_bad_byte_count_are_invalid_argument() -> None:
+def test_grpc_chunk_with_a_bad_byte_count_is_invalid_argument() -> None:
     receiver = KVReceiver(make_cache(4, is_random=False), MODEL_ID)
     receiver.expect("t1", [0, 1], later(), Commits())
-    good = encode_chunk("t1", KVChunkData(0, NUM_LAYERS, 0, 2, make_cache(2)))
-    truncated = pb.KVChunk()
-    truncated.CopyFrom(good)
-    truncated.data = good.data[:-4]
-
-    async def push(messages: list[pb.KVChunk], address: str) -> grpc.aio.AioRpcError:
-        async with grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) as channel:
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await pdserve_pb2_grpc.KVTransferStub(channel).PushKV(iter(messages), timeout=10)
-        return caught.value
+    receiver.begin("t1", "p", 2, is_device_writer=False)
+    data = make_cache(2).contiguous().view(torch.uint8).numpy().tobytes()
+    truncated = pb.KVChunk(transfer_id="t1", sender_id="p", layer_start=0, layer_end=NUM_LAYERS, block_start=0, block_end=2, data=data[:-4])
 
     async def main() -> None:
-        async with serving("grpc", receiver) as address:
-            error = await push([good], address)
-            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "ended before the commit" in error.details()
-            error = await push([truncated], address)
-            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "expected" in error.details()
+        async with serving(receiver, ["grpc"]) as address:
+            async with grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await pdserve_pb2_grpc.KVTransferStub(channel).PushKV(iter([truncated]), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "expected" in caught.value.details()
+
+    asyncio.run(main())
+    assert receiver.is_pending("t1") and receiver.bytes_received == 0
+    assert decode_chunk(pb.KVChunk(layer_start=0, layer_end=NUM_LAYERS, block_start=0, block_end=2, data=data), receiver.layout).shape == (4, 2, 2, 4, 2, 8)
+
+
+def test_calls_before_a_handshake_are_refused() -> None:
+    receiver = KVReceiver(make_cache(4, is_random=False), MODEL_ID)
+    receiver.expect("t1", [0, 1], later(), Commits())
+
+    async def main() -> None:
+        async with serving(receiver, ["grpc"]) as address:
+            async with grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) as channel:
+                stub = pdserve_pb2_grpc.KVTransferStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.Begin(pb.BeginRequest(transfer_id="t1", sender_id="stranger", num_blocks=2), timeout=10)
+                assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert "has not handshaken" in caught.value.details()
 
     asyncio.run(main())
     assert receiver.is_pending("t1")
 
 
-def test_grpc_refusal_mid_stream_reaches_the_client_with_its_status() -> None:
-    """The server refuses the first of many large chunks while the client is still writing; the
-    client must see NOT_FOUND, not grpc.aio's INTERNAL from a failed write (grpc/grpc#36066)."""
-    receiver = KVReceiver(make_cache(64, is_random=False, head_dim=256), MODEL_ID)
-    chunks = [KVChunkData(0, NUM_LAYERS, b, b + 1, make_cache(1, head_dim=256)) for b in range(64)]  # 64 KiB each
+@pytest.mark.parametrize("transport_name", CPU_TRANSPORTS)
+def test_a_push_past_its_deadline_fails_with_deadline_exceeded(transport_name: str) -> None:
+    receiver = KVReceiver(make_cache(4, is_random=False), MODEL_ID, "decode-0")
+    commits = Commits()
+    receiver.expect("t1", [0, 1], later(), commits)
+    sender = make_sender(make_cache(4), [transport_name])
 
     async def main() -> None:
-        transport = make_transport("grpc")
-        async with serving("grpc", receiver) as address:
-            for _ in range(5):
-                with pytest.raises(KVTransferError, match="never expected") as caught:
-                    await transport.push(address, "nope", chunks, COMMIT, timeout=10)
-                assert caught.value.code == "NOT_FOUND"
-        await transport.close()
-
-    asyncio.run(main())
-    assert receiver.bytes_received == 0
-
-
-@pytest.mark.parametrize("transport_name", TRANSPORT_NAMES)
-def test_push_past_its_deadline_fails_with_deadline_exceeded(transport_name: str) -> None:
-    receiver = KVReceiver(make_cache(4, is_random=False), MODEL_ID)
-    receiver.expect("t1", [0, 1], later(), Commits())
-
-    def slow_chunks() -> Iterator[KVChunkData]:
-        yield KVChunkData(0, NUM_LAYERS, 0, 1, make_cache(1))
-        time.sleep(0.3)
-        yield KVChunkData(0, NUM_LAYERS, 1, 2, make_cache(1))
-
-    async def main() -> None:
-        transport = make_transport(transport_name)
-        async with serving(transport_name, receiver) as address:
+        async with serving(receiver, [transport_name]) as address:
+            peer = await sender.connect(address, 10)
+            reservation = await sender.begin(peer, "t1", 2, 10)
+            progress = LayerProgress(sender.bounds)  # the forward pass never ends
+            transfer = OutgoingTransfer("t1", [2, 3], reservation.block_ids, progress, time.monotonic() + 0.3)
+            started = time.monotonic()
             with pytest.raises(KVTransferError) as caught:
-                await transport.push(address, "t1", slow_chunks(), COMMIT, timeout=0.2)
-        await transport.close()
-        assert caught.value.code == "DEADLINE_EXCEEDED"
+                await sender.push(peer, transfer)
+            assert caught.value.code == "DEADLINE_EXCEEDED" and time.monotonic() - started < 5.0
+            await sender.close()
 
     asyncio.run(main())
-    assert receiver.is_pending("t1")  # the owner's expire() frees it
+    assert commits == [] and receiver.is_pending("t1")  # the owner's poll frees it when its lease ends
 
 
-def test_sender_refuses_bad_requests_before_any_kv_moves() -> None:
-    cache = make_cache(4)
-    sender = KVSender(cache, KVLayout.of(cache, MODEL_ID), "prefill-0")
-    receiver = KVReceiver(make_cache(4), MODEL_ID)
-    register_receiver("local:count-check", receiver)
-    try:  # the layouts agree (handshake passes), the reservation is the wrong size: nothing lands
-        with pytest.raises(ValueError, match="2 source blocks but the peer reserved 3"):
-            asyncio.run(sender.send("local", "local:count-check", "t1", [0, 1], 3, COMMIT, timeout=1))
-        assert receiver.bytes_received == 0
-    finally:
-        unregister_receiver("local:count-check")
-    with pytest.raises(ValueError, match="source blocks"):
-        asyncio.run(sender.send("grpc", "127.0.0.1:1", "t1", [0, 9], 2, COMMIT, timeout=1))
-    with pytest.raises(ValueError, match="unknown KV transport 'nccl'"):
-        asyncio.run(sender.send("nccl", "127.0.0.1:1", "t1", [0, 1], 2, COMMIT, timeout=1))
-    with pytest.raises(ValueError, match="does not describe kv_cache"):
-        KVSender(cache, KVLayout.of(make_cache(4, block_size=8), MODEL_ID), "prefill-0")
+def test_an_unreachable_peer_is_unavailable() -> None:
+    sender = make_sender(make_cache(1), ["grpc"])
 
-
-def test_grpc_unreachable_peer_is_unavailable() -> None:
     async def main() -> None:
-        transport = make_transport("grpc")
         with pytest.raises(KVTransferError) as caught:
-            await transport.handshake("127.0.0.1:1", KVLayout.of(make_cache(1), MODEL_ID), timeout=5)
-        await transport.close()
+            await sender.connect("127.0.0.1:1", 5)
         assert caught.value.code == "UNAVAILABLE"
+        await sender.close()
 
     asyncio.run(main())
+
+
+def test_a_sender_refuses_a_layout_that_is_not_its_cache() -> None:
+    cache = make_cache(4)
+    with pytest.raises(ValueError, match="does not describe kv_cache"):
+        KVSender(cache, KVLayout.of(make_cache(4, block_size=8), MODEL_ID), "p", Endpoint.here(CPU, "127.0.0.1"), ["grpc"])

@@ -51,9 +51,9 @@ def record_logits(llm: LLM) -> list[tuple[list[str], list[int], torch.Tensor]]:
     original = runner.compute_logits
     steps: list[tuple[list[str], list[int], torch.Tensor]] = []
 
-    def compute_logits(batch: list[ScheduledRequest]):  # noqa: ANN202
+    def compute_logits(batch: list[ScheduledRequest], on_layer: object = None):  # noqa: ANN202
         positions = [s.request.num_computed_tokens + s.num_tokens - 1 for s in batch if s.is_sampled]
-        step = original(batch)
+        step = original(batch, on_layer)
         steps.append(([r.request_id for r in step.requests], positions, step.logits.clone()))
         return step
 

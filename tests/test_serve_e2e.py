@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,32 +54,37 @@ class Server:
         return total
 
 
+@contextlib.contextmanager
+def serving(checkpoint: Path, log_path: Path, *extra_args: str) -> Iterator[Server]:
+    """`pdserve serve` in a subprocess until the block ends; then SIGTERM must stop it cleanly."""
+    port = free_port()
+    args = [
+        sys.executable, "-m", "deploy.cli", "serve", "--model", str(checkpoint),
+        "--served-model-name", "tiny-llama", "--port", str(port), "--device", "cpu",
+        "--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning", *extra_args,
+    ]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(base_url + "/health", timeout_s=240, process=process, log_path=log_path)
+        yield Server(base_url, process, "tiny-llama")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            returncode = process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            returncode = None
+    assert returncode == 0, f"pdserve did not shut down cleanly ({returncode}):\n{log_path.read_text()[-3000:]}"
+
+
 @pytest.fixture(scope="module", params=["memory-registry", "redis-registry"])
 def server(request: pytest.FixtureRequest, checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    args = [
-        sys.executable, "-m", "deploy.cli", "serve", "--model", str(checkpoints["llama"]),
-        "--served-model-name", "tiny-llama", "--port", str(port), "--device", "cpu",
-        "--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning",
-    ]
     with redis_server(enabled=request.param == "redis-registry") as redis_url:
-        if redis_url:
-            args += ["--redis-url", redis_url]
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
-        base_url = f"http://127.0.0.1:{port}"
-        try:
-            wait_for_http(base_url + "/health", timeout_s=240, process=process, log_path=log_path)
-            yield Server(base_url, process, "tiny-llama")
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                returncode = process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                returncode = None
-        assert returncode == 0, f"pdserve did not shut down cleanly ({returncode}):\n{log_path.read_text()[-3000:]}"
+        with serving(checkpoints["llama"], log_path, *(["--redis-url", redis_url] if redis_url else [])) as server:
+            yield server
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +102,23 @@ def complete(server: Server, prompt: str, max_tokens: int, **extra: object) -> o
         model=server.model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, logprobs=1,
         extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True, **extra},
     )
+
+
+@pytest.mark.parametrize("kv_transport", ["nccl", "grpc", "local"])
+def test_every_cpu_kv_transport_serves_greedy_completions_equal_to_the_offline_engine(
+    kv_transport: str, checkpoints: dict[str, Path], reference: LLM, tmp_path: Path
+) -> None:
+    """`--kv-transport nccl` runs over gloo on CPU workers; `local` puts both workers in one process."""
+    expected = reference.generate(PROMPTS * 2, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    with serving(checkpoints["llama"], tmp_path / "serve.log", "--kv-transport", kv_transport) as server:
+        with ThreadPoolExecutor(8) as pool:  # several hand-offs at once: one pair's transfers go in order
+            results = list(pool.map(lambda prompt: complete(server, prompt, 12), PROMPTS * 2))
+        for got, want in zip(results, expected):
+            assert token_ids_of(got.choices[0]) == want.outputs[0].token_ids
+        num_bytes = server.metric("pdserve:kv_transfer_bytes_total")
+        assert num_bytes > 0 and server.metric("pdserve:kv_transfer_seconds_count") == len(expected)
+        transports = {w["status"]["kv_transports"] for w in server.workers() if w["role"] == "decode"}
+        assert transports == {kv_transport}
 
 
 def test_greedy_completions_equal_the_offline_engine(server: Server, reference: LLM) -> None:

@@ -22,8 +22,7 @@ from engine import LLM
 from engine.config import EngineConfig, ModelConfig
 from engine.core import EngineCore
 from engine.sampling_params import SamplingParams
-from kvtransfer import KVChunkData, KVCommitInfo, KVTransferError
-from kvtransfer.grpc_transport import GrpcTransport
+from kvtransfer import Endpoint, KVSender, KVTransferError
 from prefill_worker.worker import KVTarget, PrefillWorker
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
@@ -41,18 +40,21 @@ TEXT = (
     "Questions and answers: who wrote the letter, where did they go, and why is the sky blue? "
     "def add(a, b): return a + b; for i in range(10): print(i, add(i, 1)) and so on until the end."
 )
-# name -> (role, checkpoint family, KV transport, EngineConfig overrides)
+# name -> (role, checkpoint family, --kv-transport, EngineConfig overrides)
 SPECS: dict[str, tuple[str, str, str, dict]] = {
-    "prefill": ("prefill", "llama", "grpc", {}),
-    "decode-grpc": ("decode", "llama", "grpc", {}),
-    "decode-local": ("decode", "llama", "local", {}),
-    "prefill-bs8": ("prefill", "llama", "grpc", {"block_size": 8}),
-    "prefill-qwen2": ("prefill", "qwen2", "grpc", {}),
-    "prefill-slow": ("prefill", "llama", "grpc", {"max_num_batched_tokens": 1, "max_model_len": LONG_MODEL_LEN}),
-    "decode-long": ("decode", "llama", "grpc", {"max_model_len": LONG_MODEL_LEN}),  # generations long enough to stop
-    "decode-dup": ("decode", "llama", "grpc", {}),  # for a test that breaks its worker
-    "decode-tiny": ("decode", "llama", "grpc", {"num_kv_blocks": 6, "max_model_len": 96}),
+    "prefill": ("prefill", "llama", "auto", {}),  # auto on a CPU: grpc
+    "prefill-local": ("prefill", "llama", "local", {}),
+    "prefill-nccl": ("prefill", "llama", "nccl", {}),  # gloo on a CPU
+    "decode": ("decode", "llama", "auto", {}),  # accepts every transport it can run
+    "decode-grpc-only": ("decode", "llama", "grpc", {}),
+    "prefill-bs8": ("prefill", "llama", "auto", {"block_size": 8}),
+    "prefill-qwen2": ("prefill", "qwen2", "auto", {}),
+    "prefill-slow": ("prefill", "llama", "auto", {"max_num_batched_tokens": 1, "max_model_len": LONG_MODEL_LEN}),
+    "decode-long": ("decode", "llama", "auto", {"max_model_len": LONG_MODEL_LEN}),  # generations long enough to stop
+    "decode-dup": ("decode", "llama", "auto", {}),  # for a test that breaks its worker
+    "decode-tiny": ("decode", "llama", "auto", {"num_kv_blocks": 6, "max_model_len": 96}),
 }
+PREFILL_OF_TRANSPORT = {"grpc": "prefill", "local": "prefill-local", "nccl": "prefill-nccl"}
 
 
 def engine_config(model: Path, **overrides: object) -> EngineConfig:
@@ -95,7 +97,7 @@ class Workers:
     def __getitem__(self, name: str) -> Worker:
         if name not in self._workers:
             role, family, transport, overrides = SPECS[name]
-            spec = WorkerSpec(role, engine_config(self.checkpoints[family], **overrides), model_name="m", transport=transport)
+            spec = WorkerSpec(role, engine_config(self.checkpoints[family], **overrides), model_name="m", kv_transport=transport)
             host = WorkerHost(spec)
             record = host.start()
             channel = grpc.insecure_channel(record.address)
@@ -212,13 +214,13 @@ def assert_rpc_error(call: object, code: grpc.StatusCode, *fragments: str) -> gr
 
 # ---- a. the happy path -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("decode_name", ["decode-grpc", "decode-local"])
+@pytest.mark.parametrize("transport", ["grpc", "local", "nccl"])
 @pytest.mark.parametrize("num_prompt_tokens, max_tokens", [(5, 12), (32, 20), (45, 30), (MAX_MODEL_LEN - 2, 30)])
 def test_greedy_tokens_equal_the_offline_engine_and_kv_bytes_add_up(
     workers: Workers, reference: LLM, text_ids: list[int], checkpoints: dict[str, Path],
-    decode_name: str, num_prompt_tokens: int, max_tokens: int,
+    transport: str, num_prompt_tokens: int, max_tokens: int,
 ) -> None:
-    prefill, decode = workers["prefill"], workers[decode_name]
+    prefill, decode = workers[PREFILL_OF_TRANSPORT[transport]], workers["decode"]
     prompt = text_ids[:num_prompt_tokens]
     params = greedy(max_tokens)
     sent_before, received_before = prefill.status().kv_bytes_sent, decode.status().kv_bytes_received
@@ -229,7 +231,7 @@ def test_greedy_tokens_equal_the_offline_engine_and_kv_bytes_add_up(
     assert len(expected) == min(max_tokens, MAX_MODEL_LEN - num_prompt_tokens)  # the longest prompt: cut by the context
     assert result.token_ids == expected
     assert result.finished is not None and result.finished.finish_reason == "length"
-    assert result.reservation.transport == SPECS[decode_name][2]
+    assert result.prefill.kv_transport == transport  # what the handshake agreed on
     assert result.reservation.kv_address == decode.address
     assert len(result.reservation.block_ids) == -(-num_prompt_tokens // BLOCK_SIZE)
     num_bytes = kv_bytes_of(num_prompt_tokens, checkpoints["llama"])
@@ -243,7 +245,7 @@ def test_greedy_tokens_equal_the_offline_engine_and_kv_bytes_add_up(
 def test_logprobs_cross_both_workers(workers: Workers, reference: LLM, text_ids: list[int]) -> None:
     prompt, params = text_ids[:20], greedy(8, logprobs=3)
     [want] = reference.generate({"prompt_token_ids": prompt}, params)
-    result = run(workers["prefill"], workers["decode-grpc"], prompt, params)
+    result = run(workers["prefill"], workers["decode"], prompt, params)
     assert result.token_ids == want.outputs[0].token_ids
     assert [lp.token_id for lp in result.logprobs] == result.token_ids  # the first from the prefill worker
     for got, expected in zip(result.logprobs, want.outputs[0].logprobs):
@@ -254,14 +256,14 @@ def test_logprobs_cross_both_workers(workers: Workers, reference: LLM, text_ids:
 
 def test_one_token_requests_finish_at_admission(workers: Workers, reference: LLM, text_ids: list[int]) -> None:
     prompt, params = text_ids[:17], greedy(1)
-    result = run(workers["prefill"], workers["decode-grpc"], prompt, params)
+    result = run(workers["prefill"], workers["decode"], prompt, params)
     assert result.token_ids == expected_tokens(reference, prompt, params)
     assert result.finished is not None and result.finished.finish_reason == "length"
-    workers["decode-grpc"].wait_idle()
+    workers["decode"].wait_idle()
 
 
 def test_finished_counts_the_output_tokens(workers: Workers, text_ids: list[int]) -> None:
-    result = run(workers["prefill"], workers["decode-grpc"], text_ids[:10], greedy(6))
+    result = run(workers["prefill"], workers["decode"], text_ids[:10], greedy(6))
     assert len(result.token_ids) == 6
     assert result.finished.num_output_tokens == 6
 
@@ -271,7 +273,7 @@ def test_finished_counts_the_output_tokens(workers: Workers, text_ids: list[int]
 def test_push_for_an_unknown_transfer_is_not_found_and_a_pending_reservation_is_untouched(
     workers: Workers, reference: LLM, text_ids: list[int], checkpoints: dict[str, Path]
 ) -> None:
-    prefill, decode = workers["prefill"], workers["decode-grpc"]
+    prefill, decode = workers["prefill"], workers["decode"]
     prompt, params = text_ids[:40], greedy(10)
     request = generate_request(prompt, params, "pending-while-pushed-at")
     stream, reservation = reserve(decode, request)
@@ -279,25 +281,30 @@ def test_push_for_an_unknown_transfer_is_not_found_and_a_pending_reservation_is_
     assert before.num_used_blocks == len(reservation.block_ids) == 3
 
     model = ModelConfig.from_pretrained(checkpoints["llama"])
-    shape = (model.num_layers, 2, 1, BLOCK_SIZE, model.num_kv_heads, model.head_dim)
-    chunk = KVChunkData(0, model.num_layers, 0, 1, torch.ones(shape))  # well-formed, for a reservation of one block
+    intruder_cache = torch.ones(model.num_layers, 2, 4, BLOCK_SIZE, model.num_kv_heads, model.head_dim)
+    layout = decode.host.worker.receiver.layout  # same model: the handshake passes
 
-    async def push_unknown() -> KVTransferError:
-        transport = GrpcTransport("intruder")
+    async def begin_unknown() -> KVTransferError:
+        sender = KVSender(intruder_cache, layout, "intruder", Endpoint.here(torch.device("cpu"), "127.0.0.1"), ["grpc"])
         try:
+            peer = await sender.connect(decode.address, 10)
             with pytest.raises(KVTransferError) as caught:
-                await transport.push(decode.address, "no-such-transfer", [chunk], KVCommitInfo(1, None, 16), timeout=10)
+                await sender.begin(peer, "no-such-transfer", 1, 10)
         finally:
-            await transport.close()
+            await sender.close()
         return caught.value
 
-    error = asyncio.run(push_unknown())
+    error = asyncio.run(begin_unknown())
     assert error.code == "NOT_FOUND"
     assert "'no-such-transfer' is not pending: never expected" in str(error)
-    # a commit-only stream on the raw stub: same refusal
+    # raw data and commit messages for it: the same refusal, nothing lands
     kv_stub = pb_grpc.KVTransferStub(decode.channel)
-    commit_only = pb.KVChunk(transfer_id="no-such-transfer", commit=pb.KVCommit(first_token_id=1, num_prompt_tokens=16))
-    assert_rpc_error(lambda: kv_stub.PushKV(iter([commit_only]), timeout=10), grpc.StatusCode.NOT_FOUND, "never expected")
+    data = intruder_cache[:, :, :1].contiguous().view(torch.uint8).numpy().tobytes()
+    chunk = pb.KVChunk(transfer_id="no-such-transfer", sender_id="intruder", layer_start=0, layer_end=model.num_layers,
+                       block_start=0, block_end=1, data=data)
+    assert_rpc_error(lambda: kv_stub.PushKV(iter([chunk]), timeout=10), grpc.StatusCode.NOT_FOUND, "never expected")
+    commit = pb.KVCommit(transfer_id="no-such-transfer", sender_id="intruder", first_token_id=1, num_prompt_tokens=16)
+    assert_rpc_error(lambda: kv_stub.Commit(commit, timeout=10), grpc.StatusCode.NOT_FOUND, "never expected")
 
     after = decode.status()
     assert after.kv_bytes_received == before.kv_bytes_received
@@ -316,9 +323,8 @@ def test_push_for_an_unknown_transfer_is_not_found_and_a_pending_reservation_is_
 @pytest.mark.parametrize(
     "prefill_name, decode_name, num_prompt_tokens, field",
     [
-        ("prefill-bs8", "decode-grpc", 7, "block_size"),  # one block on either side
-        ("prefill-qwen2", "decode-grpc", 30, "model_id"),  # same shapes, another checkpoint
-        ("prefill-qwen2", "decode-local", 30, "model_id"),
+        ("prefill-bs8", "decode", 7, "block_size"),  # one block on either side
+        ("prefill-qwen2", "decode", 30, "model_id"),  # same shapes, another checkpoint
     ],
 )
 def test_layout_mismatch_is_failed_precondition_naming_the_field_and_lands_no_kv(
@@ -348,7 +354,7 @@ def test_layout_mismatch_is_failed_precondition_naming_the_field_and_lands_no_kv
 
 
 def test_block_size_mismatch_with_a_multi_block_prompt_is_failed_precondition(workers: Workers, text_ids: list[int]) -> None:
-    bad_prefill, decode = workers["prefill-bs8"], workers["decode-grpc"]
+    bad_prefill, decode = workers["prefill-bs8"], workers["decode"]
     request = generate_request(text_ids[:20], greedy(5), uuid.uuid4().hex)
     stream, reservation = reserve(decode, request)
     try:
@@ -366,7 +372,7 @@ def test_block_size_mismatch_with_a_multi_block_prompt_lands_no_kv_and_frees_bot
     workers: Workers, reference: LLM, text_ids: list[int]
 ) -> None:
     """A block-size mismatch on a prompt of several blocks: refused, nothing leaks, the decode worker goes on."""
-    bad_prefill, decode = workers["prefill-bs8"], workers["decode-grpc"]
+    bad_prefill, decode = workers["prefill-bs8"], workers["decode"]
     prompt = text_ids[:20]
     request = generate_request(prompt, greedy(5), uuid.uuid4().hex)
     received_before = decode.status().kv_bytes_received
@@ -383,7 +389,7 @@ def test_block_size_mismatch_with_a_multi_block_prompt_lands_no_kv_and_frees_bot
 # ---- d. the lease ------------------------------------------------------------------------------
 
 def test_kv_that_never_arrives_ends_the_stream_at_the_lease_and_frees_blocks(workers: Workers, text_ids: list[int]) -> None:
-    prefill, decode = workers["prefill"], workers["decode-grpc"]
+    prefill, decode = workers["prefill"], workers["decode"]
     request = generate_request(text_ids[:40], greedy(5), uuid.uuid4().hex, lease_s=0.5)
     start = time.monotonic()
     stream, reservation = reserve(decode, request)
@@ -468,17 +474,25 @@ def test_cancelling_prefill_while_the_prompt_is_computed_frees_its_blocks(worker
     decode.wait_idle()
 
 
-def test_prefill_cancelled_right_after_admission_still_frees_its_blocks(checkpoints: dict[str, Path], text_ids: list[int]) -> None:
+def test_prefill_cancelled_right_after_admission_still_frees_its_blocks(
+    workers: Workers, checkpoints: dict[str, Path], text_ids: list[int]
+) -> None:
+    decode = workers["decode"]
     worker = PrefillWorker(EngineCore.load(engine_config(checkpoints["llama"])), "prefill-direct")
-    target = KVTarget([0, 1], "127.0.0.1:1", "grpc", "nobody")
+    request = generate_request(text_ids[:20], greedy(4), "cancelled-at-admission")
+    stream, reservation = reserve(decode, request)
+    target = KVTarget(reservation.kv_address, reservation.worker_id)
 
     async def main() -> None:
-        task = asyncio.create_task(worker.prefill("r", "t", text_ids[:20], greedy(4), target))
-        await asyncio.sleep(0)  # the task hands `_add` to the engine loop and waits for it
+        await worker.sender.connect(target.address, 10)  # handshaken already: the next await is the admission
+        task = asyncio.create_task(worker.prefill("r", request.transfer_id, text_ids[:20], greedy(4), target))
+        while "r" not in worker._requests:  # begin, then the task hands `_add` to the engine loop
+            await asyncio.sleep(0)
         time.sleep(0.3)  # block this event loop: the loop thread adds (and computes) the request meanwhile
         task.cancel()  # as a gRPC client's cancel would, before the event loop saw `_add` finish
         with pytest.raises(asyncio.CancelledError):
             await task
+        await worker.sender.close()
 
     try:
         asyncio.run(main())
@@ -488,6 +502,8 @@ def test_prefill_cancelled_right_after_admission_still_frees_its_blocks(checkpoi
         assert used == 0, f"{used} blocks still held by a request nobody waits for"
     finally:
         worker.shutdown()
+        stream.cancel()
+    decode.wait_idle()
 
 
 # ---- g. bad input --------------------------------------------------------------------------------
@@ -506,10 +522,10 @@ BAD_INPUTS = [
 def test_bad_input_is_invalid_argument_on_both_workers(
     workers: Workers, text_ids: list[int], case: str, make_prompt: object, params: object, fragment: str
 ) -> None:
-    prefill, decode = workers["prefill"], workers["decode-grpc"]
+    prefill, decode = workers["prefill"], workers["decode"]
     request = generate_request(make_prompt(text_ids), params, f"bad-{case}")
     assert_rpc_error(lambda: next(decode.stub.Generate(request, timeout=10)), grpc.StatusCode.INVALID_ARGUMENT, fragment)
-    target = pb.Reservation(block_ids=[0], kv_address=decode.address, transport="grpc")
+    target = pb.Reservation(block_ids=[0], kv_address=decode.address, transports=["grpc"])
     assert_rpc_error(
         lambda: prefill.stub.Prefill(prefill_request(request, target), timeout=10), grpc.StatusCode.INVALID_ARGUMENT, fragment
     )
@@ -518,7 +534,7 @@ def test_bad_input_is_invalid_argument_on_both_workers(
 
 
 def test_workers_keep_serving_after_bad_input(workers: Workers, reference: LLM, text_ids: list[int]) -> None:
-    decode = workers["decode-grpc"]
+    decode = workers["decode"]
     assert_rpc_error(
         lambda: next(decode.stub.Generate(generate_request([], greedy(4), "bad-again"), timeout=10)),
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -528,7 +544,7 @@ def test_workers_keep_serving_after_bad_input(workers: Workers, reference: LLM, 
 
 
 def test_duplicate_request_id_on_the_decode_worker_is_invalid_argument(workers: Workers, text_ids: list[int]) -> None:
-    decode = workers["decode-grpc"]
+    decode = workers["decode"]
     request = generate_request(text_ids[:10], greedy(4), "twice")
     stream, _ = reserve(decode, request)
     again = generate_request(text_ids[:10], greedy(4), "twice")
@@ -610,8 +626,8 @@ def test_tiny_decode_pool_makes_reservations_wait_and_preempts_yet_every_request
 def test_a_stopped_local_decode_worker_takes_no_kv_and_its_address_can_be_reused(
     workers: Workers, reference: LLM, text_ids: list[int], checkpoints: dict[str, Path]
 ) -> None:
-    prefill, port = workers["prefill"], free_port()
-    spec = WorkerSpec("decode", engine_config(checkpoints["llama"]), model_name="m", port=port, transport="local")
+    prefill, port = workers["prefill-local"], free_port()
+    spec = WorkerSpec("decode", engine_config(checkpoints["llama"]), model_name="m", port=port, kv_transport="local")
     host = WorkerHost(spec)
     record = host.start()
     channel = grpc.insecure_channel(record.address)
@@ -622,7 +638,7 @@ def test_a_stopped_local_decode_worker_takes_no_kv_and_its_address_can_be_reused
     # the prefill worker in this process must not hand KV to a worker that is gone
     assert_rpc_error(
         lambda: prefill.stub.Prefill(prefill_request(request, reservation), timeout=RPC_TIMEOUT_S),
-        grpc.StatusCode.UNAVAILABLE, "no KV receiver registered",
+        grpc.StatusCode.UNAVAILABLE, "KV transfer to",
     )
     prefill.wait_idle()
 
@@ -632,8 +648,24 @@ def test_a_stopped_local_decode_worker_takes_no_kv_and_its_address_can_be_reused
     try:
         worker = Worker("decode-again", again, record.address, channel, pb_grpc.DecodeWorkerStub(channel))
         prompt = text_ids[:20]
-        assert run(prefill, worker, prompt, greedy(4)).token_ids == expected_tokens(reference, prompt, greedy(4))
+        result = run(prefill, worker, prompt, greedy(4))
+        assert result.token_ids == expected_tokens(reference, prompt, greedy(4)) and result.prefill.kv_transport == "local"
         worker.wait_idle()
     finally:
         channel.close()
         again.stop()
+
+
+def test_a_prefill_worker_with_no_transport_in_common_is_refused_by_name(workers: Workers, text_ids: list[int]) -> None:
+    prefill, decode = workers["prefill-nccl"], workers["decode-grpc-only"]
+    request = generate_request(text_ids[:20], greedy(4), "no-common-transport")
+    stream, reservation = reserve(decode, request)
+    try:
+        assert_rpc_error(
+            lambda: prefill.stub.Prefill(prefill_request(request, reservation), timeout=RPC_TIMEOUT_S),
+            grpc.StatusCode.FAILED_PRECONDITION, "no common KV transport", "['nccl']", "['grpc']",
+        )
+    finally:
+        stream.cancel()
+    prefill.wait_idle()
+    decode.wait_idle()
