@@ -8,7 +8,8 @@ import string
 
 import httpx
 
-NUM_POOL_WORDS = 400  # random words whose tokens make up the id pool (the vocabulary size is not exposed)
+NUM_POOL_WORDS = 400  # random words whose tokens make up the id pool
+NUM_POOL_SAMPLE = 4000  # random ids tried for a round trip through the tokenizer
 NUM_SAMPLES = 4  # fresh random ids per prompt before giving up
 NUM_ADJUSTMENTS = 6  # length corrections per sample
 NUM_PARALLEL = 16  # tokenizer calls in flight while building prompts
@@ -61,9 +62,25 @@ async def exact_prompt(
 
 
 async def token_pool(client: httpx.AsyncClient, rng: random.Random) -> list[int]:
-    """The ids the server's tokenizer gives for ordinary random words (all decode to plain text)."""
+    """Ids that decode to plain text and come back as themselves: those the server's tokenizer gives
+    for ordinary random words and, since a word-level vocabulary maps such words to one unknown
+    id, those of a random sample of the whole vocabulary that survive a round trip."""
     words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 9))) for _ in range(NUM_POOL_WORDS)]
-    return sorted(set(await tokenize(client, " ".join(words))))
+    from_words = set(await tokenize(client, " ".join(words)))
+    vocab_size = await find_vocab_size(client)
+    sample = rng.sample(range(vocab_size), min(vocab_size, NUM_POOL_SAMPLE))
+    round_trip = set(await tokenize(client, await detokenize(client, sample))) & set(sample)
+    return sorted(round_trip if len(round_trip) >= len(from_words) else from_words)
+
+
+async def find_vocab_size(client: httpx.AsyncClient) -> int:
+    """The vocabulary's size, by bisection on which ids /detokenize accepts (it refuses the others)."""
+    low, high = 1, 1 << 24  # ids [0, low) are accepted; `high` is not
+    while high - low > 1:
+        middle = (low + high) // 2
+        response = await client.post("/detokenize", json={"tokens": [middle - 1]})
+        low, high = (middle, high) if response.status_code == 200 else (low, middle)
+    return low
 
 
 async def tokenize(client: httpx.AsyncClient, text: str) -> list[int]:

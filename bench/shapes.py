@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -30,18 +29,31 @@ SHAPES = {
 
 
 def write_shape(name: str, root: Path | None = None) -> Path:
-    """A checkpoint directory with `name`'s config and no weights; tokenizer from the demo model."""
-    from engine.demo_model import write_demo_model
-
+    """A checkpoint directory with `name`'s config, no weights, and a tokenizer that covers its
+    whole vocabulary (one word a token), so every id a random-weight model samples has text."""
     target = Path(root or tempfile.mkdtemp(prefix=f"pdserve-{name}-"))
-    scratch = Path(tempfile.mkdtemp())
-    write_demo_model(scratch)
-    for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (scratch / file).exists():
-            shutil.copy(scratch / file, target / file)
-    shutil.rmtree(scratch)
-    (target / "config.json").write_text(json.dumps(SHAPES[name], indent=2))
+    target.mkdir(parents=True, exist_ok=True)
+    config = SHAPES[name]
+    write_word_tokenizer(target, config["vocab_size"], config["bos_token_id"], config["eos_token_id"])
+    (target / "config.json").write_text(json.dumps(config, indent=2))
     return target
+
+
+def write_word_tokenizer(target: Path, vocab_size: int, bos_id: int, eos_id: int) -> None:
+    """tokenizer.json of `vocab_size` words ("w0", "w1", ...; <s> and </s> at their ids), split on
+    white space: any id sequence decodes to text that encodes back to it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {f"w{i}": i for i in range(vocab_size)} | {"<s>": bos_id, "</s>": eos_id, "<unk>": 0}
+    vocab = {word: i for word, i in vocab.items() if i not in (bos_id, eos_id, 0) or word in ("<s>", "</s>", "<unk>")}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with a space
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos_id)])
+    tokenizer.save(str(target / "tokenizer.json"))
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    (target / "tokenizer_config.json").write_text(json.dumps({**special, "chat_template": template}))
 
 
 def decode_weight_bytes(config: ModelConfig, dtype_bytes: int = 2) -> int:

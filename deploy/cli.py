@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from deploy.controller import Cluster, ServeConfig
+    from deploy.controller import Cluster
     from deploy.gateway import run_gateway
     from engine.config import ConfigError
 

@@ -3,10 +3,12 @@ over one in-process engine (`--colocated`)."""
 from __future__ import annotations
 
 import logging
+import sys
 
 import uvicorn
 
 from deploy.controller import ServeConfig
+from deploy.worker_host import GIL_SWITCH_INTERVAL_S
 from engine.tokenizer import Tokenizer
 from router.app import create_app
 from router.backend import Backend
@@ -18,6 +20,7 @@ READY_TIMEOUT_S = 60.0
 
 
 async def run_gateway(config: ServeConfig, records: list[WorkerRecord] | None) -> int:
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # the event loop, gRPC's threads and (colocated) the engine thread
     metrics = Metrics(config.served_model_name)
     backend = await _colocated(config) if records is None else await _disaggregated(config, records, metrics)
     app = create_app(backend, metrics)

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_TILE = 4096  # elements per loop iteration of one program
+_TILE = 16384  # elements per loop iteration of one program: a whole Llama block (32 KiB in bf16) in flight
 
 
 @triton.jit
@@ -49,7 +49,7 @@ def copy_kv_blocks(
         src, dst, src_block_ids, dst_block_ids,
         src.stride(0), src.stride(1), src.stride(2),
         dst.stride(0), dst.stride(1), dst.stride(2),
-        BLOCK_NUMEL=block_numel, TILE=min(_TILE, triton.next_power_of_2(block_numel)),
+        BLOCK_NUMEL=block_numel, TILE=min(_TILE, triton.next_power_of_2(block_numel)), num_warps=8,
     )
 
 

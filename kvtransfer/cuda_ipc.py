@@ -28,32 +28,55 @@ class CudaIpcSendHalf:
         if self.peer_cache.shape[:2] != kv_cache.shape[:2] or self.peer_cache.shape[3:] != kv_cache.shape[3:]:
             raise KVTransferError(f"the peer's cache {tuple(self.peer_cache.shape)} does not fit ours {tuple(kv_cache.shape)}")
         self._stream = torch.cuda.Stream(kv_cache.device)
+        # Another GPU of the host: Triton will not write another device's IPC memory, so its blocks
+        # are gathered here, moved over the link, and scattered there by a stream on that device.
+        is_across = self.peer_cache.device != kv_cache.device
+        self._peer_stream = torch.cuda.Stream(self.peer_cache.device) if is_across else None
 
     async def push(self, transfer: OutgoingTransfer) -> int:
-        with torch.cuda.stream(self._stream):
-            ids = torch.tensor(transfer.src_block_ids + transfer.dst_block_ids, dtype=torch.long).pin_memory()
-            ids = ids.to(self.kv_cache.device, non_blocking=True)
         num_blocks = len(transfer.src_block_ids)
-        src_index, dst_index = ids[:num_blocks], ids[num_blocks:]
+        src_index = _to_device(transfer.src_block_ids, self._stream)
+        dst_index = _to_device(transfer.dst_block_ids, self._peer_stream or self._stream)
         try:
             for group, (layer_start, layer_end) in enumerate(transfer.progress.groups):
                 event = await transfer.progress.ready(group, transfer.deadline)
                 if time.monotonic() > transfer.deadline:  # the peer may have reused the blocks: write nothing
                     raise KVTransferError(f"transfer {transfer.transfer_id!r}: the reservation's lease ended", "DEADLINE_EXCEEDED")
-                with torch.cuda.stream(self._stream):
-                    if event is not None:
-                        self._stream.wait_event(event)
-                    kernels.copy_kv_blocks(
-                        self.kv_cache[layer_start:layer_end], src_index, self.peer_cache[layer_start:layer_end], dst_index
-                    )
+                self._copy(layer_start, layer_end, src_index, dst_index, event)
         finally:
             # Done, failed or cancelled: return only once every copy issued has finished, so that
             # what the caller says next (commit, abandon) is true on the device too.
-            await wait_for_event(self._stream.record_event(), time.monotonic() + DRAIN_TIMEOUT_S, "cuda_ipc copy")
+            deadline = time.monotonic() + DRAIN_TIMEOUT_S
+            for stream in (self._stream, self._peer_stream):
+                if stream is not None:
+                    await wait_for_event(stream.record_event(), deadline, "cuda_ipc copy")
         return self.layout.chunk_num_bytes(self.layout.num_layers, num_blocks)
+
+    def _copy(
+        self, layer_start: int, layer_end: int, src_index: torch.Tensor, dst_index: torch.Tensor, event: torch.cuda.Event | None
+    ) -> None:
+        src, dst = self.kv_cache[layer_start:layer_end], self.peer_cache[layer_start:layer_end]
+        with torch.cuda.stream(self._stream):
+            if event is not None:
+                self._stream.wait_event(event)
+            if self._peer_stream is None:
+                kernels.copy_kv_blocks(src, src_index, dst, dst_index)
+                return
+            gathered = src[:, :, src_index]  # contiguous, on our device
+        with torch.cuda.stream(self._peer_stream):
+            self._peer_stream.wait_stream(self._stream)
+            staged = gathered.to(dst.device, non_blocking=True)
+            gathered.record_stream(self._peer_stream)
+            dst.index_copy_(2, dst_index, staged)
 
     async def close(self) -> None:
         self.peer_cache = None
+
+
+def _to_device(block_ids: list[int], stream: torch.cuda.Stream) -> torch.Tensor:
+    """Block ids on `stream`'s device, copied on that stream (no host wait)."""
+    with torch.cuda.stream(stream):
+        return torch.tensor(block_ids, dtype=torch.long).pin_memory().to(stream.device, non_blocking=True)
 
 
 class CudaIpcReceiveHalf:
@@ -81,7 +104,7 @@ def share_cache(kv_cache: torch.Tensor) -> dict[str, bytes]:
         "dtype": str(kv_cache.dtype).removeprefix("torch."),
         "device_uuid": str(torch.cuda.get_device_properties(device).uuid),
     }
-    return {"meta": json.dumps(meta).encode(), "handle": handle, "ref_counter_handle": ref_handle, "event_handle": event_handle or b""}
+    return {"meta": json.dumps(meta).encode(), "handle": handle, "ref_counter_handle": ref_handle, "event_handle": event_handle}
 
 
 def open_shared_cache(params: dict[str, bytes]) -> torch.Tensor:
@@ -90,7 +113,7 @@ def open_shared_cache(params: dict[str, bytes]) -> torch.Tensor:
     device = _device_with_uuid(meta["device_uuid"])
     storage = torch.UntypedStorage._new_shared_cuda(
         device, params["handle"], meta["storage_size"], meta["storage_offset"],
-        params["ref_counter_handle"], meta["ref_counter_offset"], params["event_handle"] or None, meta["event_sync"],
+        params["ref_counter_handle"], meta["ref_counter_offset"], params["event_handle"], meta["event_sync"],
     )
     dtype = getattr(torch, meta["dtype"])
     tensor = torch.empty(0, dtype=dtype, device=f"cuda:{device}")

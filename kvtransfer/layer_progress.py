@@ -50,8 +50,11 @@ class LayerProgress:
     async def ready(self, group: int, deadline: float) -> torch.cuda.Event | None:
         """Waits until group `group` is issued; the event its readers must wait on (None: none).
         KVTransferError (DEADLINE_EXCEEDED) once `deadline` (time.monotonic()) passes first."""
+        future = self._groups[group]
+        if future.done():  # the usual case once the pass is issued: no timer, no task
+            return future.result()
         try:
-            return await asyncio.wait_for(asyncio.shield(self._groups[group]), max(0.0, deadline - time.monotonic()))
+            return await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             raise KVTransferError(f"layers {self.groups[group]} were not computed in time", "DEADLINE_EXCEEDED") from None
 

@@ -77,14 +77,21 @@ class NcclSendHalf:
                 transfer_id=transfer.transfer_id, sender_id=self.sender_id, layer_bounds=transfer.progress.bounds
             )
             ack = asyncio.ensure_future(self.stub.Receive(request, timeout=max(0.0, transfer.deadline - time.monotonic())))
+            sends = asyncio.ensure_future(self._send_groups(transfer))
             try:
-                await self._send_groups(transfer)
+                # A receiver that fails (or dies) ends the push at once, not when a send times out.
+                await asyncio.wait({ack, sends}, return_when=asyncio.FIRST_EXCEPTION)
+                if ack.done() and ack.exception() is not None:
+                    await ack
+                await sends
                 return (await ack).bytes_received
-            except grpc.aio.AioRpcError as error:
-                raise KVTransferError(f"the peer's receive failed: {error.details()}", error.code().name) from error
-            except BaseException:
+            except BaseException as error:
                 self._pair.close()  # the two ends may be out of step now: never use this group again
-                ack.cancel()
+                for task in (ack, sends):
+                    task.cancel()
+                await asyncio.gather(ack, sends, return_exceptions=True)  # retrieved: nothing left to log
+                if isinstance(error, grpc.aio.AioRpcError):
+                    raise KVTransferError(f"the peer's receive failed: {error.details()}", error.code().name) from error
                 raise
 
     async def _send_groups(self, transfer: OutgoingTransfer) -> None:

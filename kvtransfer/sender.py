@@ -18,6 +18,7 @@ from kvtransfer.transport import TRANSPORTS, Endpoint, KVSendHalf, KVTransferErr
 
 logger = logging.getLogger(__name__)
 ABANDON_TIMEOUT_S = 5.0
+PEER_CLOSE_DELAY_S = 30.0
 
 
 @dataclass
@@ -102,7 +103,7 @@ class KVSender:
         control: KVControlClient = peer.info.control
         try:
             await control.abandon(self.sender_id, transfer_id, reason, ABANDON_TIMEOUT_S)
-        except KVTransferError as error:
+        except Exception as error:  # noqa: BLE001 - the peer may be gone, its channel closed
             logger.info("abandoning transfer %s at %s failed: %s", transfer_id, peer.info.address, error)
 
     def transfer_bytes(self, num_blocks: int) -> int:
@@ -141,7 +142,9 @@ class KVSender:
         """A peer that stopped answering may come back restarted, configured otherwise: handshake anew."""
         if error.code in ("UNAVAILABLE", "FAILED_PRECONDITION") and self._peers.get(peer.info.address) is peer:
             del self._peers[peer.info.address]
-            asyncio.get_running_loop().create_task(_close_peer(peer))
+            # Closed later: calls still in flight on it (an abandon, another prompt's commit) end first.
+            loop = asyncio.get_running_loop()
+            loop.call_later(PEER_CLOSE_DELAY_S, lambda: loop.create_task(_close_peer(peer)))
 
 
 async def _close_peer(peer: KVPeer) -> None:

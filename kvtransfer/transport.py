@@ -171,13 +171,14 @@ def status_code_name(error: Exception) -> str | None:
 
 
 async def wait_for_event(event: torch.cuda.Event, deadline: float, what: str) -> None:
-    """Waits for device work without blocking the event loop: polls, from 50 us up to 2 ms apart."""
-    delay = 5e-5
-    while not event.query():
-        if time.monotonic() > deadline:
-            raise KVTransferError(f"{what}: the device work did not finish in time", "DEADLINE_EXCEEDED")
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 2e-3)
+    """Waits for device work without blocking the event loop: a worker thread blocks on the event
+    (a poll from the loop would add up to a timer tick of latency to every hand-off)."""
+    if event.query():
+        return
+    try:
+        await asyncio.wait_for(asyncio.to_thread(event.synchronize), max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        raise KVTransferError(f"{what}: the device work did not finish in time", "DEADLINE_EXCEEDED") from None
 
 
 def _host_id() -> str:

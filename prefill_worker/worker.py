@@ -77,7 +77,9 @@ class PrefillWorker:
         self.core.validate(prompt_token_ids, params)
         peer = await self.sender.connect(target.address, RPC_TIMEOUT_S)
         num_blocks = -(-len(prompt_token_ids) // self.core.config.block_size)
-        reservation = await self.sender.begin(peer, transfer_id, num_blocks, RPC_TIMEOUT_S)
+        # Taking the reservation overlaps the prompt's queueing and compute: no round trip on the way.
+        begin = asyncio.ensure_future(self.sender.begin(peer, transfer_id, num_blocks, RPC_TIMEOUT_S))
+        begin.add_done_callback(_cancel_on_failure(asyncio.current_task()))  # no reservation: stop computing
         progress = LayerProgress(self.sender.bounds)
         push: asyncio.Task | None = None
         try:
@@ -85,21 +87,31 @@ class PrefillWorker:
             async with aclosing(events):
                 async for event in events:
                     if isinstance(event, PromptStarted):
-                        push = asyncio.create_task(self.sender.push(peer, _transfer(reservation, event, progress)))
+                        push = asyncio.create_task(self._push(peer, begin, event, progress))
                     else:
                         request = event
+            if push is None:
+                raise RuntimeError(f"request {request_id}: its prompt finished without starting a hand-off")
             first_token_at = time.monotonic()
             num_bytes = await push
             logprobs = request.output_logprobs[0] if request.output_logprobs else None
             commit = KVCommitInfo(request.output_token_ids[0], logprobs, request.num_prompt_tokens)
             await self.sender.commit(peer, transfer_id, commit, RPC_TIMEOUT_S)
         except BaseException as error:
+            begin.cancel()
             await asyncio.shield(asyncio.ensure_future(self._give_up(request_id, peer, transfer_id, push, error)))
+            if isinstance(error, asyncio.CancelledError) and _failure(begin) is not None:
+                raise _failure(begin) from None
             raise
         self.loop.call(lambda: self._release(request_id))
         return PrefillResult(
             commit.first_token_id, logprobs, request.num_cached_tokens, num_bytes, time.monotonic() - first_token_at, peer.transport
         )
+
+    async def _push(self, peer: KVPeer, begin: asyncio.Future, started: PromptStarted, progress: LayerProgress) -> int:
+        reservation: Reservation = await begin
+        transfer = OutgoingTransfer(reservation.transfer_id, started.block_table, reservation.block_ids, progress, reservation.deadline)
+        return await self.sender.push(peer, transfer)
 
     async def _give_up(
         self, request_id: str, peer: KVPeer, transfer_id: str, push: asyncio.Task | None, error: BaseException
@@ -174,8 +186,16 @@ class PrefillWorker:
         }
 
 
-def _transfer(reservation: Reservation, started: PromptStarted, progress: LayerProgress) -> OutgoingTransfer:
-    return OutgoingTransfer(reservation.transfer_id, started.block_table, reservation.block_ids, progress, reservation.deadline)
+def _failure(future: asyncio.Future) -> BaseException | None:
+    return None if not future.done() or future.cancelled() else future.exception()
+
+
+def _cancel_on_failure(task: asyncio.Task) -> object:
+    def callback(future: asyncio.Future) -> None:
+        if _failure(future) is not None:
+            task.cancel()
+
+    return callback
 
 
 def _no_op() -> None:

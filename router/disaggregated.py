@@ -50,7 +50,7 @@ class DisaggregatedBackend:
         on_kv_transfer: object | None = None,
         deadlines: Deadlines = Deadlines(),
     ) -> None:
-        """`on_kv_transfer(num_bytes, seconds)` is told about every prefill-to-decode hand-off."""
+        """`on_kv_transfer(num_bytes, seconds, transport)` is told about every prefill-to-decode hand-off."""
         self.pool = pool
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -117,7 +117,7 @@ class DisaggregatedBackend:
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc, f"prefill worker {prefill.record.worker_id}") from exc
         if self.on_kv_transfer is not None:
-            self.on_kv_transfer(response.kv_bytes, response.kv_seconds)
+            self.on_kv_transfer(response.kv_bytes, response.kv_seconds, response.kv_transport)
         logprobs = [logprobs_from_proto(response.first_logprobs)] if response.HasField("first_logprobs") else []
         return RequestDelta(
             request_id, [response.first_token_id], logprobs,

@@ -49,7 +49,7 @@ class Metrics:
         self.e2e_request_latency = histogram(
             "vllm:e2e_request_latency_seconds", "Request latency, arrival to last token.", E2E_BUCKETS)
         self.kv_transfer_bytes = counter(
-            "pdserve:kv_transfer_bytes", "KV cache bytes moved from prefill to decode workers.")
+            "pdserve:kv_transfer_bytes", "KV cache bytes moved from prefill to decode workers, by transport.", ("transport",))
         self.kv_transfer_seconds = histogram(
             "pdserve:kv_transfer_seconds",
             "KV hand-off time of one request not hidden behind its prefill (first token to the decode worker's ack).",
@@ -58,7 +58,7 @@ class Metrics:
         # Create every series now, so that dashboards see zeros rather than nothing before traffic.
         for metric in (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage, self.num_preemptions,
                        self.prompt_tokens, self.generation_tokens, self.time_to_first_token, self.inter_token_latency,
-                       self.e2e_request_latency, self.kv_transfer_bytes, self.kv_transfer_seconds):
+                       self.e2e_request_latency, self.kv_transfer_seconds):
             self.labels(metric)
         for reason in FINISH_REASONS:
             self.request_success.labels(model_name=model_name, finished_reason=reason)
@@ -75,8 +75,8 @@ class Metrics:
             self.labels(self.num_preemptions).inc(stats.num_preemptions - self._num_preemptions_seen)
         self._num_preemptions_seen = stats.num_preemptions
 
-    def observe_kv_transfer(self, num_bytes: int, seconds: float) -> None:
-        self.labels(self.kv_transfer_bytes).inc(num_bytes)
+    def observe_kv_transfer(self, num_bytes: int, seconds: float, transport: str) -> None:
+        self.kv_transfer_bytes.labels(model_name=self.model_name, transport=transport).inc(num_bytes)
         self.labels(self.kv_transfer_seconds).observe(seconds)
 
     def track_request(self, num_prompt_tokens: int) -> RequestTracker:

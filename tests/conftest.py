@@ -41,7 +41,7 @@ def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_demo_model(tmp_path_factory.mktemp("demo") / "model")
 
 
-def write_hf_checkpoint(directory: Path, family: str, tokenizer_dir: Path, seed: int = 0) -> Path:
+def write_hf_checkpoint(directory: Path, family: str, tokenizer_dir: Path, seed: int = 0, num_layers: int = 2) -> Path:
     """A transformers-written checkpoint of `family` with random weights and the demo tokenizer."""
     import json
 
@@ -54,7 +54,7 @@ def write_hf_checkpoint(directory: Path, family: str, tokenizer_dir: Path, seed:
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=num_layers,
         max_position_embeddings=512,
         rms_norm_eps=1e-6,
         **spec,

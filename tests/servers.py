@@ -6,7 +6,9 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,3 +73,33 @@ def wait_for_http(url: str, timeout_s: float, process: subprocess.Popen, log_pat
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{url} not ready after {timeout_s} s:\n{log_path.read_text()[-4000:]}")
+
+
+@contextlib.contextmanager
+def worker_process(role: str, model_dir: Path, *args: str, timeout_s: float = 180) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`tests/run_worker.py` in a subprocess (so a test can SIGKILL it); yields it and its address."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.run_worker", role, str(model_dir), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parent.parent,
+    )
+    try:
+        deadline, lines = time.monotonic() + timeout_s, []
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the {role} worker exited with {process.wait()}:\n{''.join(lines)[-4000:]}")
+            if line.startswith("ADDRESS "):
+                break
+            lines.append(line)
+        else:
+            raise TimeoutError(f"the {role} worker did not start within {timeout_s} s")
+        threading.Thread(target=_echo, args=(process.stdout, role), daemon=True).start()  # keep its pipe drained
+        yield process, line.split()[1]
+    finally:
+        process.kill()
+        process.wait(30)
+
+
+def _echo(stream: object, role: str) -> None:
+    for line in stream:
+        print(f"[{role} worker] {line}", end="", file=sys.stderr)

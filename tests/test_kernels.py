@@ -322,3 +322,17 @@ def test_wrappers_reject_bad_inputs_with_value_errors() -> None:
         K.rms_norm(torch.randn(3, 8), torch.randn(7), 1e-6)
     with pytest.raises(ValueError, match=r"\[\.\.\., 2 \* d\]"):
         K.silu_and_mul(torch.randn(3, 7))
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 2, 8), (2, 16, 1, 12)], ids=["pow2", "odd-head-dim"])
+def test_copy_kv_blocks_moves_exactly_the_named_blocks(shape: tuple[int, ...]) -> None:
+    num_layers, block_size, num_kv_heads, head_dim = shape
+    src = torch.randn(num_layers, 2, 9, block_size, num_kv_heads, head_dim)
+    dst = torch.full((num_layers, 2, 7, block_size, num_kv_heads, head_dim), float("nan"))
+    src_ids, dst_ids = torch.tensor([8, 0, 3]), torch.tensor([2, 6, 0])
+    K.copy_kv_blocks(src, src_ids, dst, dst_ids)
+    assert torch.equal(dst[:, :, dst_ids], src[:, :, src_ids])
+    assert dst[:, :, [1, 3, 4, 5]].isnan().all()  # nothing else written
+    ref = torch.zeros_like(dst)
+    K.copy_kv_blocks_ref(src, src_ids, ref, dst_ids)
+    assert torch.equal(ref[:, :, dst_ids], dst[:, :, dst_ids])

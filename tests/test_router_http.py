@@ -370,14 +370,13 @@ def test_metrics_use_vllm_names_and_count_requests(server: Server) -> None:
     labels = frozenset({"model_name": MODEL}.items())
     before = metric_samples(server.http.get("/metrics").text)
     server.http.post("/v1/completions", json=greedy_body(prompt=PROMPT, max_tokens=4))
-    server.metrics.observe_kv_transfer(4096, 0.002)
+    server.metrics.observe_kv_transfer(4096, 0.002, "cuda_ipc")
     text = server.http.get("/metrics").text
     after = metric_samples(text)
     for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                  "vllm:num_preemptions_total", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
                  "vllm:time_to_first_token_seconds_count", "vllm:inter_token_latency_seconds_count",
-                 "vllm:e2e_request_latency_seconds_count", "pdserve:kv_transfer_bytes_total",
-                 "pdserve:kv_transfer_seconds_count"):
+                 "vllm:e2e_request_latency_seconds_count", "pdserve:kv_transfer_seconds_count"):
         assert (name, labels) in after, name
     assert f'vllm:generation_tokens_total{{model_name="{MODEL}"}}' in text
 
@@ -390,7 +389,7 @@ def test_metrics_use_vllm_names_and_count_requests(server: Server) -> None:
     assert grew("vllm:request_success_total", {"finished_reason": "length"}) == 1
     assert grew("vllm:time_to_first_token_seconds_count") == 1 and grew("vllm:e2e_request_latency_seconds_count") == 1
     assert grew("vllm:inter_token_latency_seconds_count") == 3
-    assert grew("pdserve:kv_transfer_bytes_total") == 4096
+    assert grew("pdserve:kv_transfer_bytes_total", {"transport": "cuda_ipc"}) == 4096
     assert after[("vllm:num_requests_running", labels)] == 0 and 0 <= after[("vllm:kv_cache_usage_perc", labels)] <= 1
 
 

@@ -115,7 +115,7 @@ def test_every_cpu_kv_transport_serves_greedy_completions_equal_to_the_offline_e
             results = list(pool.map(lambda prompt: complete(server, prompt, 12), PROMPTS * 2))
         for got, want in zip(results, expected):
             assert token_ids_of(got.choices[0]) == want.outputs[0].token_ids
-        num_bytes = server.metric("pdserve:kv_transfer_bytes_total")
+        num_bytes = server.metric(f'pdserve:kv_transfer_bytes_total{{model_name="tiny-llama",transport="{kv_transport}"}}')
         assert num_bytes > 0 and server.metric("pdserve:kv_transfer_seconds_count") == len(expected)
         transports = {w["status"]["kv_transports"] for w in server.workers() if w["role"] == "decode"}
         assert transports == {kv_transport}

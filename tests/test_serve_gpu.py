@@ -1,6 +1,6 @@
 """`pdserve serve --device cuda` on one GPU: a prefill and a decode worker share it (Ray gives each
-half), KV leaves one CUDA cache over gRPC and lands in the other; greedy completions equal the
-offline engine on the same GPU. Run on the lent GPU machine: `pytest -m gpu`."""
+half), KV leaves one CUDA cache and lands in the other (CUDA IPC by default, or gRPC); greedy
+completions equal the offline engine on the same GPU. Run on the lent GPU machine: `pytest -m gpu`."""
 from __future__ import annotations
 
 import signal
@@ -20,7 +20,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 PROMPTS = ["Hello", "The key value cache is stored in fixed size blocks; a block table maps every request", "def add(a, b):"]
 
 
-def test_serve_on_a_gpu_matches_the_offline_engine(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kv_transport, expected", [("auto", "cuda_ipc"), ("grpc", "grpc")])
+def test_serve_on_a_gpu_matches_the_offline_engine(tmp_path: Path, kv_transport: str, expected: str) -> None:
     from engine.demo_model import write_demo_model
 
     model_dir = write_demo_model(tmp_path / "demo")
@@ -28,7 +29,7 @@ def test_serve_on_a_gpu_matches_the_offline_engine(tmp_path: Path) -> None:
     args = [
         sys.executable, "-m", "deploy.cli", "serve", "--model", str(model_dir), "--served-model-name", "demo",
         "--device", "cuda", "--dtype", "float32", "--port", str(port), "--kv-cache-memory-gib", "1",
-        "--max-model-len", "1024", "--max-num-seqs", "32",
+        "--max-model-len", "1024", "--max-num-seqs", "32", "--kv-transport", kv_transport,
     ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
@@ -46,6 +47,8 @@ def test_serve_on_a_gpu_matches_the_offline_engine(tmp_path: Path) -> None:
         workers = {w["role"]: w["status"] for w in httpx.get(base + "/admin/workers", timeout=10).json()["workers"]}
         assert int(workers["prefill"]["kv_bytes_sent"]) == int(workers["decode"]["kv_bytes_received"]) > 0
         assert workers["prefill"]["num_used_blocks"] == workers["decode"]["num_used_blocks"] == 0
+        metrics = httpx.get(base + "/metrics", timeout=10).text
+        assert f'pdserve:kv_transfer_bytes_total{{model_name="demo",transport="{expected}"}}' in metrics
     finally:
         process.send_signal(signal.SIGTERM)
         returncode = process.wait(timeout=60)

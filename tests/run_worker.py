@@ -1,0 +1,49 @@
+"""One worker in a process of its own, for tests that kill it:
+`python -m tests.run_worker ROLE MODEL_DIR [--device D] [--kv-transport T] [--kv-cache-memory-gib G]
+[--max-model-len N]`. Prints `ADDRESS host:port` once it serves, then serves until killed."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+
+from deploy.worker_host import GIL_SWITCH_INTERVAL_S, WorkerHost, WorkerSpec
+from engine.config import EngineConfig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("role", choices=["prefill", "decode"])
+    parser.add_argument("model")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--kv-transport", default="auto")
+    parser.add_argument("--kv-cache-memory-gib", type=float, default=0.25)
+    parser.add_argument("--max-model-len", type=int, default=512)
+    args = parser.parse_args()
+    device = args.device
+    if device.startswith("cuda:"):  # that GPU first: it is cuda:0 to every thread here, the others follow
+        index = device.split(":")[1]
+        others = [str(i) for i in range(8) if str(i) != index]
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join([index, *others[: _num_gpus() - 1]])
+        device = "cuda"
+    engine = EngineConfig(
+        model=args.model, device=device, dtype=args.dtype, kv_cache_memory_gib=args.kv_cache_memory_gib,
+        max_model_len=args.max_model_len, max_num_seqs=16,
+    )
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # as in a Ray worker process
+    host = WorkerHost(WorkerSpec(args.role, engine, model_name="m", kv_transport=args.kv_transport))
+    print(f"ADDRESS {host.start().address}", flush=True)
+    threading.Event().wait()  # `host` stays referenced: its gRPC server lives as long as it does
+
+
+def _num_gpus() -> int:
+    import subprocess
+
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=True).stdout
+    return len([line for line in out.splitlines() if line.startswith("GPU ")])
+
+
+if __name__ == "__main__":
+    main()
