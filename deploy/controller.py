@@ -51,7 +51,7 @@ class Cluster:
         num_workers = config.num_prefill_workers + config.num_decode_workers
         if not ray.is_initialized():
             ray.init(
-                address=config.ray_address,
+                address=config.ray_address or "local",  # never join a cluster by accident (`ray start` on this machine)
                 num_cpus=None if config.ray_address else max(os.cpu_count() or 1, num_workers),
                 include_dashboard=False,
                 logging_level=logging.WARNING,

@@ -65,6 +65,13 @@ class EngineCore:
         vocab = self.model_config.vocab_size
         if any(t >= vocab for t in params.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
+        for name, token_ids in (
+            ("logit_bias", [t for t, _ in params.logit_bias]),
+            ("allowed_token_ids", params.allowed_token_ids),
+            ("bad_words", [t for word in params.bad_words_token_ids for t in word]),
+        ):
+            if any(t >= vocab for t in token_ids):
+                raise InvalidRequestError(f"token ids in {name} must be in [0, {vocab})", name)
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         if not prompt_token_ids:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.logits_processors import TokenCounts, needs_processing, process
 from engine.outputs import TokenLogprobs
 from engine.request import Request
 
@@ -18,12 +19,19 @@ class SamplerOutput:
 
 
 class Sampler:
+    def __init__(self) -> None:
+        self.counts: TokenCounts | None = None  # made on first use, for the logits' vocabulary and device
+
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        """logits: float32 `[num_requests, vocab]`, one row per request, in order."""
+        """logits: float32 `[num_requests, vocab]`, one row per request, in order. Logprobs are
+        those of the model's own distribution (before penalties and biases), as vLLM reports them."""
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in requests):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         logits = _mask_stop_tokens_before_min(logits, requests)
+        if self.counts is None:
+            self.counts = TokenCounts(logits.shape[-1], logits.device)
+        logits = process(logits, requests, self.counts)
         token_ids = logits.argmax(dim=-1)
         if not all(r.params.is_greedy for r in requests):
             token_ids = torch.where(_greedy_mask(requests, logits.device), token_ids, _sample(logits, requests))
@@ -41,9 +49,11 @@ def skip_first_draw(request: Request, vocab_size: int, device: torch.device) -> 
 
 
 def only_argmax(requests: list[Request]) -> bool:
-    """Whether the batch's tokens are just the argmax: greedy, no logprobs, no stop tokens held back."""
+    """Whether the batch's tokens are just the argmax: greedy, no logprobs, no stop tokens held
+    back, nothing done to the logits."""
     return all(
         r.params.is_greedy and r.params.logprobs is None and len(r.output_token_ids) >= r.params.min_tokens
+        and not needs_processing(r)
         for r in requests
     )
 

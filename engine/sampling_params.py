@@ -31,6 +31,12 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | tuple[tuple[int, float], ...] | None = ()  # token id -> added to its logit
+    bad_words_token_ids: tuple[tuple[int, ...], ...] | list[list[int]] | None = ()  # never generate these sequences
+    allowed_token_ids: tuple[int, ...] | list[int] | None = ()  # when set, only these
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -38,6 +44,10 @@ class SamplingParams:
         stop = self.stop
         object.__setattr__(self, "stop", (stop,) if isinstance(stop, str) else tuple(stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        bias = self.logit_bias or ()
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(v)) for t, v in (bias.items() if isinstance(bias, dict) else bias))))
+        object.__setattr__(self, "bad_words_token_ids", tuple(tuple(word) for word in self.bad_words_token_ids or ()))
+        object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids or ()))
         self._validate()
 
     def _validate(self) -> None:
@@ -66,6 +76,19 @@ class SamplingParams:
             fail("stop strings must be non-empty", "stop")
         if any(t < 0 for t in self.stop_token_ids):
             fail("stop_token_ids must be non-negative", "stop_token_ids")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:  # OpenAI's range (NaN fails it too)
+                fail(f"{name} must be in [-2, 2], got {value}", name)
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            fail(f"repetition_penalty must be > 0, got {self.repetition_penalty}", "repetition_penalty")
+        if any(not -100.0 <= v <= 100.0 for _, v in self.logit_bias):  # OpenAI's range
+            fail("logit_bias values must be in [-100, 100]", "logit_bias")
+        if any(not word for word in self.bad_words_token_ids):
+            fail("bad words must be non-empty", "bad_words")
+        token_ids = [t for t, _ in self.logit_bias] + list(self.allowed_token_ids) + [t for w in self.bad_words_token_ids for t in w]
+        if any(t < 0 for t in token_ids):
+            fail("token ids in logit_bias, allowed_token_ids and bad words must be non-negative", "logit_bias")
 
     @property
     def is_greedy(self) -> bool:

@@ -25,6 +25,12 @@ def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
         msg.max_tokens = params.max_tokens
     if params.logprobs is not None:
         msg.logprobs = params.logprobs
+    if params.repetition_penalty != 1.0:
+        msg.repetition_penalty = params.repetition_penalty
+    msg.presence_penalty, msg.frequency_penalty = params.presence_penalty, params.frequency_penalty
+    msg.logit_bias.update(dict(params.logit_bias))
+    msg.bad_words.extend(pb.TokenSequence(token_ids=word) for word in params.bad_words_token_ids)
+    msg.allowed_token_ids.extend(params.allowed_token_ids)
     return msg
 
 
@@ -41,6 +47,12 @@ def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        presence_penalty=msg.presence_penalty,
+        frequency_penalty=msg.frequency_penalty,
+        repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
+        logit_bias=dict(msg.logit_bias),
+        bad_words_token_ids=tuple(tuple(word.token_ids) for word in msg.bad_words),
+        allowed_token_ids=tuple(msg.allowed_token_ids),
     )
 
 

@@ -39,7 +39,7 @@ async def create_chat_completion(serving: Serving, request: ChatCompletionReques
     prompt = render_chat(tokenizer, request.messages, request.add_generation_prompt, request.chat_template_kwargs)
     prompt_token_ids = tokenizer.encode(prompt, add_special_tokens=request.add_special_tokens)
     max_tokens = serving.max_tokens(len(prompt_token_ids), request.requested_max_tokens, "messages")
-    params = request.sampling_params(max_tokens, request.num_logprobs)
+    params = request.sampling_params(max_tokens, request.num_logprobs, serving.backend.tokenizer)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     generation = serving.generation(request_id, prompt_token_ids, params)
     chat = _ChatCompletion(request_id, serving.backend.model_name, tokenizer, generation, request.return_tokens_as_token_ids)

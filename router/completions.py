@@ -21,7 +21,7 @@ async def create_completion(serving: Serving, request: CompletionRequest) -> Res
     else:
         prompt_token_ids = list(prompt)
     max_tokens = serving.max_tokens(len(prompt_token_ids), request.max_tokens, "prompt")
-    params = request.sampling_params(max_tokens, request.logprobs)
+    params = request.sampling_params(max_tokens, request.logprobs, serving.backend.tokenizer)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     generation = serving.generation(request_id, prompt_token_ids, params)
     completion = _Completion(request_id, serving.backend.model_name, tokenizer, generation, request.return_tokens_as_token_ids)

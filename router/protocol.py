@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
 from router.errors import APIError
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -62,6 +63,8 @@ class GenerationRequest(BaseModel):
     min_p: float | None = None
     min_tokens: int = 0
     repetition_penalty: float | None = None
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
@@ -69,13 +72,6 @@ class GenerationRequest(BaseModel):
 
     def check_supported(self) -> None:
         """Reject what pdserve does not implement rather than silently sampling without it."""
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                raise APIError(400, f"{name} is not supported (only 0)", name)
-        if self.repetition_penalty not in (None, 1):
-            raise APIError(400, "repetition_penalty is not supported (only 1)", "repetition_penalty")
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported", "logit_bias")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options can only be set when stream is true", "stream_options")
 
@@ -83,9 +79,15 @@ class GenerationRequest(BaseModel):
     def include_usage_in_stream(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None, tokenizer: Tokenizer) -> SamplingParams:
         """Raises `InvalidRequestError` naming the field for out-of-range values."""
         return SamplingParams(
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=_logit_bias(self.logit_bias),
+            bad_words_token_ids=_bad_words(self.bad_words, tokenizer),
+            allowed_token_ids=self.allowed_token_ids,
             n=1 if self.n is None else self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
@@ -101,6 +103,25 @@ class GenerationRequest(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
         )
+
+
+def _logit_bias(logit_bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI sends token ids as JSON object keys (strings)."""
+    try:
+        return {int(token_id): bias for token_id, bias in (logit_bias or {}).items()}
+    except ValueError:
+        raise APIError(400, "logit_bias keys must be token ids (integers)", "logit_bias") from None
+
+
+def _bad_words(words: list[str] | None, tokenizer: Tokenizer) -> list[list[int]]:
+    """Each word's tokens alone and after a space, as vLLM forbids them (wherever they start)."""
+    sequences = []
+    for word in words or []:
+        for text in (word, " " + word.lstrip()):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if ids and ids not in sequences:
+                sequences.append(ids)
+    return sequences
 
 
 class CompletionRequest(GenerationRequest):

@@ -265,8 +265,13 @@ CASES = [  # (path, body, status, param, words in the message)
     ("/v1/completions", {"temperature": "hot"}, 400, "temperature", "number"),
     ("/v1/completions", {"stop": 5}, 400, "stop", "stop"),
     ("/v1/completions", {"echo": True}, 400, "echo", "not supported"),
-    ("/v1/completions", {"presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
-    ("/v1/completions", {"frequency_penalty": -1}, 400, "frequency_penalty", "not supported"),
+    ("/v1/completions", {"presence_penalty": 2.5}, 400, "presence_penalty", "[-2, 2]"),
+    ("/v1/completions", {"frequency_penalty": -3}, 400, "frequency_penalty", "[-2, 2]"),
+    ("/v1/completions", {"repetition_penalty": 0}, 400, "repetition_penalty", "> 0"),
+    ("/v1/completions", {"logit_bias": {"5": 101}}, 400, "logit_bias", "[-100, 100]"),
+    ("/v1/completions", {"logit_bias": {"five": 1}}, 400, "logit_bias", "integers"),
+    ("/v1/completions", {"logit_bias": {"1000000": 1}}, 400, "logit_bias", "must be in [0,"),
+    ("/v1/completions", {"allowed_token_ids": [10**6]}, 400, "allowed_token_ids", "must be in [0,"),
     ("/v1/completions", {"stream": True, "temperature": -1}, 400, "temperature", "temperature"),
     ("/v1/completions", {"stream_options": {"include_usage": True}}, 400, "stream_options", "stream"),
     ("/v1/chat/completions", {"max_tokens": 0}, 400, "max_tokens", "max_tokens"),
@@ -506,3 +511,18 @@ def test_health_and_stats_follow_the_backend(scripted: Scripted) -> None:
     assert scripted.http.get("/health").status_code == 503
     scripted.backend.is_up = True
     assert scripted.http.get("/health").status_code == 200
+
+
+def test_penalties_logit_bias_and_allowed_tokens_equal_the_offline_engine(server: Server, demo_model_dir: Path) -> None:
+    reference = LLM(model=str(demo_model_dir), device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN)
+    extra = {"repetition_penalty": 1.3, "frequency_penalty": 0.5, "presence_penalty": -0.5, "logit_bias": {"40": 3.0}}
+    body = greedy_body(prompt=PROMPT, max_tokens=12, logprobs=0, return_tokens_as_token_ids=True, **extra)
+    choice = server.http.post("/v1/completions", json=body).json()["choices"][0]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logit_bias={40: 3.0},
+                            **{k: v for k, v in extra.items() if k != "logit_bias"})
+    [want] = reference.generate(PROMPT, params)
+    assert [int(t.split(":")[1]) for t in choice["logprobs"]["tokens"]] == want.outputs[0].token_ids
+    allowed = [40, 41, 42]
+    body = greedy_body(prompt=PROMPT, max_tokens=8, logprobs=0, return_tokens_as_token_ids=True, allowed_token_ids=allowed)
+    tokens = server.http.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]["tokens"]
+    assert {int(t.split(":")[1]) for t in tokens} <= set(allowed)

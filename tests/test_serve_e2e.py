@@ -121,6 +121,22 @@ def test_every_cpu_kv_transport_serves_greedy_completions_equal_to_the_offline_e
         assert transports == {kv_transport}
 
 
+PENALIZED = dict(repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.3)
+
+
+def test_penalties_and_logit_bias_cross_both_workers_exactly(server: Server, reference: LLM) -> None:
+    """The prefill worker samples the first token, the decode worker the rest: both apply the same
+    penalties over the same tokens, so the tokens equal one engine's."""
+    bias = {str(reference.get_tokenizer().encode(" blocks", add_special_tokens=False)[0]): 4.0}
+    for prompt in PROMPTS[1:3]:
+        params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logit_bias={int(k): v for k, v in bias.items()}, **PENALIZED)
+        [want] = reference.generate(prompt, params)
+        got = complete(server, prompt, 16, logit_bias=bias, **PENALIZED)
+        assert token_ids_of(got.choices[0]) == want.outputs[0].token_ids
+    plain = complete(server, PROMPTS[1], 16)
+    assert token_ids_of(plain.choices[0]) != token_ids_of(complete(server, PROMPTS[1], 16, logit_bias=bias, **PENALIZED).choices[0])
+
+
 def test_greedy_completions_equal_the_offline_engine(server: Server, reference: LLM) -> None:
     expected = reference.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
     for prompt, want in zip(PROMPTS, expected):
