@@ -12,7 +12,8 @@ from engine.sampling_params import SamplingParams
 
 
 def delta_of(request: Request) -> RequestDelta:
-    """The delta for the token a step just appended to `request`."""
+    """The delta for the token a step just appended to `request` (the first carries prompt logprobs)."""
+    is_first = len(request.output_token_ids) == 1
     logprobs = request.output_logprobs[-1:] if request.params.logprobs is not None else []
     return RequestDelta(
         request_id=request.request_id,
@@ -23,6 +24,7 @@ def delta_of(request: Request) -> RequestDelta:
         num_prompt_tokens=request.num_prompt_tokens,
         num_cached_tokens=request.num_cached_tokens,
         num_output_tokens=len(request.output_token_ids),
+        prompt_logprobs=list(request.prompt_logprobs) if is_first and request.params.prompt_logprobs is not None else None,
     )
 
 

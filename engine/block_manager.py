@@ -73,11 +73,12 @@ class BlockManager:
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def allocate(self, token_ids: Sequence[int], num_tokens: int | None = None) -> Allocation | None:
-        """Blocks for a new sequence, reusing cached full blocks of all but its last token."""
+    def allocate(self, token_ids: Sequence[int], num_tokens: int | None = None, use_cache: bool = True) -> Allocation | None:
+        """Blocks for a new sequence, reusing cached full blocks of all but its last token (unless
+        `use_cache` is False: a request that needs every prompt position computed)."""
         num_tokens = len(token_ids) if num_tokens is None else num_tokens
         assert num_tokens >= len(token_ids)
-        hits = self._match(token_ids[: max(len(token_ids) - 1, 0)])
+        hits = self._match(token_ids[: max(len(token_ids) - 1, 0)]) if use_cache else []
         num_new = self.num_blocks_for(num_tokens) - len(hits)
         num_free_hits = sum(1 for block in hits if block.ref_count == 0)
         if num_new > self.num_free_blocks - num_free_hits:

@@ -112,7 +112,12 @@ class _Run:
             finish_reason=r.finish_reason,
             stop_reason=r.stop_reason,
         )
-        return RequestOutput(r.request_id, self.prompt, r.prompt_token_ids, [completion], True, r.num_cached_tokens)
+        prompt_logprobs = None
+        if r.params.prompt_logprobs is not None:
+            prompt_logprobs = [None if lp is None else _logprob_dict(lp, tokenizer) for lp in r.prompt_logprobs]
+        return RequestOutput(
+            r.request_id, self.prompt, r.prompt_token_ids, [completion], True, r.num_cached_tokens, prompt_logprobs=prompt_logprobs
+        )
 
 
 def _logprob_dict(lp: object, tokenizer: Tokenizer) -> dict[int, Logprob]:

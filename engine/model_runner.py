@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,8 @@ from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.cuda_graph import DecodeGraphRunner
 from engine.loader import init_random_weights, load_weights
 from engine.model import LlamaForCausalLM
+from engine.outputs import TokenLogprobs
+from engine.prompt_logprobs import compute_prompt_logprobs, prompt_targets
 from engine.request import Request, ScheduledRequest
 from engine.sampler import Sampler, SamplerOutput, only_argmax
 
@@ -28,6 +30,7 @@ class StepLogits:
     logits: torch.Tensor  # float32 [len(requests), vocab]
     greedy_ids: torch.Tensor | None  # their argmax, when the step computed it (CUDA-graph decode)
     requests: list[Request]  # the sampled requests, in row order
+    prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # see SamplerOutput
 
 
 @dataclass
@@ -127,10 +130,13 @@ class ModelRunner:
         `on_layer(i)`: see `LlamaForCausalLM.forward` (eager steps only)."""
         step = self.compute_logits(batch, on_layer)
         if not step.requests:
-            return SamplerOutput([], [])
-        if step.greedy_ids is not None and only_argmax(step.requests):
-            return SamplerOutput(step.greedy_ids.tolist(), [None] * len(step.requests))
-        return self.sampler(step.logits, step.requests)
+            output = SamplerOutput([], [])
+        elif step.greedy_ids is not None and only_argmax(step.requests):
+            output = SamplerOutput(step.greedy_ids.tolist(), [None] * len(step.requests))
+        else:
+            output = self.sampler(step.logits, step.requests)
+        output.prompt_logprobs = step.prompt_logprobs
+        return output
 
     def compute_logits(self, batch: list[ScheduledRequest], on_layer: Callable[[int], None] | None = None) -> StepLogits:
         if on_layer is None and self.graphs is not None and self.graphs.can_run(len(batch)) and _is_plain_decode(batch):
@@ -138,7 +144,9 @@ class ModelRunner:
             return StepLogits(*self.graphs.run(requests), requests)
         inputs = self.prepare_inputs(batch)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, on_layer)
-        return StepLogits(self.model.compute_logits(hidden[inputs.logits_rows]), None, inputs.sampled)
+        targets = prompt_targets(batch)
+        prompt_logprobs = compute_prompt_logprobs(self.model, hidden, targets) if targets else {}
+        return StepLogits(self.model.compute_logits(hidden[inputs.logits_rows]), None, inputs.sampled, prompt_logprobs)
 
     def prepare_inputs(self, batch: list[ScheduledRequest]) -> ModelInputs:
         bs = self.block_size

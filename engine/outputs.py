@@ -35,6 +35,7 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # entry 0 is None, as in vLLM
 
 
 @dataclass(frozen=True)
@@ -60,3 +61,4 @@ class RequestDelta:
     num_cached_tokens: int = 0
     num_output_tokens: int = 0  # the request's generated tokens so far
     error: str | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # on the first delta, when asked for

@@ -3,7 +3,7 @@ min_tokens, and top-n logprobs. Rows are independent: a seeded request draws fro
 generator, so its output does not depend on what else is in the batch."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,6 +16,17 @@ from engine.request import Request
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
+    # id(request) -> logprobs of the prompt tokens this step computed for it (prompt_logprobs)
+    prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)
+
+
+def add_prompt_logprobs(request: Request, logprobs: list[TokenLogprobs] | None) -> None:
+    """Append a step's prompt logprobs; the first prompt token's entry is None (nothing predicts it)."""
+    if logprobs is None:
+        return
+    if not request.prompt_logprobs:
+        request.prompt_logprobs.append(None)
+    request.prompt_logprobs += logprobs
 
 
 class Sampler:

@@ -29,6 +29,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] | list[int] | None = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # logprobs of the prompt's tokens, with this many top alternatives
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     presence_penalty: float = 0.0
@@ -72,6 +73,8 @@ class SamplingParams:
             fail(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})", "min_tokens")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             fail(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", "logprobs")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            fail(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}", "prompt_logprobs")
         if any(not s for s in self.stop):
             fail("stop strings must be non-empty", "stop")
         if any(t < 0 for t in self.stop_token_ids):

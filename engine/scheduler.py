@@ -8,7 +8,7 @@ from collections import deque
 
 from engine.block_manager import BlockManager
 from engine.request import Request, RequestPhase, ScheduledRequest
-from engine.sampler import SamplerOutput
+from engine.sampler import SamplerOutput, add_prompt_logprobs
 
 
 class Scheduler:
@@ -78,7 +78,7 @@ class Scheduler:
         return True
 
     def _admit(self, request: Request, budget: int) -> ScheduledRequest | None:
-        allocation = self.block_manager.allocate(request.all_token_ids)
+        allocation = self.block_manager.allocate(request.all_token_ids, use_cache=request.params.prompt_logprobs is None)
         if allocation is None:
             return None
         request.block_table = allocation.block_table
@@ -114,6 +114,7 @@ class Scheduler:
                 self.block_manager.cache_full_blocks(
                     request.block_table, request.all_token_ids, request.num_computed_tokens
                 )
+            add_prompt_logprobs(request, output.prompt_logprobs.get(id(request)))
             if not is_sampled:
                 continue
             token, logprobs = next(samples)

@@ -100,6 +100,17 @@ class Tokenizer:
         once the run ends. Empty for byte-level BPE (Llama-3, Qwen)."""
         return self._byte_token_ids
 
+    def info(self) -> dict[str, Any]:
+        """The special tokens and chat template, as vLLM's /tokenizer_info reports a tokenizer."""
+        template = self._chat_template
+        if isinstance(template, dict):
+            template = template.get("default")
+        return {**self._special_tokens, "chat_template": template}
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """Each id's token as the vocabulary spells it (e.g. "Ġthe")."""
+        return [self._backend.id_to_token(i) or "" for i in ids]
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 

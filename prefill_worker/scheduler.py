@@ -8,7 +8,7 @@ from collections import deque
 
 from engine.block_manager import BlockManager
 from engine.request import Request, RequestPhase, ScheduledRequest
-from engine.sampler import SamplerOutput
+from engine.sampler import SamplerOutput, add_prompt_logprobs
 
 
 class PrefillScheduler:
@@ -52,7 +52,7 @@ class PrefillScheduler:
             budget -= num_tokens
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            allocation = self.block_manager.allocate(request.prompt_token_ids)
+            allocation = self.block_manager.allocate(request.prompt_token_ids, use_cache=request.params.prompt_logprobs is None)
             if allocation is None:
                 break  # FCFS: wait for blocks to come back from finished transfers
             self.waiting.popleft()
@@ -73,6 +73,7 @@ class PrefillScheduler:
             request, is_sampled = item.request, item.is_sampled
             request.num_computed_tokens += item.num_tokens
             self.block_manager.cache_full_blocks(request.block_table, request.prompt_token_ids, request.num_computed_tokens)
+            add_prompt_logprobs(request, output.prompt_logprobs.get(id(request)))
             if not is_sampled:
                 continue
             token, logprobs = next(samples)

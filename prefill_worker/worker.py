@@ -45,6 +45,7 @@ class PrefillResult:
     kv_bytes: int
     kv_seconds: float  # hand-off time not hidden behind the prefill (first token -> ack)
     kv_transport: str
+    prompt_logprobs: list[TokenLogprobs]  # of prompt tokens 1.. when asked for
 
 
 class PrefillWorker:
@@ -105,7 +106,8 @@ class PrefillWorker:
             raise
         self.loop.call(lambda: self._release(request_id))
         return PrefillResult(
-            commit.first_token_id, logprobs, request.num_cached_tokens, num_bytes, time.monotonic() - first_token_at, peer.transport
+            commit.first_token_id, logprobs, request.num_cached_tokens, num_bytes, time.monotonic() - first_token_at,
+            peer.transport, request.prompt_logprobs[1:],
         )
 
     async def _push(self, peer: KVPeer, begin: asyncio.Future, started: PromptStarted, progress: LayerProgress) -> int:

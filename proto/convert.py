@@ -25,6 +25,8 @@ def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
         msg.max_tokens = params.max_tokens
     if params.logprobs is not None:
         msg.logprobs = params.logprobs
+    if params.prompt_logprobs is not None:
+        msg.prompt_logprobs = params.prompt_logprobs
     if params.repetition_penalty != 1.0:
         msg.repetition_penalty = params.repetition_penalty
     msg.presence_penalty, msg.frequency_penalty = params.presence_penalty, params.frequency_penalty
@@ -53,6 +55,7 @@ def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         logit_bias=dict(msg.logit_bias),
         bad_words_token_ids=tuple(tuple(word.token_ids) for word in msg.bad_words),
         allowed_token_ids=tuple(msg.allowed_token_ids),
+        prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
     )
 
 

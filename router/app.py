@@ -3,6 +3,7 @@ OpenAI/vLLM clients, benchmarks and dashboards work unchanged."""
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import time
 
@@ -68,7 +69,20 @@ def create_app(backend: Backend, metrics: Metrics | None = None, request_timeout
     async def tokenize(body: TokenizeRequest) -> JSONResponse:
         serving.check_model(body.model)
         token_ids = _tokenize(backend, body)
-        return JSONResponse({"count": len(token_ids), "max_model_len": backend.max_model_len, "tokens": token_ids})
+        answer = {"count": len(token_ids), "max_model_len": backend.max_model_len, "tokens": token_ids}
+        if body.return_token_strs:
+            answer["token_strs"] = backend.tokenizer.token_strings(token_ids)
+        return JSONResponse(answer)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> JSONResponse:
+        """vLLM's: what a remote client (lm-eval's tokenizer_backend=remote) needs of the tokenizer."""
+        info = {"tokenizer_class": "PreTrainedTokenizerFast", **backend.tokenizer.info(), "model_max_length": backend.max_model_len}
+        return JSONResponse(info)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": _version()}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> JSONResponse:
@@ -79,6 +93,13 @@ def create_app(backend: Backend, metrics: Metrics | None = None, request_timeout
         return JSONResponse({"prompt": backend.tokenizer.decode(body.tokens, skip_special_tokens=False)})
 
     return app
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("pdserve")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout without installing
+        return "unknown"
 
 
 def _tokenize(backend: Backend, body: TokenizeRequest) -> list[int]:

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from engine.tokenizer import Tokenizer
 from router.errors import APIError
 from router.protocol import ChatCompletionRequest, ChatMessage
-from router.serving import Generation, Serving, TextDelta, collect, json_logprob, start_stream, token_text
+from router.serving import Generation, Serving, TextDelta, collect, json_logprob, start_stream, token_text, vllm_prompt_logprobs
 
 RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "tools")
 
@@ -42,7 +42,7 @@ async def create_chat_completion(serving: Serving, request: ChatCompletionReques
     params = request.sampling_params(max_tokens, request.num_logprobs, serving.backend.tokenizer)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     generation = serving.generation(request_id, prompt_token_ids, params)
-    chat = _ChatCompletion(request_id, serving.backend.model_name, tokenizer, generation, request.return_tokens_as_token_ids)
+    chat = _ChatCompletion(request_id, serving.backend.model_name, tokenizer, generation, request)
     if request.stream:
         return await start_stream(generation.deltas(), chat.chunks, lambda: chat.final_chunks(request))
     whole = await collect(generation.deltas())
@@ -52,10 +52,9 @@ async def create_chat_completion(serving: Serving, request: ChatCompletionReques
 class _ChatCompletion:
     """The response's JSON, whole or chunk by chunk."""
 
-    def __init__(
-        self, request_id: str, model: str, tokenizer: Tokenizer, generation: Generation, as_token_ids: bool = False
-    ) -> None:
-        self._as_token_ids = as_token_ids
+    def __init__(self, request_id: str, model: str, tokenizer: Tokenizer, generation: Generation, request: ChatCompletionRequest) -> None:
+        self._request = request
+        self._as_token_ids = request.return_tokens_as_token_ids
         self.request_id = request_id
         self.model = model
         self.created = int(time.time())
@@ -87,7 +86,10 @@ class _ChatCompletion:
             "finish_reason": whole.finish_reason,
             "stop_reason": whole.stop_reason,
         }
-        return {**self._envelope("chat.completion", [choice]), "usage": self._generation.usage}
+        body = {**self._envelope("chat.completion", [choice]), "usage": self._generation.usage}
+        if self._generation.params.prompt_logprobs is not None:
+            body["prompt_logprobs"] = vllm_prompt_logprobs(self._tokenizer, self._generation.prompt_logprobs)
+        return body
 
     def chunks(self, delta: TextDelta) -> list[dict]:
         chunks = []
@@ -95,6 +97,9 @@ class _ChatCompletion:
             self._is_role_sent = True
             chunks.append(self._chunk({"role": "assistant", "content": ""}, None, TextDelta("")))
         chunks.append(self._chunk({"content": delta.text}, self._logprobs(delta), delta))
+        if self._request.include_usage_in_every_chunk:
+            for chunk in chunks:
+                chunk["usage"] = self._generation.usage
         return chunks
 
     def _chunk(self, message: dict, logprobs: dict | None, delta: TextDelta) -> dict:

@@ -1,84 +1,148 @@
-"""POST /v1/completions: OpenAI's text completion of one prompt, whole or streamed."""
+"""POST /v1/completions: OpenAI's text completion of one prompt or several (a choice each, indexed
+in order), whole or streamed; `echo` returns the prompt before the completion, with its tokens'
+logprobs when `logprobs` is set (the first token's null), as lm-eval reads them."""
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse, Response
 
+from engine.outputs import TokenLogprobs
 from engine.tokenizer import Tokenizer
 from router.protocol import CompletionRequest
-from router.serving import Generation, Serving, TextDelta, collect, json_logprob, start_stream, token_text
+from router.serving import (
+    Generation, Serving, TextDelta, collect, json_logprob, merge_deltas, start_stream, token_text, vllm_prompt_logprobs,
+)
+
+
+@dataclass
+class _Prompt:
+    text: str  # as the client sent it, or its tokens decoded
+    token_ids: list[int]
 
 
 async def create_completion(serving: Serving, request: CompletionRequest) -> Response:
     serving.check_model(request.model)
     request.check_supported()
     tokenizer = serving.backend.tokenizer
-    prompt = request.single_prompt()
-    if isinstance(prompt, str):
-        prompt_token_ids = tokenizer.encode(prompt, add_special_tokens=request.add_special_tokens)
-    else:
-        prompt_token_ids = list(prompt)
-    max_tokens = serving.max_tokens(len(prompt_token_ids), request.max_tokens, "prompt")
-    params = request.sampling_params(max_tokens, request.logprobs, serving.backend.tokenizer)
+    prompts = [_encode(tokenizer, prompt, request.add_special_tokens) for prompt in request.prompt_list()]
+    is_prompt_only = request.echo and request.max_tokens == 0  # OpenAI's way to score a prompt
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    generation = serving.generation(request_id, prompt_token_ids, params)
-    completion = _Completion(request_id, serving.backend.model_name, tokenizer, generation, request.return_tokens_as_token_ids)
+    generations = []
+    for index, prompt in enumerate(prompts):  # every prompt checked before any runs
+        max_tokens = serving.max_tokens(len(prompt.token_ids), 1 if is_prompt_only else request.max_tokens, "prompt")
+        params = request.sampling_params(max_tokens, request.logprobs, tokenizer)
+        generations.append((prompt, params))
+    runs = [serving.generation(f"{request_id}-{i}", prompt.token_ids, params) for i, (prompt, params) in enumerate(generations)]
+    completion = _Completion(request_id, serving.backend.model_name, tokenizer, request, [p for p, _ in generations], runs)
     if request.stream:
-        return await start_stream(generation.deltas(), completion.chunks, lambda: completion.final_chunks(request))
-    whole = await collect(generation.deltas())
-    return JSONResponse(completion.response(whole))
+        deltas = runs[0].deltas() if len(runs) == 1 else merge_deltas([run.deltas() for run in runs])
+        return await start_stream(deltas, completion.chunks, completion.final_chunks)
+    wholes = await asyncio.gather(*(collect(run.deltas()) for run in runs))
+    return JSONResponse(completion.response(list(wholes)))
+
+
+def _encode(tokenizer: Tokenizer, prompt: str | list[int], add_special_tokens: bool) -> _Prompt:
+    if isinstance(prompt, str):
+        return _Prompt(prompt, tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+    return _Prompt(tokenizer.decode(prompt, skip_special_tokens=False), list(prompt))
 
 
 class _Completion:
     """The response's JSON, whole or chunk by chunk."""
 
     def __init__(
-        self, request_id: str, model: str, tokenizer: Tokenizer, generation: Generation, as_token_ids: bool = False
+        self, request_id: str, model: str, tokenizer: Tokenizer, request: CompletionRequest,
+        prompts: list[_Prompt], runs: list[Generation],
     ) -> None:
         self.request_id = request_id
-        self._as_token_ids = as_token_ids
         self.model = model
         self.created = int(time.time())
+        self._request = request
         self._tokenizer = tokenizer
-        self._generation = generation
-        self._text_offset = 0  # chars of output before the next token, for logprobs' text_offset
+        self._prompts = prompts
+        self._runs = runs
+        self._is_prompt_only = bool(request.echo) and request.max_tokens == 0
+        self._text_offsets = [0] * len(runs)  # chars before each choice's next token, for text_offset
+        self._is_echoed = [False] * len(runs)
 
     def _envelope(self, choices: list[dict]) -> dict:
         return {"id": self.request_id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": choices}
 
     def _choice(self, delta: TextDelta) -> dict:
-        return {
-            "index": 0,
-            "text": delta.text,
-            "logprobs": self._logprobs(delta) if self._generation.params.logprobs is not None else None,
-            "finish_reason": delta.finish_reason,
-            "stop_reason": delta.stop_reason,
-        }
+        index, run = delta.index, self._runs[delta.index]
+        text, token_ids, logprobs = delta.text, delta.token_ids, delta.logprobs
+        if self._is_prompt_only:
+            text, token_ids, logprobs = "", [], []
+        echoed: list[TokenLogprobs | None] = []
+        if self._request.echo and not self._is_echoed[index]:  # the prompt goes before the first output
+            self._is_echoed[index] = True
+            text = self._prompts[index].text + text
+            echoed = self._prompt_entries(index)
+        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": delta.finish_reason,
+                  "stop_reason": delta.stop_reason}
+        if self._request.logprobs is not None:
+            choice["logprobs"] = self._logprobs(index, [*echoed, *logprobs], len(echoed))
+        if run.params.prompt_logprobs is not None and not self._request.echo:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(self._tokenizer, run.prompt_logprobs)
+        if self._is_prompt_only and delta.finish_reason is not None:
+            choice["finish_reason"] = "length"
+        return choice
 
-    def response(self, whole: TextDelta) -> dict:
-        return {**self._envelope([self._choice(whole)]), "usage": self._generation.usage}
+    def response(self, wholes: list[TextDelta]) -> dict:
+        for index, whole in enumerate(wholes):
+            whole.index = index
+        return {**self._envelope([self._choice(whole) for whole in wholes]), "usage": self._usage()}
 
     def chunks(self, delta: TextDelta) -> list[dict]:
-        return [self._envelope([self._choice(delta)])]
+        chunk = self._envelope([self._choice(delta)])
+        if self._request.include_usage_in_every_chunk:
+            chunk["usage"] = self._usage()
+        return [chunk]
 
-    def final_chunks(self, request: CompletionRequest) -> list[dict]:
-        if not request.include_usage_in_stream:
+    def final_chunks(self) -> list[dict]:
+        if not self._request.include_usage_in_stream:
             return []
-        return [{**self._envelope([]), "usage": self._generation.usage}]
+        return [{**self._envelope([]), "usage": self._usage()}]
 
-    def _logprobs(self, delta: TextDelta) -> dict:
-        """OpenAI's legacy shape; each token's top_logprobs holds the top-n and the token itself."""
+    def _usage(self) -> dict:
+        usages = [run.usage for run in self._runs]
+        num_prompt = sum(u["prompt_tokens"] for u in usages)
+        num_output = 0 if self._is_prompt_only else sum(u["completion_tokens"] for u in usages)
+        num_cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in usages)
+        return {"prompt_tokens": num_prompt, "completion_tokens": num_output, "total_tokens": num_prompt + num_output,
+                "prompt_tokens_details": {"cached_tokens": num_cached}}
+
+    def _prompt_entries(self, index: int) -> list[TokenLogprobs | None]:
+        """The prompt's tokens as logprob entries (None where there is no logprob: the first token,
+        or every token when `logprobs` was not asked for)."""
+        prompt_ids = self._prompts[index].token_ids
+        computed = self._runs[index].prompt_logprobs or []
+        entries: list[TokenLogprobs | None] = [computed[i] if i < len(computed) else None for i in range(len(prompt_ids))]
+        return [entry if entry is not None else _bare(token_id) for entry, token_id in zip(entries, prompt_ids)]
+
+    def _logprobs(self, index: int, entries: list[TokenLogprobs], num_echoed: int) -> dict:
+        """OpenAI's legacy shape; each token's top_logprobs holds the top-n and the token itself.
+        Echoed prompt tokens without a logprob (the first) get null in both lists."""
         tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
-        for lp in delta.logprobs:
-            token = token_text(self._tokenizer, lp.token_id, self._as_token_ids)
+        for position, lp in enumerate(entries):
+            token = token_text(self._tokenizer, lp.token_id, self._request.return_tokens_as_token_ids)
             tokens.append(token)
-            token_logprobs.append(json_logprob(lp.logprob))
-            top = {token_text(self._tokenizer, i, self._as_token_ids): json_logprob(v) for i, v in lp.top}
-            top_logprobs.append({token: json_logprob(lp.logprob), **top})
-            text_offset.append(self._text_offset)
-            self._text_offset += len(token)
-        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-                "text_offset": text_offset}
+            if position < num_echoed and lp.rank == 0:  # no logprob for it
+                token_logprobs.append(None)
+                top_logprobs.append(None)
+            else:
+                token_logprobs.append(json_logprob(lp.logprob))
+                top = {token_text(self._tokenizer, i, self._request.return_tokens_as_token_ids): json_logprob(v) for i, v in lp.top}
+                top_logprobs.append({token: json_logprob(lp.logprob), **top})
+            text_offset.append(self._text_offsets[index])
+            self._text_offsets[index] += len(token)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset}
+
+def _bare(token_id: int) -> TokenLogprobs:
+    """A prompt token without a logprob (rank 0 marks it)."""
+    return TokenLogprobs(token_id, 0.0, 0, ())

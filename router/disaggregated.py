@@ -119,9 +119,13 @@ class DisaggregatedBackend:
         if self.on_kv_transfer is not None:
             self.on_kv_transfer(response.kv_bytes, response.kv_seconds, response.kv_transport)
         logprobs = [logprobs_from_proto(response.first_logprobs)] if response.HasField("first_logprobs") else []
+        prompt_logprobs = None
+        if wire_params.HasField("prompt_logprobs"):
+            prompt_logprobs = [None, *(logprobs_from_proto(lp) for lp in response.prompt_logprobs)]
         return RequestDelta(
             request_id, [response.first_token_id], logprobs,
             num_prompt_tokens=len(prompt_token_ids), num_cached_tokens=response.num_cached_tokens,
+            prompt_logprobs=prompt_logprobs,
         )
 
     async def _decode_stream(

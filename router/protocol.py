@@ -2,6 +2,7 @@
 Pydantic checks the types; what pdserve cannot honour is rejected with a 400, never ignored."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -15,6 +16,7 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: usage so far on every chunk
 
 
 class ChatMessage(BaseModel):
@@ -65,6 +67,7 @@ class GenerationRequest(BaseModel):
     repetition_penalty: float | None = None
     bad_words: list[str] | None = None
     allowed_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
@@ -79,6 +82,10 @@ class GenerationRequest(BaseModel):
     def include_usage_in_stream(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def include_usage_in_every_chunk(self) -> bool:
+        return self.include_usage_in_stream and self.stream_options.continuous_usage_stats
+
     def sampling_params(self, max_tokens: int, logprobs: int | None, tokenizer: Tokenizer) -> SamplingParams:
         """Raises `InvalidRequestError` naming the field for out-of-range values."""
         return SamplingParams(
@@ -88,6 +95,7 @@ class GenerationRequest(BaseModel):
             logit_bias=_logit_bias(self.logit_bias),
             bad_words_token_ids=_bad_words(self.bad_words, tokenizer),
             allowed_token_ids=self.allowed_token_ids,
+            prompt_logprobs=self.prompt_logprobs,
             n=1 if self.n is None else self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
@@ -135,21 +143,27 @@ class CompletionRequest(GenerationRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise APIError(400, "echo is not supported", "echo")
         if self.suffix:
             raise APIError(400, "suffix is not supported", "suffix")
         if self.best_of not in (None, 1):
             raise APIError(400, "best_of must be 1", "best_of")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens must be at least 1 (0 only with echo)", "max_tokens")
 
-    def single_prompt(self) -> str | list[int]:
-        """The one prompt: text or token ids. A batch of several prompts is rejected."""
+    def prompt_list(self) -> list[str | list[int]]:
+        """The prompts: one text or token-id list, or a batch of either (a choice each)."""
         prompt = self.prompt
         if isinstance(prompt, str) or all(isinstance(t, int) for t in prompt):
-            return prompt
-        if len(prompt) != 1:
-            raise APIError(400, "only one prompt per request is supported", "prompt")
-        return prompt[0]
+            return [prompt]
+        if not prompt:
+            raise APIError(400, "the prompt list is empty", "prompt")
+        return list(prompt)
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None, tokenizer: Tokenizer) -> SamplingParams:
+        params = super().sampling_params(max_tokens, logprobs, tokenizer)
+        if self.echo and logprobs is not None and self.prompt_logprobs is None:  # the echoed prompt's logprobs
+            return dataclasses.replace(params, prompt_logprobs=logprobs)
+        return params
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -194,6 +208,7 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
     chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
 
 
 class DetokenizeRequest(BaseModel):

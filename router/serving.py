@@ -38,6 +38,7 @@ class TextDelta:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
+    index: int = 0  # the choice it belongs to, when a request has several
 
 
 class Serving:
@@ -83,6 +84,7 @@ class Generation:
         self.params = params
         self.num_output_tokens = 0
         self.num_cached_tokens = 0
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = None  # when params.prompt_logprobs is set
         self._serving = serving
         self._deadline = asyncio.get_running_loop().time() + serving.request_timeout_s
         self._tracker = serving.metrics.track_request(len(prompt_token_ids))
@@ -99,8 +101,7 @@ class Generation:
             "completion_tokens": self.num_output_tokens,
             "total_tokens": num_prompt + self.num_output_tokens,
         }
-        if self.num_cached_tokens > 0:
-            usage["prompt_tokens_details"] = {"cached_tokens": self.num_cached_tokens}
+        usage["prompt_tokens_details"] = {"cached_tokens": self.num_cached_tokens}
         return usage
 
     async def deltas(self) -> AsyncGenerator[TextDelta, None]:
@@ -141,6 +142,8 @@ class Generation:
 
     def _on_delta(self, delta: RequestDelta) -> TextDelta | None:
         """The text delta to send, or None while the detokenizer holds all new text back."""
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         self.num_output_tokens += len(delta.token_ids)
         self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)  # only the first delta knows
         self._tracker.on_tokens(len(delta.token_ids))
@@ -185,6 +188,39 @@ async def collect(deltas: AsyncGenerator[TextDelta, None]) -> TextDelta:
     return whole
 
 
+async def merge_deltas(streams: list[AsyncGenerator[TextDelta, None]]) -> AsyncGenerator[TextDelta, None]:
+    """The deltas of several generations as they come, each tagged with its position in `streams`
+    as `index`. A failure of one ends them all; closing the merge closes (aborts) every one."""
+    queue: asyncio.Queue[TextDelta | BaseException | None] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncGenerator[TextDelta, None]) -> None:
+        async with aclosing(stream):
+            try:
+                async for delta in stream:
+                    delta.index = index
+                    await queue.put(delta)
+                await queue.put(None)
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer
+                await queue.put(exc)
+
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        num_running = len(tasks)
+        while num_running:
+            item = await queue.get()
+            if item is None:
+                num_running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def start_stream(
     deltas: AsyncGenerator[TextDelta, None], chunks: Chunks, final: Callable[[], list[dict]]
 ) -> Response:
@@ -222,6 +258,24 @@ def token_text(tokenizer: Tokenizer, token_id: int, as_token_id: bool = False) -
     if as_token_id:
         return f"token_id:{token_id}"
     return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def vllm_prompt_logprobs(tokenizer: Tokenizer, prompt_logprobs: list[TokenLogprobs | None] | None) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: per prompt token, {token_id: {logprob, rank, decoded_token}}."""
+
+    def entry(token_id: int, logprob: float, rank: int) -> dict:
+        return {"logprob": json_logprob(logprob), "rank": rank, "decoded_token": tokenizer.decode([token_id], skip_special_tokens=False)}
+
+    out: list[dict | None] = []
+    for lp in prompt_logprobs or []:
+        if lp is None:
+            out.append(None)
+            continue
+        entries = {str(lp.token_id): entry(lp.token_id, lp.logprob, lp.rank)}
+        for rank, (token_id, value) in enumerate(lp.top, start=1):
+            entries.setdefault(str(token_id), entry(token_id, value, rank))
+        out.append(entries)
+    return out
 
 
 def json_logprob(value: float) -> float:
