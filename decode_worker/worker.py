@@ -13,6 +13,7 @@ import torch
 from engine.async_engine import delta_of
 from engine.core import EngineCore
 from engine.engine_loop import EngineLoop
+from engine.iteration_stats import IterationTokens
 from engine.outputs import RequestDelta
 from engine.request import Request, RequestPhase
 from engine.sampler import skip_first_draw
@@ -47,6 +48,7 @@ class DecodeWorker:
         self._incoming: dict[str, _Incoming] = {}  # by request_id, in arrival order
         self._by_transfer: dict[str, _Incoming] = {}  # those handing off, by transfer_id
         self.is_broken = False
+        self.iteration_tokens = IterationTokens()
         self.loop = EngineLoop(self._step, self._fail_all, name="decode-engine")
         self.loop.start()
 
@@ -84,6 +86,7 @@ class DecodeWorker:
         if not scheduled:
             return False
         output = self.core.runner.execute(scheduled)
+        self.iteration_tokens.observe(sum(item.num_tokens for item in scheduled))
         for request in self.scheduler.update(scheduled, output):
             delta = delta_of(request)
             self.loop.publish(request.request_id, delta, is_last=delta.finish_reason is not None)
@@ -191,6 +194,9 @@ class DecodeWorker:
             "num_waiting": len(self.scheduler.waiting) + len(self._incoming),
             "num_total_blocks": blocks.num_blocks,
             "num_used_blocks": blocks.num_used_blocks,
+            "iteration_token_counts": list(self.iteration_tokens.counts),
+            "iteration_tokens": self.iteration_tokens.total,
+            "num_iterations": self.iteration_tokens.num_steps,
             "num_preemptions": self.scheduler.num_preemptions,
             "kv_bytes_received": self.receiver.bytes_received,
         }

@@ -25,7 +25,13 @@ def delta_of(request: Request) -> RequestDelta:
         num_cached_tokens=request.num_cached_tokens,
         num_output_tokens=len(request.output_token_ids),
         prompt_logprobs=list(request.prompt_logprobs) if is_first and request.params.prompt_logprobs is not None else None,
+        queue_seconds=_seconds(request.arrival_time, request.scheduled_time) if is_first else None,
+        prefill_seconds=_seconds(request.scheduled_time, request.first_token_time) if is_first else None,
     )
+
+
+def _seconds(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else end - start
 
 
 class AsyncEngine:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from engine.config import EngineConfig
 from engine.core import EngineCore
+from engine.iteration_stats import IterationTokens
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -16,6 +17,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             core.block_manager, config.max_num_seqs, config.max_num_batched_tokens, core.max_model_len
         )
+        self.iteration_tokens = IterationTokens()
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -40,4 +42,5 @@ class LLMEngine:
                 raise RuntimeError("no request could be scheduled: the KV cache is too small for the waiting requests")
             return []
         output = self.core.runner.execute(scheduled)
+        self.iteration_tokens.observe(sum(item.num_tokens for item in scheduled))
         return self.scheduler.update(scheduled, output)

@@ -41,6 +41,8 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # prompt tokens that came from the prefix cache at admission
     num_preemptions: int = 0
+    scheduled_time: float | None = None  # time.monotonic() when first scheduled
+    first_token_time: float | None = None
     phase: RequestPhase = RequestPhase.QUEUED
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None

@@ -4,6 +4,7 @@ When blocks run out, the latest-arrived running request is preempted and later r
 Pure CPU logic: requests and free blocks in, a batch plan out."""
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from engine.block_manager import BlockManager
@@ -83,6 +84,7 @@ class Scheduler:
             return None
         request.block_table = allocation.block_table
         request.num_computed_tokens = allocation.num_cached_tokens
+        request.scheduled_time = request.scheduled_time or time.monotonic()
         if request.num_preemptions == 0:
             request.num_cached_tokens = allocation.num_cached_tokens
         request.phase = RequestPhase.PREFILLING
@@ -121,6 +123,7 @@ class Scheduler:
             request.output_token_ids.append(token)
             if logprobs is not None:
                 request.output_logprobs.append(logprobs)
+            request.first_token_time = request.first_token_time or time.monotonic()
             request.phase = RequestPhase.DECODING
             if request.check_stop(self.max_model_len):
                 self.block_manager.free(request.block_table)

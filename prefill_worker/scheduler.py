@@ -4,6 +4,7 @@ schedule holding its blocks; the worker releases them once the decode worker has
 the KV. Pure CPU logic: requests and free blocks in, a batch plan out."""
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from engine.block_manager import BlockManager
@@ -58,6 +59,7 @@ class PrefillScheduler:
             self.waiting.popleft()
             request.block_table = allocation.block_table
             request.num_computed_tokens = request.num_cached_tokens = allocation.num_cached_tokens
+            request.scheduled_time = time.monotonic()
             request.phase = RequestPhase.PREFILLING
             self.running.append(request)
             num_tokens = min(request.num_prompt_tokens - request.num_computed_tokens, budget)
@@ -77,6 +79,7 @@ class PrefillScheduler:
             if not is_sampled:
                 continue
             token, logprobs = next(samples)
+            request.first_token_time = time.monotonic()
             request.output_token_ids.append(token)
             if logprobs is not None:
                 request.output_logprobs.append(logprobs)

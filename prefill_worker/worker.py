@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from engine.core import EngineCore
 from engine.engine_loop import EngineLoop
+from engine.iteration_stats import IterationTokens
 from engine.outputs import TokenLogprobs
 from engine.request import Request, RequestPhase
 from engine.sampling_params import InvalidRequestError, SamplingParams
@@ -46,6 +47,8 @@ class PrefillResult:
     kv_seconds: float  # hand-off time not hidden behind the prefill (first token -> ack)
     kv_transport: str
     prompt_logprobs: list[TokenLogprobs]  # of prompt tokens 1.. when asked for
+    queue_seconds: float  # arrival here -> first scheduled
+    prefill_seconds: float  # first scheduled -> first token
 
 
 class PrefillWorker:
@@ -64,6 +67,7 @@ class PrefillWorker:
         self._requests: dict[str, Request] = {}  # loop thread: every request here, in any phase
         self._progress: dict[str, LayerProgress] = {}
         self.is_broken = False
+        self.iteration_tokens = IterationTokens()
         self.loop = EngineLoop(self._step, self._fail_all, name="prefill-engine")
         self.loop.start()
 
@@ -107,7 +111,8 @@ class PrefillWorker:
         self.loop.call(lambda: self._release(request_id))
         return PrefillResult(
             commit.first_token_id, logprobs, request.num_cached_tokens, num_bytes, time.monotonic() - first_token_at,
-            peer.transport, request.prompt_logprobs[1:],
+            peer.transport, request.prompt_logprobs[1:], request.scheduled_time - request.arrival_time,
+            request.first_token_time - request.scheduled_time,
         )
 
     async def _push(self, peer: KVPeer, begin: asyncio.Future, started: PromptStarted, progress: LayerProgress) -> int:
@@ -159,6 +164,7 @@ class PrefillWorker:
         except BaseException as error:
             hook.fail(error)
             raise
+        self.iteration_tokens.observe(sum(item.num_tokens for item in scheduled))
         for request in self.scheduler.update(scheduled, output):
             request.phase = RequestPhase.HANDING_OFF
             self.loop.publish(request.request_id, request, is_last=True)
@@ -184,6 +190,9 @@ class PrefillWorker:
             "num_waiting": len(self.scheduler.waiting),
             "num_total_blocks": blocks.num_blocks,
             "num_used_blocks": blocks.num_used_blocks,
+            "iteration_token_counts": list(self.iteration_tokens.counts),
+            "iteration_tokens": self.iteration_tokens.total,
+            "num_iterations": self.iteration_tokens.num_steps,
             "kv_bytes_sent": self.sender.bytes_sent,
         }
 

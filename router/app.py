@@ -10,6 +10,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from router.backend import Backend
 from router.chat import create_chat_completion, render_chat
@@ -30,6 +31,7 @@ def create_app(backend: Backend, metrics: Metrics | None = None, request_timeout
     serving = Serving(backend, metrics or Metrics(backend.model_name), request_timeout_s)
     app = FastAPI(title="pdserve")
     app.state.serving = serving
+    app.add_middleware(HTTPMetricsMiddleware, metrics=serving.metrics)
     install_error_handlers(app)
 
     @app.post("/v1/completions")
@@ -93,6 +95,32 @@ def create_app(backend: Backend, metrics: Metrics | None = None, request_timeout
         return JSONResponse({"prompt": backend.tokenizer.decode(body.tokens, skip_special_tokens=False)})
 
     return app
+
+
+class HTTPMetricsMiddleware:
+    """Counts every HTTP response as `http_requests_total{handler, method, status}` (the route's
+    path template, as prometheus-fastapi-instrumentator names them). Plain ASGI: streams untouched."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [500]
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            self.metrics.observe_http(getattr(route, "path", "none"), scope["method"], status[0])
 
 
 def _version() -> str:

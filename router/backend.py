@@ -4,9 +4,10 @@ over gRPC, in `router/disaggregated.py`)."""
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from engine.iteration_stats import IterationTokens
 from engine.outputs import RequestDelta
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
@@ -25,6 +26,9 @@ class BackendStats:
     num_waiting: int
     kv_cache_usage: float  # 0..1: blocks in use / all blocks (of the decode workers, when disaggregated)
     num_preemptions: int
+    num_total_blocks: int = 0  # of the decode workers, when disaggregated
+    block_size: int = 0
+    iteration_tokens: IterationTokens = field(default_factory=IterationTokens)  # over all engines
 
 
 class Backend(Protocol):
@@ -57,7 +61,11 @@ class ColocatedBackend:
 
     async def stats(self) -> BackendStats:
         s = self.engine.stats()
-        return BackendStats(int(s["num_running"]), int(s["num_waiting"]), s["kv_cache_usage"], int(s["num_preemptions"]))
+        core = self.engine.engine.core
+        return BackendStats(
+            int(s["num_running"]), int(s["num_waiting"]), s["kv_cache_usage"], int(s["num_preemptions"]),
+            core.block_manager.num_blocks, core.config.block_size, self.engine.engine.iteration_tokens,
+        )
 
     async def is_healthy(self) -> bool:
         return self.engine.loop.is_alive

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from engine.iteration_stats import IterationTokens
 from engine.outputs import RequestDelta
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.tokenizer import Tokenizer
@@ -125,7 +126,7 @@ class DisaggregatedBackend:
         return RequestDelta(
             request_id, [response.first_token_id], logprobs,
             num_prompt_tokens=len(prompt_token_ids), num_cached_tokens=response.num_cached_tokens,
-            prompt_logprobs=prompt_logprobs,
+            prompt_logprobs=prompt_logprobs, queue_seconds=response.queue_seconds, prefill_seconds=response.prefill_seconds,
         )
 
     async def _decode_stream(
@@ -152,11 +153,17 @@ class DisaggregatedBackend:
         decodes = [s for s in statuses if s.role == "decode"]
         total = sum(s.num_total_blocks for s in decodes)
         used = sum(s.num_used_blocks for s in decodes)
+        iterations = IterationTokens()
+        for status in statuses:
+            iterations.add(IterationTokens(list(status.iteration_token_counts), status.iteration_tokens, status.num_iterations))
         return BackendStats(
             num_running=sum(s.num_running for s in decodes),
             num_waiting=sum(s.num_waiting for s in statuses),
             kv_cache_usage=used / total if total else 0.0,
             num_preemptions=sum(s.num_preemptions for s in decodes),
+            num_total_blocks=total,
+            block_size=decodes[0].block_size if decodes else 0,
+            iteration_tokens=iterations,
         )
 
     async def is_healthy(self) -> bool:

@@ -87,7 +87,8 @@ class Generation:
         self.prompt_logprobs: list[TokenLogprobs | None] | None = None  # when params.prompt_logprobs is set
         self._serving = serving
         self._deadline = asyncio.get_running_loop().time() + serving.request_timeout_s
-        self._tracker = serving.metrics.track_request(len(prompt_token_ids))
+        self._tracker = serving.metrics.track_request(len(prompt_token_ids), params)
+        self._has_first_delta = False
         self._detokenizer = IncrementalDetokenizer(
             serving.backend.tokenizer, params.stop, params.include_stop_str_in_output, params.skip_special_tokens
         )
@@ -142,6 +143,9 @@ class Generation:
 
     def _on_delta(self, delta: RequestDelta) -> TextDelta | None:
         """The text delta to send, or None while the detokenizer holds all new text back."""
+        if not self._has_first_delta:
+            self._has_first_delta = True
+            self._tracker.on_first_delta(delta)
         if delta.prompt_logprobs is not None:
             self.prompt_logprobs = delta.prompt_logprobs
         self.num_output_tokens += len(delta.token_ids)

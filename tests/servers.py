@@ -103,3 +103,29 @@ def worker_process(role: str, model_dir: Path, *args: str, timeout_s: float = 18
 def _echo(stream: object, role: str) -> None:
     for line in stream:
         print(f"[{role} worker] {line}", end="", file=sys.stderr)
+
+
+# Every series vLLM's Grafana dashboard (examples/online_serving/prometheus_grafana/grafana.json) and
+# issue 10's list query; each must have samples after a little load.
+DASHBOARD_SERIES = (
+    "vllm:e2e_request_latency_seconds_bucket", "vllm:e2e_request_latency_seconds_sum", "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total", "vllm:time_per_output_token_seconds_bucket", "vllm:num_requests_running",
+    "vllm:num_requests_waiting", "vllm:time_to_first_token_seconds_bucket", "vllm:gpu_cache_usage_perc",
+    "vllm:kv_cache_usage_perc", "vllm:request_prompt_tokens_bucket", "vllm:request_generation_tokens_bucket",
+    "vllm:request_success_total", "vllm:request_queue_time_seconds_sum", "vllm:request_prefill_time_seconds_sum",
+    "vllm:request_decode_time_seconds_sum", "vllm:request_inference_time_seconds_sum",
+    "vllm:request_max_num_generation_tokens_sum", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
+    "vllm:request_params_n_bucket", "vllm:request_params_max_tokens_bucket", "vllm:iteration_tokens_total_bucket",
+    "vllm:cache_config_info", "vllm:request_time_per_output_token_seconds_bucket", "http_requests_total",
+    "pdserve:request_phase_seconds_bucket",
+)
+
+
+def observed_series(metrics_text: str) -> dict[str, float]:
+    """Series name -> the largest sample among its label sets (0 where all are 0)."""
+    out: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        if line and not line.startswith("#"):
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            out[name] = max(out.get(name, 0.0), float(line.rsplit(" ", 1)[1]))
+    return out

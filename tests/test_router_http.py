@@ -29,6 +29,7 @@ from engine.tokenizer import Tokenizer
 from router.app import create_app
 from router.backend import BackendStats, BackendUnavailableError, ColocatedBackend
 from router.metrics import Metrics
+from tests.servers import DASHBOARD_SERIES, observed_series
 
 MODEL = "demo"
 MAX_MODEL_LEN = 128
@@ -527,3 +528,13 @@ def test_penalties_logit_bias_and_allowed_tokens_equal_the_offline_engine(server
     body = greedy_body(prompt=PROMPT, max_tokens=8, logprobs=0, return_tokens_as_token_ids=True, allowed_token_ids=allowed)
     tokens = server.http.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]["tokens"]
     assert {int(t.split(":")[1]) for t in tokens} <= set(allowed)
+
+
+def test_every_dashboard_series_has_samples_after_a_little_load(server: Server) -> None:
+    for _ in range(2):  # the same long prompt twice: the second finds its blocks cached
+        server.http.post("/v1/completions", json=greedy_body(prompt=PROMPT * 6, max_tokens=4))
+    series = observed_series(server.http.get("/metrics").text)
+    missing = [name for name in DASHBOARD_SERIES if name not in series]
+    assert not missing, missing
+    empty = [name for name in DASHBOARD_SERIES if series[name] == 0 and name not in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc")]
+    assert not empty, empty  # counters, histograms and info gauges moved under load

@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from engine import LLM, SamplingParams
-from tests.servers import free_port, redis_server, wait_for_http
+from tests.servers import DASHBOARD_SERIES, free_port, observed_series, redis_server, wait_for_http
 
 pytestmark = pytest.mark.slow
 
@@ -267,3 +267,15 @@ def test_sigterm_stops_everything(server: Server) -> None:
     """Checked in the fixture's teardown (exit code 0); here: the server is up to be stopped."""
     assert server.process.poll() is None
     assert os.path.exists("/proc/%d" % server.process.pid)
+
+
+def test_every_dashboard_series_has_samples_after_a_little_load(server: Server) -> None:
+    for prompt in [PROMPTS[3], PROMPTS[3]]:  # the second finds the first's blocks cached
+        complete(server, prompt, 4)
+    time.sleep(1.0)  # one status poll of the workers (iteration counts, cache config)
+    series = observed_series(httpx.get(server.base_url + "/metrics", timeout=10).text)
+    missing = [name for name in DASHBOARD_SERIES if name not in series]
+    assert not missing, missing
+    idle_gauges = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc")
+    empty = [name for name in DASHBOARD_SERIES if series[name] == 0 and name not in idle_gauges]
+    assert not empty, empty
