@@ -53,9 +53,9 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         messages = []
         if event.token_ids:
             logprobs = [logprobs_to_proto(lp) for lp in event.logprobs]
-            messages.append(pb.GenerateResponse(tokens=pb.TokenDelta(token_ids=event.token_ids, logprobs=logprobs)))
+            messages.append(pb.GenerateResponse(tokens=pb.TokenDelta(token_ids=event.token_ids, logprobs=logprobs, index=event.index)))
         if event.finish_reason is not None:
-            finished = pb.Finished(finish_reason=event.finish_reason, num_output_tokens=event.num_output_tokens)
+            finished = pb.Finished(finish_reason=event.finish_reason, num_output_tokens=event.num_output_tokens, index=event.index)
             if isinstance(event.stop_reason, int):
                 finished.stop_token_id = event.stop_reason
             messages.append(pb.GenerateResponse(finished=finished))

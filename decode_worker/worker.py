@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.async_engine import delta_of
+from engine.async_engine import publish_deltas
 from engine.core import EngineCore
 from engine.engine_loop import EngineLoop
 from engine.iteration_stats import IterationTokens
-from engine.outputs import RequestDelta
+from engine.outputs import RequestDelta, TokenLogprobs
 from engine.request import Request, RequestPhase
 from engine.sampler import skip_first_draw
 from engine.sampling_params import InvalidRequestError, SamplingParams
@@ -87,9 +87,8 @@ class DecodeWorker:
             return False
         output = self.core.runner.execute(scheduled)
         self.iteration_tokens.observe(sum(item.num_tokens for item in scheduled))
-        for request in self.scheduler.update(scheduled, output):
-            delta = delta_of(request)
-            self.loop.publish(request.request_id, delta, is_last=delta.finish_reason is not None)
+        publish_deltas(self.loop, self.scheduler.update(scheduled, output))
+        self._copy_forked_blocks()
         return True
 
     def _reserve_queued(self) -> None:
@@ -122,21 +121,51 @@ class DecodeWorker:
             torch.cuda.current_stream(self.core.runner.device).wait_event(ready)
         request = incoming.request
         request.num_computed_tokens = request.num_prompt_tokens
-        request.output_token_ids.append(info.first_token_id)
-        skip_first_draw(request, self.core.model_config.vocab_size, self.core.runner.device)
-        if info.first_logprobs is not None and request.params.logprobs is not None:
-            request.output_logprobs.append(info.first_logprobs)
         self.core.block_manager.cache_full_blocks(request.block_table, request.prompt_token_ids, request.num_prompt_tokens)
+        firsts = [(info.first_token_id, info.first_logprobs), *zip(info.sibling_token_ids, _padded(info.sibling_logprobs, len(request.siblings)))]
+        if len(firsts) != len(request.family):
+            self._abort(request.request_id, "error", f"{len(firsts)} first tokens for {len(request.family)} sequences")
+            return
+        for sibling in request.siblings:  # n > 1: each takes a share of the prompt's blocks
+            self._fork(request, sibling)
+        for sequence, (token, logprobs) in zip(request.family, firsts):
+            self._start(sequence, token, logprobs)
+        self._copy_forked_blocks()
+
+    def _fork(self, parent: Request, sibling: Request) -> None:
+        fork = self.core.block_manager.fork(parent.block_table, parent.num_prompt_tokens)
+        if fork is None:  # no block for its partial copy: it recomputes the prompt when blocks free up
+            sibling.phase = RequestPhase.QUEUED
+            return
+        sibling.block_table = fork.block_table
+        sibling.num_computed_tokens = parent.num_prompt_tokens
+        self.scheduler.pending_copies += fork.copies
+
+    def _start(self, request: Request, token: int, logprobs: TokenLogprobs | None) -> None:
+        """A sequence's first token (sampled by the prefill worker): stream it ends it, or decode on."""
+        request.output_token_ids.append(token)
+        skip_first_draw(request, self.core.model_config.vocab_size, self.core.runner.device)
+        if logprobs is not None and request.params.logprobs is not None:
+            request.output_logprobs.append(logprobs)
         if request.check_stop(self.core.max_model_len):
-            self._free(request.block_table)
+            if request.block_table:
+                self._free(request.block_table)
             request.block_table = []
+            root = request.parent or request
             finished = RequestDelta(
-                request.request_id, [], finish_reason=request.finish_reason, stop_reason=request.stop_reason,
-                num_output_tokens=len(request.output_token_ids),
+                root.request_id, [], finish_reason=request.finish_reason, stop_reason=request.stop_reason,
+                num_output_tokens=len(request.output_token_ids), index=request.index,
             )
-            self.loop.publish(request.request_id, finished, is_last=True)
-        else:
+            self.loop.publish(root.request_id, finished, is_last=all(s.is_finished for s in root.family))
+        elif request.block_table:
             self.scheduler.add_running(request)
+        else:
+            self.scheduler.add(request)  # recomputed from its prompt and first token
+
+    def _copy_forked_blocks(self) -> None:
+        if self.scheduler.pending_copies:
+            self.core.runner.copy_blocks(self.scheduler.pending_copies)
+            self.scheduler.pending_copies = []
 
     def _poll_receiver(self) -> None:
         ended, released = self.receiver.poll()
@@ -200,3 +229,8 @@ class DecodeWorker:
             "num_preemptions": self.scheduler.num_preemptions,
             "kv_bytes_received": self.receiver.bytes_received,
         }
+
+
+def _padded(logprobs: tuple[TokenLogprobs | None, ...], count: int) -> list[TokenLogprobs | None]:
+    """The siblings' first logprobs, None for each when none were sent."""
+    return list(logprobs) if len(logprobs) == count else [None] * count

@@ -16,7 +16,8 @@ def delta_of(request: Request) -> RequestDelta:
     is_first = len(request.output_token_ids) == 1
     logprobs = request.output_logprobs[-1:] if request.params.logprobs is not None else []
     return RequestDelta(
-        request_id=request.request_id,
+        request_id=request.root_id,
+        index=request.index,
         token_ids=request.output_token_ids[-1:],
         logprobs=list(logprobs),
         finish_reason=request.finish_reason,
@@ -28,6 +29,16 @@ def delta_of(request: Request) -> RequestDelta:
         queue_seconds=_seconds(request.arrival_time, request.scheduled_time) if is_first else None,
         prefill_seconds=_seconds(request.scheduled_time, request.first_token_time) if is_first else None,
     )
+
+
+def publish_deltas(loop: EngineLoop, requests: list[Request]) -> None:
+    """Loop thread: the tokens a step just gave `requests` to their streams. A request's stream ends
+    with the last of its sequences' deltas once all n of them have finished."""
+    last_of = {(r.parent or r).request_id: r for r in requests}
+    for request in requests:
+        root = request.parent or request
+        is_last = last_of[root.request_id] is request and all(s.is_finished for s in root.family)
+        loop.publish(root.request_id, delta_of(request), is_last=is_last)
 
 
 def _seconds(start: float | None, end: float | None) -> float | None:
@@ -54,9 +65,7 @@ class AsyncEngine:
     def _step(self) -> bool:
         if not self.engine.has_unfinished_requests():
             return False
-        for request in self.engine.step():
-            delta = delta_of(request)
-            self.loop.publish(request.request_id, delta, is_last=delta.finish_reason is not None)
+        publish_deltas(self.loop, self.engine.step())
         return True
 
     def _fail_all(self, exc: BaseException) -> None:

@@ -87,14 +87,26 @@ class EngineCore:
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
 
     def new_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        """The request's first sequence; with n > 1 it carries the other n - 1 as siblings, which
+        share its prompt's KV (computed once) and start from samples of the same logits. With a
+        seed, sequence i draws from seed + i: distinct, and reproducible."""
         self.validate(prompt_token_ids, params)
+        request = self._sequence(request_id, prompt_token_ids, params, 0)
+        for index in range(1, params.n):
+            sibling = self._sequence(f"{request_id}#{index}", prompt_token_ids, params, index)
+            sibling.parent = request
+            request.siblings.append(sibling)
+        return request
+
+    def _sequence(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, index: int) -> Request:
         generator = None
         if params.seed is not None:
-            generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+            generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
         return Request(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
             params=params,
             eos_token_ids=self.eos_token_ids,
             generator=generator,
+            index=index,
         )

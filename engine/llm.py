@@ -49,15 +49,18 @@ class LLM:
         encoded = [self._encode(p) for p in prompts]
         for (_, token_ids), p in zip(encoded, params):  # validate everything before anything is queued
             self.engine.core.validate(token_ids, p)
-        runs = []
+        families = []
         for (text, token_ids), p in zip(encoded, params):
             request = self.engine.add_request(str(next(self._ids)), token_ids, p)
-            runs.append(_Run(request, text, IncrementalDetokenizer(self.get_tokenizer(), p.stop, p.include_stop_str_in_output, p.skip_special_tokens)))
-        by_id = {run.request.request_id: run for run in runs}
+            families.append([_Run(sequence, text, self._detokenizer(p)) for sequence in request.family])
+        by_id = {run.request.request_id: run for runs in families for run in runs}
         while self.engine.has_unfinished_requests():
             for request in self.engine.step():
                 by_id[request.request_id].on_token(self.engine)
-        return [run.output(self.get_tokenizer()) for run in runs]
+        return [_output(runs, self.get_tokenizer()) for runs in families]
+
+    def _detokenizer(self, params: SamplingParams) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self.get_tokenizer(), params.stop, params.include_stop_str_in_output, params.skip_special_tokens)
 
     def chat(
         self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None
@@ -91,20 +94,20 @@ class _Run:
         self.text += delta
         if stopped:
             if not self.request.is_finished:
-                engine.abort_request(self.request.request_id)  # frees its blocks
+                engine.stop_sequence(self.request)  # frees its blocks
             self.request.finish("stop", self.detokenizer.stop_reason)
         elif self.request.is_finished:
             self.text += self.detokenizer.flush()
 
-    def output(self, tokenizer: Tokenizer) -> RequestOutput:
+    def completion(self, tokenizer: Tokenizer) -> CompletionOutput:
         r = self.request
         logprobs = None
         cumulative = None
         if r.params.logprobs is not None:
             logprobs = [_logprob_dict(lp, tokenizer) for lp in r.output_logprobs]
             cumulative = sum(lp.logprob for lp in r.output_logprobs)
-        completion = CompletionOutput(
-            index=0,
+        return CompletionOutput(
+            index=r.index,
             text=self.text,
             token_ids=list(r.output_token_ids),
             cumulative_logprob=cumulative,
@@ -112,12 +115,19 @@ class _Run:
             finish_reason=r.finish_reason,
             stop_reason=r.stop_reason,
         )
-        prompt_logprobs = None
-        if r.params.prompt_logprobs is not None:
-            prompt_logprobs = [None if lp is None else _logprob_dict(lp, tokenizer) for lp in r.prompt_logprobs]
-        return RequestOutput(
-            r.request_id, self.prompt, r.prompt_token_ids, [completion], True, r.num_cached_tokens, prompt_logprobs=prompt_logprobs
-        )
+
+
+def _output(runs: list[_Run], tokenizer: Tokenizer) -> RequestOutput:
+    """One request's output: a completion for each of its n sequences."""
+    first = runs[0]
+    r = first.request
+    completions = [run.completion(tokenizer) for run in runs]
+    prompt_logprobs = None
+    if r.params.prompt_logprobs is not None:
+        prompt_logprobs = [None if lp is None else _logprob_dict(lp, tokenizer) for lp in r.prompt_logprobs]
+    return RequestOutput(
+        r.request_id, first.prompt, r.prompt_token_ids, completions, True, r.num_cached_tokens, prompt_logprobs=prompt_logprobs
+    )
 
 
 def _logprob_dict(lp: object, tokenizer: Tokenizer) -> dict[int, Logprob]:

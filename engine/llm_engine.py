@@ -29,7 +29,12 @@ class LLMEngine:
         return request
 
     def abort_request(self, request_id: str) -> Request | None:
+        """Every sequence of the request."""
         return self.scheduler.abort(request_id)
+
+    def stop_sequence(self, request: Request) -> None:
+        """One sequence ends early (a stop string); the request's others go on."""
+        self.scheduler.drop(request)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -43,4 +48,8 @@ class LLMEngine:
             return []
         output = self.core.runner.execute(scheduled)
         self.iteration_tokens.observe(sum(item.num_tokens for item in scheduled))
-        return self.scheduler.update(scheduled, output)
+        updated = self.scheduler.update(scheduled, output)
+        if self.scheduler.pending_copies:  # forked sequences' partial blocks, after the prompt's KV is written
+            self.core.runner.copy_blocks(self.scheduler.pending_copies)
+            self.scheduler.pending_copies = []
+        return updated

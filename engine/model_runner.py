@@ -128,7 +128,7 @@ class ModelRunner:
     def execute(self, batch: list[ScheduledRequest], on_layer: Callable[[int], None] | None = None) -> SamplerOutput:
         """Run one step; returns sampled tokens for the requests whose chunk ends at their last token.
         `on_layer(i)`: see `LlamaForCausalLM.forward` (eager steps only)."""
-        step = self.compute_logits(batch, on_layer)
+        step = _with_siblings(self.compute_logits(batch, on_layer))
         if not step.requests:
             output = SamplerOutput([], [])
         elif step.greedy_ids is not None and only_argmax(step.requests):
@@ -198,6 +198,21 @@ class ModelRunner:
         if copies:
             src, dst = zip(*copies)
             self.kv_cache[:, :, list(dst)] = self.kv_cache[:, :, list(src)]
+
+
+def _with_siblings(step: StepLogits) -> StepLogits:
+    """A request whose prompt just completed and has siblings waiting gets a row for each of them
+    too (the same logits), right after its own: the scheduler reads the samples in that order."""
+    if not any(r.has_unforked_siblings for r in step.requests):
+        return step
+    rows, requests = [], []
+    for row, request in enumerate(step.requests):
+        family = request.family if request.has_unforked_siblings else [request]
+        rows += [row] * len(family)
+        requests += family
+    index = torch.tensor(rows, device=step.logits.device)
+    greedy = step.greedy_ids[index] if step.greedy_ids is not None else None
+    return StepLogits(step.logits[index], greedy, requests, step.prompt_logprobs)
 
 
 def _is_plain_decode(batch: list[ScheduledRequest]) -> bool:

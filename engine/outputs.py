@@ -62,5 +62,6 @@ class RequestDelta:
     num_output_tokens: int = 0  # the request's generated tokens so far
     error: str | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # on the first delta, when asked for
+    index: int = 0  # which of the request's n sequences
     queue_seconds: float | None = None  # on the first delta: arrival -> first scheduled
     prefill_seconds: float | None = None  # on the first delta: first scheduled -> first token

@@ -47,6 +47,24 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     generator: torch.Generator | None = None
+    index: int = 0  # which of the request's n sequences this is
+    parent: Request | None = None  # sequences 1..n-1: the first sequence, which computes the prompt
+    siblings: list[Request] = field(default_factory=list)  # on the first sequence: the others
+
+    @property
+    def root_id(self) -> str:
+        """The id the client knows: the first sequence's."""
+        return self.parent.request_id if self.parent is not None else self.request_id
+
+    @property
+    def family(self) -> list[Request]:
+        """All n sequences of the request (call on the first)."""
+        return [self, *self.siblings]
+
+    @property
+    def has_unforked_siblings(self) -> bool:
+        """Its siblings still wait for the first token: the prompt's next sample is theirs too."""
+        return bool(self.siblings) and not self.siblings[0].output_token_ids
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+MAX_N = 64
 
 
 class InvalidRequestError(ValueError):
@@ -55,8 +56,8 @@ class SamplingParams:
         def fail(message: str, param: str) -> None:
             raise InvalidRequestError(message, param)
 
-        if self.n != 1:
-            fail(f"n must be 1, got {self.n}", "n")
+        if not 1 <= self.n <= MAX_N:
+            fail(f"n must be in [1, {MAX_N}], got {self.n}", "n")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             fail(f"temperature must be a number >= 0, got {self.temperature}", "temperature")
         if not 0.0 < self.top_p <= 1.0:

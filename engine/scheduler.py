@@ -8,6 +8,7 @@ import time
 from collections import deque
 
 from engine.block_manager import BlockManager
+from engine.outputs import TokenLogprobs
 from engine.request import Request, RequestPhase, ScheduledRequest
 from engine.sampler import SamplerOutput, add_prompt_logprobs
 
@@ -23,6 +24,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.pending_copies: list[tuple[int, int]] = []  # KV block copies of forks, done before the next step
 
     @property
     def num_unfinished(self) -> int:
@@ -37,14 +39,27 @@ class Scheduler:
         self.running.append(request)
 
     def abort(self, request_id: str) -> Request | None:
+        """Aborts every sequence of the request `request_id` (the id of its first); its first, or
+        None if none was here."""
+        found = None
         for queue in (self.running, self.waiting):
-            for request in queue:
-                if request.request_id == request_id:
-                    queue.remove(request)
-                    self._release(request)
+            for request in [r for r in queue if r.root_id == request_id]:
+                queue.remove(request)
+                self._release(request)
+                request.finish("abort")
+                found = found or (request.parent or request)
+        if found is not None:
+            for request in found.family:
+                if not request.is_finished:  # siblings not forked yet hold nothing
                     request.finish("abort")
-                    return request
-        return None
+        return found
+
+    def drop(self, request: Request) -> None:
+        """Take one sequence out wherever it is, freeing its blocks (it is finished by the caller)."""
+        for queue in (self.running, self.waiting):
+            if request in queue:
+                queue.remove(request)
+                self._release(request)
 
     def schedule(self) -> list[ScheduledRequest]:
         budget = self.max_num_batched_tokens
@@ -119,15 +134,38 @@ class Scheduler:
             add_prompt_logprobs(request, output.prompt_logprobs.get(id(request)))
             if not is_sampled:
                 continue
-            token, logprobs = next(samples)
-            request.output_token_ids.append(token)
-            if logprobs is not None:
-                request.output_logprobs.append(logprobs)
-            request.first_token_time = request.first_token_time or time.monotonic()
-            request.phase = RequestPhase.DECODING
-            if request.check_stop(self.max_model_len):
-                self.block_manager.free(request.block_table)
-                request.block_table = []
-            updated.append(request)
+            siblings = request.siblings if request.has_unforked_siblings else []
+            for sequence in [request, *siblings]:
+                self._append(sequence, *next(samples))
+            for sibling in siblings:
+                self._fork(request, sibling)
+            updated += [request, *siblings]
         self.running = [r for r in self.running if not r.is_finished]
         return updated
+
+    def _append(self, request: Request, token: int, logprobs: TokenLogprobs | None) -> None:
+        request.output_token_ids.append(token)
+        if logprobs is not None:
+            request.output_logprobs.append(logprobs)
+        request.first_token_time = request.first_token_time or time.monotonic()
+        request.phase = RequestPhase.DECODING
+        if request.check_stop(self.max_model_len) and request.block_table:
+            self.block_manager.free(request.block_table)
+            request.block_table = []
+
+    def _fork(self, parent: Request, sibling: Request) -> None:
+        """The sibling takes a share of the parent's prompt blocks (its partial last block copied,
+        see `pending_copies`); with no block free for that copy, it recomputes the prompt later."""
+        if sibling.is_finished:
+            return
+        fork = self.block_manager.fork(parent.block_table, parent.num_prompt_tokens) if parent.block_table else None
+        if fork is None:
+            sibling.phase = RequestPhase.QUEUED
+            self.waiting.appendleft(sibling)
+            return
+        sibling.block_table = fork.block_table
+        sibling.num_computed_tokens = parent.num_prompt_tokens
+        sibling.num_cached_tokens = parent.num_cached_tokens
+        sibling.scheduled_time = parent.scheduled_time
+        self.pending_copies += fork.copies
+        self.running.append(sibling)

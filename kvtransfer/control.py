@@ -187,9 +187,12 @@ def commit_to_proto(info: KVCommitInfo) -> pb.KVCommit:
     message = pb.KVCommit(first_token_id=info.first_token_id, num_prompt_tokens=info.num_prompt_tokens)
     if info.first_logprobs is not None:
         message.first_logprobs.CopyFrom(logprobs_to_proto(info.first_logprobs))
+    message.sibling_token_ids.extend(info.sibling_token_ids)
+    message.sibling_logprobs.extend(logprobs_to_proto(lp) for lp in info.sibling_logprobs if lp is not None)
     return message
 
 
 def commit_from_proto(message: pb.KVCommit) -> KVCommitInfo:
     first_logprobs = logprobs_from_proto(message.first_logprobs) if message.HasField("first_logprobs") else None
-    return KVCommitInfo(message.first_token_id, first_logprobs, message.num_prompt_tokens)
+    sibling_logprobs = tuple(logprobs_from_proto(lp) for lp in message.sibling_logprobs)
+    return KVCommitInfo(message.first_token_id, first_logprobs, message.num_prompt_tokens, tuple(message.sibling_token_ids), sibling_logprobs)

@@ -28,6 +28,9 @@ class KVCommitInfo:
     first_token_id: int
     first_logprobs: TokenLogprobs | None
     num_prompt_tokens: int
+    # With n > 1: the first tokens of sequences 1..n-1 (they share this KV; the decode worker forks it).
+    sibling_token_ids: tuple[int, ...] = ()
+    sibling_logprobs: tuple[TokenLogprobs | None, ...] = ()
 
 
 class UnknownTransferError(KeyError):

@@ -78,11 +78,12 @@ class PrefillScheduler:
             add_prompt_logprobs(request, output.prompt_logprobs.get(id(request)))
             if not is_sampled:
                 continue
-            token, logprobs = next(samples)
-            request.first_token_time = time.monotonic()
-            request.output_token_ids.append(token)
-            if logprobs is not None:
-                request.output_logprobs.append(logprobs)
+            for sequence in request.family if request.has_unforked_siblings else [request]:
+                token, logprobs = next(samples)  # with n > 1, each sequence's first token (see ModelRunner)
+                sequence.first_token_time = time.monotonic()
+                sequence.output_token_ids.append(token)
+                if logprobs is not None:
+                    sequence.output_logprobs.append(logprobs)
             done.append(request)
         if done:
             self.running = [r for r in self.running if r not in done]

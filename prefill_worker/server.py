@@ -46,6 +46,8 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
             kv_seconds=result.kv_seconds,
             kv_transport=result.kv_transport,
             prompt_logprobs=[logprobs_to_proto(lp) for lp in result.prompt_logprobs],
+            sibling_token_ids=result.sibling_token_ids,
+            sibling_logprobs=[logprobs_to_proto(lp) for lp in result.sibling_logprobs],
             queue_seconds=result.queue_seconds,
             prefill_seconds=result.prefill_seconds,
         )

@@ -49,6 +49,8 @@ class PrefillResult:
     prompt_logprobs: list[TokenLogprobs]  # of prompt tokens 1.. when asked for
     queue_seconds: float  # arrival here -> first scheduled
     prefill_seconds: float  # first scheduled -> first token
+    sibling_token_ids: tuple[int, ...] = ()  # n > 1: the first tokens of sequences 1..n-1
+    sibling_logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 class PrefillWorker:
@@ -100,7 +102,11 @@ class PrefillWorker:
             first_token_at = time.monotonic()
             num_bytes = await push
             logprobs = request.output_logprobs[0] if request.output_logprobs else None
-            commit = KVCommitInfo(request.output_token_ids[0], logprobs, request.num_prompt_tokens)
+            siblings = request.siblings
+            commit = KVCommitInfo(
+                request.output_token_ids[0], logprobs, request.num_prompt_tokens,
+                tuple(s.output_token_ids[0] for s in siblings), tuple(s.output_logprobs[0] for s in siblings if s.output_logprobs),
+            )
             await self.sender.commit(peer, transfer_id, commit, RPC_TIMEOUT_S)
         except BaseException as error:
             begin.cancel()
@@ -112,7 +118,7 @@ class PrefillWorker:
         return PrefillResult(
             commit.first_token_id, logprobs, request.num_cached_tokens, num_bytes, time.monotonic() - first_token_at,
             peer.transport, request.prompt_logprobs[1:], request.scheduled_time - request.arrival_time,
-            request.first_token_time - request.scheduled_time,
+            request.first_token_time - request.scheduled_time, commit.sibling_token_ids, commit.sibling_logprobs,
         )
 
     async def _push(self, peer: KVPeer, begin: asyncio.Future, started: PromptStarted, progress: LayerProgress) -> int:

@@ -11,6 +11,7 @@ from proto import pdserve_pb2 as pb
 
 def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
     msg = pb.SamplingParams(
+        n=params.n,
         temperature=params.temperature,
         top_p=params.top_p,
         top_k=params.top_k,
@@ -39,6 +40,7 @@ def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
 def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     """Raises InvalidRequestError for out-of-range fields (stop strings stay at the gateway)."""
     return SamplingParams(
+        n=msg.n or 1,
         temperature=msg.temperature,
         top_p=msg.top_p,
         top_k=msg.top_k,

@@ -2,6 +2,7 @@
 whole or streamed (a first chunk with the assistant role, then the content deltas)."""
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
@@ -11,7 +12,9 @@ from fastapi.responses import JSONResponse, Response
 from engine.tokenizer import Tokenizer
 from router.errors import APIError
 from router.protocol import ChatCompletionRequest, ChatMessage
-from router.serving import Generation, Serving, TextDelta, collect, json_logprob, start_stream, token_text, vllm_prompt_logprobs
+from router.serving import (
+    Generation, Serving, TextDelta, collect, json_logprob, merge_deltas, start_stream, token_text, vllm_prompt_logprobs,
+)
 
 RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "tools")
 
@@ -41,32 +44,35 @@ async def create_chat_completion(serving: Serving, request: ChatCompletionReques
     max_tokens = serving.max_tokens(len(prompt_token_ids), request.requested_max_tokens, "messages")
     params = request.sampling_params(max_tokens, request.num_logprobs, serving.backend.tokenizer)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    generation = serving.generation(request_id, prompt_token_ids, params)
-    chat = _ChatCompletion(request_id, serving.backend.model_name, tokenizer, generation, request)
+    generations = serving.generations(request_id, prompt_token_ids, params)  # n of them, one prompt's KV
+    chat = _ChatCompletion(request_id, serving.backend.model_name, tokenizer, generations, request)
     if request.stream:
-        return await start_stream(generation.deltas(), chat.chunks, lambda: chat.final_chunks(request))
-    whole = await collect(generation.deltas())
-    return JSONResponse(chat.response(whole))
+        deltas = generations[0].deltas() if len(generations) == 1 else merge_deltas([g.deltas() for g in generations])
+        return await start_stream(deltas, chat.chunks, lambda: chat.final_chunks(request))
+    wholes = await asyncio.gather(*(collect(g.deltas()) for g in generations))
+    return JSONResponse(chat.response(list(wholes)))
 
 
 class _ChatCompletion:
-    """The response's JSON, whole or chunk by chunk."""
+    """The response's JSON, whole or chunk by chunk; a choice per sequence (n)."""
 
-    def __init__(self, request_id: str, model: str, tokenizer: Tokenizer, generation: Generation, request: ChatCompletionRequest) -> None:
+    def __init__(
+        self, request_id: str, model: str, tokenizer: Tokenizer, generations: list[Generation], request: ChatCompletionRequest
+    ) -> None:
         self._request = request
         self._as_token_ids = request.return_tokens_as_token_ids
         self.request_id = request_id
         self.model = model
         self.created = int(time.time())
         self._tokenizer = tokenizer
-        self._generation = generation
-        self._is_role_sent = False
+        self._generations = generations
+        self._is_role_sent = [False] * len(generations)
 
     def _envelope(self, obj: str, choices: list[dict]) -> dict:
         return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
 
     def _logprobs(self, delta: TextDelta) -> dict | None:
-        num_top = self._generation.params.logprobs
+        num_top = self._generations[0].params.logprobs
         if num_top is None:
             return None
         return {"content": [
@@ -78,36 +84,48 @@ class _ChatCompletion:
         token = token_text(self._tokenizer, token_id, self._as_token_ids)
         return {"token": token, "logprob": json_logprob(logprob), "bytes": list(token.encode("utf-8"))}
 
-    def response(self, whole: TextDelta) -> dict:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": whole.text},
-            "logprobs": self._logprobs(whole),
-            "finish_reason": whole.finish_reason,
-            "stop_reason": whole.stop_reason,
-        }
-        body = {**self._envelope("chat.completion", [choice]), "usage": self._generation.usage}
-        if self._generation.params.prompt_logprobs is not None:
-            body["prompt_logprobs"] = vllm_prompt_logprobs(self._tokenizer, self._generation.prompt_logprobs)
+    @property
+    def _usage(self) -> dict:
+        """The prompt once, every sequence's tokens."""
+        usage = dict(self._generations[0].usage)
+        num_output = sum(g.num_output_tokens for g in self._generations)
+        usage["completion_tokens"], usage["total_tokens"] = num_output, usage["prompt_tokens"] + num_output
+        return usage
+
+    def response(self, wholes: list[TextDelta]) -> dict:
+        choices = [
+            {
+                "index": index,
+                "message": {"role": "assistant", "content": whole.text},
+                "logprobs": self._logprobs(whole),
+                "finish_reason": whole.finish_reason,
+                "stop_reason": whole.stop_reason,
+            }
+            for index, whole in enumerate(wholes)
+        ]
+        body = {**self._envelope("chat.completion", choices), "usage": self._usage}
+        first = self._generations[0]
+        if first.params.prompt_logprobs is not None:
+            body["prompt_logprobs"] = vllm_prompt_logprobs(self._tokenizer, first.prompt_logprobs)
         return body
 
     def chunks(self, delta: TextDelta) -> list[dict]:
         chunks = []
-        if not self._is_role_sent:  # vLLM's first chunk: the role, sent once there is output
-            self._is_role_sent = True
-            chunks.append(self._chunk({"role": "assistant", "content": ""}, None, TextDelta("")))
+        if not self._is_role_sent[delta.index]:  # vLLM's first chunk of a choice: the role, once there is output
+            self._is_role_sent[delta.index] = True
+            chunks.append(self._chunk({"role": "assistant", "content": ""}, None, TextDelta("", index=delta.index)))
         chunks.append(self._chunk({"content": delta.text}, self._logprobs(delta), delta))
         if self._request.include_usage_in_every_chunk:
             for chunk in chunks:
-                chunk["usage"] = self._generation.usage
+                chunk["usage"] = self._usage
         return chunks
 
     def _chunk(self, message: dict, logprobs: dict | None, delta: TextDelta) -> dict:
-        choice = {"index": 0, "delta": message, "logprobs": logprobs, "finish_reason": delta.finish_reason,
+        choice = {"index": delta.index, "delta": message, "logprobs": logprobs, "finish_reason": delta.finish_reason,
                   "stop_reason": delta.stop_reason}
         return self._envelope("chat.completion.chunk", [choice])
 
     def final_chunks(self, request: ChatCompletionRequest) -> list[dict]:
         if not request.include_usage_in_stream:
             return []
-        return [{**self._envelope("chat.completion.chunk", []), "usage": self._generation.usage}]
+        return [{**self._envelope("chat.completion.chunk", []), "usage": self._usage}]

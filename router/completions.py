@@ -4,6 +4,7 @@ logprobs when `logprobs` is set (the first token's null), as lm-eval reads them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from fastapi.responses import JSONResponse, Response
 
 from engine.outputs import TokenLogprobs
+from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 from router.protocol import CompletionRequest
 from router.serving import (
@@ -31,18 +33,41 @@ async def create_completion(serving: Serving, request: CompletionRequest) -> Res
     prompts = [_encode(tokenizer, prompt, request.add_special_tokens) for prompt in request.prompt_list()]
     is_prompt_only = request.echo and request.max_tokens == 0  # OpenAI's way to score a prompt
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    generations = []
-    for index, prompt in enumerate(prompts):  # every prompt checked before any runs
+    planned = []
+    for prompt in prompts:  # every prompt checked before any runs
         max_tokens = serving.max_tokens(len(prompt.token_ids), 1 if is_prompt_only else request.max_tokens, "prompt")
-        params = request.sampling_params(max_tokens, request.logprobs, tokenizer)
-        generations.append((prompt, params))
-    runs = [serving.generation(f"{request_id}-{i}", prompt.token_ids, params) for i, (prompt, params) in enumerate(generations)]
-    completion = _Completion(request_id, serving.backend.model_name, tokenizer, request, [p for p, _ in generations], runs)
+        planned.append((prompt, _candidates(request.sampling_params(max_tokens, request.logprobs, tokenizer), request)))
+    # One backend request per prompt; its n (or best_of) sequences share the prompt's KV.
+    runs = [serving.generations(f"{request_id}-{i}", prompt.token_ids, params) for i, (prompt, params) in enumerate(planned)]
+    flat = [run for group in runs for run in group]
+    completion = _Completion(request_id, serving.backend.model_name, tokenizer, request, [p for p, _ in planned for _ in range(len(runs[0]))], flat)
     if request.stream:
-        deltas = runs[0].deltas() if len(runs) == 1 else merge_deltas([run.deltas() for run in runs])
+        deltas = flat[0].deltas() if len(flat) == 1 else merge_deltas([run.deltas() for run in flat])
         return await start_stream(deltas, completion.chunks, completion.final_chunks)
-    wholes = await asyncio.gather(*(collect(run.deltas()) for run in runs))
-    return JSONResponse(completion.response(list(wholes)))
+    wholes = list(await asyncio.gather(*(collect(run.deltas()) for run in flat)))
+    for position, whole in enumerate(wholes):
+        whole.index = position  # its run; `response` renumbers the choices kept
+    return JSONResponse(completion.response(_best(wholes, request, len(runs[0]))))
+
+
+def _candidates(params: SamplingParams, request: CompletionRequest) -> SamplingParams:
+    """With best_of > n: best_of sequences, their logprobs kept to rank them."""
+    best_of = request.best_of or params.n
+    if best_of == params.n:
+        return params
+    return dataclasses.replace(params, n=best_of, logprobs=params.logprobs or 0)
+
+
+def _best(wholes: list[TextDelta], request: CompletionRequest, per_prompt: int) -> list[TextDelta]:
+    """Per prompt, the n sequences of highest cumulative logprob among its best_of (OpenAI's best_of)."""
+    n = request.n or 1
+    if per_prompt == n:
+        return wholes
+    kept = []
+    for start in range(0, len(wholes), per_prompt):
+        group = wholes[start:start + per_prompt]
+        kept += sorted(group, key=lambda w: -sum(lp.logprob for lp in w.logprobs))[:n]
+    return kept
 
 
 def _encode(tokenizer: Tokenizer, prompt: str | list[int], add_special_tokens: bool) -> _Prompt:
@@ -73,20 +98,23 @@ class _Completion:
         return {"id": self.request_id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": choices}
 
-    def _choice(self, delta: TextDelta) -> dict:
-        index, run = delta.index, self._runs[delta.index]
+    def _choice(self, delta: TextDelta, source: int | None = None) -> dict:
+        """`source`: the run the delta came from, when it differs from the choice's index (best_of)."""
+        index = delta.index
+        at = index if source is None else source  # the run, its prompt, its echo and offsets
+        run = self._runs[at]
         text, token_ids, logprobs = delta.text, delta.token_ids, delta.logprobs
         if self._is_prompt_only:
             text, token_ids, logprobs = "", [], []
         echoed: list[TokenLogprobs | None] = []
-        if self._request.echo and not self._is_echoed[index]:  # the prompt goes before the first output
-            self._is_echoed[index] = True
-            text = self._prompts[index].text + text
-            echoed = self._prompt_entries(index)
+        if self._request.echo and not self._is_echoed[at]:  # the prompt goes before the first output
+            self._is_echoed[at] = True
+            text = self._prompts[at].text + text
+            echoed = self._prompt_entries(at)
         choice = {"index": index, "text": text, "logprobs": None, "finish_reason": delta.finish_reason,
                   "stop_reason": delta.stop_reason}
         if self._request.logprobs is not None:
-            choice["logprobs"] = self._logprobs(index, [*echoed, *logprobs], len(echoed))
+            choice["logprobs"] = self._logprobs(at, [*echoed, *logprobs], len(echoed))
         if run.params.prompt_logprobs is not None and not self._request.echo:
             choice["prompt_logprobs"] = vllm_prompt_logprobs(self._tokenizer, run.prompt_logprobs)
         if self._is_prompt_only and delta.finish_reason is not None:
@@ -94,9 +122,11 @@ class _Completion:
         return choice
 
     def response(self, wholes: list[TextDelta]) -> dict:
+        choices = []
         for index, whole in enumerate(wholes):
-            whole.index = index
-        return {**self._envelope([self._choice(whole) for whole in wholes]), "usage": self._usage()}
+            source, whole.index = whole.index, index
+            choices.append(self._choice(whole, source))
+        return {**self._envelope(choices), "usage": self._usage()}
 
     def chunks(self, delta: TextDelta) -> list[dict]:
         chunk = self._envelope([self._choice(delta)])
@@ -111,9 +141,9 @@ class _Completion:
 
     def _usage(self) -> dict:
         usages = [run.usage for run in self._runs]
-        num_prompt = sum(u["prompt_tokens"] for u in usages)
+        num_prompt = sum(u["prompt_tokens"] for u, run in zip(usages, self._runs) if run.index == 0)  # once per prompt
         num_output = 0 if self._is_prompt_only else sum(u["completion_tokens"] for u in usages)
-        num_cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in usages)
+        num_cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u, run in zip(usages, self._runs) if run.index == 0)
         return {"prompt_tokens": num_prompt, "completion_tokens": num_output, "total_tokens": num_prompt + num_output,
                 "prompt_tokens_details": {"cached_tokens": num_cached}}
 

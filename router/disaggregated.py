@@ -78,13 +78,14 @@ class DisaggregatedBackend:
         finished = False
         try:
             reservation = await self._reservation(stream, decode)
-            first = await self._prefill(prefill, request_id, transfer_id, prompt_token_ids, wire_params, reservation)
+            firsts = await self._prefill(prefill, request_id, transfer_id, prompt_token_ids, wire_params, reservation)
             prefill.num_in_flight -= 1
             prefill = None
-            yield first
-            async for delta in self._decode_stream(stream, request_id, decode):
-                finished = delta.finish_reason is not None
+            for first in firsts:
+                yield first
+            async for delta in self._decode_stream(stream, request_id, decode, params.n):
                 yield delta
+            finished = True
         finally:
             if not finished:
                 stream.cancel()
@@ -108,7 +109,8 @@ class DisaggregatedBackend:
     async def _prefill(
         self, prefill: WorkerHandle, request_id: str, transfer_id: str, prompt_token_ids: list[int],
         wire_params: pb.SamplingParams, reservation: pb.Reservation,
-    ) -> RequestDelta:
+    ) -> list[RequestDelta]:
+        """The first token of every sequence (one prefill: the rest share its KV)."""
         request = pb.PrefillRequest(
             request_id=request_id, transfer_id=transfer_id, prompt_token_ids=prompt_token_ids,
             params=wire_params, target=reservation,
@@ -119,29 +121,38 @@ class DisaggregatedBackend:
             raise _translate(exc, f"prefill worker {prefill.record.worker_id}") from exc
         if self.on_kv_transfer is not None:
             self.on_kv_transfer(response.kv_bytes, response.kv_seconds, response.kv_transport)
+        sibling_logprobs = [logprobs_from_proto(lp) for lp in response.sibling_logprobs]
+        siblings = [
+            RequestDelta(request_id, [token], sibling_logprobs[i:i + 1], index=i + 1)
+            for i, token in enumerate(response.sibling_token_ids)
+        ]
         logprobs = [logprobs_from_proto(response.first_logprobs)] if response.HasField("first_logprobs") else []
         prompt_logprobs = None
         if wire_params.HasField("prompt_logprobs"):
             prompt_logprobs = [None, *(logprobs_from_proto(lp) for lp in response.prompt_logprobs)]
-        return RequestDelta(
+        return [RequestDelta(
             request_id, [response.first_token_id], logprobs,
             num_prompt_tokens=len(prompt_token_ids), num_cached_tokens=response.num_cached_tokens,
             prompt_logprobs=prompt_logprobs, queue_seconds=response.queue_seconds, prefill_seconds=response.prefill_seconds,
-        )
+        ), *siblings]
 
     async def _decode_stream(
-        self, stream: grpc.aio.UnaryStreamCall, request_id: str, decode: WorkerHandle
+        self, stream: grpc.aio.UnaryStreamCall, request_id: str, decode: WorkerHandle, num_sequences: int
     ) -> AsyncIterator[RequestDelta]:
+        """The decode worker's deltas, each tagged with its sequence; ends once all n finished."""
+        num_finished = 0
         try:
             while (message := await stream.read()) is not grpc.aio.EOF:
                 if message.HasField("tokens"):
                     logprobs = [logprobs_from_proto(lp) for lp in message.tokens.logprobs]
-                    yield RequestDelta(request_id, list(message.tokens.token_ids), logprobs)
+                    yield RequestDelta(request_id, list(message.tokens.token_ids), logprobs, index=message.tokens.index)
                 elif message.HasField("finished"):
                     f = message.finished
                     stop = f.stop_token_id if f.HasField("stop_token_id") else None
-                    yield RequestDelta(request_id, [], finish_reason=f.finish_reason, stop_reason=stop)
-                    return
+                    yield RequestDelta(request_id, [], finish_reason=f.finish_reason, stop_reason=stop, index=f.index)
+                    num_finished += 1
+                    if num_finished == num_sequences:
+                        return
         except grpc.aio.AioRpcError as exc:
             yield RequestDelta(request_id, [], finish_reason="error", error=f"decode worker {decode.record.worker_id}: {exc.details()}")
             return

@@ -138,8 +138,12 @@ class Metrics:
     def observe_http(self, handler: str, method: str, status_code: int) -> None:
         self.http_requests.labels(handler=handler, method=method, status=f"{status_code // 100}xx").inc()
 
-    def track_request(self, num_prompt_tokens: int, params: SamplingParams | None = None) -> RequestTracker:
-        return RequestTracker(self, num_prompt_tokens, params)
+    def track_request(
+        self, num_prompt_tokens: int, params: SamplingParams | None = None, is_sequence_only: bool = False
+    ) -> RequestTracker:
+        """`is_sequence_only`: sequence 1.. of a request with n > 1: its tokens count, the request
+        (prompt, latency, finish) is counted by sequence 0's tracker."""
+        return RequestTracker(self, num_prompt_tokens, params, is_sequence_only)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -162,8 +166,9 @@ class _IterationTokensCollector:
 class RequestTracker:
     """Timings and token counts of one request, from its arrival at the router."""
 
-    def __init__(self, metrics: Metrics, num_prompt_tokens: int, params: SamplingParams | None) -> None:
+    def __init__(self, metrics: Metrics, num_prompt_tokens: int, params: SamplingParams | None, is_sequence_only: bool = False) -> None:
         self._metrics = metrics
+        self._is_sequence_only = is_sequence_only
         self._num_prompt_tokens = num_prompt_tokens
         self._params = params
         self._arrival = time.monotonic()
@@ -174,6 +179,8 @@ class RequestTracker:
         self._is_finished = False
 
     def on_first_delta(self, delta: RequestDelta) -> None:
+        if self._is_sequence_only:
+            return
         m = self._metrics
         m.labels(m.prefix_cache_queries).inc(self._num_prompt_tokens)
         m.labels(m.prefix_cache_hits).inc(delta.num_cached_tokens)
@@ -185,8 +192,9 @@ class RequestTracker:
         m, now = self._metrics, time.monotonic()
         if self._last_token_time is None:
             self._first_token_time = now
-            m.labels(m.time_to_first_token).observe(now - self._arrival)
-            m.labels(m.prompt_tokens).inc(self._num_prompt_tokens)
+            if not self._is_sequence_only:
+                m.labels(m.time_to_first_token).observe(now - self._arrival)
+                m.labels(m.prompt_tokens).inc(self._num_prompt_tokens)
         else:
             gap = (now - self._last_token_time) / num_tokens  # a multi-token delta spreads its interval
             for _ in range(num_tokens):
@@ -198,7 +206,7 @@ class RequestTracker:
 
     def on_finish(self, finish_reason: str) -> None:
         """`finish_reason`: stop | length | abort (cancelled, disconnected, timed out) | error."""
-        if self._is_finished:
+        if self._is_finished or self._is_sequence_only:
             return
         self._is_finished = True
         m, now = self._metrics, time.monotonic()

@@ -145,8 +145,10 @@ class CompletionRequest(GenerationRequest):
         super().check_supported()
         if self.suffix:
             raise APIError(400, "suffix is not supported", "suffix")
-        if self.best_of not in (None, 1):
-            raise APIError(400, "best_of must be 1", "best_of")
+        if self.best_of is not None and self.best_of < (self.n or 1):
+            raise APIError(400, f"best_of ({self.best_of}) must be at least n ({self.n or 1})", "best_of")
+        if self.best_of is not None and self.best_of > (self.n or 1) and self.stream:
+            raise APIError(400, "best_of > n cannot be streamed (the best are known only at the end)", "best_of")
         if self.max_tokens == 0 and not self.echo:
             raise APIError(400, "max_tokens must be at least 1 (0 only with echo)", "max_tokens")
 

@@ -73,13 +73,26 @@ class Serving:
     def generation(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Generation:
         return Generation(self, request_id, prompt_token_ids, params)
 
+    def generations(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[Generation]:
+        """One per sequence of the request (n of them): one backend request, its prompt computed once."""
+        if params.n == 1:
+            return [self.generation(request_id, prompt_token_ids, params)]
+        shared = SharedStream(lambda: self.backend.generate(request_id, prompt_token_ids, params), params.n)
+        return [Generation(self, request_id, prompt_token_ids, params, shared.view(i), i) for i in range(params.n)]
+
 
 class Generation:
     """One request's run on the backend, turned into text. Stop strings are enforced here: the
     detokenizer finds them and closing the backend stream aborts the request on the workers."""
 
-    def __init__(self, serving: Serving, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def __init__(
+        self, serving: Serving, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        source: AsyncGenerator[RequestDelta, None] | None = None, index: int = 0,
+    ) -> None:
+        """`source`: this sequence's deltas when the request has several (`Serving.generations`)."""
         self.request_id = request_id
+        self.index = index
+        self._source = source
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.num_output_tokens = 0
@@ -87,7 +100,7 @@ class Generation:
         self.prompt_logprobs: list[TokenLogprobs | None] | None = None  # when params.prompt_logprobs is set
         self._serving = serving
         self._deadline = asyncio.get_running_loop().time() + serving.request_timeout_s
-        self._tracker = serving.metrics.track_request(len(prompt_token_ids), params)
+        self._tracker = serving.metrics.track_request(len(prompt_token_ids), params, is_sequence_only=index > 0)
         self._has_first_delta = False
         self._detokenizer = IncrementalDetokenizer(
             serving.backend.tokenizer, params.stop, params.include_stop_str_in_output, params.skip_special_tokens
@@ -108,7 +121,7 @@ class Generation:
     async def deltas(self) -> AsyncGenerator[TextDelta, None]:
         """The request's text deltas, the last with its finish_reason. Closing this generator early
         (client gone) aborts the request; so does the deadline (an APIError 504)."""
-        stream = self._serving.backend.generate(self.request_id, self.prompt_token_ids, self.params)
+        stream = self._source or self._serving.backend.generate(self.request_id, self.prompt_token_ids, self.params)
         finish_reason: str | None = "abort"  # unless it runs to its end: the client left, the deadline passed
         try:
             while True:
@@ -190,6 +203,47 @@ async def collect(deltas: AsyncGenerator[TextDelta, None]) -> TextDelta:
             whole.logprobs += delta.logprobs
             whole.finish_reason, whole.stop_reason = delta.finish_reason, delta.stop_reason
     return whole
+
+
+class SharedStream:
+    """One backend stream carrying the deltas of a request's n sequences (by `index`), read as n
+    streams. It starts with the first read of any view and is closed (the request aborted on the
+    workers) once every view is closed; a view ends with its sequence's finish."""
+
+    def __init__(self, open_stream: Callable[[], AsyncGenerator[RequestDelta, None]], num_views: int) -> None:
+        self._open_stream = open_stream
+        self._queues: list[asyncio.Queue[RequestDelta | BaseException]] = [asyncio.Queue() for _ in range(num_views)]
+        self._num_open = num_views
+        self._pump: asyncio.Task | None = None
+
+    async def view(self, index: int) -> AsyncGenerator[RequestDelta, None]:
+        if self._pump is None:
+            self._pump = asyncio.create_task(self._run(self._open_stream()))
+        try:
+            while True:
+                item = await self._queues[index].get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            self._num_open -= 1
+            if self._num_open == 0:
+                self._pump.cancel()
+                with anyio.CancelScope(shield=True):
+                    await asyncio.gather(self._pump, return_exceptions=True)
+
+    async def _run(self, stream: AsyncGenerator[RequestDelta, None]) -> None:
+        async with aclosing(stream):
+            try:
+                async for delta in stream:
+                    self._queues[delta.index].put_nowait(delta)
+                ended: BaseException = APIError(500, "the backend ended the request without a finish reason")
+            except Exception as exc:  # noqa: BLE001 - every view raises it
+                ended = exc
+            for queue in self._queues:  # views still waiting: they end with the stream
+                queue.put_nowait(ended)
 
 
 async def merge_deltas(streams: list[AsyncGenerator[TextDelta, None]]) -> AsyncGenerator[TextDelta, None]:
