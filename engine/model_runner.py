@@ -1,5 +1,6 @@
 """`ModelRunner`: owns the model weights and the paged KV cache of one worker, turns a scheduled
-batch into model inputs, runs the forward pass (decode through CUDA graphs on a GPU) and samples."""
+batch into model inputs, runs the forward pass (decode through CUDA graphs on a GPU) and samples;
+grammar masks are computed on other threads meanwhile, and grammars advanced with the new tokens."""
 from __future__ import annotations
 
 import logging
@@ -13,6 +14,7 @@ import torch
 from engine.attention import AttentionMetadata
 from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.cuda_graph import DecodeGraphRunner
+from engine.grammar_masks import GrammarMasks
 from engine.loader import init_random_weights, load_weights
 from engine.model import LlamaForCausalLM
 from engine.request import Request, ScheduledRequest
@@ -52,6 +54,7 @@ class ModelRunner:
         self.model = self._build_model(model_dir)
         self.kv_cache = self._allocate_kv_cache()
         self.sampler = Sampler()
+        self.grammar_masks = GrammarMasks(pin_memory=self.device.type == "cuda")
         self.graphs: DecodeGraphRunner | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphRunner(
@@ -123,14 +126,17 @@ class ModelRunner:
     # -- execution ----------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledRequest], on_layer: Callable[[int], None] | None = None) -> SamplerOutput:
-        """Run one step; returns sampled tokens for the requests whose chunk ends at their last token.
-        `on_layer(i)`: see `LlamaForCausalLM.forward` (eager steps only)."""
+        """Run one step; returns sampled tokens for the requests whose chunk ends at their last token
+        (their grammars advanced). `on_layer(i)`: see `LlamaForCausalLM.forward` (eager steps only)."""
+        masks = self.grammar_masks.start([s.request for s in batch if s.is_sampled])  # overlaps the forward
         step = self.compute_logits(batch, on_layer)
         if not step.requests:
             return SamplerOutput([], [])
         if step.greedy_ids is not None and only_argmax(step.requests):
             return SamplerOutput(step.greedy_ids.tolist(), [None] * len(step.requests))
-        return self.sampler(step.logits, step.requests)
+        output = self.sampler(step.logits, step.requests, masks)
+        self.grammar_masks.accept(step.requests, output.token_ids)
+        return output
 
     def compute_logits(self, batch: list[ScheduledRequest], on_layer: Callable[[int], None] | None = None) -> StepLogits:
         if on_layer is None and self.graphs is not None and self.graphs.can_run(len(batch)) and _is_plain_decode(batch):
