@@ -82,7 +82,11 @@ def serve(args: argparse.Namespace) -> int:
         print(f"pdserve: {exc}", file=sys.stderr)
         return 2
     if config.colocated:
-        return asyncio.run(run_gateway(config, records=None))
+        _stop_on_sigterm()  # uvicorn re-raises SIGTERM once it has stopped: exit 0, not -15
+        try:
+            return asyncio.run(run_gateway(config, records=None))
+        except (KeyboardInterrupt, _Shutdown):
+            return 0
     cluster = Cluster(config)
     _stop_on_sigterm()
     try:
