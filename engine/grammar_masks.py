@@ -23,9 +23,12 @@ class PendingMasks:
         self.bitmask = bitmask  # int32 [num_requests, ceil(vocab / 32)]: bit t of a row set = token t allowed
         self._done = done
 
+    def wait(self) -> None:
+        self._done.result()
+
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """A copy of float32 `logits` `[num_requests, vocab]` with disallowed tokens at -inf."""
-        self._done.result()
+        self.wait()
         device = logits.device
         words = self.bitmask.to(device, non_blocking=True)
         shifts = torch.arange(BITS, dtype=torch.int32, device=device)
