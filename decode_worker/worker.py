@@ -5,7 +5,8 @@ thread; the KV itself arrives through the `KVReceiver`, never blocking a step.""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +68,14 @@ class DecodeWorker:
             request = self.core.new_request(request_id, prompt_token_ids, params)
             self._incoming[request_id] = _Incoming(request, transfer_id, lease_s)
 
-        return self.loop.stream(request_id, add, lambda: self._drop(request_id))
+        return self._stream(request_id, params, add)
+
+    async def _stream(self, request_id: str, params: SamplingParams, add: Callable[[], None]) -> AsyncIterator[Reserved | RequestDelta]:
+        await self.core.compile_grammar(params)  # off the engine thread
+        events = self.loop.stream(request_id, add, lambda: self._drop(request_id))
+        async with aclosing(events):
+            async for event in events:
+                yield event
 
     async def abort(self, request_id: str) -> bool:
         return await self.loop.run(lambda: self._abort(request_id))
@@ -144,6 +152,8 @@ class DecodeWorker:
     def _start(self, request: Request, token: int, logprobs: TokenLogprobs | None) -> None:
         """A sequence's first token (sampled by the prefill worker): stream it ends it, or decode on."""
         request.output_token_ids.append(token)
+        if request.grammar is not None:  # the prefill worker sampled it under the same grammar
+            request.grammar.accept(token)
         skip_first_draw(request, self.core.model_config.vocab_size, self.core.runner.device)
         if logprobs is not None and request.params.logprobs is not None:
             request.output_logprobs.append(logprobs)

@@ -14,6 +14,8 @@ DEMO_MODEL_NAME = "pdserve-demo"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from router.tool_parsers import PARSERS
+
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve a model over the OpenAI API")
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights (benchmarks)")
     serve.add_argument("--colocated", action="store_true", help="one engine in this process, no workers (baseline)")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true", help="read tool calls out of replies (tool_choice auto)")
+    serve.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS), help="how the model writes tool calls")
     serve.add_argument("--log-level", default="info")
     demo = commands.add_parser("demo-model", help="write the demo checkpoint into DIR")
     demo.add_argument("directory")
@@ -78,7 +82,11 @@ def serve(args: argparse.Namespace) -> int:
         print(f"pdserve: {exc}", file=sys.stderr)
         return 2
     if config.colocated:
-        return asyncio.run(run_gateway(config, records=None))
+        _stop_on_sigterm()  # uvicorn re-raises SIGTERM once it has stopped: exit 0, not -15
+        try:
+            return asyncio.run(run_gateway(config, records=None))
+        except (KeyboardInterrupt, _Shutdown):
+            return 0
     cluster = Cluster(config)
     _stop_on_sigterm()
     try:
@@ -98,6 +106,7 @@ def serve_config(args: argparse.Namespace) -> object:
     from deploy.controller import ServeConfig
     from engine.demo_model import default_demo_model_dir
     from engine.loader import resolve_model_path
+    from router.tools import ToolOptions
 
     model = args.model or str(default_demo_model_dir())
     model_dir = resolve_model_path(model)  # fails early, and downloads once for every local worker
@@ -127,6 +136,7 @@ def serve_config(args: argparse.Namespace) -> object:
         worker_host=args.worker_host,
         kv_transport=args.kv_transport,
         colocated=args.colocated,
+        tool_options=ToolOptions(args.enable_auto_tool_choice, args.tool_call_parser),
     )
 
 

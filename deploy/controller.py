@@ -11,6 +11,7 @@ from pathlib import Path
 from deploy.worker_host import WorkerProcess, WorkerSpec
 from engine.config import ConfigError, EngineConfig
 from router.registry import WorkerRecord
+from router.tools import ToolOptions
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -30,6 +31,7 @@ class ServeConfig:
     startup_timeout_s: float = 600.0
     kv_transport: str = "auto"
     colocated: bool = False
+    tool_options: ToolOptions = ToolOptions()
 
     def __post_init__(self) -> None:
         if self.num_prefill_workers < 1 or self.num_decode_workers < 1:

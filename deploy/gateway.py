@@ -23,7 +23,7 @@ async def run_gateway(config: ServeConfig, records: list[WorkerRecord] | None) -
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # the event loop, gRPC's threads and (colocated) the engine thread
     metrics = Metrics(config.served_model_name)
     backend = await _colocated(config) if records is None else await _disaggregated(config, records, metrics)
-    app = create_app(backend, metrics)
+    app = create_app(backend, metrics, tool_options=config.tool_options)
     if records is not None:
         from router.admin import admin_routes
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from engine.engine_loop import EngineLoop
 from engine.llm_engine import LLMEngine
@@ -56,11 +57,18 @@ class AsyncEngine:
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestDelta]:
         """Raises `InvalidRequestError` for bad input before anything is queued."""
-        return self.loop.stream(
+        return self._generate(request_id, prompt_token_ids, params)
+
+    async def _generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestDelta]:
+        await self.engine.core.compile_grammar(params)
+        events = self.loop.stream(
             request_id,
             add=lambda: self.engine.add_request(request_id, prompt_token_ids, params),
             abort=lambda: self.engine.abort_request(request_id),
         )
+        async with aclosing(events):
+            async for delta in events:
+                yield delta
 
     def _step(self) -> bool:
         if not self.engine.has_unfinished_requests():

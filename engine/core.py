@@ -2,6 +2,7 @@
 how a request is validated and created. Schedulers are composed on top by each kind of worker."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from engine.loader import model_fingerprint, resolve_model_path
 from engine.model_runner import ModelRunner
 from engine.request import Request
 from engine.sampling_params import InvalidRequestError, SamplingParams
+from engine.structured_output import GrammarCompiler
 from engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -27,6 +29,7 @@ class EngineCore:
     block_manager: BlockManager
     eos_token_ids: frozenset[int]
     model_id: str  # checkpoint fingerprint: KV moves only between workers that agree on it
+    grammars: GrammarCompiler
 
     @classmethod
     def load(cls, config: EngineConfig) -> EngineCore:
@@ -44,7 +47,8 @@ class EngineCore:
         block_manager = BlockManager(runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         eos = frozenset(tokenizer.eos_token_ids) | frozenset(model_config.eos_token_ids)
         model_id = model_fingerprint(model_dir) + (f"-random{config.seed}" if random_weights else "")
-        return cls(config, model_config, tokenizer, runner, block_manager, eos, model_id)
+        grammars = GrammarCompiler(tokenizer, model_config.vocab_size, eos)
+        return cls(config, model_config, tokenizer, runner, block_manager, eos, model_id, grammars)
 
     def is_device_healthy(self) -> bool:
         """Whether the device still runs work: after a sticky CUDA error (a device-side assert)
@@ -72,6 +76,15 @@ class EngineCore:
         ):
             if any(t >= vocab for t in token_ids):
                 raise InvalidRequestError(f"token ids in {name} must be in [0, {vocab})", name)
+        if params.structured_output is not None:
+            self.grammars.compile(params.structured_output)  # cached: `new_request` copies it
+
+    async def compile_grammar(self, params: SamplingParams) -> None:
+        """Compile (and cache) a request's grammar on a worker thread, so that `new_request` on the
+        engine thread finds it ready: a first compile can take a while (the very first builds the
+        grammar library's tokenizer, ~1 s for 150K tokens). Raises InvalidRequestError."""
+        if params.structured_output is not None:
+            await asyncio.to_thread(self.grammars.compile, params.structured_output)
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         if not prompt_token_ids:
@@ -102,6 +115,7 @@ class EngineCore:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
+        spec = params.structured_output
         return Request(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
@@ -109,4 +123,5 @@ class EngineCore:
             eos_token_ids=self.eos_token_ids,
             generator=generator,
             index=index,
+            grammar=None if spec is None else self.grammars.compile(spec),
         )

@@ -1,5 +1,6 @@
 """`ModelRunner`: owns the model weights and the paged KV cache of one worker, turns a scheduled
-batch into model inputs, runs the forward pass (decode through CUDA graphs on a GPU) and samples."""
+batch into model inputs, runs the forward pass (decode through CUDA graphs on a GPU) and samples;
+grammar masks are computed on other threads meanwhile, and grammars advanced with the new tokens."""
 from __future__ import annotations
 
 import logging
@@ -13,6 +14,7 @@ import torch
 from engine.attention import AttentionMetadata
 from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.cuda_graph import DecodeGraphRunner
+from engine.grammar_masks import GrammarMasks
 from engine.loader import init_random_weights, load_weights
 from engine.model import LlamaForCausalLM
 from engine.outputs import TokenLogprobs
@@ -55,6 +57,7 @@ class ModelRunner:
         self.model = self._build_model(model_dir)
         self.kv_cache = self._allocate_kv_cache()
         self.sampler = Sampler()
+        self.grammar_masks = GrammarMasks(pin_memory=self.device.type == "cuda")
         self.graphs: DecodeGraphRunner | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphRunner(
@@ -126,15 +129,17 @@ class ModelRunner:
     # -- execution ----------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledRequest], on_layer: Callable[[int], None] | None = None) -> SamplerOutput:
-        """Run one step; returns sampled tokens for the requests whose chunk ends at their last token.
-        `on_layer(i)`: see `LlamaForCausalLM.forward` (eager steps only)."""
+        """Run one step; returns sampled tokens for the requests whose chunk ends at their last token
+        (their grammars advanced). `on_layer(i)`: see `LlamaForCausalLM.forward` (eager steps only)."""
+        masks = self.grammar_masks.start(_family_rows([s.request for s in batch if s.is_sampled]))  # overlaps the forward
         step = _with_siblings(self.compute_logits(batch, on_layer))
         if not step.requests:
             output = SamplerOutput([], [])
         elif step.greedy_ids is not None and only_argmax(step.requests):
             output = SamplerOutput(step.greedy_ids.tolist(), [None] * len(step.requests))
         else:
-            output = self.sampler(step.logits, step.requests)
+            output = self.sampler(step.logits, step.requests, masks)
+            self.grammar_masks.accept(step.requests, output.token_ids)
         output.prompt_logprobs = step.prompt_logprobs
         return output
 
@@ -205,14 +210,16 @@ def _with_siblings(step: StepLogits) -> StepLogits:
     too (the same logits), right after its own: the scheduler reads the samples in that order."""
     if not any(r.has_unforked_siblings for r in step.requests):
         return step
-    rows, requests = [], []
-    for row, request in enumerate(step.requests):
-        family = request.family if request.has_unforked_siblings else [request]
-        rows += [row] * len(family)
-        requests += family
+    rows = [row for row, request in enumerate(step.requests) for _ in _family_rows([request])]
+    requests = _family_rows(step.requests)
     index = torch.tensor(rows, device=step.logits.device)
     greedy = step.greedy_ids[index] if step.greedy_ids is not None else None
     return StepLogits(step.logits[index], greedy, requests, step.prompt_logprobs)
+
+
+def _family_rows(requests: list[Request]) -> list[Request]:
+    """The sampled requests, each followed by its siblings while they wait for their first token."""
+    return [r for request in requests for r in (request.family if request.has_unforked_siblings else [request])]
 
 
 def _is_plain_decode(batch: list[ScheduledRequest]) -> bool:

@@ -12,6 +12,8 @@ from engine.sampling_params import SamplingParams
 if TYPE_CHECKING:
     import torch
 
+    from engine.structured_output import Grammar
+
 
 class RequestPhase(enum.Enum):
     """Where a request is in its life. A worker sees only some phases: a prefill worker queued ->
@@ -65,6 +67,7 @@ class Request:
     def has_unforked_siblings(self) -> bool:
         """Its siblings still wait for the first token: the prompt's next sample is theirs too."""
         return bool(self.siblings) and not self.siblings[0].output_token_ids
+    grammar: Grammar | None = None  # advanced with every output token (structured output)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -103,6 +106,9 @@ class Request:
             if token in params.stop_token_ids:
                 self.finish("stop", token)
                 return True
+        if self.grammar is not None and self.grammar.is_terminated:  # complete: only EOS could follow
+            self.finish("stop")
+            return True
         if (params.max_tokens is not None and num_output >= params.max_tokens) or self.num_tokens >= max_model_len:
             self.finish("length")
             return True

@@ -1,15 +1,19 @@
-"""Token sampling for a batch: greedy, temperature, top-k, top-p, min-p, per-request seeds,
-min_tokens, and top-n logprobs. Rows are independent: a seeded request draws from its own
+"""Token sampling for a batch: grammar masks, greedy, temperature, top-k, top-p, min-p, per-request
+seeds, min_tokens, and top-n logprobs. Rows are independent: a seeded request draws from its own
 generator, so its output does not depend on what else is in the batch."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.logits_processors import TokenCounts, needs_processing, process
 from engine.outputs import TokenLogprobs
 from engine.request import Request
+
+if TYPE_CHECKING:
+    from engine.grammar_masks import PendingMasks
 
 
 @dataclass
@@ -33,9 +37,12 @@ class Sampler:
     def __init__(self) -> None:
         self.counts: TokenCounts | None = None  # made on first use, for the logits' vocabulary and device
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, requests: list[Request], masks: PendingMasks | None = None) -> SamplerOutput:
         """logits: float32 `[num_requests, vocab]`, one row per request, in order. Logprobs are
-        those of the model's own distribution (before penalties and biases), as vLLM reports them."""
+        those of the model's own distribution (before penalties and biases), as vLLM reports them;
+        under a grammar, of the distribution its mask leaves (vLLM masks before sampling too)."""
+        if masks is not None:
+            logits = masks.apply(logits)
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in requests):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
@@ -61,10 +68,10 @@ def skip_first_draw(request: Request, vocab_size: int, device: torch.device) -> 
 
 def only_argmax(requests: list[Request]) -> bool:
     """Whether the batch's tokens are just the argmax: greedy, no logprobs, no stop tokens held
-    back, nothing done to the logits."""
+    back, nothing done to the logits, no grammar."""
     return all(
         r.params.is_greedy and r.params.logprobs is None and len(r.output_token_ids) >= r.params.min_tokens
-        and not needs_processing(r)
+        and not needs_processing(r) and r.grammar is None
         for r in requests
     )
 

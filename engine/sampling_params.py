@@ -1,4 +1,5 @@
-"""`SamplingParams`: how one request picks its tokens and when it stops (vLLM's field names)."""
+"""`SamplingParams`: how one request picks its tokens and when it stops (vLLM's field names), and
+`StructuredOutput`: the grammar its output must match."""
 from __future__ import annotations
 
 import math
@@ -6,6 +7,9 @@ from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
 MAX_N = 64
+# vLLM's structured-output kinds: a JSON schema, any JSON object, a regex, one of a list of strings,
+# a Lark or EBNF (GBNF) grammar.
+STRUCTURED_OUTPUT_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
 
 class InvalidRequestError(ValueError):
@@ -14,6 +18,25 @@ class InvalidRequestError(ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """The constraint on a request's output, as the client gave it (compiled by the engine, see
+    `engine/structured_output.py`). `spec`: the schema as JSON text (json), "" (json_object), the
+    regex, a JSON list of strings (choice), or the grammar's text."""
+
+    kind: str
+    spec: str = ""
+    disable_any_whitespace: bool = False  # JSON without whitespace between its tokens
+    whitespace_pattern: str | None = None  # JSON whitespace as this regex instead
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_OUTPUT_KINDS:
+            raise InvalidRequestError(
+                f"unknown structured output kind {self.kind!r} (one of {', '.join(STRUCTURED_OUTPUT_KINDS)})",
+                "structured_outputs",
+            )
 
 
 @dataclass(frozen=True)
@@ -39,6 +62,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | tuple[tuple[int, float], ...] | None = ()  # token id -> added to its logit
     bad_words_token_ids: tuple[tuple[int, ...], ...] | list[list[int]] | None = ()  # never generate these sequences
     allowed_token_ids: tuple[int, ...] | list[int] | None = ()  # when set, only these
+    structured_output: StructuredOutput | None = None  # the output must match this grammar
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -81,6 +81,7 @@ class PrefillWorker:
     ) -> PrefillResult:
         """Raises InvalidRequestError, KVLayoutMismatchError, NoCommonTransportError or
         KVTransferError; cancelling the caller aborts the request and frees its blocks."""
+        await self.core.compile_grammar(params)  # off the event loop; `validate` then finds it cached
         self.core.validate(prompt_token_ids, params)
         peer = await self.sender.connect(target.address, RPC_TIMEOUT_S)
         num_blocks = -(-len(prompt_token_ids) // self.core.config.block_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from engine.outputs import TokenLogprobs
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, StructuredOutput
 from proto import pdserve_pb2 as pb
 
 
@@ -34,7 +34,21 @@ def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
     msg.logit_bias.update(dict(params.logit_bias))
     msg.bad_words.extend(pb.TokenSequence(token_ids=word) for word in params.bad_words_token_ids)
     msg.allowed_token_ids.extend(params.allowed_token_ids)
+    if params.structured_output is not None:
+        msg.structured_output.CopyFrom(structured_output_to_proto(params.structured_output))
     return msg
+
+
+def structured_output_to_proto(spec: StructuredOutput) -> pb.StructuredOutput:
+    msg = pb.StructuredOutput(kind=spec.kind, spec=spec.spec, disable_any_whitespace=spec.disable_any_whitespace)
+    if spec.whitespace_pattern is not None:
+        msg.whitespace_pattern = spec.whitespace_pattern
+    return msg
+
+
+def structured_output_from_proto(msg: pb.StructuredOutput) -> StructuredOutput:
+    pattern = msg.whitespace_pattern if msg.HasField("whitespace_pattern") else None
+    return StructuredOutput(msg.kind, msg.spec, msg.disable_any_whitespace, pattern)
 
 
 def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
@@ -58,6 +72,7 @@ def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         bad_words_token_ids=tuple(tuple(word.token_ids) for word in msg.bad_words),
         allowed_token_ids=tuple(msg.allowed_token_ids),
         prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
+        structured_output=structured_output_from_proto(msg.structured_output) if msg.HasField("structured_output") else None,
     )
 
 

@@ -19,13 +19,16 @@ from router.errors import APIError, install_error_handlers
 from router.metrics import Metrics
 from router.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from router.serving import Serving, cancel_on_disconnect
+from router.tools import ToolOptions
 
 logger = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 5.0  # /health and /metrics ask the backend; a stuck backend must not hang them
 
 
-def create_app(backend: Backend, metrics: Metrics | None = None, request_timeout_s: float = 600.0) -> FastAPI:
+def create_app(
+    backend: Backend, metrics: Metrics | None = None, request_timeout_s: float = 600.0, tool_options: ToolOptions = ToolOptions()
+) -> FastAPI:
     """Routes: POST /v1/completions, /v1/chat/completions, /tokenize, /detokenize; GET /v1/models,
     /health, /metrics. The caller owns the backend (and closes it)."""
     serving = Serving(backend, metrics or Metrics(backend.model_name), request_timeout_s)
@@ -40,7 +43,7 @@ def create_app(backend: Backend, metrics: Metrics | None = None, request_timeout
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw_request: Request) -> Response:
-        return await cancel_on_disconnect(raw_request, create_chat_completion(serving, body))
+        return await cancel_on_disconnect(raw_request, create_chat_completion(serving, body, tool_options))
 
     @app.get("/v1/models")
     async def models() -> dict:

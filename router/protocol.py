@@ -3,13 +3,15 @@ Pydantic checks the types; what pdserve cannot honour is rejected with a 400, ne
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, StructuredOutput
 from engine.tokenizer import Tokenizer
 from router.errors import APIError
+from router.structured_output import StructuredOutputsParams, structured_output_of
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -37,10 +39,18 @@ class ChatMessage(BaseModel):
         return content
 
     def for_template(self) -> dict[str, Any]:
-        """Text parts joined with newlines, as vLLM renders them for string-content templates."""
+        """Text parts joined with newlines, as vLLM renders them for string-content templates; an
+        assistant's earlier tool calls with their JSON arguments as objects, as templates expect."""
         message = self.model_dump(exclude_none=True)
         if isinstance(self.content, list):
             message["content"] = "\n".join(part["text"] for part in self.content)
+        for call in message.get("tool_calls") or []:
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                try:
+                    function["arguments"] = json.loads(function["arguments"])
+                except json.JSONDecodeError:
+                    pass  # left as the text the client sent
         return message
 
 
@@ -72,6 +82,15 @@ class GenerationRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured output: OpenAI's response_format, vLLM's guided_* and structured_outputs
+    response_format: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def check_supported(self) -> None:
         """Reject what pdserve does not implement rather than silently sampling without it."""
@@ -86,9 +105,13 @@ class GenerationRequest(BaseModel):
     def include_usage_in_every_chunk(self) -> bool:
         return self.include_usage_in_stream and self.stream_options.continuous_usage_stats
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None, tokenizer: Tokenizer) -> SamplingParams:
-        """Raises `InvalidRequestError` naming the field for out-of-range values."""
+    def sampling_params(
+        self, max_tokens: int, logprobs: int | None, tokenizer: Tokenizer, forced_output: StructuredOutput | None = None
+    ) -> SamplingParams:
+        """Raises `InvalidRequestError` naming the field for out-of-range values. `forced_output`:
+        the grammar of a forced tool call (chat), which excludes any other structured output."""
         return SamplingParams(
+            structured_output=structured_output_of(self, forced_output),  # APIError 400 for an unknown or broken one
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
@@ -174,7 +197,6 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     add_generation_prompt: bool = True
@@ -183,12 +205,6 @@ class ChatCompletionRequest(GenerationRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise APIError(400, "response_format is not supported (only {\"type\": \"text\"})", "response_format")
-        if self.tools:
-            raise APIError(400, "tools are not supported", "tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise APIError(400, "tool_choice is not supported", "tool_choice")
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs to be true", "top_logprobs")
 

@@ -76,3 +76,23 @@ def write_hf_checkpoint(directory: Path, family: str, tokenizer_dir: Path, seed:
 def checkpoints(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")
     return {family: write_hf_checkpoint(root / family, family, demo_model_dir) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tool_checkpoint(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path]) -> Path:
+    """The llama checkpoint with a Hermes-style chat template that renders tools (tests/
+    hermes_template.jinja, like Qwen2.5's), room for prompts that carry tools (2048 positions), and
+    the tokenizer's EOS as its only EOS (transformers' LlamaConfig default, id 2, is an ordinary
+    character of the demo vocabulary)."""
+    import json
+
+    directory = tmp_path_factory.mktemp("tools") / "model"
+    shutil.copytree(checkpoints["llama"], directory)
+    shutil.copy(Path(__file__).parent / "hermes_template.jinja", directory / "chat_template.jinja")
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((directory / name).read_text())
+        config.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        if name == "config.json":
+            config["max_position_embeddings"] = 2048
+        (directory / name).write_text(json.dumps(config))
+    return directory

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.outputs import TokenLogprobs
-from engine.sampling_params import InvalidRequestError, SamplingParams
+from engine.sampling_params import InvalidRequestError, SamplingParams, StructuredOutput
 from proto import pdserve_pb2 as pb
 from proto.convert import logprobs_from_proto, logprobs_to_proto, params_from_proto, params_to_proto
 from proto.generate import stale_files
@@ -28,8 +28,10 @@ EVERY_FIELD = SamplingParams(
         SamplingParams(),  # defaults: no seed, no logprobs, max_tokens 16
         SamplingParams(max_tokens=None, seed=0, logprobs=0),  # unset max_tokens; seed and logprobs of zero are set
         SamplingParams(temperature=0.0, top_k=-1, min_p=0.0),  # greedy; zeros that proto3 does not send
+        SamplingParams(structured_output=StructuredOutput("json", '{"type": "object"}', True, "[ ]?")),
+        SamplingParams(structured_output=StructuredOutput("json_object")),  # empty spec, no whitespace pattern
     ],
-    ids=["every-field", "defaults", "unset-max-tokens-zero-seed", "greedy-zeros"],
+    ids=["every-field", "defaults", "unset-max-tokens-zero-seed", "greedy-zeros", "json-schema", "json-object"],
 )
 def test_sampling_params_round_trip(params: SamplingParams) -> None:
     wire = pb.SamplingParams.FromString(params_to_proto(params).SerializeToString())  # through bytes

@@ -1,0 +1,140 @@
+"""Structured output in the engine: grammars compiled once per spec, masks applied in the batched
+sampler, the grammar advanced with every token, and a complete grammar ending its request with
+"stop". The checkpoints have random weights: only the constraints make their output meaningful."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.sampling_params import InvalidRequestError, StructuredOutput
+from engine.structured_output import GrammarCompiler
+from engine.tokenizer import Tokenizer
+
+MAX_MODEL_LEN = 512
+NUM_SAMPLES = 16
+
+
+@pytest.fixture(scope="module")
+def llm(tool_checkpoint: Path) -> LLM:
+    return LLM(str(tool_checkpoint), device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN)
+
+
+def sample(llm: LLM, spec: StructuredOutput, num: int = NUM_SAMPLES, max_tokens: int = 64, **params: object) -> list:
+    """`num` seeded samples at temperature 1 under `spec`."""
+    settings = [SamplingParams(temperature=1.0, seed=seed, max_tokens=max_tokens, structured_output=spec, **params) for seed in range(num)]
+    return [out.outputs[0] for out in llm.generate(["Hello"] * num, settings)]
+
+
+def test_choice_returns_one_of_the_choices_and_stops_there(llm: LLM) -> None:
+    choices = ["yes", "no", "maybe later", "n/a"]
+    outputs = sample(llm, StructuredOutput("choice", json.dumps(choices)))
+    assert {o.text for o in outputs} <= set(choices)
+    assert {o.finish_reason for o in outputs} == {"stop"}
+    eos = llm.get_tokenizer().eos_token_ids
+    assert not any(set(o.token_ids) & eos for o in outputs)  # the complete grammar ends it, no EOS step
+
+
+def test_regex_output_matches_the_regex_fully(llm: LLM) -> None:
+    pattern = r"[A-Z][a-z]{2,6}-[0-9]{2,4}(\.[a-z]{1,3})?"
+    outputs = sample(llm, StructuredOutput("regex", pattern))
+    assert all(re.fullmatch(pattern, o.text) for o in outputs), [o.text for o in outputs]
+    assert {o.finish_reason for o in outputs} == {"stop"}  # EOS once accepting, or the regex is complete
+
+
+def test_lark_and_gbnf_grammars(llm: LLM) -> None:
+    lark = 'start: "(" NUM ("+" NUM)* ")"\nNUM: /[1-9][0-9]?/'
+    for o in sample(llm, StructuredOutput("grammar", lark), num=8):
+        assert re.fullmatch(r"\((?:[1-9][0-9]?)(?:\+[1-9][0-9]?)*\)", o.text) or o.finish_reason == "length", o.text
+    gbnf = 'root ::= "light is " ("on" | "off")'
+    assert {o.text for o in sample(llm, StructuredOutput("grammar", gbnf), num=8)} <= {"light is on", "light is off"}
+
+
+def test_json_object_is_a_json_object_when_it_completes(llm: LLM) -> None:
+    outputs = sample(llm, StructuredOutput("json_object", disable_any_whitespace=True), max_tokens=128)
+    complete = [o for o in outputs if o.finish_reason == "stop"]
+    assert complete, "no sample completed its object within 128 tokens"
+    assert all(isinstance(json.loads(o.text), dict) for o in complete)
+    assert all(o.text.startswith("{") for o in outputs)
+
+
+def test_a_batch_mixing_grammar_and_free_requests_leaves_the_free_ones_unchanged(llm: LLM) -> None:
+    free = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    alone = llm.generate(["The key value cache"], free)[0].outputs[0].token_ids
+    constrained = SamplingParams(temperature=1.0, seed=1, max_tokens=12, structured_output=StructuredOutput("regex", "[0-9]+"))
+    outputs = llm.generate(["Hello", "The key value cache", "Why"], [constrained, free, constrained])
+    assert outputs[1].outputs[0].token_ids == alone
+    assert all(re.fullmatch("[0-9]+", outputs[i].outputs[0].text) for i in (0, 2))
+
+
+def test_greedy_constrained_output_is_the_argmax_of_the_masked_logits(llm: LLM) -> None:
+    """Greedy under a grammar picks the best token the grammar allows: rank 1 of the distribution
+    its logprobs report (the masked one, as vLLM reports it)."""
+    spec = StructuredOutput("regex", "[a-z]{3,8}")
+    out = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=10, structured_output=spec, logprobs=3))[0].outputs[0]
+    assert re.fullmatch("[a-z]{3,8}", out.text)
+    ranks = [entries[token].rank for token, entries in zip(out.token_ids, out.logprobs)]
+    assert ranks == [1] * len(ranks)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (StructuredOutput("regex", "[a-"), "invalid regex"),
+        (StructuredOutput("json", '{"type": "foo"}'), "Invalid type"),
+        (StructuredOutput("json", "{not json"), "not valid JSON"),
+        (StructuredOutput("choice", "[]"), "non-empty list"),
+        (StructuredOutput("grammar", "start: undefined_rule"), "invalid grammar"),
+    ],
+)
+def test_a_spec_that_does_not_compile_is_refused_before_anything_runs(llm: LLM, spec: StructuredOutput, message: str) -> None:
+    with pytest.raises(InvalidRequestError, match=message) as error:
+        llm.generate(["Hello"], SamplingParams(max_tokens=4, structured_output=spec))
+    assert error.value.param == "structured_outputs"
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_an_unknown_kind_is_refused() -> None:
+    with pytest.raises(InvalidRequestError, match="unknown structured output kind"):
+        StructuredOutput("xml", "<a/>")
+
+
+def test_a_spec_compiles_once_and_each_request_gets_its_own_matcher(demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tokenizer = Tokenizer.from_pretrained(demo_model_dir)
+    compiler = GrammarCompiler(tokenizer, 832, tokenizer.eos_token_ids)
+    calls = []
+    compile_once = compiler._compile
+    monkeypatch.setattr(compiler, "_compile", lambda spec: calls.append(spec) or compile_once(spec))
+    spec = StructuredOutput("choice", json.dumps(["abc", "abd"]))
+    first, second = compiler.compile(spec), compiler.compile(StructuredOutput("choice", json.dumps(["abc", "abd"])))
+    assert len(calls) == 1
+    for token in tokenizer.encode("abc", add_special_tokens=False):
+        first.accept(token)
+    assert first.is_terminated and not second.is_terminated
+
+
+def test_eos_is_allowed_exactly_when_the_grammar_may_end(demo_model_dir: Path) -> None:
+    from engine.grammar_masks import GrammarMasks
+    from engine.request import Request
+
+    tokenizer = Tokenizer.from_pretrained(demo_model_dir)
+    compiler = GrammarCompiler(tokenizer, 832, tokenizer.eos_token_ids)
+    spec = StructuredOutput("regex", "[a-z]{2,}")
+    request = Request("r", [1], SamplingParams(structured_output=spec), grammar=compiler.compile(spec))
+    masks = GrammarMasks(pin_memory=False)
+
+    def allowed() -> set[int]:
+        logits = masks.start([request]).apply(torch.zeros(1, 832))
+        return set(logits[0].isfinite().nonzero().flatten().tolist())
+
+    eos = set(tokenizer.eos_token_ids)
+    assert not allowed() & eos
+    request.grammar.accept(tokenizer.encode("a", add_special_tokens=False)[0])
+    assert not allowed() & eos  # one letter: not yet
+    request.grammar.accept(tokenizer.encode("b", add_special_tokens=False)[0])
+    assert allowed() & eos == eos  # two letters: EOS may end it
+    assert all(tokenizer.decode([t]).isalpha() for t in allowed() - eos)
