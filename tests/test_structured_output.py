@@ -39,6 +39,16 @@ def test_choice_returns_one_of_the_choices_and_stops_there(llm: LLM) -> None:
     assert not any(set(o.token_ids) & eos for o in outputs)  # the complete grammar ends it, no EOS step
 
 
+def test_each_of_n_sequences_follows_the_grammar_on_its_own(llm: LLM) -> None:
+    """n > 1 forks one prompt into several sequences: each needs its own grammar state."""
+    choices = ["yes", "no", "maybe later", "n/a"]
+    params = SamplingParams(n=8, temperature=1.0, seed=3, max_tokens=32, structured_output=StructuredOutput("choice", json.dumps(choices)))
+    outputs = llm.generate(["Hello"], params)[0].outputs
+    assert len(outputs) == 8
+    assert {o.text for o in outputs} <= set(choices)
+    assert len({o.text for o in outputs}) > 1  # really sampled apart, each constrained
+
+
 def test_regex_output_matches_the_regex_fully(llm: LLM) -> None:
     pattern = r"[A-Z][a-z]{2,6}-[0-9]{2,4}(\.[a-z]{1,3})?"
     outputs = sample(llm, StructuredOutput("regex", pattern))
