@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -98,6 +99,7 @@ def serve_config(args: argparse.Namespace) -> object:
     from deploy.controller import ServeConfig
     from engine.demo_model import default_demo_model_dir
     from engine.loader import resolve_model_path
+    from proto.cluster_secret import ENV_VAR, ClusterSecret
 
     model = args.model or str(default_demo_model_dir())
     model_dir = resolve_model_path(model)  # fails early, and downloads once for every local worker
@@ -127,6 +129,8 @@ def serve_config(args: argparse.Namespace) -> object:
         worker_host=args.worker_host,
         kv_transport=args.kv_transport,
         colocated=args.colocated,
+        # Shared by every gateway and worker of a cluster: set it to run several gateways on one Redis.
+        cluster_secret=ClusterSecret(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else ClusterSecret.generate(),
     )
 
 

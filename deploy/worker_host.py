@@ -10,10 +10,12 @@ import socket
 import sys
 import threading
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
+from decode_worker.admission import DecodeLimits
 from engine.config import EngineConfig
 from engine.core import EngineCore
+from proto.cluster_secret import ClusterSecret
 from router.registry import DEFAULT_TTL_S, WorkerRecord, deregister, heartbeat
 
 logger = logging.getLogger(__name__)
@@ -29,10 +31,14 @@ class WorkerSpec:
     kv_transport: str = "auto"  # auto | cuda_ipc | nccl | grpc | local
     redis_url: str | None = None
     worker_id: str = ""
+    cluster_secret: ClusterSecret | None = None  # signs and checks every gRPC call and registry record
+    decode_limits: DecodeLimits = field(default_factory=DecodeLimits)  # what a decode worker lets in (leases, pending requests per caller)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
             raise ValueError(f"role must be prefill or decode, got {self.role!r}")
+        if self.cluster_secret is None:
+            raise ValueError("a worker needs the cluster secret (WorkerSpec.cluster_secret)")
         if not self.worker_id:
             object.__setattr__(self, "worker_id", f"{self.role}-{uuid.uuid4().hex[:8]}")
 
@@ -59,6 +65,8 @@ class WorkerHost:
         engine = self.spec.engine
         if self.spec.role == "prefill":
             engine = replace(engine, enforce_eager=True)  # it never runs a decode step: no graphs to capture
+        else:
+            engine = replace(engine, enable_prefix_caching=False)  # received KV is never shared (decode_worker/worker.py)
         core = EngineCore.load(engine)
         self._thread.start()
         self.record = asyncio.run_coroutine_threadsafe(self._serve(core), self._loop).result()
@@ -73,15 +81,15 @@ class WorkerHost:
             from prefill_worker.server import start_server
             from prefill_worker.worker import PrefillWorker
 
-            self._worker = PrefillWorker(core, spec.worker_id, spec.kv_transport, host)
-            self._server, port = await start_server(self._worker, spec.model_name, spec.host, spec.port)
+            self._worker = PrefillWorker(core, spec.worker_id, spec.kv_transport, host, secret=spec.cluster_secret)
+            self._server, port = await start_server(self._worker, spec.model_name, spec.cluster_secret, spec.host, spec.port)
         else:
             from decode_worker.server import start_server
             from decode_worker.worker import DecodeWorker
 
-            self._worker = DecodeWorker(core, spec.worker_id)
+            self._worker = DecodeWorker(core, spec.worker_id, spec.decode_limits)
             self._server, port, self._kv_servicer = await start_server(
-                self._worker, spec.model_name, spec.host, spec.port, spec.kv_transport, advertise_host=host
+                self._worker, spec.model_name, spec.cluster_secret, spec.host, spec.port, spec.kv_transport, advertise_host=host
             )
         return WorkerRecord(spec.worker_id, spec.role, f"{host}:{port}")
 

@@ -1,4 +1,5 @@
-"""Real servers for tests: free ports, a throwaway `redis-server`, waiting for an HTTP endpoint."""
+"""Real servers for tests: free ports, a throwaway `redis-server`, waiting for an HTTP endpoint, the
+tests' cluster secret."""
 from __future__ import annotations
 
 import contextlib
@@ -15,6 +16,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from proto.cluster_secret import ENV_VAR, ClusterSecret
+
+CLUSTER_SECRET = ClusterSecret("pdserve-tests-cluster-secret-" + "0" * 16)  # every worker the tests start
 
 
 def free_port() -> int:
@@ -81,6 +86,7 @@ def worker_process(role: str, model_dir: Path, *args: str, timeout_s: float = 18
     process = subprocess.Popen(
         [sys.executable, "-m", "tests.run_worker", role, str(model_dir), *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parent.parent,
+        env={**os.environ, ENV_VAR: CLUSTER_SECRET.value},
     )
     try:
         deadline, lines = time.monotonic() + timeout_s, []
