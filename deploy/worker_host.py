@@ -1,6 +1,6 @@
 """`WorkerHost`: one prefill or decode worker and its gRPC server, on a private asyncio loop thread
 inside whatever process hosts it (a Ray actor in a cluster; the test process in tests). With a
-Redis URL it also keeps the worker's registry record alive with heartbeats."""
+Redis URL it also keeps the worker's registry record alive with signed heartbeats."""
 from __future__ import annotations
 
 import asyncio
@@ -16,7 +16,7 @@ from decode_worker.admission import DecodeLimits
 from engine.config import EngineConfig
 from engine.core import EngineCore
 from proto.cluster_secret import ClusterSecret
-from router.registry import DEFAULT_TTL_S, WorkerRecord, deregister, heartbeat
+from router.registry import DEFAULT_TTL_S, WorkerRecord, deregister, heartbeat, redacted_url
 
 logger = logging.getLogger(__name__)
 
@@ -99,9 +99,9 @@ class WorkerHost:
         client = redis.Redis.from_url(self.spec.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
         while True:
             try:
-                heartbeat(client, self.record, DEFAULT_TTL_S)
+                heartbeat(client, self.record, self.spec.cluster_secret, DEFAULT_TTL_S)
             except Exception as exc:  # noqa: BLE001 - keep beating through Redis hiccups
-                logger.warning("heartbeat to %s failed: %s", self.spec.redis_url, exc)
+                logger.warning("heartbeat to %s failed: %s", redacted_url(self.spec.redis_url), exc)
             if self._stop_heartbeat.wait(DEFAULT_TTL_S / 4):
                 break
         try:
