@@ -18,11 +18,13 @@ import time
 import torch
 
 from bench.ceilings import copy_bandwidth_gbs, describe_gpu
+from proto.cluster_secret import ClusterSecret
 
 NUM_LAYERS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM = 32, 16, 8, 128  # Llama-3-8B: 2 MiB of KV per block
 CACHE_BLOCKS = 2304  # 4.5 GiB of KV a side
 MODEL_ID = "bench-kv"
 REPEATS = 5
+SECRET = ClusterSecret("bench-kv-transfer-" + "0" * 32)  # both processes of the bench; calls are signed as in a cluster
 
 
 def kv_cache(device: str) -> torch.Tensor:
@@ -56,6 +58,7 @@ def serve_receiver(device: str, transports: list[str], block_counts: list[int]) 
     from kvtransfer import Endpoint, KVReceiver
     from kvtransfer.control import KVTransferServicer, add_kv_transfer_service
     from proto import GRPC_OPTIONS
+    from proto.auth import ServerAuth
 
     async def main() -> None:
         receiver = KVReceiver(kv_cache(device), MODEL_ID, "bench-decode")
@@ -63,8 +66,9 @@ def serve_receiver(device: str, transports: list[str], block_counts: list[int]) 
         for transfer_id, _, num_blocks in plan(transports, block_counts):
             blocks = torch.randperm(CACHE_BLOCKS, generator=generator)[:num_blocks].tolist()
             receiver.expect(transfer_id, blocks, time.monotonic() + 3600, lambda info, ready: None)
-        server = grpc.aio.server(options=GRPC_OPTIONS)
-        add_kv_transfer_service(server, KVTransferServicer(receiver, Endpoint.here(torch.device(device), "127.0.0.1"), transports))
+        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[ServerAuth(SECRET)])
+        endpoint = Endpoint.here(torch.device(device), "127.0.0.1")
+        add_kv_transfer_service(server, KVTransferServicer(receiver, endpoint, transports, SECRET))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         print(f"ADDRESS 127.0.0.1:{port}", flush=True)
@@ -81,7 +85,9 @@ async def measure(address: str, device: str, transports: list[str], block_counts
     generator = torch.Generator().manual_seed(2)
     rows = []
     for name in transports:
-        sender = KVSender(cache, KVLayout.of(cache, MODEL_ID), f"bench-{name}", Endpoint.here(cache.device, "127.0.0.1"), [name])
+        sender = KVSender(
+            cache, KVLayout.of(cache, MODEL_ID), f"bench-{name}", Endpoint.here(cache.device, "127.0.0.1"), [name], secret=SECRET
+        )
         peer = await sender.connect(address, 30)
         for num_blocks in block_counts:
             seconds = []

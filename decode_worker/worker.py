@@ -1,7 +1,9 @@
 """`DecodeWorker`: reserves KV blocks for incoming prompts (with a lease), admits a request into the
 continuous batch once a prefill worker has committed its KV and first token, and streams the
 tokens after the first. Preempted requests are recomputed here. All state is owned by the loop
-thread; the KV itself arrives through the `KVReceiver`, never blocking a step."""
+thread; the KV itself arrives through the `KVReceiver`, never blocking a step. What arrives is
+vetted: a commit must fit its request, each caller gets its share of the reservations, and no
+received KV enters a prefix cache (it could not be checked against its tokens)."""
 from __future__ import annotations
 
 import time
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from decode_worker.admission import DecodeLimits, ReservedShares, check_commit, first_tokens
 from engine.async_engine import publish_deltas
 from engine.core import EngineCore
 from engine.engine_loop import EngineLoop
@@ -37,12 +40,19 @@ class _Incoming:
     request: Request
     transfer_id: str
     lease_s: float
+    caller: str  # who asked for it (the gateway that signed the call)
 
 
 class DecodeWorker:
-    def __init__(self, core: EngineCore, worker_id: str) -> None:
+    def __init__(self, core: EngineCore, worker_id: str, limits: DecodeLimits | None = None) -> None:
+        # Received KV cannot be checked against its tokens: cached under their hash, one transfer's
+        # KV would serve another request's prompt (after a preemption, say). Blocks computed here
+        # attend to received KV, so they are no better: this pool caches no prefix at all.
+        if core.block_manager.enable_prefix_caching:
+            raise ValueError("a decode worker's block pool must not cache prefixes (load it with enable_prefix_caching=False)")
         self.core = core
         self.worker_id = worker_id
+        self.limits = limits or DecodeLimits()
         config = core.config
         self.scheduler = Scheduler(core.block_manager, config.max_num_seqs, config.max_num_batched_tokens, core.max_model_len)
         self.receiver = KVReceiver(core.runner.kv_cache, core.model_id, worker_id)
@@ -57,16 +67,20 @@ class DecodeWorker:
         self.loop.stop()
 
     def generate(
-        self, request_id: str, transfer_id: str, prompt_token_ids: list[int], params: SamplingParams, lease_s: float
+        self, request_id: str, transfer_id: str, prompt_token_ids: list[int], params: SamplingParams, lease_s: float,
+        caller: str = "",
     ) -> AsyncIterator[Reserved | RequestDelta]:
         """`Reserved`, then deltas of the tokens after the first; the last delta has finish_reason.
-        Leaving early aborts the request and frees its blocks."""
+        Leaving early aborts the request and frees its blocks. Raises InvalidRequestError, or
+        DecodeQueueFullError when `caller` (or everyone) has too many requests waiting here."""
+        self.limits.check_lease(lease_s)
 
         def add() -> None:
             if transfer_id in self._by_transfer or any(i.transfer_id == transfer_id for i in self._incoming.values()):
                 raise InvalidRequestError(f"transfer {transfer_id} is already pending here", "transfer_id")
             request = self.core.new_request(request_id, prompt_token_ids, params)
-            self._incoming[request_id] = _Incoming(request, transfer_id, lease_s)
+            self.limits.check_pending([i.caller for i in self._incoming.values()], caller)
+            self._incoming[request_id] = _Incoming(request, transfer_id, lease_s, caller)
 
         return self._stream(request_id, params, add)
 
@@ -100,25 +114,36 @@ class DecodeWorker:
         return True
 
     def _reserve_queued(self) -> None:
-        """FCFS: blocks for whole prompts while they last and the batch has room."""
-        max_num_seqs = self.core.config.max_num_seqs
+        """FCFS among the callers within their share: blocks for whole prompts while they last and
+        the batch has room."""
+        max_num_seqs, blocks = self.core.config.max_num_seqs, self.core.block_manager
+        shares = ReservedShares(
+            self.limits, max_num_seqs, blocks.num_blocks, [(i.caller, len(i.request.block_table)) for i in self._by_transfer.values()]
+        )
         for incoming in list(self._incoming.values()):
             if len(self.scheduler.running) + len(self._by_transfer) >= max_num_seqs:
                 return
             request = incoming.request
-            if request.phase is not RequestPhase.QUEUED:
+            num_blocks = blocks.num_blocks_for(request.num_prompt_tokens)
+            if request.phase is not RequestPhase.QUEUED or not shares.allows(incoming.caller, num_blocks):
                 continue
-            block_ids = self.core.block_manager.reserve(request.num_prompt_tokens)
+            block_ids = blocks.reserve(request.num_prompt_tokens)
             if block_ids is None:
                 return
-            request.block_table = block_ids
-            request.phase = RequestPhase.HANDING_OFF
-            self._by_transfer[incoming.transfer_id] = incoming
-            self.receiver.expect(
-                incoming.transfer_id, block_ids, time.monotonic() + incoming.lease_s,
-                on_commit=lambda info, ready, i=incoming: self.loop.call(lambda: self._admit(i, info, ready)),
-            )
-            self.loop.publish(request.request_id, Reserved(list(block_ids)))
+            shares.add(incoming.caller, num_blocks)
+            self._expect(incoming, block_ids)
+
+    def _expect(self, incoming: _Incoming, block_ids: list[int]) -> None:
+        request = incoming.request
+        request.block_table = block_ids
+        request.phase = RequestPhase.HANDING_OFF
+        self._by_transfer[incoming.transfer_id] = incoming
+        self.receiver.expect(
+            incoming.transfer_id, block_ids, time.monotonic() + incoming.lease_s,
+            on_commit=lambda info, ready, i=incoming: self.loop.call(lambda: self._admit(i, info, ready)),
+            check_commit=lambda info: check_commit(info, request.num_prompt_tokens, len(request.family), self.core.model_config.vocab_size),
+        )
+        self.loop.publish(request.request_id, Reserved(list(block_ids)))
 
     def _admit(self, incoming: _Incoming, info: KVCommitInfo, ready: torch.cuda.Event | None) -> None:
         if self._by_transfer.get(incoming.transfer_id) is not incoming:
@@ -129,11 +154,7 @@ class DecodeWorker:
             torch.cuda.current_stream(self.core.runner.device).wait_event(ready)
         request = incoming.request
         request.num_computed_tokens = request.num_prompt_tokens
-        self.core.block_manager.cache_full_blocks(request.block_table, request.prompt_token_ids, request.num_prompt_tokens)
-        firsts = [(info.first_token_id, info.first_logprobs), *zip(info.sibling_token_ids, _padded(info.sibling_logprobs, len(request.siblings)))]
-        if len(firsts) != len(request.family):
-            self._abort(request.request_id, "error", f"{len(firsts)} first tokens for {len(request.family)} sequences")
-            return
+        firsts = first_tokens(info)  # one per sequence: check_commit saw to it
         for sibling in request.siblings:  # n > 1: each takes a share of the prompt's blocks
             self._fork(request, sibling)
         for sequence, (token, logprobs) in zip(request.family, firsts):
@@ -240,7 +261,3 @@ class DecodeWorker:
             "kv_bytes_received": self.receiver.bytes_received,
         }
 
-
-def _padded(logprobs: tuple[TokenLogprobs | None, ...], count: int) -> list[TokenLogprobs | None]:
-    """The siblings' first logprobs, None for each when none were sent."""
-    return list(logprobs) if len(logprobs) == count else [None] * count

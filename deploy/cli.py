@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -107,6 +108,7 @@ def serve_config(args: argparse.Namespace) -> object:
     from engine.demo_model import default_demo_model_dir
     from engine.loader import resolve_model_path
     from router.tools import ToolOptions
+    from proto.cluster_secret import ENV_VAR, ClusterSecret
 
     model = args.model or str(default_demo_model_dir())
     model_dir = resolve_model_path(model)  # fails early, and downloads once for every local worker
@@ -137,6 +139,8 @@ def serve_config(args: argparse.Namespace) -> object:
         kv_transport=args.kv_transport,
         colocated=args.colocated,
         tool_options=ToolOptions(args.enable_auto_tool_choice, args.tool_call_parser),
+        # Shared by every gateway and worker of a cluster: set it to run several gateways on one Redis.
+        cluster_secret=ClusterSecret(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else ClusterSecret.generate(),
     )
 
 

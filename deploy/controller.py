@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from deploy.worker_host import WorkerProcess, WorkerSpec
 from engine.config import ConfigError, EngineConfig
+from proto.cluster_secret import ClusterSecret
 from router.registry import WorkerRecord
 from router.tools import ToolOptions
 
@@ -32,6 +33,8 @@ class ServeConfig:
     kv_transport: str = "auto"
     colocated: bool = False
     tool_options: ToolOptions = ToolOptions()
+    # Authenticates every gRPC call and registry record of this cluster (proto/auth.py).
+    cluster_secret: ClusterSecret = field(default_factory=ClusterSecret.generate)
 
     def __post_init__(self) -> None:
         if self.num_prefill_workers < 1 or self.num_decode_workers < 1:
@@ -84,7 +87,8 @@ class Cluster:
     def _spec(self, role: str, engine: EngineConfig) -> WorkerSpec:
         config = self.config
         return WorkerSpec(
-            role, engine, config.served_model_name, config.worker_host, kv_transport=config.kv_transport, redis_url=config.redis_url
+            role, engine, config.served_model_name, config.worker_host, kv_transport=config.kv_transport, redis_url=config.redis_url,
+            cluster_secret=config.cluster_secret,
         )
 
     def _gpus_per_worker(self, num_workers: int) -> float:

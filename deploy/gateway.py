@@ -50,8 +50,8 @@ async def _disaggregated(config: ServeConfig, records: list[WorkerRecord], metri
     from router.disaggregated import DisaggregatedBackend
     from router.workers import WorkerPool
 
-    registry = RedisRegistry(config.redis_url) if config.redis_url else InMemoryRegistry(records)
-    pool = WorkerPool(registry)
+    registry = RedisRegistry(config.redis_url, config.cluster_secret) if config.redis_url else InMemoryRegistry(records)
+    pool = WorkerPool(registry, config.cluster_secret)
     await pool.start()
     if not await pool.wait_ready(READY_TIMEOUT_S):
         await pool.close()

@@ -1,6 +1,6 @@
 """`WorkerHost`: one prefill or decode worker and its gRPC server, on a private asyncio loop thread
 inside whatever process hosts it (a Ray actor in a cluster; the test process in tests). With a
-Redis URL it also keeps the worker's registry record alive with heartbeats."""
+Redis URL it also keeps the worker's registry record alive with signed heartbeats."""
 from __future__ import annotations
 
 import asyncio
@@ -10,11 +10,13 @@ import socket
 import sys
 import threading
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
+from decode_worker.admission import DecodeLimits
 from engine.config import EngineConfig
 from engine.core import EngineCore
-from router.registry import DEFAULT_TTL_S, WorkerRecord, deregister, heartbeat
+from proto.cluster_secret import ClusterSecret
+from router.registry import DEFAULT_TTL_S, WorkerRecord, deregister, heartbeat, redacted_url
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +31,14 @@ class WorkerSpec:
     kv_transport: str = "auto"  # auto | cuda_ipc | nccl | grpc | local
     redis_url: str | None = None
     worker_id: str = ""
+    cluster_secret: ClusterSecret | None = None  # signs and checks every gRPC call and registry record
+    decode_limits: DecodeLimits = field(default_factory=DecodeLimits)  # what a decode worker lets in (leases, pending requests per caller)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
             raise ValueError(f"role must be prefill or decode, got {self.role!r}")
+        if self.cluster_secret is None:
+            raise ValueError("a worker needs the cluster secret (WorkerSpec.cluster_secret)")
         if not self.worker_id:
             object.__setattr__(self, "worker_id", f"{self.role}-{uuid.uuid4().hex[:8]}")
 
@@ -59,6 +65,8 @@ class WorkerHost:
         engine = self.spec.engine
         if self.spec.role == "prefill":
             engine = replace(engine, enforce_eager=True)  # it never runs a decode step: no graphs to capture
+        else:
+            engine = replace(engine, enable_prefix_caching=False)  # received KV is never shared (decode_worker/worker.py)
         core = EngineCore.load(engine)
         self._thread.start()
         self.record = asyncio.run_coroutine_threadsafe(self._serve(core), self._loop).result()
@@ -73,15 +81,15 @@ class WorkerHost:
             from prefill_worker.server import start_server
             from prefill_worker.worker import PrefillWorker
 
-            self._worker = PrefillWorker(core, spec.worker_id, spec.kv_transport, host)
-            self._server, port = await start_server(self._worker, spec.model_name, spec.host, spec.port)
+            self._worker = PrefillWorker(core, spec.worker_id, spec.kv_transport, host, secret=spec.cluster_secret)
+            self._server, port = await start_server(self._worker, spec.model_name, spec.cluster_secret, spec.host, spec.port)
         else:
             from decode_worker.server import start_server
             from decode_worker.worker import DecodeWorker
 
-            self._worker = DecodeWorker(core, spec.worker_id)
+            self._worker = DecodeWorker(core, spec.worker_id, spec.decode_limits)
             self._server, port, self._kv_servicer = await start_server(
-                self._worker, spec.model_name, spec.host, spec.port, spec.kv_transport, advertise_host=host
+                self._worker, spec.model_name, spec.cluster_secret, spec.host, spec.port, spec.kv_transport, advertise_host=host
             )
         return WorkerRecord(spec.worker_id, spec.role, f"{host}:{port}")
 
@@ -91,9 +99,9 @@ class WorkerHost:
         client = redis.Redis.from_url(self.spec.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
         while True:
             try:
-                heartbeat(client, self.record, DEFAULT_TTL_S)
+                heartbeat(client, self.record, self.spec.cluster_secret, DEFAULT_TTL_S)
             except Exception as exc:  # noqa: BLE001 - keep beating through Redis hiccups
-                logger.warning("heartbeat to %s failed: %s", self.spec.redis_url, exc)
+                logger.warning("heartbeat to %s failed: %s", redacted_url(self.spec.redis_url), exc)
             if self._stop_heartbeat.wait(DEFAULT_TTL_S / 4):
                 break
         try:

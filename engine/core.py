@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from engine.block_manager import BlockManager
 from engine.config import ConfigError, EngineConfig, ModelConfig
-from engine.loader import model_fingerprint, resolve_model_path
+from engine.fingerprint import model_fingerprint
+from engine.loader import resolve_model_path
 from engine.model_runner import ModelRunner
 from engine.request import Request
 from engine.sampling_params import InvalidRequestError, SamplingParams
@@ -28,7 +30,7 @@ class EngineCore:
     runner: ModelRunner
     block_manager: BlockManager
     eos_token_ids: frozenset[int]
-    model_id: str  # checkpoint fingerprint: KV moves only between workers that agree on it
+    model_id: str  # checkpoint fingerprint (config + every weight's content): KV moves only between workers that agree on it
     grammars: GrammarCompiler
 
     @classmethod
@@ -38,7 +40,10 @@ class EngineCore:
         model_dir = resolve_model_path(config.model)
         model_config = ModelConfig.from_pretrained(model_dir)
         tokenizer = Tokenizer.from_pretrained(model_dir)
-        runner = ModelRunner(config, model_config, None if random_weights else model_dir)
+        with ThreadPoolExecutor(max_workers=1) as pool:  # hashing the weight files overlaps loading them
+            fingerprint = pool.submit(model_fingerprint, model_dir, config.seed if random_weights else None)
+            runner = ModelRunner(config, model_config, None if random_weights else model_dir)
+            model_id = fingerprint.result()
         if runner.num_kv_blocks * config.block_size < runner.max_model_len:
             raise ConfigError(
                 f"the KV cache holds {runner.num_kv_blocks * config.block_size} tokens, fewer than max_model_len "
@@ -46,7 +51,6 @@ class EngineCore:
             )
         block_manager = BlockManager(runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         eos = frozenset(tokenizer.eos_token_ids) | frozenset(model_config.eos_token_ids)
-        model_id = model_fingerprint(model_dir) + (f"-random{config.seed}" if random_weights else "")
         grammars = GrammarCompiler(tokenizer, model_config.vocab_size, eos)
         return cls(config, model_config, tokenizer, runner, block_manager, eos, model_id, grammars)
 

@@ -1,8 +1,7 @@
 """Finding a checkpoint (local directory or Hugging Face Hub id) and streaming its `*.safetensors`
-weights straight into a model's parameters."""
+weights straight into a model's parameters (its identity: `engine/fingerprint.py`)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -83,12 +82,3 @@ def init_random_weights(model: nn.Module, seed: int = 0) -> None:
         if param.device not in generators:
             generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
         param.data.uniform_(-0.02, 0.02, generator=generators[param.device])
-
-
-def model_fingerprint(model_dir: Path) -> str:
-    """Identity of a checkpoint for KV hand-offs: its config and the names and sizes of its weight
-    files. Two workers may exchange KV only when these agree."""
-    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for file in sorted(model_dir.glob("*.safetensors")):
-        digest.update(f"{file.name}:{file.stat().st_size}".encode())
-    return digest.hexdigest()[:16]

@@ -9,11 +9,12 @@ from kvtransfer.layout import KVLayout, KVLayoutMismatchError
 from kvtransfer.receiver import KVCommitInfo, KVReceiver, UnknownTransferError
 from kvtransfer.sender import KVPeer, KVSender
 from kvtransfer.transport import (
-    AUTO, TRANSPORTS, Endpoint, KVTransferError, NoCommonTransportError, OutgoingTransfer, accepts, choose, offers,
+    AUTO, TRANSPORTS, Endpoint, KVTransferError, NoCommonTransportError, OutgoingTransfer, UnprovenPeerError, accepts,
+    choose, offers,
 )
 
 __all__ = [
     "AUTO", "Endpoint", "KVCommitInfo", "KVLayout", "KVLayoutMismatchError", "KVPeer", "KVReceiver", "KVSender",
     "KVTransferError", "LayerProgress", "NoCommonTransportError", "OutgoingTransfer", "TRANSPORTS",
-    "UnknownTransferError", "accepts", "choose", "offers",
+    "UnknownTransferError", "UnprovenPeerError", "accepts", "choose", "offers",
 ]

@@ -19,6 +19,13 @@ from kvtransfer.transport import (
 from proto import pdserve_pb2 as pb
 
 MAX_CHUNK_BYTES = 4 * 2**20
+CHUNK_HEADER_BYTES = 4 * 2**10  # a KVChunk's fields besides its data
+
+
+def max_chunk_message_bytes(layout: KVLayout) -> int:
+    """The largest KVChunk a sender makes: MAX_CHUNK_BYTES of data, or one block of a whole layer
+    group when that is larger (a group is at most every layer)."""
+    return max(MAX_CHUNK_BYTES, layout.chunk_num_bytes(layout.num_layers, 1)) + CHUNK_HEADER_BYTES
 
 
 class GrpcSendHalf:

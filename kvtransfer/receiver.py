@@ -48,6 +48,9 @@ class UnknownTransferError(KeyError):
 # on_commit(info, ready): `ready` is the CUDA event after the KV writes (None on the CPU or when
 # the sender wrote it itself); the first step that reads the KV must wait on it.
 OnCommit = Callable[[KVCommitInfo, torch.cuda.Event | None], None]
+# check_commit(info): raises ValueError when the commit does not fit its request (a token outside
+# the vocabulary, another prompt length): that commit is refused and the reservation stays pending.
+CheckCommit = Callable[[KVCommitInfo], None]
 
 
 @dataclass
@@ -56,6 +59,7 @@ class _Reservation:
     block_index: torch.Tensor  # int64 [num_blocks] on the cache's device
     deadline: float  # time.monotonic()
     on_commit: OnCommit
+    check_commit: CheckCommit | None
     is_written: torch.Tensor  # bool [num_layers, num_blocks]: written at least once
     sender_id: str | None = None  # who began it
     is_device_writer: bool = False  # that sender writes into the blocks itself (CUDA IPC)
@@ -91,8 +95,11 @@ class KVReceiver:
         self._positions = torch.arange(kv_cache.shape[2], device=kv_cache.device)  # identity block ids
 
     # -- the owner ------------------------------------------------------------------------------
-    def expect(self, transfer_id: str, block_ids: list[int], deadline: float, on_commit: OnCommit) -> None:
-        """Accept a sender for `transfer_id` into `block_ids` until commit, cancel or `deadline`."""
+    def expect(
+        self, transfer_id: str, block_ids: list[int], deadline: float, on_commit: OnCommit, check_commit: CheckCommit | None = None
+    ) -> None:
+        """Accept a sender for `transfer_id` into `block_ids` until commit, cancel or `deadline`;
+        `check_commit` vets the commit's own fields (called under our lock: it must not call us)."""
         num_cache_blocks = self.kv_cache.shape[2]
         if not block_ids or len(set(block_ids)) != len(block_ids):
             raise ValueError(f"transfer {transfer_id!r}: block ids {block_ids} must be distinct and non-empty")
@@ -105,6 +112,7 @@ class KVReceiver:
             block_index=block_index,
             deadline=deadline,
             on_commit=on_commit,
+            check_commit=check_commit,
             is_written=torch.zeros(self.layout.num_layers, len(block_ids), dtype=torch.bool),
         )
         with self._lock:
@@ -196,13 +204,15 @@ class KVReceiver:
         with self._lock:
             self._release(transfer_id)  # a late commit: the sender is done with blocks we gave up
             reservation = self._get_begun(transfer_id, sender_id)
-            if reservation.is_device_writer:
-                reservation.num_bytes = self.layout.chunk_num_bytes(self.layout.num_layers, len(reservation.block_ids))
-                self.bytes_received += reservation.num_bytes
-            elif not bool(reservation.is_written.all()):
+            if not reservation.is_device_writer and not bool(reservation.is_written.all()):
                 raise ValueError(
                     f"transfer {transfer_id!r}: commit before all KV arrived; missing " + _describe_missing(reservation.is_written)
                 )
+            if reservation.check_commit is not None:
+                reservation.check_commit(info)  # a refused commit changes nothing
+            if reservation.is_device_writer:
+                reservation.num_bytes = self.layout.chunk_num_bytes(self.layout.num_layers, len(reservation.block_ids))
+                self.bytes_received += reservation.num_bytes
             if self._stream is not None and not reservation.is_device_writer:
                 ready = self._stream.record_event()
             self._closed[transfer_id] = "already committed"

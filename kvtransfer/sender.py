@@ -15,6 +15,7 @@ from kvtransfer.layer_progress import layer_bounds
 from kvtransfer.layout import KVLayout
 from kvtransfer.receiver import KVCommitInfo
 from kvtransfer.transport import TRANSPORTS, Endpoint, KVSendHalf, KVTransferError, OutgoingTransfer, PeerInfo
+from proto.cluster_secret import ClusterSecret
 
 logger = logging.getLogger(__name__)
 ABANDON_TIMEOUT_S = 5.0
@@ -48,7 +49,10 @@ class KVSender:
         endpoint: Endpoint,
         offered: list[str],
         layers_per_group: int = 4,
+        *,
+        secret: ClusterSecret,
     ) -> None:
+        """Signs its calls with `secret` as `sender_id`; a peer must prove it holds the same."""
         if KVLayout.of(kv_cache, layout.model_id) != layout:
             raise ValueError(f"layout {layout} does not describe kv_cache {tuple(kv_cache.shape)} {kv_cache.dtype}")
         if layers_per_group <= 0:
@@ -58,6 +62,7 @@ class KVSender:
         self.sender_id = sender_id
         self.endpoint = endpoint
         self.offered = offered
+        self.secret = secret
         self.bounds = layer_bounds(layout.num_layers, layers_per_group)
         self.bytes_sent = 0
         self._peers: dict[str, KVPeer] = {}
@@ -65,7 +70,7 @@ class KVSender:
 
     async def connect(self, address: str, timeout: float) -> KVPeer:
         """The peer at `address`, handshaken once (KVLayoutMismatchError / NoCommonTransportError
-        when it cannot take our KV)."""
+        when it cannot take our KV, UnprovenPeerError when it does not hold the cluster secret)."""
         lock = self._connecting.setdefault(address, asyncio.Lock())
         async with lock:
             peer = self._peers.get(address)
@@ -119,7 +124,8 @@ class KVSender:
         the peer's GPU is not visible to us), agree on the next one we offer."""
         offered = list(self.offered)
         while True:
-            control = KVControlClient(address)
+            control = KVControlClient(address, self.secret, self.sender_id)
+            response = None
             try:
                 response = await control.handshake(self.sender_id, self.layout, offered, self.endpoint, timeout)
                 info = PeerInfo(address, response.receiver_id, layout_from_proto(response.layout), dict(response.params), control)
@@ -127,7 +133,8 @@ class KVSender:
                 half = await asyncio.to_thread(connect, self.kv_cache, self.sender_id, self.endpoint, info)
             except (RuntimeError, OSError, ValueError) as error:
                 await control.close()
-                if not isinstance(error, KVTransferError) and len(offered) > 1 and response.transport in offered:
+                is_connect_failure = response is not None and not isinstance(error, KVTransferError)
+                if is_connect_failure and len(offered) > 1 and response.transport in offered:
                     logger.warning("KV transport %s to %s failed (%s); trying the next", response.transport, address, error)
                     offered.remove(response.transport)
                     continue

@@ -35,6 +35,14 @@ class KVTransferError(RuntimeError):
         self.code = code
 
 
+class UnprovenPeerError(KVTransferError):
+    """The peer at an address did not prove, in the KV handshake, that it holds the cluster secret:
+    nothing more is sent there, and nothing it said is repeated."""
+
+    def __init__(self, address: str, detail: str) -> None:
+        super().__init__(f"the decode worker at {address} did not prove it holds the cluster secret ({detail})", "FAILED_PRECONDITION")
+
+
 class NoCommonTransportError(ValueError):
     """The two ends of a hand-off have no KV transport that both accept and can use."""
 

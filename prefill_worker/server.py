@@ -1,29 +1,40 @@
 """The prefill worker's gRPC edge: protobuf in, plain Python calls on `PrefillWorker`, protobuf or
-a gRPC status out."""
+a gRPC status out. Every call is authenticated and size-limited before it gets here."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import grpc
 
 from engine.sampling_params import InvalidRequestError
-from kvtransfer import KVLayoutMismatchError, KVTransferError, NoCommonTransportError
+from kvtransfer import KVLayoutMismatchError, KVTransferError, NoCommonTransportError, UnprovenPeerError
 from prefill_worker.worker import KVTarget, PrefillWorker
-from proto import GRPC_OPTIONS
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
+from proto.auth import ServerAuth, caller_of
+from proto.cluster_secret import ClusterSecret
 from proto.convert import logprobs_to_proto, params_from_proto, worker_status
+from proto.limits import MessageLimitInterceptor, MessageLimits, prompt_message_bytes
+
+ABORTED = "aborted by an Abort call"
+_ADDRESS = re.compile(r"[A-Za-z0-9.\-]{1,253}:\d{1,5}|\[[0-9A-Fa-f:.]{2,45}\]:\d{1,5}")  # host:port, [v6]:port
 
 
 class PrefillServicer(pb_grpc.PrefillWorkerServicer):
-    def __init__(self, worker: PrefillWorker, model_name: str) -> None:
+    def __init__(self, worker: PrefillWorker, model_name: str, secret: ClusterSecret) -> None:
         self.worker = worker
         self.model_name = model_name
-        self._tasks: dict[str, asyncio.Task] = {}
+        self.secret = secret
+        self._tasks: dict[str, tuple[str, asyncio.Task]] = {}  # request_id -> (its caller, its task)
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
         target = KVTarget(request.target.kv_address, request.target.worker_id)
-        self._tasks[request.request_id] = asyncio.current_task()
+        if not _ADDRESS.fullmatch(target.address):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"target.kv_address {target.address[:300]!r} is not host:port")
+        if request.request_id in self._tasks:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {request.request_id} is already being prefilled")
+        self._tasks[request.request_id] = (caller_of(context), asyncio.current_task())
         try:
             params = params_from_proto(request.params)
             result = await self.worker.prefill(
@@ -31,12 +42,16 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
             )
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except (KVLayoutMismatchError, NoCommonTransportError) as exc:
+        except (KVLayoutMismatchError, NoCommonTransportError, UnprovenPeerError) as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"decode worker at {target.address}: {exc}")
         except KVTransferError as exc:
             # The peer refused the push (e.g. NOT_FOUND: its reservation expired) or could not be reached.
             code = grpc.StatusCode.ABORTED if exc.code in ("NOT_FOUND", "INVALID_ARGUMENT") else grpc.StatusCode.UNAVAILABLE
             await context.abort(code, f"KV transfer to {target.address} failed: {exc}")
+        except asyncio.CancelledError as exc:
+            if exc.args != (ABORTED,):
+                raise  # the caller left: there is no one to answer
+            await context.abort(grpc.StatusCode.CANCELLED, f"request {request.request_id} was aborted")
         finally:
             self._tasks.pop(request.request_id, None)
         response = pb.PrefillResponse(
@@ -56,19 +71,24 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         return response
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
-        task = self._tasks.get(request.request_id)
-        if task is not None:
-            task.cancel()
-        return pb.AbortResponse(found=task is not None)
+        """Only the caller that started a prefill may abort it; to others it is not found."""
+        caller, task = self._tasks.get(request.request_id, ("", None))
+        is_found = task is not None and caller == caller_of(context)
+        if is_found:
+            task.cancel(ABORTED)  # its Prefill call then ends with CANCELLED, not at its deadline
+        return pb.AbortResponse(found=is_found)
 
     async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.WorkerStatus:
-        return await worker_status(self.worker, "prefill", self.model_name, context)
+        return await worker_status(self.worker, "prefill", self.model_name, request, context, self.secret)
 
 
-async def start_server(worker: PrefillWorker, model_name: str, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.Server, int]:
-    """Starts the gRPC server; returns it and the port it is bound to."""
-    server = grpc.aio.server(options=GRPC_OPTIONS)
-    pb_grpc.add_PrefillWorkerServicer_to_server(PrefillServicer(worker, model_name), server)
+async def start_server(
+    worker: PrefillWorker, model_name: str, secret: ClusterSecret, host: str = "127.0.0.1", port: int = 0
+) -> tuple[grpc.aio.Server, int]:
+    """Starts the gRPC server (calls signed with `secret` only); returns it and the port it is bound to."""
+    limits = MessageLimits({"/pdserve.PrefillWorker/Prefill": prompt_message_bytes(worker.core.max_model_len)})
+    server = grpc.aio.server(options=limits.server_options(), interceptors=[ServerAuth(secret), MessageLimitInterceptor(limits)])
+    pb_grpc.add_PrefillWorkerServicer_to_server(PrefillServicer(worker, model_name, secret), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     return server, bound

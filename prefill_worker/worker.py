@@ -19,6 +19,7 @@ from kvtransfer import AUTO, Endpoint, KVCommitInfo, KVLayout, KVPeer, KVSender,
 from kvtransfer.layer_progress import LayerHook
 from kvtransfer.sender import Reservation
 from prefill_worker.scheduler import PrefillScheduler
+from proto.cluster_secret import ClusterSecret
 
 RPC_TIMEOUT_S = 10.0  # each control call to a decode worker
 
@@ -56,15 +57,16 @@ class PrefillResult:
 class PrefillWorker:
     def __init__(
         self, core: EngineCore, worker_id: str, kv_transport: str = AUTO, address: str = "127.0.0.1",
-        layers_per_group: int = 4,
+        layers_per_group: int = 4, *, secret: ClusterSecret,
     ) -> None:
+        """`secret`: signs its calls to decode workers, which must prove they hold it too."""
         self.core = core
         self.worker_id = worker_id
         config, kv_cache = core.config, core.runner.kv_cache
         self.scheduler = PrefillScheduler(core.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         self.sender = KVSender(
             kv_cache, KVLayout.of(kv_cache, core.model_id), worker_id, Endpoint.here(core.runner.device, address),
-            offers(kv_transport, core.runner.device), layers_per_group,
+            offers(kv_transport, core.runner.device), layers_per_group, secret=secret,
         )
         self._requests: dict[str, Request] = {}  # loop thread: every request here, in any phase
         self._progress: dict[str, LayerProgress] = {}
@@ -80,7 +82,7 @@ class PrefillWorker:
         self, request_id: str, transfer_id: str, prompt_token_ids: list[int], params: SamplingParams, target: KVTarget
     ) -> PrefillResult:
         """Raises InvalidRequestError, KVLayoutMismatchError, NoCommonTransportError or
-        KVTransferError; cancelling the caller aborts the request and frees its blocks."""
+        KVTransferError (UnprovenPeerError: the target is not one of ours); cancelling the caller aborts the request and frees its blocks."""
         await self.core.compile_grammar(params)  # off the event loop; `validate` then finds it cached
         self.core.validate(prompt_token_ids, params)
         peer = await self.sender.connect(target.address, RPC_TIMEOUT_S)

@@ -7,6 +7,8 @@ import grpc
 from engine.outputs import TokenLogprobs
 from engine.sampling_params import SamplingParams, StructuredOutput
 from proto import pdserve_pb2 as pb
+from proto.auth import STATUS_PROOF, prove
+from proto.cluster_secret import ClusterSecret
 
 
 def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
@@ -90,14 +92,18 @@ def logprobs_from_proto(msg: pb.TokenLogprobs) -> TokenLogprobs:
     return TokenLogprobs(msg.token_id, msg.logprob, msg.rank, tuple(zip(msg.top_token_ids, msg.top_logprobs)))
 
 
-async def worker_status(worker: object, role: str, model_name: str, context: object, **extra: object) -> pb.WorkerStatus:
-    """A worker's `GetStatus` answer, or UNAVAILABLE once its engine loop or device has failed (the
-    gateway's poll then marks it unhealthy and stops routing to it). `worker` has `worker_id`,
-    `core`, `is_healthy` and `status()`."""
+async def worker_status(
+    worker: object, role: str, model_name: str, request: pb.StatusRequest, context: object, secret: ClusterSecret,
+    **extra: object,
+) -> pb.WorkerStatus:
+    """A worker's `GetStatus` answer, signing the caller's nonce (it is one of ours), or UNAVAILABLE
+    once its engine loop or device has failed (the gateway's poll then marks it unhealthy and stops
+    routing to it). `worker` has `worker_id`, `core`, `is_healthy` and `status()`."""
     if not worker.is_healthy:
         await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine loop or the device has failed")
     return pb.WorkerStatus(
         worker_id=worker.worker_id,
+        proof=prove(secret, STATUS_PROOF, request.nonce, worker.worker_id),
         role=role,
         model=model_name,
         max_model_len=worker.core.max_model_len,

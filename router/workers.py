@@ -1,18 +1,21 @@
 """`WorkerPool`: the gateway's view of the workers: who exists (from the registry), a gRPC channel
-to each, their status polled with a deadline, and the choice of the least-loaded healthy worker."""
+to each (every call signed with the cluster secret), their status polled with a deadline (healthy
+only if the worker proves it holds the secret too), and the choice of the least-loaded healthy worker."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 
 import grpc
 
-from proto import GRPC_OPTIONS
+from proto import GRPC_OPTIONS, auth
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
+from proto.cluster_secret import ClusterSecret
 from router.backend import BackendUnavailableError
 from router.registry import Registry, WorkerRecord
 
@@ -27,6 +30,7 @@ class WorkerHandle:
     status: pb.WorkerStatus | None = None
     is_healthy: bool = False
     num_in_flight: int = 0  # requests this gateway has sent and not finished
+    is_unproven: bool = False  # it answered without proving it holds the cluster secret
     last_seen: float = field(default_factory=time.monotonic)
 
     @property
@@ -36,8 +40,10 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    def __init__(self, registry: Registry, poll_interval_s: float = 0.5, rpc_timeout_s: float = 2.0) -> None:
+    def __init__(self, registry: Registry, secret: ClusterSecret, poll_interval_s: float = 0.5, rpc_timeout_s: float = 2.0) -> None:
         self.registry = registry
+        self.secret = secret
+        self.caller = auth.default_caller("gateway")
         self.poll_interval_s = poll_interval_s
         self.rpc_timeout_s = rpc_timeout_s
         self.workers: dict[str, WorkerHandle] = {}
@@ -101,16 +107,22 @@ class WorkerPool:
         await asyncio.gather(*(self._poll(h) for h in list(self.workers.values())))
 
     def _connect(self, record: WorkerRecord) -> WorkerHandle:
-        channel = grpc.aio.insecure_channel(record.address, options=GRPC_OPTIONS)
+        channel = auth.channel(record.address, self.secret, self.caller, GRPC_OPTIONS)
         stub_cls = pb_grpc.PrefillWorkerStub if record.role == "prefill" else pb_grpc.DecodeWorkerStub
         return WorkerHandle(record, channel, stub_cls(channel))
 
     async def _poll(self, handle: WorkerHandle) -> None:
+        nonce = secrets.token_bytes(16)
         try:
-            handle.status = await handle.stub.GetStatus(pb.StatusRequest(), timeout=self.rpc_timeout_s)
-            handle.is_healthy = True
-            handle.last_seen = time.monotonic()
+            status = await handle.stub.GetStatus(pb.StatusRequest(nonce=nonce), timeout=self.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
             if handle.is_healthy:
                 logger.warning("worker %s at %s is unhealthy: %s", handle.record.worker_id, handle.record.address, exc.code())
             handle.is_healthy = False
+            return
+        if not auth.is_proven(self.secret, auth.STATUS_PROOF, nonce, handle.record.worker_id, status.proof):
+            if not handle.is_unproven:
+                logger.warning("%s at %s did not prove it holds the cluster secret: no traffic", handle.record.worker_id, handle.record.address)
+            handle.is_healthy, handle.is_unproven = False, True
+            return
+        handle.status, handle.is_healthy, handle.last_seen = status, True, time.monotonic()

@@ -1,6 +1,7 @@
 """One worker in a process of its own, for tests that kill it:
 `python -m tests.run_worker ROLE MODEL_DIR [--device D] [--kv-transport T] [--kv-cache-memory-gib G]
-[--max-model-len N]`. Prints `ADDRESS host:port` once it serves, then serves until killed."""
+[--max-model-len N]` with PDSERVE_CLUSTER_SECRET set. Prints `ADDRESS host:port` once it serves,
+then serves until killed."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ import threading
 
 from deploy.worker_host import GIL_SWITCH_INTERVAL_S, WorkerHost, WorkerSpec
 from engine.config import EngineConfig
+from proto.cluster_secret import ENV_VAR, ClusterSecret
 
 
 def main() -> None:
@@ -33,7 +35,8 @@ def main() -> None:
         max_model_len=args.max_model_len, max_num_seqs=16,
     )
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # as in a Ray worker process
-    host = WorkerHost(WorkerSpec(args.role, engine, model_name="m", kv_transport=args.kv_transport))
+    secret = ClusterSecret(os.environ[ENV_VAR])
+    host = WorkerHost(WorkerSpec(args.role, engine, model_name="m", kv_transport=args.kv_transport, cluster_secret=secret))
     print(f"ADDRESS {host.start().address}", flush=True)
     threading.Event().wait()  # `host` stays referenced: its gRPC server lives as long as it does
 

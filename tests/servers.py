@@ -1,4 +1,5 @@
-"""Real servers for tests: free ports, a throwaway `redis-server`, waiting for an HTTP endpoint."""
+"""Real servers for tests: free ports, a throwaway `redis-server`, waiting for an HTTP endpoint, the
+tests' cluster secret."""
 from __future__ import annotations
 
 import contextlib
@@ -16,6 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from proto.cluster_secret import ENV_VAR, ClusterSecret
+
+CLUSTER_SECRET = ClusterSecret("pdserve-tests-cluster-secret-" + "0" * 16)  # every worker the tests start
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -24,9 +29,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def redis_server(enabled: bool = True) -> Iterator[str | None]:
-    """A fresh redis-server on a free port (no persistence); yields its URL. Skips the test when
-    redis-server is missing, unless PDSERVE_REQUIRE_REDIS=1 (CI), where that is a failure."""
+def redis_server(enabled: bool = True, password: str | None = None, tls: bool = False) -> Iterator[str | None]:
+    """A fresh redis-server on a free port (no persistence; `--requirepass` when `password` is
+    given; TLS only, with a self-signed certificate, when `tls`); yields its URL (with the password;
+    `rediss://` trusting that certificate). Skips the test when redis-server is missing, unless
+    PDSERVE_REQUIRE_REDIS=1 (CI), where that is a failure."""
     if not enabled:
         yield None
         return
@@ -38,16 +45,28 @@ def redis_server(enabled: bool = True) -> Iterator[str | None]:
         pytest.skip(message)
     port = free_port()
     with tempfile.TemporaryDirectory() as workdir:
-        process = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir]
+        args += ["--requirepass", password] if password else []
+        args += _tls_args(Path(workdir), port) if tls else []
+        process = subprocess.Popen([binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             _wait_for_port(port, 10)
-            yield f"redis://127.0.0.1:{port}/0"
+            scheme, query = ("rediss", f"?ssl_cert_reqs=required&ssl_ca_certs={workdir}/cert.pem") if tls else ("redis", "")
+            yield f"{scheme}://{f':{password}@' if password else ''}127.0.0.1:{port}/0{query}"
         finally:
             process.terminate()
             process.wait(10)
+
+
+def _tls_args(workdir: Path, port: int) -> list[str]:
+    """A self-signed certificate for 127.0.0.1 (openssl), and redis-server serving TLS only."""
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(workdir / "key.pem"), "-out",
+         str(workdir / "cert.pem"), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )
+    return ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(workdir / "cert.pem"),
+            "--tls-key-file", str(workdir / "key.pem"), "--tls-ca-cert-file", str(workdir / "cert.pem"), "--tls-auth-clients", "no"]
 
 
 def _wait_for_port(port: int, timeout_s: float) -> None:
@@ -81,6 +100,7 @@ def worker_process(role: str, model_dir: Path, *args: str, timeout_s: float = 18
     process = subprocess.Popen(
         [sys.executable, "-m", "tests.run_worker", role, str(model_dir), *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parent.parent,
+        env={**os.environ, ENV_VAR: CLUSTER_SECRET.value},
     )
     try:
         deadline, lines = time.monotonic() + timeout_s, []

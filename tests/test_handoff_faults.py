@@ -14,8 +14,9 @@ import torch
 from deploy.worker_host import WorkerHost, WorkerSpec
 from engine import LLM
 from engine.config import EngineConfig
+from proto import auth
 from proto import pdserve_pb2_grpc as pb_grpc
-from tests.servers import worker_process
+from tests.servers import CLUSTER_SECRET, worker_process
 from tests.test_workers import Result, Worker, expected_tokens, generate_request, greedy, prefill_request, reserve, run
 
 pytestmark = pytest.mark.slow
@@ -38,7 +39,7 @@ def decode_worker(model: Path, device: str) -> object:
 
 
 def connect(host: WorkerHost, address: str, role: str) -> Worker:
-    channel = grpc.insecure_channel(address)
+    channel = auth.blocking_channel(address, CLUSTER_SECRET, "test-gateway")
     stub = pb_grpc.PrefillWorkerStub(channel) if role == "prefill" else pb_grpc.DecodeWorkerStub(channel)
     return Worker(role, host, address, channel, stub)
 
@@ -53,7 +54,8 @@ def test_a_decode_worker_killed_mid_hand_off_fails_the_transfer_frees_the_blocks
     reference = LLM(model=str(model), device=device, dtype="float32", kv_cache_memory_gib=0.25, max_model_len=512, max_num_seqs=16)
     prompt = reference.get_tokenizer().encode("the decode worker goes away while the prompt is computed " * 40)[:400]
     # One token a step: the prompt is still being computed when its decode worker dies.
-    host = WorkerHost(WorkerSpec("prefill", engine(model, device, max_num_batched_tokens=1), "m", kv_transport=transport))
+    spec = WorkerSpec("prefill", engine(model, device, max_num_batched_tokens=1), "m", kv_transport=transport, cluster_secret=CLUSTER_SECRET)
+    host = WorkerHost(spec)
     prefill = connect(host, host.start().address, "prefill")
     try:
         with decode_worker(model, device) as (process, address):

@@ -12,7 +12,7 @@ import kernels
 from deploy.worker_host import WorkerHost, WorkerSpec
 from engine import LLM
 from tests.conftest import write_hf_checkpoint
-from tests.servers import worker_process
+from tests.servers import CLUSTER_SECRET, worker_process
 from tests.test_handoff_faults import connect, engine
 from tests.test_workers import expected_tokens, greedy, run
 
@@ -59,7 +59,7 @@ def test_prefill_and_decode_processes_on_one_gpu_give_the_offline_engines_tokens
     reference = LLM(model=str(deep_llama), device="cuda", dtype="float32", kv_cache_memory_gib=0.25, max_model_len=512, max_num_seqs=16)
     text = "the keys and values of every layer move to the decode worker while the prompt computes " * 30
     ids = reference.get_tokenizer().encode(text)
-    host = WorkerHost(WorkerSpec("prefill", engine(deep_llama, "cuda"), "m", kv_transport=transport))
+    host = WorkerHost(WorkerSpec("prefill", engine(deep_llama, "cuda"), "m", kv_transport=transport, cluster_secret=CLUSTER_SECRET))
     prefill = connect(host, host.start().address, "prefill")
     try:
         with worker_process("decode", deep_llama, "--device", "cuda", "--kv-cache-memory-gib", "0.25") as (_, address):
@@ -84,7 +84,7 @@ def test_prefill_and_decode_processes_on_one_gpu_give_the_offline_engines_tokens
 def test_two_gpus_of_one_host_give_the_offline_engines_tokens(deep_llama: Path, transport: str) -> None:
     reference = LLM(model=str(deep_llama), device="cuda", dtype="float32", kv_cache_memory_gib=0.25, max_model_len=512, max_num_seqs=16)
     ids = reference.get_tokenizer().encode("two GPUs, one process each, the KV between them " * 20)
-    host = WorkerHost(WorkerSpec("prefill", engine(deep_llama, "cuda:0"), "m", kv_transport=transport))
+    host = WorkerHost(WorkerSpec("prefill", engine(deep_llama, "cuda:0"), "m", kv_transport=transport, cluster_secret=CLUSTER_SECRET))
     prefill = connect(host, host.start().address, "prefill")
     try:
         with worker_process("decode", deep_llama, "--device", "cuda:1", "--kv-cache-memory-gib", "0.25") as (_, address):

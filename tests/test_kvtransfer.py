@@ -20,9 +20,10 @@ from kvtransfer import (
 )
 from kvtransfer.control import KVTransferServicer, add_kv_transfer_service
 from kvtransfer.grpc_transport import decode_chunk
-from proto import GRPC_OPTIONS
+from proto import GRPC_OPTIONS, auth
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc
+from tests.servers import CLUSTER_SECRET
 
 MODEL_ID = "tiny-model@abc123"
 NUM_LAYERS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM = 4, 4, 2, 8
@@ -59,9 +60,9 @@ class Commits(list):
 
 @contextlib.asynccontextmanager
 async def serving(receiver: KVReceiver, accepted: list[str]) -> AsyncIterator[str]:
-    """`receiver`'s KVTransfer service on a real gRPC server; yields its address."""
-    server = grpc.aio.server(options=GRPC_OPTIONS)
-    servicer = KVTransferServicer(receiver, Endpoint.here(CPU, "127.0.0.1"), accepted)
+    """`receiver`'s KVTransfer service on a real gRPC server (signed calls only, as on a worker); yields its address."""
+    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[auth.ServerAuth(CLUSTER_SECRET)])
+    servicer = KVTransferServicer(receiver, Endpoint.here(CPU, "127.0.0.1"), accepted, CLUSTER_SECRET)
     add_kv_transfer_service(server, servicer)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -73,7 +74,9 @@ async def serving(receiver: KVReceiver, accepted: list[str]) -> AsyncIterator[st
 
 
 def make_sender(cache: torch.Tensor, offered: list[str], layers_per_group: int = 2, model_id: str = MODEL_ID) -> KVSender:
-    return KVSender(cache, KVLayout.of(cache, model_id), "prefill-0", Endpoint.here(CPU, "127.0.0.1"), offered, layers_per_group)
+    return KVSender(
+        cache, KVLayout.of(cache, model_id), "prefill-0", Endpoint.here(CPU, "127.0.0.1"), offered, layers_per_group, secret=CLUSTER_SECRET
+    )
 
 
 async def hand_off(
@@ -426,7 +429,7 @@ def test_grpc_chunk_with_a_bad_byte_count_is_invalid_argument() -> None:
 
     async def main() -> None:
         async with serving(receiver, ["grpc"]) as address:
-            async with grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) as channel:
+            async with auth.channel(address, CLUSTER_SECRET, "prefill-0", GRPC_OPTIONS) as channel:
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await pdserve_pb2_grpc.KVTransferStub(channel).PushKV(iter([truncated]), timeout=10)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "expected" in caught.value.details()
@@ -442,7 +445,7 @@ def test_calls_before_a_handshake_are_refused() -> None:
 
     async def main() -> None:
         async with serving(receiver, ["grpc"]) as address:
-            async with grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) as channel:
+            async with auth.channel(address, CLUSTER_SECRET, "prefill-0", GRPC_OPTIONS) as channel:
                 stub = pdserve_pb2_grpc.KVTransferStub(channel)
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await stub.Begin(pb.BeginRequest(transfer_id="t1", sender_id="stranger", num_blocks=2), timeout=10)
@@ -491,4 +494,6 @@ def test_an_unreachable_peer_is_unavailable() -> None:
 def test_a_sender_refuses_a_layout_that_is_not_its_cache() -> None:
     cache = make_cache(4)
     with pytest.raises(ValueError, match="does not describe kv_cache"):
-        KVSender(cache, KVLayout.of(make_cache(4, block_size=8), MODEL_ID), "p", Endpoint.here(CPU, "127.0.0.1"), ["grpc"])
+        KVSender(
+            cache, KVLayout.of(make_cache(4, block_size=8), MODEL_ID), "p", Endpoint.here(CPU, "127.0.0.1"), ["grpc"], secret=CLUSTER_SECRET
+        )

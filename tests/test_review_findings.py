@@ -24,6 +24,7 @@ from router.metrics import Metrics
 from router.registry import InMemoryRegistry, WorkerRecord
 from router.serving import Serving, collect
 from router.workers import WorkerHandle, WorkerPool
+from tests.servers import CLUSTER_SECRET
 
 MAX_MODEL_LEN = 256
 TEXT = (
@@ -71,7 +72,7 @@ class _ScriptedPrefillStub:
 
 def _scripted_backend(tokenizer: Tokenizer, decode_messages: list[pb.GenerateResponse],
                       prefill_response: pb.PrefillResponse) -> DisaggregatedBackend:
-    pool = WorkerPool(InMemoryRegistry())
+    pool = WorkerPool(InMemoryRegistry(), CLUSTER_SECRET)
     for role, stub in (("decode", _ScriptedDecodeStub(decode_messages)), ("prefill", _ScriptedPrefillStub(prefill_response))):
         record = WorkerRecord(f"{role}-0", role, "127.0.0.1:1")
         pool.workers[record.worker_id] = WorkerHandle(record, channel=None, stub=stub, is_healthy=True)
@@ -169,11 +170,11 @@ def cluster(checkpoints: dict[str, Path]) -> Iterator[dict[str, WorkerRecord]]:
         return EngineConfig(**(base | overrides))
 
     hosts = {
-        "prefill": WorkerHost(WorkerSpec("prefill", config(), "m")),
-        "prefill-slow": WorkerHost(WorkerSpec("prefill", config(max_num_batched_tokens=1), "m")),
-        "decode": WorkerHost(WorkerSpec("decode", config(), "m")),
-        "decode-narrow": WorkerHost(WorkerSpec("decode", config(max_num_seqs=2), "m")),
-        "decode-doomed": WorkerHost(WorkerSpec("decode", config(), "m")),
+        "prefill": WorkerHost(WorkerSpec("prefill", config(), "m", cluster_secret=CLUSTER_SECRET)),
+        "prefill-slow": WorkerHost(WorkerSpec("prefill", config(max_num_batched_tokens=1), "m", cluster_secret=CLUSTER_SECRET)),
+        "decode": WorkerHost(WorkerSpec("decode", config(), "m", cluster_secret=CLUSTER_SECRET)),
+        "decode-narrow": WorkerHost(WorkerSpec("decode", config(max_num_seqs=2), "m", cluster_secret=CLUSTER_SECRET)),
+        "decode-doomed": WorkerHost(WorkerSpec("decode", config(), "m", cluster_secret=CLUSTER_SECRET)),
     }
     HOSTS.update(hosts)
     try:
@@ -192,7 +193,7 @@ def llama_tokenizer(checkpoints: dict[str, Path]) -> Tokenizer:
 def _generate(records: list[WorkerRecord], tokenizer: Tokenizer, prompt: list[int], params: SamplingParams,
               deadlines: Deadlines = Deadlines()) -> list[int]:
     async def main() -> list[int]:
-        pool = WorkerPool(InMemoryRegistry(records))
+        pool = WorkerPool(InMemoryRegistry(records), CLUSTER_SECRET)
         await pool.start()
         try:
             assert await pool.wait_ready(10)
@@ -245,7 +246,7 @@ def test_the_decode_batch_never_exceeds_max_num_seqs(
     prompts = [llama_tokenizer.encode(TEXT)[i : i + 12] for i in range(5)]
 
     async def main() -> list[list[int]]:
-        pool = WorkerPool(InMemoryRegistry([cluster["prefill"], cluster["decode-narrow"]]))
+        pool = WorkerPool(InMemoryRegistry([cluster["prefill"], cluster["decode-narrow"]]), CLUSTER_SECRET)
         await pool.start()
         try:
             assert await pool.wait_ready(10)
@@ -284,7 +285,7 @@ def test_a_worker_whose_device_failed_reports_unavailable_and_leaves_the_pool(
     prompt = llama_tokenizer.encode(TEXT)[:10]
 
     async def main() -> tuple[str | None, bool]:
-        pool = WorkerPool(InMemoryRegistry([cluster["prefill"], cluster["decode-doomed"]]))
+        pool = WorkerPool(InMemoryRegistry([cluster["prefill"], cluster["decode-doomed"]]), CLUSTER_SECRET)
         await pool.start()
         try:
             assert await pool.wait_ready(10)

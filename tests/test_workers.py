@@ -5,6 +5,7 @@ rest of the Generate stream. Tokens are compared with the offline `engine.LLM`."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
@@ -24,10 +25,11 @@ from engine.core import EngineCore
 from engine.sampling_params import SamplingParams
 from kvtransfer import Endpoint, KVSender, KVTransferError
 from prefill_worker.worker import KVTarget, PrefillWorker
+from proto import auth
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
 from proto.convert import params_to_proto
-from tests.servers import free_port
+from tests.servers import CLUSTER_SECRET, free_port
 
 MAX_MODEL_LEN = 128
 LONG_MODEL_LEN = 512  # the fixtures' max_position_embeddings
@@ -55,6 +57,11 @@ SPECS: dict[str, tuple[str, str, str, dict]] = {
     "decode-tiny": ("decode", "llama", "auto", {"num_kv_blocks": 6, "max_model_len": 96}),
 }
 PREFILL_OF_TRANSPORT = {"grpc": "prefill", "local": "prefill-local", "nccl": "prefill-nccl"}
+
+
+def signed_channel(address: str, caller: str = "test-gateway") -> grpc.Channel:
+    """A channel whose calls are signed with the tests' cluster secret, as a gateway's are."""
+    return auth.blocking_channel(address, CLUSTER_SECRET, caller)
 
 
 def engine_config(model: Path, **overrides: object) -> EngineConfig:
@@ -97,10 +104,13 @@ class Workers:
     def __getitem__(self, name: str) -> Worker:
         if name not in self._workers:
             role, family, transport, overrides = SPECS[name]
-            spec = WorkerSpec(role, engine_config(self.checkpoints[family], **overrides), model_name="m", kv_transport=transport)
+            spec = WorkerSpec(
+                role, engine_config(self.checkpoints[family], **overrides), model_name="m", kv_transport=transport,
+                cluster_secret=CLUSTER_SECRET,
+            )
             host = WorkerHost(spec)
             record = host.start()
-            channel = grpc.insecure_channel(record.address)
+            channel = signed_channel(record.address)
             stub_cls = pb_grpc.PrefillWorkerStub if role == "prefill" else pb_grpc.DecodeWorkerStub
             self._workers[name] = Worker(name, host, record.address, channel, stub_cls(channel))
         return self._workers[name]
@@ -171,6 +181,12 @@ def prefill_request(generate: pb.GenerateRequest, target: pb.Reservation) -> pb.
         request_id=generate.request_id, transfer_id=generate.transfer_id,
         prompt_token_ids=generate.prompt_token_ids, params=generate.params, target=target,
     )
+
+
+def as_caller(decode: Worker, caller: str) -> Worker:
+    """`decode` as another caller (another gateway) sees it: its own signed channel."""
+    channel = signed_channel(decode.address, caller)
+    return Worker(f"{decode.name} as {caller}", decode.host, decode.address, channel, pb_grpc.DecodeWorkerStub(channel))
 
 
 def reserve(decode: Worker, request: pb.GenerateRequest) -> tuple[grpc.Call, pb.Reservation]:
@@ -285,7 +301,7 @@ def test_push_for_an_unknown_transfer_is_not_found_and_a_pending_reservation_is_
     layout = decode.host.worker.receiver.layout  # same model: the handshake passes
 
     async def begin_unknown() -> KVTransferError:
-        sender = KVSender(intruder_cache, layout, "intruder", Endpoint.here(torch.device("cpu"), "127.0.0.1"), ["grpc"])
+        sender = KVSender(intruder_cache, layout, "intruder", Endpoint.here(torch.device("cpu"), "127.0.0.1"), ["grpc"], secret=CLUSTER_SECRET)
         try:
             peer = await sender.connect(decode.address, 10)
             with pytest.raises(KVTransferError) as caught:
@@ -298,7 +314,7 @@ def test_push_for_an_unknown_transfer_is_not_found_and_a_pending_reservation_is_
     assert error.code == "NOT_FOUND"
     assert "'no-such-transfer' is not pending: never expected" in str(error)
     # raw data and commit messages for it: the same refusal, nothing lands
-    kv_stub = pb_grpc.KVTransferStub(decode.channel)
+    kv_stub = pb_grpc.KVTransferStub(signed_channel(decode.address, "intruder"))
     data = intruder_cache[:, :, :1].contiguous().view(torch.uint8).numpy().tobytes()
     chunk = pb.KVChunk(transfer_id="no-such-transfer", sender_id="intruder", layer_start=0, layer_end=model.num_layers,
                        block_start=0, block_end=1, data=data)
@@ -441,12 +457,33 @@ def test_abort_rpc_mid_generation_finishes_the_stream_with_abort_and_frees_block
     assert not decode.stub.Abort(pb.AbortRequest(request_id="to-abort"), timeout=5).found
 
 
+@contextlib.contextmanager
+def slowed_steps(worker: Worker, seconds: float) -> Iterator[None]:
+    """Every engine step of `worker` takes at least `seconds`: a generation of N more tokens cannot
+    end by itself in less than N * seconds."""
+    runner = worker.host.worker.core.runner
+    execute = runner.execute
+
+    def slow_execute(*args: object, **kwargs: object) -> object:
+        time.sleep(seconds)
+        return execute(*args, **kwargs)
+
+    runner.execute = slow_execute
+    try:
+        yield
+    finally:
+        del runner.execute  # the class's method again
+
+
 def test_cancelling_generate_mid_stream_frees_blocks(workers: Workers, text_ids: list[int]) -> None:
     decode = workers["decode-long"]
-    stream, _ = start_long_generation(workers, text_ids, "to-cancel")
-    assert decode.status().num_running == 1
-    stream.cancel()
-    decode.wait_idle()
+    stream, result = start_long_generation(workers, text_ids, "to-cancel")
+    with slowed_steps(decode, 0.02):
+        assert decode.status().num_running == 1
+        num_left = LONG_MAX_TOKENS - len(result.token_ids)  # >= 9 s of steps if nothing stopped them
+        assert num_left * 0.02 > 5
+        stream.cancel()
+        decode.wait_idle(timeout_s=2)  # the abort freed the blocks: the generation did not run on
     assert not decode.stub.Abort(pb.AbortRequest(request_id="to-cancel"), timeout=5).found
 
 
@@ -478,7 +515,7 @@ def test_prefill_cancelled_right_after_admission_still_frees_its_blocks(
     workers: Workers, checkpoints: dict[str, Path], text_ids: list[int]
 ) -> None:
     decode = workers["decode"]
-    worker = PrefillWorker(EngineCore.load(engine_config(checkpoints["llama"])), "prefill-direct")
+    worker = PrefillWorker(EngineCore.load(engine_config(checkpoints["llama"])), "prefill-direct", secret=CLUSTER_SECRET)
     request = generate_request(text_ids[:20], greedy(4), "cancelled-at-admission")
     stream, reservation = reserve(decode, request)
     target = KVTarget(reservation.kv_address, reservation.worker_id)
@@ -580,7 +617,8 @@ def test_tiny_decode_pool_makes_reservations_wait_and_preempts_yet_every_request
     workers: Workers, reference: LLM, text_ids: list[int]
 ) -> None:
     """6 blocks of 16 tokens; 5 requests of 2-block prompts growing to 5 blocks each: only 3
-    reservations fit at first, and the running requests must preempt each other to grow."""
+    reservations fit at first, and the running requests must preempt each other to grow. Each
+    request comes from a gateway of its own: one caller's reservations may hold half the blocks."""
     prefill, decode = workers["prefill"], workers["decode-tiny"]
     assert decode.status().num_total_blocks == 6
     prompts = [text_ids[i * 7 : i * 7 + 20 + i] for i in range(5)]
@@ -592,7 +630,7 @@ def test_tiny_decode_pool_makes_reservations_wait_and_preempts_yet_every_request
 
     def one(i: int) -> list[int]:
         request = generate_request(prompts[i], params[i], f"tiny-{i}")
-        stream, reservation = reserve(decode, request)
+        stream, reservation = reserve(as_caller(decode, f"gateway-{i}"), request)
         with lock:
             reserved.append(i)
         assert go.wait(30)
@@ -627,10 +665,10 @@ def test_a_stopped_local_decode_worker_takes_no_kv_and_its_address_can_be_reused
     workers: Workers, reference: LLM, text_ids: list[int], checkpoints: dict[str, Path]
 ) -> None:
     prefill, port = workers["prefill-local"], free_port()
-    spec = WorkerSpec("decode", engine_config(checkpoints["llama"]), model_name="m", port=port, kv_transport="local")
+    spec = WorkerSpec("decode", engine_config(checkpoints["llama"]), model_name="m", port=port, kv_transport="local", cluster_secret=CLUSTER_SECRET)
     host = WorkerHost(spec)
     record = host.start()
-    channel = grpc.insecure_channel(record.address)
+    channel = signed_channel(record.address)
     request = generate_request(text_ids[:20], greedy(4), "to-a-stopped-worker")
     stream, reservation = reserve(Worker("decode-stopped", host, record.address, channel, pb_grpc.DecodeWorkerStub(channel)), request)
     host.stop()
@@ -644,7 +682,7 @@ def test_a_stopped_local_decode_worker_takes_no_kv_and_its_address_can_be_reused
 
     again = WorkerHost(spec)  # same address, same process
     record = again.start()
-    channel = grpc.insecure_channel(record.address)
+    channel = signed_channel(record.address)
     try:
         worker = Worker("decode-again", again, record.address, channel, pb_grpc.DecodeWorkerStub(channel))
         prompt = text_ids[:20]
