@@ -123,7 +123,9 @@ class DecodeWorker:
         skip_first_draw(request, self.core.model_config.vocab_size, self.core.runner.device)
         if info.first_logprobs is not None and request.params.logprobs is not None:
             request.output_logprobs.append(info.first_logprobs)
-        self.core.block_manager.cache_full_blocks(request.block_table, request.prompt_token_ids, request.num_prompt_tokens)
+        self.core.block_manager.cache_full_blocks(
+            request.block_table, request.prompt_token_ids, request.num_prompt_tokens, request.params.cache_salt
+        )
         if request.check_stop(self.core.max_model_len):
             self._free(request.block_table)
             request.block_table = []

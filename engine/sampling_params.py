@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+MAX_CACHE_SALT_CHARS = 256
 
 
 class InvalidRequestError(ValueError):
@@ -31,6 +32,9 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Prefix-cache isolation: blocks are shared only between requests with the same salt (vLLM's
+    # `cache_salt`). It selects no token; it travels with the sampling parameters to every worker.
+    cache_salt: str | None = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -66,6 +70,8 @@ class SamplingParams:
             fail("stop strings must be non-empty", "stop")
         if any(t < 0 for t in self.stop_token_ids):
             fail("stop_token_ids must be non-negative", "stop_token_ids")
+        if self.cache_salt is not None and not 0 < len(self.cache_salt) <= MAX_CACHE_SALT_CHARS:
+            fail(f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} characters", "cache_salt")
 
     @property
     def is_greedy(self) -> bool:

@@ -78,7 +78,7 @@ class Scheduler:
         return True
 
     def _admit(self, request: Request, budget: int) -> ScheduledRequest | None:
-        allocation = self.block_manager.allocate(request.all_token_ids)
+        allocation = self.block_manager.allocate(request.all_token_ids, salt=request.params.cache_salt)
         if allocation is None:
             return None
         request.block_table = allocation.block_table
@@ -112,7 +112,7 @@ class Scheduler:
             request.num_computed_tokens += item.num_tokens
             if request.num_computed_tokens // block_size > before // block_size:
                 self.block_manager.cache_full_blocks(
-                    request.block_table, request.all_token_ids, request.num_computed_tokens
+                    request.block_table, request.all_token_ids, request.num_computed_tokens, request.params.cache_salt
                 )
             if not is_sampled:
                 continue

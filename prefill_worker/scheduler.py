@@ -52,7 +52,7 @@ class PrefillScheduler:
             budget -= num_tokens
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            allocation = self.block_manager.allocate(request.prompt_token_ids)
+            allocation = self.block_manager.allocate(request.prompt_token_ids, salt=request.params.cache_salt)
             if allocation is None:
                 break  # FCFS: wait for blocks to come back from finished transfers
             self.waiting.popleft()
@@ -72,7 +72,9 @@ class PrefillScheduler:
         for item in scheduled:
             request, is_sampled = item.request, item.is_sampled
             request.num_computed_tokens += item.num_tokens
-            self.block_manager.cache_full_blocks(request.block_table, request.prompt_token_ids, request.num_computed_tokens)
+            self.block_manager.cache_full_blocks(
+                request.block_table, request.prompt_token_ids, request.num_computed_tokens, request.params.cache_salt
+            )
             if not is_sampled:
                 continue
             token, logprobs = next(samples)

@@ -18,6 +18,7 @@ def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
         min_tokens=params.min_tokens,
         stop_token_ids=list(params.stop_token_ids),
         ignore_eos=params.ignore_eos,
+        cache_salt=params.cache_salt or "",
     )
     if params.seed is not None:
         msg.seed = params.seed
@@ -41,6 +42,7 @@ def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        cache_salt=msg.cache_salt or None,
     )
 
 
