@@ -15,6 +15,7 @@ from proto import GRPC_OPTIONS
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
 from proto.convert import logprobs_to_proto, params_from_proto, worker_status
+from proto.failures import Failure, grpc_code
 
 DEFAULT_LEASE_S = 30.0
 
@@ -37,11 +38,12 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
             )
             async for event in events:
                 if isinstance(event, RequestDelta) and event.finish_reason == "error":
-                    await context.abort(grpc.StatusCode.ABORTED, event.error or "decode failed")
+                    # the KV never arrived (lease over, sender gone) or a step failed: the request is lost
+                    await context.abort(grpc_code(Failure.KV_LOST), event.error or "decode failed")
                 for message in self._to_proto(event):
                     yield message
         except InvalidRequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(grpc_code(Failure.INVALID_REQUEST), str(exc))
 
     def _to_proto(self, event: Reserved | RequestDelta) -> list[pb.GenerateResponse]:
         if isinstance(event, Reserved):

@@ -13,6 +13,7 @@ from proto import GRPC_OPTIONS
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
 from proto.convert import logprobs_to_proto, params_from_proto, worker_status
+from proto.failures import Failure, grpc_code
 
 
 class PrefillServicer(pb_grpc.PrefillWorkerServicer):
@@ -30,13 +31,13 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
                 request.request_id, request.transfer_id, list(request.prompt_token_ids), params, target
             )
         except InvalidRequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(grpc_code(Failure.INVALID_REQUEST), str(exc))
         except (KVLayoutMismatchError, NoCommonTransportError) as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"decode worker at {target.address}: {exc}")
+            await context.abort(grpc_code(Failure.INCOMPATIBLE), f"decode worker at {target.address}: {exc}")
         except KVTransferError as exc:
             # The peer refused the push (e.g. NOT_FOUND: its reservation expired) or could not be reached.
-            code = grpc.StatusCode.ABORTED if exc.code in ("NOT_FOUND", "INVALID_ARGUMENT") else grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, f"KV transfer to {target.address} failed: {exc}")
+            failure = Failure.KV_LOST if exc.code in ("NOT_FOUND", "INVALID_ARGUMENT") else Failure.UNAVAILABLE
+            await context.abort(grpc_code(failure), f"KV transfer to {target.address} failed: {exc}")
         finally:
             self._tasks.pop(request.request_id, None)
         response = pb.PrefillResponse(

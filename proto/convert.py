@@ -2,11 +2,10 @@
 servers and the gateway's gRPC client) so schedulers and the engine never see protobuf."""
 from __future__ import annotations
 
-import grpc
-
 from engine.outputs import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from proto import pdserve_pb2 as pb
+from proto.failures import Failure, grpc_code
 
 
 def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
@@ -65,7 +64,7 @@ async def worker_status(worker: object, role: str, model_name: str, context: obj
     gateway's poll then marks it unhealthy and stops routing to it). `worker` has `worker_id`,
     `core`, `is_healthy` and `status()`."""
     if not worker.is_healthy:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine loop or the device has failed")
+        await context.abort(grpc_code(Failure.UNAVAILABLE), "the engine loop or the device has failed")
     return pb.WorkerStatus(
         worker_id=worker.worker_id,
         role=role,

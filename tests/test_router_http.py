@@ -473,6 +473,7 @@ def test_backend_failures_map_to_http_errors(scripted: Scripted) -> None:
                 response = scripted.http.post(path, json={**body, "stream": is_stream})
                 assert response.status_code == status and words in response.json()["error"]["message"]
                 assert response.json()["error"]["code"] == status
+                assert response.headers.get("retry-after") == ("1" if status == 503 else None)
     scripted.backend.script = [tokens(scripted.token, 2), tokens(scripted.token, 1, "length", num_cached_tokens=16)]
     result = scripted.http.post("/v1/completions", json=BODY).json()
     assert result["choices"][0]["text"] == scripted.text * 3
