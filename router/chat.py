@@ -9,6 +9,7 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response
 
 from engine.tokenizer import Tokenizer
+from router.auth import cache_salt_of
 from router.errors import APIError
 from router.protocol import ChatCompletionRequest, ChatMessage
 from router.serving import Generation, Serving, TextDelta, collect, json_logprob, start_stream, token_text
@@ -32,14 +33,17 @@ def render_chat(
         raise APIError(400, f"cannot apply the chat template: {error}", "messages") from error
 
 
-async def create_chat_completion(serving: Serving, request: ChatCompletionRequest) -> Response:
+async def create_chat_completion(serving: Serving, request: ChatCompletionRequest, tenant: str | None = None) -> Response:
+    """`tenant`: the caller's API-key identity, which isolates its prefix cache."""
     serving.check_model(request.model)
     request.check_supported()
     tokenizer = serving.backend.tokenizer
-    prompt = render_chat(tokenizer, request.messages, request.add_generation_prompt, request.chat_template_kwargs)
-    prompt_token_ids = tokenizer.encode(prompt, add_special_tokens=request.add_special_tokens)
+    prompt = await serving.in_thread(
+        render_chat, tokenizer, request.messages, request.add_generation_prompt, request.chat_template_kwargs
+    )
+    prompt_token_ids = await serving.encode(prompt, request.add_special_tokens, "messages")
     max_tokens = serving.max_tokens(len(prompt_token_ids), request.requested_max_tokens, "messages")
-    params = request.sampling_params(max_tokens, request.num_logprobs)
+    params = request.sampling_params(max_tokens, request.num_logprobs, cache_salt_of(tenant, request.cache_salt))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     generation = serving.generation(request_id, prompt_token_ids, params)
     chat = _ChatCompletion(request_id, serving.backend.model_name, tokenizer, generation, request.return_tokens_as_token_ids)

@@ -7,21 +7,23 @@ import uuid
 from fastapi.responses import JSONResponse, Response
 
 from engine.tokenizer import Tokenizer
+from router.auth import cache_salt_of
 from router.protocol import CompletionRequest
 from router.serving import Generation, Serving, TextDelta, collect, json_logprob, start_stream, token_text
 
 
-async def create_completion(serving: Serving, request: CompletionRequest) -> Response:
+async def create_completion(serving: Serving, request: CompletionRequest, tenant: str | None = None) -> Response:
+    """`tenant`: the caller's API-key identity, which isolates its prefix cache."""
     serving.check_model(request.model)
     request.check_supported()
     tokenizer = serving.backend.tokenizer
     prompt = request.single_prompt()
     if isinstance(prompt, str):
-        prompt_token_ids = tokenizer.encode(prompt, add_special_tokens=request.add_special_tokens)
+        prompt_token_ids = await serving.encode(prompt, request.add_special_tokens, "prompt")
     else:
         prompt_token_ids = list(prompt)
     max_tokens = serving.max_tokens(len(prompt_token_ids), request.max_tokens, "prompt")
-    params = request.sampling_params(max_tokens, request.logprobs)
+    params = request.sampling_params(max_tokens, request.logprobs, cache_salt_of(tenant, request.cache_salt))
     request_id = f"cmpl-{uuid.uuid4().hex}"
     generation = serving.generation(request_id, prompt_token_ids, params)
     completion = _Completion(request_id, serving.backend.model_name, tokenizer, generation, request.return_tokens_as_token_ids)

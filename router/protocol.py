@@ -10,6 +10,7 @@ from engine.sampling_params import SamplingParams
 from router.errors import APIError
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_CACHE_SALT_CHARS = 1024
 
 
 class StreamOptions(BaseModel):
@@ -66,6 +67,9 @@ class GenerationRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Prefix-cache isolation (vLLM's field): cached prefixes are shared only between requests with
+    # the same salt (and, with API keys, the same key). Should be random and secret, e.g. 256 bits.
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
 
     def check_supported(self) -> None:
         """Reject what pdserve does not implement rather than silently sampling without it."""
@@ -83,8 +87,9 @@ class GenerationRequest(BaseModel):
     def include_usage_in_stream(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        """Raises `InvalidRequestError` naming the field for out-of-range values."""
+    def sampling_params(self, max_tokens: int, logprobs: int | None, cache_salt: str | None = None) -> SamplingParams:
+        """Raises `InvalidRequestError` naming the field for out-of-range values. `cache_salt`: the
+        salt the workers use, derived from `self.cache_salt` and the caller's key (`router/auth.py`)."""
         return SamplingParams(
             n=1 if self.n is None else self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -100,6 +105,7 @@ class GenerationRequest(BaseModel):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            cache_salt=cache_salt,
         )
 
 

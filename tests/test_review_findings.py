@@ -20,8 +20,10 @@ from engine.tokenizer import Tokenizer
 from proto import pdserve_pb2 as pb
 from proto.deadlines import Deadlines
 from proto.failures import TABLE
+from router.admission import Admission
 from router.backend import BackendFailure
 from router.disaggregated import DisaggregatedBackend
+from router.drain import Drain
 from router.metrics import Metrics
 from router.registry import InMemoryRegistry, WorkerRecord
 from router.serving import Serving, collect
@@ -114,7 +116,7 @@ def test_disaggregated_usage_reports_the_prefill_workers_cached_tokens(demo_toke
     backend = _scripted_backend(demo_tokenizer, decode_messages, pb.PrefillResponse(first_token_id=10, num_cached_tokens=16))
 
     async def main() -> dict:
-        serving = Serving(backend, Metrics("m"), request_timeout_s=30)
+        serving = Serving(backend, Metrics("m"), Deadlines(first_token_s=30, request_s=30), Admission(8, 4096), Drain())
         generation = serving.generation("r", list(range(1, 40)), greedy(3))
         whole = await collect(generation.deltas())
         assert whole.token_ids == [10, 11, 12] and whole.finish_reason == "length"
