@@ -59,7 +59,10 @@ class Handoff:
     async def first_token(self) -> RequestDelta:
         """The first token (its KV committed on the decode worker), or HandoffFailure."""
         deadline = asyncio.get_running_loop().time() + self.deadlines.prefill_s
-        self.stream = self.decode.stub.Generate(self.request, timeout=self.deadlines.request_s)
+        try:
+            self.stream = self.decode.stub.Generate(self.request, timeout=self.deadlines.request_s)
+        except grpc.aio.UsageError:  # its channel closed between the pick and the call
+            raise self.left_pool(self.decode) from None
         reservation = await self._reserve(deadline)
         response = await self._prefill(reservation, deadline)
         self._uncount_prefill()
@@ -95,7 +98,10 @@ class Handoff:
             prompt_token_ids=self.request.prompt_token_ids, params=self.request.params, target=reservation,
         )
         timeout = max(0.0, deadline - asyncio.get_running_loop().time())
-        self._prefill_call = self.prefill.stub.Prefill(request, timeout=timeout)  # the deadline travels to the worker
+        try:
+            self._prefill_call = self.prefill.stub.Prefill(request, timeout=timeout)  # the deadline travels to the worker
+        except grpc.aio.UsageError:
+            raise self.left_pool(self.prefill) from None
         try:
             async with self.watch.bounded([self.prefill, self.decode], deadline):
                 return await self._prefill_call
