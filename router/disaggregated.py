@@ -102,27 +102,31 @@ class DisaggregatedBackend:
 
     async def _decode_stream(self, handoff: Handoff, request_id: str) -> AsyncIterator[RequestDelta]:
         """The tokens after the first. A lost decode worker (killed, or frozen: unhealthy within a
-        poll) raises BackendFailure; the gateway's stall deadline backs this up."""
-        decode = handoff.decode
-        while True:
-            try:
-                async with self.watch.bounded([decode], None):
+        poll, when the watch cancels the stream) raises BackendFailure; the gateway's stall
+        deadline backs this up."""
+        decode, lost = handoff.decode, []
+        forget = self.watch.watch([decode], lambda: (lost.append(decode), handoff.stream.cancel()))
+        try:
+            while True:
+                try:
                     message = await handoff.stream.read()
-            except WorkerLostError as exc:
-                raise BackendFailure(Failure.UNAVAILABLE, f"{exc} in the middle of the generation") from None
-            except grpc.aio.AioRpcError as exc:
-                raise handoff.failure(exc, decode).as_backend_failure() from None
-            except asyncio.CancelledError:
-                if is_cancelling():
-                    raise
-                raise handoff.left_pool(decode).as_backend_failure() from None
-            if message is grpc.aio.EOF:
-                raise BackendFailure(Failure.INTERNAL, f"decode worker {decode.record.worker_id} ended the stream without finishing")
-            delta = handoff.delta_of(message, request_id)
-            if delta is not None:
-                yield delta
-                if delta.finish_reason is not None:
-                    return
+                except grpc.aio.AioRpcError as exc:
+                    raise handoff.failure(exc, decode).as_backend_failure() from None
+                except asyncio.CancelledError:
+                    if is_cancelling():
+                        raise
+                    if lost:
+                        raise BackendFailure(Failure.UNAVAILABLE, f"{WorkerLostError(decode)} in the middle of the generation") from None
+                    raise handoff.left_pool(decode).as_backend_failure() from None
+                if message is grpc.aio.EOF:
+                    raise BackendFailure(Failure.INTERNAL, f"decode worker {decode.record.worker_id} ended the stream without finishing")
+                delta = handoff.delta_of(message, request_id)
+                if delta is not None:
+                    yield delta
+                    if delta.finish_reason is not None:
+                        return
+        finally:
+            forget()
 
     async def stats(self) -> BackendStats:
         """Requests across all workers; KV usage is used / total blocks over all decode workers."""

@@ -1,15 +1,20 @@
 """`HealthWatch`: a call waiting on a worker ends as soon as the pool marks that worker unhealthy
-(a frozen or dead worker fails its status poll within seconds), not at the call's deadline. Each
-wait is an `asyncio.Timeout`; the watch brings it forward to now when one of its workers is lost."""
+(a frozen or dead worker fails its status poll within seconds), not at the call's deadline. A
+watcher is a callback run once when one of its workers is lost: `bounded` brings an
+`asyncio.Timeout` forward to now; a stream's reader cancels its call (no cost per message)."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 
 from router.workers import WorkerHandle, WorkerPool
 
+logger = logging.getLogger(__name__)
 CHECK_INTERVAL_S = 0.25  # the pool polls every 0.5 s: checking more often adds nothing
+
+Forget = Callable[[], None]
 
 
 class WorkerLostError(Exception):
@@ -23,26 +28,41 @@ class WorkerLostError(Exception):
 class HealthWatch:
     def __init__(self, pool: WorkerPool) -> None:
         self.pool = pool
-        self._waits: dict[WorkerHandle, set[asyncio.Timeout]] = {}
+        self._watchers: dict[WorkerHandle, set[Callable[[], None]]] = {}
         self._task: asyncio.Task | None = None
+
+    def watch(self, handles: list[WorkerHandle], on_lost: Callable[[], None]) -> Forget:
+        """Runs `on_lost()` once, at the first check that finds one of `handles` unhealthy, unless
+        the returned function is called before."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._check_forever())
+        for handle in handles:
+            self._watchers.setdefault(handle, set()).add(on_lost)
+
+        def forget() -> None:
+            for handle in handles:
+                watchers = self._watchers.get(handle)
+                if watchers is not None:
+                    watchers.discard(on_lost)
+                    if not watchers:
+                        del self._watchers[handle]
+
+        return forget
 
     @contextlib.asynccontextmanager
     async def bounded(self, handles: list[WorkerHandle], deadline: float | None) -> AsyncIterator[None]:
         """Runs the block until `deadline` (loop time; None: no deadline): TimeoutError past it,
         WorkerLostError as soon as one of `handles` is unhealthy. Never spans a `yield` of the caller."""
-        self._ensure_running()
         lost = _first_lost(handles)
         if lost is not None:
             raise WorkerLostError(lost)
         try:
             async with asyncio.timeout_at(deadline) as timeout:
-                for handle in handles:
-                    self._waits.setdefault(handle, set()).add(timeout)
+                forget = self.watch(handles, lambda: _expire(timeout))
                 try:
                     yield
                 finally:
-                    for handle in handles:
-                        self._forget(handle, timeout)
+                    forget()
         except TimeoutError:
             lost = _first_lost(handles)
             if lost is not None:
@@ -55,27 +75,20 @@ class HealthWatch:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def _ensure_running(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._watch_forever())
-
-    def _forget(self, handle: WorkerHandle, timeout: asyncio.Timeout) -> None:
-        waits = self._waits.get(handle)
-        if waits is not None:
-            waits.discard(timeout)
-            if not waits:
-                del self._waits[handle]
-
-    async def _watch_forever(self) -> None:
+    async def _check_forever(self) -> None:
         while True:
             await asyncio.sleep(CHECK_INTERVAL_S)
-            now = asyncio.get_running_loop().time()
-            for handle, waits in list(self._waits.items()):
-                if handle.is_healthy:
-                    continue
-                for timeout in list(waits):
-                    if not timeout.expired():
-                        timeout.reschedule(now)
+            for handle in [h for h in self._watchers if not h.is_healthy]:
+                for on_lost in self._watchers.pop(handle, ()):
+                    try:
+                        on_lost()
+                    except Exception:  # noqa: BLE001 - one watcher must not stop the others
+                        logger.exception("a health watcher failed")
+
+
+def _expire(timeout: asyncio.Timeout) -> None:
+    if not timeout.expired():
+        timeout.reschedule(asyncio.get_running_loop().time())
 
 
 def _first_lost(handles: list[WorkerHandle]) -> WorkerHandle | None:
