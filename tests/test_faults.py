@@ -298,6 +298,7 @@ def test_redis_down_then_restarted_empty_never_hangs_a_request(cluster: Cluster,
     finally:
         cluster.redis.start()  # empty: the workers' records are gone until their next heartbeat
     assert all(o.kind == "ok" for o in outcomes), [o.detail for o in outcomes]
+    cluster.wait_healthy(list(cluster.alive()), timeout_s=30)  # the workers heartbeat themselves back
     cluster.redis.stop()
     outcomes, fault_at = load(cluster, gateway, prompts[6:18], cluster.redis.start)  # restarted empty mid-load
     assert_answered_in_time(outcomes, fault_at, DEADLINES.first_token_s + SLACK_S)  # 503s allowed, no hang
