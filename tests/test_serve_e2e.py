@@ -284,7 +284,7 @@ def test_sigterm_drains_in_flight_requests_then_stops_every_process(server: Serv
     ray_processes = session_processes(server.process.pid)
     assert len(ray_processes) >= 4  # Ray's own processes and the two workers
     events: list[str] = []
-    payload = {"model": server.model, "prompt": PROMPTS[1], "max_tokens": 300, "temperature": 0, "ignore_eos": True,
+    payload = {"model": server.model, "prompt": PROMPTS[1], "max_tokens": 450, "temperature": 0, "ignore_eos": True,
                "stream": True}
 
     def stream() -> None:
