@@ -20,6 +20,7 @@ from proto.auth import ServerAuth, caller_of
 from proto.cluster_secret import ClusterSecret
 from proto.convert import logprobs_to_proto, params_from_proto, worker_status
 from proto.limits import MessageLimitInterceptor, MessageLimits, prompt_message_bytes
+from proto.failures import Failure, grpc_code
 
 DEFAULT_LEASE_S = 30.0
 
@@ -39,7 +40,7 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         if request.request_id in self._callers:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {request.request_id} is already running here")
+            await context.abort(grpc_code(Failure.INVALID_REQUEST), f"request {request.request_id} is already running here")
         caller = self._callers[request.request_id] = caller_of(context)
         try:
             params = params_from_proto(request.params)
@@ -49,13 +50,14 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
             )
             async for event in events:
                 if isinstance(event, RequestDelta) and event.finish_reason == "error":
-                    await context.abort(grpc.StatusCode.ABORTED, event.error or "decode failed")
+                    # the KV never arrived (lease over, sender gone) or a step failed: the request is lost
+                    await context.abort(grpc_code(Failure.KV_LOST), event.error or "decode failed")
                 for message in self._to_proto(event):
                     yield message
         except InvalidRequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(grpc_code(Failure.INVALID_REQUEST), str(exc))
         except DecodeQueueFullError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            await context.abort(grpc_code(Failure.OVERLOADED), str(exc))
         finally:
             del self._callers[request.request_id]
 

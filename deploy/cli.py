@@ -10,8 +10,12 @@ import signal
 import sys
 
 from engine.config import EngineConfig
+from proto.deadlines import Deadlines
+from router.config import DEFAULT_MAX_REQUEST_BODY_BYTES, GatewayConfig
+from router.tools import ToolOptions
 
 DEMO_MODEL_NAME = "pdserve-demo"
+API_KEY_ENV = "PDSERVE_API_KEY"  # comma-separated keys, added to --api-key
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--enable-auto-tool-choice", action="store_true", help="read tool calls out of replies (tool_choice auto)")
     serve.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS), help="how the model writes tool calls")
     serve.add_argument("--log-level", default="info")
+    _add_gateway_arguments(serve)
     demo = commands.add_parser("demo-model", help="write the demo checkpoint into DIR")
     demo.add_argument("directory")
     demo.add_argument("--seed", type=int, default=0)
@@ -55,6 +60,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(commands.add_parser("bench", help="load-test an OpenAI-compatible server"))
     return parser
+
+
+def _add_gateway_arguments(serve: argparse.ArgumentParser) -> None:
+    """The gateway's security, limits, admission, drain and deadlines (`router/config.py`)."""
+    g, d = GatewayConfig(), Deadlines()
+    serve.add_argument("--api-key", action="append", default=[], help=f"required on /v1 as `Authorization: Bearer KEY` "
+                       f"(repeatable; also ${API_KEY_ENV}, comma-separated)")
+    serve.add_argument("--protect-metrics", action="store_true", help="/metrics and /health need an API key too")
+    serve.add_argument("--max-num-queued-reqs", type=int, default=g.max_num_queued_reqs,
+                       help="requests without a first token yet, beyond which new ones get 503 + Retry-After")
+    serve.add_argument("--max-num-queued-tokens", type=int, default=g.max_num_queued_tokens, help="and their prompt tokens")
+    serve.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES, help="larger bodies get 413")
+    serve.add_argument("--request-read-timeout", type=float, default=g.request_read_timeout_s,
+                       help="seconds a client has to send a request's headers, and then its body")
+    serve.add_argument("--shutdown-timeout", type=float, default=g.shutdown_timeout_s,
+                       help="on SIGTERM, seconds in-flight requests may still run before they are ended")
+    serve.add_argument("--first-token-timeout", type=float, default=d.first_token_s, help="seconds to the first token")
+    serve.add_argument("--prefill-timeout", type=float, default=d.prefill_s,
+                       help="seconds for one hand-off attempt (reservation + prefill); a failed one is retried once")
+    serve.add_argument("--kv-lease-timeout", type=float, default=d.kv_lease_s,
+                       help="seconds a decode worker's reservation waits for the prompt's KV")
+    serve.add_argument("--stall-timeout", type=float, default=d.stall_s, help="seconds allowed between two tokens")
+    serve.add_argument("--request-timeout", type=float, default=d.request_s, help="seconds for a whole request")
+
+
+def gateway_config(args: argparse.Namespace) -> GatewayConfig:
+    """Raises ValueError for a bad value. The only place PDSERVE_API_KEY is read."""
+    keys = [*args.api_key, *(k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip())]
+    deadlines = Deadlines(
+        first_token_s=args.first_token_timeout, prefill_s=args.prefill_timeout, kv_lease_s=args.kv_lease_timeout,
+        stall_s=args.stall_timeout, request_s=args.request_timeout,
+    )
+    return GatewayConfig(
+        deadlines=deadlines, api_keys=tuple(dict.fromkeys(keys)), protect_metrics=args.protect_metrics,
+        max_num_queued_reqs=args.max_num_queued_reqs, max_num_queued_tokens=args.max_num_queued_tokens,
+        max_request_body_bytes=args.max_request_body_bytes, request_read_timeout_s=args.request_read_timeout,
+        shutdown_timeout_s=args.shutdown_timeout,
+        tool_options=ToolOptions(args.enable_auto_tool_choice, args.tool_call_parser),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,25 +119,28 @@ def main(argv: list[str] | None = None) -> int:
 def serve(args: argparse.Namespace) -> int:
     from deploy.controller import Cluster
     from deploy.gateway import run_gateway
+    from deploy.watchdog import start_watchdog
     from engine.config import ConfigError
 
     try:
         config = serve_config(args)
+        gateway = gateway_config(args)
     except (ConfigError, ValueError) as exc:
         print(f"pdserve: {exc}", file=sys.stderr)
         return 2
     if config.colocated:
         _stop_on_sigterm()  # uvicorn re-raises SIGTERM once it has stopped: exit 0, not -15
         try:
-            return asyncio.run(run_gateway(config, records=None))
+            return asyncio.run(run_gateway(config, None, gateway))
         except (KeyboardInterrupt, _Shutdown):
             return 0
     cluster = Cluster(config)
     _stop_on_sigterm()
+    watchdog = start_watchdog() if config.ray_address is None else None  # noqa: F841 - lives as long as this process
     try:
         records = cluster.start()
         _stop_on_sigterm()  # again: ray.init installs its own handler (sys.exit(15))
-        return asyncio.run(run_gateway(config, records))
+        return asyncio.run(run_gateway(config, records, gateway))
     except (KeyboardInterrupt, _Shutdown):
         return 0
     except ConfigError as exc:
@@ -107,7 +154,6 @@ def serve_config(args: argparse.Namespace) -> object:
     from deploy.controller import ServeConfig
     from engine.demo_model import default_demo_model_dir
     from engine.loader import resolve_model_path
-    from router.tools import ToolOptions
     from proto.cluster_secret import ENV_VAR, ClusterSecret
 
     model = args.model or str(default_demo_model_dir())
@@ -138,7 +184,6 @@ def serve_config(args: argparse.Namespace) -> object:
         worker_host=args.worker_host,
         kv_transport=args.kv_transport,
         colocated=args.colocated,
-        tool_options=ToolOptions(args.enable_auto_tool_choice, args.tool_call_parser),
         # Shared by every gateway and worker of a cluster: set it to run several gateways on one Redis.
         cluster_secret=ClusterSecret(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else ClusterSecret.generate(),
     )

@@ -12,7 +12,6 @@ from deploy.worker_host import WorkerProcess, WorkerSpec
 from engine.config import ConfigError, EngineConfig
 from proto.cluster_secret import ClusterSecret
 from router.registry import WorkerRecord
-from router.tools import ToolOptions
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -32,7 +31,6 @@ class ServeConfig:
     startup_timeout_s: float = 600.0
     kv_transport: str = "auto"
     colocated: bool = False
-    tool_options: ToolOptions = ToolOptions()
     # Authenticates every gRPC call and registry record of this cluster (proto/auth.py).
     cluster_secret: ClusterSecret = field(default_factory=ClusterSecret.generate)
 

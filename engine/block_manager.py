@@ -1,8 +1,9 @@
 """`BlockManager`: the pool of fixed-size KV blocks of one worker. Reference counts, prefix
-caching by chained block hashes (hits verified exactly), and LRU reuse of freed cached blocks.
-Pure CPU bookkeeping; callers own their block tables (`list[int]`)."""
+caching by chained block hashes (hits verified exactly; a cache salt starts a chain of its own),
+and LRU reuse of freed cached blocks. Pure CPU bookkeeping; callers own their block tables."""
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +16,16 @@ def block_hash(parent_hash: int, token_ids: tuple[int, ...]) -> int:
     """Hash of every token from the sequence start to this block's end. Python hashes ints and
     tuples of ints without PYTHONHASHSEED, so the value is the same in every process."""
     return hash((parent_hash, token_ids))
+
+
+def chain_root(salt: str | None) -> tuple[int, int]:
+    """(hash, uid) a sequence's first block chains from. A salted sequence gets a root of its own,
+    so its blocks are found only by sequences with the same salt (one tenant's prefixes stay its
+    own); its uid is negative, so it never equals a real block's uid, and exact hits stay exact."""
+    if not salt:
+        return ROOT_HASH, _ROOT_UID
+    digest = int.from_bytes(hashlib.sha256(salt.encode()).digest()[:8], "little")
+    return digest, -1 - digest
 
 
 @dataclass(frozen=True)
@@ -73,12 +84,14 @@ class BlockManager:
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def allocate(self, token_ids: Sequence[int], num_tokens: int | None = None, use_cache: bool = True) -> Allocation | None:
-        """Blocks for a new sequence, reusing cached full blocks of all but its last token (unless
-        `use_cache` is False: a request that needs every prompt position computed)."""
+    def allocate(
+        self, token_ids: Sequence[int], num_tokens: int | None = None, use_cache: bool = True, salt: str | None = None
+    ) -> Allocation | None:
+        """Blocks for a new sequence, reusing cached full blocks (of its salt) of all but its last
+        token (unless `use_cache` is False: a request that needs every prompt position computed)."""
         num_tokens = len(token_ids) if num_tokens is None else num_tokens
         assert num_tokens >= len(token_ids)
-        hits = self._match(token_ids[: max(len(token_ids) - 1, 0)]) if use_cache else []
+        hits = self._match(token_ids[: max(len(token_ids) - 1, 0)], salt) if use_cache else []
         num_new = self.num_blocks_for(num_tokens) - len(hits)
         num_free_hits = sum(1 for block in hits if block.ref_count == 0)
         if num_new > self.num_free_blocks - num_free_hits:
@@ -97,7 +110,7 @@ class BlockManager:
         return True
 
     def cache_full_blocks(self, block_table: Sequence[int], token_ids: Sequence[int],
-                          num_computed_tokens: int) -> None:
+                          num_computed_tokens: int, salt: str | None = None) -> None:
         """Register the full blocks among the first `num_computed_tokens` tokens. Idempotent; only
         blocks hashed since the last call are touched (the hashed blocks are a prefix)."""
         if not self.enable_prefix_caching:
@@ -109,7 +122,7 @@ class BlockManager:
         while start > 0 and self._blocks[block_table[start - 1]].hash is None:
             start -= 1
         parent = self._blocks[block_table[start - 1]] if start else None
-        parent_hash, parent_uid = (parent.hash, parent.uid) if parent else (ROOT_HASH, _ROOT_UID)
+        parent_hash, parent_uid = (parent.hash, parent.uid) if parent else chain_root(salt)
         for i in range(start, num_full):
             block = self._blocks[block_table[i]]
             tokens = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
@@ -148,10 +161,10 @@ class BlockManager:
         num_new = self.num_blocks_for(num_tokens)
         return self._pop_free(num_new) if num_new <= self.num_free_blocks else None
 
-    def match_prefix(self, token_ids: Sequence[int]) -> int:
+    def match_prefix(self, token_ids: Sequence[int], salt: str | None = None) -> int:
         """How many leading tokens of `token_ids` are cached in full blocks; takes no reference.
         `match_prefix(t[:-1])` equals `allocate(t).num_cached_tokens`."""
-        return len(self._match(token_ids)) * self.block_size
+        return len(self._match(token_ids, salt)) * self.block_size
 
     def reset_prefix_cache(self) -> bool:
         """Forget the hashes of free blocks; False if hashed blocks in use keep theirs."""
@@ -160,11 +173,11 @@ class BlockManager:
             block.reset()
         return not self._cached
 
-    def _match(self, token_ids: Sequence[int]) -> list[_Block]:
+    def _match(self, token_ids: Sequence[int], salt: str | None) -> list[_Block]:
         if not self.enable_prefix_caching:
             return []
         hits: list[_Block] = []
-        parent_hash, parent_uid = ROOT_HASH, _ROOT_UID
+        parent_hash, parent_uid = chain_root(salt)
         for start in range(0, len(token_ids) - self.block_size + 1, self.block_size):
             tokens = tuple(token_ids[start:start + self.block_size])
             parent_hash = block_hash(parent_hash, tokens)

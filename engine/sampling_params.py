@@ -10,6 +10,7 @@ MAX_N = 64
 # vLLM's structured-output kinds: a JSON schema, any JSON object, a regex, one of a list of strings,
 # a Lark or EBNF (GBNF) grammar.
 STRUCTURED_OUTPUT_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+MAX_CACHE_SALT_CHARS = 256
 
 
 class InvalidRequestError(ValueError):
@@ -63,6 +64,9 @@ class SamplingParams:
     bad_words_token_ids: tuple[tuple[int, ...], ...] | list[list[int]] | None = ()  # never generate these sequences
     allowed_token_ids: tuple[int, ...] | list[int] | None = ()  # when set, only these
     structured_output: StructuredOutput | None = None  # the output must match this grammar
+    # Prefix-cache isolation: blocks are shared only between requests with the same salt (vLLM's
+    # `cache_salt`). It selects no token; it travels with the sampling parameters to every worker.
+    cache_salt: str | None = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -117,6 +121,8 @@ class SamplingParams:
         token_ids = [t for t, _ in self.logit_bias] + list(self.allowed_token_ids) + [t for w in self.bad_words_token_ids for t in w]
         if any(t < 0 for t in token_ids):
             fail("token ids in logit_bias, allowed_token_ids and bad words must be non-negative", "logit_bias")
+        if self.cache_salt is not None and not 0 < len(self.cache_salt) <= MAX_CACHE_SALT_CHARS:
+            fail(f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} characters", "cache_salt")
 
     @property
     def is_greedy(self) -> bool:

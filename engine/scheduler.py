@@ -94,7 +94,9 @@ class Scheduler:
         return True
 
     def _admit(self, request: Request, budget: int) -> ScheduledRequest | None:
-        allocation = self.block_manager.allocate(request.all_token_ids, use_cache=request.params.prompt_logprobs is None)
+        allocation = self.block_manager.allocate(
+            request.all_token_ids, use_cache=request.params.prompt_logprobs is None, salt=request.params.cache_salt
+        )
         if allocation is None:
             return None
         request.block_table = allocation.block_table
@@ -129,7 +131,7 @@ class Scheduler:
             request.num_computed_tokens += item.num_tokens
             if request.num_computed_tokens // block_size > before // block_size:
                 self.block_manager.cache_full_blocks(
-                    request.block_table, request.all_token_ids, request.num_computed_tokens
+                    request.block_table, request.all_token_ids, request.num_computed_tokens, request.params.cache_salt
                 )
             add_prompt_logprobs(request, output.prompt_logprobs.get(id(request)))
             if not is_sampled:

@@ -53,7 +53,9 @@ class PrefillScheduler:
             budget -= num_tokens
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            allocation = self.block_manager.allocate(request.prompt_token_ids, use_cache=request.params.prompt_logprobs is None)
+            allocation = self.block_manager.allocate(
+                request.prompt_token_ids, use_cache=request.params.prompt_logprobs is None, salt=request.params.cache_salt
+            )
             if allocation is None:
                 break  # FCFS: wait for blocks to come back from finished transfers
             self.waiting.popleft()
@@ -74,7 +76,9 @@ class PrefillScheduler:
         for item in scheduled:
             request, is_sampled = item.request, item.is_sampled
             request.num_computed_tokens += item.num_tokens
-            self.block_manager.cache_full_blocks(request.block_table, request.prompt_token_ids, request.num_computed_tokens)
+            self.block_manager.cache_full_blocks(
+                request.block_table, request.prompt_token_ids, request.num_computed_tokens, request.params.cache_salt
+            )
             add_prompt_logprobs(request, output.prompt_logprobs.get(id(request)))
             if not is_sampled:
                 continue

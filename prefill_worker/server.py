@@ -19,6 +19,7 @@ from proto.limits import MessageLimitInterceptor, MessageLimits, prompt_message_
 
 ABORTED = "aborted by an Abort call"
 _ADDRESS = re.compile(r"[A-Za-z0-9.\-]{1,253}:\d{1,5}|\[[0-9A-Fa-f:.]{2,45}\]:\d{1,5}")  # host:port, [v6]:port
+from proto.failures import Failure, grpc_code
 
 
 class PrefillServicer(pb_grpc.PrefillWorkerServicer):
@@ -31,9 +32,9 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
         target = KVTarget(request.target.kv_address, request.target.worker_id)
         if not _ADDRESS.fullmatch(target.address):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"target.kv_address {target.address[:300]!r} is not host:port")
+            await context.abort(grpc_code(Failure.INVALID_REQUEST), f"target.kv_address {target.address[:300]!r} is not host:port")
         if request.request_id in self._tasks:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {request.request_id} is already being prefilled")
+            await context.abort(grpc_code(Failure.INVALID_REQUEST), f"request {request.request_id} is already being prefilled")
         self._tasks[request.request_id] = (caller_of(context), asyncio.current_task())
         try:
             params = params_from_proto(request.params)
@@ -41,13 +42,13 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
                 request.request_id, request.transfer_id, list(request.prompt_token_ids), params, target
             )
         except InvalidRequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(grpc_code(Failure.INVALID_REQUEST), str(exc))
         except (KVLayoutMismatchError, NoCommonTransportError, UnprovenPeerError) as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"decode worker at {target.address}: {exc}")
+            await context.abort(grpc_code(Failure.INCOMPATIBLE), f"decode worker at {target.address}: {exc}")
         except KVTransferError as exc:
             # The peer refused the push (e.g. NOT_FOUND: its reservation expired) or could not be reached.
-            code = grpc.StatusCode.ABORTED if exc.code in ("NOT_FOUND", "INVALID_ARGUMENT") else grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, f"KV transfer to {target.address} failed: {exc}")
+            failure = Failure.KV_LOST if exc.code in ("NOT_FOUND", "INVALID_ARGUMENT") else Failure.UNAVAILABLE
+            await context.abort(grpc_code(failure), f"KV transfer to {target.address} failed: {exc}")
         except asyncio.CancelledError as exc:
             if exc.args != (ABORTED,):
                 raise  # the caller left: there is no one to answer

@@ -2,13 +2,12 @@
 servers and the gateway's gRPC client) so schedulers and the engine never see protobuf."""
 from __future__ import annotations
 
-import grpc
-
 from engine.outputs import TokenLogprobs
 from engine.sampling_params import SamplingParams, StructuredOutput
 from proto import pdserve_pb2 as pb
 from proto.auth import STATUS_PROOF, prove
 from proto.cluster_secret import ClusterSecret
+from proto.failures import Failure, grpc_code
 
 
 def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
@@ -21,6 +20,7 @@ def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
         min_tokens=params.min_tokens,
         stop_token_ids=list(params.stop_token_ids),
         ignore_eos=params.ignore_eos,
+        cache_salt=params.cache_salt or "",
     )
     if params.seed is not None:
         msg.seed = params.seed
@@ -75,6 +75,7 @@ def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         allowed_token_ids=tuple(msg.allowed_token_ids),
         prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
         structured_output=structured_output_from_proto(msg.structured_output) if msg.HasField("structured_output") else None,
+        cache_salt=msg.cache_salt or None,
     )
 
 
@@ -100,7 +101,7 @@ async def worker_status(
     once its engine loop or device has failed (the gateway's poll then marks it unhealthy and stops
     routing to it). `worker` has `worker_id`, `core`, `is_healthy` and `status()`."""
     if not worker.is_healthy:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine loop or the device has failed")
+        await context.abort(grpc_code(Failure.UNAVAILABLE), "the engine loop or the device has failed")
     return pb.WorkerStatus(
         worker_id=worker.worker_id,
         proof=prove(secret, STATUS_PROOF, request.nonce, worker.worker_id),

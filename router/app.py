@@ -1,5 +1,6 @@
-"""`create_app(backend)`: the OpenAI-compatible HTTP gateway, with vLLM's routes and shapes, so
-OpenAI/vLLM clients, benchmarks and dashboards work unchanged."""
+"""`create_app(backend, config)`: the OpenAI-compatible HTTP gateway, with vLLM's routes and shapes,
+so OpenAI/vLLM clients, benchmarks and dashboards work unchanged; behind API keys, the drain gate
+and the input limits (middleware, outermost first)."""
 from __future__ import annotations
 
 import asyncio
@@ -12,38 +13,48 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from router.admission import Admission
+from router.auth import APIKeyAuth
 from router.backend import Backend
 from router.chat import create_chat_completion, render_chat
 from router.completions import create_completion
+from router.config import GatewayConfig
+from router.drain import Drain, DrainGate
 from router.errors import APIError, install_error_handlers
+from router.limits import RequestLimits
 from router.metrics import Metrics
 from router.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from router.serving import Serving, cancel_on_disconnect
-from router.tools import ToolOptions
 
 logger = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 5.0  # /health and /metrics ask the backend; a stuck backend must not hang them
 
 
-def create_app(
-    backend: Backend, metrics: Metrics | None = None, request_timeout_s: float = 600.0, tool_options: ToolOptions = ToolOptions()
-) -> FastAPI:
+def create_app(backend: Backend, metrics: Metrics | None = None, config: GatewayConfig | None = None) -> FastAPI:
     """Routes: POST /v1/completions, /v1/chat/completions, /tokenize, /detokenize; GET /v1/models,
-    /health, /metrics. The caller owns the backend (and closes it)."""
-    serving = Serving(backend, metrics or Metrics(backend.model_name), request_timeout_s)
+    /health, /metrics. The caller owns the backend (and closes it) and runs `app.state.drain` on
+    SIGTERM (`deploy/http_server.py`)."""
+    config = config or GatewayConfig()
+    drain = Drain()
+    admission = Admission(config.max_num_queued_reqs, config.max_num_queued_tokens)
+    serving = Serving(backend, metrics or Metrics(backend.model_name), config.deadlines, admission, drain)
     app = FastAPI(title="pdserve")
     app.state.serving = serving
-    app.add_middleware(HTTPMetricsMiddleware, metrics=serving.metrics)
+    app.state.drain = drain
     install_error_handlers(app)
+    app.add_middleware(RequestLimits, max_body_bytes=config.max_request_body_bytes, read_timeout_s=config.request_read_timeout_s)
+    app.add_middleware(DrainGate, drain=drain)
+    app.add_middleware(APIKeyAuth, api_keys=config.api_keys, protect_metrics=config.protect_metrics)
+    app.add_middleware(HTTPMetricsMiddleware, metrics=serving.metrics)  # outermost: counts refusals too
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw_request: Request) -> Response:
-        return await cancel_on_disconnect(raw_request, create_completion(serving, body))
+        return await cancel_on_disconnect(raw_request, create_completion(serving, body, _tenant(raw_request)))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw_request: Request) -> Response:
-        return await cancel_on_disconnect(raw_request, create_chat_completion(serving, body, tool_options))
+        return await cancel_on_disconnect(raw_request, create_chat_completion(serving, body, config.tool_options, _tenant(raw_request)))
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -55,6 +66,8 @@ def create_app(
 
     @app.get("/health")
     async def health() -> Response:
+        if drain.is_draining:
+            return Response(status_code=503)
         try:
             is_healthy = await asyncio.wait_for(backend.is_healthy(), PROBE_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - a failing probe means unhealthy
@@ -73,7 +86,7 @@ def create_app(
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> JSONResponse:
         serving.check_model(body.model)
-        token_ids = _tokenize(backend, body)
+        token_ids = await _tokenize(serving, body)
         answer = {"count": len(token_ids), "max_model_len": backend.max_model_len, "tokens": token_ids}
         if body.return_token_strs:
             answer["token_strs"] = backend.tokenizer.token_strings(token_ids)
@@ -95,7 +108,8 @@ def create_app(
         vocab_size = backend.tokenizer.vocab_size
         if any(not 0 <= t < vocab_size for t in body.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab_size})", "tokens")
-        return JSONResponse({"prompt": backend.tokenizer.decode(body.tokens, skip_special_tokens=False)})
+        text = await serving.in_thread(backend.tokenizer.decode, body.tokens, False)
+        return JSONResponse({"prompt": text})
 
     return app
 
@@ -133,12 +147,18 @@ def _version() -> str:
         return "unknown"
 
 
-def _tokenize(backend: Backend, body: TokenizeRequest) -> list[int]:
+def _tenant(request: Request) -> str | None:
+    """The API-key identity `APIKeyAuth` found (None when the server has no keys)."""
+    return getattr(request.state, "tenant", None)
+
+
+async def _tokenize(serving: Serving, body: TokenizeRequest) -> list[int]:
     """vLLM's /tokenize: a prompt (special tokens added by default) or chat messages (not)."""
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of `prompt` and `messages`", "prompt")
     if body.prompt is not None:
         add_special_tokens = True if body.add_special_tokens is None else body.add_special_tokens
-        return backend.tokenizer.encode(body.prompt, add_special_tokens=add_special_tokens)
-    text = render_chat(backend.tokenizer, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
-    return backend.tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
+        return await serving.encode(body.prompt, add_special_tokens, "prompt")
+    tokenizer = serving.backend.tokenizer
+    text = await serving.in_thread(render_chat, tokenizer, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+    return await serving.encode(text, bool(body.add_special_tokens), "messages")

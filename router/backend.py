@@ -11,13 +11,26 @@ from engine.iteration_stats import IterationTokens
 from engine.outputs import RequestDelta
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
+from proto.failures import Failure
 
 if TYPE_CHECKING:  # the disaggregated gateway never loads torch
     from engine.async_engine import AsyncEngine
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendFailure(RuntimeError):
+    """A request the backend could not serve, with the kind of failure (`proto/failures.py` gives
+    its HTTP status). Raised before the first delta, or in place of a later one."""
+
+    def __init__(self, failure: Failure, message: str) -> None:
+        super().__init__(message)
+        self.failure = failure
+
+
+class BackendUnavailableError(BackendFailure):
     """No worker can take the request now (HTTP 503)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Failure.UNAVAILABLE, message)
 
 
 @dataclass(frozen=True)
@@ -38,8 +51,8 @@ class Backend(Protocol):
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncGenerator[RequestDelta, None]:
         """Token deltas of one request; the last carries finish_reason. Raises InvalidRequestError
-        (bad input) or BackendUnavailableError before the first delta; closing the iterator early
-        aborts the request and frees its KV."""
+        (bad input) or BackendFailure (before the first delta, or when the request is lost later);
+        closing the iterator early aborts the request and frees its KV."""
         ...
 
     async def stats(self) -> BackendStats: ...

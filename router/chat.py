@@ -12,6 +12,7 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response
 
 from engine.tokenizer import Tokenizer
+from router.auth import cache_salt_of
 from router.errors import APIError
 from router.protocol import ChatCompletionRequest, ChatMessage
 from router.serving import (
@@ -40,18 +41,23 @@ def render_chat(
         raise APIError(400, f"cannot apply the chat template: {error}", "messages") from error
 
 
-async def create_chat_completion(serving: Serving, request: ChatCompletionRequest, tool_options: ToolOptions = ToolOptions()) -> Response:
+async def create_chat_completion(
+    serving: Serving, request: ChatCompletionRequest, tool_options: ToolOptions = ToolOptions(), tenant: str | None = None
+) -> Response:
+    """`tenant`: the caller's API-key identity, which isolates its prefix cache."""
     serving.check_model(request.model)
     request.check_supported()
     mode = tool_mode(request.tools, request.tool_choice, tool_options)
     tokenizer = serving.backend.tokenizer
-    prompt = render_chat(tokenizer, request.messages, request.add_generation_prompt, request.chat_template_kwargs, request.tools)
-    prompt_token_ids = tokenizer.encode(prompt, add_special_tokens=request.add_special_tokens)
+    prompt = await serving.in_thread(
+        render_chat, tokenizer, request.messages, request.add_generation_prompt, request.chat_template_kwargs, request.tools
+    )
+    prompt_token_ids = await serving.encode(prompt, request.add_special_tokens, "messages")
     max_tokens = serving.max_tokens(len(prompt_token_ids), request.requested_max_tokens, "messages")
     if mode is not None and mode.kind == "auto" and tool_options.tool_call_parser == "hermes":
         request.skip_special_tokens = False  # its tags may be special tokens (vLLM does the same)
     forced = None if mode is None else forced_call_schema(mode, request.tools)
-    params = request.sampling_params(max_tokens, request.num_logprobs, serving.backend.tokenizer, forced)
+    params = request.sampling_params(max_tokens, request.num_logprobs, tokenizer, forced, cache_salt_of(tenant, request.cache_salt))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     generations = serving.generations(request_id, prompt_token_ids, params)  # n of them, one prompt's KV
     chat = _ChatCompletion(request_id, serving.backend.model_name, tokenizer, generations, request, _reply_reader(mode, tool_options))

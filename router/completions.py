@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from engine.outputs import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
+from router.auth import cache_salt_of
 from router.protocol import CompletionRequest
 from router.serving import (
     Generation, Serving, TextDelta, collect, json_logprob, merge_deltas, start_stream, token_text, vllm_prompt_logprobs,
@@ -26,17 +27,20 @@ class _Prompt:
     token_ids: list[int]
 
 
-async def create_completion(serving: Serving, request: CompletionRequest) -> Response:
+async def create_completion(serving: Serving, request: CompletionRequest, tenant: str | None = None) -> Response:
+    """`tenant`: the caller's API-key identity, which isolates its prefix cache."""
     serving.check_model(request.model)
     request.check_supported()
     tokenizer = serving.backend.tokenizer
-    prompts = [_encode(tokenizer, prompt, request.add_special_tokens) for prompt in request.prompt_list()]
+    prompts = [await _encode(serving, prompt, request.add_special_tokens) for prompt in request.prompt_list()]
     is_prompt_only = request.echo and request.max_tokens == 0  # OpenAI's way to score a prompt
+    cache_salt = cache_salt_of(tenant, request.cache_salt)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     planned = []
     for prompt in prompts:  # every prompt checked before any runs
         max_tokens = serving.max_tokens(len(prompt.token_ids), 1 if is_prompt_only else request.max_tokens, "prompt")
-        planned.append((prompt, _candidates(request.sampling_params(max_tokens, request.logprobs, tokenizer), request)))
+        params = request.sampling_params(max_tokens, request.logprobs, tokenizer, cache_salt=cache_salt)
+        planned.append((prompt, _candidates(params, request)))
     # One backend request per prompt; its n (or best_of) sequences share the prompt's KV.
     runs = [serving.generations(f"{request_id}-{i}", prompt.token_ids, params) for i, (prompt, params) in enumerate(planned)]
     flat = [run for group in runs for run in group]
@@ -70,10 +74,11 @@ def _best(wholes: list[TextDelta], request: CompletionRequest, per_prompt: int) 
     return kept
 
 
-def _encode(tokenizer: Tokenizer, prompt: str | list[int], add_special_tokens: bool) -> _Prompt:
+async def _encode(serving: Serving, prompt: str | list[int], add_special_tokens: bool) -> _Prompt:
+    """Tokenized (or decoded, for token ids) on a tokenizer thread."""
     if isinstance(prompt, str):
-        return _Prompt(prompt, tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
-    return _Prompt(tokenizer.decode(prompt, skip_special_tokens=False), list(prompt))
+        return _Prompt(prompt, await serving.encode(prompt, add_special_tokens, "prompt"))
+    return _Prompt(await serving.in_thread(serving.backend.tokenizer.decode, prompt, False), list(prompt))
 
 
 class _Completion:

@@ -1,5 +1,6 @@
 """HTTP errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, and the
-FastAPI handlers that turn every failure (bad JSON, pydantic errors, backend errors) into one."""
+FastAPI handlers that turn every failure (bad JSON, pydantic errors, backend errors) into one.
+Statuses and types come from the failure table (`proto/failures.py`)."""
 from __future__ import annotations
 
 import logging
@@ -11,18 +12,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from engine.sampling_params import InvalidRequestError
-from router.backend import BackendUnavailableError
+from proto.failures import RETRY_AFTER_S, TABLE, Failure, failure_of_http
+from router.backend import BackendFailure
 
 logger = logging.getLogger(__name__)
 
-# vLLM's type names; the openai client only reads the status code and the message.
-ERROR_TYPES = {
-    400: "BadRequestError",
-    404: "NotFoundError",
-    500: "InternalServerError",
-    503: "ServiceUnavailableError",
-    504: "TimeoutError",
-}
 UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
@@ -35,12 +29,21 @@ class APIError(Exception):
         self.message = message
         self.param = param
 
+    @classmethod
+    def of(cls, failure: Failure, message: str, param: str | None = None) -> APIError:
+        return cls(TABLE[failure].http_status, message, param)
+
     def body(self) -> dict:
-        error_type = ERROR_TYPES.get(self.status_code, HTTPStatus(self.status_code).phrase.replace(" ", "") + "Error")
+        failure = failure_of_http(self.status_code)
+        if TABLE[failure].http_status == self.status_code:
+            error_type = TABLE[failure].error_type  # vLLM's names; the openai client reads the status and message
+        else:
+            error_type = HTTPStatus(self.status_code).phrase.replace(" ", "") + "Error"
         return {"error": {"message": self.message, "type": error_type, "param": self.param, "code": self.status_code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status_code)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.status_code == 503 else None
+        return JSONResponse(self.body(), status_code=self.status_code, headers=headers)
 
 
 def as_api_error(exc: BaseException) -> APIError:
@@ -48,11 +51,13 @@ def as_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, InvalidRequestError):
-        return APIError(400, str(exc), exc.param)
-    if isinstance(exc, BackendUnavailableError):
-        return APIError(503, str(exc) or "no worker can take the request now")
+        return APIError.of(Failure.INVALID_REQUEST, str(exc), exc.param)
+    if isinstance(exc, BackendFailure):
+        if TABLE[exc.failure].http_status >= 500 and not TABLE[exc.failure].is_retry_later:
+            logger.error("request failed: %s: %s", exc.failure.value, exc)
+        return APIError.of(exc.failure, str(exc) or "no worker can take the request now")
     logger.error("request failed", exc_info=exc)
-    return APIError(500, f"internal error: {type(exc).__name__}: {exc}")
+    return APIError.of(Failure.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
@@ -93,5 +98,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(HTTPException, on_http_error)
-    for exc_type in (APIError, InvalidRequestError, BackendUnavailableError, Exception):
+    for exc_type in (APIError, InvalidRequestError, BackendFailure, Exception):
         app.add_exception_handler(exc_type, on_error)

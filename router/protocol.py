@@ -14,6 +14,7 @@ from router.errors import APIError
 from router.structured_output import StructuredOutputsParams, structured_output_of
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_CACHE_SALT_CHARS = 1024
 
 
 class StreamOptions(BaseModel):
@@ -91,6 +92,9 @@ class GenerationRequest(BaseModel):
     guided_decoding_backend: str | None = None
     guided_whitespace_pattern: str | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    # Prefix-cache isolation (vLLM's field): cached prefixes are shared only between requests with
+    # the same salt (and, with API keys, the same key). Should be random and secret, e.g. 256 bits.
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
 
     def check_supported(self) -> None:
         """Reject what pdserve does not implement rather than silently sampling without it."""
@@ -106,10 +110,13 @@ class GenerationRequest(BaseModel):
         return self.include_usage_in_stream and self.stream_options.continuous_usage_stats
 
     def sampling_params(
-        self, max_tokens: int, logprobs: int | None, tokenizer: Tokenizer, forced_output: StructuredOutput | None = None
+        self, max_tokens: int, logprobs: int | None, tokenizer: Tokenizer, forced_output: StructuredOutput | None = None,
+        cache_salt: str | None = None,
     ) -> SamplingParams:
         """Raises `InvalidRequestError` naming the field for out-of-range values. `forced_output`:
-        the grammar of a forced tool call (chat), which excludes any other structured output."""
+        the grammar of a forced tool call (chat), which excludes any other structured output.
+        `cache_salt`: the salt the workers use, derived from `self.cache_salt` and the caller's key
+        (`router/auth.py`)."""
         return SamplingParams(
             structured_output=structured_output_of(self, forced_output),  # APIError 400 for an unknown or broken one
             presence_penalty=self.presence_penalty or 0.0,
@@ -133,6 +140,7 @@ class GenerationRequest(BaseModel):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            cache_salt=cache_salt,
         )
 
 

@@ -1,11 +1,13 @@
-"""What both generation endpoints share: model and context-length checks, one request's run on the
-backend as text deltas (stop strings, deadline, metrics), and the SSE response that aborts the
-request on the workers as soon as the client goes away."""
+"""What both generation endpoints share: model, context-length and prompt-size checks, tokenizing
+off the event loop, one request's run on the backend as text deltas (stop strings, admission,
+deadlines, drain, metrics), and the SSE response that aborts the request on the workers as soon
+as the client goes away."""
 from __future__ import annotations
 
 import asyncio
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -18,14 +20,20 @@ from starlette.types import Receive, Scope, Send
 from engine.detokenizer import IncrementalDetokenizer
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.tokenizer import Tokenizer
-from router.backend import Backend, BackendUnavailableError
+from proto.deadlines import Deadlines
+from proto.failures import TABLE, Failure
+from router.admission import Admission
+from router.backend import Backend, BackendFailure
+from router.drain import Drain
 from router.errors import APIError, as_api_error
+from router.limits import max_prompt_chars
 from router.metrics import Metrics
 
 if TYPE_CHECKING:
     from engine.outputs import RequestDelta, TokenLogprobs
 
 Chunks = Callable[["TextDelta"], list[dict]]
+NUM_TOKENIZER_THREADS = 4
 
 
 @dataclass
@@ -42,16 +50,37 @@ class TextDelta:
 
 
 class Serving:
-    """The backend plus what every request needs from the server: metrics and a time limit."""
+    """The backend plus what every request needs from the server: metrics, deadlines, admission,
+    the drain, and threads for tokenizing (a long prompt must not stall the event loop)."""
 
-    def __init__(self, backend: Backend, metrics: Metrics, request_timeout_s: float) -> None:
+    def __init__(
+        self, backend: Backend, metrics: Metrics, deadlines: Deadlines, admission: Admission, drain: Drain
+    ) -> None:
         self.backend = backend
         self.metrics = metrics
-        self.request_timeout_s = request_timeout_s
+        self.deadlines = deadlines
+        self.admission = admission
+        self.drain = drain
+        self.max_prompt_chars = max_prompt_chars(backend.tokenizer, backend.max_model_len)
+        self._threads = ThreadPoolExecutor(NUM_TOKENIZER_THREADS, thread_name_prefix="pdserve-tokenize")
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.backend.model_name:
             raise APIError(404, f"The model `{model}` does not exist.", "model")
+
+    async def in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` on a tokenizer thread: tokenizing and templating, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+
+    async def encode(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+        """The prompt's token ids; a prompt longer than any that could fit the context is refused
+        before it is tokenized."""
+        if len(text) > self.max_prompt_chars:
+            limit = self.backend.max_model_len
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your prompt has "
+                           f"{len(text)} characters, more than any prompt of {limit} tokens has. Please reduce the "
+                           "length of the input.", param)
+        return await self.in_thread(self.backend.tokenizer.encode, text, add_special_tokens)
 
     def max_tokens(self, num_prompt_tokens: int, requested: int | None, prompt_param: str) -> int:
         """The completion budget: `requested`, or up to the context limit. Raises vLLM's 400 when
@@ -83,7 +112,8 @@ class Serving:
 
 class Generation:
     """One request's run on the backend, turned into text. Stop strings are enforced here: the
-    detokenizer finds them and closing the backend stream aborts the request on the workers."""
+    detokenizer finds them and closing the backend stream aborts the request on the workers. So are
+    the client-facing deadlines: the first token, the gap between two tokens, the whole request."""
 
     def __init__(
         self, serving: Serving, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -99,7 +129,11 @@ class Generation:
         self.num_cached_tokens = 0
         self.prompt_logprobs: list[TokenLogprobs | None] | None = None  # when params.prompt_logprobs is set
         self._serving = serving
-        self._deadline = asyncio.get_running_loop().time() + serving.request_timeout_s
+        now, deadlines = asyncio.get_running_loop().time(), serving.deadlines
+        self._request_deadline = now + deadlines.request_s
+        self._first_token_deadline = now + deadlines.first_token_s
+        self._timeout: asyncio.Timeout | None = None  # the wait for the next delta, while it runs
+        self._is_expired = False  # the drain ended it
         self._tracker = serving.metrics.track_request(len(prompt_token_ids), params, is_sequence_only=index > 0)
         self._has_first_delta = False
         self._detokenizer = IncrementalDetokenizer(
@@ -118,14 +152,26 @@ class Generation:
         usage["prompt_tokens_details"] = {"cached_tokens": self.num_cached_tokens}
         return usage
 
+    def expire(self) -> None:
+        """The drain's shutdown timeout passed: end the wait for the next delta now."""
+        self._is_expired = True
+        if self._timeout is not None and not self._timeout.expired():
+            self._timeout.reschedule(asyncio.get_running_loop().time())
+
     async def deltas(self) -> AsyncGenerator[TextDelta, None]:
         """The request's text deltas, the last with its finish_reason. Closing this generator early
-        (client gone) aborts the request; so does the deadline (an APIError 504)."""
+        (client gone) aborts the request; so does a deadline (an APIError 504) or the drain (503).
+        Over the admission bounds it raises BackendFailure(OVERLOADED) before anything runs."""
+        # A request's n sequences queue as one: the first holds its admission ticket.
+        ticket = self._serving.admission.admit(len(self.prompt_token_ids)) if self.index == 0 else None
+        self._serving.drain.track(self)
         stream = self._source or self._serving.backend.generate(self.request_id, self.prompt_token_ids, self.params)
         finish_reason: str | None = "abort"  # unless it runs to its end: the client left, the deadline passed
         try:
             while True:
                 delta = await self._next(stream)
+                if delta.token_ids and ticket is not None:
+                    ticket.release()  # no longer queued: it is being answered
                 if delta.finish_reason == "error":
                     raise APIError(500, f"generation failed: {delta.error or 'unknown error'}")
                 text_delta = self._on_delta(delta)
@@ -138,21 +184,48 @@ class Generation:
                 if text_delta.finish_reason is not None:
                     return
         except Exception as exc:
-            finish_reason = _finish_reason_of(exc)
+            finish_reason = _finish_reason_of(exc, self.num_output_tokens > 0)
             raise
         finally:
+            if ticket is not None:
+                ticket.release()
+            self._serving.drain.untrack(self)
             await _close(stream)
             if finish_reason is not None:
                 self._tracker.on_finish(finish_reason)
 
     async def _next(self, stream: AsyncIterator[RequestDelta]) -> RequestDelta:
+        if self._is_expired:
+            raise self._expired_error()
+        deadline, limit = self._next_deadline()
         try:
-            async with asyncio.timeout_at(self._deadline):
+            async with asyncio.timeout_at(deadline) as self._timeout:
                 return await anext(stream)
         except TimeoutError:
-            raise APIError(504, f"the request did not finish within {self._serving.request_timeout_s:g} s") from None
+            if self._timeout is None or not self._timeout.expired():
+                raise  # not ours
+            if self._is_expired:
+                raise self._expired_error() from None
+            raise APIError.of(Failure.TIMEOUT, limit) from None
         except StopAsyncIteration:
             raise APIError(500, "the backend ended the request without a finish reason") from None
+        finally:
+            self._timeout = None
+
+    def _next_deadline(self) -> tuple[float, str]:
+        """When the wait for the next delta ends, and what the client is told then."""
+        deadlines = self._serving.deadlines
+        candidates = [(self._request_deadline, f"the request did not finish within {deadlines.request_s:g} s")]
+        if self.num_output_tokens == 0:
+            candidates.append((self._first_token_deadline, f"no first token within {deadlines.first_token_s:g} s"))
+        else:
+            stall_at = asyncio.get_running_loop().time() + deadlines.stall_s
+            candidates.append((stall_at, f"the generation stalled: no token for {deadlines.stall_s:g} s"))
+        return min(candidates)
+
+    def _expired_error(self) -> APIError:
+        return APIError.of(Failure.UNAVAILABLE, "the server is shutting down and ended this request "
+                           "(its shutdown timeout passed before it finished)")
 
     def _on_delta(self, delta: RequestDelta) -> TextDelta | None:
         """The text delta to send, or None while the detokenizer holds all new text back."""
@@ -180,11 +253,13 @@ class Generation:
         return held
 
 
-def _finish_reason_of(exc: Exception) -> str | None:
-    """How a failed request counts in the metrics; None: rejected before it ran, not counted."""
-    if isinstance(exc, (InvalidRequestError, BackendUnavailableError)):
+def _finish_reason_of(exc: Exception, is_started: bool) -> str | None:
+    """How a failed request counts in the metrics; None: refused before it ran, not counted."""
+    if isinstance(exc, InvalidRequestError):
         return None
-    return "abort" if isinstance(exc, APIError) and exc.status_code == 504 else "error"
+    if isinstance(exc, BackendFailure) and not is_started and TABLE[exc.failure].is_retry_later:
+        return None
+    return "abort" if isinstance(exc, APIError) and exc.status_code in (503, 504) else "error"
 
 
 async def _close(stream: AsyncIterator[RequestDelta]) -> None:

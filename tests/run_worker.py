@@ -1,7 +1,8 @@
 """One worker in a process of its own, for tests that kill it:
 `python -m tests.run_worker ROLE MODEL_DIR [--device D] [--kv-transport T] [--kv-cache-memory-gib G]
-[--max-model-len N]` with PDSERVE_CLUSTER_SECRET set. Prints `ADDRESS host:port` once it serves,
-then serves until killed."""
+[--max-model-len N] [--max-num-seqs N] [--max-num-batched-tokens N] [--redis-url URL]` with
+PDSERVE_CLUSTER_SECRET set. Prints `ADDRESS host:port` once it serves (and heartbeats to Redis, given
+a URL), then serves until killed."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,9 @@ def main() -> None:
     parser.add_argument("--kv-transport", default="auto")
     parser.add_argument("--kv-cache-memory-gib", type=float, default=0.25)
     parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--redis-url", default=None)
     args = parser.parse_args()
     device = args.device
     if device.startswith("cuda:"):  # that GPU first: it is cuda:0 to every thread here, the others follow
@@ -32,11 +36,14 @@ def main() -> None:
         device = "cuda"
     engine = EngineConfig(
         model=args.model, device=device, dtype=args.dtype, kv_cache_memory_gib=args.kv_cache_memory_gib,
-        max_model_len=args.max_model_len, max_num_seqs=16,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
     )
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # as in a Ray worker process
     secret = ClusterSecret(os.environ[ENV_VAR])
-    host = WorkerHost(WorkerSpec(args.role, engine, model_name="m", kv_transport=args.kv_transport, cluster_secret=secret))
+    spec = WorkerSpec(
+        args.role, engine, model_name="m", kv_transport=args.kv_transport, redis_url=args.redis_url, cluster_secret=secret
+    )
+    host = WorkerHost(spec)
     print(f"ADDRESS {host.start().address}", flush=True)
     threading.Event().wait()  # `host` stays referenced: its gRPC server lives as long as it does
 

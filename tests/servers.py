@@ -1,7 +1,8 @@
-"""Real servers for tests: free ports, a throwaway `redis-server`, waiting for an HTTP endpoint, the
-tests' cluster secret."""
+"""Real servers for tests: free ports, a throwaway `redis-server` (restartable on its port), worker
+processes a test can kill or freeze, waiting for an HTTP endpoint, the tests' cluster secret."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -28,34 +29,59 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def redis_server(enabled: bool = True, password: str | None = None, tls: bool = False) -> Iterator[str | None]:
-    """A fresh redis-server on a free port (no persistence; `--requirepass` when `password` is
-    given; TLS only, with a self-signed certificate, when `tls`); yields its URL (with the password;
-    `rediss://` trusting that certificate). Skips the test when redis-server is missing, unless
-    PDSERVE_REQUIRE_REDIS=1 (CI), where that is a failure."""
-    if not enabled:
-        yield None
-        return
+def redis_binary() -> str:
+    """redis-server's path. Skips the test when it is missing, unless PDSERVE_REQUIRE_REDIS=1 (CI),
+    where that is a failure."""
     binary = shutil.which("redis-server")
     if binary is None:
         message = "redis-server is not installed (apt-get install -y redis-server)"
         if os.environ.get("PDSERVE_REQUIRE_REDIS") == "1":
             pytest.fail(message)
         pytest.skip(message)
-    port = free_port()
+    return binary
+
+
+class RedisServer:
+    """A redis-server without persistence on a fixed port (`--requirepass` when `password` is given;
+    TLS only, with a self-signed certificate, when `tls`): stopping and starting it again gives an
+    empty Redis at the same URL, as a restarted Redis is."""
+
+    def __init__(self, workdir: str, password: str | None = None, tls: bool = False) -> None:
+        self.binary = redis_binary()
+        self.port = free_port()
+        self.workdir = workdir
+        self.args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir]
+        self.args += ["--requirepass", password] if password else []
+        self.args += _tls_args(Path(workdir), self.port) if tls else []
+        scheme, query = ("rediss", f"?ssl_cert_reqs=required&ssl_ca_certs={workdir}/cert.pem") if tls else ("redis", "")
+        self.url = f"{scheme}://{f':{password}@' if password else ''}127.0.0.1:{self.port}/0{query}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([self.binary, *self.args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_port(self.port, 10)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+@contextlib.contextmanager
+def redis_server(enabled: bool = True, password: str | None = None, tls: bool = False) -> Iterator[str | None]:
+    """A fresh redis-server on a free port (see `RedisServer`); yields its URL (with the password;
+    `rediss://` trusting its certificate)."""
+    if not enabled:
+        yield None
+        return
     with tempfile.TemporaryDirectory() as workdir:
-        args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir]
-        args += ["--requirepass", password] if password else []
-        args += _tls_args(Path(workdir), port) if tls else []
-        process = subprocess.Popen([binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = RedisServer(workdir, password, tls)
+        server.start()
         try:
-            _wait_for_port(port, 10)
-            scheme, query = ("rediss", f"?ssl_cert_reqs=required&ssl_ca_certs={workdir}/cert.pem") if tls else ("redis", "")
-            yield f"{scheme}://{f':{password}@' if password else ''}127.0.0.1:{port}/0{query}"
+            yield server.url
         finally:
-            process.terminate()
-            process.wait(10)
+            server.stop()
 
 
 def _tls_args(workdir: Path, port: int) -> list[str]:
@@ -118,6 +144,80 @@ def worker_process(role: str, model_dir: Path, *args: str, timeout_s: float = 18
     finally:
         process.kill()
         process.wait(30)
+
+
+class WorkerProcess:
+    """`tests/run_worker.py` in a subprocess that a test can SIGKILL, SIGSTOP and SIGCONT. Start
+    several, then `wait_ready` each: they load their models in parallel."""
+
+    def __init__(self, name: str, role: str, model_dir: Path, *args: str) -> None:
+        self.name = name
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.run_worker", role, str(model_dir), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parent.parent,
+        )
+        self.address = ""
+
+    def wait_ready(self, timeout_s: float = 240) -> str:
+        deadline, lines = time.monotonic() + timeout_s, []
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"worker {self.name} exited with {self.process.wait()}:\n{''.join(lines)[-4000:]}")
+            if line.startswith("ADDRESS "):
+                self.address = line.split()[1]
+                threading.Thread(target=_echo, args=(self.process.stdout, self.name), daemon=True).start()
+                return self.address
+            lines.append(line)
+        raise TimeoutError(f"worker {self.name} did not start within {timeout_s} s")
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    @property
+    def is_alive(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        if self.is_alive:
+            self.process.kill()  # SIGKILL reaches a frozen (SIGSTOP) process too
+        self.process.wait(30)
+
+
+@contextlib.contextmanager
+def gateway_in_thread(
+    app: object, header_timeout_s: float = 30.0, shutdown_timeout_s: float = 30.0, loop: asyncio.AbstractEventLoop | None = None,
+) -> Iterator[tuple[str, object]]:
+    """`app` (from `router.app.create_app`) served as `pdserve serve` serves it (header timeout,
+    drain on `server.handle_exit`), on a free local port: on `loop` (running in another thread:
+    the one its backend's gRPC channels live on) or on a thread of its own. Yields its URL and
+    the server."""
+    from deploy.http_server import GatewayServer, gateway_config
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = GatewayServer(gateway_config(app, "127.0.0.1", 0, header_timeout_s), app.state.drain, shutdown_timeout_s)
+    if loop is None:
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        is_running = thread.is_alive
+    else:
+        serving = asyncio.run_coroutine_threadsafe(server.serve(sockets=[sock]), loop)
+
+        def is_running() -> bool:
+            return not serving.done()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and is_running(), "the gateway did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", server
+    finally:
+        server.should_exit = True
+        deadline = time.monotonic() + 15
+        while is_running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sock.close()
 
 
 def _echo(stream: object, role: str) -> None:

@@ -327,6 +327,27 @@ def test_same_block_tokens_after_other_prefix_is_no_hit(monkeypatch: pytest.Monk
     assert bm.allocate([1, 2, 3, 4, 9]).num_cached_tokens == 4
 
 
+def test_a_cache_salt_shares_prefixes_only_within_its_salt() -> None:
+    bm = BlockManager(num_blocks=32, block_size=2)
+    prompt = [1, 2, 3, 4, 5]
+    for salt in (None, "tenant-a"):
+        alloc = bm.allocate(prompt, salt=salt)
+        bm.cache_full_blocks(alloc.block_table, prompt, len(prompt), salt)
+    assert bm.match_prefix(prompt[:-1]) == 4 and bm.match_prefix(prompt[:-1], "tenant-a") == 4
+    assert bm.match_prefix(prompt[:-1], "tenant-b") == 0  # another tenant learns nothing
+    assert bm.allocate(prompt, salt="tenant-b").num_cached_tokens == 0
+    assert bm.allocate(prompt, salt="tenant-a").num_cached_tokens == 4
+
+
+def test_a_salted_chain_gives_no_false_hit_even_when_hashes_collide(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(block_manager, "block_hash", lambda parent, tokens: hash(tokens))  # ignores the salt's root
+    bm = BlockManager(num_blocks=16, block_size=2)
+    alloc = bm.allocate([1, 2, 0], salt="tenant-a")
+    bm.cache_full_blocks(alloc.block_table, [1, 2, 0], 3, "tenant-a")
+    assert bm.match_prefix([1, 2], "tenant-b") == 0 and bm.match_prefix([1, 2]) == 0
+    assert bm.match_prefix([1, 2], "tenant-a") == 2
+
+
 def test_last_token_is_never_cached() -> None:
     bm = BlockManager(num_blocks=8, block_size=2)
     _cached_and_computed(bm, [1, 2, 3, 4])

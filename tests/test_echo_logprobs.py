@@ -21,8 +21,10 @@ import transformers
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from proto.deadlines import Deadlines
 from router.app import create_app
 from router.backend import ColocatedBackend
+from router.config import GatewayConfig
 from tests.conftest import FAMILIES
 from tests.servers import free_port, wait_for_http
 from tests.test_router_http import serve
@@ -38,7 +40,7 @@ def colocated(checkpoint: Path) -> Iterator[str]:
     config = EngineConfig(model=str(checkpoint), device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN, num_kv_blocks=64)
     engine = AsyncEngine(LLMEngine.from_config(config))
     try:
-        with serve(create_app(ColocatedBackend(engine, "m"), request_timeout_s=120)) as url:
+        with serve(create_app(ColocatedBackend(engine, "m"), config=GatewayConfig(Deadlines(first_token_s=120, request_s=120)))) as url:
             yield url
     finally:
         engine.shutdown()

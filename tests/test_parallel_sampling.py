@@ -18,9 +18,11 @@ from engine import LLM, SamplingParams
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from proto.deadlines import Deadlines
 from router.app import create_app
 from router.backend import ColocatedBackend
-from tests.servers import free_port, observed_series, wait_for_http
+from router.config import GatewayConfig
+from tests.servers import free_port, wait_for_http
 from tests.test_router_http import serve
 
 pytestmark = pytest.mark.slow
@@ -53,7 +55,7 @@ def colocated(checkpoint: Path) -> Iterator[str]:
     config = EngineConfig(model=str(checkpoint), device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN, num_kv_blocks=64)
     engine = AsyncEngine(LLMEngine.from_config(config))
     try:
-        with serve(create_app(ColocatedBackend(engine, "m"), request_timeout_s=120)) as url:
+        with serve(create_app(ColocatedBackend(engine, "m"), config=GatewayConfig(Deadlines(first_token_s=120, request_s=120)))) as url:
             yield url
     finally:
         engine.shutdown()

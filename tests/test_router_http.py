@@ -26,8 +26,10 @@ from engine.outputs import RequestDelta
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.tokenizer import Tokenizer
+from proto.deadlines import Deadlines
 from router.app import create_app
 from router.backend import BackendStats, BackendUnavailableError, ColocatedBackend
+from router.config import GatewayConfig
 from router.metrics import Metrics
 from tests.servers import DASHBOARD_SERIES, observed_series
 
@@ -79,7 +81,7 @@ def server(demo_model_dir: Path) -> Iterator[Server]:
     config = EngineConfig(model=str(demo_model_dir), device="cpu", max_model_len=MAX_MODEL_LEN, num_kv_blocks=64)
     engine = LLMEngine.from_config(config)
     async_engine = AsyncEngine(engine)
-    app = create_app(ColocatedBackend(async_engine, MODEL), request_timeout_s=120)
+    app = create_app(ColocatedBackend(async_engine, MODEL), config=GatewayConfig(Deadlines(first_token_s=120, request_s=120)))
     try:
         with serve(app) as url, httpx.Client(base_url=url, timeout=120) as http:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
@@ -455,7 +457,8 @@ class Scripted:
 def scripted(demo_model_dir: Path) -> Iterator[Scripted]:
     tokenizer = Tokenizer.from_pretrained(demo_model_dir)
     backend = ScriptedBackend(tokenizer)
-    with serve(create_app(backend, request_timeout_s=1.0)) as url, httpx.Client(base_url=url, timeout=30) as http:
+    config = GatewayConfig(Deadlines(first_token_s=1.0, request_s=1.0))
+    with serve(create_app(backend, config=config)) as url, httpx.Client(base_url=url, timeout=30) as http:
         token = tokenizer.encode(" the", add_special_tokens=False)[0]
         yield Scripted(http, backend, token, tokenizer.decode([token]))
 
@@ -472,7 +475,7 @@ def test_backend_failures_map_to_http_errors(scripted: Scripted) -> None:
         ([BackendUnavailableError("all workers are busy")], 503, "all workers are busy"),
         ([RuntimeError("boom")], 500, "boom"),
         ([RequestDelta("", [], finish_reason="error", error="worker died")], 500, "worker died"),
-        ([3600], 504, "did not finish within 1 s"),
+        ([3600], 504, "no first token within 1 s"),
     ]
     chat = {"messages": MESSAGES, "max_tokens": 8}
     for script, status, words in cases:
@@ -483,6 +486,7 @@ def test_backend_failures_map_to_http_errors(scripted: Scripted) -> None:
                 response = scripted.http.post(path, json={**body, "stream": is_stream})
                 assert response.status_code == status and words in response.json()["error"]["message"]
                 assert response.json()["error"]["code"] == status
+                assert response.headers.get("retry-after") == ("1" if status == 503 else None)
     scripted.backend.script = [tokens(scripted.token, 2), tokens(scripted.token, 1, "length", num_cached_tokens=16)]
     result = scripted.http.post("/v1/completions", json=BODY).json()
     assert result["choices"][0]["text"] == scripted.text * 3

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,12 +18,13 @@ import httpx
 import openai
 import pytest
 
+from deploy.watchdog import alive, session_processes
 from engine import LLM, SamplingParams
 from tests.servers import DASHBOARD_SERIES, free_port, observed_series, redis_server, wait_for_http
 
 pytestmark = pytest.mark.slow
 
-MAX_MODEL_LEN = 256
+MAX_MODEL_LEN = 512  # the checkpoint's longest: a request can run long enough to be caught mid-way
 PROMPTS = [
     "Hello",
     "The key value cache is stored in fixed size blocks",
@@ -55,28 +55,40 @@ class Server:
 
 
 @contextlib.contextmanager
-def serving(checkpoint: Path, log_path: Path, *extra_args: str) -> Iterator[Server]:
-    """`pdserve serve` in a subprocess until the block ends; then SIGTERM must stop it cleanly."""
+def serving(checkpoint: Path, log_path: Path, *extra_args: str, returncode: int = 0) -> Iterator[Server]:
+    """`pdserve serve` in a subprocess until the block ends; then SIGTERM must stop it cleanly
+    (unless the test stopped it already: with `returncode`), every process of its Ray instance with it."""
     port = free_port()
     args = [
         sys.executable, "-m", "deploy.cli", "serve", "--model", str(checkpoint),
         "--served-model-name", "tiny-llama", "--port", str(port), "--device", "cpu",
-        "--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning", *extra_args,
+        "--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning", "--shutdown-timeout", "10", *extra_args,
     ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
     base_url = f"http://127.0.0.1:{port}"
+    ray_processes: dict[int, int] = {}
     try:
         wait_for_http(base_url + "/health", timeout_s=240, process=process, log_path=log_path)
+        ray_processes = session_processes(process.pid)
         yield Server(base_url, process, "tiny-llama")
     finally:
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)  # a no-op once it exited
         try:
-            returncode = process.wait(timeout=60)
+            exit_status = process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
-            returncode = None
-    assert returncode == 0, f"pdserve did not shut down cleanly ({returncode}):\n{log_path.read_text()[-3000:]}"
+            exit_status = None
+    assert exit_status == returncode, f"pdserve did not shut down cleanly ({exit_status}):\n{log_path.read_text()[-3000:]}"
+    assert_gone(ray_processes)
+
+
+def assert_gone(processes: dict[int, int], timeout_s: float = 10.0) -> None:
+    """No process of `processes` (pid -> start time) still runs after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while alive(processes):
+        assert time.monotonic() < deadline, f"Ray processes outlived the gateway: {sorted(alive(processes))}"
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module", params=["memory-registry", "redis-registry"])
@@ -135,6 +147,16 @@ def test_penalties_and_logit_bias_cross_both_workers_exactly(server: Server, ref
         assert token_ids_of(got.choices[0]) == want.outputs[0].token_ids
     plain = complete(server, PROMPTS[1], 16)
     assert token_ids_of(plain.choices[0]) != token_ids_of(complete(server, PROMPTS[1], 16, logit_bias=bias, **PENALIZED).choices[0])
+
+
+def test_a_sigkilled_gateway_takes_its_ray_instance_with_it(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """Ray's own processes would notice a dead driver only after 30-90 s; the watchdog stops them."""
+    with serving(checkpoints["llama"], tmp_path / "serve.log", returncode=-signal.SIGKILL) as server:
+        ray_processes = session_processes(server.process.pid)
+        assert len(ray_processes) >= 4  # Ray's own processes and the two workers
+        server.process.kill()
+        server.process.wait(10)
+        assert_gone(ray_processes, timeout_s=5.0)
 
 
 def test_greedy_completions_equal_the_offline_engine(server: Server, reference: LLM) -> None:
@@ -217,7 +239,7 @@ def test_kv_really_crosses_between_the_worker_processes(server: Server, referenc
         ({"temperature": -1}, 400, "temperature"),
         ({"top_p": 1.5}, 400, "top_p"),
         ({"model": "no-such-model"}, 404, "no-such-model"),
-        ({"prompt": "word " * 400}, 400, "maximum context length"),
+        ({"prompt": "word " * 700}, 400, "maximum context length"),
         ({"max_tokens": MAX_MODEL_LEN}, 400, "maximum context length"),
     ],
 )
@@ -238,14 +260,22 @@ def test_malformed_json_is_a_400(server: Server) -> None:
 
 
 def test_client_disconnects_abort_the_request_on_both_workers(server: Server) -> None:
-    payload = {"model": server.model, "prompt": PROMPTS[2], "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True}
-    for _ in range(3):  # leave mid-stream
+    """Clients that leave stop their requests on the workers at once, long before the requests
+    could have run to their length (~440 tokens each: seconds of decoding here)."""
+    payload = {"model": server.model, "prompt": PROMPTS[2], "max_tokens": MAX_MODEL_LEN - 64, "temperature": 0,
+               "ignore_eos": True, "stream": True}
+
+    def leave_mid_stream(_: int) -> None:
         with httpx.stream("POST", server.base_url + "/v1/completions", json=payload, timeout=60) as response:
             next(response.iter_lines())
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(leave_mid_stream, range(6)))
+    assert_all_kv_returned(server, timeout_s=1.0)
     for timeout_s in (0.02, 0.1, 0.2):  # give up on non-streaming requests early: in prefill or decode
         with contextlib.suppress(httpx.TimeoutException):
-            httpx.post(server.base_url + "/v1/completions", json={**payload, "stream": False, "max_tokens": 230}, timeout=timeout_s)
-    assert_all_kv_returned(server)
+            httpx.post(server.base_url + "/v1/completions", json={**payload, "stream": False}, timeout=timeout_s)
+    assert_all_kv_returned(server, timeout_s=1.5)
 
 
 def test_all_kv_blocks_are_returned_after_everything(server: Server) -> None:
@@ -263,12 +293,6 @@ def assert_all_kv_returned(server: Server, timeout_s: float = 30.0) -> None:
         time.sleep(0.2)
 
 
-def test_sigterm_stops_everything(server: Server) -> None:
-    """Checked in the fixture's teardown (exit code 0); here: the server is up to be stopped."""
-    assert server.process.poll() is None
-    assert os.path.exists("/proc/%d" % server.process.pid)
-
-
 def test_every_dashboard_series_has_samples_after_a_little_load(server: Server) -> None:
     for prompt in [PROMPTS[3], PROMPTS[3]]:  # the second finds the first's blocks cached
         complete(server, prompt, 4)
@@ -279,3 +303,37 @@ def test_every_dashboard_series_has_samples_after_a_little_load(server: Server) 
     idle_gauges = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc")
     empty = [name for name in DASHBOARD_SERIES if series[name] == 0 and name not in idle_gauges]
     assert not empty, empty
+
+
+def test_sigterm_drains_in_flight_requests_then_stops_every_process(server: Server) -> None:
+    """Last in the module: it stops the server. SIGTERM turns /health to 503 and refuses new
+    requests (503 + Retry-After) while a stream in flight runs to its end; then the gateway exits 0
+    and every process of its Ray instance is gone within seconds."""
+    ray_processes = session_processes(server.process.pid)
+    assert len(ray_processes) >= 4  # Ray's own processes and the two workers
+    events: list[str] = []
+    payload = {"model": server.model, "prompt": PROMPTS[1], "max_tokens": 450, "temperature": 0, "ignore_eos": True,
+               "stream": True}
+
+    def stream() -> None:
+        with httpx.stream("POST", server.base_url + "/v1/completions", json=payload, timeout=60) as response:
+            events.extend(line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: "))
+
+    streaming = threading.Thread(target=stream)
+    streaming.start()
+    deadline = time.monotonic() + 30
+    while not events:
+        assert time.monotonic() < deadline, "the stream never started"
+        time.sleep(0.005)
+    server.process.send_signal(signal.SIGTERM)
+    while httpx.get(server.base_url + "/health", timeout=5).status_code != 503:
+        assert time.monotonic() < deadline, "/health never turned 503"
+        time.sleep(0.01)
+    refused = httpx.post(server.base_url + "/v1/completions", json={**payload, "stream": False, "max_tokens": 2}, timeout=10)
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1" and "shutting down" in refused.text
+    assert streaming.is_alive(), "the stream ended before the drain was checked"
+    streaming.join(30)
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+    assert sum(len(json.loads(e)["choices"]) for e in events[:-1]) > 0 and '"error"' not in "".join(events)
+    assert server.process.wait(timeout=60) == 0
+    assert_gone(ray_processes)

@@ -1,0 +1,369 @@
+"""The gateway's guards, in one process over a real HTTP server built as `pdserve serve` builds it:
+API keys (401 in OpenAI's shape), per-tenant prefix-cache isolation (usage's cached tokens),
+admission (503 + Retry-After), the drain, input limits (body size, read timeouts, lone surrogates,
+prompt length in characters) and tokenizing off the event loop. A colocated engine where tokens
+matter; a paced backend where timing must be controlled."""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestDelta
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
+from proto.deadlines import Deadlines
+from router.app import create_app
+from router.backend import BackendStats, ColocatedBackend
+from router.config import GatewayConfig
+from tests.servers import gateway_in_thread
+
+MODEL = "demo"
+KEYS = ("key-a", "key-b")
+PROMPT = "The key value cache is stored in fixed size blocks; a block table maps every request to its blocks."
+
+
+# ---- a colocated engine behind API keys ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def engine(demo_model_dir: Path) -> Iterator[AsyncEngine]:
+    config = EngineConfig(model=str(demo_model_dir), device="cpu", max_model_len=128, num_kv_blocks=64)
+    async_engine = AsyncEngine(LLMEngine.from_config(config))
+    try:
+        yield async_engine
+    finally:
+        async_engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def keyed(engine: AsyncEngine) -> Iterator[str]:
+    app = create_app(ColocatedBackend(engine, MODEL), config=GatewayConfig(api_keys=KEYS))
+    with gateway_in_thread(app) as (url, _):
+        yield url
+
+
+def cached_tokens(url: str, key: str | None, **extra: object) -> int:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2, "temperature": 0, **extra}
+    response = httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)
+
+
+def test_v1_without_a_valid_key_is_401_in_openai_shape_and_probes_stay_open(keyed: str) -> None:
+    for headers in ({}, {"Authorization": "Bearer key-c"}, {"Authorization": "key-a"}, {"Authorization": "Basic key-a"}):
+        for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models"), ("POST", "/tokenize")):
+            response = httpx.request(method, keyed + path, json={"prompt": "hi"}, headers=headers, timeout=10)
+            assert response.status_code == 401, (path, headers, response.text)
+            assert response.json() == {"error": {"message": response.json()["error"]["message"], "type": "AuthenticationError",
+                                                 "param": None, "code": 401}}
+            assert response.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(keyed + "/health", timeout=10).status_code == 200
+    assert httpx.get(keyed + "/metrics", timeout=10).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=keyed + "/v1", api_key="wrong", max_retries=0).models.list()
+    client = openai.OpenAI(base_url=keyed + "/v1", api_key="key-b", max_retries=0)
+    assert client.completions.create(model=MODEL, prompt="Hello", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_protect_metrics_puts_metrics_and_health_behind_the_keys(engine: AsyncEngine) -> None:
+    app = create_app(ColocatedBackend(engine, MODEL), config=GatewayConfig(api_keys=KEYS, protect_metrics=True))
+    with gateway_in_thread(app) as (url, _):
+        for path in ("/metrics", "/health"):
+            assert httpx.get(url + path, timeout=10).status_code == 401
+            assert httpx.get(url + path, headers={"Authorization": "Bearer key-a"}, timeout=10).status_code == 200
+
+
+def test_cached_prefixes_and_cached_token_counts_stay_within_a_tenant(keyed: str) -> None:
+    assert cached_tokens(keyed, "key-a") == 0
+    assert cached_tokens(keyed, "key-a") >= 16  # its own prompt: a hit
+    assert cached_tokens(keyed, "key-b") == 0  # another tenant learns nothing about it
+    assert cached_tokens(keyed, "key-b") >= 16
+    assert cached_tokens(keyed, "key-a", cache_salt="secret-1") == 0  # a salt splits a tenant's cache further
+    assert cached_tokens(keyed, "key-a", cache_salt="secret-1") >= 16
+
+
+def test_without_keys_a_cache_salt_still_separates_requests(engine: AsyncEngine) -> None:
+    app = create_app(ColocatedBackend(engine, MODEL), config=GatewayConfig())
+    prompt = PROMPT + " Unsalted and salted requests do not share it."
+    with gateway_in_thread(app) as (url, _):
+        assert cached_tokens(url, None, prompt=prompt) == 0
+        assert cached_tokens(url, None, prompt=prompt) >= 16  # unsalted requests share the cache
+        assert cached_tokens(url, None, prompt=prompt, cache_salt="s1") == 0
+        assert cached_tokens(url, None, prompt=prompt, cache_salt="s1") >= 16
+        response = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "cache_salt": ""})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "cache_salt"
+
+
+# ---- a paced backend: requests whose timing the test decides ------------------------------------
+
+class PacedBackend:
+    """A Backend whose request is led by its prompt's first word: `wait` (no token until `gate` is
+    set), `slow` (4 tokens, 0.1 s apart), `forever` (one token, then nothing), else 2 tokens."""
+
+    model_name = MODEL
+    max_model_len = 64
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.gate = threading.Event()
+        self.num_encoded = 0
+        self.token = tokenizer.encode(" the", add_special_tokens=False)[0]
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestDelta]:
+        mode = self.tokenizer.decode(prompt_token_ids).split()[0]
+        if mode == "wait":
+            while not self.gate.is_set():
+                await asyncio.sleep(0.01)
+        num_tokens = {"slow": 4, "forever": 1}.get(mode, 2)
+        for i in range(num_tokens):
+            if mode == "slow" and i:
+                await asyncio.sleep(0.1)
+            yield RequestDelta(request_id, [self.token], finish_reason="length" if i == num_tokens - 1 and mode != "forever" else None)
+        if mode == "forever":
+            await asyncio.sleep(3600)
+
+    async def stats(self) -> BackendStats:
+        return BackendStats(0, 0, 0.0, 0)
+
+    async def is_healthy(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def paced(demo_model_dir: Path) -> PacedBackend:
+    return PacedBackend(Tokenizer.from_pretrained(demo_model_dir))
+
+
+def post(url: str, prompt: str, stream: bool = False, timeout: float = 30) -> httpx.Response:
+    return httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 8, "stream": stream}, timeout=timeout)
+
+
+def stream_events(url: str, prompt: str, out: list) -> None:
+    """Appends the stream's HTTP status, then its decoded `data:` payloads (`[DONE]` as a string)."""
+    with httpx.stream("POST", url + "/v1/completions", json={"prompt": prompt, "max_tokens": 8, "stream": True}, timeout=30) as r:
+        out.append(r.status_code)
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                payload = line.removeprefix("data: ")
+                out.append(payload if payload == "[DONE]" else json.loads(payload))
+
+
+def in_background(fn: object, *args: object) -> threading.Thread:
+    thread = threading.Thread(target=fn, args=args, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_admission_answers_503_with_retry_after_beyond_the_queue_then_admits_again(paced: PacedBackend) -> None:
+    app = create_app(paced, config=GatewayConfig(max_num_queued_reqs=2, max_num_queued_tokens=10_000))
+    with gateway_in_thread(app) as (url, _):
+        waiting = [[], []]
+        threads = [in_background(stream_events, url, "wait for the gate", out) for out in waiting]
+        admission = app.state.serving.admission
+        deadline = time.monotonic() + 10
+        while admission.num_queued_reqs < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        for is_stream in (False, True):
+            refused = post(url, "one too many", stream=is_stream)
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["type"] == "ServiceUnavailableError" and "overloaded" in refused.json()["error"]["message"]
+        paced.gate.set()
+        for thread in threads:
+            thread.join(10)
+        assert [out[0] for out in waiting] == [200, 200] and all(out[-1] == "[DONE]" for out in waiting)
+        assert admission.num_queued_reqs == 0 and admission.num_queued_tokens == 0
+        assert post(url, "admitted again").status_code == 200
+
+
+def test_the_token_bound_refuses_a_second_long_prompt_but_admits_one_alone(paced: PacedBackend) -> None:
+    app = create_app(paced, config=GatewayConfig(max_num_queued_reqs=8, max_num_queued_tokens=5))
+    with gateway_in_thread(app) as (url, _):
+        out: list = []
+        thread = in_background(stream_events, url, "wait for the gate with a prompt longer than five tokens", out)
+        admission = app.state.serving.admission
+        deadline = time.monotonic() + 10
+        while admission.num_queued_reqs < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert post(url, "another prompt of more than five tokens here").status_code == 503
+        paced.gate.set()
+        thread.join(10)
+        assert out[0] == 200 and out[-1] == "[DONE]"
+
+
+def test_sigterm_drain_finishes_what_fits_the_timeout_and_ends_the_rest_with_an_error(paced: PacedBackend) -> None:
+    app = create_app(paced, config=GatewayConfig(shutdown_timeout_s=1.0))
+    with gateway_in_thread(app, shutdown_timeout_s=1.0) as (url, server):
+        short, endless = [], []
+        threads = [in_background(stream_events, url, "slow stream", short), in_background(stream_events, url, "forever stream", endless)]
+        whole: list[httpx.Response] = []
+        threads.append(in_background(lambda: whole.append(post(url, "forever whole"))))
+        deadline = time.monotonic() + 10
+        while len(endless) < 2 or app.state.drain.num_in_flight < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        server.handle_exit(15, None)  # what SIGTERM calls
+        signalled = time.monotonic()
+        while not app.state.drain.is_draining:
+            time.sleep(0.01)
+        assert httpx.get(url + "/health", timeout=5).status_code == 503
+        refused = post(url, "too late")
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1" and "shutting down" in refused.text
+        for thread in threads:
+            thread.join(15)
+        ended = time.monotonic() - signalled
+        assert short[0] == 200 and short[-2]["choices"][0]["finish_reason"] == "length" and short[-1] == "[DONE]"
+        assert endless[0] == 200 and endless[-1] == "[DONE]"  # cut at the timeout, with an error event and [DONE]
+        assert endless[-2]["error"]["code"] == 503 and "shutting down" in endless[-2]["error"]["message"]
+        assert whole[0].status_code == 503 and "shutting down" in whole[0].json()["error"]["message"]
+        assert 0.9 < ended < 5
+        deadline = time.monotonic() + 10
+        while not server.should_exit:  # then uvicorn stops
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+# ---- input limits ----------------------------------------------------------------------------------
+
+def raw_request(url: str, head: bytes, body: bytes = b"", timeout_s: float = 10) -> bytes:
+    """Sends `head` (request line and headers) and `body` on a fresh socket; returns what comes back
+    until the server closes the connection (it may do so before the body is all sent)."""
+    host, port = url.removeprefix("http://").split(":")
+    chunks = []
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+        try:
+            sock.sendall(head + body)
+        except OSError:  # the server answered and closed early
+            pass
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except ConnectionResetError:
+            pass
+    return b"".join(chunks)
+
+
+def post_head(length: int | None = None, chunked: bool = False) -> bytes:
+    framing = b"Transfer-Encoding: chunked\r\n" if chunked else b"Content-Length: %d\r\n" % length
+    return b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + framing + b"\r\n"
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read(paced: PacedBackend) -> None:
+    app = create_app(paced, config=GatewayConfig(max_request_body_bytes=2**20))
+    with gateway_in_thread(app) as (url, _):
+        started = time.monotonic()
+        answer = raw_request(url, post_head(length=50_000_000), b'{"prompt": "')  # 50 MB announced, none sent
+        assert answer.startswith(b"HTTP/1.1 413") and b'"code":413' in answer and time.monotonic() - started < 2
+        chunk = b"x" * 65536
+        chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(40))  # 2.5 MB, no length announced
+        assert raw_request(url, post_head(chunked=True), chunked).startswith(b"HTTP/1.1 413")
+        assert post(url, "still serving").status_code == 200
+
+
+def test_a_body_that_trickles_past_the_read_timeout_is_408_and_silent_connections_are_closed(paced: PacedBackend) -> None:
+    app = create_app(paced, config=GatewayConfig(request_read_timeout_s=1.0))
+    with gateway_in_thread(app, header_timeout_s=1.0) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        half_open = []
+        for _ in range(20):  # headers never finished
+            sock = socket.create_connection((host, int(port)), timeout=5)
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+            half_open.append(sock)
+        idle = socket.create_connection((host, int(port)), timeout=5)  # nothing sent at all
+        trickle = socket.create_connection((host, int(port)), timeout=5)
+        trickle.sendall(post_head(length=100) + b'{"prompt"')
+        started = time.monotonic()
+        assert b"HTTP/1.1 408" in trickle.recv(65536)
+        for sock in [*half_open, idle]:
+            assert sock.recv(1024) == b""  # closed by the server
+            sock.close()
+        assert time.monotonic() - started < 4
+        assert post(url, "still serving").status_code == 200
+
+
+@pytest.mark.parametrize("text, status", [
+    (rb'"a \ud800 b"', 400),  # a lone high surrogate
+    (rb'"a \udc00 b"', 400),  # a lone low surrogate
+    (rb'"a \ud83d"', 400),  # a high surrogate at the end
+    (rb'"a \ud83d\u0041"', 400),  # a high surrogate followed by no low one
+    (rb'"a \ud83d\ude00 b"', 200),  # a pair: an emoji
+    (rb'"a \\ud800 b"', 200),  # an escaped backslash: the text "\ud800", no surrogate
+])
+def test_a_lone_utf16_surrogate_is_a_400(paced: PacedBackend, text: bytes, status: int) -> None:
+    app = create_app(paced, config=GatewayConfig())
+    with gateway_in_thread(app) as (url, _):
+        for path, body in (("/v1/completions", b'{"max_tokens": 2, "prompt": ' + text + b"}"),
+                           ("/v1/completions", b'{"max_tokens": 2, "prompt": "go", "user": ' + text + b"}"),  # any field
+                           ("/v1/chat/completions", b'{"max_tokens": 2, "messages": [{"role": "user", "content": ' + text + b"}]}")):
+            response = httpx.post(url + path, content=body, headers={"content-type": "application/json"}, timeout=10)
+            assert response.status_code == status, (body, response.text)
+            if status == 400:
+                assert response.json()["error"]["type"] == "BadRequestError" and "surrogate" in response.json()["error"]["message"]
+
+
+class CountingTokenizer:
+    """The demo tokenizer, counting calls to `encode` and taking `delay_s` for each."""
+
+    def __init__(self, tokenizer: Tokenizer, delay_s: float = 0.0) -> None:
+        self._tokenizer = tokenizer
+        self.delay_s = delay_s
+        self.num_calls = 0
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self.num_calls += 1
+        time.sleep(self.delay_s)
+        return self._tokenizer.encode(text, add_special_tokens)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._tokenizer, name)
+
+
+def test_a_prompt_longer_than_any_that_fits_is_refused_without_tokenizing(paced: PacedBackend) -> None:
+    counting = CountingTokenizer(paced.tokenizer)
+    paced.tokenizer = counting
+    app = create_app(paced, config=GatewayConfig())
+    limit = app.state.serving.max_prompt_chars
+    assert limit < 100_000  # 64 tokens of the demo vocabulary
+    with gateway_in_thread(app) as (url, _):
+        for path, body in (("/v1/completions", {"prompt": "x" * (limit + 1)}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * (limit + 1)}]})):
+            response = httpx.post(url + path, json=body, timeout=10)
+            assert response.status_code == 400 and "maximum context length" in response.json()["error"]["message"]
+        assert counting.num_calls == 0
+
+
+def test_tokenizing_runs_off_the_event_loop(paced: PacedBackend) -> None:
+    paced.tokenizer = CountingTokenizer(paced.tokenizer, delay_s=2.0)  # a tokenizer busy with a huge prompt
+    app = create_app(paced, config=GatewayConfig())
+    with gateway_in_thread(app) as (url, _):
+        busy = in_background(post, url, "slow to tokenize")
+        time.sleep(0.3)
+        started = time.monotonic()
+        assert httpx.get(url + "/health", timeout=5).status_code == 200
+        assert time.monotonic() - started < 1.0  # not 2 s behind the tokenizer
+        busy.join(10)
+
+
+def test_gateway_config_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="first-token deadline"):
+        Deadlines(first_token_s=20, request_s=10)
+    with pytest.raises(ValueError, match="positive"):
+        Deadlines(stall_s=0)
+    with pytest.raises(ValueError, match="API key"):
+        GatewayConfig(api_keys=("",))
