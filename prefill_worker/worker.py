@@ -63,6 +63,7 @@ class PrefillWorker:
         self._requests: dict[str, Request] = {}  # loop thread: every request here, in any phase
         self._progress: dict[str, LayerProgress] = {}
         self.is_broken = False
+        self.is_draining = False  # set by its host when it leaves the pool: the gateways stop routing to it
         self.loop = EngineLoop(self._step, self._fail_all, name="prefill-engine")
         self.loop.start()
 

@@ -61,7 +61,7 @@ def logprobs_from_proto(msg: pb.TokenLogprobs) -> TokenLogprobs:
 async def worker_status(worker: object, role: str, model_name: str, context: object, **extra: object) -> pb.WorkerStatus:
     """A worker's `GetStatus` answer, or UNAVAILABLE once its engine loop or device has failed (the
     gateway's poll then marks it unhealthy and stops routing to it). `worker` has `worker_id`,
-    `core`, `is_healthy` and `status()`."""
+    `core`, `is_healthy`, `is_draining` and `status()`."""
     if not worker.is_healthy:
         await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine loop or the device has failed")
     return pb.WorkerStatus(
@@ -70,6 +70,7 @@ async def worker_status(worker: object, role: str, model_name: str, context: obj
         model=model_name,
         max_model_len=worker.core.max_model_len,
         block_size=worker.core.config.block_size,
+        is_draining=worker.is_draining,
         **worker.status(),
         **extra,
     )

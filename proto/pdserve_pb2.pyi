@@ -61,7 +61,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "model", "max_model_len", "num_running", "num_waiting", "num_total_blocks", "num_used_blocks", "block_size", "num_preemptions", "kv_bytes_sent", "kv_bytes_received", "kv_transports")
+    __slots__ = ("worker_id", "role", "model", "max_model_len", "num_running", "num_waiting", "num_total_blocks", "num_used_blocks", "block_size", "num_preemptions", "kv_bytes_sent", "kv_bytes_received", "kv_transports", "is_draining")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class WorkerStatus(_message.Message):
     KV_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
+    IS_DRAINING_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     model: str
@@ -88,7 +89,8 @@ class WorkerStatus(_message.Message):
     kv_bytes_sent: int
     kv_bytes_received: int
     kv_transports: str
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_used_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_transports: _Optional[str] = ...) -> None: ...
+    is_draining: bool
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_used_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_transports: _Optional[str] = ..., is_draining: _Optional[bool] = ...) -> None: ...
 
 class KVLayout(_message.Message):
     __slots__ = ("model_id", "dtype", "num_layers", "num_kv_heads", "head_dim", "block_size", "layout")

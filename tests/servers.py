@@ -1,9 +1,11 @@
-"""Real servers for tests: free ports, a throwaway `redis-server`, waiting for an HTTP endpoint."""
+"""Real servers for tests: free ports, a throwaway `redis-server`, waiting for an HTTP endpoint, a
+`pdserve` command in a subprocess."""
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -30,24 +32,47 @@ def redis_server(enabled: bool = True) -> Iterator[str | None]:
     if not enabled:
         yield None
         return
+    with redis_process() as redis:
+        yield redis.url
+
+
+class RedisProcess:
+    """A redis-server that a test can stop and start again, empty, on the same port."""
+
+    def __init__(self, binary: str, workdir: str) -> None:
+        self.binary, self.workdir, self.port = binary, workdir, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", self.workdir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        _wait_for_port(self.port, 10)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+@contextlib.contextmanager
+def redis_process() -> Iterator[RedisProcess]:
     binary = shutil.which("redis-server")
     if binary is None:
         message = "redis-server is not installed (apt-get install -y redis-server)"
         if os.environ.get("PDSERVE_REQUIRE_REDIS") == "1":
             pytest.fail(message)
         pytest.skip(message)
-    port = free_port()
     with tempfile.TemporaryDirectory() as workdir:
-        process = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        redis = RedisProcess(binary, workdir)
+        redis.start()
         try:
-            _wait_for_port(port, 10)
-            yield f"redis://127.0.0.1:{port}/0"
+            yield redis
         finally:
-            process.terminate()
-            process.wait(10)
+            redis.stop()
 
 
 def _wait_for_port(port: int, timeout_s: float) -> None:
@@ -103,3 +128,27 @@ def worker_process(role: str, model_dir: Path, *args: str, timeout_s: float = 18
 def _echo(stream: object, role: str) -> None:
     for line in stream:
         print(f"[{role} worker] {line}", end="", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def pdserve(command: str, *args: str, log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 240) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`pdserve COMMAND ARGS --port P` in a subprocess; yields its URL once /health answers 200 and
+    the process. Afterwards SIGTERM must stop it with exit status 0."""
+    port = free_port()
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "deploy.cli", command, *args, "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent, env={**os.environ, **(env or {})},
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(base_url + "/health", timeout_s, process, log_path)
+        yield base_url, process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            returncode = process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            returncode = None
+    assert returncode == 0, f"pdserve {command} did not shut down cleanly ({returncode}):\n{log_path.read_text()[-3000:]}"
