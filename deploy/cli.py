@@ -1,10 +1,12 @@
-"""The `pdserve` command: `serve` (Ray-placed prefill and decode workers behind the OpenAI gateway)
-and `demo-model` (write the small random checkpoint that `serve` uses by default)."""
+"""The `pdserve` command: `serve` (Ray-placed prefill and decode pools behind the OpenAI gateway),
+`router` (one more gateway over the workers in Redis), `scale` and `status` (the pools, through the
+admin API), `bench` and `demo-model` (write the small random checkpoint that `serve` uses by default)."""
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -13,10 +15,12 @@ from engine.config import EngineConfig
 DEMO_MODEL_NAME = "pdserve-demo"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
+    """`config_file`: a `--config` YAML whose settings become `serve`'s defaults (flags override it)."""
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve a model over the OpenAI API")
+    serve.add_argument("--config", default=None, help="YAML file of settings (flags' names, pools, autoscaler); flags override it")
     serve.add_argument("--model", default=None, help="HF checkpoint directory or Hub id (default: the demo model)")
     serve.add_argument("--served-model-name", default=None, help="model name in the API (default: --model)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -42,19 +46,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights (benchmarks)")
     serve.add_argument("--colocated", action="store_true", help="one engine in this process, no workers (baseline)")
+    serve.add_argument("--admin-token", default=None, help="bearer token of /admin/* (default: $PDSERVE_ADMIN_TOKEN; none: admin off)")
+    serve.add_argument("--autoscale", action=argparse.BooleanOptionalAction, default=False, help="size the pools from their load")
     serve.add_argument("--log-level", default="info")
+    serve.set_defaults(prefill_pool=None, decode_pool=None, autoscaler=None, drain=None)  # set by --config only
+    if config_file is not None:
+        from deploy.config_file import file_defaults
+
+        serve.set_defaults(**file_defaults(config_file, serve))
     demo = commands.add_parser("demo-model", help="write the demo checkpoint into DIR")
     demo.add_argument("directory")
     demo.add_argument("--seed", type=int, default=0)
     from bench.serve import add_arguments
+    from deploy import admin_client, router_gateway
 
     add_arguments(commands.add_parser("bench", help="load-test an OpenAI-compatible server"))
+    router_gateway.add_arguments(commands.add_parser("router", help="one more gateway, over the workers registered in Redis"))
+    admin_client.add_scale_arguments(commands.add_parser("scale", help="set the prefill and/or decode pool's size"))
+    admin_client.add_status_arguments(commands.add_parser("status", help="the pools, their workers and load"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from deploy.config_file import ConfigFileError
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper() if args.command == "serve" else "INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve" and args.config:
+        try:
+            args = build_parser(args.config).parse_args(argv)
+        except ConfigFileError as exc:
+            print(f"pdserve: {exc}", file=sys.stderr)
+            return 2
+    level = args.log_level.upper() if args.command in ("serve", "router") else "INFO"
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command in ("router", "scale", "status"):
+        from deploy import admin_client, router_gateway
+
+        return {"router": router_gateway.main, "scale": admin_client.scale, "status": admin_client.status}[args.command](args)
     if args.command == "demo-model":
         from engine.demo_model import write_demo_model
 
@@ -68,34 +96,38 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from deploy.controller import Cluster
+    from deploy.cluster import Cluster, StartupError
+    from deploy.controller_client import ControllerClient
     from deploy.gateway import run_gateway
     from engine.config import ConfigError
 
     try:
         config = serve_config(args)
-    except (ConfigError, ValueError) as exc:
+    except (ConfigError, ValueError, TypeError) as exc:
         print(f"pdserve: {exc}", file=sys.stderr)
         return 2
     if config.colocated:
-        return asyncio.run(run_gateway(config, records=None))
+        return asyncio.run(run_gateway(config, registry=None))
     cluster = Cluster(config)
     _stop_on_sigterm()
     try:
-        records = cluster.start()
+        controller = ControllerClient(cluster.start())
         _stop_on_sigterm()  # again: ray.init installs its own handler (sys.exit(15))
-        return asyncio.run(run_gateway(config, records))
+        return asyncio.run(run_gateway(config, registry=controller, controller=controller))
     except (KeyboardInterrupt, _Shutdown):
         return 0
     except ConfigError as exc:
         print(f"pdserve: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"pdserve: {exc}", file=sys.stderr)
+        return 1
     finally:
         cluster.stop()
 
 
 def serve_config(args: argparse.Namespace) -> object:
-    from deploy.controller import ServeConfig
+    from deploy.config import AutoscaleConfig, DrainConfig, PoolConfig, ServeConfig
     from engine.demo_model import default_demo_model_dir
     from engine.loader import resolve_model_path
 
@@ -127,6 +159,11 @@ def serve_config(args: argparse.Namespace) -> object:
         worker_host=args.worker_host,
         kv_transport=args.kv_transport,
         colocated=args.colocated,
+        admin_token=args.admin_token or os.environ.get("PDSERVE_ADMIN_TOKEN"),
+        prefill_pool=args.prefill_pool or PoolConfig(),
+        decode_pool=args.decode_pool or PoolConfig(),
+        autoscale=AutoscaleConfig(enabled=args.autoscale, **(args.autoscaler or {})),
+        drain=DrainConfig(**(args.drain or {})),
     )
 
 
