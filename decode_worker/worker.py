@@ -60,6 +60,7 @@ class DecodeWorker:
         self._by_transfer: dict[str, _Incoming] = {}  # those handing off, by transfer_id
         self.is_broken = False
         self.iteration_tokens = IterationTokens()
+        self.is_draining = False  # set by its host when it leaves the pool: the gateways stop routing to it
         self.loop = EngineLoop(self._step, self._fail_all, name="decode-engine")
         self.loop.start()
 

@@ -1,11 +1,13 @@
-"""Runs the HTTP gateway in this process until SIGINT/SIGTERM (which drain it first): over the
-workers (disaggregated) or over one in-process engine (`--colocated`)."""
+"""Runs the HTTP gateway in this process until SIGINT/SIGTERM (which drain it first): over the workers a registry lists (the
+controller's, or Redis's for `pdserve router`), or over one in-process engine (`--colocated`)."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 
-from deploy.controller import ServeConfig
+from deploy.config import ServeConfig
+from deploy.controller_client import ControllerClient
 from deploy.http_server import GatewayServer, gateway_config
 from deploy.worker_host import GIL_SWITCH_INTERVAL_S
 from engine.tokenizer import Tokenizer
@@ -13,30 +15,48 @@ from router.app import create_app
 from router.backend import Backend
 from router.config import GatewayConfig
 from router.metrics import Metrics
-from router.registry import InMemoryRegistry, RedisRegistry, WorkerRecord
+from router.registry import Registry
 
 logger = logging.getLogger(__name__)
 READY_TIMEOUT_S = 60.0
+REPORT_INTERVAL_S = 2.0  # the controller's view on /metrics is this fresh (the autoscaler's interval when it runs)
 
 
-async def run_gateway(config: ServeConfig, records: list[WorkerRecord] | None, gateway: GatewayConfig) -> int:
+async def run_gateway(
+    config: ServeConfig, registry: Registry | None, gateway: GatewayConfig, controller: ControllerClient | None = None
+) -> int:
+    """`registry` None: colocated. `controller`: the pools' admin routes and the autoscaler's reports."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # the event loop, gRPC's threads and (colocated) the engine thread
     metrics = Metrics(config.served_model_name)
-    backend = await _colocated(config) if records is None else await _disaggregated(config, records, metrics, gateway)
+    backend = await _colocated(config) if registry is None else await _disaggregated(config, registry, metrics, gateway)
     app = create_app(backend, metrics, gateway)
-    if records is not None:
-        from router.admin import admin_routes
-
-        app.include_router(admin_routes(backend.pool))
+    reporting = None
+    if registry is not None:
+        reporting = _add_operations(app, backend, config, metrics, controller)
     uvicorn_config = gateway_config(app, config.host, config.port, gateway.request_read_timeout_s)
     server = GatewayServer(uvicorn_config, app.state.drain, gateway.shutdown_timeout_s)
-    mode = "colocated" if records is None else f"{config.num_prefill_workers} prefill + {config.num_decode_workers} decode workers"
+    mode = "colocated" if registry is None else f"disaggregated, workers from {type(registry).__name__}"
     logger.info("serving %s at http://%s:%d/v1 (%s)", config.served_model_name, config.host, config.port, mode)
     try:
         await server.serve()
     finally:
+        if reporting is not None:
+            reporting.cancel()
         await backend.close()
     return 0
+
+
+def _add_operations(app: object, backend: Backend, config: ServeConfig, metrics: Metrics, controller: ControllerClient | None) -> asyncio.Task | None:
+    """Admin routes, per-pool metrics and, with a controller, the autoscaler's latency reports."""
+    from router.admin import admin_routes
+    from router.pool_metrics import PoolCollector
+
+    app.include_router(admin_routes(backend.pool, config.admin_token, controller))
+    metrics.registry.register(PoolCollector(backend.pool, config.served_model_name, lambda: controller.last_view if controller else None))
+    if controller is None:
+        return None
+    interval_s = config.autoscale.interval_s if config.autoscale.enabled else REPORT_INTERVAL_S
+    return asyncio.create_task(controller.report_forever(metrics, interval_s))
 
 
 async def _colocated(config: ServeConfig) -> Backend:
@@ -47,11 +67,10 @@ async def _colocated(config: ServeConfig) -> Backend:
     return ColocatedBackend(AsyncEngine(LLMEngine.from_config(config.engine)), config.served_model_name)
 
 
-async def _disaggregated(config: ServeConfig, records: list[WorkerRecord], metrics: Metrics, gateway: GatewayConfig) -> Backend:
+async def _disaggregated(config: ServeConfig, registry: Registry, metrics: Metrics, gateway: GatewayConfig) -> Backend:
     from router.disaggregated import DisaggregatedBackend
     from router.workers import WorkerPool
 
-    registry = RedisRegistry(config.redis_url, config.cluster_secret) if config.redis_url else InMemoryRegistry(records)
     pool = WorkerPool(registry, config.cluster_secret)
     await pool.start()
     if not await pool.wait_ready(READY_TIMEOUT_S):

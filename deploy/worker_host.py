@@ -1,6 +1,7 @@
 """`WorkerHost`: one prefill or decode worker and its gRPC server, on a private asyncio loop thread
 inside whatever process hosts it (a Ray actor in a cluster; the test process in tests). With a
-Redis URL it also keeps the worker's registry record alive with signed heartbeats."""
+Redis URL it also keeps the worker's registry record alive with signed heartbeats. `WorkerProcess`
+is what a Ray actor runs: its workers, their load for the controller, and their drain."""
 from __future__ import annotations
 
 import asyncio
@@ -19,6 +20,8 @@ from proto.cluster_secret import ClusterSecret
 from router.registry import DEFAULT_TTL_S, WorkerRecord, deregister, heartbeat, redacted_url
 
 logger = logging.getLogger(__name__)
+HEARTBEAT_INTERVAL_S = 1.0  # well inside the record's TTL; also how soon a restarted Redis knows the worker again
+HEARTBEAT_RETRY_S = 0.25  # after a failed heartbeat (Redis restarting)
 
 
 @dataclass(frozen=True)
@@ -97,19 +100,37 @@ class WorkerHost:
         import redis
 
         client = redis.Redis.from_url(self.spec.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        is_up = True
         while True:
             try:
                 heartbeat(client, self.record, self.spec.cluster_secret, DEFAULT_TTL_S)
+                if not is_up:
+                    logger.info("%s registered again at %s", self.spec.worker_id, redacted_url(self.spec.redis_url))
+                is_up = True
             except Exception as exc:  # noqa: BLE001 - keep beating through Redis hiccups
-                logger.warning("heartbeat to %s failed: %s", redacted_url(self.spec.redis_url), exc)
-            if self._stop_heartbeat.wait(DEFAULT_TTL_S / 4):
+                if is_up:
+                    logger.warning("heartbeat to %s failed: %s", redacted_url(self.spec.redis_url), exc)
+                is_up = False
+            if self._stop_heartbeat.wait(HEARTBEAT_INTERVAL_S if is_up else HEARTBEAT_RETRY_S):
                 break
         try:
             deregister(client, self.spec.worker_id)
         except Exception:  # noqa: BLE001 - the TTL removes the record anyway
             pass
 
+    def drain(self) -> None:
+        """Leave the pool: every gateway's next status poll sees the worker draining and routes it
+        nothing new; its registry record goes. What it holds runs to completion."""
+        self._worker.is_draining = True
+        self._stop_heartbeat.set()
+
+    def load(self) -> dict[str, object]:
+        """The worker's status counts (`num_running`, `num_waiting`, `num_used_blocks`, ...)."""
+        return {"worker_id": self.spec.worker_id, "is_draining": self._worker.is_draining, **self._worker.status()}
+
     def stop(self) -> None:
+        if not self._thread.is_alive():  # never started, or stopped already
+            return
         self._stop_heartbeat.set()
         if self._server is not None:
             asyncio.run_coroutine_threadsafe(self._server.stop(1.0), self._loop).result(timeout=10)
@@ -118,6 +139,7 @@ class WorkerHost:
         if self._worker is not None:
             self._worker.shutdown()
         self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
 
     @property
     def worker(self) -> object:
@@ -140,6 +162,19 @@ class WorkerProcess:
 
     def start(self) -> list[WorkerRecord]:
         return [host.start() for host in self.hosts]
+
+    def where(self) -> tuple[str, int]:
+        """(Ray node id, pid) of this process."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), os.getpid()
+
+    def load(self) -> list[dict[str, object]]:
+        return [host.load() for host in self.hosts if host.worker is not None]
+
+    def drain(self) -> None:
+        for host in self.hosts:
+            host.drain()
 
     def stop(self) -> None:
         for host in self.hosts:

@@ -72,6 +72,7 @@ class PrefillWorker:
         self._progress: dict[str, LayerProgress] = {}
         self.is_broken = False
         self.iteration_tokens = IterationTokens()
+        self.is_draining = False  # set by its host when it leaves the pool: the gateways stop routing to it
         self.loop = EngineLoop(self._step, self._fail_all, name="prefill-engine")
         self.loop.start()
 

@@ -99,7 +99,7 @@ async def worker_status(
 ) -> pb.WorkerStatus:
     """A worker's `GetStatus` answer, signing the caller's nonce (it is one of ours), or UNAVAILABLE
     once its engine loop or device has failed (the gateway's poll then marks it unhealthy and stops
-    routing to it). `worker` has `worker_id`, `core`, `is_healthy` and `status()`."""
+    routing to it). `worker` has `worker_id`, `core`, `is_healthy`, `is_draining` and `status()`."""
     if not worker.is_healthy:
         await context.abort(grpc_code(Failure.UNAVAILABLE), "the engine loop or the device has failed")
     return pb.WorkerStatus(
@@ -109,6 +109,7 @@ async def worker_status(
         model=model_name,
         max_model_len=worker.core.max_model_len,
         block_size=worker.core.config.block_size,
+        is_draining=worker.is_draining,
         **worker.status(),
         **extra,
     )

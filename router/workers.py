@@ -1,6 +1,8 @@
-"""`WorkerPool`: the gateway's view of the workers: who exists (from the registry), a gRPC channel
-to each (every call signed with the cluster secret), their status polled with a deadline (healthy
-only if the worker proves it holds the secret too), and the choice of the least-loaded healthy worker."""
+"""`WorkerPool`: the gateway's view of the workers: who exists (from the registry, and every worker it
+already knows while that worker passes its own health checks), a gRPC channel to each (every call
+signed with the cluster secret), their status polled with a deadline (healthy only if the worker
+proves it holds the secret too), and the choice of the least-loaded healthy worker that is not
+draining."""
 from __future__ import annotations
 
 import asyncio
@@ -20,6 +22,7 @@ from router.backend import BackendUnavailableError
 from router.registry import Registry, WorkerRecord
 
 logger = logging.getLogger(__name__)
+RETIRE_POLL_S = 0.1  # how often a retired handle checks whether its last call has ended
 
 
 @dataclass(eq=False)
@@ -29,9 +32,18 @@ class WorkerHandle:
     stub: pb_grpc.PrefillWorkerStub | pb_grpc.DecodeWorkerStub
     status: pb.WorkerStatus | None = None
     is_healthy: bool = False
+    is_listed: bool = True  # the registry listed it at its last successful read
     num_in_flight: int = 0  # requests this gateway has sent and not finished
     is_unproven: bool = False  # it answered without proving it holds the cluster secret
     last_seen: float = field(default_factory=time.monotonic)
+
+    @property
+    def is_draining(self) -> bool:
+        return self.status is not None and self.status.is_draining
+
+    @property
+    def is_routable(self) -> bool:
+        return self.is_healthy and not self.is_draining
 
     @property
     def load(self) -> tuple[int, float]:
@@ -47,7 +59,10 @@ class WorkerPool:
         self.poll_interval_s = poll_interval_s
         self.rpc_timeout_s = rpc_timeout_s
         self.workers: dict[str, WorkerHandle] = {}
+        self.retired: set[WorkerHandle] = set()  # out of the pool; channel open until their calls end
+        self.is_registry_reachable = True
         self._task: asyncio.Task | None = None
+        self._closers: set[asyncio.Task] = set()
         self._refreshing = asyncio.Lock()  # the poller and /admin/workers may refresh at once
 
     async def start(self) -> None:
@@ -59,9 +74,12 @@ class WorkerPool:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for handle in self.workers.values():
+        for closer in list(self._closers):
+            closer.cancel()
+        for handle in [*self.workers.values(), *self.retired]:
             await handle.channel.close()
         self.workers.clear()
+        self.retired.clear()
         await self.registry.close()
 
     async def wait_ready(self, timeout_s: float) -> bool:
@@ -74,7 +92,9 @@ class WorkerPool:
         return False
 
     def healthy(self, role: str) -> list[WorkerHandle]:
-        return [w for w in self.workers.values() if w.record.role == role and w.is_healthy]
+        """Workers of `role` that answer their health checks and are not draining: those that can
+        take a new request."""
+        return [w for w in self.workers.values() if w.record.role == role and w.is_routable]
 
     def pick(self, role: str) -> WorkerHandle:
         """The healthy worker of `role` with the fewest requests in flight, then the emptiest cache."""
@@ -96,15 +116,55 @@ class WorkerPool:
             await self._refresh()
 
     async def _refresh(self) -> None:
-        records = {r.worker_id: r for r in await self.registry.list_workers()}
-        for worker_id in list(self.workers):
-            if worker_id not in records or records[worker_id] != self.workers[worker_id].record:
-                handle = self.workers.pop(worker_id)
-                await handle.channel.close()
+        """The registry adds workers; each worker's own health check keeps or drops it, so a registry
+        that is down or restarted empty neither hides live workers nor keeps dead ones healthy."""
+        records = await self._listed()
+        if records is not None:
+            self._sync(records)
+        await asyncio.gather(*(self._poll(h) for h in list(self.workers.values())))
+        for handle in list(self.workers.values()):
+            if not handle.is_listed and (not handle.is_healthy or handle.is_draining):
+                self._retire(handle)
+
+    async def _listed(self) -> dict[str, WorkerRecord] | None:
+        """The registry's records, or None while it cannot be read (logged once per outage)."""
+        try:
+            records = {r.worker_id: r for r in await self.registry.list_workers()}
+        except Exception as exc:  # noqa: BLE001 - Redis down: keep the workers we know, check them ourselves
+            if self.is_registry_reachable:
+                logger.warning("the worker registry cannot be read (%s); routing over the %d known workers", exc, len(self.workers))
+            self.is_registry_reachable = False
+            return None
+        if not self.is_registry_reachable:
+            logger.info("the worker registry is readable again")
+        self.is_registry_reachable = True
+        return records
+
+    def _sync(self, records: dict[str, WorkerRecord]) -> None:
+        for worker_id, handle in list(self.workers.items()):
+            record = records.get(worker_id)
+            handle.is_listed = record is not None
+            if record is not None and record != handle.record:  # same id, another address: a new process
+                self._retire(handle)
         for worker_id, record in records.items():
             if worker_id not in self.workers:
                 self.workers[worker_id] = self._connect(record)
-        await asyncio.gather(*(self._poll(h) for h in list(self.workers.values())))
+
+    def _retire(self, handle: WorkerHandle) -> None:
+        """Out of the pool at once; its channel stays open until this gateway's calls on it end
+        (closing a grpc.aio channel cancels the calls still active on it)."""
+        del self.workers[handle.record.worker_id]
+        self.retired.add(handle)
+        logger.info("worker %s at %s left the pool (%d requests in flight)", handle.record.worker_id, handle.record.address, handle.num_in_flight)
+        closer = asyncio.create_task(self._close_when_idle(handle))
+        self._closers.add(closer)
+        closer.add_done_callback(self._closers.discard)
+
+    async def _close_when_idle(self, handle: WorkerHandle) -> None:
+        while handle.num_in_flight > 0:
+            await asyncio.sleep(RETIRE_POLL_S)
+        self.retired.discard(handle)
+        await handle.channel.close()
 
     def _connect(self, record: WorkerRecord) -> WorkerHandle:
         channel = auth.channel(record.address, self.secret, self.caller, GRPC_OPTIONS)

@@ -1,11 +1,13 @@
 """Real servers for tests: free ports, a throwaway `redis-server` (restartable on its port), worker
-processes a test can kill or freeze, waiting for an HTTP endpoint, the tests' cluster secret."""
+processes a test can kill or freeze, waiting for an HTTP endpoint, a `pdserve` command in a
+subprocess, the tests' cluster secret."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -75,11 +77,18 @@ def redis_server(enabled: bool = True, password: str | None = None, tls: bool = 
     if not enabled:
         yield None
         return
+    with redis_process(password, tls) as server:
+        yield server.url
+
+
+@contextlib.contextmanager
+def redis_process(password: str | None = None, tls: bool = False) -> Iterator[RedisServer]:
+    """A fresh redis-server that the test can stop and start again, empty, on the same port."""
     with tempfile.TemporaryDirectory() as workdir:
         server = RedisServer(workdir, password, tls)
         server.start()
         try:
-            yield server.url
+            yield server
         finally:
             server.stop()
 
@@ -155,6 +164,7 @@ class WorkerProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests.run_worker", role, str(model_dir), *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parent.parent,
+            env={**os.environ, ENV_VAR: CLUSTER_SECRET.value},
         )
         self.address = ""
 
@@ -249,3 +259,27 @@ def observed_series(metrics_text: str) -> dict[str, float]:
             name = line.split("{", 1)[0].split(" ", 1)[0]
             out[name] = max(out.get(name, 0.0), float(line.rsplit(" ", 1)[1]))
     return out
+
+
+@contextlib.contextmanager
+def pdserve(command: str, *args: str, log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 240) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`pdserve COMMAND ARGS --port P` in a subprocess; yields its URL once /health answers 200 and
+    the process. Afterwards SIGTERM must stop it with exit status 0."""
+    port = free_port()
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "deploy.cli", command, *args, "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent, env={**os.environ, **(env or {})},
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(base_url + "/health", timeout_s, process, log_path)
+        yield base_url, process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            returncode = process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            returncode = None
+    assert returncode == 0, f"pdserve {command} did not shut down cleanly ({returncode}):\n{log_path.read_text()[-3000:]}"

@@ -36,7 +36,7 @@ from router.config import GatewayConfig
 from router.disaggregated import DisaggregatedBackend
 from router.registry import RedisRegistry
 from router.workers import WorkerPool
-from tests.servers import RedisServer, WorkerProcess, gateway_in_thread
+from tests.servers import CLUSTER_SECRET, RedisServer, WorkerProcess, gateway_in_thread
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +80,7 @@ class Cluster:
         self.backend = self.run(self._backend(Tokenizer.from_pretrained(model)))
 
     async def _backend(self, tokenizer: Tokenizer) -> DisaggregatedBackend:
-        pool = WorkerPool(RedisRegistry(self.redis.url))
+        pool = WorkerPool(RedisRegistry(self.redis.url, CLUSTER_SECRET), CLUSTER_SECRET)
         await pool.start()
         assert await pool.wait_ready(60)
         return DisaggregatedBackend(pool, tokenizer, "m", MAX_MODEL_LEN, deadlines=DEADLINES)

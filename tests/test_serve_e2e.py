@@ -25,6 +25,7 @@ from tests.servers import DASHBOARD_SERIES, free_port, observed_series, redis_se
 pytestmark = pytest.mark.slow
 
 MAX_MODEL_LEN = 512  # the checkpoint's longest: a request can run long enough to be caught mid-way
+ADMIN_TOKEN = "e2e-admin"
 PROMPTS = [
     "Hello",
     "The key value cache is stored in fixed size blocks",
@@ -43,7 +44,8 @@ class Server:
         return openai.OpenAI(base_url=self.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
     def workers(self) -> list[dict]:
-        return httpx.get(self.base_url + "/admin/workers", timeout=10).json()["workers"]
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        return httpx.get(self.base_url + "/admin/workers", headers=headers, timeout=10).json()["workers"]
 
     def metric(self, name: str) -> float:
         text = httpx.get(self.base_url + "/metrics", timeout=10).text
@@ -62,7 +64,8 @@ def serving(checkpoint: Path, log_path: Path, *extra_args: str, returncode: int 
     args = [
         sys.executable, "-m", "deploy.cli", "serve", "--model", str(checkpoint),
         "--served-model-name", "tiny-llama", "--port", str(port), "--device", "cpu",
-        "--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning", "--shutdown-timeout", "10", *extra_args,
+        "--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning", "--shutdown-timeout", "10", "--admin-token", ADMIN_TOKEN,
+        *extra_args,
     ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)

@@ -29,7 +29,7 @@ def test_serve_on_a_gpu_matches_the_offline_engine(tmp_path: Path, kv_transport:
     args = [
         sys.executable, "-m", "deploy.cli", "serve", "--model", str(model_dir), "--served-model-name", "demo",
         "--device", "cuda", "--dtype", "float32", "--port", str(port), "--kv-cache-memory-gib", "1",
-        "--max-model-len", "1024", "--max-num-seqs", "32", "--kv-transport", kv_transport,
+        "--max-model-len", "1024", "--max-num-seqs", "32", "--kv-transport", kv_transport, "--admin-token", "t",
     ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
@@ -44,7 +44,7 @@ def test_serve_on_a_gpu_matches_the_offline_engine(tmp_path: Path, kv_transport:
             [want] = reference.generate(prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
             assert [int(t.split(":")[1]) for t in choice["logprobs"]["tokens"]] == want.outputs[0].token_ids
             assert choice["text"] == want.outputs[0].text
-        workers = {w["role"]: w["status"] for w in httpx.get(base + "/admin/workers", timeout=10).json()["workers"]}
+        workers = {w["role"]: w["status"] for w in httpx.get(base + "/admin/workers", headers={"Authorization": "Bearer t"}, timeout=10).json()["workers"]}
         assert int(workers["prefill"]["kv_bytes_sent"]) == int(workers["decode"]["kv_bytes_received"]) > 0
         assert workers["prefill"]["num_used_blocks"] == workers["decode"]["num_used_blocks"] == 0
         metrics = httpx.get(base + "/metrics", timeout=10).text

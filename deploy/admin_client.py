@@ -1,0 +1,122 @@
+"""`pdserve scale` and `pdserve status`: the gateway's admin API from the command line (bearer token
+from `--token` or `PDSERVE_ADMIN_TOKEN`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"the gateway (default {DEFAULT_URL})")
+    parser.add_argument("--token", default=None, help="admin token (default: $PDSERVE_ADMIN_TOKEN)")
+
+
+def add_scale_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    parser.add_argument("--prefill", type=int, default=None, metavar="N", help="prefill pool replicas")
+    parser.add_argument("--decode", type=int, default=None, metavar="M", help="decode pool replicas")
+    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="wait up to this long until each pool is settled (ready = desired, nothing draining)")
+
+
+def add_status_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print /admin/pools' JSON")
+
+
+class AdminClient:
+    def __init__(self, url: str, token: str | None) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=30)
+
+    def pools(self) -> dict:
+        return _checked(self.client.get("/admin/pools"))
+
+    def scale(self, pool: str, replicas: int) -> dict:
+        return _checked(self.client.post(f"/admin/pools/{pool}", json={"replicas": replicas}))
+
+
+class AdminError(RuntimeError):
+    pass
+
+
+def _checked(response: httpx.Response) -> dict:
+    if response.status_code != 200:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text
+        raise AdminError(f"HTTP {response.status_code}: {message}")
+    return response.json()
+
+
+def scale(args: argparse.Namespace) -> int:
+    sizes = {pool: n for pool, n in (("prefill", args.prefill), ("decode", args.decode)) if n is not None}
+    if not sizes:
+        print("pdserve scale: give --prefill N and/or --decode M", file=sys.stderr)
+        return 2
+    client = AdminClient(args.url, args.token or os.environ.get("PDSERVE_ADMIN_TOKEN"))
+    try:
+        for pool, replicas in sizes.items():
+            view = client.scale(pool, replicas)
+        if args.wait > 0:
+            view = _wait_settled(client, args.wait)
+    except (AdminError, httpx.HTTPError, TimeoutError) as exc:
+        print(f"pdserve scale: {exc}", file=sys.stderr)
+        return 1
+    print(render(view))
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    client = AdminClient(args.url, args.token or os.environ.get("PDSERVE_ADMIN_TOKEN"))
+    try:
+        view = client.pools()
+    except (AdminError, httpx.HTTPError) as exc:
+        print(f"pdserve status: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(view, indent=2) if args.json else render(view))
+    return 0
+
+
+def is_settled(view: dict) -> bool:
+    return all(p["num_workers"]["ready"] == p["desired"] and len(p["workers"]) == p["desired"] for p in view["pools"].values())
+
+
+def _wait_settled(client: AdminClient, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while not is_settled(view := client.pools()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the pools did not settle within {timeout_s:g} s:\n{render(view)}")
+        time.sleep(0.5)
+    return view
+
+
+def render(view: dict) -> str:
+    lines = [f"{'POOL':8} {'DESIRED':>7} {'READY':>5} {'STARTING':>8} {'DRAINING':>8} {'MIN':>4} {'MAX':>4}"]
+    for name, pool in view["pools"].items():
+        n = pool["num_workers"]
+        lines.append(f"{name:8} {pool['desired']:>7} {n['ready']:>5} {n['starting']:>8} {n['draining']:>8} {pool['min']:>4} {pool['max']:>4}")
+        for worker in pool["workers"]:
+            load = worker["load"] or {}
+            lines.append(
+                f"  {worker['worker_id']:18} {worker['state']:9} {worker['address'] or '-':22} node {(worker['node_id'] or '-')[:12]:12} "
+                f"pid {worker['pid'] or '-':>7}  running {load.get('num_running', '-')}  waiting {load.get('num_waiting', '-')}  "
+                f"kv {100 * load.get('kv_cache_usage', 0):.1f}%"
+            )
+    autoscaler = view.get("autoscaler", {})
+    if autoscaler.get("enabled"):
+        counts = autoscaler["num_decisions"]
+        summary = ", ".join(f"{pool} +{c['up']}/-{c['down']}" for pool, c in counts.items())
+        lines.append(f"autoscaler: on ({summary})")
+        lines += [f"  {d['pool']} -> {d['replicas']}: {d['reason']}" for d in autoscaler["recent"][-5:]]
+    else:
+        lines.append("autoscaler: off")
+    return "\n".join(lines)

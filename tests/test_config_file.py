@@ -1,0 +1,86 @@
+"""`pdserve serve --config FILE.yaml`: the file takes every flag plus per-pool replicas, bounds and
+resources and the autoscaler's settings; flags given on the command line override it; a mistake in
+the file is an error naming it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deploy.cli import build_parser, main, serve_config
+from deploy.config import PoolConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def config_of(tmp_path: Path, text: str, *flags: str) -> object:
+    path = tmp_path / "pdserve.yaml"
+    path.write_text(text)
+    argv = ["serve", "--config", str(path), *flags]
+    return serve_config(build_parser(str(path)).parse_args(argv))
+
+
+def test_the_file_sets_flags_pools_and_the_autoscaler(tmp_path: Path, demo_model_dir: Path) -> None:
+    config = config_of(tmp_path, f"""
+model: {demo_model_dir}
+served-model-name: demo
+port: 9100
+max_num_seqs: 32
+kv-transport: grpc
+no-prefix-caching: true
+autoscale: true
+admin_token: from-file
+pools:
+  prefill: {{replicas: 2, min: 1, max: 4, resources: {{num_cpus: 2, "accelerator_type:H100": 0.001}}}}
+  decode: {{replicas: 3, max: 6}}
+autoscaler: {{interval_s: 1, cooldown_s: 10, ttft_high_s: 0.3, ttft_low_s: 0.1}}
+drain: {{quiet_s: 2}}
+""")
+    assert (config.served_model_name, config.port, config.kv_transport) == ("demo", 9100, "grpc")
+    assert config.engine.max_num_seqs == 32 and not config.engine.enable_prefix_caching
+    assert (config.num_prefill_workers, config.num_decode_workers) == (2, 3)
+    assert config.prefill_pool == PoolConfig(1, 4, {"num_cpus": 2, "accelerator_type:H100": 0.001})
+    assert config.decode_pool == PoolConfig(1, 6)
+    assert config.autoscale.enabled and config.autoscale.interval_s == 1 and config.autoscale.ttft_high_s == 0.3
+    assert config.autoscale.prefill_queue_high == 4.0  # untouched settings keep their defaults
+    assert config.drain.quiet_s == 2 and config.admin_token == "from-file"
+
+
+def test_flags_override_the_file(tmp_path: Path, demo_model_dir: Path) -> None:
+    text = f"model: {demo_model_dir}\nport: 9100\nautoscale: true\npools: {{decode: {{replicas: 3, max: 6}}}}\n"
+    config = config_of(tmp_path, text, "--port", "9200", "--decode-workers", "2", "--no-autoscale")
+    assert config.port == 9200 and config.num_decode_workers == 2 and not config.autoscale.enabled
+    assert config.decode_pool.max_replicas == 6
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("max_num_sequences: 4\n", "unknown setting 'max_num_sequences'"),
+        ("kv_transport: carrier-pigeon\n", "kv_transport must be one of"),
+        ("autoscale: yes please\n", "autoscale must be true or false"),
+        ("pools: {prefill: {replicas: 2, size: 3}}\n", "pools.prefill: unknown size"),
+        ("pools: {embedding: {replicas: 1}}\n", "pools must map prefill and/or decode"),
+        ("pools: {prefill: {min: 3, max: 2}}\n", "0 <= min <= max"),
+        ("autoscaler: {cooldown: 5}\n", "autoscaler: unknown cooldown"),
+        ("- a list\n", "expected a mapping"),
+    ],
+)
+def test_mistakes_in_the_file_are_errors_naming_it(tmp_path: Path, text: str, fragment: str, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert main(["serve", "--config", str(path)]) == 2
+    stderr = capsys.readouterr().err
+    assert fragment in stderr and str(path) in stderr, stderr
+
+
+def test_replicas_outside_the_pools_bounds_are_refused(tmp_path: Path, demo_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="decode replicas"):
+        config_of(tmp_path, f"model: {demo_model_dir}\npools: {{decode: {{replicas: 5, max: 4}}}}\n")
+
+
+def test_the_example_config_in_deploy_loads(demo_model_dir: Path) -> None:
+    example = ROOT / "deploy" / "pdserve.example.yaml"
+    args = build_parser(str(example)).parse_args(["serve", "--config", str(example), "--model", str(demo_model_dir)])
+    config = serve_config(args)
+    assert config.autoscale.enabled and config.prefill_pool.max_replicas >= config.num_prefill_workers
