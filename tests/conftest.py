@@ -36,7 +36,7 @@ FAMILIES = {
 
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from engine.demo_model import write_demo_model
+    from pdserve.engine.demo_model import write_demo_model
 
     return write_demo_model(tmp_path_factory.mktemp("demo") / "model")
 

@@ -10,9 +10,9 @@ import os
 import sys
 import threading
 
-from deploy.worker_host import GIL_SWITCH_INTERVAL_S, WorkerHost, WorkerSpec
-from engine.config import EngineConfig
-from proto.cluster_secret import ENV_VAR, ClusterSecret
+from pdserve.deploy.worker_host import GIL_SWITCH_INTERVAL_S, WorkerHost, WorkerSpec
+from pdserve.engine.config import EngineConfig
+from pdserve.proto.cluster_secret import ENV_VAR, ClusterSecret
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proto.cluster_secret import ENV_VAR, ClusterSecret
+from pdserve.proto.cluster_secret import ENV_VAR, ClusterSecret
 
 CLUSTER_SECRET = ClusterSecret("pdserve-tests-cluster-secret-" + "0" * 16)  # every worker the tests start
 
@@ -202,7 +202,7 @@ def gateway_in_thread(
     drain on `server.handle_exit`), on a free local port: on `loop` (running in another thread:
     the one its backend's gRPC channels live on) or on a thread of its own. Yields its URL and
     the server."""
-    from deploy.http_server import GatewayServer, gateway_config
+    from pdserve.deploy.http_server import GatewayServer, gateway_config
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -268,7 +268,7 @@ def pdserve(command: str, *args: str, log_path: Path, env: dict[str, str] | None
     port = free_port()
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "deploy.cli", command, *args, "--port", str(port)],
+            [sys.executable, "-m", "pdserve.deploy.cli", command, *args, "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent, env={**os.environ, **(env or {})},
         )
     base_url = f"http://127.0.0.1:{port}"

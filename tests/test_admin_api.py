@@ -9,15 +9,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine.tokenizer import Tokenizer
-from proto import pdserve_pb2 as pb
-from router.admin import ScaleError, admin_routes
-from router.app import create_app
-from router.backend import ColocatedBackend
-from router.metrics import Metrics
-from router.pool_metrics import PoolCollector
-from router.registry import InMemoryRegistry, WorkerRecord
-from router.workers import WorkerHandle, WorkerPool
+from pdserve.engine.tokenizer import Tokenizer
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.router.admin import ScaleError, admin_routes
+from pdserve.router.app import create_app
+from pdserve.router.backend import ColocatedBackend
+from pdserve.router.metrics import Metrics
+from pdserve.router.pool_metrics import PoolCollector
+from pdserve.router.registry import InMemoryRegistry, WorkerRecord
+from pdserve.router.workers import WorkerHandle, WorkerPool
 from tests.servers import CLUSTER_SECRET
 
 TOKEN = "let-me-in"

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deploy.admin_client import AdminClient
-from engine import LLM, SamplingParams
+from pdserve.deploy.admin_client import AdminClient
+from pdserve.engine import LLM, SamplingParams
 from tests.servers import pdserve
 from tests.traffic import Case, RequestStream, ready, settled, wait_for_pools
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.serve import arrival_offsets, read_stream
-from bench.serve_metrics import RequestResult, calculate_metrics, distinct_errors, distribution
+from pdserve.bench.serve import arrival_offsets, read_stream
+from pdserve.bench.serve_metrics import RequestResult, calculate_metrics, distinct_errors, distribution
 from tests.servers import free_port, wait_for_http
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,7 +100,7 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     workdir = tmp_path_factory.mktemp("bench-serve")
     env = {**os.environ, "PDSERVE_CACHE": os.environ.get("PDSERVE_CACHE") or str(workdir / "cache")}
     port, log_path = free_port(), workdir / "serve.log"
-    args = [sys.executable, "-m", "deploy.cli", "serve", "--device", "cpu", "--port", str(port), "--log-level", "warning"]
+    args = [sys.executable, "-m", "pdserve.deploy.cli", "serve", "--device", "cpu", "--port", str(port), "--log-level", "warning"]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -117,7 +117,7 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def run_bench(url: str, json_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
     args = [
-        sys.executable, "-m", "deploy.cli", "bench", "--url", url, "--num-prompts", str(NUM_PROMPTS),
+        sys.executable, "-m", "pdserve.deploy.cli", "bench", "--url", url, "--num-prompts", str(NUM_PROMPTS),
         "--input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN), "--max-concurrency", "4", "--json", str(json_path), *extra,
     ]
     process = subprocess.run(args, check=False, capture_output=True, text=True, timeout=120, cwd=ROOT)

@@ -9,8 +9,8 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
                                  run_state_machine_as_test)
 
-from engine import block_manager
-from engine.block_manager import Allocation, BlockManager
+from pdserve.engine import block_manager
+from pdserve.engine.block_manager import Allocation, BlockManager
 
 TOKENS = st.lists(st.integers(0, 2), min_size=1, max_size=10)  # tiny alphabet: prefixes collide
 MAX_LIVE_SEQS = 4  # beyond it the machine only frees, grows and caches: blocks churn through the LRU

@@ -21,9 +21,9 @@ import httpx
 import openai
 import pytest
 
-from deploy.admin_client import AdminClient
-from engine import LLM, SamplingParams
-from proto.cluster_secret import ENV_VAR
+from pdserve.deploy.admin_client import AdminClient
+from pdserve.engine import LLM, SamplingParams
+from pdserve.proto.cluster_secret import ENV_VAR
 from tests.servers import CLUSTER_SECRET, RedisServer, pdserve, redis_process
 from tests.traffic import Case, RequestStream, ready, settled, wait_for_pools
 
@@ -177,7 +177,7 @@ def scale_up(server: str, admin: AdminClient, pool: str, node: str) -> dict:
     [starting] = [w for w in view["pools"][pool]["workers"] if w["state"] == "starting"]
     assert view["pools"][pool]["desired"] == 2 and len(ready(view, pool)) == 1
     assert starting["worker_id"] not in gateway_workers(server)  # no traffic before it is ready
-    result = subprocess.run([sys.executable, "-m", "deploy.cli", "scale", f"--{pool}", "2", "--url", server, "--token", TOKEN,
+    result = subprocess.run([sys.executable, "-m", "pdserve.deploy.cli", "scale", f"--{pool}", "2", "--url", server, "--token", TOKEN,
                              "--wait", "120"], capture_output=True, text=True, timeout=180, cwd=ROOT, check=False)
     assert result.returncode == 0, result.stderr
     assert re.search(rf"^{pool}\s+2\s+2\s+0\s+0\s", result.stdout, re.MULTILINE), result.stdout  # desired, ready, starting, draining

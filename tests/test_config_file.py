@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.cli import build_parser, main, serve_config
-from deploy.config import PoolConfig
+from pdserve.deploy.cli import build_parser, main, serve_config
+from pdserve.deploy.config import PoolConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,7 +80,7 @@ def test_replicas_outside_the_pools_bounds_are_refused(tmp_path: Path, demo_mode
 
 
 def test_the_example_config_in_deploy_loads(demo_model_dir: Path) -> None:
-    example = ROOT / "deploy" / "pdserve.example.yaml"
+    example = ROOT / "pdserve" / "deploy" / "pdserve.example.yaml"
     args = build_parser(str(example)).parse_args(["serve", "--config", str(example), "--model", str(demo_model_dir)])
     config = serve_config(args)
     assert config.autoscale.enabled and config.prefill_pool.max_replicas >= config.num_prefill_workers

@@ -9,8 +9,8 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from engine.demo_model import write_demo_model
-from engine.tokenizer import Tokenizer
+from pdserve.engine.demo_model import write_demo_model
+from pdserve.engine.tokenizer import Tokenizer
 
 TEXTS = [
     "Hello world, the train is never late!",

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy"
+DEPLOY = ROOT / "pdserve" / "deploy"
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_rays_autoscaler_brings_up_both_pool_node_types_of_ray_cluster_yaml(fake
 
 
 def test_the_kuberay_manifest_has_one_worker_group_per_pool_and_runs_the_gateway_on_the_head() -> None:
-    from deploy.cli import build_parser
+    from pdserve.deploy.cli import build_parser
 
     docs = {d["kind"]: d for d in yaml.safe_load_all((DEPLOY / "kuberay-raycluster.yaml").read_text())}
     cluster = docs["RayCluster"]["spec"]
@@ -181,10 +181,10 @@ def test_the_kuberay_manifest_has_one_worker_group_per_pool_and_runs_the_gateway
 
 
 def test_the_grafana_dashboard_queries_only_metrics_the_gateway_exports() -> None:
-    from router.metrics import Metrics
-    from router.pool_metrics import PoolCollector
-    from router.registry import InMemoryRegistry
-    from router.workers import WorkerPool
+    from pdserve.router.metrics import Metrics
+    from pdserve.router.pool_metrics import PoolCollector
+    from pdserve.router.registry import InMemoryRegistry
+    from pdserve.router.workers import WorkerPool
     from tests.servers import CLUSTER_SECRET
 
     metrics = Metrics("m")

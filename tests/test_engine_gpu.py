@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from engine import LLM, SamplingParams
+from pdserve.engine import LLM, SamplingParams
 from tests.conftest import FAMILIES
 from tests.test_llm_vs_hf import GREEDY, MAX_NEW_TOKENS, random_prompts, record_logits
 
@@ -83,7 +83,7 @@ def test_gpu_prefix_cache_chunked_prefill_and_preemption(checkpoints: dict[str, 
 
 
 def test_llama3_8b_shape_bf16_agrees_with_transformers() -> None:
-    from bench.shapes import write_shape
+    from pdserve.bench.shapes import write_shape
 
     model_dir = write_shape("llama3-8b")
     with torch.device("cuda"):

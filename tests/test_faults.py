@@ -27,15 +27,15 @@ import grpc
 import httpx
 import pytest
 
-from engine.tokenizer import Tokenizer
-from proto import pdserve_pb2 as pb
-from proto import pdserve_pb2_grpc as pb_grpc
-from proto.deadlines import Deadlines
-from router.app import create_app
-from router.config import GatewayConfig
-from router.disaggregated import DisaggregatedBackend
-from router.registry import RedisRegistry
-from router.workers import WorkerPool
+from pdserve.engine.tokenizer import Tokenizer
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.proto.deadlines import Deadlines
+from pdserve.router.app import create_app
+from pdserve.router.config import GatewayConfig
+from pdserve.router.disaggregated import DisaggregatedBackend
+from pdserve.router.registry import RedisRegistry
+from pdserve.router.workers import WorkerPool
 from tests.servers import CLUSTER_SECRET, RedisServer, WorkerProcess, gateway_in_thread
 
 pytestmark = pytest.mark.slow

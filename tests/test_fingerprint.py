@@ -12,7 +12,7 @@ import grpc
 import pytest
 from safetensors.torch import load_file, save_file
 
-from engine.fingerprint import file_sha256, model_fingerprint
+from pdserve.engine.fingerprint import file_sha256, model_fingerprint
 from tests.test_worker_auth import start
 from tests.test_workers import RPC_TIMEOUT_S, assert_rpc_error, generate_request, greedy, prefill_request, reserve
 

@@ -17,16 +17,16 @@ import httpx
 import openai
 import pytest
 
-from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.outputs import RequestDelta
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import Tokenizer
-from proto.deadlines import Deadlines
-from router.app import create_app
-from router.backend import BackendStats, ColocatedBackend
-from router.config import GatewayConfig
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.outputs import RequestDelta
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.tokenizer import Tokenizer
+from pdserve.proto.deadlines import Deadlines
+from pdserve.router.app import create_app
+from pdserve.router.backend import BackendStats, ColocatedBackend
+from pdserve.router.config import GatewayConfig
 from tests.servers import gateway_in_thread
 
 MODEL = "demo"

@@ -11,11 +11,11 @@ import grpc
 import pytest
 import torch
 
-from deploy.worker_host import WorkerHost, WorkerSpec
-from engine import LLM
-from engine.config import EngineConfig
-from proto import auth
-from proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.deploy.worker_host import WorkerHost, WorkerSpec
+from pdserve.engine import LLM
+from pdserve.engine.config import EngineConfig
+from pdserve.proto import auth
+from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from tests.servers import CLUSTER_SECRET, worker_process
 from tests.test_workers import Result, Worker, expected_tokens, generate_request, greedy, prefill_request, reserve, run
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent / "pdserve"  # the packages live under the `pdserve` namespace
 OURS = ("engine", "kernels", "proto", "kvtransfer", "prefill_worker", "decode_worker", "router", "deploy", "bench", "tests")
 BELOW_THE_GATEWAY = ("engine", "kernels", "proto", "kvtransfer", "prefill_worker", "decode_worker")
 
@@ -31,13 +31,24 @@ def imported_packages(source: str, package: str) -> list[tuple[int, str, str]]:
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name.split(".")[0], f"import {alias.name}") for alias in node.names]
+            found += [(node.lineno, _package_of(alias.name), f"import {alias.name}") for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             module = node.module or ""
-            top = package if node.level else module.split(".")[0]
             names = ", ".join(alias.name for alias in node.names)
+            if node.level:
+                top = package
+            elif module == "pdserve":  # `from pdserve import kernels`
+                top = node.names[0].name
+            else:
+                top = _package_of(module)
             found.append((node.lineno, top, f"from {'.' * node.level}{module} import {names}"))
     return found
+
+
+def _package_of(module: str) -> str:
+    """`pdserve.engine.model` -> "engine"; anything else: its top-level name."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "pdserve" and len(parts) > 1 else parts[0]
 
 
 def violations(package: str) -> list[str]:
@@ -61,23 +72,25 @@ def test_package_imports_follow_the_architecture(package: str) -> None:
 
 def test_the_checker_sees_every_kind_of_import() -> None:
     source = textwrap.dedent("""
-        import os, router.app
-        from deploy.worker_host import WorkerHost
+        import os, pdserve.router.app
+        from pdserve.deploy.worker_host import WorkerHost
         from . import sibling
         from .scheduler import PrefillScheduler
         if TYPE_CHECKING:
-            from decode_worker import worker
+            from pdserve.decode_worker import worker
         def lazy():
-            import prefill_worker.server as server
+            import pdserve.prefill_worker.server as server
+            from pdserve import kernels
     """)
     assert imported_packages(source, "engine") == [
         (2, "os", "import os"),
-        (2, "router", "import router.app"),
-        (3, "deploy", "from deploy.worker_host import WorkerHost"),
+        (2, "router", "import pdserve.router.app"),
+        (3, "deploy", "from pdserve.deploy.worker_host import WorkerHost"),
         (4, "engine", "from . import sibling"),
         (5, "engine", "from .scheduler import PrefillScheduler"),
-        (7, "decode_worker", "from decode_worker import worker"),
-        (9, "prefill_worker", "import prefill_worker.server"),
+        (7, "decode_worker", "from pdserve.decode_worker import worker"),
+        (9, "prefill_worker", "import pdserve.prefill_worker.server"),
+        (10, "kernels", "from pdserve import kernels"),
     ]
 
 
@@ -89,7 +102,7 @@ def test_the_checker_finds_known_imports_in_the_real_tree() -> None:
     assert {"kvtransfer", "proto", "engine", "decode_worker"} <= {top for _, top, _ in decode_server}
 
 
-GATEWAY_MODULES = ("router.app", "router.disaggregated", "router.workers", "router.registry")
+GATEWAY_MODULES = ("pdserve.router.app", "pdserve.router.disaggregated", "pdserve.router.workers", "pdserve.router.registry")
 
 
 def test_the_gateway_modules_do_not_load_torch() -> None:
@@ -103,6 +116,6 @@ def test_the_gateway_modules_do_not_load_torch() -> None:
                 print(name, "loaded", ", ".join(heavy))
                 break
     """)
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT.parent, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "", result.stdout.strip()

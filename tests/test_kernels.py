@@ -19,8 +19,8 @@ import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 # The package re-exports functions under the module names; the tests need the modules too.
-decode_module = importlib.import_module("kernels.paged_decode_attention")
-prefill_module = importlib.import_module("kernels.paged_prefill_attention")
+decode_module = importlib.import_module("pdserve.kernels.paged_decode_attention")
+prefill_module = importlib.import_module("pdserve.kernels.paged_prefill_attention")
 
 # False when another test module imported triton first without the flag: nothing can run then.
 _IS_INTERPRETED = isinstance(tl.sum, InterpretedFunction)

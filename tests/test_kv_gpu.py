@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from deploy.worker_host import WorkerHost, WorkerSpec
-from engine import LLM
+from pdserve import kernels
+from pdserve.deploy.worker_host import WorkerHost, WorkerSpec
+from pdserve.engine import LLM
 from tests.conftest import write_hf_checkpoint
 from tests.servers import CLUSTER_SECRET, worker_process
 from tests.test_handoff_faults import connect, engine

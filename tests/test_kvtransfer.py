@@ -13,16 +13,16 @@ import grpc
 import pytest
 import torch
 
-from engine.outputs import TokenLogprobs
-from kvtransfer import (
+from pdserve.engine.outputs import TokenLogprobs
+from pdserve.kvtransfer import (
     AUTO, Endpoint, KVCommitInfo, KVLayout, KVLayoutMismatchError, KVReceiver, KVSender, KVTransferError,
     LayerProgress, NoCommonTransportError, OutgoingTransfer, UnknownTransferError, accepts, choose, offers,
 )
-from kvtransfer.control import KVTransferServicer, add_kv_transfer_service
-from kvtransfer.grpc_transport import decode_chunk
-from proto import GRPC_OPTIONS, auth
-from proto import pdserve_pb2 as pb
-from proto import pdserve_pb2_grpc
+from pdserve.kvtransfer.control import KVTransferServicer, add_kv_transfer_service
+from pdserve.kvtransfer.grpc_transport import decode_chunk
+from pdserve.proto import GRPC_OPTIONS, auth
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2_grpc
 from tests.servers import CLUSTER_SECRET
 
 MODEL_ID = "tiny-model@abc123"

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from engine import LLM, SamplingParams
+from pdserve.engine import LLM, SamplingParams
 from tests.test_llm_vs_hf import GREEDY, hf_greedy, random_prompts
 
 

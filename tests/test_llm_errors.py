@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.config import ConfigError
-from engine.sampling_params import InvalidRequestError
+from pdserve.engine import LLM, SamplingParams
+from pdserve.engine.config import ConfigError
+from pdserve.engine.sampling_params import InvalidRequestError
 
 
 @pytest.fixture(scope="module")

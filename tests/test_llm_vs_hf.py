@@ -9,8 +9,8 @@ import pytest
 import torch
 import transformers
 
-from engine import LLM, SamplingParams
-from engine.request import ScheduledRequest
+from pdserve.engine import LLM, SamplingParams
+from pdserve.engine.request import ScheduledRequest
 from tests.conftest import FAMILIES
 
 MAX_NEW_TOKENS = 12

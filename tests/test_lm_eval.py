@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import LLM, SamplingParams
+from pdserve.engine import LLM, SamplingParams
 from tests.servers import free_port, wait_for_http
 
 pytestmark = pytest.mark.slow
@@ -47,7 +47,7 @@ def test_lm_eval_runs_a_loglikelihood_and_a_generation_task_exactly(demo_model_d
     pytest.importorskip("lm_eval")
     port, log_path = free_port(), tmp_path / "serve.log"
     server = subprocess.Popen(
-        [sys.executable, "-m", "deploy.cli", "serve", "--model", str(demo_model_dir), "--served-model-name", "m",
+        [sys.executable, "-m", "pdserve.deploy.cli", "serve", "--model", str(demo_model_dir), "--served-model-name", "m",
          "--port", str(port), "--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning"],
         stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent,
     )

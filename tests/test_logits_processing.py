@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from engine import LLM, SamplingParams
+from pdserve.engine import LLM, SamplingParams
 from tests.conftest import FAMILIES
 from tests.test_llm_vs_hf import hf_models, random_prompts  # noqa: F401  (fixture)
 
@@ -95,7 +95,7 @@ def test_allowed_tokens_and_bad_words_hold_for_sampled_and_greedy_requests(check
 
 
 def test_out_of_range_values_are_refused_naming_the_field(checkpoints: dict) -> None:
-    from engine.sampling_params import InvalidRequestError
+    from pdserve.engine.sampling_params import InvalidRequestError
 
     llm = LLM(model=str(checkpoints["llama"]), device="cpu", dtype="float32")
     for kwargs, field in [

@@ -14,14 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from proto.deadlines import Deadlines
-from router.app import create_app
-from router.backend import ColocatedBackend
-from router.config import GatewayConfig
+from pdserve.engine import LLM, SamplingParams
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.proto.deadlines import Deadlines
+from pdserve.router.app import create_app
+from pdserve.router.backend import ColocatedBackend
+from pdserve.router.config import GatewayConfig
 from tests.servers import free_port, wait_for_http
 from tests.test_router_http import serve
 
@@ -64,7 +64,7 @@ def colocated(checkpoint: Path) -> Iterator[str]:
 @contextlib.contextmanager
 def disaggregated(checkpoint: Path, log_path: Path) -> Iterator[str]:
     port = free_port()
-    args = [sys.executable, "-m", "deploy.cli", "serve", "--model", str(checkpoint), "--served-model-name", "m",
+    args = [sys.executable, "-m", "pdserve.deploy.cli", "serve", "--model", str(checkpoint), "--served-model-name", "m",
             "--port", str(port), "--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning"]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)

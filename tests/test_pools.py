@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from deploy.autoscaler import Autoscaler, PoolSignals
-from deploy.config import AutoscaleConfig, PoolConfig
-from deploy.latency_window import LatencyWindow
-from deploy.placement import actor_options, gpus_per_worker, local_node_resources, missing_pools
-from deploy.pool import Pool, PoolWorker, WorkerLoad, WorkerState
-from router.metrics import Metrics
+from pdserve.deploy.autoscaler import Autoscaler, PoolSignals
+from pdserve.deploy.config import AutoscaleConfig, PoolConfig
+from pdserve.deploy.latency_window import LatencyWindow
+from pdserve.deploy.placement import actor_options, gpus_per_worker, local_node_resources, missing_pools
+from pdserve.deploy.pool import Pool, PoolWorker, WorkerLoad, WorkerState
+from pdserve.router.metrics import Metrics
 
 
 def worker(pool: Pool, name: str, state: WorkerState, load: WorkerLoad | None = None) -> PoolWorker:

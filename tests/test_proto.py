@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from engine.outputs import TokenLogprobs
-from engine.sampling_params import InvalidRequestError, SamplingParams, StructuredOutput
-from proto import pdserve_pb2 as pb
-from proto.convert import logprobs_from_proto, logprobs_to_proto, params_from_proto, params_to_proto
-from proto.generate import stale_files
+from pdserve.engine.outputs import TokenLogprobs
+from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams, StructuredOutput
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto.convert import logprobs_from_proto, logprobs_to_proto, params_from_proto, params_to_proto
+from pdserve.proto.generate import stale_files
 
 
 def test_generated_modules_are_not_stale() -> None:
-    assert stale_files() == [], "regenerate them: python -m proto.generate"
+    assert stale_files() == [], "regenerate them: python -m pdserve.proto.generate"
 
 
 EVERY_FIELD = SamplingParams(

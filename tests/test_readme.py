@@ -27,7 +27,7 @@ def test_demo_model_command_writes_a_loadable_checkpoint(tmp_path: Path) -> None
     import transformers
 
     result = subprocess.run(
-        [sys.executable, "-m", "deploy.cli", "demo-model", str(tmp_path / "demo")],
+        [sys.executable, "-m", "pdserve.deploy.cli", "demo-model", str(tmp_path / "demo")],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr

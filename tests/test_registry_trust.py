@@ -17,15 +17,15 @@ import grpc
 import pytest
 import redis
 
-from deploy.worker_host import WorkerHost, WorkerSpec
-from engine import LLM
-from engine.tokenizer import Tokenizer
-from proto import pdserve_pb2 as pb
-from proto import pdserve_pb2_grpc as pb_grpc
-from proto.cluster_secret import ClusterSecret
-from router.disaggregated import DisaggregatedBackend
-from router.registry import InvalidRecordError, RedisRegistry, WorkerRecord, redacted_url, redis_key
-from router.workers import WorkerPool
+from pdserve.deploy.worker_host import WorkerHost, WorkerSpec
+from pdserve.engine import LLM
+from pdserve.engine.tokenizer import Tokenizer
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.proto.cluster_secret import ClusterSecret
+from pdserve.router.disaggregated import DisaggregatedBackend
+from pdserve.router.registry import InvalidRecordError, RedisRegistry, WorkerRecord, redacted_url, redis_key
+from pdserve.router.workers import WorkerPool
 from tests.servers import CLUSTER_SECRET, redis_server
 from tests.test_workers import MAX_MODEL_LEN, engine_config, greedy
 
@@ -116,10 +116,10 @@ def test_forged_unsigned_and_malformed_entries_are_ignored_and_logged_while_real
             finally:
                 await pool.close()
 
-        with caplog.at_level(logging.WARNING, logger="router.registry"):
+        with caplog.at_level(logging.WARNING, logger="pdserve.router.registry"):
             known, healthy = asyncio.run(discover())
         assert known == healthy == real
-        logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "router.registry")
+        logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "pdserve.router.registry")
         assert "ignored 9 registry entries that are not signed worker records" in logged, logged
 
         try:

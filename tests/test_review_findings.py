@@ -11,23 +11,23 @@ from pathlib import Path
 import grpc
 import pytest
 
-from deploy.worker_host import WorkerHost, WorkerSpec
-from engine import LLM
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import InvalidRequestError, SamplingParams
-from engine.tokenizer import Tokenizer
-from proto import pdserve_pb2 as pb
-from proto.deadlines import Deadlines
-from proto.failures import TABLE
-from router.admission import Admission
-from router.backend import BackendFailure
-from router.disaggregated import DisaggregatedBackend
-from router.drain import Drain
-from router.metrics import Metrics
-from router.registry import InMemoryRegistry, WorkerRecord
-from router.serving import Serving, collect
-from router.workers import WorkerHandle, WorkerPool
+from pdserve.deploy.worker_host import WorkerHost, WorkerSpec
+from pdserve.engine import LLM
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
+from pdserve.engine.tokenizer import Tokenizer
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto.deadlines import Deadlines
+from pdserve.proto.failures import TABLE
+from pdserve.router.admission import Admission
+from pdserve.router.backend import BackendFailure
+from pdserve.router.disaggregated import DisaggregatedBackend
+from pdserve.router.drain import Drain
+from pdserve.router.metrics import Metrics
+from pdserve.router.registry import InMemoryRegistry, WorkerRecord
+from pdserve.router.serving import Serving, collect
+from pdserve.router.workers import WorkerHandle, WorkerPool
 from tests.servers import CLUSTER_SECRET
 
 MAX_MODEL_LEN = 256
@@ -166,7 +166,7 @@ def test_nan_temperature_is_rejected() -> None:
 # ---- deploy ----------------------------------------------------------------------------------
 
 def test_fractional_gpu_shares_let_every_worker_be_placed() -> None:
-    from deploy.placement import gpus_per_worker
+    from pdserve.deploy.placement import gpus_per_worker
 
     share = gpus_per_worker(num_cluster_gpus=2.0, num_workers=3, device="auto")
     workers_per_gpu = int(1 / share + 1e-9) if share < 1 else 1  # Ray packs fractional shares summing to <= 1

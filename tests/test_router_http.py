@@ -20,17 +20,17 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine import LLM, SamplingParams
-from engine.async_engine import AsyncEngine
-from engine.outputs import RequestDelta
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.tokenizer import Tokenizer
-from proto.deadlines import Deadlines
-from router.app import create_app
-from router.backend import BackendStats, BackendUnavailableError, ColocatedBackend
-from router.config import GatewayConfig
-from router.metrics import Metrics
+from pdserve.engine import LLM, SamplingParams
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.outputs import RequestDelta
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.tokenizer import Tokenizer
+from pdserve.proto.deadlines import Deadlines
+from pdserve.router.app import create_app
+from pdserve.router.backend import BackendStats, BackendUnavailableError, ColocatedBackend
+from pdserve.router.config import GatewayConfig
+from pdserve.router.metrics import Metrics
 from tests.servers import DASHBOARD_SERIES, observed_series
 
 MODEL = "demo"

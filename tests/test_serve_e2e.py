@@ -18,8 +18,8 @@ import httpx
 import openai
 import pytest
 
-from deploy.watchdog import alive, session_processes
-from engine import LLM, SamplingParams
+from pdserve.deploy.watchdog import alive, session_processes
+from pdserve.engine import LLM, SamplingParams
 from tests.servers import DASHBOARD_SERIES, free_port, observed_series, redis_server, wait_for_http
 
 pytestmark = pytest.mark.slow
@@ -62,7 +62,7 @@ def serving(checkpoint: Path, log_path: Path, *extra_args: str, returncode: int 
     (unless the test stopped it already: with `returncode`), every process of its Ray instance with it."""
     port = free_port()
     args = [
-        sys.executable, "-m", "deploy.cli", "serve", "--model", str(checkpoint),
+        sys.executable, "-m", "pdserve.deploy.cli", "serve", "--model", str(checkpoint),
         "--served-model-name", "tiny-llama", "--port", str(port), "--device", "cpu",
         "--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning", "--shutdown-timeout", "10", "--admin-token", ADMIN_TOKEN,
         *extra_args,

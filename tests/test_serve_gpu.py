@@ -12,7 +12,7 @@ import httpx
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from pdserve.engine import LLM, SamplingParams
 from tests.servers import free_port, wait_for_http
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -22,12 +22,12 @@ PROMPTS = ["Hello", "The key value cache is stored in fixed size blocks; a block
 
 @pytest.mark.parametrize("kv_transport, expected", [("auto", "cuda_ipc"), ("grpc", "grpc")])
 def test_serve_on_a_gpu_matches_the_offline_engine(tmp_path: Path, kv_transport: str, expected: str) -> None:
-    from engine.demo_model import write_demo_model
+    from pdserve.engine.demo_model import write_demo_model
 
     model_dir = write_demo_model(tmp_path / "demo")
     port, log_path = free_port(), tmp_path / "serve.log"
     args = [
-        sys.executable, "-m", "deploy.cli", "serve", "--model", str(model_dir), "--served-model-name", "demo",
+        sys.executable, "-m", "pdserve.deploy.cli", "serve", "--model", str(model_dir), "--served-model-name", "demo",
         "--device", "cuda", "--dtype", "float32", "--port", str(port), "--kv-cache-memory-gib", "1",
         "--max-model-len", "1024", "--max-num-seqs", "32", "--kv-transport", kv_transport, "--admin-token", "t",
     ]

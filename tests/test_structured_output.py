@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.sampling_params import InvalidRequestError, StructuredOutput
-from engine.structured_output import GrammarCompiler
-from engine.tokenizer import Tokenizer
+from pdserve.engine import LLM, SamplingParams
+from pdserve.engine.sampling_params import InvalidRequestError, StructuredOutput
+from pdserve.engine.structured_output import GrammarCompiler
+from pdserve.engine.tokenizer import Tokenizer
 
 MAX_MODEL_LEN = 512
 NUM_SAMPLES = 16
@@ -128,8 +128,8 @@ def test_a_spec_compiles_once_and_each_request_gets_its_own_matcher(demo_model_d
 
 
 def test_eos_is_allowed_exactly_when_the_grammar_may_end(demo_model_dir: Path) -> None:
-    from engine.grammar_masks import GrammarMasks
-    from engine.request import Request
+    from pdserve.engine.grammar_masks import GrammarMasks
+    from pdserve.engine.request import Request
 
     tokenizer = Tokenizer.from_pretrained(demo_model_dir)
     compiler = GrammarCompiler(tokenizer, 832, tokenizer.eos_token_ids)

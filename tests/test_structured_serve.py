@@ -15,8 +15,8 @@ import httpx
 import jsonschema
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.sampling_params import StructuredOutput
+from pdserve.engine import LLM, SamplingParams
+from pdserve.engine.sampling_params import StructuredOutput
 from tests.test_serve_e2e import Server, serving
 
 pytestmark = pytest.mark.slow

@@ -13,9 +13,9 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as HFBackend
 from tokenizers import normalizers
 
-from engine.demo_model import TRAINING_TEXT, write_demo_model
-from engine.detokenizer import IncrementalDetokenizer
-from engine.tokenizer import Tokenizer
+from pdserve.engine.demo_model import TRAINING_TEXT, write_demo_model
+from pdserve.engine.detokenizer import IncrementalDetokenizer
+from pdserve.engine.tokenizer import Tokenizer
 
 QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"

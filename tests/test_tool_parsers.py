@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from router.tool_parsers import (
+from pdserve.router.tool_parsers import (
     HermesStream,
     Llama3JsonStream,
     NamedStream,

@@ -14,13 +14,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from deploy.worker_host import WorkerHost, WorkerSpec
-from engine import LLM
-from engine.config import ModelConfig
-from proto import auth
-from proto import pdserve_pb2 as pb
-from proto import pdserve_pb2_grpc as pb_grpc
-from proto.cluster_secret import ClusterSecret
+from pdserve.deploy.worker_host import WorkerHost, WorkerSpec
+from pdserve.engine import LLM
+from pdserve.engine.config import ModelConfig
+from pdserve.proto import auth
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.proto.cluster_secret import ClusterSecret
 from tests.servers import CLUSTER_SECRET
 from tests.test_workers import (
     MAX_MODEL_LEN, RPC_TIMEOUT_S, Result, Worker, assert_rpc_error, engine_config, expected_tokens, generate_request, greedy,

@@ -15,15 +15,15 @@ import grpc
 import pytest
 import torch
 
-from decode_worker.admission import DecodeLimits, DecodeQueueFullError
-from deploy.worker_host import WorkerHost, WorkerSpec
-from engine import LLM
-from engine.outputs import TokenLogprobs
-from kvtransfer import Endpoint, KVCommitInfo, KVLayout, KVSender, KVTransferError, LayerProgress, OutgoingTransfer
-from proto import GRPC_OPTIONS, auth
-from proto import pdserve_pb2 as pb
-from proto import pdserve_pb2_grpc as pb_grpc
-from proto.convert import params_to_proto
+from pdserve.decode_worker.admission import DecodeLimits, DecodeQueueFullError
+from pdserve.deploy.worker_host import WorkerHost, WorkerSpec
+from pdserve.engine import LLM
+from pdserve.engine.outputs import TokenLogprobs
+from pdserve.kvtransfer import Endpoint, KVCommitInfo, KVLayout, KVSender, KVTransferError, LayerProgress, OutgoingTransfer
+from pdserve.proto import GRPC_OPTIONS, auth
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.proto.convert import params_to_proto
 from tests.servers import CLUSTER_SECRET
 from tests.test_workers import (
     MAX_MODEL_LEN, RPC_TIMEOUT_S, Result, Worker, as_caller, assert_rpc_error, engine_config, expected_tokens,
@@ -304,8 +304,8 @@ def test_garbage_kv_received_for_one_request_never_reaches_another_after_a_preem
 
 
 def test_a_decode_worker_refuses_a_block_pool_that_caches_prefixes(checkpoints: dict[str, Path]) -> None:
-    from decode_worker.worker import DecodeWorker
-    from engine.core import EngineCore
+    from pdserve.decode_worker.worker import DecodeWorker
+    from pdserve.engine.core import EngineCore
 
     core = EngineCore.load(engine_config(checkpoints["llama"], num_kv_blocks=8))  # prefix caching on, the default
     with pytest.raises(ValueError, match="must not cache prefixes"):

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from deploy.worker_host import WorkerHost, WorkerSpec
-from engine import LLM, SamplingParams
-from engine.config import EngineConfig
-from engine.tokenizer import Tokenizer
-from router.backend import BackendUnavailableError
-from router.disaggregated import DisaggregatedBackend
-from router.registry import KEY_PREFIX, InMemoryRegistry, RedisRegistry
-from router.workers import WorkerPool
+from pdserve.deploy.worker_host import WorkerHost, WorkerSpec
+from pdserve.engine import LLM, SamplingParams
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.tokenizer import Tokenizer
+from pdserve.router.backend import BackendUnavailableError
+from pdserve.router.disaggregated import DisaggregatedBackend
+from pdserve.router.registry import KEY_PREFIX, InMemoryRegistry, RedisRegistry
+from pdserve.router.workers import WorkerPool
 from tests.servers import CLUSTER_SECRET, RedisServer, redis_process
 
 MAX_MODEL_LEN = 256

@@ -18,17 +18,17 @@ import grpc
 import pytest
 import torch
 
-from deploy.worker_host import WorkerHost, WorkerSpec
-from engine import LLM
-from engine.config import EngineConfig, ModelConfig
-from engine.core import EngineCore
-from engine.sampling_params import SamplingParams
-from kvtransfer import Endpoint, KVSender, KVTransferError
-from prefill_worker.worker import KVTarget, PrefillWorker
-from proto import auth
-from proto import pdserve_pb2 as pb
-from proto import pdserve_pb2_grpc as pb_grpc
-from proto.convert import params_to_proto
+from pdserve.deploy.worker_host import WorkerHost, WorkerSpec
+from pdserve.engine import LLM
+from pdserve.engine.config import EngineConfig, ModelConfig
+from pdserve.engine.core import EngineCore
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.kvtransfer import Endpoint, KVSender, KVTransferError
+from pdserve.prefill_worker.worker import KVTarget, PrefillWorker
+from pdserve.proto import auth
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.proto.convert import params_to_proto
 from tests.servers import CLUSTER_SECRET, free_port
 
 MAX_MODEL_LEN = 128

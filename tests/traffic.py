@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import openai
 
-from deploy.admin_client import AdminClient, render
+from pdserve.deploy.admin_client import AdminClient, render
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,211 @@
+"""Paged attention kernels on a CUDA GPU: decode as bandwidth against a device-to-device copy
+measured in the same run, prefill as causal TFLOP/s. Median of triton.testing.do_bench, rotating
+over input sets larger than L2. Run: `python -m pdserve.bench.attention_kernel [--no-sweep]`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+from collections.abc import Callable
+
+import torch
+import triton
+from triton.testing import do_bench_cudagraph
+
+from pdserve import kernels
+from pdserve.bench.ceilings import copy_bandwidth_gbs, median_ms
+from pdserve.kernels.paged_decode_attention import DecodeLaunch, launch_decode
+from pdserve.kernels.paged_decode_attention import choose_launch as choose_decode_launch
+from pdserve.kernels.paged_prefill_attention import PrefillLaunch, launch_prefill
+from pdserve.kernels.paged_prefill_attention import choose_launch as choose_prefill_launch
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+DEVICE = "cuda"
+SCALE = HEAD_DIM**-0.5
+HEADLINE_DECODE = (32, 4096)  # (batch, context_len)
+DECODE_SHAPES = [HEADLINE_DECODE, (1, 4096), (8, 4096), (64, 4096), (32, 1024), (128, 1024), (8, 16384)]
+PREFILL_LENS = [512, 2048, 8192]
+
+
+def graph_median_ms(fn: Callable[[], object]) -> float:
+    """Median time per call of `fn` replayed from a CUDA graph, as the engine's decode step runs it:
+    kernels alone, without Python launch overhead (which exceeds small decode kernels' run time)."""
+    return do_bench_cudagraph(fn, rep=200, return_mode="median")
+
+
+def num_rotation_sets(bytes_per_set: int) -> int:
+    l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    return max(2, min(64, triton.cdiv(4 * l2_bytes, bytes_per_set)))
+
+
+def paged_kv(num_sets: int, num_seqs: int, context_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A K/V cache holding num_sets x num_seqs requests in scattered blocks, and their block tables
+    [num_sets, num_seqs, blocks_per_seq]."""
+    blocks_per_seq = triton.cdiv(context_len, BLOCK_SIZE)
+    num_blocks = num_sets * num_seqs * blocks_per_seq
+    kv_cache = torch.randn(2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+    block_ids = torch.randperm(num_blocks, device=DEVICE).to(torch.int32)
+    return kv_cache[0], kv_cache[1], block_ids.view(num_sets, num_seqs, blocks_per_seq)
+
+
+# ---- decode -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DecodeCase:
+    num_seqs: int
+    context_len: int
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor  # [num_sets, num_seqs, blocks_per_seq]
+    q: torch.Tensor  # [num_sets, num_seqs, num_heads, head_dim]
+    out: torch.Tensor
+    context_lens: torch.Tensor
+
+    @property
+    def bytes_moved(self) -> int:
+        kv_bytes = 2 * self.num_seqs * self.context_len * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
+        return kv_bytes + 2 * self.q[0].numel() * DTYPE.itemsize  # + q read, out written
+
+    def runner(self, launch: DecodeLaunch | None) -> Callable[[], object]:
+        """A call per set in turn; launch None = the wrapper's own heuristic."""
+        sets = itertools.cycle(range(self.q.shape[0]))
+
+        def run() -> object:
+            i = next(sets)
+            args = (self.q[i], self.k_cache, self.v_cache, self.block_tables[i], self.context_lens, SCALE, self.out[i])
+            if launch is None:
+                return kernels.paged_decode_attention(*args)
+            return launch_decode(launch, *args)
+
+        return run
+
+
+def make_decode_case(num_seqs: int, context_len: int) -> DecodeCase:
+    bytes_per_set = 2 * num_seqs * context_len * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
+    num_sets = num_rotation_sets(bytes_per_set)
+    k_cache, v_cache, block_tables = paged_kv(num_sets, num_seqs, context_len)
+    q = torch.randn(num_sets, num_seqs, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+    context_lens = torch.full((num_seqs,), context_len, dtype=torch.int32, device=DEVICE)
+    return DecodeCase(num_seqs, context_len, k_cache, v_cache, block_tables, q, torch.empty_like(q), context_lens)
+
+
+def decode_gbs(case: DecodeCase, launch: DecodeLaunch | None) -> float:
+    return case.bytes_moved / (graph_median_ms(case.runner(launch)) * 1e-3) / 1e9
+
+
+def check_decode(case: DecodeCase) -> float:
+    args = (case.k_cache, case.v_cache, case.block_tables[0], case.context_lens, SCALE)
+    out = kernels.paged_decode_attention(case.q[0], *args)
+    ref = kernels.paged_decode_attention_ref(case.q[0].float(), *args)
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def decode_sweep(case: DecodeCase, copy_gbs: float) -> None:
+    """A few launch parameters around the heuristic's, at one shape, to guide its tuning."""
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    blocks_per_seq = case.block_tables.shape[2]
+    default = choose_decode_launch(case.num_seqs, NUM_KV_HEADS, blocks_per_seq, BLOCK_SIZE, HEAD_DIM, DTYPE, sm_count)
+    variants = [default] + [dataclasses.replace(default, **change) for change in [
+        dict(num_stages=2), dict(num_stages=4), dict(num_stages=5), dict(tile_tokens=32, num_stages=4),
+        dict(tile_tokens=128), dict(num_warps=8), dict(num_splits=1), dict(num_splits=2),
+        dict(num_splits=2 * default.num_splits), dict(num_splits=4 * default.num_splits),
+    ]]
+    variants = list(dict.fromkeys(variants))  # drop repeats of the heuristic's choice
+    print(f"\ndecode launch sweep at batch {case.num_seqs}, context {case.context_len} (first row = heuristic):")
+    for launch in variants:
+        try:
+            gbs = decode_gbs(case, launch)
+            print(f"  {launch}  {gbs:7.0f} GB/s  {gbs / copy_gbs:5.1%} of copy")
+        except Exception as error:  # noqa: BLE001 - a variant that does not fit the GPU is reported, not fatal
+            print(f"  {launch}  failed: {type(error).__name__}: {str(error)[:100]}")
+
+
+# ---- prefill ------------------------------------------------------------------------------------
+
+
+def prefill_runner(prompt_len: int, launch: PrefillLaunch | None) -> tuple[Callable[[], object], int]:
+    """One request of prompt_len new tokens (no cached prefix) per set; returns (run, causal FLOPs)."""
+    bytes_per_set = prompt_len * (2 * NUM_KV_HEADS + 2 * NUM_HEADS) * HEAD_DIM * DTYPE.itemsize
+    num_sets = num_rotation_sets(bytes_per_set)
+    k_cache, v_cache, block_tables = paged_kv(num_sets, 1, prompt_len)
+    q = torch.randn(num_sets, prompt_len, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+    out = torch.empty_like(q)
+    cu_seqlens_q = torch.tensor([0, prompt_len], dtype=torch.int32, device=DEVICE)
+    context_lens = torch.tensor([prompt_len], dtype=torch.int32, device=DEVICE)
+    launch = launch or choose_prefill_launch(DTYPE, HEAD_DIM, prompt_len, is_cuda=True)
+    sets = itertools.cycle(range(num_sets))
+
+    def run() -> object:
+        i = next(sets)
+        return launch_prefill(
+            launch, q[i], k_cache, v_cache, block_tables[i], cu_seqlens_q, context_lens, prompt_len, SCALE, out[i]
+        )
+
+    return run, 2 * 2 * NUM_HEADS * HEAD_DIM * prompt_len * prompt_len // 2
+
+
+def prefill_tflops(prompt_len: int, launch: PrefillLaunch | None = None) -> float:
+    run, flops = prefill_runner(prompt_len, launch)
+    return flops / (median_ms(run) * 1e-3) / 1e12
+
+
+def prefill_sweep(prompt_len: int) -> None:
+    default = choose_prefill_launch(DTYPE, HEAD_DIM, prompt_len, is_cuda=True)
+    variants = [default, PrefillLaunch(64, 64, 4, 3), PrefillLaunch(128, 128, 8, 2), PrefillLaunch(128, 64, 8, 4),
+                PrefillLaunch(128, 32, 8, 3), PrefillLaunch(64, 32, 4, 4)]
+    variants = list(dict.fromkeys(variants))  # drop repeats of the heuristic's choice
+    print(f"\nprefill launch sweep at {prompt_len} tokens (first row = heuristic):")
+    for launch in variants:
+        try:
+            print(f"  {launch}  {prefill_tflops(prompt_len, launch):6.1f} TFLOP/s")
+        except Exception as error:  # noqa: BLE001 - a variant that does not fit the GPU is reported, not fatal
+            print(f"  {launch}  failed: {type(error).__name__}: {str(error)[:100]}")
+
+
+# ---- main ---------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--no-sweep", action="store_true", help="skip the launch-parameter sweeps")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU")
+    props = torch.cuda.get_device_properties(0)
+    print(f"{props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton {triton.__version__}")
+    print(f"heads {NUM_HEADS} q / {NUM_KV_HEADS} kv, head_dim {HEAD_DIM}, block_size {BLOCK_SIZE}, {DTYPE}")
+
+    copy_gbs = copy_bandwidth_gbs()
+    print(f"copy bandwidth ceiling: {copy_gbs:.0f} GB/s")
+    rows = []
+    for num_seqs, context_len in DECODE_SHAPES:
+        case = make_decode_case(num_seqs, context_len)
+        if (num_seqs, context_len) == HEADLINE_DECODE:
+            print(f"decode check at batch {num_seqs}, context {context_len}: rel err vs ref {check_decode(case):.2e}")
+            if not args.no_sweep:
+                decode_sweep(case, copy_gbs)
+        gbs = decode_gbs(case, launch=None)
+        splits = choose_decode_launch(
+            num_seqs, NUM_KV_HEADS, case.block_tables.shape[2], BLOCK_SIZE, HEAD_DIM, DTYPE, props.multi_processor_count
+        ).num_splits
+        rows.append(
+            f"decode   batch {num_seqs:4d} ctx {context_len:6d}  splits {splits:2d}  "
+            f"{gbs:7.0f} GB/s  {gbs / copy_gbs:6.1%} of copy"
+        )
+        del case
+        torch.cuda.empty_cache()
+
+    if not args.no_sweep:
+        prefill_sweep(PREFILL_LENS[-1])
+    for prompt_len in PREFILL_LENS:
+        rows.append(f"prefill  {prompt_len:5d} tokens  {prefill_tflops(prompt_len):6.1f} TFLOP/s (causal)")
+        torch.cuda.empty_cache()
+
+    print(f"\n== summary ({props.name}, {DTYPE}, copy {copy_gbs:.0f} GB/s) ==")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

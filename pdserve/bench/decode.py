@@ -1,0 +1,156 @@
+"""Decode step time against the memory-bandwidth roofline, (weight bytes + KV bytes) / copy
+bandwidth, both measured in this run; pdserve's engine step or HF transformers' eager decode step.
+
+    python -m pdserve.bench.decode --model llama3-8b --batch-sizes 1 8 64 256 --context 1024 [--engine hf]
+
+pdserve: one full engine step (inputs, CUDA-graph replay, greedy sampling, ids read back) on a
+batch of requests that each hold `context` tokens of (random) KV. HF: `model(...)` on one new
+token per sequence with a DynamicCache of `context` tokens (what `generate` runs per token),
+plus argmax; the cache is cropped back after each step so the context stays fixed."""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from pdserve.bench.ceilings import copy_bandwidth_gbs, describe_gpu, median_ms
+from pdserve.bench.shapes import SHAPES, decode_weight_bytes, write_shape
+from pdserve.engine.config import EngineConfig, ModelConfig
+
+
+@dataclass
+class DecodeRow:
+    model: str
+    engine: str
+    batch_size: int
+    context: int
+    step_ms: float
+    floor_ms: float
+    forward_ms: float | None = None  # graph replay alone (pdserve)
+
+    @property
+    def roofline_fraction(self) -> float:
+        return self.floor_ms / self.step_ms
+
+
+def floor_ms(config: ModelConfig, batch_size: int, context: int, copy_gbs: float) -> float:
+    kv_bytes = batch_size * (context + 1) * config.kv_bytes_per_token * 2
+    return (decode_weight_bytes(config) + kv_bytes) / (copy_gbs * 1e9) * 1e3
+
+
+def time_steps(step: object, num_steps: int, repeats: int = 5) -> float:
+    """Median over `repeats` of the mean wall time of `num_steps` synchronous steps, in ms."""
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(num_steps):
+            step()
+        torch.cuda.synchronize()
+        samples.append((time.perf_counter() - start) / num_steps * 1e3)
+    return statistics.median(samples)
+
+
+def bench_pdserve(name: str, batch_sizes: list[int], context: int, num_steps: int, copy_gbs: float) -> list[DecodeRow]:
+    from pdserve.engine.core import EngineCore
+    from pdserve.engine.request import Request, ScheduledRequest
+    from pdserve.engine.sampling_params import SamplingParams
+
+    max_bs = max(batch_sizes)
+    blocks_per_seq = -(-(context + 1) // 16)
+    config = EngineConfig(
+        model=str(write_shape(name)), dtype="bfloat16", device="cuda", max_model_len=context + 64,
+        max_num_seqs=max_bs, num_kv_blocks=max_bs * blocks_per_seq + 8, enable_prefix_caching=False,
+    )
+    core = EngineCore.load(replace(config, load_format="dummy"))
+    core.runner.kv_cache.normal_()  # attention reads real-looking values, never zeros
+    rng = random.Random(0)
+    greedy = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
+    rows = []
+    for bs in batch_sizes:
+        requests = []
+        for i in range(bs):
+            prompt = [rng.randrange(1000) for _ in range(context)]
+            request = Request(f"r{i}", prompt, greedy, output_token_ids=[rng.randrange(1000)])
+            allocation = core.block_manager.allocate(prompt, context + 1)
+            request.block_table, request.num_computed_tokens = allocation.block_table, context
+            requests.append(request)
+        batch = [ScheduledRequest(r, 1) for r in requests]
+        step_ms = time_steps(lambda: core.runner.execute(batch), num_steps)
+        forward_ms = None
+        if core.runner.graphs is not None:
+            core.runner.graphs.run(requests)
+            bucket = next(b for b in core.runner.graphs.buckets if b >= bs)
+            forward_ms = median_ms(core.runner.graphs.graphs[bucket].replay)
+        rows.append(DecodeRow(name, "pdserve", bs, context, step_ms, floor_ms(core.model_config, bs, context, copy_gbs), forward_ms))
+        for r in requests:
+            core.block_manager.free(r.block_table)
+    return rows
+
+
+def bench_hf(name: str, batch_sizes: list[int], context: int, num_steps: int, copy_gbs: float) -> list[DecodeRow]:
+    import transformers
+
+    model_dir = write_shape(name)
+    hf_config = transformers.AutoConfig.from_pretrained(model_dir)
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16).eval()
+    config = ModelConfig.from_pretrained(model_dir)
+    rows = []
+    for bs in batch_sizes:
+        cache = transformers.DynamicCache()
+        shape = (bs, config.num_kv_heads, context, config.head_dim)
+        for layer in range(config.num_layers):
+            cache.update(torch.randn(shape, dtype=torch.bfloat16, device="cuda"), torch.randn(shape, dtype=torch.bfloat16, device="cuda"), layer)
+        ids = torch.randint(0, 1000, (bs, 1), device="cuda")
+
+        @torch.inference_mode()
+        def step() -> list[int]:
+            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+            cache.crop(-1)  # back to `context` tokens (negative: tokens to drop, in every transformers version)
+            return logits[:, -1].argmax(-1).tolist()
+
+        step_ms = time_steps(step, num_steps)
+        rows.append(DecodeRow(name, "hf-eager", bs, context, step_ms, floor_ms(config, bs, context, copy_gbs)))
+        del cache
+        torch.cuda.empty_cache()
+    return rows
+
+
+def print_table(rows: list[DecodeRow], copy_gbs: float) -> None:
+    print(f"\ncopy bandwidth (read+write): {copy_gbs:.0f} GB/s   GPU: {describe_gpu()}")
+    print("| model | engine | batch | context | step ms | forward ms | floor ms | % of roofline |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        fwd = f"{r.forward_ms:.3f}" if r.forward_ms is not None else "-"
+        print(f"| {r.model} | {r.engine} | {r.batch_size} | {r.context} | {r.step_ms:.3f} | {fwd} | {r.floor_ms:.3f} | {100 * r.roofline_fraction:.1f}% |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(SHAPES), default="llama3-8b")
+    parser.add_argument("--engine", choices=["pdserve", "hf"], default="pdserve")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--json", default=None, help="append the rows as JSON lines to this file")
+    args = parser.parse_args()
+    copy_gbs = copy_bandwidth_gbs()
+    bench = bench_pdserve if args.engine == "pdserve" else bench_hf
+    rows = bench(args.model, args.batch_sizes, args.context, args.steps, copy_gbs)
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in rows:
+                f.write(json.dumps({**asdict(r), "copy_gbs": copy_gbs, "gpu": describe_gpu()}) + "\n")
+    print_table(rows, copy_gbs)
+
+
+if __name__ == "__main__":
+    main()

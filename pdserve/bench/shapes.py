@@ -1,0 +1,78 @@
+"""Real architectures' shapes for random-weight benchmarks (vLLM's `--load-format dummy`): an HF
+`config.json` plus the demo tokenizer files, so the engine loads them like any checkpoint."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from pdserve.engine.config import ModelConfig
+
+SHAPES = {
+    "llama3-8b": {  # meta-llama/Llama-3.1-8B
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+        "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16",
+    },
+    "qwen2.5-0.5b": {  # Qwen/Qwen2.5-0.5B-Instruct
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896,
+        "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+        "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True, "hidden_act": "silu",
+        "use_sliding_window": False, "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16",
+    },
+}
+
+
+def write_shape(name: str, root: Path | None = None) -> Path:
+    """A checkpoint directory with `name`'s config, no weights, and a tokenizer that covers its
+    whole vocabulary (one word a token), so every id a random-weight model samples has text."""
+    target = Path(root or tempfile.mkdtemp(prefix=f"pdserve-{name}-"))
+    target.mkdir(parents=True, exist_ok=True)
+    config = SHAPES[name]
+    write_word_tokenizer(target, config["vocab_size"], config["bos_token_id"], config["eos_token_id"])
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    return target
+
+
+def write_word_tokenizer(target: Path, vocab_size: int, bos_id: int, eos_id: int) -> None:
+    """tokenizer.json of `vocab_size` words ("w0", "w1", ...; <s> and </s> at their ids), split on
+    white space: any id sequence decodes to text that encodes back to it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {f"w{i}": i for i in range(vocab_size)} | {"<s>": bos_id, "</s>": eos_id, "<unk>": 0}
+    vocab = {word: i for word, i in vocab.items() if i not in (bos_id, eos_id, 0) or word in ("<s>", "</s>", "<unk>")}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with a space
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos_id)])
+    tokenizer.save(str(target / "tokenizer.json"))
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    (target / "tokenizer_config.json").write_text(json.dumps({**special, "chat_template": template}))
+
+
+def decode_weight_bytes(config: ModelConfig, dtype_bytes: int = 2) -> int:
+    """Bytes one decode step must read from the weights: everything but the embedding table (only
+    the batch's rows are read from it) — the LM head is read whole, also when tied."""
+    h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
+    attention = h * d * (config.num_heads + 2 * config.num_kv_heads) + config.num_heads * d * h
+    if config.attention_bias:
+        attention += d * (config.num_heads + 2 * config.num_kv_heads)
+    mlp = 3 * h * i
+    norms = 2 * h + (2 * d if config.qk_norm else 0)
+    per_layer = attention + mlp + norms
+    return dtype_bytes * (config.num_layers * per_layer + h + config.vocab_size * h)
+
+
+def prefill_flops(config: ModelConfig, num_tokens: int) -> float:
+    """Matmul FLOPs of one causal prefill: 2 x params x tokens for the linear layers (the LM head
+    only for the last token, as the engine computes it) + QK^T and PV over the causal triangle."""
+    h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
+    linear = config.num_layers * (h * d * (config.num_heads + 2 * config.num_kv_heads) + config.num_heads * d * h + 3 * h * i)
+    attention = config.num_layers * 2 * 2 * config.num_heads * d * num_tokens * (num_tokens + 1) / 2
+    return 2 * linear * num_tokens + attention + 2 * h * config.vocab_size

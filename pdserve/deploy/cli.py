@@ -1,0 +1,249 @@
+"""The `pdserve` command: `serve` (Ray-placed prefill and decode pools behind the OpenAI gateway),
+`router` (one more gateway over the workers in Redis), `scale` and `status` (the pools, through the
+admin API), `bench` and `demo-model` (write the small random checkpoint that `serve` uses by default)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from pdserve.engine.config import EngineConfig
+from pdserve.proto.deadlines import Deadlines
+from pdserve.router.config import DEFAULT_MAX_REQUEST_BODY_BYTES, GatewayConfig
+from pdserve.router.tools import ToolOptions
+
+DEMO_MODEL_NAME = "pdserve-demo"
+API_KEY_ENV = "PDSERVE_API_KEY"  # comma-separated keys, added to --api-key
+
+
+def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
+    """`config_file`: a `--config` YAML whose settings become `serve`'s defaults (flags override it)."""
+    from pdserve.router.tool_parsers import PARSERS
+
+    parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve a model over the OpenAI API")
+    serve.add_argument("--config", default=None, help="YAML file of settings (flags' names, pools, autoscaler); flags override it")
+    serve.add_argument("--model", default=None, help="HF checkpoint directory or Hub id (default: the demo model)")
+    serve.add_argument("--served-model-name", default=None, help="model name in the API (default: --model)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--prefill-workers", type=int, default=1)
+    serve.add_argument("--decode-workers", type=int, default=1)
+    serve.add_argument("--redis-url", default=None, help="share the worker registry through Redis (several gateways)")
+    serve.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+    serve.add_argument("--worker-host", default="127.0.0.1", help="address workers bind (0.0.0.0 across hosts)")
+    serve.add_argument("--block-size", type=int, default=16)
+    serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--max-num-seqs", type=int, default=256)
+    serve.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    serve.add_argument("--kv-cache-memory-gib", type=float, default=None)
+    serve.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    serve.add_argument("--no-prefix-caching", action="store_true")
+    serve.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    serve.add_argument(
+        "--kv-transport", default="auto", choices=["auto", "cuda_ipc", "nccl", "grpc", "local"],
+        help="how KV moves from prefill to decode workers (auto: CUDA IPC on one host, NCCL across hosts, else gRPC)",
+    )
+    serve.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights (benchmarks)")
+    serve.add_argument("--colocated", action="store_true", help="one engine in this process, no workers (baseline)")
+    serve.add_argument("--admin-token", default=None, help="bearer token of /admin/* (default: $PDSERVE_ADMIN_TOKEN; none: admin off)")
+    serve.add_argument("--autoscale", action=argparse.BooleanOptionalAction, default=False, help="size the pools from their load")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true", help="read tool calls out of replies (tool_choice auto)")
+    serve.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS), help="how the model writes tool calls")
+    serve.add_argument("--log-level", default="info")
+    add_gateway_arguments(serve)
+    serve.set_defaults(prefill_pool=None, decode_pool=None, autoscaler=None, drain=None)  # set by --config only
+    if config_file is not None:
+        from pdserve.deploy.config_file import file_defaults
+
+        serve.set_defaults(**file_defaults(config_file, serve))
+    demo = commands.add_parser("demo-model", help="write the demo checkpoint into DIR")
+    demo.add_argument("directory")
+    demo.add_argument("--seed", type=int, default=0)
+    from pdserve.bench.serve import add_arguments
+    from pdserve.deploy import admin_client, router_gateway
+
+    add_arguments(commands.add_parser("bench", help="load-test an OpenAI-compatible server"))
+    router_gateway.add_arguments(commands.add_parser("router", help="one more gateway, over the workers registered in Redis"))
+    admin_client.add_scale_arguments(commands.add_parser("scale", help="set the prefill and/or decode pool's size"))
+    admin_client.add_status_arguments(commands.add_parser("status", help="the pools, their workers and load"))
+    return parser
+
+
+def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
+    """The gateway's security, limits, admission, drain and deadlines (`router/config.py`)."""
+    g, d = GatewayConfig(), Deadlines()
+    parser.add_argument("--api-key", action="append", default=[], help=f"required on /v1 as `Authorization: Bearer KEY` "
+                        f"(repeatable; also ${API_KEY_ENV}, comma-separated)")
+    parser.add_argument("--protect-metrics", action="store_true", help="/metrics and /health need an API key too")
+    parser.add_argument("--max-num-queued-reqs", type=int, default=g.max_num_queued_reqs,
+                        help="requests without a first token yet, beyond which new ones get 503 + Retry-After")
+    parser.add_argument("--max-num-queued-tokens", type=int, default=g.max_num_queued_tokens, help="and their prompt tokens")
+    parser.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES, help="larger bodies get 413")
+    parser.add_argument("--request-read-timeout", type=float, default=g.request_read_timeout_s,
+                        help="seconds a client has to send a request's headers, and then its body")
+    parser.add_argument("--shutdown-timeout", type=float, default=g.shutdown_timeout_s,
+                        help="on SIGTERM, seconds in-flight requests may still run before they are ended")
+    parser.add_argument("--first-token-timeout", type=float, default=d.first_token_s, help="seconds to the first token")
+    parser.add_argument("--prefill-timeout", type=float, default=d.prefill_s,
+                        help="seconds for one hand-off attempt (reservation + prefill); a failed one is retried once")
+    parser.add_argument("--kv-lease-timeout", type=float, default=d.kv_lease_s,
+                        help="seconds a decode worker's reservation waits for the prompt's KV")
+    parser.add_argument("--stall-timeout", type=float, default=d.stall_s, help="seconds allowed between two tokens")
+    parser.add_argument("--request-timeout", type=float, default=d.request_s, help="seconds for a whole request")
+
+
+def gateway_config(args: argparse.Namespace) -> GatewayConfig:
+    """Raises ValueError for a bad value. The only place PDSERVE_API_KEY is read."""
+    keys = [*args.api_key, *(k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip())]
+    deadlines = Deadlines(
+        first_token_s=args.first_token_timeout, prefill_s=args.prefill_timeout, kv_lease_s=args.kv_lease_timeout,
+        stall_s=args.stall_timeout, request_s=args.request_timeout,
+    )
+    return GatewayConfig(
+        deadlines=deadlines, api_keys=tuple(dict.fromkeys(keys)), protect_metrics=args.protect_metrics,
+        max_num_queued_reqs=args.max_num_queued_reqs, max_num_queued_tokens=args.max_num_queued_tokens,
+        max_request_body_bytes=args.max_request_body_bytes, request_read_timeout_s=args.request_read_timeout,
+        shutdown_timeout_s=args.shutdown_timeout,
+        tool_options=ToolOptions(getattr(args, "enable_auto_tool_choice", False), getattr(args, "tool_call_parser", None)),
+    )
+
+
+def cluster_secret() -> object:
+    """The cluster's secret: PDSERVE_CLUSTER_SECRET (the same for every gateway and worker of a
+    cluster, so several gateways can share one Redis), else a fresh one. The only place it is read."""
+    from pdserve.proto.cluster_secret import ENV_VAR, ClusterSecret
+
+    return ClusterSecret(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else ClusterSecret.generate()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pdserve.deploy.config_file import ConfigFileError
+
+    args = build_parser().parse_args(argv)
+    if args.command == "serve" and args.config:
+        try:
+            args = build_parser(args.config).parse_args(argv)
+        except ConfigFileError as exc:
+            print(f"pdserve: {exc}", file=sys.stderr)
+            return 2
+    level = args.log_level.upper() if args.command in ("serve", "router") else "INFO"
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command in ("router", "scale", "status"):
+        from pdserve.deploy import admin_client, router_gateway
+
+        return {"router": router_gateway.main, "scale": admin_client.scale, "status": admin_client.status}[args.command](args)
+    if args.command == "demo-model":
+        from pdserve.engine.demo_model import write_demo_model
+
+        print(write_demo_model(args.directory, args.seed))
+        return 0
+    if args.command == "bench":
+        from pdserve.bench.serve import main as bench_main
+
+        return bench_main(args)
+    return serve(args)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from pdserve.deploy.cluster import Cluster, StartupError
+    from pdserve.deploy.controller_client import ControllerClient
+    from pdserve.deploy.gateway import run_gateway
+    from pdserve.deploy.watchdog import start_watchdog
+    from pdserve.engine.config import ConfigError
+
+    try:
+        config = serve_config(args)
+        gateway = gateway_config(args)
+    except (ConfigError, ValueError, TypeError) as exc:
+        print(f"pdserve: {exc}", file=sys.stderr)
+        return 2
+    if config.colocated:
+        _stop_on_sigterm()  # uvicorn re-raises SIGTERM once it has stopped: exit 0, not -15
+        try:
+            return asyncio.run(run_gateway(config, None, gateway))
+        except (KeyboardInterrupt, _Shutdown):
+            return 0
+    cluster = Cluster(config)
+    _stop_on_sigterm()
+    watchdog = start_watchdog() if config.ray_address is None else None  # noqa: F841 - lives as long as this process
+    try:
+        controller = ControllerClient(cluster.start())
+        _stop_on_sigterm()  # again: ray.init installs its own handler (sys.exit(15))
+        return asyncio.run(run_gateway(config, controller, gateway, controller))
+    except (KeyboardInterrupt, _Shutdown):
+        return 0
+    except ConfigError as exc:
+        print(f"pdserve: {exc}", file=sys.stderr)
+        return 2
+    except StartupError as exc:
+        print(f"pdserve: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        cluster.stop()
+
+
+def serve_config(args: argparse.Namespace) -> object:
+    from pdserve.deploy.config import AutoscaleConfig, DrainConfig, PoolConfig, ServeConfig
+    from pdserve.engine.demo_model import default_demo_model_dir
+    from pdserve.engine.loader import resolve_model_path
+
+    model = args.model or str(default_demo_model_dir())
+    model_dir = resolve_model_path(model)  # fails early, and downloads once for every local worker
+    engine = EngineConfig(
+        model=str(model_dir),
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_memory_gib=args.kv_cache_memory_gib,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=not args.no_prefix_caching,
+        enforce_eager=args.enforce_eager,
+        load_format=args.load_format,
+    )
+    return ServeConfig(
+        engine=engine,
+        served_model_name=args.served_model_name or args.model or DEMO_MODEL_NAME,
+        host=args.host,
+        port=args.port,
+        num_prefill_workers=args.prefill_workers,
+        num_decode_workers=args.decode_workers,
+        redis_url=args.redis_url,
+        ray_address=args.ray_address,
+        worker_host=args.worker_host,
+        kv_transport=args.kv_transport,
+        colocated=args.colocated,
+        admin_token=args.admin_token or os.environ.get("PDSERVE_ADMIN_TOKEN"),
+        prefill_pool=args.prefill_pool or PoolConfig(),
+        decode_pool=args.decode_pool or PoolConfig(),
+        autoscale=AutoscaleConfig(enabled=args.autoscale, **(args.autoscaler or {})),
+        drain=DrainConfig(**(args.drain or {})),
+        cluster_secret=cluster_secret(),
+    )
+
+
+class _Shutdown(Exception):
+    """SIGTERM: stop the gateway and the workers, then exit 0."""
+
+
+def _stop_on_sigterm() -> None:
+    """uvicorn handles SIGINT/SIGTERM while it serves and re-raises them once it has stopped;
+    outside of it (model loading, shutdown) this handler unwinds to `cluster.stop()`."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise _Shutdown
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""`Cluster`: the `pdserve serve` process's side of Ray. It starts a local Ray instance whose node
+carries both pool resources (or joins a running cluster with `--ray-address`), starts the controller
+on this node, waits for the initial workers, and stops it all."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+
+from pdserve.deploy.config import ROLES, ServeConfig
+from pdserve.deploy.controller import CONTROLLER_NAME, NAMESPACE, Controller, ControllerConfig
+from pdserve.deploy.placement import gpus_per_worker, local_node_resources, missing_pools, pythonpath
+from pdserve.engine.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """The initial workers did not come up."""
+
+
+class Cluster:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.controller: object | None = None
+        self._started_ray = False
+
+    def start(self) -> object:
+        """Starts the controller and the initial workers (models load in parallel); returns the
+        controller's actor handle once every initial worker is ready."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if not ray.is_initialized():
+            self._init_ray()
+        missing = missing_pools(ray.cluster_resources())
+        if missing:
+            logger.warning("no node of the Ray cluster carries %s yet: those workers wait for one (an autoscaling "
+                           "cluster adds it; else start nodes with `ray start --resources`)", " or ".join(missing))
+        controller_cls = ray.remote(Controller).options(
+            name=CONTROLLER_NAME, namespace=NAMESPACE, num_cpus=0, max_concurrency=100,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+            runtime_env={"env_vars": {"PYTHONPATH": pythonpath()}},
+        )
+        try:
+            self.controller = controller_cls.remote(self._controller_config(ray.cluster_resources().get("GPU", 0)))
+        except ValueError as exc:  # ActorAlreadyExistsError
+            raise ConfigError(f"another `pdserve serve` already controls this Ray cluster ({exc})") from exc
+        timeout_s = self.config.startup_timeout_s
+        error = ray.get(self.controller.start.remote(timeout_s), timeout=timeout_s + 60)
+        if error is not None:
+            raise StartupError(f"the workers did not start: {error}")
+        return self.controller
+
+    def _init_ray(self) -> None:
+        import ray
+
+        config = self.config
+        env = {"runtime_env": {"env_vars": {"PYTHONPATH": pythonpath()}}, "namespace": NAMESPACE, "logging_level": logging.WARNING}
+        if config.ray_address:
+            ray.init(address=config.ray_address, **env)
+        else:  # "local": a new instance even if `ray start` left one running on this machine
+            max_workers = sum(config.pool(role).max_replicas for role in ROLES)
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, max_workers), resources=local_node_resources(),
+                     include_dashboard=False, **env)
+        self._started_ray = True
+
+    def _controller_config(self, num_cluster_gpus: float) -> ControllerConfig:
+        config = self.config
+        if config.engine.device == "cuda" and num_cluster_gpus == 0:
+            raise ConfigError("--device cuda was asked for but the Ray cluster has no GPU")
+        share = gpus_per_worker(num_cluster_gpus, config.num_prefill_workers + config.num_decode_workers, config.engine.device)
+        engine = config.engine
+        if 0 < share < 1 and engine.kv_cache_memory_gib is None:
+            # Workers share a GPU: each sizes its KV cache within its share of the memory.
+            engine = replace(engine, gpu_memory_utilization=engine.gpu_memory_utilization * share)
+        return ControllerConfig(
+            engine=engine, model_name=config.served_model_name, worker_host=config.worker_host,
+            kv_transport=config.kv_transport, redis_url=config.redis_url,
+            replicas={role: config.replicas(role) for role in ROLES}, pools={role: config.pool(role) for role in ROLES},
+            gpu_share=share, autoscale=config.autoscale, drain=config.drain, cluster_secret=config.cluster_secret,
+        )
+
+    def stop(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            return
+        if self.controller is not None:
+            try:
+                ray.get(self.controller.shutdown.remote(), timeout=30)
+            except Exception as exc:  # noqa: BLE001 - shutting down regardless
+                logger.warning("workers did not stop cleanly: %s", exc)
+            ray.kill(self.controller)
+            self.controller = None
+        if self._started_ray:
+            ray.shutdown()

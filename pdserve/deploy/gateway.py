@@ -1,0 +1,84 @@
+"""Runs the HTTP gateway in this process until SIGINT/SIGTERM (which drain it first): over the workers a registry lists (the
+controller's, or Redis's for `pdserve router`), or over one in-process engine (`--colocated`)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from pdserve.deploy.config import ServeConfig
+from pdserve.deploy.controller_client import ControllerClient
+from pdserve.deploy.http_server import GatewayServer, gateway_config
+from pdserve.deploy.worker_host import GIL_SWITCH_INTERVAL_S
+from pdserve.engine.tokenizer import Tokenizer
+from pdserve.router.app import create_app
+from pdserve.router.backend import Backend
+from pdserve.router.config import GatewayConfig
+from pdserve.router.metrics import Metrics
+from pdserve.router.registry import Registry
+
+logger = logging.getLogger(__name__)
+READY_TIMEOUT_S = 60.0
+REPORT_INTERVAL_S = 2.0  # the controller's view on /metrics is this fresh (the autoscaler's interval when it runs)
+
+
+async def run_gateway(
+    config: ServeConfig, registry: Registry | None, gateway: GatewayConfig, controller: ControllerClient | None = None
+) -> int:
+    """`registry` None: colocated. `controller`: the pools' admin routes and the autoscaler's reports."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # the event loop, gRPC's threads and (colocated) the engine thread
+    metrics = Metrics(config.served_model_name)
+    backend = await _colocated(config) if registry is None else await _disaggregated(config, registry, metrics, gateway)
+    app = create_app(backend, metrics, gateway)
+    reporting = None
+    if registry is not None:
+        reporting = _add_operations(app, backend, config, metrics, controller)
+    uvicorn_config = gateway_config(app, config.host, config.port, gateway.request_read_timeout_s)
+    server = GatewayServer(uvicorn_config, app.state.drain, gateway.shutdown_timeout_s)
+    mode = "colocated" if registry is None else f"disaggregated, workers from {type(registry).__name__}"
+    logger.info("serving %s at http://%s:%d/v1 (%s)", config.served_model_name, config.host, config.port, mode)
+    try:
+        await server.serve()
+    finally:
+        if reporting is not None:
+            reporting.cancel()
+        await backend.close()
+    return 0
+
+
+def _add_operations(app: object, backend: Backend, config: ServeConfig, metrics: Metrics, controller: ControllerClient | None) -> asyncio.Task | None:
+    """Admin routes, per-pool metrics and, with a controller, the autoscaler's latency reports."""
+    from pdserve.router.admin import admin_routes
+    from pdserve.router.pool_metrics import PoolCollector
+
+    app.include_router(admin_routes(backend.pool, config.admin_token, controller))
+    metrics.registry.register(PoolCollector(backend.pool, config.served_model_name, lambda: controller.last_view if controller else None))
+    if controller is None:
+        return None
+    interval_s = config.autoscale.interval_s if config.autoscale.enabled else REPORT_INTERVAL_S
+    return asyncio.create_task(controller.report_forever(metrics, interval_s))
+
+
+async def _colocated(config: ServeConfig) -> Backend:
+    from pdserve.engine.async_engine import AsyncEngine
+    from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.router.backend import ColocatedBackend
+
+    return ColocatedBackend(AsyncEngine(LLMEngine.from_config(config.engine)), config.served_model_name)
+
+
+async def _disaggregated(config: ServeConfig, registry: Registry, metrics: Metrics, gateway: GatewayConfig) -> Backend:
+    from pdserve.router.disaggregated import DisaggregatedBackend
+    from pdserve.router.workers import WorkerPool
+
+    pool = WorkerPool(registry, config.cluster_secret)
+    await pool.start()
+    if not await pool.wait_ready(READY_TIMEOUT_S):
+        await pool.close()
+        raise RuntimeError(f"no healthy prefill and decode workers within {READY_TIMEOUT_S:g} s")
+    max_model_len = min(w.status.max_model_len for w in pool.workers.values() if w.status is not None)
+    tokenizer = Tokenizer.from_pretrained(config.engine.model)
+    return DisaggregatedBackend(
+        pool, tokenizer, config.served_model_name, max_model_len, on_kv_transfer=metrics.observe_kv_transfer,
+        deadlines=gateway.deadlines,
+    )

@@ -1,0 +1,181 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3) over a paged KV cache, with
+fused q/k/v and gate/up projections, and the mapping from HF checkpoint names to its parameters."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from pdserve.engine.attention import Attention, AttentionMetadata
+from pdserve.engine.config import ModelConfig
+from pdserve.engine.layers import Linear, MergedLinear, RMSNorm, silu_and_mul
+from pdserve.engine.rotary import build_cos_sin_cache
+
+# HF projection name -> (our fused module, shard within it)
+FUSED_SHARDS = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", "gate"),
+    "up_proj": ("gate_up_proj", "up"),
+}
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, config.attention_bias)
+        self.o_proj = Linear(q_size, config.hidden_size, transposed=True)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        cos_sin_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q.contiguous())
+            k = self.k_norm(k.contiguous())
+        out = self.attn(positions, q, k, v, kv_cache, meta, cos_sin_cache)
+        return self.o_proj(out.view(num_tokens, q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, bias=False, transposed=True)
+        self.down_proj = Linear(size, config.hidden_size, transposed=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        cos_sin_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, meta, cos_sin_cache)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """`forward` returns final hidden states `[num_tokens, hidden]`; `compute_logits` the fp32
+    logits of the rows asked for."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        # A tied head shares the embedding's [vocab, hidden] tensor, so only an untied one is transposed.
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, transposed=not config.tie_word_embeddings)
+        self.cos_sin_cache = torch.empty(0)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def init_rotary(self, max_positions: int, device: torch.device) -> None:
+        cache = build_cos_sin_cache(self.config.head_dim, max_positions, self.config.rope)
+        self.cos_sin_cache = cache.to(device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [num_tokens]
+        positions: torch.Tensor,  # [num_tokens]
+        kv_cache: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        on_layer: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """`on_layer(i)` runs once layer i's work is issued (its KV is in the cache once that work
+        is done): a KV hand-off can start on the first layers while the last ones compute."""
+        hidden = self.model.embed_tokens(input_ids)
+        residual = None
+        for i, layer in enumerate(self.model.layers):
+            hidden, residual = layer(positions, hidden, residual, kv_cache[i], meta, self.cos_sin_cache)
+            if on_layer is not None:
+                on_layer(i)
+        hidden, _ = self.model.norm(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    # -- checkpoint loading -------------------------------------------------------------------
+    def weight_keys(self) -> set[str]:
+        """Every (parameter, shard) the checkpoint must provide."""
+        keys = set()
+        for name, _ in self.named_parameters():
+            module = self.get_submodule(name.rsplit(".", 1)[0])
+            if isinstance(module, MergedLinear):
+                keys |= {f"{name}#{shard}" for shard in module.shard_ranges}
+            else:
+                keys.add(name)
+        return keys
+
+    def load_weight(self, name: str, tensor: torch.Tensor) -> set[str]:
+        """Load one HF checkpoint tensor; returns the keys of `weight_keys` it filled."""
+        if name.startswith("lm_head.") and self.config.tie_word_embeddings:
+            return set()
+        *prefix, module_name, kind = name.split(".")
+        if module_name in FUSED_SHARDS:
+            fused, shard = FUSED_SHARDS[module_name]
+            target = ".".join([*prefix, fused, kind])
+            module = self.get_submodule(".".join([*prefix, fused]))
+            module.load_shard(shard, kind, tensor)
+            return {f"{target}#{shard}"}
+        try:
+            param = self.get_parameter(name)
+        except AttributeError:
+            return set()  # e.g. rotary_emb.inv_freq in old checkpoints: nothing of ours to fill
+        module = self.get_submodule(".".join([*prefix, module_name]))
+        if isinstance(module, Linear):
+            module.load(kind, tensor)
+            return {name}
+        if param.shape != tensor.shape:
+            raise ValueError(f"weight {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+        param.data.copy_(tensor)
+        return {name}

@@ -1,0 +1,227 @@
+"""`ModelRunner`: owns the model weights and the paged KV cache of one worker, turns a scheduled
+batch into model inputs, runs the forward pass (decode through CUDA graphs on a GPU) and samples;
+grammar masks are computed on other threads meanwhile, and grammars advanced with the new tokens."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pdserve.engine.attention import AttentionMetadata
+from pdserve.engine.config import ConfigError, EngineConfig, ModelConfig
+from pdserve.engine.cuda_graph import DecodeGraphRunner
+from pdserve.engine.grammar_masks import GrammarMasks
+from pdserve.engine.loader import init_random_weights, load_weights
+from pdserve.engine.model import LlamaForCausalLM
+from pdserve.engine.outputs import TokenLogprobs
+from pdserve.engine.prompt_logprobs import compute_prompt_logprobs, prompt_targets
+from pdserve.engine.request import Request, ScheduledRequest
+from pdserve.engine.sampler import Sampler, SamplerOutput, only_argmax
+
+logger = logging.getLogger(__name__)
+
+CPU_KV_CACHE_GIB = 0.5
+
+
+@dataclass
+class StepLogits:
+    logits: torch.Tensor  # float32 [len(requests), vocab]
+    greedy_ids: torch.Tensor | None  # their argmax, when the step computed it (CUDA-graph decode)
+    requests: list[Request]  # the sampled requests, in row order
+    prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # see SamplerOutput
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor  # int64 [num_tokens]
+    positions: torch.Tensor  # int64 [num_tokens]
+    meta: AttentionMetadata
+    logits_rows: torch.Tensor  # int64 [num_sampled]: rows of the hidden states that give logits
+    sampled: list[Request]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, model_dir: Path | None) -> None:
+        """`model_dir=None` builds the model with random weights (benchmarks)."""
+        self.config = config
+        self.model_config = model_config
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype(model_config, self.device)
+        self.block_size = config.block_size
+        self.max_model_len = config.model_len(model_config)
+        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
+        self.model = self._build_model(model_dir)
+        self.kv_cache = self._allocate_kv_cache()
+        self.sampler = Sampler()
+        self.grammar_masks = GrammarMasks(pin_memory=self.device.type == "cuda")
+        self.graphs: DecodeGraphRunner | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.graphs = DecodeGraphRunner(
+                self.model, self.kv_cache, min(config.max_num_seqs, 512), self.max_blocks_per_seq, self.block_size
+            )
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.kv_cache.shape[2]
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _build_model(self, model_dir: Path | None) -> LlamaForCausalLM:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(self.model_config).to(self.dtype)  # no memory is touched yet
+        model.to_empty(device=self.device)
+        model.tie_weights()
+        if model_dir is None:
+            init_random_weights(model, self.config.seed)
+        else:
+            load_weights(model, model_dir)
+        model.init_rotary(self.max_model_len, self.device)
+        return model.eval()
+
+    def _kv_shape(self, num_blocks: int) -> tuple[int, ...]:
+        m = self.model_config
+        return (m.num_layers, 2, num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+
+    def _allocate_kv_cache(self) -> torch.Tensor:
+        num_blocks = self.config.num_kv_blocks or self._num_blocks_for_memory()
+        if num_blocks * self.block_size < self.block_size * 2:
+            raise ConfigError("the KV cache has room for fewer than two blocks; give it more memory")
+        logger.info("KV cache: %d blocks of %d tokens", num_blocks, self.block_size)
+        return torch.zeros(self._kv_shape(num_blocks), dtype=self.dtype, device=self.device)
+
+    def _num_blocks_for_memory(self) -> int:
+        bytes_per_block = self.model_config.kv_bytes_per_token * self.block_size * self.dtype.itemsize
+        if self.config.kv_cache_memory_gib is not None:
+            return max(1, int(self.config.kv_cache_memory_gib * 2**30) // bytes_per_block)
+        if self.device.type == "cpu":
+            return max(1, int(CPU_KV_CACHE_GIB * 2**30) // bytes_per_block)
+        return max(1, self._profile_free_gpu_memory() // bytes_per_block)
+
+    @torch.inference_mode()
+    def _profile_free_gpu_memory(self) -> int:
+        """Run the largest batch once with a scratch cache; what is left under the utilisation cap
+        after the weights and that peak goes to the KV cache."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
+        num_blocks = -(-num_tokens // self.block_size)
+        scratch = torch.zeros(self._kv_shape(num_blocks), dtype=self.dtype, device=self.device)
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(num_tokens, device=self.device),
+            block_tables=torch.arange(num_blocks, dtype=torch.int32, device=self.device)[None],
+            context_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
+            cu_seqlens_q=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
+            max_seqlen_q=num_tokens,
+        )
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, torch.arange(num_tokens, device=self.device), scratch, meta)
+        self.model.compute_logits(hidden[: self.config.max_num_seqs])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del scratch, hidden
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return int(total * self.config.gpu_memory_utilization) - peak
+
+    # -- execution ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, batch: list[ScheduledRequest], on_layer: Callable[[int], None] | None = None) -> SamplerOutput:
+        """Run one step; returns sampled tokens for the requests whose chunk ends at their last token
+        (their grammars advanced). `on_layer(i)`: see `LlamaForCausalLM.forward` (eager steps only)."""
+        masks = self.grammar_masks.start(_family_rows([s.request for s in batch if s.is_sampled]))  # overlaps the forward
+        step = _with_siblings(self.compute_logits(batch, on_layer))
+        if not step.requests:
+            output = SamplerOutput([], [])
+        elif step.greedy_ids is not None and only_argmax(step.requests):
+            output = SamplerOutput(step.greedy_ids.tolist(), [None] * len(step.requests))
+        else:
+            output = self.sampler(step.logits, step.requests, masks)
+            self.grammar_masks.accept(step.requests, output.token_ids)
+        output.prompt_logprobs = step.prompt_logprobs
+        return output
+
+    def compute_logits(self, batch: list[ScheduledRequest], on_layer: Callable[[int], None] | None = None) -> StepLogits:
+        if on_layer is None and self.graphs is not None and self.graphs.can_run(len(batch)) and _is_plain_decode(batch):
+            requests = [s.request for s in batch]
+            return StepLogits(*self.graphs.run(requests), requests)
+        inputs = self.prepare_inputs(batch)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, on_layer)
+        targets = prompt_targets(batch)
+        prompt_logprobs = compute_prompt_logprobs(self.model, hidden, targets) if targets else {}
+        return StepLogits(self.model.compute_logits(hidden[inputs.logits_rows]), None, inputs.sampled, prompt_logprobs)
+
+    def prepare_inputs(self, batch: list[ScheduledRequest]) -> ModelInputs:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        context_lens: list[int] = []
+        cu_seqlens = [0]
+        logits_rows: list[int] = []
+        sampled: list[Request] = []
+        for item in batch:
+            r = item.request
+            start, end = r.num_computed_tokens, r.num_computed_tokens + item.num_tokens
+            input_ids += item.token_ids()
+            positions += range(start, end)
+            table = r.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            context_lens.append(end)
+            cu_seqlens.append(cu_seqlens[-1] + item.num_tokens)
+            if item.is_sampled:
+                logits_rows.append(cu_seqlens[-1] - 1)
+                sampled.append(r)
+        is_decode = all(item.num_tokens == 1 for item in batch)
+        device = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            block_tables=self._block_tables([item.request.block_table for item in batch]),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
+            cu_seqlens_q=None if is_decode else torch.tensor(cu_seqlens, dtype=torch.int32, device=device),
+            max_seqlen_q=max(item.num_tokens for item in batch),
+        )
+        return ModelInputs(
+            input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            meta=meta,
+            logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=device),
+            sampled=sampled,
+        )
+
+    def _block_tables(self, tables: list[list[int]]) -> torch.Tensor:
+        width = max(len(t) for t in tables)
+        padded = np.zeros((len(tables), width), dtype=np.int32)
+        for i, table in enumerate(tables):
+            padded[i, : len(table)] = table
+        return torch.from_numpy(padded).to(self.device)
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """KV copies for forked sequences: block src -> block dst in every layer."""
+        if copies:
+            src, dst = zip(*copies)
+            self.kv_cache[:, :, list(dst)] = self.kv_cache[:, :, list(src)]
+
+
+def _with_siblings(step: StepLogits) -> StepLogits:
+    """A request whose prompt just completed and has siblings waiting gets a row for each of them
+    too (the same logits), right after its own: the scheduler reads the samples in that order."""
+    if not any(r.has_unforked_siblings for r in step.requests):
+        return step
+    rows = [row for row, request in enumerate(step.requests) for _ in _family_rows([request])]
+    requests = _family_rows(step.requests)
+    index = torch.tensor(rows, device=step.logits.device)
+    greedy = step.greedy_ids[index] if step.greedy_ids is not None else None
+    return StepLogits(step.logits[index], greedy, requests, step.prompt_logprobs)
+
+
+def _family_rows(requests: list[Request]) -> list[Request]:
+    """The sampled requests, each followed by its siblings while they wait for their first token."""
+    return [r for request in requests for r in (request.family if request.has_unforked_siblings else [request])]
+
+
+def _is_plain_decode(batch: list[ScheduledRequest]) -> bool:
+    """Every request computes exactly its last known token (and is sampled from it)."""
+    return all(s.num_tokens == 1 and s.request.num_computed_tokens + 1 == s.request.num_tokens for s in batch)

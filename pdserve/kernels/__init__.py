@@ -1,0 +1,34 @@
+"""Triton kernels of the model forward pass, each with its plain-torch reference (`*_ref`)."""
+from pdserve.kernels.kv_block_copy import copy_kv_blocks, copy_kv_blocks_ref
+from pdserve.kernels.kv_store import store_kv_cache, store_kv_cache_ref
+from pdserve.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
+from pdserve.kernels.paged_prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
+from pdserve.kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
+from pdserve.kernels.rotary_embedding import (
+    rotary_embedding,
+    rotary_embedding_ref,
+    rotary_store_kv,
+    rotary_store_kv_ref,
+)
+from pdserve.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
+
+__all__ = [
+    "copy_kv_blocks",
+    "copy_kv_blocks_ref",
+    "fused_add_rms_norm",
+    "fused_add_rms_norm_ref",
+    "paged_decode_attention",
+    "paged_decode_attention_ref",
+    "paged_prefill_attention",
+    "paged_prefill_attention_ref",
+    "rms_norm",
+    "rms_norm_ref",
+    "rotary_embedding",
+    "rotary_embedding_ref",
+    "rotary_store_kv",
+    "rotary_store_kv_ref",
+    "silu_and_mul",
+    "silu_and_mul_ref",
+    "store_kv_cache",
+    "store_kv_cache_ref",
+]

@@ -1,0 +1,98 @@
+"""Operator routes, behind a bearer token: `GET /admin/workers` (the workers this gateway routes to,
+as it polls them), `GET /admin/pools` and `POST /admin/pools/{prefill|decode}` (the controller's
+pools: desired and actual replicas, each worker's state, node, pid and load). No token configured:
+the whole admin API is off (403)."""
+from __future__ import annotations
+
+import hmac
+from typing import Protocol
+
+from fastapi import APIRouter, Depends, Request
+from google.protobuf.json_format import MessageToDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from pdserve.router.errors import APIError
+from pdserve.router.workers import WorkerHandle, WorkerPool
+
+POOLS = ("prefill", "decode")
+
+
+class ScaleError(ValueError):
+    """A scale request the controller refuses (a count outside the pool's bounds...): HTTP 400."""
+
+
+class PoolAdmin(Protocol):
+    """The controller as the gateway reaches it (`deploy/controller_client.py`)."""
+
+    async def pools(self) -> dict:
+        """{"pools": {name: {desired, min, max, workers: [...], gone: [...]}}, "autoscaler": {...}}"""
+        ...
+
+    async def scale(self, pool: str, replicas: int) -> dict:
+        """Sets the pool's desired replicas (raises ScaleError); returns the pools as `pools()`."""
+        ...
+
+
+class ScaleRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    replicas: int = Field(strict=True)
+
+
+def admin_routes(pool: WorkerPool, token: str | None, admin: PoolAdmin | None = None) -> APIRouter:
+    routes = APIRouter(prefix="/admin", dependencies=[Depends(_bearer_check(token))])
+
+    @routes.get("/workers")
+    async def workers() -> dict:
+        await pool.refresh()
+        return {"workers": [_worker_view(handle) for handle in pool.workers.values()]}
+
+    @routes.get("/pools")
+    async def pools() -> dict:
+        return await _controller(admin).pools()
+
+    @routes.post("/pools/{name}")
+    async def scale(name: str, body: ScaleRequest) -> dict:
+        if name not in POOLS:
+            raise APIError(400, f"unknown pool {name!r}: the pools are {' and '.join(POOLS)}", "pool")
+        if body.replicas < 0:
+            raise APIError(400, f"replicas must be >= 0; got {body.replicas}", "replicas")
+        try:
+            return await _controller(admin).scale(name, body.replicas)
+        except ScaleError as exc:
+            raise APIError(400, str(exc), "replicas") from exc
+
+    return routes
+
+
+def _bearer_check(token: str | None) -> object:
+    async def check(request: Request) -> None:
+        if not token:
+            raise APIError(403, "the admin API is off: start the gateway with --admin-token or PDSERVE_ADMIN_TOKEN")
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise APIError(401, "admin calls need the header `Authorization: Bearer <admin token>`")
+
+    return check
+
+
+def _controller(admin: PoolAdmin | None) -> PoolAdmin:
+    if admin is None:
+        raise APIError(404, "this gateway has no controller: pools are managed through `pdserve serve`'s gateway "
+                            "or a `pdserve router` started with --ray-address")
+    return admin
+
+
+def _worker_view(handle: WorkerHandle) -> dict:
+    status = handle.status
+    return {
+        "worker_id": handle.record.worker_id,
+        "role": handle.record.role,
+        "address": handle.record.address,
+        "healthy": handle.is_healthy,
+        "draining": handle.is_draining,
+        "listed": handle.is_listed,
+        "num_in_flight": handle.num_in_flight,
+        "status": MessageToDict(status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        if status is not None
+        else None,
+    }

@@ -1,0 +1,164 @@
+"""`create_app(backend, config)`: the OpenAI-compatible HTTP gateway, with vLLM's routes and shapes,
+so OpenAI/vLLM clients, benchmarks and dashboards work unchanged; behind API keys, the drain gate
+and the input limits (middleware, outermost first)."""
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pdserve.router.admission import Admission
+from pdserve.router.auth import APIKeyAuth
+from pdserve.router.backend import Backend
+from pdserve.router.chat import create_chat_completion, render_chat
+from pdserve.router.completions import create_completion
+from pdserve.router.config import GatewayConfig
+from pdserve.router.drain import Drain, DrainGate
+from pdserve.router.errors import APIError, install_error_handlers
+from pdserve.router.limits import RequestLimits
+from pdserve.router.metrics import Metrics
+from pdserve.router.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from pdserve.router.serving import Serving, cancel_on_disconnect
+
+logger = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S = 5.0  # /health and /metrics ask the backend; a stuck backend must not hang them
+
+
+def create_app(backend: Backend, metrics: Metrics | None = None, config: GatewayConfig | None = None) -> FastAPI:
+    """Routes: POST /v1/completions, /v1/chat/completions, /tokenize, /detokenize; GET /v1/models,
+    /health, /metrics. The caller owns the backend (and closes it) and runs `app.state.drain` on
+    SIGTERM (`deploy/http_server.py`)."""
+    config = config or GatewayConfig()
+    drain = Drain()
+    admission = Admission(config.max_num_queued_reqs, config.max_num_queued_tokens)
+    serving = Serving(backend, metrics or Metrics(backend.model_name), config.deadlines, admission, drain)
+    app = FastAPI(title="pdserve")
+    app.state.serving = serving
+    app.state.drain = drain
+    install_error_handlers(app)
+    app.add_middleware(RequestLimits, max_body_bytes=config.max_request_body_bytes, read_timeout_s=config.request_read_timeout_s)
+    app.add_middleware(DrainGate, drain=drain)
+    app.add_middleware(APIKeyAuth, api_keys=config.api_keys, protect_metrics=config.protect_metrics)
+    app.add_middleware(HTTPMetricsMiddleware, metrics=serving.metrics)  # outermost: counts refusals too
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw_request: Request) -> Response:
+        return await cancel_on_disconnect(raw_request, create_completion(serving, body, _tenant(raw_request)))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, raw_request: Request) -> Response:
+        return await cancel_on_disconnect(raw_request, create_chat_completion(serving, body, config.tool_options, _tenant(raw_request)))
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = {
+            "id": backend.model_name, "object": "model", "created": int(time.time()), "owned_by": "pdserve",
+            "root": backend.model_name, "parent": None, "max_model_len": backend.max_model_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health() -> Response:
+        if drain.is_draining:
+            return Response(status_code=503)
+        try:
+            is_healthy = await asyncio.wait_for(backend.is_healthy(), PROBE_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - a failing probe means unhealthy
+            logger.exception("health probe failed")
+            is_healthy = False
+        return Response(status_code=200 if is_healthy else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        try:
+            serving.metrics.update_stats(await asyncio.wait_for(backend.stats(), PROBE_TIMEOUT_S))
+        except Exception:  # noqa: BLE001 - serve the last known values rather than nothing
+            logger.exception("backend stats failed; /metrics shows the last known values")
+        return Response(serving.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> JSONResponse:
+        serving.check_model(body.model)
+        token_ids = await _tokenize(serving, body)
+        answer = {"count": len(token_ids), "max_model_len": backend.max_model_len, "tokens": token_ids}
+        if body.return_token_strs:
+            answer["token_strs"] = backend.tokenizer.token_strings(token_ids)
+        return JSONResponse(answer)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> JSONResponse:
+        """vLLM's: what a remote client (lm-eval's tokenizer_backend=remote) needs of the tokenizer."""
+        info = {"tokenizer_class": "PreTrainedTokenizerFast", **backend.tokenizer.info(), "model_max_length": backend.max_model_len}
+        return JSONResponse(info)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": _version()}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> JSONResponse:
+        serving.check_model(body.model)
+        vocab_size = backend.tokenizer.vocab_size
+        if any(not 0 <= t < vocab_size for t in body.tokens):
+            raise APIError(400, f"token ids must be in [0, {vocab_size})", "tokens")
+        text = await serving.in_thread(backend.tokenizer.decode, body.tokens, False)
+        return JSONResponse({"prompt": text})
+
+    return app
+
+
+class HTTPMetricsMiddleware:
+    """Counts every HTTP response as `http_requests_total{handler, method, status}` (the route's
+    path template, as prometheus-fastapi-instrumentator names them). Plain ASGI: streams untouched."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [500]
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            self.metrics.observe_http(getattr(route, "path", "none"), scope["method"], status[0])
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("pdserve")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout without installing
+        return "unknown"
+
+
+def _tenant(request: Request) -> str | None:
+    """The API-key identity `APIKeyAuth` found (None when the server has no keys)."""
+    return getattr(request.state, "tenant", None)
+
+
+async def _tokenize(serving: Serving, body: TokenizeRequest) -> list[int]:
+    """vLLM's /tokenize: a prompt (special tokens added by default) or chat messages (not)."""
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give exactly one of `prompt` and `messages`", "prompt")
+    if body.prompt is not None:
+        add_special_tokens = True if body.add_special_tokens is None else body.add_special_tokens
+        return await serving.encode(body.prompt, add_special_tokens, "prompt")
+    tokenizer = serving.backend.tokenizer
+    text = await serving.in_thread(render_chat, tokenizer, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+    return await serving.encode(text, bool(body.add_special_tokens), "messages")

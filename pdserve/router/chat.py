@@ -1,0 +1,186 @@
+"""POST /v1/chat/completions: the chat template renders the messages (and tools), then one
+generation, whole or streamed (a first chunk with the assistant role, then the content deltas);
+a reply with tool calls comes back in `message.tool_calls` / `delta.tool_calls`."""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response
+
+from pdserve.engine.tokenizer import Tokenizer
+from pdserve.router.auth import cache_salt_of
+from pdserve.router.errors import APIError
+from pdserve.router.protocol import ChatCompletionRequest, ChatMessage
+from pdserve.router.serving import (
+    Generation, Serving, TextDelta, collect, json_logprob, merge_deltas, start_stream, token_text, vllm_prompt_logprobs,
+)
+from pdserve.router.tool_parsers import PARSERS, NamedStream, ParsedReply, RequiredStream, ToolCall, parse_required
+from pdserve.router.tools import ToolMode, ToolOptions, forced_call_schema, tool_mode
+
+RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "tools")
+
+
+def render_chat(
+    tokenizer: Tokenizer, messages: list[ChatMessage], add_generation_prompt: bool, kwargs: dict[str, Any] | None,
+    tools: list[dict[str, Any]] | None = None,
+) -> str:
+    """The prompt text of a conversation; template failures are the client's (HTTP 400)."""
+    kwargs = kwargs or {}
+    reserved = [k for k in RESERVED_TEMPLATE_KWARGS if k in kwargs]
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs")
+    try:
+        return tokenizer.apply_chat_template(
+            [m.for_template() for m in messages], add_generation_prompt=add_generation_prompt, tools=tools, **kwargs
+        )
+    except (ValueError, TypeError) as error:
+        raise APIError(400, f"cannot apply the chat template: {error}", "messages") from error
+
+
+async def create_chat_completion(
+    serving: Serving, request: ChatCompletionRequest, tool_options: ToolOptions = ToolOptions(), tenant: str | None = None
+) -> Response:
+    """`tenant`: the caller's API-key identity, which isolates its prefix cache."""
+    serving.check_model(request.model)
+    request.check_supported()
+    mode = tool_mode(request.tools, request.tool_choice, tool_options)
+    tokenizer = serving.backend.tokenizer
+    prompt = await serving.in_thread(
+        render_chat, tokenizer, request.messages, request.add_generation_prompt, request.chat_template_kwargs, request.tools
+    )
+    prompt_token_ids = await serving.encode(prompt, request.add_special_tokens, "messages")
+    max_tokens = serving.max_tokens(len(prompt_token_ids), request.requested_max_tokens, "messages")
+    if mode is not None and mode.kind == "auto" and tool_options.tool_call_parser == "hermes":
+        request.skip_special_tokens = False  # its tags may be special tokens (vLLM does the same)
+    forced = None if mode is None else forced_call_schema(mode, request.tools)
+    params = request.sampling_params(max_tokens, request.num_logprobs, tokenizer, forced, cache_salt_of(tenant, request.cache_salt))
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    generations = serving.generations(request_id, prompt_token_ids, params)  # n of them, one prompt's KV
+    chat = _ChatCompletion(request_id, serving.backend.model_name, tokenizer, generations, request, _reply_reader(mode, tool_options))
+    if request.stream:
+        deltas = generations[0].deltas() if len(generations) == 1 else merge_deltas([g.deltas() for g in generations])
+        return await start_stream(deltas, chat.chunks, lambda: chat.final_chunks(request))
+    wholes = await asyncio.gather(*(collect(g.deltas()) for g in generations))
+    return JSONResponse(chat.response(list(wholes)))
+
+
+Reader = tuple[Callable[[str], ParsedReply], Callable[[], Any]]  # the whole reply's parser, a stream's
+
+
+def _reply_reader(mode: ToolMode | None, options: ToolOptions) -> Reader | None:
+    """How tool calls are read from the reply; None: it is all content."""
+    if mode is None or mode.kind == "none":
+        return None
+    if mode.kind == "auto":
+        return PARSERS[options.tool_call_parser]
+    if mode.kind == "required":
+        return parse_required, RequiredStream
+    function = mode.function
+    return (lambda text: ParsedReply(None, [ToolCall(function, text)])), (lambda: NamedStream(function))
+
+
+def _finish_reason(delta: TextDelta, has_tool_calls: bool) -> str | None:
+    """A reply that ends (not cut short) with tool calls finishes with "tool_calls"."""
+    return "tool_calls" if has_tool_calls and delta.finish_reason == "stop" else delta.finish_reason
+
+
+class _ChatCompletion:
+    """The response's JSON, whole or chunk by chunk; a choice per sequence (n)."""
+
+    def __init__(
+        self, request_id: str, model: str, tokenizer: Tokenizer, generations: list[Generation], request: ChatCompletionRequest,
+        reader: Reader | None = None,
+    ) -> None:
+        self._request = request
+        self._as_token_ids = request.return_tokens_as_token_ids
+        self._reader = reader
+        self._streams = [None if reader is None else reader[1]() for _ in generations]  # a tool-call parser per choice
+        self._held = [TextDelta("", index=i) for i in range(len(generations))]  # logprobs of text that gave no delta yet
+        self.request_id = request_id
+        self.model = model
+        self.created = int(time.time())
+        self._tokenizer = tokenizer
+        self._generations = generations
+        self._is_role_sent = [False] * len(generations)
+
+    def _envelope(self, obj: str, choices: list[dict]) -> dict:
+        return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+
+    def _logprobs(self, delta: TextDelta) -> dict | None:
+        num_top = self._generations[0].params.logprobs
+        if num_top is None:
+            return None
+        return {"content": [
+            {**self._entry(lp.token_id, lp.logprob), "top_logprobs": [self._entry(i, v) for i, v in lp.top[:num_top]]}
+            for lp in delta.logprobs
+        ]}
+
+    def _entry(self, token_id: int, logprob: float) -> dict:
+        token = token_text(self._tokenizer, token_id, self._as_token_ids)
+        return {"token": token, "logprob": json_logprob(logprob), "bytes": list(token.encode("utf-8"))}
+
+    @property
+    def _usage(self) -> dict:
+        """The prompt once, every sequence's tokens."""
+        usage = dict(self._generations[0].usage)
+        num_output = sum(g.num_output_tokens for g in self._generations)
+        usage["completion_tokens"], usage["total_tokens"] = num_output, usage["prompt_tokens"] + num_output
+        return usage
+
+    def response(self, wholes: list[TextDelta]) -> dict:
+        choices = [self._choice(index, whole) for index, whole in enumerate(wholes)]
+        body = {**self._envelope("chat.completion", choices), "usage": self._usage}
+        first = self._generations[0]
+        if first.params.prompt_logprobs is not None:
+            body["prompt_logprobs"] = vllm_prompt_logprobs(self._tokenizer, first.prompt_logprobs)
+        return body
+
+    def _choice(self, index: int, whole: TextDelta) -> dict:
+        message: dict[str, Any] = {"role": "assistant", "content": whole.text}
+        parsed = None if self._reader is None else self._reader[0](whole.text)
+        if parsed is not None and parsed.tool_calls:
+            message = {"role": "assistant", "content": parsed.content, "tool_calls": [c.to_json() for c in parsed.tool_calls]}
+        return {
+            "index": index,
+            "message": message,
+            "logprobs": self._logprobs(whole),
+            "finish_reason": _finish_reason(whole, bool(parsed and parsed.tool_calls)),
+            "stop_reason": whole.stop_reason,
+        }
+
+    def chunks(self, delta: TextDelta) -> list[dict]:
+        chunks = []
+        index = delta.index
+        if not self._is_role_sent[index]:  # vLLM's first chunk of a choice: the role, once there is output
+            self._is_role_sent[index] = True
+            chunks.append(self._chunk({"role": "assistant", "content": ""}, None, TextDelta("", index=index)))
+        stream = self._streams[index]
+        if stream is None:
+            chunks.append(self._chunk({"content": delta.text}, self._logprobs(delta), delta))
+        else:
+            message = stream.feed(delta.text, is_last=delta.finish_reason is not None)
+            self._held[index].logprobs += delta.logprobs
+            if message or delta.finish_reason is not None:  # text held back (a tag still arriving): no chunk yet
+                held, self._held[index] = self._held[index], TextDelta("", index=index)
+                chunks.append(self._chunk(message, self._logprobs(held), delta))
+        if self._request.include_usage_in_every_chunk:
+            for chunk in chunks:
+                chunk["usage"] = self._usage
+        return chunks
+
+    def _chunk(self, message: dict, logprobs: dict | None, delta: TextDelta) -> dict:
+        stream = self._streams[delta.index]
+        has_tool_calls = stream is not None and stream.has_tool_calls
+        choice = {"index": delta.index, "delta": message, "logprobs": logprobs,
+                  "finish_reason": _finish_reason(delta, has_tool_calls),
+                  "stop_reason": delta.stop_reason}
+        return self._envelope("chat.completion.chunk", [choice])
+
+    def final_chunks(self, request: ChatCompletionRequest) -> list[dict]:
+        if not request.include_usage_in_stream:
+            return []
+        return [{**self._envelope("chat.completion.chunk", []), "usage": self._usage}]

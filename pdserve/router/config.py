@@ -1,0 +1,35 @@
+"""`GatewayConfig`: what the HTTP gateway is told at start (`pdserve serve` flags): API keys,
+input limits, admission bounds, drain time, the requests' deadlines and the tool-call parser.
+Built once, never mutated."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pdserve.proto.deadlines import Deadlines
+from pdserve.router.tools import ToolOptions
+
+DEFAULT_MAX_REQUEST_BODY_BYTES = 8 * 2**20  # a full 128K-token prompt as text or as token ids fits many times
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    deadlines: Deadlines = field(default_factory=Deadlines)
+    api_keys: tuple[str, ...] = ()  # empty: /v1 is open
+    protect_metrics: bool = False  # /metrics and /health need a key too
+    max_num_queued_reqs: int = 256  # admitted requests without a first token yet, per gateway
+    max_num_queued_tokens: int = 262144  # and their prompt tokens
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    request_read_timeout_s: float = 30.0  # a client's request headers, and then its body, must arrive within this
+    shutdown_timeout_s: float = 30.0  # SIGTERM: in-flight requests may finish within this, then are ended
+    tool_options: ToolOptions = field(default_factory=ToolOptions)  # parsing tool calls out of replies
+
+    def __post_init__(self) -> None:
+        if any(not key for key in self.api_keys):
+            raise ValueError("an API key must not be empty")
+        for name in ("max_num_queued_reqs", "max_num_queued_tokens", "max_request_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.request_read_timeout_s > 0:
+            raise ValueError(f"request_read_timeout_s must be positive, got {self.request_read_timeout_s}")
+        if not self.shutdown_timeout_s >= 0:
+            raise ValueError(f"shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s}")

@@ -1,0 +1,158 @@
+"""`DisaggregatedBackend`: one request's life across the workers. The decode worker reserves blocks
+for the prompt; the prefill worker computes the prompt, pushes its KV into those blocks and returns
+the first token; the decode worker streams the rest. Leaving early cancels both calls, which
+aborts the request on both workers and frees its KV.
+
+Until the first token, a failed hand-off (a worker killed, frozen, or past the prefill deadline)
+is tried once more with a fresh transfer on other workers. After it, a lost decode worker ends the
+request with an error (an error event and `[DONE]` for a stream). It is not resumed elsewhere: the
+client already has tokens drawn from that worker's sampler state, which a re-prefill on another
+worker cannot continue (a seeded request would silently change its own continuation), and a
+resumed request re-pays its whole prefill on a pool that just lost capacity; the client, which
+knows what it has, decides whether to retry."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+
+import grpc
+
+from pdserve.engine.iteration_stats import IterationTokens
+from pdserve.engine.outputs import RequestDelta
+from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
+from pdserve.engine.tokenizer import Tokenizer
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto.convert import params_to_proto
+from pdserve.proto.deadlines import Deadlines
+from pdserve.proto.failures import Failure
+from pdserve.router.backend import BackendFailure, BackendStats
+from pdserve.router.handoff import Handoff, HandoffFailure, is_cancelling
+from pdserve.router.health_watch import HealthWatch, WorkerLostError
+from pdserve.router.workers import WorkerHandle, WorkerPool
+
+logger = logging.getLogger(__name__)
+NUM_ATTEMPTS = 2  # a hand-off that fails before the first token is tried once more
+
+OnKVTransfer = Callable[[int, float, str], None]
+
+
+class DisaggregatedBackend:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        tokenizer: Tokenizer,
+        model_name: str,
+        max_model_len: int,
+        on_kv_transfer: OnKVTransfer | None = None,
+        deadlines: Deadlines | None = None,
+    ) -> None:
+        """`on_kv_transfer(num_bytes, seconds, transport)` is told about every prefill-to-decode hand-off."""
+        self.pool = pool
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.on_kv_transfer = on_kv_transfer
+        self.deadlines = deadlines or Deadlines()
+        self.watch = HealthWatch(pool)
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncGenerator[RequestDelta, None]:
+        try:
+            request = pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, params=params_to_proto(params))
+        except ValueError as exc:  # a value the int32 wire fields cannot hold
+            raise InvalidRequestError(f"a token id or sampling value is out of range: {exc}") from exc
+        handoff, firsts = await self._first_tokens(request)
+        try:
+            for first in firsts:
+                yield first
+            async for delta in self._decode_stream(handoff, request_id, params.n):
+                yield delta
+        finally:
+            handoff.close()
+
+    async def _first_tokens(self, request: pb.GenerateRequest) -> tuple[Handoff, list[RequestDelta]]:
+        """The hand-off that produced the first token of every sequence, and those tokens. A failed attempt is closed
+        (its reservation cancelled, its prefill aborted) before the next one, with a fresh transfer,
+        starts on other workers where the pool has them."""
+        used: set[str] = set()
+        for attempt in range(NUM_ATTEMPTS):
+            decode, prefill = self._pick("decode", used), self._pick("prefill", used)
+            used |= {decode.record.worker_id, prefill.record.worker_id}
+            handoff = Handoff(request, decode, prefill, self.deadlines, self.watch)
+            try:
+                firsts = await handoff.first_tokens()
+            except HandoffFailure as failure:
+                handoff.close()
+                if attempt + 1 == NUM_ATTEMPTS or not failure.is_retryable:
+                    raise failure.as_backend_failure() from None
+                logger.warning("request %s: %s; trying once more", request.request_id, failure)
+                continue
+            except BaseException:
+                handoff.close()
+                raise
+            if self.on_kv_transfer is not None:
+                self.on_kv_transfer(*handoff.kv_transfer)
+            return handoff, firsts
+        raise AssertionError("unreachable")
+
+    def _pick(self, role: str, used: set[str]) -> WorkerHandle:
+        """The least-loaded healthy worker of `role`, preferring those a failed attempt did not use."""
+        fresh = [w for w in self.pool.healthy(role) if w.record.worker_id not in used]
+        return min(fresh, key=lambda w: w.load) if fresh else self.pool.pick(role)
+
+    async def _decode_stream(self, handoff: Handoff, request_id: str, num_sequences: int) -> AsyncIterator[RequestDelta]:
+        """The tokens after the first, each tagged with its sequence; ends once all n finished. A lost decode worker (killed, or frozen: unhealthy within a
+        poll, when the watch cancels the stream) raises BackendFailure; the gateway's stall
+        deadline backs this up."""
+        decode, lost, num_finished = handoff.decode, [], 0
+        forget = self.watch.watch([decode], lambda: (lost.append(decode), handoff.stream.cancel()))
+        try:
+            while True:
+                try:
+                    message = await handoff.stream.read()
+                except grpc.aio.AioRpcError as exc:
+                    raise handoff.failure(exc, decode).as_backend_failure() from None
+                except asyncio.CancelledError:
+                    if is_cancelling():
+                        raise
+                    if lost:
+                        raise BackendFailure(Failure.UNAVAILABLE, f"{WorkerLostError(decode)} in the middle of the generation") from None
+                    raise handoff.left_pool(decode).as_backend_failure() from None
+                if message is grpc.aio.EOF:
+                    raise BackendFailure(Failure.INTERNAL, f"decode worker {decode.record.worker_id} ended the stream without finishing")
+                delta = handoff.delta_of(message, request_id)
+                if delta is not None:
+                    yield delta
+                    num_finished += delta.finish_reason is not None
+                    if num_finished == num_sequences:
+                        return
+        finally:
+            forget()
+
+    async def stats(self) -> BackendStats:
+        """Requests across all workers; KV usage is used / total blocks over all decode workers."""
+        statuses = [w.status for w in self.pool.workers.values() if w.status is not None and w.is_healthy]
+        decodes = [s for s in statuses if s.role == "decode"]
+        total = sum(s.num_total_blocks for s in decodes)
+        used = sum(s.num_used_blocks for s in decodes)
+        iterations = IterationTokens()
+        for status in statuses:
+            iterations.add(IterationTokens(list(status.iteration_token_counts), status.iteration_tokens, status.num_iterations))
+        return BackendStats(
+            num_running=sum(s.num_running for s in decodes),
+            num_waiting=sum(s.num_waiting for s in statuses),
+            kv_cache_usage=used / total if total else 0.0,
+            num_preemptions=sum(s.num_preemptions for s in decodes),
+            num_total_blocks=total,
+            block_size=decodes[0].block_size if decodes else 0,
+            iteration_tokens=iterations,
+        )
+
+    async def is_healthy(self) -> bool:
+        return bool(self.pool.healthy("prefill") and self.pool.healthy("decode"))
+
+    async def close(self) -> None:
+        await self.watch.close()
+        await self.pool.close()
