@@ -15,7 +15,7 @@ pytestmark = [
     pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="TRITON_INTERPRET=1 interprets the kernels"),
 ]
 
-import kernels as K  # noqa: E402
+import pdserve.kernels as K  # noqa: E402
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float32: 1e-4}
 DEVICE = "cuda"
