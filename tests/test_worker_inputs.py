@@ -26,8 +26,21 @@ from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.convert import params_to_proto
 from tests.servers import CLUSTER_SECRET
 from tests.test_workers import (
-    MAX_MODEL_LEN, RPC_TIMEOUT_S, Result, Worker, as_caller, assert_rpc_error, engine_config, expected_tokens,
-    generate_request, greedy, prefill_request, read_rest, reserve, signed_channel, slowed_steps,
+    MAX_MODEL_LEN,
+    RPC_TIMEOUT_S,
+    Result,
+    Worker,
+    as_caller,
+    assert_rpc_error,
+    engine_config,
+    expected_tokens,
+    generate_request,
+    greedy,
+    prefill_request,
+    read_rest,
+    reserve,
+    signed_channel,
+    slowed_steps,
 )
 
 FLOOD_LIMITS = DecodeLimits(max_num_pending=64, max_num_pending_per_caller=24)

@@ -15,7 +15,13 @@ import grpc
 from pdserve.kvtransfer.layout import KVLayout, KVLayoutMismatchError
 from pdserve.kvtransfer.receiver import KVCommitInfo, KVReceiver
 from pdserve.kvtransfer.transport import (
-    TRANSPORTS, Endpoint, KVReceiveHalf, KVTransferError, NoCommonTransportError, UnprovenPeerError, choose,
+    TRANSPORTS,
+    Endpoint,
+    KVReceiveHalf,
+    KVTransferError,
+    NoCommonTransportError,
+    UnprovenPeerError,
+    choose,
     status_code_name,
 )
 from pdserve.proto import GRPC_OPTIONS, auth

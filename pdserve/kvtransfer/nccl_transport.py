@@ -20,7 +20,13 @@ import torch.distributed as dist
 from pdserve.kvtransfer.layer_progress import LayerProgress
 from pdserve.kvtransfer.receiver import KVReceiver
 from pdserve.kvtransfer.transport import (
-    TRANSPORTS, Endpoint, KVTransferError, OutgoingTransfer, PeerInfo, Transport, wait_for_event,
+    TRANSPORTS,
+    Endpoint,
+    KVTransferError,
+    OutgoingTransfer,
+    PeerInfo,
+    Transport,
+    wait_for_event,
 )
 from pdserve.proto import pdserve_pb2 as pb
 

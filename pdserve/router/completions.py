@@ -17,7 +17,15 @@ from pdserve.engine.tokenizer import Tokenizer
 from pdserve.router.auth import cache_salt_of
 from pdserve.router.protocol import CompletionRequest
 from pdserve.router.serving import (
-    Generation, Serving, TextDelta, collect, json_logprob, merge_deltas, start_stream, token_text, vllm_prompt_logprobs,
+    Generation,
+    Serving,
+    TextDelta,
+    collect,
+    json_logprob,
+    merge_deltas,
+    start_stream,
+    token_text,
+    vllm_prompt_logprobs,
 )
 
 
