@@ -224,7 +224,7 @@ def test_a_flood_of_tiny_reservations_is_bounded_and_other_callers_are_served_ex
         assert result == expected_tokens(reference, prompt, greedy(12))
         assert time.monotonic() - started < 30  # served now, not when the flood's leases end
 
-        for call, read in queued:
+        for call, _read in queued:
             call.cancel()
         for call in reserved:
             call.cancel()

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import secrets
 from collections import OrderedDict
+from typing import Any
 
 import grpc
 
@@ -123,7 +124,7 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{sender_id!r} has not handshaken with this worker")
         return name
 
-    async def _data_half(self, name: str, context: grpc.aio.ServicerContext) -> object:
+    async def _data_half(self, name: str, context: grpc.aio.ServicerContext) -> Any:
         half = self.halves.get(name)
         if half is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this worker does not accept the {name} transport")
@@ -195,7 +196,7 @@ class KVControlClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def _call(self, method: object, request: object, timeout: float) -> object:
+    async def _call(self, method: Any, request: object, timeout: float) -> Any:
         try:
             return await method(request, timeout=timeout)
         except grpc.aio.AioRpcError as error:

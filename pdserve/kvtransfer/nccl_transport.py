@@ -11,7 +11,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import torch
@@ -44,7 +46,7 @@ class _Pair:
         self.stream: torch.cuda.Stream | None = None
         self.is_broken = False
 
-    def run(self, fn: object, *args: object) -> asyncio.Future:
+    def run(self, fn: Callable[..., Any], *args: object) -> asyncio.Future:
         return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def close(self) -> None:

@@ -192,8 +192,11 @@ class CompletionRequest(GenerationRequest):
             raise APIError(400, "the prompt list is empty", "prompt")
         return list(prompt)
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None, tokenizer: Tokenizer) -> SamplingParams:
-        params = super().sampling_params(max_tokens, logprobs, tokenizer)
+    def sampling_params(
+        self, max_tokens: int, logprobs: int | None, tokenizer: Tokenizer, forced_output: StructuredOutput | None = None,
+        cache_salt: str | None = None,
+    ) -> SamplingParams:
+        params = super().sampling_params(max_tokens, logprobs, tokenizer, forced_output, cache_salt)
         if self.echo and logprobs is not None and self.prompt_logprobs is None:  # the echoed prompt's logprobs
             return dataclasses.replace(params, prompt_logprobs=logprobs)
         return params
