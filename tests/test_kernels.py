@@ -14,9 +14,10 @@ if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("CPU-interpreter tests; tests/test_kernels_gpu.py covers the kernels here", allow_module_level=True)
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
 
-import pdserve.kernels as K  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+import pdserve.kernels as K  # noqa: E402
 
 # The package re-exports functions under the module names; the tests need the modules too.
 decode_module = importlib.import_module("pdserve.kernels.paged_decode_attention")

@@ -15,14 +15,26 @@ import torch
 
 from pdserve.engine.outputs import TokenLogprobs
 from pdserve.kvtransfer import (
-    AUTO, Endpoint, KVCommitInfo, KVLayout, KVLayoutMismatchError, KVReceiver, KVSender, KVTransferError,
-    LayerProgress, NoCommonTransportError, OutgoingTransfer, UnknownTransferError, accepts, choose, offers,
+    AUTO,
+    Endpoint,
+    KVCommitInfo,
+    KVLayout,
+    KVLayoutMismatchError,
+    KVReceiver,
+    KVSender,
+    KVTransferError,
+    LayerProgress,
+    NoCommonTransportError,
+    OutgoingTransfer,
+    UnknownTransferError,
+    accepts,
+    choose,
+    offers,
 )
 from pdserve.kvtransfer.control import KVTransferServicer, add_kv_transfer_service
 from pdserve.kvtransfer.grpc_transport import decode_chunk
-from pdserve.proto import GRPC_OPTIONS, auth
+from pdserve.proto import GRPC_OPTIONS, auth, pdserve_pb2_grpc
 from pdserve.proto import pdserve_pb2 as pb
-from pdserve.proto import pdserve_pb2_grpc
 from tests.servers import CLUSTER_SECRET
 
 MODEL_ID = "tiny-model@abc123"

@@ -4,8 +4,6 @@ others equal to a reference computed here from transformers' logits with the def
 vLLM and OpenAI give."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import transformers

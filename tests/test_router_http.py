@@ -22,9 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.engine import LLM, SamplingParams
 from pdserve.engine.async_engine import AsyncEngine
-from pdserve.engine.outputs import RequestDelta
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.outputs import RequestDelta
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.proto.deadlines import Deadlines
 from pdserve.router.app import create_app

@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
 import transformers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFBackend
-from tokenizers import normalizers
 
 from pdserve.engine.demo_model import TRAINING_TEXT, write_demo_model
 from pdserve.engine.detokenizer import IncrementalDetokenizer
@@ -155,7 +154,7 @@ def style_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_both(directory: Path) -> tuple[Tokenizer, transformers.PreTrainedTokenizerBase]:
     return Tokenizer.from_pretrained(directory), transformers.AutoTokenizer.from_pretrained(directory)
 

@@ -23,8 +23,19 @@ from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.cluster_secret import ClusterSecret
 from tests.servers import CLUSTER_SECRET
 from tests.test_workers import (
-    MAX_MODEL_LEN, RPC_TIMEOUT_S, Result, Worker, assert_rpc_error, engine_config, expected_tokens, generate_request, greedy,
-    prefill_request, read_rest, reserve, signed_channel,
+    MAX_MODEL_LEN,
+    RPC_TIMEOUT_S,
+    Result,
+    Worker,
+    assert_rpc_error,
+    engine_config,
+    expected_tokens,
+    generate_request,
+    greedy,
+    prefill_request,
+    read_rest,
+    reserve,
+    signed_channel,
 )
 
 OTHER_SECRET = ClusterSecret("another-cluster-secret-" + "1" * 16)

@@ -26,8 +26,21 @@ from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.convert import params_to_proto
 from tests.servers import CLUSTER_SECRET
 from tests.test_workers import (
-    MAX_MODEL_LEN, RPC_TIMEOUT_S, Result, Worker, as_caller, assert_rpc_error, engine_config, expected_tokens,
-    generate_request, greedy, prefill_request, read_rest, reserve, signed_channel, slowed_steps,
+    MAX_MODEL_LEN,
+    RPC_TIMEOUT_S,
+    Result,
+    Worker,
+    as_caller,
+    assert_rpc_error,
+    engine_config,
+    expected_tokens,
+    generate_request,
+    greedy,
+    prefill_request,
+    read_rest,
+    reserve,
+    signed_channel,
+    slowed_steps,
 )
 
 FLOOD_LIMITS = DecodeLimits(max_num_pending=64, max_num_pending_per_caller=24)
@@ -211,7 +224,7 @@ def test_a_flood_of_tiny_reservations_is_bounded_and_other_callers_are_served_ex
         assert result == expected_tokens(reference, prompt, greedy(12))
         assert time.monotonic() - started < 30  # served now, not when the flood's leases end
 
-        for call, read in queued:
+        for call, _read in queued:
             call.cancel()
         for call in reserved:
             call.cancel()

@@ -525,7 +525,7 @@ def test_prefill_cancelled_right_after_admission_still_frees_its_blocks(
         task = asyncio.create_task(worker.prefill("r", request.transfer_id, text_ids[:20], greedy(4), target))
         while "r" not in worker._requests:  # begin, then the task hands `_add` to the engine loop
             await asyncio.sleep(0)
-        time.sleep(0.3)  # block this event loop: the loop thread adds (and computes) the request meanwhile
+        time.sleep(0.3)  # noqa: ASYNC251 - on purpose: block this event loop: the loop thread adds (and computes) the request meanwhile
         task.cancel()  # as a gRPC client's cancel would, before the event loop saw `_add` finish
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -14,6 +14,7 @@ import json
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -43,7 +44,7 @@ def floor_ms(config: ModelConfig, batch_size: int, context: int, copy_gbs: float
     return (decode_weight_bytes(config) + kv_bytes) / (copy_gbs * 1e9) * 1e3
 
 
-def time_steps(step: object, num_steps: int, repeats: int = 5) -> float:
+def time_steps(step: Callable[[], object], num_steps: int, repeats: int = 5) -> float:
     """Median over `repeats` of the mean wall time of `num_steps` synchronous steps, in ms."""
     for _ in range(3):
         step()
@@ -83,7 +84,7 @@ def bench_pdserve(name: str, batch_sizes: list[int], context: int, num_steps: in
             request.block_table, request.num_computed_tokens = allocation.block_table, context
             requests.append(request)
         batch = [ScheduledRequest(r, 1) for r in requests]
-        step_ms = time_steps(lambda: core.runner.execute(batch), num_steps)
+        step_ms = time_steps(lambda batch=batch: core.runner.execute(batch), num_steps)
         forward_ms = None
         if core.runner.graphs is not None:
             core.runner.graphs.run(requests)
@@ -112,14 +113,14 @@ def bench_hf(name: str, batch_sizes: list[int], context: int, num_steps: int, co
         ids = torch.randint(0, 1000, (bs, 1), device="cuda")
 
         @torch.inference_mode()
-        def step() -> list[int]:
+        def step(ids: torch.Tensor = ids, cache: transformers.DynamicCache = cache) -> list[int]:
             logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
             cache.crop(-1)  # back to `context` tokens (negative: tokens to drop, in every transformers version)
             return logits[:, -1].argmax(-1).tolist()
 
         step_ms = time_steps(step, num_steps)
         rows.append(DecodeRow(name, "hf-eager", bs, context, step_ms, floor_ms(config, bs, context, copy_gbs)))
-        del cache
+        del step, cache  # `step` holds the cache too: both go before empty_cache
         torch.cuda.empty_cache()
     return rows
 

@@ -12,7 +12,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -90,7 +92,7 @@ def read_all(directory: Path) -> int:
     return total
 
 
-def timed(fn: object, *args: object) -> tuple[float, float, object]:
+def timed(fn: Callable[..., Any], *args: object) -> tuple[float, float, Any]:
     """Wall seconds, CPU seconds of this process (all threads), the result."""
     start, start_cpu = time.perf_counter(), time.process_time()
     result = fn(*args)

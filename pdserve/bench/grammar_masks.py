@@ -87,13 +87,13 @@ def measure_engine(model_dir: Path, batch: int, seed: int) -> dict[str, float]:
     llm = LLM(str(model_dir), device="cpu", max_model_len=1024)
     spec = StructuredOutput("json", json.dumps(SCHEMA), disable_any_whitespace=True)
     params = [SamplingParams(temperature=1.0, seed=seed + i, max_tokens=256, structured_output=spec) for i in range(batch)]
-    PendingMasks.apply = timed_apply  # type: ignore[method-assign]
+    PendingMasks.apply = timed_apply
     try:
         t0 = time.perf_counter()
         outputs = llm.generate(["Hello"] * batch, params)
         elapsed = time.perf_counter() - t0
     finally:
-        PendingMasks.apply = apply  # type: ignore[method-assign]
+        PendingMasks.apply = apply
     num_steps = max(len(o.outputs[0].token_ids) for o in outputs)
     return {"step": elapsed / num_steps * 1e3, "mask_wait": statistics.median(waits)}
 

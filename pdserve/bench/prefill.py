@@ -54,7 +54,7 @@ def bench_pdserve(name: str, lengths: list[int], rate: float) -> list[PrefillRow
         request = Request("p", prompt, SamplingParams(temperature=0.0))
         request.block_table = core.block_manager.allocate(prompt).block_table
         batch = [ScheduledRequest(request, n)]
-        ms = time_steps(lambda: core.runner.execute(batch), num_steps=3)
+        ms = time_steps(lambda batch=batch: core.runner.execute(batch), num_steps=3)
         flops = prefill_flops(core.model_config, n)
         rows.append(PrefillRow(name, "pdserve", n, ms, flops / (ms * 1e-3) / 1e12, rate))
         core.block_manager.free(request.block_table)
@@ -75,7 +75,7 @@ def bench_hf(name: str, lengths: list[int], rate: float) -> list[PrefillRow]:
         ids = torch.randint(0, 1000, (1, n), device="cuda")
 
         @torch.inference_mode()
-        def step() -> list[int]:
+        def step(ids: torch.Tensor = ids) -> list[int]:
             logits = model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
             return logits[:, -1].argmax(-1).tolist()
 

@@ -4,11 +4,10 @@ CUPTI), summed by kernel, against the graph's wall time and the memory roofline.
     python -m pdserve.bench.profile_decode --model llama3-8b --batch-size 1 --context 1024"""
 from __future__ import annotations
 
-from dataclasses import replace
-
 import argparse
 import random
 from collections import defaultdict
+from dataclasses import replace
 
 import torch
 

@@ -19,8 +19,8 @@ from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.auth import ServerAuth, caller_of
 from pdserve.proto.cluster_secret import ClusterSecret
 from pdserve.proto.convert import logprobs_to_proto, params_from_proto, worker_status
-from pdserve.proto.limits import MessageLimitInterceptor, MessageLimits, prompt_message_bytes
 from pdserve.proto.failures import Failure, grpc_code
+from pdserve.proto.limits import MessageLimitInterceptor, MessageLimits, prompt_message_bytes
 
 DEFAULT_LEASE_S = 30.0
 

@@ -7,7 +7,7 @@ received KV enters a prefix cache (it could not be checked against its tokens)."
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -87,7 +87,7 @@ class DecodeWorker:
 
     async def _stream(self, request_id: str, params: SamplingParams, add: Callable[[], None]) -> AsyncIterator[Reserved | RequestDelta]:
         await self.core.compile_grammar(params)  # off the engine thread
-        events = self.loop.stream(request_id, add, lambda: self._drop(request_id))
+        events: AsyncGenerator[Reserved | RequestDelta, None] = self.loop.stream(request_id, add, lambda: self._drop(request_id))
         async with aclosing(events):
             async for event in events:
                 yield event
@@ -248,7 +248,7 @@ class DecodeWorker:
             self._abort(request_id, "error", f"decode step failed: {type(exc).__name__}: {exc}")
         self.is_broken = not self.core.is_device_healthy()
 
-    def status(self) -> dict[str, int]:
+    def status(self) -> dict[str, int | list[int]]:
         blocks = self.core.block_manager
         return {
             "num_running": len(self.scheduler.running),

@@ -9,11 +9,16 @@ import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from pdserve.engine.config import EngineConfig
 from pdserve.proto.deadlines import Deadlines
 from pdserve.router.config import DEFAULT_MAX_REQUEST_BODY_BYTES, GatewayConfig
 from pdserve.router.tools import ToolOptions
+
+if TYPE_CHECKING:
+    from pdserve.deploy.config import ServeConfig
+    from pdserve.proto.cluster_secret import ClusterSecret
 
 DEMO_MODEL_NAME = "pdserve-demo"
 API_KEY_ENV = "PDSERVE_API_KEY"  # comma-separated keys, added to --api-key
@@ -115,7 +120,7 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
     )
 
 
-def cluster_secret() -> object:
+def cluster_secret() -> ClusterSecret:
     """The cluster's secret: PDSERVE_CLUSTER_SECRET (the same for every gateway and worker of a
     cluster, so several gateways can share one Redis), else a fresh one. The only place it is read."""
     from pdserve.proto.cluster_secret import ENV_VAR, ClusterSecret
@@ -189,7 +194,7 @@ def serve(args: argparse.Namespace) -> int:
         cluster.stop()
 
 
-def serve_config(args: argparse.Namespace) -> object:
+def serve_config(args: argparse.Namespace) -> ServeConfig:
     from pdserve.deploy.config import AutoscaleConfig, DrainConfig, PoolConfig, ServeConfig
     from pdserve.engine.demo_model import default_demo_model_dir
     from pdserve.engine.loader import resolve_model_path

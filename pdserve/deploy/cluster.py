@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import replace
+from typing import Any
 
 from pdserve.deploy.config import ROLES, ServeConfig
 from pdserve.deploy.controller import CONTROLLER_NAME, NAMESPACE, Controller, ControllerConfig
@@ -22,10 +23,10 @@ class StartupError(RuntimeError):
 class Cluster:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.controller: object | None = None
+        self.controller: Any = None
         self._started_ray = False
 
-    def start(self) -> object:
+    def start(self) -> Any:
         """Starts the controller and the initial workers (models load in parallel); returns the
         controller's actor handle once every initial worker is ready."""
         import ray
@@ -56,7 +57,7 @@ class Cluster:
         import ray
 
         config = self.config
-        env = {"runtime_env": {"env_vars": {"PYTHONPATH": pythonpath()}}, "namespace": NAMESPACE, "logging_level": logging.WARNING}
+        env: dict[str, Any] = {"runtime_env": {"env_vars": {"PYTHONPATH": pythonpath()}}, "namespace": NAMESPACE, "logging_level": logging.WARNING}
         if config.ray_address:
             ray.init(address=config.ray_address, **env)
         else:  # "local": a new instance even if `ray start` left one running on this machine

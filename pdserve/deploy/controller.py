@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from pdserve.deploy.autoscaler import Autoscaler, PoolSignals
 from pdserve.deploy.config import ROLES, AutoscaleConfig, DrainConfig, PoolConfig
@@ -137,7 +139,7 @@ class Controller:
                 logger.warning("%s died: %s", worker.worker_id, type(exc).__name__)
                 self._remove(worker, "died", kill=False)
             return
-        except (asyncio.TimeoutError, ray.exceptions.RayError) as exc:
+        except (TimeoutError, ray.exceptions.RayError) as exc:
             if time.monotonic() - worker.last_answer > self.config.unresponsive_s:
                 logger.warning("%s has not answered for %g s (%s): replacing it", worker.worker_id, self.config.unresponsive_s, exc)
                 self._remove(worker, "unresponsive", kill=True)
@@ -271,14 +273,14 @@ class Controller:
         autoscaler = self.autoscaler.view() if self.autoscaler is not None else {"enabled": False}
         return {"pools": {role: pool.view() for role, pool in self.pools.items()}, "autoscaler": autoscaler}
 
-    def _spawn(self, coroutine: object) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(_log_failure)
         task.add_done_callback(self._tasks.discard)
 
 
-async def _ref(ref: object) -> object:
+async def _ref(ref: Any) -> Any:
     """A Ray ObjectRef as a coroutine (for asyncio.wait_for and gather)."""
     return await ref
 
@@ -288,7 +290,7 @@ def _log_failure(task: asyncio.Task) -> None:
         logger.warning("controller task failed: %s", task.exception())
 
 
-def _kill(actor: object) -> None:
+def _kill(actor: Any) -> None:
     import ray
 
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from typing import Any
 
 from pdserve.deploy.latency_window import LatencyWindow
 from pdserve.router.admin import ScaleError
@@ -18,7 +19,7 @@ REPORT_QUANTILE = 0.9
 
 
 class ControllerClient:
-    def __init__(self, actor: object) -> None:
+    def __init__(self, actor: Any) -> None:
         self.actor = actor
         self.gateway_id = uuid.uuid4().hex[:8]
         self.last_view: dict | None = None  # the pools as of the last call
@@ -34,8 +35,8 @@ class ControllerClient:
             ray.init(address=ray_address, namespace=NAMESPACE, logging_level=logging.WARNING)
         return cls(ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE))
 
-    async def _call(self, method: str, *args: object) -> object:
-        async def call() -> object:
+    async def _call(self, method: str, *args: object) -> Any:
+        async def call() -> Any:
             return await getattr(self.actor, method).remote(*args)
 
         return await asyncio.wait_for(call(), CALL_TIMEOUT_S)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from pdserve.deploy.config import ServeConfig
 from pdserve.deploy.controller_client import ControllerClient
@@ -16,6 +17,9 @@ from pdserve.router.backend import Backend
 from pdserve.router.config import GatewayConfig
 from pdserve.router.metrics import Metrics
 from pdserve.router.registry import Registry
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 logger = logging.getLogger(__name__)
 READY_TIMEOUT_S = 60.0
@@ -46,7 +50,7 @@ async def run_gateway(
     return 0
 
 
-def _add_operations(app: object, backend: Backend, config: ServeConfig, metrics: Metrics, controller: ControllerClient | None) -> asyncio.Task | None:
+def _add_operations(app: FastAPI, backend: Backend, config: ServeConfig, metrics: Metrics, controller: ControllerClient | None) -> asyncio.Task | None:
     """Admin routes, per-pool metrics and, with a controller, the autoscaler's latency reports."""
     from pdserve.router.admin import admin_routes
     from pdserve.router.pool_metrics import PoolCollector

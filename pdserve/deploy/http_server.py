@@ -4,6 +4,8 @@ closed (slow or half-open clients hold nothing for long), and SIGTERM/SIGINT fir
 from __future__ import annotations
 
 import asyncio
+from types import FrameType
+from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
@@ -69,7 +71,7 @@ class GatewayServer(uvicorn.Server):
         self._is_drain_requested = False
         self._drain_task: asyncio.Task | None = None
 
-    def handle_exit(self, sig: int, frame: object) -> None:
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """A signal handler (main thread): the first signal asks for the drain, a second one stops."""
         if self._is_drain_requested:
             super().handle_exit(sig, frame)
@@ -85,7 +87,7 @@ class GatewayServer(uvicorn.Server):
         self.should_exit = True
 
 
-def gateway_config(app: object, host: str, port: int, header_timeout_s: float) -> uvicorn.Config:
+def gateway_config(app: Any, host: str, port: int, header_timeout_s: float) -> uvicorn.Config:
     return uvicorn.Config(
         app, host=host, port=port, log_level="warning", http=protocol_class(header_timeout_s),
         timeout_graceful_shutdown=int(WIND_DOWN_S),  # the drain has ended every request by then

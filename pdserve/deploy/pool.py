@@ -7,6 +7,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from pdserve.deploy.config import PoolConfig
 
@@ -49,7 +50,7 @@ class WorkerLoad:
 class PoolWorker:
     worker_id: str
     role: str
-    actor: object  # the Ray actor (a `WorkerProcess`) hosting it
+    actor: Any  # the Ray actor (a `WorkerProcess`) hosting it
     state: WorkerState = WorkerState.STARTING
     address: str | None = None
     node_id: str | None = None

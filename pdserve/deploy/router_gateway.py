@@ -29,9 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def router_config(args: argparse.Namespace) -> ServeConfig:
     from pdserve.deploy.cli import DEMO_MODEL_NAME, cluster_secret
-    from pdserve.proto.cluster_secret import ENV_VAR
     from pdserve.engine.demo_model import default_demo_model_dir
     from pdserve.engine.loader import resolve_model_path
+    from pdserve.proto.cluster_secret import ENV_VAR
 
     if not os.environ.get(ENV_VAR):
         raise ConfigError(f"set {ENV_VAR} to the cluster's secret (the one `pdserve serve` was given)")

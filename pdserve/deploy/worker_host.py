@@ -12,6 +12,7 @@ import sys
 import threading
 import uuid
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from pdserve.decode_worker.admission import DecodeLimits
 from pdserve.engine.config import EngineConfig
@@ -58,8 +59,8 @@ class WorkerHost:
         self.record: WorkerRecord | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"{spec.worker_id}-grpc", daemon=True)
-        self._server = None
-        self._worker = None
+        self._server: Any = None  # a grpc.aio.Server, once started
+        self._worker: Any = None  # a PrefillWorker or a DecodeWorker, once started
         self._kv_servicer = None
         self._stop_heartbeat = threading.Event()
 
@@ -87,11 +88,11 @@ class WorkerHost:
             self._worker = PrefillWorker(core, spec.worker_id, spec.kv_transport, host, secret=spec.cluster_secret)
             self._server, port = await start_server(self._worker, spec.model_name, spec.cluster_secret, spec.host, spec.port)
         else:
-            from pdserve.decode_worker.server import start_server
+            from pdserve.decode_worker.server import start_server as start_decode_server
             from pdserve.decode_worker.worker import DecodeWorker
 
             self._worker = DecodeWorker(core, spec.worker_id, spec.decode_limits)
-            self._server, port, self._kv_servicer = await start_server(
+            self._server, port, self._kv_servicer = await start_decode_server(
                 self._worker, spec.model_name, spec.cluster_secret, spec.host, spec.port, spec.kv_transport, advertise_host=host
             )
         return WorkerRecord(spec.worker_id, spec.role, f"{host}:{port}")

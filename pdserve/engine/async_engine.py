@@ -2,7 +2,7 @@
 `generate()` streams each request's token deltas; leaving the stream early aborts the request."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 from pdserve.engine.engine_loop import EngineLoop
@@ -55,13 +55,13 @@ class AsyncEngine:
     def shutdown(self) -> None:
         self.loop.stop()
 
-    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestDelta]:
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncGenerator[RequestDelta, None]:
         """Raises `InvalidRequestError` for bad input before anything is queued."""
         return self._generate(request_id, prompt_token_ids, params)
 
-    async def _generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestDelta]:
+    async def _generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncGenerator[RequestDelta, None]:
         await self.engine.core.compile_grammar(params)
-        events = self.loop.stream(
+        events: AsyncGenerator[RequestDelta, None] = self.loop.stream(
             request_id,
             add=lambda: self.engine.add_request(request_id, prompt_token_ids, params),
             abort=lambda: self.engine.abort_request(request_id),

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from pdserve import kernels
+
+
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # int64 [num_tokens]; -1 = padding

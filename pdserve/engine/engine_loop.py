@@ -8,7 +8,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Future
 from typing import Generic, TypeVar
 
@@ -84,7 +84,7 @@ class EngineLoop:
         return await asyncio.wrap_future(self.call(fn))
 
     # -- out of the loop --------------------------------------------------------------------------
-    async def stream(self, request_id: str, add: Callable[[], None], abort: Callable[[], None]) -> AsyncIterator[E]:
+    async def stream(self, request_id: str, add: Callable[[], object], abort: Callable[[], object]) -> AsyncGenerator[E, None]:
         """Runs `add` on the loop thread (it queues the request; InvalidRequestError for bad input)
         with a stream open for `request_id`, then yields what `publish` sends it, up to the last
         event. Leaving early runs `abort` on the loop thread, unless the stream already ended."""
@@ -128,7 +128,7 @@ class EngineLoop:
     def stream_ids(self) -> list[str]:
         return list(self._streams)
 
-    def _abort_own(self, request_id: str, events: EventStream, abort: Callable[[], None]) -> None:
+    def _abort_own(self, request_id: str, events: EventStream, abort: Callable[[], object]) -> None:
         """The consumer of `events` left: abort its request, and only its (not a later one's)."""
         if self._streams.get(request_id) is events:
             del self._streams[request_id]

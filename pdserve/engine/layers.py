@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 from pdserve import kernels
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()

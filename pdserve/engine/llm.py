@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.llm_engine import LLMEngine
-from pdserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from pdserve.engine.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
 from pdserve.engine.request import Request
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
 from pdserve.engine.tokenizer import Tokenizer
@@ -20,7 +21,7 @@ PromptType = str | list[int] | dict
 class LLM:
     def __init__(
         self, model: str | None = None, device: str = "auto", dtype: str = "auto", load_format: str = "auto",
-        **engine_args: object,
+        **engine_args: Any,
     ) -> None:
         """`model`: a local HF checkpoint directory or a Hub id; None serves the demo model.
         `load_format="dummy"`: the checkpoint's shapes with random weights (vLLM's name for it).
@@ -130,7 +131,7 @@ def _output(runs: list[_Run], tokenizer: Tokenizer) -> RequestOutput:
     )
 
 
-def _logprob_dict(lp: object, tokenizer: Tokenizer) -> dict[int, Logprob]:
+def _logprob_dict(lp: TokenLogprobs, tokenizer: Tokenizer) -> dict[int, Logprob]:
     entries = {lp.token_id: Logprob(lp.logprob, lp.rank, tokenizer.decode([lp.token_id], skip_special_tokens=False))}
     for rank, (token_id, value) in enumerate(lp.top, start=1):
         entries.setdefault(token_id, Logprob(value, rank, tokenizer.decode([token_id], skip_special_tokens=False)))

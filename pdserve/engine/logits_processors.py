@@ -5,6 +5,9 @@ the prompt and the output). Per-request state lives in `TokenCounts`, rows of de
 step's work is a few batched tensor operations whatever the batch holds."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from pdserve.engine.request import Request
@@ -100,7 +103,7 @@ def _keep_only_allowed(logits: torch.Tensor, requests: list[Request]) -> None:
     logits[index] = logits[index].masked_fill(~keep, float("-inf"))
 
 
-def _mask(logits: torch.Tensor, requests: list[Request], banned_of: object) -> None:
+def _mask(logits: torch.Tensor, requests: list[Request], banned_of: Callable[[Request, int], Any]) -> None:
     rows, cols = [], []
     for i, request in enumerate(requests):
         banned = banned_of(request, logits.shape[-1])

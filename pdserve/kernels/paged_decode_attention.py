@@ -196,7 +196,7 @@ def launch_decode(
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return _CPU_SM_COUNT

@@ -9,8 +9,16 @@ from pdserve.kvtransfer.layout import KVLayout, KVLayoutMismatchError
 from pdserve.kvtransfer.receiver import KVCommitInfo, KVReceiver, UnknownTransferError
 from pdserve.kvtransfer.sender import KVPeer, KVSender
 from pdserve.kvtransfer.transport import (
-    AUTO, TRANSPORTS, Endpoint, KVTransferError, NoCommonTransportError, OutgoingTransfer, UnprovenPeerError, accepts,
-    choose, offers,
+    AUTO,
+    TRANSPORTS,
+    Endpoint,
+    KVTransferError,
+    NoCommonTransportError,
+    OutgoingTransfer,
+    UnprovenPeerError,
+    accepts,
+    choose,
+    offers,
 )
 
 __all__ = [

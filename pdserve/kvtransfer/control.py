@@ -9,13 +9,20 @@ import asyncio
 import logging
 import secrets
 from collections import OrderedDict
+from typing import Any
 
 import grpc
 
 from pdserve.kvtransfer.layout import KVLayout, KVLayoutMismatchError
 from pdserve.kvtransfer.receiver import KVCommitInfo, KVReceiver
 from pdserve.kvtransfer.transport import (
-    TRANSPORTS, Endpoint, KVReceiveHalf, KVTransferError, NoCommonTransportError, UnprovenPeerError, choose,
+    TRANSPORTS,
+    Endpoint,
+    KVReceiveHalf,
+    KVTransferError,
+    NoCommonTransportError,
+    UnprovenPeerError,
+    choose,
     status_code_name,
 )
 from pdserve.proto import GRPC_OPTIONS, auth
@@ -117,7 +124,7 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{sender_id!r} has not handshaken with this worker")
         return name
 
-    async def _data_half(self, name: str, context: grpc.aio.ServicerContext) -> object:
+    async def _data_half(self, name: str, context: grpc.aio.ServicerContext) -> Any:
         half = self.halves.get(name)
         if half is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this worker does not accept the {name} transport")
@@ -189,7 +196,7 @@ class KVControlClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def _call(self, method: object, request: object, timeout: float) -> object:
+    async def _call(self, method: Any, request: object, timeout: float) -> Any:
         try:
             return await method(request, timeout=timeout)
         except grpc.aio.AioRpcError as error:

@@ -12,7 +12,13 @@ import torch
 from pdserve import kernels
 from pdserve.kvtransfer.receiver import KVReceiver
 from pdserve.kvtransfer.transport import (
-    TRANSPORTS, Endpoint, KVTransferError, OutgoingTransfer, PeerInfo, Transport, wait_for_event,
+    TRANSPORTS,
+    Endpoint,
+    KVTransferError,
+    OutgoingTransfer,
+    PeerInfo,
+    Transport,
+    wait_for_event,
 )
 
 DRAIN_TIMEOUT_S = 30.0  # issued copies always finish; this only bounds a wedged device

@@ -14,7 +14,13 @@ import torch
 from pdserve.kvtransfer.layout import KVLayout
 from pdserve.kvtransfer.receiver import KVReceiver, UnknownTransferError
 from pdserve.kvtransfer.transport import (
-    TRANSPORTS, Endpoint, KVTransferError, OutgoingTransfer, PeerInfo, Transport, status_code_name,
+    TRANSPORTS,
+    Endpoint,
+    KVTransferError,
+    OutgoingTransfer,
+    PeerInfo,
+    Transport,
+    status_code_name,
 )
 from pdserve.proto import pdserve_pb2 as pb
 

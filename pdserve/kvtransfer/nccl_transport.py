@@ -11,7 +11,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import torch
@@ -20,7 +22,13 @@ import torch.distributed as dist
 from pdserve.kvtransfer.layer_progress import LayerProgress
 from pdserve.kvtransfer.receiver import KVReceiver
 from pdserve.kvtransfer.transport import (
-    TRANSPORTS, Endpoint, KVTransferError, OutgoingTransfer, PeerInfo, Transport, wait_for_event,
+    TRANSPORTS,
+    Endpoint,
+    KVTransferError,
+    OutgoingTransfer,
+    PeerInfo,
+    Transport,
+    wait_for_event,
 )
 from pdserve.proto import pdserve_pb2 as pb
 
@@ -38,7 +46,7 @@ class _Pair:
         self.stream: torch.cuda.Stream | None = None
         self.is_broken = False
 
-    def run(self, fn: object, *args: object) -> asyncio.Future:
+    def run(self, fn: Callable[..., Any], *args: object) -> asyncio.Future:
         return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def close(self) -> None:

@@ -47,7 +47,7 @@ class UnknownTransferError(KeyError):
 
 # on_commit(info, ready): `ready` is the CUDA event after the KV writes (None on the CPU or when
 # the sender wrote it itself); the first step that reads the KV must wait on it.
-OnCommit = Callable[[KVCommitInfo, torch.cuda.Event | None], None]
+OnCommit = Callable[[KVCommitInfo, torch.cuda.Event | None], object]
 # check_commit(info): raises ValueError when the commit does not fit its request (a token outside
 # the vocabulary, another prompt length): that commit is refused and the reservation stays pending.
 CheckCommit = Callable[[KVCommitInfo], None]

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -113,7 +113,7 @@ class PeerInfo:
     receiver_id: str
     layout: KVLayout
     params: dict[str, bytes]
-    control: object  # kvtransfer.control.KVControlClient (grpc data and nccl use its stub)
+    control: Any  # kvtransfer.control.KVControlClient (grpc data and nccl use its stub)
 
 
 @dataclass(frozen=True)

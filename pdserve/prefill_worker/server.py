@@ -15,11 +15,11 @@ from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.auth import ServerAuth, caller_of
 from pdserve.proto.cluster_secret import ClusterSecret
 from pdserve.proto.convert import logprobs_to_proto, params_from_proto, worker_status
+from pdserve.proto.failures import Failure, grpc_code
 from pdserve.proto.limits import MessageLimitInterceptor, MessageLimits, prompt_message_bytes
 
 ABORTED = "aborted by an Abort call"
 _ADDRESS = re.compile(r"[A-Za-z0-9.\-]{1,253}:\d{1,5}|\[[0-9A-Fa-f:.]{2,45}\]:\d{1,5}")  # host:port, [v6]:port
-from pdserve.proto.failures import Failure, grpc_code
 
 
 class PrefillServicer(pb_grpc.PrefillWorkerServicer):

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Any
 
 from pdserve.engine.core import EngineCore
 from pdserve.engine.engine_loop import EngineLoop
@@ -94,7 +96,7 @@ class PrefillWorker:
         progress = LayerProgress(self.sender.bounds)
         push: asyncio.Task | None = None
         try:
-            events = self.loop.stream(request_id, lambda: self._add(request_id, prompt_token_ids, params, progress), _no_op)
+            events: AsyncGenerator[Any, None] = self.loop.stream(request_id, lambda: self._add(request_id, prompt_token_ids, params, progress), _no_op)
             async with aclosing(events):
                 async for event in events:
                     if isinstance(event, PromptStarted):
@@ -115,8 +117,9 @@ class PrefillWorker:
         except BaseException as error:
             begin.cancel()
             await asyncio.shield(asyncio.ensure_future(self._give_up(request_id, peer, transfer_id, push, error)))
-            if isinstance(error, asyncio.CancelledError) and _failure(begin) is not None:
-                raise _failure(begin) from None
+            failure = _failure(begin)
+            if isinstance(error, asyncio.CancelledError) and failure is not None:
+                raise failure from None
             raise
         self.loop.call(lambda: self._release(request_id))
         return PrefillResult(
@@ -193,7 +196,7 @@ class PrefillWorker:
         """False once the engine loop died or the device failed (e.g. a sticky CUDA error)."""
         return self.loop.is_alive and not self.is_broken
 
-    def status(self) -> dict[str, int]:
+    def status(self) -> dict[str, int | list[int]]:
         blocks = self.core.block_manager
         return {
             "num_running": len(self.scheduler.running) + sum(r.phase is RequestPhase.HANDING_OFF for r in list(self._requests.values())),
@@ -211,7 +214,7 @@ def _failure(future: asyncio.Future) -> BaseException | None:
     return None if not future.done() or future.cancelled() else future.exception()
 
 
-def _cancel_on_failure(task: asyncio.Task) -> object:
+def _cancel_on_failure(task: asyncio.Task) -> Callable[[asyncio.Task], None]:
     def callback(future: asyncio.Future) -> None:
         if _failure(future) is not None:
             task.cancel()

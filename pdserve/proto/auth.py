@@ -23,6 +23,7 @@ import socket
 import time
 from collections import namedtuple
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 
@@ -95,7 +96,7 @@ class ServerAuth(grpc.aio.ServerInterceptor):
         self._logged_at = -LOG_INTERVAL_S
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], object], details: grpc.HandlerCallDetails
+        self, continuation: Callable[[grpc.HandlerCallDetails], Any], details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
         reason = check_call(self.secret, details.method, _credential(details.invocation_metadata))
         if reason is None:

@@ -2,6 +2,8 @@
 servers and the gateway's gRPC client) so schedulers and the engine never see protobuf."""
 from __future__ import annotations
 
+from typing import Any
+
 from pdserve.engine.outputs import TokenLogprobs
 from pdserve.engine.sampling_params import SamplingParams, StructuredOutput
 from pdserve.proto import pdserve_pb2 as pb
@@ -94,8 +96,8 @@ def logprobs_from_proto(msg: pb.TokenLogprobs) -> TokenLogprobs:
 
 
 async def worker_status(
-    worker: object, role: str, model_name: str, request: pb.StatusRequest, context: object, secret: ClusterSecret,
-    **extra: object,
+    worker: Any, role: str, model_name: str, request: pb.StatusRequest, context: Any, secret: ClusterSecret,
+    **extra: Any,
 ) -> pb.WorkerStatus:
     """A worker's `GetStatus` answer, signing the caller's nonce (it is one of ours), or UNAVAILABLE
     once its engine loop or device has failed (the gateway's poll then marks it unhealthy and stops

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -50,7 +51,7 @@ class MessageLimitInterceptor(grpc.aio.ServerInterceptor):
         self.limits = limits
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], object], details: grpc.HandlerCallDetails
+        self, continuation: Callable[[grpc.HandlerCallDetails], Any], details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
         if handler is None:

@@ -5,7 +5,8 @@ the whole admin API is off (403)."""
 from __future__ import annotations
 
 import hmac
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from fastapi import APIRouter, Depends, Request
 from google.protobuf.json_format import MessageToDict
@@ -64,7 +65,7 @@ def admin_routes(pool: WorkerPool, token: str | None, admin: PoolAdmin | None = 
     return routes
 
 
-def _bearer_check(token: str | None) -> object:
+def _bearer_check(token: str | None) -> Callable[..., Any]:
     async def check(request: Request) -> None:
         if not token:
             raise APIError(403, "the admin API is off: start the gateway with --admin-token or PDSERVE_ADMIN_TOKEN")

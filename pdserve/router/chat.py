@@ -16,7 +16,15 @@ from pdserve.router.auth import cache_salt_of
 from pdserve.router.errors import APIError
 from pdserve.router.protocol import ChatCompletionRequest, ChatMessage
 from pdserve.router.serving import (
-    Generation, Serving, TextDelta, collect, json_logprob, merge_deltas, start_stream, token_text, vllm_prompt_logprobs,
+    Generation,
+    Serving,
+    TextDelta,
+    collect,
+    json_logprob,
+    merge_deltas,
+    start_stream,
+    token_text,
+    vllm_prompt_logprobs,
 )
 from pdserve.router.tool_parsers import PARSERS, NamedStream, ParsedReply, RequiredStream, ToolCall, parse_required
 from pdserve.router.tools import ToolMode, ToolOptions, forced_call_schema, tool_mode

@@ -17,7 +17,15 @@ from pdserve.engine.tokenizer import Tokenizer
 from pdserve.router.auth import cache_salt_of
 from pdserve.router.protocol import CompletionRequest
 from pdserve.router.serving import (
-    Generation, Serving, TextDelta, collect, json_logprob, merge_deltas, start_stream, token_text, vllm_prompt_logprobs,
+    Generation,
+    Serving,
+    TextDelta,
+    collect,
+    json_logprob,
+    merge_deltas,
+    start_stream,
+    token_text,
+    vllm_prompt_logprobs,
 )
 
 
@@ -108,9 +116,9 @@ class _Completion:
         index = delta.index
         at = index if source is None else source  # the run, its prompt, its echo and offsets
         run = self._runs[at]
-        text, token_ids, logprobs = delta.text, delta.token_ids, delta.logprobs
+        text, logprobs = delta.text, delta.logprobs
         if self._is_prompt_only:
-            text, token_ids, logprobs = "", [], []
+            text, logprobs = "", []
         echoed: list[TokenLogprobs | None] = []
         if self._request.echo and not self._is_echoed[at]:  # the prompt goes before the first output
             self._is_echoed[at] = True
@@ -163,7 +171,10 @@ class _Completion:
     def _logprobs(self, index: int, entries: list[TokenLogprobs], num_echoed: int) -> dict:
         """OpenAI's legacy shape; each token's top_logprobs holds the top-n and the token itself.
         Echoed prompt tokens without a logprob (the first) get null in both lists."""
-        tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+        tokens: list[str] = []
+        token_logprobs: list[float | None] = []
+        top_logprobs: list[dict[str, float] | None] = []
+        text_offset: list[int] = []
         for position, lp in enumerate(entries):
             token = token_text(self._tokenizer, lp.token_id, self._request.return_tokens_as_token_ids)
             tokens.append(token)

@@ -96,7 +96,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
         return as_api_error(exc).response()
 
-    app.add_exception_handler(RequestValidationError, on_validation_error)
-    app.add_exception_handler(HTTPException, on_http_error)
+    # Starlette types a handler's exception as Exception, though it passes each handler only its own type
+    app.add_exception_handler(RequestValidationError, on_validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, on_http_error)  # type: ignore[arg-type]
     for exc_type in (APIError, InvalidRequestError, BackendFailure, Exception):
         app.add_exception_handler(exc_type, on_error)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import HistogramMetricFamily
@@ -14,6 +15,8 @@ from pdserve.engine.iteration_stats import IterationTokens
 from pdserve.engine.outputs import RequestDelta
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.router.backend import BackendStats
+
+_Metric = TypeVar("_Metric", Gauge, Counter, Histogram)
 
 # vLLM's bucket boundaries.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -104,13 +107,13 @@ class Metrics:
             self.request_generation_tokens, self.request_max_num_generation_tokens, self.request_params_n,
             self.request_params_max_tokens, self.kv_transfer_seconds,
         ):
-            self.labels(metric)
+            metric.labels(model_name=self.model_name)
         for reason in FINISH_REASONS:
             self.request_success.labels(model_name=self.model_name, finished_reason=reason)
         for phase in PHASES:
             self.request_phase.labels(model_name=self.model_name, phase=phase)
 
-    def labels(self, metric: Gauge | Counter | Histogram) -> Gauge | Counter | Histogram:
+    def labels(self, metric: _Metric) -> _Metric:
         return metric.labels(model_name=self.model_name)
 
     def update_stats(self, stats: BackendStats) -> None:
@@ -175,7 +178,7 @@ class RequestTracker:
         self._first_token_time: float | None = None
         self._last_token_time: float | None = None
         self._num_output_tokens = 0
-        self._engine_seconds = (None, None)  # (queue, prefill) as the engine measured them
+        self._engine_seconds: tuple[float | None, float | None] = (None, None)  # (queue, prefill) as the engine measured them
         self._is_finished = False
 
     def on_first_delta(self, delta: RequestDelta) -> None:

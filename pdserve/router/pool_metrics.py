@@ -36,12 +36,13 @@ class PoolCollector:
         }
         for role in POOLS:
             handles = [h for h in self.pool.workers.values() if h.record.role == role and h.is_healthy and h.status is not None]
-            total = sum(h.status.num_total_blocks for h in handles)
-            values = {
+            statuses = [h.status for h in handles if h.status is not None]  # every handle's: filtered above
+            total = sum(s.num_total_blocks for s in statuses)
+            values: dict[str, float] = {
                 "healthy": sum(h.is_routable for h in handles),
-                "running": sum(h.status.num_running for h in handles),
-                "waiting": sum(h.status.num_waiting for h in handles),
-                "kv": sum(h.status.num_used_blocks for h in handles) / total if total else 0.0,
+                "running": sum(s.num_running for s in statuses),
+                "waiting": sum(s.num_waiting for s in statuses),
+                "kv": sum(s.num_used_blocks for s in statuses) / total if total else 0.0,
             }
             for name, family in families.items():
                 family.add_metric([self.model_name, role], values[name])

@@ -9,7 +9,7 @@ import logging
 import re
 import time
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from pdserve.proto.cluster_secret import ClusterSecret
@@ -171,10 +171,10 @@ class _IgnoredEntries:
         self._examples, self._num_ignored = [], 0
 
 
-def heartbeat(client: object, record: WorkerRecord, secret: ClusterSecret, ttl_s: float = DEFAULT_TTL_S) -> None:
+def heartbeat(client: Any, record: WorkerRecord, secret: ClusterSecret, ttl_s: float = DEFAULT_TTL_S) -> None:
     """One heartbeat from a worker's side, with a sync `redis.Redis` client: the record, signed."""
     client.set(redis_key(record.worker_id), record.signed_json(secret), px=int(ttl_s * 1000))
 
 
-def deregister(client: object, worker_id: str) -> None:
+def deregister(client: Any, worker_id: str) -> None:
     client.delete(redis_key(worker_id))

@@ -98,7 +98,8 @@ def _parameters(function: dict[str, Any]) -> dict[str, Any]:
 def _required_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
     """A non-empty array of {"name", "parameters"} objects (nothing else), one alternative per tool;
     the tools' `$defs` move to the top so their `$ref`s still resolve."""
-    alternatives, definitions = [], {}
+    alternatives: list[dict[str, Any]] = []
+    definitions: dict[str, Any] = {}
     for tool in tools:
         function = tool["function"]
         parameters = dict(_parameters(function))
@@ -111,7 +112,7 @@ def _required_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
             "required": ["name", "parameters"],
             "additionalProperties": False,  # vLLM leaves this out: keys no parser reads, and a reply that may not end
         })
-    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": alternatives}}
+    schema = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": alternatives}}
     if definitions:
         schema["$defs"] = definitions
     return schema
