@@ -23,11 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import httpx
 import pytest
 
 from pdserve.engine.tokenizer import Tokenizer
+from pdserve.proto import auth
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.deadlines import Deadlines
@@ -93,7 +93,7 @@ class Cluster:
 
     def status(self, name: str) -> pb.WorkerStatus:
         worker = self.workers[name]
-        with grpc.insecure_channel(worker.address) as channel:
+        with auth.blocking_channel(worker.address, CLUSTER_SECRET, "test") as channel:
             stub_cls = pb_grpc.PrefillWorkerStub if WORKERS[name] == "prefill" else pb_grpc.DecodeWorkerStub
             return stub_cls(channel).GetStatus(pb.StatusRequest(), timeout=2)
 
