@@ -41,7 +41,10 @@ def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_demo_model(tmp_path_factory.mktemp("demo") / "model")
 
 
-def write_hf_checkpoint(directory: Path, family: str, tokenizer_dir: Path, seed: int = 0, num_layers: int = 2) -> Path:
+def write_hf_checkpoint(
+    directory: Path, family: str, tokenizer_dir: Path, seed: int = 0, num_layers: int = 2, hidden_size: int = 64,
+    intermediate_size: int = 128,
+) -> Path:
     """A transformers-written checkpoint of `family` with random weights and the demo tokenizer."""
     import json
 
@@ -52,8 +55,8 @@ def write_hf_checkpoint(directory: Path, family: str, tokenizer_dir: Path, seed:
     vocab_size = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
     config = config_cls(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
         max_position_embeddings=512,
         rms_norm_eps=1e-6,

@@ -1,5 +1,5 @@
-"""The two ceilings every benchmark is measured against, taken in the same run: HBM bandwidth
-(a large device-to-device copy, bytes read + written) and the bf16 matmul rate (8192^3)."""
+"""The ceilings every benchmark is measured against, taken in the same run: HBM bandwidth (a large
+device-to-device copy, bytes read + written) and the bf16 (and FP8) matmul rate (8192^3)."""
 from __future__ import annotations
 
 import torch
@@ -21,6 +21,17 @@ def matmul_tflops(n: int = 8192) -> float:
     a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
     ms = median_ms(lambda: a @ b)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def fp8_matmul_tflops(n: int = 8192) -> float | None:
+    """FP8 (e4m3) tensor-core matmul rate, per-tensor scales, bf16 out; None below sm89."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        return None
+    a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn).t()  # column-major, as _scaled_mm wants
+    one = torch.ones((), device="cuda")
+    ms = median_ms(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 

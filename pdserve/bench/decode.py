@@ -39,9 +39,9 @@ class DecodeRow:
         return self.floor_ms / self.step_ms
 
 
-def floor_ms(config: ModelConfig, batch_size: int, context: int, copy_gbs: float) -> float:
+def floor_ms(config: ModelConfig, batch_size: int, context: int, copy_gbs: float, quantization: str | None = None) -> float:
     kv_bytes = batch_size * (context + 1) * config.kv_bytes_per_token * 2
-    return (decode_weight_bytes(config) + kv_bytes) / (copy_gbs * 1e9) * 1e3
+    return (decode_weight_bytes(config, quantization=quantization) + kv_bytes) / (copy_gbs * 1e9) * 1e3
 
 
 def time_steps(step: Callable[[], object], num_steps: int, repeats: int = 5) -> float:
@@ -59,7 +59,10 @@ def time_steps(step: Callable[[], object], num_steps: int, repeats: int = 5) -> 
     return statistics.median(samples)
 
 
-def bench_pdserve(name: str, batch_sizes: list[int], context: int, num_steps: int, copy_gbs: float) -> list[DecodeRow]:
+def bench_pdserve(
+    name: str, batch_sizes: list[int], context: int, num_steps: int, copy_gbs: float, quantization: str | None = None
+) -> list[DecodeRow]:
+    """`quantization`: the weights quantized (random, `--load-format dummy`) as `--quantization` would."""
     from pdserve.engine.core import EngineCore
     from pdserve.engine.request import Request, ScheduledRequest
     from pdserve.engine.sampling_params import SamplingParams
@@ -68,7 +71,7 @@ def bench_pdserve(name: str, batch_sizes: list[int], context: int, num_steps: in
     blocks_per_seq = -(-(context + 1) // 16)
     config = EngineConfig(
         model=str(write_shape(name)), dtype="bfloat16", device="cuda", max_model_len=context + 64,
-        max_num_seqs=max_bs, num_kv_blocks=max_bs * blocks_per_seq + 8, enable_prefix_caching=False,
+        max_num_seqs=max_bs, num_kv_blocks=max_bs * blocks_per_seq + 8, enable_prefix_caching=False, quantization=quantization,
     )
     core = EngineCore.load(replace(config, load_format="dummy"))
     core.runner.kv_cache.normal_()  # attention reads real-looking values, never zeros
@@ -90,7 +93,8 @@ def bench_pdserve(name: str, batch_sizes: list[int], context: int, num_steps: in
             core.runner.graphs.run(requests)
             bucket = next(b for b in core.runner.graphs.buckets if b >= bs)
             forward_ms = median_ms(core.runner.graphs.graphs[bucket].replay)
-        rows.append(DecodeRow(name, "pdserve", bs, context, step_ms, floor_ms(core.model_config, bs, context, copy_gbs), forward_ms))
+        floor = floor_ms(core.model_config, bs, context, copy_gbs, quantization)
+        rows.append(DecodeRow(name, f"pdserve-{quantization}" if quantization else "pdserve", bs, context, step_ms, floor, forward_ms))
         for r in requests:
             core.block_manager.free(r.block_table)
     return rows
@@ -138,6 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--engine", choices=["pdserve", "hf"], default="pdserve")
+    parser.add_argument("--quantization", choices=["fp8", "int8", "awq", "gptq"], default=None, help="pdserve's weights, random, quantized")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64, 256])
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=20)
@@ -145,7 +150,8 @@ def main() -> None:
     args = parser.parse_args()
     copy_gbs = copy_bandwidth_gbs()
     bench = bench_pdserve if args.engine == "pdserve" else bench_hf
-    rows = bench(args.model, args.batch_sizes, args.context, args.steps, copy_gbs)
+    extra = {"quantization": args.quantization} if args.quantization else {}
+    rows = bench(args.model, args.batch_sizes, args.context, args.steps, copy_gbs, **extra)
     if args.json:
         with open(args.json, "a") as f:
             for r in rows:

@@ -35,7 +35,7 @@ class PrefillRow:
         return self.tflops / self.matmul_tflops
 
 
-def bench_pdserve(name: str, lengths: list[int], rate: float) -> list[PrefillRow]:
+def bench_pdserve(name: str, lengths: list[int], rate: float, quantization: str | None = None) -> list[PrefillRow]:
     from pdserve.engine.core import EngineCore
     from pdserve.engine.request import Request, ScheduledRequest
     from pdserve.engine.sampling_params import SamplingParams
@@ -44,7 +44,7 @@ def bench_pdserve(name: str, lengths: list[int], rate: float) -> list[PrefillRow
     config = EngineConfig(
         model=str(write_shape(name)), dtype="bfloat16", device="cuda", max_model_len=longest + 64,
         max_num_batched_tokens=longest, max_num_seqs=8, num_kv_blocks=-(-(longest + 64) // 16) + 8,
-        enable_prefix_caching=False, enforce_eager=True,
+        enable_prefix_caching=False, enforce_eager=True, quantization=quantization,
     )
     core = EngineCore.load(replace(config, load_format="dummy"))
     rng = random.Random(0)
@@ -56,7 +56,8 @@ def bench_pdserve(name: str, lengths: list[int], rate: float) -> list[PrefillRow
         batch = [ScheduledRequest(request, n)]
         ms = time_steps(lambda batch=batch: core.runner.execute(batch), num_steps=3)
         flops = prefill_flops(core.model_config, n)
-        rows.append(PrefillRow(name, "pdserve", n, ms, flops / (ms * 1e-3) / 1e12, rate))
+        engine = f"pdserve-{quantization}" if quantization else "pdserve"
+        rows.append(PrefillRow(name, engine, n, ms, flops / (ms * 1e-3) / 1e12, rate))
         core.block_manager.free(request.block_table)
     return rows
 
@@ -88,11 +89,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--engine", choices=["pdserve", "hf"], default="pdserve")
+    parser.add_argument("--quantization", choices=["fp8", "int8", "awq", "gptq"], default=None, help="pdserve's weights, random, quantized")
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     rate = matmul_tflops()
-    rows = (bench_pdserve if args.engine == "pdserve" else bench_hf)(args.model, args.lengths, rate)
+    extra = {"quantization": args.quantization} if args.quantization else {}
+    rows = (bench_pdserve if args.engine == "pdserve" else bench_hf)(args.model, args.lengths, rate, **extra)
     if args.json:
         with open(args.json, "a") as f:
             for r in rows:

@@ -56,9 +56,29 @@ def write_word_tokenizer(target: Path, vocab_size: int, bos_id: int, eos_id: int
     (target / "tokenizer_config.json").write_text(json.dumps({**special, "chat_template": template}))
 
 
-def decode_weight_bytes(config: ModelConfig, dtype_bytes: int = 2) -> int:
+def projection_shapes(config: ModelConfig) -> list[tuple[int, int]]:
+    """(out, in) of one layer's fused projections: qkv, o_proj, gate_up, down."""
+    h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
+    return [(d * (config.num_heads + 2 * config.num_kv_heads), h), (h, config.num_heads * d), (2 * i, h), (h, i)]
+
+
+def quantized_projection_bytes(n: int, k: int, quantization: str, group_size: int = 128, dtype_bytes: int = 2) -> int:
+    """Stored bytes of one [n, k] projection: 8 bits + an fp32 scale per output channel, or 4 bits
+    + a scale (model dtype) and a uint8 zero point per group of `group_size` inputs."""
+    if quantization in ("fp8", "int8", "compressed-tensors"):
+        return n * k + 4 * n
+    assert quantization in ("awq", "gptq"), quantization
+    return n * k // 2 + (k // group_size) * n * (dtype_bytes + 1)
+
+
+def decode_weight_bytes(config: ModelConfig, dtype_bytes: int = 2, quantization: str | None = None) -> int:
     """Bytes one decode step must read from the weights: everything but the embedding table (only
-    the batch's rows are read from it) — the LM head is read whole, also when tied."""
+    the batch's rows are read from it) — the LM head is read whole, also when tied, and never
+    quantized; with `quantization`, the decoder's projections at their stored size."""
+    if quantization is not None:
+        plain = sum(dtype_bytes * n * k for n, k in projection_shapes(config))
+        stored = sum(quantized_projection_bytes(n, k, quantization, dtype_bytes=dtype_bytes) for n, k in projection_shapes(config))
+        return decode_weight_bytes(config, dtype_bytes) + config.num_layers * (stored - plain)
     h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
     attention = h * d * (config.num_heads + 2 * config.num_kv_heads) + config.num_heads * d * h
     if config.attention_bias:

@@ -56,6 +56,11 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
         help="how KV moves from prefill to decode workers (auto: CUDA IPC on one host, NCCL across hosts, else gRPC)",
     )
     serve.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights (benchmarks)")
+    serve.add_argument(
+        "--quantization", default=None, choices=["fp8", "int8", "awq", "gptq", "compressed-tensors"],
+        help="fp8|int8: quantize an unquantized checkpoint's weights at load (per output channel); "
+        "otherwise the checkpoint's own quantization_config is used (this flag then only checks it)",
+    )
     serve.add_argument("--colocated", action="store_true", help="one engine in this process, no workers (baseline)")
     serve.add_argument("--admin-token", default=None, help="bearer token of /admin/* (default: $PDSERVE_ADMIN_TOKEN; none: admin off)")
     serve.add_argument("--autoscale", action=argparse.BooleanOptionalAction, default=False, help="size the pools from their load")
@@ -214,6 +219,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         enable_prefix_caching=not args.no_prefix_caching,
         enforce_eager=args.enforce_eager,
         load_format=args.load_format,
+        quantization=args.quantization,
     )
     return ServeConfig(
         engine=engine,

@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from pdserve.engine.quant_config import QuantConfig
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+QUANTIZATION_CHOICES = ("fp8", "int8", "awq", "gptq", "compressed-tensors")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -67,6 +72,7 @@ class ModelConfig:
     checkpoint_dtype: str = "float32"
     eos_token_ids: tuple[int, ...] = ()
     sliding_window: int | None = None
+    quantization: QuantConfig | None = None  # the checkpoint's quantization_config
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -81,6 +87,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict) -> ModelConfig:
+        from pdserve.engine.quant_config import parse_quantization_config  # it needs ConfigError from here
+
         architectures = hf.get("architectures") or [hf.get("model_type", "?")]
         architecture = architectures[0]
         if architecture not in SUPPORTED_ARCHITECTURES:
@@ -113,6 +121,7 @@ class ModelConfig:
             checkpoint_dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
             eos_token_ids=eos_ids,
             sliding_window=hf.get("sliding_window") if use_window else None,
+            quantization=parse_quantization_config(hf.get("quantization_config")),
         )
 
     @property
@@ -145,6 +154,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     load_format: str = "auto"  # "dummy": the checkpoint's shapes with random weights (vLLM's name)
+    quantization: str | None = None  # fp8|int8: quantize at load; awq|gptq|...: the checkpoint's (engine/quant_config.py)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -160,6 +170,8 @@ class EngineConfig:
             raise ConfigError(f"num_kv_blocks must be >= 1; got {self.num_kv_blocks}")
         if self.load_format not in ("auto", "dummy"):
             raise ConfigError(f"load_format must be auto or dummy; got {self.load_format!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_CHOICES:
+            raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}; got {self.quantization!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
 

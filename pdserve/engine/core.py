@@ -51,6 +51,7 @@ class EngineCore:
             )
         block_manager = BlockManager(runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         eos = frozenset(tokenizer.eos_token_ids) | frozenset(model_config.eos_token_ids)
+        model_id += f"-{config.quantization}" if config.quantization else ""  # the same weights, other numerics
         grammars = GrammarCompiler(tokenizer, model_config.vocab_size, eos)
         return cls(config, model_config, tokenizer, runner, block_manager, eos, model_id, grammars)
 

@@ -35,6 +35,7 @@ class Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, transposed: bool = False) -> None:
         super().__init__()
+        self.in_features, self.out_features = in_features, out_features
         self.transposed = transposed
         shape = (in_features, out_features) if transposed else (out_features, in_features)
         self.weight = nn.Parameter(torch.empty(shape))
@@ -46,8 +47,19 @@ class Linear(nn.Module):
         out = x @ self.weight
         return out if self.bias is None else out + self.bias
 
+    def checkpoint_kinds(self) -> set[str]:
+        """Tensor kinds (name suffixes) each HF projection must provide."""
+        return {"weight", "bias"} if self.bias is not None else {"weight"}
+
+    def optional_kinds(self) -> set[str]:
+        return set()
+
     def load(self, kind: str, tensor: torch.Tensor, rows: slice = slice(None)) -> None:
         """Copy an HF tensor (weight [out, in] or bias [out]) into our output rows `rows`."""
+        if kind not in self.checkpoint_kinds():
+            raise ValueError(f"unexpected tensor kind {kind!r} for an unquantized layer (expected: {', '.join(sorted(self.checkpoint_kinds()))})")
+        if not tensor.is_floating_point() or tensor.element_size() == 1:
+            raise ValueError(f"{tensor.dtype} is a quantized type, but this layer is not quantized (no quantization_config for it)")
         param = self.weight if kind == "weight" else self.bias
         target = param.data[:, rows] if kind == "weight" and self.transposed else param.data[rows]
         source = tensor.t() if kind == "weight" and self.transposed else tensor

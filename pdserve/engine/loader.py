@@ -66,19 +66,29 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
     expected = model.weight_keys()
     loaded: set[str] = set()
     for name, tensor in iterate_weights(model_dir):
-        loaded |= model.load_weight(name, tensor)
+        loaded |= model.load_weight(name, tensor)  # raises ConfigError naming a tensor it has no place for
     missing = expected - loaded
     if missing:
-        raise ConfigError(f"checkpoint {model_dir} lacks weights: {', '.join(sorted(missing)[:8])}")
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise ConfigError(f"checkpoint {model_dir} lacks tensors: {', '.join(sorted(missing)[:8])}{more}")
 
 
 def init_random_weights(model: nn.Module, seed: int = 0) -> None:
-    """Dummy weights (vLLM's `--load-format dummy`): small uniform values, norms at one."""
+    """Dummy weights (vLLM's `--load-format dummy`): small uniform values, norms at one;
+    quantized layers draw their own (`init_random_`)."""
     generators: dict[torch.device, torch.Generator] = {}
+
+    def generator(device: torch.device) -> torch.Generator:
+        if device not in generators:
+            generators[device] = torch.Generator(device=device).manual_seed(seed)
+        return generators[device]
+
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.data.fill_(1.0)
-            continue
-        if param.device not in generators:
-            generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
-        param.data.uniform_(-0.02, 0.02, generator=generators[param.device])
+        else:
+            param.data.uniform_(-0.02, 0.02, generator=generator(param.device))
+    for module in model.modules():
+        if hasattr(module, "init_random_"):
+            module.init_random_(generator(next(module.buffers()).device))
+

@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 from pdserve.engine.attention import Attention, AttentionMetadata
-from pdserve.engine.config import ModelConfig
+from pdserve.engine.config import ConfigError, ModelConfig
 from pdserve.engine.layers import Linear, MergedLinear, RMSNorm, silu_and_mul
+from pdserve.engine.quant_config import QuantConfig
+from pdserve.engine.quant_layers import QuantizedLinear, quantized_linear
 from pdserve.engine.rotary import build_cos_sin_cache
 
 # HF projection name -> (our fused module, shard within it)
@@ -20,6 +22,9 @@ FUSED_SHARDS = {
     "gate_proj": ("gate_up_proj", "gate"),
     "up_proj": ("gate_up_proj", "up"),
 }
+LINEAR_LAYERS = (Linear, QuantizedLinear)
+# Checkpoint tensors a forward pass never reads (old checkpoints' rotary tables): skipped by name.
+IGNORABLE_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
 class LlamaAttention(nn.Module):
@@ -144,38 +149,78 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    # -- checkpoint loading -------------------------------------------------------------------
+    # -- quantization and checkpoint loading ---------------------------------------------------
+    def quantize(self, quant: QuantConfig, dtype: torch.dtype) -> None:
+        """Swap the decoder's linear layers (never the LM head) for `quant`'s quantized layers,
+        but those its config leaves unquantized. Runs on the meta device, before weights exist."""
+        for name, module in list(self.named_modules()):
+            if not isinstance(module, Linear) or name == "lm_head":
+                continue
+            projections = self._hf_projections(name, module)
+            ignored = {quant.is_ignored(p) for p in projections}
+            if ignored == {True}:
+                continue
+            if len(ignored) > 1:
+                raise ConfigError(f"quantization_config ignores some of {', '.join(projections)} but not all; pdserve runs them as one layer")
+            try:
+                layer = quantized_linear(
+                    quant, module.in_features, module.out_features, module.bias is not None, dtype, getattr(module, "shard_ranges", None)
+                )
+            except ValueError as exc:
+                raise ConfigError(f"{quant.name} cannot quantize {name}: {exc}") from None
+            parent, _, child = name.rpartition(".")
+            setattr(self.get_submodule(parent), child, layer)
+
+    def _hf_projections(self, name: str, module: nn.Module) -> list[str]:
+        """The HF modules one of our linear layers loads (q_proj, k_proj, v_proj for qkv_proj)."""
+        if not getattr(module, "shard_ranges", None):
+            return [name]
+        prefix, _, fused = name.rpartition(".")
+        return [f"{prefix}.{hf}" for hf, (ours, _) in FUSED_SHARDS.items() if ours == fused]
+
     def weight_keys(self) -> set[str]:
-        """Every (parameter, shard) the checkpoint must provide."""
+        """The name of every tensor the checkpoint must provide (HF names)."""
         keys = set()
-        for name, _ in self.named_parameters():
-            module = self.get_submodule(name.rsplit(".", 1)[0])
-            if isinstance(module, MergedLinear):
-                keys |= {f"{name}#{shard}" for shard in module.shard_ranges}
+        for name, module in self.named_modules():
+            if isinstance(module, LINEAR_LAYERS):
+                if name != "lm_head" or not self.config.tie_word_embeddings:
+                    keys |= {f"{p}.{kind}" for p in self._hf_projections(name, module) for kind in module.checkpoint_kinds()}
             else:
-                keys.add(name)
+                keys |= {f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)}
         return keys
 
     def load_weight(self, name: str, tensor: torch.Tensor) -> set[str]:
-        """Load one HF checkpoint tensor; returns the keys of `weight_keys` it filled."""
-        if name.startswith("lm_head.") and self.config.tie_word_embeddings:
+        """Load one HF checkpoint tensor; returns the names of `weight_keys` it filled. A tensor
+        with no place in this model, or one of the wrong kind, shape or dtype, is an error naming it."""
+        if name.endswith(IGNORABLE_SUFFIXES) or (name == "lm_head.weight" and self.config.tie_word_embeddings):
             return set()
-        *prefix, module_name, kind = name.split(".")
-        if module_name in FUSED_SHARDS:
-            fused, shard = FUSED_SHARDS[module_name]
-            target = ".".join([*prefix, fused, kind])
-            module = self.get_submodule(".".join([*prefix, fused]))
-            module.load_shard(shard, kind, tensor)
-            return {f"{target}#{shard}"}
+        prefix, _, kind = name.rpartition(".")
+        parent, _, module_name = prefix.rpartition(".")
+        fused, shard = FUSED_SHARDS.get(module_name, (module_name, None))
+        module = self._find_module(f"{parent}.{fused}" if parent else fused)
         try:
-            param = self.get_parameter(name)
-        except AttributeError:
-            return set()  # e.g. rotary_emb.inv_freq in old checkpoints: nothing of ours to fill
-        module = self.get_submodule(".".join([*prefix, module_name]))
-        if isinstance(module, Linear):
-            module.load(kind, tensor)
-            return {name}
-        if param.shape != tensor.shape:
-            raise ValueError(f"weight {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
-        param.data.copy_(tensor)
+            if isinstance(module, LINEAR_LAYERS) and shard is None:
+                module.load(kind, tensor)
+            elif isinstance(module, LINEAR_LAYERS):
+                module.load_shard(shard, kind, tensor)
+            elif shard is None and module is not None and isinstance(getattr(module, kind, None), nn.Parameter):
+                _copy_parameter(getattr(module, kind), tensor)
+            else:
+                raise ValueError(f"no such weight in a {self.config.architecture} of {self.config.num_layers} layers")
+        except ValueError as exc:
+            raise ConfigError(f"checkpoint tensor {name}: {exc}") from None
         return {name}
+
+    def _find_module(self, name: str) -> nn.Module | None:
+        try:
+            return self.get_submodule(name)
+        except AttributeError:
+            return None
+
+
+def _copy_parameter(param: nn.Parameter, tensor: torch.Tensor) -> None:
+    if param.shape != tensor.shape:
+        raise ValueError(f"shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+    if not tensor.is_floating_point() or tensor.element_size() == 1:
+        raise ValueError(f"{tensor.dtype} is a quantized type; this weight is never quantized")
+    param.data.copy_(tensor)

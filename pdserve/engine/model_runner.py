@@ -19,6 +19,7 @@ from pdserve.engine.loader import init_random_weights, load_weights
 from pdserve.engine.model import LlamaForCausalLM
 from pdserve.engine.outputs import TokenLogprobs
 from pdserve.engine.prompt_logprobs import compute_prompt_logprobs, prompt_targets
+from pdserve.engine.quant_config import resolve_quantization
 from pdserve.engine.request import Request, ScheduledRequest
 from pdserve.engine.sampler import Sampler, SamplerOutput, only_argmax
 
@@ -54,6 +55,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_model_len = config.model_len(model_config)
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
+        self.quantization = resolve_quantization(model_config.quantization, config.quantization, model_dir is None)
         self.model = self._build_model(model_dir)
         self.kv_cache = self._allocate_kv_cache()
         self.sampler = Sampler()
@@ -72,6 +74,8 @@ class ModelRunner:
     def _build_model(self, model_dir: Path | None) -> LlamaForCausalLM:
         with torch.device("meta"):
             model = LlamaForCausalLM(self.model_config).to(self.dtype)  # no memory is touched yet
+            if self.quantization is not None:  # after .to(dtype), which would widen fp8 weights
+                model.quantize(self.quantization, self.dtype)
         model.to_empty(device=self.device)
         model.tie_weights()
         if model_dir is None:

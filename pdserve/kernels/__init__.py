@@ -11,6 +11,8 @@ from pdserve.kernels.rotary_embedding import (
     rotary_store_kv_ref,
 )
 from pdserve.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
+from pdserve.kernels.w4_matmul import w4_dequantize_ref, w4_matmul, w4_matmul_ref
+from pdserve.kernels.w8_matmul import w8_matmul, w8_matmul_ref
 
 __all__ = [
     "copy_kv_blocks",
@@ -31,4 +33,9 @@ __all__ = [
     "silu_and_mul_ref",
     "store_kv_cache",
     "store_kv_cache_ref",
+    "w4_dequantize_ref",
+    "w4_matmul",
+    "w4_matmul_ref",
+    "w8_matmul",
+    "w8_matmul_ref",
 ]

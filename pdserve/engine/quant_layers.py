@@ -1,0 +1,222 @@
+"""Quantized replacements of `Linear` / `MergedLinear`: `W8Linear` (fp8 or int8, a scale per
+output channel) and `W4Linear` (4 bits, a scale and zero point per group of inputs). Each loads
+its checkpoint format shard by shard into its output rows, so fused q/k/v and gate/up keep one
+matmul; per-tensor scales of fused shards become exact per-channel scales (no requantization)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from pdserve import kernels
+from pdserve.engine.quant_config import QuantConfig
+from pdserve.engine.quant_formats import (
+    FP8_MAX,
+    awq_qweight_to_rows,
+    quantize_per_channel,
+    unpack_zeros,
+)
+
+W8_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+FP8_GEMM_MIN_ROWS = 64  # above: prefill-sized, compute-bound -> FP8 tensor-core GEMM where the GPU has it
+
+
+class QuantizedLinear(nn.Module):
+    """What both schemes share: output rows per shard, the bias, and the tensor kinds expected."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, shard_ranges: dict[str, tuple[int, int]] | None
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.shard_ranges = shard_ranges or {}
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    def checkpoint_kinds(self) -> set[str]:
+        """Tensor kinds (name suffixes) each HF projection must provide."""
+        return {"bias"} if self.bias is not None else set()
+
+    def optional_kinds(self) -> set[str]:
+        return set()
+
+    def load_shard(self, shard: str, kind: str, tensor: torch.Tensor) -> None:
+        start, size = self.shard_ranges[shard]
+        self.load(kind, tensor, slice(start, start + size))
+
+    def load(self, kind: str, tensor: torch.Tensor, rows: slice = slice(None)) -> None:
+        if kind != "bias" or self.bias is None:
+            raise ValueError(f"unexpected tensor kind {kind!r} (expected: {', '.join(sorted(self.checkpoint_kinds() | self.optional_kinds()))})")
+        _copy(self.bias.data[rows], tensor, kind)
+
+    def _add_bias(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.bias is None else out + self.bias
+
+
+class W8Linear(QuantizedLinear):
+    """weight [N, K] fp8 e4m3 / int8, weight_scale fp32 [N]: y = x (weight * scale)^T + b."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, quant: QuantConfig, dtype: torch.dtype,
+        shard_ranges: dict[str, tuple[int, int]] | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, dtype, shard_ranges)
+        self.checkpoint_format = quant.checkpoint_format
+        self.register_buffer("weight", torch.empty((out_features, in_features), dtype=W8_DTYPES[quant.scheme]))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32))
+
+    def checkpoint_kinds(self) -> set[str]:
+        scale = set() if self.checkpoint_format == "online" else {"weight_scale"}
+        return super().checkpoint_kinds() | {"weight"} | scale
+
+    def optional_kinds(self) -> set[str]:
+        # Static activation scales: read, but activations are scaled per token at run time.
+        return set() if self.checkpoint_format == "online" else {"input_scale"}
+
+    def load(self, kind: str, tensor: torch.Tensor, rows: slice = slice(None)) -> None:
+        if kind == "weight":
+            self._load_weight(tensor, rows)
+        elif kind == "weight_scale" and kind in self.checkpoint_kinds():
+            target = self.weight_scale.data[rows]
+            scale = tensor.float().reshape(-1)
+            if scale.numel() not in (1, target.numel()):
+                raise ValueError(f"weight_scale has shape {tuple(tensor.shape)}; expected one scale or {target.numel()} (per channel)")
+            target.copy_(scale.expand(target.shape) if scale.numel() == 1 else scale)
+        elif kind == "input_scale" and kind in self.optional_kinds():
+            if tensor.numel() != 1:
+                raise ValueError(f"input_scale has shape {tuple(tensor.shape)}; expected a per-tensor scale")
+        else:
+            super().load(kind, tensor, rows)
+
+    def _load_weight(self, tensor: torch.Tensor, rows: slice) -> None:
+        target = self.weight.data[rows]
+        if self.checkpoint_format != "online":
+            if tensor.dtype != self.weight.dtype:
+                raise ValueError(f"weight is {tensor.dtype}; a {self.checkpoint_format} checkpoint of this scheme holds {self.weight.dtype}")
+            _copy(target, tensor, "weight")
+            return
+        if not tensor.is_floating_point() or tensor.element_size() < 2:
+            raise ValueError(f"weight is {tensor.dtype}; quantizing at load needs float16/bfloat16/float32 weights")
+        if tensor.shape != target.shape:
+            raise ValueError(f"weight has shape {tuple(tensor.shape)}; this layer expects {tuple(target.shape)}")
+        q, scale = quantize_per_channel(tensor.to(target.device), self.weight.dtype)
+        target.copy_(q)
+        self.weight_scale.data[rows].copy_(scale)
+
+    def init_random_(self, generator: torch.Generator) -> None:
+        """Dummy weights: uniform(-0.02, 0.02) quantized per channel."""
+        w = torch.empty(self.weight.shape, device=self.weight.device).uniform_(-0.02, 0.02, generator=generator)
+        q, scale = quantize_per_channel(w, self.weight.dtype)
+        self.weight.copy_(q)
+        self.weight_scale.copy_(scale)
+
+    def is_fp8_gemm_eligible(self, x: torch.Tensor) -> bool:
+        """FP8 tensor cores for half-precision models with fp8 weights (an fp32 model keeps its precision)."""
+        return self.weight.dtype == torch.float8_e4m3fn and x.dtype in (torch.bfloat16, torch.float16) and fp8_gemm_kind(x.device) is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if not x.is_cuda:
+            out = kernels.w8_matmul_ref(rows, self.weight, self.weight_scale)
+        elif rows.shape[0] > FP8_GEMM_MIN_ROWS and self.is_fp8_gemm_eligible(x):
+            out = fp8_gemm(rows, self.weight, self.weight_scale, fp8_gemm_kind(x.device))
+        else:
+            out = kernels.w8_matmul(rows.contiguous(), self.weight, self.weight_scale)
+        return self._add_bias(out).view(*x.shape[:-1], self.out_features)
+
+
+class W4Linear(QuantizedLinear):
+    """qweight int32 [K / 8, N], scales fp16 [K / group, N] (as AWQ and GPTQ write them: exact;
+    bf16 would round them), zeros uint8 [K / group, N] (kernels/w4_matmul.py)."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, quant: QuantConfig, dtype: torch.dtype,
+        shard_ranges: dict[str, tuple[int, int]] | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, dtype, shard_ranges)
+        self.checkpoint_format, self.is_symmetric = quant.checkpoint_format, quant.is_symmetric
+        self.group_size = in_features if quant.group_size == -1 else quant.group_size
+        if in_features % self.group_size or self.group_size % 16:
+            raise ValueError(f"in_features {in_features} is not a multiple of group_size {self.group_size} (itself a multiple of 16)")
+        if quant.checkpoint_format == "awq" and any(size % 8 for _, size in self.shard_ranges.values() or [(0, out_features)]):
+            raise ValueError(f"AWQ packs 8 output columns a word; out_features {out_features} is not a multiple of 8")
+        num_groups = in_features // self.group_size
+        self.register_buffer("qweight", torch.empty((in_features // 8, out_features), dtype=torch.int32))
+        self.register_buffer("scales", torch.empty((num_groups, out_features), dtype=torch.float16))
+        self.register_buffer("zeros", torch.empty((num_groups, out_features), dtype=torch.uint8))
+
+    def checkpoint_kinds(self) -> set[str]:
+        return super().checkpoint_kinds() | {"qweight", "qzeros", "scales"}
+
+    def optional_kinds(self) -> set[str]:
+        return {"g_idx"} if self.checkpoint_format.startswith("gptq") else set()
+
+    def load(self, kind: str, tensor: torch.Tensor, rows: slice = slice(None)) -> None:
+        if kind in ("qweight", "qzeros") and tensor.dtype != torch.int32:
+            raise ValueError(f"{kind} is {tensor.dtype}; {self.checkpoint_format} packs 4-bit values into int32")
+        if kind == "qweight":
+            packed = awq_qweight_to_rows(tensor) if self.checkpoint_format == "awq" else tensor
+            _copy(self.qweight.data[:, rows], packed, kind)
+        elif kind == "qzeros":
+            _copy(self.zeros.data[:, rows], unpack_zeros(tensor, self.checkpoint_format), kind)
+        elif kind == "scales":
+            _copy(self.scales.data[:, rows], tensor, kind)
+        elif kind == "g_idx" and kind in self.optional_kinds():
+            in_order = torch.arange(self.in_features, device=tensor.device) // self.group_size
+            if tensor.shape != in_order.shape or not torch.equal(tensor.long(), in_order):
+                raise ValueError("g_idx is not sequential (act-order / desc_act checkpoints are not supported)")
+        else:
+            super().load(kind, tensor, rows)
+
+    def init_random_(self, generator: torch.Generator) -> None:
+        """Dummy weights: random nibbles, zeros 8 (symmetric) or random, scales ~ 0.0025 (|w| <~ 0.04)."""
+        device = self.qweight.device
+        self.qweight.copy_(torch.randint(-(2**31), 2**31 - 1, self.qweight.shape, generator=generator, device=device, dtype=torch.int32))
+        if self.is_symmetric:
+            self.zeros.fill_(8)
+        else:
+            self.zeros.copy_(torch.randint(4, 12, self.zeros.shape, generator=generator, device=device, dtype=torch.uint8))
+        self.scales.uniform_(0.002, 0.003, generator=generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        matmul = kernels.w4_matmul if x.is_cuda else kernels.w4_matmul_ref
+        out = matmul(rows.contiguous(), self.qweight, self.scales, self.zeros, self.group_size)
+        return self._add_bias(out).view(*x.shape[:-1], self.out_features)
+
+
+def quantized_linear(
+    quant: QuantConfig, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+    shard_ranges: dict[str, tuple[int, int]] | None,
+) -> QuantizedLinear:
+    """`dtype`: the model's (activations, bias)."""
+    if quant.scheme == "w4":
+        return W4Linear(in_features, out_features, bias, quant, dtype, shard_ranges)
+    return W8Linear(in_features, out_features, bias, quant, dtype, shard_ranges)
+
+
+@functools.lru_cache(maxsize=8)
+def fp8_gemm_kind(device: torch.device) -> str | None:
+    """"rowwise" (per-token x per-channel scales, sm90+), "tensorwise" (sm89), or None (no FP8 tensor cores)."""
+    capability = torch.cuda.get_device_capability(device)
+    return "rowwise" if capability >= (9, 0) else "tensorwise" if capability >= (8, 9) else None
+
+
+def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, kind: str) -> torch.Tensor:
+    """x [M, K] quantized to fp8 at run time (per token, or per tensor on sm89), times the fp8
+    weight [N, K] on FP8 tensor cores (torch._scaled_mm), per-channel weight scales applied."""
+    if kind == "rowwise" and x.dtype == torch.bfloat16:
+        x_scale = (x.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp_min(1e-12)  # [M, 1]
+        x_fp8 = (x.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=scale.view(1, -1), out_dtype=x.dtype)
+    x_scale = (x.abs().amax().float() / FP8_MAX).clamp_min(1e-12)
+    x_fp8 = (x.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    one = torch.ones((), device=x.device)
+    out = torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=one, out_dtype=torch.float32)
+    return (out * scale).to(x.dtype)
+
+
+def _copy(target: torch.Tensor, source: torch.Tensor, kind: str) -> None:
+    if target.shape != source.shape:
+        raise ValueError(f"{kind} has shape {tuple(source.shape)}; this layer expects {tuple(target.shape)}")
+    target.copy_(source)

@@ -1,0 +1,80 @@
+"""Weight-only 8-bit matmul: x [M, K] @ W^T with W [N, K] in fp8 (e4m3) or int8 and one fp32 scale
+per output channel; W is widened to x's dtype tile by tile and the scale applied once per output."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+WEIGHT_DTYPES = (torch.float8_e4m3fn, torch.int8)
+_X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _w8_matmul_kernel(
+    x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_FP8: tl.constexpr,
+):
+    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        # W^T tile [BLOCK_K, BLOCK_N] read as bytes (a zero byte is 0 in both formats), then
+        # reinterpreted; fp8 and int8 values are exact in bf16/fp16/fp32
+        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0)
+        w = w.to(tl.float8e4nv, bitcast=True) if IS_FP8 else w.to(tl.int8, bitcast=True)
+        acc += tl.dot(x, w.to(tl.float32).to(x.dtype), input_precision=DOT_PRECISION)
+    scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
+    out = acc * scale[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def w8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (float) @ (weight [N, K] * scale [N, 1])^T -> [M, N] in x.dtype."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or scale.shape != (weight.shape[0],):
+        raise ValueError(f"need x [M, K], weight [N, K], scale [N]; got {tuple(x.shape)}, {tuple(weight.shape)}, {tuple(scale.shape)}")
+    if x.dtype not in _X_DTYPES or weight.dtype not in WEIGHT_DTYPES or scale.dtype != torch.float32:
+        raise ValueError(f"need x in {_X_DTYPES}, weight in {WEIGHT_DTYPES}, fp32 scale; got {x.dtype}, {weight.dtype}, {scale.dtype}")
+    if x.stride(1) != 1 or weight.stride(1) != 1 or not scale.is_contiguous():
+        raise ValueError(f"x and weight must be contiguous in K; got strides {x.stride()}, {weight.stride()}")
+    (m, k), n = x.shape, weight.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    block_m, block_n, block_k, num_warps = tile_sizes(m, n, x.device)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    _w8_matmul_kernel[grid](
+        x, weight.view(torch.uint8), scale, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        IS_FP8=weight.dtype == torch.float8_e4m3fn, num_warps=num_warps,
+    )
+    return out
+
+
+def tile_sizes(m: int, n: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps). Few rows (decode) read the weight once: column tiles
+    narrow enough that every SM streams its share; many rows (prefill): square tiles. Sized so
+    three pipeline stages of x and weight tiles fit in shared memory (<= ~150 KB)."""
+    if m > 64:
+        return 128, 128, 64, 8
+    block_m = max(16, triton.next_power_of_2(m))
+    num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 1
+    block_n = next((b for b in (64, 32) if triton.cdiv(n, b) >= num_sms), 16)
+    return block_m, block_n, 128, 4
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def w8_matmul_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return ((x.float() @ weight.float().t()) * scale).to(x.dtype)

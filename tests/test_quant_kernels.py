@@ -1,0 +1,79 @@
+"""The quantized-weight matmul kernels (Triton, run on CPU tensors by the interpreter) against their
+torch references, and the references against a naive dequantization written from the layouts'
+definition, element by element."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("CPU-interpreter tests; tests/test_quant_gpu.py covers the kernels here", allow_module_level=True)
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
+
+import pdserve.kernels as K  # noqa: E402
+
+
+def naive_w4_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> np.ndarray:
+    """W[k, n] = (nibble k % 8 of qweight[k // 8, n] - zeros[k // g, n]) * scales[k // g, n], in float64."""
+    words = qweight.numpy().view(np.uint32)
+    k_total, n_total = 8 * words.shape[0], words.shape[1]
+    out = np.empty((k_total, n_total))
+    for k in range(k_total):
+        q = (words[k // 8] >> np.uint32(4 * (k % 8))) & np.uint32(0xF)
+        out[k] = (q.astype(np.float64) - zeros[k // group_size].numpy()) * scales[k // group_size].double().numpy()
+    return out
+
+
+def random_w4(k: int, n: int, group_size: int) -> tuple[torch.Tensor, ...]:
+    qweight = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32)
+    scales = torch.rand(k // group_size, n) * 0.01 + 0.001
+    zeros = torch.randint(0, 17, (k // group_size, n), dtype=torch.uint8)  # 16: classic GPTQ's stored 15 + 1
+    return qweight, scales, zeros
+
+
+@pytest.mark.parametrize("m", [1, 5, 70])
+@pytest.mark.parametrize("k,n,group_size", [(128, 48, 32), (256, 40, 128), (384, 24, 384), (96, 16, 48)])
+def test_w4_matmul_matches_reference_and_naive_dequantization(m: int, k: int, n: int, group_size: int) -> None:
+    torch.manual_seed(m * k + n)
+    qweight, scales, zeros = random_w4(k, n, group_size)
+    weight = K.w4_dequantize_ref(qweight, scales, zeros, group_size)
+    np.testing.assert_allclose(weight.double().numpy(), naive_w4_weight(qweight, scales, zeros, group_size), rtol=1e-6, atol=0)
+    x = torch.randn(m, k)
+    ref = K.w4_matmul_ref(x, qweight, scales, zeros, group_size)
+    torch.testing.assert_close(ref, x.double().matmul(weight.double()).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(K.w4_matmul(x, qweight, scales, zeros, group_size), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m", [1, 5, 70])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
+def test_w8_matmul_matches_reference_and_naive_dequantization(m: int, dtype: torch.dtype) -> None:
+    torch.manual_seed(m)
+    n, k = 40, 200  # neither a multiple of the tiles
+    weight = (torch.randn(n, k) * 40).clamp(-127, 127).to(dtype)
+    scale = torch.rand(n) * 0.01
+    x = torch.randn(m, k)
+    naive = x.double() @ (weight.double() * scale.double()[:, None]).t()
+    ref = K.w8_matmul_ref(x, weight, scale)
+    torch.testing.assert_close(ref, naive.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(K.w8_matmul(x, weight, scale), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_w8_matmul_half_precision_input() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(32, 64).to(torch.float8_e4m3fn)
+    scale = torch.rand(32)
+    x = torch.randn(3, 64).to(torch.float16)
+    torch.testing.assert_close(K.w8_matmul(x, weight, scale), K.w8_matmul_ref(x, weight, scale), rtol=2e-3, atol=2e-3)
+
+
+def test_wrappers_refuse_bad_shapes_and_dtypes() -> None:
+    qweight, scales, zeros = random_w4(128, 16, 64)
+    with pytest.raises(ValueError, match="qweight"):
+        K.w4_matmul(torch.randn(2, 64), qweight, scales, zeros, 64)
+    with pytest.raises(ValueError, match="int32 qweight"):
+        K.w4_matmul(torch.randn(2, 128), qweight.to(torch.int64), scales, zeros, 64)
+    with pytest.raises(ValueError, match="weight"):
+        K.w8_matmul(torch.randn(2, 64), torch.zeros(8, 64, dtype=torch.int16), torch.ones(8))
