@@ -1,8 +1,8 @@
 """One worker in a process of its own, for tests that kill it:
 `python -m tests.run_worker ROLE MODEL_DIR [--device D] [--kv-transport T] [--kv-cache-memory-gib G]
-[--max-model-len N] [--max-num-seqs N] [--max-num-batched-tokens N] [--redis-url URL]` with
-PDSERVE_CLUSTER_SECRET set. Prints `ADDRESS host:port` once it serves (and heartbeats to Redis, given
-a URL), then serves until killed."""
+[--max-model-len N] [--max-num-seqs N] [--max-num-batched-tokens N] [--redis-url URL]
+[--kv-cache-dtype auto|fp8]` with PDSERVE_CLUSTER_SECRET set. Prints `ADDRESS host:port` once it
+serves (and heartbeats to Redis, given a URL), then serves until killed."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--redis-url", default=None)
+    parser.add_argument("--kv-cache-dtype", default="auto")
     args = parser.parse_args()
     device = args.device
     if device.startswith("cuda:"):  # that GPU first: it is cuda:0 to every thread here, the others follow
@@ -37,6 +38,7 @@ def main() -> None:
     engine = EngineConfig(
         model=args.model, device=device, dtype=args.dtype, kv_cache_memory_gib=args.kv_cache_memory_gib,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # as in a Ray worker process
     secret = ClusterSecret(os.environ[ENV_VAR])

@@ -46,6 +46,7 @@ COMMIT = KVCommitInfo(
 )
 CPU_TRANSPORTS = ["grpc", "nccl", "local"]
 CPU = torch.device("cpu")
+FP8_SCALES = ((1.0, 0.5, 2.0, 1.0), (1.0, 1.0, 0.25, 1.0))  # per layer, K then V
 
 
 def make_cache(num_blocks: int, dtype: torch.dtype = torch.float32, is_random: bool = True, **shape: int) -> torch.Tensor:
@@ -85,10 +86,12 @@ async def serving(receiver: KVReceiver, accepted: list[str]) -> AsyncIterator[st
         servicer.close()
 
 
-def make_sender(cache: torch.Tensor, offered: list[str], layers_per_group: int = 2, model_id: str = MODEL_ID) -> KVSender:
-    return KVSender(
-        cache, KVLayout.of(cache, model_id), "prefill-0", Endpoint.here(CPU, "127.0.0.1"), offered, layers_per_group, secret=CLUSTER_SECRET
-    )
+def make_sender(
+    cache: torch.Tensor, offered: list[str], layers_per_group: int = 2, model_id: str = MODEL_ID,
+    kv_scales: tuple = ((), ()),
+) -> KVSender:
+    layout = KVLayout.of(cache, model_id, kv_scales)
+    return KVSender(cache, layout, "prefill-0", Endpoint.here(CPU, "127.0.0.1"), offered, layers_per_group, secret=CLUSTER_SECRET)
 
 
 async def hand_off(
@@ -109,15 +112,16 @@ async def hand_off(
 # ---- data arrives bit for bit ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("transport_name", CPU_TRANSPORTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
 @pytest.mark.parametrize("layers_per_group", [1, 3, 4])
 def test_hand_off_copies_blocks_bit_for_bit(transport_name: str, dtype: torch.dtype, layers_per_group: int) -> None:
     generator = torch.Generator().manual_seed(0)
     src_cache, dst_cache = make_cache(16, dtype), make_cache(12, dtype, is_random=False)
     src_blocks = torch.randperm(16, generator=generator)[:5].tolist()
     dst_blocks = torch.randperm(12, generator=generator)[:5].tolist()
-    receiver = KVReceiver(dst_cache, MODEL_ID, "decode-0")
-    sender = make_sender(src_cache, [transport_name], layers_per_group)
+    kv_scales = FP8_SCALES if dtype == torch.float8_e4m3fn else ((), ())
+    receiver = KVReceiver(dst_cache, MODEL_ID, "decode-0", kv_scales)
+    sender = make_sender(src_cache, [transport_name], layers_per_group, kv_scales=kv_scales)
     commits = Commits()
     receiver.expect("t1", dst_blocks, later(), commits)
 
@@ -130,7 +134,7 @@ def test_hand_off_copies_blocks_bit_for_bit(transport_name: str, dtype: torch.dt
     num_bytes = asyncio.run(main())
     assert num_bytes == receiver.bytes_received == sender.bytes_sent == src_cache[:, :, src_blocks].numel() * src_cache.element_size()
     assert torch.equal(bits(dst_cache[:, :, dst_blocks]), bits(src_cache[:, :, src_blocks]))
-    assert not dst_cache[:, :, [b for b in range(12) if b not in dst_blocks]].any()
+    assert not bits(dst_cache[:, :, [b for b in range(12) if b not in dst_blocks]]).any()
     assert commits == [COMMIT] and not receiver.is_pending("t1")
 
 
@@ -222,6 +226,57 @@ def test_layout_mismatch_names_every_field() -> None:
         KVLayout.of(torch.zeros(4, 3, 2, 4, 2, 8), MODEL_ID)
     with pytest.raises(ValueError, match="dtype"):
         KVLayout.of(torch.zeros(4, 2, 2, 4, 2, 8, dtype=torch.int8), MODEL_ID)
+
+
+@pytest.mark.parametrize("sender_dtype, receiver_dtype", [(torch.bfloat16, torch.float8_e4m3fn), (torch.float8_e4m3fn, torch.bfloat16)])
+def test_a_worker_refuses_kv_of_the_other_kv_cache_dtype_by_name(sender_dtype: torch.dtype, receiver_dtype: torch.dtype) -> None:
+    """A bf16 decode worker refuses an fp8 prefill worker's KV at the handshake, and vice versa."""
+    def scales(dtype: torch.dtype) -> tuple:
+        return FP8_SCALES if dtype == torch.float8_e4m3fn else ((), ())
+
+    dst_cache = make_cache(6, receiver_dtype, is_random=False)
+    receiver = KVReceiver(dst_cache, MODEL_ID, "decode-0", scales(receiver_dtype))
+    receiver.expect("t1", [1, 2], later(), Commits())
+    sender = make_sender(make_cache(6, sender_dtype), ["grpc"], kv_scales=scales(sender_dtype))
+    names = {torch.bfloat16: "bfloat16", torch.float8_e4m3fn: "float8_e4m3fn"}
+    expected = f"dtype: ours '{names[sender_dtype]}' != theirs '{names[receiver_dtype]}'"
+
+    async def main() -> None:
+        async with serving(receiver, ["grpc"]) as address:
+            with pytest.raises(KVLayoutMismatchError) as caught:
+                await hand_off(sender, address, "t1", [0, 4])
+            await sender.close()
+        assert caught.value.mismatches == [expected]  # the scales follow from the dtype: not named
+
+    asyncio.run(main())
+    assert receiver.bytes_received == 0 and not bits(dst_cache).any()
+
+
+def test_fp8_workers_with_other_kv_scales_are_refused_naming_the_scales() -> None:
+    dst_cache = make_cache(6, torch.float8_e4m3fn, is_random=False)
+    receiver = KVReceiver(dst_cache, MODEL_ID, "decode-0", ((1.0,) * 4, (1.0,) * 4))
+    receiver.expect("t1", [1, 2], later(), Commits())
+    sender = make_sender(make_cache(6, torch.float8_e4m3fn), ["grpc"], kv_scales=FP8_SCALES)
+
+    async def main() -> None:
+        async with serving(receiver, ["grpc"]) as address:
+            with pytest.raises(KVLayoutMismatchError, match=r"k_scales: ours \(1.0, 0.5, 2.0, 1.0\) != theirs \(1.0, 1.0, 1.0, 1.0\)"):
+                await hand_off(sender, address, "t1", [0, 4])
+            await sender.close()
+
+    asyncio.run(main())
+    assert receiver.bytes_received == 0
+
+
+def test_an_fp8_layout_carries_one_scale_per_layer_and_moves_half_the_bytes() -> None:
+    bf16 = KVLayout.of(make_cache(2, torch.bfloat16), MODEL_ID)
+    fp8 = KVLayout.of(make_cache(2, torch.float8_e4m3fn), MODEL_ID, FP8_SCALES)
+    assert fp8.dtype == "float8_e4m3fn" and fp8.k_scales == FP8_SCALES[0] and fp8.v_scales == FP8_SCALES[1]
+    assert fp8.chunk_num_bytes(4, 3) * 2 == bf16.chunk_num_bytes(4, 3)
+    with pytest.raises(ValueError, match="carries 4 K and V scales, got 0 and 0"):
+        KVLayout.of(make_cache(2, torch.float8_e4m3fn), MODEL_ID)
+    with pytest.raises(ValueError, match="carries 0 K and V scales, got 4 and 4"):
+        KVLayout.of(make_cache(2, torch.bfloat16), MODEL_ID, FP8_SCALES)
 
 
 def test_a_sender_with_no_transport_in_common_is_refused_by_name() -> None:

@@ -55,8 +55,15 @@ SPECS: dict[str, tuple[str, str, str, dict]] = {
     "decode-long": ("decode", "llama", "auto", {"max_model_len": LONG_MODEL_LEN}),  # generations long enough to stop
     "decode-dup": ("decode", "llama", "auto", {}),  # for a test that breaks its worker
     "decode-tiny": ("decode", "llama", "auto", {"num_kv_blocks": 6, "max_model_len": 96}),
+    # fp8 KV cache (--kv-cache-dtype fp8) on both ends
+    "prefill-fp8": ("prefill", "llama", "auto", {"kv_cache_dtype": "fp8"}),
+    "prefill-fp8-local": ("prefill", "llama", "local", {"kv_cache_dtype": "fp8"}),
+    "prefill-fp8-nccl": ("prefill", "llama", "nccl", {"kv_cache_dtype": "fp8"}),
+    "decode-fp8": ("decode", "llama", "auto", {"kv_cache_dtype": "fp8"}),
+    "decode-fp8-tiny": ("decode", "llama", "auto", {"num_kv_blocks": 6, "max_model_len": 96, "kv_cache_dtype": "fp8"}),
 }
 PREFILL_OF_TRANSPORT = {"grpc": "prefill", "local": "prefill-local", "nccl": "prefill-nccl"}
+FP8_PREFILL_OF_TRANSPORT = {"grpc": "prefill-fp8", "local": "prefill-fp8-local", "nccl": "prefill-fp8-nccl"}
 
 
 def signed_channel(address: str, caller: str = "test-gateway") -> grpc.Channel:
@@ -137,6 +144,12 @@ def reference(checkpoints: dict[str, Path]) -> LLM:
 
 
 @pytest.fixture(scope="module")
+def reference_fp8(checkpoints: dict[str, Path]) -> LLM:
+    """The colocated engine with the fp8 KV cache: what the disaggregated fp8 path must equal."""
+    return LLM(model=str(checkpoints["llama"]), device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN, kv_cache_dtype="fp8")
+
+
+@pytest.fixture(scope="module")
 def text_ids(reference: LLM) -> list[int]:
     ids = reference.get_tokenizer().encode(" ".join([TEXT] * 8))
     assert len(ids) >= LONG_MODEL_LEN, "the text must give at least LONG_MODEL_LEN tokens"
@@ -152,10 +165,10 @@ def expected_tokens(reference: LLM, prompt: list[int], params: SamplingParams) -
     return output.outputs[0].token_ids
 
 
-def kv_bytes_of(num_prompt_tokens: int, checkpoint: Path, block_size: int = BLOCK_SIZE) -> int:
-    """Bytes of every block the prompt occupies: all layers, K and V, float32."""
+def kv_bytes_of(num_prompt_tokens: int, checkpoint: Path, block_size: int = BLOCK_SIZE, element_size: int = 4) -> int:
+    """Bytes of every block the prompt occupies: all layers, K and V, float32 (fp8: element_size 1)."""
     num_blocks = -(-num_prompt_tokens // block_size)
-    return num_blocks * block_size * ModelConfig.from_pretrained(checkpoint).kv_bytes_per_token * 4
+    return num_blocks * block_size * ModelConfig.from_pretrained(checkpoint).kv_bytes_per_token * element_size
 
 
 @dataclass
@@ -654,6 +667,64 @@ def test_tiny_decode_pool_makes_reservations_wait_and_preempts_yet_every_request
         results = [future.result(timeout=120) for future in futures]
 
     assert results == expected
+    assert decode.status().num_preemptions > preemptions_before
+    decode.wait_idle()
+    prefill.wait_idle()
+
+
+# ---- fp8 KV cache ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("transport", ["grpc", "local", "nccl"])
+def test_fp8_kv_greedy_tokens_equal_the_colocated_fp8_engine_and_move_a_quarter_of_fp32s_bytes(
+    workers: Workers, reference_fp8: LLM, text_ids: list[int], checkpoints: dict[str, Path], transport: str,
+) -> None:
+    prefill, decode = workers[FP8_PREFILL_OF_TRANSPORT[transport]], workers["decode-fp8"]
+    for num_prompt_tokens, max_tokens in [(5, 12), (45, 30)]:
+        prompt, params = text_ids[:num_prompt_tokens], greedy(max_tokens)
+        num_cached = []
+        for _ in range(2):  # the second time the prompt's full blocks are prefix-cache hits on the prefill worker
+            result = run(prefill, decode, prompt, params)
+            assert result.token_ids == expected_tokens(reference_fp8, prompt, params)
+            assert result.prefill.kv_transport == transport
+            # one byte per element: half of bf16's, a quarter of these float32 workers'
+            assert result.prefill.kv_bytes == kv_bytes_of(num_prompt_tokens, checkpoints["llama"], element_size=1)
+            num_cached.append(result.prefill.num_cached_tokens)
+        assert num_cached[1] == num_prompt_tokens // BLOCK_SIZE * BLOCK_SIZE - (num_prompt_tokens % BLOCK_SIZE == 0) * BLOCK_SIZE
+    prefill.wait_idle()
+    decode.wait_idle()
+
+
+@pytest.mark.parametrize("prefill_name, decode_name, ours, theirs", [
+    ("prefill", "decode-fp8", "float32", "float8_e4m3fn"),
+    ("prefill-fp8", "decode", "float8_e4m3fn", "float32"),
+])
+def test_a_decode_worker_of_the_other_kv_cache_dtype_is_refused_naming_both(
+    workers: Workers, text_ids: list[int], prefill_name: str, decode_name: str, ours: str, theirs: str,
+) -> None:
+    prefill, decode = workers[prefill_name], workers[decode_name]
+    request = generate_request(text_ids[:20], greedy(5), uuid.uuid4().hex)
+    stream, reservation = reserve(decode, request)
+    received_before = decode.status().kv_bytes_received
+    assert_rpc_error(
+        lambda: prefill.stub.Prefill(prefill_request(request, reservation), timeout=RPC_TIMEOUT_S),
+        grpc.StatusCode.FAILED_PRECONDITION, f"dtype: ours '{ours}' != theirs '{theirs}'",
+    )
+    assert decode.status().kv_bytes_received == received_before
+    stream.cancel()
+    prefill.wait_idle()
+    decode.wait_idle()
+
+
+def test_fp8_kv_survives_preemption_on_a_tiny_decode_pool(workers: Workers, reference_fp8: LLM, text_ids: list[int]) -> None:
+    """3 requests growing to 5 blocks each in 6 fp8 blocks: they preempt each other (and are
+    recomputed into fp8 blocks on the decode worker), yet each equals the colocated fp8 engine."""
+    prefill, decode = workers["prefill-fp8"], workers["decode-fp8-tiny"]
+    prompts = [text_ids[i * 7 : i * 7 + 20 + i] for i in range(3)]
+    params = [greedy(50 + i) for i in range(3)]
+    preemptions_before = decode.status().num_preemptions
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda i: run(prefill, decode, prompts[i], params[i]).token_ids, range(3)))
+    assert results == [expected_tokens(reference_fp8, p, sp) for p, sp in zip(prompts, params)]
     assert decode.status().num_preemptions > preemptions_before
     decode.wait_idle()
     prefill.wait_idle()

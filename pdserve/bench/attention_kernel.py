@@ -1,6 +1,7 @@
-"""Paged attention kernels on a CUDA GPU: decode as bandwidth against a device-to-device copy
-measured in the same run, prefill as causal TFLOP/s. Median of triton.testing.do_bench, rotating
-over input sets larger than L2. Run: `python -m pdserve.bench.attention_kernel [--no-sweep]`."""
+"""Paged attention kernels on a CUDA GPU: decode as bandwidth (the bytes it reads: bf16 or fp8 KV)
+against a device-to-device copy measured in the same run, prefill as causal TFLOP/s. Median of
+triton.testing.do_bench, rotating over input sets larger than L2.
+Run: `python -m pdserve.bench.attention_kernel [--no-sweep] [--kv-cache-dtypes auto fp8]`."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +15,7 @@ from triton.testing import do_bench_cudagraph
 
 from pdserve import kernels
 from pdserve.bench.ceilings import copy_bandwidth_gbs, median_ms
+from pdserve.kernels.kv_quant import FP8_DTYPE
 from pdserve.kernels.paged_decode_attention import DecodeLaunch, launch_decode
 from pdserve.kernels.paged_decode_attention import choose_launch as choose_decode_launch
 from pdserve.kernels.paged_prefill_attention import PrefillLaunch, launch_prefill
@@ -21,6 +23,7 @@ from pdserve.kernels.paged_prefill_attention import choose_launch as choose_pref
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
+KV_DTYPES = {"auto": DTYPE, "fp8": FP8_DTYPE}  # --kv-cache-dtype: the cache's element type
 DEVICE = "cuda"
 SCALE = HEAD_DIM**-0.5
 HEADLINE_DECODE = (32, 4096)  # (batch, context_len)
@@ -39,12 +42,16 @@ def num_rotation_sets(bytes_per_set: int) -> int:
     return max(2, min(64, triton.cdiv(4 * l2_bytes, bytes_per_set)))
 
 
-def paged_kv(num_sets: int, num_seqs: int, context_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def paged_kv(
+    num_sets: int, num_seqs: int, context_len: int, kv_dtype: torch.dtype = DTYPE
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A K/V cache holding num_sets x num_seqs requests in scattered blocks, and their block tables
     [num_sets, num_seqs, blocks_per_seq]."""
     blocks_per_seq = triton.cdiv(context_len, BLOCK_SIZE)
     num_blocks = num_sets * num_seqs * blocks_per_seq
-    kv_cache = torch.randn(2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+    kv_cache = torch.empty(2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=kv_dtype, device=DEVICE)
+    for half in kv_cache:  # random values, cast per half (fp8 has no randn)
+        half.copy_(torch.randn(half.shape, dtype=DTYPE, device=DEVICE))
     block_ids = torch.randperm(num_blocks, device=DEVICE).to(torch.int32)
     return kv_cache[0], kv_cache[1], block_ids.view(num_sets, num_seqs, blocks_per_seq)
 
@@ -64,9 +71,14 @@ class DecodeCase:
     context_lens: torch.Tensor
 
     @property
+    def kv_dtype(self) -> torch.dtype:
+        return self.k_cache.dtype
+
+    @property
     def bytes_moved(self) -> int:
-        kv_bytes = 2 * self.num_seqs * self.context_len * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
-        return kv_bytes + 2 * self.q[0].numel() * DTYPE.itemsize  # + q read, out written
+        """Bytes the kernel must move: the K/V it reads (1 byte an element in fp8), q read, out written."""
+        kv_bytes = 2 * self.num_seqs * self.context_len * NUM_KV_HEADS * HEAD_DIM * self.kv_dtype.itemsize
+        return kv_bytes + 2 * self.q[0].numel() * DTYPE.itemsize
 
     def runner(self, launch: DecodeLaunch | None) -> Callable[[], object]:
         """A call per set in turn; launch None = the wrapper's own heuristic."""
@@ -76,16 +88,16 @@ class DecodeCase:
             i = next(sets)
             args = (self.q[i], self.k_cache, self.v_cache, self.block_tables[i], self.context_lens, SCALE, self.out[i])
             if launch is None:
-                return kernels.paged_decode_attention(*args)
-            return launch_decode(launch, *args)
+                return kernels.paged_decode_attention(*args, k_scale=1.0, v_scale=1.0)
+            return launch_decode(launch, *args, k_scale=1.0, v_scale=1.0)
 
         return run
 
 
-def make_decode_case(num_seqs: int, context_len: int) -> DecodeCase:
-    bytes_per_set = 2 * num_seqs * context_len * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
+def make_decode_case(num_seqs: int, context_len: int, kv_dtype: torch.dtype = DTYPE) -> DecodeCase:
+    bytes_per_set = 2 * num_seqs * context_len * NUM_KV_HEADS * HEAD_DIM * kv_dtype.itemsize
     num_sets = num_rotation_sets(bytes_per_set)
-    k_cache, v_cache, block_tables = paged_kv(num_sets, num_seqs, context_len)
+    k_cache, v_cache, block_tables = paged_kv(num_sets, num_seqs, context_len, kv_dtype)
     q = torch.randn(num_sets, num_seqs, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
     context_lens = torch.full((num_seqs,), context_len, dtype=torch.int32, device=DEVICE)
     return DecodeCase(num_seqs, context_len, k_cache, v_cache, block_tables, q, torch.empty_like(q), context_lens)
@@ -106,14 +118,16 @@ def decode_sweep(case: DecodeCase, copy_gbs: float) -> None:
     """A few launch parameters around the heuristic's, at one shape, to guide its tuning."""
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     blocks_per_seq = case.block_tables.shape[2]
-    default = choose_decode_launch(case.num_seqs, NUM_KV_HEADS, blocks_per_seq, BLOCK_SIZE, HEAD_DIM, DTYPE, sm_count)
+    default = choose_decode_launch(
+        case.num_seqs, NUM_KV_HEADS, blocks_per_seq, BLOCK_SIZE, HEAD_DIM, DTYPE, sm_count, kv_dtype=case.kv_dtype
+    )
     variants = [default] + [dataclasses.replace(default, **change) for change in [
         dict(num_stages=2), dict(num_stages=4), dict(num_stages=5), dict(tile_tokens=32, num_stages=4),
-        dict(tile_tokens=128), dict(num_warps=8), dict(num_splits=1), dict(num_splits=2),
+        dict(tile_tokens=64), dict(tile_tokens=128), dict(num_warps=8), dict(tile_tokens=128, num_warps=8), dict(num_splits=1), dict(num_splits=2),
         dict(num_splits=2 * default.num_splits), dict(num_splits=4 * default.num_splits),
     ]]
     variants = list(dict.fromkeys(variants))  # drop repeats of the heuristic's choice
-    print(f"\ndecode launch sweep at batch {case.num_seqs}, context {case.context_len} (first row = heuristic):")
+    print(f"\ndecode launch sweep at batch {case.num_seqs}, context {case.context_len}, KV {case.kv_dtype} (first row = heuristic):")
     for launch in variants:
         try:
             gbs = decode_gbs(case, launch)
@@ -170,6 +184,7 @@ def prefill_sweep(prompt_len: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--no-sweep", action="store_true", help="skip the launch-parameter sweeps")
+    parser.add_argument("--kv-cache-dtypes", nargs="+", choices=sorted(KV_DTYPES), default=["auto", "fp8"])
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
@@ -180,19 +195,23 @@ def main() -> None:
     copy_gbs = copy_bandwidth_gbs()
     print(f"copy bandwidth ceiling: {copy_gbs:.0f} GB/s")
     rows = []
-    for num_seqs, context_len in DECODE_SHAPES:
-        case = make_decode_case(num_seqs, context_len)
+    for kv_name, (num_seqs, context_len) in itertools.product(args.kv_cache_dtypes, DECODE_SHAPES):
+        kv_dtype = KV_DTYPES[kv_name]
+        case = make_decode_case(num_seqs, context_len, kv_dtype)
         if (num_seqs, context_len) == HEADLINE_DECODE:
-            print(f"decode check at batch {num_seqs}, context {context_len}: rel err vs ref {check_decode(case):.2e}")
+            error = check_decode(case)
+            print(f"decode check at batch {num_seqs}, context {context_len}, KV {kv_name}: rel err vs ref {error:.2e}")
             if not args.no_sweep:
                 decode_sweep(case, copy_gbs)
         gbs = decode_gbs(case, launch=None)
-        splits = choose_decode_launch(
-            num_seqs, NUM_KV_HEADS, case.block_tables.shape[2], BLOCK_SIZE, HEAD_DIM, DTYPE, props.multi_processor_count
-        ).num_splits
+        launch = choose_decode_launch(
+            num_seqs, NUM_KV_HEADS, case.block_tables.shape[2], BLOCK_SIZE, HEAD_DIM, DTYPE, props.multi_processor_count,
+            kv_dtype=kv_dtype,
+        )
+        step_us = case.bytes_moved / (gbs * 1e9) * 1e6
         rows.append(
-            f"decode   batch {num_seqs:4d} ctx {context_len:6d}  splits {splits:2d}  "
-            f"{gbs:7.0f} GB/s  {gbs / copy_gbs:6.1%} of copy"
+            f"decode   KV {kv_name:4s} batch {num_seqs:4d} ctx {context_len:6d}  splits {launch.num_splits:2d} "
+            f"tile {launch.tile_tokens:3d}  {step_us:7.1f} us  {gbs:7.0f} GB/s read  {gbs / copy_gbs:6.1%} of copy"
         )
         del case
         torch.cuda.empty_cache()
@@ -203,7 +222,7 @@ def main() -> None:
         rows.append(f"prefill  {prompt_len:5d} tokens  {prefill_tflops(prompt_len):6.1f} TFLOP/s (causal)")
         torch.cuda.empty_cache()
 
-    print(f"\n== summary ({props.name}, {DTYPE}, copy {copy_gbs:.0f} GB/s) ==")
+    print(f"\n== summary ({props.name}, q {DTYPE}, KV bf16 or fp8 e4m3, copy {copy_gbs:.0f} GB/s) ==")
     print("\n".join(rows))
 
 

@@ -1,7 +1,10 @@
 """Decode step time against the memory-bandwidth roofline, (weight bytes + KV bytes) / copy
 bandwidth, both measured in this run; pdserve's engine step or HF transformers' eager decode step.
+The KV bytes are those of the cache's dtype: `--kv-cache-dtypes auto fp8` gives a table for each,
+each next to its own floor (an fp8 cache reads half the KV bytes).
 
     python -m pdserve.bench.decode --model llama3-8b --batch-sizes 1 8 64 256 --context 1024 [--engine hf]
+    python -m pdserve.bench.decode --model llama3-8b --batch-sizes 1 64 256 --context 4096 --kv-cache-dtypes auto fp8
 
 pdserve: one full engine step (inputs, CUDA-graph replay, greedy sampling, ids read back) on a
 batch of requests that each hold `context` tokens of (random) KV. HF: `model(...)` on one new
@@ -10,6 +13,7 @@ plus argmax; the cache is cropped back after each step so the context stays fixe
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -33,14 +37,17 @@ class DecodeRow:
     step_ms: float
     floor_ms: float
     forward_ms: float | None = None  # graph replay alone (pdserve)
+    kv_cache_dtype: str = "auto"
 
     @property
     def roofline_fraction(self) -> float:
         return self.floor_ms / self.step_ms
 
 
-def floor_ms(config: ModelConfig, batch_size: int, context: int, copy_gbs: float, quantization: str | None = None) -> float:
-    kv_bytes = batch_size * (context + 1) * config.kv_bytes_per_token * 2
+def floor_ms(
+    config: ModelConfig, batch_size: int, context: int, copy_gbs: float, quantization: str | None = None, kv_element_bytes: int = 2
+) -> float:
+    kv_bytes = batch_size * (context + 1) * config.kv_bytes_per_token * kv_element_bytes
     return (decode_weight_bytes(config, quantization=quantization) + kv_bytes) / (copy_gbs * 1e9) * 1e3
 
 
@@ -60,7 +67,8 @@ def time_steps(step: Callable[[], object], num_steps: int, repeats: int = 5) -> 
 
 
 def bench_pdserve(
-    name: str, batch_sizes: list[int], context: int, num_steps: int, copy_gbs: float, quantization: str | None = None
+    name: str, batch_sizes: list[int], context: int, num_steps: int, copy_gbs: float, quantization: str | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> list[DecodeRow]:
     """`quantization`: the weights quantized (random, `--load-format dummy`) as `--quantization` would."""
     from pdserve.engine.core import EngineCore
@@ -72,9 +80,12 @@ def bench_pdserve(
     config = EngineConfig(
         model=str(write_shape(name)), dtype="bfloat16", device="cuda", max_model_len=context + 64,
         max_num_seqs=max_bs, num_kv_blocks=max_bs * blocks_per_seq + 8, enable_prefix_caching=False, quantization=quantization,
+        kv_cache_dtype=kv_cache_dtype,
     )
     core = EngineCore.load(replace(config, load_format="dummy"))
-    core.runner.kv_cache.normal_()  # attention reads real-looking values, never zeros
+    for layer in core.runner.kv_cache:  # attention reads real-looking values, never zeros (fp8 has no normal_)
+        layer.copy_(torch.randn(layer.shape, dtype=torch.bfloat16, device="cuda"))
+    kv_element_bytes = core.runner.kv_cache.element_size()
     rng = random.Random(0)
     greedy = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
     rows = []
@@ -93,8 +104,9 @@ def bench_pdserve(
             core.runner.graphs.run(requests)
             bucket = next(b for b in core.runner.graphs.buckets if b >= bs)
             forward_ms = median_ms(core.runner.graphs.graphs[bucket].replay)
-        floor = floor_ms(core.model_config, bs, context, copy_gbs, quantization)
-        rows.append(DecodeRow(name, f"pdserve-{quantization}" if quantization else "pdserve", bs, context, step_ms, floor, forward_ms))
+        floor = floor_ms(core.model_config, bs, context, copy_gbs, quantization, kv_element_bytes)
+        engine = f"pdserve-{quantization}" if quantization else "pdserve"
+        rows.append(DecodeRow(name, engine, bs, context, step_ms, floor, forward_ms, kv_cache_dtype))
         for r in requests:
             core.block_manager.free(r.block_table)
     return rows
@@ -131,11 +143,15 @@ def bench_hf(name: str, batch_sizes: list[int], context: int, num_steps: int, co
 
 def print_table(rows: list[DecodeRow], copy_gbs: float) -> None:
     print(f"\ncopy bandwidth (read+write): {copy_gbs:.0f} GB/s   GPU: {describe_gpu()}")
-    print("| model | engine | batch | context | step ms | forward ms | floor ms | % of roofline |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | engine | KV | batch | context | step ms | forward ms | floor ms | % of roofline |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         fwd = f"{r.forward_ms:.3f}" if r.forward_ms is not None else "-"
-        print(f"| {r.model} | {r.engine} | {r.batch_size} | {r.context} | {r.step_ms:.3f} | {fwd} | {r.floor_ms:.3f} | {100 * r.roofline_fraction:.1f}% |")
+        kv = "fp8" if r.kv_cache_dtype == "fp8" else "bf16"
+        print(
+            f"| {r.model} | {r.engine} | {kv} | {r.batch_size} | {r.context} | {r.step_ms:.3f} | {fwd} | "
+            f"{r.floor_ms:.3f} | {100 * r.roofline_fraction:.1f}% |"
+        )
 
 
 def main() -> None:
@@ -146,12 +162,19 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64, 256])
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--kv-cache-dtypes", nargs="+", choices=["auto", "fp8"], default=["auto"],
+                        help="pdserve: one table per KV cache dtype, each with its own floor")
     parser.add_argument("--json", default=None, help="append the rows as JSON lines to this file")
     args = parser.parse_args()
     copy_gbs = copy_bandwidth_gbs()
-    bench = bench_pdserve if args.engine == "pdserve" else bench_hf
-    extra = {"quantization": args.quantization} if args.quantization else {}
-    rows = bench(args.model, args.batch_sizes, args.context, args.steps, copy_gbs, **extra)
+    if args.engine == "hf":
+        rows = bench_hf(args.model, args.batch_sizes, args.context, args.steps, copy_gbs)
+    else:
+        rows = []
+        for kv_cache_dtype in args.kv_cache_dtypes:
+            rows += bench_pdserve(args.model, args.batch_sizes, args.context, args.steps, copy_gbs, args.quantization, kv_cache_dtype)
+            gc.collect()  # the engine of the last dtype, its graphs and cache, before the next one loads
+            torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "a") as f:
             for r in rows:

@@ -55,7 +55,7 @@ class DecodeWorker:
         self.limits = limits or DecodeLimits()
         config = core.config
         self.scheduler = Scheduler(core.block_manager, config.max_num_seqs, config.max_num_batched_tokens, core.max_model_len)
-        self.receiver = KVReceiver(core.runner.kv_cache, core.model_id, worker_id)
+        self.receiver = KVReceiver(core.runner.kv_cache, core.model_id, worker_id, core.runner.kv_scales)
         self._incoming: dict[str, _Incoming] = {}  # by request_id, in arrival order
         self._by_transfer: dict[str, _Incoming] = {}  # those handing off, by transfer_id
         self.is_broken = False

@@ -30,6 +30,10 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
+        # Per-tensor fp8 KV scales (value = stored * scale); unused by 16/32-bit caches. Fixed
+        # before the first step: CUDA graphs capture them and the KV hand-off layout carries them.
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(
         self,
@@ -44,11 +48,13 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         on_gpu = q.is_cuda
         store = kernels.rotary_store_kv if on_gpu else kernels.rotary_store_kv_ref
-        store(positions, q, k, v, cos_sin_cache, k_cache, v_cache, meta.slot_mapping)
+        kv_scales = (self.k_scale, self.v_scale)
+        store(positions, q, k, v, cos_sin_cache, k_cache, v_cache, meta.slot_mapping, *kv_scales)
         if meta.is_decode:
             decode = kernels.paged_decode_attention if on_gpu else kernels.paged_decode_attention_ref
-            return decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale)
+            return decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale, None, *kv_scales)
         prefill = kernels.paged_prefill_attention if on_gpu else kernels.paged_prefill_attention_ref
         return prefill(
-            q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, meta.max_seqlen_q, self.scale
+            q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, meta.max_seqlen_q,
+            self.scale, None, *kv_scales,
         )

@@ -16,6 +16,8 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 QUANTIZATION_CHOICES = ("fp8", "int8", "awq", "gptq", "compressed-tensors")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# "auto": the model's dtype; "fp8": float8_e4m3fn with per-layer K/V scales (kernels/kv_quant.py)
+KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn}
 
 
 class ConfigError(ValueError):
@@ -143,6 +145,7 @@ class EngineConfig:
 
     model: str
     dtype: str = "auto"
+    kv_cache_dtype: str = "auto"  # "auto" | "fp8" (half the bytes per block: twice the blocks)
     device: str = "auto"
     block_size: int = 16
     max_model_len: int | None = None
@@ -160,6 +163,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
             raise ConfigError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.kv_cache_dtype not in ("auto", *KV_CACHE_DTYPES):
+            raise ConfigError(f"kv_cache_dtype must be one of auto, {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda; got {self.device!r}")
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -189,6 +194,10 @@ class EngineConfig:
         if device.type == "cpu":
             return torch.float32
         return DTYPES.get(model.checkpoint_dtype, torch.bfloat16) if model.checkpoint_dtype != "float32" else torch.bfloat16
+
+    def torch_kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's element type: the model's dtype, or fp8 (e4m3)."""
+        return KV_CACHE_DTYPES.get(self.kv_cache_dtype, model_dtype)
 
     def model_len(self, model: ModelConfig) -> int:
         limit = model.longest_context

@@ -21,16 +21,19 @@ PromptType = str | list[int] | dict
 class LLM:
     def __init__(
         self, model: str | None = None, device: str = "auto", dtype: str = "auto", load_format: str = "auto",
-        **engine_args: Any,
+        kv_cache_dtype: str = "auto", **engine_args: Any,
     ) -> None:
         """`model`: a local HF checkpoint directory or a Hub id; None serves the demo model.
         `load_format="dummy"`: the checkpoint's shapes with random weights (vLLM's name for it).
+        `kv_cache_dtype="fp8"`: an e4m3 KV cache (twice the blocks in the same memory).
         `engine_args`: the other `EngineConfig` fields (block_size, max_model_len, num_kv_blocks, ...)."""
         if model is None:
             from pdserve.engine.demo_model import default_demo_model_dir
 
             model = str(default_demo_model_dir())
-        config = EngineConfig(model=model, device=device, dtype=dtype, load_format=load_format, **engine_args)
+        config = EngineConfig(
+            model=model, device=device, dtype=dtype, load_format=load_format, kv_cache_dtype=kv_cache_dtype, **engine_args
+        )
         torch.manual_seed(config.seed)
         self.engine = LLMEngine.from_config(config)
         self._ids = itertools.count()

@@ -24,7 +24,8 @@ FUSED_SHARDS = {
 }
 LINEAR_LAYERS = (Linear, QuantizedLinear)
 # Checkpoint tensors a forward pass never reads (old checkpoints' rotary tables): skipped by name.
-IGNORABLE_SUFFIXES = (".rotary_emb.inv_freq",)
+# rotary tables we recompute; the fp8 KV cache scales, read by engine/kv_scales.py, not as weights
+IGNORABLE_SUFFIXES = (".rotary_emb.inv_freq", ".self_attn.k_scale", ".self_attn.v_scale")
 
 
 class LlamaAttention(nn.Module):

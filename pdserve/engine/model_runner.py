@@ -15,6 +15,7 @@ from pdserve.engine.attention import AttentionMetadata
 from pdserve.engine.config import ConfigError, EngineConfig, ModelConfig
 from pdserve.engine.cuda_graph import DecodeGraphRunner
 from pdserve.engine.grammar_masks import GrammarMasks
+from pdserve.engine.kv_scales import read_kv_scales
 from pdserve.engine.loader import init_random_weights, load_weights
 from pdserve.engine.model import LlamaForCausalLM
 from pdserve.engine.outputs import TokenLogprobs
@@ -22,6 +23,7 @@ from pdserve.engine.prompt_logprobs import compute_prompt_logprobs, prompt_targe
 from pdserve.engine.quant_config import resolve_quantization
 from pdserve.engine.request import Request, ScheduledRequest
 from pdserve.engine.sampler import Sampler, SamplerOutput, only_argmax
+from pdserve.kernels.kv_quant import as_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class ModelRunner:
         self.model_config = model_config
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(model_config, self.device)
+        self.kv_dtype = config.torch_kv_cache_dtype(self.dtype)
         self.block_size = config.block_size
         self.max_model_len = config.model_len(model_config)
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
@@ -70,6 +73,14 @@ class ModelRunner:
     def num_kv_blocks(self) -> int:
         return self.kv_cache.shape[2]
 
+    @property
+    def kv_scales(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-layer (K scales, V scales) of an fp8 cache; () and () for a 16/32-bit one."""
+        if self.kv_dtype == self.dtype:
+            return (), ()
+        layers = [layer.self_attn.attn for layer in self.model.model.layers]
+        return tuple(a.k_scale for a in layers), tuple(a.v_scale for a in layers)
+
     # -- set-up -------------------------------------------------------------------------------
     def _build_model(self, model_dir: Path | None) -> LlamaForCausalLM:
         with torch.device("meta"):
@@ -82,6 +93,10 @@ class ModelRunner:
             init_random_weights(model, self.config.seed)
         else:
             load_weights(model, model_dir)
+            if self.kv_dtype != self.dtype:  # an fp8 cache reads with the checkpoint's scales, if any
+                k_scales, v_scales = read_kv_scales(model_dir, self.model_config.num_layers)
+                for layer, k_scale, v_scale in zip(model.model.layers, k_scales, v_scales):
+                    layer.self_attn.attn.k_scale, layer.self_attn.attn.v_scale = k_scale, v_scale
         model.init_rotary(self.max_model_len, self.device)
         return model.eval()
 
@@ -93,11 +108,12 @@ class ModelRunner:
         num_blocks = self.config.num_kv_blocks or self._num_blocks_for_memory()
         if num_blocks * self.block_size < self.block_size * 2:
             raise ConfigError("the KV cache has room for fewer than two blocks; give it more memory")
-        logger.info("KV cache: %d blocks of %d tokens", num_blocks, self.block_size)
-        return torch.zeros(self._kv_shape(num_blocks), dtype=self.dtype, device=self.device)
+        logger.info("KV cache: %d blocks of %d tokens, %s", num_blocks, self.block_size, self.kv_dtype)
+        return torch.zeros(self._kv_shape(num_blocks), dtype=self.kv_dtype, device=self.device)
 
     def _num_blocks_for_memory(self) -> int:
-        bytes_per_block = self.model_config.kv_bytes_per_token * self.block_size * self.dtype.itemsize
+        """The memory budget over the bytes of one block: an fp8 block is half a bf16 one."""
+        bytes_per_block = self.model_config.kv_bytes_per_token * self.block_size * self.kv_dtype.itemsize
         if self.config.kv_cache_memory_gib is not None:
             return max(1, int(self.config.kv_cache_memory_gib * 2**30) // bytes_per_block)
         if self.device.type == "cpu":
@@ -112,7 +128,7 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
         num_blocks = -(-num_tokens // self.block_size)
-        scratch = torch.zeros(self._kv_shape(num_blocks), dtype=self.dtype, device=self.device)
+        scratch = torch.zeros(self._kv_shape(num_blocks), dtype=self.kv_dtype, device=self.device)
         meta = AttentionMetadata(
             slot_mapping=torch.arange(num_tokens, device=self.device),
             block_tables=torch.arange(num_blocks, dtype=torch.int32, device=self.device)[None],
@@ -206,7 +222,8 @@ class ModelRunner:
         """KV copies for forked sequences: block src -> block dst in every layer."""
         if copies:
             src, dst = zip(*copies)
-            self.kv_cache[:, :, list(dst)] = self.kv_cache[:, :, list(src)]
+            cache = as_bytes(self.kv_cache)  # fp8 blocks copy as bytes
+            cache[:, :, list(dst)] = cache[:, :, list(src)]
 
 
 def _with_siblings(step: StepLogits) -> StepLogits:

@@ -8,7 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from pdserve.kernels.kv_quant import KV_DTYPES, as_bytes
+
 _TILE = 16384  # elements per loop iteration of one program: a whole Llama block (32 KiB in bf16) in flight
 
 
@@ -39,8 +40,9 @@ def copy_kv_blocks(
     dst: torch.Tensor,  # [num_layers, 2, num_dst_blocks, block_size, num_kv_heads, head_dim]
     dst_block_ids: torch.Tensor,  # int64 [n]
 ) -> None:
-    """Enqueued on the current stream; no host synchronisation."""
+    """Enqueued on the current stream; no host synchronisation. fp8 blocks move as bytes."""
     check_copy_inputs(src, src_block_ids, dst, dst_block_ids)
+    src, dst = as_bytes(src), as_bytes(dst)
     num_layers, num_blocks = src.shape[0], src_block_ids.shape[0]
     if num_blocks == 0 or num_layers == 0:
         return
@@ -59,8 +61,8 @@ def check_copy_inputs(src: torch.Tensor, src_block_ids: torch.Tensor, dst: torch
         raise ValueError(f"src and dst must be [layers, 2, blocks, block_size, kv_heads, head_dim], got {tuple(src.shape)} / {tuple(dst.shape)}")
     if src.shape[:2] != dst.shape[:2] or src.shape[3:] != dst.shape[3:]:
         raise ValueError(f"src {tuple(src.shape)} and dst {tuple(dst.shape)} differ outside the block dim")
-    if src.dtype not in _DTYPES or dst.dtype != src.dtype:
-        raise ValueError(f"src and dst must share one of {_DTYPES}, got {src.dtype} / {dst.dtype}")
+    if src.dtype not in KV_DTYPES or dst.dtype != src.dtype:
+        raise ValueError(f"src and dst must share one of {KV_DTYPES}, got {src.dtype} / {dst.dtype}")
     if src_block_ids.dtype != torch.int64 or dst_block_ids.dtype != torch.int64 or src_block_ids.dim() != 1:
         raise ValueError("block ids must be 1-d int64 tensors")
     if src_block_ids.shape != dst_block_ids.shape:
@@ -76,4 +78,4 @@ def check_copy_inputs(src: torch.Tensor, src_block_ids: torch.Tensor, dst: torch
 def copy_kv_blocks_ref(
     src: torch.Tensor, src_block_ids: torch.Tensor, dst: torch.Tensor, dst_block_ids: torch.Tensor
 ) -> None:
-    dst[:, :, dst_block_ids] = src[:, :, src_block_ids].to(dst.device)
+    as_bytes(dst)[:, :, dst_block_ids] = as_bytes(src)[:, :, src_block_ids].to(dst.device)

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.kv_quant import FP8_DTYPE, check_scale, dequantize_kv_ref, load_kv_tile
+
 _PROGRAMS_PER_SM = 4  # enough resident programs per SM to keep HBM busy
 _MIN_TOKENS_PER_SPLIT = 64  # one tile: small batches spread short contexts over more SMs
 _MAX_SPLITS = 32
@@ -22,14 +24,14 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, partial_out_ptr, partial_lse_ptr,
-    scale_log2e, num_splits,
+    scale_log2e, num_splits, k_scale, v_scale,
     stride_q_seq, stride_q_head,
     stride_cache_block, stride_cache_token, stride_cache_head,
     stride_table_seq, stride_out_seq, stride_out_head,
     GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_TOKENS: tl.constexpr,
-    IS_SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_FP8: tl.constexpr,
 ):
     # KV heads vary fastest over the launch: programs running together read whole cache blocks.
     kv_head = tl.program_id(0)
@@ -49,6 +51,7 @@ def _split_kernel(
     q_offsets = seq.to(tl.int64) * stride_q_seq + heads[:, None] * stride_q_head + offs_d[None, :]
     q = tl.load(q_ptr + q_offsets, mask=head_mask, other=0.0)  # [GROUP_PAD, HEAD_DIM_PAD]
 
+    qk_scale = scale_log2e * k_scale if IS_FP8 else scale_log2e  # fp8: K's dequantization folded in
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)  # running max, log2 domain
     l_i = tl.zeros([GROUP_PAD], tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
@@ -61,9 +64,10 @@ def _split_kernel(
         token_offsets = block_ids * stride_cache_block + (positions % BLOCK_SIZE) * stride_cache_token
         kv_offsets = token_offsets[:, None] + head_offsets[None, :]
         kv_mask = is_token[:, None] & (offs_d < HEAD_DIM)[None, :]
-        k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)  # [TILE_TOKENS, HEAD_DIM_PAD]
-        v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
+        # [TILE_TOKENS, HEAD_DIM_PAD] in q's dtype (fp8 caches dequantized here)
+        k = load_kv_tile(k_cache_ptr, kv_offsets, kv_mask, q_ptr.dtype.element_ty, IS_FP8)
+        v = load_kv_tile(v_cache_ptr, kv_offsets, kv_mask, q_ptr.dtype.element_ty, IS_FP8)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         scores = tl.where(is_token[None, :], scores, float("-inf"))  # [GROUP_PAD, TILE_TOKENS]
         # Every tile holds at least one real token, so m_new is finite.
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -75,6 +79,8 @@ def _split_kernel(
 
     # An empty split (or a context_len-0 row) has l_i == 0 and acc == 0: it writes zeros.
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if IS_FP8:
+        acc = acc * v_scale  # V's dequantization: every split alike, so the merge is unchanged
     if IS_SINGLE_SPLIT:
         out_offsets = seq.to(tl.int64) * stride_out_seq + heads[:, None] * stride_out_head + offs_d[None, :]
         tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=head_mask)
@@ -125,10 +131,12 @@ def paged_decode_attention(
     context_lens: torch.Tensor,  # int32 [num_seqs]; 0 = padding row (zeros out)
     scale: float,
     out: torch.Tensor | None = None,
+    k_scale: float = 1.0,  # fp8 caches: value = stored * scale (kv_quant)
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     num_seqs = q.shape[0] if q.dim() == 3 else -1
     vectors = {"context_lens": (context_lens, num_seqs)}
-    check_paged_inputs(q, k_cache, v_cache, block_tables, out, num_seqs, vectors)
+    check_paged_inputs(q, k_cache, v_cache, block_tables, out, num_seqs, vectors, k_scale, v_scale)
     launch = choose_launch(
         num_seqs=q.shape[0],
         num_kv_heads=k_cache.shape[2],
@@ -137,21 +145,25 @@ def paged_decode_attention(
         head_dim=q.shape[2],
         dtype=q.dtype,
         sm_count=_sm_count(q.device),
+        kv_dtype=k_cache.dtype,
     )
-    return launch_decode(launch, q, k_cache, v_cache, block_tables, context_lens, scale, out)
+    return launch_decode(launch, q, k_cache, v_cache, block_tables, context_lens, scale, out, k_scale, v_scale)
 
 
 def choose_launch(
     num_seqs: int, num_kv_heads: int, max_num_blocks: int, block_size: int, head_dim: int,
-    dtype: torch.dtype, sm_count: int,
+    dtype: torch.dtype, sm_count: int, kv_dtype: torch.dtype | None = None,
 ) -> DecodeLaunch:
-    """Launch parameters from shapes only (never tensor values), so the call is graph-capturable."""
+    """Launch parameters from shapes only (never tensor values), so the call is graph-capturable.
+    `kv_dtype`: the cache's element type when it differs from q's (fp8)."""
     num_programs = max(1, num_seqs * num_kv_heads)
     splits_to_fill_gpu = triton.cdiv(_PROGRAMS_PER_SM * sm_count, num_programs)
     splits_by_length = triton.cdiv(max_num_blocks * block_size, _MIN_TOKENS_PER_SPLIT)
     num_splits = max(1, min(splits_to_fill_gpu, splits_by_length, _MAX_SPLITS))
-    # ~16 KB of K (and of V) per iteration in 16-bit types: 64 tokens at head_dim 128.
-    tile_tokens = min(128, max(16, 8192 // triton.next_power_of_2(head_dim)))
+    # ~16 KB of K (and of V) per iteration in 16-bit types: 64 tokens at head_dim 128; an fp8 cache
+    # reads twice the tokens for the same bytes in flight.
+    tile_elements = 16384 if kv_dtype is not None and kv_dtype.itemsize == 1 else 8192
+    tile_tokens = min(128, max(16, tile_elements // triton.next_power_of_2(head_dim)))
     is_wide = dtype.itemsize > 2
     return DecodeLaunch(num_splits, tile_tokens, num_warps=4, num_stages=2 if is_wide else 3)
 
@@ -159,6 +171,7 @@ def choose_launch(
 def launch_decode(
     launch: DecodeLaunch, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Runs the kernels with explicit launch parameters (the tests and the benchmark pick them)."""
     num_seqs, num_heads, head_dim = q.shape
@@ -177,7 +190,7 @@ def launch_decode(
     _split_kernel[(num_kv_heads, num_seqs, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens,
         out, partial_out, partial_lse,
-        scale * math.log2(math.e), num_splits,
+        scale * math.log2(math.e), num_splits, k_scale, v_scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
@@ -185,6 +198,7 @@ def launch_decode(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, TILE_TOKENS=launch.tile_tokens,
         IS_SINGLE_SPLIT=num_splits == 1, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        IS_FP8=k_cache.dtype == FP8_DTYPE,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     if num_splits > 1:
@@ -211,6 +225,8 @@ def check_paged_inputs(
     out: torch.Tensor | None,
     num_seqs: int,
     int32_vectors: dict[str, tuple[torch.Tensor, int]],  # name -> (tensor, required length)
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Raises ValueError unless the inputs of paged (decode or prefill) attention fit the contract."""
     if q.dim() != 3 or k_cache.dim() != 4:
@@ -223,9 +239,13 @@ def check_paged_inputs(
     num_heads, head_dim = q.shape[1], q.shape[2]
     if k_cache.shape[3] != head_dim or num_heads % k_cache.shape[2] != 0:
         raise ValueError(f"q {tuple(q.shape)} does not fit a cache of {k_cache.shape[2]} KV heads x {k_cache.shape[3]}")
-    if q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    if q.dtype not in _DTYPES or k_cache.dtype not in (q.dtype, FP8_DTYPE) or v_cache.dtype != k_cache.dtype:
         dtypes = f"{q.dtype}/{k_cache.dtype}/{v_cache.dtype}"
-        raise ValueError(f"q/k_cache/v_cache must share one of {_DTYPES}, got {dtypes}")
+        raise ValueError(
+            f"q/k_cache/v_cache must share one of {_DTYPES} (or k_cache/v_cache {FP8_DTYPE}), got {dtypes}"
+        )
+    check_scale("k_scale", k_scale)
+    check_scale("v_scale", v_scale)
     if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
         raise ValueError(
             f"block_tables must be int32 [{num_seqs}, max_num_blocks], "
@@ -255,6 +275,8 @@ def paged_decode_attention_ref(
     context_lens: torch.Tensor,  # int32 [num_seqs]; 0 = padding row
     scale: float,
     out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -270,8 +292,9 @@ def paged_decode_attention_ref(
     is_used = torch.arange(num_used_blocks, device=q.device)[None, :] * block_size < lens
     block_ids = torch.where(is_used, block_tables[:, :num_used_blocks].long(), 0)
     # [num_seqs, num_kv_heads, len, head_dim], contiguous so that the matmuls need no other copy
-    k = k_cache[block_ids].flatten(1, 2).transpose(1, 2).contiguous().to(compute_dtype)
-    v = v_cache[block_ids].flatten(1, 2).transpose(1, 2).contiguous().to(compute_dtype)
+    # (fp8 caches: code * scale, computed in fp32 as the kernel's folded scales are)
+    k = dequantize_kv_ref(k_cache[block_ids], k_scale, compute_dtype).flatten(1, 2).transpose(1, 2).contiguous()
+    v = dequantize_kv_ref(v_cache[block_ids], v_scale, compute_dtype).flatten(1, 2).transpose(1, 2).contiguous()
 
     q_groups = q.to(compute_dtype).view(num_seqs, num_kv_heads, group_size, head_dim) * scale
     scores = torch.matmul(q_groups, k.transpose(-1, -2))  # [num_seqs, num_kv_heads, group, len]

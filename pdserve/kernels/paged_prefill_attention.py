@@ -10,16 +10,17 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.kv_quant import FP8_DTYPE, dequantize_kv_ref, load_kv_tile
 from pdserve.kernels.paged_decode_attention import check_paged_inputs
 
 
 @triton.jit
 def _attend_tiles(
     acc, m_i, l_i, q, q_positions, n_begin, n_end, kv_end,
-    k_cache_ptr, v_cache_ptr, table_row, head_offsets, scale_log2e,
+    k_cache_ptr, v_cache_ptr, table_row, head_offsets, qk_scale,
     stride_cache_block, stride_cache_token,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, IS_MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, IS_MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_FP8: tl.constexpr,
 ):
     """Online-softmax update over the keys [n_begin, n_end); IS_MASKED applies the causal mask."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -31,9 +32,10 @@ def _attend_tiles(
         token_offsets = block_ids * stride_cache_block + (positions % BLOCK_SIZE) * stride_cache_token
         kv_offsets = token_offsets[:, None] + head_offsets[None, :]
         kv_mask = is_key[:, None] & (offs_d < HEAD_DIM)[None, :]
-        k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)  # [BLOCK_N, HEAD_DIM_PAD]
-        v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e  # [BLOCK_M, BLOCK_N]
+        # [BLOCK_N, HEAD_DIM_PAD] in q's dtype (fp8 caches dequantized here)
+        k = load_kv_tile(k_cache_ptr, kv_offsets, kv_mask, q.dtype, IS_FP8)
+        v = load_kv_tile(v_cache_ptr, kv_offsets, kv_mask, q.dtype, IS_FP8)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         if IS_MASKED:
             is_visible = (positions[None, :] <= q_positions[:, None]) & is_key[None, :]
             scores = tl.where(is_visible, scores, float("-inf"))
@@ -50,12 +52,13 @@ def _attend_tiles(
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, context_lens_ptr, out_ptr,
-    scale_log2e,
+    scale_log2e, k_scale, v_scale,
     stride_q_token, stride_q_head,
     stride_cache_block, stride_cache_token, stride_cache_head,
     stride_table_seq, stride_out_token, stride_out_head,
     GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_FP8: tl.constexpr,
 ):
     # Late query tiles have the most keys: launch them first.
     q_tile = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -84,17 +87,22 @@ def _prefill_kernel(
     # Keys [0, full_end) are visible to every row of the tile; [full_end, kv_end) need the mask.
     full_end = (prefix_len + m_start + 1) // BLOCK_N * BLOCK_N
     kv_end = prefix_len + tl.minimum(m_start + BLOCK_M, q_len)
+    qk_scale = scale_log2e * k_scale if IS_FP8 else scale_log2e  # fp8: K's dequantization folded in
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, q_positions, 0, full_end, kv_end,
-        k_cache_ptr, v_cache_ptr, table_row, head_offsets, scale_log2e, stride_cache_block, stride_cache_token,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
+        k_cache_ptr, v_cache_ptr, table_row, head_offsets, qk_scale,
+        stride_cache_block, stride_cache_token,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, IS_FP8,
     )
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, q_positions, full_end, kv_end, kv_end,
-        k_cache_ptr, v_cache_ptr, table_row, head_offsets, scale_log2e, stride_cache_block, stride_cache_token,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
+        k_cache_ptr, v_cache_ptr, table_row, head_offsets, qk_scale,
+        stride_cache_block, stride_cache_token,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, IS_FP8,
     )
     out = acc / l_i[:, None]
+    if IS_FP8:
+        out = out * v_scale  # V's dequantization
     out_offsets = tokens[:, None] * stride_out_token + head * stride_out_head + offs_d[None, :]
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_mask)
 
@@ -117,13 +125,16 @@ def paged_prefill_attention(
     max_seqlen_q: int,  # host int, >= every request's new-token count
     scale: float,
     out: torch.Tensor | None = None,
+    k_scale: float = 1.0,  # fp8 caches: value = stored * scale (kv_quant)
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     num_seqs = block_tables.shape[0] if block_tables.dim() == 2 else -1
     vectors = {"cu_seqlens_q": (cu_seqlens_q, num_seqs + 1), "context_lens": (context_lens, num_seqs)}
-    check_paged_inputs(q, k_cache, v_cache, block_tables, out, num_seqs, vectors)
+    check_paged_inputs(q, k_cache, v_cache, block_tables, out, num_seqs, vectors, k_scale, v_scale)
     launch = choose_launch(q.dtype, q.shape[2], max_seqlen_q, is_cuda=q.is_cuda)
     return launch_prefill(
-        launch, q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q, scale, out
+        launch, q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q, scale, out,
+        k_scale, v_scale,
     )
 
 
@@ -144,7 +155,7 @@ def choose_launch(dtype: torch.dtype, head_dim: int, max_seqlen_q: int, is_cuda:
 def launch_prefill(
     launch: PrefillLaunch, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, max_seqlen_q: int,
-    scale: float, out: torch.Tensor | None = None,
+    scale: float, out: torch.Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Runs the kernel with an explicit tile shape (the tests and the benchmark pick them)."""
     num_tokens, num_heads, head_dim = q.shape
@@ -157,7 +168,7 @@ def launch_prefill(
     grid = (triton.cdiv(max_seqlen_q, launch.block_m), num_seqs, num_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
-        scale * math.log2(math.e),
+        scale * math.log2(math.e), k_scale, v_scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
@@ -168,6 +179,7 @@ def launch_prefill(
         BLOCK_M=launch.block_m,
         BLOCK_N=launch.block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        IS_FP8=k_cache.dtype == FP8_DTYPE,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
     )
@@ -184,6 +196,8 @@ def paged_prefill_attention_ref(
     max_seqlen_q: int,
     scale: float,
     out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     if out is None:
         out = torch.empty_like(q)
@@ -194,6 +208,9 @@ def paged_prefill_attention_ref(
             raise ValueError(f"request {seq}: {end - start} new tokens but context_len {context_len}")
         if end > start:
             k, v = _gather_kv(k_cache, v_cache, block_tables[seq], context_len)
+            # fp8 caches: code * scale, computed in fp32 as the kernel's folded scales are
+            compute_dtype = torch.promote_types(q.dtype, torch.float32)
+            k, v = dequantize_kv_ref(k, k_scale, compute_dtype), dequantize_kv_ref(v, v_scale, compute_dtype)
             out[start:end] = _causal_attention(q[start:end], k, v, scale)
     return out
 

@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.kv_quant import FP8_DTYPE, quantize_kv
 from pdserve.kernels.kv_store import check_kv_store_inputs, store_kv_cache_ref
 
 
@@ -28,11 +29,12 @@ def _rotate(x_ptr, stride_head, cos, sin, NUM_HEADS: tl.constexpr, HEADS_PAD: tl
 
 @triton.jit
 def _rotary_kernel(
-    positions_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    positions_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_inv_scale, v_inv_scale,
     stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token, stride_v_head,
     stride_cos_sin, stride_cache_block, stride_cache_token, stride_cache_head,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, Q_HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, IS_STORING_KV: tl.constexpr,
+    IS_FP8: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token)
@@ -49,11 +51,13 @@ def _rotary_kernel(
             mask = (offs_h < NUM_KV_HEADS)[:, None] & (offs_r < HALF)[None, :]
             slot_offset = (slot // BLOCK_SIZE) * stride_cache_block + (slot % BLOCK_SIZE) * stride_cache_token
             cache_offsets = slot_offset + offs_h[:, None] * stride_cache_head + offs_r[None, :]
-            tl.store(k_cache_ptr + cache_offsets, k1, mask=mask)
-            tl.store(k_cache_ptr + cache_offsets + HALF, k2, mask=mask)
+            tl.store(k_cache_ptr + cache_offsets, quantize_kv(k1, k_inv_scale, k_cache_ptr, IS_FP8), mask=mask)
+            tl.store(k_cache_ptr + cache_offsets + HALF, quantize_kv(k2, k_inv_scale, k_cache_ptr, IS_FP8), mask=mask)
             v_ptrs = v_ptr + token * stride_v_token + offs_h[:, None] * stride_v_head + offs_r[None, :]
-            tl.store(v_cache_ptr + cache_offsets, tl.load(v_ptrs, mask=mask), mask=mask)
-            tl.store(v_cache_ptr + cache_offsets + HALF, tl.load(v_ptrs + HALF, mask=mask), mask=mask)
+            v1 = quantize_kv(tl.load(v_ptrs, mask=mask), v_inv_scale, v_cache_ptr, IS_FP8)
+            v2 = quantize_kv(tl.load(v_ptrs + HALF, mask=mask), v_inv_scale, v_cache_ptr, IS_FP8)
+            tl.store(v_cache_ptr + cache_offsets, v1, mask=mask)
+            tl.store(v_cache_ptr + cache_offsets + HALF, v2, mask=mask)
 
 
 def rotary_embedding(
@@ -63,7 +67,7 @@ def rotary_embedding(
     cos_sin_cache: torch.Tensor,  # float32 [max_positions, head_dim]: cos | sin
 ) -> None:
     _check_rotary_inputs(positions, q, k, cos_sin_cache)
-    _launch(positions, q, k, k, cos_sin_cache, k, k, positions, is_storing_kv=False)
+    _launch(positions, q, k, k, cos_sin_cache, k, k, positions, 1.0, 1.0, is_storing_kv=False)
 
 
 def rotary_store_kv(
@@ -75,15 +79,18 @@ def rotary_store_kv(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # int64 [num_tokens]; negative = padding, not stored
+    k_scale: float = 1.0,  # fp8 caches: stored = x * (1 / scale) (kv_quant)
+    v_scale: float = 1.0,
 ) -> None:
     _check_rotary_inputs(positions, q, k, cos_sin_cache)
-    check_kv_store_inputs(k, v, k_cache, v_cache, slot_mapping)
-    _launch(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, is_storing_kv=True)
+    check_kv_store_inputs(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    _launch(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, k_scale, v_scale, is_storing_kv=True)
 
 
 def _launch(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin_cache: torch.Tensor,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, is_storing_kv: bool,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float, v_scale: float,
+    is_storing_kv: bool,
 ) -> None:
     """Without is_storing_kv, v/k_cache/v_cache/slot_mapping are placeholders the kernel never reads."""
     num_tokens, num_heads, head_dim = q.shape
@@ -92,13 +99,14 @@ def _launch(
         return
     cache_strides = k_cache.stride()[:3] if is_storing_kv else (0, 0, 0)
     _rotary_kernel[(num_tokens,)](
-        positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping,
+        positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, 1.0 / k_scale, 1.0 / v_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos_sin_cache.stride(0), *cache_strides,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
         Q_HEADS_PAD=triton.next_power_of_2(num_heads), KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HALF=head_dim // 2, HALF_PAD=triton.next_power_of_2(head_dim // 2),
         BLOCK_SIZE=k_cache.shape[1] if is_storing_kv else 1, IS_STORING_KV=is_storing_kv,
+        IS_FP8=is_storing_kv and k_cache.dtype == FP8_DTYPE,
     )
 
 
@@ -150,6 +158,8 @@ def rotary_store_kv_ref(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # int64 [num_tokens]
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     rotary_embedding_ref(positions, q, k, cos_sin_cache)
-    store_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+    store_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)

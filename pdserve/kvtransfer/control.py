@@ -215,13 +215,14 @@ def layout_to_proto(layout: KVLayout) -> pb.KVLayout:
     return pb.KVLayout(
         model_id=layout.model_id, dtype=layout.dtype, num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
         head_dim=layout.head_dim, block_size=layout.block_size, layout=layout.layout,
+        k_scales=layout.k_scales, v_scales=layout.v_scales,
     )
 
 
 def layout_from_proto(message: pb.KVLayout) -> KVLayout:
     return KVLayout(
         message.model_id, message.dtype, message.num_layers, message.num_kv_heads,
-        message.head_dim, message.block_size, message.layout,
+        message.head_dim, message.block_size, message.layout, tuple(message.k_scales), tuple(message.v_scales),
     )
 
 

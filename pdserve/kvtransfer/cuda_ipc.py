@@ -10,6 +10,7 @@ import time
 import torch
 
 from pdserve import kernels
+from pdserve.kernels.kv_quant import as_bytes
 from pdserve.kvtransfer.receiver import KVReceiver
 from pdserve.kvtransfer.transport import (
     TRANSPORTS,
@@ -68,12 +69,12 @@ class CudaIpcSendHalf:
             if self._peer_stream is None:
                 kernels.copy_kv_blocks(src, src_index, dst, dst_index)
                 return
-            gathered = src[:, :, src_index]  # contiguous, on our device
+            gathered = as_bytes(src)[:, :, src_index]  # contiguous, on our device; fp8 as bytes
         with torch.cuda.stream(self._peer_stream):
             self._peer_stream.wait_stream(self._stream)
             staged = gathered.to(dst.device, non_blocking=True)
             gathered.record_stream(self._peer_stream)
-            dst.index_copy_(2, dst_index, staged)
+            as_bytes(dst).index_copy_(2, dst_index, staged)
 
     async def close(self) -> None:
         self.peer_cache = None

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import grpc
 import torch
 
+from pdserve.kernels.kv_quant import as_bytes
 from pdserve.kvtransfer.layout import KVLayout
 from pdserve.kvtransfer.receiver import KVReceiver, UnknownTransferError
 from pdserve.kvtransfer.transport import (
@@ -82,13 +83,14 @@ class GrpcSendHalf:
     ) -> pb.KVChunk:
         """Worker thread: gather the blocks, bring them to the host, wrap them in a message."""
         index = src_index[block_start:block_end]
+        cache = as_bytes(self.kv_cache)  # fp8 blocks are gathered as bytes (no fp8 indexing needed)
         if self._stream is None:
-            host = self.kv_cache[layer_start:layer_end, :, index]
+            host = cache[layer_start:layer_end, :, index]
         else:
             with torch.cuda.stream(self._stream):
                 if event is not None:
                     self._stream.wait_event(event)
-                gathered = self.kv_cache[layer_start:layer_end, :, index.to(self.kv_cache.device, non_blocking=True)]
+                gathered = cache[layer_start:layer_end, :, index.to(self.kv_cache.device, non_blocking=True)]
                 host = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
                 host.copy_(gathered, non_blocking=True)
             self._stream.synchronize()  # this thread only; nothing else waits for it

@@ -6,6 +6,7 @@ import asyncio
 
 import torch
 
+from pdserve.kernels.kv_quant import as_bytes
 from pdserve.kvtransfer.receiver import KVReceiver
 from pdserve.kvtransfer.transport import TRANSPORTS, Endpoint, KVTransferError, OutgoingTransfer, PeerInfo, Transport
 
@@ -36,13 +37,14 @@ class LocalSendHalf:
         self, receiver: KVReceiver, transfer: OutgoingTransfer, layer_start: int, layer_end: int,
         index: torch.Tensor, event: torch.cuda.Event | None,
     ) -> int:
+        cache = as_bytes(self.kv_cache)  # fp8 blocks are gathered as bytes, handed over in the cache's dtype
         if self._stream is None:
-            data, ready = self.kv_cache[layer_start:layer_end, :, index], None
+            data, ready = cache[layer_start:layer_end, :, index].view(self.kv_cache.dtype), None
         else:
             with torch.cuda.stream(self._stream):
                 if event is not None:
                     self._stream.wait_event(event)
-                data = self.kv_cache[layer_start:layer_end, :, index]
+                data = cache[layer_start:layer_end, :, index].view(self.kv_cache.dtype)
                 ready = self._stream.record_event()
         try:
             return receiver.write(

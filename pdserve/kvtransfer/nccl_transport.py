@@ -19,6 +19,7 @@ import grpc
 import torch
 import torch.distributed as dist
 
+from pdserve.kernels.kv_quant import as_bytes
 from pdserve.kvtransfer.layer_progress import LayerProgress
 from pdserve.kvtransfer.receiver import KVReceiver
 from pdserve.kvtransfer.transport import (
@@ -114,13 +115,13 @@ class NcclSendHalf:
     def _send(self, layer_start: int, layer_end: int, index: torch.Tensor, event: torch.cuda.Event | None) -> None:
         group = self._pair.group.result()
         if self._pair.stream is None:
-            data = self.kv_cache[layer_start:layer_end, :, index]
+            data = as_bytes(self.kv_cache)[layer_start:layer_end, :, index]  # gloo has no fp8: bytes
             group.send([data], RECEIVER_RANK, 0).wait(datetime.timedelta(seconds=GROUP_TIMEOUT_S))
             return
         with torch.cuda.stream(self._pair.stream):
             if event is not None:
                 self._pair.stream.wait_event(event)
-            data = self.kv_cache[layer_start:layer_end, :, index.to(self.kv_cache.device, non_blocking=True)]
+            data = as_bytes(self.kv_cache)[layer_start:layer_end, :, index.to(self.kv_cache.device, non_blocking=True)]
             group.send([data], RECEIVER_RANK, 0).wait()  # our stream waits for NCCL's
 
     async def close(self) -> None:
@@ -176,10 +177,10 @@ class NcclReceiveHalf:
             data = torch.empty(layout.chunk_shape(layer_end - layer_start, num_blocks), dtype=layout.torch_dtype, device=device)
             ready = None
             if pair.stream is None:
-                group.recv([data], SENDER_RANK, 0).wait(datetime.timedelta(seconds=GROUP_TIMEOUT_S))
+                group.recv([as_bytes(data)], SENDER_RANK, 0).wait(datetime.timedelta(seconds=GROUP_TIMEOUT_S))
             else:
                 with torch.cuda.stream(pair.stream):
-                    group.recv([data], SENDER_RANK, 0).wait()  # our stream waits for NCCL's
+                    group.recv([as_bytes(data)], SENDER_RANK, 0).wait()  # our stream waits for NCCL's
                     ready = pair.stream.record_event()
             num_bytes += self.receiver.write(transfer_id, sender_id, layer_start, layer_end, 0, num_blocks, data, ready)
         return num_bytes

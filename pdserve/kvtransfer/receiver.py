@@ -15,7 +15,8 @@ import torch
 
 from pdserve import kernels
 from pdserve.engine.outputs import TokenLogprobs
-from pdserve.kvtransfer.layout import KVLayout
+from pdserve.kernels.kv_quant import as_bytes
+from pdserve.kvtransfer.layout import KVLayout, KVScales
 
 _MAX_CLOSED_IDS = 4096  # ended transfers remembered only to say why a late message is refused
 HOLD_GRACE_S = 10.0  # a device writer's blocks stay held this long past the lease, at most
@@ -80,9 +81,9 @@ class KVReceiver:
     reserves, cancels and polls. Writes are issued under the lock, so once a reservation ended no
     write of ours lands in its blocks; a device writer's blocks are held until it says it is done."""
 
-    def __init__(self, kv_cache: torch.Tensor, model_id: str, receiver_id: str = "") -> None:
+    def __init__(self, kv_cache: torch.Tensor, model_id: str, receiver_id: str = "", kv_scales: KVScales = ((), ())) -> None:
         self.kv_cache = kv_cache  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
-        self.layout = KVLayout.of(kv_cache, model_id)
+        self.layout = KVLayout.of(kv_cache, model_id, kv_scales)
         self.receiver_id = receiver_id
         self.bytes_received = 0
         self._lock = threading.Lock()
@@ -283,7 +284,7 @@ class KVReceiver:
     def _scatter(self, layer_start: int, layer_end: int, block_index: torch.Tensor, data: torch.Tensor) -> None:
         cache = self.kv_cache[layer_start:layer_end]
         if self._stream is None:
-            cache.index_copy_(2, block_index, data)
+            as_bytes(cache).index_copy_(2, block_index, as_bytes(data))  # CPU index_copy_ has no fp8
             return
         with torch.cuda.stream(self._stream):
             kernels.copy_kv_blocks(data, self._positions[: block_index.shape[0]], cache, block_index)

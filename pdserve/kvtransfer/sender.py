@@ -53,7 +53,7 @@ class KVSender:
         secret: ClusterSecret,
     ) -> None:
         """Signs its calls with `secret` as `sender_id`; a peer must prove it holds the same."""
-        if KVLayout.of(kv_cache, layout.model_id) != layout:
+        if KVLayout.of(kv_cache, layout.model_id, (layout.k_scales, layout.v_scales)) != layout:
             raise ValueError(f"layout {layout} does not describe kv_cache {tuple(kv_cache.shape)} {kv_cache.dtype}")
         if layers_per_group <= 0:
             raise ValueError(f"layers_per_group must be > 0, got {layers_per_group}")

@@ -67,7 +67,7 @@ class PrefillWorker:
         config, kv_cache = core.config, core.runner.kv_cache
         self.scheduler = PrefillScheduler(core.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         self.sender = KVSender(
-            kv_cache, KVLayout.of(kv_cache, core.model_id), worker_id, Endpoint.here(core.runner.device, address),
+            kv_cache, KVLayout.of(kv_cache, core.model_id, core.runner.kv_scales), worker_id, Endpoint.here(core.runner.device, address),
             offers(kv_transport, core.runner.device), layers_per_group, secret=secret,
         )
         self._requests: dict[str, Request] = {}  # loop thread: every request here, in any phase
