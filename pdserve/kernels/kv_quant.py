@@ -31,8 +31,7 @@ def quantize_kv(x, inv_scale, cache_ptr, IS_FP8: tl.constexpr):
     """Rows of K or V in the cache's element type (fp8: x * inv_scale, saturated at +-448)."""
     if IS_FP8:
         # Through fp32: the clamp saturates instead of overflowing to NaN (e4m3fn has no inf).
-        scaled = x.to(tl.float32) * inv_scale
-        return tl.minimum(tl.maximum(scaled, -448.0), 448.0).to(cache_ptr.dtype.element_ty)
+        x = tl.minimum(tl.maximum(x.to(tl.float32) * inv_scale, -448.0), 448.0)
     return x.to(cache_ptr.dtype.element_ty)
 
 
@@ -41,8 +40,8 @@ def load_kv_tile(cache_ptr, offsets, mask, COMPUTE_DTYPE: tl.constexpr, IS_FP8: 
     """One tile of K or V from the paged cache in the attention's compute dtype (masked entries
     read 0). fp8: the codes, converted exactly; the caller applies the layer's scale per row."""
     tile = tl.load(cache_ptr + offsets, mask=mask, other=0.0)
-    if IS_FP8:
-        return tile.to(COMPUTE_DTYPE)
+    if IS_FP8:  # one return statement: Triton requires every return of a function to have one type
+        tile = tile.to(COMPUTE_DTYPE)
     return tile
 
 
