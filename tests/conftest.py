@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random checkpoints written by transformers itself (the independent
 reference), one per supported family, carrying the demo model's tokenizer files."""
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,12 @@ FAMILIES = {
         num_attention_heads=4,
         num_key_value_heads=2,
         rope_parameters={
-            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
         },
     ),
     "mistral": dict(cls="MistralConfig", num_attention_heads=4, num_key_value_heads=1, sliding_window=None),
@@ -42,7 +47,12 @@ def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def write_hf_checkpoint(
-    directory: Path, family: str, tokenizer_dir: Path, seed: int = 0, num_layers: int = 2, hidden_size: int = 64,
+    directory: Path,
+    family: str,
+    tokenizer_dir: Path,
+    seed: int = 0,
+    num_layers: int = 2,
+    hidden_size: int = 64,
     intermediate_size: int = 128,
 ) -> Path:
     """A transformers-written checkpoint of `family` with random weights and the demo tokenizer."""

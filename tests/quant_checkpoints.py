@@ -11,6 +11,7 @@ that reads the packed tensors back with numpy bit operations.
   `qzeros` int32 [K / g, N / 8] packed alike; `scales` fp16 [K / g, N]; W = (q - z) * s.
 - gptq: `qweight` int32 [K / 8, N], nibble j of row i holds input 8 i + j; `qzeros` int32 [K / g, N / 8]
   holding z - 1 (nibble j of word c: column 8 c + j); `scales` fp16 [K / g, N]; `g_idx` [K]; W = (q - z) * s."""
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,10 @@ def _ct_config(fmt: str, kind: str, strategy: str) -> dict:
     weights = {"num_bits": 8, "type": kind, "strategy": strategy, "symmetric": True, "dynamic": False, "group_size": None}
     activations = {"num_bits": 8, "type": kind, "strategy": "token", "symmetric": True, "dynamic": True}
     return {
-        "quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed", "ignore": ["lm_head"],
+        "quant_method": "compressed-tensors",
+        "format": fmt,
+        "quantization_status": "compressed",
+        "ignore": ["lm_head"],
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations}},
         "kv_cache_scheme": None,
     }
@@ -44,8 +48,22 @@ CONFIGS = {
     "ct-fp8-tensor": _ct_config("float-quantized", "float", "tensor"),
     "ct-int8-channel": _ct_config("int-quantized", "int", "channel"),
     "awq": {"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True, "version": "gemm"},
-    "gptq-sym": {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": False, "sym": True, "checkpoint_format": "gptq"},
-    "gptq-asym": {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": False, "sym": False, "checkpoint_format": "gptq"},
+    "gptq-sym": {
+        "quant_method": "gptq",
+        "bits": 4,
+        "group_size": GROUP,
+        "desc_act": False,
+        "sym": True,
+        "checkpoint_format": "gptq",
+    },
+    "gptq-asym": {
+        "quant_method": "gptq",
+        "bits": 4,
+        "group_size": GROUP,
+        "desc_act": False,
+        "sym": False,
+        "checkpoint_format": "gptq",
+    },
 }
 
 
@@ -111,7 +129,9 @@ def _gptq(symmetric: bool) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
         q, zero, scale = _rtn_int4(w, symmetric)
         k = q.shape[0]
         return {
-            "qweight": _pack_along_rows(q), "qzeros": _pack_along_columns(zero - 1, list(range(8))), "scales": scale,
+            "qweight": _pack_along_rows(q),
+            "qzeros": _pack_along_columns(zero - 1, list(range(8))),
+            "scales": scale,
             "g_idx": torch.arange(k, dtype=torch.int32) // GROUP,
         }
 

@@ -3,6 +3,7 @@
 [--max-model-len N] [--max-num-seqs N] [--max-num-batched-tokens N] [--redis-url URL]
 [--kv-cache-dtype auto|fp8]` with PDSERVE_CLUSTER_SECRET set. Prints `ADDRESS host:port` once it
 serves (and heartbeats to Redis, given a URL), then serves until killed."""
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,13 @@ def main() -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join([index, *others[: _num_gpus() - 1]])
         device = "cuda"
     engine = EngineConfig(
-        model=args.model, device=device, dtype=args.dtype, kv_cache_memory_gib=args.kv_cache_memory_gib,
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        model=args.model,
+        device=device,
+        dtype=args.dtype,
+        kv_cache_memory_gib=args.kv_cache_memory_gib,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_dtype=args.kv_cache_dtype,
     )
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # as in a Ray worker process

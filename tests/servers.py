@@ -1,6 +1,7 @@
 """Real servers for tests: free ports, a throwaway `redis-server` (restartable on its port), worker
 processes a test can kill or freeze, waiting for an HTTP endpoint, a `pdserve` command in a
 subprocess, the tests' cluster secret."""
+
 from __future__ import annotations
 
 import asyncio
@@ -96,12 +97,41 @@ def redis_process(password: str | None = None, tls: bool = False) -> Iterator[Re
 def _tls_args(workdir: Path, port: int) -> list[str]:
     """A self-signed certificate for 127.0.0.1 (openssl), and redis-server serving TLS only."""
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(workdir / "key.pem"), "-out",
-         str(workdir / "cert.pem"), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(workdir / "key.pem"),
+            "-out",
+            str(workdir / "cert.pem"),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
     )
-    return ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(workdir / "cert.pem"),
-            "--tls-key-file", str(workdir / "key.pem"), "--tls-ca-cert-file", str(workdir / "cert.pem"), "--tls-auth-clients", "no"]
+    return [
+        "--port",
+        "0",
+        "--tls-port",
+        str(port),
+        "--tls-cert-file",
+        str(workdir / "cert.pem"),
+        "--tls-key-file",
+        str(workdir / "key.pem"),
+        "--tls-ca-cert-file",
+        str(workdir / "cert.pem"),
+        "--tls-auth-clients",
+        "no",
+    ]
 
 
 def _wait_for_port(port: int, timeout_s: float) -> None:
@@ -134,7 +164,10 @@ def worker_process(role: str, model_dir: Path, *args: str, timeout_s: float = 18
     """`tests/run_worker.py` in a subprocess (so a test can SIGKILL it); yields it and its address."""
     process = subprocess.Popen(
         [sys.executable, "-m", "tests.run_worker", role, str(model_dir), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parent.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=Path(__file__).parent.parent,
         env={**os.environ, ENV_VAR: CLUSTER_SECRET.value},
     )
     try:
@@ -163,7 +196,10 @@ class WorkerProcess:
         self.name = name
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests.run_worker", role, str(model_dir), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parent.parent,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=Path(__file__).parent.parent,
             env={**os.environ, ENV_VAR: CLUSTER_SECRET.value},
         )
         self.address = ""
@@ -196,7 +232,10 @@ class WorkerProcess:
 
 @contextlib.contextmanager
 def gateway_in_thread(
-    app: object, header_timeout_s: float = 30.0, shutdown_timeout_s: float = 30.0, loop: asyncio.AbstractEventLoop | None = None,
+    app: object,
+    header_timeout_s: float = 30.0,
+    shutdown_timeout_s: float = 30.0,
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> Iterator[tuple[str, object]]:
     """`app` (from `router.app.create_app`) served as `pdserve serve` serves it (header timeout,
     drain on `server.handle_exit`), on a free local port: on `loop` (running in another thread:
@@ -216,6 +255,7 @@ def gateway_in_thread(
 
         def is_running() -> bool:
             return not serving.done()
+
     deadline = time.monotonic() + 10
     while not server.started:
         assert time.monotonic() < deadline and is_running(), "the gateway did not start"
@@ -238,15 +278,32 @@ def _echo(stream: object, role: str) -> None:
 # Every series vLLM's Grafana dashboard (examples/online_serving/prometheus_grafana/grafana.json) and
 # issue 10's list query; each must have samples after a little load.
 DASHBOARD_SERIES = (
-    "vllm:e2e_request_latency_seconds_bucket", "vllm:e2e_request_latency_seconds_sum", "vllm:prompt_tokens_total",
-    "vllm:generation_tokens_total", "vllm:time_per_output_token_seconds_bucket", "vllm:num_requests_running",
-    "vllm:num_requests_waiting", "vllm:time_to_first_token_seconds_bucket", "vllm:gpu_cache_usage_perc",
-    "vllm:kv_cache_usage_perc", "vllm:request_prompt_tokens_bucket", "vllm:request_generation_tokens_bucket",
-    "vllm:request_success_total", "vllm:request_queue_time_seconds_sum", "vllm:request_prefill_time_seconds_sum",
-    "vllm:request_decode_time_seconds_sum", "vllm:request_inference_time_seconds_sum",
-    "vllm:request_max_num_generation_tokens_sum", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
-    "vllm:request_params_n_bucket", "vllm:request_params_max_tokens_bucket", "vllm:iteration_tokens_total_bucket",
-    "vllm:cache_config_info", "vllm:request_time_per_output_token_seconds_bucket", "http_requests_total",
+    "vllm:e2e_request_latency_seconds_bucket",
+    "vllm:e2e_request_latency_seconds_sum",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+    "vllm:time_per_output_token_seconds_bucket",
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:time_to_first_token_seconds_bucket",
+    "vllm:gpu_cache_usage_perc",
+    "vllm:kv_cache_usage_perc",
+    "vllm:request_prompt_tokens_bucket",
+    "vllm:request_generation_tokens_bucket",
+    "vllm:request_success_total",
+    "vllm:request_queue_time_seconds_sum",
+    "vllm:request_prefill_time_seconds_sum",
+    "vllm:request_decode_time_seconds_sum",
+    "vllm:request_inference_time_seconds_sum",
+    "vllm:request_max_num_generation_tokens_sum",
+    "vllm:prefix_cache_queries_total",
+    "vllm:prefix_cache_hits_total",
+    "vllm:request_params_n_bucket",
+    "vllm:request_params_max_tokens_bucket",
+    "vllm:iteration_tokens_total_bucket",
+    "vllm:cache_config_info",
+    "vllm:request_time_per_output_token_seconds_bucket",
+    "http_requests_total",
     "pdserve:request_phase_seconds_bucket",
 )
 
@@ -262,14 +319,19 @@ def observed_series(metrics_text: str) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def pdserve(command: str, *args: str, log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 240) -> Iterator[tuple[str, subprocess.Popen]]:
+def pdserve(
+    command: str, *args: str, log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 240
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """`pdserve COMMAND ARGS --port P` in a subprocess; yields its URL once /health answers 200 and
     the process. Afterwards SIGTERM must stop it with exit status 0."""
     port = free_port()
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "pdserve.deploy.cli", command, *args, "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent, env={**os.environ, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).parent.parent,
+            env={**os.environ, **(env or {})},
         )
     base_url = f"http://127.0.0.1:{port}"
     try:

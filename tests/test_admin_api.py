@@ -1,6 +1,7 @@
 """The admin API's rules on the real FastAPI app (no workers needed): a bearer token on every admin
 route, 403 when none is configured, 400 for unknown pools and bad counts, the controller's refusals
 as 400; and the per-pool series on /metrics."""
+
 from __future__ import annotations
 
 import asyncio
@@ -30,7 +31,10 @@ class FakeController:
         self.sizes = {"prefill": 1, "decode": 1}
 
     async def pools(self) -> dict:
-        return {"pools": {name: {"desired": n, "workers": []} for name, n in self.sizes.items()}, "autoscaler": {"enabled": False}}
+        return {
+            "pools": {name: {"desired": n, "workers": []} for name, n in self.sizes.items()},
+            "autoscaler": {"enabled": False},
+        }
 
     async def scale(self, pool: str, replicas: int) -> dict:
         if replicas > 4:
@@ -49,15 +53,25 @@ def app_with(token: str | None, tokenizer: Tokenizer, pool: WorkerPool | None = 
     metrics = Metrics("m")
     app = create_app(NoEngine(tokenizer), metrics)
     app.include_router(admin_routes(pool, token, FakeController()))
-    metrics.registry.register(PoolCollector(pool, "m", lambda: {
-        "pools": {"prefill": {"desired": 2, "num_workers": {"starting": 1, "ready": 1, "draining": 0}},
-                  "decode": {"desired": 1, "num_workers": {"starting": 0, "ready": 1, "draining": 1}}},
-        "autoscaler": {"enabled": True, "num_decisions": {"prefill": {"up": 3, "down": 2}}},
-    }))
+    metrics.registry.register(
+        PoolCollector(
+            pool,
+            "m",
+            lambda: {
+                "pools": {
+                    "prefill": {"desired": 2, "num_workers": {"starting": 1, "ready": 1, "draining": 0}},
+                    "decode": {"desired": 1, "num_workers": {"starting": 0, "ready": 1, "draining": 1}},
+                },
+                "autoscaler": {"enabled": True, "num_decisions": {"prefill": {"up": 3, "down": 2}}},
+            },
+        )
+    )
     return app
 
 
-def call(app: object, method: str, path: str, token: str | None = None, headers: dict | None = None, **kwargs: object) -> httpx.Response:
+def call(
+    app: object, method: str, path: str, token: str | None = None, headers: dict | None = None, **kwargs: object
+) -> httpx.Response:
     async def main() -> httpx.Response:
         nonlocal headers
         if headers is None:

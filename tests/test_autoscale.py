@@ -2,6 +2,7 @@
 queues on the prefill worker, the autoscaler grows the prefill pool, and once the burst is over and
 the cool-down has passed it drains it back; no request fails, and the decisions are logged and on
 /metrics."""
+
 from __future__ import annotations
 
 import time
@@ -47,10 +48,15 @@ def test_a_burst_of_long_prompts_grows_the_prefill_pool_which_shrinks_back_after
     cases = [Case(p, o.outputs[0].token_ids, o.outputs[0].text) for p, o in zip(prompts, outputs)]
     assert all(150 < len(o.prompt_token_ids) < 250 for o in outputs)
 
-    with pdserve("serve", "--config", str(config), "--model", str(checkpoints["llama"]), log_path=tmp_path / "serve.log") as (url, _):
+    with pdserve("serve", "--config", str(config), "--model", str(checkpoints["llama"]), log_path=tmp_path / "serve.log") as (
+        url,
+        _,
+    ):
         admin = AdminClient(url, TOKEN)
         with RequestStream(url, MODEL, cases, max_tokens=4, num_threads=16) as burst:
-            view = wait_for_pools(admin, lambda v: v["pools"]["prefill"]["desired"] == 2, 90, "the autoscaler grows the prefill pool")
+            view = wait_for_pools(
+                admin, lambda v: v["pools"]["prefill"]["desired"] == 2, 90, "the autoscaler grows the prefill pool"
+            )
             grown_at = time.monotonic()
             wait_for_pools(admin, lambda v: len(ready(v, "prefill")) == 2, 90, "the second prefill worker is ready")
             burst.wait_for(16)  # served by both
@@ -64,6 +70,9 @@ def test_a_burst_of_long_prompts_grows_the_prefill_pool_which_shrinks_back_after
         assert [(d["pool"], d["direction"]) for d in decisions] == [("prefill", "up"), ("prefill", "down")], decisions
         metrics = httpx.get(url + "/metrics", timeout=10).text
         for direction in ("up", "down"):
-            assert f'pdserve:autoscaler_decisions_total{{direction="{direction}",model_name="{MODEL}",pool="prefill"}} 1.0' in metrics
+            assert (
+                f'pdserve:autoscaler_decisions_total{{direction="{direction}",model_name="{MODEL}",pool="prefill"}} 1.0'
+                in metrics
+            )
     log = (tmp_path / "serve.log").read_text()
     assert "autoscaler: prefill pool 1 -> 2 replicas" in log and "autoscaler: prefill pool 2 -> 1 replicas" in log

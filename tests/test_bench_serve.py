@@ -1,5 +1,6 @@
 """`pdserve bench`: its statistics on hand-made request results, its SSE reading, and whole runs
 against a real `pdserve serve` on the CPU (demo model) through both endpoints, a wrong model included."""
+
 from __future__ import annotations
 
 import asyncio
@@ -52,7 +53,9 @@ def test_metrics_count_only_successful_requests() -> None:
     "slo_ttft_ms, slo_tpot_ms, goodput",
     [(None, None, 1.5), (250, None, 1.0), (None, 30, 1.0), (150, 30, 0.5), (50, None, 0.0)],
 )
-def test_goodput_counts_requests_within_every_given_slo(slo_ttft_ms: float | None, slo_tpot_ms: float | None, goodput: float) -> None:
+def test_goodput_counts_requests_within_every_given_slo(
+    slo_ttft_ms: float | None, slo_tpot_ms: float | None, goodput: float
+) -> None:
     m = calculate_metrics(hand_made_results(), 2.0, slo_ttft_ms, slo_tpot_ms)
     assert m["request_goodput"] == pytest.approx(goodput)
 
@@ -117,8 +120,23 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def run_bench(url: str, json_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
     args = [
-        sys.executable, "-m", "pdserve.deploy.cli", "bench", "--url", url, "--num-prompts", str(NUM_PROMPTS),
-        "--input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN), "--max-concurrency", "4", "--json", str(json_path), *extra,
+        sys.executable,
+        "-m",
+        "pdserve.deploy.cli",
+        "bench",
+        "--url",
+        url,
+        "--num-prompts",
+        str(NUM_PROMPTS),
+        "--input-len",
+        str(INPUT_LEN),
+        "--output-len",
+        str(OUTPUT_LEN),
+        "--max-concurrency",
+        "4",
+        "--json",
+        str(json_path),
+        *extra,
     ]
     process = subprocess.run(args, check=False, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert "Traceback" not in process.stderr, process.stderr

@@ -1,4 +1,5 @@
 """BlockManager: refcounts, exact prefix hits, LRU eviction, all checked against an independent model."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -50,8 +51,8 @@ class _Model:
     has_dropped: bool = False
 
     def take_fresh(self, block_ids: list[int]) -> None:
-        assert block_ids == self.free_queue[:len(block_ids)], "fresh blocks must be the least recently freed"
-        del self.free_queue[:len(block_ids)]
+        assert block_ids == self.free_queue[: len(block_ids)], "fresh blocks must be the least recently freed"
+        del self.free_queue[: len(block_ids)]
         for block_id in block_ids:
             self.refs[block_id] += 1
             prefix = self.content.pop(block_id, None)
@@ -77,7 +78,7 @@ class _Model:
             block_id = seq.table[i]
             if block_id in self.content:
                 continue
-            prefix = tuple(seq.tokens[:(i + 1) * block_size])
+            prefix = tuple(seq.tokens[: (i + 1) * block_size])
             self.content[block_id] = prefix
             self.has_duplicate |= prefix in self.registry
             self.registry.setdefault(prefix, block_id)
@@ -85,7 +86,7 @@ class _Model:
     def expected_hits(self, tokens: list[int], block_size: int) -> list[int]:
         hits = []
         for k in range(1, (len(tokens) - 1) // block_size + 1):
-            block_id = self.registry.get(tuple(tokens[:k * block_size]))
+            block_id = self.registry.get(tuple(tokens[: k * block_size]))
             if block_id is None:
                 break
             hits.append(block_id)
@@ -130,7 +131,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         hits = self._check_hits(tokens, alloc, expected, is_exact)
         assert len(alloc.block_table) == num_needed
         self.model.take_hits(hits)
-        self.model.take_fresh(alloc.block_table[len(hits):])
+        self.model.take_fresh(alloc.block_table[len(hits) :])
         self._add(alloc.block_table, tokens)
         if data.draw(st.booleans()):  # prefill the whole prompt at once
             self.bm.cache_full_blocks(alloc.block_table, tokens, len(tokens))
@@ -139,9 +140,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def _check_hits(self, tokens: list[int], alloc: Allocation, expected: list[int], is_exact: bool) -> list[int]:
         bs = self.bm.block_size
         assert alloc.num_cached_tokens % bs == 0 and alloc.num_cached_tokens < len(tokens)
-        hits = alloc.block_table[:alloc.num_cached_tokens // bs]
+        hits = alloc.block_table[: alloc.num_cached_tokens // bs]
         for i, block_id in enumerate(hits):  # exact: each hit holds exactly the request's prefix
-            assert self.model.content[block_id] == tuple(tokens[:(i + 1) * bs])
+            assert self.model.content[block_id] == tuple(tokens[: (i + 1) * bs])
         if self.is_hash_exact:
             assert len(hits) <= len(expected)
         if is_exact:
@@ -152,7 +153,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @rule(data=st.data(), new_tokens=TOKENS, num_extra=st.integers(0, 2))
     def append(self, data: st.DataObject, new_tokens: list[int], num_extra: int) -> None:
         seq = self._pick(data)
-        tokens = seq.tokens + new_tokens[:data.draw(st.integers(0, 6))]
+        tokens = seq.tokens + new_tokens[: data.draw(st.integers(0, 6))]
         old_table = list(seq.table)
         num_new = self.bm.num_blocks_for(len(tokens) + num_extra) - len(seq.table)
         is_ok = self.bm.append_slots(seq.table, len(tokens) + num_extra)
@@ -160,7 +161,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         if not is_ok:
             assert seq.table == old_table
             return
-        self.model.take_fresh(seq.table[len(old_table):])
+        self.model.take_fresh(seq.table[len(old_table) :])
         seq.tokens = tokens
 
     @precondition(lambda self: self.seqs)
@@ -255,14 +256,12 @@ class CollidingHashMachine(BlockManagerMachine):
 
 
 def test_random_operations_keep_pool_consistent() -> None:
-    run_state_machine_as_test(
-        BlockManagerMachine, settings=settings(max_examples=150, stateful_step_count=40, deadline=None))
+    run_state_machine_as_test(BlockManagerMachine, settings=settings(max_examples=150, stateful_step_count=40, deadline=None))
 
 
 def test_random_operations_with_colliding_hash_never_hit_falsely(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(block_manager, "block_hash", lambda parent, tokens: hash((parent, tokens)) % 4)
-    run_state_machine_as_test(
-        CollidingHashMachine, settings=settings(max_examples=100, stateful_step_count=40, deadline=None))
+    run_state_machine_as_test(CollidingHashMachine, settings=settings(max_examples=100, stateful_step_count=40, deadline=None))
 
 
 def _draw_tokens(data: st.DataObject, history: list[list[int]]) -> list[int]:
@@ -273,7 +272,7 @@ def _draw_tokens(data: st.DataObject, history: list[list[int]]) -> list[int]:
         return tokens
     past = data.draw(st.sampled_from(history))
     num_kept = len(past) if kind == "extend" else data.draw(st.integers(0, len(past)))
-    return past[:num_kept] + tokens[:data.draw(st.integers(1, 3))]
+    return past[:num_kept] + tokens[: data.draw(st.integers(1, 3))]
 
 
 @settings(max_examples=200, deadline=None)
@@ -288,21 +287,21 @@ def test_prefix_hit_is_longest_cached_common_prefix(block_size: int, num_steps: 
         if action == "allocate":
             tokens = _draw_tokens(data, [t for _, t in live])
             prompt, num_expected = tokens[:-1], 0
-            while num_expected + block_size <= len(prompt) and tuple(prompt[:num_expected + block_size]) in cached:
+            while num_expected + block_size <= len(prompt) and tuple(prompt[: num_expected + block_size]) in cached:
                 num_expected += block_size
             assert bm.match_prefix(prompt) == num_expected
             alloc = bm.allocate(tokens)
             assert alloc.num_cached_tokens == num_expected
-            for i, block_id in enumerate(alloc.block_table[:num_expected // block_size]):
-                assert content[block_id] == tuple(tokens[:(i + 1) * block_size])
+            for i, block_id in enumerate(alloc.block_table[: num_expected // block_size]):
+                assert content[block_id] == tuple(tokens[: (i + 1) * block_size])
             live.append((alloc.block_table, tokens))
         elif action == "compute":
             table, tokens = data.draw(st.sampled_from(live))
             num_computed = data.draw(st.integers(0, len(tokens)))
             bm.cache_full_blocks(table, tokens, num_computed)
             for i in range(num_computed // block_size):
-                cached.add(tuple(tokens[:(i + 1) * block_size]))
-                content.setdefault(table[i], tuple(tokens[:(i + 1) * block_size]))
+                cached.add(tuple(tokens[: (i + 1) * block_size]))
+                content.setdefault(table[i], tuple(tokens[: (i + 1) * block_size]))
         else:
             bm.free(live.pop(data.draw(st.integers(0, len(live) - 1)))[0])
 

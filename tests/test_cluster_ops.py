@@ -3,6 +3,7 @@ carrying `prefill_pool`, one carrying `decode_pool`), driven like an operator wo
 on its pool's node; each pool rescaled 1 -> 2 -> 1 under a steady stream of greedy requests that
 all come back exact; SIGKILLed workers replaced within 60 s; the admin API's auth; a second gateway
 (`pdserve router`) over Redis while Redis stops, restarts empty, and a worker dies with it down."""
+
 from __future__ import annotations
 
 import os
@@ -61,7 +62,12 @@ def nodes() -> Iterator[Nodes]:
         prefill = cluster.add_node(num_cpus=3, resources={"prefill_pool": 3})
         decode = cluster.add_node(num_cpus=3, resources={"decode_pool": 3})
         cluster.wait_for_nodes()
-        yield Nodes(cluster.address, prefill.node_id, decode.node_id, {"RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0", ENV_VAR: CLUSTER_SECRET.value})
+        yield Nodes(
+            cluster.address,
+            prefill.node_id,
+            decode.node_id,
+            {"RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0", ENV_VAR: CLUSTER_SECRET.value},
+        )
     finally:
         cluster.shutdown()
         if previous is None:
@@ -78,12 +84,30 @@ def redis() -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="module")
-def server(nodes: Nodes, redis: RedisServer, checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server(
+    nodes: Nodes, redis: RedisServer, checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     directory = tmp_path_factory.mktemp("serve")
     config = directory / "pdserve.yaml"
     config.write_text(f"drain: {{quiet_s: {DRAIN_QUIET_S}}}\n")  # shorter than the long requests below
-    args = ["--config", str(config), "--model", str(checkpoints["llama"]), "--served-model-name", MODEL, "--device", "cpu",
-            "--max-model-len", str(MAX_MODEL_LEN), "--ray-address", nodes.address, "--redis-url", redis.url, "--admin-token", TOKEN]
+    args = [
+        "--config",
+        str(config),
+        "--model",
+        str(checkpoints["llama"]),
+        "--served-model-name",
+        MODEL,
+        "--device",
+        "cpu",
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--ray-address",
+        nodes.address,
+        "--redis-url",
+        redis.url,
+        "--admin-token",
+        TOKEN,
+    ]
     with pdserve("serve", *args, log_path=directory / "serve.log", env=nodes.env) as (url, _):
         yield url
 
@@ -125,7 +149,11 @@ def test_admin_calls_need_the_token_and_valid_input(server: str) -> None:
         assert httpx.post(server + "/admin/pools/decode", json={"replicas": 2}, headers=headers, timeout=10).status_code == 401
         assert httpx.get(server + "/admin/workers", headers=headers, timeout=10).status_code == 401
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    for path, body in (("/admin/pools/gpu", {"replicas": 1}), ("/admin/pools/decode", {"replicas": -1}), ("/admin/pools/decode", {"replicas": 99})):
+    for path, body in (
+        ("/admin/pools/gpu", {"replicas": 1}),
+        ("/admin/pools/decode", {"replicas": -1}),
+        ("/admin/pools/decode", {"replicas": 99}),
+    ):
         response = httpx.post(server + path, json=body, headers=auth, timeout=10)
         assert response.status_code == 400 and response.json()["error"]["message"], response.text
     assert httpx.get(server + "/admin/pools", headers=auth, timeout=10).json()["pools"]["decode"]["desired"] == 1
@@ -155,12 +183,18 @@ class LongStreams:
     a decode worker); their whole texts once the block ends."""
 
     def __init__(self, server: str, reference: LLM, num_streams: int) -> None:
-        prompts = [f"{' '.join(WORDS[:5 + i])} and then" for i in range(num_streams)]
+        prompts = [f"{' '.join(WORDS[: 5 + i])} and then" for i in range(num_streams)]
         params = SamplingParams(temperature=0.0, max_tokens=LONG_TOKENS, ignore_eos=True)
         self.expected = [o.outputs[0].text for o in reference.generate(prompts, params)]
         client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=120)
-        self.streams = [iter(client.completions.create(model=MODEL, prompt=p, max_tokens=LONG_TOKENS, temperature=0.0,
-                                                       stream=True, extra_body={"ignore_eos": True})) for p in prompts]
+        self.streams = [
+            iter(
+                client.completions.create(
+                    model=MODEL, prompt=p, max_tokens=LONG_TOKENS, temperature=0.0, stream=True, extra_body={"ignore_eos": True}
+                )
+            )
+            for p in prompts
+        ]
         self.texts: list[str] = []
 
     def __enter__(self) -> LongStreams:
@@ -177,10 +211,31 @@ def scale_up(server: str, admin: AdminClient, pool: str, node: str) -> dict:
     [starting] = [w for w in view["pools"][pool]["workers"] if w["state"] == "starting"]
     assert view["pools"][pool]["desired"] == 2 and len(ready(view, pool)) == 1
     assert starting["worker_id"] not in gateway_workers(server)  # no traffic before it is ready
-    result = subprocess.run([sys.executable, "-m", "pdserve.deploy.cli", "scale", f"--{pool}", "2", "--url", server, "--token", TOKEN,
-                             "--wait", "120"], capture_output=True, text=True, timeout=180, cwd=ROOT, check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pdserve.deploy.cli",
+            "scale",
+            f"--{pool}",
+            "2",
+            "--url",
+            server,
+            "--token",
+            TOKEN,
+            "--wait",
+            "120",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
-    assert re.search(rf"^{pool}\s+2\s+2\s+0\s+0\s", result.stdout, re.MULTILINE), result.stdout  # desired, ready, starting, draining
+    assert re.search(rf"^{pool}\s+2\s+2\s+0\s+0\s", result.stdout, re.MULTILINE), (
+        result.stdout
+    )  # desired, ready, starting, draining
     view = wait_for_pools(admin, settled(pool, 2), 5, f"{pool} at 2")
     new = next(w for w in ready(view, pool) if w["worker_id"] == starting["worker_id"])
     assert new["node_id"] == node
@@ -204,19 +259,29 @@ def scale_down(admin: AdminClient, pool: str, keep: set[str]) -> dict:
 def test_a_killed_prefill_worker_is_replaced_and_requests_past_it_are_untouched(
     server: str, admin: AdminClient, nodes: Nodes, reference: LLM
 ) -> None:
-    prompts = [f"{' '.join(WORDS[:4 + i])} and so on" for i in range(3)]
+    prompts = [f"{' '.join(WORDS[: 4 + i])} and so on" for i in range(3)]
     expected = reference.generate(prompts, SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True))
     client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=120)
-    streams = [iter(client.completions.create(model=MODEL, prompt=p, max_tokens=200, temperature=0.0, stream=True,
-                                              extra_body={"ignore_eos": True})) for p in prompts]
+    streams = [
+        iter(
+            client.completions.create(
+                model=MODEL, prompt=p, max_tokens=200, temperature=0.0, stream=True, extra_body={"ignore_eos": True}
+            )
+        )
+        for p in prompts
+    ]
     texts = [next(s).choices[0].text for s in streams]  # first tokens: their prefill is done
     [victim] = ready(admin.pools(), "prefill")
     killed_at = time.monotonic()
     os.kill(victim["pid"], signal.SIGKILL)
     texts = [text + "".join(c.choices[0].text for c in s if c.choices) for text, s in zip(texts, streams)]
     assert texts == [e.outputs[0].text for e in expected]
-    view = wait_for_pools(admin, lambda v: len(ready(v, "prefill")) == 1 and ready(v, "prefill")[0]["worker_id"] != victim["worker_id"],
-                          60, "a new prefill worker")
+    view = wait_for_pools(
+        admin,
+        lambda v: len(ready(v, "prefill")) == 1 and ready(v, "prefill")[0]["worker_id"] != victim["worker_id"],
+        60,
+        "a new prefill worker",
+    )
     assert ready(view, "prefill")[0]["node_id"] == nodes.prefill
     serve_one(server, reference, deadline=killed_at + 60)
     assert any(w["worker_id"] == victim["worker_id"] and w["end_reason"] == "died" for w in view["pools"]["prefill"]["gone"])
@@ -226,8 +291,11 @@ def serve_one(url: str, reference: LLM, deadline: float) -> None:
     """A request served exactly, retried until `deadline` (the gateway sees a new worker within a poll)."""
     [want] = reference.generate("Hello", SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     while True:
-        response = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 8,
-                                                             "temperature": 0, "ignore_eos": True}, timeout=60)
+        response = httpx.post(
+            url + "/v1/completions",
+            json={"model": MODEL, "prompt": "Hello", "max_tokens": 8, "temperature": 0, "ignore_eos": True},
+            timeout=60,
+        )
         if response.status_code == 200:
             assert response.json()["choices"][0]["text"] == want.outputs[0].text
             return
@@ -250,8 +318,13 @@ def wait_health(url: str, status: int, timeout_s: float) -> None:
 
 
 def test_a_router_gateway_over_redis_tells_the_truth_through_redis_outages(
-    server: str, admin: AdminClient, nodes: Nodes, redis: RedisServer, reference: LLM,
-    checkpoints: dict[str, Path], tmp_path: Path,
+    server: str,
+    admin: AdminClient,
+    nodes: Nodes,
+    redis: RedisServer,
+    reference: LLM,
+    checkpoints: dict[str, Path],
+    tmp_path: Path,
 ) -> None:
     args = ["--redis-url", redis.url, "--model", str(checkpoints["llama"]), "--served-model-name", MODEL]
     with pdserve("router", *args, log_path=tmp_path / "router.log", env=nodes.env) as (router, _):
@@ -278,8 +351,12 @@ def test_a_router_gateway_over_redis_tells_the_truth_through_redis_outages(
         os.kill(victim["pid"], signal.SIGKILL)
         killed_at = time.monotonic()
         wait_health(router, 503, 5)
-        wait_for_pools(admin, lambda v: len(ready(v, "decode")) == 1 and ready(v, "decode")[0]["worker_id"] != victim["worker_id"],
-                       60, "a new decode worker")
+        wait_for_pools(
+            admin,
+            lambda v: len(ready(v, "decode")) == 1 and ready(v, "decode")[0]["worker_id"] != victim["worker_id"],
+            60,
+            "a new decode worker",
+        )
         serve_one(server, reference, deadline=killed_at + 60)  # the controller's gateway needs no Redis
         assert health(router) == 503  # it cannot know the replacement: no registry
 

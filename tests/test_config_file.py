@@ -1,6 +1,7 @@
 """`pdserve serve --config FILE.yaml`: the file takes every flag plus per-pool replicas, bounds and
 resources and the autoscaler's settings; flags given on the command line override it; a mistake in
 the file is an error naming it."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,7 +22,9 @@ def config_of(tmp_path: Path, text: str, *flags: str) -> object:
 
 
 def test_the_file_sets_flags_pools_and_the_autoscaler(tmp_path: Path, demo_model_dir: Path) -> None:
-    config = config_of(tmp_path, f"""
+    config = config_of(
+        tmp_path,
+        f"""
 model: {demo_model_dir}
 served-model-name: demo
 port: 9100
@@ -35,7 +38,8 @@ pools:
   decode: {{replicas: 3, max: 6}}
 autoscaler: {{interval_s: 1, cooldown_s: 10, ttft_high_s: 0.3, ttft_low_s: 0.1}}
 drain: {{quiet_s: 2}}
-""")
+""",
+    )
     assert (config.served_model_name, config.port, config.kv_transport) == ("demo", 9100, "grpc")
     assert config.engine.max_num_seqs == 32 and not config.engine.enable_prefix_caching
     assert (config.num_prefill_workers, config.num_decode_workers) == (2, 3)
@@ -66,7 +70,9 @@ def test_flags_override_the_file(tmp_path: Path, demo_model_dir: Path) -> None:
         ("- a list\n", "expected a mapping"),
     ],
 )
-def test_mistakes_in_the_file_are_errors_naming_it(tmp_path: Path, text: str, fragment: str, capsys: pytest.CaptureFixture) -> None:
+def test_mistakes_in_the_file_are_errors_naming_it(
+    tmp_path: Path, text: str, fragment: str, capsys: pytest.CaptureFixture
+) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     assert main(["serve", "--config", str(path)]) == 2

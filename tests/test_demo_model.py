@@ -1,4 +1,5 @@
 """The demo checkpoint loads in transformers, and its tokenizer behaves the same through ours and theirs."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,7 @@ CONVERSATIONS = [
         {"role": "assistant", "content": "4"},
         {"role": "user", "content": "And 中文?"},
     ],
-    [{"role": "user", "content": [{"type": "text", "text": "part one, "},
-                                  {"type": "text", "text": "part two"}]}],
+    [{"role": "user", "content": [{"type": "text", "text": "part one, "}, {"type": "text", "text": "part two"}]}],
 ]
 
 
@@ -80,9 +80,7 @@ def test_encode_decode_match_transformers(demo_model_dir: Path, hf_tokenizer, te
 def test_chat_template_matches_transformers(demo_model_dir: Path, hf_tokenizer, messages: list[dict]) -> None:
     ours = Tokenizer.from_pretrained(demo_model_dir)
     for add_generation_prompt in (True, False):
-        expected = hf_tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        expected = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         assert ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == expected
     assert ours.apply_chat_template(messages).endswith("<|im_start|>assistant\n")
 

@@ -3,6 +3,7 @@ own JSON schema (from the installed ray package) and its node types, a variant o
 by Ray's autoscaler with the `fake_multinode` provider (both pool node types really start), the
 KubeRay manifest's worker groups, and the Grafana dashboard's queries against the metric names
 the gateway exports."""
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,13 @@ def fake_variant(config: dict, gcs_address: str) -> dict:
     """ray-cluster.yaml for Ray's fake_multinode provider: the same node types and resources, nodes
     started as local processes (no cloud, no SSH: no node configs, no setup or start commands)."""
     variant = json.loads(json.dumps(config))
-    variant["provider"] = {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                           "disable_launch_config_check": True, "gcs_address": gcs_address}
+    variant["provider"] = {
+        "type": "fake_multinode",
+        "use_node_id_as_ip": True,
+        "disable_node_updaters": True,
+        "disable_launch_config_check": True,
+        "gcs_address": gcs_address,
+    }
     types = variant["available_node_types"]
     head = types.pop(variant["head_node_type"])
     types["ray.head.default"] = head  # the provider's built-in head node type
@@ -68,10 +74,22 @@ def fake_variant(config: dict, gcs_address: str) -> dict:
         node_type["node_config"] = {}
         node_type["resources"] = {**node_type["resources"], "CPU": 1, "object_store_memory": 100 * 2**20}
     head["max_workers"] = 0
-    variant.update(auth={}, docker={}, file_mounts={}, setup_commands=[], head_setup_commands=[], worker_setup_commands=[],
-                   head_start_ray_commands=[], worker_start_ray_commands=[], initialization_commands=[],
-                   cluster_synced_files=[], file_mounts_sync_continuously=False, rsync_exclude=[], rsync_filter=[],
-                   idle_timeout_minutes=5)
+    variant.update(
+        auth={},
+        docker={},
+        file_mounts={},
+        setup_commands=[],
+        head_setup_commands=[],
+        worker_setup_commands=[],
+        head_start_ray_commands=[],
+        worker_start_ray_commands=[],
+        initialization_commands=[],
+        cluster_synced_files=[],
+        file_mounts_sync_continuously=False,
+        rsync_exclude=[],
+        rsync_filter=[],
+        idle_timeout_minutes=5,
+    )
     return variant
 
 
@@ -89,13 +107,31 @@ def fake_cluster(ray_cluster_config: dict) -> Iterator[tuple[str, dict[str, str]
     variant = Path(ray_tmp) / "cluster.yaml"
     variant.write_text(yaml.safe_dump(fake_variant(ray_cluster_config, address)))
     # Token auth off on both ends: `ray start` turns it on whenever ~/.ray/auth_token exists, a client not.
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_FAKE_CLUSTER": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env = {
+        **os.environ,
+        "RAY_TMPDIR": ray_tmp,
+        "RAY_FAKE_CLUSTER": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+    }
     log_path = Path(ray_tmp) / "ray-start.log"
     with open(log_path, "wb") as log:
         head = subprocess.Popen(
-            ["ray", "start", "--head", f"--port={port}", "--num-cpus=1", f"--object-store-memory={100 * 2**20}",
-             "--include-dashboard=false", f"--autoscaling-config={variant}", "--block"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                "ray",
+                "start",
+                "--head",
+                f"--port={port}",
+                "--num-cpus=1",
+                f"--object-store-memory={100 * 2**20}",
+                "--include-dashboard=false",
+                f"--autoscaling-config={variant}",
+                "--block",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         deadline = time.monotonic() + 120
@@ -177,7 +213,10 @@ def test_the_kuberay_manifest_has_one_worker_group_per_pool_and_runs_the_gateway
     config = Path(tempfile.mkdtemp()) / "pdserve.yaml"
     config.write_text(docs["ConfigMap"]["data"]["pdserve.yaml"])
     args = build_parser(str(config)).parse_args(["serve", "--config", str(config)])
-    assert args.prefill_pool.max_replicas <= next(g for g in cluster["workerGroupSpecs"] if g["groupName"] == "prefill")["maxReplicas"]
+    assert (
+        args.prefill_pool.max_replicas
+        <= next(g for g in cluster["workerGroupSpecs"] if g["groupName"] == "prefill")["maxReplicas"]
+    )
 
 
 def test_the_grafana_dashboard_queries_only_metrics_the_gateway_exports() -> None:
@@ -188,15 +227,25 @@ def test_the_grafana_dashboard_queries_only_metrics_the_gateway_exports() -> Non
     from tests.servers import CLUSTER_SECRET
 
     metrics = Metrics("m")
-    view = {"pools": {p: {"desired": 1, "num_workers": {"starting": 0, "ready": 1, "draining": 0}} for p in ("prefill", "decode")},
-            "autoscaler": {"num_decisions": {}}}
+    view = {
+        "pools": {p: {"desired": 1, "num_workers": {"starting": 0, "ready": 1, "draining": 0}} for p in ("prefill", "decode")},
+        "autoscaler": {"num_decisions": {}},
+    }
     metrics.registry.register(PoolCollector(WorkerPool(InMemoryRegistry(), CLUSTER_SECRET), "m", lambda: view))
     metrics.observe_kv_transfer(1, 0.01, "grpc")
-    exported = {line.split("{")[0].split(" ")[0] for line in metrics.render().decode().splitlines() if line and not line.startswith("#")}
+    exported = {
+        line.split("{")[0].split(" ")[0] for line in metrics.render().decode().splitlines() if line and not line.startswith("#")
+    }
     dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
     panels = [p for p in dashboard["panels"] if p.get("type") != "row"]
     queried = {name for p in panels for t in p["targets"] for name in re.findall(r"\b((?:vllm|pdserve):[a-z0-9_:]+)", t["expr"])}
     assert queried and queried <= exported, sorted(queried - exported)
-    for metric in ("vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket", "vllm:kv_cache_usage_perc",
-                   "pdserve:kv_transfer_bytes_total", "pdserve:pool_replicas", "pdserve:pool_num_requests_waiting"):
+    for metric in (
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:inter_token_latency_seconds_bucket",
+        "vllm:kv_cache_usage_perc",
+        "pdserve:kv_transfer_bytes_total",
+        "pdserve:pool_replicas",
+        "pdserve:pool_num_requests_waiting",
+    ):
         assert metric in queried, metric

@@ -3,6 +3,7 @@ use them, in both modes (colocated in-process; `pdserve serve` with a prefill an
 where the prompt's logprobs are computed on the prefill worker): every prompt token's logprob
 equals transformers' log-softmax of the same checkpoint within 1e-4 (fp32), for all four families;
 several prompts in one request come back as choices in order."""
+
 from __future__ import annotations
 
 import contextlib
@@ -40,7 +41,9 @@ def colocated(checkpoint: Path) -> Iterator[str]:
     config = EngineConfig(model=str(checkpoint), device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN, num_kv_blocks=64)
     engine = AsyncEngine(LLMEngine.from_config(config))
     try:
-        with serve(create_app(ColocatedBackend(engine, "m"), config=GatewayConfig(Deadlines(first_token_s=120, request_s=120)))) as url:
+        with serve(
+            create_app(ColocatedBackend(engine, "m"), config=GatewayConfig(Deadlines(first_token_s=120, request_s=120)))
+        ) as url:
             yield url
     finally:
         engine.shutdown()
@@ -49,8 +52,24 @@ def colocated(checkpoint: Path) -> Iterator[str]:
 @contextlib.contextmanager
 def disaggregated(checkpoint: Path, log_path: Path) -> Iterator[str]:
     port = free_port()
-    args = [sys.executable, "-m", "pdserve.deploy.cli", "serve", "--model", str(checkpoint), "--served-model-name", "m",
-            "--port", str(port), "--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning"]
+    args = [
+        sys.executable,
+        "-m",
+        "pdserve.deploy.cli",
+        "serve",
+        "--model",
+        str(checkpoint),
+        "--served-model-name",
+        "m",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--log-level",
+        "warning",
+    ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
     try:
@@ -61,11 +80,15 @@ def disaggregated(checkpoint: Path, log_path: Path) -> Iterator[str]:
         process.wait(60)
 
 
-@pytest.fixture(scope="module", params=[(f, m) for f in FAMILIES for m in ("colocated", "disaggregated")], ids=lambda p: f"{p[0]}-{p[1]}")
-def server(request: pytest.FixtureRequest, checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+@pytest.fixture(
+    scope="module", params=[(f, m) for f in FAMILIES for m in ("colocated", "disaggregated")], ids=lambda p: f"{p[0]}-{p[1]}"
+)
+def server(
+    request: pytest.FixtureRequest, checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str]]:
     family, mode = request.param
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    with (colocated(checkpoints[family]) if mode == "colocated" else disaggregated(checkpoints[family], log_path)) as url:
+    with colocated(checkpoints[family]) if mode == "colocated" else disaggregated(checkpoints[family], log_path) as url:
         yield family, url
 
 
@@ -89,7 +112,7 @@ def test_lm_evals_loglikelihood_request_gets_every_prompt_tokens_logprob(server:
     assert len(logprobs["tokens"]) == len(tokens) + 1 and choice["text"].startswith(TEXT)
     assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
     want = hf_prompt_logprobs(hf[family], tokens)
-    got = logprobs["token_logprobs"][1:len(tokens)]
+    got = logprobs["token_logprobs"][1 : len(tokens)]
     assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4
     for token, top in zip(logprobs["tokens"][1:], logprobs["top_logprobs"][1:]):
         assert token in top and 1 <= len(top) <= 2  # the token itself and the top-1
@@ -122,8 +145,15 @@ def test_prompt_logprobs_field_in_vllms_shape(server: tuple[str, str], hf: dict)
 
 def test_streamed_batch_of_prompts_carries_every_index(server: tuple[str, str]) -> None:
     _, url = server
-    body = {"model": "m", "prompt": ["Hello", "Good morning", "Why"], "max_tokens": 4, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "m",
+        "prompt": ["Hello", "Good morning", "Why"],
+        "max_tokens": 4,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     texts: dict[int, str] = {0: "", 1: "", 2: ""}
     finished, usage = set(), None
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:

@@ -1,6 +1,7 @@
 """The GPU path (Triton kernels, CUDA-graph decode) against HF transformers on the same GPU: greedy
 tokens equal on tiny fp32 checkpoints; a Llama-3-8B-shape model in bf16 agrees on its first
 tokens with close logits. Run on the lent GPU machine: `pytest -m gpu`."""
+
 from __future__ import annotations
 
 import gc
@@ -38,10 +39,14 @@ def hf_generate(model: transformers.PreTrainedModel, prompt: list[int], num_toke
     ids = torch.tensor([prompt], device="cuda")
     with torch.no_grad():
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=num_tokens, do_sample=False,
-            output_logits=True, return_dict_in_generate=True,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=num_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
-    return out.sequences[0, len(prompt):].tolist(), out.logits[0][0].float()
+    return out.sequences[0, len(prompt) :].tolist(), out.logits[0][0].float()
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -67,8 +72,14 @@ def test_gpu_greedy_equals_transformers_fp32(family: str, checkpoints: dict[str,
 
 def test_gpu_prefix_cache_chunked_prefill_and_preemption(checkpoints: dict[str, Path]) -> None:
     llm = LLM(
-        model=str(checkpoints["qwen3"]), device="cuda", dtype="float32", block_size=16,
-        num_kv_blocks=24, max_model_len=256, max_num_batched_tokens=64, max_num_seqs=16,
+        model=str(checkpoints["qwen3"]),
+        device="cuda",
+        dtype="float32",
+        block_size=16,
+        num_kv_blocks=24,
+        max_model_len=256,
+        max_num_batched_tokens=64,
+        max_num_seqs=16,
     )
     hf = hf_model(checkpoints["qwen3"])
     shared = random_prompts(hf.config.vocab_size, [48], seed=5)[0]
@@ -93,8 +104,13 @@ def test_llama3_8b_shape_bf16_agrees_with_transformers() -> None:
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     llm = LLM(
-        model=str(model_dir), device="cuda", dtype="bfloat16", load_format="dummy",
-        max_model_len=1024, max_num_seqs=8, kv_cache_memory_gib=2,
+        model=str(model_dir),
+        device="cuda",
+        dtype="bfloat16",
+        load_format="dummy",
+        max_model_len=1024,
+        max_num_seqs=8,
+        kv_cache_memory_gib=2,
     )
     model = llm.engine.core.runner.model
     with torch.no_grad():  # the same weights in both (copied in place: the captured graphs see them)
@@ -114,8 +130,10 @@ def test_llama3_8b_shape_bf16_agrees_with_transformers() -> None:
         our_err = ((ours[output.request_id] - reference).norm() / reference.norm()).item()
         hf_err = ((hf_logits - reference).norm() / reference.norm()).item()
         tokens = output.outputs[0].token_ids
-        print(f"prompt {i} ({len(prompt)} tokens): logits rel. error vs fp32: ours {our_err:.2e}, HF bf16 {hf_err:.2e}; "
-              f"ours {tokens} hf {hf_tokens}")
+        print(
+            f"prompt {i} ({len(prompt)} tokens): logits rel. error vs fp32: ours {our_err:.2e}, HF bf16 {hf_err:.2e}; "
+            f"ours {tokens} hf {hf_tokens}"
+        )
         assert our_err <= 1.5 * hf_err + 1e-3  # as close to exact as transformers' own bf16 run
         # Where the two bf16 runs pick different first tokens, it is a near-tie of the exact model:
         # the fp32 logits of the two picks differ by less than HF's own bf16 error.

@@ -9,6 +9,7 @@ Retry-After, normal service right after) and a 50 MB body (413 while /health ans
 
 The tests run in file order on one set of workers: freezes first, kills last (replacing a dead
 worker is the cluster's job, not the gateway's: without it the pool shrinks, then 503s, not hangs)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -48,8 +49,10 @@ SLACK_S = 3.0  # scheduling noise on a busy 2-core machine
 # its way) and decodes others.
 PREFILL_ARGS = ("--max-num-batched-tokens", "32", "--max-num-seqs", "2")
 WORKERS = {"prefill-1": "prefill", "prefill-2": "prefill", "decode-1": "decode", "decode-2": "decode"}
-TEXT = ("The key value cache of every request is stored in fixed size blocks, and the decode worker reserves "
-        "blocks for a prompt before the prefill worker pushes its keys and values into them. ")
+TEXT = (
+    "The key value cache of every request is stored in fixed size blocks, and the decode worker reserves "
+    "blocks for a prompt before the prefill worker pushes its keys and values into them. "
+)
 
 
 @dataclass
@@ -69,8 +72,16 @@ class Cluster:
     def __init__(self, model: Path, redis: RedisServer) -> None:
         self.redis = redis
         self.workers = {
-            name: WorkerProcess(name, role, model, "--max-model-len", str(MAX_MODEL_LEN), "--redis-url", redis.url,
-                                *(PREFILL_ARGS if role == "prefill" else ()))
+            name: WorkerProcess(
+                name,
+                role,
+                model,
+                "--max-model-len",
+                str(MAX_MODEL_LEN),
+                "--redis-url",
+                redis.url,
+                *(PREFILL_ARGS if role == "prefill" else ()),
+            )
             for name, role in WORKERS.items()
         }
         for worker in self.workers.values():
@@ -162,10 +173,11 @@ def prompts(checkpoints: dict[str, Path]) -> list[str]:
     """Prompts of 150-300 tokens, each different (no prefix-cache shortcut)."""
     tokenizer = Tokenizer.from_pretrained(checkpoints["llama"])
     ids = tokenizer.encode(TEXT * 12, add_special_tokens=False)
-    return [f"{i} " + tokenizer.decode(ids[i * 7: i * 7 + 150 + (i * 37) % 150]) for i in range(24)]
+    return [f"{i} " + tokenizer.decode(ids[i * 7 : i * 7 + 150 + (i * 37) % 150]) for i in range(24)]
 
 
 # ---- one client ------------------------------------------------------------------------------------
+
 
 def request(url: str, prompt: str, max_tokens: int, stream: bool) -> Outcome:
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": stream}
@@ -232,6 +244,7 @@ def freeze_for(cluster: Cluster, name: str) -> Callable[[], None]:
 
 # ---- tenants over real workers ----------------------------------------------------------------------
 
+
 def test_api_keys_isolate_the_workers_prefix_caches(cluster: Cluster) -> None:
     app = create_app(cluster.backend, config=GatewayConfig(deadlines=DEADLINES, api_keys=("key-a", "key-b")))
     prompt = "A prompt two tenants both send. " + TEXT
@@ -254,6 +267,7 @@ def test_api_keys_isolate_the_workers_prefix_caches(cluster: Cluster) -> None:
 
 # ---- frozen workers -------------------------------------------------------------------------------------
 
+
 def test_a_frozen_prefill_worker_fails_its_requests_over(cluster: Cluster, gateway: str, prompts: list[str]) -> None:
     def fault() -> None:
         cluster.wait_for_phases("prefill-1", lambda s: s.num_waiting > 0 and s.num_running > 0)  # queued + prefilling
@@ -270,7 +284,9 @@ def test_a_frozen_prefill_worker_fails_its_requests_over(cluster: Cluster, gatew
     assert_served(gateway)
 
 
-def test_a_frozen_decode_worker_ends_its_streams_within_the_stall_bound(cluster: Cluster, gateway: str, prompts: list[str]) -> None:
+def test_a_frozen_decode_worker_ends_its_streams_within_the_stall_bound(
+    cluster: Cluster, gateway: str, prompts: list[str]
+) -> None:
     def fault() -> None:
         cluster.wait_for_phases("decode-1", lambda s: s.num_running > 1 and s.num_waiting > 0)  # decoding + KV arriving
         freeze_for(cluster, "decode-1")()
@@ -291,6 +307,7 @@ def test_a_frozen_decode_worker_ends_its_streams_within_the_stall_bound(cluster:
 
 # ---- Redis ---------------------------------------------------------------------------------------------
 
+
 def test_redis_down_then_restarted_empty_never_hangs_a_request(cluster: Cluster, gateway: str, prompts: list[str]) -> None:
     cluster.redis.stop()
     try:
@@ -309,6 +326,7 @@ def test_redis_down_then_restarted_empty_never_hangs_a_request(cluster: Cluster,
 
 # ---- killed workers --------------------------------------------------------------------------------------
 
+
 def test_a_killed_prefill_worker_fails_its_requests_over(cluster: Cluster, gateway: str, prompts: list[str]) -> None:
     def fault() -> None:
         cluster.wait_for_phases("prefill-1", lambda s: s.num_waiting > 0 and s.num_running > 0)
@@ -321,7 +339,9 @@ def test_a_killed_prefill_worker_fails_its_requests_over(cluster: Cluster, gatew
     assert_served(gateway)
 
 
-def test_a_killed_decode_worker_ends_its_streams_with_an_error_and_done(cluster: Cluster, gateway: str, prompts: list[str]) -> None:
+def test_a_killed_decode_worker_ends_its_streams_with_an_error_and_done(
+    cluster: Cluster, gateway: str, prompts: list[str]
+) -> None:
     def fault() -> None:
         cluster.wait_for_phases("decode-1", lambda s: s.num_running > 0 and s.num_waiting > 0)
         cluster.workers["decode-1"].signal(signal.SIGKILL)
@@ -335,6 +355,7 @@ def test_a_killed_decode_worker_ends_its_streams_with_an_error_and_done(cluster:
 
 
 # ---- overload and bad input ---------------------------------------------------------------------------
+
 
 def test_a_flood_gets_503_with_retry_after_and_normal_service_right_after(cluster: Cluster, prompts: list[str]) -> None:
     app = create_app(cluster.backend, config=GatewayConfig(deadlines=DEADLINES, max_num_queued_reqs=4))
@@ -355,8 +376,12 @@ def test_a_flood_gets_503_with_retry_after_and_normal_service_right_after(cluste
         statuses = [r.status_code for r in responses]
         assert set(statuses) <= {200, 503}, sorted(set(statuses))
         assert statuses.count(503) > 0 and statuses.count(200) > 0
-        assert all(r.headers["retry-after"] == "1" and r.json()["error"]["code"] == 503 for r in responses if r.status_code == 503)
-        assert all(r.text.rstrip().endswith("data: [DONE]") and '"error"' not in r.text for r in responses if r.status_code == 200)
+        assert all(
+            r.headers["retry-after"] == "1" and r.json()["error"]["code"] == 503 for r in responses if r.status_code == 503
+        )
+        assert all(
+            r.text.rstrip().endswith("data: [DONE]") and '"error"' not in r.text for r in responses if r.status_code == 200
+        )
         assert time.monotonic() - started < 60 and health and health[0] < 2.0  # /health answered during the flood
         assert app.state.serving.admission.num_queued_reqs == 0
         assert_served(url)
@@ -373,8 +398,9 @@ def _timed_health(url: str) -> float:
 def test_a_50_mb_body_gets_413_while_health_keeps_answering(gateway: str) -> None:
     host, port = gateway.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
         chunk, num_sent, started = b"x" * 2**20, 0, time.monotonic()
         try:
             while num_sent < 50:  # 50 MB, a MB at a time, unless the server stops reading first
@@ -395,6 +421,7 @@ def test_a_50_mb_body_gets_413_while_health_keeps_answering(gateway: str) -> Non
 
 
 # ---- the last prefill worker ----------------------------------------------------------------------------
+
 
 def test_with_no_prefill_worker_left_requests_get_503_at_once(cluster: Cluster, gateway: str) -> None:
     for name in [n for n in cluster.alive() if WORKERS[n] == "prefill"]:

@@ -1,6 +1,7 @@
 """The model identity in the KV handshake is the checkpoint's content: two checkpoints that differ in
 one weight value get different fingerprints, and real workers of the two refuse to exchange KV
 (FAILED_PRECONDITION naming model_id), as during a rolling upgrade to a fine-tune of the same shape."""
+
 from __future__ import annotations
 
 import hashlib
@@ -51,7 +52,9 @@ def test_a_file_digest_is_the_sha256_of_its_content(checkpoints: dict[str, Path]
     assert file_sha256(weights_file) == hashlib.sha256(weights_file.read_bytes()).hexdigest()
 
 
-def test_a_hub_snapshot_is_identified_by_its_blob_hashes_and_agrees_with_a_plain_copy(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+def test_a_hub_snapshot_is_identified_by_its_blob_hashes_and_agrees_with_a_plain_copy(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
     """In the Hub cache a weight file is a link to blobs/<its sha256>: the name is taken, the file
     is not read, and the fingerprint is the one a plain copy of the same files gets."""
     original = checkpoints["llama"]
@@ -69,7 +72,9 @@ def test_a_hub_snapshot_is_identified_by_its_blob_hashes_and_agrees_with_a_plain
     assert model_fingerprint(snapshot) == model_fingerprint(original)
 
 
-def test_random_weights_are_identified_by_config_and_seed_without_reading_weights(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+def test_random_weights_are_identified_by_config_and_seed_without_reading_weights(
+    tmp_path: Path, checkpoints: dict[str, Path]
+) -> None:
     config_only = tmp_path / "shape"
     config_only.mkdir()
     shutil.copy(checkpoints["llama"] / "config.json", config_only / "config.json")
@@ -88,7 +93,9 @@ def test_workers_of_checkpoints_differing_in_one_weight_refuse_to_exchange_kv(
         stream, reservation = reserve(decode, request)
         error = assert_rpc_error(
             lambda: prefill.stub.Prefill(prefill_request(request, reservation), timeout=RPC_TIMEOUT_S),
-            grpc.StatusCode.FAILED_PRECONDITION, "KV layout mismatch", "model_id: ours",
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "KV layout mismatch",
+            "model_id: ours",
         )
         assert "dtype" not in error.details() and "num_layers" not in error.details()  # only the weights differ
         assert decode.status().kv_bytes_received == 0 and prefill.status().kv_bytes_sent == 0

@@ -3,6 +3,7 @@ API keys (401 in OpenAI's shape), per-tenant prefix-cache isolation (usage's cac
 admission (503 + Retry-After), the drain, input limits (body size, read timeouts, lone surrogates,
 prompt length in characters) and tokenizing off the event loop. A colocated engine where tokens
 matter; a paced backend where timing must be controlled."""
+
 from __future__ import annotations
 
 import asyncio
@@ -36,6 +37,7 @@ PROMPT = "The key value cache is stored in fixed size blocks; a block table maps
 
 # ---- a colocated engine behind API keys ---------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def engine(demo_model_dir: Path) -> Iterator[AsyncEngine]:
     config = EngineConfig(model=str(demo_model_dir), device="cpu", max_model_len=128, num_kv_blocks=64)
@@ -66,8 +68,14 @@ def test_v1_without_a_valid_key_is_401_in_openai_shape_and_probes_stay_open(keye
         for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models"), ("POST", "/tokenize")):
             response = httpx.request(method, keyed + path, json={"prompt": "hi"}, headers=headers, timeout=10)
             assert response.status_code == 401, (path, headers, response.text)
-            assert response.json() == {"error": {"message": response.json()["error"]["message"], "type": "AuthenticationError",
-                                                 "param": None, "code": 401}}
+            assert response.json() == {
+                "error": {
+                    "message": response.json()["error"]["message"],
+                    "type": "AuthenticationError",
+                    "param": None,
+                    "code": 401,
+                }
+            }
             assert response.headers["www-authenticate"] == "Bearer"
     assert httpx.get(keyed + "/health", timeout=10).status_code == 200
     assert httpx.get(keyed + "/metrics", timeout=10).status_code == 200
@@ -102,11 +110,14 @@ def test_without_keys_a_cache_salt_still_separates_requests(engine: AsyncEngine)
         assert cached_tokens(url, None, prompt=prompt) >= 16  # unsalted requests share the cache
         assert cached_tokens(url, None, prompt=prompt, cache_salt="s1") == 0
         assert cached_tokens(url, None, prompt=prompt, cache_salt="s1") >= 16
-        response = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "cache_salt": ""})
+        response = httpx.post(
+            url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "cache_salt": ""}
+        )
         assert response.status_code == 400 and response.json()["error"]["param"] == "cache_salt"
 
 
 # ---- a paced backend: requests whose timing the test decides ------------------------------------
+
 
 class PacedBackend:
     """A Backend whose request is led by its prompt's first word: `wait` (no token until `gate` is
@@ -130,7 +141,9 @@ class PacedBackend:
         for i in range(num_tokens):
             if mode == "slow" and i:
                 await asyncio.sleep(0.1)
-            yield RequestDelta(request_id, [self.token], finish_reason="length" if i == num_tokens - 1 and mode != "forever" else None)
+            yield RequestDelta(
+                request_id, [self.token], finish_reason="length" if i == num_tokens - 1 and mode != "forever" else None
+            )
         if mode == "forever":
             await asyncio.sleep(3600)
 
@@ -182,7 +195,10 @@ def test_admission_answers_503_with_retry_after_beyond_the_queue_then_admits_aga
         for is_stream in (False, True):
             refused = post(url, "one too many", stream=is_stream)
             assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
-            assert refused.json()["error"]["type"] == "ServiceUnavailableError" and "overloaded" in refused.json()["error"]["message"]
+            assert (
+                refused.json()["error"]["type"] == "ServiceUnavailableError"
+                and "overloaded" in refused.json()["error"]["message"]
+            )
         paced.gate.set()
         for thread in threads:
             thread.join(10)
@@ -211,7 +227,10 @@ def test_sigterm_drain_finishes_what_fits_the_timeout_and_ends_the_rest_with_an_
     app = create_app(paced, config=GatewayConfig(shutdown_timeout_s=1.0))
     with gateway_in_thread(app, shutdown_timeout_s=1.0) as (url, server):
         short, endless = [], []
-        threads = [in_background(stream_events, url, "slow stream", short), in_background(stream_events, url, "forever stream", endless)]
+        threads = [
+            in_background(stream_events, url, "slow stream", short),
+            in_background(stream_events, url, "forever stream", endless),
+        ]
         whole: list[httpx.Response] = []
         threads.append(in_background(lambda: whole.append(post(url, "forever whole"))))
         deadline = time.monotonic() + 10
@@ -240,6 +259,7 @@ def test_sigterm_drain_finishes_what_fits_the_timeout_and_ends_the_rest_with_an_
 
 
 # ---- input limits ----------------------------------------------------------------------------------
+
 
 def raw_request(url: str, head: bytes, body: bytes = b"", timeout_s: float = 10) -> bytes:
     """Sends `head` (request line and headers) and `body` on a fresh socket; returns what comes back
@@ -297,24 +317,31 @@ def test_a_body_that_trickles_past_the_read_timeout_is_408_and_silent_connection
         assert post(url, "still serving").status_code == 200
 
 
-@pytest.mark.parametrize("text, status", [
-    (rb'"a \ud800 b"', 400),  # a lone high surrogate
-    (rb'"a \udc00 b"', 400),  # a lone low surrogate
-    (rb'"a \ud83d"', 400),  # a high surrogate at the end
-    (rb'"a \ud83d\u0041"', 400),  # a high surrogate followed by no low one
-    (rb'"a \ud83d\ude00 b"', 200),  # a pair: an emoji
-    (rb'"a \\ud800 b"', 200),  # an escaped backslash: the text "\ud800", no surrogate
-])
+@pytest.mark.parametrize(
+    "text, status",
+    [
+        (rb'"a \ud800 b"', 400),  # a lone high surrogate
+        (rb'"a \udc00 b"', 400),  # a lone low surrogate
+        (rb'"a \ud83d"', 400),  # a high surrogate at the end
+        (rb'"a \ud83d\u0041"', 400),  # a high surrogate followed by no low one
+        (rb'"a \ud83d\ude00 b"', 200),  # a pair: an emoji
+        (rb'"a \\ud800 b"', 200),  # an escaped backslash: the text "\ud800", no surrogate
+    ],
+)
 def test_a_lone_utf16_surrogate_is_a_400(paced: PacedBackend, text: bytes, status: int) -> None:
     app = create_app(paced, config=GatewayConfig())
     with gateway_in_thread(app) as (url, _):
-        for path, body in (("/v1/completions", b'{"max_tokens": 2, "prompt": ' + text + b"}"),
-                           ("/v1/completions", b'{"max_tokens": 2, "prompt": "go", "user": ' + text + b"}"),  # any field
-                           ("/v1/chat/completions", b'{"max_tokens": 2, "messages": [{"role": "user", "content": ' + text + b"}]}")):
+        for path, body in (
+            ("/v1/completions", b'{"max_tokens": 2, "prompt": ' + text + b"}"),
+            ("/v1/completions", b'{"max_tokens": 2, "prompt": "go", "user": ' + text + b"}"),  # any field
+            ("/v1/chat/completions", b'{"max_tokens": 2, "messages": [{"role": "user", "content": ' + text + b"}]}"),
+        ):
             response = httpx.post(url + path, content=body, headers={"content-type": "application/json"}, timeout=10)
             assert response.status_code == status, (body, response.text)
             if status == 400:
-                assert response.json()["error"]["type"] == "BadRequestError" and "surrogate" in response.json()["error"]["message"]
+                assert (
+                    response.json()["error"]["type"] == "BadRequestError" and "surrogate" in response.json()["error"]["message"]
+                )
 
 
 class CountingTokenizer:
@@ -341,8 +368,10 @@ def test_a_prompt_longer_than_any_that_fits_is_refused_without_tokenizing(paced:
     limit = app.state.serving.max_prompt_chars
     assert limit < 100_000  # 64 tokens of the demo vocabulary
     with gateway_in_thread(app) as (url, _):
-        for path, body in (("/v1/completions", {"prompt": "x" * (limit + 1)}),
-                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * (limit + 1)}]})):
+        for path, body in (
+            ("/v1/completions", {"prompt": "x" * (limit + 1)}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * (limit + 1)}]}),
+        ):
             response = httpx.post(url + path, json=body, timeout=10)
             assert response.status_code == 400 and "maximum context length" in response.json()["error"]["message"]
         assert counting.num_calls == 0

@@ -1,6 +1,7 @@
 """A decode worker killed (SIGKILL) in the middle of a hand-off: the prefill worker's transfer fails
 well within its deadline, its KV blocks come back, and the next request, to a new decode worker,
 is served exactly. On the CPU over gRPC and NCCL's gloo form; on a GPU over CUDA IPC and gRPC."""
+
 from __future__ import annotations
 
 import time
@@ -51,10 +52,14 @@ def test_a_decode_worker_killed_mid_hand_off_fails_the_transfer_frees_the_blocks
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     model = checkpoints["llama"]
-    reference = LLM(model=str(model), device=device, dtype="float32", kv_cache_memory_gib=0.25, max_model_len=512, max_num_seqs=16)
+    reference = LLM(
+        model=str(model), device=device, dtype="float32", kv_cache_memory_gib=0.25, max_model_len=512, max_num_seqs=16
+    )
     prompt = reference.get_tokenizer().encode("the decode worker goes away while the prompt is computed " * 40)[:400]
     # One token a step: the prompt is still being computed when its decode worker dies.
-    spec = WorkerSpec("prefill", engine(model, device, max_num_batched_tokens=1), "m", kv_transport=transport, cluster_secret=CLUSTER_SECRET)
+    spec = WorkerSpec(
+        "prefill", engine(model, device, max_num_batched_tokens=1), "m", kv_transport=transport, cluster_secret=CLUSTER_SECRET
+    )
     host = WorkerHost(spec)
     prefill = connect(host, host.start().address, "prefill")
     try:

@@ -2,6 +2,7 @@
 imported: data flows router -> prefill_worker -> kvtransfer -> decode_worker -> router, the two
 workers never import each other, nothing below the gateway imports `router` or `deploy`, and the
 gateway stays free of torch."""
+
 from __future__ import annotations
 
 import ast
@@ -65,9 +66,7 @@ def violations(package: str) -> list[str]:
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_package_imports_follow_the_architecture(package: str) -> None:
     problems = violations(package)
-    assert not problems, (
-        f"{package} must not import {', '.join(sorted(FORBIDDEN[package]))}; found:\n  " + "\n  ".join(problems)
-    )
+    assert not problems, f"{package} must not import {', '.join(sorted(FORBIDDEN[package]))}; found:\n  " + "\n  ".join(problems)
 
 
 def test_the_checker_sees_every_kind_of_import() -> None:

@@ -1,5 +1,6 @@
 """The Triton kernels (run on CPU tensors by the Triton interpreter) against their torch
 references, and each reference against an independent naive computation. All in fp32."""
+
 from __future__ import annotations
 
 import importlib
@@ -30,8 +31,10 @@ _IS_INTERPRETED = isinstance(tl.sum, InterpretedFunction)
 @pytest.fixture(autouse=True)
 def _fresh_seed() -> None:
     if not _IS_INTERPRETED:
-        pytest.fail("triton was imported before tests/test_kernels.py without TRITON_INTERPRET=1; "
-                    "run `TRITON_INTERPRET=1 pytest ...` or this file on its own")
+        pytest.fail(
+            "triton was imported before tests/test_kernels.py without TRITON_INTERPRET=1; "
+            "run `TRITON_INTERPRET=1 pytest ...` or this file on its own"
+        )
     torch.manual_seed(0)
 
 
@@ -187,9 +190,7 @@ def test_paged_prefill_other_tiles_and_head_dim(block_m: int, block_n: int) -> N
 
 def test_prefill_ref_matches_naive_sdpa() -> None:
     q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q = _prefill_inputs(4, 8)
-    out = K.paged_prefill_attention_ref(
-        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q, 0.3
-    )
+    out = K.paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q, 0.3)
     for seq, (q_len, length) in enumerate(PREFILL_REQUESTS):
         start = int(cu_seqlens_q[seq])
         k = _gather_contiguous(k_cache, block_tables[seq], length)

@@ -1,6 +1,7 @@
 """The Triton kernels on a CUDA GPU against the torch references at realistic sizes. The reference
 runs in float32 for bf16 inputs and in float64 for fp32 inputs; outputs are poisoned with NaN
 first so that every element must be written."""
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@ cache and over its own-dtype cache (fp32 on the CPU), on a fixed prompt set, thr
 the prompt and decode steps reading the paged cache. Measured: top-1 agreement and KL(reference ||
 fp8) of the next-token logits, teacher forced on the reference's greedy tokens, and where free
 running greedy outputs first differ. Also: the block budget of the same memory doubles."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -67,7 +68,7 @@ def _run(runner: ModelRunner, prompt: list[int], forced: list[int] | None) -> tu
         rows.append(runner.model.compute_logits(hidden[-1:]).float().cpu())
         tokens.append(forced[i] if forced is not None else int(rows[-1].argmax()))
         start = end
-    return tokens[len(prompt):], torch.cat(rows)
+    return tokens[len(prompt) :], torch.cat(rows)
 
 
 def _measure(reference: ModelRunner, fp8: ModelRunner, prompts: list[list[int]]) -> dict[str, float]:
@@ -118,8 +119,12 @@ def test_fp8_kv_cache_holds_twice_the_blocks_in_the_same_memory(checkpoints: dic
     for kv_cache_dtype in ("auto", "fp8"):
         for dtype in ("float32", "bfloat16"):
             config = EngineConfig(
-                model=str(checkpoints["llama"]), device="cpu", dtype=dtype, kv_cache_dtype=kv_cache_dtype,
-                kv_cache_memory_gib=0.01, max_model_len=256,
+                model=str(checkpoints["llama"]),
+                device="cpu",
+                dtype=dtype,
+                kv_cache_dtype=kv_cache_dtype,
+                kv_cache_memory_gib=0.01,
+                max_model_len=256,
             )
             runner = EngineCore.load(config).runner
             blocks[kv_cache_dtype, dtype] = runner.num_kv_blocks
@@ -155,7 +160,8 @@ def _with_kv_scales(source: Path, target: Path, tensors: dict[str, torch.Tensor]
 
 def test_fp8_kv_scales_come_from_the_checkpoint(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     scales = {
-        "model.layers.0.self_attn.k_scale": torch.tensor(0.25), "model.layers.1.self_attn.k_scale": torch.tensor(0.5),
+        "model.layers.0.self_attn.k_scale": torch.tensor(0.25),
+        "model.layers.1.self_attn.k_scale": torch.tensor(0.5),
         "model.layers.0.self_attn.v_scale": torch.tensor(0.125),  # layer 1's V: none, 1.0
     }
     model_dir = _with_kv_scales(checkpoints["llama"], tmp_path / "llama", scales)
@@ -170,7 +176,9 @@ def test_fp8_kv_scales_come_from_the_checkpoint(checkpoints: dict[str, Path], tm
 def test_a_bad_kv_scale_in_the_checkpoint_is_an_error_naming_it(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     from pdserve.engine.config import ConfigError
 
-    model_dir = _with_kv_scales(checkpoints["llama"], tmp_path / "llama", {"model.layers.1.self_attn.v_scale": torch.tensor(-1.0)})
+    model_dir = _with_kv_scales(
+        checkpoints["llama"], tmp_path / "llama", {"model.layers.1.self_attn.v_scale": torch.tensor(-1.0)}
+    )
     with pytest.raises(ConfigError, match=r"KV scale model\.layers\.1\.self_attn\.v_scale must be a positive"):
         _runner(model_dir, "fp8")
 

@@ -2,6 +2,7 @@
 attention kernels read fp8 caches as their references do at realistic sizes, CUDA-graph decode
 equals eager decode, accuracy against the bf16 cache, and an fp8 hand-off between two processes
 (CUDA IPC, gRPC) equals the colocated fp8 engine. Run on the lent GPU machine: `pytest -m gpu`."""
+
 from __future__ import annotations
 
 import os
@@ -110,8 +111,15 @@ def test_fp8_cuda_graph_decode_equals_eager_decode(llama_dir: Path) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     outputs = []
     for enforce_eager in (False, True):
-        llm = LLM(str(llama_dir), device="cuda", dtype="float32", kv_cache_dtype="fp8", kv_cache_memory_gib=0.1,
-                  max_model_len=256, enforce_eager=enforce_eager)
+        llm = LLM(
+            str(llama_dir),
+            device="cuda",
+            dtype="float32",
+            kv_cache_dtype="fp8",
+            kv_cache_memory_gib=0.1,
+            max_model_len=256,
+            enforce_eager=enforce_eager,
+        )
         outputs.append([o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)])
     assert outputs[0] == outputs[1]
 
@@ -119,8 +127,15 @@ def test_fp8_cuda_graph_decode_equals_eager_decode(llama_dir: Path) -> None:
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 def test_fp8_kv_stays_close_to_the_bf16_cache_on_the_gpu(checkpoints: dict[str, Path], family: str) -> None:
     def runner(kv_cache_dtype: str) -> object:
-        config = EngineConfig(model=str(checkpoints[family]), device="cuda", dtype="bfloat16", kv_cache_dtype=kv_cache_dtype,
-                              num_kv_blocks=32, max_model_len=256, enforce_eager=True)
+        config = EngineConfig(
+            model=str(checkpoints[family]),
+            device="cuda",
+            dtype="bfloat16",
+            kv_cache_dtype=kv_cache_dtype,
+            num_kv_blocks=32,
+            max_model_len=256,
+            enforce_eager=True,
+        )
         return EngineCore.load(config)
 
     reference, fp8 = runner("auto"), runner("fp8")
@@ -132,10 +147,21 @@ def test_fp8_kv_stays_close_to_the_bf16_cache_on_the_gpu(checkpoints: dict[str, 
 
 @pytest.mark.parametrize("transport, expected", [("auto", "cuda_ipc"), ("grpc", "grpc")])
 def test_fp8_hand_off_between_processes_equals_the_colocated_fp8_engine(llama_dir: Path, transport: str, expected: str) -> None:
-    reference = LLM(model=str(llama_dir), device="cuda", dtype="float32", kv_cache_memory_gib=0.25, max_model_len=512,
-                    max_num_seqs=16, kv_cache_dtype="fp8")
+    reference = LLM(
+        model=str(llama_dir),
+        device="cuda",
+        dtype="float32",
+        kv_cache_memory_gib=0.25,
+        max_model_len=512,
+        max_num_seqs=16,
+        kv_cache_dtype="fp8",
+    )
     ids = reference.get_tokenizer().encode("fp8 keys and values move between the workers as raw bytes " * 30)
-    host = WorkerHost(WorkerSpec("prefill", engine(llama_dir, "cuda", kv_cache_dtype="fp8"), "m", kv_transport=transport, cluster_secret=CLUSTER_SECRET))
+    host = WorkerHost(
+        WorkerSpec(
+            "prefill", engine(llama_dir, "cuda", kv_cache_dtype="fp8"), "m", kv_transport=transport, cluster_secret=CLUSTER_SECRET
+        )
+    )
     prefill = connect(host, host.start().address, "prefill")
     try:
         args = ("--device", "cuda", "--kv-cache-memory-gib", "0.25", "--kv-cache-dtype", "fp8")
@@ -145,7 +171,9 @@ def test_fp8_hand_off_between_processes_equals_the_colocated_fp8_engine(llama_di
                 result = run(prefill, decode, ids[:length], greedy(12))
                 assert result.token_ids == expected_tokens(reference, ids[:length], greedy(12)), length
                 assert result.prefill.kv_transport == expected
-                assert result.prefill.kv_bytes == -(-length // 16) * 16 * 2 * 2 * 2 * 16  # blocks x layers x K,V x heads x dim, 1 byte
+                assert (
+                    result.prefill.kv_bytes == -(-length // 16) * 16 * 2 * 2 * 2 * 16
+                )  # blocks x layers x K,V x heads x dim, 1 byte
             decode.wait_idle()
             decode.channel.close()
         prefill.wait_idle()

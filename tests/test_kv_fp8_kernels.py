@@ -1,6 +1,7 @@
 """FP8 KV cache kernels (Triton interpreter on CPU tensors) against their torch references: the
 store kernels quantize as `quantize_kv_ref` does, both attention kernels dequantize as their
 references do, and the references equal attention over the dequantized cache computed naively."""
+
 from __future__ import annotations
 
 import importlib
@@ -171,12 +172,16 @@ def test_wrappers_reject_mixed_dtypes_and_bad_scales() -> None:
     with pytest.raises(ValueError, match="float8_e4m3fn"):
         K.paged_decode_attention(q, k_cache, v_cache.float(), tables, lens, 0.2)
     with pytest.raises(ValueError, match="v_scale must be a positive"):
-        K.store_kv_cache(torch.randn(1, 2, 32), torch.randn(1, 2, 32), k_cache, v_cache, torch.zeros(1, dtype=torch.long), 1.0, float("nan"))
+        K.store_kv_cache(
+            torch.randn(1, 2, 32), torch.randn(1, 2, 32), k_cache, v_cache, torch.zeros(1, dtype=torch.long), 1.0, float("nan")
+        )
 
 
 def test_fp8_decode_reads_twice_the_tokens_per_tile() -> None:
     """The same ~16 KB of K (and of V) in flight per iteration: 128 fp8 tokens where bf16 reads 64."""
-    common = dict(num_seqs=32, num_kv_heads=8, max_num_blocks=256, block_size=16, head_dim=128, dtype=torch.bfloat16, sm_count=132)
+    common = dict(
+        num_seqs=32, num_kv_heads=8, max_num_blocks=256, block_size=16, head_dim=128, dtype=torch.bfloat16, sm_count=132
+    )
     assert decode_module.choose_launch(**common).tile_tokens == 64
     assert decode_module.choose_launch(**common, kv_dtype=FP8_DTYPE).tile_tokens == 128
     assert decode_module.choose_launch(**common, kv_dtype=torch.bfloat16).tile_tokens == 64

@@ -1,6 +1,7 @@
 """KV hand-off on a GPU: the block-copy kernel against its reference, and prefill -> decode workers in
 two processes over CUDA IPC (and the other GPU transports) giving the offline engine's tokens, with
 layer groups streamed while the prompt computes. Run on the lent GPU machine: `pytest -m gpu`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -56,10 +57,14 @@ def deep_llama(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -
 def test_prefill_and_decode_processes_on_one_gpu_give_the_offline_engines_tokens(
     deep_llama: Path, transport: str, expected: str
 ) -> None:
-    reference = LLM(model=str(deep_llama), device="cuda", dtype="float32", kv_cache_memory_gib=0.25, max_model_len=512, max_num_seqs=16)
+    reference = LLM(
+        model=str(deep_llama), device="cuda", dtype="float32", kv_cache_memory_gib=0.25, max_model_len=512, max_num_seqs=16
+    )
     text = "the keys and values of every layer move to the decode worker while the prompt computes " * 30
     ids = reference.get_tokenizer().encode(text)
-    host = WorkerHost(WorkerSpec("prefill", engine(deep_llama, "cuda"), "m", kv_transport=transport, cluster_secret=CLUSTER_SECRET))
+    host = WorkerHost(
+        WorkerSpec("prefill", engine(deep_llama, "cuda"), "m", kv_transport=transport, cluster_secret=CLUSTER_SECRET)
+    )
     prefill = connect(host, host.start().address, "prefill")
     try:
         with worker_process("decode", deep_llama, "--device", "cuda", "--kv-cache-memory-gib", "0.25") as (_, address):
@@ -68,7 +73,9 @@ def test_prefill_and_decode_processes_on_one_gpu_give_the_offline_engines_tokens
                 result = run(prefill, decode, ids[:length], greedy(12))
                 assert result.token_ids == expected_tokens(reference, ids[:length], greedy(12)), length
                 assert result.prefill.kv_transport == expected
-                assert result.prefill.kv_bytes == -(-length // 16) * 16 * 9 * 2 * 2 * 16 * 4  # blocks x layers x K,V x heads x dim x fp32
+                assert (
+                    result.prefill.kv_bytes == -(-length // 16) * 16 * 9 * 2 * 2 * 16 * 4
+                )  # blocks x layers x K,V x heads x dim x fp32
             decode.wait_idle()
             status = decode.status()
             assert status.kv_bytes_received == prefill.status().kv_bytes_sent
@@ -82,9 +89,13 @@ def test_prefill_and_decode_processes_on_one_gpu_give_the_offline_engines_tokens
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (NCCL refuses two ranks on one)")
 @pytest.mark.parametrize("transport", ["nccl", "cuda_ipc"])
 def test_two_gpus_of_one_host_give_the_offline_engines_tokens(deep_llama: Path, transport: str) -> None:
-    reference = LLM(model=str(deep_llama), device="cuda", dtype="float32", kv_cache_memory_gib=0.25, max_model_len=512, max_num_seqs=16)
+    reference = LLM(
+        model=str(deep_llama), device="cuda", dtype="float32", kv_cache_memory_gib=0.25, max_model_len=512, max_num_seqs=16
+    )
     ids = reference.get_tokenizer().encode("two GPUs, one process each, the KV between them " * 20)
-    host = WorkerHost(WorkerSpec("prefill", engine(deep_llama, "cuda:0"), "m", kv_transport=transport, cluster_secret=CLUSTER_SECRET))
+    host = WorkerHost(
+        WorkerSpec("prefill", engine(deep_llama, "cuda:0"), "m", kv_transport=transport, cluster_secret=CLUSTER_SECRET)
+    )
     prefill = connect(host, host.start().address, "prefill")
     try:
         with worker_process("decode", deep_llama, "--device", "cuda:1", "--kv-cache-memory-gib", "0.25") as (_, address):

@@ -1,6 +1,7 @@
 """KV hand-off end to end on the CPU: a prefill-side cache handed into a decode-side reservation
 through the real control service (gRPC on 127.0.0.1) over each CPU transport (`grpc`, `nccl` as
 gloo, `local`); the transport choice; errors with the right status; the receiver's bookkeeping."""
+
 from __future__ import annotations
 
 import asyncio
@@ -87,7 +88,10 @@ async def serving(receiver: KVReceiver, accepted: list[str]) -> AsyncIterator[st
 
 
 def make_sender(
-    cache: torch.Tensor, offered: list[str], layers_per_group: int = 2, model_id: str = MODEL_ID,
+    cache: torch.Tensor,
+    offered: list[str],
+    layers_per_group: int = 2,
+    model_id: str = MODEL_ID,
     kv_scales: tuple = ((), ()),
 ) -> KVSender:
     layout = KVLayout.of(cache, model_id, kv_scales)
@@ -111,6 +115,7 @@ async def hand_off(
 
 # ---- data arrives bit for bit ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("transport_name", CPU_TRANSPORTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
 @pytest.mark.parametrize("layers_per_group", [1, 3, 4])
@@ -132,7 +137,12 @@ def test_hand_off_copies_blocks_bit_for_bit(transport_name: str, dtype: torch.dt
         return num_bytes
 
     num_bytes = asyncio.run(main())
-    assert num_bytes == receiver.bytes_received == sender.bytes_sent == src_cache[:, :, src_blocks].numel() * src_cache.element_size()
+    assert (
+        num_bytes
+        == receiver.bytes_received
+        == sender.bytes_sent
+        == src_cache[:, :, src_blocks].numel() * src_cache.element_size()
+    )
     assert torch.equal(bits(dst_cache[:, :, dst_blocks]), bits(src_cache[:, :, src_blocks]))
     assert not bits(dst_cache[:, :, [b for b in range(12) if b not in dst_blocks]]).any()
     assert commits == [COMMIT] and not receiver.is_pending("t1")
@@ -186,6 +196,7 @@ def test_a_failed_forward_pass_fails_the_push_and_commits_nothing(transport_name
 
 # ---- handshake: layout and transport --------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "field, dst_kwargs, expected",
     [
@@ -228,9 +239,12 @@ def test_layout_mismatch_names_every_field() -> None:
         KVLayout.of(torch.zeros(4, 2, 2, 4, 2, 8, dtype=torch.int8), MODEL_ID)
 
 
-@pytest.mark.parametrize("sender_dtype, receiver_dtype", [(torch.bfloat16, torch.float8_e4m3fn), (torch.float8_e4m3fn, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "sender_dtype, receiver_dtype", [(torch.bfloat16, torch.float8_e4m3fn), (torch.float8_e4m3fn, torch.bfloat16)]
+)
 def test_a_worker_refuses_kv_of_the_other_kv_cache_dtype_by_name(sender_dtype: torch.dtype, receiver_dtype: torch.dtype) -> None:
     """A bf16 decode worker refuses an fp8 prefill worker's KV at the handshake, and vice versa."""
+
     def scales(dtype: torch.dtype) -> tuple:
         return FP8_SCALES if dtype == torch.float8_e4m3fn else ((), ())
 
@@ -260,7 +274,9 @@ def test_fp8_workers_with_other_kv_scales_are_refused_naming_the_scales() -> Non
 
     async def main() -> None:
         async with serving(receiver, ["grpc"]) as address:
-            with pytest.raises(KVLayoutMismatchError, match=r"k_scales: ours \(1.0, 0.5, 2.0, 1.0\) != theirs \(1.0, 1.0, 1.0, 1.0\)"):
+            with pytest.raises(
+                KVLayoutMismatchError, match=r"k_scales: ours \(1.0, 0.5, 2.0, 1.0\) != theirs \(1.0, 1.0, 1.0, 1.0\)"
+            ):
                 await hand_off(sender, address, "t1", [0, 4])
             await sender.close()
 
@@ -286,7 +302,10 @@ def test_a_sender_with_no_transport_in_common_is_refused_by_name() -> None:
 
     async def main() -> None:
         async with serving(receiver, ["grpc"]) as address:
-            with pytest.raises(NoCommonTransportError, match=r"no common KV transport: the sender offers \['nccl'\], the receiver accepts \['grpc'\]"):
+            with pytest.raises(
+                NoCommonTransportError,
+                match=r"no common KV transport: the sender offers \['nccl'\], the receiver accepts \['grpc'\]",
+            ):
                 await hand_off(sender, address, "t1", [0, 4])
             await sender.close()
 
@@ -311,8 +330,17 @@ def _endpoint(host: str, device: str, uuid: str = "", pid: int = 1) -> Endpoint:
         (_endpoint("a", "cpu"), _endpoint("a", "cpu", pid=2), ["local", "grpc"], "grpc"),
         (_endpoint("a", "cuda", "gpu0"), _endpoint("a", "cpu"), offers(AUTO, torch.device("cuda")), "grpc"),
     ],
-    ids=["same-gpu", "two-gpus-one-host", "two-hosts", "cpu-hosts", "cpu-one-host", "cpu-gloo", "one-process",
-         "local-across-processes", "gpu-to-cpu"],
+    ids=[
+        "same-gpu",
+        "two-gpus-one-host",
+        "two-hosts",
+        "cpu-hosts",
+        "cpu-one-host",
+        "cpu-gloo",
+        "one-process",
+        "local-across-processes",
+        "gpu-to-cpu",
+    ],
 )
 def test_auto_picks_the_fastest_transport_both_ends_can_use(
     sender: Endpoint, receiver: Endpoint, offered: list[str], expected: str
@@ -335,6 +363,7 @@ def test_transport_settings_offer_and_accept_what_the_device_allows() -> None:
 
 
 # ---- unknown, expired, cancelled transfers --------------------------------------------------------
+
 
 @pytest.mark.parametrize("transport_name", CPU_TRANSPORTS)
 def test_unknown_expired_and_cancelled_transfers_are_refused_others_unaffected(transport_name: str) -> None:
@@ -425,7 +454,7 @@ def test_receiver_takes_writes_from_many_threads_while_the_owner_polls() -> None
 
     def write_layer(layer: int) -> int:
         receiver.poll()  # the owner's sweep every step, racing with the writes
-        return receiver.write("t1", "p", layer, layer + 1, 0, 16, src[layer:layer + 1])
+        return receiver.write("t1", "p", layer, layer + 1, 0, 16, src[layer : layer + 1])
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         num_bytes = sum(pool.map(write_layer, range(8)))
@@ -487,12 +516,15 @@ def test_an_abandoned_reservation_ends_and_its_blocks_are_free() -> None:
 
 # ---- the gRPC edge ---------------------------------------------------------------------------------
 
+
 def test_grpc_chunk_with_a_bad_byte_count_is_invalid_argument() -> None:
     receiver = KVReceiver(make_cache(4, is_random=False), MODEL_ID)
     receiver.expect("t1", [0, 1], later(), Commits())
     receiver.begin("t1", "p", 2, is_device_writer=False)
     data = make_cache(2).contiguous().view(torch.uint8).numpy().tobytes()
-    truncated = pb.KVChunk(transfer_id="t1", sender_id="p", layer_start=0, layer_end=NUM_LAYERS, block_start=0, block_end=2, data=data[:-4])
+    truncated = pb.KVChunk(
+        transfer_id="t1", sender_id="p", layer_start=0, layer_end=NUM_LAYERS, block_start=0, block_end=2, data=data[:-4]
+    )
 
     async def main() -> None:
         async with serving(receiver, ["grpc"]) as address:
@@ -503,7 +535,9 @@ def test_grpc_chunk_with_a_bad_byte_count_is_invalid_argument() -> None:
 
     asyncio.run(main())
     assert receiver.is_pending("t1") and receiver.bytes_received == 0
-    assert decode_chunk(pb.KVChunk(layer_start=0, layer_end=NUM_LAYERS, block_start=0, block_end=2, data=data), receiver.layout).shape == (4, 2, 2, 4, 2, 8)
+    assert decode_chunk(
+        pb.KVChunk(layer_start=0, layer_end=NUM_LAYERS, block_start=0, block_end=2, data=data), receiver.layout
+    ).shape == (4, 2, 2, 4, 2, 8)
 
 
 def test_calls_before_a_handshake_are_refused() -> None:
@@ -562,5 +596,10 @@ def test_a_sender_refuses_a_layout_that_is_not_its_cache() -> None:
     cache = make_cache(4)
     with pytest.raises(ValueError, match="does not describe kv_cache"):
         KVSender(
-            cache, KVLayout.of(make_cache(4, block_size=8), MODEL_ID), "p", Endpoint.here(CPU, "127.0.0.1"), ["grpc"], secret=CLUSTER_SECRET
+            cache,
+            KVLayout.of(make_cache(4, block_size=8), MODEL_ID),
+            "p",
+            Endpoint.here(CPU, "127.0.0.1"),
+            ["grpc"],
+            secret=CLUSTER_SECRET,
         )

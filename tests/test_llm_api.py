@@ -1,5 +1,6 @@
 """The offline API's options as a vLLM user relies on them: sharded checkpoints, dtypes, stop
 strings and stop tokens, logprobs, per-prompt params, chat, and seeded sampling."""
+
 from __future__ import annotations
 
 import json
@@ -52,7 +53,9 @@ def test_stop_strings_truncate_the_text_and_say_why(llm: LLM) -> None:
     assert cut.outputs[0].text == text[: text.index(stop)]
     assert cut.outputs[0].finish_reason == "stop" and cut.outputs[0].stop_reason == stop
     assert len(cut.outputs[0].token_ids) < 24
-    [kept] = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop], include_stop_str_in_output=True))
+    [kept] = llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop], include_stop_str_in_output=True)
+    )
     assert kept.outputs[0].text == text[: text.index(stop) + len(stop)]
     assert llm.engine.core.block_manager.num_used_blocks == 0
 
@@ -86,12 +89,17 @@ def test_logprobs_match_a_full_forward(llm: LLM, checkpoints: dict[str, Path]) -
         assert entries[token].rank == 1
         top = reference[step].topk(3).indices.tolist()
         assert set(top) <= set(entries)
-    assert abs(completion.cumulative_logprob - sum(e[t].logprob for t, e in zip(completion.token_ids, completion.logprobs))) < 1e-5
+    assert (
+        abs(completion.cumulative_logprob - sum(e[t].logprob for t, e in zip(completion.token_ids, completion.logprobs))) < 1e-5
+    )
 
 
 def test_params_per_prompt_and_seeded_sampling(llm: LLM) -> None:
     prompts = [[41, 42], [43, 44, 45]]
-    params = [SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), SamplingParams(temperature=1.0, seed=7, max_tokens=6, ignore_eos=True)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=7, max_tokens=6, ignore_eos=True),
+    ]
     first = llm.generate(prompts, params)
     again = llm.generate(list(reversed(prompts)), list(reversed(params)))
     assert [len(o.outputs[0].token_ids) for o in first] == [3, 6]

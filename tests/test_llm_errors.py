@@ -1,4 +1,5 @@
 """Bad input to the offline API gets a clear error and changes nothing."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """The engine against HF transformers (fp32, CPU) on tiny checkpoints transformers wrote: greedy
 tokens equal `generate`, logits within 1e-4, with prefix-cache hits, chunked prefill and preemption."""
+
 from __future__ import annotations
 
 import random
@@ -125,8 +126,12 @@ def test_chunked_prefill_matches(checkpoints: dict, hf_models: dict) -> None:
 def test_tiny_kv_pool_forces_preemption_and_still_matches(checkpoints: dict, hf_models: dict) -> None:
     # 16 blocks of 4 tokens = 64 slots; eight requests of up to 40 tokens cannot all fit.
     llm = LLM(
-        model=str(checkpoints["mistral"]), device="cpu", dtype="float32",
-        block_size=4, num_kv_blocks=16, max_model_len=64,
+        model=str(checkpoints["mistral"]),
+        device="cpu",
+        dtype="float32",
+        block_size=4,
+        num_kv_blocks=16,
+        max_model_len=64,
     )
     hf = hf_models["mistral"]
     prompts = random_prompts(hf.config.vocab_size, [10, 14, 18, 6, 12, 9, 16, 11], seed=4)

@@ -2,6 +2,7 @@
 use them with requests that do not: repetition_penalty equal to transformers' `generate`, the
 others equal to a reference computed here from transformers' logits with the definitions
 vLLM and OpenAI give."""
+
 from __future__ import annotations
 
 import pytest
@@ -48,9 +49,12 @@ def test_repetition_penalty_equals_transformers_generate(family: str, checkpoint
         ids = torch.tensor([prompt])
         with torch.no_grad():
             want = model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NUM_TOKENS, do_sample=False,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NUM_TOKENS,
+                do_sample=False,
                 repetition_penalty=sp.repetition_penalty,
-            )[0, len(prompt):].tolist()
+            )[0, len(prompt) :].tolist()
         assert output.outputs[0].token_ids == want, sp.repetition_penalty
     unpenalized = llm.generate({"prompt_token_ids": prompts[0]}, greedy())[0].outputs[0].token_ids
     assert outputs[0].outputs[0].token_ids != unpenalized  # the penalty changed something here
@@ -86,7 +90,9 @@ def test_allowed_tokens_and_bad_words_hold_for_sampled_and_greedy_requests(check
         greedy(),
     ]
     outputs = [o.outputs[0].token_ids for o in llm.generate([prompt] * 4, params)]
-    assert outputs[0][:2] != list(banned_word) and outputs[0][0] == free[0]  # only the word's last token is barred after its first
+    assert (
+        outputs[0][:2] != list(banned_word) and outputs[0][0] == free[0]
+    )  # only the word's last token is barred after its first
     assert set(outputs[1]) <= set(allowed) and len(set(outputs[1])) > 1
     assert free[0] not in outputs[2]
     assert outputs[3] == free  # its batch neighbours' constraints do not leak into it
@@ -97,8 +103,10 @@ def test_out_of_range_values_are_refused_naming_the_field(checkpoints: dict) -> 
 
     llm = LLM(model=str(checkpoints["llama"]), device="cpu", dtype="float32")
     for kwargs, field in [
-        ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": float("nan")}, "frequency_penalty"),
-        ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"logit_bias": {3: 150.0}}, "logit_bias"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": float("nan")}, "frequency_penalty"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"logit_bias": {3: 150.0}}, "logit_bias"),
         ({"bad_words_token_ids": [()]}, "bad_words"),
     ]:
         with pytest.raises(InvalidRequestError) as caught:

@@ -1,6 +1,7 @@
 """Installing pdserve adds one top-level import name, `pdserve`: it installs beside packages that
 own the generic names its subpackages have (proto-plus's `proto`, which every google-cloud client
 imports; Hugging Face's `kernels`; any `engine`, `router`, `deploy` or `bench`) and breaks neither."""
+
 from __future__ import annotations
 
 import subprocess
@@ -40,7 +41,13 @@ def test_proto_plus_and_pdserve_work_in_one_interpreter(tmp_path: Path) -> None:
         assert pdserve_pb2.SamplingParams(n=2).n == 2 and hasattr(pdserve.kernels, "rms_norm")
         print("ok")
     """)
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                            env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "ok"

@@ -1,6 +1,7 @@
 """`n` and `best_of` (issue 10): a request's n sequences share its prompt's KV — one prefill, one
 KV transfer, blocks forked on the decode worker — and with a seed, sequence i draws from seed + i:
 distinct, reproducible, and the same whether colocated, disaggregated or offline."""
+
 from __future__ import annotations
 
 import contextlib
@@ -55,7 +56,9 @@ def colocated(checkpoint: Path) -> Iterator[str]:
     config = EngineConfig(model=str(checkpoint), device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN, num_kv_blocks=64)
     engine = AsyncEngine(LLMEngine.from_config(config))
     try:
-        with serve(create_app(ColocatedBackend(engine, "m"), config=GatewayConfig(Deadlines(first_token_s=120, request_s=120)))) as url:
+        with serve(
+            create_app(ColocatedBackend(engine, "m"), config=GatewayConfig(Deadlines(first_token_s=120, request_s=120)))
+        ) as url:
             yield url
     finally:
         engine.shutdown()
@@ -64,8 +67,24 @@ def colocated(checkpoint: Path) -> Iterator[str]:
 @contextlib.contextmanager
 def disaggregated(checkpoint: Path, log_path: Path) -> Iterator[str]:
     port = free_port()
-    args = [sys.executable, "-m", "pdserve.deploy.cli", "serve", "--model", str(checkpoint), "--served-model-name", "m",
-            "--port", str(port), "--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning"]
+    args = [
+        sys.executable,
+        "-m",
+        "pdserve.deploy.cli",
+        "serve",
+        "--model",
+        str(checkpoint),
+        "--served-model-name",
+        "m",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--log-level",
+        "warning",
+    ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
     try:
@@ -77,9 +96,13 @@ def disaggregated(checkpoint: Path, log_path: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module", params=["colocated", "disaggregated"])
-def server(request: pytest.FixtureRequest, checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+def server(
+    request: pytest.FixtureRequest, checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str]]:
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    with (colocated(checkpoints["llama"]) if request.param == "colocated" else disaggregated(checkpoints["llama"], log_path)) as url:
+    with (
+        colocated(checkpoints["llama"]) if request.param == "colocated" else disaggregated(checkpoints["llama"], log_path)
+    ) as url:
         yield request.param, url
 
 
@@ -141,8 +164,16 @@ def test_best_of_returns_the_n_most_likely_of_its_candidates(server: tuple[str, 
 
 def test_streamed_chat_with_n_gives_every_choice_its_role_and_finish(server: tuple[str, str]) -> None:
     _, url = server
-    body = {"model": "m", "messages": [{"role": "user", "content": "Hello"}], "n": 2, "stream": True,
-            "max_tokens": 5, "temperature": 1.0, "seed": 3, "ignore_eos": True}
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Hello"}],
+        "n": 2,
+        "stream": True,
+        "max_tokens": 5,
+        "temperature": 1.0,
+        "seed": 3,
+        "ignore_eos": True,
+    }
     roles, finished, texts = set(), set(), {0: "", 1: ""}
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
         for line in response.iter_lines():

@@ -1,5 +1,6 @@
 """The controller's rules without Ray: a pool's bounds and which workers a scale-down takes, the
 autoscaler's hysteresis, bounds and cool-down, the gateway's latency windows, and placement."""
+
 from __future__ import annotations
 
 import pytest
@@ -62,7 +63,9 @@ def loads(*waiting: int, running: int = 0, used: int = 0) -> list[WorkerLoad]:
 
 
 def test_the_autoscaler_acts_only_on_a_sustained_signal_within_bounds_and_when_allowed() -> None:
-    scaler = Autoscaler(AutoscaleConfig(enabled=True, sustain_ticks=2, prefill_queue_high=4, prefill_queue_low=0.5), max_num_seqs=8)
+    scaler = Autoscaler(
+        AutoscaleConfig(enabled=True, sustain_ticks=2, prefill_queue_high=4, prefill_queue_low=0.5), max_num_seqs=8
+    )
     queued = PoolSignals("prefill", loads(6))
     assert scaler.decide(queued, 1, (1, 3), can_change=True) is None  # one tick is not enough
     decision = scaler.decide(queued, 1, (1, 3), can_change=True)
@@ -78,7 +81,9 @@ def test_the_autoscaler_acts_only_on_a_sustained_signal_within_bounds_and_when_a
 
 
 def test_the_gap_between_the_thresholds_holds_the_size() -> None:
-    scaler = Autoscaler(AutoscaleConfig(enabled=True, sustain_ticks=1, prefill_queue_high=4, prefill_queue_low=0.5), max_num_seqs=8)
+    scaler = Autoscaler(
+        AutoscaleConfig(enabled=True, sustain_ticks=1, prefill_queue_high=4, prefill_queue_low=0.5), max_num_seqs=8
+    )
     # 2 queued over 2 workers: under "high", but 2 over one worker fewer is above "low": keep 2.
     assert scaler.pressure(PoolSignals("prefill", loads(1, 1))) == (None, "")
     assert scaler.pressure(PoolSignals("prefill", loads(1), ttft_s=3.0))[0] == "up"  # TTFT alone

@@ -1,5 +1,6 @@
 """The wire contract: the generated modules match `pdserve.proto`, and `proto/convert.py` carries
 sampling parameters and logprobs across the wire unchanged."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,17 @@ def test_generated_modules_are_not_stale() -> None:
 
 
 EVERY_FIELD = SamplingParams(
-    temperature=0.75, top_p=0.5, top_k=40, min_p=0.125, seed=2**40 + 3, max_tokens=77, min_tokens=5,
-    stop_token_ids=(2, 7, 11), ignore_eos=True, logprobs=4, cache_salt="tenant-7",
+    temperature=0.75,
+    top_p=0.5,
+    top_k=40,
+    min_p=0.125,
+    seed=2**40 + 3,
+    max_tokens=77,
+    min_tokens=5,
+    stop_token_ids=(2, 7, 11),
+    ignore_eos=True,
+    logprobs=4,
+    cache_salt="tenant-7",
 )
 
 

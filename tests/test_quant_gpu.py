@@ -2,6 +2,7 @@
 references at Llama-3-8B sizes, the FP8 tensor-core GEMM against the weight-only result, and the
 engine (Triton kernels, CUDA graphs) against the same quantized checkpoints on the CPU.
 Run on the lent GPU machine: `pytest -m gpu tests/test_quant_gpu.py`."""
+
 from __future__ import annotations
 
 import gc

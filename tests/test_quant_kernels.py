@@ -1,6 +1,7 @@
 """The quantized-weight matmul kernels (Triton, run on CPU tensors by the interpreter) against their
 torch references, and the references against a naive dequantization written from the layouts'
 definition, element by element."""
+
 from __future__ import annotations
 
 import os

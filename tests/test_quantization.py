@@ -9,6 +9,7 @@ the four families; online fp8/int8 quantization of the plain checkpoints.
 (c) accuracy against the unquantized fp32 model over a fixed prompt set: top-1 agreement and
     mean KL(p_fp32 || p_quantized) of the next-token distributions, teacher-forced.
 And the strict loader: unknown tensors, missing scales, configs it cannot honour, named."""
+
 from __future__ import annotations
 
 import random
@@ -151,7 +152,9 @@ def test_checkpoint_weights_dequantize_as_the_format_specifies(fmt: str, quantiz
         # Exact: per-tensor scales of fused q/k/v and gate/up shards are kept per shard.
         np.testing.assert_allclose(got[name], weight, rtol=1e-6, atol=0, err_msg=name)
     tokens = random_prompts(llm.engine.core.model_config.vocab_size, num=1, length=20)[0]
-    torch.testing.assert_close(sequence_logits(llm, [tokens]), hf_logits_with(plain[family], expected, tokens), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        sequence_logits(llm, [tokens]), hf_logits_with(plain[family], expected, tokens), rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("method", ONLINE)
@@ -264,12 +267,15 @@ def test_scale_in_an_unquantized_checkpoint_is_an_error_naming_it(plain: dict[st
         make_llm(path)
 
 
-@pytest.mark.parametrize("fmt,dropped", [
-    ("fp8", "model.layers.1.self_attn.o_proj.weight_scale"),
-    ("ct-fp8-channel", "model.layers.0.self_attn.k_proj.weight_scale"),
-    ("awq", "model.layers.0.mlp.up_proj.qzeros"),
-    ("gptq-sym", "model.layers.1.mlp.down_proj.scales"),
-])
+@pytest.mark.parametrize(
+    "fmt,dropped",
+    [
+        ("fp8", "model.layers.1.self_attn.o_proj.weight_scale"),
+        ("ct-fp8-channel", "model.layers.0.self_attn.k_proj.weight_scale"),
+        ("awq", "model.layers.0.mlp.up_proj.qzeros"),
+        ("gptq-sym", "model.layers.1.mlp.down_proj.scales"),
+    ],
+)
 def test_missing_scale_is_an_error_naming_it(fmt: str, dropped: str, quantized: dict, tmp_path: Path) -> None:
     path = copy_of(quantized[("llama", fmt)][0], tmp_path)
     edit_tensors(path, lambda t: t.pop(dropped))
@@ -277,15 +283,20 @@ def test_missing_scale_is_an_error_naming_it(fmt: str, dropped: str, quantized: 
         make_llm(path)
 
 
-@pytest.mark.parametrize("fmt,changes,named", [
-    ("gptq-sym", {"desc_act": True}, "desc_act"),
-    ("gptq-sym", {"bits": 3}, "bits"),
-    ("awq", {"version": "gemv"}, "version"),
-    ("fp8", {"weight_block_size": [128, 128]}, "weight_block_size"),
-    ("fp8", {"quant_method": "bitsandbytes"}, "bitsandbytes"),
-    ("ct-fp8-channel", {"format": "pack-quantized"}, "pack-quantized"),
-])
-def test_unsupported_quantization_config_is_an_error_naming_it(fmt: str, changes: dict, named: str, quantized: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "fmt,changes,named",
+    [
+        ("gptq-sym", {"desc_act": True}, "desc_act"),
+        ("gptq-sym", {"bits": 3}, "bits"),
+        ("awq", {"version": "gemv"}, "version"),
+        ("fp8", {"weight_block_size": [128, 128]}, "weight_block_size"),
+        ("fp8", {"quant_method": "bitsandbytes"}, "bitsandbytes"),
+        ("ct-fp8-channel", {"format": "pack-quantized"}, "pack-quantized"),
+    ],
+)
+def test_unsupported_quantization_config_is_an_error_naming_it(
+    fmt: str, changes: dict, named: str, quantized: dict, tmp_path: Path
+) -> None:
     path = copy_of(quantized[("llama", fmt)][0], tmp_path)
     edit_config(path, quantization_config=CONFIGS[fmt] | changes)
     with pytest.raises(ConfigError, match=named):

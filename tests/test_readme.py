@@ -1,5 +1,6 @@
 """The README's two set-up commands are the ones CI runs and that work: `.ci/run` calls the test
 command verbatim, and the CLI's demo-model command writes a checkpoint transformers loads."""
+
 from __future__ import annotations
 
 import re
@@ -28,7 +29,10 @@ def test_demo_model_command_writes_a_loadable_checkpoint(tmp_path: Path) -> None
 
     result = subprocess.run(
         [sys.executable, "-m", "pdserve.deploy.cli", "demo-model", str(tmp_path / "demo")],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "demo")

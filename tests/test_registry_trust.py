@@ -2,6 +2,7 @@
 unsigned or malformed are ignored and logged while real workers (heartbeating signed records into
 a real redis-server) keep serving exactly; a signed record whose address now answers for someone
 else gets no traffic; Redis with a password, an ACL user or TLS works."""
+
 from __future__ import annotations
 
 import asyncio
@@ -39,8 +40,14 @@ class _ImpostorDecode(pb_grpc.DecodeWorkerServicer):
         self.prompts: list[list[int]] = []
 
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.WorkerStatus:  # noqa: N802
-        return pb.WorkerStatus(worker_id="decode-impostor", role="decode", model="m", max_model_len=MAX_MODEL_LEN,
-                               num_total_blocks=10**6, block_size=16)
+        return pb.WorkerStatus(
+            worker_id="decode-impostor",
+            role="decode",
+            model="m",
+            max_model_len=MAX_MODEL_LEN,
+            num_total_blocks=10**6,
+            block_size=16,
+        )
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:  # noqa: N802
         self.prompts.append(list(request.prompt_token_ids))
@@ -87,8 +94,12 @@ def forged_entries(impostor_address: str) -> dict[str, bytes]:
         redis_key("decode-renamed"): json.dumps(signed_elsewhere).encode(),
         redis_key("decode-moved"): impostor.signed_json(CLUSTER_SECRET).encode(),  # a real record under another key
         redis_key("garbage"): b"\xff\xfe{not json",
-        redis_key("nested"): json.dumps({"record": {"worker_id": {"$gt": ""}, "role": "decode", "address": "x:1"}, "signature": "00"}).encode(),
-        redis_key("wrong-fields"): json.dumps({"record": {"worker_id": "wrong-fields", "role": "decode"}, "signature": "00"}).encode(),
+        redis_key("nested"): json.dumps(
+            {"record": {"worker_id": {"$gt": ""}, "role": "decode", "address": "x:1"}, "signature": "00"}
+        ).encode(),
+        redis_key("wrong-fields"): json.dumps(
+            {"record": {"worker_id": "wrong-fields", "role": "decode"}, "signature": "00"}
+        ).encode(),
         redis_key("huge"): b"{" + b" " * 100_000 + b"}",
         redis_key("list"): b"[1, 2, 3]",
     }
@@ -169,7 +180,10 @@ def test_a_signed_record_whose_address_answers_for_someone_else_gets_no_traffic(
     tokenizer = reference.get_tokenizer()
     prompts = [tokenizer.encode("only workers that prove the secret get prompts")[:16]] * 3
     with redis_server() as url:
-        redis.Redis.from_url(url).set(redis_key("decode-taken-over"), WorkerRecord("decode-taken-over", "decode", impostor_address).signed_json(CLUSTER_SECRET))
+        redis.Redis.from_url(url).set(
+            redis_key("decode-taken-over"),
+            WorkerRecord("decode-taken-over", "decode", impostor_address).signed_json(CLUSTER_SECRET),
+        )
         hosts = start_hosts(checkpoints["llama"], url)
         try:
             routable, results = asyncio.run(serve_in_one_loop(url, tokenizer, prompts))
@@ -196,8 +210,10 @@ def test_a_record_must_be_signed_by_this_cluster_for_its_own_key() -> None:
 
 # ---- Redis with a password, an ACL user, TLS ---------------------------------------------------------
 
+
 def discovered(url: str, timeout_s: float = 5.0) -> set[str]:
     """The worker ids listed once the first heartbeat is in (or after `timeout_s`)."""
+
     async def main() -> set[str]:
         registry = RedisRegistry(url, CLUSTER_SECRET)
         try:
@@ -219,7 +235,15 @@ def test_redis_with_a_password_and_an_acl_user_works_and_refuses_without_them(ch
         admin.execute_command("ACL", "SETUSER", "pdserve", "on", ">acl-password", "~pdserve:*", "+@all")
         acl_url = url.replace(f":{password}@", "pdserve:acl-password@")
         for worker_url in (url, acl_url):
-            host = WorkerHost(WorkerSpec("decode", engine_config(checkpoints["llama"]), model_name="m", redis_url=worker_url, cluster_secret=CLUSTER_SECRET))
+            host = WorkerHost(
+                WorkerSpec(
+                    "decode",
+                    engine_config(checkpoints["llama"]),
+                    model_name="m",
+                    redis_url=worker_url,
+                    cluster_secret=CLUSTER_SECRET,
+                )
+            )
             host.start()
             try:
                 assert discovered(worker_url) == {host.record.worker_id}
@@ -236,7 +260,11 @@ def test_redis_with_a_password_and_an_acl_user_works_and_refuses_without_them(ch
 def test_redis_over_tls_works(checkpoints: dict[str, Path]) -> None:
     with redis_server(password="tls-registry-password", tls=True) as url:
         assert url.startswith("rediss://")
-        host = WorkerHost(WorkerSpec("prefill", engine_config(checkpoints["llama"]), model_name="m", redis_url=url, cluster_secret=CLUSTER_SECRET))
+        host = WorkerHost(
+            WorkerSpec(
+                "prefill", engine_config(checkpoints["llama"]), model_name="m", redis_url=url, cluster_secret=CLUSTER_SECRET
+            )
+        )
         host.start()
         try:
             assert discovered(url) == {host.record.worker_id}

@@ -1,6 +1,7 @@
 """Regression tests for defects a code review found (each failed before its fix): usage's cached
 tokens, out-of-range wire values, out-of-vocab stop tokens, NaN temperature, GPU shares, seeded
 sampling across workers, leases shorter than a prefill, decode batch limits, broken devices."""
+
 from __future__ import annotations
 
 import asyncio
@@ -42,6 +43,7 @@ def greedy(max_tokens: int, **extra: object) -> SamplingParams:
 
 
 # ---- scripted workers: the gateway's DisaggregatedBackend without any model --------------------
+
 
 class _ScriptedStream:
     """A `DecodeWorker.Generate` call that plays back fixed messages."""
@@ -90,8 +92,9 @@ class _ScriptedPrefillStub:
         return _ScriptedCall(self.response)
 
 
-def _scripted_backend(tokenizer: Tokenizer, decode_messages: list[pb.GenerateResponse],
-                      prefill_response: pb.PrefillResponse) -> DisaggregatedBackend:
+def _scripted_backend(
+    tokenizer: Tokenizer, decode_messages: list[pb.GenerateResponse], prefill_response: pb.PrefillResponse
+) -> DisaggregatedBackend:
     pool = WorkerPool(InMemoryRegistry(), CLUSTER_SECRET)
     for role, stub in (("decode", _ScriptedDecodeStub(decode_messages)), ("prefill", _ScriptedPrefillStub(prefill_response))):
         record = WorkerRecord(f"{role}-0", role, "127.0.0.1:1")
@@ -143,6 +146,7 @@ def test_out_of_int32_token_id_is_a_400_and_leaves_worker_load_unchanged(demo_to
 
 # ---- the engine's sampler --------------------------------------------------------------------
 
+
 def test_a_stop_token_id_outside_the_vocab_does_not_take_down_other_requests(demo_model_dir: Path) -> None:
     engine = LLMEngine.from_config(EngineConfig(model=str(demo_model_dir), device="cpu", max_model_len=128, num_kv_blocks=32))
     vocab = engine.core.model_config.vocab_size
@@ -165,6 +169,7 @@ def test_nan_temperature_is_rejected() -> None:
 
 # ---- deploy ----------------------------------------------------------------------------------
 
+
 def test_fractional_gpu_shares_let_every_worker_be_placed() -> None:
     from pdserve.deploy.placement import gpus_per_worker
 
@@ -181,8 +186,14 @@ HOSTS: dict[str, WorkerHost] = {}
 @pytest.fixture(scope="module")
 def cluster(checkpoints: dict[str, Path]) -> Iterator[dict[str, WorkerRecord]]:
     def config(**overrides: object) -> EngineConfig:
-        base = dict(model=str(checkpoints["llama"]), device="cpu", dtype="float32", block_size=16,
-                    max_model_len=MAX_MODEL_LEN, num_kv_blocks=64)
+        base = dict(
+            model=str(checkpoints["llama"]),
+            device="cpu",
+            dtype="float32",
+            block_size=16,
+            max_model_len=MAX_MODEL_LEN,
+            num_kv_blocks=64,
+        )
         return EngineConfig(**(base | overrides))
 
     hosts = {
@@ -206,8 +217,13 @@ def llama_tokenizer(checkpoints: dict[str, Path]) -> Tokenizer:
     return Tokenizer.from_pretrained(checkpoints["llama"])
 
 
-def _generate(records: list[WorkerRecord], tokenizer: Tokenizer, prompt: list[int], params: SamplingParams,
-              deadlines: Deadlines = Deadlines()) -> list[int]:
+def _generate(
+    records: list[WorkerRecord],
+    tokenizer: Tokenizer,
+    prompt: list[int],
+    params: SamplingParams,
+    deadlines: Deadlines = Deadlines(),
+) -> list[int]:
     async def main() -> list[int]:
         pool = WorkerPool(InMemoryRegistry(records), CLUSTER_SECRET)
         await pool.start()

@@ -1,6 +1,7 @@
 """The OpenAI-compatible gateway end to end: a real engine on the CPU behind a real uvicorn server,
 driven by the official openai client and raw httpx, checked against the offline `LLM`; plus a
 scripted backend for the failures a real engine will not produce on demand (timeouts, crashes)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -122,8 +123,7 @@ def stream(http: httpx.Client, path: str, body: dict) -> list:
 
 def metric_samples(text: str) -> dict[tuple[str, frozenset], float]:
     return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text) for s in family.samples
+        (s.name, frozenset(s.labels.items())): s.value for family in text_string_to_metric_families(text) for s in family.samples
     }
 
 
@@ -135,6 +135,7 @@ def assert_kv_freed(engine: LLMEngine) -> None:
 
 # ---- generation against the offline LLM ----
 
+
 def test_completion_matches_offline_llm(server: Server, llm: LLM) -> None:
     expected = llm.generate(PROMPT, greedy())[0].outputs[0]
     result = server.client.completions.create(
@@ -145,7 +146,10 @@ def test_completion_matches_offline_llm(server: Server, llm: LLM) -> None:
     assert result.id.startswith("cmpl-") and result.object == "text_completion" and result.model == MODEL
     num_prompt = len(server.tokenizer.encode(PROMPT))
     assert (result.usage.prompt_tokens, result.usage.completion_tokens, result.usage.total_tokens) == (
-        num_prompt, NUM_TOKENS, num_prompt + NUM_TOKENS)
+        num_prompt,
+        NUM_TOKENS,
+        num_prompt + NUM_TOKENS,
+    )
     # the same prompt as token ids, as a one-element batch, and with `model` left out
     ids = server.tokenizer.encode(PROMPT)
     for prompt in (ids, [ids], [PROMPT]):
@@ -193,10 +197,17 @@ def test_chat_matches_templated_prompt(server: Server, llm: LLM) -> None:
     body = greedy_body(messages=parts, max_completion_tokens=NUM_TOKENS)
     del body["max_tokens"]
     assert server.http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"] == expected
-    chunks = list(server.client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=NUM_TOKENS, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
-    ))
+    chunks = list(
+        server.client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            max_tokens=NUM_TOKENS,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
     assert chunks[-2].choices[0].finish_reason == "length"
@@ -215,7 +226,7 @@ def test_chat_without_max_tokens_runs_to_the_context_limit(server: Server) -> No
 def test_stop_strings_truncate_and_free_kv(server: Server) -> None:
     body = greedy_body(prompt=PROMPT, max_tokens=16)
     full = server.http.post("/v1/completions", json=body).json()["choices"][0]["text"]
-    stop = full[len(full) // 2: len(full) // 2 + 3]
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
     cut = full.index(stop)
     choice = server.http.post("/v1/completions", json={**body, "stop": [stop, "never-generated"]}).json()["choices"][0]
     assert (choice["text"], choice["finish_reason"], choice["stop_reason"]) == (full[:cut], "stop", stop)
@@ -231,7 +242,9 @@ def test_logprobs_match_offline_llm(server: Server, llm: LLM) -> None:
     logprobs = server.http.post("/v1/completions", json=greedy_body(prompt=PROMPT, logprobs=3)).json()["choices"][0]["logprobs"]
     tokens = [server.tokenizer.decode([t], skip_special_tokens=False) for t in expected.token_ids]
     assert logprobs["tokens"] == tokens
-    assert logprobs["token_logprobs"] == pytest.approx([lp[t].logprob for t, lp in zip(expected.token_ids, expected.logprobs)], abs=1e-4)
+    assert logprobs["token_logprobs"] == pytest.approx(
+        [lp[t].logprob for t, lp in zip(expected.token_ids, expected.logprobs)], abs=1e-4
+    )
     for token, value, top in zip(tokens, logprobs["token_logprobs"], logprobs["top_logprobs"]):
         assert token in top and len(top) <= 4
         assert value == pytest.approx(max(top.values()))  # greedy picks the most likely token
@@ -282,14 +295,29 @@ CASES = [  # (path, body, status, param, words in the message)
     ("/v1/completions", {"stream_options": {"include_usage": True}}, 400, "stream_options", "stream"),
     ("/v1/chat/completions", {"max_tokens": 0}, 400, "max_tokens", "max_tokens"),
     ("/v1/chat/completions", {"max_completion_tokens": -1}, 400, "max_tokens", "max_tokens"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "blocks " * 200}]}, 400, "messages",
-     "maximum context length"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "blocks " * 200}]},
+        400,
+        "messages",
+        "maximum context length",
+    ),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages", "list"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", "at least 1"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-     400, "messages", "only text content parts"),
-    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tool_choice",
-     "requires --enable-auto-tool-choice"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        400,
+        "messages",
+        "only text content parts",
+    ),
+    (
+        "/v1/chat/completions",
+        {"tools": [{"type": "function", "function": {"name": "f"}}]},
+        400,
+        "tool_choice",
+        "requires --enable-auto-tool-choice",
+    ),
     ("/v1/chat/completions", {"response_format": {"type": "xml"}}, 400, "response_format", "unknown response_format"),
     ("/v1/chat/completions", {"top_logprobs": 2}, 400, "top_logprobs", "logprobs"),
     ("/v1/chat/completions", {"model": "gpt-4"}, 404, "model", "does not exist"),
@@ -299,12 +327,16 @@ CASES = [  # (path, body, status, param, words in the message)
     ("/detokenize", {"tokens": [-1]}, 400, "tokens", "token ids"),
     ("/v1/nothing", {}, 404, None, "Not Found"),
 ]
-DEFAULTS = {"/v1/completions": {"model": MODEL, "prompt": PROMPT, "max_tokens": 2},
-            "/v1/chat/completions": {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}}
+DEFAULTS = {
+    "/v1/completions": {"model": MODEL, "prompt": PROMPT, "max_tokens": 2},
+    "/v1/chat/completions": {"model": MODEL, "messages": MESSAGES, "max_tokens": 2},
+}
 
 
 @pytest.mark.parametrize("path, body, status, param, words", CASES, ids=lambda x: None)
-def test_invalid_request_gets_openai_error(server: Server, path: str, body: object, status: int, param: str | None, words: str) -> None:
+def test_invalid_request_gets_openai_error(
+    server: Server, path: str, body: object, status: int, param: str | None, words: str
+) -> None:
     if isinstance(body, dict):
         response = server.http.post(path, json={**DEFAULTS.get(path, {}), **body})
     else:
@@ -350,7 +382,10 @@ def test_stream_client_disconnect_aborts_request(server: Server) -> None:
     aborted = ("vllm:request_success_total", frozenset({"model_name": MODEL, "finished_reason": "abort"}.items()))
     num_aborted = metric_samples(server.http.get("/metrics").text).get(aborted, 0.0)
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": MAX_MODEL_LEN - 16, "ignore_eos": True, "stream": True}
-    with httpx.Client(base_url=str(server.http.base_url), timeout=60) as http, http.stream("POST", "/v1/completions", json=body) as response:
+    with (
+        httpx.Client(base_url=str(server.http.base_url), timeout=60) as http,
+        http.stream("POST", "/v1/completions", json=body) as response,
+    ):
         first = next(line for line in response.iter_lines() if line.startswith("data: "))
         assert json.loads(first.removeprefix("data: "))["choices"][0]["text"]
     # leaving the blocks closed the connection mid-stream
@@ -360,6 +395,7 @@ def test_stream_client_disconnect_aborts_request(server: Server) -> None:
 
 
 # ---- models, health, tokenizer, metrics ----
+
 
 def test_models_and_health(server: Server) -> None:
     [card] = server.client.models.list().data
@@ -385,10 +421,18 @@ def test_metrics_use_vllm_names_and_count_requests(server: Server) -> None:
     server.metrics.observe_kv_transfer(4096, 0.002, "cuda_ipc")
     text = server.http.get("/metrics").text
     after = metric_samples(text)
-    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-                 "vllm:num_preemptions_total", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
-                 "vllm:time_to_first_token_seconds_count", "vllm:inter_token_latency_seconds_count",
-                 "vllm:e2e_request_latency_seconds_count", "pdserve:kv_transfer_seconds_count"):
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:num_preemptions_total",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "vllm:time_to_first_token_seconds_count",
+        "vllm:inter_token_latency_seconds_count",
+        "vllm:e2e_request_latency_seconds_count",
+        "pdserve:kv_transfer_seconds_count",
+    ):
         assert (name, labels) in after, name
     assert f'vllm:generation_tokens_total{{model_name="{MODEL}"}}' in text
 
@@ -406,6 +450,7 @@ def test_metrics_use_vllm_names_and_count_requests(server: Server) -> None:
 
 
 # ---- failures, with a scripted backend ----
+
 
 class ScriptedBackend:
     """A Backend whose requests follow `script`: a list of steps, each a RequestDelta to yield, a
@@ -430,8 +475,14 @@ class ScriptedBackend:
                     await asyncio.sleep(step)
                     continue
                 is_finished = step.finish_reason is not None
-                yield RequestDelta(request_id, list(step.token_ids), finish_reason=step.finish_reason, error=step.error,
-                                   num_prompt_tokens=len(prompt_token_ids), num_cached_tokens=step.num_cached_tokens)
+                yield RequestDelta(
+                    request_id,
+                    list(step.token_ids),
+                    finish_reason=step.finish_reason,
+                    error=step.error,
+                    num_prompt_tokens=len(prompt_token_ids),
+                    num_cached_tokens=step.num_cached_tokens,
+                )
         finally:
             self.num_aborted += not is_finished
 
@@ -498,7 +549,10 @@ def test_failure_mid_stream_sends_error_event(scripted: Scripted) -> None:
         scripted.backend.script = [tokens(scripted.token, 1), *tail]
         num_aborted = scripted.backend.num_aborted
         events = stream(scripted.http, "/v1/chat/completions", {"messages": MESSAGES})
-        assert [e["choices"][0]["delta"] for e in events[:2]] == [{"role": "assistant", "content": ""}, {"content": scripted.text}]
+        assert [e["choices"][0]["delta"] for e in events[:2]] == [
+            {"role": "assistant", "content": ""},
+            {"content": scripted.text},
+        ]
         assert events[2]["error"]["code"] == code and events[3] == "[DONE]" and len(events) == 4
         assert scripted.backend.num_aborted == num_aborted + (code == 504)
 
@@ -527,8 +581,13 @@ def test_penalties_logit_bias_and_allowed_tokens_equal_the_offline_engine(server
     extra = {"repetition_penalty": 1.3, "frequency_penalty": 0.5, "presence_penalty": -0.5, "logit_bias": {"40": 3.0}}
     body = greedy_body(prompt=PROMPT, max_tokens=12, logprobs=0, return_tokens_as_token_ids=True, **extra)
     choice = server.http.post("/v1/completions", json=body).json()["choices"][0]
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logit_bias={40: 3.0},
-                            **{k: v for k, v in extra.items() if k != "logit_bias"})
+    params = SamplingParams(
+        temperature=0.0,
+        max_tokens=12,
+        ignore_eos=True,
+        logit_bias={40: 3.0},
+        **{k: v for k, v in extra.items() if k != "logit_bias"},
+    )
     [want] = reference.generate(PROMPT, params)
     assert [int(t.split(":")[1]) for t in choice["logprobs"]["tokens"]] == want.outputs[0].token_ids
     allowed = [40, 41, 42]
@@ -543,5 +602,11 @@ def test_every_dashboard_series_has_samples_after_a_little_load(server: Server) 
     series = observed_series(server.http.get("/metrics").text)
     missing = [name for name in DASHBOARD_SERIES if name not in series]
     assert not missing, missing
-    empty = [name for name in DASHBOARD_SERIES if series[name] == 0 and name not in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc")]
+    empty = [
+        name
+        for name in DASHBOARD_SERIES
+        if series[name] == 0
+        and name
+        not in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc")
+    ]
     assert not empty, empty  # counters, histograms and info gauges moved under load

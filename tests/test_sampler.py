@@ -1,5 +1,6 @@
 """Sampler behaviour a user relies on: seeds reproduce, top-k/top-p/min-p never pick outside their
 set, min_tokens holds stop tokens back, logprobs are the model's log-softmax."""
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """`pdserve serve` end to end on the CPU: a real gateway, Ray-placed prefill and decode workers,
 KV over gRPC, driven by the official `openai` client; the in-memory registry and Redis."""
+
 from __future__ import annotations
 
 import contextlib
@@ -62,9 +63,26 @@ def serving(checkpoint: Path, log_path: Path, *extra_args: str, returncode: int 
     (unless the test stopped it already: with `returncode`), every process of its Ray instance with it."""
     port = free_port()
     args = [
-        sys.executable, "-m", "pdserve.deploy.cli", "serve", "--model", str(checkpoint),
-        "--served-model-name", "tiny-llama", "--port", str(port), "--device", "cpu",
-        "--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning", "--shutdown-timeout", "10", "--admin-token", ADMIN_TOKEN,
+        sys.executable,
+        "-m",
+        "pdserve.deploy.cli",
+        "serve",
+        "--model",
+        str(checkpoint),
+        "--served-model-name",
+        "tiny-llama",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--log-level",
+        "warning",
+        "--shutdown-timeout",
+        "10",
+        "--admin-token",
+        ADMIN_TOKEN,
         *extra_args,
     ]
     with open(log_path, "wb") as log:
@@ -95,7 +113,9 @@ def assert_gone(processes: dict[int, int], timeout_s: float = 10.0) -> None:
 
 
 @pytest.fixture(scope="module", params=["memory-registry", "redis-registry"])
-def server(request: pytest.FixtureRequest, checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(
+    request: pytest.FixtureRequest, checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     with redis_server(enabled=request.param == "redis-registry") as redis_url:
         with serving(checkpoints["llama"], log_path, *(["--redis-url", redis_url] if redis_url else [])) as server:
@@ -114,7 +134,11 @@ def token_ids_of(choice: object) -> list[int]:
 
 def complete(server: Server, prompt: str, max_tokens: int, **extra: object) -> object:
     return server.client().completions.create(
-        model=server.model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, logprobs=1,
+        model=server.model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0.0,
+        logprobs=1,
         extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True, **extra},
     )
 
@@ -144,12 +168,16 @@ def test_penalties_and_logit_bias_cross_both_workers_exactly(server: Server, ref
     penalties over the same tokens, so the tokens equal one engine's."""
     bias = {str(reference.get_tokenizer().encode(" blocks", add_special_tokens=False)[0]): 4.0}
     for prompt in PROMPTS[1:3]:
-        params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logit_bias={int(k): v for k, v in bias.items()}, **PENALIZED)
+        params = SamplingParams(
+            temperature=0.0, max_tokens=16, ignore_eos=True, logit_bias={int(k): v for k, v in bias.items()}, **PENALIZED
+        )
         [want] = reference.generate(prompt, params)
         got = complete(server, prompt, 16, logit_bias=bias, **PENALIZED)
         assert token_ids_of(got.choices[0]) == want.outputs[0].token_ids
     plain = complete(server, PROMPTS[1], 16)
-    assert token_ids_of(plain.choices[0]) != token_ids_of(complete(server, PROMPTS[1], 16, logit_bias=bias, **PENALIZED).choices[0])
+    assert token_ids_of(plain.choices[0]) != token_ids_of(
+        complete(server, PROMPTS[1], 16, logit_bias=bias, **PENALIZED).choices[0]
+    )
 
 
 def test_a_sigkilled_gateway_takes_its_ray_instance_with_it(checkpoints: dict[str, Path], tmp_path: Path) -> None:
@@ -180,8 +208,13 @@ def test_streamed_text_equals_non_streamed_text_and_reports_usage(server: Server
         model=server.model, prompt=prompt, max_tokens=20, temperature=0.0, extra_body={"ignore_eos": True}
     )
     stream = server.client().completions.create(
-        model=server.model, prompt=prompt, max_tokens=20, temperature=0.0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        model=server.model,
+        prompt=prompt,
+        max_tokens=20,
+        temperature=0.0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
     )
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
@@ -246,7 +279,9 @@ def test_kv_really_crosses_between_the_worker_processes(server: Server, referenc
         ({"max_tokens": MAX_MODEL_LEN}, 400, "maximum context length"),
     ],
 )
-def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server: Server, body: dict, status: int, fragment: str) -> None:
+def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(
+    server: Server, body: dict, status: int, fragment: str
+) -> None:
     payload = {"model": server.model, "prompt": "Hello", "max_tokens": 4, **body}
     response = httpx.post(server.base_url + "/v1/completions", json=payload, timeout=30)
     assert response.status_code == status
@@ -257,7 +292,10 @@ def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server: Ser
 
 def test_malformed_json_is_a_400(server: Server) -> None:
     response = httpx.post(
-        server.base_url + "/v1/completions", content=b'{"prompt": "Hi", ', headers={"content-type": "application/json"}, timeout=30
+        server.base_url + "/v1/completions",
+        content=b'{"prompt": "Hi", ',
+        headers={"content-type": "application/json"},
+        timeout=30,
     )
     assert response.status_code == 400 and "error" in response.json()
 
@@ -265,8 +303,14 @@ def test_malformed_json_is_a_400(server: Server) -> None:
 def test_client_disconnects_abort_the_request_on_both_workers(server: Server) -> None:
     """Clients that leave stop their requests on the workers at once, long before the requests
     could have run to their length (~440 tokens each: seconds of decoding here)."""
-    payload = {"model": server.model, "prompt": PROMPTS[2], "max_tokens": MAX_MODEL_LEN - 64, "temperature": 0,
-               "ignore_eos": True, "stream": True}
+    payload = {
+        "model": server.model,
+        "prompt": PROMPTS[2],
+        "max_tokens": MAX_MODEL_LEN - 64,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
 
     def leave_mid_stream(_: int) -> None:
         with httpx.stream("POST", server.base_url + "/v1/completions", json=payload, timeout=60) as response:
@@ -303,7 +347,12 @@ def test_every_dashboard_series_has_samples_after_a_little_load(server: Server) 
     series = observed_series(httpx.get(server.base_url + "/metrics", timeout=10).text)
     missing = [name for name in DASHBOARD_SERIES if name not in series]
     assert not missing, missing
-    idle_gauges = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc")
+    idle_gauges = (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:gpu_cache_usage_perc",
+        "vllm:kv_cache_usage_perc",
+    )
     empty = [name for name in DASHBOARD_SERIES if series[name] == 0 and name not in idle_gauges]
     assert not empty, empty
 
@@ -315,8 +364,14 @@ def test_sigterm_drains_in_flight_requests_then_stops_every_process(server: Serv
     ray_processes = session_processes(server.process.pid)
     assert len(ray_processes) >= 4  # Ray's own processes and the two workers
     events: list[str] = []
-    payload = {"model": server.model, "prompt": PROMPTS[1], "max_tokens": 450, "temperature": 0, "ignore_eos": True,
-               "stream": True}
+    payload = {
+        "model": server.model,
+        "prompt": PROMPTS[1],
+        "max_tokens": 450,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
 
     def stream() -> None:
         with httpx.stream("POST", server.base_url + "/v1/completions", json=payload, timeout=60) as response:

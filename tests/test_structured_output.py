@@ -1,6 +1,7 @@
 """Structured output in the engine: grammars compiled once per spec, masks applied in the batched
 sampler, the grammar advanced with every token, and a complete grammar ending its request with
 "stop". The checkpoints have random weights: only the constraints make their output meaningful."""
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,9 @@ def llm(tool_checkpoint: Path) -> LLM:
 
 def sample(llm: LLM, spec: StructuredOutput, num: int = NUM_SAMPLES, max_tokens: int = 64, **params: object) -> list:
     """`num` seeded samples at temperature 1 under `spec`."""
-    settings = [SamplingParams(temperature=1.0, seed=seed, max_tokens=max_tokens, structured_output=spec, **params) for seed in range(num)]
+    settings = [
+        SamplingParams(temperature=1.0, seed=seed, max_tokens=max_tokens, structured_output=spec, **params) for seed in range(num)
+    ]
     return [out.outputs[0] for out in llm.generate(["Hello"] * num, settings)]
 
 
@@ -42,7 +45,9 @@ def test_choice_returns_one_of_the_choices_and_stops_there(llm: LLM) -> None:
 def test_each_of_n_sequences_follows_the_grammar_on_its_own(llm: LLM) -> None:
     """n > 1 forks one prompt into several sequences: each needs its own grammar state."""
     choices = ["yes", "no", "maybe later", "n/a"]
-    params = SamplingParams(n=8, temperature=1.0, seed=3, max_tokens=32, structured_output=StructuredOutput("choice", json.dumps(choices)))
+    params = SamplingParams(
+        n=8, temperature=1.0, seed=3, max_tokens=32, structured_output=StructuredOutput("choice", json.dumps(choices))
+    )
     outputs = llm.generate(["Hello"], params)[0].outputs
     assert len(outputs) == 8
     assert {o.text for o in outputs} <= set(choices)
@@ -85,7 +90,9 @@ def test_greedy_constrained_output_is_the_argmax_of_the_masked_logits(llm: LLM) 
     """Greedy under a grammar picks the best token the grammar allows: rank 1 of the distribution
     its logprobs report (the masked one, as vLLM reports it)."""
     spec = StructuredOutput("regex", "[a-z]{3,8}")
-    out = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=10, structured_output=spec, logprobs=3))[0].outputs[0]
+    out = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=10, structured_output=spec, logprobs=3))[0].outputs[
+        0
+    ]
     assert re.fullmatch("[a-z]{3,8}", out.text)
     ranks = [entries[token].rank for token, entries in zip(out.token_ids, out.logprobs)]
     assert ranks == [1] * len(ranks)
@@ -113,7 +120,9 @@ def test_an_unknown_kind_is_refused() -> None:
         StructuredOutput("xml", "<a/>")
 
 
-def test_a_spec_compiles_once_and_each_request_gets_its_own_matcher(demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_spec_compiles_once_and_each_request_gets_its_own_matcher(
+    demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     tokenizer = Tokenizer.from_pretrained(demo_model_dir)
     compiler = GrammarCompiler(tokenizer, 832, tokenizer.eos_token_ids)
     calls = []

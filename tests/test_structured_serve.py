@@ -2,6 +2,7 @@
 and decode workers, KV over gRPC) and colocated, driven by the official openai client. The
 checkpoint has random weights: only the constraints make its output meaningful, so every sample
 must parse and validate; greedy constrained output equals the offline engine's."""
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,10 @@ SCHEMAS = {
             "id": {"type": "integer", "minimum": 0, "maximum": 999},
             "owner": {
                 "type": "object",
-                "properties": {"first": {"type": "string", "maxLength": 6}, "age": {"type": "integer", "minimum": 18, "maximum": 99}},
+                "properties": {
+                    "first": {"type": "string", "maxLength": 6},
+                    "age": {"type": "integer", "minimum": 18, "maximum": 99},
+                },
                 "required": ["first", "age"],
                 "additionalProperties": False,
             },
@@ -71,7 +75,10 @@ SCHEMAS = {
     "refs-and-patterns": {
         "$defs": {"code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{2}$"}},
         "type": "object",
-        "properties": {"codes": {"type": "array", "items": {"$ref": "#/$defs/code"}, "maxItems": 2}, "primary": {"$ref": "#/$defs/code"}},
+        "properties": {
+            "codes": {"type": "array", "items": {"$ref": "#/$defs/code"}, "maxItems": 2},
+            "primary": {"$ref": "#/$defs/code"},
+        },
         "required": ["primary", "codes"],
         "additionalProperties": False,
     },
@@ -89,8 +96,18 @@ WEATHER_TOOL = {
         },
     },
 }
-TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {
-    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"], "additionalProperties": False}}}
+TIME_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"enum": ["UTC", "CET"]}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
 TOOLS = [WEATHER_TOOL, TIME_TOOL]
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 
@@ -111,7 +128,9 @@ def reference(tool_checkpoint: Path) -> LLM:
 
 def chat(server: Server, **body: Any) -> Any:
     extra = body.pop("extra_body", {})
-    return server.client().chat.completions.create(model=server.model, messages=body.pop("messages", MESSAGES), extra_body=extra, **body)
+    return server.client().chat.completions.create(
+        model=server.model, messages=body.pop("messages", MESSAGES), extra_body=extra, **body
+    )
 
 
 def in_parallel(fn: Any, items: list[Any]) -> list[Any]:
@@ -142,19 +161,32 @@ def test_json_schema_with_free_whitespace_and_json_object(server: Server) -> Non
 
     def run(seed: int) -> Any:
         if seed % 2:
-            return chat(server, response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
-                        temperature=1.0, seed=seed, max_tokens=400).choices[0]
-        choice = server.client().completions.create(
-            model=server.model, prompt="JSON:", temperature=1.0, seed=seed, max_tokens=400, extra_body={"guided_json": schema}
-        ).choices[0]
+            return chat(
+                server,
+                response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
+                temperature=1.0,
+                seed=seed,
+                max_tokens=400,
+            ).choices[0]
+        choice = (
+            server.client()
+            .completions.create(
+                model=server.model, prompt="JSON:", temperature=1.0, seed=seed, max_tokens=400, extra_body={"guided_json": schema}
+            )
+            .choices[0]
+        )
         choice.message = type("Message", (), {"content": choice.text})
         return choice
 
     for choice in in_parallel(run, list(range(32))):
         assert choice.finish_reason == "stop", choice.message.content
         jsonschema.validate(json.loads(choice.message.content), schema)
-    objects = in_parallel(lambda seed: chat(server, response_format={"type": "json_object"}, temperature=1.0, seed=seed,
-                                            max_tokens=100, extra_body=COMPACT).choices[0], list(range(16)))
+    objects = in_parallel(
+        lambda seed: chat(
+            server, response_format={"type": "json_object"}, temperature=1.0, seed=seed, max_tokens=100, extra_body=COMPACT
+        ).choices[0],
+        list(range(16)),
+    )
     assert all(c.message.content.startswith("{") for c in objects)
     assert all(isinstance(json.loads(c.message.content), dict) for c in objects if c.finish_reason == "stop")
 
@@ -162,7 +194,8 @@ def test_json_schema_with_free_whitespace_and_json_object(server: Server) -> Non
 def test_guided_choice_returns_one_of_the_choices(server: Server) -> None:
     choices = ["sunny", "rain", "snow and ice", "fog"]
     replies = in_parallel(
-        lambda seed: chat(server, temperature=1.0, seed=seed, max_tokens=20, extra_body={"guided_choice": choices}), list(range(24))
+        lambda seed: chat(server, temperature=1.0, seed=seed, max_tokens=20, extra_body={"guided_choice": choices}),
+        list(range(24)),
     )
     assert {r.choices[0].message.content for r in replies} <= set(choices)
     assert {r.choices[0].finish_reason for r in replies} == {"stop"}
@@ -173,8 +206,19 @@ def test_guided_choice_returns_one_of_the_choices(server: Server) -> None:
 def test_guided_regex_and_grammar_match_fully(server: Server) -> None:
     pattern = r"[A-Z][a-z]{1,6} [0-9]{1,3}(st|nd|rd|th)?"
     for seed in range(8):
-        text = server.client().completions.create(model=server.model, prompt="Street:", temperature=1.0, seed=seed,
-                                                  max_tokens=30, extra_body={"guided_regex": pattern}).choices[0].text
+        text = (
+            server.client()
+            .completions.create(
+                model=server.model,
+                prompt="Street:",
+                temperature=1.0,
+                seed=seed,
+                max_tokens=30,
+                extra_body={"guided_regex": pattern},
+            )
+            .choices[0]
+            .text
+        )
         assert re.fullmatch(pattern, text), text
     grammar = 'start: "(" NUMBER ("+" NUMBER){0,3} ")"\nNUMBER: /[1-9][0-9]?/'
     text = chat(server, temperature=1.0, seed=5, max_tokens=40, extra_body={"guided_grammar": grammar}).choices[0].message.content
@@ -186,17 +230,27 @@ def test_greedy_constrained_output_equals_the_offline_engine(server: Server, ref
     with its grammar advanced past that token: the same tokens as one engine."""
     tokenizer = reference.get_tokenizer()
     cases = [
-        (StructuredOutput("json", json.dumps(SCHEMAS["nested-object"]), disable_any_whitespace=True),
-         {"guided_json": SCHEMAS["nested-object"], **COMPACT}),
+        (
+            StructuredOutput("json", json.dumps(SCHEMAS["nested-object"]), disable_any_whitespace=True),
+            {"guided_json": SCHEMAS["nested-object"], **COMPACT},
+        ),
         (StructuredOutput("regex", "[a-z]{2,9}( [a-z]{2,9}){3}"), {"guided_regex": "[a-z]{2,9}( [a-z]{2,9}){3}"}),
     ]
     for spec, extra in cases:
         for prompt in ("The key value cache", "Who wrote the letter?"):
             [want] = reference.generate(prompt, SamplingParams(temperature=0.0, max_tokens=120, structured_output=spec))
-            got = server.client().completions.create(
-                model=server.model, prompt=prompt, max_tokens=120, temperature=0.0, logprobs=0,
-                extra_body={**extra, "return_tokens_as_token_ids": True},
-            ).choices[0]
+            got = (
+                server.client()
+                .completions.create(
+                    model=server.model,
+                    prompt=prompt,
+                    max_tokens=120,
+                    temperature=0.0,
+                    logprobs=0,
+                    extra_body={**extra, "return_tokens_as_token_ids": True},
+                )
+                .choices[0]
+            )
             assert [int(t.split(":")[1]) for t in got.logprobs.tokens] == want.outputs[0].token_ids
             assert got.text == want.outputs[0].text == tokenizer.decode(want.outputs[0].token_ids)
             assert got.finish_reason == want.outputs[0].finish_reason == "stop"
@@ -224,7 +278,9 @@ def test_greedy_constrained_output_equals_the_offline_engine(server: Server, ref
     ],
 )
 def test_unknown_or_broken_forms_are_a_400_naming_the_field(server: Server, body: dict, param: str, words: str) -> None:
-    response = httpx.post(server.base_url + "/v1/chat/completions", json={"model": server.model, "messages": MESSAGES, **body}, timeout=60)
+    response = httpx.post(
+        server.base_url + "/v1/chat/completions", json={"model": server.model, "messages": MESSAGES, **body}, timeout=60
+    )
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and words in error["message"], error
@@ -248,7 +304,11 @@ def test_a_forced_function_call_streams_its_arguments(server: Server) -> None:
     """vLLM's delta shape: the first tool-call delta has the id, type and name, the rest add
     pieces of `function.arguments`; the streamed call equals the non-streamed one."""
     whole = chat(server, tools=TOOLS, tool_choice=NAMED, temperature=1.0, seed=11, max_tokens=300).choices[0]
-    chunks = [c for c in chat(server, tools=TOOLS, tool_choice=NAMED, temperature=1.0, seed=11, max_tokens=300, stream=True) if c.choices]
+    chunks = [
+        c
+        for c in chat(server, tools=TOOLS, tool_choice=NAMED, temperature=1.0, seed=11, max_tokens=300, stream=True)
+        if c.choices
+    ]
     deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
     assert deltas[0].id and deltas[0].type == "function" and deltas[0].function.name == "get_weather"
     assert all(d.index == 0 and d.id is None and d.function.name is None for d in deltas[1:]) and len(deltas) > 3
@@ -260,7 +320,9 @@ def test_a_forced_function_call_streams_its_arguments(server: Server) -> None:
 
 
 def test_required_tool_choice_calls_at_least_one_tool(server: Server) -> None:
-    reply = chat(server, tools=TOOLS, tool_choice="required", temperature=1.0, seed=2, max_tokens=400, extra_body=COMPACT).choices[0]
+    reply = chat(
+        server, tools=TOOLS, tool_choice="required", temperature=1.0, seed=2, max_tokens=400, extra_body=COMPACT
+    ).choices[0]
     assert reply.finish_reason == "tool_calls" and reply.message.tool_calls
     parameters = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
     for call in reply.message.tool_calls:
@@ -276,7 +338,9 @@ def test_tool_choice_none_renders_the_tools_and_answers_text(server: Server) -> 
     assert usage.prompt_tokens > prompt + 40  # the tools are in the prompt
 
 
-HERMES_CALL = r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "[a-z]{2,8}", "unit": "(celsius|fahrenheit)"\}\}\n</tool_call>'
+HERMES_CALL = (
+    r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "[a-z]{2,8}", "unit": "(celsius|fahrenheit)"\}\}\n</tool_call>'
+)
 
 
 @pytest.mark.parametrize("stream", [False, True])

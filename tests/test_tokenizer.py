@@ -1,4 +1,5 @@
 """Tokenizer and IncrementalDetokenizer against transformers on Llama-3-, Qwen2- and Llama-2-style files."""
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,7 @@ from pdserve.engine.demo_model import TRAINING_TEXT, write_demo_model
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.tokenizer import Tokenizer
 
-QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 QWEN2_TEMPLATE = """{%- if tools %}
 {{- '<|im_start|>system\\n' }}
 {%- if messages[0].role == 'system' %}{{- messages[0].content }}{%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}
@@ -59,8 +58,12 @@ LLAMA2_TEMPLATE = """{% if messages[0]['role'] == 'system' %}
 """
 LLAMA2_TOOL_TEMPLATE = "Year {{ strftime_now('%Y') }}. Tools: {{ tools | tojson }}\n" + LLAMA2_TEMPLATE
 
-TOOLS = [{"type": "function", "function": {"name": "météo", "description": "天气 lookup",
-                                           "parameters": {"type": "object", "properties": {}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "météo", "description": "天气 lookup", "parameters": {"type": "object", "properties": {}}},
+    }
+]
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello! 👋 Wie geht's?"}],
     [
@@ -92,11 +95,14 @@ def write_qwen2_style(directory: Path) -> Path:
     """Qwen2.5 layout: NFC + regex split + byte-level, no BOS anywhere, template in chat_template.jinja."""
     directory.mkdir(parents=True)
     backend = _train(
-        pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]),
-        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        ),
+        vocab_size=600,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     backend.normalizer = normalizers.NFC()
     backend.decoder = decoders.ByteLevel()
@@ -105,10 +111,17 @@ def write_qwen2_style(directory: Path) -> Path:
     backend.add_tokens([AddedToken("<think>", special=False), AddedToken("</think>", special=False)])
     backend.save(str(directory / "tokenizer.json"))
     config = {
-        "tokenizer_class": "Qwen2Tokenizer", "add_bos_token": False, "add_prefix_space": False,
-        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
-        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "errors": "replace",
-        "split_special_tokens": False, "model_max_length": 32768,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "errors": "replace",
+        "split_special_tokens": False,
+        "model_max_length": 32768,
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     (directory / "chat_template.jinja").write_text(QWEN2_TEMPLATE)
@@ -123,20 +136,39 @@ def write_llama2_style(directory: Path, tokenizer_class: str) -> Path:
     specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
     backend = _train(
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False),
-        vocab_size=700, special_tokens=specials,
+        vocab_size=700,
+        special_tokens=specials,
         model_kwargs={"byte_fallback": True, "unk_token": "<unk>", "fuse_unk": True},
     )
-    backend.decoder = decoders.Sequence([
-        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
-    ])
+    backend.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
     backend.save(str(directory / "tokenizer.json"))
     config = {
-        "tokenizer_class": tokenizer_class, "add_bos_token": True, "add_eos_token": False, "legacy": False,
-        "bos_token": {"__type": "AddedToken", "content": "<s>", "lstrip": False, "normalized": False,
-                      "rstrip": False, "single_word": False},
-        "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
-        "chat_template": [{"name": "default", "template": LLAMA2_TEMPLATE},
-                          {"name": "tool_use", "template": LLAMA2_TOOL_TEMPLATE}],
+        "tokenizer_class": tokenizer_class,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": False,
+        "bos_token": {
+            "__type": "AddedToken",
+            "content": "<s>",
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+        },
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": None,
+        "chat_template": [
+            {"name": "default", "template": LLAMA2_TEMPLATE},
+            {"name": "tool_use", "template": LLAMA2_TOOL_TEMPLATE},
+        ],
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "bos_token_id": 1}))
@@ -184,9 +216,7 @@ def test_special_ids_match_transformers(style_dirs: dict[str, Path], style: str)
 
 
 @pytest.mark.parametrize("style", ["llama2_fast", "llama2_llama"])
-def test_add_bos_token_without_post_processor_adds_nothing_like_transformers(
-    style_dirs: dict[str, Path], style: str
-) -> None:
+def test_add_bos_token_without_post_processor_adds_nothing_like_transformers(style_dirs: dict[str, Path], style: str) -> None:
     # transformers 5 drops tokenizer_config's add_bos_token/add_eos_token whenever tokenizer.json exists:
     # the file's post-processor alone decides, and this one has none.
     ours, hf = load_both(style_dirs[style])
@@ -198,9 +228,7 @@ def test_add_bos_token_without_post_processor_adds_nothing_like_transformers(
 @pytest.mark.parametrize("style", STYLES)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(pieces=st.lists(st.one_of(st.text(max_size=6), st.sampled_from(["<|im_end|>", "<s>", " ", "\n", "é"]))))
-def test_encode_random_text_matches_transformers(
-    style_dirs: dict[str, Path], style: str, pieces: list[str]
-) -> None:
+def test_encode_random_text_matches_transformers(style_dirs: dict[str, Path], style: str, pieces: list[str]) -> None:
     ours, hf = load_both(style_dirs[style])
     text = "".join(pieces)
     assert ours.encode(text) == hf(text).input_ids
@@ -210,9 +238,7 @@ def test_encode_random_text_matches_transformers(
 @pytest.mark.parametrize("style", STYLES)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_decode_random_ids_matches_transformers(
-    style_dirs: dict[str, Path], style: str, data: st.DataObject
-) -> None:
+def test_decode_random_ids_matches_transformers(style_dirs: dict[str, Path], style: str, data: st.DataObject) -> None:
     ours, hf = load_both(style_dirs[style])
     ids = data.draw(st.lists(st.integers(0, ours.vocab_size - 1), max_size=20))
     skip = data.draw(st.booleans())
@@ -227,9 +253,7 @@ def test_chat_template_matches_transformers(
 ) -> None:
     ours, hf = load_both(style_dirs[style])
     for add_generation_prompt in (True, False):
-        expected = hf.apply_chat_template(
-            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        expected = hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt)
         assert ours.apply_chat_template(messages, add_generation_prompt, tools=tools) == expected
 
 
@@ -237,9 +261,12 @@ def test_chat_template_tool_call_with_none_content_matches_transformers(style_di
     ours, hf = load_both(style_dirs["qwen2"])
     messages = [
         {"role": "user", "content": "weather?"},
-        {"role": "assistant", "content": None, "reasoning": "need a tool",
-         "tool_calls": [{"type": "function",
-                         "function": {"name": "météo", "arguments": {"city": "Zürich"}}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "reasoning": "need a tool",
+            "tool_calls": [{"type": "function", "function": {"name": "météo", "arguments": {"city": "Zürich"}}}],
+        },
     ]
     rendered = ours.apply_chat_template(messages, tools=TOOLS)
     assert rendered == hf.apply_chat_template(messages, tools=TOOLS, tokenize=False, add_generation_prompt=True)
@@ -311,9 +338,7 @@ def id_streams(draw: st.DrawFn, vocab_size: int) -> tuple[list[int], list[int], 
 @pytest.mark.parametrize("style", ["demo", "qwen2", "llama2_fast"])
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_deltas_and_flush_equal_full_decode(
-    style_dirs: dict[str, Path], style: str, data: st.DataObject
-) -> None:
+def test_deltas_and_flush_equal_full_decode(style_dirs: dict[str, Path], style: str, data: st.DataObject) -> None:
     tokenizer, _ = load_both(style_dirs[style])
     ids, cuts, skip = data.draw(id_streams(tokenizer.vocab_size))
     deltas, flags, tail, detokenizer = detokenize(tokenizer, ids, cuts, skip_special_tokens=skip)
@@ -326,9 +351,7 @@ def test_deltas_and_flush_equal_full_decode(
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_streamed_text_is_always_a_prefix_of_the_final_text(
-    style_dirs: dict[str, Path], data: st.DataObject
-) -> None:
+def test_streamed_text_is_always_a_prefix_of_the_final_text(style_dirs: dict[str, Path], data: st.DataObject) -> None:
     tokenizer, _ = load_both(style_dirs["demo"])
     ids = data.draw(st.lists(st.integers(0, tokenizer.vocab_size - 1), max_size=30))
     full = tokenizer.decode(ids)
@@ -341,9 +364,7 @@ def test_streamed_text_is_always_a_prefix_of_the_final_text(
 @pytest.mark.parametrize("include", [False, True])
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_stop_string_truncates_at_first_occurrence(
-    style_dirs: dict[str, Path], include: bool, data: st.DataObject
-) -> None:
+def test_stop_string_truncates_at_first_occurrence(style_dirs: dict[str, Path], include: bool, data: st.DataObject) -> None:
     tokenizer, _ = load_both(style_dirs["demo"])
     ids, cuts, skip = data.draw(id_streams(tokenizer.vocab_size))
     full = tokenizer.decode(ids, skip_special_tokens=skip)

@@ -1,6 +1,7 @@
 """Tool-call parsers on hand-written model replies: whole (vLLM's non-streaming answer, malformed
 calls falling back to content) and streamed in pieces of every size (vLLM's delta shape), the
 streamed calls adding up to the same calls."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ from pdserve.router.tool_parsers import (
     parse_required,
 )
 
-WEATHER = {"city": "Paris", "days": [1, 2], "detail": {"unit": "c", "note": "a } and a \" inside"}}
+WEATHER = {"city": "Paris", "days": [1, 2], "detail": {"unit": "c", "note": 'a } and a " inside'}}
 
 
 def streamed(stream: Any, text: str, piece: int) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
@@ -47,8 +48,9 @@ def whole_calls(parsed: Any) -> list[tuple[str, Any]]:
 
 
 HERMES = (
-    "Let me look that up.\n<tool_call>\n" + json.dumps({"name": "get_weather", "arguments": WEATHER})
-    + "\n</tool_call>\n<tool_call>\n{\"arguments\": {}, \"name\": \"get_time\"}\n</tool_call>"
+    "Let me look that up.\n<tool_call>\n"
+    + json.dumps({"name": "get_weather", "arguments": WEATHER})
+    + '\n</tool_call>\n<tool_call>\n{"arguments": {}, "name": "get_time"}\n</tool_call>'
 )
 
 
@@ -69,9 +71,9 @@ def test_hermes_whole_and_streamed(piece: int) -> None:
     "reply",
     [
         "just text, no calls",
-        "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": </tool_call>",  # broken JSON
-        "<tool_call>\n{\"arguments\": {\"a\": 1}}\n</tool_call>",  # no name
-        "<tool_call>\n{\"name\": \"f\"}\n</tool_call>",  # no arguments
+        '<tool_call>\n{"name": "f", "arguments": {"a": </tool_call>',  # broken JSON
+        '<tool_call>\n{"arguments": {"a": 1}}\n</tool_call>',  # no name
+        '<tool_call>\n{"name": "f"}\n</tool_call>',  # no arguments
         "<tool_call>\n[1, 2]\n</tool_call>",  # not an object
     ],
 )
@@ -84,7 +86,7 @@ def test_hermes_stream_holds_back_a_tag_that_may_still_be_arriving() -> None:
     stream = HermesStream()
     assert stream.feed("Sure <tool_") == {"content": "Sure "}
     assert stream.feed("ca") == {}
-    assert stream.feed("ll>{\"name\": \"f\"")["tool_calls"][0]["function"] == {"name": "f", "arguments": ""}
+    assert stream.feed('ll>{"name": "f"')["tool_calls"][0]["function"] == {"name": "f", "arguments": ""}
     stream = HermesStream()
     assert stream.feed("a <tool_") == {"content": "a "}
     assert stream.feed("box>", is_last=True) == {"content": "<tool_box>"}  # not a tag after all
@@ -92,7 +94,9 @@ def test_hermes_stream_holds_back_a_tag_that_may_still_be_arriving() -> None:
 
 
 LLAMA3 = (
-    '<|python_tag|>{"name": "get_weather", "parameters": ' + json.dumps(WEATHER) + '}; {"name": "get_time", "arguments": {"tz": "UTC"}}'
+    '<|python_tag|>{"name": "get_weather", "parameters": '
+    + json.dumps(WEATHER)
+    + '}; {"name": "get_time", "arguments": {"tz": "UTC"}}'
 )
 
 
@@ -109,7 +113,8 @@ def test_llama3_json_whole_and_streamed(piece: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "reply", ["The weather is fine.", ' {"name": "f", "parameters": {}}', '{"name": "f", "parameters": {"a": 1', '{"parameters": {}}']
+    "reply",
+    ["The weather is fine.", ' {"name": "f", "parameters": {}}', '{"name": "f", "parameters": {"a": 1', '{"parameters": {}}'],
 )
 def test_llama3_json_text_and_malformed_replies_are_content(reply: str) -> None:
     parsed = parse_llama3_json(reply)

@@ -3,6 +3,7 @@
 KVTransfer) that is not signed with the cluster secret, and such a call changes nothing; a
 prefill worker hands KV only to a decode worker that proves it holds the secret, and repeats
 nothing an impostor said; oversized messages are refused before they are parsed."""
+
 from __future__ import annotations
 
 import time
@@ -77,6 +78,7 @@ def prompt(reference: LLM) -> list[int]:
 
 # ---- credentials that must not pass ------------------------------------------------------------
 
+
 def credential(kind: str, method: str) -> list[tuple[str, str]]:
     """The metadata a call to `method` carries: a valid signature, or one of the ways it is not."""
     if kind == "none":
@@ -88,7 +90,9 @@ def credential(kind: str, method: str) -> list[tuple[str, str]]:
     if kind == "expired":
         return [(auth.METADATA_KEY, auth.sign_call(CLUSTER_SECRET, method, "test-gateway", now=time.time() - 3600))]
     if kind == "replayed-from-another-method":
-        other = "/pdserve.DecodeWorker/GetStatus" if method != "/pdserve.DecodeWorker/GetStatus" else "/pdserve.DecodeWorker/Abort"
+        other = (
+            "/pdserve.DecodeWorker/GetStatus" if method != "/pdserve.DecodeWorker/GetStatus" else "/pdserve.DecodeWorker/Abort"
+        )
         return [(auth.METADATA_KEY, auth.sign_call(CLUSTER_SECRET, other, "test-gateway"))]
     if kind == "caller-renamed":  # a valid signature whose caller name was changed in transit
         signed = auth.sign_call(CLUSTER_SECRET, method, "test-gateway")
@@ -100,8 +104,9 @@ def credential(kind: str, method: str) -> list[tuple[str, str]]:
 BAD_CREDENTIALS = ["none", "other-cluster", "expired", "replayed-from-another-method", "caller-renamed", "garbage"]
 
 
-def calls(prefill: Worker, decode: Worker, request: pb.GenerateRequest, reservation: pb.Reservation,
-          kind: str, model: ModelConfig) -> dict[str, Callable[[], object]]:
+def calls(
+    prefill: Worker, decode: Worker, request: pb.GenerateRequest, reservation: pb.Reservation, kind: str, model: ModelConfig
+) -> dict[str, Callable[[], object]]:
     """One call to every method of every service, each carrying a credential of `kind`, each
     aimed at the pending request so that, were it run, it would change something."""
     prefill_channel, decode_channel = grpc.insecure_channel(prefill.address), grpc.insecure_channel(decode.address)
@@ -109,7 +114,12 @@ def calls(prefill: Worker, decode: Worker, request: pb.GenerateRequest, reservat
     kv_stub = pb_grpc.KVTransferStub(decode_channel)
     transfer_id, sender = request.transfer_id, "attacker"
     chunk = pb.KVChunk(
-        transfer_id=transfer_id, sender_id=sender, layer_start=0, layer_end=model.num_layers, block_start=0, block_end=1,
+        transfer_id=transfer_id,
+        sender_id=sender,
+        layer_start=0,
+        layer_end=model.num_layers,
+        block_start=0,
+        block_end=1,
         data=bytes(model.kv_bytes_per_token * 4 * 16),
     )
 
@@ -117,30 +127,53 @@ def calls(prefill: Worker, decode: Worker, request: pb.GenerateRequest, reservat
         return credential(kind, f"/pdserve.{service}/{method}")
 
     return {
-        "PrefillWorker.Prefill": lambda: prefill_stub.Prefill(prefill_request(request, reservation), timeout=10, metadata=md("PrefillWorker", "Prefill")),
-        "PrefillWorker.Abort": lambda: prefill_stub.Abort(pb.AbortRequest(request_id=request.request_id), timeout=10, metadata=md("PrefillWorker", "Abort")),
-        "PrefillWorker.GetStatus": lambda: prefill_stub.GetStatus(pb.StatusRequest(), timeout=10, metadata=md("PrefillWorker", "GetStatus")),
-        "DecodeWorker.Generate": lambda: next(decode_stub.Generate(
-            generate_request(list(request.prompt_token_ids), greedy(4), "intruder-request"), timeout=10, metadata=md("DecodeWorker", "Generate"),
-        )),
-        "DecodeWorker.Abort": lambda: decode_stub.Abort(pb.AbortRequest(request_id=request.request_id), timeout=10, metadata=md("DecodeWorker", "Abort")),
-        "DecodeWorker.GetStatus": lambda: decode_stub.GetStatus(pb.StatusRequest(), timeout=10, metadata=md("DecodeWorker", "GetStatus")),
-        "KVTransfer.Handshake": lambda: kv_stub.Handshake(pb.HandshakeRequest(sender_id=sender, transports=["grpc"]), timeout=10, metadata=md("KVTransfer", "Handshake")),
+        "PrefillWorker.Prefill": lambda: prefill_stub.Prefill(
+            prefill_request(request, reservation), timeout=10, metadata=md("PrefillWorker", "Prefill")
+        ),
+        "PrefillWorker.Abort": lambda: prefill_stub.Abort(
+            pb.AbortRequest(request_id=request.request_id), timeout=10, metadata=md("PrefillWorker", "Abort")
+        ),
+        "PrefillWorker.GetStatus": lambda: prefill_stub.GetStatus(
+            pb.StatusRequest(), timeout=10, metadata=md("PrefillWorker", "GetStatus")
+        ),
+        "DecodeWorker.Generate": lambda: next(
+            decode_stub.Generate(
+                generate_request(list(request.prompt_token_ids), greedy(4), "intruder-request"),
+                timeout=10,
+                metadata=md("DecodeWorker", "Generate"),
+            )
+        ),
+        "DecodeWorker.Abort": lambda: decode_stub.Abort(
+            pb.AbortRequest(request_id=request.request_id), timeout=10, metadata=md("DecodeWorker", "Abort")
+        ),
+        "DecodeWorker.GetStatus": lambda: decode_stub.GetStatus(
+            pb.StatusRequest(), timeout=10, metadata=md("DecodeWorker", "GetStatus")
+        ),
+        "KVTransfer.Handshake": lambda: kv_stub.Handshake(
+            pb.HandshakeRequest(sender_id=sender, transports=["grpc"]), timeout=10, metadata=md("KVTransfer", "Handshake")
+        ),
         "KVTransfer.Begin": lambda: kv_stub.Begin(
-            pb.BeginRequest(transfer_id=transfer_id, sender_id=sender, num_blocks=len(reservation.block_ids)), timeout=10,
+            pb.BeginRequest(transfer_id=transfer_id, sender_id=sender, num_blocks=len(reservation.block_ids)),
+            timeout=10,
             metadata=md("KVTransfer", "Begin"),
         ),
         "KVTransfer.PushKV": lambda: kv_stub.PushKV(iter([chunk]), timeout=10, metadata=md("KVTransfer", "PushKV")),
         "KVTransfer.Receive": lambda: kv_stub.Receive(
-            pb.ReceiveRequest(transfer_id=transfer_id, sender_id=sender, layer_bounds=[0, model.num_layers]), timeout=10,
+            pb.ReceiveRequest(transfer_id=transfer_id, sender_id=sender, layer_bounds=[0, model.num_layers]),
+            timeout=10,
             metadata=md("KVTransfer", "Receive"),
         ),
         "KVTransfer.Commit": lambda: kv_stub.Commit(
-            pb.KVCommit(transfer_id=transfer_id, sender_id=sender, first_token_id=1, num_prompt_tokens=len(request.prompt_token_ids)),
-            timeout=10, metadata=md("KVTransfer", "Commit"),
+            pb.KVCommit(
+                transfer_id=transfer_id, sender_id=sender, first_token_id=1, num_prompt_tokens=len(request.prompt_token_ids)
+            ),
+            timeout=10,
+            metadata=md("KVTransfer", "Commit"),
         ),
         "KVTransfer.Abandon": lambda: kv_stub.Abandon(
-            pb.AbandonRequest(transfer_id=transfer_id, sender_id=sender, reason="forged"), timeout=10, metadata=md("KVTransfer", "Abandon"),
+            pb.AbandonRequest(transfer_id=transfer_id, sender_id=sender, reason="forged"),
+            timeout=10,
+            metadata=md("KVTransfer", "Abandon"),
         ),
     }
 
@@ -148,13 +181,23 @@ def calls(prefill: Worker, decode: Worker, request: pb.GenerateRequest, reservat
 def observable(prefill: Worker, decode: Worker) -> tuple:
     """What a call could have changed on either worker, as their status says it."""
     p, d = prefill.status(), decode.status()
-    return (p.num_running, p.num_waiting, p.num_used_blocks, p.kv_bytes_sent,
-            d.num_running, d.num_waiting, d.num_used_blocks, d.kv_bytes_received)
+    return (
+        p.num_running,
+        p.num_waiting,
+        p.num_used_blocks,
+        p.kv_bytes_sent,
+        d.num_running,
+        d.num_waiting,
+        d.num_used_blocks,
+        d.kv_bytes_received,
+    )
 
 
 def test_every_method_of_every_service_is_covered(pair: tuple[Worker, Worker], checkpoints: dict[str, Path]) -> None:
     """The attack below reaches every method the proto defines, so a new method cannot slip by."""
-    defined = {f"{service.name}.{method.name}" for service in pb.DESCRIPTOR.services_by_name.values() for method in service.methods}
+    defined = {
+        f"{service.name}.{method.name}" for service in pb.DESCRIPTOR.services_by_name.values() for method in service.methods
+    }
     request = generate_request([1, 2, 3], greedy(1), "coverage")
     covered = calls(*pair, request, pb.Reservation(block_ids=[0]), "none", ModelConfig.from_pretrained(checkpoints["llama"]))
     assert set(covered) == defined == {f"{s}.{m}" for s, methods in SERVICES.items() for m in methods}
@@ -169,7 +212,9 @@ def test_calls_without_a_valid_signature_are_unauthenticated_and_change_nothing(
     stream, reservation = reserve(decode, request)  # a real request, waiting for its KV: the target
     before = observable(prefill, decode)
 
-    for name, call in calls(prefill, decode, request, reservation, kind, ModelConfig.from_pretrained(checkpoints["llama"])).items():
+    for name, call in calls(
+        prefill, decode, request, reservation, kind, ModelConfig.from_pretrained(checkpoints["llama"])
+    ).items():
         with pytest.raises(grpc.RpcError) as caught:
             call()
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, f"{name}: {caught.value.code()} {caught.value.details()}"
@@ -186,9 +231,14 @@ def test_calls_without_a_valid_signature_are_unauthenticated_and_change_nothing(
 def test_the_same_calls_with_a_valid_signature_are_served(pair: tuple[Worker, Worker]) -> None:
     """The control for the test above: a plain channel plus a valid signature gets through."""
     prefill, decode = pair
-    for worker, stub_cls, service in ((prefill, pb_grpc.PrefillWorkerStub, "PrefillWorker"), (decode, pb_grpc.DecodeWorkerStub, "DecodeWorker")):
+    for worker, stub_cls, service in (
+        (prefill, pb_grpc.PrefillWorkerStub, "PrefillWorker"),
+        (decode, pb_grpc.DecodeWorkerStub, "DecodeWorker"),
+    ):
         with grpc.insecure_channel(worker.address) as channel:
-            status = stub_cls(channel).GetStatus(pb.StatusRequest(), timeout=10, metadata=credential("valid", f"/pdserve.{service}/GetStatus"))
+            status = stub_cls(channel).GetStatus(
+                pb.StatusRequest(), timeout=10, metadata=credential("valid", f"/pdserve.{service}/GetStatus")
+            )
         assert status.role == worker.name
 
 
@@ -203,6 +253,7 @@ def test_a_signature_is_checked_in_constant_time_against_the_right_method() -> N
 
 
 # ---- a prefill worker dials only a decode worker that proves the secret --------------------------
+
 
 class _Impostor(pb_grpc.KVTransferServicer):
     """A KVTransfer service that does not hold the cluster secret; it records what reaches it."""
@@ -249,8 +300,11 @@ def test_a_prefill_worker_hands_no_kv_to_a_decode_worker_that_cannot_prove_the_s
     target = pb.Reservation(block_ids=[0, 1, 2], kv_address=address, transports=["grpc"], worker_id="decode-impostor")
     try:
         error = assert_rpc_error(
-            lambda: prefill.stub.Prefill(prefill_request(generate_request(prompt, greedy(4), uuid.uuid4().hex), target), timeout=RPC_TIMEOUT_S),
-            grpc.StatusCode.FAILED_PRECONDITION, f"decode worker at {address} did not prove it holds the cluster secret",
+            lambda: prefill.stub.Prefill(
+                prefill_request(generate_request(prompt, greedy(4), uuid.uuid4().hex), target), timeout=RPC_TIMEOUT_S
+            ),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"decode worker at {address} did not prove it holds the cluster secret",
         )
     finally:
         if server is not None:
@@ -266,6 +320,7 @@ def test_a_prefill_worker_hands_no_kv_to_a_decode_worker_that_cannot_prove_the_s
 
 
 # ---- message sizes -------------------------------------------------------------------------------
+
 
 def _varint(value: int) -> bytes:
     out = bytearray()
@@ -294,12 +349,18 @@ def test_an_oversized_message_is_refused_unparsed_and_changes_nothing(
     raw_abort = decode.channel.unary_unary("/pdserve.DecodeWorker/Abort", response_deserializer=pb.AbortResponse.FromString)
     abort = pb.AbortRequest(request_id=request.request_id)
     assert len(padded(abort, 2**20)) > 2**20 and pb.AbortRequest.FromString(padded(abort, 2**20)).request_id == request.request_id
-    assert_rpc_error(lambda: raw_abort(padded(abort, 2**20), timeout=10), grpc.StatusCode.RESOURCE_EXHAUSTED, "over this method's 65536-byte limit")
+    assert_rpc_error(
+        lambda: raw_abort(padded(abort, 2**20), timeout=10),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "over this method's 65536-byte limit",
+    )
     huge_prompt = generate_request(prompt * 2000, greedy(5), "a-huge-prompt")  # ~200 KB: over the bound of a 128-token context
     assert_rpc_error(lambda: next(decode.stub.Generate(huge_prompt, timeout=10)), grpc.StatusCode.RESOURCE_EXHAUSTED, "limit")
     model = ModelConfig.from_pretrained(checkpoints["llama"])
     kv_stub = pb_grpc.KVTransferStub(signed_channel(decode.address, "prefill-0"))
-    huge_chunk = pb.KVChunk(transfer_id=request.transfer_id, sender_id="p", layer_end=model.num_layers, block_end=1, data=bytes(8 * 2**20))
+    huge_chunk = pb.KVChunk(
+        transfer_id=request.transfer_id, sender_id="p", layer_end=model.num_layers, block_end=1, data=bytes(8 * 2**20)
+    )
     assert_rpc_error(lambda: kv_stub.PushKV(iter([huge_chunk]), timeout=10), grpc.StatusCode.RESOURCE_EXHAUSTED)
     assert observable(prefill, decode) == before
 

@@ -2,6 +2,7 @@
 gRPC, with authenticated callers that misbehave (a forged commit, a lease out of bounds, a flood of
 reservations whose KV never comes, an abort of someone else's request, garbage KV that must not
 reach another request through the decode worker's cache)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -48,7 +49,11 @@ FLOOD_LIMITS = DecodeLimits(max_num_pending=64, max_num_pending_per_caller=24)
 
 def start(role: str, model: Path, limits: DecodeLimits | None = None, **overrides: object) -> Worker:
     spec = WorkerSpec(
-        role, engine_config(model, **overrides), model_name="m", cluster_secret=CLUSTER_SECRET, decode_limits=limits or DecodeLimits()
+        role,
+        engine_config(model, **overrides),
+        model_name="m",
+        cluster_secret=CLUSTER_SECRET,
+        decode_limits=limits or DecodeLimits(),
     )
     host = WorkerHost(spec)
     record = host.start()
@@ -85,7 +90,9 @@ def text_ids(reference: LLM) -> list[int]:
     return reference.get_tokenizer().encode("a bad message must fail only itself, never its neighbours; " * 8)
 
 
-def forge(decode: Worker, transfer_id: str, num_prompt_tokens: int, commit: KVCommitInfo, kv: str = "random") -> KVTransferError | None:
+def forge(
+    decode: Worker, transfer_id: str, num_prompt_tokens: int, commit: KVCommitInfo, kv: str = "random"
+) -> KVTransferError | None:
     """An authenticated sender that is not a real prefill worker: it takes the reservation, writes
     KV of its own (`random`, or `zeros`) into it and commits `commit`; the commit's error, if any."""
     layout: KVLayout = decode.host.worker.receiver.layout
@@ -94,13 +101,20 @@ def forge(decode: Worker, transfer_id: str, num_prompt_tokens: int, commit: KVCo
     cache = torch.randn(shape) * 4 if kv == "random" else torch.zeros(shape)
 
     async def main() -> KVTransferError | None:
-        sender = KVSender(cache, layout, "forger", Endpoint.here(torch.device("cpu"), "127.0.0.1"), ["grpc"], secret=CLUSTER_SECRET)
+        sender = KVSender(
+            cache, layout, "forger", Endpoint.here(torch.device("cpu"), "127.0.0.1"), ["grpc"], secret=CLUSTER_SECRET
+        )
         try:
             peer = await sender.connect(decode.address, 10)
             reservation = await sender.begin(peer, transfer_id, num_blocks, 10)
             progress = LayerProgress(sender.bounds)
             progress.mark_all()
-            await sender.push(peer, OutgoingTransfer(transfer_id, list(range(1, num_blocks + 1)), reservation.block_ids, progress, reservation.deadline))
+            await sender.push(
+                peer,
+                OutgoingTransfer(
+                    transfer_id, list(range(1, num_blocks + 1)), reservation.block_ids, progress, reservation.deadline
+                ),
+            )
             await sender.commit(peer, transfer_id, commit, 10)
         except KVTransferError as error:
             return error
@@ -114,10 +128,14 @@ def forge(decode: Worker, transfer_id: str, num_prompt_tokens: int, commit: KVCo
 # ---- a forged commit fails only itself --------------------------------------------------------
 
 FORGED_COMMITS = {
-    "token id past the vocabulary": (lambda n, t: KVCommitInfo(10**6, None, n), "first_token_id 1000000 is outside the vocabulary"),
+    "token id past the vocabulary": (
+        lambda n, t: KVCommitInfo(10**6, None, n),
+        "first_token_id 1000000 is outside the vocabulary",
+    ),
     "negative token id": (lambda n, t: KVCommitInfo(-5, None, n), "first_token_id -5 is outside the vocabulary"),
     "logprobs naming a token past the vocabulary": (
-        lambda n, t: KVCommitInfo(t, TokenLogprobs(t, -0.5, 1, ((t, -0.5), (10**6, -1.0))), n), "outside the vocabulary",
+        lambda n, t: KVCommitInfo(t, TokenLogprobs(t, -0.5, 1, ((t, -0.5), (10**6, -1.0))), n),
+        "outside the vocabulary",
     ),
     "NaN logprob": (lambda n, t: KVCommitInfo(t, TokenLogprobs(t, math.nan, 1, ()), n), "not <= 0"),
     "another prompt length": (lambda n, t: KVCommitInfo(t, None, n + 1), "prompt tokens, the reservation for"),
@@ -157,11 +175,18 @@ def test_a_forged_commit_fails_only_itself_while_a_real_request_on_the_worker_fi
 
 # ---- leases --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("lease_s", [math.nan, math.inf, -1.0, 601.0, 1e9])
-def test_a_lease_out_of_bounds_is_invalid_argument_and_reserves_nothing(workers: dict[str, Worker], text_ids: list[int], lease_s: float) -> None:
+def test_a_lease_out_of_bounds_is_invalid_argument_and_reserves_nothing(
+    workers: dict[str, Worker], text_ids: list[int], lease_s: float
+) -> None:
     decode = workers["decode"]
     request = generate_request(text_ids[:20], greedy(4), uuid.uuid4().hex, lease_s=lease_s)
-    assert_rpc_error(lambda: next(decode.stub.Generate(request, timeout=10)), grpc.StatusCode.INVALID_ARGUMENT, "lease_seconds must be in (0, 600]")
+    assert_rpc_error(
+        lambda: next(decode.stub.Generate(request, timeout=10)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "lease_seconds must be in (0, 600]",
+    )
     decode.wait_idle(timeout_s=2)
 
 
@@ -175,6 +200,7 @@ def test_the_longest_lease_is_accepted(workers: dict[str, Worker], text_ids: lis
 
 # ---- a flood of reservations ---------------------------------------------------------------------
 
+
 async def _flood(address: str, caller: str, prompt: list[int], count: int) -> tuple[list, list[str], list, grpc.aio.Channel]:
     """`count` Generate calls of `caller`, never prefilled, with the longest lease: the calls that
     got a reservation, the refusals' messages, and the calls still queued after 3 s."""
@@ -182,8 +208,12 @@ async def _flood(address: str, caller: str, prompt: list[int], count: int) -> tu
     stub = pb_grpc.DecodeWorkerStub(channel)
     wire = params_to_proto(greedy(4))
     calls = [
-        stub.Generate(pb.GenerateRequest(request_id=f"{caller}-{i}", transfer_id=uuid.uuid4().hex, prompt_token_ids=prompt,
-                                         params=wire, lease_seconds=600), timeout=120)
+        stub.Generate(
+            pb.GenerateRequest(
+                request_id=f"{caller}-{i}", transfer_id=uuid.uuid4().hex, prompt_token_ids=prompt, params=wire, lease_seconds=600
+            ),
+            timeout=120,
+        )
         for i in range(count)
     ]
     reads = [asyncio.ensure_future(call.read()) for call in calls]
@@ -254,7 +284,10 @@ def test_the_worker_wide_bound_refuses_every_caller_once_reached() -> None:
 
 # ---- aborts --------------------------------------------------------------------------------------
 
-def test_a_caller_cannot_abort_another_callers_generation(workers: dict[str, Worker], reference: LLM, text_ids: list[int]) -> None:
+
+def test_a_caller_cannot_abort_another_callers_generation(
+    workers: dict[str, Worker], reference: LLM, text_ids: list[int]
+) -> None:
     prefill, decode = workers["prefill"], workers["decode"]
     prompt = text_ids[3:25]
     request = generate_request(prompt, greedy(8), "someone-elses")
@@ -289,6 +322,7 @@ def test_a_caller_cannot_abort_another_callers_prefill(workers: dict[str, Worker
 
 
 # ---- received KV stays with its request ------------------------------------------------------------
+
 
 def test_garbage_kv_received_for_one_request_never_reaches_another_after_a_preemption(
     workers: dict[str, Worker], reference: LLM, text_ids: list[int]

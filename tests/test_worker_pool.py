@@ -3,6 +3,7 @@ down it keeps routing over the workers it knows and still notices one dying; a R
 empty drops nobody (and the workers register again within a couple of seconds); a worker that
 leaves (unlisted and draining) gets no new request, and its channel stays open until the requests
 already on it have finished. Real workers in this process, a real redis-server."""
+
 from __future__ import annotations
 
 import asyncio
@@ -53,7 +54,10 @@ def redis() -> Iterator[RedisServer]:
 
 def start_hosts(model: Path, redis_url: str | None) -> dict[str, WorkerHost]:
     engine = EngineConfig(model=str(model), device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN, num_kv_blocks=64)
-    hosts = {role: WorkerHost(WorkerSpec(role, engine, "m", redis_url=redis_url, cluster_secret=CLUSTER_SECRET)) for role in ("prefill", "decode")}
+    hosts = {
+        role: WorkerHost(WorkerSpec(role, engine, "m", redis_url=redis_url, cluster_secret=CLUSTER_SECRET))
+        for role in ("prefill", "decode")
+    }
     for host in hosts.values():
         host.start()
     return hosts

@@ -2,6 +2,7 @@
 over gRPC with the generated stubs the way `router/disaggregated.py` drives them: Generate on the
 decode worker (first message: the reservation), Prefill with that reservation as target, then the
 rest of the Generate stream. Tokens are compared with the offline `engine.LLM`."""
+
 from __future__ import annotations
 
 import asyncio
@@ -112,7 +113,10 @@ class Workers:
         if name not in self._workers:
             role, family, transport, overrides = SPECS[name]
             spec = WorkerSpec(
-                role, engine_config(self.checkpoints[family], **overrides), model_name="m", kv_transport=transport,
+                role,
+                engine_config(self.checkpoints[family], **overrides),
+                model_name="m",
+                kv_transport=transport,
                 cluster_secret=CLUSTER_SECRET,
             )
             host = WorkerHost(spec)
@@ -180,19 +184,30 @@ class Result:
     finished: pb.Finished | None = None
 
 
-def generate_request(prompt: list[int], params: SamplingParams | pb.SamplingParams, request_id: str,
-                     transfer_id: str | None = None, lease_s: float = 30.0) -> pb.GenerateRequest:
+def generate_request(
+    prompt: list[int],
+    params: SamplingParams | pb.SamplingParams,
+    request_id: str,
+    transfer_id: str | None = None,
+    lease_s: float = 30.0,
+) -> pb.GenerateRequest:
     wire = params if isinstance(params, pb.SamplingParams) else params_to_proto(params)
     return pb.GenerateRequest(
-        request_id=request_id, transfer_id=transfer_id or uuid.uuid4().hex, prompt_token_ids=prompt,
-        params=wire, lease_seconds=lease_s,
+        request_id=request_id,
+        transfer_id=transfer_id or uuid.uuid4().hex,
+        prompt_token_ids=prompt,
+        params=wire,
+        lease_seconds=lease_s,
     )
 
 
 def prefill_request(generate: pb.GenerateRequest, target: pb.Reservation) -> pb.PrefillRequest:
     return pb.PrefillRequest(
-        request_id=generate.request_id, transfer_id=generate.transfer_id,
-        prompt_token_ids=generate.prompt_token_ids, params=generate.params, target=target,
+        request_id=generate.request_id,
+        transfer_id=generate.transfer_id,
+        prompt_token_ids=generate.prompt_token_ids,
+        params=generate.params,
+        target=target,
     )
 
 
@@ -243,11 +258,17 @@ def assert_rpc_error(call: object, code: grpc.StatusCode, *fragments: str) -> gr
 
 # ---- a. the happy path -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("transport", ["grpc", "local", "nccl"])
 @pytest.mark.parametrize("num_prompt_tokens, max_tokens", [(5, 12), (32, 20), (45, 30), (MAX_MODEL_LEN - 2, 30)])
 def test_greedy_tokens_equal_the_offline_engine_and_kv_bytes_add_up(
-    workers: Workers, reference: LLM, text_ids: list[int], checkpoints: dict[str, Path],
-    transport: str, num_prompt_tokens: int, max_tokens: int,
+    workers: Workers,
+    reference: LLM,
+    text_ids: list[int],
+    checkpoints: dict[str, Path],
+    transport: str,
+    num_prompt_tokens: int,
+    max_tokens: int,
 ) -> None:
     prefill, decode = workers[PREFILL_OF_TRANSPORT[transport]], workers["decode"]
     prompt = text_ids[:num_prompt_tokens]
@@ -299,6 +320,7 @@ def test_finished_counts_the_output_tokens(workers: Workers, text_ids: list[int]
 
 # ---- b. a push for an unknown transfer ---------------------------------------------------------
 
+
 def test_push_for_an_unknown_transfer_is_not_found_and_a_pending_reservation_is_untouched(
     workers: Workers, reference: LLM, text_ids: list[int], checkpoints: dict[str, Path]
 ) -> None:
@@ -314,7 +336,9 @@ def test_push_for_an_unknown_transfer_is_not_found_and_a_pending_reservation_is_
     layout = decode.host.worker.receiver.layout  # same model: the handshake passes
 
     async def begin_unknown() -> KVTransferError:
-        sender = KVSender(intruder_cache, layout, "intruder", Endpoint.here(torch.device("cpu"), "127.0.0.1"), ["grpc"], secret=CLUSTER_SECRET)
+        sender = KVSender(
+            intruder_cache, layout, "intruder", Endpoint.here(torch.device("cpu"), "127.0.0.1"), ["grpc"], secret=CLUSTER_SECRET
+        )
         try:
             peer = await sender.connect(decode.address, 10)
             with pytest.raises(KVTransferError) as caught:
@@ -329,8 +353,15 @@ def test_push_for_an_unknown_transfer_is_not_found_and_a_pending_reservation_is_
     # raw data and commit messages for it: the same refusal, nothing lands
     kv_stub = pb_grpc.KVTransferStub(signed_channel(decode.address, "intruder"))
     data = intruder_cache[:, :, :1].contiguous().view(torch.uint8).numpy().tobytes()
-    chunk = pb.KVChunk(transfer_id="no-such-transfer", sender_id="intruder", layer_start=0, layer_end=model.num_layers,
-                       block_start=0, block_end=1, data=data)
+    chunk = pb.KVChunk(
+        transfer_id="no-such-transfer",
+        sender_id="intruder",
+        layer_start=0,
+        layer_end=model.num_layers,
+        block_start=0,
+        block_end=1,
+        data=data,
+    )
     assert_rpc_error(lambda: kv_stub.PushKV(iter([chunk]), timeout=10), grpc.StatusCode.NOT_FOUND, "never expected")
     commit = pb.KVCommit(transfer_id="no-such-transfer", sender_id="intruder", first_token_id=1, num_prompt_tokens=16)
     assert_rpc_error(lambda: kv_stub.Commit(commit, timeout=10), grpc.StatusCode.NOT_FOUND, "never expected")
@@ -349,6 +380,7 @@ def test_push_for_an_unknown_transfer_is_not_found_and_a_pending_reservation_is_
 
 # ---- c. layouts that do not match --------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "prefill_name, decode_name, num_prompt_tokens, field",
     [
@@ -357,8 +389,13 @@ def test_push_for_an_unknown_transfer_is_not_found_and_a_pending_reservation_is_
     ],
 )
 def test_layout_mismatch_is_failed_precondition_naming_the_field_and_lands_no_kv(
-    workers: Workers, reference: LLM, text_ids: list[int],
-    prefill_name: str, decode_name: str, num_prompt_tokens: int, field: str,
+    workers: Workers,
+    reference: LLM,
+    text_ids: list[int],
+    prefill_name: str,
+    decode_name: str,
+    num_prompt_tokens: int,
+    field: str,
 ) -> None:
     bad_prefill, decode = workers[prefill_name], workers[decode_name]
     prompt = text_ids[:num_prompt_tokens]
@@ -368,7 +405,9 @@ def test_layout_mismatch_is_failed_precondition_naming_the_field_and_lands_no_kv
 
     error = assert_rpc_error(
         lambda: bad_prefill.stub.Prefill(prefill_request(request, reservation), timeout=RPC_TIMEOUT_S),
-        grpc.StatusCode.FAILED_PRECONDITION, "KV layout mismatch", f"{field}: ours",
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "KV layout mismatch",
+        f"{field}: ours",
     )
     other_fields = {"block_size", "model_id", "dtype", "num_layers", "num_kv_heads", "head_dim"} - {field}
     assert not any(f"{name}: ours" in error.details() for name in other_fields), error.details()
@@ -389,7 +428,8 @@ def test_block_size_mismatch_with_a_multi_block_prompt_is_failed_precondition(wo
     try:
         assert_rpc_error(
             lambda: bad_prefill.stub.Prefill(prefill_request(request, reservation), timeout=RPC_TIMEOUT_S),
-            grpc.StatusCode.FAILED_PRECONDITION, "block_size: ours 8 != theirs 16",
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "block_size: ours 8 != theirs 16",
         )
     finally:
         stream.cancel()
@@ -417,6 +457,7 @@ def test_block_size_mismatch_with_a_multi_block_prompt_lands_no_kv_and_frees_bot
 
 # ---- d. the lease ------------------------------------------------------------------------------
 
+
 def test_kv_that_never_arrives_ends_the_stream_at_the_lease_and_frees_blocks(workers: Workers, text_ids: list[int]) -> None:
     prefill, decode = workers["prefill"], workers["decode"]
     request = generate_request(text_ids[:40], greedy(5), uuid.uuid4().hex, lease_s=0.5)
@@ -432,7 +473,9 @@ def test_kv_that_never_arrives_ends_the_stream_at_the_lease_and_frees_blocks(wor
     received_before = decode.status().kv_bytes_received
     assert_rpc_error(
         lambda: prefill.stub.Prefill(prefill_request(request, reservation), timeout=RPC_TIMEOUT_S),
-        grpc.StatusCode.ABORTED, "NOT_FOUND", "is not pending: expired",
+        grpc.StatusCode.ABORTED,
+        "NOT_FOUND",
+        "is not pending: expired",
     )
     assert decode.status().kv_bytes_received == received_before
     prefill.wait_idle()
@@ -502,6 +545,7 @@ def test_cancelling_generate_mid_stream_frees_blocks(workers: Workers, text_ids:
 
 # ---- f. cancelling a prefill while it computes --------------------------------------------------
 
+
 def test_cancelling_prefill_while_the_prompt_is_computed_frees_its_blocks(workers: Workers, text_ids: list[int]) -> None:
     prefill, decode = workers["prefill-slow"], workers["decode-long"]
     request = generate_request(text_ids[: LONG_MODEL_LEN - 8], greedy(4), uuid.uuid4().hex)  # ~500 steps
@@ -547,7 +591,9 @@ def test_prefill_cancelled_right_after_admission_still_frees_its_blocks(
     try:
         asyncio.run(main())
         deadline = time.monotonic() + 2
-        while (used := worker.loop.call(lambda: worker.core.block_manager.num_used_blocks).result(5)) and time.monotonic() < deadline:
+        while (
+            used := worker.loop.call(lambda: worker.core.block_manager.num_used_blocks).result(5)
+        ) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert used == 0, f"{used} blocks still held by a request nobody waits for"
     finally:
@@ -626,6 +672,7 @@ def test_duplicate_transfer_id_is_refused_without_harming_the_other_request(
 
 # ---- h. a decode worker short of KV blocks --------------------------------------------------------
 
+
 def test_tiny_decode_pool_makes_reservations_wait_and_preempts_yet_every_request_is_exact(
     workers: Workers, reference: LLM, text_ids: list[int]
 ) -> None:
@@ -674,9 +721,14 @@ def test_tiny_decode_pool_makes_reservations_wait_and_preempts_yet_every_request
 
 # ---- fp8 KV cache ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("transport", ["grpc", "local", "nccl"])
 def test_fp8_kv_greedy_tokens_equal_the_colocated_fp8_engine_and_move_a_quarter_of_fp32s_bytes(
-    workers: Workers, reference_fp8: LLM, text_ids: list[int], checkpoints: dict[str, Path], transport: str,
+    workers: Workers,
+    reference_fp8: LLM,
+    text_ids: list[int],
+    checkpoints: dict[str, Path],
+    transport: str,
 ) -> None:
     prefill, decode = workers[FP8_PREFILL_OF_TRANSPORT[transport]], workers["decode-fp8"]
     for num_prompt_tokens, max_tokens in [(5, 12), (45, 30)]:
@@ -694,12 +746,20 @@ def test_fp8_kv_greedy_tokens_equal_the_colocated_fp8_engine_and_move_a_quarter_
     decode.wait_idle()
 
 
-@pytest.mark.parametrize("prefill_name, decode_name, ours, theirs", [
-    ("prefill", "decode-fp8", "float32", "float8_e4m3fn"),
-    ("prefill-fp8", "decode", "float8_e4m3fn", "float32"),
-])
+@pytest.mark.parametrize(
+    "prefill_name, decode_name, ours, theirs",
+    [
+        ("prefill", "decode-fp8", "float32", "float8_e4m3fn"),
+        ("prefill-fp8", "decode", "float8_e4m3fn", "float32"),
+    ],
+)
 def test_a_decode_worker_of_the_other_kv_cache_dtype_is_refused_naming_both(
-    workers: Workers, text_ids: list[int], prefill_name: str, decode_name: str, ours: str, theirs: str,
+    workers: Workers,
+    text_ids: list[int],
+    prefill_name: str,
+    decode_name: str,
+    ours: str,
+    theirs: str,
 ) -> None:
     prefill, decode = workers[prefill_name], workers[decode_name]
     request = generate_request(text_ids[:20], greedy(5), uuid.uuid4().hex)
@@ -707,7 +767,8 @@ def test_a_decode_worker_of_the_other_kv_cache_dtype_is_refused_naming_both(
     received_before = decode.status().kv_bytes_received
     assert_rpc_error(
         lambda: prefill.stub.Prefill(prefill_request(request, reservation), timeout=RPC_TIMEOUT_S),
-        grpc.StatusCode.FAILED_PRECONDITION, f"dtype: ours '{ours}' != theirs '{theirs}'",
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"dtype: ours '{ours}' != theirs '{theirs}'",
     )
     assert decode.status().kv_bytes_received == received_before
     stream.cancel()
@@ -732,22 +793,33 @@ def test_fp8_kv_survives_preemption_on_a_tiny_decode_pool(workers: Workers, refe
 
 # ---- stopping a worker ---------------------------------------------------------------------------
 
+
 def test_a_stopped_local_decode_worker_takes_no_kv_and_its_address_can_be_reused(
     workers: Workers, reference: LLM, text_ids: list[int], checkpoints: dict[str, Path]
 ) -> None:
     prefill, port = workers["prefill-local"], free_port()
-    spec = WorkerSpec("decode", engine_config(checkpoints["llama"]), model_name="m", port=port, kv_transport="local", cluster_secret=CLUSTER_SECRET)
+    spec = WorkerSpec(
+        "decode",
+        engine_config(checkpoints["llama"]),
+        model_name="m",
+        port=port,
+        kv_transport="local",
+        cluster_secret=CLUSTER_SECRET,
+    )
     host = WorkerHost(spec)
     record = host.start()
     channel = signed_channel(record.address)
     request = generate_request(text_ids[:20], greedy(4), "to-a-stopped-worker")
-    stream, reservation = reserve(Worker("decode-stopped", host, record.address, channel, pb_grpc.DecodeWorkerStub(channel)), request)
+    stream, reservation = reserve(
+        Worker("decode-stopped", host, record.address, channel, pb_grpc.DecodeWorkerStub(channel)), request
+    )
     host.stop()
     channel.close()
     # the prefill worker in this process must not hand KV to a worker that is gone
     assert_rpc_error(
         lambda: prefill.stub.Prefill(prefill_request(request, reservation), timeout=RPC_TIMEOUT_S),
-        grpc.StatusCode.UNAVAILABLE, "KV transfer to",
+        grpc.StatusCode.UNAVAILABLE,
+        "KV transfer to",
     )
     prefill.wait_idle()
 
@@ -772,7 +844,10 @@ def test_a_prefill_worker_with_no_transport_in_common_is_refused_by_name(workers
     try:
         assert_rpc_error(
             lambda: prefill.stub.Prefill(prefill_request(request, reservation), timeout=RPC_TIMEOUT_S),
-            grpc.StatusCode.FAILED_PRECONDITION, "no common KV transport", "['nccl']", "['grpc']",
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "no common KV transport",
+            "['nccl']",
+            "['grpc']",
         )
     finally:
         stream.cancel()

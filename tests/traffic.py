@@ -1,5 +1,6 @@
 """A steady stream of greedy requests through the official `openai` client, each checked against the
 offline engine's answer, while a test rescales or kills workers; and waiting on the pools."""
+
 from __future__ import annotations
 
 import threading
@@ -84,17 +85,27 @@ class RequestStream:
 
     def _whole(self, client: openai.OpenAI, case: Case) -> str | None:
         got = client.completions.create(
-            model=self.model, prompt=case.prompt, max_tokens=self.max_tokens, temperature=0.0, logprobs=1,
+            model=self.model,
+            prompt=case.prompt,
+            max_tokens=self.max_tokens,
+            temperature=0.0,
+            logprobs=1,
             extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
         )
         token_ids = [int(t.split(":", 1)[1]) for t in got.choices[0].logprobs.tokens]
         return None if token_ids == case.token_ids else f"tokens {token_ids} != {case.token_ids}"
 
     def _stream(self, client: openai.OpenAI, case: Case) -> str | None:
-        chunks = list(client.completions.create(
-            model=self.model, prompt=case.prompt, max_tokens=self.max_tokens, temperature=0.0, stream=True,
-            extra_body={"ignore_eos": True},
-        ))
+        chunks = list(
+            client.completions.create(
+                model=self.model,
+                prompt=case.prompt,
+                max_tokens=self.max_tokens,
+                temperature=0.0,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+        )
         text = "".join(c.choices[0].text for c in chunks if c.choices)
         finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
         return None if (text, finish) == (case.text, "length") else f"stream {text!r} ({finish}) != {case.text!r}"

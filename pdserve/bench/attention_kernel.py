@@ -2,6 +2,7 @@
 against a device-to-device copy measured in the same run, prefill as causal TFLOP/s. Median of
 triton.testing.do_bench, rotating over input sets larger than L2.
 Run: `python -m pdserve.bench.attention_kernel [--no-sweep] [--kv-cache-dtypes auto fp8]`."""
+
 from __future__ import annotations
 
 import argparse
@@ -121,13 +122,27 @@ def decode_sweep(case: DecodeCase, copy_gbs: float) -> None:
     default = choose_decode_launch(
         case.num_seqs, NUM_KV_HEADS, blocks_per_seq, BLOCK_SIZE, HEAD_DIM, DTYPE, sm_count, kv_dtype=case.kv_dtype
     )
-    variants = [default] + [dataclasses.replace(default, **change) for change in [
-        dict(num_stages=2), dict(num_stages=4), dict(num_stages=5), dict(tile_tokens=32, num_stages=4),
-        dict(tile_tokens=64), dict(tile_tokens=128), dict(num_warps=8), dict(tile_tokens=128, num_warps=8), dict(num_splits=1), dict(num_splits=2),
-        dict(num_splits=2 * default.num_splits), dict(num_splits=4 * default.num_splits),
-    ]]
+    variants = [default] + [
+        dataclasses.replace(default, **change)
+        for change in [
+            dict(num_stages=2),
+            dict(num_stages=4),
+            dict(num_stages=5),
+            dict(tile_tokens=32, num_stages=4),
+            dict(tile_tokens=64),
+            dict(tile_tokens=128),
+            dict(num_warps=8),
+            dict(tile_tokens=128, num_warps=8),
+            dict(num_splits=1),
+            dict(num_splits=2),
+            dict(num_splits=2 * default.num_splits),
+            dict(num_splits=4 * default.num_splits),
+        ]
+    ]
     variants = list(dict.fromkeys(variants))  # drop repeats of the heuristic's choice
-    print(f"\ndecode launch sweep at batch {case.num_seqs}, context {case.context_len}, KV {case.kv_dtype} (first row = heuristic):")
+    print(
+        f"\ndecode launch sweep at batch {case.num_seqs}, context {case.context_len}, KV {case.kv_dtype} (first row = heuristic):"
+    )
     for launch in variants:
         try:
             gbs = decode_gbs(case, launch)
@@ -167,8 +182,14 @@ def prefill_tflops(prompt_len: int, launch: PrefillLaunch | None = None) -> floa
 
 def prefill_sweep(prompt_len: int) -> None:
     default = choose_prefill_launch(DTYPE, HEAD_DIM, prompt_len, is_cuda=True)
-    variants = [default, PrefillLaunch(64, 64, 4, 3), PrefillLaunch(128, 128, 8, 2), PrefillLaunch(128, 64, 8, 4),
-                PrefillLaunch(128, 32, 8, 3), PrefillLaunch(64, 32, 4, 4)]
+    variants = [
+        default,
+        PrefillLaunch(64, 64, 4, 3),
+        PrefillLaunch(128, 128, 8, 2),
+        PrefillLaunch(128, 64, 8, 4),
+        PrefillLaunch(128, 32, 8, 3),
+        PrefillLaunch(64, 32, 4, 4),
+    ]
     variants = list(dict.fromkeys(variants))  # drop repeats of the heuristic's choice
     print(f"\nprefill launch sweep at {prompt_len} tokens (first row = heuristic):")
     for launch in variants:
@@ -205,7 +226,13 @@ def main() -> None:
                 decode_sweep(case, copy_gbs)
         gbs = decode_gbs(case, launch=None)
         launch = choose_decode_launch(
-            num_seqs, NUM_KV_HEADS, case.block_tables.shape[2], BLOCK_SIZE, HEAD_DIM, DTYPE, props.multi_processor_count,
+            num_seqs,
+            NUM_KV_HEADS,
+            case.block_tables.shape[2],
+            BLOCK_SIZE,
+            HEAD_DIM,
+            DTYPE,
+            props.multi_processor_count,
             kv_dtype=kv_dtype,
         )
         step_us = case.bytes_moved / (gbs * 1e9) * 1e6

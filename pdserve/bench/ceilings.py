@@ -1,5 +1,6 @@
 """The ceilings every benchmark is measured against, taken in the same run: HBM bandwidth (a large
 device-to-device copy, bytes read + written) and the bf16 (and FP8) matmul rate (8192^3)."""
+
 from __future__ import annotations
 
 import torch

@@ -10,6 +10,7 @@ pdserve: one full engine step (inputs, CUDA-graph replay, greedy sampling, ids r
 batch of requests that each hold `context` tokens of (random) KV. HF: `model(...)` on one new
 token per sequence with a DynamicCache of `context` tokens (what `generate` runs per token),
 plus argmax; the cache is cropped back after each step so the context stays fixed."""
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,12 @@ class DecodeRow:
 
 
 def floor_ms(
-    config: ModelConfig, batch_size: int, context: int, copy_gbs: float, quantization: str | None = None, kv_element_bytes: int = 2
+    config: ModelConfig,
+    batch_size: int,
+    context: int,
+    copy_gbs: float,
+    quantization: str | None = None,
+    kv_element_bytes: int = 2,
 ) -> float:
     kv_bytes = batch_size * (context + 1) * config.kv_bytes_per_token * kv_element_bytes
     return (decode_weight_bytes(config, quantization=quantization) + kv_bytes) / (copy_gbs * 1e9) * 1e3
@@ -67,7 +73,12 @@ def time_steps(step: Callable[[], object], num_steps: int, repeats: int = 5) -> 
 
 
 def bench_pdserve(
-    name: str, batch_sizes: list[int], context: int, num_steps: int, copy_gbs: float, quantization: str | None = None,
+    name: str,
+    batch_sizes: list[int],
+    context: int,
+    num_steps: int,
+    copy_gbs: float,
+    quantization: str | None = None,
     kv_cache_dtype: str = "auto",
 ) -> list[DecodeRow]:
     """`quantization`: the weights quantized (random, `--load-format dummy`) as `--quantization` would."""
@@ -78,8 +89,14 @@ def bench_pdserve(
     max_bs = max(batch_sizes)
     blocks_per_seq = -(-(context + 1) // 16)
     config = EngineConfig(
-        model=str(write_shape(name)), dtype="bfloat16", device="cuda", max_model_len=context + 64,
-        max_num_seqs=max_bs, num_kv_blocks=max_bs * blocks_per_seq + 8, enable_prefix_caching=False, quantization=quantization,
+        model=str(write_shape(name)),
+        dtype="bfloat16",
+        device="cuda",
+        max_model_len=context + 64,
+        max_num_seqs=max_bs,
+        num_kv_blocks=max_bs * blocks_per_seq + 8,
+        enable_prefix_caching=False,
+        quantization=quantization,
         kv_cache_dtype=kv_cache_dtype,
     )
     core = EngineCore.load(replace(config, load_format="dummy"))
@@ -125,7 +142,11 @@ def bench_hf(name: str, batch_sizes: list[int], context: int, num_steps: int, co
         cache = transformers.DynamicCache()
         shape = (bs, config.num_kv_heads, context, config.head_dim)
         for layer in range(config.num_layers):
-            cache.update(torch.randn(shape, dtype=torch.bfloat16, device="cuda"), torch.randn(shape, dtype=torch.bfloat16, device="cuda"), layer)
+            cache.update(
+                torch.randn(shape, dtype=torch.bfloat16, device="cuda"),
+                torch.randn(shape, dtype=torch.bfloat16, device="cuda"),
+                layer,
+            )
         ids = torch.randint(0, 1000, (bs, 1), device="cuda")
 
         @torch.inference_mode()
@@ -158,12 +179,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--engine", choices=["pdserve", "hf"], default="pdserve")
-    parser.add_argument("--quantization", choices=["fp8", "int8", "awq", "gptq"], default=None, help="pdserve's weights, random, quantized")
+    parser.add_argument(
+        "--quantization", choices=["fp8", "int8", "awq", "gptq"], default=None, help="pdserve's weights, random, quantized"
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64, 256])
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--kv-cache-dtypes", nargs="+", choices=["auto", "fp8"], default=["auto"],
-                        help="pdserve: one table per KV cache dtype, each with its own floor")
+    parser.add_argument(
+        "--kv-cache-dtypes",
+        nargs="+",
+        choices=["auto", "fp8"],
+        default=["auto"],
+        help="pdserve: one table per KV cache dtype, each with its own floor",
+    )
     parser.add_argument("--json", default=None, help="append the rows as JSON lines to this file")
     args = parser.parse_args()
     copy_gbs = copy_bandwidth_gbs()
@@ -172,7 +200,9 @@ def main() -> None:
     else:
         rows = []
         for kv_cache_dtype in args.kv_cache_dtypes:
-            rows += bench_pdserve(args.model, args.batch_sizes, args.context, args.steps, copy_gbs, args.quantization, kv_cache_dtype)
+            rows += bench_pdserve(
+                args.model, args.batch_sizes, args.context, args.steps, copy_gbs, args.quantization, kv_cache_dtype
+            )
             gc.collect()  # the engine of the last dtype, its graphs and cache, before the next one loads
             torch.cuda.empty_cache()
     if args.json:

@@ -5,6 +5,7 @@ loading the weights does anyway.
 
     python -m pdserve.bench.fingerprint --dir /tmp/pdserve-llama3-8b [--keep]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,10 +35,15 @@ def llama3_8b_tensors() -> list[tuple[str, tuple[int, ...]]]:
     for layer in range(config["num_hidden_layers"]):
         p = f"model.layers.{layer}."
         tensors += [
-            (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-            (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
-            (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)), (p + "mlp.down_proj.weight", (h, i)),
-            (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (h, h)),
+            (p + "self_attn.k_proj.weight", (kv, h)),
+            (p + "self_attn.v_proj.weight", (kv, h)),
+            (p + "self_attn.o_proj.weight", (h, h)),
+            (p + "mlp.gate_proj.weight", (i, h)),
+            (p + "mlp.up_proj.weight", (i, h)),
+            (p + "mlp.down_proj.weight", (h, i)),
+            (p + "input_layernorm.weight", (h,)),
+            (p + "post_attention_layernorm.weight", (h,)),
         ]
     return tensors + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
 
@@ -59,7 +65,9 @@ def write_checkpoint(directory: Path, seed: int = 0) -> int:
         file_name = f"model-{index + 1:05d}-of-{NUM_SHARDS:05d}.safetensors"
         _write_shard(directory / file_name, shard, rng)
         weight_map |= {name: file_name for name, _ in shard}
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     return total
 
 
@@ -108,7 +116,9 @@ def main() -> None:
         seconds, _, num_bytes = timed(write_checkpoint, args.dir)
         print(f"wrote {num_bytes / 1e9:.2f} GB of Llama-3-8B-shaped bf16 weights to {args.dir} in {seconds:.1f} s")
     num_bytes = sum(path.stat().st_size for path in safetensors_files(args.dir))
-    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {num_bytes / 1e9:.2f} GB in {len(safetensors_files(args.dir))} files")
+    print(
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {num_bytes / 1e9:.2f} GB in {len(safetensors_files(args.dir))} files"
+    )
     for cache in ("cold", "warm"):
         if cache == "cold":
             drop_page_cache(args.dir)

@@ -4,6 +4,7 @@ the quantized-weight kernels instead (kernels/w8_matmul.py, kernels/w4_matmul.py
 bytes they must read (weights at their stored size + scales + zero points).
 
     python -m pdserve.bench.gemv [--quantized]"""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -57,11 +58,18 @@ def quantized_table(copy: float, group_size: int = 128) -> None:
     print("|---|---|---|---|---|")
     for name, (n_out, n_in) in SHAPES.items():
         sets = max(2, (200 << 20) // (n_out * n_in // 2) + 1)  # rotate over > L2 of weights
-        w8 = {dtype: [quantize_per_channel(torch.randn(n_out, n_in, device="cuda"), dtype) for _ in range(min(sets, 4))]
-              for dtype in (torch.float8_e4m3fn, torch.int8)}
-        w4 = [(torch.randint(-(2**31), 2**31 - 1, (n_in // 8, n_out), dtype=torch.int32, device="cuda"),
-               torch.rand(n_in // group_size, n_out, device="cuda").half(),
-               torch.randint(0, 16, (n_in // group_size, n_out), dtype=torch.uint8, device="cuda")) for _ in range(sets)]
+        w8 = {
+            dtype: [quantize_per_channel(torch.randn(n_out, n_in, device="cuda"), dtype) for _ in range(min(sets, 4))]
+            for dtype in (torch.float8_e4m3fn, torch.int8)
+        }
+        w4 = [
+            (
+                torch.randint(-(2**31), 2**31 - 1, (n_in // 8, n_out), dtype=torch.int32, device="cuda"),
+                torch.rand(n_in // group_size, n_out, device="cuda").half(),
+                torch.randint(0, 16, (n_in // group_size, n_out), dtype=torch.uint8, device="cuda"),
+            )
+            for _ in range(sets)
+        ]
         bytes_w8 = n_out * n_in + 4 * n_out
         bytes_w4 = n_out * n_in // 2 + (n_in // group_size) * n_out * 3
         for m in (1, 8, 64):

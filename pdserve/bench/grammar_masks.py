@@ -3,6 +3,7 @@ tokenizer, each step computing every request's next-token mask (llguidance, in p
 released), applying it to the logits (one masked_fill) and advancing the grammars with the tokens.
 Then the same batch through the engine: how much of the mask time a step still waits for once it
 overlaps the forward pass. `python -m pdserve.bench.grammar_masks [--batch 32] [--steps 64]`"""
+
 from __future__ import annotations
 
 import argparse

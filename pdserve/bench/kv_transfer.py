@@ -4,6 +4,7 @@ the device-to-device copy bandwidth measured in the same run. Llama-3-8B's KV la
 
     python -m pdserve.bench.kv_transfer [--transports cuda_ipc,grpc] [--blocks 64,256,1024] [--peer-device cuda:0]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,9 @@ def plan(transports: list[str], block_counts: list[int]) -> list[tuple[str, str,
     """(transfer_id, transport, number of blocks) of every hand-off, warm-up first."""
     return [
         (f"{name}-{num_blocks}-{rep}", name, num_blocks)
-        for name in transports for num_blocks in block_counts for rep in range(REPEATS + 1)
+        for name in transports
+        for num_blocks in block_counts
+        for rep in range(REPEATS + 1)
     ]
 
 
@@ -100,12 +103,22 @@ async def measure(address: str, device: str, transports: list[str], block_counts
                 if cache.is_cuda:
                     torch.cuda.synchronize()
                 start = time.perf_counter()
-                num_bytes = await sender.push(peer, OutgoingTransfer(transfer_id, src, reservation.block_ids, progress, reservation.deadline))
+                num_bytes = await sender.push(
+                    peer, OutgoingTransfer(transfer_id, src, reservation.block_ids, progress, reservation.deadline)
+                )
                 seconds.append(time.perf_counter() - start)
                 await sender.commit(peer, transfer_id, KVCommitInfo(0, None, num_blocks * BLOCK_SIZE), 30)
             median = sorted(seconds[1:])[len(seconds[1:]) // 2]  # the first is a warm-up
-            row = {"transport": name, "blocks": num_blocks, "bytes": num_bytes, "seconds": median, "gbs": num_bytes / median / 1e9}
-            if name == "cuda_ipc" and peer.half.peer_cache.device == cache.device:  # the data plane alone: the copy kernel into the other process's cache
+            row = {
+                "transport": name,
+                "blocks": num_blocks,
+                "bytes": num_bytes,
+                "seconds": median,
+                "gbs": num_bytes / median / 1e9,
+            }
+            if (
+                name == "cuda_ipc" and peer.half.peer_cache.device == cache.device
+            ):  # the data plane alone: the copy kernel into the other process's cache
                 row["device_seconds"] = device_copy_seconds(cache, peer.half.peer_cache, num_blocks, generator)
             rows.append(row)
         await sender.close()
@@ -116,6 +129,7 @@ def device_copy_seconds(cache: torch.Tensor, peer_cache: torch.Tensor, num_block
     """Median time of the block-copy kernel alone (CUDA events) writing `num_blocks` scattered blocks
     into the peer's cache through CUDA IPC, fresh block ids each time."""
     from pdserve import kernels
+
     times = []
     for _ in range(REPEATS + 1):
         src = torch.randperm(CACHE_BLOCKS, generator=generator)[:num_blocks].cuda()
@@ -162,13 +176,17 @@ def nccl_send_gbs(num_bytes: int = 512 << 20) -> float:
 
 
 def print_across(rows: list[dict], ceilings: dict[str, float]) -> None:
-    print(f"ceilings (bytes moved once): GPU0->GPU1 copy {ceilings['cuda_ipc']:.0f} GB/s, NCCL send/recv {ceilings['nccl']:.0f} GB/s")
+    print(
+        f"ceilings (bytes moved once): GPU0->GPU1 copy {ceilings['cuda_ipc']:.0f} GB/s, NCCL send/recv {ceilings['nccl']:.0f} GB/s"
+    )
     print("| transport | blocks | KV MiB | hand-off ms (push, wall) | KV GB/s | vs its ceiling |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         ceiling = ceilings.get(row["transport"])
         ratio = f"{row['gbs'] / ceiling:.1%}" if ceiling else "-"
-        print(f"| {row['transport']} | {row['blocks']} | {row['bytes'] / 2**20:.0f} | {row['seconds'] * 1e3:.3f} | {row['gbs']:.1f} | {ratio} |")
+        print(
+            f"| {row['transport']} | {row['blocks']} | {row['bytes'] / 2**20:.0f} | {row['seconds'] * 1e3:.3f} | {row['gbs']:.1f} | {ratio} |"
+        )
 
 
 def main() -> int:
@@ -189,9 +207,21 @@ def main() -> int:
         env["CUDA_VISIBLE_DEVICES"] = f"{peer_device.split(':')[1]},0"
         peer_device = "cuda:0"
     receiver = subprocess.Popen(
-        [sys.executable, "-m", "pdserve.bench.kv_transfer", "--serve-receiver", "--transports", args.transports,
-         "--blocks", args.blocks, "--peer-device", peer_device],
-        stdout=subprocess.PIPE, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "pdserve.bench.kv_transfer",
+            "--serve-receiver",
+            "--transports",
+            args.transports,
+            "--blocks",
+            args.blocks,
+            "--peer-device",
+            peer_device,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         address = receiver.stdout.readline().split()[1]
@@ -214,13 +244,17 @@ def main() -> int:
                 json.dump({"device": where, "ceilings_gbs": ceilings, "rows": rows}, f, indent=2)
         return 0
     # A copy reads each byte once and writes it once: read+write bytes, as the ceiling counts them.
-    print("| transport | blocks | KV MiB | hand-off ms (push, wall) | KV GB/s | read+write vs copy | data plane ms (device) | read+write vs copy |")
+    print(
+        "| transport | blocks | KV MiB | hand-off ms (push, wall) | KV GB/s | read+write vs copy | data plane ms (device) | read+write vs copy |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         device = row.get("device_seconds")
         device_cells = f"{device * 1e3:.3f} | {2 * row['bytes'] / device / 1e9 / copy_gbs:.1%}" if device else "- | -"
-        print(f"| {row['transport']} | {row['blocks']} | {row['bytes'] / 2**20:.0f} | {row['seconds'] * 1e3:.3f} | "
-              f"{row['gbs']:.1f} | {2 * row['gbs'] / copy_gbs:.1%} | {device_cells} |")
+        print(
+            f"| {row['transport']} | {row['blocks']} | {row['bytes'] / 2**20:.0f} | {row['seconds'] * 1e3:.3f} | "
+            f"{row['gbs']:.1f} | {2 * row['gbs'] / copy_gbs:.1%} | {device_cells} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": where, "copy_gbs": copy_gbs, "rows": rows}, f, indent=2)

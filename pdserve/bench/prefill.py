@@ -6,6 +6,7 @@ engine step or HF transformers' eager forward (as `generate` runs the prompt).
 pdserve: one engine step computing a whole fresh prompt (no prefix-cache hit): KV written to the
 paged cache, logits of the last token, greedy sample read back. HF: `model(ids, use_cache=True,
 logits_to_keep=1)` + argmax. FLOPs: 2 x linear params x tokens + causal attention (bench/shapes)."""
+
 from __future__ import annotations
 
 import argparse
@@ -42,9 +43,16 @@ def bench_pdserve(name: str, lengths: list[int], rate: float, quantization: str 
 
     longest = max(lengths)
     config = EngineConfig(
-        model=str(write_shape(name)), dtype="bfloat16", device="cuda", max_model_len=longest + 64,
-        max_num_batched_tokens=longest, max_num_seqs=8, num_kv_blocks=-(-(longest + 64) // 16) + 8,
-        enable_prefix_caching=False, enforce_eager=True, quantization=quantization,
+        model=str(write_shape(name)),
+        dtype="bfloat16",
+        device="cuda",
+        max_model_len=longest + 64,
+        max_num_batched_tokens=longest,
+        max_num_seqs=8,
+        num_kv_blocks=-(-(longest + 64) // 16) + 8,
+        enable_prefix_caching=False,
+        enforce_eager=True,
+        quantization=quantization,
     )
     core = EngineCore.load(replace(config, load_format="dummy"))
     rng = random.Random(0)
@@ -89,7 +97,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--engine", choices=["pdserve", "hf"], default="pdserve")
-    parser.add_argument("--quantization", choices=["fp8", "int8", "awq", "gptq"], default=None, help="pdserve's weights, random, quantized")
+    parser.add_argument(
+        "--quantization", choices=["fp8", "int8", "awq", "gptq"], default=None, help="pdserve's weights, random, quantized"
+    )
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

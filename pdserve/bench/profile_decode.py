@@ -2,6 +2,7 @@
 CUPTI), summed by kernel, against the graph's wall time and the memory roofline.
 
     python -m pdserve.bench.profile_decode --model llama3-8b --batch-size 1 --context 1024"""
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,13 @@ def main() -> None:
     copy_gbs = copy_bandwidth_gbs()
     max_bs = max(args.batch_size)
     config = EngineConfig(
-        model=str(write_shape(args.model)), dtype="bfloat16", device="cuda", max_model_len=args.context + 64,
-        max_num_seqs=max_bs, num_kv_blocks=max_bs * (-(-(args.context + 1) // 16)) + 8, enable_prefix_caching=False,
+        model=str(write_shape(args.model)),
+        dtype="bfloat16",
+        device="cuda",
+        max_model_len=args.context + 64,
+        max_num_seqs=max_bs,
+        num_kv_blocks=max_bs * (-(-(args.context + 1) // 16)) + 8,
+        enable_prefix_caching=False,
     )
     core = EngineCore.load(replace(config, load_format="dummy"))
     core.runner.kv_cache.normal_()
@@ -56,9 +62,11 @@ def main() -> None:
             if event.device_type == torch.autograd.DeviceType.CUDA:
                 totals[event.name[:90]].append(event.device_time_total / 1e3)
         kernel_ms = sum(sum(v) for v in totals.values()) / 10
-        print(f"\n== batch {bs}, context {args.context}: graph replay {replay_ms:.3f} ms, kernels {kernel_ms:.3f} ms, "
-              f"gaps {replay_ms - kernel_ms:.3f} ms, floor {floor_ms(core.model_config, bs, args.context, copy_gbs):.3f} ms "
-              f"(copy {copy_gbs:.0f} GB/s), kernels per step {sum(len(v) for v in totals.values()) / 10:.0f}")
+        print(
+            f"\n== batch {bs}, context {args.context}: graph replay {replay_ms:.3f} ms, kernels {kernel_ms:.3f} ms, "
+            f"gaps {replay_ms - kernel_ms:.3f} ms, floor {floor_ms(core.model_config, bs, args.context, copy_gbs):.3f} ms "
+            f"(copy {copy_gbs:.0f} GB/s), kernels per step {sum(len(v) for v in totals.values()) / 10:.0f}"
+        )
         print("| kernel | calls/step | ms/step | us/call |")
         print("|---|---|---|---|")
         for name, times in sorted(totals.items(), key=lambda kv: -sum(kv[1]))[:14]:

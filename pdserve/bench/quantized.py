@@ -6,6 +6,7 @@ one run (random weights in the model's shape), each next to its own floor:
 - prefill vs the bf16 matmul rate and, for fp8 weights (FP8 GEMM), the FP8 matmul rate.
 
     python -m pdserve.bench.quantized --model llama3-8b --schemes bf16 fp8 int8 awq gptq --batch-sizes 1 64 --lengths 2048"""
+
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,9 @@ def print_decode(rows: list[decode.DecodeRow]) -> None:
     for r in rows:
         base = bf16.get((r.batch_size, r.context))
         ratio = f"{r.step_ms / base:.2f}" if base else "-"
-        print(f"| {_scheme(r.engine)} | {r.batch_size} | {r.context} | {r.step_ms:.3f} | {r.floor_ms:.3f} | {100 * r.roofline_fraction:.1f}% | {ratio} |")
+        print(
+            f"| {_scheme(r.engine)} | {r.batch_size} | {r.context} | {r.step_ms:.3f} | {r.floor_ms:.3f} | {100 * r.roofline_fraction:.1f}% | {ratio} |"
+        )
 
 
 def print_prefill(rows: list[prefill.PrefillRow], fp8_rate: float | None) -> None:

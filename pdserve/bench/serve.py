@@ -1,6 +1,7 @@
 """`pdserve bench`: load-test any OpenAI-compatible server, in the shape of `vllm bench serve`:
 streamed completions or chats of random prompts with exact token lengths, sent as a Poisson/gamma
 process and/or under a concurrency cap; reports throughput, goodput and TTFT/TPOT/ITL/E2E."""
+
 from __future__ import annotations
 
 import argparse
@@ -98,7 +99,9 @@ async def benchmark(config: BenchConfig) -> tuple[dict[str, object], list[str]]:
     timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
     async with httpx.AsyncClient(base_url=config.url, limits=limits, timeout=timeout) as client:
         model = config.model or await first_model(client)
-        prompts = await build_prompts(client, config.endpoint, config.num_prompts, config.input_len, config.output_len, config.seed)
+        prompts = await build_prompts(
+            client, config.endpoint, config.num_prompts, config.input_len, config.output_len, config.seed
+        )
         print(f"pdserve bench: {config.num_prompts} {config.endpoint} requests to {model} at {config.url}", flush=True)
         results, duration_s = await run_load(client, config, model, prompts)
     report = {"date": datetime.now().isoformat(timespec="seconds"), **asdict(config), "model": model}
@@ -153,7 +156,11 @@ def arrival_offsets(num_requests: int, request_rate: float, burstiness: float, s
 
 def request_body(config: BenchConfig, model: str, prompt: str) -> dict[str, object]:
     body: dict[str, object] = {
-        "model": model, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0.0, "ignore_eos": True,
+        "model": model,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0.0,
+        "ignore_eos": True,
     }
     if config.endpoint == "chat":
         return {**body, "messages": [{"role": "user", "content": prompt}], "max_completion_tokens": config.output_len}

@@ -1,5 +1,6 @@
 """What `pdserve bench` measures: one `RequestResult` per request, and the pure functions that turn
 them into the report (throughput, goodput, TTFT/TPOT/ITL/E2E distributions), keyed as vLLM's."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,5 +1,6 @@
 """Random-token prompts of exact token lengths for `pdserve bench`, built with the server's own
 tokenizer (`POST /tokenize`, `POST /detokenize`): no local tokenizer, no Hub download."""
+
 from __future__ import annotations
 
 import asyncio

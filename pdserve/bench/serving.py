@@ -5,6 +5,7 @@ Random weights in a real architecture's shape (`--load-format dummy`).
     python -m pdserve.bench.serving --model llama3-8b --modes offline,colocated,cuda_ipc,grpc \\
         --num-prompts 256 --input-len 1024 --output-len 128 --max-concurrency 64 --ttft-lens 2048,8192
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,26 @@ TTFT_PROMPTS = 6  # concurrency 1: one prompt at a time, the median of these
 
 def server_args(mode: str, model_dir: Path, port: int, args: argparse.Namespace) -> list[str]:
     args = [
-        sys.executable, "-m", "pdserve.deploy.cli", "serve", "--model", str(model_dir), "--served-model-name", "bench",
-        "--load-format", "dummy", "--dtype", args.dtype, "--device", args.device, "--port", str(port),
-        "--max-model-len", str(args.max_model_len), "--log-level", "warning",
+        sys.executable,
+        "-m",
+        "pdserve.deploy.cli",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        "bench",
+        "--load-format",
+        "dummy",
+        "--dtype",
+        args.dtype,
+        "--device",
+        args.device,
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(args.max_model_len),
+        "--log-level",
+        "warning",
     ]
     return args + (["--colocated"] if mode == "colocated" else ["--kv-transport", mode])
 
@@ -40,9 +58,18 @@ def server_args(mode: str, model_dir: Path, port: int, args: argparse.Namespace)
 async def run_load(url: str, args: argparse.Namespace) -> dict:
     """The main workload, then time-to-first-token at concurrency 1 for each long prompt length."""
     load = BenchConfig(
-        url=url, model="bench", endpoint="completions", num_prompts=args.num_prompts, input_len=args.input_len,
-        output_len=args.output_len, max_concurrency=args.max_concurrency, request_rate=float("inf"), burstiness=1.0,
-        slo_ttft_ms=None, slo_tpot_ms=None, seed=0,
+        url=url,
+        model="bench",
+        endpoint="completions",
+        num_prompts=args.num_prompts,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        max_concurrency=args.max_concurrency,
+        request_rate=float("inf"),
+        burstiness=1.0,
+        slo_ttft_ms=None,
+        slo_tpot_ms=None,
+        seed=0,
     )
     await benchmark(BenchConfig(**{**load.__dict__, "num_prompts": args.max_concurrency, "output_len": 8}))  # warm-up
     async with httpx.AsyncClient(base_url=url) as client:
@@ -54,10 +81,16 @@ async def run_load(url: str, args: argparse.Namespace) -> dict:
     async with httpx.AsyncClient(base_url=url) as client:
         for length in args.ttft_lens:
             # Prompts of their own seed: none shares a prefix with another (no prefix-cache hits).
-            single = BenchConfig(**{
-                **load.__dict__, "num_prompts": TTFT_PROMPTS, "input_len": length, "output_len": 4, "max_concurrency": 1,
-                "seed": 1000 + length,
-            })
+            single = BenchConfig(
+                **{
+                    **load.__dict__,
+                    "num_prompts": TTFT_PROMPTS,
+                    "input_len": length,
+                    "output_len": 4,
+                    "max_concurrency": 1,
+                    "seed": 1000 + length,
+                }
+            )
             before = (await client.get("/metrics")).text
             ttft, _ = await benchmark(single)
             result[f"ttft_{length}_p50_ms"] = ttft["median_ttft_ms"]
@@ -116,7 +149,12 @@ def _offline(model_dir: Path, args: argparse.Namespace) -> dict:
     outputs = llm.generate(prompts, params)
     seconds = time.perf_counter() - start
     num_output = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return {"duration": seconds, "completed": len(outputs), "total_output_tokens": num_output, "output_throughput": num_output / seconds}
+    return {
+        "duration": seconds,
+        "completed": len(outputs),
+        "total_output_tokens": num_output,
+        "output_throughput": num_output / seconds,
+    }
 
 
 def exposed_handoff_ms(metrics: str, before: str = "") -> float | None:
@@ -142,7 +180,9 @@ def _ms(value: float | None) -> str:
 def print_table(results: dict[str, dict], ttft_lens: list[int]) -> None:
     base = results.get("colocated", {}).get("output_throughput")
     ttft_columns = "".join(f" TTFT@{n} p50 ms (hand-off) |" for n in ttft_lens)
-    print(f"| mode | output tok/s | vs colocated | TTFT p50 / p99 ms | ITL p50 / p99 ms | failed |{ttft_columns} hand-off ms under load |")
+    print(
+        f"| mode | output tok/s | vs colocated | TTFT p50 / p99 ms | ITL p50 / p99 ms | failed |{ttft_columns} hand-off ms under load |"
+    )
     print("|---" * (7 + len(ttft_lens)) + "|")
     for mode, r in results.items():
         ratio = f"{r['output_throughput'] / base:.1%}" if base else "-"
@@ -150,8 +190,10 @@ def print_table(results: dict[str, dict], ttft_lens: list[int]) -> None:
             print(f"| offline | {r['output_throughput']:.0f} | {ratio} | - | - | 0 |" + " - |" * (len(ttft_lens) + 1))
             continue
         ttfts = "".join(f" {r[f'ttft_{n}_p50_ms']:.1f} ({_ms(r.get(f'handoff_{n}_ms'))}) |" for n in ttft_lens)
-        print(f"| {mode} | {r['output_throughput']:.0f} | {ratio} | {r['median_ttft_ms']:.0f} / {r['p99_ttft_ms']:.0f} | "
-              f"{r['median_itl_ms']:.1f} / {r['p99_itl_ms']:.1f} | {r['failed']} |{ttfts} {_ms(r.get('handoff_load_ms'))} |")
+        print(
+            f"| {mode} | {r['output_throughput']:.0f} | {ratio} | {r['median_ttft_ms']:.0f} / {r['p99_ttft_ms']:.0f} | "
+            f"{r['median_itl_ms']:.1f} / {r['p99_itl_ms']:.1f} | {r['failed']} |{ttfts} {_ms(r.get('handoff_load_ms'))} |"
+        )
 
 
 def main() -> int:

@@ -1,5 +1,6 @@
 """Real architectures' shapes for random-weight benchmarks (vLLM's `--load-format dummy`): an HF
 `config.json` plus the demo tokenizer files, so the engine loads them like any checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -10,20 +11,49 @@ from pdserve.engine.config import ModelConfig
 
 SHAPES = {
     "llama3-8b": {  # meta-llama/Llama-3.1-8B
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 131072,
-        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, "hidden_act": "silu",
-        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192},
-        "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16",
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 128256,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+        "torch_dtype": "bfloat16",
     },
     "qwen2.5-0.5b": {  # Qwen/Qwen2.5-0.5B-Instruct
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896,
-        "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-        "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True, "hidden_act": "silu",
-        "use_sliding_window": False, "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16",
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": True,
+        "hidden_act": "silu",
+        "use_sliding_window": False,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "torch_dtype": "bfloat16",
     },
 }
 
@@ -77,7 +107,9 @@ def decode_weight_bytes(config: ModelConfig, dtype_bytes: int = 2, quantization:
     quantized; with `quantization`, the decoder's projections at their stored size."""
     if quantization is not None:
         plain = sum(dtype_bytes * n * k for n, k in projection_shapes(config))
-        stored = sum(quantized_projection_bytes(n, k, quantization, dtype_bytes=dtype_bytes) for n, k in projection_shapes(config))
+        stored = sum(
+            quantized_projection_bytes(n, k, quantization, dtype_bytes=dtype_bytes) for n, k in projection_shapes(config)
+        )
         return decode_weight_bytes(config, dtype_bytes) + config.num_layers * (stored - plain)
     h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
     attention = h * d * (config.num_heads + 2 * config.num_kv_heads) + config.num_heads * d * h

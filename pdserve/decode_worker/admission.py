@@ -3,6 +3,7 @@
 batch slots and KV blocks that reservations waiting for KV may hold (so that one caller's flood of
 reservations whose KV never comes cannot take the worker from everyone else), and commits that
 fit their request."""
+
 from __future__ import annotations
 
 import math

@@ -1,6 +1,7 @@
 """The decode worker's gRPC edge: the DecodeWorker service and the KV hand-off's KVTransfer service
 on one server; protobuf is converted to plain calls on `DecodeWorker` here. Every call is
 authenticated and size-limited before it gets here."""
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
@@ -64,16 +65,22 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
     def _to_proto(self, event: Reserved | RequestDelta) -> list[pb.GenerateResponse]:
         if isinstance(event, Reserved):
             reservation = pb.Reservation(
-                block_ids=event.block_ids, kv_address=self.kv_address, transports=self.transports,
+                block_ids=event.block_ids,
+                kv_address=self.kv_address,
+                transports=self.transports,
                 worker_id=self.worker.worker_id,
             )
             return [pb.GenerateResponse(reservation=reservation)]
         messages = []
         if event.token_ids:
             logprobs = [logprobs_to_proto(lp) for lp in event.logprobs]
-            messages.append(pb.GenerateResponse(tokens=pb.TokenDelta(token_ids=event.token_ids, logprobs=logprobs, index=event.index)))
+            messages.append(
+                pb.GenerateResponse(tokens=pb.TokenDelta(token_ids=event.token_ids, logprobs=logprobs, index=event.index))
+            )
         if event.finish_reason is not None:
-            finished = pb.Finished(finish_reason=event.finish_reason, num_output_tokens=event.num_output_tokens, index=event.index)
+            finished = pb.Finished(
+                finish_reason=event.finish_reason, num_output_tokens=event.num_output_tokens, index=event.index
+            )
             if isinstance(event.stop_reason, int):
                 finished.stop_token_id = event.stop_reason
             messages.append(pb.GenerateResponse(finished=finished))
@@ -92,15 +99,22 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
 
 
 async def start_server(
-    worker: DecodeWorker, model_name: str, secret: ClusterSecret, host: str = "127.0.0.1", port: int = 0,
-    kv_transport: str = AUTO, advertise_host: str | None = None,
+    worker: DecodeWorker,
+    model_name: str,
+    secret: ClusterSecret,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    kv_transport: str = AUTO,
+    advertise_host: str | None = None,
 ) -> tuple[grpc.aio.Server, int, KVTransferServicer]:
     """Starts the gRPC server (decode + KV transfer; calls signed with `secret` only); returns it,
     its bound port and the KV servicer (close it after the server stops)."""
-    limits = MessageLimits({
-        "/pdserve.DecodeWorker/Generate": prompt_message_bytes(worker.core.max_model_len),
-        "/pdserve.KVTransfer/PushKV": max_chunk_message_bytes(worker.receiver.layout),
-    })
+    limits = MessageLimits(
+        {
+            "/pdserve.DecodeWorker/Generate": prompt_message_bytes(worker.core.max_model_len),
+            "/pdserve.KVTransfer/PushKV": max_chunk_message_bytes(worker.receiver.layout),
+        }
+    )
     server = grpc.aio.server(options=limits.server_options(), interceptors=[ServerAuth(secret), MessageLimitInterceptor(limits)])
     bound = server.add_insecure_port(f"{host}:{port}")
     address = advertise_host or host

@@ -4,6 +4,7 @@ tokens after the first. Preempted requests are recomputed here. All state is own
 thread; the KV itself arrives through the `KVReceiver`, never blocking a step. What arrives is
 vetted: a commit must fit its request, each caller gets its share of the reservations, and no
 received KV enters a prefix cache (it could not be checked against its tokens)."""
+
 from __future__ import annotations
 
 import time
@@ -68,7 +69,12 @@ class DecodeWorker:
         self.loop.stop()
 
     def generate(
-        self, request_id: str, transfer_id: str, prompt_token_ids: list[int], params: SamplingParams, lease_s: float,
+        self,
+        request_id: str,
+        transfer_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        lease_s: float,
         caller: str = "",
     ) -> AsyncIterator[Reserved | RequestDelta]:
         """`Reserved`, then deltas of the tokens after the first; the last delta has finish_reason.
@@ -85,7 +91,9 @@ class DecodeWorker:
 
         return self._stream(request_id, params, add)
 
-    async def _stream(self, request_id: str, params: SamplingParams, add: Callable[[], None]) -> AsyncIterator[Reserved | RequestDelta]:
+    async def _stream(
+        self, request_id: str, params: SamplingParams, add: Callable[[], None]
+    ) -> AsyncIterator[Reserved | RequestDelta]:
         await self.core.compile_grammar(params)  # off the engine thread
         events: AsyncGenerator[Reserved | RequestDelta, None] = self.loop.stream(request_id, add, lambda: self._drop(request_id))
         async with aclosing(events):
@@ -119,7 +127,10 @@ class DecodeWorker:
         the batch has room."""
         max_num_seqs, blocks = self.core.config.max_num_seqs, self.core.block_manager
         shares = ReservedShares(
-            self.limits, max_num_seqs, blocks.num_blocks, [(i.caller, len(i.request.block_table)) for i in self._by_transfer.values()]
+            self.limits,
+            max_num_seqs,
+            blocks.num_blocks,
+            [(i.caller, len(i.request.block_table)) for i in self._by_transfer.values()],
         )
         for incoming in list(self._incoming.values()):
             if len(self.scheduler.running) + len(self._by_transfer) >= max_num_seqs:
@@ -140,9 +151,13 @@ class DecodeWorker:
         request.phase = RequestPhase.HANDING_OFF
         self._by_transfer[incoming.transfer_id] = incoming
         self.receiver.expect(
-            incoming.transfer_id, block_ids, time.monotonic() + incoming.lease_s,
+            incoming.transfer_id,
+            block_ids,
+            time.monotonic() + incoming.lease_s,
             on_commit=lambda info, ready, i=incoming: self.loop.call(lambda: self._admit(i, info, ready)),
-            check_commit=lambda info: check_commit(info, request.num_prompt_tokens, len(request.family), self.core.model_config.vocab_size),
+            check_commit=lambda info: check_commit(
+                info, request.num_prompt_tokens, len(request.family), self.core.model_config.vocab_size
+            ),
         )
         self.loop.publish(request.request_id, Reserved(list(block_ids)))
 
@@ -185,8 +200,12 @@ class DecodeWorker:
             request.block_table = []
             root = request.parent or request
             finished = RequestDelta(
-                root.request_id, [], finish_reason=request.finish_reason, stop_reason=request.stop_reason,
-                num_output_tokens=len(request.output_token_ids), index=request.index,
+                root.request_id,
+                [],
+                finish_reason=request.finish_reason,
+                stop_reason=request.stop_reason,
+                num_output_tokens=len(request.output_token_ids),
+                index=request.index,
             )
             self.loop.publish(root.request_id, finished, is_last=all(s.is_finished for s in root.family))
         elif request.block_table:
@@ -218,7 +237,11 @@ class DecodeWorker:
         message = f"the KV of transfer {ended.transfer_id} did not arrive: {ended.reason}"
         if ended.reason == "expired":
             message = f"the KV of transfer {ended.transfer_id} did not arrive within its {incoming.lease_s:g} s lease"
-        self.loop.publish(incoming.request.request_id, RequestDelta(incoming.request.request_id, [], finish_reason="error", error=message), is_last=True)
+        self.loop.publish(
+            incoming.request.request_id,
+            RequestDelta(incoming.request.request_id, [], finish_reason="error", error=message),
+            is_last=True,
+        )
 
     def _abort(self, request_id: str, finish_reason: str = "abort", error: str | None = None) -> bool:
         """Drops the request wherever it is, freeing its blocks, and ends its stream; False if it
@@ -261,4 +284,3 @@ class DecodeWorker:
             "num_preemptions": self.scheduler.num_preemptions,
             "kv_bytes_received": self.receiver.bytes_received,
         }
-

@@ -1,5 +1,6 @@
 """`pdserve scale` and `pdserve status`: the gateway's admin API from the command line (bearer token
 from `--token` or `PDSERVE_ADMIN_TOKEN`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,13 @@ def add_scale_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     parser.add_argument("--prefill", type=int, default=None, metavar="N", help="prefill pool replicas")
     parser.add_argument("--decode", type=int, default=None, metavar="M", help="decode pool replicas")
-    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                        help="wait up to this long until each pool is settled (ready = desired, nothing draining)")
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to this long until each pool is settled (ready = desired, nothing draining)",
+    )
 
 
 def add_status_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,7 +109,9 @@ def render(view: dict) -> str:
     lines = [f"{'POOL':8} {'DESIRED':>7} {'READY':>5} {'STARTING':>8} {'DRAINING':>8} {'MIN':>4} {'MAX':>4}"]
     for name, pool in view["pools"].items():
         n = pool["num_workers"]
-        lines.append(f"{name:8} {pool['desired']:>7} {n['ready']:>5} {n['starting']:>8} {n['draining']:>8} {pool['min']:>4} {pool['max']:>4}")
+        lines.append(
+            f"{name:8} {pool['desired']:>7} {n['ready']:>5} {n['starting']:>8} {n['draining']:>8} {pool['min']:>4} {pool['max']:>4}"
+        )
         for worker in pool["workers"]:
             load = worker["load"] or {}
             lines.append(

@@ -2,6 +2,7 @@
 its queue and the time to first token, the decode pool from KV usage, batch size and inter-token
 latency. Hysteresis (high and low thresholds, a signal held for several ticks), bounds and a
 cool-down; it only sets a pool's desired size, so removals go through the controller's drain."""
+
 from __future__ import annotations
 
 import time
@@ -79,7 +80,10 @@ class Autoscaler:
             return "up", f"TTFT p90 {s.ttft_s:.3f} s >= {c.ttft_high_s:g} s"
         is_fast = s.ttft_s is None or s.ttft_s <= c.ttft_low_s
         if n > 1 and is_fast and queue / (n - 1) <= c.prefill_queue_low:
-            return "down", f"{queue} prompts queued: {queue / (n - 1):.1f} per worker with one fewer, TTFT p90 {_seconds(s.ttft_s)}"
+            return (
+                "down",
+                f"{queue} prompts queued: {queue / (n - 1):.1f} per worker with one fewer, TTFT p90 {_seconds(s.ttft_s)}",
+            )
         return None, ""
 
     def _decode(self, s: PoolSignals) -> tuple[str | None, str]:

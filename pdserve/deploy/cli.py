@@ -1,6 +1,7 @@
 """The `pdserve` command: `serve` (Ray-placed prefill and decode pools behind the OpenAI gateway),
 `router` (one more gateway over the workers in Redis), `scale` and `status` (the pools, through the
 admin API), `bench` and `demo-model` (write the small random checkpoint that `serve` uses by default)."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,9 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve a model over the OpenAI API")
-    serve.add_argument("--config", default=None, help="YAML file of settings (flags' names, pools, autoscaler); flags override it")
+    serve.add_argument(
+        "--config", default=None, help="YAML file of settings (flags' names, pools, autoscaler); flags override it"
+    )
     serve.add_argument("--model", default=None, help="HF checkpoint directory or Hub id (default: the demo model)")
     serve.add_argument("--served-model-name", default=None, help="model name in the API (default: --model)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -39,7 +42,9 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument(
-        "--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "fp8"],
         help="fp8: an e4m3 KV cache with per-layer scales, twice the blocks; hand-offs move half the bytes",
     )
     serve.add_argument("--prefill-workers", type=int, default=1)
@@ -56,17 +61,23 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument("--no-prefix-caching", action="store_true")
     serve.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     serve.add_argument(
-        "--kv-transport", default="auto", choices=["auto", "cuda_ipc", "nccl", "grpc", "local"],
+        "--kv-transport",
+        default="auto",
+        choices=["auto", "cuda_ipc", "nccl", "grpc", "local"],
         help="how KV moves from prefill to decode workers (auto: CUDA IPC on one host, NCCL across hosts, else gRPC)",
     )
     serve.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights (benchmarks)")
     serve.add_argument(
-        "--quantization", default=None, choices=["fp8", "int8", "awq", "gptq", "compressed-tensors"],
+        "--quantization",
+        default=None,
+        choices=["fp8", "int8", "awq", "gptq", "compressed-tensors"],
         help="fp8|int8: quantize an unquantized checkpoint's weights at load (per output channel); "
         "otherwise the checkpoint's own quantization_config is used (this flag then only checks it)",
     )
     serve.add_argument("--colocated", action="store_true", help="one engine in this process, no workers (baseline)")
-    serve.add_argument("--admin-token", default=None, help="bearer token of /admin/* (default: $PDSERVE_ADMIN_TOKEN; none: admin off)")
+    serve.add_argument(
+        "--admin-token", default=None, help="bearer token of /admin/* (default: $PDSERVE_ADMIN_TOKEN; none: admin off)"
+    )
     serve.add_argument("--autoscale", action=argparse.BooleanOptionalAction, default=False, help="size the pools from their load")
     serve.add_argument("--enable-auto-tool-choice", action="store_true", help="read tool calls out of replies (tool_choice auto)")
     serve.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS), help="how the model writes tool calls")
@@ -93,22 +104,48 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
 def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     """The gateway's security, limits, admission, drain and deadlines (`router/config.py`)."""
     g, d = GatewayConfig(), Deadlines()
-    parser.add_argument("--api-key", action="append", default=[], help=f"required on /v1 as `Authorization: Bearer KEY` "
-                        f"(repeatable; also ${API_KEY_ENV}, comma-separated)")
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help=f"required on /v1 as `Authorization: Bearer KEY` (repeatable; also ${API_KEY_ENV}, comma-separated)",
+    )
     parser.add_argument("--protect-metrics", action="store_true", help="/metrics and /health need an API key too")
-    parser.add_argument("--max-num-queued-reqs", type=int, default=g.max_num_queued_reqs,
-                        help="requests without a first token yet, beyond which new ones get 503 + Retry-After")
+    parser.add_argument(
+        "--max-num-queued-reqs",
+        type=int,
+        default=g.max_num_queued_reqs,
+        help="requests without a first token yet, beyond which new ones get 503 + Retry-After",
+    )
     parser.add_argument("--max-num-queued-tokens", type=int, default=g.max_num_queued_tokens, help="and their prompt tokens")
-    parser.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES, help="larger bodies get 413")
-    parser.add_argument("--request-read-timeout", type=float, default=g.request_read_timeout_s,
-                        help="seconds a client has to send a request's headers, and then its body")
-    parser.add_argument("--shutdown-timeout", type=float, default=g.shutdown_timeout_s,
-                        help="on SIGTERM, seconds in-flight requests may still run before they are ended")
+    parser.add_argument(
+        "--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES, help="larger bodies get 413"
+    )
+    parser.add_argument(
+        "--request-read-timeout",
+        type=float,
+        default=g.request_read_timeout_s,
+        help="seconds a client has to send a request's headers, and then its body",
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=g.shutdown_timeout_s,
+        help="on SIGTERM, seconds in-flight requests may still run before they are ended",
+    )
     parser.add_argument("--first-token-timeout", type=float, default=d.first_token_s, help="seconds to the first token")
-    parser.add_argument("--prefill-timeout", type=float, default=d.prefill_s,
-                        help="seconds for one hand-off attempt (reservation + prefill); a failed one is retried once")
-    parser.add_argument("--kv-lease-timeout", type=float, default=d.kv_lease_s,
-                        help="seconds a decode worker's reservation waits for the prompt's KV")
+    parser.add_argument(
+        "--prefill-timeout",
+        type=float,
+        default=d.prefill_s,
+        help="seconds for one hand-off attempt (reservation + prefill); a failed one is retried once",
+    )
+    parser.add_argument(
+        "--kv-lease-timeout",
+        type=float,
+        default=d.kv_lease_s,
+        help="seconds a decode worker's reservation waits for the prompt's KV",
+    )
     parser.add_argument("--stall-timeout", type=float, default=d.stall_s, help="seconds allowed between two tokens")
     parser.add_argument("--request-timeout", type=float, default=d.request_s, help="seconds for a whole request")
 
@@ -117,13 +154,20 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
     """Raises ValueError for a bad value. The only place PDSERVE_API_KEY is read."""
     keys = [*args.api_key, *(k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip())]
     deadlines = Deadlines(
-        first_token_s=args.first_token_timeout, prefill_s=args.prefill_timeout, kv_lease_s=args.kv_lease_timeout,
-        stall_s=args.stall_timeout, request_s=args.request_timeout,
+        first_token_s=args.first_token_timeout,
+        prefill_s=args.prefill_timeout,
+        kv_lease_s=args.kv_lease_timeout,
+        stall_s=args.stall_timeout,
+        request_s=args.request_timeout,
     )
     return GatewayConfig(
-        deadlines=deadlines, api_keys=tuple(dict.fromkeys(keys)), protect_metrics=args.protect_metrics,
-        max_num_queued_reqs=args.max_num_queued_reqs, max_num_queued_tokens=args.max_num_queued_tokens,
-        max_request_body_bytes=args.max_request_body_bytes, request_read_timeout_s=args.request_read_timeout,
+        deadlines=deadlines,
+        api_keys=tuple(dict.fromkeys(keys)),
+        protect_metrics=args.protect_metrics,
+        max_num_queued_reqs=args.max_num_queued_reqs,
+        max_num_queued_tokens=args.max_num_queued_tokens,
+        max_request_body_bytes=args.max_request_body_bytes,
+        request_read_timeout_s=args.request_read_timeout,
         shutdown_timeout_s=args.shutdown_timeout,
         tool_options=ToolOptions(getattr(args, "enable_auto_tool_choice", False), getattr(args, "tool_call_parser", None)),
     )

@@ -1,6 +1,7 @@
 """`Cluster`: the `pdserve serve` process's side of Ray. It starts a local Ray instance whose node
 carries both pool resources (or joins a running cluster with `--ray-address`), starts the controller
 on this node, waits for the initial workers, and stops it all."""
+
 from __future__ import annotations
 
 import logging
@@ -36,10 +37,16 @@ class Cluster:
             self._init_ray()
         missing = missing_pools(ray.cluster_resources())
         if missing:
-            logger.warning("no node of the Ray cluster carries %s yet: those workers wait for one (an autoscaling "
-                           "cluster adds it; else start nodes with `ray start --resources`)", " or ".join(missing))
+            logger.warning(
+                "no node of the Ray cluster carries %s yet: those workers wait for one (an autoscaling "
+                "cluster adds it; else start nodes with `ray start --resources`)",
+                " or ".join(missing),
+            )
         controller_cls = ray.remote(Controller).options(
-            name=CONTROLLER_NAME, namespace=NAMESPACE, num_cpus=0, max_concurrency=100,
+            name=CONTROLLER_NAME,
+            namespace=NAMESPACE,
+            num_cpus=0,
+            max_concurrency=100,
             scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
             runtime_env={"env_vars": {"PYTHONPATH": pythonpath()}},
         )
@@ -57,13 +64,22 @@ class Cluster:
         import ray
 
         config = self.config
-        env: dict[str, Any] = {"runtime_env": {"env_vars": {"PYTHONPATH": pythonpath()}}, "namespace": NAMESPACE, "logging_level": logging.WARNING}
+        env: dict[str, Any] = {
+            "runtime_env": {"env_vars": {"PYTHONPATH": pythonpath()}},
+            "namespace": NAMESPACE,
+            "logging_level": logging.WARNING,
+        }
         if config.ray_address:
             ray.init(address=config.ray_address, **env)
         else:  # "local": a new instance even if `ray start` left one running on this machine
             max_workers = sum(config.pool(role).max_replicas for role in ROLES)
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, max_workers), resources=local_node_resources(),
-                     include_dashboard=False, **env)
+            ray.init(
+                address="local",
+                num_cpus=max(os.cpu_count() or 1, max_workers),
+                resources=local_node_resources(),
+                include_dashboard=False,
+                **env,
+            )
         self._started_ray = True
 
     def _controller_config(self, num_cluster_gpus: float) -> ControllerConfig:
@@ -76,10 +92,17 @@ class Cluster:
             # Workers share a GPU: each sizes its KV cache within its share of the memory.
             engine = replace(engine, gpu_memory_utilization=engine.gpu_memory_utilization * share)
         return ControllerConfig(
-            engine=engine, model_name=config.served_model_name, worker_host=config.worker_host,
-            kv_transport=config.kv_transport, redis_url=config.redis_url,
-            replicas={role: config.replicas(role) for role in ROLES}, pools={role: config.pool(role) for role in ROLES},
-            gpu_share=share, autoscale=config.autoscale, drain=config.drain, cluster_secret=config.cluster_secret,
+            engine=engine,
+            model_name=config.served_model_name,
+            worker_host=config.worker_host,
+            kv_transport=config.kv_transport,
+            redis_url=config.redis_url,
+            replicas={role: config.replicas(role) for role in ROLES},
+            pools={role: config.pool(role) for role in ROLES},
+            gpu_share=share,
+            autoscale=config.autoscale,
+            drain=config.drain,
+            cluster_secret=config.cluster_secret,
         )
 
     def stop(self) -> None:

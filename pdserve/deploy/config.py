@@ -1,5 +1,6 @@
 """What `pdserve serve` / `pdserve router` were told, built once at the entry point (flags over a
 `--config` file) and never mutated: `ServeConfig`, each pool's `PoolConfig`, the `AutoscaleConfig`."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -57,8 +58,10 @@ class AutoscaleConfig:
         if self.interval_s <= 0 or self.cooldown_s < 0 or self.sustain_ticks < 1:
             raise ValueError("autoscaler: interval_s > 0, cooldown_s >= 0 and sustain_ticks >= 1 are required")
         pairs = {
-            "prefill_queue": (self.prefill_queue_low, self.prefill_queue_high), "ttft": (self.ttft_low_s, self.ttft_high_s),
-            "decode_kv": (self.decode_kv_low, self.decode_kv_high), "decode_batch": (self.decode_batch_low, self.decode_batch_high),
+            "prefill_queue": (self.prefill_queue_low, self.prefill_queue_high),
+            "ttft": (self.ttft_low_s, self.ttft_high_s),
+            "decode_kv": (self.decode_kv_low, self.decode_kv_high),
+            "decode_batch": (self.decode_batch_low, self.decode_batch_high),
             "itl": (self.itl_low_s, self.itl_high_s),
         }
         for name, (low, high) in pairs.items():
@@ -103,7 +106,9 @@ class ServeConfig:
             if replicas < 1:
                 raise ValueError(f"--{role}-workers must be at least 1")
             if not pool.min_replicas <= replicas <= pool.max_replicas:
-                raise ValueError(f"{role} replicas ({replicas}) must lie within the pool's min {pool.min_replicas} and max {pool.max_replicas}")
+                raise ValueError(
+                    f"{role} replicas ({replicas}) must lie within the pool's min {pool.min_replicas} and max {pool.max_replicas}"
+                )
 
     def replicas(self, role: str) -> int:
         return self.num_prefill_workers if role == "prefill" else self.num_decode_workers

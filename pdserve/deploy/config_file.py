@@ -2,6 +2,7 @@
 on the command line overrides the file. Keys are the flags' names (`max-num-seqs` or
 `max_num_seqs`), plus `pools` (per pool: `replicas`, `min`, `max`, `resources`), `autoscaler` (the
 autoscaler's thresholds; `autoscale: true` turns it on) and `drain`. Unknown keys are errors."""
+
 from __future__ import annotations
 
 import argparse
@@ -69,10 +70,15 @@ def _pools(path: str, value: object) -> dict[str, object]:
         section = section or {}
         unknown = set(section) - POOL_KEYS if isinstance(section, dict) else {"(not a mapping)"}
         if unknown:
-            raise ConfigFileError(f"{path}: pools.{role}: unknown {', '.join(sorted(map(str, unknown)))} (known: {', '.join(sorted(POOL_KEYS))})")
+            raise ConfigFileError(
+                f"{path}: pools.{role}: unknown {', '.join(sorted(map(str, unknown)))} (known: {', '.join(sorted(POOL_KEYS))})"
+            )
         if "replicas" in section:
             values[f"{role}_workers"] = section["replicas"]
-        bounds = {"min_replicas": section.get("min", PoolConfig.min_replicas), "max_replicas": section.get("max", PoolConfig.max_replicas)}
+        bounds = {
+            "min_replicas": section.get("min", PoolConfig.min_replicas),
+            "max_replicas": section.get("max", PoolConfig.max_replicas),
+        }
         try:
             values[f"{role}_pool"] = PoolConfig(**bounds, resources=dict(section.get("resources") or {}))
         except (TypeError, ValueError) as exc:

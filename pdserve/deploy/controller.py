@@ -3,6 +3,7 @@ worker actors on their pool's nodes, watches them (`starting -> ready -> drainin
 those that die, drains surplus workers before stopping them, and applies the autoscaler's and the
 operator's desired sizes. It is owned by the `pdserve serve` process: when that process ends, for
 whatever reason, Ray ends the controller and, with it, every worker."""
+
 from __future__ import annotations
 
 import asyncio
@@ -76,7 +77,9 @@ class Controller:
 
     async def ready_records(self) -> list[WorkerRecord]:
         """The workers gateways may route to."""
-        return [WorkerRecord(w.worker_id, w.role, w.address) for pool in self.pools.values() for w in pool.members(WorkerState.READY)]
+        return [
+            WorkerRecord(w.worker_id, w.role, w.address) for pool in self.pools.values() for w in pool.members(WorkerState.READY)
+        ]
 
     async def pools_view(self) -> dict:
         return self._view()
@@ -141,7 +144,9 @@ class Controller:
             return
         except (TimeoutError, ray.exceptions.RayError) as exc:
             if time.monotonic() - worker.last_answer > self.config.unresponsive_s:
-                logger.warning("%s has not answered for %g s (%s): replacing it", worker.worker_id, self.config.unresponsive_s, exc)
+                logger.warning(
+                    "%s has not answered for %g s (%s): replacing it", worker.worker_id, self.config.unresponsive_s, exc
+                )
                 self._remove(worker, "unresponsive", kill=True)
             return
         worker.last_answer = time.monotonic()
@@ -160,7 +165,12 @@ class Controller:
     def _spec(self, role: str) -> WorkerSpec:
         c = self.config
         return WorkerSpec(
-            role, c.engine, c.model_name, c.worker_host, kv_transport=c.kv_transport, redis_url=c.redis_url,
+            role,
+            c.engine,
+            c.model_name,
+            c.worker_host,
+            kv_transport=c.kv_transport,
+            redis_url=c.redis_url,
             cluster_secret=c.cluster_secret,
         )
 
@@ -183,7 +193,9 @@ class Controller:
         units = {role: self.pools[role].desired for role in ROLES}
         resources = {**self.config.pools["prefill"].resources, **self.config.pools["decode"].resources}
         options = actor_options(units, resources, self.config.gpu_share)
-        actor = ray.remote(WorkerProcess).options(name=specs[0].worker_id, max_concurrency=WORKER_THREADS, **options).remote(specs)
+        actor = (
+            ray.remote(WorkerProcess).options(name=specs[0].worker_id, max_concurrency=WORKER_THREADS, **options).remote(specs)
+        )
         workers = [PoolWorker(spec.worker_id, spec.role, actor) for spec in specs]
         for worker in workers:
             self.pools[worker.role].add(worker)
@@ -260,7 +272,9 @@ class Controller:
             bounds = (max(1, pool.config.min_replicas), pool.config.max_replicas)
             decision = self.autoscaler.decide(signals, pool.desired, bounds, pool.is_settled and is_cool)
             if decision is not None:
-                logger.info("autoscaler: %s pool %d -> %d replicas (%s)", pool.role, pool.desired, decision.replicas, decision.reason)
+                logger.info(
+                    "autoscaler: %s pool %d -> %d replicas (%s)", pool.role, pool.desired, decision.replicas, decision.reason
+                )
                 pool.set_desired(decision.replicas)
 
     def _recent_latencies(self) -> tuple[float | None, float | None]:

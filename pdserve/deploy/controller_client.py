@@ -1,6 +1,7 @@
 """`ControllerClient`: a gateway's handle on the controller actor. It is the gateway's registry (the
 ready workers; `pdserve serve`'s gateway needs no Redis), its `PoolAdmin` for `/admin/pools`, and it
 reports the gateway's TTFT and ITL to the autoscaler, keeping the pools' last view for /metrics."""
+
 from __future__ import annotations
 
 import asyncio
@@ -67,6 +68,8 @@ class ControllerClient:
         while True:
             await asyncio.sleep(interval_s)
             try:
-                self.last_view = await self._call("report", self.gateway_id, ttft.quantile(REPORT_QUANTILE), itl.quantile(REPORT_QUANTILE))
+                self.last_view = await self._call(
+                    "report", self.gateway_id, ttft.quantile(REPORT_QUANTILE), itl.quantile(REPORT_QUANTILE)
+                )
             except Exception as exc:  # noqa: BLE001 - the controller may be busy or restarting
                 logger.warning("reporting to the controller failed: %s", exc)

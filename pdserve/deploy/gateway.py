@@ -1,5 +1,6 @@
 """Runs the HTTP gateway in this process until SIGINT/SIGTERM (which drain it first): over the workers a registry lists (the
 controller's, or Redis's for `pdserve router`), or over one in-process engine (`--colocated`)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -50,13 +51,17 @@ async def run_gateway(
     return 0
 
 
-def _add_operations(app: FastAPI, backend: Backend, config: ServeConfig, metrics: Metrics, controller: ControllerClient | None) -> asyncio.Task | None:
+def _add_operations(
+    app: FastAPI, backend: Backend, config: ServeConfig, metrics: Metrics, controller: ControllerClient | None
+) -> asyncio.Task | None:
     """Admin routes, per-pool metrics and, with a controller, the autoscaler's latency reports."""
     from pdserve.router.admin import admin_routes
     from pdserve.router.pool_metrics import PoolCollector
 
     app.include_router(admin_routes(backend.pool, config.admin_token, controller))
-    metrics.registry.register(PoolCollector(backend.pool, config.served_model_name, lambda: controller.last_view if controller else None))
+    metrics.registry.register(
+        PoolCollector(backend.pool, config.served_model_name, lambda: controller.last_view if controller else None)
+    )
     if controller is None:
         return None
     interval_s = config.autoscale.interval_s if config.autoscale.enabled else REPORT_INTERVAL_S
@@ -83,6 +88,10 @@ async def _disaggregated(config: ServeConfig, registry: Registry, metrics: Metri
     max_model_len = min(w.status.max_model_len for w in pool.workers.values() if w.status is not None)
     tokenizer = Tokenizer.from_pretrained(config.engine.model)
     return DisaggregatedBackend(
-        pool, tokenizer, config.served_model_name, max_model_len, on_kv_transfer=metrics.observe_kv_transfer,
+        pool,
+        tokenizer,
+        config.served_model_name,
+        max_model_len,
+        on_kv_transfer=metrics.observe_kv_transfer,
         deadlines=gateway.deadlines,
     )

@@ -1,6 +1,7 @@
 """uvicorn as the gateway runs it: connections that do not deliver a request's headers in time are
 closed (slow or half-open clients hold nothing for long), and SIGTERM/SIGINT first drain the app
 (`router/drain.py`) before uvicorn stops; a second signal stops at once."""
+
 from __future__ import annotations
 
 import asyncio
@@ -89,6 +90,10 @@ class GatewayServer(uvicorn.Server):
 
 def gateway_config(app: Any, host: str, port: int, header_timeout_s: float) -> uvicorn.Config:
     return uvicorn.Config(
-        app, host=host, port=port, log_level="warning", http=protocol_class(header_timeout_s),
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        http=protocol_class(header_timeout_s),
         timeout_graceful_shutdown=int(WIND_DOWN_S),  # the drain has ended every request by then
     )

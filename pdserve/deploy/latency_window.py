@@ -1,5 +1,6 @@
 """`LatencyWindow`: a quantile of what a Prometheus histogram observed since the previous reading
 (the gateway's TTFT and ITL over the autoscaler's last interval), from the cumulative bucket counts."""
+
 from __future__ import annotations
 
 import math

@@ -1,6 +1,7 @@
 """Where workers run: each prefill worker asks Ray for one unit of the `prefill_pool` custom
 resource, each decode worker for one of `decode_pool` (plus its CPU and GPU share), so each lands on
 a node of its own pool. A single machine's local Ray gives its node both resources."""
+
 from __future__ import annotations
 
 import math

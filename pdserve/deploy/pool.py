@@ -1,6 +1,7 @@
 """`Pool`: one role's membership as the controller keeps it: desired replicas within the pool's
 bounds, and each worker's state, `starting -> ready -> draining -> gone`. Plain data and rules, no
 Ray: the controller acts on what a pool says is missing or surplus."""
+
 from __future__ import annotations
 
 import time
@@ -42,8 +43,13 @@ class WorkerLoad:
         return self.num_running == 0 and self.num_waiting == 0 and self.num_used_blocks == 0
 
     def view(self) -> dict:
-        return {"num_running": self.num_running, "num_waiting": self.num_waiting, "num_used_blocks": self.num_used_blocks,
-                "num_total_blocks": self.num_total_blocks, "kv_cache_usage": round(self.kv_cache_usage, 4)}
+        return {
+            "num_running": self.num_running,
+            "num_waiting": self.num_waiting,
+            "num_used_blocks": self.num_used_blocks,
+            "num_total_blocks": self.num_total_blocks,
+            "kv_cache_usage": round(self.kv_cache_usage, 4),
+        }
 
 
 @dataclass(eq=False)
@@ -67,10 +73,15 @@ class PoolWorker:
 
     def view(self) -> dict:
         return {
-            "worker_id": self.worker_id, "address": self.address, "state": self.state.value, "node_id": self.node_id,
-            "pid": self.pid, "load": self.load.view() if self.load else None,
+            "worker_id": self.worker_id,
+            "address": self.address,
+            "state": self.state.value,
+            "node_id": self.node_id,
+            "pid": self.pid,
+            "load": self.load.view() if self.load else None,
             "seconds_in_state": round(time.monotonic() - self.since, 1),
-            "load_at_drain": self.load_at_drain.view() if self.load_at_drain else None, "end_reason": self.end_reason,
+            "load_at_drain": self.load_at_drain.view() if self.load_at_drain else None,
+            "end_reason": self.end_reason,
         }
 
 
@@ -142,11 +153,17 @@ class Pool:
             self.next_start_at = time.monotonic() + min(MAX_START_BACKOFF_S, 2.0 ** (self._num_start_failures - 1))
 
     def view(self) -> dict:
-        counts = {state.value: len(self.members(state)) for state in (WorkerState.STARTING, WorkerState.READY, WorkerState.DRAINING)}
+        counts = {
+            state.value: len(self.members(state)) for state in (WorkerState.STARTING, WorkerState.READY, WorkerState.DRAINING)
+        }
         return {
-            "desired": self.desired, "min": self.config.min_replicas, "max": self.config.max_replicas,
-            "is_fixed": self.is_fixed, "num_workers": counts,
-            "workers": [w.view() for w in self.workers.values()], "gone": [w.view() for w in self.gone],
+            "desired": self.desired,
+            "min": self.config.min_replicas,
+            "max": self.config.max_replicas,
+            "is_fixed": self.is_fixed,
+            "num_workers": counts,
+            "workers": [w.view() for w in self.workers.values()],
+            "gone": [w.view() for w in self.gone],
         }
 
 

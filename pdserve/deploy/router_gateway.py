@@ -1,6 +1,7 @@
 """`pdserve router --redis-url URL`: one more gateway, serving through the workers it finds in Redis
 (registered there by `pdserve serve --redis-url URL`'s workers), so a load balancer can sit in front
 of several. With `--ray-address` it also reaches the controller (`/admin/pools`, autoscaler inputs)."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", default=None, help="model name in the API (default: --model)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--admin-token", default=None, help="bearer token of /admin/* (default: $PDSERVE_ADMIN_TOKEN; none: admin off)")
+    parser.add_argument(
+        "--admin-token", default=None, help="bearer token of /admin/* (default: $PDSERVE_ADMIN_TOKEN; none: admin off)"
+    )
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster to reach its pdserve controller")
     parser.add_argument("--log-level", default="info")
     from pdserve.deploy.cli import add_gateway_arguments

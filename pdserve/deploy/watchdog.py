@@ -5,6 +5,7 @@ only the gateway holds, then stops every process of that instance: those whose c
 names its session (`session_<date>_<gateway pid>`, Ray's naming) and all their descendants
 (the worker processes and agents, renamed `ray::...`). Descendants are also noted while the
 gateway lives, since the raylet may die first and orphan them. A cluster it joined is left alone."""
+
 from __future__ import annotations
 
 import os
@@ -25,7 +26,8 @@ def start_watchdog() -> subprocess.Popen:
     process referenced (its stdin pipe is the signal) until this process exits."""
     return subprocess.Popen(
         [sys.executable, "-m", "pdserve.deploy.watchdog", str(os.getpid())],
-        stdin=subprocess.PIPE, start_new_session=True,  # no Ctrl-C of the terminal reaches it
+        stdin=subprocess.PIPE,
+        start_new_session=True,  # no Ctrl-C of the terminal reaches it
         cwd=Path(__file__).resolve().parent.parent.parent,
     )
 
@@ -88,7 +90,7 @@ def _stat_fields(pid: int) -> list[bytes] | None:
         stat = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return None
-    return stat[stat.rindex(b")") + 2:].split()
+    return stat[stat.rindex(b")") + 2 :].split()
 
 
 def _cmdline(pid: int) -> bytes:

@@ -2,6 +2,7 @@
 inside whatever process hosts it (a Ray actor in a cluster; the test process in tests). With a
 Redis URL it also keeps the worker's registry record alive with signed heartbeats. `WorkerProcess`
 is what a Ray actor runs: its workers, their load for the controller, and their drain."""
+
 from __future__ import annotations
 
 import asyncio
@@ -36,7 +37,9 @@ class WorkerSpec:
     redis_url: str | None = None
     worker_id: str = ""
     cluster_secret: ClusterSecret | None = None  # signs and checks every gRPC call and registry record
-    decode_limits: DecodeLimits = field(default_factory=DecodeLimits)  # what a decode worker lets in (leases, pending requests per caller)
+    decode_limits: DecodeLimits = field(
+        default_factory=DecodeLimits
+    )  # what a decode worker lets in (leases, pending requests per caller)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):

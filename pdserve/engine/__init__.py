@@ -1,5 +1,6 @@
 """Shared model execution for pdserve: config, model, loader, paged KV cache, scheduler, sampler,
 tokenizer, and the offline `LLM` API. Exports are lazy so light users (the router) skip torch."""
+
 from __future__ import annotations
 
 import importlib

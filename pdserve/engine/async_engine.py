@@ -1,5 +1,6 @@
 """`AsyncEngine`: the colocated engine on a background `EngineLoop`, for asyncio servers:
 `generate()` streams each request's token deltas; leaving the stream early aborts the request."""
+
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
@@ -55,11 +56,15 @@ class AsyncEngine:
     def shutdown(self) -> None:
         self.loop.stop()
 
-    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncGenerator[RequestDelta, None]:
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncGenerator[RequestDelta, None]:
         """Raises `InvalidRequestError` for bad input before anything is queued."""
         return self._generate(request_id, prompt_token_ids, params)
 
-    async def _generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncGenerator[RequestDelta, None]:
+    async def _generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncGenerator[RequestDelta, None]:
         await self.engine.core.compile_grammar(params)
         events: AsyncGenerator[RequestDelta, None] = self.loop.stream(
             request_id,

@@ -1,5 +1,6 @@
 """Paged attention for one layer: rotary + KV store + attention over the block table, on the
 Triton kernels (CUDA) or their torch references (CPU). The metadata is built by the model runner."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -55,6 +56,14 @@ class Attention(nn.Module):
             return decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale, None, *kv_scales)
         prefill = kernels.paged_prefill_attention if on_gpu else kernels.paged_prefill_attention_ref
         return prefill(
-            q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, meta.max_seqlen_q,
-            self.scale, None, *kv_scales,
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.cu_seqlens_q,
+            meta.context_lens,
+            meta.max_seqlen_q,
+            self.scale,
+            None,
+            *kv_scales,
         )

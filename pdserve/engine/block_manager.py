@@ -1,6 +1,7 @@
 """`BlockManager`: the pool of fixed-size KV blocks of one worker. Reference counts, prefix
 caching by chained block hashes (hits verified exactly; a cache salt starts a chain of its own),
 and LRU reuse of freed cached blocks. Pure CPU bookkeeping; callers own their block tables."""
+
 from __future__ import annotations
 
 import hashlib
@@ -109,8 +110,9 @@ class BlockManager:
         block_table.extend(self._pop_free(num_new))
         return True
 
-    def cache_full_blocks(self, block_table: Sequence[int], token_ids: Sequence[int],
-                          num_computed_tokens: int, salt: str | None = None) -> None:
+    def cache_full_blocks(
+        self, block_table: Sequence[int], token_ids: Sequence[int], num_computed_tokens: int, salt: str | None = None
+    ) -> None:
         """Register the full blocks among the first `num_computed_tokens` tokens. Idempotent; only
         blocks hashed since the last call are touched (the hashed blocks are a prefix)."""
         if not self.enable_prefix_caching:
@@ -125,7 +127,7 @@ class BlockManager:
         parent_hash, parent_uid = (parent.hash, parent.uid) if parent else chain_root(salt)
         for i in range(start, num_full):
             block = self._blocks[block_table[i]]
-            tokens = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
+            tokens = tuple(token_ids[i * self.block_size : (i + 1) * self.block_size])
             self._register(block, tokens, parent_hash, parent_uid)
             parent_hash, parent_uid = block.hash, block.uid
 
@@ -179,7 +181,7 @@ class BlockManager:
         hits: list[_Block] = []
         parent_hash, parent_uid = chain_root(salt)
         for start in range(0, len(token_ids) - self.block_size + 1, self.block_size):
-            tokens = tuple(token_ids[start:start + self.block_size])
+            tokens = tuple(token_ids[start : start + self.block_size])
             parent_hash = block_hash(parent_hash, tokens)
             block = self._cached.get(parent_hash)
             if block is None or block.token_ids != tokens or block.parent_uid != parent_uid:

@@ -1,5 +1,6 @@
 """Configuration, built once at the entry point and never mutated: the model's shape (read from an
 HF `config.json`) and the engine's knobs (`EngineConfig`)."""
+
 from __future__ import annotations
 
 import json
@@ -78,7 +79,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads {self.num_kv_heads}")
+            raise ConfigError(
+                f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads {self.num_kv_heads}"
+            )
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> ModelConfig:
@@ -94,11 +97,11 @@ class ModelConfig:
         architectures = hf.get("architectures") or [hf.get("model_type", "?")]
         architecture = architectures[0]
         if architecture not in SUPPORTED_ARCHITECTURES:
-            raise ConfigError(
-                f"architecture {architecture!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-            )
+            raise ConfigError(f"architecture {architecture!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
         if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias", False):
-            raise ConfigError(f"{architecture} with hidden_act={hf.get('hidden_act')!r}, mlp_bias={hf.get('mlp_bias')} is not supported")
+            raise ConfigError(
+                f"{architecture} with hidden_act={hf.get('hidden_act')!r}, mlp_bias={hf.get('mlp_bias')} is not supported"
+            )
         num_heads = hf["num_attention_heads"]
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))

@@ -1,5 +1,6 @@
 """`EngineCore`: what every worker loads (model, KV cache, block pool, tokenizer, stop tokens) and
 how a request is validated and created. Schedulers are composed on top by each kind of worker."""
+
 from __future__ import annotations
 
 import asyncio

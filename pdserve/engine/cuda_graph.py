@@ -1,6 +1,7 @@
 """CUDA graphs for the decode step: the forward pass, the logits and their greedy argmax for every
 batch-size bucket are captured once over static buffers sharing one memory pool; a step fills
 the buffers (two host-to-device copies) and replays."""
+
 from __future__ import annotations
 
 import torch

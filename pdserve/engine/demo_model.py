@@ -2,6 +2,7 @@
 
 `write_demo_model(dir)` writes config, weights, a byte-level BPE tokenizer and a ChatML template.
 """
+
 from __future__ import annotations
 
 import json
@@ -105,10 +106,12 @@ def write_demo_model(directory: str | Path, seed: int = 0) -> Path:
 def build_demo_tokenizer() -> Tokenizer:
     """A Llama-3-style byte-level BPE tokenizer trained on TRAINING_TEXT (deterministic)."""
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=NUM_TRAINED_TOKENS,
@@ -157,8 +160,12 @@ def _model_config(vocab_size: int, bos_id: int, eos_id: int) -> dict:
 def _tokenizer_config(tokenizer: Tokenizer) -> dict:
     added = {
         str(token_id): {
-            "content": token.content, "lstrip": token.lstrip, "normalized": token.normalized,
-            "rstrip": token.rstrip, "single_word": token.single_word, "special": token.special,
+            "content": token.content,
+            "lstrip": token.lstrip,
+            "normalized": token.normalized,
+            "rstrip": token.rstrip,
+            "single_word": token.single_word,
+            "special": token.special,
         }
         for token_id, token in sorted(tokenizer.get_added_tokens_decoder().items())
     }

@@ -2,6 +2,7 @@
 
 Never emits half a multi-byte character, and holds back text that could still begin a stop string.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -66,10 +67,10 @@ class IncrementalDetokenizer:
             return ""
         full = self._decode(0, len(self._token_ids))
         if full.startswith(self._decoded):
-            tail = full[len(self._decoded):]
+            tail = full[len(self._decoded) :]
         else:  # text already sent cannot be taken back: finish the window instead
             tail = self._decode(self._prefix_offset, len(self._token_ids))
-            tail = tail[len(self._decode(self._prefix_offset, self._read_offset)):]
+            tail = tail[len(self._decode(self._prefix_offset, self._read_offset)) :]
         return self._advance(tail, is_final=True)
 
     def _decode_new_text(self) -> str:
@@ -87,7 +88,7 @@ class IncrementalDetokenizer:
         if len(new_text) <= len(prefix_text) or not is_final:
             return ""
         self._prefix_offset, self._read_offset = self._read_offset, end
-        return new_text[len(prefix_text):]
+        return new_text[len(prefix_text) :]
 
     def _decode(self, start: int, end: int) -> str:
         ids = self._token_ids[start:end]

@@ -2,6 +2,7 @@
 thread. Work goes in with `call(fn)` (fn runs on the loop thread between two steps, so schedulers
 and block pools are only ever touched by one thread and need no locks); events come out per
 request through `stream()`, which the loop thread feeds with `publish()`."""
+
 from __future__ import annotations
 
 import asyncio

@@ -2,6 +2,7 @@
 weight file's whole content, so that it changes whenever any weight does. A Hub snapshot's weight
 files are links to blobs named by that very hash (the Hub's LFS object id), which is taken as is;
 other files are hashed, in parallel across files (about 1.4 GB/s per core: `bench/fingerprint.py`)."""
+
 from __future__ import annotations
 
 import hashlib

@@ -3,6 +3,7 @@ before its forward pass: llguidance fills the bitmask rows of those requests on 
 pool, GIL released, while this thread prepares inputs and runs (on a GPU: launches) the forward.
 The sampler then waits for them (`PendingMasks.apply`) and sets every disallowed logit to -inf in
 one masked_fill over the batch (rows without a grammar allow every token)."""
+
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor

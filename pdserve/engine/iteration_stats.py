@@ -1,6 +1,7 @@
 """`IterationTokens`: how many tokens each engine step computed, as cumulative histogram buckets
 (vLLM's `vllm:iteration_tokens_total` boundaries). Plain counts, no torch: workers report them in
 their status and the gateway exports them."""
+
 from __future__ import annotations
 
 import bisect

@@ -1,6 +1,7 @@
 """Per-layer fp8 KV cache scales from a checkpoint: the scalars `model.layers.{i}.self_attn.k_scale`
 / `v_scale` (vLLM's names, as llm-compressor and ModelOpt write them), 1.0 for a layer that has
 none (vLLM's default). The weight loader skips these names; only an fp8 cache reads them."""
+
 from __future__ import annotations
 
 import re

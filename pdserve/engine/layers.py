@@ -1,5 +1,6 @@
 """Model building blocks that dispatch to Triton kernels on CUDA and to torch references on the
 CPU: RMSNorm (optionally fused with the residual add), SiLU-and-mul, and fused linear layers."""
+
 from __future__ import annotations
 
 import torch
@@ -14,9 +15,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             norm = kernels.rms_norm if x.is_cuda else kernels.rms_norm_ref
             return norm(x, self.weight, self.eps)
@@ -57,9 +56,13 @@ class Linear(nn.Module):
     def load(self, kind: str, tensor: torch.Tensor, rows: slice = slice(None)) -> None:
         """Copy an HF tensor (weight [out, in] or bias [out]) into our output rows `rows`."""
         if kind not in self.checkpoint_kinds():
-            raise ValueError(f"unexpected tensor kind {kind!r} for an unquantized layer (expected: {', '.join(sorted(self.checkpoint_kinds()))})")
+            raise ValueError(
+                f"unexpected tensor kind {kind!r} for an unquantized layer (expected: {', '.join(sorted(self.checkpoint_kinds()))})"
+            )
         if not tensor.is_floating_point() or tensor.element_size() == 1:
-            raise ValueError(f"{tensor.dtype} is a quantized type, but this layer is not quantized (no quantization_config for it)")
+            raise ValueError(
+                f"{tensor.dtype} is a quantized type, but this layer is not quantized (no quantization_config for it)"
+            )
         param = self.weight if kind == "weight" else self.bias
         target = param.data[:, rows] if kind == "weight" and self.transposed else param.data[rows]
         source = tensor.t() if kind == "weight" and self.transposed else tensor

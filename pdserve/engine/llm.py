@@ -1,4 +1,5 @@
 """The offline API in the shape vLLM users know: `LLM(model=...).generate(prompts, params)`."""
+
 from __future__ import annotations
 
 import itertools
@@ -20,8 +21,13 @@ PromptType = str | list[int] | dict
 
 class LLM:
     def __init__(
-        self, model: str | None = None, device: str = "auto", dtype: str = "auto", load_format: str = "auto",
-        kv_cache_dtype: str = "auto", **engine_args: Any,
+        self,
+        model: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        load_format: str = "auto",
+        kv_cache_dtype: str = "auto",
+        **engine_args: Any,
     ) -> None:
         """`model`: a local HF checkpoint directory or a Hub id; None serves the demo model.
         `load_format="dummy"`: the checkpoint's shapes with random weights (vLLM's name for it).
@@ -64,14 +70,17 @@ class LLM:
         return [_output(runs, self.get_tokenizer()) for runs in families]
 
     def _detokenizer(self, params: SamplingParams) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(self.get_tokenizer(), params.stop, params.include_stop_str_in_output, params.skip_special_tokens)
+        return IncrementalDetokenizer(
+            self.get_tokenizer(), params.stop, params.include_stop_str_in_output, params.skip_special_tokens
+        )
 
-    def chat(
-        self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None
-    ) -> list[RequestOutput]:
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         tokenizer = self.get_tokenizer()
-        prompts = [{"prompt_token_ids": tokenizer.encode(tokenizer.apply_chat_template(c), add_special_tokens=False)} for c in conversations]
+        prompts = [
+            {"prompt_token_ids": tokenizer.encode(tokenizer.apply_chat_template(c), add_special_tokens=False)}
+            for c in conversations
+        ]
         return self.generate(prompts, sampling_params)
 
     def _encode(self, prompt: PromptType) -> tuple[str | None, list[int]]:

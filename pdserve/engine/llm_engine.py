@@ -1,5 +1,6 @@
 """`LLMEngine`: the colocated engine (one scheduler + one model runner in this process). It is the
 reference the disaggregated path must match and the baseline it is benchmarked against."""
+
 from __future__ import annotations
 
 from pdserve.engine.config import EngineConfig
@@ -14,9 +15,7 @@ class LLMEngine:
     def __init__(self, core: EngineCore) -> None:
         self.core = core
         config = core.config
-        self.scheduler = Scheduler(
-            core.block_manager, config.max_num_seqs, config.max_num_batched_tokens, core.max_model_len
-        )
+        self.scheduler = Scheduler(core.block_manager, config.max_num_seqs, config.max_num_batched_tokens, core.max_model_len)
         self.iteration_tokens = IterationTokens()
 
     @classmethod

@@ -1,5 +1,6 @@
 """Finding a checkpoint (local directory or Hugging Face Hub id) and streaming its `*.safetensors`
 weights straight into a model's parameters (its identity: `engine/fingerprint.py`)."""
+
 from __future__ import annotations
 
 import json
@@ -91,4 +92,3 @@ def init_random_weights(model: nn.Module, seed: int = 0) -> None:
     for module in model.modules():
         if hasattr(module, "init_random_"):
             module.init_random_(generator(next(module.buffers()).device))
-

@@ -3,6 +3,7 @@ allowed token ids, bad words, logit bias, then the repetition, frequency and pre
 (vLLM's order and definitions; repetition as transformers' RepetitionPenaltyLogitsProcessor, over
 the prompt and the output). Per-request state lives in `TokenCounts`, rows of device tensors, so a
 step's work is a few batched tensor operations whatever the batch holds."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -34,7 +35,7 @@ class TokenCounts:
         for request in requests:
             if request not in self._rows:
                 self._add(request)
-        pending = [(r, t) for r in requests for t in r.output_token_ids[self._counted[r]:]]
+        pending = [(r, t) for r in requests for t in r.output_token_ids[self._counted[r] :]]
         if pending:
             rows = torch.tensor([self._rows[r] for r, _ in pending], device=self.device)
             tokens = torch.tensor([t for _, t in pending], device=self.device)
@@ -56,8 +57,12 @@ class TokenCounts:
     def _grow(self) -> None:
         old = self.output_counts.shape[0]
         new = max(_INITIAL_ROWS, 2 * old)
-        self.output_counts = torch.cat([self.output_counts, torch.zeros(new - old, self.vocab_size, dtype=torch.int32, device=self.device)])
-        self.in_prompt = torch.cat([self.in_prompt, torch.zeros(new - old, self.vocab_size, dtype=torch.bool, device=self.device)])
+        self.output_counts = torch.cat(
+            [self.output_counts, torch.zeros(new - old, self.vocab_size, dtype=torch.int32, device=self.device)]
+        )
+        self.in_prompt = torch.cat(
+            [self.in_prompt, torch.zeros(new - old, self.vocab_size, dtype=torch.bool, device=self.device)]
+        )
         self._free += list(range(new - 1, old - 1, -1))
 
     def _release_finished(self) -> None:
@@ -119,7 +124,7 @@ def _bad_word_ids(request: Request, vocab_size: int) -> list[int]:
     banned = []
     for word in request.params.bad_words_token_ids:
         *prefix, last = word
-        if not prefix or (len(output) >= len(prefix) and output[len(output) - len(prefix):] == prefix):
+        if not prefix or (len(output) >= len(prefix) and output[len(output) - len(prefix) :] == prefix):
             banned.append(last)
     return banned
 

@@ -1,5 +1,6 @@
 """The Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3) over a paged KV cache, with
 fused q/k/v and gate/up projections, and the mapping from HF checkpoint names to its parameters."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -162,10 +163,17 @@ class LlamaForCausalLM(nn.Module):
             if ignored == {True}:
                 continue
             if len(ignored) > 1:
-                raise ConfigError(f"quantization_config ignores some of {', '.join(projections)} but not all; pdserve runs them as one layer")
+                raise ConfigError(
+                    f"quantization_config ignores some of {', '.join(projections)} but not all; pdserve runs them as one layer"
+                )
             try:
                 layer = quantized_linear(
-                    quant, module.in_features, module.out_features, module.bias is not None, dtype, getattr(module, "shard_ranges", None)
+                    quant,
+                    module.in_features,
+                    module.out_features,
+                    module.bias is not None,
+                    dtype,
+                    getattr(module, "shard_ranges", None),
                 )
             except ValueError as exc:
                 raise ConfigError(f"{quant.name} cannot quantize {name}: {exc}") from None

@@ -1,6 +1,7 @@
 """`ModelRunner`: owns the model weights and the paged KV cache of one worker, turns a scheduled
 batch into model inputs, runs the forward pass (decode through CUDA graphs on a GPU) and samples;
 grammar masks are computed on other threads meanwhile, and grammars advanced with the new tokens."""
+
 from __future__ import annotations
 
 import logging

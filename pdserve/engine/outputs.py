@@ -1,5 +1,6 @@
 """What generation returns: vLLM's `RequestOutput` / `CompletionOutput` / `Logprob` shapes for users, and the
 plain `TokenLogprobs` / `RequestDelta` records that move between the engine, workers and gateway. No torch."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

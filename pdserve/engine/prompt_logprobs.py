@@ -2,6 +2,7 @@
 each prompt position's hidden state scores the next prompt token. Computed for the positions a
 step processes, the LM head run over a few hundred rows at a time (a long prompt's full logits
 would not fit)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,7 +41,9 @@ def prompt_targets(batch: list[ScheduledRequest]) -> PromptTargets | None:
     return PromptTargets(rows, targets, owners) if rows else None
 
 
-def compute_prompt_logprobs(model: torch.nn.Module, hidden: torch.Tensor, prompt: PromptTargets) -> dict[int, list[TokenLogprobs]]:
+def compute_prompt_logprobs(
+    model: torch.nn.Module, hidden: torch.Tensor, prompt: PromptTargets
+) -> dict[int, list[TokenLogprobs]]:
     """id(request) -> the logprobs of its prompt tokens this step predicted, in order."""
     device = hidden.device
     rows = torch.tensor(prompt.rows, device=device)
@@ -48,8 +51,8 @@ def compute_prompt_logprobs(model: torch.nn.Module, hidden: torch.Tensor, prompt
     num_top = max(request.params.prompt_logprobs for request, _ in prompt.owners)
     chosen, ranks, top_values, top_ids = [], [], [], []
     for start in range(0, len(prompt.rows), ROWS_PER_CHUNK):
-        logprobs = torch.log_softmax(model.compute_logits(hidden[rows[start:start + ROWS_PER_CHUNK]]), dim=-1)
-        target = targets[start:start + ROWS_PER_CHUNK, None]
+        logprobs = torch.log_softmax(model.compute_logits(hidden[rows[start : start + ROWS_PER_CHUNK]]), dim=-1)
+        target = targets[start : start + ROWS_PER_CHUNK, None]
         value = logprobs.gather(1, target)
         chosen.append(value.squeeze(1))
         ranks.append((logprobs > value).sum(dim=-1) + 1)

@@ -1,6 +1,7 @@
 """Weight quantization settings: a checkpoint's `quantization_config` (fp8, compressed-tensors 8-bit,
 awq, gptq) or the `--quantization` flag, parsed into one frozen `QuantConfig`. Anything pdserve
 cannot honour exactly is refused here, by name, before a byte is loaded."""
+
 from __future__ import annotations
 
 import re
@@ -62,7 +63,9 @@ def resolve_quantization(checkpoint: QuantConfig | None, flag: str | None, is_du
         return checkpoint
     if checkpoint is not None:
         if flag != checkpoint.checkpoint_format.removesuffix("_v2"):
-            raise ConfigError(f"--quantization {flag} was asked for, but the checkpoint is quantized with {checkpoint.checkpoint_format}")
+            raise ConfigError(
+                f"--quantization {flag} was asked for, but the checkpoint is quantized with {checkpoint.checkpoint_format}"
+            )
         return checkpoint
     if flag in ONLINE_METHODS:
         return QuantConfig(scheme=flag, checkpoint_format="online")
@@ -80,7 +83,9 @@ def _parse_fp8(hf: dict) -> QuantConfig:
     """`quant_method: fp8` (Neural Magic / Red Hat, transformers' FP8): e4m3 weights with one
     `weight_scale` per tensor; activation scales are taken per token at run time instead."""
     if hf.get("weight_block_size"):
-        raise ConfigError(f"quantization_config weight_block_size {hf['weight_block_size']} (block-wise FP8) is not supported; per-tensor and per-channel FP8 are")
+        raise ConfigError(
+            f"quantization_config weight_block_size {hf['weight_block_size']} (block-wise FP8) is not supported; per-tensor and per-channel FP8 are"
+        )
     _check_choice(hf, "activation_scheme", ("static", "dynamic", None))
     return QuantConfig(scheme="fp8", checkpoint_format="fp8", ignore=tuple(hf.get("ignored_layers") or ()))
 
@@ -96,19 +101,25 @@ def _parse_compressed_tensors(hf: dict) -> QuantConfig:
     groups = hf.get("config_groups") or {}
     if len(groups) != 1:
         raise ConfigError(f"compressed-tensors config_groups must hold exactly one group; got {sorted(groups)}")
-    (name, group), = groups.items()
+    ((name, group),) = groups.items()
     if group.get("targets") != ["Linear"]:
-        raise ConfigError(f"compressed-tensors config_groups.{name}.targets {group.get('targets')} is not supported (supported: ['Linear'])")
+        raise ConfigError(
+            f"compressed-tensors config_groups.{name}.targets {group.get('targets')} is not supported (supported: ['Linear'])"
+        )
     weights = group.get("weights") or {}
     where = f"compressed-tensors config_groups.{name}.weights"
     kind = weights.get("type")
     if weights.get("num_bits") != 8 or kind not in ("float", "int"):
-        raise ConfigError(f"{where}: {weights.get('num_bits')}-bit {kind} weights are not supported (supported: 8-bit float or int)")
+        raise ConfigError(
+            f"{where}: {weights.get('num_bits')}-bit {kind} weights are not supported (supported: 8-bit float or int)"
+        )
     if weights.get("strategy") not in ("channel", "tensor"):
         raise ConfigError(f"{where}.strategy {weights.get('strategy')!r} is not supported (supported: channel, tensor)")
     if not weights.get("symmetric", True) or weights.get("dynamic"):
         raise ConfigError(f"{where}: only static symmetric weight scales are supported")
-    return QuantConfig(scheme="fp8" if kind == "float" else "int8", checkpoint_format="compressed-tensors", ignore=tuple(hf.get("ignore") or ()))
+    return QuantConfig(
+        scheme="fp8" if kind == "float" else "int8", checkpoint_format="compressed-tensors", ignore=tuple(hf.get("ignore") or ())
+    )
 
 
 def _parse_awq(hf: dict) -> QuantConfig:
@@ -118,19 +129,25 @@ def _parse_awq(hf: dict) -> QuantConfig:
     group_size = int(hf.get("group_size", hf.get("q_group_size", 128)))
     # AutoAWQ skips every module whose name contains one of these
     ignore = tuple(f"re:.*{re.escape(name)}" for name in hf.get("modules_to_not_convert") or ())
-    return QuantConfig(scheme="w4", checkpoint_format="awq", group_size=group_size, is_symmetric=not hf.get("zero_point", True), ignore=ignore)
+    return QuantConfig(
+        scheme="w4", checkpoint_format="awq", group_size=group_size, is_symmetric=not hf.get("zero_point", True), ignore=ignore
+    )
 
 
 def _parse_gptq(hf: dict) -> QuantConfig:
     """AutoGPTQ / GPTQModel: qweight [in / 8, out], qzeros (+1 offset in the classic format), scales, g_idx."""
     _check_choice(hf, "bits", (4,))
     if hf.get("desc_act"):
-        raise ConfigError("gptq desc_act=True (act-order: rows of a group scattered by g_idx) is not supported; use a desc_act=False checkpoint")
+        raise ConfigError(
+            "gptq desc_act=True (act-order: rows of a group scattered by g_idx) is not supported; use a desc_act=False checkpoint"
+        )
     if hf.get("lm_head"):
         raise ConfigError("gptq lm_head=True (a quantized LM head) is not supported")
     _check_choice(hf, "checkpoint_format", ("gptq", "gptq_v2", None))
     fmt = "gptq_v2" if hf.get("checkpoint_format") == "gptq_v2" else "gptq"
-    return QuantConfig(scheme="w4", checkpoint_format=fmt, group_size=int(hf.get("group_size", 128)), is_symmetric=bool(hf.get("sym", True)))
+    return QuantConfig(
+        scheme="w4", checkpoint_format=fmt, group_size=int(hf.get("group_size", 128)), is_symmetric=bool(hf.get("sym", True))
+    )
 
 
 def _check_choice(hf: dict, key: str, allowed: tuple, key_name: str | None = None) -> None:

@@ -1,6 +1,7 @@
 """Checkpoint quantization formats to the engine's layouts: per-channel 8-bit quantization of plain
 weights (online), and the 4-bit AWQ / GPTQ packings unpacked and repacked into the layout of
 `kernels/w4_matmul.py` (nibble k % 8 of row k // 8)."""
+
 from __future__ import annotations
 
 import torch

@@ -2,6 +2,7 @@
 output channel) and `W4Linear` (4 bits, a scale and zero point per group of inputs). Each loads
 its checkpoint format shard by shard into its output rows, so fused q/k/v and gate/up keep one
 matmul; per-tensor scales of fused shards become exact per-channel scales (no requantization)."""
+
 from __future__ import annotations
 
 import functools
@@ -46,7 +47,9 @@ class QuantizedLinear(nn.Module):
 
     def load(self, kind: str, tensor: torch.Tensor, rows: slice = slice(None)) -> None:
         if kind != "bias" or self.bias is None:
-            raise ValueError(f"unexpected tensor kind {kind!r} (expected: {', '.join(sorted(self.checkpoint_kinds() | self.optional_kinds()))})")
+            raise ValueError(
+                f"unexpected tensor kind {kind!r} (expected: {', '.join(sorted(self.checkpoint_kinds() | self.optional_kinds()))})"
+            )
         _copy(self.bias.data[rows], tensor, kind)
 
     def _add_bias(self, out: torch.Tensor) -> torch.Tensor:
@@ -57,7 +60,12 @@ class W8Linear(QuantizedLinear):
     """weight [N, K] fp8 e4m3 / int8, weight_scale fp32 [N]: y = x (weight * scale)^T + b."""
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool, quant: QuantConfig, dtype: torch.dtype,
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        quant: QuantConfig,
+        dtype: torch.dtype,
         shard_ranges: dict[str, tuple[int, int]] | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, dtype, shard_ranges)
@@ -80,7 +88,9 @@ class W8Linear(QuantizedLinear):
             target = self.weight_scale.data[rows]
             scale = tensor.float().reshape(-1)
             if scale.numel() not in (1, target.numel()):
-                raise ValueError(f"weight_scale has shape {tuple(tensor.shape)}; expected one scale or {target.numel()} (per channel)")
+                raise ValueError(
+                    f"weight_scale has shape {tuple(tensor.shape)}; expected one scale or {target.numel()} (per channel)"
+                )
             target.copy_(scale.expand(target.shape) if scale.numel() == 1 else scale)
         elif kind == "input_scale" and kind in self.optional_kinds():
             if tensor.numel() != 1:
@@ -92,7 +102,9 @@ class W8Linear(QuantizedLinear):
         target = self.weight.data[rows]
         if self.checkpoint_format != "online":
             if tensor.dtype != self.weight.dtype:
-                raise ValueError(f"weight is {tensor.dtype}; a {self.checkpoint_format} checkpoint of this scheme holds {self.weight.dtype}")
+                raise ValueError(
+                    f"weight is {tensor.dtype}; a {self.checkpoint_format} checkpoint of this scheme holds {self.weight.dtype}"
+                )
             _copy(target, tensor, "weight")
             return
         if not tensor.is_floating_point() or tensor.element_size() < 2:
@@ -112,7 +124,11 @@ class W8Linear(QuantizedLinear):
 
     def is_fp8_gemm_eligible(self, x: torch.Tensor) -> bool:
         """FP8 tensor cores for half-precision models with fp8 weights (an fp32 model keeps its precision)."""
-        return self.weight.dtype == torch.float8_e4m3fn and x.dtype in (torch.bfloat16, torch.float16) and fp8_gemm_kind(x.device) is not None
+        return (
+            self.weight.dtype == torch.float8_e4m3fn
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and fp8_gemm_kind(x.device) is not None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
@@ -130,14 +146,21 @@ class W4Linear(QuantizedLinear):
     bf16 would round them), zeros uint8 [K / group, N] (kernels/w4_matmul.py)."""
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool, quant: QuantConfig, dtype: torch.dtype,
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        quant: QuantConfig,
+        dtype: torch.dtype,
         shard_ranges: dict[str, tuple[int, int]] | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, dtype, shard_ranges)
         self.checkpoint_format, self.is_symmetric = quant.checkpoint_format, quant.is_symmetric
         self.group_size = in_features if quant.group_size == -1 else quant.group_size
         if in_features % self.group_size or self.group_size % 16:
-            raise ValueError(f"in_features {in_features} is not a multiple of group_size {self.group_size} (itself a multiple of 16)")
+            raise ValueError(
+                f"in_features {in_features} is not a multiple of group_size {self.group_size} (itself a multiple of 16)"
+            )
         if quant.checkpoint_format == "awq" and any(size % 8 for _, size in self.shard_ranges.values() or [(0, out_features)]):
             raise ValueError(f"AWQ packs 8 output columns a word; out_features {out_features} is not a multiple of 8")
         num_groups = in_features // self.group_size
@@ -171,7 +194,9 @@ class W4Linear(QuantizedLinear):
     def init_random_(self, generator: torch.Generator) -> None:
         """Dummy weights: random nibbles, zeros 8 (symmetric) or random, scales ~ 0.0025 (|w| <~ 0.04)."""
         device = self.qweight.device
-        self.qweight.copy_(torch.randint(-(2**31), 2**31 - 1, self.qweight.shape, generator=generator, device=device, dtype=torch.int32))
+        self.qweight.copy_(
+            torch.randint(-(2**31), 2**31 - 1, self.qweight.shape, generator=generator, device=device, dtype=torch.int32)
+        )
         if self.is_symmetric:
             self.zeros.fill_(8)
         else:
@@ -186,7 +211,11 @@ class W4Linear(QuantizedLinear):
 
 
 def quantized_linear(
-    quant: QuantConfig, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+    quant: QuantConfig,
+    in_features: int,
+    out_features: int,
+    bias: bool,
+    dtype: torch.dtype,
     shard_ranges: dict[str, tuple[int, int]] | None,
 ) -> QuantizedLinear:
     """`dtype`: the model's (activations, bias)."""
@@ -197,7 +226,7 @@ def quantized_linear(
 
 @functools.lru_cache(maxsize=8)
 def fp8_gemm_kind(device: torch.device) -> str | None:
-    """"rowwise" (per-token x per-channel scales, sm90+), "tensorwise" (sm89), or None (no FP8 tensor cores)."""
+    """ "rowwise" (per-token x per-channel scales, sm90+), "tensorwise" (sm89), or None (no FP8 tensor cores)."""
     capability = torch.cuda.get_device_capability(device)
     return "rowwise" if capability >= (9, 0) else "tensorwise" if capability >= (8, 9) else None
 

@@ -1,4 +1,5 @@
 """`Request`: one generation's tokens, KV block table and progress, as the schedulers see it."""
+
 from __future__ import annotations
 
 import enum
@@ -67,6 +68,7 @@ class Request:
     def has_unforked_siblings(self) -> bool:
         """Its siblings still wait for the first token: the prompt's next sample is theirs too."""
         return bool(self.siblings) and not self.siblings[0].output_token_ids
+
     grammar: Grammar | None = None  # advanced with every output token (structured output)
 
     @property

@@ -1,5 +1,6 @@
 """Rotary position embedding tables (default, linear and Llama-3 scaling), computed exactly as HF
 transformers does, so positions map to the same angles."""
+
 from __future__ import annotations
 
 import math

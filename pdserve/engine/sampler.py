@@ -1,6 +1,7 @@
 """Token sampling for a batch: grammar masks, greedy, temperature, top-k, top-p, min-p, per-request
 seeds, min_tokens, and top-n logprobs. Rows are independent: a seeded request draws from its own
 generator, so its output does not depend on what else is in the batch."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -70,8 +71,11 @@ def only_argmax(requests: list[Request]) -> bool:
     """Whether the batch's tokens are just the argmax: greedy, no logprobs, no stop tokens held
     back, nothing done to the logits, no grammar."""
     return all(
-        r.params.is_greedy and r.params.logprobs is None and len(r.output_token_ids) >= r.params.min_tokens
-        and not needs_processing(r) and r.grammar is None
+        r.params.is_greedy
+        and r.params.logprobs is None
+        and len(r.output_token_ids) >= r.params.min_tokens
+        and not needs_processing(r)
+        and r.grammar is None
         for r in requests
     )
 
@@ -130,9 +134,7 @@ def _top_k_top_p(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter_(-1, order, sorted_logits)
 
 
-def _gather_logprobs(
-    logprobs: torch.Tensor, token_ids: torch.Tensor, requests: list[Request]
-) -> list[TokenLogprobs | None]:
+def _gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, requests: list[Request]) -> list[TokenLogprobs | None]:
     num_top = max(r.params.logprobs or 0 for r in requests)
     top_values, top_ids = logprobs.topk(num_top, dim=-1) if num_top else (logprobs[:, :0], token_ids[:, None][:, :0])
     chosen = logprobs.gather(1, token_ids.unsqueeze(1))

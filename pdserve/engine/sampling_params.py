@@ -1,5 +1,6 @@
 """`SamplingParams`: how one request picks its tokens and when it stops (vLLM's field names), and
 `StructuredOutput`: the grammar its output must match."""
+
 from __future__ import annotations
 
 import math
@@ -75,7 +76,9 @@ class SamplingParams:
         object.__setattr__(self, "stop", (stop,) if isinstance(stop, str) else tuple(stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
         bias = self.logit_bias or ()
-        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(v)) for t, v in (bias.items() if isinstance(bias, dict) else bias))))
+        object.__setattr__(
+            self, "logit_bias", tuple(sorted((int(t), float(v)) for t, v in (bias.items() if isinstance(bias, dict) else bias)))
+        )
         object.__setattr__(self, "bad_words_token_ids", tuple(tuple(word) for word in self.bad_words_token_ids or ()))
         object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids or ()))
         self._validate()
@@ -118,7 +121,9 @@ class SamplingParams:
             fail("logit_bias values must be in [-100, 100]", "logit_bias")
         if any(not word for word in self.bad_words_token_ids):
             fail("bad words must be non-empty", "bad_words")
-        token_ids = [t for t, _ in self.logit_bias] + list(self.allowed_token_ids) + [t for w in self.bad_words_token_ids for t in w]
+        token_ids = (
+            [t for t, _ in self.logit_bias] + list(self.allowed_token_ids) + [t for w in self.bad_words_token_ids for t in w]
+        )
         if any(t < 0 for t in token_ids):
             fail("token ids in logit_bias, allowed_token_ids and bad words must be non-negative", "logit_bias")
         if self.cache_salt is not None and not 0 < len(self.cache_salt) <= MAX_CACHE_SALT_CHARS:

@@ -2,6 +2,7 @@
 unfinished chunked prefills), then waiting ones while the token budget and the KV blocks last.
 When blocks run out, the latest-arrived running request is preempted and later recomputed.
 Pure CPU logic: requests and free blocks in, a batch plan out."""
+
 from __future__ import annotations
 
 import time
@@ -14,9 +15,7 @@ from pdserve.engine.sampler import SamplerOutput, add_prompt_logprobs
 
 
 class Scheduler:
-    def __init__(
-        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int
-    ) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens

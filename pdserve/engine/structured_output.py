@@ -9,6 +9,7 @@ bounds, additionalProperties), it takes Lark and GBNF grammars alike, and its Ea
 a token-trie lexer computes a mask in tens of microseconds without precomputing per-grammar
 tables, releasing the GIL over a thread pool for a whole batch (`engine/grammar_masks.py`).
 Torch-free, so the gateway can check a spec before anything is queued."""
+
 from __future__ import annotations
 
 import json

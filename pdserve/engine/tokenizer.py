@@ -3,6 +3,7 @@
 Wraps a `tokenizers.Tokenizer` from tokenizer.json plus the special tokens, chat template and EOS ids
 found in tokenizer_config.json, chat_template.jinja, special_tokens_map.json and generation_config.json.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,13 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # transformers' named special tokens, in its order; other "*_token" config keys come after them.
 NAMED_SPECIAL_TOKENS = (
-    "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
 )
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
@@ -53,9 +60,7 @@ class Tokenizer:
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
         directory = Path(path)
         if not (directory / "tokenizer.json").is_file():
-            raise FileNotFoundError(
-                f"no tokenizer.json in {directory}: pdserve needs a checkpoint with a fast tokenizer file"
-            )
+            raise FileNotFoundError(f"no tokenizer.json in {directory}: pdserve needs a checkpoint with a fast tokenizer file")
         try:
             backend = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
         except Exception as error:  # the Rust loader raises a bare Exception
@@ -151,9 +156,7 @@ class Tokenizer:
     def _template(self, is_tool_use: bool) -> jinja2.Template:
         source = self._chat_template
         if source is None:
-            raise ValueError(
-                "this checkpoint has no chat template (in tokenizer_config.json or chat_template.jinja)"
-            )
+            raise ValueError("this checkpoint has no chat template (in tokenizer_config.json or chat_template.jinja)")
         if isinstance(source, dict):
             name = "tool_use" if is_tool_use and "tool_use" in source else "default"
             if name not in source:
@@ -181,15 +184,16 @@ def _jinja_environment() -> ImmutableSandboxedEnvironment:
     def raise_exception(message: str) -> None:
         raise jinja2.TemplateError(message)
 
-    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
-               separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-        return json.dumps(
-            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-        )
+    def tojson(
+        x: Any,
+        ensure_ascii: bool = False,
+        indent: int | None = None,
+        separators: tuple[str, str] | None = None,
+        sort_keys: bool = False,
+    ) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols]
-    )
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -214,10 +218,16 @@ def _mark_special(backend: tokenizers.Tokenizer, contents: Sequence[str]) -> Non
         if old is None:
             to_add.append(tokenizers.AddedToken(content, special=True, normalized=False))
         elif not old.special:
-            to_add.append(tokenizers.AddedToken(
-                content, single_word=old.single_word, lstrip=old.lstrip, rstrip=old.rstrip,
-                normalized=old.normalized, special=True,
-            ))
+            to_add.append(
+                tokenizers.AddedToken(
+                    content,
+                    single_word=old.single_word,
+                    lstrip=old.lstrip,
+                    rstrip=old.rstrip,
+                    normalized=old.normalized,
+                    special=True,
+                )
+            )
     if to_add:
         backend.add_special_tokens(to_add)
 

@@ -1,4 +1,5 @@
 """Triton kernels of the model forward pass, each with its plain-torch reference (`*_ref`)."""
+
 from pdserve.kernels.kv_block_copy import copy_kv_blocks, copy_kv_blocks_ref
 from pdserve.kernels.kv_store import store_kv_cache, store_kv_cache_ref
 from pdserve.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref

@@ -2,6 +2,7 @@
 block `src_block_ids[i]` of every layer, K and V, lands in block `dst_block_ids[i]`. Block ids are
 scattered on both sides; the destination may be another process's cache opened through CUDA IPC,
 on this GPU or a peer."""
+
 from __future__ import annotations
 
 import torch
@@ -15,10 +16,18 @@ _TILE = 16384  # elements per loop iteration of one program: a whole Llama block
 
 @triton.jit
 def _copy_kv_blocks_kernel(
-    src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr,
-    src_stride_layer, src_stride_kv, src_stride_block,
-    dst_stride_layer, dst_stride_kv, dst_stride_block,
-    BLOCK_NUMEL: tl.constexpr, TILE: tl.constexpr,
+    src_ptr,
+    dst_ptr,
+    src_ids_ptr,
+    dst_ids_ptr,
+    src_stride_layer,
+    src_stride_kv,
+    src_stride_block,
+    dst_stride_layer,
+    dst_stride_kv,
+    dst_stride_block,
+    BLOCK_NUMEL: tl.constexpr,
+    TILE: tl.constexpr,
 ):
     position = tl.program_id(0)  # which pair of blocks
     layer_kv = tl.program_id(1)  # layer * 2 + (0: K, 1: V)
@@ -48,17 +57,28 @@ def copy_kv_blocks(
         return
     block_numel = src[0, 0, 0].numel()
     _copy_kv_blocks_kernel[(num_blocks, num_layers * 2)](
-        src, dst, src_block_ids, dst_block_ids,
-        src.stride(0), src.stride(1), src.stride(2),
-        dst.stride(0), dst.stride(1), dst.stride(2),
-        BLOCK_NUMEL=block_numel, TILE=min(_TILE, triton.next_power_of_2(block_numel)), num_warps=8,
+        src,
+        dst,
+        src_block_ids,
+        dst_block_ids,
+        src.stride(0),
+        src.stride(1),
+        src.stride(2),
+        dst.stride(0),
+        dst.stride(1),
+        dst.stride(2),
+        BLOCK_NUMEL=block_numel,
+        TILE=min(_TILE, triton.next_power_of_2(block_numel)),
+        num_warps=8,
     )
 
 
 def check_copy_inputs(src: torch.Tensor, src_block_ids: torch.Tensor, dst: torch.Tensor, dst_block_ids: torch.Tensor) -> None:
     """Raises ValueError unless the blocks of `src` can be copied into those of `dst`."""
     if src.dim() != 6 or dst.dim() != 6 or src.shape[1] != 2:
-        raise ValueError(f"src and dst must be [layers, 2, blocks, block_size, kv_heads, head_dim], got {tuple(src.shape)} / {tuple(dst.shape)}")
+        raise ValueError(
+            f"src and dst must be [layers, 2, blocks, block_size, kv_heads, head_dim], got {tuple(src.shape)} / {tuple(dst.shape)}"
+        )
     if src.shape[:2] != dst.shape[:2] or src.shape[3:] != dst.shape[3:]:
         raise ValueError(f"src {tuple(src.shape)} and dst {tuple(dst.shape)} differ outside the block dim")
     if src.dtype not in KV_DTYPES or dst.dtype != src.dtype:
@@ -75,7 +95,5 @@ def check_copy_inputs(src: torch.Tensor, src_block_ids: torch.Tensor, dst: torch
         raise ValueError(f"block ids must be on {src.device}, the device that runs the copy")
 
 
-def copy_kv_blocks_ref(
-    src: torch.Tensor, src_block_ids: torch.Tensor, dst: torch.Tensor, dst_block_ids: torch.Tensor
-) -> None:
+def copy_kv_blocks_ref(src: torch.Tensor, src_block_ids: torch.Tensor, dst: torch.Tensor, dst_block_ids: torch.Tensor) -> None:
     as_bytes(dst)[:, :, dst_block_ids] = as_bytes(src)[:, :, src_block_ids].to(dst.device)

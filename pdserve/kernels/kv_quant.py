@@ -15,6 +15,7 @@ per-tensor scales, mostly 1.0, near-lossless). Per-tensor costs nothing: no extr
 per-token-per-head fp32 scale adds 4 bytes per head_dim bytes, 3% at head_dim 128, and a second
 tensor that every transport, block copy and prefix-cache hit would have to move), a multiply per
 row of scores and of output, and launch arguments fixed per layer (CUDA-graph safe)."""
+
 from __future__ import annotations
 
 import torch

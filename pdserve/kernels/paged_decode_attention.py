@@ -1,6 +1,7 @@
 """Decode attention over the paged KV cache: one query token per request. Split-KV
 (flash-decoding): each program reads one KV head of one request over a range of its context for
 all query heads of that GQA group, and a second kernel merges the per-split partial results."""
+
 from __future__ import annotations
 
 import functools
@@ -22,16 +23,35 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @triton.jit
 def _split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-    out_ptr, partial_out_ptr, partial_lse_ptr,
-    scale_log2e, num_splits, k_scale, v_scale,
-    stride_q_seq, stride_q_head,
-    stride_cache_block, stride_cache_token, stride_cache_head,
-    stride_table_seq, stride_out_seq, stride_out_head,
-    GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TILE_TOKENS: tl.constexpr,
-    IS_SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_FP8: tl.constexpr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    out_ptr,
+    partial_out_ptr,
+    partial_lse_ptr,
+    scale_log2e,
+    num_splits,
+    k_scale,
+    v_scale,
+    stride_q_seq,
+    stride_q_head,
+    stride_cache_block,
+    stride_cache_token,
+    stride_cache_head,
+    stride_table_seq,
+    stride_out_seq,
+    stride_out_head,
+    GROUP_SIZE: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_TOKENS: tl.constexpr,
+    IS_SINGLE_SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    IS_FP8: tl.constexpr,
 ):
     # KV heads vary fastest over the launch: programs running together read whole cache blocks.
     kv_head = tl.program_id(0)
@@ -94,8 +114,15 @@ def _split_kernel(
 
 @triton.jit
 def _combine_kernel(
-    partial_out_ptr, partial_lse_ptr, out_ptr, num_splits, stride_out_seq, stride_out_head,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    partial_out_ptr,
+    partial_lse_ptr,
+    out_ptr,
+    num_splits,
+    stride_out_seq,
+    stride_out_head,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -151,8 +178,14 @@ def paged_decode_attention(
 
 
 def choose_launch(
-    num_seqs: int, num_kv_heads: int, max_num_blocks: int, block_size: int, head_dim: int,
-    dtype: torch.dtype, sm_count: int, kv_dtype: torch.dtype | None = None,
+    num_seqs: int,
+    num_kv_heads: int,
+    max_num_blocks: int,
+    block_size: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    sm_count: int,
+    kv_dtype: torch.dtype | None = None,
 ) -> DecodeLaunch:
     """Launch parameters from shapes only (never tensor values), so the call is graph-capturable.
     `kv_dtype`: the cache's element type when it differs from q's (fp8)."""
@@ -169,9 +202,16 @@ def choose_launch(
 
 
 def launch_decode(
-    launch: DecodeLaunch, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
-    k_scale: float = 1.0, v_scale: float = 1.0,
+    launch: DecodeLaunch,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Runs the kernels with explicit launch parameters (the tests and the benchmark pick them)."""
     num_seqs, num_heads, head_dim = q.shape
@@ -188,23 +228,49 @@ def launch_decode(
         partial_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         partial_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
     _split_kernel[(num_kv_heads, num_seqs, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens,
-        out, partial_out, partial_lse,
-        scale * math.log2(math.e), num_splits, k_scale, v_scale,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP_SIZE=group_size, GROUP_PAD=max(16, triton.next_power_of_2(group_size)),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        BLOCK_SIZE=block_size, TILE_TOKENS=launch.tile_tokens,
-        IS_SINGLE_SPLIT=num_splits == 1, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        out,
+        partial_out,
+        partial_lse,
+        scale * math.log2(math.e),
+        num_splits,
+        k_scale,
+        v_scale,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        GROUP_SIZE=group_size,
+        GROUP_PAD=max(16, triton.next_power_of_2(group_size)),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad,
+        BLOCK_SIZE=block_size,
+        TILE_TOKENS=launch.tile_tokens,
+        IS_SINGLE_SPLIT=num_splits == 1,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         IS_FP8=k_cache.dtype == FP8_DTYPE,
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
     )
     if num_splits > 1:
         _combine_kernel[(num_seqs, num_heads)](
-            partial_out, partial_lse, out, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            partial_out,
+            partial_lse,
+            out,
+            num_splits,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            HEAD_DIM_PAD=head_dim_pad,
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
             num_warps=4,
         )
     return out
@@ -241,15 +307,12 @@ def check_paged_inputs(
         raise ValueError(f"q {tuple(q.shape)} does not fit a cache of {k_cache.shape[2]} KV heads x {k_cache.shape[3]}")
     if q.dtype not in _DTYPES or k_cache.dtype not in (q.dtype, FP8_DTYPE) or v_cache.dtype != k_cache.dtype:
         dtypes = f"{q.dtype}/{k_cache.dtype}/{v_cache.dtype}"
-        raise ValueError(
-            f"q/k_cache/v_cache must share one of {_DTYPES} (or k_cache/v_cache {FP8_DTYPE}), got {dtypes}"
-        )
+        raise ValueError(f"q/k_cache/v_cache must share one of {_DTYPES} (or k_cache/v_cache {FP8_DTYPE}), got {dtypes}")
     check_scale("k_scale", k_scale)
     check_scale("v_scale", v_scale)
     if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
         raise ValueError(
-            f"block_tables must be int32 [{num_seqs}, max_num_blocks], "
-            f"got {block_tables.dtype} {tuple(block_tables.shape)}"
+            f"block_tables must be int32 [{num_seqs}, max_num_blocks], got {block_tables.dtype} {tuple(block_tables.shape)}"
         )
     for name, (vector, length) in int32_vectors.items():
         if vector.dtype != torch.int32 or vector.shape != (length,):
@@ -305,4 +368,3 @@ def paged_decode_attention_ref(
     if out is None:
         return result.to(q.dtype)
     return out.copy_(result)
-

@@ -1,6 +1,7 @@
 """Prefill attention over the paged KV cache: the new tokens of several requests, causal over the
 cached prefix and themselves. Flash-attention tiles: one program per (query tile, request, head)
 walks the KV tiles of its request through the block table and stops at the causal limit."""
+
 from __future__ import annotations
 
 import math
@@ -16,11 +17,28 @@ from pdserve.kernels.paged_decode_attention import check_paged_inputs
 
 @triton.jit
 def _attend_tiles(
-    acc, m_i, l_i, q, q_positions, n_begin, n_end, kv_end,
-    k_cache_ptr, v_cache_ptr, table_row, head_offsets, qk_scale,
-    stride_cache_block, stride_cache_token,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, IS_MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_FP8: tl.constexpr,
+    acc,
+    m_i,
+    l_i,
+    q,
+    q_positions,
+    n_begin,
+    n_end,
+    kv_end,
+    k_cache_ptr,
+    v_cache_ptr,
+    table_row,
+    head_offsets,
+    qk_scale,
+    stride_cache_block,
+    stride_cache_token,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    IS_FP8: tl.constexpr,
 ):
     """Online-softmax update over the keys [n_begin, n_end); IS_MASKED applies the causal mask."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -51,13 +69,31 @@ def _attend_tiles(
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, context_lens_ptr, out_ptr,
-    scale_log2e, k_scale, v_scale,
-    stride_q_token, stride_q_head,
-    stride_cache_block, stride_cache_token, stride_cache_head,
-    stride_table_seq, stride_out_token, stride_out_head,
-    GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    cu_seqlens_q_ptr,
+    context_lens_ptr,
+    out_ptr,
+    scale_log2e,
+    k_scale,
+    v_scale,
+    stride_q_token,
+    stride_q_head,
+    stride_cache_block,
+    stride_cache_token,
+    stride_cache_head,
+    stride_table_seq,
+    stride_out_token,
+    stride_out_head,
+    GROUP_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     IS_FP8: tl.constexpr,
 ):
     # Late query tiles have the most keys: launch them first.
@@ -89,16 +125,52 @@ def _prefill_kernel(
     kv_end = prefix_len + tl.minimum(m_start + BLOCK_M, q_len)
     qk_scale = scale_log2e * k_scale if IS_FP8 else scale_log2e  # fp8: K's dequantization folded in
     acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, q_positions, 0, full_end, kv_end,
-        k_cache_ptr, v_cache_ptr, table_row, head_offsets, qk_scale,
-        stride_cache_block, stride_cache_token,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, IS_FP8,
+        acc,
+        m_i,
+        l_i,
+        q,
+        q_positions,
+        0,
+        full_end,
+        kv_end,
+        k_cache_ptr,
+        v_cache_ptr,
+        table_row,
+        head_offsets,
+        qk_scale,
+        stride_cache_block,
+        stride_cache_token,
+        HEAD_DIM,
+        HEAD_DIM_PAD,
+        BLOCK_SIZE,
+        BLOCK_N,
+        False,
+        DOT_PRECISION,
+        IS_FP8,
     )
     acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, q_positions, full_end, kv_end, kv_end,
-        k_cache_ptr, v_cache_ptr, table_row, head_offsets, qk_scale,
-        stride_cache_block, stride_cache_token,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, IS_FP8,
+        acc,
+        m_i,
+        l_i,
+        q,
+        q_positions,
+        full_end,
+        kv_end,
+        kv_end,
+        k_cache_ptr,
+        v_cache_ptr,
+        table_row,
+        head_offsets,
+        qk_scale,
+        stride_cache_block,
+        stride_cache_token,
+        HEAD_DIM,
+        HEAD_DIM_PAD,
+        BLOCK_SIZE,
+        BLOCK_N,
+        True,
+        DOT_PRECISION,
+        IS_FP8,
     )
     out = acc / l_i[:, None]
     if IS_FP8:
@@ -133,8 +205,18 @@ def paged_prefill_attention(
     check_paged_inputs(q, k_cache, v_cache, block_tables, out, num_seqs, vectors, k_scale, v_scale)
     launch = choose_launch(q.dtype, q.shape[2], max_seqlen_q, is_cuda=q.is_cuda)
     return launch_prefill(
-        launch, q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q, scale, out,
-        k_scale, v_scale,
+        launch,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        cu_seqlens_q,
+        context_lens,
+        max_seqlen_q,
+        scale,
+        out,
+        k_scale,
+        v_scale,
     )
 
 
@@ -153,9 +235,18 @@ def choose_launch(dtype: torch.dtype, head_dim: int, max_seqlen_q: int, is_cuda:
 
 
 def launch_prefill(
-    launch: PrefillLaunch, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, max_seqlen_q: int,
-    scale: float, out: torch.Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
+    launch: PrefillLaunch,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    max_seqlen_q: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Runs the kernel with an explicit tile shape (the tests and the benchmark pick them)."""
     num_tokens, num_heads, head_dim = q.shape
@@ -167,11 +258,24 @@ def launch_prefill(
         return out
     grid = (triton.cdiv(max_seqlen_q, launch.block_m), num_seqs, num_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
-        scale * math.log2(math.e), k_scale, v_scale,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        cu_seqlens_q,
+        context_lens,
+        out,
+        scale * math.log2(math.e),
+        k_scale,
+        v_scale,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
         GROUP_SIZE=num_heads // num_kv_heads,
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)),

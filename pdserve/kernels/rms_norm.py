@@ -1,5 +1,6 @@
 """RMSNorm over the last dim (HF semantics), alone or fused with the residual add; one program
 per row."""
+
 from __future__ import annotations
 
 import torch
@@ -11,8 +12,17 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, residual_ptr, weight_ptr, out_ptr, stride_x, stride_residual, stride_out, hidden, eps,
-    BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    x_ptr,
+    residual_ptr,
+    weight_ptr,
+    out_ptr,
+    stride_x,
+    stride_residual,
+    stride_out,
+    hidden,
+    eps,
+    BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -60,18 +70,25 @@ def fused_add_rms_norm(
     return out.view(x.shape), residual
 
 
-def _launch(
-    rows: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor, eps: float
-) -> None:
+def _launch(rows: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor, eps: float) -> None:
     num_rows, hidden = rows.shape
     if num_rows == 0:
         return
     block = triton.next_power_of_2(hidden)
     num_warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
     _rms_norm_kernel[(num_rows,)](
-        rows, rows if residual is None else residual, weight, out,
-        rows.stride(0), 0 if residual is None else residual.stride(0), out.stride(0), hidden, eps,
-        BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=num_warps,
+        rows,
+        rows if residual is None else residual,
+        weight,
+        out,
+        rows.stride(0),
+        0 if residual is None else residual.stride(0),
+        out.stride(0),
+        hidden,
+        eps,
+        BLOCK=block,
+        HAS_RESIDUAL=residual is not None,
+        num_warps=num_warps,
     )
 
 

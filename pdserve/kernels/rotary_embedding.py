@@ -1,5 +1,6 @@
 """Rotary position embedding (NeoX "rotate_half" style) applied in place to q and k, alone or
 fused with storing the rotated k and v into the paged cache (one program per token)."""
+
 from __future__ import annotations
 
 import torch
@@ -11,8 +12,9 @@ from pdserve.kernels.kv_store import check_kv_store_inputs, store_kv_cache_ref
 
 
 @triton.jit
-def _rotate(x_ptr, stride_head, cos, sin, NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HALF: tl.constexpr,
-            HALF_PAD: tl.constexpr):
+def _rotate(
+    x_ptr, stride_head, cos, sin, NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr
+):
     """Rotates the heads of one token in place; returns both rotated halves [HEADS_PAD, HALF_PAD]."""
     offs_h = tl.arange(0, HEADS_PAD)
     offs_r = tl.arange(0, HALF_PAD)
@@ -29,11 +31,34 @@ def _rotate(x_ptr, stride_head, cos, sin, NUM_HEADS: tl.constexpr, HEADS_PAD: tl
 
 @triton.jit
 def _rotary_kernel(
-    positions_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_inv_scale, v_inv_scale,
-    stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token, stride_v_head,
-    stride_cos_sin, stride_cache_block, stride_cache_token, stride_cache_head,
-    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, Q_HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, IS_STORING_KV: tl.constexpr,
+    positions_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    cos_sin_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
+    k_inv_scale,
+    v_inv_scale,
+    stride_q_token,
+    stride_q_head,
+    stride_k_token,
+    stride_k_head,
+    stride_v_token,
+    stride_v_head,
+    stride_cos_sin,
+    stride_cache_block,
+    stride_cache_token,
+    stride_cache_head,
+    NUM_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    Q_HEADS_PAD: tl.constexpr,
+    KV_HEADS_PAD: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    IS_STORING_KV: tl.constexpr,
     IS_FP8: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
@@ -88,8 +113,16 @@ def rotary_store_kv(
 
 
 def _launch(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin_cache: torch.Tensor,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float, v_scale: float,
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: float,
+    v_scale: float,
     is_storing_kv: bool,
 ) -> None:
     """Without is_storing_kv, v/k_cache/v_cache/slot_mapping are placeholders the kernel never reads."""
@@ -99,20 +132,37 @@ def _launch(
         return
     cache_strides = k_cache.stride()[:3] if is_storing_kv else (0, 0, 0)
     _rotary_kernel[(num_tokens,)](
-        positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, 1.0 / k_scale, 1.0 / v_scale,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        cos_sin_cache.stride(0), *cache_strides,
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
-        Q_HEADS_PAD=triton.next_power_of_2(num_heads), KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads),
-        HALF=head_dim // 2, HALF_PAD=triton.next_power_of_2(head_dim // 2),
-        BLOCK_SIZE=k_cache.shape[1] if is_storing_kv else 1, IS_STORING_KV=is_storing_kv,
+        positions,
+        q,
+        k,
+        v,
+        cos_sin_cache,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        1.0 / k_scale,
+        1.0 / v_scale,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        cos_sin_cache.stride(0),
+        *cache_strides,
+        NUM_HEADS=num_heads,
+        NUM_KV_HEADS=num_kv_heads,
+        Q_HEADS_PAD=triton.next_power_of_2(num_heads),
+        KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads),
+        HALF=head_dim // 2,
+        HALF_PAD=triton.next_power_of_2(head_dim // 2),
+        BLOCK_SIZE=k_cache.shape[1] if is_storing_kv else 1,
+        IS_STORING_KV=is_storing_kv,
         IS_FP8=is_storing_kv and k_cache.dtype == FP8_DTYPE,
     )
 
 
-def _check_rotary_inputs(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
-) -> None:
+def _check_rotary_inputs(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
     if q.dim() != 3 or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
         raise ValueError(f"q and k must be [num_tokens, heads, head_dim] alike, got {tuple(q.shape)}, {tuple(k.shape)}")
     head_dim = q.shape[2]
@@ -124,8 +174,7 @@ def _check_rotary_inputs(
         raise ValueError(f"positions must be int64 [{q.shape[0]}], got {positions.dtype} {tuple(positions.shape)}")
     if cos_sin_cache.dtype != torch.float32 or cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != head_dim:
         raise ValueError(
-            f"cos_sin_cache must be float32 [max_positions, {head_dim}], "
-            f"got {cos_sin_cache.dtype} {tuple(cos_sin_cache.shape)}"
+            f"cos_sin_cache must be float32 [max_positions, {head_dim}], got {cos_sin_cache.dtype} {tuple(cos_sin_cache.shape)}"
         )
     for name, tensor in {"positions": positions, "q": q, "k": k, "cos_sin_cache": cos_sin_cache}.items():
         if tensor.device != q.device:

@@ -1,4 +1,5 @@
 """SwiGLU activation: silu(gate) * up for x = [gate | up] along the last dim."""
+
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,7 @@
 """4-bit weight matmul with group-wise scales and zero points (the AWQ/GPTQ family, repacked at
 load into one layout): qweight int32 [K / 8, N], input k in bits 4 * (k % 8) of row k // 8;
 scales [K / group, N] and zeros uint8 [K / group, N]; W[k, n] = (q - zero) * scale."""
+
 from __future__ import annotations
 
 import torch
@@ -14,9 +15,24 @@ _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @triton.jit
 def _w4_matmul_kernel(
-    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K, group_size,
-    stride_xm, stride_qk, stride_sg, stride_zg, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    x_ptr,
+    qweight_ptr,
+    scales_ptr,
+    zeros_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    group_size,
+    stride_xm,
+    stride_qk,
+    stride_sg,
+    stride_zg,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -36,7 +52,11 @@ def _w4_matmul_kernel(
         zero = tl.load(zeros_ptr + group * stride_zg + offs_n, mask=mask_n, other=0).to(tl.float32)
         w = (q.to(tl.float32) - zero[None, :]) * scale[None, :]
         acc += tl.dot(x, w.to(x.dtype), input_precision=DOT_PRECISION)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(
+        out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_n[None, :],
+    )
 
 
 def w4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -51,9 +71,24 @@ def w4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     block_k = min(block_k, group_size & -group_size)  # the largest power of two dividing the group
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
     _w4_matmul_kernel[grid](
-        x, qweight, scales, zeros, out, m, n, k, group_size,
-        x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        x,
+        qweight,
+        scales,
+        zeros,
+        out,
+        m,
+        n,
+        k,
+        group_size,
+        x.stride(0),
+        qweight.stride(0),
+        scales.stride(0),
+        zeros.stride(0),
+        out.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
     )
     return out
@@ -70,7 +105,9 @@ def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
             f"{tuple(qweight.shape)}, {tuple(scales.shape)}, {tuple(zeros.shape)}"
         )
     if x.dtype not in _X_DTYPES or qweight.dtype != torch.int32 or zeros.dtype != torch.uint8 or scales.dtype not in _X_DTYPES:
-        raise ValueError(f"need float x and scales, int32 qweight, uint8 zeros; got {x.dtype}, {scales.dtype}, {qweight.dtype}, {zeros.dtype}")
+        raise ValueError(
+            f"need float x and scales, int32 qweight, uint8 zeros; got {x.dtype}, {scales.dtype}, {qweight.dtype}, {zeros.dtype}"
+        )
     if x.stride(1) != 1 or qweight.stride(1) != 1 or scales.stride(1) != 1 or zeros.stride(1) != 1:
         raise ValueError("x, qweight, scales and zeros must be contiguous in their last dim")
 
@@ -83,5 +120,7 @@ def w4_dequantize_ref(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
     return (q.float() - zero) * scales.float().repeat_interleave(group_size, dim=0)
 
 
-def w4_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+def w4_matmul_ref(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
     return x @ w4_dequantize_ref(qweight, scales, zeros, group_size).to(x.dtype)

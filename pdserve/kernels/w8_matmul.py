@@ -1,5 +1,6 @@
 """Weight-only 8-bit matmul: x [M, K] @ W^T with W [N, K] in fp8 (e4m3) or int8 and one fp32 scale
 per output channel; W is widened to x's dtype tile by tile and the scale applied once per output."""
+
 from __future__ import annotations
 
 import functools
@@ -14,8 +15,20 @@ _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @triton.jit
 def _w8_matmul_kernel(
-    x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    scale_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     IS_FP8: tl.constexpr,
 ):
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
@@ -34,15 +47,23 @@ def _w8_matmul_kernel(
         acc += tl.dot(x, w.to(tl.float32).to(x.dtype), input_precision=DOT_PRECISION)
     scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
     out = acc * scale[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(
+        out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_n[None, :],
+    )
 
 
 def w8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] (float) @ (weight [N, K] * scale [N, 1])^T -> [M, N] in x.dtype."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or scale.shape != (weight.shape[0],):
-        raise ValueError(f"need x [M, K], weight [N, K], scale [N]; got {tuple(x.shape)}, {tuple(weight.shape)}, {tuple(scale.shape)}")
+        raise ValueError(
+            f"need x [M, K], weight [N, K], scale [N]; got {tuple(x.shape)}, {tuple(weight.shape)}, {tuple(scale.shape)}"
+        )
     if x.dtype not in _X_DTYPES or weight.dtype not in WEIGHT_DTYPES or scale.dtype != torch.float32:
-        raise ValueError(f"need x in {_X_DTYPES}, weight in {WEIGHT_DTYPES}, fp32 scale; got {x.dtype}, {weight.dtype}, {scale.dtype}")
+        raise ValueError(
+            f"need x in {_X_DTYPES}, weight in {WEIGHT_DTYPES}, fp32 scale; got {x.dtype}, {weight.dtype}, {scale.dtype}"
+        )
     if x.stride(1) != 1 or weight.stride(1) != 1 or not scale.is_contiguous():
         raise ValueError(f"x and weight must be contiguous in K; got strides {x.stride()}, {weight.stride()}")
     (m, k), n = x.shape, weight.shape[0]
@@ -52,9 +73,22 @@ def w8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> tor
     block_m, block_n, block_k, num_warps = tile_sizes(m, n, x.device)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
     _w8_matmul_kernel[grid](
-        x, weight.view(torch.uint8), scale, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        IS_FP8=weight.dtype == torch.float8_e4m3fn, num_warps=num_warps,
+        x,
+        weight.view(torch.uint8),
+        scale,
+        out,
+        m,
+        n,
+        k,
+        x.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        IS_FP8=weight.dtype == torch.float8_e4m3fn,
+        num_warps=num_warps,
     )
     return out
 

@@ -1,6 +1,7 @@
 """KV hand-off: moves a prompt's KV from a prefill worker's paged cache into the blocks a decode
 worker reserved for it. Control over gRPC (`control.py`); the bytes over one of the data-plane
 transports in `TRANSPORTS` (`cuda_ipc`, `nccl`, `grpc`, `local`), agreed in each pair's handshake."""
+
 from __future__ import annotations
 
 from pdserve.kvtransfer import cuda_ipc, grpc_transport, local_transport, nccl_transport  # noqa: F401  (fill TRANSPORTS)
@@ -22,7 +23,22 @@ from pdserve.kvtransfer.transport import (
 )
 
 __all__ = [
-    "AUTO", "Endpoint", "KVCommitInfo", "KVLayout", "KVLayoutMismatchError", "KVPeer", "KVReceiver", "KVSender",
-    "KVTransferError", "LayerProgress", "NoCommonTransportError", "OutgoingTransfer", "TRANSPORTS",
-    "UnknownTransferError", "UnprovenPeerError", "accepts", "choose", "offers",
+    "AUTO",
+    "Endpoint",
+    "KVCommitInfo",
+    "KVLayout",
+    "KVLayoutMismatchError",
+    "KVPeer",
+    "KVReceiver",
+    "KVSender",
+    "KVTransferError",
+    "LayerProgress",
+    "NoCommonTransportError",
+    "OutgoingTransfer",
+    "TRANSPORTS",
+    "UnknownTransferError",
+    "UnprovenPeerError",
+    "accepts",
+    "choose",
+    "offers",
 ]

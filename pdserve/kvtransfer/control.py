@@ -3,6 +3,7 @@
 abandon, plus the entry points of the gRPC and NCCL data halves) and the prefill worker's client,
 which signs every call and hands KV only to a receiver that proved it holds the secret. Every
 call has a deadline."""
+
 from __future__ import annotations
 
 import asyncio
@@ -71,7 +72,10 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
         self._remember(request.sender_id, name)
         logger.info("KV handshake with %s: transport %s", request.sender_id, name)
         return pb.HandshakeResponse(
-            receiver_id=self.receiver.receiver_id, layout=layout_to_proto(self.receiver.layout), transport=name, params=params,
+            receiver_id=self.receiver.receiver_id,
+            layout=layout_to_proto(self.receiver.layout),
+            transport=name,
+            params=params,
             proof=auth.prove(self.secret, HANDSHAKE_PROOF, request.nonce, self.receiver.receiver_id),
         )
 
@@ -116,7 +120,9 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
         """The refusal's message comes with its proof: the sender repeats only what we said."""
         message = str(error)
         proof = auth.prove(self.secret, REFUSAL_PROOF, nonce, message)
-        await context.abort(grpc.StatusCode[status_code_name(error) or "INTERNAL"], message, trailing_metadata=((PROOF_KEY, proof),))
+        await context.abort(
+            grpc.StatusCode[status_code_name(error) or "INTERNAL"], message, trailing_metadata=((PROOF_KEY, proof),)
+        )
 
     async def _transport_of(self, sender_id: str, context: grpc.aio.ServicerContext) -> str:
         name = self._sender_transports.get(sender_id)
@@ -155,7 +161,10 @@ class KVControlClient:
         not); its refusals (layout, transport) are repeated only when proven too."""
         nonce = secrets.token_bytes(NONCE_BYTES)
         request = pb.HandshakeRequest(
-            sender_id=sender_id, layout=layout_to_proto(layout), transports=offered, endpoint=endpoint_to_proto(endpoint),
+            sender_id=sender_id,
+            layout=layout_to_proto(layout),
+            transports=offered,
+            endpoint=endpoint_to_proto(endpoint),
             nonce=nonce,
         )
         try:
@@ -213,23 +222,39 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
 
 def layout_to_proto(layout: KVLayout) -> pb.KVLayout:
     return pb.KVLayout(
-        model_id=layout.model_id, dtype=layout.dtype, num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
-        head_dim=layout.head_dim, block_size=layout.block_size, layout=layout.layout,
-        k_scales=layout.k_scales, v_scales=layout.v_scales,
+        model_id=layout.model_id,
+        dtype=layout.dtype,
+        num_layers=layout.num_layers,
+        num_kv_heads=layout.num_kv_heads,
+        head_dim=layout.head_dim,
+        block_size=layout.block_size,
+        layout=layout.layout,
+        k_scales=layout.k_scales,
+        v_scales=layout.v_scales,
     )
 
 
 def layout_from_proto(message: pb.KVLayout) -> KVLayout:
     return KVLayout(
-        message.model_id, message.dtype, message.num_layers, message.num_kv_heads,
-        message.head_dim, message.block_size, message.layout, tuple(message.k_scales), tuple(message.v_scales),
+        message.model_id,
+        message.dtype,
+        message.num_layers,
+        message.num_kv_heads,
+        message.head_dim,
+        message.block_size,
+        message.layout,
+        tuple(message.k_scales),
+        tuple(message.v_scales),
     )
 
 
 def endpoint_to_proto(endpoint: Endpoint) -> pb.Endpoint:
     return pb.Endpoint(
-        host_id=endpoint.host_id, pid=endpoint.pid, device=endpoint.device,
-        device_uuid=endpoint.device_uuid, address=endpoint.address,
+        host_id=endpoint.host_id,
+        pid=endpoint.pid,
+        device=endpoint.device,
+        device_uuid=endpoint.device_uuid,
+        address=endpoint.address,
     )
 
 
@@ -249,4 +274,6 @@ def commit_to_proto(info: KVCommitInfo) -> pb.KVCommit:
 def commit_from_proto(message: pb.KVCommit) -> KVCommitInfo:
     first_logprobs = logprobs_from_proto(message.first_logprobs) if message.HasField("first_logprobs") else None
     sibling_logprobs = tuple(logprobs_from_proto(lp) for lp in message.sibling_logprobs)
-    return KVCommitInfo(message.first_token_id, first_logprobs, message.num_prompt_tokens, tuple(message.sibling_token_ids), sibling_logprobs)
+    return KVCommitInfo(
+        message.first_token_id, first_logprobs, message.num_prompt_tokens, tuple(message.sibling_token_ids), sibling_logprobs
+    )

@@ -2,6 +2,7 @@
 CUDA IPC handle in the handshake) and the prefill worker copies a prompt's blocks straight into the
 reserved blocks, one block-copy kernel per layer group on a stream of its own, each launched once
 its layers are computed. Same GPU, or two GPUs of one host (peer access)."""
+
 from __future__ import annotations
 
 import json
@@ -48,7 +49,9 @@ class CudaIpcSendHalf:
             for group, (layer_start, layer_end) in enumerate(transfer.progress.groups):
                 event = await transfer.progress.ready(group, transfer.deadline)
                 if time.monotonic() > transfer.deadline:  # the peer may have reused the blocks: write nothing
-                    raise KVTransferError(f"transfer {transfer.transfer_id!r}: the reservation's lease ended", "DEADLINE_EXCEEDED")
+                    raise KVTransferError(
+                        f"transfer {transfer.transfer_id!r}: the reservation's lease ended", "DEADLINE_EXCEEDED"
+                    )
                 self._copy(layer_start, layer_end, src_index, dst_index, event)
         finally:
             # Done, failed or cancelled: return only once every copy issued has finished, so that
@@ -106,8 +109,13 @@ def share_cache(kv_cache: torch.Tensor) -> dict[str, bytes]:
     """What another process needs to open `kv_cache`: its storage's IPC handle and the view on it."""
     device, handle, size, offset, ref_handle, ref_offset, event_handle, event_sync = kv_cache.untyped_storage()._share_cuda_()
     meta = {
-        "storage_size": size, "storage_offset": offset, "ref_counter_offset": ref_offset, "event_sync": bool(event_sync),
-        "tensor_offset": kv_cache.storage_offset(), "shape": list(kv_cache.shape), "stride": list(kv_cache.stride()),
+        "storage_size": size,
+        "storage_offset": offset,
+        "ref_counter_offset": ref_offset,
+        "event_sync": bool(event_sync),
+        "tensor_offset": kv_cache.storage_offset(),
+        "shape": list(kv_cache.shape),
+        "stride": list(kv_cache.stride()),
         "dtype": str(kv_cache.dtype).removeprefix("torch."),
         "device_uuid": str(torch.cuda.get_device_properties(device).uuid),
     }
@@ -119,8 +127,14 @@ def open_shared_cache(params: dict[str, bytes]) -> torch.Tensor:
     meta = json.loads(params["meta"])
     device = _device_with_uuid(meta["device_uuid"])
     storage = torch.UntypedStorage._new_shared_cuda(
-        device, params["handle"], meta["storage_size"], meta["storage_offset"],
-        params["ref_counter_handle"], meta["ref_counter_offset"], params["event_handle"], meta["event_sync"],
+        device,
+        params["handle"],
+        meta["storage_size"],
+        meta["storage_offset"],
+        params["ref_counter_handle"],
+        meta["ref_counter_offset"],
+        params["event_handle"],
+        meta["event_sync"],
     )
     dtype = getattr(torch, meta["dtype"])
     tensor = torch.empty(0, dtype=dtype, device=f"cuda:{device}")

@@ -1,6 +1,7 @@
 """The `grpc` transport: KV bytes streamed over gRPC (`KVTransfer.PushKV`), anywhere, CPU or GPU.
 Device-to-host copies run on a CUDA stream of the sender's own and every host copy in a worker
 thread, so neither side's event loop or engine waits for them."""
+
 from __future__ import annotations
 
 import asyncio
@@ -68,9 +69,11 @@ class GrpcSendHalf:
         for group, (layer_start, layer_end) in enumerate(transfer.progress.groups):
             event = await transfer.progress.ready(group, transfer.deadline)
             for block_start, block_end in _block_ranges(self.layout, layer_end - layer_start, len(src_index)):
-                chunk = asyncio.create_task(asyncio.to_thread(
-                    self._chunk, transfer.transfer_id, layer_start, layer_end, block_start, block_end, src_index, event
-                ))
+                chunk = asyncio.create_task(
+                    asyncio.to_thread(
+                        self._chunk, transfer.transfer_id, layer_start, layer_end, block_start, block_end, src_index, event
+                    )
+                )
                 if pending is not None:
                     yield await pending
                 pending = chunk
@@ -78,8 +81,14 @@ class GrpcSendHalf:
             yield await pending
 
     def _chunk(
-        self, transfer_id: str, layer_start: int, layer_end: int, block_start: int, block_end: int,
-        src_index: torch.Tensor, event: torch.cuda.Event | None,
+        self,
+        transfer_id: str,
+        layer_start: int,
+        layer_end: int,
+        block_start: int,
+        block_end: int,
+        src_index: torch.Tensor,
+        event: torch.cuda.Event | None,
     ) -> pb.KVChunk:
         """Worker thread: gather the blocks, bring them to the host, wrap them in a message."""
         index = src_index[block_start:block_end]
@@ -96,8 +105,13 @@ class GrpcSendHalf:
             self._stream.synchronize()  # this thread only; nothing else waits for it
         data = host.contiguous().view(-1).view(torch.uint8).numpy().tobytes()  # numpy has no bfloat16
         return pb.KVChunk(
-            transfer_id=transfer_id, sender_id=self.sender_id, layer_start=layer_start, layer_end=layer_end,
-            block_start=block_start, block_end=block_end, data=data,
+            transfer_id=transfer_id,
+            sender_id=self.sender_id,
+            layer_start=layer_start,
+            layer_end=layer_end,
+            block_start=block_start,
+            block_end=block_end,
+            data=data,
         )
 
 
@@ -128,8 +142,13 @@ class GrpcReceiveHalf:
         """Worker thread: the chunk into its blocks (one host copy into pinned memory on a GPU)."""
         data = decode_chunk(message, self.receiver.layout)
         return self.receiver.write(
-            message.transfer_id, message.sender_id, message.layer_start, message.layer_end,
-            message.block_start, message.block_end, data,
+            message.transfer_id,
+            message.sender_id,
+            message.layer_start,
+            message.layer_end,
+            message.block_start,
+            message.block_end,
+            data,
         )
 
 

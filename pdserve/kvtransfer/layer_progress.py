@@ -2,6 +2,7 @@
 first layers while the last ones still compute. The engine thread marks each group as the forward
 pass issues it (with the CUDA event after its kernels); the sender on an asyncio loop awaits the
 groups in order and makes its own stream wait on each group's event."""
+
 from __future__ import annotations
 
 import asyncio

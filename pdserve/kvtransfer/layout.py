@@ -2,6 +2,7 @@
 (docs/contracts.md: `kv_cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`),
 an fp8 cache's per-layer K/V scales included: blocks move as raw bytes, so both ends must read
 them with the same scales."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +13,10 @@ import torch
 
 LAYOUT_NAME = "LAYER_KV_BLOCK_SLOT_HEAD_DIM"
 DTYPES = {
-    "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float8_e4m3fn": torch.float8_e4m3fn,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "float8_e4m3fn": torch.float8_e4m3fn,
 }
 QUANTIZED_DTYPES = ("float8_e4m3fn",)  # the dtypes whose layout carries scales
 KVScales = tuple[tuple[float, ...], tuple[float, ...]]  # (K scale per layer, V scale per layer); () unquantized
@@ -63,8 +67,14 @@ class KVLayout:
         num_layers, _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
         k_scales, v_scales = (tuple(float(s) for s in scales) for scales in kv_scales)
         return cls(
-            model_id, names[kv_cache.dtype], num_layers, num_kv_heads, head_dim, block_size,
-            k_scales=k_scales, v_scales=v_scales,
+            model_id,
+            names[kv_cache.dtype],
+            num_layers,
+            num_kv_heads,
+            head_dim,
+            block_size,
+            k_scales=k_scales,
+            v_scales=v_scales,
         )
 
     def mismatches(self, other: KVLayout) -> list[str]:

@@ -1,5 +1,6 @@
 """The `local` transport: sender and receiver in one process (tests, single-process set-ups). Layer
 groups go straight into the receiver's `write`; nothing is serialised or copied through the host."""
+
 from __future__ import annotations
 
 import asyncio
@@ -34,8 +35,13 @@ class LocalSendHalf:
         return num_bytes
 
     def _write(
-        self, receiver: KVReceiver, transfer: OutgoingTransfer, layer_start: int, layer_end: int,
-        index: torch.Tensor, event: torch.cuda.Event | None,
+        self,
+        receiver: KVReceiver,
+        transfer: OutgoingTransfer,
+        layer_start: int,
+        layer_end: int,
+        index: torch.Tensor,
+        event: torch.cuda.Event | None,
     ) -> int:
         cache = as_bytes(self.kv_cache)  # fp8 blocks are gathered as bytes, handed over in the cache's dtype
         if self._stream is None:

@@ -3,6 +3,7 @@ a two-rank process group per pair made on demand (the decode worker hosts its re
 names it in the handshake), dropped and made anew when it fails. NCCL between GPUs; on CPU workers
 the same code runs over gloo (which is how the CPU tests exercise it). Per pair, transfers go one
 at a time, each layer group one send/recv, so both ends' operations match in order."""
+
 from __future__ import annotations
 
 import asyncio
@@ -68,7 +69,10 @@ class NcclSendHalf:
         self._pair.stream = torch.cuda.Stream(kv_cache.device) if kv_cache.is_cuda else None
         self._lock: asyncio.Lock | None = None
         store = dist.TCPStore(
-            peer.params["host"].decode(), int(peer.params["port"]), world_size=2, is_master=False,
+            peer.params["host"].decode(),
+            int(peer.params["port"]),
+            world_size=2,
+            is_master=False,
             timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S),
         )
         self._pair.group.set_result(_make_group(peer.params["backend"].decode(), store, SENDER_RANK, endpoint.address))
@@ -139,8 +143,12 @@ class NcclReceiveHalf:
     def accept(self, sender_id: str, sender: Endpoint) -> dict[str, bytes]:
         """A fresh group for `sender_id` (replacing any earlier one): its store is ours."""
         store = dist.TCPStore(
-            self.endpoint.address, 0, world_size=2, is_master=True,
-            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S), wait_for_workers=False,
+            self.endpoint.address,
+            0,
+            world_size=2,
+            is_master=True,
+            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S),
+            wait_for_workers=False,
         )
         pair = _Pair(f"kv-recv-{sender_id}")
         pair.stream = torch.cuda.Stream(self.receiver.kv_cache.device) if self.backend == "nccl" else None
@@ -236,8 +244,9 @@ def _check_bounds(bounds: list[int], num_layers: int) -> list[int]:
 TRANSPORTS["nccl"] = Transport(
     name="nccl",
     # NCCL between two GPUs (it refuses two ranks on one GPU); gloo between two CPU workers.
-    can_connect=lambda sender, receiver: sender.device == receiver.device
-    and (sender.device == "cpu" or sender.device_uuid != receiver.device_uuid),
+    can_connect=lambda sender, receiver: (
+        sender.device == receiver.device and (sender.device == "cpu" or sender.device_uuid != receiver.device_uuid)
+    ),
     connect=NcclSendHalf,
     receiver=NcclReceiveHalf,
 )

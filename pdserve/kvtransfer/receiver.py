@@ -2,6 +2,7 @@
 a prompt's KV, each under a lease), which sender took each, the writes into them (on a CUDA stream
 of its own, so the decode engine never waits for them), and the commit. It never frees blocks: the
 decode worker's BlockManager does, from what `cancel` and `poll` tell it."""
+
 from __future__ import annotations
 
 import contextlib
@@ -97,7 +98,12 @@ class KVReceiver:
 
     # -- the owner ------------------------------------------------------------------------------
     def expect(
-        self, transfer_id: str, block_ids: list[int], deadline: float, on_commit: OnCommit, check_commit: CheckCommit | None = None
+        self,
+        transfer_id: str,
+        block_ids: list[int],
+        deadline: float,
+        on_commit: OnCommit,
+        check_commit: CheckCommit | None = None,
     ) -> None:
         """Accept a sender for `transfer_id` into `block_ids` until commit, cancel or `deadline`;
         `check_commit` vets the commit's own fields (called under our lock: it must not call us)."""
@@ -207,7 +213,8 @@ class KVReceiver:
             reservation = self._get_begun(transfer_id, sender_id)
             if not reservation.is_device_writer and not bool(reservation.is_written.all()):
                 raise ValueError(
-                    f"transfer {transfer_id!r}: commit before all KV arrived; missing " + _describe_missing(reservation.is_written)
+                    f"transfer {transfer_id!r}: commit before all KV arrived; missing "
+                    + _describe_missing(reservation.is_written)
                 )
             if reservation.check_commit is not None:
                 reservation.check_commit(info)  # a refused commit changes nothing
@@ -290,8 +297,14 @@ class KVReceiver:
             kernels.copy_kv_blocks(data, self._positions[: block_index.shape[0]], cache, block_index)
 
     def _check_chunk(
-        self, transfer_id: str, reservation: _Reservation, layer_start: int, layer_end: int,
-        block_start: int, block_end: int, data: torch.Tensor,
+        self,
+        transfer_id: str,
+        reservation: _Reservation,
+        layer_start: int,
+        layer_end: int,
+        block_start: int,
+        block_end: int,
+        data: torch.Tensor,
     ) -> None:
         num_layers, num_blocks = self.layout.num_layers, len(reservation.block_ids)
         if not 0 <= layer_start < layer_end <= num_layers:

@@ -1,6 +1,7 @@
 """`KVSender`: the prefill worker's side of KV hand-offs. Handshakes once per decode worker (layout
 check, transport agreed, data half connected), then per prompt: begin (take the reservation),
 push (layer groups as they are computed), commit (the first token) or abandon."""
+
 from __future__ import annotations
 
 import asyncio

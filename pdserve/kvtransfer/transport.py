@@ -1,6 +1,7 @@
 """The data plane's shape: a transport is two halves of one idea, the prefill side's `KVSendHalf`
 and the decode side's `KVReceiveHalf`, registered together in `TRANSPORTS`. Which one two
 workers use is agreed in their handshake (`choose`) from where each runs (`Endpoint`)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -40,7 +41,9 @@ class UnprovenPeerError(KVTransferError):
     nothing more is sent there, and nothing it said is repeated."""
 
     def __init__(self, address: str, detail: str) -> None:
-        super().__init__(f"the decode worker at {address} did not prove it holds the cluster secret ({detail})", "FAILED_PRECONDITION")
+        super().__init__(
+            f"the decode worker at {address} did not prove it holds the cluster secret ({detail})", "FAILED_PRECONDITION"
+        )
 
 
 class NoCommonTransportError(ValueError):

@@ -2,6 +2,7 @@
 included) and computed in chunks under a token budget. A request whose prompt is done leaves the
 schedule holding its blocks; the worker releases them once the decode worker has acknowledged
 the KV. Pure CPU logic: requests and free blocks in, a batch plan out."""
+
 from __future__ import annotations
 
 import time

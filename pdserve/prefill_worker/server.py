@@ -1,5 +1,6 @@
 """The prefill worker's gRPC edge: protobuf in, plain Python calls on `PrefillWorker`, protobuf or
 a gRPC status out. Every call is authenticated and size-limited before it gets here."""
+
 from __future__ import annotations
 
 import asyncio
@@ -32,7 +33,9 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
         target = KVTarget(request.target.kv_address, request.target.worker_id)
         if not _ADDRESS.fullmatch(target.address):
-            await context.abort(grpc_code(Failure.INVALID_REQUEST), f"target.kv_address {target.address[:300]!r} is not host:port")
+            await context.abort(
+                grpc_code(Failure.INVALID_REQUEST), f"target.kv_address {target.address[:300]!r} is not host:port"
+            )
         if request.request_id in self._tasks:
             await context.abort(grpc_code(Failure.INVALID_REQUEST), f"request {request.request_id} is already being prefilled")
         self._tasks[request.request_id] = (caller_of(context), asyncio.current_task())

@@ -2,6 +2,7 @@
 KV to the decode worker that reserved blocks for it. The hand-off starts as the prompt's last
 forward pass is issued (layer group by layer group), so it hides behind the prefill; the prompt's
 blocks are freed only once the decode worker has acknowledged them, or the hand-off is given up."""
+
 from __future__ import annotations
 
 import asyncio
@@ -58,8 +59,14 @@ class PrefillResult:
 
 class PrefillWorker:
     def __init__(
-        self, core: EngineCore, worker_id: str, kv_transport: str = AUTO, address: str = "127.0.0.1",
-        layers_per_group: int = 4, *, secret: ClusterSecret,
+        self,
+        core: EngineCore,
+        worker_id: str,
+        kv_transport: str = AUTO,
+        address: str = "127.0.0.1",
+        layers_per_group: int = 4,
+        *,
+        secret: ClusterSecret,
     ) -> None:
         """`secret`: signs its calls to decode workers, which must prove they hold it too."""
         self.core = core
@@ -67,8 +74,13 @@ class PrefillWorker:
         config, kv_cache = core.config, core.runner.kv_cache
         self.scheduler = PrefillScheduler(core.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         self.sender = KVSender(
-            kv_cache, KVLayout.of(kv_cache, core.model_id, core.runner.kv_scales), worker_id, Endpoint.here(core.runner.device, address),
-            offers(kv_transport, core.runner.device), layers_per_group, secret=secret,
+            kv_cache,
+            KVLayout.of(kv_cache, core.model_id, core.runner.kv_scales),
+            worker_id,
+            Endpoint.here(core.runner.device, address),
+            offers(kv_transport, core.runner.device),
+            layers_per_group,
+            secret=secret,
         )
         self._requests: dict[str, Request] = {}  # loop thread: every request here, in any phase
         self._progress: dict[str, LayerProgress] = {}
@@ -96,7 +108,9 @@ class PrefillWorker:
         progress = LayerProgress(self.sender.bounds)
         push: asyncio.Task | None = None
         try:
-            events: AsyncGenerator[Any, None] = self.loop.stream(request_id, lambda: self._add(request_id, prompt_token_ids, params, progress), _no_op)
+            events: AsyncGenerator[Any, None] = self.loop.stream(
+                request_id, lambda: self._add(request_id, prompt_token_ids, params, progress), _no_op
+            )
             async with aclosing(events):
                 async for event in events:
                     if isinstance(event, PromptStarted):
@@ -110,8 +124,11 @@ class PrefillWorker:
             logprobs = request.output_logprobs[0] if request.output_logprobs else None
             siblings = request.siblings
             commit = KVCommitInfo(
-                request.output_token_ids[0], logprobs, request.num_prompt_tokens,
-                tuple(s.output_token_ids[0] for s in siblings), tuple(s.output_logprobs[0] for s in siblings if s.output_logprobs),
+                request.output_token_ids[0],
+                logprobs,
+                request.num_prompt_tokens,
+                tuple(s.output_token_ids[0] for s in siblings),
+                tuple(s.output_logprobs[0] for s in siblings if s.output_logprobs),
             )
             await self.sender.commit(peer, transfer_id, commit, RPC_TIMEOUT_S)
         except BaseException as error:
@@ -123,14 +140,24 @@ class PrefillWorker:
             raise
         self.loop.call(lambda: self._release(request_id))
         return PrefillResult(
-            commit.first_token_id, logprobs, request.num_cached_tokens, num_bytes, time.monotonic() - first_token_at,
-            peer.transport, request.prompt_logprobs[1:], request.scheduled_time - request.arrival_time,
-            request.first_token_time - request.scheduled_time, commit.sibling_token_ids, commit.sibling_logprobs,
+            commit.first_token_id,
+            logprobs,
+            request.num_cached_tokens,
+            num_bytes,
+            time.monotonic() - first_token_at,
+            peer.transport,
+            request.prompt_logprobs[1:],
+            request.scheduled_time - request.arrival_time,
+            request.first_token_time - request.scheduled_time,
+            commit.sibling_token_ids,
+            commit.sibling_logprobs,
         )
 
     async def _push(self, peer: KVPeer, begin: asyncio.Future, started: PromptStarted, progress: LayerProgress) -> int:
         reservation: Reservation = await begin
-        transfer = OutgoingTransfer(reservation.transfer_id, started.block_table, reservation.block_ids, progress, reservation.deadline)
+        transfer = OutgoingTransfer(
+            reservation.transfer_id, started.block_table, reservation.block_ids, progress, reservation.deadline
+        )
         return await self.sender.push(peer, transfer)
 
     async def _give_up(
@@ -199,7 +226,8 @@ class PrefillWorker:
     def status(self) -> dict[str, int | list[int]]:
         blocks = self.core.block_manager
         return {
-            "num_running": len(self.scheduler.running) + sum(r.phase is RequestPhase.HANDING_OFF for r in list(self._requests.values())),
+            "num_running": len(self.scheduler.running)
+            + sum(r.phase is RequestPhase.HANDING_OFF for r in list(self._requests.values())),
             "num_waiting": len(self.scheduler.waiting),
             "num_total_blocks": blocks.num_blocks,
             "num_used_blocks": blocks.num_used_blocks,

@@ -14,6 +14,7 @@ Why a signature and not the secret itself as a bearer token: the secret never cr
 A prefill worker dials the decode worker it is sent to; a bearer token would hand the secret to
 whatever answered there, and the same secret signs registry entries. A signature is good only for
 one method, within MAX_CLOCK_SKEW_S of its time."""
+
 from __future__ import annotations
 
 import logging
@@ -39,6 +40,7 @@ _CALLER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 # ---- the credential ---------------------------------------------------------------------------
+
 
 def sign_call(secret: ClusterSecret, method: str, caller: str, now: float | None = None) -> str:
     """`v1:<unix time>:<caller>:<hmac>`, good for calls of `method` only."""
@@ -87,6 +89,7 @@ def _credential(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | Non
 
 # ---- the server side ----------------------------------------------------------------------------
 
+
 class ServerAuth(grpc.aio.ServerInterceptor):
     """First interceptor of every worker's server: an unauthenticated call runs nothing of ours."""
 
@@ -124,6 +127,7 @@ def _refusal(reason: str) -> grpc.RpcMethodHandler:
 
 # ---- the client side ----------------------------------------------------------------------------
 
+
 class _Signer:
     def __init__(self, secret: ClusterSecret, caller: str) -> None:
         if not _CALLER.fullmatch(caller):
@@ -147,17 +151,23 @@ class _UnaryUnary(_Signer, grpc.aio.UnaryUnaryClientInterceptor):
 
 
 class _UnaryStream(_Signer, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation: Callable, details: grpc.aio.ClientCallDetails, request: object) -> object:
+    async def intercept_unary_stream(
+        self, continuation: Callable, details: grpc.aio.ClientCallDetails, request: object
+    ) -> object:
         return await continuation(self.details(details), request)
 
 
 class _StreamUnary(_Signer, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation: Callable, details: grpc.aio.ClientCallDetails, requests: object) -> object:
+    async def intercept_stream_unary(
+        self, continuation: Callable, details: grpc.aio.ClientCallDetails, requests: object
+    ) -> object:
         return await continuation(self.details(details), requests)
 
 
 class _StreamStream(_Signer, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation: Callable, details: grpc.aio.ClientCallDetails, requests: object) -> object:
+    async def intercept_stream_stream(
+        self, continuation: Callable, details: grpc.aio.ClientCallDetails, requests: object
+    ) -> object:
         return await continuation(self.details(details), requests)
 
 
@@ -171,13 +181,20 @@ _BlockingDetails = namedtuple("_BlockingDetails", "method timeout metadata crede
 
 
 class _BlockingSigner(
-    _Signer, grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor,
+    _Signer,
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
 ):
     def _signed(self, details: grpc.ClientCallDetails) -> _BlockingDetails:
         return _BlockingDetails(
-            details.method, details.timeout, self.metadata(details.method, details.metadata), details.credentials,
-            details.wait_for_ready, details.compression,
+            details.method,
+            details.timeout,
+            self.metadata(details.method, details.metadata),
+            details.credentials,
+            details.wait_for_ready,
+            details.compression,
         )
 
     def intercept_unary_unary(self, continuation: Callable, details: grpc.ClientCallDetails, request: object) -> object:
@@ -193,7 +210,9 @@ class _BlockingSigner(
         return continuation(self._signed(details), requests)
 
 
-def blocking_channel(address: str, secret: ClusterSecret, caller: str, options: Sequence[tuple[str, object]] = ()) -> grpc.Channel:
+def blocking_channel(
+    address: str, secret: ClusterSecret, caller: str, options: Sequence[tuple[str, object]] = ()
+) -> grpc.Channel:
     """A synchronous channel whose every call is signed as `caller` (scripts, tests)."""
     return grpc.intercept_channel(grpc.insecure_channel(address, options=list(options)), _BlockingSigner(secret, caller))
 

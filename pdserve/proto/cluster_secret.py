@@ -1,6 +1,7 @@
 """`ClusterSecret`: the one secret a pdserve cluster shares (made at `pdserve serve`, or taken from
 PDSERVE_CLUSTER_SECRET), and the HMAC-SHA256 signatures derived from it, one key per purpose, so
 that a signature made for one purpose (a registry entry) is worthless for another (a gRPC call)."""
+
 from __future__ import annotations
 
 import hashlib

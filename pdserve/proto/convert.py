@@ -1,5 +1,6 @@
 """Conversions between the wire messages and the engine's plain types, used at the edges (the
 servers and the gateway's gRPC client) so schedulers and the engine never see protobuf."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -96,7 +97,12 @@ def logprobs_from_proto(msg: pb.TokenLogprobs) -> TokenLogprobs:
 
 
 async def worker_status(
-    worker: Any, role: str, model_name: str, request: pb.StatusRequest, context: Any, secret: ClusterSecret,
+    worker: Any,
+    role: str,
+    model_name: str,
+    request: pb.StatusRequest,
+    context: Any,
+    secret: ClusterSecret,
     **extra: Any,
 ) -> pb.WorkerStatus:
     """A worker's `GetStatus` answer, signing the caller's nonce (it is one of ours), or UNAVAILABLE

@@ -1,6 +1,7 @@
 """`Deadlines`: every time limit of one request, defined once. Built from flags at the entry point,
 enforced by the gateway, and carried to the workers as gRPC deadlines (each worker sees the time
 its call has left) and as the KV lease of the decode worker's reservation."""
+
 from __future__ import annotations
 
 import math
@@ -24,4 +25,6 @@ class Deadlines:
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"deadline {f.name} must be a positive number of seconds, got {value}")
         if self.first_token_s > self.request_s:
-            raise ValueError(f"the first-token deadline ({self.first_token_s:g} s) exceeds the request deadline ({self.request_s:g} s)")
+            raise ValueError(
+                f"the first-token deadline ({self.first_token_s:g} s) exceeds the request deadline ({self.request_s:g} s)"
+            )

@@ -1,6 +1,7 @@
 """The one table of failure kinds: how a worker reports each on the wire (gRPC status) and how the
 gateway answers a client with it (HTTP status, OpenAI error type). Workers, the gateway's gRPC
 client and its HTTP error handler all read it; nothing else maps statuses."""
+
 from __future__ import annotations
 
 import enum

@@ -1,5 +1,6 @@
 """Regenerates `pdserve_pb2.py`, `pdserve_pb2.pyi` and `pdserve_pb2_grpc.py` from `pdserve.proto`
 (needs grpcio-tools, in the `test` extra): `python -m pdserve.proto.generate [--check]`."""
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,11 @@ def stale_files() -> list[str]:
     """Generated files that differ from what pdserve.proto generates now."""
     with tempfile.TemporaryDirectory() as tmp:
         fresh = generate(Path(tmp))
-        return [name for name in GENERATED if not (PROTO_DIR / name).is_file() or not filecmp.cmp(fresh / name, PROTO_DIR / name, shallow=False)]
+        return [
+            name
+            for name in GENERATED
+            if not (PROTO_DIR / name).is_file() or not filecmp.cmp(fresh / name, PROTO_DIR / name, shallow=False)
+        ]
 
 
 def main() -> int:

@@ -2,6 +2,7 @@
 bounded by the context length, a KV chunk by the KV layout. gRPC itself drops anything above the
 largest limit before buffering it; a message above its own method's limit is refused with
 RESOURCE_EXHAUSTED before it is parsed, and the call runs nothing else."""
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping

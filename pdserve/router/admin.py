@@ -2,6 +2,7 @@
 as it polls them), `GET /admin/pools` and `POST /admin/pools/{prefill|decode}` (the controller's
 pools: desired and actual replicas, each worker's state, node, pid and load). No token configured:
 the whole admin API is off (403)."""
+
 from __future__ import annotations
 
 import hmac
@@ -78,8 +79,11 @@ def _bearer_check(token: str | None) -> Callable[..., Any]:
 
 def _controller(admin: PoolAdmin | None) -> PoolAdmin:
     if admin is None:
-        raise APIError(404, "this gateway has no controller: pools are managed through `pdserve serve`'s gateway "
-                            "or a `pdserve router` started with --ray-address")
+        raise APIError(
+            404,
+            "this gateway has no controller: pools are managed through `pdserve serve`'s gateway "
+            "or a `pdserve router` started with --ray-address",
+        )
     return admin
 
 

@@ -1,6 +1,7 @@
 """`Admission`: bounds what this gateway has accepted but not yet started answering (requests
 without a first token, and their prompt tokens). Beyond the bounds a request is refused at once
 with 503 + Retry-After instead of joining an unbounded queue."""
+
 from __future__ import annotations
 
 from pdserve.proto.failures import Failure

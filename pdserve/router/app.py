@@ -1,6 +1,7 @@
 """`create_app(backend, config)`: the OpenAI-compatible HTTP gateway, with vLLM's routes and shapes,
 so OpenAI/vLLM clients, benchmarks and dashboards work unchanged; behind API keys, the drain gate
 and the input limits (middleware, outermost first)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -54,13 +55,20 @@ def create_app(backend: Backend, metrics: Metrics | None = None, config: Gateway
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw_request: Request) -> Response:
-        return await cancel_on_disconnect(raw_request, create_chat_completion(serving, body, config.tool_options, _tenant(raw_request)))
+        return await cancel_on_disconnect(
+            raw_request, create_chat_completion(serving, body, config.tool_options, _tenant(raw_request))
+        )
 
     @app.get("/v1/models")
     async def models() -> dict:
         card = {
-            "id": backend.model_name, "object": "model", "created": int(time.time()), "owned_by": "pdserve",
-            "root": backend.model_name, "parent": None, "max_model_len": backend.max_model_len,
+            "id": backend.model_name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "pdserve",
+            "root": backend.model_name,
+            "parent": None,
+            "max_model_len": backend.max_model_len,
         }
         return {"object": "list", "data": [card]}
 
@@ -95,7 +103,11 @@ def create_app(backend: Backend, metrics: Metrics | None = None, config: Gateway
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> JSONResponse:
         """vLLM's: what a remote client (lm-eval's tokenizer_backend=remote) needs of the tokenizer."""
-        info = {"tokenizer_class": "PreTrainedTokenizerFast", **backend.tokenizer.info(), "model_max_length": backend.max_model_len}
+        info = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **backend.tokenizer.info(),
+            "model_max_length": backend.max_model_len,
+        }
         return JSONResponse(info)
 
     @app.get("/version")

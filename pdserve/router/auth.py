@@ -2,6 +2,7 @@
 `/detokenize` (and on `/metrics` and `/health` with `protect_metrics`), 401 otherwise. A key's
 identity (a hash, never the key) names its tenant, and seeds the prefix-cache salt of its
 requests, so that cached prefixes, and `cached_tokens` in usage, are shared only within a tenant."""
+
 from __future__ import annotations
 
 import hashlib
@@ -44,7 +45,9 @@ class APIKeyAuth:
         # every key is compared, in constant time, so the time taken tells nothing about them
         matches = [hmac.compare_digest(key, known) for known in self._keys]
         if not any(matches):
-            response = APIError.of(Failure.UNAUTHORIZED, "Unauthorized: a valid API key is required (Authorization: Bearer <key>)").response()
+            response = APIError.of(
+                Failure.UNAUTHORIZED, "Unauthorized: a valid API key is required (Authorization: Bearer <key>)"
+            ).response()
             response.headers["www-authenticate"] = "Bearer"
             await response(scope, receive, send)
             return

@@ -1,6 +1,7 @@
 """What the HTTP layer needs from whatever produces tokens. Two implementations: `ColocatedBackend`
 (one engine in this process: the baseline) and `DisaggregatedBackend` (prefill and decode workers
 over gRPC, in `router/disaggregated.py`)."""
+
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
@@ -49,7 +50,9 @@ class Backend(Protocol):
     max_model_len: int
     tokenizer: Tokenizer
 
-    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncGenerator[RequestDelta, None]:
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncGenerator[RequestDelta, None]:
         """Token deltas of one request; the last carries finish_reason. Raises InvalidRequestError
         (bad input) or BackendFailure (before the first delta, or when the request is lost later);
         closing the iterator early aborts the request and frees its KV."""
@@ -69,15 +72,22 @@ class ColocatedBackend:
         self.max_model_len = engine.engine.core.max_model_len
         self.tokenizer = engine.engine.core.tokenizer
 
-    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncGenerator[RequestDelta, None]:
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncGenerator[RequestDelta, None]:
         return self.engine.generate(request_id, prompt_token_ids, params)
 
     async def stats(self) -> BackendStats:
         s = self.engine.stats()
         core = self.engine.engine.core
         return BackendStats(
-            int(s["num_running"]), int(s["num_waiting"]), s["kv_cache_usage"], int(s["num_preemptions"]),
-            core.block_manager.num_blocks, core.config.block_size, self.engine.engine.iteration_tokens,
+            int(s["num_running"]),
+            int(s["num_waiting"]),
+            s["kv_cache_usage"],
+            int(s["num_preemptions"]),
+            core.block_manager.num_blocks,
+            core.config.block_size,
+            self.engine.engine.iteration_tokens,
         )
 
     async def is_healthy(self) -> bool:

@@ -1,6 +1,7 @@
 """POST /v1/chat/completions: the chat template renders the messages (and tools), then one
 generation, whole or streamed (a first chunk with the assistant role, then the content deltas);
 a reply with tool calls comes back in `message.tool_calls` / `delta.tool_calls`."""
+
 from __future__ import annotations
 
 import asyncio
@@ -33,7 +34,10 @@ RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "tools")
 
 
 def render_chat(
-    tokenizer: Tokenizer, messages: list[ChatMessage], add_generation_prompt: bool, kwargs: dict[str, Any] | None,
+    tokenizer: Tokenizer,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool,
+    kwargs: dict[str, Any] | None,
     tools: list[dict[str, Any]] | None = None,
 ) -> str:
     """The prompt text of a conversation; template failures are the client's (HTTP 400)."""
@@ -65,10 +69,14 @@ async def create_chat_completion(
     if mode is not None and mode.kind == "auto" and tool_options.tool_call_parser == "hermes":
         request.skip_special_tokens = False  # its tags may be special tokens (vLLM does the same)
     forced = None if mode is None else forced_call_schema(mode, request.tools)
-    params = request.sampling_params(max_tokens, request.num_logprobs, tokenizer, forced, cache_salt_of(tenant, request.cache_salt))
+    params = request.sampling_params(
+        max_tokens, request.num_logprobs, tokenizer, forced, cache_salt_of(tenant, request.cache_salt)
+    )
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     generations = serving.generations(request_id, prompt_token_ids, params)  # n of them, one prompt's KV
-    chat = _ChatCompletion(request_id, serving.backend.model_name, tokenizer, generations, request, _reply_reader(mode, tool_options))
+    chat = _ChatCompletion(
+        request_id, serving.backend.model_name, tokenizer, generations, request, _reply_reader(mode, tool_options)
+    )
     if request.stream:
         deltas = generations[0].deltas() if len(generations) == 1 else merge_deltas([g.deltas() for g in generations])
         return await start_stream(deltas, chat.chunks, lambda: chat.final_chunks(request))
@@ -100,7 +108,12 @@ class _ChatCompletion:
     """The response's JSON, whole or chunk by chunk; a choice per sequence (n)."""
 
     def __init__(
-        self, request_id: str, model: str, tokenizer: Tokenizer, generations: list[Generation], request: ChatCompletionRequest,
+        self,
+        request_id: str,
+        model: str,
+        tokenizer: Tokenizer,
+        generations: list[Generation],
+        request: ChatCompletionRequest,
         reader: Reader | None = None,
     ) -> None:
         self._request = request
@@ -122,10 +135,12 @@ class _ChatCompletion:
         num_top = self._generations[0].params.logprobs
         if num_top is None:
             return None
-        return {"content": [
-            {**self._entry(lp.token_id, lp.logprob), "top_logprobs": [self._entry(i, v) for i, v in lp.top[:num_top]]}
-            for lp in delta.logprobs
-        ]}
+        return {
+            "content": [
+                {**self._entry(lp.token_id, lp.logprob), "top_logprobs": [self._entry(i, v) for i, v in lp.top[:num_top]]}
+                for lp in delta.logprobs
+            ]
+        }
 
     def _entry(self, token_id: int, logprob: float) -> dict:
         token = token_text(self._tokenizer, token_id, self._as_token_ids)
@@ -183,9 +198,13 @@ class _ChatCompletion:
     def _chunk(self, message: dict, logprobs: dict | None, delta: TextDelta) -> dict:
         stream = self._streams[delta.index]
         has_tool_calls = stream is not None and stream.has_tool_calls
-        choice = {"index": delta.index, "delta": message, "logprobs": logprobs,
-                  "finish_reason": _finish_reason(delta, has_tool_calls),
-                  "stop_reason": delta.stop_reason}
+        choice = {
+            "index": delta.index,
+            "delta": message,
+            "logprobs": logprobs,
+            "finish_reason": _finish_reason(delta, has_tool_calls),
+            "stop_reason": delta.stop_reason,
+        }
         return self._envelope("chat.completion.chunk", [choice])
 
     def final_chunks(self, request: ChatCompletionRequest) -> list[dict]:

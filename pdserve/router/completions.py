@@ -1,6 +1,7 @@
 """POST /v1/completions: OpenAI's text completion of one prompt or several (a choice each, indexed
 in order), whole or streamed; `echo` returns the prompt before the completion, with its tokens'
 logprobs when `logprobs` is set (the first token's null), as lm-eval reads them."""
+
 from __future__ import annotations
 
 import asyncio
@@ -52,7 +53,9 @@ async def create_completion(serving: Serving, request: CompletionRequest, tenant
     # One backend request per prompt; its n (or best_of) sequences share the prompt's KV.
     runs = [serving.generations(f"{request_id}-{i}", prompt.token_ids, params) for i, (prompt, params) in enumerate(planned)]
     flat = [run for group in runs for run in group]
-    completion = _Completion(request_id, serving.backend.model_name, tokenizer, request, [p for p, _ in planned for _ in range(len(runs[0]))], flat)
+    completion = _Completion(
+        request_id, serving.backend.model_name, tokenizer, request, [p for p, _ in planned for _ in range(len(runs[0]))], flat
+    )
     if request.stream:
         deltas = flat[0].deltas() if len(flat) == 1 else merge_deltas([run.deltas() for run in flat])
         return await start_stream(deltas, completion.chunks, completion.final_chunks)
@@ -77,7 +80,7 @@ def _best(wholes: list[TextDelta], request: CompletionRequest, per_prompt: int) 
         return wholes
     kept = []
     for start in range(0, len(wholes), per_prompt):
-        group = wholes[start:start + per_prompt]
+        group = wholes[start : start + per_prompt]
         kept += sorted(group, key=lambda w: -sum(lp.logprob for lp in w.logprobs))[:n]
     return kept
 
@@ -93,8 +96,13 @@ class _Completion:
     """The response's JSON, whole or chunk by chunk."""
 
     def __init__(
-        self, request_id: str, model: str, tokenizer: Tokenizer, request: CompletionRequest,
-        prompts: list[_Prompt], runs: list[Generation],
+        self,
+        request_id: str,
+        model: str,
+        tokenizer: Tokenizer,
+        request: CompletionRequest,
+        prompts: list[_Prompt],
+        runs: list[Generation],
     ) -> None:
         self.request_id = request_id
         self.model = model
@@ -108,8 +116,13 @@ class _Completion:
         self._is_echoed = [False] * len(runs)
 
     def _envelope(self, choices: list[dict]) -> dict:
-        return {"id": self.request_id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": choices}
+        return {
+            "id": self.request_id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
 
     def _choice(self, delta: TextDelta, source: int | None = None) -> dict:
         """`source`: the run the delta came from, when it differs from the choice's index (best_of)."""
@@ -124,8 +137,13 @@ class _Completion:
             self._is_echoed[at] = True
             text = self._prompts[at].text + text
             echoed = self._prompt_entries(at)
-        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": delta.finish_reason,
-                  "stop_reason": delta.stop_reason}
+        choice = {
+            "index": index,
+            "text": text,
+            "logprobs": None,
+            "finish_reason": delta.finish_reason,
+            "stop_reason": delta.stop_reason,
+        }
         if self._request.logprobs is not None:
             choice["logprobs"] = self._logprobs(at, [*echoed, *logprobs], len(echoed))
         if run.params.prompt_logprobs is not None and not self._request.echo:
@@ -157,8 +175,12 @@ class _Completion:
         num_prompt = sum(u["prompt_tokens"] for u, run in zip(usages, self._runs) if run.index == 0)  # once per prompt
         num_output = 0 if self._is_prompt_only else sum(u["completion_tokens"] for u in usages)
         num_cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u, run in zip(usages, self._runs) if run.index == 0)
-        return {"prompt_tokens": num_prompt, "completion_tokens": num_output, "total_tokens": num_prompt + num_output,
-                "prompt_tokens_details": {"cached_tokens": num_cached}}
+        return {
+            "prompt_tokens": num_prompt,
+            "completion_tokens": num_output,
+            "total_tokens": num_prompt + num_output,
+            "prompt_tokens_details": {"cached_tokens": num_cached},
+        }
 
     def _prompt_entries(self, index: int) -> list[TokenLogprobs | None]:
         """The prompt's tokens as logprob entries (None where there is no logprob: the first token,
@@ -183,11 +205,14 @@ class _Completion:
                 top_logprobs.append(None)
             else:
                 token_logprobs.append(json_logprob(lp.logprob))
-                top = {token_text(self._tokenizer, i, self._request.return_tokens_as_token_ids): json_logprob(v) for i, v in lp.top}
+                top = {
+                    token_text(self._tokenizer, i, self._request.return_tokens_as_token_ids): json_logprob(v) for i, v in lp.top
+                }
                 top_logprobs.append({token: json_logprob(lp.logprob), **top})
             text_offset.append(self._text_offsets[index])
             self._text_offsets[index] += len(token)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset}
+
 
 def _bare(token_id: int) -> TokenLogprobs:
     """A prompt token without a logprob (rank 0 marks it)."""

@@ -1,6 +1,7 @@
 """`GatewayConfig`: what the HTTP gateway is told at start (`pdserve serve` flags): API keys,
 input limits, admission bounds, drain time, the requests' deadlines and the tool-call parser.
 Built once, never mutated."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -10,6 +10,7 @@ client already has tokens drawn from that worker's sampler state, which a re-pre
 worker cannot continue (a seeded request would silently change its own continuation), and a
 resumed request re-pays its whole prefill on a pool that just lost capacity; the client, which
 knows what it has, decides whether to retry."""
+
 from __future__ import annotations
 
 import asyncio
@@ -118,10 +119,14 @@ class DisaggregatedBackend:
                     if is_cancelling():
                         raise
                     if lost:
-                        raise BackendFailure(Failure.UNAVAILABLE, f"{WorkerLostError(decode)} in the middle of the generation") from None
+                        raise BackendFailure(
+                            Failure.UNAVAILABLE, f"{WorkerLostError(decode)} in the middle of the generation"
+                        ) from None
                     raise handoff.left_pool(decode).as_backend_failure() from None
                 if message is grpc.aio.EOF:
-                    raise BackendFailure(Failure.INTERNAL, f"decode worker {decode.record.worker_id} ended the stream without finishing")
+                    raise BackendFailure(
+                        Failure.INTERNAL, f"decode worker {decode.record.worker_id} ended the stream without finishing"
+                    )
                 delta = handoff.delta_of(message, request_id)
                 if delta is not None:
                     yield delta

@@ -2,6 +2,7 @@
 requests get 503 + Retry-After (a load balancer moves them elsewhere); requests in flight run on
 until the shutdown timeout, then every generation still running is ended: a stream with an error
 event and `[DONE]`, a whole response with a 503."""
+
 from __future__ import annotations
 
 import asyncio

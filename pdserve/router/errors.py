@@ -1,6 +1,7 @@
 """HTTP errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, and the
 FastAPI handlers that turn every failure (bad JSON, pydantic errors, backend errors) into one.
 Statuses and types come from the failure table (`proto/failures.py`)."""
+
 from __future__ import annotations
 
 import logging

@@ -2,6 +2,7 @@
 decode worker's reservation (the first message of its Generate stream), then the Prefill that
 pushes the KV into it. Every wait is bounded by the attempt's prefill deadline and ends early when
 one of the two workers is marked unhealthy. `close()` leaves nothing behind on either worker."""
+
 from __future__ import annotations
 
 import asyncio
@@ -38,7 +39,11 @@ class HandoffFailure(Exception):
 
 class Handoff:
     def __init__(
-        self, request: pb.GenerateRequest, decode: WorkerHandle, prefill: WorkerHandle, deadlines: Deadlines,
+        self,
+        request: pb.GenerateRequest,
+        decode: WorkerHandle,
+        prefill: WorkerHandle,
+        deadlines: Deadlines,
         watch: HealthWatch,
     ) -> None:
         """`request`: the Generate request without its transfer id; each attempt makes up its own."""
@@ -74,13 +79,18 @@ class Handoff:
         if self.request.params.HasField("prompt_logprobs"):
             prompt_logprobs = [None, *(logprobs_from_proto(lp) for lp in response.prompt_logprobs)]
         first = RequestDelta(
-            request_id, [response.first_token_id], logprobs,
-            num_prompt_tokens=len(self.request.prompt_token_ids), num_cached_tokens=response.num_cached_tokens,
-            prompt_logprobs=prompt_logprobs, queue_seconds=response.queue_seconds, prefill_seconds=response.prefill_seconds,
+            request_id,
+            [response.first_token_id],
+            logprobs,
+            num_prompt_tokens=len(self.request.prompt_token_ids),
+            num_cached_tokens=response.num_cached_tokens,
+            prompt_logprobs=prompt_logprobs,
+            queue_seconds=response.queue_seconds,
+            prefill_seconds=response.prefill_seconds,
         )
         sibling_logprobs = [logprobs_from_proto(lp) for lp in response.sibling_logprobs]
         siblings = [
-            RequestDelta(request_id, [token], sibling_logprobs[i:i + 1], index=i + 1)
+            RequestDelta(request_id, [token], sibling_logprobs[i : i + 1], index=i + 1)
             for i, token in enumerate(response.sibling_token_ids)
         ]
         return [first, *siblings]
@@ -92,8 +102,10 @@ class Handoff:
         except WorkerLostError as exc:
             raise HandoffFailure(Failure.UNAVAILABLE, str(exc)) from None
         except TimeoutError:
-            raise HandoffFailure(Failure.TIMEOUT, f"decode worker {_name(self.decode)} had no room for the prompt "
-                                 f"within {self.deadlines.prefill_s:g} s") from None
+            raise HandoffFailure(
+                Failure.TIMEOUT,
+                f"decode worker {_name(self.decode)} had no room for the prompt within {self.deadlines.prefill_s:g} s",
+            ) from None
         except grpc.aio.AioRpcError as exc:
             raise self.failure(exc, self.decode) from None
         except asyncio.CancelledError:
@@ -106,8 +118,11 @@ class Handoff:
 
     async def _prefill(self, reservation: pb.Reservation, deadline: float) -> pb.PrefillResponse:
         request = pb.PrefillRequest(
-            request_id=self.request.request_id, transfer_id=self.request.transfer_id,
-            prompt_token_ids=self.request.prompt_token_ids, params=self.request.params, target=reservation,
+            request_id=self.request.request_id,
+            transfer_id=self.request.transfer_id,
+            prompt_token_ids=self.request.prompt_token_ids,
+            params=self.request.params,
+            target=reservation,
         )
         timeout = max(0.0, deadline - asyncio.get_running_loop().time())
         try:
@@ -120,8 +135,9 @@ class Handoff:
         except WorkerLostError as exc:
             raise HandoffFailure(Failure.UNAVAILABLE, str(exc)) from None
         except TimeoutError:
-            raise HandoffFailure(Failure.TIMEOUT, f"prefill worker {_name(self.prefill)} gave no first token within "
-                                 f"{self.deadlines.prefill_s:g} s") from None
+            raise HandoffFailure(
+                Failure.TIMEOUT, f"prefill worker {_name(self.prefill)} gave no first token within {self.deadlines.prefill_s:g} s"
+            ) from None
         except grpc.aio.AioRpcError as exc:
             raise self.failure(exc, self.prefill) from None
         except asyncio.CancelledError:
@@ -131,7 +147,9 @@ class Handoff:
 
     def failure(self, exc: grpc.aio.AioRpcError, worker: WorkerHandle) -> HandoffFailure:
         """A worker's gRPC status as a failure kind (`proto/failures.py`)."""
-        return HandoffFailure(failure_of(exc.code()), f"{worker.record.role} worker {_name(worker)}: {exc.code().name}: {exc.details()}")
+        return HandoffFailure(
+            failure_of(exc.code()), f"{worker.record.role} worker {_name(worker)}: {exc.code().name}: {exc.details()}"
+        )
 
     def left_pool(self, worker: WorkerHandle) -> HandoffFailure:
         """gRPC cancelled a call of ours itself: the pool closed the channel to `worker`."""

@@ -2,6 +2,7 @@
 (a frozen or dead worker fails its status poll within seconds), not at the call's deadline. A
 watcher is a callback run once when one of its workers is lost: `bounded` brings an
 `asyncio.Timeout` forward to now; a stream's reader cancels its call (no cost per message)."""
+
 from __future__ import annotations
 
 import asyncio

@@ -1,6 +1,7 @@
 """Input limits checked before any work: the request body's size and read time (ASGI middleware,
 ahead of JSON parsing), text that is not Unicode (a lone UTF-16 surrogate escape), and the longest
 prompt, in characters, that could still fit the context (checked before tokenizing)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -91,13 +92,18 @@ class RequestLimits:
             raise APIError.of(Failure.READ_TIMEOUT, f"the request body did not arrive within {self.read_timeout_s:g} s") from None
         body = b"".join(chunks)
         if has_lone_surrogate(body):
-            raise APIError.of(Failure.INVALID_REQUEST, "the request body escapes a lone UTF-16 surrogate (e.g. \\ud800): "
-                              "strings must be valid Unicode")
+            raise APIError.of(
+                Failure.INVALID_REQUEST,
+                "the request body escapes a lone UTF-16 surrogate (e.g. \\ud800): strings must be valid Unicode",
+            )
         return body
 
     def _too_large(self, num_bytes: int) -> APIError:
-        return APIError.of(Failure.TOO_LARGE, f"the request body has {num_bytes}+ bytes, more than the "
-                           f"{self.max_body_bytes} this server accepts (--max-request-body-bytes)")
+        return APIError.of(
+            Failure.TOO_LARGE,
+            f"the request body has {num_bytes}+ bytes, more than the "
+            f"{self.max_body_bytes} this server accepts (--max-request-body-bytes)",
+        )
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -2,6 +2,7 @@
 names vLLM's own Grafana dashboard still queries) so existing dashboards work, `http_requests_total`
 as prometheus-fastapi-instrumentator names it, and pdserve's own: KV transfer bytes by transport
 and the disaggregated path's phases. Each `Metrics` owns its registry, so tests can build several."""
+
 from __future__ import annotations
 
 import time
@@ -19,12 +20,54 @@ from pdserve.router.backend import BackendStats
 _Metric = TypeVar("_Metric", Gauge, Counter, Histogram)
 
 # vLLM's bucket boundaries.
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-               40.0, 80.0)
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
-               480.0, 960.0, 1920.0, 7680.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 N_BUCKETS = (1, 2, 5, 10, 20)
 FINISH_REASONS = ("stop", "length", "abort", "error")
@@ -57,10 +100,17 @@ class Metrics:
 
         self.num_requests_running = gauge("vllm:num_requests_running", "Requests being prefilled or decoded.")
         self.num_requests_waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.")
-        self.kv_cache_usage = gauge("vllm:kv_cache_usage_perc", "KV cache usage: blocks in use over all blocks of the decode workers (1 = full).")
-        self.gpu_cache_usage = gauge("vllm:gpu_cache_usage_perc", "vLLM's older name for kv_cache_usage_perc (its dashboard queries it).")
+        self.kv_cache_usage = gauge(
+            "vllm:kv_cache_usage_perc", "KV cache usage: blocks in use over all blocks of the decode workers (1 = full)."
+        )
+        self.gpu_cache_usage = gauge(
+            "vllm:gpu_cache_usage_perc", "vLLM's older name for kv_cache_usage_perc (its dashboard queries it)."
+        )
         self.cache_config_info = gauge(
-            "vllm:cache_config_info", "The KV cache's configuration (value 1).", ("block_size", "num_gpu_blocks", "enable_prefix_caching"))
+            "vllm:cache_config_info",
+            "The KV cache's configuration (value 1).",
+            ("block_size", "num_gpu_blocks", "enable_prefix_caching"),
+        )
         self.num_preemptions = counter("vllm:num_preemptions", "Requests preempted by the schedulers.")
         self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens of admitted requests.")
         self.generation_tokens = counter("vllm:generation_tokens", "Generated tokens.")
@@ -70,42 +120,83 @@ class Metrics:
         self.time_to_first_token = histogram("vllm:time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
         self.inter_token_latency = histogram("vllm:inter_token_latency_seconds", "Time between output tokens.", ITL_BUCKETS)
         self.time_per_output_token = histogram(
-            "vllm:time_per_output_token_seconds", "Time between output tokens (vLLM's older name; its dashboard queries it).", ITL_BUCKETS)
+            "vllm:time_per_output_token_seconds",
+            "Time between output tokens (vLLM's older name; its dashboard queries it).",
+            ITL_BUCKETS,
+        )
         self.request_time_per_output_token = histogram(
-            "vllm:request_time_per_output_token_seconds", "Per request: (end - first token) / (output tokens - 1).", ITL_BUCKETS)
-        self.e2e_request_latency = histogram("vllm:e2e_request_latency_seconds", "Request latency, arrival to last token.", E2E_BUCKETS)
-        self.request_queue_time = histogram("vllm:request_queue_time_seconds", "Time waiting before first scheduled.", E2E_BUCKETS)
+            "vllm:request_time_per_output_token_seconds", "Per request: (end - first token) / (output tokens - 1).", ITL_BUCKETS
+        )
+        self.e2e_request_latency = histogram(
+            "vllm:e2e_request_latency_seconds", "Request latency, arrival to last token.", E2E_BUCKETS
+        )
+        self.request_queue_time = histogram(
+            "vllm:request_queue_time_seconds", "Time waiting before first scheduled.", E2E_BUCKETS
+        )
         self.request_prefill_time = histogram("vllm:request_prefill_time_seconds", "First scheduled -> first token.", E2E_BUCKETS)
         self.request_decode_time = histogram("vllm:request_decode_time_seconds", "First token -> last token.", E2E_BUCKETS)
-        self.request_inference_time = histogram("vllm:request_inference_time_seconds", "First scheduled -> last token.", E2E_BUCKETS)
+        self.request_inference_time = histogram(
+            "vllm:request_inference_time_seconds", "First scheduled -> last token.", E2E_BUCKETS
+        )
         self.request_prompt_tokens = histogram("vllm:request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS)
-        self.request_generation_tokens = histogram("vllm:request_generation_tokens", "Generated tokens per request.", TOKEN_BUCKETS)
+        self.request_generation_tokens = histogram(
+            "vllm:request_generation_tokens", "Generated tokens per request.", TOKEN_BUCKETS
+        )
         self.request_max_num_generation_tokens = histogram(
-            "vllm:request_max_num_generation_tokens", "Most tokens generated by one sequence of a request.", TOKEN_BUCKETS)
+            "vllm:request_max_num_generation_tokens", "Most tokens generated by one sequence of a request.", TOKEN_BUCKETS
+        )
         self.request_params_n = histogram("vllm:request_params_n", "The n parameter of requests.", N_BUCKETS)
-        self.request_params_max_tokens = histogram("vllm:request_params_max_tokens", "The max_tokens parameter of requests.", TOKEN_BUCKETS)
-        self.http_requests = Counter("http_requests", "HTTP requests by route, method and status class.",
-                                     ["handler", "method", "status"], registry=self.registry)
+        self.request_params_max_tokens = histogram(
+            "vllm:request_params_max_tokens", "The max_tokens parameter of requests.", TOKEN_BUCKETS
+        )
+        self.http_requests = Counter(
+            "http_requests",
+            "HTTP requests by route, method and status class.",
+            ["handler", "method", "status"],
+            registry=self.registry,
+        )
         self.kv_transfer_bytes = counter(
-            "pdserve:kv_transfer_bytes", "KV cache bytes moved from prefill to decode workers, by transport.", ("transport",))
+            "pdserve:kv_transfer_bytes", "KV cache bytes moved from prefill to decode workers, by transport.", ("transport",)
+        )
         self.kv_transfer_seconds = histogram(
             "pdserve:kv_transfer_seconds",
             "KV hand-off time of one request not hidden behind its prefill (first token to the decode worker's ack).",
-            KV_TRANSFER_BUCKETS)
+            KV_TRANSFER_BUCKETS,
+        )
         self.request_phase = histogram(
-            "pdserve:request_phase_seconds", "Time of each phase of a request (queue, prefill, kv_transfer, decode).",
-            E2E_BUCKETS, ("phase",))
+            "pdserve:request_phase_seconds",
+            "Time of each phase of a request (queue, prefill, kv_transfer, decode).",
+            E2E_BUCKETS,
+            ("phase",),
+        )
 
     def _create_series(self) -> None:
         """Every series now, so that dashboards see zeros rather than nothing before traffic."""
         for metric in (
-            self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage, self.gpu_cache_usage,
-            self.num_preemptions, self.prompt_tokens, self.generation_tokens, self.prefix_cache_queries,
-            self.prefix_cache_hits, self.time_to_first_token, self.inter_token_latency, self.time_per_output_token,
-            self.request_time_per_output_token, self.e2e_request_latency, self.request_queue_time,
-            self.request_prefill_time, self.request_decode_time, self.request_inference_time, self.request_prompt_tokens,
-            self.request_generation_tokens, self.request_max_num_generation_tokens, self.request_params_n,
-            self.request_params_max_tokens, self.kv_transfer_seconds,
+            self.num_requests_running,
+            self.num_requests_waiting,
+            self.kv_cache_usage,
+            self.gpu_cache_usage,
+            self.num_preemptions,
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.prefix_cache_queries,
+            self.prefix_cache_hits,
+            self.time_to_first_token,
+            self.inter_token_latency,
+            self.time_per_output_token,
+            self.request_time_per_output_token,
+            self.e2e_request_latency,
+            self.request_queue_time,
+            self.request_prefill_time,
+            self.request_decode_time,
+            self.request_inference_time,
+            self.request_prompt_tokens,
+            self.request_generation_tokens,
+            self.request_max_num_generation_tokens,
+            self.request_params_n,
+            self.request_params_max_tokens,
+            self.kv_transfer_seconds,
         ):
             metric.labels(model_name=self.model_name)
         for reason in FINISH_REASONS:
@@ -128,7 +219,9 @@ class Metrics:
         if stats.block_size:
             self.cache_config_info.clear()
             self.cache_config_info.labels(
-                model_name=self.model_name, block_size=str(stats.block_size), num_gpu_blocks=str(stats.num_total_blocks),
+                model_name=self.model_name,
+                block_size=str(stats.block_size),
+                num_gpu_blocks=str(stats.num_total_blocks),
                 enable_prefix_caching="True",
             ).set(1)
         self._iteration_tokens = stats.iteration_tokens
@@ -169,7 +262,9 @@ class _IterationTokensCollector:
 class RequestTracker:
     """Timings and token counts of one request, from its arrival at the router."""
 
-    def __init__(self, metrics: Metrics, num_prompt_tokens: int, params: SamplingParams | None, is_sequence_only: bool = False) -> None:
+    def __init__(
+        self, metrics: Metrics, num_prompt_tokens: int, params: SamplingParams | None, is_sequence_only: bool = False
+    ) -> None:
         self._metrics = metrics
         self._is_sequence_only = is_sequence_only
         self._num_prompt_tokens = num_prompt_tokens
@@ -232,8 +327,12 @@ class RequestTracker:
         decode = now - self._first_token_time
         if queue is None or prefill is None:  # the engine did not say: the gateway's view
             queue, prefill = 0.0, self._first_token_time - self._arrival
-        for metric, value in ((m.request_queue_time, queue), (m.request_prefill_time, prefill),
-                              (m.request_decode_time, decode), (m.request_inference_time, prefill + decode)):
+        for metric, value in (
+            (m.request_queue_time, queue),
+            (m.request_prefill_time, prefill),
+            (m.request_decode_time, decode),
+            (m.request_inference_time, prefill + decode),
+        ):
             m.labels(metric).observe(value)
         for phase, value in (("queue", queue), ("prefill", prefill), ("decode", decode)):
             m.request_phase.labels(model_name=m.model_name, phase=phase).observe(value)

@@ -1,6 +1,7 @@
 """One JSON tool-call object of a reply that is still arriving: its name once that string is
 complete, and the text of its arguments value so far (an object or array grows as it arrives; a
 scalar appears once complete), read by a small scanner that knows strings, escapes and nesting."""
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,7 @@ class _Scan:
             if self.call.end is not None:
                 return
         if self._is_reading_arguments() and self.text[self.value_start] in "{[":
-            self.call.arguments = self.text[self.value_start:]  # a container streams as it arrives
+            self.call.arguments = self.text[self.value_start :]  # a container streams as it arrives
 
     def _char(self, i: int, c: str) -> None:
         if self.in_string:

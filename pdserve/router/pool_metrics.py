@@ -1,6 +1,7 @@
 """Per-pool series on /metrics: each pool's load as this gateway polls its workers
 (`pdserve:pool_*`), and, on a gateway that reaches the controller, each pool's replicas by state,
 its desired size and the autoscaler's decisions. Read at scrape time from state kept elsewhere."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -29,10 +30,18 @@ class PoolCollector:
     def _load(self) -> Iterator[Metric]:
         labels = ["model_name", "pool"]
         families = {
-            "healthy": GaugeMetricFamily("pdserve:pool_healthy_workers", "Workers of the pool this gateway can route to.", labels=labels),
-            "running": GaugeMetricFamily("pdserve:pool_num_requests_running", "Requests running on the pool's workers.", labels=labels),
-            "waiting": GaugeMetricFamily("pdserve:pool_num_requests_waiting", "Requests queued on the pool's workers.", labels=labels),
-            "kv": GaugeMetricFamily("pdserve:pool_kv_cache_usage_perc", "KV blocks in use over all blocks of the pool (1 = full).", labels=labels),
+            "healthy": GaugeMetricFamily(
+                "pdserve:pool_healthy_workers", "Workers of the pool this gateway can route to.", labels=labels
+            ),
+            "running": GaugeMetricFamily(
+                "pdserve:pool_num_requests_running", "Requests running on the pool's workers.", labels=labels
+            ),
+            "waiting": GaugeMetricFamily(
+                "pdserve:pool_num_requests_waiting", "Requests queued on the pool's workers.", labels=labels
+            ),
+            "kv": GaugeMetricFamily(
+                "pdserve:pool_kv_cache_usage_perc", "KV blocks in use over all blocks of the pool (1 = full).", labels=labels
+            ),
         }
         for role in POOLS:
             handles = [h for h in self.pool.workers.values() if h.record.role == role and h.is_healthy and h.status is not None]
@@ -49,12 +58,15 @@ class PoolCollector:
         yield from families.values()
 
     def _replicas(self, view: dict) -> Iterator[Metric]:
-        replicas = GaugeMetricFamily("pdserve:pool_replicas", "Workers of the pool by state (controller).",
-                                     labels=["model_name", "pool", "state"])
-        desired = GaugeMetricFamily("pdserve:pool_desired_replicas", "The pool's desired size (operator or autoscaler).",
-                                    labels=["model_name", "pool"])
-        decisions = CounterMetricFamily("pdserve:autoscaler_decisions", "Pool resizes decided by the autoscaler.",
-                                        labels=["model_name", "pool", "direction"])
+        replicas = GaugeMetricFamily(
+            "pdserve:pool_replicas", "Workers of the pool by state (controller).", labels=["model_name", "pool", "state"]
+        )
+        desired = GaugeMetricFamily(
+            "pdserve:pool_desired_replicas", "The pool's desired size (operator or autoscaler).", labels=["model_name", "pool"]
+        )
+        decisions = CounterMetricFamily(
+            "pdserve:autoscaler_decisions", "Pool resizes decided by the autoscaler.", labels=["model_name", "pool", "direction"]
+        )
         counts = view.get("autoscaler", {}).get("num_decisions", {})
         for role, pool in view["pools"].items():
             desired.add_metric([self.model_name, role], pool["desired"])

@@ -1,5 +1,6 @@
 """Request bodies of the OpenAI-compatible API: OpenAI's fields plus vLLM's sampling extras.
 Pydantic checks the types; what pdserve cannot honour is rejected with a 400, never ignored."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,7 +37,7 @@ class ChatMessage(BaseModel):
         if isinstance(content, list):
             for part in content:
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ValueError("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported")
+                    raise ValueError('only text content parts ({"type": "text", "text": ...}) are supported')
         return content
 
     def for_template(self) -> dict[str, Any]:
@@ -110,7 +111,11 @@ class GenerationRequest(BaseModel):
         return self.include_usage_in_stream and self.stream_options.continuous_usage_stats
 
     def sampling_params(
-        self, max_tokens: int, logprobs: int | None, tokenizer: Tokenizer, forced_output: StructuredOutput | None = None,
+        self,
+        max_tokens: int,
+        logprobs: int | None,
+        tokenizer: Tokenizer,
+        forced_output: StructuredOutput | None = None,
         cache_salt: str | None = None,
     ) -> SamplingParams:
         """Raises `InvalidRequestError` naming the field for out-of-range values. `forced_output`:
@@ -193,7 +198,11 @@ class CompletionRequest(GenerationRequest):
         return list(prompt)
 
     def sampling_params(
-        self, max_tokens: int, logprobs: int | None, tokenizer: Tokenizer, forced_output: StructuredOutput | None = None,
+        self,
+        max_tokens: int,
+        logprobs: int | None,
+        tokenizer: Tokenizer,
+        forced_output: StructuredOutput | None = None,
         cache_salt: str | None = None,
     ) -> SamplingParams:
         params = super().sampling_params(max_tokens, logprobs, tokenizer, forced_output, cache_salt)

@@ -2,6 +2,7 @@
 Redis (several gateways; each worker heartbeats a key with a TTL, so a dead worker disappears).
 A Redis entry is signed with the cluster secret (HMAC-SHA256 over the record's canonical JSON);
 one that is forged, unsigned or malformed is skipped and logged, and never stops discovery."""
+
 from __future__ import annotations
 
 import json
@@ -165,7 +166,8 @@ class _IgnoredEntries:
         if self._num_ignored and now - self._logged_at >= LOG_INTERVAL_S:
             logger.warning(
                 "ignored %d registry entries that are not signed worker records; e.g. %s",
-                self._num_ignored, "; ".join(self._examples),
+                self._num_ignored,
+                "; ".join(self._examples),
             )
             self._logged_at = now
         self._examples, self._num_ignored = [], 0

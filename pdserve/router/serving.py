@@ -2,6 +2,7 @@
 off the event loop, one request's run on the backend as text deltas (stop strings, admission,
 deadlines, drain, metrics), and the SSE response that aborts the request on the workers as soon
 as the client goes away."""
+
 from __future__ import annotations
 
 import asyncio
@@ -53,9 +54,7 @@ class Serving:
     """The backend plus what every request needs from the server: metrics, deadlines, admission,
     the drain, and threads for tokenizing (a long prompt must not stall the event loop)."""
 
-    def __init__(
-        self, backend: Backend, metrics: Metrics, deadlines: Deadlines, admission: Admission, drain: Drain
-    ) -> None:
+    def __init__(self, backend: Backend, metrics: Metrics, deadlines: Deadlines, admission: Admission, drain: Drain) -> None:
         self.backend = backend
         self.metrics = metrics
         self.deadlines = deadlines
@@ -77,9 +76,13 @@ class Serving:
         before it is tokenized."""
         if len(text) > self.max_prompt_chars:
             limit = self.backend.max_model_len
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your prompt has "
-                           f"{len(text)} characters, more than any prompt of {limit} tokens has. Please reduce the "
-                           "length of the input.", param)
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, your prompt has "
+                f"{len(text)} characters, more than any prompt of {limit} tokens has. Please reduce the "
+                "length of the input.",
+                param,
+            )
         return await self.in_thread(self.backend.tokenizer.encode, text, add_special_tokens)
 
     def max_tokens(self, num_prompt_tokens: int, requested: int | None, prompt_param: str) -> int:
@@ -89,14 +92,22 @@ class Serving:
         if num_prompt_tokens == 0:
             raise APIError(400, "the prompt is empty", prompt_param)
         if num_prompt_tokens >= limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your request has "
-                           f"{num_prompt_tokens} input tokens. Please reduce the length of the input.", prompt_param)
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, your request has "
+                f"{num_prompt_tokens} input tokens. Please reduce the length of the input.",
+                prompt_param,
+            )
         if requested is None:
             return limit - num_prompt_tokens
         if num_prompt_tokens + requested > limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                           f"{num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the messages, {requested} "
-                           f"in the completion). Please reduce the length of the messages or completion.", "max_tokens")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the messages, {requested} "
+                f"in the completion). Please reduce the length of the messages or completion.",
+                "max_tokens",
+            )
         return requested  # a value below 1 is left for SamplingParams to reject
 
     def generation(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Generation:
@@ -116,8 +127,13 @@ class Generation:
     the client-facing deadlines: the first token, the gap between two tokens, the whole request."""
 
     def __init__(
-        self, serving: Serving, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-        source: AsyncGenerator[RequestDelta, None] | None = None, index: int = 0,
+        self,
+        serving: Serving,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        source: AsyncGenerator[RequestDelta, None] | None = None,
+        index: int = 0,
     ) -> None:
         """`source`: this sequence's deltas when the request has several (`Serving.generations`)."""
         self.request_id = request_id
@@ -224,8 +240,10 @@ class Generation:
         return min(candidates)
 
     def _expired_error(self) -> APIError:
-        return APIError.of(Failure.UNAVAILABLE, "the server is shutting down and ended this request "
-                           "(its shutdown timeout passed before it finished)")
+        return APIError.of(
+            Failure.UNAVAILABLE,
+            "the server is shutting down and ended this request (its shutdown timeout passed before it finished)",
+        )
 
     def _on_delta(self, delta: RequestDelta) -> TextDelta | None:
         """The text delta to send, or None while the detokenizer holds all new text back."""
@@ -354,9 +372,7 @@ async def merge_deltas(streams: list[AsyncGenerator[TextDelta, None]]) -> AsyncG
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def start_stream(
-    deltas: AsyncGenerator[TextDelta, None], chunks: Chunks, final: Callable[[], list[dict]]
-) -> Response:
+async def start_stream(deltas: AsyncGenerator[TextDelta, None], chunks: Chunks, final: Callable[[], list[dict]]) -> Response:
     """Wait for the first delta before answering, so that a failure before any output gets its
     HTTP status (400, 503, ...) rather than an error event; then stream the rest as SSE."""
     try:
@@ -367,8 +383,9 @@ async def start_stream(
     return EventStreamResponse(_events(first, deltas, chunks, final))
 
 
-async def _events(first: TextDelta, rest: AsyncGenerator[TextDelta, None], chunks: Chunks,
-                  final: Callable[[], list[dict]]) -> AsyncGenerator[str, None]:
+async def _events(
+    first: TextDelta, rest: AsyncGenerator[TextDelta, None], chunks: Chunks, final: Callable[[], list[dict]]
+) -> AsyncGenerator[str, None]:
     """The SSE body: the chunks of every delta, the final chunks, `[DONE]`. A failure mid-stream
     becomes an error event, as in vLLM (the status line went out with the first chunk)."""
     async with aclosing(rest):
@@ -397,7 +414,11 @@ def vllm_prompt_logprobs(tokenizer: Tokenizer, prompt_logprobs: list[TokenLogpro
     """vLLM's `prompt_logprobs`: per prompt token, {token_id: {logprob, rank, decoded_token}}."""
 
     def entry(token_id: int, logprob: float, rank: int) -> dict:
-        return {"logprob": json_logprob(logprob), "rank": rank, "decoded_token": tokenizer.decode([token_id], skip_special_tokens=False)}
+        return {
+            "logprob": json_logprob(logprob),
+            "rank": rank,
+            "decoded_token": tokenizer.decode([token_id], skip_special_tokens=False),
+        }
 
     out: list[dict | None] = []
     for lp in prompt_logprobs or []:

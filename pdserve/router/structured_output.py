@@ -2,6 +2,7 @@
 `StructuredOutput`: OpenAI's `response_format` (json_object, json_schema), vLLM's `guided_json`,
 `guided_regex`, `guided_choice`, `guided_grammar` and its newer `structured_outputs` object. More
 than one, an unknown form, or a spec that does not compile is a 400 naming the field."""
+
 from __future__ import annotations
 
 import json
@@ -43,15 +44,22 @@ def structured_output_of(request: GenerationRequest, forced: StructuredOutput | 
     found = [(param, spec) for param, spec in _candidates(request) if spec is not None]
     if forced is not None:
         if found:
-            raise APIError(400, "a named or required tool_choice cannot be combined with response_format, guided_* or "
-                           "structured_outputs", "tool_choice")
+            raise APIError(
+                400,
+                "a named or required tool_choice cannot be combined with response_format, guided_* or structured_outputs",
+                "tool_choice",
+            )
         found = [("tools", forced)]
     if len(found) > 1:
         names = ", ".join(param for param, _ in found)
         raise APIError(400, f"only one kind of structured output per request is supported, got {names}", found[1][0])
     if request.guided_decoding_backend not in BACKENDS:
-        raise APIError(400, f"structured output backend {request.guided_decoding_backend!r} is not available: this "
-                       "server uses llguidance (\"guidance\"); leave guided_decoding_backend out", "guided_decoding_backend")
+        raise APIError(
+            400,
+            f"structured output backend {request.guided_decoding_backend!r} is not available: this "
+            'server uses llguidance ("guidance"); leave guided_decoding_backend out',
+            "guided_decoding_backend",
+        )
     if not found:
         return None
     param, spec = found[0]
@@ -115,8 +123,11 @@ def _structured_outputs(params: StructuredOutputsParams) -> StructuredOutput | N
     if params.structural_tag is not None:
         raise APIError(400, "structured_outputs.structural_tag is not supported", "structured_outputs")
     if params.disable_additional_properties:
-        raise APIError(400, "structured_outputs.disable_additional_properties is not supported: set "
-                       "\"additionalProperties\": false in the schema", "structured_outputs")
+        raise APIError(
+            400,
+            'structured_outputs.disable_additional_properties is not supported: set "additionalProperties": false in the schema',
+            "structured_outputs",
+        )
     specs = [
         None if params.json_ is None else json_schema(params.json_, "structured_outputs"),
         None if params.regex is None else StructuredOutput("regex", params.regex),

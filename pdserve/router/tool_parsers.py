@@ -5,6 +5,7 @@
 `parse_*` read a whole reply (malformed calls: no calls, the text is content, as vLLM answers);
 `*Stream` classes read it as it arrives, in vLLM's delta shape: a call's first delta carries its
 id, type and name, the next ones pieces of `function.arguments` (the model's own JSON text)."""
+
 from __future__ import annotations
 
 import json
@@ -149,12 +150,18 @@ class _CallListStream:
                 return []
             self.calls.append(_Streamed(new_call_id(), call.name))
             self.is_call_sent = True
-            deltas.append({"index": len(self.calls) - 1, "id": self.calls[-1].id, "type": "function",
-                           "function": {"name": call.name, "arguments": ""}})
+            deltas.append(
+                {
+                    "index": len(self.calls) - 1,
+                    "id": self.calls[-1].id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": ""},
+                }
+            )
         streamed = self.calls[-1]
         arguments = call.arguments or ("{}" if call.end is not None else "")
         if arguments.startswith(streamed.arguments) and len(arguments) > len(streamed.arguments):
-            deltas.append({"index": len(self.calls) - 1, "function": {"arguments": arguments[len(streamed.arguments):]}})
+            deltas.append({"index": len(self.calls) - 1, "function": {"arguments": arguments[len(streamed.arguments) :]}})
             streamed.arguments = arguments
         return deltas
 
@@ -188,10 +195,10 @@ class HermesStream(_CallListStream):
             start = self.text.find(HERMES_START, self.position)
             if start < 0:
                 end = len(self.text) if is_last else _safe_end(self.text, self.position, HERMES_START)
-                piece = self.text[self.position:end] if not self.calls else ""
+                piece = self.text[self.position : end] if not self.calls else ""
                 self.position = end
                 return piece, None
-            piece = self.text[self.position:start] if not self.calls else ""
+            piece = self.text[self.position : start] if not self.calls else ""
             self.position, self.in_block = start + len(HERMES_START), True
             return piece, self._next_object(None)
         return "", self._next_object(None)
@@ -213,7 +220,7 @@ class Llama3JsonStream(_CallListStream):
 
     def _seek(self, is_last: bool) -> tuple[str, int | None]:
         if self.is_content:
-            piece, self.position = self.text[self.position:], len(self.text)
+            piece, self.position = self.text[self.position :], len(self.text)
             return piece, None
         if not self.calls and self.position == 0:
             if self.text.startswith(PYTHON_TAG):
@@ -258,8 +265,11 @@ class NamedStream:
             if not text:
                 return {}
             self.call_id = new_call_id()
-            return {"tool_calls": [{"index": 0, "id": self.call_id, "type": "function",
-                                    "function": {"name": self.function, "arguments": text}}]}
+            return {
+                "tool_calls": [
+                    {"index": 0, "id": self.call_id, "type": "function", "function": {"name": self.function, "arguments": text}}
+                ]
+            }
         return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else {}
 
 
@@ -275,7 +285,7 @@ def _delta(content: str, tool_calls: list[dict[str, Any]]) -> dict[str, Any]:
 def _safe_end(text: str, start: int, tag: str) -> int:
     """Where the text can be cut without splitting a `tag` that may still be arriving."""
     for keep in range(min(len(tag) - 1, len(text) - start), 0, -1):
-        if tag.startswith(text[len(text) - keep:]):
+        if tag.startswith(text[len(text) - keep :]):
             return len(text) - keep
     return len(text)
 

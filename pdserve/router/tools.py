@@ -1,6 +1,7 @@
 """What a chat request's `tools` and `tool_choice` ask for, checked as vLLM checks them: the tools
 the chat template renders, how the reply is read (`ToolMode`), and the JSON schema that forces a
 named function's arguments or, for "required", an array of calls (vLLM's schemas)."""
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,9 @@ class ToolMode:
     function: str | None = None
 
 
-def tool_mode(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None, options: ToolOptions) -> ToolMode | None:
+def tool_mode(
+    tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None, options: ToolOptions
+) -> ToolMode | None:
     """None when the request has no tools; raises APIError(400) as vLLM does."""
     if tool_choice is None:
         tool_choice = "auto" if tools else "none"  # OpenAI's default
@@ -47,7 +50,9 @@ def tool_mode(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, A
         return ToolMode("none")
     if tool_choice == "auto":
         if not options.enable_auto_tool_choice:
-            raise APIError(400, '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set', "tool_choice")
+            raise APIError(
+                400, '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set', "tool_choice"
+            )
         return ToolMode("auto")
     if tool_choice == "required":
         return ToolMode("required")
@@ -67,8 +72,11 @@ def check_tools(tools: list[dict[str, Any]]) -> None:
 
 def _named_function(tool_choice: str | dict[str, Any], tools: list[dict[str, Any]]) -> str:
     if not isinstance(tool_choice, dict):
-        raise APIError(400, f'Invalid value for `tool_choice`: {tool_choice!r}; only named tools, "none", "auto" or '
-                       '"required" are supported', "tool_choice")
+        raise APIError(
+            400,
+            f'Invalid value for `tool_choice`: {tool_choice!r}; only named tools, "none", "auto" or "required" are supported',
+            "tool_choice",
+        )
     function = tool_choice.get("function")
     if tool_choice.get("type", "function") != "function" or not isinstance(function, dict):
         raise APIError(400, f"Invalid `tool_choice`: {NAMED_CHOICE_USAGE}", "tool_choice")
@@ -76,7 +84,9 @@ def _named_function(tool_choice: str | dict[str, Any], tools: list[dict[str, Any
     if not isinstance(name, str) or not name:
         raise APIError(400, f"`tool_choice` needs function.name: {NAMED_CHOICE_USAGE}", "tool_choice")
     if name not in {tool["function"]["name"] for tool in tools}:
-        raise APIError(400, f"The tool {name!r} specified in `tool_choice` does not match any of the specified `tools`", "tool_choice")
+        raise APIError(
+            400, f"The tool {name!r} specified in `tool_choice` does not match any of the specified `tools`", "tool_choice"
+        )
     return name
 
 
@@ -107,11 +117,13 @@ def _required_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
             if definitions.get(name, schema) != schema:
                 raise APIError(400, f"tools define $defs/{name} differently; rename one", "tools")
             definitions[name] = schema
-        alternatives.append({
-            "properties": {"name": {"type": "string", "enum": [function["name"]]}, "parameters": parameters},
-            "required": ["name", "parameters"],
-            "additionalProperties": False,  # vLLM leaves this out: keys no parser reads, and a reply that may not end
-        })
+        alternatives.append(
+            {
+                "properties": {"name": {"type": "string", "enum": [function["name"]]}, "parameters": parameters},
+                "required": ["name", "parameters"],
+                "additionalProperties": False,  # vLLM leaves this out: keys no parser reads, and a reply that may not end
+            }
+        )
     schema = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": alternatives}}
     if definitions:
         schema["$defs"] = definitions

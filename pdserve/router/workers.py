@@ -3,6 +3,7 @@ already knows while that worker passes its own health checks), a gRPC channel to
 signed with the cluster secret), their status polled with a deadline (healthy only if the worker
 proves it holds the secret too), and the choice of the least-loaded healthy worker that is not
 draining."""
+
 from __future__ import annotations
 
 import asyncio
@@ -52,7 +53,9 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    def __init__(self, registry: Registry, secret: ClusterSecret, poll_interval_s: float = 0.5, rpc_timeout_s: float = 2.0) -> None:
+    def __init__(
+        self, registry: Registry, secret: ClusterSecret, poll_interval_s: float = 0.5, rpc_timeout_s: float = 2.0
+    ) -> None:
         self.registry = registry
         self.secret = secret
         self.caller = auth.default_caller("gateway")
@@ -132,7 +135,9 @@ class WorkerPool:
             records = {r.worker_id: r for r in await self.registry.list_workers()}
         except Exception as exc:  # noqa: BLE001 - Redis down: keep the workers we know, check them ourselves
             if self.is_registry_reachable:
-                logger.warning("the worker registry cannot be read (%s); routing over the %d known workers", exc, len(self.workers))
+                logger.warning(
+                    "the worker registry cannot be read (%s); routing over the %d known workers", exc, len(self.workers)
+                )
             self.is_registry_reachable = False
             return None
         if not self.is_registry_reachable:
@@ -155,7 +160,12 @@ class WorkerPool:
         (closing a grpc.aio channel cancels the calls still active on it)."""
         del self.workers[handle.record.worker_id]
         self.retired.add(handle)
-        logger.info("worker %s at %s left the pool (%d requests in flight)", handle.record.worker_id, handle.record.address, handle.num_in_flight)
+        logger.info(
+            "worker %s at %s left the pool (%d requests in flight)",
+            handle.record.worker_id,
+            handle.record.address,
+            handle.num_in_flight,
+        )
         closer = asyncio.create_task(self._close_when_idle(handle))
         self._closers.add(closer)
         closer.add_done_callback(self._closers.discard)
@@ -182,7 +192,11 @@ class WorkerPool:
             return
         if not auth.is_proven(self.secret, auth.STATUS_PROOF, nonce, handle.record.worker_id, status.proof):
             if not handle.is_unproven:
-                logger.warning("%s at %s did not prove it holds the cluster secret: no traffic", handle.record.worker_id, handle.record.address)
+                logger.warning(
+                    "%s at %s did not prove it holds the cluster secret: no traffic",
+                    handle.record.worker_id,
+                    handle.record.address,
+                )
             handle.is_healthy, handle.is_unproven = False, True
             return
         handle.status, handle.is_healthy, handle.last_seen = status, True, time.monotonic()
