@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +20,7 @@ from pdserve.proto.deadlines import Deadlines
 from pdserve.router.app import create_app
 from pdserve.router.backend import ColocatedBackend
 from pdserve.router.config import GatewayConfig
-from tests.servers import free_port, wait_for_http
+from tests.servers import pdserve
 from tests.test_router_http import serve
 
 pytestmark = pytest.mark.slow
@@ -66,33 +63,10 @@ def colocated(checkpoint: Path) -> Iterator[str]:
 
 @contextlib.contextmanager
 def disaggregated(checkpoint: Path, log_path: Path) -> Iterator[str]:
-    port = free_port()
-    args = [
-        sys.executable,
-        "-m",
-        "pdserve.deploy.cli",
-        "serve",
-        "--model",
-        str(checkpoint),
-        "--served-model-name",
-        "m",
-        "--port",
-        str(port),
-        "--device",
-        "cpu",
-        "--max-model-len",
-        str(MAX_MODEL_LEN),
-        "--log-level",
-        "warning",
-    ]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", timeout_s=240, process=process, log_path=log_path)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(60)
+    """`pdserve serve` (a prefill and a decode worker) in a subprocess; it must stop cleanly after."""
+    args = ("--model", str(checkpoint), "--served-model-name", "m", "--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN))
+    with pdserve("serve", *args, "--log-level", "warning", log_path=log_path) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module", params=["colocated", "disaggregated"])
