@@ -345,3 +345,33 @@ def pdserve(
             process.kill()
             returncode = None
     assert returncode == 0, f"pdserve {command} did not shut down cleanly ({returncode}):\n{log_path.read_text()[-3000:]}"
+
+
+@contextlib.contextmanager
+def colocated_gateway(checkpoint: Path, max_model_len: int) -> Iterator[str]:
+    """The gateway over one in-process CPU engine (fp32) in a thread, with generous deadlines; yields its URL."""
+    from pdserve.engine.async_engine import AsyncEngine
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.proto.deadlines import Deadlines
+    from pdserve.router.app import create_app
+    from pdserve.router.backend import ColocatedBackend
+    from pdserve.router.config import GatewayConfig
+    from tests.test_router_http import serve
+
+    config = EngineConfig(model=str(checkpoint), device="cpu", dtype="float32", max_model_len=max_model_len, num_kv_blocks=64)
+    engine = AsyncEngine(LLMEngine.from_config(config))
+    try:
+        gateway = GatewayConfig(Deadlines(first_token_s=120, request_s=120))
+        with serve(create_app(ColocatedBackend(engine, "m"), config=gateway)) as url:
+            yield url
+    finally:
+        engine.shutdown()
+
+
+@contextlib.contextmanager
+def disaggregated_gateway(checkpoint: Path, log_path: Path, max_model_len: int) -> Iterator[str]:
+    """`pdserve serve` (a prefill and a decode worker) in a subprocess; it must stop cleanly after."""
+    args = ("--model", str(checkpoint), "--served-model-name", "m", "--device", "cpu", "--max-model-len", str(max_model_len))
+    with pdserve("serve", *args, "--log-level", "warning", log_path=log_path) as (url, _):
+        yield url

@@ -6,7 +6,6 @@ several prompts in one request come back as choices in order."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,42 +15,13 @@ import pytest
 import torch
 import transformers
 
-from pdserve.engine.async_engine import AsyncEngine
-from pdserve.engine.config import EngineConfig
-from pdserve.engine.llm_engine import LLMEngine
-from pdserve.proto.deadlines import Deadlines
-from pdserve.router.app import create_app
-from pdserve.router.backend import ColocatedBackend
-from pdserve.router.config import GatewayConfig
 from tests.conftest import FAMILIES
-from tests.servers import pdserve
-from tests.test_router_http import serve
+from tests.servers import colocated_gateway, disaggregated_gateway
 
 pytestmark = pytest.mark.slow
 MAX_MODEL_LEN = 256
 TEXT = "The key value cache is stored in fixed size blocks; the decode worker reserves them first."
 TOKEN_LISTS = [[5, 77, 300, 12, 9], [400, 401, 402], [7, 7, 7, 7, 7, 7, 7, 8]]
-
-
-@contextlib.contextmanager
-def colocated(checkpoint: Path) -> Iterator[str]:
-    config = EngineConfig(model=str(checkpoint), device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN, num_kv_blocks=64)
-    engine = AsyncEngine(LLMEngine.from_config(config))
-    try:
-        with serve(
-            create_app(ColocatedBackend(engine, "m"), config=GatewayConfig(Deadlines(first_token_s=120, request_s=120)))
-        ) as url:
-            yield url
-    finally:
-        engine.shutdown()
-
-
-@contextlib.contextmanager
-def disaggregated(checkpoint: Path, log_path: Path) -> Iterator[str]:
-    """`pdserve serve` (a prefill and a decode worker) in a subprocess; it must stop cleanly after."""
-    args = ("--model", str(checkpoint), "--served-model-name", "m", "--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN))
-    with pdserve("serve", *args, "--log-level", "warning", log_path=log_path) as (url, _):
-        yield url
 
 
 @pytest.fixture(
@@ -62,7 +32,11 @@ def server(
 ) -> Iterator[tuple[str, str]]:
     family, mode = request.param
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    with colocated(checkpoints[family]) if mode == "colocated" else disaggregated(checkpoints[family], log_path) as url:
+    with (
+        colocated_gateway(checkpoints[family], MAX_MODEL_LEN)
+        if mode == "colocated"
+        else disaggregated_gateway(checkpoints[family], log_path, MAX_MODEL_LEN) as url
+    ):
         yield family, url
 
 

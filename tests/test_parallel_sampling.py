@@ -4,7 +4,6 @@ distinct, reproducible, and the same whether colocated, disaggregated or offline
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,15 +12,7 @@ import httpx
 import pytest
 
 from pdserve.engine import LLM, SamplingParams
-from pdserve.engine.async_engine import AsyncEngine
-from pdserve.engine.config import EngineConfig
-from pdserve.engine.llm_engine import LLMEngine
-from pdserve.proto.deadlines import Deadlines
-from pdserve.router.app import create_app
-from pdserve.router.backend import ColocatedBackend
-from pdserve.router.config import GatewayConfig
-from tests.servers import pdserve
-from tests.test_router_http import serve
+from tests.servers import colocated_gateway, disaggregated_gateway
 
 pytestmark = pytest.mark.slow
 MAX_MODEL_LEN = 256
@@ -48,34 +39,15 @@ def test_offline_sequences_equal_single_requests_seeded_seed_plus_i_and_free_eve
     assert computed == len(PROMPT) - again.num_cached_tokens + 3 * (SAMPLED["max_tokens"] - 1)  # one prefill
 
 
-@contextlib.contextmanager
-def colocated(checkpoint: Path) -> Iterator[str]:
-    config = EngineConfig(model=str(checkpoint), device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN, num_kv_blocks=64)
-    engine = AsyncEngine(LLMEngine.from_config(config))
-    try:
-        with serve(
-            create_app(ColocatedBackend(engine, "m"), config=GatewayConfig(Deadlines(first_token_s=120, request_s=120)))
-        ) as url:
-            yield url
-    finally:
-        engine.shutdown()
-
-
-@contextlib.contextmanager
-def disaggregated(checkpoint: Path, log_path: Path) -> Iterator[str]:
-    """`pdserve serve` (a prefill and a decode worker) in a subprocess; it must stop cleanly after."""
-    args = ("--model", str(checkpoint), "--served-model-name", "m", "--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN))
-    with pdserve("serve", *args, "--log-level", "warning", log_path=log_path) as (url, _):
-        yield url
-
-
 @pytest.fixture(scope="module", params=["colocated", "disaggregated"])
 def server(
     request: pytest.FixtureRequest, checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, str]]:
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     with (
-        colocated(checkpoints["llama"]) if request.param == "colocated" else disaggregated(checkpoints["llama"], log_path)
+        colocated_gateway(checkpoints["llama"], MAX_MODEL_LEN)
+        if request.param == "colocated"
+        else disaggregated_gateway(checkpoints["llama"], log_path, MAX_MODEL_LEN)
     ) as url:
         yield request.param, url
 

@@ -24,8 +24,8 @@ FUSED_SHARDS = {
     "up_proj": ("gate_up_proj", "up"),
 }
 LINEAR_LAYERS = (Linear, QuantizedLinear)
-# Checkpoint tensors a forward pass never reads (old checkpoints' rotary tables): skipped by name.
-# rotary tables we recompute; the fp8 KV cache scales, read by engine/kv_scales.py, not as weights
+# Checkpoint tensors the weights do not take, skipped by name: old checkpoints' rotary tables (we
+# recompute them) and the fp8 KV cache scales (read by engine/kv_scales.py, not as weights).
 IGNORABLE_SUFFIXES = (".rotary_emb.inv_freq", ".self_attn.k_scale", ".self_attn.v_scale")
 
 
