@@ -26,7 +26,7 @@ prefill_module = importlib.import_module("pdserve.kernels.paged_prefill_attentio
 K_SCALE, V_SCALE = 0.05, 0.02  # not 1.0, so that a scale applied twice (or never) shows
 
 
-def _assert_codes_match(out: torch.Tensor, ref: torch.Tensor) -> None:
+def assert_fp8_codes_match(out: torch.Tensor, ref: torch.Tensor) -> None:
     """fp8 codes equal within one code, and those off by one few: the interpreter's numpy emulation
     of fp32 -> e4m3 rounds ties away from zero (torch and the GPU: to even), flushes subnormals to 0
     and loses a rounding's carry into the exponent (torch 2^e, interpreter 2^(e-1)); only entries
@@ -88,8 +88,8 @@ def test_store_kv_cache_quantizes_like_the_ref(dtype: torch.dtype) -> None:
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     K.store_kv_cache(k, v, k_cache, v_cache, slots, K_SCALE, V_SCALE)
     K.store_kv_cache_ref(k, v, k_ref, v_ref, slots, K_SCALE, V_SCALE)
-    _assert_codes_match(k_cache, k_ref)
-    _assert_codes_match(v_cache, v_ref)
+    assert_fp8_codes_match(k_cache, k_ref)
+    assert_fp8_codes_match(v_cache, v_ref)
     assert k_cache[2].float().abs().sum() == 0  # no slot in block 2: untouched
 
 
@@ -104,8 +104,8 @@ def test_rotary_store_kv_quantizes_like_the_ref() -> None:
     K.rotary_store_kv(positions, q, k, v, cos_sin, caches[0], caches[1], slots, K_SCALE, V_SCALE)
     K.rotary_store_kv_ref(positions, q_ref, k_ref, v_ref, cos_sin, caches[2], caches[3], slots, K_SCALE, V_SCALE)
     assert _rel_err(q, q_ref) < 1e-6
-    _assert_codes_match(caches[0], caches[2])
-    _assert_codes_match(caches[1], caches[3])
+    assert_fp8_codes_match(caches[0], caches[2])
+    assert_fp8_codes_match(caches[1], caches[3])
 
 
 # fp32 queries only: the interpreter's bf16 attention is wrong with or without fp8 (as in

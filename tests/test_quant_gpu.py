@@ -51,6 +51,22 @@ def test_w8_matmul_bf16(n: int, k: int, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("kind", ["bf16", "fp8", "int8"])
+def test_gemv_bf16(n: int, k: int, kind: str) -> None:
+    """Decode rows (1..4), both weight layouts for bf16."""
+    torch.manual_seed(0)
+    w = torch.randn(n, k, device="cuda") * 0.02
+    dtypes = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+    weight, scale = (w.bfloat16(), None) if kind == "bf16" else quantize_per_channel(w, dtypes[kind])
+    for transposed in (False, True) if kind == "bf16" else (False,):
+        stored = weight.t().contiguous() if transposed else weight
+        for m in (1, 2, 4):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = K.gemv_ref(x, stored, scale, transposed=transposed).float()
+            assert rel_err(K.gemv(x, stored, scale, transposed=transposed), ref) < 1e-2, m
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
 def test_w4_matmul_bf16(n: int, k: int) -> None:
     torch.manual_seed(0)
     group = 128
@@ -61,6 +77,14 @@ def test_w4_matmul_bf16(n: int, k: int) -> None:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = K.w4_matmul_ref(x.float(), qweight, scales.float(), zeros, group)
         assert rel_err(K.w4_matmul(x, qweight, scales, zeros, group), ref) < 1e-2, m
+
+
+def test_quantize_fp8_rows_bit_exact() -> None:
+    x = torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16) * 3
+    x[7] = 0.0
+    codes, scale = K.quantize_fp8_rows(x)
+    ref_codes, ref_scale = K.quantize_fp8_rows_ref(x)
+    assert torch.equal(scale, ref_scale) and torch.equal(codes.view(torch.uint8), ref_codes.view(torch.uint8))
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and fp8_gemm_kind(torch.device("cuda")) is None, reason="no FP8 tensor cores")
@@ -88,10 +112,14 @@ def test_engine_on_gpu_equals_cpu(fmt: str, tmp_path: Path, demo_model_dir: Path
     write_quantized_checkpoint(plain, path, fmt)
     prompts = [[(7 * i + 3 * j) % 800 + 1 for j in range(5 + 9 * i)] for i in range(12)]  # 12 prompts: > 64 prefill rows
     greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    outputs = {}
+    outputs: dict[str, list] = {}
     for device in ("cpu", "cuda"):
         llm = LLM(model=str(path), device=device, dtype="float32", num_kv_blocks=256, max_model_len=256, max_num_seqs=16)
         outputs[device] = llm.generate(prompts, greedy)
+        # one at a time too: decode steps of one row take the GEMV kernels (kernels/gemv.py)
+        outputs[device + "-alone"] = [llm.generate([prompt], greedy)[0] for prompt in prompts[:3]]
         del llm
     for cpu, gpu in zip(outputs["cpu"], outputs["cuda"]):
+        assert gpu.outputs[0].token_ids == cpu.outputs[0].token_ids
+    for cpu, gpu in zip(outputs["cpu-alone"], outputs["cuda-alone"]):
         assert gpu.outputs[0].token_ids == cpu.outputs[0].token_ids

@@ -4,7 +4,9 @@ definition, element by element."""
 
 from __future__ import annotations
 
+import importlib
 import os
+import unittest.mock
 
 import numpy as np
 import pytest
@@ -15,6 +17,8 @@ if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
 
 import pdserve.kernels as K  # noqa: E402
+from pdserve.engine.quant_formats import quantize_per_channel  # noqa: E402
+from tests.test_kv_fp8_kernels import assert_fp8_codes_match  # noqa: E402
 
 
 def naive_w4_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> np.ndarray:
@@ -78,3 +82,38 @@ def test_wrappers_refuse_bad_shapes_and_dtypes() -> None:
         K.w4_matmul(torch.randn(2, 128), qweight.to(torch.int64), scales, zeros, 64)
     with pytest.raises(ValueError, match="weight"):
         K.w8_matmul(torch.randn(2, 64), torch.zeros(8, 64, dtype=torch.int16), torch.ones(8))
+
+
+@pytest.mark.parametrize("m,k", [(1, 16), (3, 100), (4, 4100)])
+def test_quantize_fp8_rows_matches_reference(m: int, k: int) -> None:
+    """Scales exactly; codes as the interpreter's fp8 cast allows (tests/test_quant_gpu.py: bit for bit)."""
+    torch.manual_seed(k)
+    x = (torch.randn(m, k) * 3).to(torch.bfloat16)
+    x[0, :4] = 0.0
+    if m > 1:
+        x[1] = 0.0  # an all-zero row: the scale floor, all codes 0
+    codes, scale = K.quantize_fp8_rows(x)
+    ref_codes, ref_scale = K.quantize_fp8_rows_ref(x)
+    assert torch.equal(scale, ref_scale)
+    assert_fp8_codes_match(codes, ref_codes)
+
+
+@pytest.mark.parametrize("split_k", [2, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
+def test_w8_matmul_split_k_sums_every_input_once(split_k: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode-sized rows (two row tiles, the second partial) with the inputs split in ranges of whole
+    tiles, the last shorter and itself cut by K: the partial sums add up to the unsplit product."""
+    module = importlib.import_module("pdserve.kernels.w8_matmul")  # the package's w8_matmul is the function
+    weight, scale = quantize_per_channel(torch.randn(70, 1000), dtype)
+    x = torch.randn(20, 1000)
+    monkeypatch.setattr(module, "tile_sizes", lambda m, n, k, device: (16, 64, 128, 4, split_k))
+    torch.testing.assert_close(K.w8_matmul(x, weight, scale), K.w8_matmul_ref(x, weight, scale), rtol=1e-5, atol=1e-4)
+
+
+def test_w8_matmul_splits_decode_rows_over_narrow_outputs() -> None:
+    module = importlib.import_module("pdserve.kernels.w8_matmul")
+    cuda = torch.device("cuda", 0)
+    with unittest.mock.patch.object(module, "_num_sms", lambda index: 132):
+        assert module.tile_sizes(64, 4096, 4096, cuda)[4] == 5  # 64 column tiles: 5 ranges of 7 input tiles
+        assert module.tile_sizes(1, 28672, 4096, cuda)[4] == 1  # 448 column tiles fill the GPU
+        assert module.tile_sizes(300, 4096, 4096, cuda)[4] == 1  # prefill

@@ -34,7 +34,11 @@ PREFILL_LENS = [512, 2048, 8192]
 
 def graph_median_ms(fn: Callable[[], object]) -> float:
     """Median time per call of `fn` replayed from a CUDA graph, as the engine's decode step runs it:
-    kernels alone, without Python launch overhead (which exceeds small decode kernels' run time)."""
+    kernels alone, without Python launch overhead (which exceeds small decode kernels' run time).
+    do_bench_cudagraph runs `fn` on a stream of its own, which does not wait for the default stream:
+    the inputs must be written first (block tables still being written read as garbage block ids,
+    an illegal address)."""
+    torch.cuda.synchronize()
     return do_bench_cudagraph(fn, rep=200, return_mode="median")
 
 

@@ -1,9 +1,12 @@
 """Skinny matmuls (decode: few rows) of Llama-3-8B's projections, in the layouts torch can hand to
 cuBLAS, as GB/s of weight read against the copy bandwidth; timed from CUDA graphs. `--quantized`:
-the quantized-weight kernels instead (kernels/w8_matmul.py, kernels/w4_matmul.py), GB/s of the
+the quantized-weight kernels instead (kernels/w8_matmul.py, w4_matmul.py, w4_gemv.py, gemv.py), GB/s of the
 bytes they must read (weights at their stored size + scales + zero points).
 
-    python -m pdserve.bench.gemv [--quantized]"""
+`--sweep`: the decode GEMVs' tile sizes (kernels/gemv.py, kernels/w4_gemv.py) at one row, each
+shape's best against the heuristic's pick (how their `*_tile_sizes` were chosen).
+
+    python -m pdserve.bench.gemv [--quantized | --sweep]"""
 
 from __future__ import annotations
 
@@ -34,9 +37,11 @@ def layouts(x: torch.Tensor, weights: list[torch.Tensor], transposed: list[torch
 
 def quantized_variants(
     x: torch.Tensor, w8: dict, w4: list, group_size: int, bytes_w8: int, bytes_w4: int
-) -> list[tuple[Callable[[], torch.Tensor], int]]:
-    """x times the next quantized weight of each rotation (fp8, int8, 4-bit), with the bytes each reads."""
+) -> list[tuple[Callable[[], torch.Tensor] | None, int]]:
+    """x times the next quantized weight of each rotation (fp8, int8, 4-bit, 4-bit by the decode GEMV),
+    with the bytes each reads; None for the GEMV past the rows it reads the weight once for."""
     from pdserve import kernels
+    from pdserve.kernels.w4_gemv import MAX_ROWS
 
     state = {"i": 0}
 
@@ -48,14 +53,19 @@ def quantized_variants(
         (lambda: kernels.w8_matmul(x, *pick(w8[torch.float8_e4m3fn])), bytes_w8),
         (lambda: kernels.w8_matmul(x, *pick(w8[torch.int8])), bytes_w8),
         (lambda: kernels.w4_matmul(x, *pick(w4), group_size), bytes_w4),
+        ((lambda: kernels.w4_gemv(x, *pick(w4), group_size)) if x.shape[0] <= MAX_ROWS else None, bytes_w4),
+        ((lambda: kernels.gemv(x, *pick(w8[torch.float8_e4m3fn]))) if x.shape[0] <= kernels.GEMV_MAX_ROWS else None, bytes_w8),
+        ((lambda: kernels.gemv(x, *pick(w8[torch.int8]))) if x.shape[0] <= kernels.GEMV_MAX_ROWS else None, bytes_w8),
     ]
 
 
 def quantized_table(copy: float, group_size: int = 128) -> None:
     from pdserve.engine.quant_formats import quantize_per_channel
 
-    print("| proj | rows | fp8 (w8_matmul) | int8 (w8_matmul) | 4-bit g128 (w4_matmul) |")
-    print("|---|---|---|---|---|")
+    print(
+        "| proj | rows | fp8 (w8_matmul) | int8 (w8_matmul) | 4-bit g128 (w4_matmul) | 4-bit g128 (w4_gemv) | fp8 (gemv) | int8 (gemv) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for name, (n_out, n_in) in SHAPES.items():
         sets = max(2, (200 << 20) // (n_out * n_in // 2) + 1)  # rotate over > L2 of weights
         w8 = {
@@ -70,15 +80,79 @@ def quantized_table(copy: float, group_size: int = 128) -> None:
             )
             for _ in range(sets)
         ]
+        torch.cuda.synchronize()  # do_bench_cudagraph's own stream does not wait for these writes
         bytes_w8 = n_out * n_in + 4 * n_out
         bytes_w4 = n_out * n_in // 2 + (n_in // group_size) * n_out * 3
-        for m in (1, 8, 64):
+        for m in (1, 4, 8, 64):
             x = torch.randn(m, n_in, dtype=torch.bfloat16, device="cuda")
             variants = quantized_variants(x, w8, w4, group_size, bytes_w8, bytes_w4)
-            rates = [b / (do_bench_cudagraph(v, rep=100, return_mode="median") * 1e-3) / 1e9 for v, b in variants]
-            print(f"| {name} | {m} | " + " | ".join(f"{r:.0f} GB/s ({100 * r / copy:.0f}%)" for r in rates) + " |")
+            rates = [b / (do_bench_cudagraph(v, rep=100, return_mode="median") * 1e-3) / 1e9 if v else None for v, b in variants]
+            cells = [f"{r:.0f} GB/s ({100 * r / copy:.0f}%)" if r is not None else "-" for r in rates]
+            print(f"| {name} | {m} | " + " | ".join(cells) + " |")
         del w8, w4
         torch.cuda.empty_cache()
+
+
+def rotation(weights: list) -> Callable[[], tuple]:
+    state = {"i": 0}
+
+    def pick() -> tuple:
+        state["i"] = (state["i"] + 1) % len(weights)
+        return weights[state["i"]]
+
+    return pick
+
+
+def sweep_table(copy: float, group_size: int = 128) -> None:
+    """% of copy bandwidth at one row: the heuristic's tiles, then the best three of a grid."""
+    from pdserve import kernels
+    from pdserve.engine.quant_formats import quantize_per_channel
+    from pdserve.kernels.gemv import gemv_tile_sizes
+    from pdserve.kernels.w4_gemv import gemv_tile_sizes as w4_tile_sizes
+
+    for name, (n, k) in SHAPES.items():
+        for kind in ("bf16", "fp8", "int8", "w4"):
+            if kind == "w4":
+                weights: list[tuple] = [
+                    (
+                        torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda"),
+                        (torch.rand(k // group_size, n, device="cuda") * 0.004 + 0.001).half(),
+                        torch.randint(0, 16, (k // group_size, n), dtype=torch.uint8, device="cuda"),
+                    )
+                    for _ in range(4)
+                ]
+                nbytes = n * k // 2 + (k // group_size) * n * 3
+                heuristic: tuple = w4_tile_sizes(n, torch.device("cuda"), group_size)
+                grid: list[tuple] = [(bn, 16, bg, nw, 4) for bn in (16, 32, 64) for bg in (1, 2, 4, 8) for nw in (4, 8)]
+            else:
+                w = [torch.randn(n, k, device="cuda") for _ in range(4)]
+                weights = (
+                    [(t.bfloat16(), None) for t in w]
+                    if kind == "bf16"
+                    else [quantize_per_channel(t, torch.float8_e4m3fn if kind == "fp8" else torch.int8) for t in w]
+                )
+                size = 2 if kind == "bf16" else 1
+                nbytes = n * k * size
+                heuristic = gemv_tile_sizes(n, k, size, True)
+                grid = [(bn, b // size, nw, 3) for bn in (2, 4, 8, 16) for b in (512, 1024, 2048) for nw in (4, 8)]
+                del w
+            torch.cuda.synchronize()  # do_bench_cudagraph's own stream does not wait for these writes
+            pick = rotation(weights)
+            x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+
+            def run(tiles: tuple, kind: str = kind, pick: Callable[[], tuple] = pick, x: torch.Tensor = x) -> torch.Tensor:
+                if kind == "w4":
+                    return kernels.w4_gemv(x, *pick(), group_size, tile_sizes=tiles)
+                return kernels.gemv(x, *pick(), tiles=tiles)
+
+            rates = []
+            for tiles in [heuristic, *grid]:
+                ms = do_bench_cudagraph(lambda tiles=tiles: run(tiles), rep=25, return_mode="median")
+                rates.append((100 * nbytes / (ms * 1e-3) / 1e9 / copy, tiles))
+            best = ", ".join(f"{tiles}: {rate:.0f}%" for rate, tiles in sorted(rates[1:], reverse=True)[:3])
+            print(f"| {name} | {kind} | {rates[0][1]}: {rates[0][0]:.0f}% | {best} |", flush=True)
+            del weights, pick
+            torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -86,8 +160,15 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quantized", action="store_true", help="the quantized-weight kernels")
+    parser.add_argument("--sweep", action="store_true", help="the decode GEMVs' tile sizes")
     args = parser.parse_args()
     copy = copy_bandwidth_gbs()
+    if args.sweep:
+        print(f"copy {copy:.0f} GB/s")
+        print("| proj | weights | heuristic | best of the grid |")
+        print("|---|---|---|---|")
+        sweep_table(copy)
+        return
     if args.quantized:
         print(f"copy {copy:.0f} GB/s")
         quantized_table(copy)
@@ -99,6 +180,7 @@ def main() -> None:
         sets = max(2, (200 << 20) // (n_out * n_in * 2) + 1)  # rotate over > L2 of weights
         weights = [torch.randn(n_out, n_in, dtype=torch.bfloat16, device="cuda") for _ in range(sets)]
         transposed = [w.t().contiguous() for w in weights]
+        torch.cuda.synchronize()  # do_bench_cudagraph's own stream does not wait for these writes
         for m in (1, 8, 64):
             x = torch.randn(m, n_in, dtype=torch.bfloat16, device="cuda")
             variants = layouts(x, weights, transposed)

@@ -23,6 +23,8 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1])
     parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--quantization", choices=["fp8", "int8", "awq"], default=None, help="weights quantized (random)")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
     args = parser.parse_args()
     from pdserve.engine.core import EngineCore
     from pdserve.engine.request import Request
@@ -38,9 +40,13 @@ def main() -> None:
         max_num_seqs=max_bs,
         num_kv_blocks=max_bs * (-(-(args.context + 1) // 16)) + 8,
         enable_prefix_caching=False,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     core = EngineCore.load(replace(config, load_format="dummy"))
-    core.runner.kv_cache.normal_()
+    for layer in core.runner.kv_cache:  # real-looking values (fp8 has no normal_)
+        layer.copy_(torch.randn(layer.shape, dtype=torch.bfloat16, device="cuda"))
+    kv_bytes = core.runner.kv_cache.element_size()
     rng = random.Random(0)
     for bs in args.batch_size:
         requests = []
@@ -64,7 +70,7 @@ def main() -> None:
         kernel_ms = sum(sum(v) for v in totals.values()) / 10
         print(
             f"\n== batch {bs}, context {args.context}: graph replay {replay_ms:.3f} ms, kernels {kernel_ms:.3f} ms, "
-            f"gaps {replay_ms - kernel_ms:.3f} ms, floor {floor_ms(core.model_config, bs, args.context, copy_gbs):.3f} ms "
+            f"gaps {replay_ms - kernel_ms:.3f} ms, floor {floor_ms(core.model_config, bs, args.context, copy_gbs, args.quantization, kv_bytes):.3f} ms "
             f"(copy {copy_gbs:.0f} GB/s), kernels per step {sum(len(v) for v in totals.values()) / 10:.0f}"
         )
         print("| kernel | calls/step | ms/step | us/call |")

@@ -18,9 +18,16 @@ from pdserve.engine.quant_formats import (
     quantize_per_channel,
     unpack_zeros,
 )
+from pdserve.kernels.w4_gemv import MAX_ROWS as W4_GEMV_MAX_ROWS
 
 W8_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
-FP8_GEMM_MIN_ROWS = 64  # above: prefill-sized, compute-bound -> FP8 tensor-core GEMM where the GPU has it
+# up to here the GEMV (kernels/gemv.py): a decode step at 2 rows is 17% faster than with w8_matmul;
+# it repeats its unpacking per row, and by 4 rows w8_matmul is the faster (bench/gemv.py)
+W8_GEMV_MAX_ROWS = 2
+# above: FP8 tensor-core GEMM where the GPU has it (activations quantized per token by one kernel).
+# H200 decode steps: at 16 rows the split-K weight-only kernel is faster (4.02 vs 5.76 ms), at 64 the
+# GEMM (7.14 ms; int8 through split-K w8_matmul 8.29 ms); 32 lies between, not measured
+FP8_GEMM_MIN_ROWS = 32
 
 
 class QuantizedLinear(nn.Module):
@@ -134,6 +141,10 @@ class W8Linear(QuantizedLinear):
         rows = x.reshape(-1, x.shape[-1])
         if not x.is_cuda:
             out = kernels.w8_matmul_ref(rows, self.weight, self.weight_scale)
+        elif rows.shape[0] <= W8_GEMV_MAX_ROWS and self.out_features <= 2 * self.in_features:
+            # one or two rows, narrow outputs (q/k/v, o, down): the GEMV; wide ones (gate/up, the LM
+            # head) have enough column tiles for the tensor-core kernel, which reads them faster
+            out = kernels.gemv(rows.contiguous(), self.weight, self.weight_scale)
         elif rows.shape[0] > FP8_GEMM_MIN_ROWS and self.is_fp8_gemm_eligible(x):
             out = fp8_gemm(rows, self.weight, self.weight_scale, fp8_gemm_kind(x.device))
         else:
@@ -205,7 +216,12 @@ class W4Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        matmul = kernels.w4_matmul if x.is_cuda else kernels.w4_matmul_ref
+        if not x.is_cuda:
+            matmul = kernels.w4_matmul_ref
+        elif rows.shape[0] <= W4_GEMV_MAX_ROWS:
+            matmul = kernels.w4_gemv  # decode rows: unpacking at memory speed, no tensor cores
+        else:
+            matmul = kernels.w4_matmul
         out = matmul(rows.contiguous(), self.qweight, self.scales, self.zeros, self.group_size)
         return self._add_bias(out).view(*x.shape[:-1], self.out_features)
 
@@ -235,8 +251,8 @@ def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, kind: s
     """x [M, K] quantized to fp8 at run time (per token, or per tensor on sm89), times the fp8
     weight [N, K] on FP8 tensor cores (torch._scaled_mm), per-channel weight scales applied."""
     if kind == "rowwise" and x.dtype == torch.bfloat16:
-        x_scale = (x.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp_min(1e-12)  # [M, 1]
-        x_fp8 = (x.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        quantize = kernels.quantize_fp8_rows if x.is_cuda else kernels.quantize_fp8_rows_ref
+        x_fp8, x_scale = quantize(x.contiguous())  # one kernel on the GPU; scale [M, 1]
         return torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=scale.view(1, -1), out_dtype=x.dtype)
     x_scale = (x.abs().amax().float() / FP8_MAX).clamp_min(1e-12)
     x_fp8 = (x.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)

@@ -46,6 +46,18 @@ def load_kv_tile(cache_ptr, offsets, mask, COMPUTE_DTYPE: tl.constexpr, IS_FP8: 
     return tile
 
 
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def kv_compute_dtype(q_dtype: torch.dtype, kv_dtype: torch.dtype) -> tl.dtype:
+    """The decode attention kernel's dot dtype: q's, except that a 16-bit model over an fp8 cache
+    computes in fp16 (e4m3 codes widen to fp16 exactly, two per instruction; to bf16 only through
+    fp32). The prefill kernel, compute-bound, keeps q's dtype."""
+    if kv_dtype == FP8_DTYPE and q_dtype.itemsize == 2:
+        return tl.float16
+    return _TL_DTYPES[q_dtype]
+
+
 def quantize_kv_ref(x: torch.Tensor, scale: float, cache_dtype: torch.dtype) -> torch.Tensor:
     """Torch twin of `quantize_kv`: `x` in `cache_dtype`."""
     if cache_dtype != FP8_DTYPE:

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.kernels.w8_matmul import tile_sizes
+from pdserve.kernels.w8_matmul import _num_sms
 
 _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -92,6 +92,17 @@ def w4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         num_warps=num_warps,
     )
     return out
+
+
+def tile_sizes(m: int, n: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps). Few rows (decode) read the weight once: column tiles
+    narrow enough that every SM streams its share; many rows (prefill): square tiles."""
+    if m > 64:
+        return 128, 128, 64, 8
+    block_m = max(16, triton.next_power_of_2(m))
+    num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 1
+    block_n = next((b for b in (64, 32) if triton.cdiv(n, b) >= num_sms), 16)
+    return block_m, block_n, 128, 4
 
 
 def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> None:

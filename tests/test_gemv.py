@@ -1,0 +1,66 @@
+"""The decode GEMV kernel (Triton, run on CPU tensors by the interpreter) against its torch
+reference: float, fp8 and int8 weights in both storage layouts, and every int8 byte value (the
+kernel widens int8 with a bit trick, not a conversion)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("CPU-interpreter tests; tests/test_quant_gpu.py covers the kernel here", allow_module_level=True)
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
+
+import pdserve.kernels as K  # noqa: E402
+from pdserve.engine.quant_formats import quantize_per_channel  # noqa: E402
+
+
+def weights(kind: str, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    w = torch.randn(n, k)
+    if kind == "fp32":
+        return w, None
+    if kind in ("bf16", "fp16"):
+        return w.to(torch.bfloat16 if kind == "bf16" else torch.float16), None
+    return quantize_per_channel(w, torch.float8_e4m3fn if kind == "fp8" else torch.int8)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "fp16", "fp8", "int8"])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("m,n,k", [(1, 40, 96), (3, 17, 520), (4, 300, 64)])
+def test_gemv_matches_reference(kind: str, transposed: bool, m: int, n: int, k: int) -> None:
+    torch.manual_seed(m * n + k)
+    weight, scale = weights(kind, n, k)
+    if transposed:
+        weight = weight.t().contiguous()
+    x = torch.randn(m, k)
+    if kind in ("bf16", "fp16"):
+        x = x.to(weight.dtype)
+    got = K.gemv(x, weight, scale, transposed=transposed)
+    ref = K.gemv_ref(x, weight, scale, transposed=transposed)
+    tol = 1e-4 if x.dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def test_gemv_int8_every_byte_value() -> None:
+    """All 256 int8 values, each alone in its output channel, come out exactly (scale 1, x one-hot)."""
+    values = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8)
+    weight = torch.zeros(256, 8, dtype=torch.int8)
+    weight[:, 3] = values
+    x = torch.zeros(1, 8)
+    x[0, 3] = 1.0
+    got = K.gemv(x, weight, torch.ones(256))
+    assert torch.equal(got[0], values.float())
+
+
+def test_gemv_rejects_bad_input() -> None:
+    w, scale = weights("int8", 16, 32)
+    with pytest.raises(ValueError, match="scale"):
+        K.gemv(torch.randn(1, 32), w)
+    with pytest.raises(ValueError, match="at most"):
+        K.gemv(torch.randn(K.GEMV_MAX_ROWS + 1, 32), w, scale)
+    with pytest.raises(ValueError, match="does not match"):
+        K.gemv(torch.randn(1, 33), w, scale)
+    with pytest.raises(ValueError, match="float, fp8"):
+        K.gemv(torch.randn(1, 32), w.to(torch.int32), scale)

@@ -1,0 +1,151 @@
+"""The 4-bit decode GEMV (kernels/w4_gemv.py) against w4_matmul_ref: on CPU tensors in Triton's
+interpreter (shapes small enough for it, tile sizes forced to what a GPU would pick), and, marked
+gpu, on a CUDA GPU at Llama-3-8B sizes (`pytest -m gpu tests/test_w4_gemv.py`)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton` (as in conftest)
+
+import pdserve.kernels as K  # noqa: E402
+from pdserve.kernels.w4_gemv import gemv_tile_sizes  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreter = pytest.mark.skipif(not INTERPRETED, reason="CPU-interpreter test (TRITON_INTERPRET=1)")
+
+# (BLOCK_N, BLOCK_K8, BLOCK_G, num_warps, num_stages) that gemv_tile_sizes picks on 132 SMs for groups
+# of 128 (the interpreter sees one SM and would always pick the first), and 8-warp tiles as tuned
+GPU_TILES = [(64, 16, 1, 4, 4), (32, 16, 2, 4, 4), (16, 16, 4, 4, 4), (32, 16, 4, 8, 4), (16, 16, 8, 8, 4)]
+
+
+def random_w4(k: int, n: int, group_size: int, device: str = "cpu", max_zero: int = 15) -> tuple[torch.Tensor, ...]:
+    qweight = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, device=device)
+    scales = (torch.rand(k // group_size, n, device=device) * 0.01 + 0.001).half()  # stored as checkpoints do
+    zeros = torch.randint(0, max_zero + 1, (k // group_size, n), dtype=torch.uint8, device=device)
+    return qweight, scales, zeros
+
+
+def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """In float64 from x's own values: the kernel computes in fp32 and rounds once, to x's dtype."""
+    return K.w4_matmul_ref(x.double(), qweight, scales.double(), zeros, group_size)
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
+    """Each element within rel of the output's magnitude (sums of products cancel: no per-element rtol)."""
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(out.double(), ref, rtol=rel, atol=rel * scale)
+
+
+@interpreter
+@pytest.mark.parametrize("m", [1, 2, 4])
+@pytest.mark.parametrize(
+    "k,n,group_size",
+    [(256, 40, 32), (256, 72, 64), (384, 100, 128), (512, 24, 256), (96, 16, 48)],  # N not a multiple of the tile
+)
+def test_matches_reference(m: int, k: int, n: int, group_size: int) -> None:
+    torch.manual_seed(m * k + n)
+    qweight, scales, zeros = random_w4(k, n, group_size)
+    x = torch.randn(m, k)
+    out = K.w4_gemv(x, qweight, scales, zeros, group_size)
+    assert out.dtype == torch.float32
+    assert_close(out, reference(x, qweight, scales, zeros, group_size), 1e-5)
+    torch.testing.assert_close(
+        out, K.w4_matmul_ref(x, qweight, scales, zeros, group_size), rtol=1e-5, atol=1e-5 * out.abs().max()
+    )
+    xb = x.bfloat16()
+    out = K.w4_gemv(xb, qweight, scales, zeros, group_size)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, reference(xb, qweight, scales, zeros, group_size), 1e-2)
+
+
+@interpreter
+@pytest.mark.parametrize("tiles", GPU_TILES)
+@pytest.mark.parametrize("m,k", [(1, 512), (3, 384)])  # 4 and 3 slices of 16 packed rows: even and not
+def test_gpu_tile_sizes(tiles: tuple[int, int, int, int, int], m: int, k: int) -> None:
+    """Slices side by side (BLOCK_G > 1), the last tile of slices partly past K, padded row blocks."""
+    torch.manual_seed(m + k)
+    qweight, scales, zeros = random_w4(k, 40, 128)
+    for dtype, rel in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+        x = torch.randn(m, k).to(dtype)
+        out = K.w4_gemv(x, qweight, scales, zeros, 128, tile_sizes=tiles)
+        assert_close(out, reference(x, qweight, scales, zeros, 128), rel)
+
+
+@interpreter
+def test_exact_for_exact_inputs() -> None:
+    """Integer inputs, power-of-two scales, zero points over the whole uint8 range: every product and
+    partial sum is an integer times the scale below 2^24, so the unpacking (the mantissa trick, the
+    magic numbers) must be exact for the result to equal the float64 one bit for bit."""
+    torch.manual_seed(0)
+    k, n, group_size = 256, 24, 64
+    qweight, _, _ = random_w4(k, n, group_size)
+    scales = 2.0 ** -torch.randint(0, 6, (k // group_size, n)).float()
+    zeros = torch.randint(0, 256, (k // group_size, n), dtype=torch.uint8)
+    zeros[0] = 255
+    x = torch.randint(-8, 9, (2, k)).float()
+    out = K.w4_gemv(x, qweight, scales, zeros, group_size)
+    torch.testing.assert_close(out.double(), reference(x, qweight, scales, zeros, group_size), rtol=0, atol=0)
+
+
+@interpreter
+def test_rows_beyond_one_program_and_strided_input() -> None:
+    """6 rows: two row blocks of 4, the second padded. A bf16 x that is a column slice (odd element
+    offset) cannot be read as int32 pairs in place: it is copied first."""
+    torch.manual_seed(1)
+    k, n = 256, 40
+    qweight, scales, zeros = random_w4(k, n, 128)
+    x = torch.randn(6, k)
+    assert_close(K.w4_gemv(x, qweight, scales, zeros, 128), reference(x, qweight, scales, zeros, 128), 1e-5)
+    wide = torch.randn(2, k + 1).bfloat16()
+    x = wide[:, 1:]
+    assert x.storage_offset() % 2 == 1
+    assert_close(K.w4_gemv(x, qweight, scales, zeros, 128), reference(x, qweight, scales, zeros, 128), 1e-2)
+
+
+@interpreter
+def test_refuses_bad_shapes_and_dtypes() -> None:
+    qweight, scales, zeros = random_w4(128, 16, 64)
+    with pytest.raises(ValueError, match="qweight"):
+        K.w4_gemv(torch.randn(2, 64), qweight, scales, zeros, 64)  # K != 8 * packed rows
+    with pytest.raises(ValueError, match="need x"):
+        K.w4_gemv(torch.randn(128), qweight, scales, zeros, 64)  # 1-D x
+    with pytest.raises(ValueError, match="scales"):
+        K.w4_gemv(torch.randn(2, 128), qweight, scales, zeros, 32)  # scales of another group size
+    with pytest.raises(ValueError, match="multiple of 16"):
+        K.w4_gemv(torch.randn(2, 128), qweight, scales, zeros, 24)
+    with pytest.raises(ValueError, match="int32 qweight"):
+        K.w4_gemv(torch.randn(2, 128), qweight.to(torch.int64), scales, zeros, 64)
+    with pytest.raises(ValueError, match="uint8 zeros"):
+        K.w4_gemv(torch.randn(2, 128), qweight, scales, zeros.to(torch.int32), 64)
+
+
+def test_tile_sizes_follow_the_sm_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = importlib.import_module("pdserve.kernels.w4_gemv")  # the package's w4_gemv is the function
+    monkeypatch.setattr(module, "_num_sms", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert gemv_tile_sizes(4096, cuda) == (32, 16, 2, 4, 4)  # 128 programs on 132 SMs
+    assert gemv_tile_sizes(6144, cuda) == (16, 16, 4, 4, 4)  # 384 programs: 3 rounds, nearly full
+    assert gemv_tile_sizes(4096, cuda, group_size=64) == (32, 8, 2, 4, 4)
+    assert gemv_tile_sizes(4096, torch.device("cpu"))[0] == 64
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336)])  # Llama-3-8B's qkv and down_proj
+def test_llama_shapes_on_gpu(n: int, k: int) -> None:
+    torch.manual_seed(0)
+    qweight, scales, zeros = random_w4(k, n, 128, device="cuda")
+    for m in (1, 4):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = K.w4_matmul_ref(x.float(), qweight, scales.float(), zeros, 128).double()
+        out = K.w4_gemv(x, qweight, scales, zeros, 128)
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2, m
+        assert_close(out, ref, 1e-2)
