@@ -142,8 +142,8 @@ class W8Linear(QuantizedLinear):
         if not x.is_cuda:
             out = kernels.w8_matmul_ref(rows, self.weight, self.weight_scale)
         elif rows.shape[0] <= W8_GEMV_MAX_ROWS and self.out_features <= 2 * self.in_features:
-            # one or two rows, narrow outputs (q/k/v, o, down): the GEMV; wide ones (gate/up, the LM
-            # head) have enough column tiles for the tensor-core kernel, which reads them faster
+            # one or two rows, narrow outputs (q/k/v, o, down): the GEMV; wide ones (gate/up) have
+            # enough column tiles for the tensor-core kernel, which reads them faster
             out = kernels.gemv(rows.contiguous(), self.weight, self.weight_scale)
         elif rows.shape[0] > FP8_GEMM_MIN_ROWS and self.is_fp8_gemm_eligible(x):
             out = fp8_gemm(rows, self.weight, self.weight_scale, fp8_gemm_kind(x.device))
