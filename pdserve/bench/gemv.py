@@ -20,18 +20,23 @@ from pdserve.bench.ceilings import copy_bandwidth_gbs
 SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336), "lm_head": (128256, 4096)}
 
 
-def layouts(x: torch.Tensor, weights: list[torch.Tensor], transposed: list[torch.Tensor]) -> list[Callable[[], torch.Tensor]]:
-    """x times the next weight of the rotation, three ways: linear(x, W), (W @ x.T).T, x @ W_t."""
+def rotation(weights: list) -> Callable[[], tuple]:
     state = {"i": 0}
 
-    def pick(ws: list[torch.Tensor]) -> torch.Tensor:
-        state["i"] = (state["i"] + 1) % len(ws)
-        return ws[state["i"]]
+    def pick() -> tuple:
+        state["i"] = (state["i"] + 1) % len(weights)
+        return weights[state["i"]]
 
+    return pick
+
+
+def layouts(x: torch.Tensor, weights: list[torch.Tensor], transposed: list[torch.Tensor]) -> list[Callable[[], torch.Tensor]]:
+    """x times the next weight of the rotation, three ways: linear(x, W), (W @ x.T).T, x @ W_t."""
+    pick, pick_transposed = rotation(weights), rotation(transposed)
     return [
-        lambda: torch.nn.functional.linear(x, pick(weights)),
-        lambda: (pick(weights) @ x.t()).t(),
-        lambda: x @ pick(transposed),
+        lambda: torch.nn.functional.linear(x, pick()),
+        lambda: (pick() @ x.t()).t(),
+        lambda: x @ pick_transposed(),
     ]
 
 
@@ -43,19 +48,15 @@ def quantized_variants(
     from pdserve import kernels
     from pdserve.kernels.w4_gemv import MAX_ROWS
 
-    state = {"i": 0}
-
-    def pick(ws: list) -> tuple:
-        state["i"] = (state["i"] + 1) % len(ws)
-        return ws[state["i"]]
-
+    fp8, int8, w4_ = rotation(w8[torch.float8_e4m3fn]), rotation(w8[torch.int8]), rotation(w4)
+    is_gemv = x.shape[0] <= kernels.GEMV_MAX_ROWS
     return [
-        (lambda: kernels.w8_matmul(x, *pick(w8[torch.float8_e4m3fn])), bytes_w8),
-        (lambda: kernels.w8_matmul(x, *pick(w8[torch.int8])), bytes_w8),
-        (lambda: kernels.w4_matmul(x, *pick(w4), group_size), bytes_w4),
-        ((lambda: kernels.w4_gemv(x, *pick(w4), group_size)) if x.shape[0] <= MAX_ROWS else None, bytes_w4),
-        ((lambda: kernels.gemv(x, *pick(w8[torch.float8_e4m3fn]))) if x.shape[0] <= kernels.GEMV_MAX_ROWS else None, bytes_w8),
-        ((lambda: kernels.gemv(x, *pick(w8[torch.int8]))) if x.shape[0] <= kernels.GEMV_MAX_ROWS else None, bytes_w8),
+        (lambda: kernels.w8_matmul(x, *fp8()), bytes_w8),
+        (lambda: kernels.w8_matmul(x, *int8()), bytes_w8),
+        (lambda: kernels.w4_matmul(x, *w4_(), group_size), bytes_w4),
+        ((lambda: kernels.w4_gemv(x, *w4_(), group_size)) if x.shape[0] <= MAX_ROWS else None, bytes_w4),
+        ((lambda: kernels.gemv(x, *fp8())) if is_gemv else None, bytes_w8),
+        ((lambda: kernels.gemv(x, *int8())) if is_gemv else None, bytes_w8),
     ]
 
 
@@ -93,16 +94,6 @@ def quantized_table(copy: float, group_size: int = 128) -> None:
         torch.cuda.empty_cache()
 
 
-def rotation(weights: list) -> Callable[[], tuple]:
-    state = {"i": 0}
-
-    def pick() -> tuple:
-        state["i"] = (state["i"] + 1) % len(weights)
-        return weights[state["i"]]
-
-    return pick
-
-
 def sweep_table(copy: float, group_size: int = 128) -> None:
     """% of copy bandwidth at one row: the heuristic's tiles, then the best three of a grid."""
     from pdserve import kernels
@@ -133,7 +124,7 @@ def sweep_table(copy: float, group_size: int = 128) -> None:
                 )
                 size = 2 if kind == "bf16" else 1
                 nbytes = n * k * size
-                heuristic = gemv_tile_sizes(n, k, size, True)
+                heuristic = gemv_tile_sizes(n, k, size)
                 grid = [(bn, b // size, nw, 3) for bn in (2, 4, 8, 16) for b in (512, 1024, 2048) for nw in (4, 8)]
                 del w
             torch.cuda.synchronize()  # do_bench_cudagraph's own stream does not wait for these writes

@@ -9,7 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_MAX = 448.0
+from pdserve.kernels.kv_quant import FP8_MAX
+
 _BLOCK = 2048
 
 
