@@ -1,5 +1,5 @@
 """The decode GEMV kernel (Triton, run on CPU tensors by the interpreter) against its torch
-reference: float, fp8 and int8 weights in both storage layouts, and every int8 byte value (the
+reference: float, fp8 and int8 weights, and every int8 byte value (the
 kernel widens int8 with a bit trick, not a conversion)."""
 
 from __future__ import annotations
