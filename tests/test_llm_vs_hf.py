@@ -47,7 +47,8 @@ def hf_logits(model: transformers.PreTrainedModel, tokens: list[int]) -> torch.T
 
 
 def record_logits(llm: LLM) -> list[tuple[list[str], list[int], torch.Tensor]]:
-    """Wrap the runner so each step's (request ids, positions, logits) is kept."""
+    """Wrap the runner so each step's (request ids, positions, logits) is kept (steps that compute
+    logits: not those launched ahead)."""
     runner = llm.engine.core.runner
     original = runner.compute_logits
     steps: list[tuple[list[str], list[int], torch.Tensor]] = []
@@ -64,7 +65,9 @@ def record_logits(llm: LLM) -> list[tuple[list[str], list[int], torch.Tensor]]:
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_greedy_and_logits_match_transformers(family: str, checkpoints: dict, hf_models: dict) -> None:
-    llm = LLM(model=str(checkpoints[family]), device="cpu", dtype="float32")
+    # Synchronous steps: each computes its logits (a step launched ahead keeps only its tokens);
+    # tests/test_step_pipeline.py checks the tokens of steps launched ahead against HF.
+    llm = LLM(model=str(checkpoints[family]), device="cpu", dtype="float32", async_scheduling=False)
     hf = hf_models[family]
     prompts = random_prompts(hf.config.vocab_size, [1, 7, 16, 33, 70])
     steps = record_logits(llm)

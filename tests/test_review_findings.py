@@ -316,10 +316,11 @@ def test_a_worker_whose_device_failed_reports_unavailable_and_leaves_the_pool(
 ) -> None:
     worker = HOSTS["decode-doomed"]._worker
 
-    def broken_step(batch: object) -> None:
+    def broken_step(*args: object) -> None:
         raise RuntimeError("CUDA error: device-side assert triggered")
 
     worker.core.runner.execute = broken_step
+    worker.core.runner.launch = broken_step  # a decode step launched ahead
     worker.core.is_device_healthy = lambda: False
     prompt = llama_tokenizer.encode(TEXT)[:10]
 

@@ -518,17 +518,21 @@ def slowed_steps(worker: Worker, seconds: float) -> Iterator[None]:
     """Every engine step of `worker` takes at least `seconds`: a generation of N more tokens cannot
     end by itself in less than N * seconds."""
     runner = worker.host.worker.core.runner
-    execute = runner.execute
+    execute, launch = runner.execute, runner.launch
 
     def slow_execute(*args: object, **kwargs: object) -> object:
         time.sleep(seconds)
         return execute(*args, **kwargs)
 
-    runner.execute = slow_execute
+    def slow_launch(*args: object, **kwargs: object) -> object:  # a step launched ahead
+        time.sleep(seconds)
+        return launch(*args, **kwargs)
+
+    runner.execute, runner.launch = slow_execute, slow_launch
     try:
         yield
     finally:
-        del runner.execute  # the class's method again
+        del runner.execute, runner.launch  # the class's methods again
 
 
 def test_cancelling_generate_mid_stream_frees_blocks(workers: Workers, text_ids: list[int]) -> None:

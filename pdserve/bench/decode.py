@@ -6,10 +6,12 @@ each next to its own floor (an fp8 cache reads half the KV bytes).
     python -m pdserve.bench.decode --model llama3-8b --batch-sizes 1 8 64 256 --context 1024 [--engine hf]
     python -m pdserve.bench.decode --model llama3-8b --batch-sizes 1 64 256 --context 4096 --kv-cache-dtypes auto fp8
 
-pdserve: one full engine step (inputs, CUDA-graph replay, greedy sampling, ids read back) on a
-batch of requests that each hold `context` tokens of (random) KV. HF: `model(...)` on one new
-token per sequence with a DynamicCache of `context` tokens (what `generate` runs per token),
-plus argmax; the cache is cropped back after each step so the context stays fixed."""
+pdserve: one full engine step (`LLMEngine.step`: scheduling, inputs, CUDA-graph replay, greedy
+sampling, tokens appended and checked) on a batch of requests that each hold `context` tokens of
+(random) KV, the next step launched before the last one's tokens are read back (async
+scheduling); "sync step" is `ModelRunner.execute` alone, waiting for its tokens, as before.
+HF: `model(...)` on one new token per sequence with a DynamicCache of `context` tokens (what
+`generate` runs per token), plus argmax; the cache is cropped back after each step so the context stays fixed."""
 
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ class DecodeRow:
     floor_ms: float
     forward_ms: float | None = None  # graph replay alone (pdserve)
     kv_cache_dtype: str = "auto"
+    sync_step_ms: float | None = None  # pdserve: one step that waits for its tokens
 
     @property
     def roofline_fraction(self) -> float:
@@ -83,16 +86,18 @@ def bench_pdserve(
 ) -> list[DecodeRow]:
     """`quantization`: the weights quantized (random, `--load-format dummy`) as `--quantization` would."""
     from pdserve.engine.core import EngineCore
+    from pdserve.engine.llm_engine import LLMEngine
     from pdserve.engine.request import Request, ScheduledRequest
     from pdserve.engine.sampling_params import SamplingParams
 
     max_bs = max(batch_sizes)
-    blocks_per_seq = -(-(context + 1) // 16)
+    max_len = context + 64 + 8 * num_steps  # the engine steps add tokens
+    blocks_per_seq = -(-max_len // 16)
     config = EngineConfig(
         model=str(write_shape(name)),
         dtype="bfloat16",
         device="cuda",
-        max_model_len=context + 64,
+        max_model_len=max_len,
         max_num_seqs=max_bs,
         num_kv_blocks=max_bs * blocks_per_seq + 8,
         enable_prefix_caching=False,
@@ -115,15 +120,21 @@ def bench_pdserve(
             request.block_table, request.num_computed_tokens = allocation.block_table, context
             requests.append(request)
         batch = [ScheduledRequest(r, 1) for r in requests]
-        step_ms = time_steps(lambda batch=batch: core.runner.execute(batch), num_steps)
+        sync_step_ms = time_steps(lambda batch=batch: core.runner.execute(batch), num_steps)
+        engine = LLMEngine(core)
+        for r in requests:
+            engine.scheduler.add_running(r)
+        step_ms = time_steps(engine.step, num_steps)
+        engine.pipeline.run_ahead = False
+        engine.step()  # reads back the step in flight, launches none
         forward_ms = None
         if core.runner.graphs is not None:
             core.runner.graphs.run(requests)
             bucket = next(b for b in core.runner.graphs.buckets if b >= bs)
             forward_ms = median_ms(core.runner.graphs.graphs[bucket].replay)
         floor = floor_ms(core.model_config, bs, context, copy_gbs, quantization, kv_element_bytes)
-        engine = f"pdserve-{quantization}" if quantization else "pdserve"
-        rows.append(DecodeRow(name, engine, bs, context, step_ms, floor, forward_ms, kv_cache_dtype))
+        label = f"pdserve-{quantization}" if quantization else "pdserve"
+        rows.append(DecodeRow(name, label, bs, context, step_ms, floor, forward_ms, kv_cache_dtype, sync_step_ms))
         for r in requests:
             core.block_manager.free(r.block_table)
     return rows
@@ -164,13 +175,14 @@ def bench_hf(name: str, batch_sizes: list[int], context: int, num_steps: int, co
 
 def print_table(rows: list[DecodeRow], copy_gbs: float) -> None:
     print(f"\ncopy bandwidth (read+write): {copy_gbs:.0f} GB/s   GPU: {describe_gpu()}")
-    print("| model | engine | KV | batch | context | step ms | forward ms | floor ms | % of roofline |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | engine | KV | batch | context | step ms | sync step ms | forward ms | floor ms | % of roofline |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         fwd = f"{r.forward_ms:.3f}" if r.forward_ms is not None else "-"
+        sync = f"{r.sync_step_ms:.3f}" if r.sync_step_ms is not None else "-"
         kv = "fp8" if r.kv_cache_dtype == "fp8" else "bf16"
         print(
-            f"| {r.model} | {r.engine} | {kv} | {r.batch_size} | {r.context} | {r.step_ms:.3f} | {fwd} | "
+            f"| {r.model} | {r.engine} | {kv} | {r.batch_size} | {r.context} | {r.step_ms:.3f} | {sync} | {fwd} | "
             f"{r.floor_ms:.3f} | {100 * r.roofline_fraction:.1f}% |"
         )
 

@@ -24,6 +24,7 @@ from pdserve.engine.request import Request, RequestPhase
 from pdserve.engine.sampler import skip_first_draw
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
 from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.step_pipeline import StepPipeline
 from pdserve.kvtransfer.receiver import Ended, KVCommitInfo, KVReceiver
 
 
@@ -56,6 +57,7 @@ class DecodeWorker:
         self.limits = limits or DecodeLimits()
         config = core.config
         self.scheduler = Scheduler(core.block_manager, config.max_num_seqs, config.max_num_batched_tokens, core.max_model_len)
+        self.pipeline = StepPipeline(self.scheduler, core.runner, config.async_scheduling)
         self.receiver = KVReceiver(core.runner.kv_cache, core.model_id, worker_id, core.runner.kv_scales)
         self._incoming: dict[str, _Incoming] = {}  # by request_id, in arrival order
         self._by_transfer: dict[str, _Incoming] = {}  # those handing off, by transfer_id
@@ -113,12 +115,12 @@ class DecodeWorker:
         self._poll_receiver()
         if not self.scheduler.waiting:  # preempted requests get freed blocks before new prompts do
             self._reserve_queued()
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
+        result = self.pipeline.step()
+        if result is None:
             return False
-        output = self.core.runner.execute(scheduled)
-        self.iteration_tokens.observe(sum(item.num_tokens for item in scheduled))
-        publish_deltas(self.loop, self.scheduler.update(scheduled, output))
+        if result.num_tokens:
+            self.iteration_tokens.observe(result.num_tokens)
+        publish_deltas(self.loop, result.updated)
         self._copy_forked_blocks()
         return True
 
@@ -267,6 +269,7 @@ class DecodeWorker:
         self.core.block_manager.free(block_ids)
 
     def _fail_all(self, exc: BaseException) -> None:
+        self.pipeline.reset()
         for request_id in self.loop.stream_ids:
             self._abort(request_id, "error", f"decode step failed: {type(exc).__name__}: {exc}")
         self.is_broken = not self.core.is_device_healthy()

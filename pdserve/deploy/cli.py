@@ -61,6 +61,12 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument("--no-prefix-caching", action="store_true")
     serve.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     serve.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="launch each greedy decode step before the last one's tokens are read back (default: on)",
+    )
+    serve.add_argument(
         "--kv-transport",
         default="auto",
         choices=["auto", "cuda_ipc", "nccl", "grpc", "local"],
@@ -267,6 +273,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=not args.no_prefix_caching,
         enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
         load_format=args.load_format,
         quantization=args.quantization,
     )

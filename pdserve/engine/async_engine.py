@@ -83,6 +83,7 @@ class AsyncEngine:
 
     def _fail_all(self, exc: BaseException) -> None:
         """A failed step: every request ends with an error and its blocks are freed."""
+        self.engine.pipeline.reset()
         for request_id in self.loop.stream_ids:
             self.engine.abort_request(request_id)
             error = RequestDelta(request_id, [], finish_reason="error", error=f"{type(exc).__name__}: {exc}")

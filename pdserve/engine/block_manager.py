@@ -69,6 +69,11 @@ class BlockManager:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front: evicted first
         self._cached: dict[int, _Block] = {}  # hash -> the one block registered under it
         self._last_uid = _ROOT_UID
+        # A step run ahead (StepPipeline) may still write into the blocks of a sequence that ended
+        # meanwhile: their frees wait until that step is done, or a KV receiver writing from another
+        # stream (or process) into the reused blocks could race the step's stale write.
+        self._fence: int | None = None  # the newest step in flight; frees wait for it
+        self._held: list[tuple[int, list[int]]] = []  # (step, blocks) freed while that step ran
 
     @property
     def num_free_blocks(self) -> int:
@@ -148,7 +153,29 @@ class BlockManager:
         return Fork(shared + [dst], [(block_table[num_full], dst)])
 
     def free(self, block_table: Sequence[int]) -> None:
-        """Drop one reference per block, tail first so a sequence's tail is evicted first."""
+        """Drop one reference per block, tail first so a sequence's tail is evicted first; while a
+        step is in flight (`fence`), once that step is done (`release_held`)."""
+        if self._fence is not None:
+            self._held.append((self._fence, list(block_table)))
+            return
+        self._drop_references(block_table)
+
+    def fence(self, step: int | None) -> None:
+        """`step` (a number that grows) is now the newest step in flight; None: none is."""
+        self._fence = step
+
+    def release_held(self, step: int) -> None:
+        """Step `step` is done: the frees that waited for it (or for an earlier step) happen."""
+        done = [blocks for fence, blocks in self._held if fence <= step]
+        self._held = [(fence, blocks) for fence, blocks in self._held if fence > step]
+        for blocks in done:
+            self._drop_references(blocks)
+
+    @property
+    def num_held_blocks(self) -> int:
+        return sum(len(blocks) for _, blocks in self._held)
+
+    def _drop_references(self, block_table: Sequence[int]) -> None:
         for block_id in reversed(block_table):
             block = self._blocks[block_id]
             assert block.ref_count > 0, f"double free of block {block_id}"

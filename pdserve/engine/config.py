@@ -159,6 +159,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
+    # Launch a decode step before the last one's tokens are back (engine/step_pipeline.py)
+    async_scheduling: bool = True
     load_format: str = "auto"  # "dummy": the checkpoint's shapes with random weights (vLLM's name)
     quantization: str | None = None  # fp8|int8: quantize at load; awq|gptq|...: the checkpoint's (engine/quant_config.py)
     seed: int = 0

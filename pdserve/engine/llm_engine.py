@@ -9,6 +9,7 @@ from pdserve.engine.iteration_stats import IterationTokens
 from pdserve.engine.request import Request
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.step_pipeline import StepPipeline
 
 
 class LLMEngine:
@@ -16,6 +17,7 @@ class LLMEngine:
         self.core = core
         config = core.config
         self.scheduler = Scheduler(core.block_manager, config.max_num_seqs, config.max_num_batched_tokens, core.max_model_len)
+        self.pipeline = StepPipeline(self.scheduler, core.runner, config.async_scheduling)
         self.iteration_tokens = IterationTokens()
 
     @classmethod
@@ -36,18 +38,18 @@ class LLMEngine:
         self.scheduler.drop(request)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.pipeline.has_work
 
     def step(self) -> list[Request]:
         """One forward pass; returns the requests that got a token (some may have finished)."""
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
+        result = self.pipeline.step()
+        if result is None:
             if self.has_unfinished_requests():
                 raise RuntimeError("no request could be scheduled: the KV cache is too small for the waiting requests")
             return []
-        output = self.core.runner.execute(scheduled)
-        self.iteration_tokens.observe(sum(item.num_tokens for item in scheduled))
-        updated = self.scheduler.update(scheduled, output)
+        if result.num_tokens:
+            self.iteration_tokens.observe(result.num_tokens)
+        updated = result.updated
         if self.scheduler.pending_copies:  # forked sequences' partial blocks, after the prompt's KV is written
             self.core.runner.copy_blocks(self.scheduler.pending_copies)
             self.scheduler.pending_copies = []

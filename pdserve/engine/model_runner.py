@@ -23,7 +23,7 @@ from pdserve.engine.outputs import TokenLogprobs
 from pdserve.engine.prompt_logprobs import compute_prompt_logprobs, prompt_targets
 from pdserve.engine.quant_config import resolve_quantization
 from pdserve.engine.request import Request, ScheduledRequest
-from pdserve.engine.sampler import Sampler, SamplerOutput, only_argmax
+from pdserve.engine.sampler import Sampler, SamplerOutput, draw, only_argmax
 from pdserve.kernels.kv_quant import as_bytes
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,30 @@ class StepLogits:
     greedy_ids: torch.Tensor | None  # their argmax, when the step computed it (CUDA-graph decode)
     requests: list[Request]  # the sampled requests, in row order
     prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # see SamplerOutput
+
+
+@dataclass(eq=False)
+class InFlightStep:
+    """A decode step launched without waiting for its tokens (`ModelRunner.launch`)."""
+
+    seq: int  # launch order
+    batch: list[ScheduledRequest]  # one token each
+    epochs: list[int]  # each request's num_preemptions at launch: a recomputed request's row is stale
+    on_device: bool  # its tokens are in the graphs' token buffer, where the next replay can read them
+    host_ids: torch.Tensor  # int64 [len(batch)], pinned on a GPU: the tokens, once `done` fired
+    done: torch.cuda.Event | None
+    _token_ids: list[int] | None = None
+
+    def row_of(self) -> dict[int, int]:
+        return {id(item.request): row for row, item in enumerate(self.batch)}
+
+    def token_ids(self) -> list[int]:
+        """Waits for the step."""
+        if self._token_ids is None:
+            if self.done is not None:
+                self.done.synchronize()
+            self._token_ids = self.host_ids.tolist()
+        return self._token_ids
 
 
 @dataclass
@@ -69,6 +93,10 @@ class ModelRunner:
             self.graphs = DecodeGraphRunner(
                 self.model, self.kv_cache, min(config.max_num_seqs, 512), self.max_blocks_per_seq, self.block_size
             )
+        # Where launched steps' tokens land on the host: two, used in turn (one step runs ahead)
+        is_cuda = self.device.type == "cuda"
+        self._launched_ids = torch.zeros(2, config.max_num_seqs, dtype=torch.long, pin_memory=is_cuda)
+        self._num_launched = 0
 
     @property
     def num_kv_blocks(self) -> int:
@@ -164,6 +192,41 @@ class ModelRunner:
         output.prompt_logprobs = step.prompt_logprobs
         return output
 
+    @torch.inference_mode()
+    def launch(self, batch: list[ScheduledRequest], previous: InFlightStep | None) -> InFlightStep:
+        """Start a decode step (one token per request, every request `runs_ahead`) and return
+        without waiting for it. A request also in `previous` decodes the token that step samples
+        for it: on the device when both steps replay CUDA graphs, else after waiting for it."""
+        requests = [s.request for s in batch]
+        n = len(requests)
+        rows = previous.row_of() if previous is not None else {}
+        previous_rows = [rows.get(id(r), -1) for r in requests]
+        on_device = self.graphs is not None and self.graphs.can_run(n)
+        if on_device and previous is not None and previous.on_device:
+            input_ids = [0 if row >= 0 else _last_token(r) for r, row in zip(requests, previous_rows)]
+        else:
+            known = previous.token_ids() if previous is not None else []
+            input_ids = [known[row] if row >= 0 else _last_token(r) for r, row in zip(requests, previous_rows)]
+            previous_rows = [-1] * n
+        if on_device:
+            assert self.graphs is not None
+            logits, ids = self.graphs.run(requests, input_ids, previous_rows)
+            if not only_argmax(requests):
+                ids = self.graphs.last_ids[:n].copy_(draw(logits, requests))  # where the next replay reads them
+        else:
+            inputs = self.prepare_inputs(batch, input_ids)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
+            ids = draw(self.model.compute_logits(hidden), requests)
+        host_ids = self._launched_ids[self._num_launched % 2, :n]
+        host_ids.copy_(ids, non_blocking=True)
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        self._num_launched += 1
+        epochs = [r.num_preemptions for r in requests]
+        return InFlightStep(self._num_launched, batch, epochs, on_device, host_ids, done)
+
     def compute_logits(self, batch: list[ScheduledRequest], on_layer: Callable[[int], None] | None = None) -> StepLogits:
         if on_layer is None and self.graphs is not None and self.graphs.can_run(len(batch)) and _is_plain_decode(batch):
             requests = [s.request for s in batch]
@@ -174,7 +237,9 @@ class ModelRunner:
         prompt_logprobs = compute_prompt_logprobs(self.model, hidden, targets) if targets else {}
         return StepLogits(self.model.compute_logits(hidden[inputs.logits_rows]), None, inputs.sampled, prompt_logprobs)
 
-    def prepare_inputs(self, batch: list[ScheduledRequest]) -> ModelInputs:
+    def prepare_inputs(self, batch: list[ScheduledRequest], decode_ids: list[int] | None = None) -> ModelInputs:
+        """`decode_ids`: a decode step's input tokens, when the host does not hold them all yet
+        (a launch ahead: every request decodes one token and is sampled)."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -186,13 +251,13 @@ class ModelRunner:
         for item in batch:
             r = item.request
             start, end = r.num_computed_tokens, r.num_computed_tokens + item.num_tokens
-            input_ids += item.token_ids()
+            input_ids += item.token_ids() if decode_ids is None else [decode_ids[len(cu_seqlens) - 1]]
             positions += range(start, end)
             table = r.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             context_lens.append(end)
             cu_seqlens.append(cu_seqlens[-1] + item.num_tokens)
-            if item.is_sampled:
+            if item.is_sampled or decode_ids is not None:
                 logits_rows.append(cu_seqlens[-1] - 1)
                 sampled.append(r)
         is_decode = all(item.num_tokens == 1 for item in batch)
@@ -237,6 +302,10 @@ def _with_siblings(step: StepLogits) -> StepLogits:
     index = torch.tensor(rows, device=step.logits.device)
     greedy = step.greedy_ids[index] if step.greedy_ids is not None else None
     return StepLogits(step.logits[index], greedy, requests, step.prompt_logprobs)
+
+
+def _last_token(request: Request) -> int:
+    return (request.output_token_ids or request.prompt_token_ids)[-1]
 
 
 def _family_rows(requests: list[Request]) -> list[Request]:

@@ -51,13 +51,20 @@ class Sampler:
         if self.counts is None:
             self.counts = TokenCounts(logits.shape[-1], logits.device)
         logits = process(logits, requests, self.counts)
-        token_ids = logits.argmax(dim=-1)
-        if not all(r.params.is_greedy for r in requests):
-            token_ids = torch.where(_greedy_mask(requests, logits.device), token_ids, _sample(logits, requests))
+        token_ids = draw(logits, requests)
         ids = token_ids.tolist()
         if raw_logprobs is None:
             return SamplerOutput(ids, [None] * len(ids))
         return SamplerOutput(ids, _gather_logprobs(raw_logprobs, token_ids, requests))
+
+
+def draw(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """The tokens of processed logits, on their device: the argmax for greedy rows, a draw for the
+    others. Nothing waits for the device (host values go up through pinned memory)."""
+    token_ids = logits.argmax(dim=-1)
+    if not all(r.params.is_greedy for r in requests):
+        token_ids = torch.where(_greedy_mask(requests, logits.device), token_ids, _sample(logits, requests))
+    return token_ids
 
 
 def skip_first_draw(request: Request, vocab_size: int, device: torch.device) -> None:
@@ -80,8 +87,31 @@ def only_argmax(requests: list[Request]) -> bool:
     )
 
 
+def runs_ahead(request: Request) -> bool:
+    """Whether the request's next token can be sampled before the host has seen the last one:
+    nothing about its sampling depends on its output so far (`draw` alone: no logprobs, no stop
+    tokens held back, nothing done to the logits, no grammar), and no sibling waits to fork from
+    its next sample."""
+    params = request.params
+    return (
+        params.logprobs is None
+        and len(request.output_token_ids) >= params.min_tokens
+        and not needs_processing(request)
+        and request.grammar is None
+        and not request.has_unforked_siblings
+    )
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list on `device` without waiting for the device's queue (a copy from pageable
+    memory would: a step launched ahead must not be waited for)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 def _greedy_mask(requests: list[Request], device: torch.device) -> torch.Tensor:
-    return torch.tensor([r.params.is_greedy for r in requests], device=device)
+    return _to_device([r.params.is_greedy for r in requests], torch.bool, device)
 
 
 def _mask_stop_tokens_before_min(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -101,7 +131,7 @@ def _mask_stop_tokens_before_min(logits: torch.Tensor, requests: list[Request]) 
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+    return _to_device(values, torch.float32, device).unsqueeze(1)
 
 
 def _sample(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -125,7 +155,7 @@ def _sample(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
 def _top_k_top_p(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     device, vocab = logits.device, logits.shape[-1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in requests], device=device)
+    top_k = _to_device([r.params.top_k if r.params.top_k > 0 else vocab for r in requests], torch.long, device)
     sorted_logits = sorted_logits.masked_fill(torch.arange(vocab, device=device) >= top_k.unsqueeze(1), float("-inf"))
     top_p = _column([r.params.top_p for r in requests], device)
     sorted_probs = torch.softmax(sorted_logits, dim=-1)

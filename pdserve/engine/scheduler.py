@@ -83,6 +83,33 @@ class Scheduler:
             budget -= item.num_tokens
         return scheduled
 
+    def schedule_ahead(self, in_flight: list[Request]) -> list[ScheduledRequest] | None:
+        """The next step while `in_flight`'s tokens are still being computed: every running request
+        decodes one token (an in-flight one the token in flight, at num_computed_tokens). Requests
+        whose token in flight is their last by length are left out. None when the next step needs
+        the host's results first: a request waits (or is prefilling), or blocks would run out."""
+        if self.waiting:
+            return None
+        flying = {id(r) for r in in_flight}
+        batch = []
+        for request in self.running:
+            if id(request) in flying:
+                if self._ends_by_length(request, len(request.output_token_ids) + 1):
+                    continue
+            elif request.num_computed_tokens + 1 != request.num_tokens:
+                return None
+            batch.append(ScheduledRequest(request, 1))
+        for item in batch:
+            if not self.block_manager.append_slots(item.request.block_table, item.request.num_computed_tokens + 1):
+                return None  # needs a preemption: done by `schedule` once the host has the tokens
+        return batch
+
+    def _ends_by_length(self, request: Request, num_output: int) -> bool:
+        max_tokens = request.params.max_tokens
+        return (
+            max_tokens is not None and num_output >= max_tokens
+        ) or request.num_prompt_tokens + num_output >= self.max_model_len
+
     def _grow(self, request: Request, num_tokens: int) -> bool:
         """Blocks for `num_tokens` slots, preempting from the back of `running` until they fit."""
         while not self.block_manager.append_slots(request.block_table, num_tokens):
@@ -141,6 +168,25 @@ class Scheduler:
             for sibling in siblings:
                 self._fork(request, sibling)
             updated += [request, *siblings]
+        self.running = [r for r in self.running if not r.is_finished]
+        return updated
+
+    def update_ahead(self, batch: list[ScheduledRequest], epochs: list[int], token_ids: list[int]) -> list[Request]:
+        """Record a launched-ahead step's tokens (its requests' num_computed_tokens advanced at
+        launch). Rows of requests that ended, or were recomputed, since the launch are dropped."""
+        updated = []
+        block_size = self.block_manager.block_size
+        for item, epoch, token in zip(batch, epochs, token_ids):
+            request = item.request
+            if request.is_finished or request.num_preemptions != epoch:
+                continue
+            self._append(request, token, None)
+            updated.append(request)
+            num_known = min(request.num_computed_tokens, request.num_tokens)  # computed, and token ids known
+            if request.block_table and num_known % block_size == 0:
+                self.block_manager.cache_full_blocks(
+                    request.block_table, request.all_token_ids, num_known, request.params.cache_salt
+                )
         self.running = [r for r in self.running if not r.is_finished]
         return updated
 

@@ -1,7 +1,9 @@
 """Per-row (per-token) fp8 e4m3 quantization of activations for the FP8 tensor-core GEMM, in one
-kernel: a row's absolute maximum, its scale max(amax / 448, 1e-12), and every element divided by
-it (correctly rounded, as torch divides), saturated and cast. One program per row, two passes
-over it (the second mostly from L2)."""
+kernel: a row's absolute maximum, its scale max(amax * (1/448), 1e-12), and every element divided by
+it (correctly rounded, as torch divides), saturated and cast. One program per row, two passes over
+it (the second mostly from L2). The scale is a multiplication, which rounds alike in the kernel and
+in torch on every device (torch divides by a Python number on the CPU, multiplies by its reciprocal
+on a GPU)."""
 
 from __future__ import annotations
 
@@ -15,14 +17,14 @@ _BLOCK = 2048
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, K, stride_x, stride_out, BLOCK: tl.constexpr):
+def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, K, stride_x, stride_out, INV_FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     amax = tl.zeros([BLOCK], dtype=tl.float32)
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         amax = tl.maximum(amax, tl.abs(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)))
-    scale = tl.maximum(tl.div_rn(tl.max(amax, 0), 448.0), 1e-12)  # rounded as torch divides
+    scale = tl.maximum(tl.max(amax, 0) * INV_FP8_MAX, 1e-12)
     tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
@@ -40,10 +42,10 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
         block = min(_BLOCK, triton.next_power_of_2(max(k, 16)))
-        _quantize_rows_kernel[(m,)](x, out, scale, k, x.stride(0), out.stride(0), BLOCK=block)
+        _quantize_rows_kernel[(m,)](x, out, scale, k, x.stride(0), out.stride(0), INV_FP8_MAX=1.0 / FP8_MAX, BLOCK=block)
     return out, scale
 
 
 def quantize_fp8_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = (x.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp_min(1e-12)
+    scale = (x.abs().amax(dim=1, keepdim=True).float() * (1.0 / FP8_MAX)).clamp_min(1e-12)
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale

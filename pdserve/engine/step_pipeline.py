@@ -1,0 +1,82 @@
+"""`StepPipeline`: runs a scheduler's steps on the model runner, one decode step ahead of the host
+when it can (SGLang's overlap scheduler, vLLM's async scheduling). Step n+1 is launched before
+step n's tokens are read back: its input ids come from step n's argmax on the device, so the GPU
+goes from one graph replay to the next while the host appends, checks stops and streams step n.
+
+A step runs ahead only when it is a plain decode step of requests whose sampling needs nothing
+from their output so far (`runs_ahead`: greedy, no logprobs, no penalties or grammar); anything
+else (a prefill, a waiting or preempted request, sampling that reads the host's state) runs as
+before, after the step in flight is processed. A request that stops at step n (EOS, stop token,
+abort) still has a row in step n+1; that row is dropped, and the blocks freed meanwhile are held
+until step n+1 is done, so no one (a KV receiver on another stream) can write them while that
+stale row may still write its slot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdserve.engine.model_runner import InFlightStep, ModelRunner
+from pdserve.engine.request import Request, ScheduledRequest
+from pdserve.engine.sampler import runs_ahead
+from pdserve.engine.scheduler import Scheduler
+
+
+@dataclass
+class StepResult:
+    num_tokens: int  # tokens the step launched now computes (0: it only read back the last one)
+    updated: list[Request]  # the requests that got a token (finished ones too)
+
+
+class StepPipeline:
+    def __init__(self, scheduler: Scheduler, runner: ModelRunner, run_ahead: bool) -> None:
+        self.scheduler = scheduler
+        self.runner = runner
+        self.run_ahead = run_ahead
+        self._in_flight: InFlightStep | None = None
+
+    @property
+    def has_work(self) -> bool:
+        return self._in_flight is not None or self.scheduler.num_unfinished > 0
+
+    def step(self) -> StepResult | None:
+        """One step; None when nothing was scheduled and nothing is in flight."""
+        in_flight = self._in_flight
+        if in_flight is None:
+            batch = self.scheduler.schedule()
+            if not batch:
+                return None
+            num_tokens = sum(item.num_tokens for item in batch)
+            if self._can_run_ahead(batch):
+                self._launch(batch, None)
+                return StepResult(num_tokens, [])
+            return StepResult(num_tokens, self.scheduler.update(batch, self.runner.execute(batch)))
+        self._in_flight = None
+        ahead = self.scheduler.schedule_ahead([item.request for item in in_flight.batch])
+        if ahead and self._can_run_ahead(ahead):
+            self._launch(ahead, in_flight)
+        token_ids = in_flight.token_ids()  # waits for the step (the next one is queued behind it)
+        blocks = self.scheduler.block_manager
+        if self._in_flight is None:
+            blocks.fence(None)
+        updated = self.scheduler.update_ahead(in_flight.batch, in_flight.epochs, token_ids)
+        blocks.release_held(in_flight.seq)
+        return StepResult(len(ahead) if ahead and self._in_flight is not None else 0, updated)
+
+    def reset(self) -> None:
+        """After a failed step: forget the step in flight; held blocks are freed."""
+        if self._in_flight is not None:
+            self.scheduler.block_manager.fence(None)
+            self.scheduler.block_manager.release_held(self._in_flight.seq)
+            self._in_flight = None
+
+    def _can_run_ahead(self, batch: list[ScheduledRequest]) -> bool:
+        return self.run_ahead and all(
+            item.num_tokens == 1 and item.request.is_prefill_done and runs_ahead(item.request) for item in batch
+        )
+
+    def _launch(self, batch: list[ScheduledRequest], previous: InFlightStep | None) -> None:
+        step = self.runner.launch(batch, previous)
+        for item in batch:
+            item.request.num_computed_tokens += 1  # its KV is being written
+        self.scheduler.block_manager.fence(step.seq)
+        self._in_flight = step

@@ -1,0 +1,167 @@
+"""Decode steps launched ahead of the host (engine/step_pipeline.py): the tokens, finish reasons and
+token counts are those of the synchronous engine (and of HF transformers), whatever ends a request
+(length, stop token, stop string, abort, preemption); the blocks of a request that ends while a
+step is in flight are held until that step is done; nothing leaks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from pdserve.engine import LLM, SamplingParams
+from pdserve.engine.model_runner import ModelRunner
+from tests.test_llm_vs_hf import hf_greedy, random_prompts
+
+
+@pytest.fixture
+def launches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The batch size of every step launched ahead (negative: its input ids came from the
+    previous step's argmax on the device, never read by the host first)."""
+    sizes: list[int] = []
+    launch = ModelRunner.launch
+
+    def counting(self: ModelRunner, batch, previous):  # type: ignore[no-untyped-def]
+        step = launch(self, batch, previous)
+        relayed = previous is not None and previous.on_device and step.on_device
+        sizes.append(-len(batch) if relayed else len(batch))
+        return step
+
+    monkeypatch.setattr(ModelRunner, "launch", counting)
+    return sizes
+
+
+def _llm(path: Path, run_ahead: bool, **engine_args: object) -> LLM:
+    return LLM(model=str(path), device="cpu", dtype="float32", async_scheduling=run_ahead, **engine_args)
+
+
+def _outputs(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> list[tuple[list[int], str | None, object]]:
+    return [(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].stop_reason) for o in llm.generate(prompts, params)]
+
+
+def _assert_no_blocks_left(llm: LLM) -> None:
+    blocks = llm.engine.core.block_manager
+    assert blocks.num_held_blocks == 0
+    assert blocks.num_free_blocks == blocks.num_blocks
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_greedy_run_ahead_equals_sync_and_hf(checkpoints: dict[str, Path], launches: list[int]) -> None:
+    path = checkpoints["llama"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    prompts = random_prompts(model.config.vocab_size, [5, 17, 9, 30, 3], seed=3)
+    lengths = [12, 1, 20, 7, 15]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
+    ahead = _outputs(_llm(path, True), prompts, params)
+    assert launches, "no step ran ahead"
+    for prompt, n, (tokens, reason, _) in zip(prompts, lengths, ahead):
+        assert tokens == hf_greedy(model, prompt, n)
+        assert reason == "length"
+
+
+def test_every_way_of_ending_matches_sync(checkpoints: dict[str, Path], launches: list[int]) -> None:
+    """Stop tokens and EOS end a request one step after the next was launched (its row is dropped),
+    stop strings end it from the detokenizer, and a KV cache this small preempts requests."""
+    path = checkpoints["qwen2"]
+    sync_llm = _llm(path, False, num_kv_blocks=24, block_size=4, max_model_len=96)
+    prompts = random_prompts(sync_llm.get_tokenizer().vocab_size, [6, 11, 4, 19, 8, 13], seed=5)
+    free = [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True) for _ in prompts]
+    reference = _outputs(sync_llm, prompts, free)
+    # A stop token that comes mid-way through each greedy output, a stop string likewise, and EOS
+    params = []
+    tokenizer = sync_llm.get_tokenizer()
+    for i, (tokens, _, _) in enumerate(reference):
+        if i % 3 == 0:
+            params.append(SamplingParams(temperature=0.0, max_tokens=40, stop_token_ids=[tokens[len(tokens) // 2]]))
+        elif i % 3 == 1:
+            text = tokenizer.decode(tokens[len(tokens) // 2 : len(tokens) // 2 + 2])
+            params.append(SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, stop=[text]))
+        else:
+            params.append(SamplingParams(temperature=0.0, max_tokens=40, min_tokens=3))
+    expected = _outputs(sync_llm, prompts, params)
+    assert sync_llm.engine.scheduler.num_preemptions > 0  # the small cache really preempts
+    _assert_no_blocks_left(sync_llm)
+    assert not launches
+    ahead_llm = _llm(path, True, num_kv_blocks=24, block_size=4, max_model_len=96)
+    assert _outputs(ahead_llm, prompts, params) == expected
+    assert launches
+    assert any(reason == "stop" for _, reason, _ in expected)
+    _assert_no_blocks_left(ahead_llm)
+
+
+def test_sampling_runs_ahead_and_what_reads_the_host_does_not(checkpoints: dict[str, Path], launches: list[int]) -> None:
+    """Seeded sampling runs ahead (the same draws as the synchronous engine); logprobs and penalties
+    read the host's state each step, so batches with them run synchronously, with the same results."""
+    path = checkpoints["llama"]
+    prompts = random_prompts(200, [7, 12, 5, 9], seed=9)
+    params = [
+        SamplingParams(temperature=0.8, seed=4, max_tokens=25, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=2, repetition_penalty=1.3),
+        SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
+        SamplingParams(temperature=1.0, top_k=20, top_p=0.9, min_p=0.01, seed=8, max_tokens=30, ignore_eos=True),
+    ]
+    expected = _llm(path, False).generate(prompts, params)
+    assert not launches
+    actual = _llm(path, True).generate(prompts, params)
+    for e, a in zip(expected, actual):
+        assert a.outputs[0].token_ids == e.outputs[0].token_ids
+        assert a.outputs[0].logprobs == e.outputs[0].logprobs
+    assert launches and max(abs(n) for n in launches) == 3  # never with the logprobs request
+
+
+def test_abort_while_a_step_is_in_flight(checkpoints: dict[str, Path]) -> None:
+    """The aborted request gets no token after the abort; its blocks are held while the step that
+    still has its row runs, then freed."""
+    llm = _llm(checkpoints["llama"], True, block_size=4)
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=25, ignore_eos=True)
+    requests = [engine.add_request(str(i), prompt, params) for i, prompt in enumerate(random_prompts(200, [9, 14, 6], seed=2))]
+    engine.step()  # the prompts (synchronous)
+    engine.step()  # the first decode step is launched
+    engine.step()  # the second is launched, the first read back
+    victim = requests[1]
+    assert engine.pipeline._in_flight is not None and any(item.request is victim for item in engine.pipeline._in_flight.batch)
+    blocks = engine.core.block_manager
+    num_tokens, num_blocks, free_before = len(victim.output_token_ids), len(victim.block_table), blocks.num_free_blocks
+    engine.abort_request("1")
+    assert victim.finish_reason == "abort"
+    assert blocks.num_held_blocks == num_blocks  # a step in flight still writes one of its slots
+    assert blocks.num_free_blocks == free_before
+    engine.step()  # that step is read back: the blocks are freed
+    assert blocks.num_held_blocks == 0
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert len(victim.output_token_ids) == num_tokens
+    assert [len(r.output_token_ids) for r in (requests[0], requests[2])] == [25, 25]
+    _assert_no_blocks_left(llm)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_run_ahead_through_cuda_graphs(checkpoints: dict[str, Path], launches: list[int]) -> None:
+    """On a GPU each step's input ids come from the last graph replay's argmax, on the device:
+    the tokens still equal HF's and the synchronous engine's, stop tokens included."""
+    path = checkpoints["llama"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    prompts = random_prompts(model.config.vocab_size, [5, 17, 9, 30, 3, 12, 8], seed=7)
+    lengths = [12, 1, 20, 7, 15, 30, 2]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
+    gpu = LLM(model=str(path), device="cuda", dtype="float32", kv_cache_memory_gib=0.5)
+    ahead = _outputs(gpu, prompts, params)
+    for prompt, n, (tokens, _, _) in zip(prompts, lengths, ahead):
+        assert tokens == hf_greedy(model, prompt, n)
+    assert any(n < 0 for n in launches)  # relayed on the device
+    stops = [SamplingParams(temperature=0.0, max_tokens=30, stop_token_ids=[t[len(t) // 2]]) for t, _, _ in ahead]
+    sync = LLM(model=str(path), device="cuda", dtype="float32", kv_cache_memory_gib=0.5, async_scheduling=False)
+    assert _outputs(gpu, prompts, stops) == _outputs(sync, prompts, stops)
+    seeded = [SamplingParams(temperature=0.9, top_p=0.95, seed=i, max_tokens=20, ignore_eos=True) for i in range(len(prompts))]
+    launches.clear()
+    assert _outputs(gpu, prompts, seeded) == _outputs(sync, prompts, seeded)
+    assert any(n < 0 for n in launches)
+    _assert_no_blocks_left(gpu)
