@@ -1,5 +1,6 @@
 """Paged attention for one layer: rotary + KV store + attention over the block table, on the
-Triton kernels (CUDA) or their torch references (CPU). The metadata is built by the model runner."""
+Triton kernels (CUDA: one launch for a decode step) or their torch references (CPU). The metadata
+is built by the model runner."""
 
 from __future__ import annotations
 
@@ -48,12 +49,18 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         on_gpu = q.is_cuda
-        store = kernels.rotary_store_kv if on_gpu else kernels.rotary_store_kv_ref
         kv_scales = (self.k_scale, self.v_scale)
+        if meta.is_decode and on_gpu:  # rotary, KV store and attention in one launch
+            return kernels.rotary_decode_attention(
+                positions, q, k, v, cos_sin_cache, k_cache, v_cache, meta.slot_mapping,
+                meta.block_tables, meta.context_lens, self.scale, None, *kv_scales,
+            )  # fmt: skip
+        store = kernels.rotary_store_kv if on_gpu else kernels.rotary_store_kv_ref
         store(positions, q, k, v, cos_sin_cache, k_cache, v_cache, meta.slot_mapping, *kv_scales)
         if meta.is_decode:
-            decode = kernels.paged_decode_attention if on_gpu else kernels.paged_decode_attention_ref
-            return decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale, None, *kv_scales)
+            return kernels.paged_decode_attention_ref(
+                q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale, None, *kv_scales
+            )
         prefill = kernels.paged_prefill_attention if on_gpu else kernels.paged_prefill_attention_ref
         return prefill(
             q,

@@ -7,6 +7,7 @@ from pdserve.kernels.kv_store import store_kv_cache, store_kv_cache_ref
 from pdserve.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
 from pdserve.kernels.paged_prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
 from pdserve.kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
+from pdserve.kernels.rotary_decode_attention import rotary_decode_attention
 from pdserve.kernels.rotary_embedding import (
     rotary_embedding,
     rotary_embedding_ref,
@@ -28,6 +29,7 @@ __all__ = [
     "gemv_ref",
     "paged_decode_attention",
     "paged_decode_attention_ref",
+    "rotary_decode_attention",
     "paged_prefill_attention",
     "paged_prefill_attention_ref",
     "quantize_fp8_rows",
