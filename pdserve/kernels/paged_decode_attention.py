@@ -66,11 +66,50 @@ def _split_kernel(
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    offs_n = tl.arange(0, TILE_TOKENS)
     heads = kv_head * GROUP_SIZE + offs_g
     head_mask = (offs_g < GROUP_SIZE)[:, None] & (offs_d < HEAD_DIM)[None, :]
     q_offsets = seq.to(tl.int64) * stride_q_seq + heads[:, None] * stride_q_head + offs_d[None, :]
     q = tl.load(q_ptr + q_offsets, mask=head_mask, other=0.0)  # [GROUP_PAD, HEAD_DIM_PAD]
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
+    acc, m_i, l_i = attend_range(
+        q, k_cache_ptr, v_cache_ptr, table_row, kv_head * stride_cache_head, start, end, scale_log2e, k_scale,
+        v_scale, stride_cache_block, stride_cache_token, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE,
+        TILE_TOKENS, DOT_PRECISION, IS_FP8, COMPUTE_DTYPE,
+    )  # fmt: skip
+    store_split_result(
+        acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, seq, kv_head, split, num_splits,
+        stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, IS_SINGLE_SPLIT,
+    )  # fmt: skip
+
+
+@triton.jit
+def attend_range(
+    q,  # [GROUP_PAD, HEAD_DIM_PAD]: one GQA group's queries (rotated), q's dtype
+    k_cache_ptr,
+    v_cache_ptr,
+    table_row,  # the sequence's block table row
+    head_offset,  # kv_head * stride_cache_head
+    start,
+    end,
+    scale_log2e,
+    k_scale,
+    v_scale,
+    stride_cache_block,
+    stride_cache_token,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_TOKENS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    IS_FP8: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
+    """Attention of the group's queries over cache positions [start, end) (online softmax, log2
+    domain): (acc normalized and V-dequantized, running max m_i, running sum l_i). Shared by the
+    decode kernels (this file's and `rotary_decode_attention`'s)."""
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_n = tl.arange(0, TILE_TOKENS)
     qk_scale = scale_log2e
     if IS_FP8:
         # K's dequantization folded into the score scale; q pre-scaled (clamped to fp16's range, which
@@ -81,8 +120,7 @@ def _split_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)  # running max, log2 domain
     l_i = tl.zeros([GROUP_PAD], tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
-    table_row = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
-    head_offsets = kv_head * stride_cache_head + offs_d
+    head_offsets = head_offset + offs_d
     for tile_start in range(start, end, TILE_TOKENS):
         positions = tile_start + offs_n
         is_token = positions < end
@@ -102,16 +140,44 @@ def _split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
-
-    # An empty split (or a context_len-0 row) has l_i == 0 and acc == 0: it writes zeros.
+    # An empty split (or a context_len-0 row) has l_i == 0 and acc == 0: it gives zeros.
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if IS_FP8:
         acc = acc * v_scale  # V's dequantization: every split alike, so the merge is unchanged
+    return acc, m_i, l_i
+
+
+@triton.jit
+def store_split_result(
+    acc,
+    m_i,
+    l_i,
+    out_ptr,
+    partial_out_ptr,
+    partial_lse_ptr,
+    seq,
+    kv_head,
+    split,
+    num_splits,
+    stride_out_seq,
+    stride_out_head,
+    GROUP_SIZE: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    IS_SINGLE_SPLIT: tl.constexpr,
+):
+    """A split's result: the output itself when it is the only one, else its partial output and
+    log-sum-exp, partial_out [num_seqs, num_heads, num_splits, HEAD_DIM] and partial_lse
+    [num_seqs, num_heads, num_splits] (grid axis 0: the KV heads)."""
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    heads = kv_head * GROUP_SIZE + offs_g
+    head_mask = (offs_g < GROUP_SIZE)[:, None] & (offs_d < HEAD_DIM)[None, :]
     if IS_SINGLE_SPLIT:
         out_offsets = seq.to(tl.int64) * stride_out_seq + heads[:, None] * stride_out_head + offs_d[None, :]
         tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=head_mask)
     else:
-        # partial_out [num_seqs, num_heads, num_splits, HEAD_DIM], partial_lse [num_seqs, num_heads, num_splits]
         rows = (seq.to(tl.int64) * tl.num_programs(0) * GROUP_SIZE + heads) * num_splits + split
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(partial_lse_ptr + rows, lse, mask=offs_g < GROUP_SIZE)

@@ -14,14 +14,16 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.kernels.kv_quant import FP8_DTYPE, kv_compute_dtype, load_kv_tile, quantize_kv
+from pdserve.kernels.kv_quant import FP8_DTYPE, kv_compute_dtype, quantize_kv
 from pdserve.kernels.kv_store import check_kv_store_inputs
 from pdserve.kernels.paged_decode_attention import (
     DecodeLaunch,
     _shared_memory_per_sm,
     _sm_count,
+    attend_range,
     check_paged_inputs,
     choose_launch,
+    store_split_result,
 )
 
 
@@ -158,7 +160,6 @@ def _rotary_split_kernel(
     # loaded broadcast over the heads in that layout, which needs no layout conversion
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    offs_n = tl.arange(0, TILE_TOKENS)
     heads = kv_head * GROUP_SIZE + offs_g
     head_mask = (offs_g < GROUP_SIZE)[:, None] & (offs_d < HEAD_DIM)[None, :]
     offs_pair = (offs_d % half)[None, :]
@@ -185,46 +186,18 @@ def _rotary_split_kernel(
     tl.store(v_slot + half, quantize_kv(v2, v_inv_scale, v_cache_ptr, IS_FP8), mask=store_mask)
     tl.debug_barrier()
 
-    # From here to the end of the loop: _split_kernel's code, unchanged
-    qk_scale = scale_log2e
-    if IS_FP8:
-        q = tl.minimum(tl.maximum(q.to(tl.float32) * scale_log2e, -65504.0), 65504.0).to(COMPUTE_DTYPE)
-        qk_scale = k_scale
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
-    head_offsets = kv_head * stride_cache_head + offs_d
-    for tile_start in range(start, end, TILE_TOKENS):
-        positions = tile_start + offs_n
-        is_token = positions < end
-        block_ids = tl.load(table_row + positions // BLOCK_SIZE, mask=is_token, other=0).to(tl.int64)
-        token_offsets = block_ids * stride_cache_block + (positions % BLOCK_SIZE) * stride_cache_token
-        kv_offsets = token_offsets[:, None] + head_offsets[None, :]
-        kv_mask = is_token[:, None] & (offs_d < HEAD_DIM)[None, :]
-        k = load_kv_tile(k_cache_ptr, kv_offsets, kv_mask, COMPUTE_DTYPE, IS_FP8)
-        v = load_kv_tile(v_cache_ptr, kv_offsets, kv_mask, COMPUTE_DTYPE, IS_FP8)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        scores = tl.where(is_token[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-
-    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    if IS_FP8:
-        acc = acc * v_scale
-    if IS_SINGLE_SPLIT:
-        out_offsets = seq.to(tl.int64) * stride_out_seq + heads[:, None] * stride_out_head + offs_d[None, :]
-        tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=head_mask)
-    else:
+    acc, m_i, l_i = attend_range(
+        q, k_cache_ptr, v_cache_ptr, table_row, kv_head * stride_cache_head, start, end, scale_log2e, k_scale,
+        v_scale, stride_cache_block, stride_cache_token, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE,
+        TILE_TOKENS, DOT_PRECISION, IS_FP8, COMPUTE_DTYPE,
+    )  # fmt: skip
+    store_split_result(
+        acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, seq, kv_head, split, num_splits,
+        stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, IS_SINGLE_SPLIT,
+    )  # fmt: skip
+    if not IS_SINGLE_SPLIT:
         group_first_row = (seq.to(tl.int64) * tl.num_programs(0) + kv_head) * GROUP_SIZE * num_splits
-        rows = group_first_row + offs_g * num_splits + split
-        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        tl.store(partial_lse_ptr + rows, lse, mask=offs_g < GROUP_SIZE)
-        tl.store(partial_out_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=head_mask)
         # The last program of this (seq, kv_head) to get here merges. Ordering: every thread's
         # partial stores, then a CTA barrier, then one thread's gpu-scope acq_rel increment
         # (release is cumulative: it publishes the whole program's stores); increments of one
