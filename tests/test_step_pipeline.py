@@ -68,9 +68,15 @@ def test_every_way_of_ending_matches_sync(checkpoints: dict[str, Path], launches
     stop strings end it from the detokenizer, and a KV cache this small preempts requests."""
     path = checkpoints["qwen2"]
     sync_llm = _llm(path, False, num_kv_blocks=24, block_size=4, max_model_len=96)
+    ahead_llm = _llm(path, True, num_kv_blocks=24, block_size=4, max_model_len=96)
     prompts = random_prompts(sync_llm.get_tokenizer().vocab_size, [6, 11, 4, 19, 8, 13], seed=5)
     free = [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True) for _ in prompts]
     reference = _outputs(sync_llm, prompts, free)
+    assert not launches
+    assert _outputs(ahead_llm, prompts, free) == reference
+    assert launches
+    # the small cache really preempts, in both
+    assert sync_llm.engine.scheduler.num_preemptions > 0 and ahead_llm.engine.scheduler.num_preemptions > 0
     # A stop token that comes mid-way through each greedy output, a stop string likewise, and EOS
     params = []
     tokenizer = sync_llm.get_tokenizer()
@@ -83,13 +89,9 @@ def test_every_way_of_ending_matches_sync(checkpoints: dict[str, Path], launches
         else:
             params.append(SamplingParams(temperature=0.0, max_tokens=40, min_tokens=3))
     expected = _outputs(sync_llm, prompts, params)
-    assert sync_llm.engine.scheduler.num_preemptions > 0  # the small cache really preempts
-    _assert_no_blocks_left(sync_llm)
-    assert not launches
-    ahead_llm = _llm(path, True, num_kv_blocks=24, block_size=4, max_model_len=96)
     assert _outputs(ahead_llm, prompts, params) == expected
-    assert launches
     assert any(reason == "stop" for _, reason, _ in expected)
+    _assert_no_blocks_left(sync_llm)
     _assert_no_blocks_left(ahead_llm)
 
 
@@ -138,6 +140,83 @@ def test_abort_while_a_step_is_in_flight(checkpoints: dict[str, Path]) -> None:
     assert len(victim.output_token_ids) == num_tokens
     assert [len(r.output_token_ids) for r in (requests[0], requests[2])] == [25, 25]
     _assert_no_blocks_left(llm)
+
+
+def test_more_sequences_than_max_num_seqs(checkpoints: dict[str, Path], launches: list[int]) -> None:
+    """n > 1 siblings may outnumber max_num_seqs once forked; such a batch still runs ahead."""
+    path, prompt = checkpoints["llama"], [[1, 2, 3, 4, 5]]
+    params = SamplingParams(n=4, temperature=0.8, seed=1, max_tokens=6, ignore_eos=True)
+    expected = _llm(path, False, max_num_seqs=2).generate(prompt, params)
+    ahead_llm = _llm(path, True, max_num_seqs=2)
+    actual = ahead_llm.generate(prompt, params)
+    assert [c.token_ids for c in actual[0].outputs] == [c.token_ids for c in expected[0].outputs]
+    assert 4 in [abs(n) for n in launches]
+    _assert_no_blocks_left(ahead_llm)
+
+
+def test_a_failed_launch_leaves_no_block_held(checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A launch that raises (a CUDA error, say) with a step in flight: the engine's error path
+    (`reset`, then every request aborted, as AsyncEngine._fail_all does) frees every block, and the
+    engine serves the next request."""
+    llm = _llm(checkpoints["llama"], True, block_size=4)
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    for i in range(2):
+        engine.add_request(str(i), [1, 2, 3, 4, 5, 6, 7], params)
+    engine.step()  # the prompts
+    engine.step()  # the first decode step is launched
+    engine.abort_request("1")  # its blocks held behind the step in flight
+    launch = ModelRunner.launch
+
+    def failing(self, batch, previous):  # type: ignore[no-untyped-def]
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(ModelRunner, "launch", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.step()
+    monkeypatch.setattr(ModelRunner, "launch", launch)
+    engine.pipeline.reset()
+    engine.abort_request("0")
+    _assert_no_blocks_left(llm)
+    output = llm.generate([[9, 8, 7]], params)[0].outputs[0]
+    assert len(output.token_ids) == 20
+    _assert_no_blocks_left(llm)
+
+
+def test_a_recomputed_one_token_chunk_is_not_a_decode_step(checkpoints: dict[str, Path]) -> None:
+    """A preempted request recomputes its tokens in chunks; a chunk of one token that is not its
+    last known token must be computed as such, not launched as a decode step."""
+
+    def run(run_ahead: bool) -> list[int]:
+        llm = _llm(checkpoints["llama"], run_ahead, block_size=4, max_num_batched_tokens=2, max_model_len=64)
+        engine = llm.engine
+        params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+        engine.add_request("a", [5, 6, 7], params)
+        b = engine.add_request("b", [8, 9, 10], params)
+        while len(b.output_token_ids) < 12:
+            engine.step()
+        engine.pipeline.run_ahead = False
+        engine.step()  # reads back the step in flight
+        engine.pipeline.run_ahead = run_ahead
+        engine.scheduler.running.remove(b)  # preempted, as Scheduler._grow does when blocks run out
+        engine.scheduler._preempt(b)
+        while engine.has_unfinished_requests():
+            engine.step()
+        return b.output_token_ids
+
+    assert run(True) == run(False)
+
+
+def test_decoded_blocks_enter_the_prefix_cache(checkpoints: dict[str, Path]) -> None:
+    """Full blocks of prompt + output are cached as the synchronous engine caches them."""
+    cached = []
+    for run_ahead in (False, True):
+        llm = _llm(checkpoints["llama"], run_ahead, block_size=4)
+        tokens = [5, 6, 7] + llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))[0].outputs[
+            0
+        ].token_ids
+        cached.append(llm.engine.core.block_manager.match_prefix(tokens))
+    assert cached == [4, 4]
 
 
 @pytest.mark.gpu

@@ -64,7 +64,7 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
         "--async-scheduling",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="launch each greedy decode step before the last one's tokens are read back (default: on)",
+        help="launch each decode step before the last one's tokens are read back (default: on)",
     )
     serve.add_argument(
         "--kv-transport",

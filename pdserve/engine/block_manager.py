@@ -164,10 +164,11 @@ class BlockManager:
         """`step` (a number that grows) is now the newest step in flight; None: none is."""
         self._fence = step
 
-    def release_held(self, step: int) -> None:
-        """Step `step` is done: the frees that waited for it (or for an earlier step) happen."""
-        done = [blocks for fence, blocks in self._held if fence <= step]
-        self._held = [(fence, blocks) for fence, blocks in self._held if fence > step]
+    def release_held(self, step: int | None) -> None:
+        """Step `step` is done: the frees that waited for it (or for an earlier step) happen; None:
+        every held free (no step is in flight any more)."""
+        done = [blocks for fence, blocks in self._held if step is None or fence <= step]
+        self._held = [(fence, blocks) for fence, blocks in self._held if step is not None and fence > step]
         for blocks in done:
             self._drop_references(blocks)
 

@@ -217,6 +217,8 @@ class ModelRunner:
             inputs = self.prepare_inputs(batch, input_ids)
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
             ids = draw(self.model.compute_logits(hidden), requests)
+        if n > self._launched_ids.shape[1]:  # n > 1 siblings can outnumber max_num_seqs; a step in flight keeps its view
+            self._launched_ids = torch.zeros(2, n, dtype=torch.long, pin_memory=self.device.type == "cuda")
         host_ids = self._launched_ids[self._num_launched % 2, :n]
         host_ids.copy_(ids, non_blocking=True)
         done = None

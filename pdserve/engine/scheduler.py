@@ -183,7 +183,7 @@ class Scheduler:
             self._append(request, token, None)
             updated.append(request)
             num_known = min(request.num_computed_tokens, request.num_tokens)  # computed, and token ids known
-            if request.block_table and num_known % block_size == 0:
+            if request.block_table and num_known >= block_size:  # idempotent: only new full blocks cost
                 self.block_manager.cache_full_blocks(
                     request.block_table, request.all_token_ids, num_known, request.params.cache_salt
                 )

@@ -1,10 +1,11 @@
 """`StepPipeline`: runs a scheduler's steps on the model runner, one decode step ahead of the host
 when it can (SGLang's overlap scheduler, vLLM's async scheduling). Step n+1 is launched before
-step n's tokens are read back: its input ids come from step n's argmax on the device, so the GPU
-goes from one graph replay to the next while the host appends, checks stops and streams step n.
+step n's tokens are read back: its input ids come from step n's sampled ids on the device, so the
+GPU goes from one graph replay to the next while the host appends, checks stops and streams step n.
 
 A step runs ahead only when it is a plain decode step of requests whose sampling needs nothing
-from their output so far (`runs_ahead`: greedy, no logprobs, no penalties or grammar); anything
+from their output so far (`runs_ahead`: greedy or plain random sampling, seeded or not; no
+logprobs, penalties, biases, grammar, or min_tokens still pending); anything
 else (a prefill, a waiting or preempted request, sampling that reads the host's state) runs as
 before, after the step in flight is processed. A request that stops at step n (EOS, stop token,
 abort) still has a row in step n+1; that row is dropped, and the blocks freed meanwhile are held
@@ -46,37 +47,42 @@ class StepPipeline:
             if not batch:
                 return None
             num_tokens = sum(item.num_tokens for item in batch)
-            if self._can_run_ahead(batch):
-                self._launch(batch, None)
+            # A one-token chunk that is not the last known token (a recompute) is no decode step
+            if all(item.is_sampled for item in batch) and self._can_run_ahead(batch):
+                self._in_flight = self._launch(batch, None)
                 return StepResult(num_tokens, [])
             return StepResult(num_tokens, self.scheduler.update(batch, self.runner.execute(batch)))
-        self._in_flight = None
         ahead = self.scheduler.schedule_ahead([item.request for item in in_flight.batch])
-        if ahead and self._can_run_ahead(ahead):
-            self._launch(ahead, in_flight)
+        launched = self._launch(ahead, in_flight) if ahead and self._can_run_ahead(ahead) else None
         token_ids = in_flight.token_ids()  # waits for the step (the next one is queued behind it)
+        self._in_flight = launched
         blocks = self.scheduler.block_manager
-        if self._in_flight is None:
+        if launched is None:
             blocks.fence(None)
         updated = self.scheduler.update_ahead(in_flight.batch, in_flight.epochs, token_ids)
         blocks.release_held(in_flight.seq)
-        return StepResult(len(ahead) if ahead and self._in_flight is not None else 0, updated)
+        return StepResult(len(launched.batch) if launched is not None else 0, updated)
 
     def reset(self) -> None:
-        """After a failed step: forget the step in flight; held blocks are freed."""
-        if self._in_flight is not None:
-            self.scheduler.block_manager.fence(None)
-            self.scheduler.block_manager.release_held(self._in_flight.seq)
-            self._in_flight = None
+        """After a failed step: the step in flight is waited for (if the device still runs) and
+        forgotten, and every held block is freed."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None and in_flight.done is not None:
+            try:
+                in_flight.done.synchronize()
+            except RuntimeError:  # a broken device: nothing runs any more
+                pass
+        self.scheduler.block_manager.fence(None)
+        self.scheduler.block_manager.release_held(None)
 
     def _can_run_ahead(self, batch: list[ScheduledRequest]) -> bool:
         return self.run_ahead and all(
             item.num_tokens == 1 and item.request.is_prefill_done and runs_ahead(item.request) for item in batch
         )
 
-    def _launch(self, batch: list[ScheduledRequest], previous: InFlightStep | None) -> None:
+    def _launch(self, batch: list[ScheduledRequest], previous: InFlightStep | None) -> InFlightStep:
         step = self.runner.launch(batch, previous)
         for item in batch:
             item.request.num_computed_tokens += 1  # its KV is being written
         self.scheduler.block_manager.fence(step.seq)
-        self._in_flight = step
+        return step
