@@ -108,7 +108,7 @@ class DecodeGraphRunner:
         replay, which the host need not have seen (the step runs ahead of the host)."""
         n = len(requests)
         if input_ids is None:
-            input_ids = [(r.output_token_ids or r.prompt_token_ids)[-1] for r in requests]
+            input_ids = [r.last_token_id for r in requests]
         bs = next(b for b in self.buckets if b >= n)
         block, width = self.block_size, self.longs.shape[1]
         staging = self._staging[self._turn]

@@ -203,10 +203,10 @@ class ModelRunner:
         previous_rows = [rows.get(id(r), -1) for r in requests]
         on_device = self.graphs is not None and self.graphs.can_run(n)
         if on_device and previous is not None and previous.on_device:
-            input_ids = [0 if row >= 0 else _last_token(r) for r, row in zip(requests, previous_rows)]
+            input_ids = [0 if row >= 0 else r.last_token_id for r, row in zip(requests, previous_rows)]
         else:
             known = previous.token_ids() if previous is not None else []
-            input_ids = [known[row] if row >= 0 else _last_token(r) for r, row in zip(requests, previous_rows)]
+            input_ids = [known[row] if row >= 0 else r.last_token_id for r, row in zip(requests, previous_rows)]
             previous_rows = [-1] * n
         if on_device:
             assert self.graphs is not None
@@ -304,10 +304,6 @@ def _with_siblings(step: StepLogits) -> StepLogits:
     index = torch.tensor(rows, device=step.logits.device)
     greedy = step.greedy_ids[index] if step.greedy_ids is not None else None
     return StepLogits(step.logits[index], greedy, requests, step.prompt_logprobs)
-
-
-def _last_token(request: Request) -> int:
-    return (request.output_token_ids or request.prompt_token_ids)[-1]
 
 
 def _family_rows(requests: list[Request]) -> list[Request]:

@@ -80,6 +80,10 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def last_token_id(self) -> int:
+        return (self.output_token_ids or self.prompt_token_ids)[-1]
+
+    @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
@@ -111,10 +115,15 @@ class Request:
         if self.grammar is not None and self.grammar.is_terminated:  # complete: only EOS could follow
             self.finish("stop")
             return True
-        if (params.max_tokens is not None and num_output >= params.max_tokens) or self.num_tokens >= max_model_len:
+        if self.ends_by_length(num_output, max_model_len):
             self.finish("length")
             return True
         return False
+
+    def ends_by_length(self, num_output: int, max_model_len: int) -> bool:
+        """Whether `num_output` output tokens reach max_tokens or the context length."""
+        max_tokens = self.params.max_tokens
+        return (max_tokens is not None and num_output >= max_tokens) or self.num_prompt_tokens + num_output >= max_model_len
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,7 @@ class Scheduler:
         batch = []
         for request in self.running:
             if id(request) in flying:
-                if self._ends_by_length(request, len(request.output_token_ids) + 1):
+                if request.ends_by_length(len(request.output_token_ids) + 1, self.max_model_len):
                     continue
             elif request.num_computed_tokens + 1 != request.num_tokens:
                 return None
@@ -103,12 +103,6 @@ class Scheduler:
             if not self.block_manager.append_slots(item.request.block_table, item.request.num_computed_tokens + 1):
                 return None  # needs a preemption: done by `schedule` once the host has the tokens
         return batch
-
-    def _ends_by_length(self, request: Request, num_output: int) -> bool:
-        max_tokens = request.params.max_tokens
-        return (
-            max_tokens is not None and num_output >= max_tokens
-        ) or request.num_prompt_tokens + num_output >= self.max_model_len
 
     def _grow(self, request: Request, num_tokens: int) -> bool:
         """Blocks for `num_tokens` slots, preempting from the back of `running` until they fit."""
