@@ -329,7 +329,8 @@ def test_redis_down_then_restarted_empty_never_hangs_a_request(cluster: Cluster,
 
 def test_a_killed_prefill_worker_fails_its_requests_over(cluster: Cluster, gateway: str, prompts: list[str]) -> None:
     def fault() -> None:
-        cluster.wait_for_phases("prefill-1", lambda s: s.num_waiting > 0 and s.num_running > 0)
+        # several prompts held, at least one in its forward pass (all of them may fit one batch)
+        cluster.wait_for_phases("prefill-1", lambda s: s.num_running > 0 and s.num_running + s.num_waiting >= 2)
         cluster.workers["prefill-1"].signal(signal.SIGKILL)
 
     outcomes, fault_at = load(cluster, gateway, prompts[:12], fault)

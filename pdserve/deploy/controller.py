@@ -225,10 +225,14 @@ class Controller:
         if worker.state is WorkerState.STARTING:  # it holds nothing and gets no traffic yet
             self._remove(worker, "stopped before it was ready", kill=True)
             return
-        worker.load_at_drain = worker.load
+        worker.load_at_drain = worker.load  # the last poll's, until the worker answers with its own
         worker.enter(WorkerState.DRAINING)
         logger.info("draining %s (%s)", worker.worker_id, worker.load)
-        self._spawn(_ref(worker.actor.drain.remote()))
+        self._spawn(self._mark_draining(worker))
+
+    async def _mark_draining(self, worker: PoolWorker) -> None:
+        loads = await asyncio.wait_for(_ref(worker.actor.drain.remote()), POLL_TIMEOUT_S)
+        worker.load_at_drain = next((WorkerLoad.of(s) for s in loads if s["worker_id"] == worker.worker_id), worker.load_at_drain)
 
     def _leave_reason(self, worker: PoolWorker) -> str | None:
         """Why a draining worker may exit now: it holds nothing once no gateway can still pick it."""

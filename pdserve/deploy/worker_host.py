@@ -122,11 +122,13 @@ class WorkerHost:
         except Exception:  # noqa: BLE001 - the TTL removes the record anyway
             pass
 
-    def drain(self) -> None:
+    def drain(self) -> dict[str, object]:
         """Leave the pool: every gateway's next status poll sees the worker draining and routes it
-        nothing new; its registry record goes. What it holds runs to completion."""
+        nothing new; its registry record goes. What it holds runs to completion. Returns what it
+        held at that moment."""
         self._worker.is_draining = True
         self._stop_heartbeat.set()
+        return self.load()
 
     def load(self) -> dict[str, object]:
         """The worker's status counts (`num_running`, `num_waiting`, `num_used_blocks`, ...)."""
@@ -176,9 +178,8 @@ class WorkerProcess:
     def load(self) -> list[dict[str, object]]:
         return [host.load() for host in self.hosts if host.worker is not None]
 
-    def drain(self) -> None:
-        for host in self.hosts:
-            host.drain()
+    def drain(self) -> list[dict[str, object]]:
+        return [host.drain() for host in self.hosts if host.worker is not None]
 
     def stop(self) -> None:
         for host in self.hosts:
