@@ -96,15 +96,18 @@ def test_every_way_of_ending_matches_sync(checkpoints: dict[str, Path], launches
 
 
 def test_sampling_runs_ahead_and_what_reads_the_host_does_not(checkpoints: dict[str, Path], launches: list[int]) -> None:
-    """Seeded sampling runs ahead (the same draws as the synchronous engine); logprobs and penalties
-    read the host's state each step, so batches with them run synchronously, with the same results."""
+    """Seeded sampling and logprobs run ahead (the same draws and logprobs as the synchronous
+    engine, the logprobs read back with the tokens); penalties read the host's state each step, so
+    batches with them run synchronously, with the same results."""
     path = checkpoints["llama"]
-    prompts = random_prompts(200, [7, 12, 5, 9], seed=9)
+    prompts = random_prompts(200, [7, 12, 5, 9, 6, 11], seed=9)
     params = [
         SamplingParams(temperature=0.8, seed=4, max_tokens=25, ignore_eos=True),
         SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=2, repetition_penalty=1.3),
         SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
         SamplingParams(temperature=1.0, top_k=20, top_p=0.9, min_p=0.01, seed=8, max_tokens=30, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=3),
+        SamplingParams(temperature=0.7, seed=5, max_tokens=18, ignore_eos=True, logprobs=0),
     ]
     expected = _llm(path, False).generate(prompts, params)
     assert not launches
@@ -112,7 +115,10 @@ def test_sampling_runs_ahead_and_what_reads_the_host_does_not(checkpoints: dict[
     for e, a in zip(expected, actual):
         assert a.outputs[0].token_ids == e.outputs[0].token_ids
         assert a.outputs[0].logprobs == e.outputs[0].logprobs
-    assert launches and max(abs(n) for n in launches) == 3  # never with the logprobs request
+    assert [len(o.outputs[0].logprobs or []) for o in actual] == [0, 10, 0, 0, 20, 18]
+    assert all(len(top) in (3, 4) for top in actual[4].outputs[0].logprobs)  # the top 3, and the token if not in them
+    # every launch but with the penalty request: the logprobs requests ran ahead
+    assert launches and max(abs(n) for n in launches) == 5
 
 
 def test_abort_while_a_step_is_in_flight(checkpoints: dict[str, Path]) -> None:

@@ -23,7 +23,7 @@ from pdserve.engine.outputs import TokenLogprobs
 from pdserve.engine.prompt_logprobs import compute_prompt_logprobs, prompt_targets
 from pdserve.engine.quant_config import resolve_quantization
 from pdserve.engine.request import Request, ScheduledRequest
-from pdserve.engine.sampler import Sampler, SamplerOutput, draw, only_argmax
+from pdserve.engine.sampler import LogprobTensors, Sampler, SamplerOutput, draw, only_argmax
 from pdserve.kernels.kv_quant import as_bytes
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class InFlightStep:
     on_device: bool  # its tokens are in the graphs' token buffer, where the next replay can read them
     host_ids: torch.Tensor  # int64 [len(batch)], pinned on a GPU: the tokens, once `done` fired
     done: torch.cuda.Event | None
+    logprobs: LogprobTensors | None = None  # on the host once `done` fired; None: no row asked
     _token_ids: list[int] | None = None
 
     def row_of(self) -> dict[int, int]:
@@ -61,6 +62,13 @@ class InFlightStep:
                 self.done.synchronize()
             self._token_ids = self.host_ids.tolist()
         return self._token_ids
+
+    def token_logprobs(self) -> list[TokenLogprobs | None]:
+        """Each row's logprobs (None where not asked for). Waits for the step."""
+        token_ids = self.token_ids()
+        if self.logprobs is None:
+            return [None] * len(token_ids)
+        return self.logprobs.unpack(token_ids, [item.request for item in self.batch])
 
 
 @dataclass
@@ -216,7 +224,11 @@ class ModelRunner:
         else:
             inputs = self.prepare_inputs(batch, input_ids)
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
-            ids = draw(self.model.compute_logits(hidden), requests)
+            logits = self.model.compute_logits(hidden)
+            ids = draw(logits, requests)
+        logprobs = None
+        if any(r.params.logprobs is not None for r in requests):  # of the model's distribution, as `Sampler`'s
+            logprobs = LogprobTensors.of(torch.log_softmax(logits, dim=-1), ids, requests).to_host()
         if n > self._launched_ids.shape[1]:  # n > 1 siblings can outnumber max_num_seqs; a step in flight keeps its view
             self._launched_ids = torch.zeros(2, n, dtype=torch.long, pin_memory=self.device.type == "cuda")
         host_ids = self._launched_ids[self._num_launched % 2, :n]
@@ -227,7 +239,7 @@ class ModelRunner:
             done.record()
         self._num_launched += 1
         epochs = [r.num_preemptions for r in requests]
-        return InFlightStep(self._num_launched, batch, epochs, on_device, host_ids, done)
+        return InFlightStep(self._num_launched, batch, epochs, on_device, host_ids, done, logprobs)
 
     def compute_logits(self, batch: list[ScheduledRequest], on_layer: Callable[[int], None] | None = None) -> StepLogits:
         if on_layer is None and self.graphs is not None and self.graphs.can_run(len(batch)) and _is_plain_decode(batch):

@@ -55,7 +55,7 @@ class Sampler:
         ids = token_ids.tolist()
         if raw_logprobs is None:
             return SamplerOutput(ids, [None] * len(ids))
-        return SamplerOutput(ids, _gather_logprobs(raw_logprobs, token_ids, requests))
+        return SamplerOutput(ids, LogprobTensors.of(raw_logprobs, token_ids, requests).unpack(ids, requests))
 
 
 def draw(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -89,13 +89,12 @@ def only_argmax(requests: list[Request]) -> bool:
 
 def runs_ahead(request: Request) -> bool:
     """Whether the request's next token can be sampled before the host has seen the last one:
-    nothing about its sampling depends on its output so far (`draw` alone: no logprobs, no stop
-    tokens held back, nothing done to the logits, no grammar), and no sibling waits to fork from
-    its next sample."""
+    nothing about its sampling depends on its output so far (`draw` alone, its logprobs read back
+    with the token: no stop tokens held back, nothing done to the logits, no grammar), and no
+    sibling waits to fork from its next sample."""
     params = request.params
     return (
-        params.logprobs is None
-        and len(request.output_token_ids) >= params.min_tokens
+        len(request.output_token_ids) >= params.min_tokens
         and not needs_processing(request)
         and request.grammar is None
         and not request.has_unforked_siblings
@@ -164,19 +163,39 @@ def _top_k_top_p(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter_(-1, order, sorted_logits)
 
 
-def _gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, requests: list[Request]) -> list[TokenLogprobs | None]:
-    num_top = max(r.params.logprobs or 0 for r in requests)
-    top_values, top_ids = logprobs.topk(num_top, dim=-1) if num_top else (logprobs[:, :0], token_ids[:, None][:, :0])
-    chosen = logprobs.gather(1, token_ids.unsqueeze(1))
-    ranks = (logprobs > chosen).sum(dim=-1) + 1
-    chosen, ranks = chosen.squeeze(1).tolist(), ranks.tolist()
-    top_values, top_ids, ids = top_values.tolist(), top_ids.tolist(), token_ids.tolist()
-    out: list[TokenLogprobs | None] = []
-    for i, r in enumerate(requests):
-        n = r.params.logprobs
-        if n is None:
-            out.append(None)
-            continue
-        top = tuple(zip(top_ids[i][:n], top_values[i][:n]))
-        out.append(TokenLogprobs(ids[i], chosen[i], ranks[i], top))
-    return out
+@dataclass
+class LogprobTensors:
+    """A step's logprobs, computed on the logits' device: each row's sampled token's logprob and
+    rank, and the row's top-n; read as `TokenLogprobs` once on the host (`unpack`)."""
+
+    chosen: torch.Tensor  # float32 [rows]
+    ranks: torch.Tensor  # int64 [rows]: 1 + the tokens more likely than the sampled one
+    top_values: torch.Tensor  # float32 [rows, n], n the batch's largest request
+    top_ids: torch.Tensor  # int64 [rows, n]
+
+    @classmethod
+    def of(cls, logprobs: torch.Tensor, token_ids: torch.Tensor, requests: list[Request]) -> LogprobTensors:
+        """`logprobs`: log_softmax of the logits `[rows, vocab]`; `token_ids` the sampled tokens."""
+        num_top = max(r.params.logprobs or 0 for r in requests)
+        top_values, top_ids = logprobs.topk(num_top, dim=-1) if num_top else (logprobs[:, :0], token_ids[:, None][:, :0])
+        chosen = logprobs.gather(1, token_ids.unsqueeze(1))
+        ranks = (logprobs > chosen).sum(dim=-1) + 1
+        return cls(chosen.squeeze(1), ranks, top_values, top_ids)
+
+    def to_host(self) -> LogprobTensors:
+        """Copies to the host, queued behind the step (pinned memory: nothing waits); read them
+        once the step is done."""
+        return LogprobTensors(*(t.to("cpu", non_blocking=True) for t in (self.chosen, self.ranks, self.top_values, self.top_ids)))
+
+    def unpack(self, token_ids: list[int], requests: list[Request]) -> list[TokenLogprobs | None]:
+        chosen, ranks = self.chosen.tolist(), self.ranks.tolist()
+        top_values, top_ids = self.top_values.tolist(), self.top_ids.tolist()
+        out: list[TokenLogprobs | None] = []
+        for i, r in enumerate(requests):
+            n = r.params.logprobs
+            if n is None:
+                out.append(None)
+                continue
+            top = tuple(zip(top_ids[i][:n], top_values[i][:n]))
+            out.append(TokenLogprobs(token_ids[i], chosen[i], ranks[i], top))
+        return out

@@ -165,16 +165,23 @@ class Scheduler:
         self.running = [r for r in self.running if not r.is_finished]
         return updated
 
-    def update_ahead(self, batch: list[ScheduledRequest], epochs: list[int], token_ids: list[int]) -> list[Request]:
-        """Record a launched-ahead step's tokens (its requests' num_computed_tokens advanced at
-        launch). Rows of requests that ended, or were recomputed, since the launch are dropped."""
+    def update_ahead(
+        self,
+        batch: list[ScheduledRequest],
+        epochs: list[int],
+        token_ids: list[int],
+        logprobs: list[TokenLogprobs | None],
+    ) -> list[Request]:
+        """Record a launched-ahead step's tokens and logprobs (its requests' num_computed_tokens
+        advanced at launch). Rows of requests that ended, or were recomputed, since the launch are
+        dropped."""
         updated = []
         block_size = self.block_manager.block_size
-        for item, epoch, token in zip(batch, epochs, token_ids):
+        for item, epoch, token, token_logprobs in zip(batch, epochs, token_ids, logprobs):
             request = item.request
             if request.is_finished or request.num_preemptions != epoch:
                 continue
-            self._append(request, token, None)
+            self._append(request, token, token_logprobs)
             updated.append(request)
             num_known = min(request.num_computed_tokens, request.num_tokens)  # computed, and token ids known
             if request.block_table and num_known >= block_size:  # idempotent: only new full blocks cost

@@ -4,8 +4,9 @@ step n's tokens are read back: its input ids come from step n's sampled ids on t
 GPU goes from one graph replay to the next while the host appends, checks stops and streams step n.
 
 A step runs ahead only when it is a plain decode step of requests whose sampling needs nothing
-from their output so far (`runs_ahead`: greedy or plain random sampling, seeded or not; no
-logprobs, penalties, biases, grammar, or min_tokens still pending); anything
+from their output so far (`runs_ahead`: greedy or plain random sampling, seeded or not, with or
+without logprobs, which are computed on the device and read back with the tokens; no penalties,
+biases, grammar, or min_tokens still pending); anything
 else (a prefill, a waiting or preempted request, sampling that reads the host's state) runs as
 before, after the step in flight is processed. A request that stops at step n (EOS, stop token,
 abort) still has a row in step n+1; that row is dropped, and the blocks freed meanwhile are held
@@ -59,7 +60,7 @@ class StepPipeline:
         blocks = self.scheduler.block_manager
         if launched is None:
             blocks.fence(None)
-        updated = self.scheduler.update_ahead(in_flight.batch, in_flight.epochs, token_ids)
+        updated = self.scheduler.update_ahead(in_flight.batch, in_flight.epochs, token_ids, in_flight.token_logprobs())
         blocks.release_held(in_flight.seq)
         return StepResult(len(launched.batch) if launched is not None else 0, updated)
 

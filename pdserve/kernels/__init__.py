@@ -1,5 +1,6 @@
 """Triton kernels of the model forward pass, each with its plain-torch reference (`*_ref`)."""
 
+from pdserve.kernels.argmax import argmax, argmax_ref
 from pdserve.kernels.fp8_quant import quantize_fp8_rows, quantize_fp8_rows_ref
 from pdserve.kernels.gemv import GEMV_MAX_ROWS, gemv, gemv_ref
 from pdserve.kernels.kv_block_copy import copy_kv_blocks, copy_kv_blocks_ref
@@ -20,6 +21,8 @@ from pdserve.kernels.w4_matmul import w4_dequantize_ref, w4_matmul, w4_matmul_re
 from pdserve.kernels.w8_matmul import w8_matmul, w8_matmul_ref
 
 __all__ = [
+    "argmax",
+    "argmax_ref",
     "GEMV_MAX_ROWS",
     "copy_kv_blocks",
     "copy_kv_blocks_ref",
