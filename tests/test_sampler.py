@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pdserve.engine.logits_processors import TokenCounts
 from pdserve.engine.request import Request
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.sampling_params import SamplingParams
@@ -110,3 +111,20 @@ def test_logprobs_are_the_models_log_softmax() -> None:
     assert [t for t, _ in lp.top] == reference.topk(5).indices.tolist()
     assert all(abs(v - reference[t].item()) < 1e-6 for t, v in lp.top)
     assert out.logprobs[1] is None
+
+
+def test_a_token_counted_ahead_is_counted_once_when_another_request_catches_up() -> None:
+    """Penalty counts: request b's token in flight is counted on the device at launch; request a,
+    in the same batch, has a host token not counted yet (it joined the batch): counting a's must
+    not make b's token count again once the host appends it."""
+    counts = TokenCounts(VOCAB, torch.device("cpu"))
+    a, b = make_request(SamplingParams(frequency_penalty=1.0)), make_request(SamplingParams(frequency_penalty=1.0))
+    a.output_token_ids, b.output_token_ids = [2], [3]
+    counts.rows([a, b])
+    counts.count_ahead([b], torch.tensor([4]))  # b's next token, still on the device
+    a.output_token_ids.append(5)
+    counts.rows([a, b])  # a's new token counted; b's in flight is already
+    b.output_token_ids.append(4)  # the host appends b's token
+    rows = counts.rows([a, b])
+    expected = [torch.bincount(torch.tensor(r.output_token_ids), minlength=VOCAB).tolist() for r in (a, b)]
+    assert counts.output_counts[rows].tolist() == expected

@@ -5,6 +5,7 @@ step is in flight are held until that step is done; nothing leaks."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,16 @@ def _assert_no_blocks_left(llm: LLM) -> None:
     assert not llm.engine.has_unfinished_requests()
 
 
+def _assert_same_logprobs(actual: list | None, expected: list | None) -> None:
+    """The same tokens and ranks, the values equal up to float rounding (a stale row of a request
+    that just stopped makes a step ahead one row larger than the synchronous engine's, and a CPU
+    matmul of another shape rounds differently)."""
+    assert (actual is None) == (expected is None)
+    for a, e in zip(actual or [], expected or [], strict=True):
+        assert {t: lp.rank for t, lp in a.items()} == {t: lp.rank for t, lp in e.items()}
+        assert all(abs(lp.logprob - e[t].logprob) < 1e-4 for t, lp in a.items())
+
+
 def test_greedy_run_ahead_equals_sync_and_hf(checkpoints: dict[str, Path], launches: list[int]) -> None:
     path = checkpoints["llama"]
     model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
@@ -75,6 +86,10 @@ def test_every_way_of_ending_matches_sync(checkpoints: dict[str, Path], launches
     assert not launches
     assert _outputs(ahead_llm, prompts, free) == reference
     assert launches
+    penalized = [
+        SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, frequency_penalty=0.8, repetition_penalty=1.2)
+    ] * 6
+    assert _outputs(ahead_llm, prompts, penalized) == _outputs(sync_llm, prompts, penalized) != reference
     # the small cache really preempts, in both
     assert sync_llm.engine.scheduler.num_preemptions > 0 and ahead_llm.engine.scheduler.num_preemptions > 0
     # A stop token that comes mid-way through each greedy output, a stop string likewise, and EOS
@@ -96,29 +111,112 @@ def test_every_way_of_ending_matches_sync(checkpoints: dict[str, Path], launches
 
 
 def test_sampling_runs_ahead_and_what_reads_the_host_does_not(checkpoints: dict[str, Path], launches: list[int]) -> None:
-    """Seeded sampling and logprobs run ahead (the same draws and logprobs as the synchronous
-    engine, the logprobs read back with the tokens); penalties read the host's state each step, so
-    batches with them run synchronously, with the same results."""
+    """Seeded sampling, logprobs, penalties (which count the token still in flight on the device),
+    logit bias, allowed tokens, one-token bad words and min_tokens all run ahead: the same tokens,
+    draws and logprobs as the synchronous engine. A bad word of several tokens reads the output
+    on the host, so batches with it run synchronously, with the same results."""
     path = checkpoints["llama"]
-    prompts = random_prompts(200, [7, 12, 5, 9, 6, 11], seed=9)
+    prompts = random_prompts(200, [7, 12, 5, 9, 6, 11, 8, 10], seed=9)
+    greedy = _llm(path, False).generate(prompts, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    first = [o.outputs[0].token_ids[0] for o in greedy]
+    # min_tokens=12 with a stop token that greedy decoding gives at index 12 and not before: the
+    # request ends right there (13 tokens), if min_tokens counts the token in flight at launch
+    held = next(o.outputs[0].token_ids for o in greedy if o.outputs[0].token_ids[12] not in o.outputs[0].token_ids[:12])
+    prompts[7] = prompts[[o.outputs[0].token_ids for o in greedy].index(held)]
     params = [
         SamplingParams(temperature=0.8, seed=4, max_tokens=25, ignore_eos=True),
-        SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=2, repetition_penalty=1.3),
-        SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
-        SamplingParams(temperature=1.0, top_k=20, top_p=0.9, min_p=0.01, seed=8, max_tokens=30, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2, repetition_penalty=1.3),
+        SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, frequency_penalty=1.5, presence_penalty=0.5),
+        SamplingParams(
+            temperature=1.0,
+            top_k=20,
+            top_p=0.9,
+            min_p=0.01,
+            seed=8,
+            max_tokens=30,
+            ignore_eos=True,
+            allowed_token_ids=range(0, 200, 2),
+        ),
         SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=3),
-        SamplingParams(temperature=0.7, seed=5, max_tokens=18, ignore_eos=True, logprobs=0),
+        SamplingParams(temperature=0.7, seed=5, max_tokens=18, ignore_eos=True, logprobs=0, presence_penalty=2.0),
+        SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logit_bias={7: 5.0}, bad_words_token_ids=[[first[6]]]),
+        SamplingParams(temperature=0.0, max_tokens=22, ignore_eos=True, min_tokens=12, stop_token_ids=[held[12]], logprobs=1),
     ]
     expected = _llm(path, False).generate(prompts, params)
     assert not launches
     actual = _llm(path, True).generate(prompts, params)
     for e, a in zip(expected, actual):
         assert a.outputs[0].token_ids == e.outputs[0].token_ids
-        assert a.outputs[0].logprobs == e.outputs[0].logprobs
-    assert [len(o.outputs[0].logprobs or []) for o in actual] == [0, 10, 0, 0, 20, 18]
+        _assert_same_logprobs(a.outputs[0].logprobs, e.outputs[0].logprobs)
+        assert a.outputs[0].finish_reason == e.outputs[0].finish_reason
+    assert [len(o.outputs[0].logprobs or []) for o in actual][:7] == [0, 24, 0, 0, 20, 18, 0]
     assert all(len(top) in (3, 4) for top in actual[4].outputs[0].logprobs)  # the top 3, and the token if not in them
-    # every launch but with the penalty request: the logprobs requests ran ahead
-    assert launches and max(abs(n) for n in launches) == 5
+    # the penalties changed the output (so counting the token in flight mattered), the bias and the
+    # ban too, and min_tokens held the stop tokens back
+    assert [o.outputs[0].token_ids for o in actual[1:3]] != [
+        g.outputs[0].token_ids[: len(o.outputs[0].token_ids)] for o, g in zip(actual[1:3], greedy[1:3])
+    ]
+    assert actual[6].outputs[0].token_ids[0] != first[6] and all(t % 2 == 0 for t in actual[3].outputs[0].token_ids)
+    assert actual[7].outputs[0].token_ids == held[:13] and actual[7].outputs[0].finish_reason == "stop"
+    assert launches and max(abs(n) for n in launches) == len(prompts)  # every request ran ahead
+    launches.clear()
+    words = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, bad_words_token_ids=[[first[1], 5]])
+    mixed = [params[2], words, params[4]]
+    expected = _llm(path, False).generate(prompts[:3], mixed)
+    actual = _llm(path, True).generate(prompts[:3], mixed)
+    assert [o.outputs[0].token_ids for o in actual] == [o.outputs[0].token_ids for o in expected]
+    assert max(abs(n) for n in launches) == 2  # never with the two-token bad word
+
+
+def test_penalty_counts_are_the_host_tokens_and_the_one_in_flight(checkpoints: dict[str, Path]) -> None:
+    """After every step, each request's penalty counts (TokenCounts) are those of the tokens the
+    host holds (up to those counted so far), plus the token of the step in flight when one was
+    counted ahead: never one twice,
+    none lost, none of a row that was dropped, through stop tokens, EOS, aborts, n > 1 siblings,
+    requests arriving mid-run and preemptions."""
+    rng = random.Random(11)
+    llm = _llm(checkpoints["llama"], True, num_kv_blocks=24, block_size=4, max_model_len=96)
+    engine = llm.engine
+    requests, num_checked = [], 0
+
+    def add() -> None:
+        params = SamplingParams(
+            max_tokens=rng.randint(1, 25),
+            temperature=rng.choice([0.0, 0.9]),
+            seed=rng.randrange(99),
+            frequency_penalty=rng.choice([0.5, 1.0]),
+            presence_penalty=rng.choice([0.0, 0.5]),
+            repetition_penalty=rng.choice([1.0, 1.2]),
+            ignore_eos=rng.random() < 0.5,
+            n=rng.choice([1, 1, 2, 3]),
+            stop_token_ids=[rng.randrange(200) for _ in range(8)] if rng.random() < 0.4 else None,
+        )
+        prompt = [rng.randrange(200) for _ in range(rng.randint(2, 12))]
+        requests.append(engine.add_request(f"r{len(requests)}", prompt, params))
+
+    for _ in range(5):
+        add()
+    while engine.has_unfinished_requests():
+        engine.step()
+        counts, in_flight = engine.core.runner.sampler.counts, engine.pipeline._in_flight
+        rows_in_flight = in_flight.row_of() if in_flight is not None else {}
+        for request, row in (counts._rows if counts is not None else {}).items():
+            if request.is_finished:
+                continue
+            tokens, counted = list(request.output_token_ids), counts._counted[request]
+            assert counted <= len(tokens) + 1
+            if counted == len(tokens) + 1:  # counted ahead
+                tokens.append(int(in_flight.host_ids[rows_in_flight[id(request)]]))
+            tokens = tokens[:counted]  # the rest is counted when next asked for
+            expected = torch.bincount(torch.tensor(tokens, dtype=torch.long), minlength=counts.vocab_size).to(torch.int32)
+            assert torch.equal(counts.output_counts[row], expected), request.request_id
+            num_checked += 1
+        if rng.random() < 0.05 and (live := [r for r in requests if not r.is_finished]):
+            engine.abort_request(rng.choice(live).root_id)
+        elif rng.random() < 0.1 and len(requests) < 14:
+            add()
+    assert num_checked > 100 and engine.scheduler.num_preemptions > 0
+    _assert_no_blocks_left(llm)
 
 
 def test_abort_while_a_step_is_in_flight(checkpoints: dict[str, Path]) -> None:
@@ -248,5 +346,15 @@ def test_run_ahead_through_cuda_graphs(checkpoints: dict[str, Path], launches: l
     seeded = [SamplingParams(temperature=0.9, top_p=0.95, seed=i, max_tokens=20, ignore_eos=True) for i in range(len(prompts))]
     launches.clear()
     assert _outputs(gpu, prompts, seeded) == _outputs(sync, prompts, seeded)
+    assert any(n < 0 for n in launches)
+    # penalties count the token in flight on the device; logprobs come back with the tokens
+    penalized = [
+        SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, frequency_penalty=1.0, presence_penalty=0.5, logprobs=2)
+    ] * len(prompts)
+    launches.clear()
+    actual, expected = gpu.generate(prompts, penalized), sync.generate(prompts, penalized)
+    assert [o.outputs[0].token_ids for o in actual] == [o.outputs[0].token_ids for o in expected]
+    for a, e in zip(actual, expected):
+        _assert_same_logprobs(a.outputs[0].logprobs, e.outputs[0].logprobs)
     assert any(n < 0 for n in launches)
     _assert_no_blocks_left(gpu)

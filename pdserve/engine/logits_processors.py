@@ -16,6 +16,14 @@ from pdserve.engine.request import Request
 _INITIAL_ROWS = 8
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list on `device` without waiting for the device's queue (a copy from pageable
+    memory would: a step launched ahead must not be waited for)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 class TokenCounts:
     """Per request (a row, kept while it runs): how often each token is in its output, and whether
     it is in its prompt. Only requests with penalties get a row."""
@@ -26,7 +34,9 @@ class TokenCounts:
         self.output_counts = torch.zeros(0, vocab_size, dtype=torch.int32, device=device)
         self.in_prompt = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)
         self._rows: dict[Request, int] = {}
-        self._counted: dict[Request, int] = {}  # output tokens already counted
+        # output tokens counted: those the host holds, plus one a step launched ahead counted on
+        # the device (`count_ahead`) before the host appends it
+        self._counted: dict[Request, int] = {}
         self._free: list[int] = []
 
     def rows(self, requests: list[Request]) -> torch.Tensor:
@@ -37,12 +47,21 @@ class TokenCounts:
                 self._add(request)
         pending = [(r, t) for r in requests for t in r.output_token_ids[self._counted[r] :]]
         if pending:
-            rows = torch.tensor([self._rows[r] for r, _ in pending], device=self.device)
-            tokens = torch.tensor([t for _, t in pending], device=self.device)
+            rows = to_device([self._rows[r] for r, _ in pending], torch.long, self.device)
+            tokens = to_device([t for _, t in pending], torch.long, self.device)
             self.output_counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
             for request in requests:
-                self._counted[request] = len(request.output_token_ids)
-        return torch.tensor([self._rows[r] for r in requests], device=self.device)
+                self._counted[request] = max(self._counted[request], len(request.output_token_ids))
+        return to_device([self._rows[r] for r in requests], torch.long, self.device)
+
+    def count_ahead(self, requests: list[Request], tokens: torch.Tensor) -> None:
+        """Count each request's token in flight (`tokens`, on the device, one per request), which
+        the host appends later: it is not counted again then. A token counted ahead is always
+        appended, unless its request finishes first (stop, EOS, abort), and then its row goes."""
+        rows = self.rows(requests)  # the tokens the host holds first
+        self.output_counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
+        for request in requests:
+            self._counted[request] = len(request.output_token_ids) + 1
 
     def _add(self, request: Request) -> None:
         if not self._free:
@@ -51,8 +70,7 @@ class TokenCounts:
         self._rows[request], self._counted[request] = row, 0
         self.output_counts[row].zero_()
         self.in_prompt[row].zero_()
-        prompt = torch.tensor(request.prompt_token_ids, device=self.device)
-        self.in_prompt[row, prompt] = True
+        self.in_prompt[row, to_device(request.prompt_token_ids, torch.long, self.device)] = True
 
     def _grow(self) -> None:
         old = self.output_counts.shape[0]
@@ -103,8 +121,8 @@ def _keep_only_allowed(logits: torch.Tensor, requests: list[Request]) -> None:
     rows = [k for k, i in enumerate(indices) for _ in requests[i].params.allowed_token_ids]
     cols = [t for i in indices for t in requests[i].params.allowed_token_ids]
     keep = torch.zeros(len(indices), logits.shape[-1], dtype=torch.bool, device=device)
-    keep[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = True
-    index = torch.tensor(indices, device=device)
+    keep[to_device(rows, torch.long, device), to_device(cols, torch.long, device)] = True
+    index = to_device(indices, torch.long, device)
     logits[index] = logits[index].masked_fill(~keep, float("-inf"))
 
 
@@ -115,7 +133,7 @@ def _mask(logits: torch.Tensor, requests: list[Request], banned_of: Callable[[Re
         rows += [i] * len(banned)
         cols += banned
     if rows:
-        logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
+        logits[to_device(rows, torch.long, logits.device), to_device(cols, torch.long, logits.device)] = float("-inf")
 
 
 def _bad_word_ids(request: Request, vocab_size: int) -> list[int]:
@@ -138,21 +156,21 @@ def _add_logit_bias(logits: torch.Tensor, requests: list[Request]) -> None:
             values.append(bias)
     if rows:
         device = logits.device
-        index = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
-        logits.index_put_(index, torch.tensor(values, dtype=logits.dtype, device=device), accumulate=True)
+        index = (to_device(rows, torch.long, device), to_device(cols, torch.long, device))
+        logits.index_put_(index, to_device(values, logits.dtype, device), accumulate=True)
 
 
 def _apply_penalties(logits: torch.Tensor, indices: list[int], requests: list[Request], counts: TokenCounts) -> None:
     device = logits.device
     rows = counts.rows(requests)
-    index = torch.tensor(indices, device=device)
+    index = to_device(indices, torch.long, device)
     output_counts = counts.output_counts[rows].to(logits.dtype)  # [n, vocab]
     seen = counts.in_prompt[rows] | (output_counts > 0)
     selected = logits[index]
-    repetition = torch.tensor([r.params.repetition_penalty for r in requests], dtype=logits.dtype, device=device)[:, None]
+    repetition = to_device([r.params.repetition_penalty for r in requests], logits.dtype, device)[:, None]
     penalized = torch.where(selected > 0, selected / repetition, selected * repetition)
     selected = torch.where(seen, penalized, selected)
-    frequency = torch.tensor([r.params.frequency_penalty for r in requests], dtype=logits.dtype, device=device)[:, None]
-    presence = torch.tensor([r.params.presence_penalty for r in requests], dtype=logits.dtype, device=device)[:, None]
+    frequency = to_device([r.params.frequency_penalty for r in requests], logits.dtype, device)[:, None]
+    presence = to_device([r.params.presence_penalty for r in requests], logits.dtype, device)[:, None]
     selected = selected - frequency * output_counts - presence * (output_counts > 0).to(logits.dtype)
     logits[index] = selected

@@ -23,7 +23,7 @@ from pdserve.engine.outputs import TokenLogprobs
 from pdserve.engine.prompt_logprobs import compute_prompt_logprobs, prompt_targets
 from pdserve.engine.quant_config import resolve_quantization
 from pdserve.engine.request import Request, ScheduledRequest
-from pdserve.engine.sampler import LogprobTensors, Sampler, SamplerOutput, draw, only_argmax
+from pdserve.engine.sampler import LogprobTensors, Sampler, SamplerOutput, only_argmax
 from pdserve.kernels.kv_quant import as_bytes
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class InFlightStep:
     on_device: bool  # its tokens are in the graphs' token buffer, where the next replay can read them
     host_ids: torch.Tensor  # int64 [len(batch)], pinned on a GPU: the tokens, once `done` fired
     done: torch.cuda.Event | None
+    sampled_ids: torch.Tensor | None = None  # the tokens on the device, kept when the sampler drew them (not the graphs' argmax)
     logprobs: LogprobTensors | None = None  # on the host once `done` fired; None: no row asked
     _token_ids: list[int] | None = None
 
@@ -208,7 +209,8 @@ class ModelRunner:
         requests = [s.request for s in batch]
         n = len(requests)
         rows = previous.row_of() if previous is not None else {}
-        previous_rows = [rows.get(id(r), -1) for r in requests]
+        in_flight_rows = [rows.get(id(r), -1) for r in requests]  # the rows whose token `previous` samples
+        previous_rows = in_flight_rows  # ... read on the device by the graph replay
         on_device = self.graphs is not None and self.graphs.can_run(n)
         if on_device and previous is not None and previous.on_device:
             input_ids = [0 if row >= 0 else r.last_token_id for r, row in zip(requests, previous_rows)]
@@ -219,16 +221,18 @@ class ModelRunner:
         if on_device:
             assert self.graphs is not None
             logits, ids = self.graphs.run(requests, input_ids, previous_rows)
-            if not only_argmax(requests):
-                ids = self.graphs.last_ids[:n].copy_(draw(logits, requests))  # where the next replay reads them
         else:
             inputs = self.prepare_inputs(batch, input_ids)
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
             logits = self.model.compute_logits(hidden)
-            ids = draw(logits, requests)
-        logprobs = None
-        if any(r.params.logprobs is not None for r in requests):  # of the model's distribution, as `Sampler`'s
-            logprobs = LogprobTensors.of(torch.log_softmax(logits, dim=-1), ids, requests).to_host()
+            ids = None
+        sampled_ids, logprobs = None, None
+        if ids is None or not only_argmax(requests):
+            in_flight = previous.sampled_ids if previous is not None else None
+            sampled_ids, logprobs = self.sampler.sample_ahead(logits, requests, in_flight, in_flight_rows)
+            if logprobs is not None:
+                logprobs = logprobs.to_host()
+            ids = self.graphs.last_ids[:n].copy_(sampled_ids) if on_device else sampled_ids  # where the next replay reads them
         if n > self._launched_ids.shape[1]:  # n > 1 siblings can outnumber max_num_seqs; a step in flight keeps its view
             self._launched_ids = torch.zeros(2, n, dtype=torch.long, pin_memory=self.device.type == "cuda")
         host_ids = self._launched_ids[self._num_launched % 2, :n]
@@ -239,7 +243,7 @@ class ModelRunner:
             done.record()
         self._num_launched += 1
         epochs = [r.num_preemptions for r in requests]
-        return InFlightStep(self._num_launched, batch, epochs, on_device, host_ids, done, logprobs)
+        return InFlightStep(self._num_launched, batch, epochs, on_device, host_ids, done, sampled_ids, logprobs)
 
     def compute_logits(self, batch: list[ScheduledRequest], on_layer: Callable[[int], None] | None = None) -> StepLogits:
         if on_layer is None and self.graphs is not None and self.graphs.can_run(len(batch)) and _is_plain_decode(batch):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pdserve.engine.logits_processors import TokenCounts, needs_processing, process
+from pdserve.engine.logits_processors import TokenCounts, has_penalties, needs_processing, process, to_device
 from pdserve.engine.outputs import TokenLogprobs
 from pdserve.engine.request import Request
 
@@ -47,15 +47,39 @@ class Sampler:
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in requests):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
-        logits = _mask_stop_tokens_before_min(logits, requests)
-        if self.counts is None:
-            self.counts = TokenCounts(logits.shape[-1], logits.device)
-        logits = process(logits, requests, self.counts)
+        logits = _mask_stop_tokens_before_min(logits, requests, [0] * len(requests))
+        logits = process(logits, requests, self._counts(logits))
         token_ids = draw(logits, requests)
         ids = token_ids.tolist()
         if raw_logprobs is None:
             return SamplerOutput(ids, [None] * len(ids))
         return SamplerOutput(ids, LogprobTensors.of(raw_logprobs, token_ids, requests).unpack(ids, requests))
+
+    def sample_ahead(
+        self, logits: torch.Tensor, requests: list[Request], in_flight: torch.Tensor | None, in_flight_rows: list[int]
+    ) -> tuple[torch.Tensor, LogprobTensors | None]:
+        """A step launched ahead (every request `runs_ahead`): its tokens and logprobs on the
+        logits' device, nothing waited for. `in_flight_rows[i] >= 0`: request i has a token in
+        flight that the host has not appended yet, `in_flight[in_flight_rows[i]]` (the step before's
+        sampled ids, on the device); its penalties count that token and its min_tokens include it."""
+        raw_logprobs = None
+        if any(r.params.logprobs is not None for r in requests):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = _mask_stop_tokens_before_min(logits, requests, [int(row >= 0) for row in in_flight_rows])
+        counts = self._counts(logits)
+        ahead = [(r, row) for r, row in zip(requests, in_flight_rows) if row >= 0 and has_penalties(r)]
+        if ahead:
+            assert in_flight is not None, "a step with penalties keeps its sampled ids"
+            rows = to_device([row for _, row in ahead], torch.long, logits.device)
+            counts.count_ahead([r for r, _ in ahead], in_flight[rows])
+        token_ids = draw(process(logits, requests, counts), requests)
+        logprobs = LogprobTensors.of(raw_logprobs, token_ids, requests) if raw_logprobs is not None else None
+        return token_ids, logprobs
+
+    def _counts(self, logits: torch.Tensor) -> TokenCounts:
+        if self.counts is None:
+            self.counts = TokenCounts(logits.shape[-1], logits.device)
+        return self.counts
 
 
 def draw(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -89,35 +113,28 @@ def only_argmax(requests: list[Request]) -> bool:
 
 def runs_ahead(request: Request) -> bool:
     """Whether the request's next token can be sampled before the host has seen the last one:
-    nothing about its sampling depends on its output so far (`draw` alone, its logprobs read back
-    with the token: no stop tokens held back, nothing done to the logits, no grammar), and no
-    sibling waits to fork from its next sample."""
-    params = request.params
+    nothing about its sampling reads its output on the host (`Sampler.sample_ahead`: penalties
+    count the token in flight on the device, min_tokens counts it too, logprobs are read back with
+    the token; a grammar or a bad word of several tokens needs the host), and no sibling waits to
+    fork from its next sample."""
     return (
-        len(request.output_token_ids) >= params.min_tokens
-        and not needs_processing(request)
-        and request.grammar is None
+        request.grammar is None
+        and all(len(word) == 1 for word in request.params.bad_words_token_ids or ())
         and not request.has_unforked_siblings
     )
 
 
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list on `device` without waiting for the device's queue (a copy from pageable
-    memory would: a step launched ahead must not be waited for)."""
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
-
-
 def _greedy_mask(requests: list[Request], device: torch.device) -> torch.Tensor:
-    return _to_device([r.params.is_greedy for r in requests], torch.bool, device)
+    return to_device([r.params.is_greedy for r in requests], torch.bool, device)
 
 
-def _mask_stop_tokens_before_min(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+def _mask_stop_tokens_before_min(logits: torch.Tensor, requests: list[Request], num_in_flight: list[int]) -> torch.Tensor:
+    """Stop tokens (and EOS unless ignored) masked for requests short of min_tokens; a request's
+    output counts its `num_in_flight` tokens not appended yet."""
     rows, cols = [], []
     vocab = logits.shape[-1]
-    for i, r in enumerate(requests):
-        if len(r.output_token_ids) < r.params.min_tokens:
+    for i, (r, num_ahead) in enumerate(zip(requests, num_in_flight)):
+        if len(r.output_token_ids) + num_ahead < r.params.min_tokens:
             banned = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else set(r.eos_token_ids))
             banned = {t for t in banned if t < vocab}  # out-of-vocab ids are refused at admission anyway
             rows += [i] * len(banned)
@@ -125,12 +142,12 @@ def _mask_stop_tokens_before_min(logits: torch.Tensor, requests: list[Request]) 
     if not rows:
         return logits
     logits = logits.clone()
-    logits[rows, cols] = float("-inf")
+    logits[to_device(rows, torch.long, logits.device), to_device(cols, torch.long, logits.device)] = float("-inf")
     return logits
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
-    return _to_device(values, torch.float32, device).unsqueeze(1)
+    return to_device(values, torch.float32, device).unsqueeze(1)
 
 
 def _sample(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -154,7 +171,7 @@ def _sample(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
 def _top_k_top_p(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     device, vocab = logits.device, logits.shape[-1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    top_k = _to_device([r.params.top_k if r.params.top_k > 0 else vocab for r in requests], torch.long, device)
+    top_k = to_device([r.params.top_k if r.params.top_k > 0 else vocab for r in requests], torch.long, device)
     sorted_logits = sorted_logits.masked_fill(torch.arange(vocab, device=device) >= top_k.unsqueeze(1), float("-inf"))
     top_p = _column([r.params.top_p for r in requests], device)
     sorted_probs = torch.softmax(sorted_logits, dim=-1)

@@ -4,11 +4,11 @@ step n's tokens are read back: its input ids come from step n's sampled ids on t
 GPU goes from one graph replay to the next while the host appends, checks stops and streams step n.
 
 A step runs ahead only when it is a plain decode step of requests whose sampling needs nothing
-from their output so far (`runs_ahead`: greedy or plain random sampling, seeded or not, with or
-without logprobs, which are computed on the device and read back with the tokens; no penalties,
-biases, grammar, or min_tokens still pending); anything
-else (a prefill, a waiting or preempted request, sampling that reads the host's state) runs as
-before, after the step in flight is processed. A request that stops at step n (EOS, stop token,
+the host holds alone (`runs_ahead`): greedy or random sampling, seeded or not, logprobs (computed
+on the device, read back with the tokens), penalties (their counts take the token in flight on
+the device), logit bias, allowed tokens, one-token bad words, min_tokens (counting the token in
+flight). Anything else (a prefill, a waiting or preempted request, a grammar, a bad word of
+several tokens, a sibling still to fork) runs as before, after the step in flight is processed. A request that stops at step n (EOS, stop token,
 abort) still has a row in step n+1; that row is dropped, and the blocks freed meanwhile are held
 until step n+1 is done, so no one (a KV receiver on another stream) can write them while that
 stale row may still write its slot."""
