@@ -5,7 +5,9 @@ step is in flight are held until that step is done; nothing leaks."""
 
 from __future__ import annotations
 
+import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import transformers
 
 from pdserve.engine import LLM, SamplingParams
 from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.sampling_params import StructuredOutput
 from tests.test_llm_vs_hf import hf_greedy, random_prompts
 
 
@@ -166,6 +169,33 @@ def test_sampling_runs_ahead_and_what_reads_the_host_does_not(checkpoints: dict[
     actual = _llm(path, True).generate(prompts[:3], mixed)
     assert [o.outputs[0].token_ids for o in actual] == [o.outputs[0].token_ids for o in expected]
     assert max(abs(n) for n in launches) == 2  # never with the two-token bad word
+
+
+def test_grammar_steps_run_ahead_and_are_sampled_once_the_grammar_has_the_token(
+    tool_checkpoint: Path, launches: list[int]
+) -> None:
+    """A step with grammar requests is launched ahead, its sampling deferred until the host has the
+    step before's tokens and the grammars took them: the same outputs as the synchronous engine,
+    every one matching its grammar, ended by the grammar ("stop") where it completes."""
+    schema = {"type": "object", "properties": {"on": {"type": "boolean"}, "n": {"type": "integer"}}, "required": ["on", "n"]}
+    specs = [
+        StructuredOutput("regex", "(ab|cd){2,6}x"),
+        StructuredOutput("json", json.dumps(schema)),
+        StructuredOutput("choice", json.dumps(["light is on", "light is off"])),
+    ]
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=48, structured_output=specs[i % 3]) for i in range(6)]
+    params.append(SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    prompts = ["Hello"] * 6 + ["Plain"]
+    expected = [o.outputs[0] for o in _llm(tool_checkpoint, False).generate(prompts, params)]
+    assert not launches
+    actual = [o.outputs[0] for o in _llm(tool_checkpoint, True).generate(prompts, params)]
+    assert [(o.token_ids, o.finish_reason) for o in actual] == [(o.token_ids, o.finish_reason) for o in expected]
+    for i, o in enumerate(actual[:6]):
+        if i % 3 == 0:
+            assert re.fullmatch("(ab|cd){2,6}x", o.text) and o.finish_reason == "stop", o.text
+        elif i % 3 == 2:
+            assert o.text in ("light is on", "light is off") and o.finish_reason == "stop"
+    assert launches and max(abs(n) for n in launches) == len(prompts)  # with the grammar rows
 
 
 def test_penalty_counts_are_the_host_tokens_and_the_one_in_flight(checkpoints: dict[str, Path]) -> None:

@@ -44,8 +44,9 @@ class GrammarMasks:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")  # waits on them off this thread
 
     def start(self, requests: list[Request]) -> PendingMasks | None:
-        """Start computing the next token's mask of every request in `requests` that has a grammar."""
-        matchers = [(r.grammar.matcher, i) for i, r in enumerate(requests) if r.grammar is not None]
+        """Start computing the next token's mask of every request in `requests` that has a grammar
+        and has not finished (a finished request's row, in a step launched ahead, allows all)."""
+        matchers = [(r.grammar.matcher, i) for i, r in enumerate(requests) if r.grammar is not None and not r.is_finished]
         if not matchers:
             return None
         num_words = -(-next(r.grammar.vocab_size for r in requests if r.grammar is not None) // BITS)

@@ -39,6 +39,16 @@ class StepLogits:
     prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # see SamplerOutput
 
 
+@dataclass
+class _Forward:
+    """A launched step's forward pass, until it is sampled (`ModelRunner.sample`)."""
+
+    logits: torch.Tensor  # float32 [rows, vocab]; a graph's output buffer: valid until the next replay
+    argmax: torch.Tensor | None  # the graph's argmax of them, or None (an eager forward)
+    in_flight: torch.Tensor | None  # the step before's sampled ids on the device, when it kept them
+    in_flight_rows: list[int]  # each row's row in the step before, or -1
+
+
 @dataclass(eq=False)
 class InFlightStep:
     """A decode step launched without waiting for its tokens (`ModelRunner.launch`)."""
@@ -47,11 +57,16 @@ class InFlightStep:
     batch: list[ScheduledRequest]  # one token each
     epochs: list[int]  # each request's num_preemptions at launch: a recomputed request's row is stale
     on_device: bool  # its tokens are in the graphs' token buffer, where the next replay can read them
-    host_ids: torch.Tensor  # int64 [len(batch)], pinned on a GPU: the tokens, once `done` fired
-    done: torch.cuda.Event | None
+    forward: _Forward | None  # not sampled yet: a grammar's mask waits for the token in flight
+    host_ids: torch.Tensor | None = None  # int64 [len(batch)], pinned on a GPU: the tokens, once `done` fired
+    done: torch.cuda.Event | None = None
     sampled_ids: torch.Tensor | None = None  # the tokens on the device, kept when the sampler drew them (not the graphs' argmax)
     logprobs: LogprobTensors | None = None  # on the host once `done` fired; None: no row asked
     _token_ids: list[int] | None = None
+
+    @property
+    def is_sampled(self) -> bool:
+        return self.forward is None
 
     def row_of(self) -> dict[int, int]:
         return {id(item.request): row for row, item in enumerate(self.batch)}
@@ -59,6 +74,7 @@ class InFlightStep:
     def token_ids(self) -> list[int]:
         """Waits for the step."""
         if self._token_ids is None:
+            assert self.host_ids is not None, "a step is sampled before its tokens are read"
             if self.done is not None:
                 self.done.synchronize()
             self._token_ids = self.host_ids.tolist()
@@ -205,7 +221,10 @@ class ModelRunner:
     def launch(self, batch: list[ScheduledRequest], previous: InFlightStep | None) -> InFlightStep:
         """Start a decode step (one token per request, every request `runs_ahead`) and return
         without waiting for it. A request also in `previous` decodes the token that step samples
-        for it: on the device when both steps replay CUDA graphs, else after waiting for it."""
+        for it: on the device when both steps replay CUDA graphs, else after waiting for it. The
+        step is sampled at once, except when a request has a grammar and `previous` is in flight:
+        its mask needs that token, so the caller samples the step (`sample`) once the host has it
+        and the grammars took it; the forward pass runs meanwhile."""
         requests = [s.request for s in batch]
         n = len(requests)
         rows = previous.row_of() if previous is not None else {}
@@ -220,30 +239,47 @@ class ModelRunner:
             previous_rows = [-1] * n
         if on_device:
             assert self.graphs is not None
-            logits, ids = self.graphs.run(requests, input_ids, previous_rows)
+            logits, argmax = self.graphs.run(requests, input_ids, previous_rows)
         else:
             inputs = self.prepare_inputs(batch, input_ids)
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
-            logits = self.model.compute_logits(hidden)
-            ids = None
-        sampled_ids, logprobs = None, None
+            logits, argmax = self.model.compute_logits(hidden), None
+        self._num_launched += 1
+        in_flight = previous.sampled_ids if previous is not None else None
+        forward = _Forward(logits, argmax, in_flight, in_flight_rows)
+        epochs = [r.num_preemptions for r in requests]
+        step = InFlightStep(self._num_launched, batch, epochs, on_device, forward)
+        if previous is None or all(r.grammar is None for r in requests):
+            self.sample(step)
+        return step
+
+    @torch.inference_mode()
+    def sample(self, step: InFlightStep) -> None:
+        """Sample a launched step, after its forward pass on the device, and start copying its
+        tokens to the host. Rows of requests that finished since the launch are sampled without a
+        grammar mask (they are dropped when read)."""
+        forward, step.forward = step.forward, None
+        assert forward is not None, "a step is sampled once"
+        requests = [item.request for item in step.batch]
+        n = len(requests)
+        ids = forward.argmax
         if ids is None or not only_argmax(requests):
-            in_flight = previous.sampled_ids if previous is not None else None
-            sampled_ids, logprobs = self.sampler.sample_ahead(logits, requests, in_flight, in_flight_rows)
-            if logprobs is not None:
-                logprobs = logprobs.to_host()
-            ids = self.graphs.last_ids[:n].copy_(sampled_ids) if on_device else sampled_ids  # where the next replay reads them
+            masks = self.grammar_masks.start(requests)
+            step.sampled_ids, logprobs = self.sampler.sample_ahead(
+                forward.logits, requests, forward.in_flight, forward.in_flight_rows, masks
+            )
+            step.logprobs = logprobs.to_host() if logprobs is not None else None
+            ids = step.sampled_ids
+            if step.on_device:
+                assert self.graphs is not None
+                ids = self.graphs.last_ids[:n].copy_(ids)  # where the next replay reads them
         if n > self._launched_ids.shape[1]:  # n > 1 siblings can outnumber max_num_seqs; a step in flight keeps its view
             self._launched_ids = torch.zeros(2, n, dtype=torch.long, pin_memory=self.device.type == "cuda")
-        host_ids = self._launched_ids[self._num_launched % 2, :n]
-        host_ids.copy_(ids, non_blocking=True)
-        done = None
+        step.host_ids = self._launched_ids[step.seq % 2, :n]
+        step.host_ids.copy_(ids, non_blocking=True)
         if self.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
-        self._num_launched += 1
-        epochs = [r.num_preemptions for r in requests]
-        return InFlightStep(self._num_launched, batch, epochs, on_device, host_ids, done, sampled_ids, logprobs)
+            step.done = torch.cuda.Event()
+            step.done.record()
 
     def compute_logits(self, batch: list[ScheduledRequest], on_layer: Callable[[int], None] | None = None) -> StepLogits:
         if on_layer is None and self.graphs is not None and self.graphs.can_run(len(batch)) and _is_plain_decode(batch):

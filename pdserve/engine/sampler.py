@@ -56,12 +56,21 @@ class Sampler:
         return SamplerOutput(ids, LogprobTensors.of(raw_logprobs, token_ids, requests).unpack(ids, requests))
 
     def sample_ahead(
-        self, logits: torch.Tensor, requests: list[Request], in_flight: torch.Tensor | None, in_flight_rows: list[int]
+        self,
+        logits: torch.Tensor,
+        requests: list[Request],
+        in_flight: torch.Tensor | None,
+        in_flight_rows: list[int],
+        masks: PendingMasks | None = None,
     ) -> tuple[torch.Tensor, LogprobTensors | None]:
         """A step launched ahead (every request `runs_ahead`): its tokens and logprobs on the
-        logits' device, nothing waited for. `in_flight_rows[i] >= 0`: request i has a token in
-        flight that the host has not appended yet, `in_flight[in_flight_rows[i]]` (the step before's
-        sampled ids, on the device); its penalties count that token and its min_tokens include it."""
+        logits' device, nothing waited for but the grammar masks. `in_flight_rows[i] >= 0`:
+        request i has a token in flight that the host has not appended yet,
+        `in_flight[in_flight_rows[i]]` (the step before's sampled ids, on the device); its
+        penalties count that token and its min_tokens include it (a grammar has taken it: `masks`
+        are computed after the host read it)."""
+        if masks is not None:
+            logits = masks.apply(logits)
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in requests):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
@@ -112,16 +121,13 @@ def only_argmax(requests: list[Request]) -> bool:
 
 
 def runs_ahead(request: Request) -> bool:
-    """Whether the request's next token can be sampled before the host has seen the last one:
-    nothing about its sampling reads its output on the host (`Sampler.sample_ahead`: penalties
-    count the token in flight on the device, min_tokens counts it too, logprobs are read back with
-    the token; a grammar or a bad word of several tokens needs the host), and no sibling waits to
-    fork from its next sample."""
-    return (
-        request.grammar is None
-        and all(len(word) == 1 for word in request.params.bad_words_token_ids or ())
-        and not request.has_unforked_siblings
-    )
+    """Whether the request's next token can be computed before the host has seen the last one:
+    nothing about its sampling reads its output on the host but a grammar (`Sampler.sample_ahead`:
+    penalties count the token in flight on the device, min_tokens counts it too, logprobs are
+    read back with the token; a grammar's step is sampled once the host has that token, its
+    forward pass launched before; a bad word of several tokens needs the host), and no sibling
+    waits to fork from its next sample."""
+    return all(len(word) == 1 for word in request.params.bad_words_token_ids or ()) and not request.has_unforked_siblings
 
 
 def _greedy_mask(requests: list[Request], device: torch.device) -> torch.Tensor:

@@ -7,8 +7,11 @@ A step runs ahead only when it is a plain decode step of requests whose sampling
 the host holds alone (`runs_ahead`): greedy or random sampling, seeded or not, logprobs (computed
 on the device, read back with the tokens), penalties (their counts take the token in flight on
 the device), logit bias, allowed tokens, one-token bad words, min_tokens (counting the token in
-flight). Anything else (a prefill, a waiting or preempted request, a grammar, a bad word of
-several tokens, a sibling still to fork) runs as before, after the step in flight is processed. A request that stops at step n (EOS, stop token,
+flight). A step with a grammar is launched ahead without its sampling: its forward pass runs
+while the host reads the step before's tokens and advances the grammars; then the masks are
+computed and the step sampled. Anything else (a prefill, a waiting or preempted request, a bad
+word of several tokens, a sibling still to fork) runs as before, after the step in flight is
+processed. A request that stops at step n (EOS, stop token,
 abort) still has a row in step n+1; that row is dropped, and the blocks freed meanwhile are held
 until step n+1 is done, so no one (a KV receiver on another stream) can write them while that
 stale row may still write its slot."""
@@ -17,6 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from pdserve.engine.grammar_masks import GrammarMasks
 from pdserve.engine.model_runner import InFlightStep, ModelRunner
 from pdserve.engine.request import Request, ScheduledRequest
 from pdserve.engine.sampler import runs_ahead
@@ -60,17 +66,28 @@ class StepPipeline:
         blocks = self.scheduler.block_manager
         if launched is None:
             blocks.fence(None)
+        live = [
+            (item.request, token)
+            for item, epoch, token in zip(in_flight.batch, in_flight.epochs, token_ids)
+            if not item.request.is_finished and item.request.num_preemptions == epoch
+        ]
+        GrammarMasks.accept([r for r, _ in live], [t for _, t in live])  # before the stop checks, as `execute`
         updated = self.scheduler.update_ahead(in_flight.batch, in_flight.epochs, token_ids, in_flight.token_logprobs())
         blocks.release_held(in_flight.seq)
+        if launched is not None and not launched.is_sampled:  # its grammars have the tokens now: the masks can start
+            self.runner.sample(launched)
         return StepResult(len(launched.batch) if launched is not None else 0, updated)
 
     def reset(self) -> None:
         """After a failed step: the step in flight is waited for (if the device still runs) and
         forgotten, and every held block is freed."""
         in_flight, self._in_flight = self._in_flight, None
-        if in_flight is not None and in_flight.done is not None:
+        if in_flight is not None and (in_flight.done is not None or self.runner.device.type == "cuda"):
             try:
-                in_flight.done.synchronize()
+                if in_flight.done is not None:
+                    in_flight.done.synchronize()
+                else:  # launched, not sampled: its forward pass may still write the cache
+                    torch.cuda.synchronize(self.runner.device)
             except RuntimeError:  # a broken device: nothing runs any more
                 pass
         self.scheduler.block_manager.fence(None)
