@@ -183,7 +183,13 @@ def test_grammar_steps_run_ahead_and_are_sampled_once_the_grammar_has_the_token(
         StructuredOutput("json", json.dumps(schema)),
         StructuredOutput("choice", json.dumps(["light is on", "light is off"])),
     ]
-    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=48, structured_output=specs[i % 3]) for i in range(6)]
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=48, structured_output=specs[i % 3]) for i in range(3)]
+    params += [  # penalties count each token once, whether it was in flight at the launch or not
+        SamplingParams(
+            temperature=0.0, max_tokens=48, structured_output=specs[i % 3], frequency_penalty=2.0, presence_penalty=1.0
+        )
+        for i in range(3, 6)
+    ]
     params.append(SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
     prompts = ["Hello"] * 6 + ["Plain"]
     expected = [o.outputs[0] for o in _llm(tool_checkpoint, False).generate(prompts, params)]
@@ -198,14 +204,15 @@ def test_grammar_steps_run_ahead_and_are_sampled_once_the_grammar_has_the_token(
     assert launches and max(abs(n) for n in launches) == len(prompts)  # with the grammar rows
 
 
-def test_penalty_counts_are_the_host_tokens_and_the_one_in_flight(checkpoints: dict[str, Path]) -> None:
+def test_penalty_counts_are_the_host_tokens_and_the_one_in_flight(tool_checkpoint: Path) -> None:
     """After every step, each request's penalty counts (TokenCounts) are those of the tokens the
     host holds (up to those counted so far), plus the token of the step in flight when one was
-    counted ahead: never one twice,
-    none lost, none of a row that was dropped, through stop tokens, EOS, aborts, n > 1 siblings,
-    requests arriving mid-run and preemptions."""
+    counted ahead: never one twice, none lost, none of a row that was dropped, through stop
+    tokens, EOS, aborts, n > 1 siblings, requests arriving mid-run, preemptions and grammars
+    (whose steps are sampled once the host has the tokens before)."""
     rng = random.Random(11)
-    llm = _llm(checkpoints["llama"], True, num_kv_blocks=24, block_size=4, max_model_len=96)
+    llm = _llm(tool_checkpoint, True, num_kv_blocks=16, block_size=4, max_model_len=64)
+    grammars = [None, None, StructuredOutput("regex", "(ab|cd){2,9}x"), StructuredOutput("choice", json.dumps(["on", "off"]))]
     engine = llm.engine
     requests, num_checked = [], 0
 
@@ -220,6 +227,7 @@ def test_penalty_counts_are_the_host_tokens_and_the_one_in_flight(checkpoints: d
             ignore_eos=rng.random() < 0.5,
             n=rng.choice([1, 1, 2, 3]),
             stop_token_ids=[rng.randrange(200) for _ in range(8)] if rng.random() < 0.4 else None,
+            structured_output=rng.choice(grammars),
         )
         prompt = [rng.randrange(200) for _ in range(rng.randint(2, 12))]
         requests.append(engine.add_request(f"r{len(requests)}", prompt, params))

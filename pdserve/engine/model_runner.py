@@ -254,10 +254,11 @@ class ModelRunner:
         return step
 
     @torch.inference_mode()
-    def sample(self, step: InFlightStep) -> None:
+    def sample(self, step: InFlightStep, caught_up: bool = False) -> None:
         """Sample a launched step, after its forward pass on the device, and start copying its
-        tokens to the host. Rows of requests that finished since the launch are sampled without a
-        grammar mask (they are dropped when read)."""
+        tokens to the host. `caught_up`: the host has appended the tokens of the step before
+        (a deferred sampling), so none is in flight any more. Rows of requests that finished since
+        the launch are sampled without a grammar mask (they are dropped when read)."""
         forward, step.forward = step.forward, None
         assert forward is not None, "a step is sampled once"
         requests = [item.request for item in step.batch]
@@ -265,8 +266,9 @@ class ModelRunner:
         ids = forward.argmax
         if ids is None or not only_argmax(requests):
             masks = self.grammar_masks.start(requests)
+            in_flight_rows = [-1] * n if caught_up else forward.in_flight_rows
             step.sampled_ids, logprobs = self.sampler.sample_ahead(
-                forward.logits, requests, forward.in_flight, forward.in_flight_rows, masks
+                forward.logits, requests, forward.in_flight, in_flight_rows, masks
             )
             step.logprobs = logprobs.to_host() if logprobs is not None else None
             ids = step.sampled_ids

@@ -75,7 +75,7 @@ class StepPipeline:
         updated = self.scheduler.update_ahead(in_flight.batch, in_flight.epochs, token_ids, in_flight.token_logprobs())
         blocks.release_held(in_flight.seq)
         if launched is not None and not launched.is_sampled:  # its grammars have the tokens now: the masks can start
-            self.runner.sample(launched)
+            self.runner.sample(launched, caught_up=True)
         return StepResult(len(launched.batch) if launched is not None else 0, updated)
 
     def reset(self) -> None:
