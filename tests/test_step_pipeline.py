@@ -192,6 +192,14 @@ def test_grammar_steps_run_ahead_and_are_sampled_once_the_grammar_has_the_token(
     ]
     params.append(SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
     prompts = ["Hello"] * 6 + ["Plain"]
+    # a plain row with min_tokens=7 and, as stop token, the one greedy decoding gives at index 6
+    # and not before: held back there (7 tokens is one too few), whatever else the batch holds
+    plain = _llm(tool_checkpoint, False).generate(
+        [f"Plain {i}" for i in range(20)], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    )
+    held = next(o for o in plain if o.outputs[0].token_ids[6] not in o.outputs[0].token_ids[:6])
+    params.append(SamplingParams(temperature=0.0, max_tokens=30, min_tokens=7, stop_token_ids=[held.outputs[0].token_ids[6]]))
+    prompts.append(held.prompt)
     expected = [o.outputs[0] for o in _llm(tool_checkpoint, False).generate(prompts, params)]
     assert not launches
     actual = [o.outputs[0] for o in _llm(tool_checkpoint, True).generate(prompts, params)]
@@ -201,6 +209,7 @@ def test_grammar_steps_run_ahead_and_are_sampled_once_the_grammar_has_the_token(
             assert re.fullmatch("(ab|cd){2,6}x", o.text) and o.finish_reason == "stop", o.text
         elif i % 3 == 2:
             assert o.text in ("light is on", "light is off") and o.finish_reason == "stop"
+    assert actual[-1].token_ids[:6] == held.outputs[0].token_ids[:6] and len(actual[-1].token_ids) > 7
     assert launches and max(abs(n) for n in launches) == len(prompts)  # with the grammar rows
 
 

@@ -107,7 +107,8 @@ def process(logits: torch.Tensor, requests: list[Request], counts: TokenCounts) 
     _keep_only_allowed(logits, requests)
     _mask(logits, requests, _bad_word_ids)
     _add_logit_bias(logits, requests)
-    penalized = [i for i, r in enumerate(requests) if has_penalties(r)]
+    # a finished request's row (a stale row of a step launched ahead) is dropped: no counts for it
+    penalized = [i for i, r in enumerate(requests) if has_penalties(r) and not r.is_finished]
     if penalized:
         _apply_penalties(logits, penalized, [requests[i] for i in penalized], counts)
     return logits

@@ -259,7 +259,7 @@ class ModelRunner:
         tokens to the host. `caught_up`: the host has appended the tokens of the step before
         (a deferred sampling), so none is in flight any more. Rows of requests that finished since
         the launch are sampled without a grammar mask (they are dropped when read)."""
-        forward, step.forward = step.forward, None
+        forward = step.forward
         assert forward is not None, "a step is sampled once"
         requests = [item.request for item in step.batch]
         n = len(requests)
@@ -282,6 +282,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             step.done = torch.cuda.Event()
             step.done.record()
+        step.forward = None  # sampled (a failure above leaves it unsampled, for `StepPipeline.reset`)
 
     def compute_logits(self, batch: list[ScheduledRequest], on_layer: Callable[[int], None] | None = None) -> StepLogits:
         if on_layer is None and self.graphs is not None and self.graphs.can_run(len(batch)) and _is_plain_decode(batch):

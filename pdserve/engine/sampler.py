@@ -67,8 +67,8 @@ class Sampler:
         logits' device, nothing waited for but the grammar masks. `in_flight_rows[i] >= 0`:
         request i has a token in flight that the host has not appended yet,
         `in_flight[in_flight_rows[i]]` (the step before's sampled ids, on the device); its
-        penalties count that token and its min_tokens include it (a grammar has taken it: `masks`
-        are computed after the host read it)."""
+        penalties count that token and its min_tokens include it. A step sampled after the host
+        caught up (grammar `masks` need the token before) has no token in flight: all rows -1."""
         if masks is not None:
             logits = masks.apply(logits)
         raw_logprobs = None
