@@ -113,11 +113,11 @@ def test_every_way_of_ending_matches_sync(checkpoints: dict[str, Path], launches
     _assert_no_blocks_left(ahead_llm)
 
 
-def test_sampling_runs_ahead_and_what_reads_the_host_does_not(checkpoints: dict[str, Path], launches: list[int]) -> None:
+def test_sampling_runs_ahead_whatever_it_reads(checkpoints: dict[str, Path], launches: list[int]) -> None:
     """Seeded sampling, logprobs, penalties (which count the token still in flight on the device),
     logit bias, allowed tokens, one-token bad words and min_tokens all run ahead: the same tokens,
     draws and logprobs as the synchronous engine. A bad word of several tokens reads the output
-    on the host, so batches with it run synchronously, with the same results."""
+    on the host: its step runs ahead too, sampled once the host has the token before."""
     path = checkpoints["llama"]
     prompts = random_prompts(200, [7, 12, 5, 9, 6, 11, 8, 10], seed=9)
     greedy = _llm(path, False).generate(prompts, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
@@ -162,13 +162,22 @@ def test_sampling_runs_ahead_and_what_reads_the_host_does_not(checkpoints: dict[
     assert actual[6].outputs[0].token_ids[0] != first[6] and all(t % 2 == 0 for t in actual[3].outputs[0].token_ids)
     assert actual[7].outputs[0].token_ids == held[:13] and actual[7].outputs[0].finish_reason == "stop"
     assert launches and max(abs(n) for n in launches) == len(prompts)  # every request ran ahead
+    # A bad word of two tokens, the first pair of request 1's greedy output seen at k >= 2: banned
+    # right after its prefix, which the host has only once the token in flight is read (that
+    # step's sampling waits for it)
     launches.clear()
-    words = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, bad_words_token_ids=[[first[1], 5]])
+    greedy_1 = greedy[1].outputs[0].token_ids
+    pairs = list(zip(greedy_1, greedy_1[1:]))
+    k = next(k for k in range(2, len(pairs)) if pairs[k] not in pairs[:k])
+    words = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, bad_words_token_ids=[pairs[k]])
     mixed = [params[2], words, params[4]]
     expected = _llm(path, False).generate(prompts[:3], mixed)
     actual = _llm(path, True).generate(prompts[:3], mixed)
     assert [o.outputs[0].token_ids for o in actual] == [o.outputs[0].token_ids for o in expected]
-    assert max(abs(n) for n in launches) == 2  # never with the two-token bad word
+    assert (
+        actual[1].outputs[0].token_ids[: k + 1] == greedy_1[: k + 1] and actual[1].outputs[0].token_ids[k + 1] != greedy_1[k + 1]
+    )
+    assert max(abs(n) for n in launches) == 3  # with the two-token bad word
 
 
 def test_grammar_steps_run_ahead_and_are_sampled_once_the_grammar_has_the_token(

@@ -23,7 +23,7 @@ from pdserve.engine.outputs import TokenLogprobs
 from pdserve.engine.prompt_logprobs import compute_prompt_logprobs, prompt_targets
 from pdserve.engine.quant_config import resolve_quantization
 from pdserve.engine.request import Request, ScheduledRequest
-from pdserve.engine.sampler import LogprobTensors, Sampler, SamplerOutput, only_argmax
+from pdserve.engine.sampler import LogprobTensors, Sampler, SamplerOutput, only_argmax, reads_output
 from pdserve.kernels.kv_quant import as_bytes
 
 logger = logging.getLogger(__name__)
@@ -222,9 +222,10 @@ class ModelRunner:
         """Start a decode step (one token per request, every request `runs_ahead`) and return
         without waiting for it. A request also in `previous` decodes the token that step samples
         for it: on the device when both steps replay CUDA graphs, else after waiting for it. The
-        step is sampled at once, except when a request has a grammar and `previous` is in flight:
-        its mask needs that token, so the caller samples the step (`sample`) once the host has it
-        and the grammars took it; the forward pass runs meanwhile."""
+        step is sampled at once, except when a request's sampling reads its output (`reads_output`:
+        a grammar, a bad word of several tokens) and `previous` is in flight: the caller samples
+        the step (`sample`) once the host has that token and the grammars took it; the forward
+        pass runs meanwhile."""
         requests = [s.request for s in batch]
         n = len(requests)
         rows = previous.row_of() if previous is not None else {}
@@ -249,7 +250,7 @@ class ModelRunner:
         forward = _Forward(logits, argmax, in_flight, in_flight_rows)
         epochs = [r.num_preemptions for r in requests]
         step = InFlightStep(self._num_launched, batch, epochs, on_device, forward)
-        if previous is None or all(r.grammar is None for r in requests):
+        if previous is None or not any(reads_output(r) for r in requests):
             self.sample(step)
         return step
 

@@ -121,13 +121,18 @@ def only_argmax(requests: list[Request]) -> bool:
 
 
 def runs_ahead(request: Request) -> bool:
-    """Whether the request's next token can be computed before the host has seen the last one:
-    nothing about its sampling reads its output on the host but a grammar (`Sampler.sample_ahead`:
-    penalties count the token in flight on the device, min_tokens counts it too, logprobs are
-    read back with the token; a grammar's step is sampled once the host has that token, its
-    forward pass launched before; a bad word of several tokens needs the host), and no sibling
-    waits to fork from its next sample."""
-    return all(len(word) == 1 for word in request.params.bad_words_token_ids or ()) and not request.has_unforked_siblings
+    """Whether the request's next step can be launched before the host has seen its last token:
+    unless a sibling waits to fork from that token. Its sampling then either needs nothing of the
+    host (`Sampler.sample_ahead`: penalties count the token in flight on the device, min_tokens
+    counts it too, logprobs are read back with the token) or waits for the host to have that
+    token (`reads_output`), the step's forward pass launched before."""
+    return not request.has_unforked_siblings
+
+
+def reads_output(request: Request) -> bool:
+    """Whether the request's sampling reads its output on the host: a grammar's mask, or a bad
+    word of several tokens (banned after its prefix)."""
+    return request.grammar is not None or any(len(word) > 1 for word in request.params.bad_words_token_ids or ())
 
 
 def _greedy_mask(requests: list[Request], device: torch.device) -> torch.Tensor:

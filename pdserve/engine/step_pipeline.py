@@ -7,10 +7,10 @@ A step runs ahead only when it is a plain decode step of requests whose sampling
 the host holds alone (`runs_ahead`): greedy or random sampling, seeded or not, logprobs (computed
 on the device, read back with the tokens), penalties (their counts take the token in flight on
 the device), logit bias, allowed tokens, one-token bad words, min_tokens (counting the token in
-flight). A step with a grammar is launched ahead without its sampling: its forward pass runs
-while the host reads the step before's tokens and advances the grammars; then the masks are
-computed and the step sampled. Anything else (a prefill, a waiting or preempted request, a bad
-word of several tokens, a sibling still to fork) runs as before, after the step in flight is
+flight). A step with a grammar or a bad word of several tokens is launched ahead without its
+sampling: its forward pass runs while the host reads the step before's tokens and advances the
+grammars; then the masks are computed and the step sampled. Anything else (a prefill, a waiting
+or preempted request, a sibling still to fork) runs as before, after the step in flight is
 processed. A request that stops at step n (EOS, stop token,
 abort) still has a row in step n+1; that row is dropped, and the blocks freed meanwhile are held
 until step n+1 is done, so no one (a KV receiver on another stream) can write them while that
