@@ -42,18 +42,11 @@ class Sampler:
         """logits: float32 `[num_requests, vocab]`, one row per request, in order. Logprobs are
         those of the model's own distribution (before penalties and biases), as vLLM reports them;
         under a grammar, of the distribution its mask leaves (vLLM masks before sampling too)."""
-        if masks is not None:
-            logits = masks.apply(logits)
-        raw_logprobs = None
-        if any(r.params.logprobs is not None for r in requests):
-            raw_logprobs = torch.log_softmax(logits, dim=-1)
-        logits = _mask_stop_tokens_before_min(logits, requests, [0] * len(requests))
-        logits = process(logits, requests, self._counts(logits))
-        token_ids = draw(logits, requests)
+        token_ids, logprobs = self.sample_ahead(logits, requests, None, [-1] * len(requests), masks)
         ids = token_ids.tolist()
-        if raw_logprobs is None:
+        if logprobs is None:
             return SamplerOutput(ids, [None] * len(ids))
-        return SamplerOutput(ids, LogprobTensors.of(raw_logprobs, token_ids, requests).unpack(ids, requests))
+        return SamplerOutput(ids, logprobs.unpack(ids, requests))
 
     def sample_ahead(
         self,
@@ -63,8 +56,8 @@ class Sampler:
         in_flight_rows: list[int],
         masks: PendingMasks | None = None,
     ) -> tuple[torch.Tensor, LogprobTensors | None]:
-        """A step launched ahead (every request `runs_ahead`): its tokens and logprobs on the
-        logits' device, nothing waited for but the grammar masks. `in_flight_rows[i] >= 0`:
+        """The tokens and logprobs of `logits` on their device, nothing waited for but the
+        grammar masks (`__call__` reads them back; a step launched ahead, later). `in_flight_rows[i] >= 0`:
         request i has a token in flight that the host has not appended yet,
         `in_flight[in_flight_rows[i]]` (the step before's sampled ids, on the device); its
         penalties count that token and its min_tokens include it. A step sampled after the host

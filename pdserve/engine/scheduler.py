@@ -173,14 +173,17 @@ class Scheduler:
         logprobs: list[TokenLogprobs | None],
     ) -> list[Request]:
         """Record a launched-ahead step's tokens and logprobs (its requests' num_computed_tokens
-        advanced at launch). Rows of requests that ended, or were recomputed, since the launch are
-        dropped."""
+        advanced at launch), each grammar advanced with its token before the stop checks (as
+        `ModelRunner.execute` does for a synchronous step). Rows of requests that ended, or were
+        recomputed, since the launch are dropped."""
         updated = []
         block_size = self.block_manager.block_size
         for item, epoch, token, token_logprobs in zip(batch, epochs, token_ids, logprobs):
             request = item.request
             if request.is_finished or request.num_preemptions != epoch:
                 continue
+            if request.grammar is not None:
+                request.grammar.accept(token)
             self._append(request, token, token_logprobs)
             updated.append(request)
             num_known = min(request.num_computed_tokens, request.num_tokens)  # computed, and token ids known

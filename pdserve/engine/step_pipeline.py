@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.engine.grammar_masks import GrammarMasks
 from pdserve.engine.model_runner import InFlightStep, ModelRunner
 from pdserve.engine.request import Request, ScheduledRequest
 from pdserve.engine.sampler import runs_ahead
@@ -66,12 +65,6 @@ class StepPipeline:
         blocks = self.scheduler.block_manager
         if launched is None:
             blocks.fence(None)
-        live = [
-            (item.request, token)
-            for item, epoch, token in zip(in_flight.batch, in_flight.epochs, token_ids)
-            if not item.request.is_finished and item.request.num_preemptions == epoch
-        ]
-        GrammarMasks.accept([r for r, _ in live], [t for _, t in live])  # before the stop checks, as `execute`
         updated = self.scheduler.update_ahead(in_flight.batch, in_flight.epochs, token_ids, in_flight.token_logprobs())
         blocks.release_held(in_flight.seq)
         if launched is not None and not launched.is_sampled:  # its grammars have the tokens now: the masks can start
