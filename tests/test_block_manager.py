@@ -471,3 +471,23 @@ def test_num_blocks_for_and_usage() -> None:
     assert [bm.num_blocks_for(n) for n in (0, 1, 4, 5, 8, 9)] == [0, 1, 1, 2, 2, 3]
     bm.allocate([1] * 9)
     assert bm.num_used_blocks == 3 and bm.num_free_blocks == 7 and bm.usage == pytest.approx(0.3)
+
+
+def test_has_unhashed_full_block_says_when_caching_would_register_one() -> None:
+    """A decode step asks this before it builds its token list (O(context)): true exactly when a
+    full block among the first tokens is not hashed yet, never without prefix caching."""
+    bm = BlockManager(num_blocks=8, block_size=2)
+    tokens = [1, 2, 3, 4, 5]
+    alloc = bm.allocate(tokens, len(tokens))
+    assert alloc is not None
+    table = alloc.block_table
+    assert not bm.has_unhashed_full_block(table, 1)  # no full block yet
+    assert bm.has_unhashed_full_block(table, 2)
+    bm.cache_full_blocks(table, tokens, 2)
+    assert not bm.has_unhashed_full_block(table, 3)  # block 0 hashed, block 1 not full
+    assert bm.has_unhashed_full_block(table, 4)
+    bm.cache_full_blocks(table, tokens, 5)
+    assert not bm.has_unhashed_full_block(table, 5)
+    off = BlockManager(num_blocks=8, block_size=2, enable_prefix_caching=False)
+    alloc = off.allocate(tokens, len(tokens))
+    assert alloc is not None and not off.has_unhashed_full_block(alloc.block_table, 4)

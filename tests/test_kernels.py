@@ -131,7 +131,12 @@ def test_paged_decode_public_wrapper_odd_head_dim() -> None:
 def test_decode_launch_depends_on_shapes_only() -> None:
     choose = decode_module.choose_launch
     common = dict(num_kv_heads=8, block_size=16, head_dim=128, dtype=torch.bfloat16, sm_count=132)
-    assert choose(num_seqs=32, max_num_blocks=256, **common).num_splits == 3  # 256 programs -> 768
+    assert choose(num_seqs=32, max_num_blocks=256, **common).num_splits == 2  # 256 programs -> 512 of 528 slots
+    assert choose(num_seqs=64, max_num_blocks=64, **common).num_splits == 1  # 512 programs: one wave, no split
+    fp8 = dict(common, kv_dtype=torch.float8_e4m3fn)
+    assert choose(num_seqs=32, max_num_blocks=256, **fp8, deep_pipeline=True).num_splits == 1  # fills at half the programs
+    assert choose(num_seqs=8, max_num_blocks=256, **fp8, deep_pipeline=True).num_splits == 4
+    assert choose(num_seqs=32, max_num_blocks=256, **fp8).num_splits == 2  # 3 stages: as 16-bit caches
     assert choose(num_seqs=1, max_num_blocks=256, **common).num_splits == 32  # capped at _MAX_SPLITS
     assert choose(num_seqs=1, max_num_blocks=16, **common).num_splits == 4  # capped by length: one 64-token tile each
     assert choose(num_seqs=256, max_num_blocks=256, **common).num_splits == 1

@@ -1,7 +1,7 @@
 """Paged attention kernels on a CUDA GPU: decode as bandwidth (the bytes it reads: bf16 or fp8 KV)
 against a device-to-device copy measured in the same run, prefill as causal TFLOP/s. Median of
 triton.testing.do_bench, rotating over input sets larger than L2.
-Run: `python -m pdserve.bench.attention_kernel [--no-sweep] [--kv-cache-dtypes auto fp8]`."""
+Run: `python -m pdserve.bench.attention_kernel [--no-sweep | --splits-sweep] [--kv-cache-dtypes auto fp8]`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from triton.testing import do_bench_cudagraph
 from pdserve import kernels
 from pdserve.bench.ceilings import copy_bandwidth_gbs, median_ms
 from pdserve.kernels.kv_quant import FP8_DTYPE
-from pdserve.kernels.paged_decode_attention import DecodeLaunch, launch_decode
+from pdserve.kernels.paged_decode_attention import DecodeLaunch, _shared_memory_per_sm, _sm_count, launch_decode
 from pdserve.kernels.paged_decode_attention import choose_launch as choose_decode_launch
 from pdserve.kernels.paged_prefill_attention import PrefillLaunch, launch_prefill
 from pdserve.kernels.paged_prefill_attention import choose_launch as choose_prefill_launch
@@ -108,6 +108,15 @@ def make_decode_case(num_seqs: int, context_len: int, kv_dtype: torch.dtype = DT
     return DecodeCase(num_seqs, context_len, k_cache, v_cache, block_tables, q, torch.empty_like(q), context_lens)
 
 
+def heuristic_launch(case: DecodeCase) -> DecodeLaunch:
+    """The launch `kernels.paged_decode_attention` picks for the case on this GPU."""
+    device = torch.device(DEVICE)
+    return choose_decode_launch(
+        case.num_seqs, NUM_KV_HEADS, case.block_tables.shape[2], BLOCK_SIZE, HEAD_DIM, DTYPE, _sm_count(device),
+        kv_dtype=case.kv_dtype, deep_pipeline=_shared_memory_per_sm(device) >= 200 * 1024,
+    )  # fmt: skip
+
+
 def decode_gbs(case: DecodeCase, launch: DecodeLaunch | None) -> float:
     return case.bytes_moved / (graph_median_ms(case.runner(launch)) * 1e-3) / 1e9
 
@@ -121,11 +130,7 @@ def check_decode(case: DecodeCase) -> float:
 
 def decode_sweep(case: DecodeCase, copy_gbs: float) -> None:
     """A few launch parameters around the heuristic's, at one shape, to guide its tuning."""
-    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
-    blocks_per_seq = case.block_tables.shape[2]
-    default = choose_decode_launch(
-        case.num_seqs, NUM_KV_HEADS, blocks_per_seq, BLOCK_SIZE, HEAD_DIM, DTYPE, sm_count, kv_dtype=case.kv_dtype
-    )
+    default = heuristic_launch(case)
     variants = [default] + [
         dataclasses.replace(default, **change)
         for change in [
@@ -153,6 +158,44 @@ def decode_sweep(case: DecodeCase, copy_gbs: float) -> None:
             print(f"  {launch}  {gbs:7.0f} GB/s  {gbs / copy_gbs:5.1%} of copy")
         except Exception as error:  # noqa: BLE001 - a variant that does not fit the GPU is reported, not fatal
             print(f"  {launch}  failed: {type(error).__name__}: {str(error)[:100]}")
+
+
+SPLITS_SWEEP_SHAPES = [(64, 1024), (128, 1024), (16, 1024), (32, 4096), (16, 4096), (8, 4096), (4, 4096)]
+SPLITS_SWEEP_COUNTS = [1, 2, 3, 4, 6, 8, 9, 12, 16]
+
+
+def engine_splits_sweep(kv_name: str, num_seqs: int, context_len: int, copy_gbs: float) -> str:
+    """The engine's decode attention (`kernels.rotary_decode_attention`: rotary, KV store and split
+    attention in one launch) at fixed split counts: the sweep `choose_launch`'s split rule is
+    tuned on. One line, each count's share of copy bandwidth; `*` marks the heuristic's."""
+    case = make_decode_case(num_seqs, context_len, KV_DTYPES[kv_name])
+    num_sets = case.q.shape[0]
+    k = torch.randn(num_sets, num_seqs, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+    v = torch.randn_like(k)
+    cos_sin = torch.randn(context_len, HEAD_DIM, dtype=torch.float32, device=DEVICE)
+    positions = torch.full((num_seqs,), context_len - 1, dtype=torch.int64, device=DEVICE)
+    last_blocks = case.block_tables[:, :, (context_len - 1) // BLOCK_SIZE].to(torch.int64)
+    slots = last_blocks * BLOCK_SIZE + (context_len - 1) % BLOCK_SIZE  # the new token's slot, per set
+
+    def runner(launch: DecodeLaunch) -> Callable[[], object]:
+        sets = itertools.cycle(range(num_sets))
+
+        def run() -> object:
+            i = next(sets)
+            return kernels.rotary_decode_attention(
+                positions, case.q[i], k[i], v[i], cos_sin, case.k_cache, case.v_cache, slots[i],
+                case.block_tables[i], case.context_lens, SCALE, case.out[i], launch=launch,
+            )  # fmt: skip
+
+        return run
+
+    default = heuristic_launch(case)
+    cells = []
+    for num_splits in SPLITS_SWEEP_COUNTS:
+        run = runner(dataclasses.replace(default, num_splits=num_splits))
+        share = case.bytes_moved / (graph_median_ms(run) * 1e-3) / 1e9 / copy_gbs
+        cells.append(f"{num_splits}{'*' if num_splits == default.num_splits else ''}: {share:.1%}")
+    return f"KV {kv_name:4s} batch {num_seqs:3d} context {context_len:5d}   " + "  ".join(cells)
 
 
 # ---- prefill ------------------------------------------------------------------------------------
@@ -210,6 +253,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--no-sweep", action="store_true", help="skip the launch-parameter sweeps")
     parser.add_argument("--kv-cache-dtypes", nargs="+", choices=sorted(KV_DTYPES), default=["auto", "fp8"])
+    parser.add_argument(
+        "--splits-sweep", action="store_true", help="only the engine decode kernel's split-count sweep (`*`: heuristic)"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
@@ -219,6 +265,12 @@ def main() -> None:
 
     copy_gbs = copy_bandwidth_gbs()
     print(f"copy bandwidth ceiling: {copy_gbs:.0f} GB/s")
+    if args.splits_sweep:
+        print("\nengine decode attention (rotary + store + split attention), share of copy bandwidth by split count:")
+        for kv_name, (num_seqs, context_len) in itertools.product(args.kv_cache_dtypes, SPLITS_SWEEP_SHAPES):
+            print(engine_splits_sweep(kv_name, num_seqs, context_len, copy_gbs), flush=True)
+            torch.cuda.empty_cache()
+        return
     rows = []
     for kv_name, (num_seqs, context_len) in itertools.product(args.kv_cache_dtypes, DECODE_SHAPES):
         kv_dtype = KV_DTYPES[kv_name]
@@ -229,16 +281,7 @@ def main() -> None:
             if not args.no_sweep:
                 decode_sweep(case, copy_gbs)
         gbs = decode_gbs(case, launch=None)
-        launch = choose_decode_launch(
-            num_seqs,
-            NUM_KV_HEADS,
-            case.block_tables.shape[2],
-            BLOCK_SIZE,
-            HEAD_DIM,
-            DTYPE,
-            props.multi_processor_count,
-            kv_dtype=kv_dtype,
-        )
+        launch = heuristic_launch(case)
         step_us = case.bytes_moved / (gbs * 1e9) * 1e6
         rows.append(
             f"decode   KV {kv_name:4s} batch {num_seqs:4d} ctx {context_len:6d}  splits {launch.num_splits:2d} "

@@ -136,6 +136,12 @@ class BlockManager:
             self._register(block, tokens, parent_hash, parent_uid)
             parent_hash, parent_uid = block.hash, block.uid
 
+    def has_unhashed_full_block(self, block_table: Sequence[int], num_tokens: int) -> bool:
+        """Whether `cache_full_blocks` of the first `num_tokens` tokens would register a block. O(1)
+        (the hashed blocks are a prefix), so a decode step asks before it builds its token list."""
+        num_full = num_tokens // self.block_size
+        return self.enable_prefix_caching and num_full > 0 and self._blocks[block_table[num_full - 1]].hash is None
+
     def fork(self, block_table: Sequence[int], num_tokens: int) -> Fork | None:
         """A child of the first `num_tokens` tokens: full blocks shared, a partial last block copied."""
         num_full = num_tokens // self.block_size

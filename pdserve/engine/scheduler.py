@@ -177,7 +177,6 @@ class Scheduler:
         `ModelRunner.execute` does for a synchronous step). Rows of requests that ended, or were
         recomputed, since the launch are dropped."""
         updated = []
-        block_size = self.block_manager.block_size
         for item, epoch, token, token_logprobs in zip(batch, epochs, token_ids, logprobs):
             request = item.request
             if request.is_finished or request.num_preemptions != epoch:
@@ -187,7 +186,7 @@ class Scheduler:
             self._append(request, token, token_logprobs)
             updated.append(request)
             num_known = min(request.num_computed_tokens, request.num_tokens)  # computed, and token ids known
-            if request.block_table and num_known >= block_size:  # idempotent: only new full blocks cost
+            if request.block_table and self.block_manager.has_unhashed_full_block(request.block_table, num_known):
                 self.block_manager.cache_full_blocks(
                     request.block_table, request.all_token_ids, num_known, request.params.cache_salt
                 )

@@ -264,10 +264,6 @@ def choose_launch(
     """Launch parameters from shapes only (never tensor values), so the call is graph-capturable.
     `kv_dtype`: the cache's element type when it differs from q's (fp8). `deep_pipeline`: the GPU
     has >= 200 KiB of shared memory per SM (Hopper)."""
-    num_programs = max(1, num_seqs * num_kv_heads)
-    splits_to_fill_gpu = triton.cdiv(_PROGRAMS_PER_SM * sm_count, num_programs)
-    splits_by_length = triton.cdiv(max_num_blocks * block_size, _MIN_TOKENS_PER_SPLIT)
-    num_splits = max(1, min(splits_to_fill_gpu, splits_by_length, _MAX_SPLITS))
     # ~16 KB of K (and of V) per iteration in 16-bit types: 64 tokens at head_dim 128; an fp8 cache
     # reads twice the tokens for the same bytes in flight.
     tile_elements = 16384 if kv_dtype is not None and kv_dtype.itemsize == 1 else 8192
@@ -276,7 +272,17 @@ def choose_launch(
     # fp8 on GPUs with Hopper's shared memory: deeper pipelining (5 stages: 58% of copy bandwidth at
     # batch 32, context 4096 on an H200, against 51% with 3), the loads in flight longer while each
     # tile widens to fp16; 5 stages of 32 KB would not fit an sm89's or an A100's shared memory
-    num_stages = 2 if is_wide else 5 if tile_elements > 8192 and deep_pipeline else 3
+    is_deep = tile_elements > 8192 and deep_pipeline
+    num_stages = 2 if is_wide else 5 if is_deep else 3
+    # Split a sequence's context only while its programs fill less than one wave: each split repeats
+    # the prologue and adds a merge. H200 (`bench.attention_kernel --splits-sweep`): batch 64 x 8 KV
+    # heads (512 programs) reads at 94.4% of copy bandwidth in one split, 87.0% in two; the deep
+    # fp8 pipeline, with its shared memory, fills at half the programs (batch 32, context 4096:
+    # 67.2% in one split, 59.7% in two).
+    programs_per_sm = _PROGRAMS_PER_SM // 2 if is_deep else _PROGRAMS_PER_SM
+    splits_to_fill_gpu = programs_per_sm * sm_count // max(1, num_seqs * num_kv_heads)
+    splits_by_length = triton.cdiv(max_num_blocks * block_size, _MIN_TOKENS_PER_SPLIT)
+    num_splits = max(1, min(splits_to_fill_gpu, splits_by_length, _MAX_SPLITS))
     return DecodeLaunch(num_splits, tile_tokens, num_warps=4, num_stages=num_stages)
 
 
