@@ -272,7 +272,7 @@ def choose_launch(
     # fp8 on GPUs with Hopper's shared memory: deeper pipelining (5 stages: 58% of copy bandwidth at
     # batch 32, context 4096 on an H200, against 51% with 3), the loads in flight longer while each
     # tile widens to fp16; 5 stages of 32 KB would not fit an sm89's or an A100's shared memory
-    is_deep = tile_elements > 8192 and deep_pipeline
+    is_deep = not is_wide and tile_elements > 8192 and deep_pipeline
     num_stages = 2 if is_wide else 5 if is_deep else 3
     # Split a sequence's context only while its programs fill less than one wave: each split repeats
     # the prologue and adds a merge. H200 (`bench.attention_kernel --splits-sweep`): batch 64 x 8 KV
