@@ -17,8 +17,7 @@ from triton.testing import do_bench_cudagraph
 from pdserve import kernels
 from pdserve.bench.ceilings import copy_bandwidth_gbs, median_ms
 from pdserve.kernels.kv_quant import FP8_DTYPE
-from pdserve.kernels.paged_decode_attention import DecodeLaunch, _shared_memory_per_sm, _sm_count, launch_decode
-from pdserve.kernels.paged_decode_attention import choose_launch as choose_decode_launch
+from pdserve.kernels.paged_decode_attention import DecodeLaunch, launch_decode, launch_for
 from pdserve.kernels.paged_prefill_attention import PrefillLaunch, launch_prefill
 from pdserve.kernels.paged_prefill_attention import choose_launch as choose_prefill_launch
 
@@ -108,15 +107,6 @@ def make_decode_case(num_seqs: int, context_len: int, kv_dtype: torch.dtype = DT
     return DecodeCase(num_seqs, context_len, k_cache, v_cache, block_tables, q, torch.empty_like(q), context_lens)
 
 
-def heuristic_launch(case: DecodeCase) -> DecodeLaunch:
-    """The launch `kernels.paged_decode_attention` picks for the case on this GPU."""
-    device = torch.device(DEVICE)
-    return choose_decode_launch(
-        case.num_seqs, NUM_KV_HEADS, case.block_tables.shape[2], BLOCK_SIZE, HEAD_DIM, DTYPE, _sm_count(device),
-        kv_dtype=case.kv_dtype, deep_pipeline=_shared_memory_per_sm(device) >= 200 * 1024,
-    )  # fmt: skip
-
-
 def decode_gbs(case: DecodeCase, launch: DecodeLaunch | None) -> float:
     return case.bytes_moved / (graph_median_ms(case.runner(launch)) * 1e-3) / 1e9
 
@@ -130,7 +120,7 @@ def check_decode(case: DecodeCase) -> float:
 
 def decode_sweep(case: DecodeCase, copy_gbs: float) -> None:
     """A few launch parameters around the heuristic's, at one shape, to guide its tuning."""
-    default = heuristic_launch(case)
+    default = launch_for(case.q[0], case.k_cache, case.block_tables[0])
     variants = [default] + [
         dataclasses.replace(default, **change)
         for change in [
@@ -189,7 +179,7 @@ def engine_splits_sweep(kv_name: str, num_seqs: int, context_len: int, copy_gbs:
 
         return run
 
-    default = heuristic_launch(case)
+    default = launch_for(case.q[0], case.k_cache, case.block_tables[0])
     cells = []
     for num_splits in SPLITS_SWEEP_COUNTS:
         run = runner(dataclasses.replace(default, num_splits=num_splits))
@@ -281,7 +271,7 @@ def main() -> None:
             if not args.no_sweep:
                 decode_sweep(case, copy_gbs)
         gbs = decode_gbs(case, launch=None)
-        launch = heuristic_launch(case)
+        launch = launch_for(case.q[0], case.k_cache, case.block_tables[0])
         step_us = case.bytes_moved / (gbs * 1e9) * 1e6
         rows.append(
             f"decode   KV {kv_name:4s} batch {num_seqs:4d} ctx {context_len:6d}  splits {launch.num_splits:2d} "

@@ -236,17 +236,7 @@ def paged_decode_attention(
     num_seqs = q.shape[0] if q.dim() == 3 else -1
     vectors = {"context_lens": (context_lens, num_seqs)}
     check_paged_inputs(q, k_cache, v_cache, block_tables, out, num_seqs, vectors, k_scale, v_scale)
-    launch = choose_launch(
-        num_seqs=q.shape[0],
-        num_kv_heads=k_cache.shape[2],
-        max_num_blocks=block_tables.shape[1],
-        block_size=k_cache.shape[1],
-        head_dim=q.shape[2],
-        dtype=q.dtype,
-        sm_count=_sm_count(q.device),
-        kv_dtype=k_cache.dtype,
-        deep_pipeline=_shared_memory_per_sm(q.device) >= 200 * 1024,
-    )
+    launch = launch_for(q, k_cache, block_tables)
     return launch_decode(launch, q, k_cache, v_cache, block_tables, context_lens, scale, out, k_scale, v_scale)
 
 
@@ -284,6 +274,22 @@ def choose_launch(
     splits_by_length = triton.cdiv(max_num_blocks * block_size, _MIN_TOKENS_PER_SPLIT)
     num_splits = max(1, min(splits_to_fill_gpu, splits_by_length, _MAX_SPLITS))
     return DecodeLaunch(num_splits, tile_tokens, num_warps=4, num_stages=num_stages)
+
+
+def launch_for(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor) -> DecodeLaunch:
+    """`choose_launch` for a decode step's q [num_seqs, num_heads, head_dim], cache and block
+    tables on their device: what both decode kernels run when not given a launch."""
+    return choose_launch(
+        num_seqs=q.shape[0],
+        num_kv_heads=k_cache.shape[2],
+        max_num_blocks=block_tables.shape[1],
+        block_size=k_cache.shape[1],
+        head_dim=q.shape[2],
+        dtype=q.dtype,
+        sm_count=_sm_count(q.device),
+        kv_dtype=k_cache.dtype,
+        deep_pipeline=_shared_memory_per_sm(q.device) >= 200 * 1024,
+    )
 
 
 def launch_decode(

@@ -18,11 +18,9 @@ from pdserve.kernels.kv_quant import FP8_DTYPE, kv_compute_dtype, quantize_kv
 from pdserve.kernels.kv_store import check_kv_store_inputs
 from pdserve.kernels.paged_decode_attention import (
     DecodeLaunch,
-    _shared_memory_per_sm,
-    _sm_count,
     attend_range,
     check_paged_inputs,
-    choose_launch,
+    launch_for,
     store_split_result,
 )
 
@@ -271,10 +269,7 @@ def rotary_decode_attention(
         raise ValueError(f"positions must be int64 and head_dim even, got {positions.dtype} and {head_dim}")
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if launch is None:
-        launch = choose_launch(
-            num_seqs, num_kv_heads, block_tables.shape[1], block_size, head_dim, q.dtype, _sm_count(q.device),
-            k_cache.dtype, _shared_memory_per_sm(q.device) >= 200 * 1024,
-        )  # fmt: skip
+        launch = launch_for(q, k_cache, block_tables)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_seqs == 0:
