@@ -27,11 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.kernels.w4_matmul import _check
+from pdserve.kernels.w4_matmul import _EXP_2_23, _check, _nibble
 from pdserve.kernels.w8_matmul import _num_sms
 
 MAX_ROWS = 4  # rows a program unrolls; more rows take more programs, each reading the weight again
-_EXP_2_23 = 150 << 23  # bits of 2^23 (exponent 127 + 23, empty mantissa)
 _X_PAIRS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -126,15 +125,6 @@ def _weight(packed, high, zero, exp_2_23, J: tl.constexpr):
     else:
         w = _nibble(high, zero, exp_2_23, 4 * J - 12)
     return w
-
-
-@triton.jit
-def _nibble(bits, zero, exp_2_23, SHIFT: tl.constexpr):
-    """(q - zero) as fp32 for the nibble q at bits [SHIFT, SHIFT + 4) of `bits`. The exponent's bits
-    come in at run time (exp_2_23): as an immediate next to the mask's, ptxas re-materializes one of
-    the two constants before every LOP3 (a MOV a weight, ~20% more instructions in the loop)."""
-    value = ((bits & (0xF << SHIFT)) | (exp_2_23 - (SHIFT << 23))).to(tl.float32, bitcast=True)  # 2^(23-SHIFT) + q
-    return value - (zero + (1 << (23 - SHIFT)))
 
 
 @triton.jit
