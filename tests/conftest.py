@@ -54,13 +54,15 @@ def write_hf_checkpoint(
     num_layers: int = 2,
     hidden_size: int = 64,
     intermediate_size: int = 128,
+    **overrides: object,
 ) -> Path:
-    """A transformers-written checkpoint of `family` with random weights and the demo tokenizer."""
+    """A transformers-written checkpoint of `family` with random weights and the demo tokenizer;
+    `overrides`: config fields that replace the family's (e.g. head_dim)."""
     import json
 
     import transformers
 
-    spec = dict(FAMILIES[family])
+    spec = dict(FAMILIES[family]) | overrides
     config_cls = getattr(transformers, spec.pop("cls"))
     vocab_size = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
     config = config_cls(

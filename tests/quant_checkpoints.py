@@ -10,7 +10,8 @@ that reads the packed tensors back with numpy bit operations.
 - awq (GEMM): `qweight` int32 [K, N / 8], nibble i of word j holds column 8 j + [0, 2, 4, 6, 1, 3, 5, 7][i];
   `qzeros` int32 [K / g, N / 8] packed alike; `scales` fp16 [K / g, N]; W = (q - z) * s.
 - gptq: `qweight` int32 [K / 8, N], nibble j of row i holds input 8 i + j; `qzeros` int32 [K / g, N / 8]
-  holding z - 1 (nibble j of word c: column 8 c + j); `scales` fp16 [K / g, N]; `g_idx` [K]; W = (q - z) * s."""
+  holding z - 1 (nibble j of word c: column 8 c + j); `scales` fp16 [K / g, N]; `g_idx` [K]; W = (q - z) * s.
+  `checkpoint_format: gptq_v2` stores z itself. group_size -1: one group of the whole row (K inputs)."""
 
 from __future__ import annotations
 
@@ -42,28 +43,35 @@ def _ct_config(fmt: str, kind: str, strategy: str) -> dict:
     }
 
 
+def _awq_config(group_size: int) -> dict:
+    return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
+
+
+def _gptq_config(symmetric: bool, group_size: int = GROUP, checkpoint_format: str = "gptq") -> dict:
+    return {
+        "quant_method": "gptq",
+        "bits": 4,
+        "group_size": group_size,
+        "desc_act": False,
+        "sym": symmetric,
+        "checkpoint_format": checkpoint_format,
+    }
+
+
 CONFIGS = {
     "fp8": {"quant_method": "fp8", "activation_scheme": "static"},
+    "fp8-channel-dynamic": {"quant_method": "fp8", "activation_scheme": "dynamic"},
     "ct-fp8-channel": _ct_config("float-quantized", "float", "channel"),
     "ct-fp8-tensor": _ct_config("float-quantized", "float", "tensor"),
     "ct-int8-channel": _ct_config("int-quantized", "int", "channel"),
-    "awq": {"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True, "version": "gemm"},
-    "gptq-sym": {
-        "quant_method": "gptq",
-        "bits": 4,
-        "group_size": GROUP,
-        "desc_act": False,
-        "sym": True,
-        "checkpoint_format": "gptq",
-    },
-    "gptq-asym": {
-        "quant_method": "gptq",
-        "bits": 4,
-        "group_size": GROUP,
-        "desc_act": False,
-        "sym": False,
-        "checkpoint_format": "gptq",
-    },
+    "ct-int8-tensor": _ct_config("int-quantized", "int", "tensor"),
+    "awq": _awq_config(GROUP),
+    "awq-g64": _awq_config(64),
+    "gptq-sym": _gptq_config(symmetric=True),
+    "gptq-asym": _gptq_config(symmetric=False),
+    "gptq-v2": _gptq_config(symmetric=False, checkpoint_format="gptq_v2"),
+    "gptq-g64": _gptq_config(symmetric=True, group_size=64),
+    "gptq-whole-rows": _gptq_config(symmetric=False, group_size=-1),
 }
 
 
@@ -71,6 +79,12 @@ CONFIGS = {
 def _fp8_tensor(w: torch.Tensor) -> dict[str, torch.Tensor]:
     scale = w.abs().max() / E4M3_MAX
     return {"weight": (w / scale).to(torch.float8_e4m3fn), "weight_scale": scale.reshape(()), "input_scale": torch.tensor(0.02)}
+
+
+def _fp8_channel(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A scale per output channel (fp32 [N]); dynamic activations: no input_scale."""
+    scale = w.abs().amax(dim=1) / E4M3_MAX
+    return {"weight": (w / scale[:, None]).to(torch.float8_e4m3fn), "weight_scale": scale}
 
 
 def _ct_8bit(dtype: torch.dtype, per_channel: bool) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
@@ -85,10 +99,12 @@ def _ct_8bit(dtype: torch.dtype, per_channel: bool) -> Callable[[torch.Tensor], 
     return quantize
 
 
-def _rtn_int4(w: torch.Tensor, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Round to nearest per group of GROUP inputs: (q [K, N], zeros [K / g, N] ints, scales fp16 [K / g, N])."""
+def _rtn_int4(w: torch.Tensor, symmetric: bool, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round to nearest per group of `group` inputs (-1: the whole row): (q [K, N], zeros [K / g, N]
+    ints, scales fp16 [K / g, N])."""
     n, k = w.shape
-    groups = w.reshape(n, k // GROUP, GROUP).double()
+    group = k if group == -1 else group
+    groups = w.reshape(n, k // group, group).double()
     if symmetric:  # GPTQ sym: the grid centred at 8, scale 2 max|w| / 15
         scale = (2 * groups.abs().amax(-1) / 15).half()
         zero = torch.full(scale.shape, 8.0, dtype=torch.float64)
@@ -119,20 +135,23 @@ def _pack_along_rows(values: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(words.view(np.int32))
 
 
-def _awq(w: torch.Tensor) -> dict[str, torch.Tensor]:
-    q, zero, scale = _rtn_int4(w, symmetric=False)
-    return {"qweight": _pack_along_columns(q, AWQ_ORDER), "qzeros": _pack_along_columns(zero, AWQ_ORDER), "scales": scale}
-
-
-def _gptq(symmetric: bool) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+def _awq(group: int) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
     def quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
-        q, zero, scale = _rtn_int4(w, symmetric)
+        q, zero, scale = _rtn_int4(w, symmetric=False, group=group)
+        return {"qweight": _pack_along_columns(q, AWQ_ORDER), "qzeros": _pack_along_columns(zero, AWQ_ORDER), "scales": scale}
+
+    return quantize
+
+
+def _gptq(symmetric: bool, group: int = GROUP, v2: bool = False) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    def quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
+        q, zero, scale = _rtn_int4(w, symmetric, group)
         k = q.shape[0]
         return {
             "qweight": _pack_along_rows(q),
-            "qzeros": _pack_along_columns(zero - 1, list(range(8))),
+            "qzeros": _pack_along_columns(zero if v2 else zero - 1, list(range(8))),
             "scales": scale,
-            "g_idx": torch.arange(k, dtype=torch.int32) // GROUP,
+            "g_idx": torch.arange(k, dtype=torch.int32) // (k if group == -1 else group),
         }
 
     return quantize
@@ -140,12 +159,18 @@ def _gptq(symmetric: bool) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
 
 QUANTIZERS = {
     "fp8": _fp8_tensor,
+    "fp8-channel-dynamic": _fp8_channel,
     "ct-fp8-channel": _ct_8bit(torch.float8_e4m3fn, per_channel=True),
     "ct-fp8-tensor": _ct_8bit(torch.float8_e4m3fn, per_channel=False),
     "ct-int8-channel": _ct_8bit(torch.int8, per_channel=True),
-    "awq": _awq,
+    "ct-int8-tensor": _ct_8bit(torch.int8, per_channel=False),
+    "awq": _awq(GROUP),
+    "awq-g64": _awq(64),
     "gptq-sym": _gptq(symmetric=True),
     "gptq-asym": _gptq(symmetric=False),
+    "gptq-v2": _gptq(symmetric=False, v2=True),
+    "gptq-g64": _gptq(symmetric=True, group=64),
+    "gptq-whole-rows": _gptq(symmetric=False, group=-1),
 }
 
 
@@ -167,15 +192,16 @@ def _unpack_rows(words: torch.Tensor) -> np.ndarray:
 
 
 def dequantize(fmt: str, tensors: dict[str, torch.Tensor]) -> np.ndarray:
-    if fmt == "fp8" or fmt.startswith("ct-"):
+    if fmt.startswith(("fp8", "ct-")):
         scale = tensors["weight_scale"].double().numpy().reshape(-1, 1)  # [N, 1] or [1, 1]
         return tensors["weight"].double().numpy() * scale
-    if fmt == "awq":
+    if fmt.startswith("awq"):
         q, zero = _unpack_columns(tensors["qweight"], AWQ_ORDER), _unpack_columns(tensors["qzeros"], AWQ_ORDER)
     else:
-        q, zero = _unpack_rows(tensors["qweight"]), _unpack_columns(tensors["qzeros"], list(range(8))) + 1
+        stored = _unpack_columns(tensors["qzeros"], list(range(8)))
+        q, zero = _unpack_rows(tensors["qweight"]), stored if fmt == "gptq-v2" else stored + 1
     scale = tensors["scales"].double().numpy()
-    group_of_row = np.arange(q.shape[0]) // GROUP
+    group_of_row = np.arange(q.shape[0]) // (q.shape[0] // scale.shape[0])  # K / (K / group)
     return ((q - zero[group_of_row]) * scale[group_of_row]).T
 
 

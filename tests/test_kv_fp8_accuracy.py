@@ -40,7 +40,7 @@ MIN_TOP1_AGREEMENT = 0.85  # near-ties (top-2 within 0.05 nats) are 6-27% of pos
 NEAR_TIE = 0.2  # nats between the reference's top-1 and top-2 log-probabilities
 
 
-def _runner(model_dir: Path, kv_cache_dtype: str) -> tuple[ModelRunner, list[list[int]]]:
+def load_runner(model_dir: Path, kv_cache_dtype: str) -> tuple[ModelRunner, list[list[int]]]:
     config = EngineConfig(model=str(model_dir), device="cpu", kv_cache_dtype=kv_cache_dtype, num_kv_blocks=32, max_model_len=256)
     core = EngineCore.load(config)
     return core.runner, [core.tokenizer.encode(p) for p in PROMPTS]
@@ -71,7 +71,7 @@ def _run(runner: ModelRunner, prompt: list[int], forced: list[int] | None) -> tu
     return tokens[len(prompt) :], torch.cat(rows)
 
 
-def _measure(reference: ModelRunner, fp8: ModelRunner, prompts: list[list[int]]) -> dict[str, float]:
+def measure(reference: ModelRunner, fp8: ModelRunner, prompts: list[list[int]]) -> dict[str, float]:
     """Over every generated position of every prompt, fp8 teacher-forced on the reference's greedy
     tokens: top-1 agreement, mean KL(reference || fp8) in nats, the largest reference margin
     (top-1 - top-2 log-prob) where the top-1 differs, and the same where free-running greedy
@@ -103,10 +103,10 @@ def _measure(reference: ModelRunner, fp8: ModelRunner, prompts: list[list[int]])
 def test_fp8_kv_logits_and_greedy_outputs_stay_close_to_the_full_precision_cache(
     checkpoints: dict[str, Path], family: str
 ) -> None:
-    reference, prompts = _runner(checkpoints[family], "auto")
-    fp8, _ = _runner(checkpoints[family], "fp8")
+    reference, prompts = load_runner(checkpoints[family], "auto")
+    fp8, _ = load_runner(checkpoints[family], "fp8")
     assert fp8.kv_cache.dtype == torch.float8_e4m3fn and reference.kv_cache.dtype == torch.float32
-    m = _measure(reference, fp8, prompts)
+    m = measure(reference, fp8, prompts)
     print(f"{family}: " + ", ".join(f"{name} {value:.3g}" for name, value in m.items()))
     assert m["kl"] <= MAX_MEAN_KL, f"{family}: mean KL {m['kl']:.2e} > {MAX_MEAN_KL:.0e}"
     assert m["top1"] >= MIN_TOP1_AGREEMENT, f"{family}: top-1 agreement {m['top1']:.3f}"
@@ -138,11 +138,11 @@ def test_fp8_kv_cache_holds_twice_the_blocks_in_the_same_memory(checkpoints: dic
 def test_the_measure_catches_a_badly_scaled_cache(checkpoints: dict[str, Path]) -> None:
     """K/V stored with a scale 256x too large sink into e4m3's subnormals (2^-9 steps) and lose their
     precision: the thresholds above must fail then, or they would not notice real damage."""
-    reference, prompts = _runner(checkpoints["llama"], "auto")
-    damaged, _ = _runner(checkpoints["llama"], "fp8")
+    reference, prompts = load_runner(checkpoints["llama"], "auto")
+    damaged, _ = load_runner(checkpoints["llama"], "fp8")
     for layer in damaged.model.model.layers:
         layer.self_attn.attn.k_scale = layer.self_attn.attn.v_scale = 256.0
-    m = _measure(reference, damaged, prompts[:2])
+    m = measure(reference, damaged, prompts[:2])
     print("scale 256: " + ", ".join(f"{name} {value:.3g}" for name, value in m.items()))
     assert m["kl"] > MAX_MEAN_KL and m["max_flip_margin"] >= NEAR_TIE
 
@@ -165,11 +165,11 @@ def test_fp8_kv_scales_come_from_the_checkpoint(checkpoints: dict[str, Path], tm
         "model.layers.0.self_attn.v_scale": torch.tensor(0.125),  # layer 1's V: none, 1.0
     }
     model_dir = _with_kv_scales(checkpoints["llama"], tmp_path / "llama", scales)
-    fp8, prompts = _runner(model_dir, "fp8")
+    fp8, prompts = load_runner(model_dir, "fp8")
     assert fp8.kv_scales == ((0.25, 0.5), (0.125, 1.0))
-    reference, _ = _runner(model_dir, "auto")
+    reference, _ = load_runner(model_dir, "auto")
     assert reference.kv_scales == ((), ())  # a 32-bit cache needs none
-    m = _measure(reference, fp8, prompts[:2])
+    m = measure(reference, fp8, prompts[:2])
     assert m["kl"] <= MAX_MEAN_KL and m["max_flip_margin"] < NEAR_TIE  # a power-of-two scale loses nothing
 
 
@@ -180,7 +180,7 @@ def test_a_bad_kv_scale_in_the_checkpoint_is_an_error_naming_it(checkpoints: dic
         checkpoints["llama"], tmp_path / "llama", {"model.layers.1.self_attn.v_scale": torch.tensor(-1.0)}
     )
     with pytest.raises(ConfigError, match=r"KV scale model\.layers\.1\.self_attn\.v_scale must be a positive"):
-        _runner(model_dir, "fp8")
+        load_runner(model_dir, "fp8")
 
 
 def test_the_serve_cli_and_the_engine_config_take_the_kv_cache_dtype(checkpoints: dict[str, Path]) -> None:

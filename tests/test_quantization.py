@@ -28,13 +28,18 @@ from pdserve.engine.quant_layers import W4Linear, W8Linear, fp8_gemm
 from pdserve.engine.request import Request, ScheduledRequest
 from tests.conftest import FAMILIES, write_hf_checkpoint
 from tests.quant_checkpoints import (
+    AWQ_ORDER,
     CONFIGS,
+    _pack_along_columns,
+    _unpack_columns,
     edit_config,
     edit_tensors,
     write_quantized_checkpoint,
 )
 
-FORMATS = list(CONFIGS)  # fp8, ct-fp8-channel, ct-fp8-tensor, ct-int8-channel, awq, gptq-sym, gptq-asym
+FORMATS = list(
+    CONFIGS
+)  # fp8 (per tensor, per channel), compressed-tensors fp8/int8 (per channel, per tensor), awq, gptq (sym, asym, v2, group 64, whole rows)
 ONLINE = ["fp8", "int8"]
 # Accuracy bounds, teacher-forced over PROMPTS on each family. KL: llama.cpp's KL-divergence runs
 # against fp16 (Llama-3-8B) give ~0.001 for 8-bit (Q8_0) and ~0.03-0.1 for 4-bit (Q4_K_M .. Q4_0);
@@ -62,10 +67,14 @@ PROMPTS = random_prompts(832)  # within the demo tokenizer's vocabulary: 8 x 24 
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> dict[str, Path]:
-    """Unquantized fp32 checkpoints wide enough for 128-input groups (hidden 128, intermediate 256)."""
+    """Unquantized fp32 checkpoints wide enough for 128-input groups (hidden 128, intermediate 256).
+    Qwen3's heads are 64 wide, so its q/k/v and o projections are not square (q 256 x 128, o 128 x 256)."""
     root = tmp_path_factory.mktemp("plain")
+    wider_heads = {"qwen3": {"head_dim": 64}}
     return {
-        family: write_hf_checkpoint(root / family, family, demo_model_dir, hidden_size=128, intermediate_size=256)
+        family: write_hf_checkpoint(
+            root / family, family, demo_model_dir, hidden_size=128, intermediate_size=256, **wider_heads.get(family, {})
+        )
         for family in FAMILIES
     }
 
@@ -209,6 +218,55 @@ def test_accuracy_close_to_unquantized(
         assert top1 >= MIN_TOP1[scheme] and in_top5 >= MIN_IN_TOP5[scheme] and kl <= MAX_KL[scheme], (family, top1, in_top5, kl)
 
 
+def test_the_accuracy_bounds_catch_a_wrong_nibble_order(
+    reference_logits: dict[str, torch.Tensor], quantized: dict, tmp_path: Path
+) -> None:
+    """An AWQ checkpoint whose nibbles were packed in GPTQ's sequential order (each group of 8 output
+    columns permuted, as a loader with the wrong order would read it) must fail the W4 bounds, or
+    they would not notice a mis-decoded format."""
+    path = copy_of(quantized[("llama", "awq")][0], tmp_path)
+
+    def repack(tensors: dict[str, torch.Tensor]) -> None:
+        for name in [n for n in tensors if n.endswith(".qweight")]:
+            tensors[name] = _pack_along_columns(_unpack_columns(tensors[name], AWQ_ORDER), list(range(8)))
+
+    edit_tensors(path, repack)
+    top1, in_top5, kl = agreement(reference_logits["llama"], sequence_logits(make_llm(path), PROMPTS))
+    print(f"\nawq in the wrong nibble order: top1 {top1:.3f} top5 {in_top5:.3f} KL {kl:.4f}")
+    assert top1 < MIN_TOP1["w4"] or in_top5 < MIN_IN_TOP5["w4"] or kl > MAX_KL["w4"]
+
+
+# -- the fp8 KV cache on quantized weights -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def fp8_kv_on_plain(plain: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """test_kv_fp8_accuracy's measure of an fp8 cache against a full-precision one, on the plain checkpoints."""
+    from tests.test_kv_fp8_accuracy import load_runner, measure
+
+    return {family: measure(load_runner(path, "auto")[0], *load_runner(path, "fp8")) for family, path in plain.items()}
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "ct-int8-channel", "awq", "gptq-asym"])
+def test_fp8_kv_cache_on_quantized_weights_stays_as_close_as_on_plain_ones(
+    fmt: str, quantized: dict, fp8_kv_on_plain: dict[str, dict[str, float]]
+) -> None:
+    """The two savings compose: on each family's quantized checkpoint, an fp8 KV cache costs about
+    what it costs the plain weights (mean KL within 2x of theirs, top-1 agreement at most 0.05
+    below), flipping the top-1 and greedy outputs only at near-ties; each against the same weights
+    over a full-precision cache (test_kv_fp8_accuracy's measure)."""
+    from tests.test_kv_fp8_accuracy import MIN_TOP1_AGREEMENT, NEAR_TIE, load_runner, measure
+
+    for family in FAMILIES:
+        path = quantized[(family, fmt)][0]
+        reference, prompts = load_runner(path, "auto")
+        fp8, _ = load_runner(path, "fp8")
+        assert fp8.kv_cache.dtype == torch.float8_e4m3fn
+        m, on_plain = measure(reference, fp8, prompts), fp8_kv_on_plain[family]
+        print(f"\n{fmt} {family}: " + ", ".join(f"{k} {v:.3g} (plain {on_plain[k]:.3g})" for k, v in m.items()))
+        assert m["kl"] <= 2 * on_plain["kl"], (family, m, on_plain)
+        assert m["top1"] >= min(MIN_TOP1_AGREEMENT, on_plain["top1"] - 0.05), (family, m, on_plain)
+        assert m["max_flip_margin"] < NEAR_TIE and m["max_divergence_margin"] < NEAR_TIE, (family, m)
+
+
 # -- quantization with random weights (benchmarks) ---------------------------------------------------
 @pytest.mark.parametrize("method,layer", [("fp8", W8Linear), ("int8", W8Linear), ("awq", W4Linear), ("gptq", W4Linear)])
 def test_dummy_weights_quantized_in_bf16(method: str, layer: type, plain: dict[str, Path]) -> None:
@@ -316,7 +374,12 @@ def test_quantization_flag_must_match_the_checkpoint(quantized: dict, plain: dic
         make_llm(quantized[("llama", "gptq-sym")][0], quantization="awq")
     with pytest.raises(ConfigError, match="no quantization_config"):
         make_llm(plain["llama"], quantization="gptq")
-    assert make_llm(quantized[("llama", "gptq-sym")][0], quantization="gptq") is not None
+    qkv = (
+        make_llm(quantized[("llama", "gptq-sym")][0], quantization="gptq")
+        .engine.core.runner.model.model.layers[0]
+        .self_attn.qkv_proj
+    )
+    assert isinstance(qkv, W4Linear) and qkv.checkpoint_format == "gptq"
 
 
 def test_tied_embeddings_and_rotary_tables_still_load(plain: dict[str, Path], tmp_path: Path) -> None:
