@@ -12,7 +12,9 @@ And the strict loader: unknown tensors, missing scales, configs it cannot honour
 
 from __future__ import annotations
 
+import copy
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -330,8 +332,13 @@ def test_scale_in_an_unquantized_checkpoint_is_an_error_naming_it(plain: dict[st
     [
         ("fp8", "model.layers.1.self_attn.o_proj.weight_scale"),
         ("ct-fp8-channel", "model.layers.0.self_attn.k_proj.weight_scale"),
+        ("ct-fp8-tensor", "model.layers.1.mlp.gate_proj.weight_scale"),
+        ("ct-int8-channel", "model.layers.0.self_attn.q_proj.weight_scale"),
         ("awq", "model.layers.0.mlp.up_proj.qzeros"),
+        ("awq", "model.layers.1.self_attn.o_proj.scales"),
         ("gptq-sym", "model.layers.1.mlp.down_proj.scales"),
+        ("gptq-asym", "model.layers.0.self_attn.k_proj.qzeros"),
+        ("gptq-v2", "model.layers.1.self_attn.v_proj.qweight"),
     ],
 )
 def test_missing_scale_is_an_error_naming_it(fmt: str, dropped: str, quantized: dict, tmp_path: Path) -> None:
@@ -341,15 +348,37 @@ def test_missing_scale_is_an_error_naming_it(fmt: str, dropped: str, quantized: 
         make_llm(path)
 
 
+def _ct_with(group: dict | None = None, weights: dict | None = None, groups: int = 1) -> dict:
+    """CONFIGS["ct-fp8-channel"] with its config group's (or its weights') fields changed, or its group repeated."""
+    config = copy.deepcopy(CONFIGS["ct-fp8-channel"])
+    group_0 = config["config_groups"]["group_0"]
+    group_0.update(group or {})
+    group_0["weights"].update(weights or {})
+    config["config_groups"] = {f"group_{i}": group_0 for i in range(groups)}
+    return config
+
+
 @pytest.mark.parametrize(
     "fmt,changes,named",
     [
         ("gptq-sym", {"desc_act": True}, "desc_act"),
         ("gptq-sym", {"bits": 3}, "bits"),
+        ("gptq-sym", {"lm_head": True}, "lm_head"),
+        ("gptq-sym", {"checkpoint_format": "marlin"}, "checkpoint_format"),
+        ("gptq-sym", {"group_size": 40}, "group_size"),
         ("awq", {"version": "gemv"}, "version"),
+        ("awq", {"bits": 8}, "bits"),
         ("fp8", {"weight_block_size": [128, 128]}, "weight_block_size"),
+        ("fp8", {"activation_scheme": "per-token"}, "activation_scheme"),
         ("fp8", {"quant_method": "bitsandbytes"}, "bitsandbytes"),
         ("ct-fp8-channel", {"format": "pack-quantized"}, "pack-quantized"),
+        ("ct-fp8-channel", {"kv_cache_scheme": {"num_bits": 8, "type": "float"}}, "kv_cache_scheme"),
+        ("ct-fp8-channel", _ct_with(groups=2), "config_groups"),
+        ("ct-fp8-channel", _ct_with(group={"targets": ["Attention"]}), "targets"),
+        ("ct-fp8-channel", _ct_with(weights={"num_bits": 4, "type": "int"}), "4-bit int"),
+        ("ct-fp8-channel", _ct_with(weights={"strategy": "group", "group_size": 128}), "strategy"),
+        ("ct-fp8-channel", _ct_with(weights={"symmetric": False}), "symmetric"),
+        ("ct-fp8-channel", _ct_with(weights={"dynamic": True}), "static"),
     ],
 )
 def test_unsupported_quantization_config_is_an_error_naming_it(
@@ -359,6 +388,27 @@ def test_unsupported_quantization_config_is_an_error_naming_it(
     edit_config(path, quantization_config=CONFIGS[fmt] | changes)
     with pytest.raises(ConfigError, match=named):
         make_llm(path)
+
+
+@pytest.mark.parametrize(
+    "fmt,name,replace,named",
+    [
+        # an fp8 checkpoint's weight in bf16, as a half-converted checkpoint would hold it
+        ("fp8", "model.layers.0.mlp.down_proj.weight", lambda t: t.bfloat16(), "bfloat16"),
+        ("ct-int8-channel", "model.layers.1.self_attn.q_proj.weight_scale", lambda t: t[: t.shape[0] // 2], "weight_scale"),
+        ("fp8", "model.layers.0.self_attn.v_proj.input_scale", lambda t: t.reshape(1).repeat(2), "input_scale"),
+        ("awq", "model.layers.1.mlp.gate_proj.qweight", lambda t: t.float(), "qweight"),
+        ("gptq-asym", "model.layers.0.self_attn.o_proj.scales", lambda t: t[:, :8], "scales"),
+    ],
+)
+def test_a_malformed_quantized_tensor_is_an_error_naming_it(
+    fmt: str, name: str, replace: Callable[[torch.Tensor], torch.Tensor], named: str, quantized: dict, tmp_path: Path
+) -> None:
+    path = copy_of(quantized[("llama", fmt)][0], tmp_path)
+    edit_tensors(path, lambda t: t.__setitem__(name, replace(t[name]).contiguous()))
+    with pytest.raises(ConfigError, match=name.replace(".", r"\.")) as error:
+        make_llm(path)
+    assert named in str(error.value)
 
 
 def test_act_order_g_idx_is_an_error_naming_it(quantized: dict, tmp_path: Path) -> None:
