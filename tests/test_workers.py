@@ -62,6 +62,15 @@ SPECS: dict[str, tuple[str, str, str, dict]] = {
     "prefill-fp8-nccl": ("prefill", "llama", "nccl", {"kv_cache_dtype": "fp8"}),
     "decode-fp8": ("decode", "llama", "auto", {"kv_cache_dtype": "fp8"}),
     "decode-fp8-tiny": ("decode", "llama", "auto", {"num_kv_blocks": 6, "max_model_len": 96, "kv_cache_dtype": "fp8"}),
+    "prefill-fp8-scaled": ("prefill", "llama-kv-scaled", "auto", {"kv_cache_dtype": "fp8"}),
+    "decode-fp8-scaled": ("decode", "llama-kv-scaled", "auto", {"kv_cache_dtype": "fp8"}),
+}
+# Per-layer fp8 KV scales that are not 1 (nor powers of two), as a calibrated checkpoint carries them
+KV_SCALES = {
+    "model.layers.0.self_attn.k_scale": 0.37,
+    "model.layers.0.self_attn.v_scale": 0.061,
+    "model.layers.1.self_attn.k_scale": 0.23,
+    "model.layers.1.self_attn.v_scale": 0.045,
 }
 PREFILL_OF_TRANSPORT = {"grpc": "prefill", "local": "prefill-local", "nccl": "prefill-nccl"}
 FP8_PREFILL_OF_TRANSPORT = {"grpc": "prefill-fp8", "local": "prefill-fp8-local", "nccl": "prefill-fp8-nccl"}
@@ -134,8 +143,20 @@ class Workers:
 
 
 @pytest.fixture(scope="module")
-def workers(checkpoints: dict[str, Path]) -> Iterator[Workers]:
-    pool = Workers(checkpoints)
+def kv_scaled_checkpoint(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The llama checkpoint with KV_SCALES in a second safetensors file."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    target = Path(shutil.copytree(checkpoints["llama"], tmp_path_factory.mktemp("kv-scaled") / "llama"))
+    save_file({name: torch.tensor(value) for name, value in KV_SCALES.items()}, str(target / "kv_scales.safetensors"))
+    return target
+
+
+@pytest.fixture(scope="module")
+def workers(checkpoints: dict[str, Path], kv_scaled_checkpoint: Path) -> Iterator[Workers]:
+    pool = Workers(checkpoints | {"llama-kv-scaled": kv_scaled_checkpoint})
     try:
         yield pool
     finally:
@@ -776,6 +797,30 @@ def test_a_decode_worker_of_the_other_kv_cache_dtype_is_refused_naming_both(
     )
     assert decode.status().kv_bytes_received == received_before
     stream.cancel()
+    prefill.wait_idle()
+    decode.wait_idle()
+
+
+def test_the_checkpoints_fp8_kv_scales_cross_the_hand_off(
+    workers: Workers, reference_fp8: LLM, kv_scaled_checkpoint: Path, text_ids: list[int]
+) -> None:
+    """Both workers load per-layer K and V scales that are not 1 from the checkpoint: the decode
+    worker reads the shipped blocks with them, so its greedy tokens equal the colocated fp8 engine
+    of that checkpoint; and the scales matter (unit scales decode other tokens), so a worker that
+    ignored or misread them would fail."""
+    prefill, decode = workers["prefill-fp8-scaled"], workers["decode-fp8-scaled"]
+    scaled = LLM(
+        model=str(kv_scaled_checkpoint), device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN, kv_cache_dtype="fp8"
+    )
+    k_scales, v_scales = scaled.engine.core.runner.kv_scales
+    assert k_scales == pytest.approx((0.37, 0.23)) and v_scales == pytest.approx((0.061, 0.045))
+    differs_from_unit_scales = []
+    for num_prompt_tokens, max_tokens in [(5, 12), (45, 30)]:
+        prompt, params = text_ids[:num_prompt_tokens], greedy(max_tokens)
+        expected = expected_tokens(scaled, prompt, params)
+        assert run(prefill, decode, prompt, params).token_ids == expected
+        differs_from_unit_scales.append(expected != expected_tokens(reference_fp8, prompt, params))
+    assert any(differs_from_unit_scales)
     prefill.wait_idle()
     decode.wait_idle()
 
