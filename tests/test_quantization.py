@@ -4,8 +4,9 @@ the four families; online fp8/int8 quantization of the plain checkpoints.
 
 (a) the engine's dequantized weights equal the format's own dequantization, bit for bit;
 (b) the engine's quantized model equals HF transformers running those dequantized weights
-    (transformers itself cannot load these formats here: fp8 needs accelerate and a GPU or its
-    dequantize fallback, compressed-tensors its package, awq/gptq gptqmodel and a GPU);
+    (transformers itself loads only the compressed-tensors ones here, through that library: checked
+    weight for weight too; fp8 needs accelerate and a GPU or its dequantize fallback, awq/gptq
+    gptqmodel and a GPU);
 (c) accuracy against the unquantized fp32 model over a fixed prompt set: top-1 agreement and
     mean KL(p_fp32 || p_quantized) of the next-token distributions, teacher-forced.
 And the strict loader: unknown tensors, missing scales, configs it cannot honour, named."""
@@ -166,6 +167,26 @@ def test_checkpoint_weights_dequantize_as_the_format_specifies(fmt: str, quantiz
     torch.testing.assert_close(
         sequence_logits(llm, [tokens]), hf_logits_with(plain[family], expected, tokens), rtol=1e-4, atol=1e-4
     )
+
+
+@pytest.mark.parametrize("fmt", ["ct-fp8-channel", "ct-fp8-tensor", "ct-int8-channel", "ct-int8-tensor"])
+def test_compressed_tensors_checkpoints_load_as_their_library_decompresses_them(fmt: str, quantized: dict) -> None:
+    """The format's own code: transformers with the compressed-tensors library decompresses each
+    checkpoint into dense weights, computing in the scales' dtype (bf16, as llm-compressor writes
+    them); they are the engine's weights rounded to bf16, element for element, on every family."""
+    from transformers import CompressedTensorsConfig
+
+    for family in FAMILIES:
+        path = quantized[(family, fmt)][0]
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
+        )
+        library = {name.removesuffix(".weight"): w for name, w in model.state_dict().items()}
+        ours = engine_weights(make_llm(path))
+        assert len(ours) == 7 * model.config.num_hidden_layers
+        for name, weight in ours.items():
+            expected = torch.from_numpy(weight).bfloat16().float()
+            torch.testing.assert_close(library[name], expected, rtol=0, atol=0, msg=f"{family} {name}")
 
 
 @pytest.mark.parametrize("method", ONLINE)
