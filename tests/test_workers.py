@@ -63,6 +63,8 @@ SPECS: dict[str, tuple[str, str, str, dict]] = {
     "decode-fp8": ("decode", "llama", "auto", {"kv_cache_dtype": "fp8"}),
     "decode-fp8-tiny": ("decode", "llama", "auto", {"num_kv_blocks": 6, "max_model_len": 96, "kv_cache_dtype": "fp8"}),
     "prefill-fp8-scaled": ("prefill", "llama-kv-scaled", "auto", {"kv_cache_dtype": "fp8"}),
+    "prefill-awq-fp8": ("prefill", "llama-awq", "auto", {"kv_cache_dtype": "fp8"}),
+    "decode-awq-fp8": ("decode", "llama-awq", "auto", {"kv_cache_dtype": "fp8"}),
     "decode-fp8-scaled": ("decode", "llama-kv-scaled", "auto", {"kv_cache_dtype": "fp8"}),
 }
 # Per-layer fp8 KV scales that are not 1 (nor powers of two), as a calibrated checkpoint carries them
@@ -155,8 +157,18 @@ def kv_scaled_checkpoint(checkpoints: dict[str, Path], tmp_path_factory: pytest.
 
 
 @pytest.fixture(scope="module")
-def workers(checkpoints: dict[str, Path], kv_scaled_checkpoint: Path) -> Iterator[Workers]:
-    pool = Workers(checkpoints | {"llama-kv-scaled": kv_scaled_checkpoint})
+def awq_checkpoint(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The llama checkpoint quantized as AWQ (groups of 64: its layers are 64 and 128 wide)."""
+    from tests.quant_checkpoints import write_quantized_checkpoint
+
+    target = tmp_path_factory.mktemp("awq") / "llama"
+    write_quantized_checkpoint(checkpoints["llama"], target, "awq-g64")
+    return target
+
+
+@pytest.fixture(scope="module")
+def workers(checkpoints: dict[str, Path], kv_scaled_checkpoint: Path, awq_checkpoint: Path) -> Iterator[Workers]:
+    pool = Workers(checkpoints | {"llama-kv-scaled": kv_scaled_checkpoint, "llama-awq": awq_checkpoint})
     try:
         yield pool
     finally:
@@ -821,6 +833,23 @@ def test_the_checkpoints_fp8_kv_scales_cross_the_hand_off(
         assert run(prefill, decode, prompt, params).token_ids == expected
         differs_from_unit_scales.append(expected != expected_tokens(reference_fp8, prompt, params))
     assert any(differs_from_unit_scales)
+    prefill.wait_idle()
+    decode.wait_idle()
+
+
+def test_an_awq_model_with_an_fp8_kv_cache_serves_disaggregated_as_colocated(
+    workers: Workers, awq_checkpoint: Path, text_ids: list[int]
+) -> None:
+    """Both savings at once, across the hand-off: 4-bit weights on both workers and fp8 KV blocks
+    on the wire; greedy tokens equal the colocated engine with the same settings."""
+    prefill, decode = workers["prefill-awq-fp8"], workers["decode-awq-fp8"]
+    colocated = LLM(model=str(awq_checkpoint), device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN, kv_cache_dtype="fp8")
+    assert type(colocated.engine.core.runner.model.model.layers[0].mlp.down_proj).__name__ == "W4Linear"
+    for num_prompt_tokens, max_tokens in [(5, 12), (45, 30)]:
+        prompt, params = text_ids[:num_prompt_tokens], greedy(max_tokens)
+        result = run(prefill, decode, prompt, params)
+        assert result.token_ids == expected_tokens(colocated, prompt, params)
+        assert result.prefill.kv_bytes == kv_bytes_of(num_prompt_tokens, awq_checkpoint, element_size=1)
     prefill.wait_idle()
     decode.wait_idle()
 
