@@ -126,8 +126,8 @@ def w4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
 def tile_sizes(m: int, n: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). Decode rows (up to 64) in one row block, so the
     weight is read once, with column tiles narrow enough that every SM streams its share (H200
-    sweep: 32 columns up to 32 rows; at 64 rows 64 columns when there are enough of them, and 5 tiles
-    in flight); prefill rows: square tiles."""
+    sweep at 1, 16 and 64 rows: 32 columns below 64 rows; at 64 rows 64 columns when there are enough
+    of them, and 5 tiles in flight); prefill rows: square tiles."""
     if m > 64:
         return 128, 128, 8, 3
     block_m = max(16, triton.next_power_of_2(m))
