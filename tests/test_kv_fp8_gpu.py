@@ -32,7 +32,7 @@ from tests.test_kv_fp8_accuracy import (
     MIN_TOP1_AGREEMENT,
     NEAR_TIE,
     PROMPTS,
-    _measure,
+    measure,
 )
 from tests.test_workers import expected_tokens, greedy, run
 
@@ -140,7 +140,7 @@ def test_fp8_kv_stays_close_to_the_bf16_cache_on_the_gpu(checkpoints: dict[str, 
 
     reference, fp8 = runner("auto"), runner("fp8")
     prompts = [reference.tokenizer.encode(p) for p in PROMPTS]
-    m = _measure(reference.runner, fp8.runner, prompts)
+    m = measure(reference.runner, fp8.runner, prompts)
     print(f"{family} (bf16 model, cuda): " + ", ".join(f"{name} {value:.3g}" for name, value in m.items()))
     assert m["kl"] <= MAX_MEAN_KL and m["top1"] >= MIN_TOP1_AGREEMENT and m["max_flip_margin"] < NEAR_TIE
 
