@@ -95,9 +95,7 @@ def w4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         return out
     block_m, block_n, num_warps, num_stages = tile_sizes(m, n, x.device)
     group_k8 = group_size // 8
-    # the largest power of two dividing the group, at most 16 (8 for fp32 x: 128 x 128 fp32 tiles in
-    # 3 stages, and the weight tile for the dot, would not fit in an H100's 227 KB of shared memory)
-    block_k8 = min(16 if x.element_size() < 4 else 8, group_k8 & -group_k8)
+    block_k8 = min(16, group_k8 & -group_k8)  # the largest power of two dividing the group, at most 16
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
     _w4_matmul_kernel[grid](
         x,
