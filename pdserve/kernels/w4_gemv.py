@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.kernels.w4_matmul import _EXP_2_23, _check, _nibble
+from pdserve.kernels.w4_matmul import _EXP_2_23, _check, _weight
 from pdserve.kernels.w8_matmul import _num_sms
 
 MAX_ROWS = 4  # rows a program unrolls; more rows take more programs, each reading the weight again
@@ -114,17 +114,6 @@ def _w4_gemv_kernel(
         _store_row(out + 2 * stride_om, acc2, m0 + 2, M, offs_n, mask_n)
     if BLOCK_M > 3:
         _store_row(out + 3 * stride_om, acc3, m0 + 3, M, offs_n, mask_n)
-
-
-@triton.jit
-def _weight(packed, high, zero, exp_2_23, J: tl.constexpr):
-    """(q - zero) as fp32 for nibble J of each packed int32: bits 4 J of `packed` for J <= 4, bits
-    4 J - 12 of `high` (packed >> 12) after, where bit 23 would be the exponent's."""
-    if J < 5:
-        w = _nibble(packed, zero, exp_2_23, 4 * J)
-    else:
-        w = _nibble(high, zero, exp_2_23, 4 * J - 12)
-    return w
 
 
 @triton.jit

@@ -62,10 +62,10 @@ def _w4_matmul_kernel(
         scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + t * 8 * BLOCK_K8 + offs_k[None, :], mask=mask_m[:, None], other=0.0)
         high = packed >> 12  # nibbles 5..7 at bits 8..19 (bit 23 would be the exponent's)
-        w01 = tl.join(_nibble(packed, zero, exp_2_23, 0).to(x.dtype), _nibble(packed, zero, exp_2_23, 4).to(x.dtype))
-        w23 = tl.join(_nibble(packed, zero, exp_2_23, 8).to(x.dtype), _nibble(packed, zero, exp_2_23, 12).to(x.dtype))
-        w45 = tl.join(_nibble(packed, zero, exp_2_23, 16).to(x.dtype), _nibble(high, zero, exp_2_23, 8).to(x.dtype))
-        w67 = tl.join(_nibble(high, zero, exp_2_23, 12).to(x.dtype), _nibble(high, zero, exp_2_23, 16).to(x.dtype))
+        w01 = tl.join(_weight(packed, high, zero, exp_2_23, 0).to(x.dtype), _weight(packed, high, zero, exp_2_23, 1).to(x.dtype))
+        w23 = tl.join(_weight(packed, high, zero, exp_2_23, 2).to(x.dtype), _weight(packed, high, zero, exp_2_23, 3).to(x.dtype))
+        w45 = tl.join(_weight(packed, high, zero, exp_2_23, 4).to(x.dtype), _weight(packed, high, zero, exp_2_23, 5).to(x.dtype))
+        w67 = tl.join(_weight(packed, high, zero, exp_2_23, 6).to(x.dtype), _weight(packed, high, zero, exp_2_23, 7).to(x.dtype))
         w = tl.join(tl.join(w01, w23), tl.join(w45, w67))  # [K8, N, 2, 2, 2], nibble j at [..., j % 2, j // 2 % 2, j // 4]
         w = tl.reshape(tl.permute(w, (0, 4, 3, 2, 1)), (8 * BLOCK_K8, BLOCK_N))  # row 8 k8 + j: input k's order
         acc = tl.fma(tl.dot(x, w, input_precision=DOT_PRECISION), scale[None, :], acc)
@@ -74,6 +74,17 @@ def _w4_matmul_kernel(
         acc.to(out_ptr.dtype.element_ty),
         mask=mask_m[:, None] & mask_n[None, :],
     )
+
+
+@triton.jit
+def _weight(packed, high, zero, exp_2_23, J: tl.constexpr):
+    """(q - zero) as fp32 for nibble J of each packed int32: bits 4 J of `packed` for J <= 4, bits
+    4 J - 12 of `high` (packed >> 12) after, where bit 23 would be the exponent's."""
+    if J < 5:
+        w = _nibble(packed, zero, exp_2_23, 4 * J)
+    else:
+        w = _nibble(high, zero, exp_2_23, 4 * J - 12)
+    return w
 
 
 @triton.jit
