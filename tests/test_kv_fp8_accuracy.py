@@ -147,7 +147,7 @@ def test_the_measure_catches_a_badly_scaled_cache(checkpoints: dict[str, Path]) 
     assert m["kl"] > MAX_MEAN_KL and m["max_flip_margin"] >= NEAR_TIE
 
 
-def _with_kv_scales(source: Path, target: Path, tensors: dict[str, torch.Tensor]) -> Path:
+def with_kv_scales(source: Path, target: Path, tensors: dict[str, torch.Tensor]) -> Path:
     """A copy of the checkpoint `source` with extra scalars in a second safetensors file."""
     import shutil
 
@@ -164,7 +164,7 @@ def test_fp8_kv_scales_come_from_the_checkpoint(checkpoints: dict[str, Path], tm
         "model.layers.1.self_attn.k_scale": torch.tensor(0.5),
         "model.layers.0.self_attn.v_scale": torch.tensor(0.125),  # layer 1's V: none, 1.0
     }
-    model_dir = _with_kv_scales(checkpoints["llama"], tmp_path / "llama", scales)
+    model_dir = with_kv_scales(checkpoints["llama"], tmp_path / "llama", scales)
     fp8, prompts = load_runner(model_dir, "fp8")
     assert fp8.kv_scales == ((0.25, 0.5), (0.125, 1.0))
     reference, _ = load_runner(model_dir, "auto")
@@ -176,9 +176,7 @@ def test_fp8_kv_scales_come_from_the_checkpoint(checkpoints: dict[str, Path], tm
 def test_a_bad_kv_scale_in_the_checkpoint_is_an_error_naming_it(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     from pdserve.engine.config import ConfigError
 
-    model_dir = _with_kv_scales(
-        checkpoints["llama"], tmp_path / "llama", {"model.layers.1.self_attn.v_scale": torch.tensor(-1.0)}
-    )
+    model_dir = with_kv_scales(checkpoints["llama"], tmp_path / "llama", {"model.layers.1.self_attn.v_scale": torch.tensor(-1.0)})
     with pytest.raises(ConfigError, match=r"KV scale model\.layers\.1\.self_attn\.v_scale must be a positive"):
         load_runner(model_dir, "fp8")
 

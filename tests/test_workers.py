@@ -147,13 +147,10 @@ class Workers:
 @pytest.fixture(scope="module")
 def kv_scaled_checkpoint(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The llama checkpoint with KV_SCALES in a second safetensors file."""
-    import shutil
+    from tests.test_kv_fp8_accuracy import with_kv_scales
 
-    from safetensors.torch import save_file
-
-    target = Path(shutil.copytree(checkpoints["llama"], tmp_path_factory.mktemp("kv-scaled") / "llama"))
-    save_file({name: torch.tensor(value) for name, value in KV_SCALES.items()}, str(target / "kv_scales.safetensors"))
-    return target
+    scales = {name: torch.tensor(value) for name, value in KV_SCALES.items()}
+    return with_kv_scales(checkpoints["llama"], tmp_path_factory.mktemp("kv-scaled") / "llama", scales)
 
 
 @pytest.fixture(scope="module")
