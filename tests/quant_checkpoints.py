@@ -117,7 +117,7 @@ def _rtn_int4(w: torch.Tensor, symmetric: bool, group: int) -> tuple[np.ndarray,
     return q.t().numpy(), zero.long().t().numpy(), scale.t().contiguous()
 
 
-def _pack_along_columns(values: np.ndarray, order: list[int]) -> torch.Tensor:
+def pack_along_columns(values: np.ndarray, order: list[int]) -> torch.Tensor:
     """[R, C] nibbles -> int32 [R, C / 8]: nibble i of word j holds column 8 j + order[i]."""
     values = values.astype(np.uint32) & 0xF
     words = np.zeros((values.shape[0], values.shape[1] // 8), dtype=np.uint32)
@@ -138,7 +138,7 @@ def _pack_along_rows(values: np.ndarray) -> torch.Tensor:
 def _awq(group: int) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
     def quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
         q, zero, scale = _rtn_int4(w, symmetric=False, group=group)
-        return {"qweight": _pack_along_columns(q, AWQ_ORDER), "qzeros": _pack_along_columns(zero, AWQ_ORDER), "scales": scale}
+        return {"qweight": pack_along_columns(q, AWQ_ORDER), "qzeros": pack_along_columns(zero, AWQ_ORDER), "scales": scale}
 
     return quantize
 
@@ -149,7 +149,7 @@ def _gptq(symmetric: bool, group: int = GROUP, v2: bool = False) -> Callable[[to
         k = q.shape[0]
         return {
             "qweight": _pack_along_rows(q),
-            "qzeros": _pack_along_columns(zero if v2 else zero - 1, list(range(8))),
+            "qzeros": pack_along_columns(zero if v2 else zero - 1, list(range(8))),
             "scales": scale,
             "g_idx": torch.arange(k, dtype=torch.int32) // (k if group == -1 else group),
         }
@@ -175,7 +175,7 @@ QUANTIZERS = {
 
 
 # -- dequantizers (the format's tensors -> W [N, K] float64) -------------------------------------
-def _unpack_columns(words: torch.Tensor, order: list[int]) -> np.ndarray:
+def unpack_columns(words: torch.Tensor, order: list[int]) -> np.ndarray:
     words = words.numpy().view(np.uint32)
     out = np.zeros((words.shape[0], words.shape[1] * 8), dtype=np.int64)
     for i, column in enumerate(order):
@@ -196,9 +196,9 @@ def dequantize(fmt: str, tensors: dict[str, torch.Tensor]) -> np.ndarray:
         scale = tensors["weight_scale"].double().numpy().reshape(-1, 1)  # [N, 1] or [1, 1]
         return tensors["weight"].double().numpy() * scale
     if fmt.startswith("awq"):
-        q, zero = _unpack_columns(tensors["qweight"], AWQ_ORDER), _unpack_columns(tensors["qzeros"], AWQ_ORDER)
+        q, zero = unpack_columns(tensors["qweight"], AWQ_ORDER), unpack_columns(tensors["qzeros"], AWQ_ORDER)
     else:
-        stored = _unpack_columns(tensors["qzeros"], list(range(8)))
+        stored = unpack_columns(tensors["qzeros"], list(range(8)))
         q, zero = _unpack_rows(tensors["qweight"]), stored if fmt == "gptq-v2" else stored + 1
     scale = tensors["scales"].double().numpy()
     group_of_row = np.arange(q.shape[0]) // (q.shape[0] // scale.shape[0])  # K / (K / group)

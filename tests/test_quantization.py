@@ -33,10 +33,10 @@ from tests.conftest import FAMILIES, write_hf_checkpoint
 from tests.quant_checkpoints import (
     AWQ_ORDER,
     CONFIGS,
-    _pack_along_columns,
-    _unpack_columns,
     edit_config,
     edit_tensors,
+    pack_along_columns,
+    unpack_columns,
     write_quantized_checkpoint,
 )
 
@@ -251,7 +251,7 @@ def test_the_accuracy_bounds_catch_a_wrong_nibble_order(
 
     def repack(tensors: dict[str, torch.Tensor]) -> None:
         for name in [n for n in tensors if n.endswith(".qweight")]:
-            tensors[name] = _pack_along_columns(_unpack_columns(tensors[name], AWQ_ORDER), list(range(8)))
+            tensors[name] = pack_along_columns(unpack_columns(tensors[name], AWQ_ORDER), list(range(8)))
 
     edit_tensors(path, repack)
     top1, in_top5, kl = agreement(reference_logits["llama"], sequence_logits(make_llm(path), PROMPTS))
