@@ -20,12 +20,12 @@ from tests.test_workers import expected_tokens, greedy, run
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn])
 @pytest.mark.parametrize("shape", [(4, 16, 8, 128), (3, 1, 2, 64), (2, 32, 4, 80)], ids=["llama", "block-of-1", "odd-head-dim"])
 def test_block_copy_kernel_moves_exactly_the_named_blocks(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     num_layers, block_size, num_kv_heads, head_dim = shape
-    src = torch.randn(num_layers, 2, 40, block_size, num_kv_heads, head_dim, device="cuda").to(dtype)
-    dst = torch.full((num_layers, 2, 50, block_size, num_kv_heads, head_dim), float("nan"), device="cuda", dtype=dtype)
+    src = (torch.randn(num_layers, 2, 40, block_size, num_kv_heads, head_dim, device="cuda") * 8).to(dtype)
+    dst = torch.full((num_layers, 2, 50, block_size, num_kv_heads, head_dim), float("nan"), device="cuda").to(dtype)
     src_ids, dst_ids = torch.randperm(40, device="cuda")[:17], torch.randperm(50, device="cuda")[:17]
     expected = dst.clone()
     kernels.copy_kv_blocks_ref(src, src_ids, expected, dst_ids)
@@ -33,7 +33,7 @@ def test_block_copy_kernel_moves_exactly_the_named_blocks(dtype: torch.dtype, sh
     torch.cuda.synchronize()
     assert torch.equal(dst.view(torch.uint8), expected.view(torch.uint8))  # bit for bit; the rest still NaN
     others = [b for b in range(50) if b not in dst_ids.tolist()]
-    assert dst[:, :, others].isnan().all()
+    assert dst[:, :, others].float().isnan().all()
 
 
 def test_block_copy_kernel_refuses_mismatched_inputs() -> None:

@@ -121,3 +121,100 @@ def test_engine_on_gpu_equals_cpu(fmt: str, tmp_path: Path, demo_model_dir: Path
         assert gpu.outputs[0].token_ids == cpu.outputs[0].token_ids
     for cpu, gpu in zip(outputs["cpu-alone"], outputs["cuda-alone"]):
         assert gpu.outputs[0].token_ids == cpu.outputs[0].token_ids
+
+
+# -- bf16 models: the serving configuration ---------------------------------------------------------
+BF16_FORMATS = ["fp8", "ct-fp8-channel", "ct-int8-channel", "awq", "gptq-sym"]
+# The quantized bf16 engine on the GPU is off the fp32 model by the quantization (the same checkpoint
+# in fp32 on the CPU) plus bf16's rounding (the unquantized checkpoint in bf16 on the GPU), plus for
+# fp8 prefill the activations' rounding to e4m3 (the FP8 GEMM: as much again as the weights').
+# A kernel that dequantized wrongly (a scale, a zero, a nibble off) would add KL in whole nats.
+KL_SLACK = {"fp8": 3.0, "ct-fp8-channel": 3.0, "ct-int8-channel": 1.5, "awq": 1.5, "gptq-sym": 1.5}
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> dict[str, Path]:
+    from tests.test_quantization import write_plain_checkpoints
+
+    return write_plain_checkpoints(tmp_path_factory.mktemp("plain"), demo_model_dir)
+
+
+@pytest.fixture(scope="module")
+def quantized(plain: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from tests.test_quantization import QuantizedCheckpoints
+
+    return QuantizedCheckpoints(plain, tmp_path_factory.mktemp("quantized"))
+
+
+def core_on(path: Path, device: str, dtype: str) -> object:
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.core import EngineCore
+
+    config = EngineConfig(
+        model=str(path),
+        device=device,
+        dtype=dtype,
+        num_kv_blocks=64,
+        max_model_len=256,
+        enforce_eager=True,
+        enable_prefix_caching=False,
+    )
+    return EngineCore.load(config)
+
+
+@pytest.fixture(scope="module")
+def references(plain: dict[str, Path]) -> dict[str, dict]:
+    """Per family: the fp32 CPU runner and prefill logits of the unquantized model, and how far its
+    bf16 GPU engine strays from them (prefill agreement; decode measure)."""
+    from tests.test_kv_fp8_accuracy import PROMPTS as TEXTS
+    from tests.test_kv_fp8_accuracy import measure
+    from tests.test_quantization import PROMPTS, agreement, make_llm, sequence_logits
+
+    out = {}
+    for family, path in plain.items():
+        reference = core_on(path, "cpu", "float32")
+        logits = sequence_logits(make_llm(path), PROMPTS)
+        bf16 = make_llm(path, device="cuda", dtype="bfloat16")
+        prompts = [reference.tokenizer.encode(text) for text in TEXTS]
+        out[family] = dict(
+            runner=reference.runner,
+            prompts=prompts,
+            logits=logits,
+            prefill=agreement(logits, sequence_logits(bf16, PROMPTS)),
+            decode=measure(reference.runner, core_on(path, "cuda", "bfloat16").runner, prompts),
+        )
+        del bf16
+    return out
+
+
+@pytest.mark.parametrize("fmt", BF16_FORMATS)
+def test_bf16_quantized_engines_lose_only_what_quantization_and_bf16_lose(
+    fmt: str, quantized: dict, references: dict[str, dict]
+) -> None:
+    """bf16 on the GPU, as served: one 192-row prefill (the FP8 tensor-core GEMM for the fp8
+    formats, w8_matmul for int8, w4_matmul for AWQ/GPTQ) and decode steps of one row (the GEMVs).
+    Against the unquantized fp32 model: KL within KL_SLACK x (the quantization's KL + bf16's KL),
+    top-1 agreement no more than 0.1 below the worse of the two, on every family."""
+    from tests.test_kv_fp8_accuracy import measure
+    from tests.test_quantization import PROMPTS, agreement, make_llm, sequence_logits
+
+    rows = []
+    for family in references:
+        ref = references[family]
+        path = quantized[(family, fmt)][0]
+        cpu = agreement(ref["logits"], sequence_logits(make_llm(path), PROMPTS))
+        gpu = agreement(ref["logits"], sequence_logits(make_llm(path, device="cuda", dtype="bfloat16"), PROMPTS))
+        cpu_decode = measure(ref["runner"], core_on(path, "cpu", "float32").runner, ref["prompts"])
+        gpu_decode = measure(ref["runner"], core_on(path, "cuda", "bfloat16").runner, ref["prompts"])
+        rows.append((family, cpu, gpu, ref["prefill"], cpu_decode, gpu_decode, ref["decode"]))
+        print(
+            f"\n{fmt} {family}: prefill top1/KL quantized fp32 {cpu[0]:.3f}/{cpu[2]:.2e}, quantized bf16 GPU "
+            f"{gpu[0]:.3f}/{gpu[2]:.2e}, plain bf16 GPU {ref['prefill'][0]:.3f}/{ref['prefill'][2]:.2e}; decode "
+            f"{cpu_decode['top1']:.3f}/{cpu_decode['kl']:.2e}, {gpu_decode['top1']:.3f}/{gpu_decode['kl']:.2e}, "
+            f"{ref['decode']['top1']:.3f}/{ref['decode']['kl']:.2e}"
+        )
+    for family, cpu, gpu, bf16, cpu_decode, gpu_decode, bf16_decode in rows:
+        assert gpu[2] <= KL_SLACK[fmt] * (cpu[2] + bf16[2]), (family, "prefill", gpu, cpu, bf16)
+        assert gpu[0] >= min(cpu[0], bf16[0]) - 0.1, (family, "prefill", gpu, cpu, bf16)
+        assert gpu_decode["kl"] <= KL_SLACK[fmt] * (cpu_decode["kl"] + bf16_decode["kl"]), (family, "decode")
+        assert gpu_decode["top1"] >= min(cpu_decode["top1"], bf16_decode["top1"]) - 0.1, (family, "decode")

@@ -68,11 +68,9 @@ def random_prompts(vocab_size: int, num: int = 8, length: int = 24, seed: int = 
 PROMPTS = random_prompts(832)  # within the demo tokenizer's vocabulary: 8 x 24 positions a family
 
 
-@pytest.fixture(scope="module")
-def plain(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> dict[str, Path]:
+def write_plain_checkpoints(root: Path, demo_model_dir: Path) -> dict[str, Path]:
     """Unquantized fp32 checkpoints wide enough for 128-input groups (hidden 128, intermediate 256).
     Qwen3's heads are 64 wide, so its q/k/v and o projections are not square (q 256 x 128, o 128 x 256)."""
-    root = tmp_path_factory.mktemp("plain")
     wider_heads = {"qwen3": {"head_dim": 64}}
     return {
         family: write_hf_checkpoint(
@@ -80,6 +78,11 @@ def plain(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> dic
         )
         for family in FAMILIES
     }
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> dict[str, Path]:
+    return write_plain_checkpoints(tmp_path_factory.mktemp("plain"), demo_model_dir)
 
 
 class QuantizedCheckpoints(dict):
@@ -121,7 +124,7 @@ def sequence_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
     hidden = core.runner.model(inputs.input_ids, inputs.positions, core.runner.kv_cache, inputs.meta)
     for item in batch:
         core.block_manager.free(item.request.block_table)
-    return core.runner.model.compute_logits(hidden)
+    return core.runner.model.compute_logits(hidden).float().cpu()
 
 
 def engine_weights(llm: LLM) -> dict[str, np.ndarray]:

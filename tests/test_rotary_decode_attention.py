@@ -103,9 +103,11 @@ def test_equals_two_calls(h, kvh, d, dtype, launch):
     _check(_step(h, kvh, d, CONTEXT_LENS, dtype), launch)
 
 
-def test_fp8_cache():
+@pytest.mark.parametrize("launch", LAUNCHES.values(), ids=LAUNCHES.keys())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_fp8_cache(dtype, launch):
     torch.manual_seed(0)
-    _check(_step(8, 2, 64, CONTEXT_LENS, torch.float16, FP8_DTYPE), LAUNCHES["three-splits"])
+    _check(_step(8, 2, 64, CONTEXT_LENS, dtype, FP8_DTYPE), launch)
 
 
 def test_counters_zero_again():
@@ -118,15 +120,16 @@ def test_counters_zero_again():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs")
-def test_llama3_8b_shape_in_a_cuda_graph():
+@pytest.mark.parametrize("kv_dtype", [None, FP8_DTYPE], ids=["bf16-cache", "fp8-cache"])
+def test_llama3_8b_shape_in_a_cuda_graph(kv_dtype):
     """Llama-3-8B's heads, batch 1 (many splits) and 64, captured once and replayed twice: each replay
     equals the two calls (the counters were reset by the replay before)."""
     for batch in (1, 64):
         torch.manual_seed(batch)
-        s = _step(32, 8, 128, [1000 + 37 * i for i in range(batch)], torch.bfloat16)
+        s = _step(32, 8, 128, [1000 + 37 * i for i in range(batch)], torch.bfloat16, kv_dtype)
         ref, _, _ = _two_calls(s, rotary_store_kv)
         args = [s[n] for n in ("positions", "q", "k", "v", "cos_sin_cache", "k_cache", "v_cache", "slot_mapping")]
-        args += [s["block_tables"], s["context_lens"], s["scale"]]
+        args += [s["block_tables"], s["context_lens"], s["scale"], None, s["k_scale"], s["v_scale"]]
         fused.rotary_decode_attention(*args)  # compiles and sizes the counters outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
