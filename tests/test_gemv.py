@@ -1,5 +1,5 @@
 """The decode GEMV kernel (Triton, run on CPU tensors by the interpreter) against its torch
-reference: float, fp8 and int8 weights, and every int8 byte value (the
+reference: float, fp8 and int8 weights, with and without a bias, and every int8 byte value (the
 kernel widens int8 with a bit trick, not a conversion)."""
 
 from __future__ import annotations
@@ -28,14 +28,17 @@ def weights(kind: str, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor | Non
 
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "fp16", "fp8", "int8"])
 @pytest.mark.parametrize("m,n,k", [(1, 40, 96), (3, 17, 520), (4, 300, 64)])
-def test_gemv_matches_reference(kind: str, m: int, n: int, k: int) -> None:
+@pytest.mark.parametrize("has_bias", [False, True], ids=["", "bias"])
+def test_gemv_matches_reference(kind: str, m: int, n: int, k: int, has_bias: bool) -> None:
+    """k 96 and 64 take one tile of inputs (the first, read before the PDL wait), 520 several."""
     torch.manual_seed(m * n + k)
     weight, scale = weights(kind, n, k)
     x = torch.randn(m, k)
     if kind in ("bf16", "fp16"):
         x = x.to(weight.dtype)
-    got = K.gemv(x, weight, scale)
-    ref = K.gemv_ref(x, weight, scale)
+    bias = torch.randn(n).to(x.dtype) if has_bias else None
+    got = K.gemv(x, weight, scale, bias)
+    ref = K.gemv_ref(x, weight, scale, bias)
     tol = 1e-4 if x.dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol * ref.abs().max().item())
 
@@ -61,3 +64,5 @@ def test_gemv_rejects_bad_input() -> None:
         K.gemv(torch.randn(1, 33), w, scale)
     with pytest.raises(ValueError, match="float, fp8"):
         K.gemv(torch.randn(1, 32), w.to(torch.int32), scale)
+    with pytest.raises(ValueError, match="bias"):
+        K.gemv(torch.randn(1, 32), w, scale, torch.randn(15))

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from pdserve import kernels
+from pdserve.kernels.pdl import PDL_MAX_ROWS
 
 
 class RMSNorm(nn.Module):
@@ -28,9 +29,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Module):
-    """y = x W^T + b. With `transposed`, W is stored [in, out] and used as `x @ W`: for the few rows
-    of a decode step cuBLAS reads such weights faster (bench/gemv.py: o_proj 81% of copy bandwidth
-    instead of 68%, gate_up 100% instead of 96% on an H100); q/k/v is faster the usual way."""
+    """y = x W^T + b. On a GPU the one row of a decode step takes the Triton GEMV (kernels/gemv.py),
+    launched as a dependent of the kernel before it, as the norms, attention and SwiGLU around it are
+    (kernels/pdl.py); more rows take cuBLAS. For the GEMV, o_proj, gate_up and down are stored
+    [out, in] (cuBLAS read their one row faster stored [in, out], and their 16-64 rows 1-2% faster:
+    bench/RESULTS.md). With `transposed`, W is stored [in, out] and used as `x @ W` by cuBLAS at
+    every row count: the untied LM head, which cuBLAS reads at memory speed that way."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, transposed: bool = False) -> None:
         super().__init__()
@@ -41,10 +45,13 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.transposed:
-            return torch.nn.functional.linear(x, self.weight, self.bias)
-        out = x @ self.weight
-        return out if self.bias is None else out + self.bias
+        if self.transposed:
+            out = x @ self.weight
+            return out if self.bias is None else out + self.bias
+        rows = x.reshape(-1, x.shape[-1])
+        if x.is_cuda and rows.shape[0] <= PDL_MAX_ROWS:
+            return kernels.gemv(rows.contiguous(), self.weight, bias=self.bias).view(*x.shape[:-1], self.out_features)
+        return torch.nn.functional.linear(x, self.weight, self.bias)
 
     def checkpoint_kinds(self) -> set[str]:
         """Tensor kinds (name suffixes) each HF projection must provide."""

@@ -1,11 +1,12 @@
 """Decode GEMV: the few rows of a decode step (M <= GEMV_MAX_ROWS) times a weight that is read once,
 at memory speed. The weight is bf16/fp16/fp32, or fp8 (e4m3) / int8 with one fp32 scale per output
-channel, stored [N, K] as nn.Linear stores it.
+channel, stored [N, K] as nn.Linear stores it; an optional bias is added in the epilogue.
 
 No tensor cores: every program owns BLOCK_N outputs of one row, streams its [BLOCK_N, K] slab of
 the weight in [BLOCK_N, BLOCK_K] tiles with elementwise FMAs into a 2-D fp32 accumulator, and
 reduces it once at the end. Row m is the fastest program id, so the M programs that read one slab
-run together and L2 serves the repeats."""
+run together and L2 serves the repeats. At one row the kernel launches as a dependent of the kernel
+before it (kernels/pdl.py): its first weight tile is read before it waits for the kernel that wrote x."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.pdl import use_pdl, wait_for_previous_kernel
 from pdserve.kernels.w8_matmul import _X_DTYPES as _FLOAT_DTYPES
 
 GEMV_MAX_ROWS = 4
@@ -24,6 +26,7 @@ def _gemv_kernel(
     x_ptr,
     w_ptr,
     scale_ptr,
+    bias_ptr,
     out_ptr,
     N,
     K,
@@ -32,46 +35,64 @@ def _gemv_kernel(
     stride_om,
     W_KIND: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     m = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     x_row = x_ptr + m * stride_xm
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        w_mask = mask_n[:, None] & mask_k[None, :]
-        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
-        if W_KIND == 1:  # fp8 e4m3, read as bytes (0 is 0.0)
-            w = tl.load(w_ptrs, mask=w_mask, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        elif W_KIND == 2:
-            # int8 without an int->float conversion: the byte, biased to 0..255 (xor 0x80), put in
-            # the mantissa of 2^23, minus 2^23 + 128, is its value exactly
-            b = tl.load(w_ptrs, mask=w_mask, other=0).to(tl.int32) & 0xFF
-            w = ((b ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
-        else:
-            w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
-        acc += w * x[None, :]
+    w = _weight_tile(w_ptr, offs_n, mask_n, 0, K, stride_wn, W_KIND, BLOCK_K)  # no kernel writes weights
+    wait_for_previous_kernel(PDL)
+    acc = w * _x_tile(x_row, 0, K, BLOCK_K)  # [BLOCK_N, BLOCK_K]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        acc += _weight_tile(w_ptr, offs_n, mask_n, k0, K, stride_wn, W_KIND, BLOCK_K) * _x_tile(x_row, k0, K, BLOCK_K)
     out = tl.sum(acc, axis=1)
     if HAS_SCALE:
         out = out * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     tl.store(out_ptr + m * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _x_tile(x_row, k0, K, BLOCK_K: tl.constexpr):
+    """Inputs [k0, k0 + BLOCK_K) of a row, as a [1, BLOCK_K] fp32 row."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(x_row + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _weight_tile(w_ptr, offs_n, mask_n, k0, K, stride_wn, W_KIND: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Weight columns [k0, k0 + BLOCK_K) of rows offs_n, as fp32 (unscaled for fp8/int8)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    w_mask = mask_n[:, None] & (offs_k < K)[None, :]
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
+    if W_KIND == 1:  # fp8 e4m3, read as bytes (0 is 0.0)
+        w = tl.load(w_ptrs, mask=w_mask, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    elif W_KIND == 2:
+        # int8 without an int->float conversion: the byte, biased to 0..255 (xor 0x80), put in
+        # the mantissa of 2^23, minus 2^23 + 128, is its value exactly
+        b = tl.load(w_ptrs, mask=w_mask, other=0).to(tl.int32) & 0xFF
+        w = ((b ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+    else:
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
+    return w
 
 
 def gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
     scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     *,
     tiles: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
-    """x [M, K] @ (weight * scale[:, None])^T -> [M, N] in x.dtype, for M <= GEMV_MAX_ROWS.
+    """x [M, K] @ (weight * scale[:, None])^T + bias -> [M, N] in x.dtype, for M <= GEMV_MAX_ROWS.
 
-    weight: [N, K], contiguous in K; fp8/int8 weights need `scale` (fp32 [N]).
+    weight: [N, K], contiguous in K; fp8/int8 weights need `scale` (fp32 [N]); bias: [N], any float dtype.
     tiles: (BLOCK_N, BLOCK_K, num_warps, num_stages) instead of `gemv_tile_sizes` (`bench/gemv.py --sweep`)."""
     if x.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"need x [M, K] and a 2-D weight; got {tuple(x.shape)}, {tuple(weight.shape)}")
@@ -87,6 +108,8 @@ def gemv(
         raise ValueError(f"weight must be float, fp8 e4m3 or int8; got {weight.dtype}")
     if w_kind and (scale is None or scale.shape != (n,) or scale.dtype != torch.float32 or not scale.is_contiguous()):
         raise ValueError(f"a {weight.dtype} weight needs a contiguous fp32 scale of shape ({n},)")
+    if bias is not None and (bias.shape != (n,) or bias.dtype not in _FLOAT_DTYPES or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous float vector of shape ({n},); got {bias.dtype} {tuple(bias.shape)}")
     if x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError(f"x and weight must be contiguous in K; got strides {x.stride()}, {weight.stride()}")
     m = x.shape[0]
@@ -94,11 +117,12 @@ def gemv(
     if m == 0:
         return out
     block_n, block_k, num_warps, num_stages = tiles or gemv_tile_sizes(n, k, weight.element_size())
-    grid = (m, triton.cdiv(n, block_n))
-    _gemv_kernel[grid](
+    pdl = use_pdl(x, m)
+    _gemv_kernel[(m, triton.cdiv(n, block_n))](
         x,
         weight.view(torch.uint8) if w_kind else weight,
         scale if scale is not None else x,
+        bias if bias is not None else x,
         out,
         n,
         k,
@@ -107,10 +131,13 @@ def gemv(
         out.stride(0),
         W_KIND=w_kind,
         HAS_SCALE=scale is not None,
+        HAS_BIAS=bias is not None,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
+        launch_pdl=pdl,
     )
     return out
 
@@ -129,6 +156,8 @@ def gemv_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
     scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     out = x.float() @ weight.float().t()
-    return (out if scale is None else out * scale).to(x.dtype)
+    out = out if scale is None else out * scale
+    return (out if bias is None else out + bias.float()).to(x.dtype)

@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.pdl import use_pdl, wait_for_previous_kernel
+
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -23,10 +25,13 @@ def _rms_norm_kernel(
     eps,
     BLOCK: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
+    weight = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # no kernel writes it
+    wait_for_previous_kernel(PDL)
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         residual = tl.load(residual_ptr + row * stride_residual + offs, mask=mask, other=0.0)
@@ -36,7 +41,6 @@ def _rms_norm_kernel(
     rstd = tl.rsqrt(tl.sum(x * x, 0) / hidden + eps)
     # HF rounds the normalised row to x's dtype before the weight multiply.
     normed = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-    weight = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_out + offs, (weight * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -76,6 +80,7 @@ def _launch(rows: torch.Tensor, residual: torch.Tensor | None, weight: torch.Ten
         return
     block = triton.next_power_of_2(hidden)
     num_warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    pdl = use_pdl(rows, num_rows)
     _rms_norm_kernel[(num_rows,)](
         rows,
         rows if residual is None else residual,
@@ -88,7 +93,9 @@ def _launch(rows: torch.Tensor, residual: torch.Tensor | None, weight: torch.Ten
         eps,
         BLOCK=block,
         HAS_RESIDUAL=residual is not None,
+        PDL=pdl,
         num_warps=num_warps,
+        launch_pdl=pdl,
     )
 
 

@@ -23,6 +23,7 @@ from pdserve.kernels.paged_decode_attention import (
     launch_for,
     store_split_result,
 )
+from pdserve.kernels.pdl import use_pdl, wait_for_previous_kernel
 
 
 @triton.jit
@@ -127,10 +128,13 @@ def _rotary_split_kernel(
     DOT_PRECISION: tl.constexpr,
     IS_FP8: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
     seq = tl.program_id(1)
     split = tl.program_id(2)
+    # the step's inputs (lengths, positions, slots) and the cos/sin table: no kernel of the step
+    # writes them, so they are read before waiting for the kernel that wrote q, k and v
     context_len = tl.load(context_lens_ptr + seq)
     cos_sin_row = cos_sin_ptr + tl.load(positions_ptr + seq) * stride_cos_sin
     tokens_per_split = tl.cdiv(tl.cdiv(context_len, num_splits), TILE_TOKENS) * TILE_TOKENS
@@ -144,15 +148,16 @@ def _rotary_split_kernel(
     # before the stores, which the compiler may not hoist a load above (the pointers may alias).
     offs_r = tl.arange(0, HALF_PAD)
     is_half = offs_r < half
+    cos = tl.load(cos_sin_row + offs_r, mask=is_half, other=0.0)
+    sin = tl.load(cos_sin_row + half + offs_r, mask=is_half, other=0.0)
+    slot = tl.load(slot_mapping_ptr + seq)
+    wait_for_previous_kernel(PDL)
     k_row = k_ptr + seq.to(tl.int64) * stride_k_seq + kv_head * stride_k_head + offs_r
     v_row = v_ptr + seq.to(tl.int64) * stride_v_seq + kv_head * stride_v_head + offs_r
     k1 = tl.load(k_row, mask=is_half, other=0.0).to(tl.float32)
     k2 = tl.load(k_row + half, mask=is_half, other=0.0).to(tl.float32)
     v1 = tl.load(v_row, mask=is_half, other=0.0)
     v2 = tl.load(v_row + half, mask=is_half, other=0.0)
-    cos = tl.load(cos_sin_row + offs_r, mask=is_half, other=0.0)
-    sin = tl.load(cos_sin_row + half + offs_r, mask=is_half, other=0.0)
-    slot = tl.load(slot_mapping_ptr + seq)
 
     # q rotated in its load layout: column d pairs with d +- half (offs_pair); cos and sin are
     # loaded broadcast over the heads in that layout, which needs no layout conversion
@@ -284,6 +289,7 @@ def rotary_decode_attention(
     group_p2 = triton.next_power_of_2(group_size)
     splits_pad = triton.next_power_of_2(num_splits)
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    pdl = use_pdl(q, num_seqs)
     _rotary_split_kernel[(num_kv_heads, num_seqs, num_splits)](
         q, k, v, positions, cos_sin_cache, slot_mapping, k_cache, v_cache, block_tables, context_lens,
         out, partial_out, partial_lse, counters,
@@ -304,7 +310,9 @@ def rotary_decode_attention(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         IS_FP8=k_cache.dtype == FP8_DTYPE,
         COMPUTE_DTYPE=kv_compute_dtype(q.dtype, k_cache.dtype),
+        PDL=pdl,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
+        launch_pdl=pdl,
     )  # fmt: skip
     return out

@@ -7,11 +7,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from pdserve.kernels.pdl import use_pdl, wait_for_previous_kernel
+
 _BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, d, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, d, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -36,7 +39,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if out.numel() > 0:
         block = min(_BLOCK, triton.next_power_of_2(d))
         grid = (rows.shape[0], triton.cdiv(d, block))
-        _silu_and_mul_kernel[grid](rows, out, rows.stride(0), out.stride(0), d, BLOCK=block)
+        pdl = use_pdl(rows, rows.shape[0])
+        _silu_and_mul_kernel[grid](rows, out, rows.stride(0), out.stride(0), d, BLOCK=block, PDL=pdl, launch_pdl=pdl)
     return out.view(*x.shape[:-1], d)
 
 

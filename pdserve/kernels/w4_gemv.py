@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.pdl import use_pdl, wait_for_previous_kernel
 from pdserve.kernels.w4_matmul import _EXP_2_23, _check, _weight
 from pdserve.kernels.w8_matmul import _num_sms
 
@@ -58,7 +59,9 @@ def _w4_gemv_kernel(
     EVEN_SLICES: tl.constexpr,
     X_PAIRS: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)  # rows fastest: one weight tile's programs run together
     m0 = pid_m * BLOCK_M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -174,6 +177,7 @@ def w4_gemv(
             x = x.clone(memory_format=torch.contiguous_format)
         x = x.view(torch.int32)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    pdl = use_pdl(out, m)
     _w4_gemv_kernel[grid](
         x,
         qweight,
@@ -197,7 +201,9 @@ def w4_gemv(
         EVEN_SLICES=num_slices % block_g == 0,
         X_PAIRS=x_pairs,
         NUM_STAGES=num_stages,
+        PDL=pdl,
         num_warps=num_warps,
+        launch_pdl=pdl,
     )
     return out
 

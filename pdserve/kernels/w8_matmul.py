@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.pdl import use_pdl, wait_for_previous_kernel
+
 WEIGHT_DTYPES = (torch.float8_e4m3fn, torch.int8)
 _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -32,7 +34,9 @@ def _w8_matmul_kernel(
     DOT_PRECISION: tl.constexpr,
     IS_FP8: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -58,8 +62,11 @@ def _w8_matmul_kernel(
 
 
 @triton.jit
-def _reduce_splits_kernel(partial_ptr, scale_ptr, out_ptr, M, N, stride_om, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+def _reduce_splits_kernel(
+    partial_ptr, scale_ptr, out_ptr, M, N, stride_om, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr
+):
     """out[m, n] = scale[n] * sum over splits of partial[split, m, n]: one program a block of one row."""
+    wait_for_previous_kernel(PDL)
     m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs_n < N
@@ -91,6 +98,7 @@ def w8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> tor
     split_k = triton.cdiv(k, k_per_split)  # no empty split
     partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
+    pdl = use_pdl(x, m)
     _w8_matmul_kernel[grid](
         x,
         weight.view(torch.uint8),
@@ -109,11 +117,15 @@ def w8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> tor
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         IS_FP8=weight.dtype == torch.float8_e4m3fn,
         SPLIT_K=split_k,
+        PDL=pdl,
         num_warps=num_warps,
+        launch_pdl=pdl,
     )
     if split_k > 1:
         block = min(1024, triton.next_power_of_2(n))
-        _reduce_splits_kernel[(m, triton.cdiv(n, block))](partial, scale, out, m, n, out.stride(0), SPLIT_K=split_k, BLOCK=block)
+        _reduce_splits_kernel[(m, triton.cdiv(n, block))](
+            partial, scale, out, m, n, out.stride(0), SPLIT_K=split_k, BLOCK=block, PDL=pdl, launch_pdl=pdl
+        )
     return out
 
 
