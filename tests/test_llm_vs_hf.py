@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from pdserve.engine import LLM, SamplingParams
+from pdserve.engine import LLM, SamplingParams, model_runner
 from pdserve.engine.request import ScheduledRequest
 from tests.conftest import FAMILIES
 
@@ -63,11 +63,18 @@ def record_logits(llm: LLM) -> list[tuple[list[str], list[int], torch.Tensor]]:
     return steps
 
 
+@pytest.mark.parametrize("layout", ["cublas", "decode-gemv"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_greedy_and_logits_match_transformers(family: str, checkpoints: dict, hf_models: dict) -> None:
+def test_greedy_and_logits_match_transformers(
+    family: str, layout: str, checkpoints: dict, hf_models: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Synchronous steps: each computes its logits (a step launched ahead keeps only its tokens);
     # tests/test_step_pipeline.py checks the tokens of steps launched ahead against HF.
+    # "decode-gemv": o_proj, gate_up and down loaded [out, in], as on an sm_90 GPU, where one-row
+    # steps run our GEMV; "cublas": [in, out], as on the CPU and other GPUs.
+    monkeypatch.setattr(model_runner, "uses_decode_gemv", lambda device: layout == "decode-gemv")
     llm = LLM(model=str(checkpoints[family]), device="cpu", dtype="float32", async_scheduling=False)
+    assert llm.engine.core.runner.model.model.layers[0].mlp.down_proj.transposed == (layout == "cublas")
     hf = hf_models[family]
     prompts = random_prompts(hf.config.vocab_size, [1, 7, 16, 33, 70])
     steps = record_logits(llm)

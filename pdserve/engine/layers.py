@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from pdserve import kernels
-from pdserve.kernels.pdl import PDL_MAX_ROWS
+from pdserve.kernels.pdl import use_pdl
 
 
 class RMSNorm(nn.Module):
@@ -29,17 +29,21 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Module):
-    """y = x W^T + b. On a GPU the one row of a decode step takes the Triton GEMV (kernels/gemv.py),
-    launched as a dependent of the kernel before it, as the norms, attention and SwiGLU around it are
-    (kernels/pdl.py); more rows take cuBLAS. For the GEMV, o_proj, gate_up and down are stored
-    [out, in] (cuBLAS read their one row faster stored [in, out], and their 16-64 rows 1-2% faster:
-    bench/RESULTS.md). With `transposed`, W is stored [in, out] and used as `x @ W` by cuBLAS at
-    every row count: the untied LM head, which cuBLAS reads at memory speed that way."""
+    """y = x W^T + b. With `decode_gemv` (engine/model.py), on a GPU that launches kernels as
+    dependents (kernels/pdl.py), the one row of a decode step takes our GEMV (kernels/gemv.py), a link
+    in a chain of such launches with the norms, attention and SwiGLU around it; more rows take cuBLAS.
+    With `transposed`, W is stored [in, out] and used as `x @ W` by cuBLAS at every row count: its
+    faster layout for o_proj, gate_up and down (bench/gemv.py; 1-2% at 16-64 rows, bench/RESULTS.md),
+    taken where the GEMV is not, and for an untied LM head, which cuBLAS reads at memory speed so."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, transposed: bool = False) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, transposed: bool = False, decode_gemv: bool = False
+    ) -> None:
         super().__init__()
+        if transposed and decode_gemv:
+            raise ValueError("the decode GEMV reads weights stored [out, in], not transposed")
         self.in_features, self.out_features = in_features, out_features
-        self.transposed = transposed
+        self.transposed, self.decode_gemv = transposed, decode_gemv
         shape = (in_features, out_features) if transposed else (out_features, in_features)
         self.weight = nn.Parameter(torch.empty(shape))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
@@ -49,7 +53,7 @@ class Linear(nn.Module):
             out = x @ self.weight
             return out if self.bias is None else out + self.bias
         rows = x.reshape(-1, x.shape[-1])
-        if x.is_cuda and rows.shape[0] <= PDL_MAX_ROWS:
+        if self.decode_gemv and use_pdl(x, rows.shape[0]):
             return kernels.gemv(rows.contiguous(), self.weight, bias=self.bias).view(*x.shape[:-1], self.out_features)
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
@@ -82,8 +86,10 @@ class MergedLinear(Linear):
     """One matmul for several HF projections of the same input (q/k/v, gate/up); each HF weight
     loads into its range of output rows (`shard`)."""
 
-    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool, transposed: bool = False) -> None:
-        super().__init__(in_features, sum(shard_sizes.values()), bias=bias, transposed=transposed)
+    def __init__(
+        self, in_features: int, shard_sizes: dict[str, int], bias: bool, transposed: bool = False, decode_gemv: bool = False
+    ) -> None:
+        super().__init__(in_features, sum(shard_sizes.values()), bias=bias, transposed=transposed, decode_gemv=decode_gemv)
         self.shard_ranges: dict[str, tuple[int, int]] = {}
         start = 0
         for name, size in shard_sizes.items():

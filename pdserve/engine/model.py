@@ -30,12 +30,14 @@ IGNORABLE_SUFFIXES = (".rotary_emb.inv_freq", ".self_attn.k_scale", ".self_attn.
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, decode_gemv: bool = False) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, config.attention_bias)
-        self.o_proj = Linear(q_size, config.hidden_size)
+        self.qkv_proj = MergedLinear(
+            config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, config.attention_bias, decode_gemv=decode_gemv
+        )
+        self.o_proj = Linear(q_size, config.hidden_size, transposed=not decode_gemv, decode_gemv=decode_gemv)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
@@ -63,21 +65,22 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, decode_gemv: bool = False) -> None:
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, bias=False)
-        self.down_proj = Linear(size, config.hidden_size)
+        shards = {"gate": size, "up": size}
+        self.gate_up_proj = MergedLinear(config.hidden_size, shards, False, transposed=not decode_gemv, decode_gemv=decode_gemv)
+        self.down_proj = Linear(size, config.hidden_size, transposed=not decode_gemv, decode_gemv=decode_gemv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, decode_gemv: bool = False) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, decode_gemv)
+        self.mlp = LlamaMLP(config, decode_gemv)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -101,23 +104,26 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, decode_gemv: bool = False) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, decode_gemv) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
     """`forward` returns final hidden states `[num_tokens, hidden]`; `compute_logits` the fp32
-    logits of the rows asked for."""
+    logits of the rows asked for. `decode_gemv`: a decode step's one row runs the projections on our
+    GEMV, in a chain of dependent launches (engine/layers.py `Linear`), which stores o_proj, gate_up and
+    down [out, in]; without it (no sm_90 GPU) they are stored [in, out], cuBLAS's faster layout."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, decode_gemv: bool = False) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, decode_gemv)
         # A tied head shares the embedding's [vocab, hidden] tensor, so only an untied one is transposed.
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, transposed=not config.tie_word_embeddings)
+        tied = config.tie_word_embeddings
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, transposed=not tied, decode_gemv=decode_gemv and tied)
         self.cos_sin_cache = torch.empty(0)
         self.tie_weights()
 

@@ -25,6 +25,7 @@ from pdserve.engine.quant_config import resolve_quantization
 from pdserve.engine.request import Request, ScheduledRequest
 from pdserve.engine.sampler import LogprobTensors, Sampler, SamplerOutput, only_argmax, reads_output
 from pdserve.kernels.kv_quant import as_bytes
+from pdserve.kernels.pdl import supports_pdl
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,12 @@ class ModelInputs:
     sampled: list[Request]
 
 
+def uses_decode_gemv(device: torch.device) -> bool:
+    """Whether decode steps of one row run the projections on our GEMV, each kernel launched as a
+    dependent of the one before (engine/model.py `LlamaForCausalLM`)."""
+    return device.type == "cuda" and supports_pdl(device)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, model_dir: Path | None) -> None:
         """`model_dir=None` builds the model with random weights (benchmarks)."""
@@ -138,7 +145,7 @@ class ModelRunner:
     # -- set-up -------------------------------------------------------------------------------
     def _build_model(self, model_dir: Path | None) -> LlamaForCausalLM:
         with torch.device("meta"):
-            model = LlamaForCausalLM(self.model_config).to(self.dtype)  # no memory is touched yet
+            model = LlamaForCausalLM(self.model_config, uses_decode_gemv(self.device)).to(self.dtype)  # no memory yet
             if self.quantization is not None:  # after .to(dtype), which would widen fp8 weights
                 model.quantize(self.quantization, self.dtype)
         model.to_empty(device=self.device)

@@ -28,11 +28,12 @@ PDL_MAX_ROWS = 1
 
 def use_pdl(x: torch.Tensor, rows: int) -> bool:
     """Whether a kernel over `rows` rows of `x` launches with PDL (`launch_pdl=` and its PDL constexpr)."""
-    return rows <= PDL_MAX_ROWS and x.is_cuda and _supports_pdl(x.device)
+    return rows <= PDL_MAX_ROWS and x.is_cuda and supports_pdl(x.device)
 
 
 @functools.cache
-def _supports_pdl(device: torch.device) -> bool:
+def supports_pdl(device: torch.device) -> bool:
+    """A CUDA device that launches kernels as dependents (sm_90 and later), outside the interpreter."""
     is_nvidia = torch.version.hip is None  # griddepcontrol is PTX
     return os.environ.get("TRITON_INTERPRET") != "1" and is_nvidia and torch.cuda.get_device_capability(device) >= (9, 0)
 
