@@ -146,20 +146,12 @@ def quantized(plain: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
     return QuantizedCheckpoints(plain, tmp_path_factory.mktemp("quantized"))
 
 
-def core_on(path: Path, device: str, dtype: str) -> object:
-    from pdserve.engine.config import EngineConfig
-    from pdserve.engine.core import EngineCore
+def engines(path: Path) -> tuple[object, object]:
+    """The checkpoint in fp32 on the CPU and in bf16 on the GPU (eager: the tests call the model
+    directly), each used for prefill logits (sequence_logits) and decode steps (measure)."""
+    from tests.test_quantization import make_llm
 
-    config = EngineConfig(
-        model=str(path),
-        device=device,
-        dtype=dtype,
-        num_kv_blocks=64,
-        max_model_len=256,
-        enforce_eager=True,
-        enable_prefix_caching=False,
-    )
-    return EngineCore.load(config)
+    return make_llm(path), make_llm(path, device="cuda", dtype="bfloat16", enforce_eager=True)
 
 
 @pytest.fixture(scope="module")
@@ -168,20 +160,20 @@ def references(plain: dict[str, Path]) -> dict[str, dict]:
     bf16 GPU engine strays from them (prefill agreement; decode measure)."""
     from tests.test_kv_fp8_accuracy import PROMPTS as TEXTS
     from tests.test_kv_fp8_accuracy import measure
-    from tests.test_quantization import PROMPTS, agreement, make_llm, sequence_logits
+    from tests.test_quantization import PROMPTS, agreement, sequence_logits
 
     out = {}
     for family, path in plain.items():
-        reference = core_on(path, "cpu", "float32")
-        logits = sequence_logits(make_llm(path), PROMPTS)
-        bf16 = make_llm(path, device="cuda", dtype="bfloat16")
-        prompts = [reference.tokenizer.encode(text) for text in TEXTS]
+        fp32, bf16 = engines(path)
+        logits = sequence_logits(fp32, PROMPTS)
+        runner = fp32.engine.core.runner
+        prompts = [fp32.get_tokenizer().encode(text) for text in TEXTS]
         out[family] = dict(
-            runner=reference.runner,
+            runner=runner,
             prompts=prompts,
             logits=logits,
             prefill=agreement(logits, sequence_logits(bf16, PROMPTS)),
-            decode=measure(reference.runner, core_on(path, "cuda", "bfloat16").runner, prompts),
+            decode=measure(runner, bf16.engine.core.runner, prompts),
         )
         del bf16
     return out
@@ -196,16 +188,16 @@ def test_bf16_quantized_engines_lose_only_what_quantization_and_bf16_lose(
     Against the unquantized fp32 model: KL within KL_SLACK x (the quantization's KL + bf16's KL),
     top-1 agreement no more than 0.1 below the worse of the two, on every family."""
     from tests.test_kv_fp8_accuracy import measure
-    from tests.test_quantization import PROMPTS, agreement, make_llm, sequence_logits
+    from tests.test_quantization import PROMPTS, agreement, sequence_logits
 
     rows = []
     for family in references:
         ref = references[family]
-        path = quantized[(family, fmt)][0]
-        cpu = agreement(ref["logits"], sequence_logits(make_llm(path), PROMPTS))
-        gpu = agreement(ref["logits"], sequence_logits(make_llm(path, device="cuda", dtype="bfloat16"), PROMPTS))
-        cpu_decode = measure(ref["runner"], core_on(path, "cpu", "float32").runner, ref["prompts"])
-        gpu_decode = measure(ref["runner"], core_on(path, "cuda", "bfloat16").runner, ref["prompts"])
+        fp32, bf16 = engines(quantized[(family, fmt)][0])
+        cpu = agreement(ref["logits"], sequence_logits(fp32, PROMPTS))
+        gpu = agreement(ref["logits"], sequence_logits(bf16, PROMPTS))
+        cpu_decode = measure(ref["runner"], fp32.engine.core.runner, ref["prompts"])
+        gpu_decode = measure(ref["runner"], bf16.engine.core.runner, ref["prompts"])
         rows.append((family, cpu, gpu, ref["prefill"], cpu_decode, gpu_decode, ref["decode"]))
         print(
             f"\n{fmt} {family}: prefill top1/KL quantized fp32 {cpu[0]:.3f}/{cpu[2]:.2e}, quantized bf16 GPU "

@@ -52,9 +52,9 @@ class Linear(nn.Module):
         if self.transposed:
             out = x @ self.weight
             return out if self.bias is None else out + self.bias
-        rows = x.reshape(-1, x.shape[-1])
-        if self.decode_gemv and use_pdl(x, rows.shape[0]):
-            return kernels.gemv(rows.contiguous(), self.weight, bias=self.bias).view(*x.shape[:-1], self.out_features)
+        if self.decode_gemv and use_pdl(x, x.numel() // self.in_features):
+            rows = x.reshape(-1, self.in_features).contiguous()
+            return kernels.gemv(rows, self.weight, bias=self.bias).view(*x.shape[:-1], self.out_features)
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
     def checkpoint_kinds(self) -> set[str]:
