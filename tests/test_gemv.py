@@ -27,10 +27,11 @@ def weights(kind: str, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor | Non
 
 
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "fp16", "fp8", "int8"])
-@pytest.mark.parametrize("m,n,k", [(1, 40, 96), (3, 17, 520), (4, 300, 64)])
+@pytest.mark.parametrize("m,n,k", [(1, 40, 96), (3, 17, 2100), (4, 300, 64), (1, 4500, 40)])
 @pytest.mark.parametrize("has_bias", [False, True], ids=["", "bias"])
 def test_gemv_matches_reference(kind: str, m: int, n: int, k: int, has_bias: bool) -> None:
-    """k 96 and 64 take one tile of inputs (the first, read before the PDL wait), 520 several."""
+    """k 96 and 64 take one tile of inputs (the first, read before the PDL wait), 2100 several (the
+    last one partial); n 4500 takes the wide outputs' tiles (16 rows a program), the last one partial."""
     torch.manual_seed(m * n + k)
     weight, scale = weights(kind, n, k)
     x = torch.randn(m, k)

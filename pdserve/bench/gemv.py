@@ -3,8 +3,9 @@ cuBLAS, as GB/s of weight read against the copy bandwidth; timed from CUDA graph
 the quantized-weight kernels instead (kernels/w8_matmul.py, w4_matmul.py, w4_gemv.py, gemv.py), GB/s of the
 bytes they must read (weights at their stored size + scales + zero points).
 
-`--sweep`: the decode GEMVs' tile sizes (kernels/gemv.py, kernels/w4_gemv.py) at one row, each
-shape's best against the heuristic's pick (how their `*_tile_sizes` were chosen).
+`--sweep`: the decode GEMVs' tile sizes (kernels/gemv.py, kernels/w4_gemv.py) at one row, in a chain
+of dependent launches as the decode step runs them, each shape's best against the heuristic's pick
+(how their `*_tile_sizes` were chosen).
 
     python -m pdserve.bench.gemv [--quantized | --sweep]"""
 
@@ -94,15 +95,33 @@ def quantized_table(copy: float, group_size: int = 128) -> None:
         torch.cuda.empty_cache()
 
 
+W8 = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+# --sweep: Llama-3-8B's projections and those of two Qwen2.5 sizes (narrow and wide ones of other lengths)
+SWEEP_SHAPES = {
+    **{f"llama3-8b {name}": shape for name, shape in SHAPES.items() if name != "lm_head"},
+    "qwen2.5-0.5b qkv": (1152, 896),
+    "qwen2.5-0.5b o_proj": (896, 896),
+    "qwen2.5-0.5b gate_up": (9728, 896),
+    "qwen2.5-0.5b down": (896, 4864),
+    "qwen2.5-7b qkv": (4608, 3584),
+    "qwen2.5-7b gate_up": (37888, 3584),
+    "qwen2.5-7b down": (3584, 18944),
+}
+
+
 def sweep_table(copy: float, group_size: int = 128) -> None:
-    """% of copy bandwidth at one row: the heuristic's tiles, then the best three of a grid."""
+    """% of copy bandwidth at one row, as a decode step runs the GEMVs: a chain of launches of one
+    shape over distinct weights (more than L2 holds), each a dependent of the one before (PDL on
+    sm_90+), timed as one CUDA graph; the heuristic's tiles, then the best three of a grid."""
     from pdserve import kernels
     from pdserve.engine.quant_formats import quantize_per_channel
     from pdserve.kernels.gemv import gemv_tile_sizes
     from pdserve.kernels.w4_gemv import gemv_tile_sizes as w4_tile_sizes
 
-    for name, (n, k) in SHAPES.items():
+    for name, (n, k) in SWEEP_SHAPES.items():
         for kind in ("bf16", "fp8", "int8", "w4"):
+            nbytes = n * k // 2 + (k // group_size) * n * 3 if kind == "w4" else n * k * (2 if kind == "bf16" else 1)
+            chain = max(16, (400 << 20) // nbytes + 1)
             if kind == "w4":
                 weights: list[tuple] = [
                     (
@@ -110,39 +129,43 @@ def sweep_table(copy: float, group_size: int = 128) -> None:
                         (torch.rand(k // group_size, n, device="cuda") * 0.004 + 0.001).half(),
                         torch.randint(0, 16, (k // group_size, n), dtype=torch.uint8, device="cuda"),
                     )
-                    for _ in range(4)
+                    for _ in range(chain)
                 ]
-                nbytes = n * k // 2 + (k // group_size) * n * 3
                 heuristic: tuple = w4_tile_sizes(n, torch.device("cuda"), group_size)
                 grid: list[tuple] = [(bn, 16, bg, nw, 4) for bn in (16, 32, 64) for bg in (1, 2, 4, 8) for nw in (4, 8)]
             else:
-                w = [torch.randn(n, k, device="cuda") for _ in range(4)]
-                weights = (
-                    [(t.bfloat16(), None) for t in w]
-                    if kind == "bf16"
-                    else [quantize_per_channel(t, torch.float8_e4m3fn if kind == "fp8" else torch.int8) for t in w]
-                )
                 size = 2 if kind == "bf16" else 1
-                nbytes = n * k * size
+                weights = []
+                for _ in range(chain):
+                    w = torch.randn(n, k, device="cuda")
+                    weights.append((w.bfloat16(), None) if kind == "bf16" else quantize_per_channel(w, W8[kind]))
+                    del w
                 heuristic = gemv_tile_sizes(n, k, size)
-                grid = [(bn, b // size, nw, 3) for bn in (2, 4, 8, 16) for b in (512, 1024, 2048) for nw in (4, 8)]
-                del w
+                grid = [
+                    (bn, b // size, nw, stages)
+                    for bn in (4, 8, 16)
+                    for b in (512, 1024, 2048)
+                    for nw in (4, 8)
+                    for stages in (3, 4)
+                    if 4096 <= bn * b <= 16384
+                ]
+            xs = [torch.randn(1, k, dtype=torch.bfloat16, device="cuda") for _ in range(chain)]
             torch.cuda.synchronize()  # do_bench_cudagraph's own stream does not wait for these writes
-            pick = rotation(weights)
-            x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
 
-            def run(tiles: tuple, kind: str = kind, pick: Callable[[], tuple] = pick, x: torch.Tensor = x) -> torch.Tensor:
-                if kind == "w4":
-                    return kernels.w4_gemv(x, *pick(), group_size, tile_sizes=tiles)
-                return kernels.gemv(x, *pick(), tiles=tiles)
+            def run(tiles: tuple, kind: str = kind, weights: list = weights, xs: list = xs) -> None:
+                for w, x in zip(weights, xs):
+                    if kind == "w4":
+                        kernels.w4_gemv(x, *w, group_size, tile_sizes=tiles)
+                    else:
+                        kernels.gemv(x, *w, tiles=tiles)
 
             rates = []
             for tiles in [heuristic, *grid]:
                 ms = do_bench_cudagraph(lambda tiles=tiles: run(tiles), rep=25, return_mode="median")
-                rates.append((100 * nbytes / (ms * 1e-3) / 1e9 / copy, tiles))
+                rates.append((100 * chain * nbytes / (ms * 1e-3) / 1e9 / copy, tiles))
             best = ", ".join(f"{tiles}: {rate:.0f}%" for rate, tiles in sorted(rates[1:], reverse=True)[:3])
             print(f"| {name} | {kind} | {rates[0][1]}: {rates[0][0]:.0f}% | {best} |", flush=True)
-            del weights, pick
+            del weights, xs
             torch.cuda.empty_cache()
 
 

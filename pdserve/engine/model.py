@@ -10,7 +10,7 @@ from torch import nn
 
 from pdserve.engine.attention import Attention, AttentionMetadata
 from pdserve.engine.config import ConfigError, ModelConfig
-from pdserve.engine.layers import Linear, MergedLinear, RMSNorm, silu_and_mul
+from pdserve.engine.layers import Linear, MergedLinear, RMSNorm, blas_for_rows, silu_and_mul
 from pdserve.engine.quant_config import QuantConfig
 from pdserve.engine.quant_layers import QuantizedLinear, quantized_linear
 from pdserve.engine.rotary import build_cos_sin_cache
@@ -145,17 +145,19 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """`on_layer(i)` runs once layer i's work is issued (its KV is in the cache once that work
         is done): a KV hand-off can start on the first layers while the last ones compute."""
-        hidden = self.model.embed_tokens(input_ids)
-        residual = None
-        for i, layer in enumerate(self.model.layers):
-            hidden, residual = layer(positions, hidden, residual, kv_cache[i], meta, self.cos_sin_cache)
-            if on_layer is not None:
-                on_layer(i)
-        hidden, _ = self.model.norm(hidden, residual)
+        with blas_for_rows(input_ids.shape[0], input_ids.device):
+            hidden = self.model.embed_tokens(input_ids)
+            residual = None
+            for i, layer in enumerate(self.model.layers):
+                hidden, residual = layer(positions, hidden, residual, kv_cache[i], meta, self.cos_sin_cache)
+                if on_layer is not None:
+                    on_layer(i)
+            hidden, _ = self.model.norm(hidden, residual)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        with blas_for_rows(hidden.shape[0], hidden.device):
+            return self.lm_head(hidden).float()
 
     # -- quantization and checkpoint loading ---------------------------------------------------
     def quantize(self, quant: QuantConfig, dtype: torch.dtype) -> None:

@@ -18,6 +18,7 @@ from pdserve.engine.quant_formats import (
     quantize_per_channel,
     unpack_zeros,
 )
+from pdserve.kernels.pdl import use_pdl
 from pdserve.kernels.w4_gemv import MAX_ROWS as W4_GEMV_MAX_ROWS
 
 W8_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
@@ -139,13 +140,16 @@ class W8Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
+        num_rows = rows.shape[0]
+        if x.is_cuda and num_rows <= W8_GEMV_MAX_ROWS and (self.out_features <= 2 * self.in_features or use_pdl(x, num_rows)):
+            # one or two rows, narrow outputs (q/k/v, o, down): the GEMV, the bias in its epilogue;
+            # wide ones (gate/up) too where it launches as a dependent (one row on sm_90+: a link in
+            # the chain of the step's kernels); elsewhere w8_matmul reads them faster
+            out = kernels.gemv(rows.contiguous(), self.weight, self.weight_scale, bias=self.bias)
+            return out.view(*x.shape[:-1], self.out_features)
         if not x.is_cuda:
             out = kernels.w8_matmul_ref(rows, self.weight, self.weight_scale)
-        elif rows.shape[0] <= W8_GEMV_MAX_ROWS and self.out_features <= 2 * self.in_features:
-            # one or two rows, narrow outputs (q/k/v, o, down): the GEMV; wide ones (gate/up) have
-            # enough column tiles for the tensor-core kernel, which reads them faster
-            out = kernels.gemv(rows.contiguous(), self.weight, self.weight_scale)
-        elif rows.shape[0] > FP8_GEMM_MIN_ROWS and self.is_fp8_gemm_eligible(x):
+        elif num_rows > FP8_GEMM_MIN_ROWS and self.is_fp8_gemm_eligible(x):
             out = fp8_gemm(rows, self.weight, self.weight_scale, fp8_gemm_kind(x.device))
         else:
             out = kernels.w8_matmul(rows.contiguous(), self.weight, self.weight_scale)
