@@ -49,6 +49,31 @@ def hf_generate(model: transformers.PreTrainedModel, prompt: list[int], num_toke
     return out.sequences[0, len(prompt) :].tolist(), out.logits[0][0].float()
 
 
+def test_gpu_batch_of_40_greedy_equals_transformers_fp32(checkpoints: dict[str, Path]) -> None:
+    """40 sequences decoding together replay a 48-row CUDA graph, whose matmuls take cuBLASLt on
+    sm_90+ (engine/layers.py `blas_for_rows`, from 32 rows) and the [out, in] weights of the one-row
+    GEMV; each greedy output equals transformers'."""
+    llm = LLM(model=str(checkpoints["llama"]), device="cuda", dtype="float32", max_num_seqs=64, kv_cache_memory_gib=1)
+    graphs = llm.engine.core.runner.graphs
+    assert graphs is not None
+    replayed_rows: list[int] = []
+    run = graphs.run
+
+    def recording_run(requests: list, *args: object) -> object:
+        replayed_rows.append(len(requests))
+        return run(requests, *args)
+
+    graphs.run = recording_run
+    hf = hf_model(checkpoints["llama"])
+    rng = random.Random(40)
+    prompts = random_prompts(hf.config.vocab_size, [rng.randrange(1, 40) for _ in range(40)], seed=40)
+    outputs = llm.generate(prompts, GREEDY)
+    assert max(replayed_rows) == 40  # all of them in one decode step
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_generate(hf, prompt, MAX_NEW_TOKENS)[0]
+    assert llm.engine.core.block_manager.num_used_blocks == 0
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_gpu_greedy_equals_transformers_fp32(family: str, checkpoints: dict[str, Path]) -> None:
     llm = LLM(model=str(checkpoints[family]), device="cuda", dtype="float32", max_num_seqs=16, kv_cache_memory_gib=1)
