@@ -95,7 +95,6 @@ def quantized_table(copy: float, group_size: int = 128) -> None:
         torch.cuda.empty_cache()
 
 
-W8 = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 # --sweep: Llama-3-8B's projections and those of two Qwen2.5 sizes (narrow and wide ones of other lengths)
 SWEEP_SHAPES = {
     **{f"llama3-8b {name}": shape for name, shape in SHAPES.items() if name != "lm_head"},
@@ -115,6 +114,7 @@ def sweep_table(copy: float, group_size: int = 128) -> None:
     sm_90+), timed as one CUDA graph; the heuristic's tiles, then the best three of a grid."""
     from pdserve import kernels
     from pdserve.engine.quant_formats import quantize_per_channel
+    from pdserve.engine.quant_layers import W8_DTYPES
     from pdserve.kernels.gemv import gemv_tile_sizes
     from pdserve.kernels.w4_gemv import gemv_tile_sizes as w4_tile_sizes
 
@@ -138,7 +138,7 @@ def sweep_table(copy: float, group_size: int = 128) -> None:
                 weights = []
                 for _ in range(chain):
                     w = torch.randn(n, k, device="cuda")
-                    weights.append((w.bfloat16(), None) if kind == "bf16" else quantize_per_channel(w, W8[kind]))
+                    weights.append((w.bfloat16(), None) if kind == "bf16" else quantize_per_channel(w, W8_DTYPES[kind]))
                     del w
                 heuristic = gemv_tile_sizes(n, size)
                 grid = [
