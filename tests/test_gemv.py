@@ -26,12 +26,22 @@ def weights(kind: str, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor | Non
     return quantize_per_channel(w, torch.float8_e4m3fn if kind == "fp8" else torch.int8)
 
 
-@pytest.mark.parametrize("kind", ["fp32", "bf16", "fp16", "fp8", "int8"])
-@pytest.mark.parametrize("m,n,k", [(1, 40, 96), (3, 17, 2100), (4, 300, 64), (1, 4500, 40)])
+# Float weights from DOT_MIN_ROWS rows take the tensor-core kernel; the interpreter's bf16 tl.dot
+# (Triton 3.9) returns garbage, so bf16 runs it on the GPU only (tests/test_quant_gpu.py)
+CASES = [
+    (kind, m, n, k)
+    for kind in ("fp32", "bf16", "fp16", "fp8", "int8")
+    for m, n, k in [(1, 40, 96), (3, 17, 2100), (4, 300, 64), (1, 4500, 40), (9, 70, 300), (16, 33, 130), (16, 4500, 40)]
+    if not (kind == "bf16" and m >= K.DOT_MIN_ROWS) and not (kind in ("fp8", "int8") and m > K.ELEMENTWISE_MAX_ROWS)
+]
+
+
+@pytest.mark.parametrize("kind,m,n,k", CASES)
 @pytest.mark.parametrize("has_bias", [False, True], ids=["", "bias"])
 def test_gemv_matches_reference(kind: str, m: int, n: int, k: int, has_bias: bool) -> None:
     """k 96 and 64 take one tile of inputs (the first, read before the PDL wait), 2100 several (the
-    last one partial); n 4500 takes the wide outputs' tiles (16 rows a program), the last one partial."""
+    last one partial); n 4500 takes the wide outputs' tiles (16 rows a program), the last one partial;
+    9 and 16 rows (float weights: tensor cores) pad the rows to 16, with partial tiles of n and k."""
     torch.manual_seed(m * n + k)
     weight, scale = weights(kind, n, k)
     x = torch.randn(m, k)
@@ -60,7 +70,9 @@ def test_gemv_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="scale"):
         K.gemv(torch.randn(1, 32), w)
     with pytest.raises(ValueError, match="at most"):
-        K.gemv(torch.randn(K.GEMV_MAX_ROWS + 1, 32), w, scale)
+        K.gemv(torch.randn(K.GEMV_MAX_ROWS + 1, 32), w.float())
+    with pytest.raises(ValueError, match="at most 4 rows with torch.int8"):
+        K.gemv(torch.randn(K.ELEMENTWISE_MAX_ROWS + 1, 32), w, scale)
     with pytest.raises(ValueError, match="does not match"):
         K.gemv(torch.randn(1, 33), w, scale)
     with pytest.raises(ValueError, match="float, fp8"):

@@ -53,12 +53,12 @@ def test_w8_matmul_bf16(n: int, k: int, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("kind", ["bf16", "fp8", "int8"])
 def test_gemv_bf16(n: int, k: int, kind: str) -> None:
-    """Decode rows (1..4)."""
+    """Decode rows: 1..4, and for bf16 weights up to 16 (the tensor-core kernel from 2 rows)."""
     torch.manual_seed(0)
     w = torch.randn(n, k, device="cuda") * 0.02
     dtypes = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
     weight, scale = (w.bfloat16(), None) if kind == "bf16" else quantize_per_channel(w, dtypes[kind])
-    for m in (1, 2, 4):
+    for m in (1, 2, 4, 9, 16) if kind == "bf16" else (1, 2, 4):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = K.gemv_ref(x, weight, scale).float()
         assert rel_err(K.gemv(x, weight, scale), ref) < 1e-2, m

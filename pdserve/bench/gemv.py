@@ -50,7 +50,7 @@ def quantized_variants(
     from pdserve.kernels.w4_gemv import MAX_ROWS
 
     fp8, int8, w4_ = rotation(w8[torch.float8_e4m3fn]), rotation(w8[torch.int8]), rotation(w4)
-    is_gemv = x.shape[0] <= kernels.GEMV_MAX_ROWS
+    is_gemv = x.shape[0] <= kernels.ELEMENTWISE_MAX_ROWS
     return [
         (lambda: kernels.w8_matmul(x, *fp8()), bytes_w8),
         (lambda: kernels.w8_matmul(x, *int8()), bytes_w8),

@@ -60,8 +60,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 class Linear(nn.Module):
     """y = x W^T + b. With `decode_gemv` (engine/model.py), on a GPU that launches kernels as
-    dependents (kernels/pdl.py), the one row of a decode step takes our GEMV (kernels/gemv.py), a link
-    in a chain of such launches with the norms, attention and SwiGLU around it; more rows take cuBLAS.
+    dependents (kernels/pdl.py), the few rows of a decode step (up to PDL_MAX_ROWS) take our GEMV
+    (kernels/gemv.py), a link in a chain of such launches with the norms, attention and SwiGLU around
+    it; more rows take cuBLAS.
     With `transposed`, W is stored [in, out] and used as `x @ W` by cuBLAS at every row count: its
     faster layout for o_proj, gate_up and down (bench/gemv.py; 1-2% at 16-64 rows, bench/RESULTS.md),
     taken where the GEMV is not, and for an untied LM head, which cuBLAS reads at memory speed so."""

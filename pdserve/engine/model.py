@@ -14,6 +14,7 @@ from pdserve.engine.layers import Linear, MergedLinear, RMSNorm, blas_for_rows, 
 from pdserve.engine.quant_config import QuantConfig
 from pdserve.engine.quant_layers import QuantizedLinear, quantized_linear
 from pdserve.engine.rotary import build_cos_sin_cache
+from pdserve.kernels.pdl import PDL_MAX_ROWS, pdl_max_rows
 
 # HF projection name -> (our fused module, shard within it)
 FUSED_SHARDS = {
@@ -113,7 +114,7 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """`forward` returns final hidden states `[num_tokens, hidden]`; `compute_logits` the fp32
-    logits of the rows asked for. `decode_gemv`: a decode step's one row runs the projections on our
+    logits of the rows asked for. `decode_gemv`: a decode step's few rows run the projections on our
     GEMV, in a chain of dependent launches (engine/layers.py `Linear`), which stores o_proj, gate_up and
     down [out, in]; without it (no sm_90 GPU) they are stored [in, out], cuBLAS's faster layout."""
 
@@ -125,6 +126,7 @@ class LlamaForCausalLM(nn.Module):
         tied = config.tie_word_embeddings
         self.lm_head = Linear(config.hidden_size, config.vocab_size, transposed=not tied, decode_gemv=decode_gemv and tied)
         self.cos_sin_cache = torch.empty(0)
+        self.pdl_max_rows = PDL_MAX_ROWS  # the rows up to which the step's kernels launch as dependents
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -145,7 +147,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """`on_layer(i)` runs once layer i's work is issued (its KV is in the cache once that work
         is done): a KV hand-off can start on the first layers while the last ones compute."""
-        with blas_for_rows(input_ids.shape[0], input_ids.device):
+        with blas_for_rows(input_ids.shape[0], input_ids.device), pdl_max_rows(self.pdl_max_rows):
             hidden = self.model.embed_tokens(input_ids)
             residual = None
             for i, layer in enumerate(self.model.layers):
@@ -156,7 +158,7 @@ class LlamaForCausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        with blas_for_rows(hidden.shape[0], hidden.device):
+        with blas_for_rows(hidden.shape[0], hidden.device), pdl_max_rows(self.pdl_max_rows):
             return self.lm_head(hidden).float()
 
     # -- quantization and checkpoint loading ---------------------------------------------------
@@ -187,6 +189,10 @@ class LlamaForCausalLM(nn.Module):
                 raise ConfigError(f"{quant.name} cannot quantize {name}: {exc}") from None
             parent, _, child = name.rpartition(".")
             setattr(self.get_submodule(parent), child, layer)
+        # Above one row the quantized layers take kernels of their own, not kernels/gemv.py's: a
+        # chain of dependent launches there was 4% slower with 4-bit weights at 2 rows, 1% with fp8 at
+        # 8 (H200, Llama-3-8B; bench/RESULTS.md)
+        self.pdl_max_rows = 1
 
     def _hf_projections(self, name: str, module: nn.Module) -> list[str]:
         """The HF modules one of our linear layers loads (q_proj, k_proj, v_proj for qkv_proj)."""

@@ -141,7 +141,11 @@ class W8Linear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         num_rows = rows.shape[0]
-        if x.is_cuda and num_rows <= W8_GEMV_MAX_ROWS and (self.out_features <= 2 * self.in_features or use_pdl(x, num_rows)):
+        if (
+            x.is_cuda
+            and num_rows <= W8_GEMV_MAX_ROWS
+            and (self.out_features <= 2 * self.in_features or (num_rows == 1 and use_pdl(x, 1)))
+        ):
             # one or two rows, narrow outputs (q/k/v, o, down): the GEMV, the bias in its epilogue;
             # wide ones (gate/up) too where it launches as a dependent (one row on sm_90+: a link in
             # the chain of the step's kernels); elsewhere w8_matmul reads them faster

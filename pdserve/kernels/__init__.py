@@ -2,7 +2,7 @@
 
 from pdserve.kernels.argmax import argmax, argmax_ref
 from pdserve.kernels.fp8_quant import quantize_fp8_rows, quantize_fp8_rows_ref
-from pdserve.kernels.gemv import GEMV_MAX_ROWS, gemv, gemv_ref
+from pdserve.kernels.gemv import DOT_MIN_ROWS, ELEMENTWISE_MAX_ROWS, GEMV_MAX_ROWS, gemv, gemv_ref
 from pdserve.kernels.kv_block_copy import copy_kv_blocks, copy_kv_blocks_ref
 from pdserve.kernels.kv_store import store_kv_cache, store_kv_cache_ref
 from pdserve.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
@@ -23,6 +23,8 @@ from pdserve.kernels.w8_matmul import w8_matmul, w8_matmul_ref
 __all__ = [
     "argmax",
     "argmax_ref",
+    "DOT_MIN_ROWS",
+    "ELEMENTWISE_MAX_ROWS",
     "GEMV_MAX_ROWS",
     "copy_kv_blocks",
     "copy_kv_blocks_ref",

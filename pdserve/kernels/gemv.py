@@ -2,11 +2,14 @@
 at memory speed. The weight is bf16/fp16/fp32, or fp8 (e4m3) / int8 with one fp32 scale per output
 channel, stored [N, K] as nn.Linear stores it; an optional bias is added in the epilogue.
 
-No tensor cores: every program owns BLOCK_N outputs of one row, streams its [BLOCK_N, K] slab of
-the weight in [BLOCK_N, BLOCK_K] tiles with elementwise FMAs into a 2-D fp32 accumulator, and
-reduces it once at the end. Row m is the fastest program id, so the M programs that read one slab
-run together and L2 serves the repeats. At one row the kernel launches as a dependent of the kernel
-before it (kernels/pdl.py): its first weight tile is read before it waits for the kernel that wrote x."""
+Two kernels. One row (and fp8/int8 weights up to ELEMENTWISE_MAX_ROWS): no tensor cores; every
+program owns BLOCK_N outputs of one row, streams its [BLOCK_N, K] slab of the weight in
+[BLOCK_N, BLOCK_K] tiles with elementwise FMAs into a 2-D fp32 accumulator, and reduces it once at
+the end; row m is the fastest program id, so the M programs that read one slab run together and L2
+serves the repeats. Float weights from DOT_MIN_ROWS rows: tensor cores, all rows of x (padded to
+16) against each program's slab, read once. Up to PDL_MAX_ROWS (kernels/pdl.py) the kernels
+launch as dependents of the kernel before them; the one-row kernel reads its first weight tile
+before it waits for the kernel that wrote x."""
 
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ import triton.language as tl
 from pdserve.kernels.pdl import use_pdl, wait_for_previous_kernel
 from pdserve.kernels.w8_matmul import _X_DTYPES as _FLOAT_DTYPES
 
-GEMV_MAX_ROWS = 4
+GEMV_MAX_ROWS = 16
+ELEMENTWISE_MAX_ROWS = 4  # fp8/int8 weights: the elementwise kernel only, which repeats its unpacking per row
+DOT_MIN_ROWS = 2  # float weights from here: the tensor-core kernel
 _W_KINDS = {torch.float8_e4m3fn: 1, torch.int8: 2}  # others (float): 0
 
 
@@ -58,6 +63,46 @@ def _gemv_kernel(
 
 
 @triton.jit
+def _rows_dot_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """All M rows of x against BLOCK_N outputs on tensor cores (M padded to BLOCK_M): each program
+    reads its [BLOCK_N, K] slab of the weight once, in a pipeline of [BLOCK_N, BLOCK_K] tiles."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    wait_for_previous_kernel(PDL)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k < K)[None, :]
+        x = tl.load(x_ptrs + k0, mask=mask_m[:, None] & mask_k, other=0.0)
+        w = tl.load(w_ptrs + k0, mask=mask_n[:, None] & mask_k, other=0.0)
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
 def _x_tile(x_row, k0, K, BLOCK_K: tl.constexpr):
     """Inputs [k0, k0 + BLOCK_K) of a row, as a [1, BLOCK_K] fp32 row."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -90,10 +135,12 @@ def gemv(
     *,
     tiles: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
-    """x [M, K] @ (weight * scale[:, None])^T + bias -> [M, N] in x.dtype, for M <= GEMV_MAX_ROWS.
+    """x [M, K] @ (weight * scale[:, None])^T + bias -> [M, N] in x.dtype, for M <= GEMV_MAX_ROWS
+    (ELEMENTWISE_MAX_ROWS for fp8/int8 weights).
 
     weight: [N, K], contiguous in K; fp8/int8 weights need `scale` (fp32 [N]); bias: [N], any float dtype.
-    tiles: (BLOCK_N, BLOCK_K, num_warps, num_stages) instead of `gemv_tile_sizes` (`bench/gemv.py --sweep`)."""
+    tiles: (BLOCK_N, BLOCK_K, num_warps, num_stages) instead of `gemv_tile_sizes` or `dot_tile_sizes`
+    (`bench/gemv.py --sweep`)."""
     if x.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"need x [M, K] and a 2-D weight; got {tuple(x.shape)}, {tuple(weight.shape)}")
     n, k = weight.shape
@@ -106,6 +153,8 @@ def gemv(
     w_kind = _W_KINDS.get(weight.dtype, 0)
     if w_kind == 0 and weight.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"weight must be float, fp8 e4m3 or int8; got {weight.dtype}")
+    if w_kind and x.shape[0] > ELEMENTWISE_MAX_ROWS:
+        raise ValueError(f"gemv takes at most {ELEMENTWISE_MAX_ROWS} rows with {weight.dtype} weights; got {x.shape[0]}")
     if w_kind and (scale is None or scale.shape != (n,) or scale.dtype != torch.float32 or not scale.is_contiguous()):
         raise ValueError(f"a {weight.dtype} weight needs a contiguous fp32 scale of shape ({n},)")
     if bias is not None and (bias.shape != (n,) or bias.dtype not in _FLOAT_DTYPES or not bias.is_contiguous()):
@@ -116,8 +165,32 @@ def gemv(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    block_n, block_k, num_warps, num_stages = tiles or gemv_tile_sizes(n, weight.element_size())
     pdl = use_pdl(x, m)
+    if w_kind == 0 and m >= DOT_MIN_ROWS:
+        block_n, block_k, num_warps, num_stages = tiles or dot_tile_sizes(n, x.element_size())
+        _rows_dot_kernel[(triton.cdiv(n, block_n),)](
+            x,
+            weight,
+            bias if bias is not None else x,
+            out,
+            m,
+            n,
+            k,
+            x.stride(0),
+            weight.stride(0),
+            out.stride(0),
+            HAS_BIAS=bias is not None,
+            BLOCK_M=max(16, triton.next_power_of_2(m)),
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 models: no TF32, as torch's matmul
+            PDL=pdl,
+            num_warps=num_warps,
+            num_stages=num_stages,
+            launch_pdl=pdl,
+        )
+        return out
+    block_n, block_k, num_warps, num_stages = tiles or gemv_tile_sizes(n, weight.element_size())
     _gemv_kernel[(m, triton.cdiv(n, block_n))](
         x,
         weight.view(torch.uint8) if w_kind else weight,
@@ -156,6 +229,18 @@ def gemv_tile_sizes(n: int, element_size: int) -> tuple[int, int, int, int]:
     if n <= 8192:
         return 16, 512, 8, 3
     return 8, 512 // element_size, 4, 3
+
+
+def dot_tile_sizes(n: int, element_size: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) of the tensor-core kernel, from a sweep on an H200 of
+    chains of dependent launches at 2-16 rows (Llama-3-8B's projections, bf16): 512 bytes of inputs
+    a row for outputs up to 4096 (o 72%, down 90% of copy bandwidth), 256 up to 8192 (q/k/v 80%),
+    64 outputs of 128 bytes wider (gate/up 94%)."""
+    if n <= 4096:
+        return 32, 512 // element_size, 4, 5
+    if n <= 8192:
+        return 32, 256 // element_size, 4, 5
+    return 64, 128 // element_size, 4, 4
 
 
 def gemv_ref(

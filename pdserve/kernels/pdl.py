@@ -1,5 +1,6 @@
 """Programmatic dependent launch (PDL, sm_90 and later) for the chain of Triton kernels of a decode
-step at one row, where every kernel of a layer is one of ours (norms, GEMVs, attention, SwiGLU).
+step of up to PDL_MAX_ROWS rows, where every kernel of a layer is one of ours (norms, the GEMVs of
+kernels/gemv.py, attention, SwiGLU).
 
 A kernel launched with PDL may start while the kernel before it in the stream still runs. Until it
 calls `wait_for_previous_kernel` it reads only what no kernel of the step writes (weights, the
@@ -12,23 +13,44 @@ overlap this kernel's tail, and its launch overlaps this kernel's run.
 
 Above PDL_MAX_ROWS the bf16 projections are cuBLAS GEMMs, which never let a dependent start early: a
 Triton kernel launched with PDL after one of them starts later than without (~0.5 us,
-bench/runs/2026-12-02-h200/pdl.txt), so there the kernels launch plainly."""
+bench/runs/2026-12-02-h200/pdl.txt), so there the kernels launch plainly. A kernel that launches
+plainly inside the chain (an embedding lookup, quantized weights' kernels, the LM head) waits for
+everything before it, as any launch does: it costs speed, not correctness."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
+from collections.abc import Iterator
 
 import torch
 import triton
 import triton.language as tl
 
-PDL_MAX_ROWS = 1
+# Up to here the bf16 projections take kernels/gemv.py (GEMV_MAX_ROWS, 16, is what it can take): H200,
+# Llama-3-8B decode steps 4.4% faster at 2 and 4 rows, unchanged at 8, 1.5% slower at 16 (bench/RESULTS.md)
+PDL_MAX_ROWS = 8
+
+
+_max_rows: contextvars.ContextVar[int] = contextvars.ContextVar("pdl_max_rows", default=PDL_MAX_ROWS)
+
+
+@contextlib.contextmanager
+def pdl_max_rows(rows: int) -> Iterator[None]:
+    """Within it, kernels launch with PDL up to `rows` rows instead of PDL_MAX_ROWS (a model whose
+    projections run kernels other than kernels/gemv.py's above one row: engine/model.py)."""
+    token = _max_rows.set(rows)
+    try:
+        yield
+    finally:
+        _max_rows.reset(token)
 
 
 def use_pdl(x: torch.Tensor, rows: int) -> bool:
     """Whether a kernel over `rows` rows of `x` launches with PDL (`launch_pdl=` and its PDL constexpr)."""
-    return rows <= PDL_MAX_ROWS and x.is_cuda and supports_pdl(x.device)
+    return rows <= _max_rows.get() and x.is_cuda and supports_pdl(x.device)
 
 
 @functools.cache
