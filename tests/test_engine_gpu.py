@@ -51,7 +51,7 @@ def hf_generate(model: transformers.PreTrainedModel, prompt: list[int], num_toke
 
 def test_gpu_batch_of_40_greedy_equals_transformers_fp32(checkpoints: dict[str, Path]) -> None:
     """40 sequences decoding together replay a 48-row CUDA graph, whose matmuls take cuBLASLt on
-    sm_90+ (engine/layers.py `blas_for_rows`, from 32 rows) and the [out, in] weights of the one-row
+    sm_90+ (engine/layers.py `blas_for_rows`, from 32 rows) and the [out, in] weights of the decode
     GEMV; each greedy output equals transformers'."""
     llm = LLM(model=str(checkpoints["llama"]), device="cuda", dtype="float32", max_num_seqs=64, kv_cache_memory_gib=1)
     graphs = llm.engine.core.runner.graphs

@@ -4,7 +4,9 @@ kernel widens int8 with a bit trick, not a conversion)."""
 
 from __future__ import annotations
 
+import importlib
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -79,3 +81,15 @@ def test_gemv_rejects_bad_input() -> None:
         K.gemv(torch.randn(1, 32), w.to(torch.int32), scale)
     with pytest.raises(ValueError, match="bias"):
         K.gemv(torch.randn(1, 32), w, scale, torch.randn(15))
+
+
+def test_kernels_chain_one_row_outside_a_model_and_the_models_rows_within(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PDL (kernels/pdl.py) at one row by default; `pdl_max_rows` raises the limit for its block
+    only (engine/model.py wraps each forward pass in it)."""
+    pdl = importlib.import_module("pdserve.kernels.pdl")
+    monkeypatch.setattr(pdl, "supports_pdl", lambda device: True)  # as on an sm_90 GPU
+    x = SimpleNamespace(is_cuda=True, device="cuda")
+    assert pdl.use_pdl(x, 1) and not pdl.use_pdl(x, 2)
+    with pdl.pdl_max_rows(8):
+        assert pdl.use_pdl(x, 8) and not pdl.use_pdl(x, 9)
+    assert not pdl.use_pdl(x, 2)

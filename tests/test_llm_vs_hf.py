@@ -70,8 +70,8 @@ def test_greedy_and_logits_match_transformers(
 ) -> None:
     # Synchronous steps: each computes its logits (a step launched ahead keeps only its tokens);
     # tests/test_step_pipeline.py checks the tokens of steps launched ahead against HF.
-    # "decode-gemv": o_proj, gate_up and down loaded [out, in], as on an sm_90 GPU, where one-row
-    # steps run our GEMV; "cublas": [in, out], as on the CPU and other GPUs.
+    # "decode-gemv": o_proj, gate_up and down loaded [out, in], as on an sm_90 GPU, where steps of
+    # a few rows run our GEMV; "cublas": [in, out], as on the CPU and other GPUs.
     monkeypatch.setattr(model_runner, "uses_decode_gemv", lambda device: layout == "decode-gemv")
     llm = LLM(model=str(checkpoints[family]), device="cpu", dtype="float32", async_scheduling=False)
     assert llm.engine.core.runner.model.model.layers[0].mlp.down_proj.transposed == (layout == "cublas")

@@ -14,6 +14,7 @@ And the strict loader: unknown tensors, missing scales, configs it cannot honour
 from __future__ import annotations
 
 import copy
+import importlib
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,7 @@ from pdserve.engine.config import ConfigError
 from pdserve.engine.quant_formats import quantize_per_channel
 from pdserve.engine.quant_layers import W4Linear, W8Linear, fp8_gemm
 from pdserve.engine.request import Request, ScheduledRequest
+from pdserve.kernels.pdl import PDL_MAX_ROWS
 from tests.conftest import FAMILIES, write_hf_checkpoint
 from tests.quant_checkpoints import (
     AWQ_ORDER,
@@ -305,6 +307,23 @@ def test_dummy_weights_quantized_in_bf16(method: str, layer: type, plain: dict[s
     assert qkv(torch.randn(3, 128, dtype=torch.bfloat16)).dtype == torch.bfloat16
     out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("method,rows", [(None, PDL_MAX_ROWS), ("fp8", 2), ("int8", 2), ("awq", 1), ("gptq", 1)])
+def test_forward_passes_chain_the_rows_their_projections_allow(
+    method: str | None, rows: int, plain: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every forward pass runs under its model's PDL row limit (kernels/pdl.py): bf16 projections
+    PDL_MAX_ROWS, 8-bit weights 2 (their GEMV's rows), 4-bit weights 1."""
+    pdl = importlib.import_module("pdserve.kernels.pdl")
+    llm = make_llm(plain["qwen2"], quantization=method, load_format="dummy", dtype="bfloat16")
+    model = llm.engine.core.runner.model
+    down = model.model.layers[0].mlp.down_proj
+    limits = []
+    forward = down.forward
+    monkeypatch.setattr(down, "forward", lambda x: (limits.append(pdl._max_rows.get()), forward(x))[1])
+    llm.generate([[1, 2, 3], [4, 5]], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    assert model.pdl_max_rows == rows and limits and set(limits) == {rows}
 
 
 @pytest.mark.parametrize("kind", ["rowwise", "tensorwise"])

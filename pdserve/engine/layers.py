@@ -60,7 +60,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 class Linear(nn.Module):
     """y = x W^T + b. With `decode_gemv` (engine/model.py), on a GPU that launches kernels as
-    dependents (kernels/pdl.py), the few rows of a decode step (up to PDL_MAX_ROWS) take our GEMV
+    dependents (kernels/pdl.py), the few rows of a decode step (up to the model's `pdl_max_rows`) take our GEMV
     (kernels/gemv.py), a link in a chain of such launches with the norms, attention and SwiGLU around
     it; more rows take cuBLAS.
     With `transposed`, W is stored [in, out] and used as `x @ W` by cuBLAS at every row count: its
@@ -83,7 +83,8 @@ class Linear(nn.Module):
         if self.transposed:
             out = x @ self.weight
             return out if self.bias is None else out + self.bias
-        if self.decode_gemv and use_pdl(x, x.numel() // self.in_features):
+        num_rows = x.numel() // self.in_features
+        if self.decode_gemv and num_rows <= kernels.GEMV_MAX_ROWS and use_pdl(x, num_rows):
             rows = x.reshape(-1, self.in_features).contiguous()
             return kernels.gemv(rows, self.weight, bias=self.bias).view(*x.shape[:-1], self.out_features)
         return torch.nn.functional.linear(x, self.weight, self.bias)

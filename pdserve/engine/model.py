@@ -12,7 +12,7 @@ from pdserve.engine.attention import Attention, AttentionMetadata
 from pdserve.engine.config import ConfigError, ModelConfig
 from pdserve.engine.layers import Linear, MergedLinear, RMSNorm, blas_for_rows, silu_and_mul
 from pdserve.engine.quant_config import QuantConfig
-from pdserve.engine.quant_layers import QuantizedLinear, quantized_linear
+from pdserve.engine.quant_layers import W8_GEMV_MAX_ROWS, QuantizedLinear, quantized_linear
 from pdserve.engine.rotary import build_cos_sin_cache
 from pdserve.kernels.pdl import PDL_MAX_ROWS, pdl_max_rows
 
@@ -126,7 +126,7 @@ class LlamaForCausalLM(nn.Module):
         tied = config.tie_word_embeddings
         self.lm_head = Linear(config.hidden_size, config.vocab_size, transposed=not tied, decode_gemv=decode_gemv and tied)
         self.cos_sin_cache = torch.empty(0)
-        self.pdl_max_rows = PDL_MAX_ROWS  # the rows up to which the step's kernels launch as dependents
+        self.pdl_max_rows = PDL_MAX_ROWS  # the rows up to which the step's kernels launch as dependents (`quantize` lowers it)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -165,6 +165,7 @@ class LlamaForCausalLM(nn.Module):
     def quantize(self, quant: QuantConfig, dtype: torch.dtype) -> None:
         """Swap the decoder's linear layers (never the LM head) for `quant`'s quantized layers,
         but those its config leaves unquantized. Runs on the meta device, before weights exist."""
+        replaced = False
         for name, module in list(self.named_modules()):
             if not isinstance(module, Linear) or name == "lm_head":
                 continue
@@ -189,10 +190,13 @@ class LlamaForCausalLM(nn.Module):
                 raise ConfigError(f"{quant.name} cannot quantize {name}: {exc}") from None
             parent, _, child = name.rpartition(".")
             setattr(self.get_submodule(parent), child, layer)
-        # Above one row the quantized layers take kernels of their own, not kernels/gemv.py's: a
-        # chain of dependent launches there was 4% slower with 4-bit weights at 2 rows, 1% with fp8 at
-        # 8 (H200, Llama-3-8B; bench/RESULTS.md)
-        self.pdl_max_rows = 1
+            replaced = True
+        if replaced:
+            # Dependent launches only while every projection takes kernels/gemv.py: 8-bit weights up
+            # to W8_GEMV_MAX_ROWS (2: gate/up then take w8_matmul, the rest the GEMV), 4-bit at one
+            # row. H200, Llama-3-8B, chained up to 8 rows: fp8 4.0% faster at 2 rows, 1.2% slower at
+            # 8; AWQ 4.2% slower at 2 (bench/RESULTS.md)
+            self.pdl_max_rows = 1 if quant.scheme == "w4" else W8_GEMV_MAX_ROWS
 
     def _hf_projections(self, name: str, module: nn.Module) -> list[str]:
         """The HF modules one of our linear layers loads (q_proj, k_proj, v_proj for qkv_proj)."""

@@ -99,8 +99,8 @@ class ModelInputs:
 
 
 def uses_decode_gemv(device: torch.device) -> bool:
-    """Whether decode steps of up to PDL_MAX_ROWS rows run the projections on our GEMV, each kernel
-    launched as a dependent of the one before (engine/model.py `LlamaForCausalLM`)."""
+    """Whether decode steps of a few rows (the model's `pdl_max_rows`) run the projections on our GEMV,
+    each kernel launched as a dependent of the one before (engine/model.py `LlamaForCausalLM`)."""
     return device.type == "cuda" and supports_pdl(device)
 
 

@@ -6,8 +6,9 @@ Two kernels. One row (and fp8/int8 weights up to ELEMENTWISE_MAX_ROWS): no tenso
 program owns BLOCK_N outputs of one row, streams its [BLOCK_N, K] slab of the weight in
 [BLOCK_N, BLOCK_K] tiles with elementwise FMAs into a 2-D fp32 accumulator, and reduces it once at
 the end; row m is the fastest program id, so the M programs that read one slab run together and L2
-serves the repeats. Float weights from DOT_MIN_ROWS rows: tensor cores, all rows of x (padded to
-16) against each program's slab, read once. Up to PDL_MAX_ROWS (kernels/pdl.py) the kernels
+serves the repeats. Float weights of x's dtype from DOT_MIN_ROWS rows: `tl.dot` (tensor cores for
+16-bit weights; fp32 ones in full precision, no TF32), all rows of x (padded to 16) against each
+program's slab, read once. Up to PDL_MAX_ROWS (kernels/pdl.py) the kernels
 launch as dependents of the kernel before them; the one-row kernel reads its first weight tile
 before it waits for the kernel that wrote x."""
 
@@ -139,8 +140,8 @@ def gemv(
     (ELEMENTWISE_MAX_ROWS for fp8/int8 weights).
 
     weight: [N, K], contiguous in K; fp8/int8 weights need `scale` (fp32 [N]); bias: [N], any float dtype.
-    tiles: (BLOCK_N, BLOCK_K, num_warps, num_stages) instead of `gemv_tile_sizes` or `dot_tile_sizes`
-    (`bench/gemv.py --sweep`)."""
+    tiles: (BLOCK_N, BLOCK_K, num_warps, num_stages) of the kernel taken, instead of `gemv_tile_sizes`
+    (one row: `bench/gemv.py --sweep`) or `dot_tile_sizes` (BLOCK_N at least 16)."""
     if x.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"need x [M, K] and a 2-D weight; got {tuple(x.shape)}, {tuple(weight.shape)}")
     n, k = weight.shape
@@ -166,7 +167,7 @@ def gemv(
     if m == 0:
         return out
     pdl = use_pdl(x, m)
-    if w_kind == 0 and m >= DOT_MIN_ROWS:
+    if w_kind == 0 and m >= DOT_MIN_ROWS and weight.dtype == x.dtype:
         block_n, block_k, num_warps, num_stages = tiles or dot_tile_sizes(n, x.element_size())
         _rows_dot_kernel[(triton.cdiv(n, block_n),)](
             x,
@@ -233,7 +234,8 @@ def gemv_tile_sizes(n: int, element_size: int) -> tuple[int, int, int, int]:
 
 def dot_tile_sizes(n: int, element_size: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) of the tensor-core kernel, from a sweep on an H200 of
-    chains of dependent launches at 2-16 rows (Llama-3-8B's projections, bf16): 512 bytes of inputs
+    chains of dependent launches at 2-16 rows (Llama-3-8B's projections, bf16; a scratch script,
+    bench/runs/2026-12-02-h200-5/sweep-rows.txt): 512 bytes of inputs
     a row for outputs up to 4096 (o 72%, down 90% of copy bandwidth), 256 up to 8192 (q/k/v 80%),
     64 outputs of 128 bytes wider (gate/up 94%)."""
     if n <= 4096:

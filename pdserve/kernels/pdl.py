@@ -1,5 +1,5 @@
 """Programmatic dependent launch (PDL, sm_90 and later) for the chain of Triton kernels of a decode
-step of up to PDL_MAX_ROWS rows, where every kernel of a layer is one of ours (norms, the GEMVs of
+step of up to PDL_MAX_ROWS rows (`pdl_max_rows`), where every kernel of a layer is one of ours (norms, the GEMVs of
 kernels/gemv.py, attention, SwiGLU).
 
 A kernel launched with PDL may start while the kernel before it in the stream still runs. Until it
@@ -29,18 +29,19 @@ import torch
 import triton
 import triton.language as tl
 
-# Up to here the bf16 projections take kernels/gemv.py (GEMV_MAX_ROWS, 16, is what it can take): H200,
-# Llama-3-8B decode steps 4.4% faster at 2 and 4 rows, unchanged at 8, 1.5% slower at 16 (bench/RESULTS.md)
+# A model whose projections all take kernels/gemv.py launches as dependents up to here (engine/model.py;
+# GEMV_MAX_ROWS, 16, is what the GEMV can take). H200, Llama-3-8B decode steps: 4.4% faster at 2 and 4
+# rows, unchanged at 8, 1.5% slower at 16 (bench/RESULTS.md). Outside a model's forward pass: one row.
 PDL_MAX_ROWS = 8
 
 
-_max_rows: contextvars.ContextVar[int] = contextvars.ContextVar("pdl_max_rows", default=PDL_MAX_ROWS)
+_max_rows: contextvars.ContextVar[int] = contextvars.ContextVar("pdl_max_rows", default=1)
 
 
 @contextlib.contextmanager
 def pdl_max_rows(rows: int) -> Iterator[None]:
-    """Within it, kernels launch with PDL up to `rows` rows instead of PDL_MAX_ROWS (a model whose
-    projections run kernels other than kernels/gemv.py's above one row: engine/model.py)."""
+    """Within it, kernels launch with PDL up to `rows` rows instead of one (engine/model.py, around
+    a model's forward pass: PDL_MAX_ROWS, or fewer where its projections take other kernels)."""
     token = _max_rows.set(rows)
     try:
         yield
