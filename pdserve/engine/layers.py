@@ -83,8 +83,7 @@ class Linear(nn.Module):
         if self.transposed:
             out = x @ self.weight
             return out if self.bias is None else out + self.bias
-        num_rows = x.numel() // self.in_features
-        if self.decode_gemv and num_rows <= kernels.GEMV_MAX_ROWS and use_pdl(x, num_rows):
+        if self.decode_gemv and use_pdl(x, x.numel() // self.in_features):
             rows = x.reshape(-1, self.in_features).contiguous()
             return kernels.gemv(rows, self.weight, bias=self.bias).view(*x.shape[:-1], self.out_features)
         return torch.nn.functional.linear(x, self.weight, self.bias)

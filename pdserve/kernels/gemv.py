@@ -8,9 +8,9 @@ program owns BLOCK_N outputs of one row, streams its [BLOCK_N, K] slab of the we
 the end; row m is the fastest program id, so the M programs that read one slab run together and L2
 serves the repeats. Float weights of x's dtype from DOT_MIN_ROWS rows: `tl.dot` (tensor cores for
 16-bit weights; fp32 ones in full precision, no TF32), all rows of x (padded to 16) against each
-program's slab, read once. Up to PDL_MAX_ROWS (kernels/pdl.py) the kernels
-launch as dependents of the kernel before them; the one-row kernel reads its first weight tile
-before it waits for the kernel that wrote x."""
+program's slab, read once. Within a model's PDL row limit (kernels/pdl.py) the kernels launch as
+dependents of the kernel before them; the one-row kernel reads its first weight tile before it
+waits for the kernel that wrote x."""
 
 from __future__ import annotations
 

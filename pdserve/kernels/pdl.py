@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 # A model whose projections all take kernels/gemv.py launches as dependents up to here (engine/model.py;
-# GEMV_MAX_ROWS, 16, is what the GEMV can take). H200, Llama-3-8B decode steps: 4.4% faster at 2 and 4
+# at most GEMV_MAX_ROWS, 16, the rows the GEMV takes: above them it raises). H200, Llama-3-8B decode steps: 4.4% faster at 2 and 4
 # rows, unchanged at 8, 1.5% slower at 16 (bench/RESULTS.md). Outside a model's forward pass: one row.
 PDL_MAX_ROWS = 8
 
