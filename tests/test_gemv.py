@@ -33,7 +33,16 @@ def weights(kind: str, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor | Non
 CASES = [
     (kind, m, n, k)
     for kind in ("fp32", "bf16", "fp16", "fp8", "int8")
-    for m, n, k in [(1, 40, 96), (3, 17, 2100), (4, 300, 64), (1, 4500, 40), (9, 70, 300), (16, 33, 130), (16, 4500, 40)]
+    for m, n, k in [
+        (1, 40, 96),
+        (3, 17, 2100),
+        (1, 70, 4500),
+        (4, 300, 64),
+        (1, 4500, 40),
+        (9, 70, 300),
+        (16, 33, 130),
+        (16, 4500, 40),
+    ]
     if not (kind == "bf16" and m >= K.DOT_MIN_ROWS) and not (kind in ("fp8", "int8") and m > K.ELEMENTWISE_MAX_ROWS)
 ]
 
@@ -42,7 +51,8 @@ CASES = [
 @pytest.mark.parametrize("has_bias", [False, True], ids=["", "bias"])
 def test_gemv_matches_reference(kind: str, m: int, n: int, k: int, has_bias: bool) -> None:
     """k 96 and 64 take one tile of inputs (the first, read before the PDL wait), 2100 several (the
-    last one partial); n 4500 takes the wide outputs' tiles (16 rows a program), the last one partial;
+    last one partial); 70 x 4500 at one row, 16-bit weights: a small model's down (2 x 2048 tiles);
+    n 4500 takes the wide outputs' tiles (16 rows a program), the last one partial;
     9 and 16 rows (float weights: tensor cores) pad the rows to 16, with partial tiles of n and k."""
     torch.manual_seed(m * n + k)
     weight, scale = weights(kind, n, k)

@@ -50,7 +50,7 @@ def test_w8_matmul_bf16(n: int, k: int, dtype: torch.dtype) -> None:
         assert rel_err(K.w8_matmul(x, weight, scale), ref) < 1e-2, m
 
 
-@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("n,k", [*SHAPES, (896, 4864)])  # and Qwen2.5-0.5B's down (its own tiles)
 @pytest.mark.parametrize("kind", ["bf16", "fp8", "int8"])
 def test_gemv_bf16(n: int, k: int, kind: str) -> None:
     """Decode rows: 1..4, and for bf16 weights up to 16 (the tensor-core kernel from 2 rows)."""

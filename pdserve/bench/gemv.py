@@ -140,7 +140,7 @@ def sweep_table(copy: float, group_size: int = 128) -> None:
                     w = torch.randn(n, k, device="cuda")
                     weights.append((w.bfloat16(), None) if kind == "bf16" else quantize_per_channel(w, W8_DTYPES[kind]))
                     del w
-                heuristic = gemv_tile_sizes(n, size)
+                heuristic = gemv_tile_sizes(n, k, size)
                 grid = [
                     (bn, b // size, nw, stages)
                     for bn in (4, 8, 16)

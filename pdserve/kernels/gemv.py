@@ -191,7 +191,7 @@ def gemv(
             launch_pdl=pdl,
         )
         return out
-    block_n, block_k, num_warps, num_stages = tiles or gemv_tile_sizes(n, weight.element_size())
+    block_n, block_k, num_warps, num_stages = tiles or gemv_tile_sizes(n, k, weight.element_size())
     _gemv_kernel[(m, triton.cdiv(n, block_n))](
         x,
         weight.view(torch.uint8) if w_kind else weight,
@@ -216,15 +216,20 @@ def gemv(
     return out
 
 
-def gemv_tile_sizes(n: int, element_size: int) -> tuple[int, int, int, int]:
+def gemv_tile_sizes(n: int, k: int, element_size: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages), from a sweep on an H200 of 32 one-row GEMVs of one
     shape launched back to back as dependents, as a decode step runs them (Llama-3-8B, Qwen2.5-0.5B
     and -7B shapes, bf16 and fp8; bench/runs/2026-12-02-h200-4/chain-sweep*.txt):
     - narrow outputs (o, down; q/k/v of small models): 4 output rows a program, 1024 inputs a row, 4
       stages; 78 -> 91% of copy bandwidth on Llama-3-8B's o_proj, 31 -> 43% on Qwen2.5-0.5B's down;
+    - fewer than 2048 outputs of more than 2048 inputs (a small model's down), 16-bit weights: 2 rows
+      of 2048 inputs, 8 warps, twice the programs; Qwen2.5-0.5B's down 43 -> 56%, 4.8 -> 3.7 us
+      (bench/runs/2026-12-02-h200-6/qsweep.txt; its q/k/v and o, 896 inputs, kept the rule above);
     - up to 8192 (q/k/v): 16 rows of 512 inputs, 8 warps; 74 -> 92% on Llama-3-8B's (fp8 47 -> 67%);
     - wider (gate/up, LM heads): 8 rows of 512 bytes, the rule before, within 0-7 points of the best.
-    The inputs' length did not change the best tiles."""
+    Within these classes the inputs' length did not change the best tiles."""
+    if n < 2048 and k > 2048 and element_size == 2:
+        return 2, 2048, 8, 3
     if n <= 4096:
         return 4, 1024, 4, 4
     if n <= 8192:
