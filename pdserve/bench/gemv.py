@@ -143,8 +143,8 @@ def sweep_table(copy: float, group_size: int = 128) -> None:
                 heuristic = gemv_tile_sizes(n, k, size)
                 grid = [
                     (bn, b // size, nw, stages)
-                    for bn in (4, 8, 16)
-                    for b in (512, 1024, 2048)
+                    for bn in (2, 4, 8, 16)
+                    for b in (512, 1024, 2048, 4096)
                     for nw in (4, 8)
                     for stages in (3, 4)
                     if 4096 <= bn * b <= 16384
