@@ -154,18 +154,17 @@ SPLITS_SWEEP_SHAPES = [(64, 1024), (128, 1024), (16, 1024), (32, 4096), (16, 409
 SPLITS_SWEEP_COUNTS = [1, 2, 3, 4, 6, 8, 9, 12, 16]
 
 
-def engine_splits_sweep(kv_name: str, num_seqs: int, context_len: int, copy_gbs: float) -> str:
-    """The engine's decode attention (`kernels.rotary_decode_attention`: rotary, KV store and split
-    attention in one launch) at fixed split counts: the sweep `choose_launch`'s split rule is
-    tuned on. One line, each count's share of copy bandwidth; `*` marks the heuristic's."""
-    case = make_decode_case(num_seqs, context_len, KV_DTYPES[kv_name])
-    num_sets = case.q.shape[0]
+def engine_decode_runner(case: DecodeCase) -> Callable[[DecodeLaunch], Callable[[], object]]:
+    """Runners of the engine's decode attention (`kernels.rotary_decode_attention`: rotary, KV store
+    and split attention in one launch, the only decode attention serving runs on a GPU) over the
+    case's sets, one per launch: each call rotates the step's new k into the cache at its slot."""
+    num_sets, num_seqs = case.q.shape[0], case.num_seqs
     k = torch.randn(num_sets, num_seqs, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
     v = torch.randn_like(k)
-    cos_sin = torch.randn(context_len, HEAD_DIM, dtype=torch.float32, device=DEVICE)
-    positions = torch.full((num_seqs,), context_len - 1, dtype=torch.int64, device=DEVICE)
-    last_blocks = case.block_tables[:, :, (context_len - 1) // BLOCK_SIZE].to(torch.int64)
-    slots = last_blocks * BLOCK_SIZE + (context_len - 1) % BLOCK_SIZE  # the new token's slot, per set
+    cos_sin = torch.randn(case.context_len, HEAD_DIM, dtype=torch.float32, device=DEVICE)
+    positions = torch.full((num_seqs,), case.context_len - 1, dtype=torch.int64, device=DEVICE)
+    last_blocks = case.block_tables[:, :, (case.context_len - 1) // BLOCK_SIZE].to(torch.int64)
+    slots = last_blocks * BLOCK_SIZE + (case.context_len - 1) % BLOCK_SIZE  # the new token's slot, per set
 
     def runner(launch: DecodeLaunch) -> Callable[[], object]:
         sets = itertools.cycle(range(num_sets))
@@ -179,6 +178,15 @@ def engine_splits_sweep(kv_name: str, num_seqs: int, context_len: int, copy_gbs:
 
         return run
 
+    return runner
+
+
+def engine_splits_sweep(kv_name: str, num_seqs: int, context_len: int, copy_gbs: float) -> str:
+    """The engine's decode attention (`engine_decode_runner`) at fixed split counts: the sweep
+    `choose_launch`'s split rule is tuned on. One line, each count's share of copy bandwidth; `*`
+    marks the heuristic's."""
+    case = make_decode_case(num_seqs, context_len, KV_DTYPES[kv_name])
+    runner = engine_decode_runner(case)
     default = launch_for(case.q[0], case.k_cache, case.block_tables[0])
     cells = []
     for num_splits in SPLITS_SWEEP_COUNTS:
@@ -273,9 +281,11 @@ def main() -> None:
         gbs = decode_gbs(case, launch=None)
         launch = launch_for(case.q[0], case.k_cache, case.block_tables[0])
         step_us = case.bytes_moved / (gbs * 1e9) * 1e6
+        engine_us = graph_median_ms(engine_decode_runner(case)(launch)) * 1e3
         rows.append(
             f"decode   KV {kv_name:4s} batch {num_seqs:4d} ctx {context_len:6d}  splits {launch.num_splits:2d} "
             f"tile {launch.tile_tokens:3d}  {step_us:7.1f} us  {gbs:7.0f} GB/s read  {gbs / copy_gbs:6.1%} of copy"
+            f"   | engine's kernel {engine_us:7.1f} us  {case.bytes_moved / (engine_us * 1e3) / copy_gbs:6.1%} of copy"
         )
         del case
         torch.cuda.empty_cache()
