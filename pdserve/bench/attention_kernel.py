@@ -107,8 +107,9 @@ def make_decode_case(num_seqs: int, context_len: int, kv_dtype: torch.dtype = DT
     return DecodeCase(num_seqs, context_len, k_cache, v_cache, block_tables, q, torch.empty_like(q), context_lens)
 
 
-def decode_gbs(case: DecodeCase, launch: DecodeLaunch | None) -> float:
-    return case.bytes_moved / (graph_median_ms(case.runner(launch)) * 1e-3) / 1e9
+def decode_gbs(case: DecodeCase, run: Callable[[], object]) -> float:
+    """GB/s of the bytes the case's decode attention reads, `run` (one of its runners) replayed."""
+    return case.bytes_moved / (graph_median_ms(run) * 1e-3) / 1e9
 
 
 def check_decode(case: DecodeCase) -> float:
@@ -144,7 +145,7 @@ def decode_sweep(case: DecodeCase, copy_gbs: float) -> None:
     )
     for launch in variants:
         try:
-            gbs = decode_gbs(case, launch)
+            gbs = decode_gbs(case, case.runner(launch))
             print(f"  {launch}  {gbs:7.0f} GB/s  {gbs / copy_gbs:5.1%} of copy")
         except Exception as error:  # noqa: BLE001 - a variant that does not fit the GPU is reported, not fatal
             print(f"  {launch}  failed: {type(error).__name__}: {str(error)[:100]}")
@@ -190,8 +191,7 @@ def engine_splits_sweep(kv_name: str, num_seqs: int, context_len: int, copy_gbs:
     default = launch_for(case.q[0], case.k_cache, case.block_tables[0])
     cells = []
     for num_splits in SPLITS_SWEEP_COUNTS:
-        run = runner(dataclasses.replace(default, num_splits=num_splits))
-        share = case.bytes_moved / (graph_median_ms(run) * 1e-3) / 1e9 / copy_gbs
+        share = decode_gbs(case, runner(dataclasses.replace(default, num_splits=num_splits))) / copy_gbs
         cells.append(f"{num_splits}{'*' if num_splits == default.num_splits else ''}: {share:.1%}")
     return f"KV {kv_name:4s} batch {num_seqs:3d} context {context_len:5d}   " + "  ".join(cells)
 
@@ -278,14 +278,14 @@ def main() -> None:
             print(f"decode check at batch {num_seqs}, context {context_len}, KV {kv_name}: rel err vs ref {error:.2e}")
             if not args.no_sweep:
                 decode_sweep(case, copy_gbs)
-        gbs = decode_gbs(case, launch=None)
         launch = launch_for(case.q[0], case.k_cache, case.block_tables[0])
-        step_us = case.bytes_moved / (gbs * 1e9) * 1e6
-        engine_us = graph_median_ms(engine_decode_runner(case)(launch)) * 1e3
+        gbs = decode_gbs(case, case.runner(launch=None))
+        engine_gbs = decode_gbs(case, engine_decode_runner(case)(launch))  # what serving runs
         rows.append(
             f"decode   KV {kv_name:4s} batch {num_seqs:4d} ctx {context_len:6d}  splits {launch.num_splits:2d} "
-            f"tile {launch.tile_tokens:3d}  {step_us:7.1f} us  {gbs:7.0f} GB/s read  {gbs / copy_gbs:6.1%} of copy"
-            f"   | engine's kernel {engine_us:7.1f} us  {case.bytes_moved / (engine_us * 1e3) / copy_gbs:6.1%} of copy"
+            f"tile {launch.tile_tokens:3d}  {case.bytes_moved / gbs / 1e3:7.1f} us  {gbs:7.0f} GB/s read  "
+            f"{gbs / copy_gbs:6.1%} of copy   | engine's kernel {case.bytes_moved / engine_gbs / 1e3:7.1f} us  "
+            f"{engine_gbs / copy_gbs:6.1%} of copy"
         )
         del case
         torch.cuda.empty_cache()
