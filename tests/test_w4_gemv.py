@@ -19,9 +19,18 @@ from pdserve.kernels.w4_gemv import gemv_tile_sizes  # noqa: E402
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreter = pytest.mark.skipif(not INTERPRETED, reason="CPU-interpreter test (TRITON_INTERPRET=1)")
 
-# (BLOCK_N, BLOCK_K8, BLOCK_G, num_warps, num_stages) that gemv_tile_sizes picks on 132 SMs for groups
-# of 128 (the interpreter sees one SM and would always pick the first), and 8-warp tiles as tuned
-GPU_TILES = [(64, 16, 1, 4, 4), (32, 16, 2, 4, 4), (16, 16, 4, 4, 4), (32, 16, 4, 8, 4), (16, 16, 8, 8, 4)]
+# (BLOCK_N, BLOCK_K8, BLOCK_G, num_warps, num_stages, splits) that gemv_tile_sizes picks on 132 SMs
+# for groups of 128 (the interpreter sees one SM and would always pick the first), 8-warp tiles, and
+# K split over 2 and 3 programs
+GPU_TILES = [
+    (64, 16, 1, 4, 4, 1),
+    (32, 16, 2, 4, 4, 1),
+    (16, 16, 4, 4, 4, 1),
+    (32, 16, 4, 8, 4, 1),
+    (16, 16, 8, 8, 4, 1),
+    (32, 16, 2, 4, 4, 2),
+    (16, 16, 1, 4, 4, 3),
+]
 
 
 def random_w4(k: int, n: int, group_size: int, device: str = "cpu", max_zero: int = 15) -> tuple[torch.Tensor, ...]:
@@ -72,7 +81,7 @@ def test_gpu_tile_sizes(tiles: tuple[int, int, int, int, int], m: int, k: int) -
     """Slices side by side (BLOCK_G > 1), the last tile of slices partly past K, padded row blocks."""
     torch.manual_seed(m + k)
     qweight, scales, zeros = random_w4(k, 40, 128)
-    for dtype, rel in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+    for dtype, rel in ((torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)):
         x = torch.randn(m, k).to(dtype)
         out = K.w4_gemv(x, qweight, scales, zeros, 128, tile_sizes=tiles)
         assert_close(out, reference(x, qweight, scales, zeros, 128), rel)
@@ -92,6 +101,25 @@ def test_exact_for_exact_inputs() -> None:
     x = torch.randint(-8, 9, (2, k)).float()
     out = K.w4_gemv(x, qweight, scales, zeros, group_size)
     torch.testing.assert_close(out.double(), reference(x, qweight, scales, zeros, group_size), rtol=0, atol=0)
+
+
+@interpreter
+def test_split_k_partials_merge_and_counters_reset() -> None:
+    """K over 3 programs: the last to finish adds the fp32 partials in split order and resets its
+    counter, so a second launch (a graph replay) merges as the first did."""
+    from pdserve.kernels.split_counters import split_counters
+
+    torch.manual_seed(3)
+    k, n = 768, 40  # 6 slices of 16 packed rows: 2 a split
+    qweight, scales, zeros = random_w4(k, n, 128)
+    x = torch.randn(2, k)
+    whole = K.w4_gemv(x, qweight, scales, zeros, 128, tile_sizes=(16, 16, 1, 4, 4, 1))
+    for _ in range(2):
+        split = K.w4_gemv(x, qweight, scales, zeros, 128, tile_sizes=(16, 16, 1, 4, 4, 3))
+        torch.testing.assert_close(split, whole, rtol=1e-6, atol=1e-6 * whole.abs().max().item())
+        assert not split_counters("w4_gemv", x.device, 1).any()
+    uneven = K.w4_gemv(x, qweight, scales, zeros, 128, tile_sizes=(16, 16, 2, 4, 4, 4))  # splits of 2, 2, 2 slices
+    torch.testing.assert_close(uneven, whole, rtol=1e-6, atol=1e-6 * whole.abs().max().item())
 
 
 @interpreter
@@ -130,10 +158,13 @@ def test_tile_sizes_follow_the_sm_count(monkeypatch: pytest.MonkeyPatch) -> None
     module = importlib.import_module("pdserve.kernels.w4_gemv")  # the package's w4_gemv is the function
     monkeypatch.setattr(module, "_num_sms", lambda index: 132)
     cuda = torch.device("cuda", 0)
-    assert gemv_tile_sizes(4096, cuda) == (32, 16, 2, 4, 4)  # 128 programs on 132 SMs
-    assert gemv_tile_sizes(6144, cuda) == (16, 16, 4, 4, 4)  # 384 programs: 3 rounds, nearly full
-    assert gemv_tile_sizes(4096, cuda, group_size=64) == (32, 8, 2, 4, 4)
-    assert gemv_tile_sizes(4096, torch.device("cpu"))[0] == 64
+    assert gemv_tile_sizes(4096, 4096, cuda) == (16, 16, 4, 4, 4, 1)  # 256 programs of 16 columns
+    assert gemv_tile_sizes(28672, 4096, cuda) == (32, 16, 8, 4, 4, 1)  # 896 programs: wide tiles
+    assert gemv_tile_sizes(4096, 4096, cuda, group_size=64) == (16, 8, 4, 4, 4, 1)
+    assert gemv_tile_sizes(896, 4864, cuda).splits == 2  # 56 column tiles, 9 iterations: K over 2 (4 iterations each at least)
+    assert gemv_tile_sizes(896, 512, cuda).splits == 1  # 2 iterations: too short to split
+    assert gemv_tile_sizes(4096, 4096, cuda, block_m=4)[:3] == (16, 16, 2)  # 4 rows: 2 slices
+    assert gemv_tile_sizes(4096, 4096, torch.device("cpu")).block_n == 32  # one "SM": wide tiles
 
 
 @pytest.mark.gpu
@@ -142,10 +173,32 @@ def test_tile_sizes_follow_the_sm_count(monkeypatch: pytest.MonkeyPatch) -> None
 def test_llama_shapes_on_gpu(n: int, k: int) -> None:
     torch.manual_seed(0)
     qweight, scales, zeros = random_w4(k, n, 128, device="cuda")
-    for m in (1, 4):
+    for m in (1, 2, 4):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = K.w4_matmul_ref(x.float(), qweight, scales.float(), zeros, 128).double()
         out = K.w4_gemv(x, qweight, scales, zeros, 128)
         assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
         assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2, m
         assert_close(out, ref, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+def test_split_k_in_a_cuda_graph() -> None:
+    """A launch with K split over 3 programs, captured once and replayed three
+    times: each replay's last program finds its counter at zero and merges."""
+    torch.manual_seed(0)
+    qweight, scales, zeros = random_w4(4864, 896, 128, device="cuda")  # Qwen2.5-0.5B's down_proj
+    x = torch.randn(1, 4864, device="cuda", dtype=torch.bfloat16)
+    tiles = (16, 16, 2, 4, 4, 3)
+    ref = K.w4_matmul_ref(x.float(), qweight, scales.float(), zeros, 128).double()
+    eager = K.w4_gemv(x, qweight, scales, zeros, 128, tile_sizes=tiles)  # compiles, sizes the counters
+    assert_close(eager, ref, 1e-2)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = K.w4_gemv(x, qweight, scales, zeros, 128, tile_sizes=tiles)
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, eager, rtol=0, atol=0)

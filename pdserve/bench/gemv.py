@@ -7,7 +7,7 @@ bytes they must read (weights at their stored size + scales + zero points).
 of dependent launches as the decode step runs them, each shape's best against the heuristic's pick
 (how their `*_tile_sizes` were chosen).
 
-    python -m pdserve.bench.gemv [--quantized | --sweep]"""
+    python -m pdserve.bench.gemv [--quantized | --sweep [--weights w4] [--shapes llama3-8b]]"""
 
 from __future__ import annotations
 
@@ -108,10 +108,11 @@ SWEEP_SHAPES = {
 }
 
 
-def sweep_table(copy: float, group_size: int = 128) -> None:
+def sweep_table(copy: float, kinds: list[str], shape_prefix: str = "", top: int = 3, group_size: int = 128) -> None:
     """% of copy bandwidth at one row, as a decode step runs the GEMVs: a chain of launches of one
     shape over distinct weights (more than L2 holds), each a dependent of the one before (PDL on
-    sm_90+), timed as one CUDA graph; the heuristic's tiles, then the best three of a grid."""
+    sm_90+), timed as one CUDA graph; the heuristic's tiles, then the best `top` of a grid. `kinds`:
+    of bf16, fp8, int8, w4; `shape_prefix`: only the shapes whose name starts with it."""
     from pdserve import kernels
     from pdserve.engine.quant_formats import quantize_per_channel
     from pdserve.engine.quant_layers import W8_DTYPES
@@ -119,7 +120,9 @@ def sweep_table(copy: float, group_size: int = 128) -> None:
     from pdserve.kernels.w4_gemv import gemv_tile_sizes as w4_tile_sizes
 
     for name, (n, k) in SWEEP_SHAPES.items():
-        for kind in ("bf16", "fp8", "int8", "w4"):
+        if not name.startswith(shape_prefix):
+            continue
+        for kind in kinds:
             nbytes = n * k // 2 + (k // group_size) * n * 3 if kind == "w4" else n * k * (2 if kind == "bf16" else 1)
             chain = max(16, (400 << 20) // nbytes + 1)
             if kind == "w4":
@@ -131,8 +134,12 @@ def sweep_table(copy: float, group_size: int = 128) -> None:
                     )
                     for _ in range(chain)
                 ]
-                heuristic: tuple = w4_tile_sizes(n, torch.device("cuda"), group_size)
-                grid: list[tuple] = [(bn, 16, bg, nw, 4) for bn in (16, 32, 64) for bg in (1, 2, 4, 8) for nw in (4, 8)]
+                heuristic: tuple = w4_tile_sizes(n, k, torch.device("cuda"), group_size)
+                grid: list[tuple] = [
+                    (bn, 16, bg, 4, 4, splits)
+                    for bn, bg in ((16, 2), (16, 4), (16, 8), (32, 2), (32, 4), (32, 8), (64, 1), (64, 2), (64, 4))
+                    for splits in (1, 2, 4)
+                ]
             else:
                 size = 2 if kind == "bf16" else 1
                 weights = []
@@ -163,8 +170,8 @@ def sweep_table(copy: float, group_size: int = 128) -> None:
             for tiles in [heuristic, *grid]:
                 ms = do_bench_cudagraph(lambda tiles=tiles: run(tiles), rep=25, return_mode="median")
                 rates.append((100 * chain * nbytes / (ms * 1e-3) / 1e9 / copy, tiles))
-            best = ", ".join(f"{tiles}: {rate:.0f}%" for rate, tiles in sorted(rates[1:], reverse=True)[:3])
-            print(f"| {name} | {kind} | {rates[0][1]}: {rates[0][0]:.0f}% | {best} |", flush=True)
+            best = ", ".join(f"{tuple(tiles)}: {rate:.0f}%" for rate, tiles in sorted(rates[1:], reverse=True)[:top])
+            print(f"| {name} | {kind} | {tuple(rates[0][1])}: {rates[0][0]:.0f}% | {best} |", flush=True)
             del weights, xs
             torch.cuda.empty_cache()
 
@@ -175,13 +182,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quantized", action="store_true", help="the quantized-weight kernels")
     parser.add_argument("--sweep", action="store_true", help="the decode GEMVs' tile sizes")
+    parser.add_argument("--weights", nargs="+", choices=("bf16", "fp8", "int8", "w4"), default=["bf16", "fp8", "int8", "w4"])
+    parser.add_argument("--shapes", default="", help="--sweep: only the shapes whose name starts with this (e.g. llama3-8b)")
+    parser.add_argument("--top", type=int, default=3, help="--sweep: how many of the grid's best tiles to print")
     args = parser.parse_args()
     copy = copy_bandwidth_gbs()
     if args.sweep:
         print(f"copy {copy:.0f} GB/s")
         print("| proj | weights | heuristic | best of the grid |")
         print("|---|---|---|---|")
-        sweep_table(copy)
+        sweep_table(copy, args.weights, args.shapes, args.top)
         return
     if args.quantized:
         print(f"copy {copy:.0f} GB/s")

@@ -24,6 +24,7 @@ from pdserve.kernels.paged_decode_attention import (
     store_split_result,
 )
 from pdserve.kernels.pdl import use_pdl, wait_for_previous_kernel
+from pdserve.kernels.split_counters import split_counters
 
 
 @triton.jit
@@ -229,24 +230,6 @@ def _rotary_split_kernel(
             )
 
 
-_counters: dict[torch.device, torch.Tensor] = {}
-_outgrown: list[torch.Tensor] = []  # graphs captured with a smaller buffer still write into it
-
-
-def _split_counters(device: torch.device, num_pairs: int) -> torch.Tensor:
-    """int32, one per (seq, kv_head), zero between launches (the last split resets its own). Grown
-    only outside CUDA-graph capture: the engine runs each batch shape once before capturing it."""
-    counters = _counters.get(device)
-    if counters is None or counters.numel() < num_pairs:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"run this batch shape once before capturing: {num_pairs} split counters needed")
-        if counters is not None:
-            _outgrown.append(counters)
-        counters = torch.zeros(triton.next_power_of_2(num_pairs), dtype=torch.int32, device=device)
-        _counters[device] = counters
-    return counters
-
-
 def rotary_decode_attention(
     positions: torch.Tensor,  # int64 [num_seqs]
     q: torch.Tensor,  # [num_seqs, num_heads, head_dim], not yet rotated (and left so)
@@ -285,7 +268,7 @@ def rotary_decode_attention(
     if num_splits > 1:
         partial_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         partial_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
-        counters = _split_counters(q.device, num_seqs * num_kv_heads)
+        counters = split_counters("rotary_decode_attention", q.device, num_seqs * num_kv_heads)
     group_p2 = triton.next_power_of_2(group_size)
     splits_pad = triton.next_power_of_2(num_splits)
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
