@@ -24,7 +24,7 @@ from pdserve.kernels.paged_decode_attention import (
     store_split_result,
 )
 from pdserve.kernels.pdl import use_pdl, wait_for_previous_kernel
-from pdserve.kernels.split_counters import split_counters
+from pdserve.kernels.split_counters import is_last_split, split_counters
 
 
 @triton.jit
@@ -202,17 +202,8 @@ def _rotary_split_kernel(
     )  # fmt: skip
     if not IS_SINGLE_SPLIT:
         group_first_row = (seq.to(tl.int64) * tl.num_programs(0) + kv_head) * GROUP_SIZE * num_splits
-        # The last program of this (seq, kv_head) to get here merges. Ordering: every thread's
-        # partial stores, then a CTA barrier, then one thread's gpu-scope acq_rel increment
-        # (release is cumulative: it publishes the whole program's stores); increments of one
-        # counter are totally ordered, so the program that reads num_splits - 1 comes after
-        # every other split's release, and its acquire reaches its other threads through the
-        # broadcast of the atomic's result. The merge loads bypass L1 (.cg). That program resets
-        # the counter, for the next launch or graph replay (stream-ordered after this one).
-        tl.debug_barrier()
         counter = counters_ptr + seq * tl.num_programs(0) + kv_head
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+        if is_last_split(counter, num_splits):  # the last program of this (seq, kv_head) merges
             out_row = out_ptr + seq.to(tl.int64) * stride_out_seq + kv_head * GROUP_SIZE * stride_out_head
             _merge_group(
                 partial_out_ptr,

@@ -1,12 +1,13 @@
 """Zeroed int32 counters for kernels whose programs split one output's work and let the last of
-them to finish merge the splits: each program increments its output's counter (acq_rel), the one
-that reads splits - 1 merges and resets it to zero, for the next launch or graph replay. A buffer
-per (kernel, device), shared by that kernel's launches, which run in stream order."""
+them to finish merge the splits (`is_last_split`): each program increments its output's counter
+(acq_rel), the one that reads splits - 1 merges and resets it to zero, for the next launch or graph
+replay. A buffer per (kernel, device), shared by that kernel's launches, which run in stream order."""
 
 from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 
 _counters: dict[tuple[str, torch.device], torch.Tensor] = {}
 _outgrown: list[torch.Tensor] = []  # graphs captured with a smaller buffer still write into it
@@ -24,3 +25,19 @@ def split_counters(kernel: str, device: torch.device, count: int) -> torch.Tenso
         counters = torch.zeros(triton.next_power_of_2(count), dtype=torch.int32, device=device)
         _counters[(kernel, device)] = counters
     return counters
+
+
+@triton.jit
+def is_last_split(counter_ptr, num_splits):
+    """After the program has stored its partial results: whether it is the last of the num_splits
+    programs sharing counter_ptr to get here, the one to merge; that program resets the counter.
+    Ordering: every thread's stores, then a CTA barrier, then one thread's gpu-scope acq_rel
+    increment (release is cumulative: it publishes the whole program's stores); increments of one
+    counter are totally ordered, so the program that reads num_splits - 1 comes after every other
+    split's release, and its acquire reaches its other threads through the broadcast of the
+    atomic's result. Its merge should load the partials past L1 (.cg)."""
+    tl.debug_barrier()
+    is_last = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") == num_splits - 1
+    if is_last:
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
+    return is_last

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels.pdl import use_pdl, wait_for_previous_kernel
-from pdserve.kernels.split_counters import split_counters
+from pdserve.kernels.split_counters import is_last_split, split_counters
 from pdserve.kernels.w4_matmul import _EXP_2_23, _check, _weight
 from pdserve.kernels.w8_matmul import _num_sms
 
@@ -172,16 +172,8 @@ def _w4_gemv_kernel(
     if IS_SPLIT:  # fp32 partials [splits, M, N]; the last program of the tile adds them
         part = partial_ptr + (split * M + m0) * N + offs_n
         _store_rows(part, N, acc0, acc1, acc2, acc3, m0, M, offs_n, mask_n, BLOCK_M)
-        # Every thread's partial stores, a CTA barrier, then one thread's gpu-scope acq_rel
-        # increment (release is cumulative: it publishes the program's stores); the program that
-        # reads splits - 1 comes after every other split's release, and its acquire reaches its
-        # other threads through the broadcast of the atomic's result. It reads the partials past
-        # L1 (.cg) and resets the counter for the next launch (stream-ordered after this one).
-        tl.debug_barrier()
         num_splits = tl.num_programs(2)
-        counter = counters_ptr + pid_m * tl.num_programs(1) + pid_n
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+        if is_last_split(counters_ptr + pid_m * tl.num_programs(1) + pid_n, num_splits):
             out = out_ptr + m0 * stride_om + offs_n
             for i in tl.static_range(BLOCK_M):
                 is_row = mask_n & (m0 + i + 0 * offs_n < M)
@@ -448,8 +440,8 @@ def gemv_tile_sizes(
     whose registers grow with the tile: Llama-3-8B's AWQ step at 2 / 4 rows 3.20-3.29 / 4.74-4.84
     ms with 2 slices, 3.48 / 5.27 with 4), while 32-column tiles would leave fewer than 4 programs
     an SM (one row: qkv 38%, o_proj 35%, down 47%, against 25-33% at 32 columns without splits;
-    the step 2.466 ms against 2.568-2.578 with 2 slices); wider outputs take 32 columns and 8 slices, 256 weights a thread, which spreads
-    each iteration's fixed cost (barriers, addresses, scales and zeros) further (gate_up 58%
+    the step 2.466 ms against 2.568-2.578 with 2 slices); wider outputs take 32 columns and 8
+    slices, 256 weights a thread, which spreads each iteration's fixed cost (barriers, addresses, scales and zeros) further (gate_up 58%
     against 49% at 2 slices). K is split only while the column tiles fill less than one program an
     SM (a small model's projections): at Llama-3-8B's widths splitting was no faster (o_proj 4
     splits of 32 columns 27%, down 4 splits of 64 columns 47%)."""
