@@ -436,15 +436,18 @@ def gemv_tile_sizes(
     (H200, Llama-3-8B's projections, `bench.gemv --sweep --weights w4`, % of copy bandwidth).
 
     BLOCK_K8: the group's packed rows (16 for groups of 128), at most 16, else the largest power of
-    two dividing them. Columns: 16 a program, 4 slices side by side (2 for 2-4 rows a program,
-    whose registers grow with the tile: Llama-3-8B's AWQ step at 2 / 4 rows 3.20-3.29 / 4.74-4.84
-    ms with 2 slices, 3.48 / 5.27 with 4), while 32-column tiles would leave fewer than 4 programs
-    an SM (one row: qkv 38%, o_proj 35%, down 47%, against 25-33% at 32 columns without splits;
-    the step 2.466 ms against 2.568-2.578 with 2 slices); wider outputs take 32 columns and 8
-    slices, 256 weights a thread, which spreads each iteration's fixed cost (barriers, addresses, scales and zeros) further (gate_up 58%
-    against 49% at 2 slices). K is split only while the column tiles fill less than one program an
-    SM (a small model's projections): at Llama-3-8B's widths splitting was no faster (o_proj 4
-    splits of 32 columns 27%, down 4 splits of 64 columns 47%)."""
+    two dividing them.
+    - Narrow outputs (32-column tiles would give an SM fewer than 4 programs): 16 columns, 4 slices
+      side by side at one row, 2 at 2-4 rows, whose registers grow with the tile. One row: qkv 38%,
+      o_proj 35%, down 47%, against 25-33% at 32 columns; the AWQ step 2.466 ms against
+      2.568-2.578 with 2 slices. 2 / 4 rows: 3.20-3.29 / 4.74-4.84 ms with 2 slices, 3.48 / 5.27
+      with 4.
+    - Wide outputs: 32 columns and 8 slices, 256 weights a thread, which spreads each iteration's
+      fixed cost (barriers, addresses, scales and zeros) further: gate_up 58% against 49% at 2
+      slices.
+    - K is split only while the column tiles fill less than one program an SM (a small model's
+      projections): at Llama-3-8B's widths splitting was no faster (o_proj 4 splits of 32 columns
+      27%, down 4 splits of 64 columns 47%)."""
     num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 1
     group_k8 = group_size // 8
     block_k8 = min(16, group_k8 & -group_k8)
