@@ -52,6 +52,39 @@ def test_w4_matmul_matches_reference_and_naive_dequantization(m: int, k: int, n:
     torch.testing.assert_close(K.w4_matmul(x, qweight, scales, zeros, group_size), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("m,k,splits", [(5, 768, 3), (17, 896, 4), (70, 768, 2)])
+def test_w4_matmul_split_k_merges_partials_and_resets_counters(m: int, k: int, splits: int) -> None:
+    """K over several programs (6 or 7 tiles of 128 inputs: 3 splits of 2, 4 splits of 2, 2, 2, 1):
+    the last program of each output tile adds the fp32 partials and resets its counter, so a second
+    launch (a graph replay) merges again; the result matches the reference."""
+    from pdserve.kernels.split_counters import split_counters
+
+    torch.manual_seed(k + splits)
+    qweight, scales, zeros = random_w4(k, 72, 128)
+    x = torch.randn(m, k)
+    ref = K.w4_matmul_ref(x, qweight, scales, zeros, 128)
+    for _ in range(2):
+        got = K.w4_matmul(x, qweight, scales, zeros, 128, splits=splits)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        assert not split_counters("w4_matmul", x.device, 1).any()
+
+
+def test_w4_matmul_splits_k_where_column_tiles_leave_sms_idle() -> None:
+    """The decode rule (132 SMs): below 64 rows at least two programs an SM, at 64 rows at most two.
+    Llama-3-8B's o (4096 columns, 32 tiles of K) and down (112 tiles) split; q/k/v (6144 columns)
+    splits below 64 rows only; gate/up (28672 columns) and prefill rows do not."""
+    w4 = importlib.import_module("pdserve.kernels.w4_matmul")
+    with unittest.mock.patch.object(w4, "_num_sms", lambda index: 132):
+        cuda = torch.device("cuda", 0)
+        assert w4.tile_sizes(16, 4096, cuda, 32) == (16, 32, 4, 3, 3)
+        assert w4.tile_sizes(64, 4096, cuda, 112) == (64, 32, 4, 5, 2)
+        assert w4.tile_sizes(64, 6144, cuda, 32)[4] == 1
+        assert w4.tile_sizes(16, 6144, cuda, 32)[4] == 2
+        assert w4.tile_sizes(16, 28672, cuda, 32)[4] == 1
+        assert w4.tile_sizes(256, 4096, cuda, 32)[4] == 1
+        assert w4.tile_sizes(16, 4096, cuda, 4)[4] == 1  # too few tiles of K to split
+
+
 @pytest.mark.parametrize("m", [1, 5, 70])
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
 def test_w8_matmul_matches_reference_and_naive_dequantization(m: int, dtype: torch.dtype) -> None:
