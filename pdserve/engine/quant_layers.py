@@ -19,9 +19,12 @@ from pdserve.engine.quant_formats import (
     unpack_zeros,
 )
 from pdserve.kernels.pdl import use_pdl
-from pdserve.kernels.w4_gemv import MAX_ROWS as W4_GEMV_MAX_ROWS
 
 W8_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+# 4-bit weights: up to here the GEMV (kernels/w4_gemv.py, no tensor cores), above it w4_matmul. H200,
+# Llama-3-8B AWQ decode step: at 3 and 4 rows w4_matmul 4.16 / 4.19 ms against the GEMV's 4.85 ms; at
+# 2 rows the GEMV 3.21-3.30 ms (bench/runs/2026-12-03-h200-11/)
+W4_GEMV_MAX_ROWS = 2
 # up to here the GEMV (kernels/gemv.py): a decode step at 2 rows is 17% faster than with w8_matmul;
 # it repeats its unpacking per row, and by 4 rows w8_matmul is the faster (bench/gemv.py)
 W8_GEMV_MAX_ROWS = 2
