@@ -140,6 +140,13 @@ def sweep_table(copy: float, kinds: list[str], shape_prefix: str = "", top: int 
                     for bn, bg in ((16, 2), (16, 4), (16, 8), (32, 2), (32, 4), (32, 8), (64, 1), (64, 2), (64, 4))
                     for splits in (1, 2, 4)
                 ]
+                # more loads in flight a program (one-row o_proj: 11.7% achieved occupancy, RESULTS.md):
+                # deeper pipelines and 8 warps at the heuristic's tiles
+                grid += [
+                    (bn, 16, bg, warps, stages, 1)
+                    for bn, bg in ((16, 2), (16, 4), (32, 8))
+                    for warps, stages in ((4, 6), (4, 8), (8, 4), (8, 6))
+                ]
             else:
                 size = 2 if kind == "bf16" else 1
                 weights = []
