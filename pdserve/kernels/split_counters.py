@@ -41,3 +41,13 @@ def is_last_split(counter_ptr, num_splits):
     if is_last:
         tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
     return is_last
+
+
+@triton.jit
+def sum_of_splits(partial_ptrs, split_stride, num_splits, mask):
+    """For the program that `is_last_split` chose: the fp32 partials of every split, at partial_ptrs
+    + split * split_stride, added in split order (deterministic), read past L1."""
+    total = tl.zeros(partial_ptrs.shape, dtype=tl.float32)
+    for split in range(num_splits):
+        total += tl.load(partial_ptrs + split * split_stride, mask=mask, other=0.0, cache_modifier=".cg")
+    return total

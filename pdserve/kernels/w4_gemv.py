@@ -41,8 +41,8 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels.pdl import use_pdl, wait_for_previous_kernel
-from pdserve.kernels.split_counters import is_last_split, split_counters
-from pdserve.kernels.w4_matmul import _EXP_2_23, _check, _weight
+from pdserve.kernels.split_counters import is_last_split, split_counters, sum_of_splits
+from pdserve.kernels.w4_matmul import _EXP_2_23, _check, _weight, bf16x2_neg_zero
 from pdserve.kernels.w8_matmul import _num_sms
 
 MAX_ROWS = 4  # rows a program unrolls; more rows take more programs, each reading the weight again
@@ -158,7 +158,7 @@ def _w4_gemv_kernel(
         scale = tl.load(scales_ptr + groups * stride_sg + offs_n[None, None, :], mask=mask, other=0.0).to(tl.float32)
         zero = tl.load(zeros_ptr + groups * stride_zg + offs_n[None, None, :], mask=mask, other=0)
         if X_PAIRS == 1:  # bf16 x: bf16x2 arithmetic
-            neg_zero = (zero.to(tl.int32) | 0xC300) * 0x10001  # bf16x2 (-(128 + zero), -(128 + zero))
+            neg_zero = bf16x2_neg_zero(zero)
             p0, p1, p2, p3 = _bf16_dot8_rows(packed, neg_zero, x0, x1, x2, x3, rows, BLOCK_M, ASM)
         else:
             p0, p1, p2, p3 = _fp32_dot8_rows(packed, zero.to(tl.float32), x0, x1, x2, x3, rows, exp_2_23, BLOCK_M, X_PAIRS)
@@ -177,9 +177,7 @@ def _w4_gemv_kernel(
             out = out_ptr + m0 * stride_om + offs_n
             for i in tl.static_range(BLOCK_M):
                 is_row = mask_n & (m0 + i + 0 * offs_n < M)
-                total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-                for s in range(num_splits):
-                    total += tl.load(partial_ptr + (s * M + m0 + i) * N + offs_n, mask=is_row, other=0.0, cache_modifier=".cg")
+                total = sum_of_splits(partial_ptr + (m0 + i) * N + offs_n, M * N, num_splits, is_row)
                 tl.store(out + i * stride_om, total.to(out_ptr.dtype.element_ty), mask=is_row)
     else:
         _store_rows(out_ptr + m0 * stride_om + offs_n, stride_om, acc0, acc1, acc2, acc3, m0, M, offs_n, mask_n, BLOCK_M)

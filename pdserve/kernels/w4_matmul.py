@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.kernels.split_counters import is_last_split, split_counters
+from pdserve.kernels.split_counters import is_last_split, split_counters, sum_of_splits
 from pdserve.kernels.w8_matmul import _num_sms
 
 _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -76,7 +76,7 @@ def _w4_matmul_kernel(
         scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + t * 8 * BLOCK_K8 + offs_k[None, :], mask=mask_m[:, None], other=0.0)
         if BF16_PAIRS:  # bf16 x on a GPU: nibbles j and j + 4 as one bf16x2 (w4_gemv's unpacking)
-            neg_zero = tl.broadcast_to((zero.to(tl.int32) | 0xC300) * 0x10001, packed.shape)  # bf16x2 -(128 + zero)
+            neg_zero = tl.broadcast_to(bf16x2_neg_zero(zero), packed.shape)
             w0, w4 = _bf16_pair(packed, neg_zero, 0)
             w1, w5 = _bf16_pair(packed, neg_zero, 1)
             w2, w6 = _bf16_pair(packed, neg_zero, 2)
@@ -103,12 +103,17 @@ def _w4_matmul_kernel(
         tl.store(tile_partials + split * M * N, acc, mask=out_mask)
         num_splits = tl.num_programs(2)
         if is_last_split(counters_ptr + pid_m * tl.num_programs(0) + pid_n, num_splits):
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in range(num_splits):
-                total += tl.load(tile_partials + s * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
+            total = sum_of_splits(tile_partials, M * N, num_splits, out_mask)
             tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def bf16x2_neg_zero(zero):
+    """uint8 zero points -> int32 bits of the bf16 pair (-(128 + zero), -(128 + zero)), exact for
+    zeros below 128: what one bf16x2 FMA adds to the unpacked pair (128 + q) to make it q - zero."""
+    return (zero.to(tl.int32) | 0xC300) * 0x10001
 
 
 @triton.jit
