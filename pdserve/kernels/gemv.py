@@ -5,8 +5,9 @@ channel, stored [N, K] as nn.Linear stores it; an optional bias is added in the 
 Two kernels. One row (and fp8/int8 weights up to ELEMENTWISE_MAX_ROWS): no tensor cores; every
 program owns BLOCK_N outputs of one row, streams its [BLOCK_N, K] slab of the weight in
 [BLOCK_N, BLOCK_K] tiles with elementwise FMAs into a 2-D fp32 accumulator, and reduces it once at
-the end; row m is the fastest program id, so the M programs that read one slab run together and L2
-serves the repeats. Float weights of x's dtype from DOT_MIN_ROWS rows: `tl.dot` (tensor cores for
+the end (the tiles after the first loaded into registers as used, or, with num_stages > 1, through
+a cp.async pipeline in shared memory: 8-bit weights' wide projections); row m is the fastest
+program id, so the M programs that read one slab run together and L2 serves the repeats. Float weights of x's dtype from DOT_MIN_ROWS rows: `tl.dot` (tensor cores for
 16-bit weights; fp32 ones in full precision, no TF32), all rows of x (padded to 16) against each
 program's slab, read once. Within a model's PDL row limit (kernels/pdl.py) the kernels launch as
 dependents of the kernel before them; the one-row kernel reads its first weight tile before it
@@ -44,6 +45,7 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
     PDL: tl.constexpr,
 ):
     m = tl.program_id(0).to(tl.int64)
@@ -53,7 +55,8 @@ def _gemv_kernel(
     w = _weight_tile(w_ptr, offs_n, mask_n, 0, K, stride_wn, W_KIND, BLOCK_K)  # no kernel writes weights
     wait_for_previous_kernel(PDL)
     acc = w * _x_tile(x_row, 0, K, BLOCK_K)  # [BLOCK_N, BLOCK_K]
-    for k0 in range(BLOCK_K, K, BLOCK_K):
+    # num_stages on the loop itself: Triton pipelines loads that feed no tl.dot only when asked here
+    for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=NUM_STAGES):
         acc += _weight_tile(w_ptr, offs_n, mask_n, k0, K, stride_wn, W_KIND, BLOCK_K) * _x_tile(x_row, k0, K, BLOCK_K)
     out = tl.sum(acc, axis=1)
     if HAS_SCALE:
@@ -208,6 +211,7 @@ def gemv(
         HAS_BIAS=bias is not None,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        NUM_STAGES=num_stages,
         PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
@@ -220,21 +224,27 @@ def gemv_tile_sizes(n: int, k: int, element_size: int) -> tuple[int, int, int, i
     """(BLOCK_N, BLOCK_K, num_warps, num_stages), from a sweep on an H200 of 32 one-row GEMVs of one
     shape launched back to back as dependents, as a decode step runs them (Llama-3-8B, Qwen2.5-0.5B
     and -7B shapes, bf16 and fp8; bench/runs/2026-12-02-h200-4/chain-sweep*.txt):
-    - narrow outputs (o, down; q/k/v of small models): 4 output rows a program, 1024 inputs a row, 4
-      stages; 78 -> 91% of copy bandwidth on Llama-3-8B's o_proj, 31 -> 43% on Qwen2.5-0.5B's down;
+    - narrow outputs (o, down; q/k/v of small models): 4 output rows a program, 1024 inputs a row;
+      78 -> 91% of copy bandwidth on Llama-3-8B's o_proj, 31 -> 43% on Qwen2.5-0.5B's down;
     - fewer than 2048 outputs of more than 2048 inputs (a small model's down), 16-bit weights: 2 rows
       of 2048 inputs, 8 warps, twice the programs; Qwen2.5-0.5B's down 43 -> 56%, 4.8 -> 3.7 us
       (bench/runs/2026-12-02-h200-6/qsweep.txt; its q/k/v and o, 896 inputs, kept the rule above);
     - up to 8192 (q/k/v): 16 rows of 512 inputs, 8 warps; 74 -> 92% on Llama-3-8B's (fp8 47 -> 67%);
     - wider (gate/up, LM heads): 8 rows of 512 bytes, the rule before, within 0-7 points of the best.
-    Within these classes the inputs' length did not change the best tiles."""
-    if n < 2048 and k > 2048 and element_size == 2:
-        return 2, 2048, 8, 3
+    Within these classes the inputs' length did not change the best tiles.
+    Stages (cp.async into shared memory; 1: none, each tile loaded into registers as it is used),
+    from the stage sweep of bench/runs/2026-12-03-h200-12/stages.txt: 16-bit weights 1 everywhere
+    (3-6 stages cost Llama-3-8B's o and down 7-25 points); 8-bit weights 3 on q/k/v and gate/up
+    (fp8 gate/up 82.8 -> 88.1%, q/k/v 68.7 -> 70.9%, int8 q/k/v 54.0 -> 61.9%) and on a small
+    model's down (fp8, 4: 23.6 -> 28.4%), 1 on Llama-3-8B's o and down (3 stages: fp8 o 65.5 ->
+    49.7%, down 85.3 -> 69.0%)."""
+    if n < 2048 and k > 2048 and element_size < 4:
+        return (2, 2048, 8, 1) if element_size == 2 else (4, 1024, 4, 4)
     if n <= 4096:
-        return 4, 1024, 4, 4
+        return 4, 1024, 4, 1
     if n <= 8192:
-        return 16, 512, 8, 3
-    return 8, 512 // element_size, 4, 3
+        return 16, 512, 8, 1 if element_size > 1 else 3
+    return 8, 512 // element_size, 4, 1 if element_size > 1 else 3
 
 
 def dot_tile_sizes(n: int, element_size: int) -> tuple[int, int, int, int]:
