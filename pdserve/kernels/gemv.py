@@ -7,11 +7,12 @@ program owns BLOCK_N outputs of one row, streams its [BLOCK_N, K] slab of the we
 [BLOCK_N, BLOCK_K] tiles with elementwise FMAs into a 2-D fp32 accumulator, and reduces it once at
 the end (the tiles after the first loaded into registers as used, or, with num_stages > 1, through
 a cp.async pipeline in shared memory: 8-bit weights' wide projections); row m is the fastest
-program id, so the M programs that read one slab run together and L2 serves the repeats. Float weights of x's dtype from DOT_MIN_ROWS rows: `tl.dot` (tensor cores for
-16-bit weights; fp32 ones in full precision, no TF32), all rows of x (padded to 16) against each
-program's slab, read once. Within a model's PDL row limit (kernels/pdl.py) the kernels launch as
-dependents of the kernel before them; the one-row kernel reads its first weight tile before it
-waits for the kernel that wrote x."""
+program id, so the M programs that read one slab run together and L2 serves the repeats. Float
+weights of x's dtype from DOT_MIN_ROWS rows: `tl.dot` (tensor cores for 16-bit weights; fp32 ones in
+full precision, no TF32), all rows of x (padded to 16) against each program's slab, read once.
+Within a model's PDL row limit (kernels/pdl.py) the kernels launch as dependents of the kernel
+before them; the one-row kernel reads its first weight tile before it waits for the kernel that
+wrote x."""
 
 from __future__ import annotations
 
