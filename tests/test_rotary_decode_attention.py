@@ -69,7 +69,7 @@ def _two_calls(s, store):
     return out, kc, vc
 
 
-def _check(s, launch):
+def _check(s, launch, early_tile=None):
     is_fp8 = s["k_cache"].dtype == FP8_DTYPE
     ref, kc_ref, vc_ref = _two_calls(s, rotary_store_kv if IS_INTERPRETED and is_fp8 else rotary_store_kv_ref)
     _, kc_kernel, vc_kernel = _two_calls(s, rotary_store_kv)
@@ -77,7 +77,7 @@ def _check(s, launch):
     out = torch.full(s["q"].shape, float("nan"), dtype=s["q"].dtype, device=DEVICE)
     args = [s[n] for n in ("positions", "q", "k", "v", "cos_sin_cache", "k_cache", "v_cache", "slot_mapping")]
     args += [s["block_tables"], s["context_lens"], s["scale"], out, s["k_scale"], s["v_scale"]]
-    fused.rotary_decode_attention(*args, launch=launch)
+    fused.rotary_decode_attention(*args, launch=launch, early_tile=early_tile)
     err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
     assert err < TOLERANCE[s["q"].dtype], err
     assert torch.equal(out[s["context_lens"] == 0], torch.zeros_like(out[s["context_lens"] == 0]))
@@ -96,19 +96,37 @@ LAUNCHES = {
 }
 
 
+EARLY_TILE = pytest.mark.parametrize("early_tile", [False, True], ids=["tiles-after-wait", "first-tile-early"])
+
+
+@EARLY_TILE
 @pytest.mark.parametrize("launch", LAUNCHES.values(), ids=LAUNCHES.keys())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize(("h", "kvh", "d"), [(4, 4, 64), (8, 2, 128), (16, 2, 64), (28, 4, 64)])
-def test_equals_two_calls(h, kvh, d, dtype, launch):
+def test_equals_two_calls(h, kvh, d, dtype, launch, early_tile):
     torch.manual_seed(0)
-    _check(_step(h, kvh, d, CONTEXT_LENS, dtype), launch)
+    _check(_step(h, kvh, d, CONTEXT_LENS, dtype), launch, early_tile)
 
 
+@EARLY_TILE
 @pytest.mark.parametrize("launch", LAUNCHES.values(), ids=LAUNCHES.keys())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_fp8_cache(dtype, launch):
+def test_fp8_cache(dtype, launch, early_tile):
     torch.manual_seed(0)
-    _check(_step(8, 2, 64, CONTEXT_LENS, dtype, FP8_DTYPE), launch)
+    _check(_step(8, 2, 64, CONTEXT_LENS, dtype, FP8_DTYPE), launch, early_tile)
+
+
+@EARLY_TILE
+@pytest.mark.parametrize("launch", LAUNCHES.values(), ids=LAUNCHES.keys())
+def test_unstored_token_is_read_from_the_cache(launch, early_tile):
+    """A negative slot stores nothing: the attention reads position context_len - 1 from the cache,
+    as rotary_store_kv then paged_decode_attention would, whichever tile and split holds it."""
+    torch.manual_seed(0)
+    s = _step(8, 2, 64, CONTEXT_LENS, torch.float32)
+    s["slot_mapping"][[0, 3, 4]] = -1  # lengths 33, 1 and 65
+    cache_before = s["k_cache"].clone()
+    _check(s, launch, early_tile)
+    assert not torch.equal(s["k_cache"], cache_before)  # the other rows still stored theirs
 
 
 def test_counters_zero_again():

@@ -40,7 +40,13 @@ def quantize_kv(x, inv_scale, cache_ptr, IS_FP8: tl.constexpr):
 def load_kv_tile(cache_ptr, offsets, mask, COMPUTE_DTYPE: tl.constexpr, IS_FP8: tl.constexpr):
     """One tile of K or V from the paged cache in the attention's compute dtype (masked entries
     read 0). fp8: the codes, converted exactly; the caller applies the layer's scale per row."""
-    tile = tl.load(cache_ptr + offsets, mask=mask, other=0.0)
+    return widen_kv(tl.load(cache_ptr + offsets, mask=mask, other=0.0), COMPUTE_DTYPE, IS_FP8)
+
+
+@triton.jit
+def widen_kv(tile, COMPUTE_DTYPE: tl.constexpr, IS_FP8: tl.constexpr):
+    """Cache values as loaded, in the attention's compute dtype (`load_kv_tile`'s conversion, for a
+    kernel that holds a tile as stored for a while first)."""
     if IS_FP8:  # one return statement: Triton requires every return of a function to have one type
         tile = tile.to(COMPUTE_DTYPE)
     return tile

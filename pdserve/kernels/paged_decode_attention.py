@@ -71,11 +71,14 @@ def _split_kernel(
     q_offsets = seq.to(tl.int64) * stride_q_seq + heads[:, None] * stride_q_head + offs_d[None, :]
     q = tl.load(q_ptr + q_offsets, mask=head_mask, other=0.0)  # [GROUP_PAD, HEAD_DIM_PAD]
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
+    q, qk_scale = scale_decode_q(q, scale_log2e, k_scale, IS_FP8, COMPUTE_DTYPE)
+    acc, m_i, l_i = start_softmax(GROUP_PAD, HEAD_DIM_PAD)
     acc, m_i, l_i = attend_range(
-        q, k_cache_ptr, v_cache_ptr, table_row, kv_head * stride_cache_head, start, end, scale_log2e, k_scale,
-        v_scale, stride_cache_block, stride_cache_token, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE,
-        TILE_TOKENS, DOT_PRECISION, IS_FP8, COMPUTE_DTYPE,
+        q, qk_scale, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row, kv_head * stride_cache_head, start, end,
+        stride_cache_block, stride_cache_token, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, TILE_TOKENS, DOT_PRECISION,
+        IS_FP8, COMPUTE_DTYPE,
     )  # fmt: skip
+    acc = normalize_split(acc, l_i, v_scale, IS_FP8)
     store_split_result(
         acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, seq, kv_head, split, num_splits,
         stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, IS_SINGLE_SPLIT,
@@ -83,20 +86,56 @@ def _split_kernel(
 
 
 @triton.jit
+def scale_decode_q(q, scale_log2e, k_scale, IS_FP8: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """A GQA group's queries [GROUP_PAD, HEAD_DIM_PAD] (rotated, q's dtype) as the tiles take them,
+    and the scale of their scores (log2 domain). fp8 caches: K's dequantization folded into the score
+    scale; q pre-scaled (clamped to fp16's range, which |q * scale| stays far inside) and cast to the
+    compute dtype, fp16 for 16-bit models: e4m3 codes widen to fp16 in one instruction per pair, to
+    bf16 only through fp32."""
+    if IS_FP8:
+        q = tl.minimum(tl.maximum(q.to(tl.float32) * scale_log2e, -65504.0), 65504.0).to(COMPUTE_DTYPE)
+        return q, k_scale
+    return q, scale_log2e
+
+
+@triton.jit
+def start_softmax(GROUP_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """The online softmax before any tile: (acc, running max m_i, running sum l_i), log2 domain."""
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)  # sum of exp2(score - m_i)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def attend_tile(q, qk_scale, acc, m_i, l_i, k, v, is_token, DOT_PRECISION: tl.constexpr):
+    """One tile of K and V [TILE_TOKENS, HEAD_DIM_PAD] (compute dtype; is_token: its real tokens, at
+    least one) folded into the online softmax (acc, running max m_i, running sum l_i)."""
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    scores = tl.where(is_token[None, :], scores, float("-inf"))  # [GROUP_PAD, TILE_TOKENS]
+    m_new = tl.maximum(m_i, tl.max(scores, 1))  # finite: the tile holds a token
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def attend_range(
-    q,  # [GROUP_PAD, HEAD_DIM_PAD]: one GQA group's queries (rotated), q's dtype
+    q,  # from scale_decode_q
+    qk_scale,
+    acc,  # [GROUP_PAD, HEAD_DIM_PAD] fp32: the online softmax so far (zeros, -inf, zeros before any tile)
+    m_i,
+    l_i,
     k_cache_ptr,
     v_cache_ptr,
     table_row,  # the sequence's block table row
     head_offset,  # kv_head * stride_cache_head
     start,
     end,
-    scale_log2e,
-    k_scale,
-    v_scale,
     stride_cache_block,
     stride_cache_token,
-    GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -105,21 +144,10 @@ def attend_range(
     IS_FP8: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
-    """Attention of the group's queries over cache positions [start, end) (online softmax, log2
-    domain): (acc normalized and V-dequantized, running max m_i, running sum l_i). Shared by the
-    decode kernels (this file's and `rotary_decode_attention`'s)."""
+    """The group's attention over cache positions [start, end), tile by tile, added to (acc, m_i,
+    l_i). Shared by the decode kernels (this file's and `rotary_decode_attention`'s)."""
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_n = tl.arange(0, TILE_TOKENS)
-    qk_scale = scale_log2e
-    if IS_FP8:
-        # K's dequantization folded into the score scale; q pre-scaled (clamped to fp16's range, which
-        # |q * scale| stays far inside) and cast to the compute dtype, fp16 for 16-bit models: e4m3
-        # codes widen to fp16 in one instruction per pair, to bf16 only through fp32
-        q = tl.minimum(tl.maximum(q.to(tl.float32) * scale_log2e, -65504.0), 65504.0).to(COMPUTE_DTYPE)
-        qk_scale = k_scale
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)  # running max, log2 domain
-    l_i = tl.zeros([GROUP_PAD], tl.float32)  # running sum of exp2(score - m_i)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
     head_offsets = head_offset + offs_d
     for tile_start in range(start, end, TILE_TOKENS):
         positions = tile_start + offs_n
@@ -131,20 +159,18 @@ def attend_range(
         # [TILE_TOKENS, HEAD_DIM_PAD] in the compute dtype (fp8 caches dequantized here)
         k = load_kv_tile(k_cache_ptr, kv_offsets, kv_mask, COMPUTE_DTYPE, IS_FP8)
         v = load_kv_tile(v_cache_ptr, kv_offsets, kv_mask, COMPUTE_DTYPE, IS_FP8)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        scores = tl.where(is_token[None, :], scores, float("-inf"))  # [GROUP_PAD, TILE_TOKENS]
-        # Every tile holds at least one real token, so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-    # An empty split (or a context_len-0 row) has l_i == 0 and acc == 0: it gives zeros.
+        acc, m_i, l_i = attend_tile(q, qk_scale, acc, m_i, l_i, k, v, is_token, DOT_PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def normalize_split(acc, l_i, v_scale, IS_FP8: tl.constexpr):
+    """A split's output: acc over its softmax sum, V dequantized (fp8: every split alike, so the
+    merge is unchanged). An empty split (or a context_len-0 row), l_i == 0 and acc == 0, gives zeros."""
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if IS_FP8:
-        acc = acc * v_scale  # V's dequantization: every split alike, so the merge is unchanged
-    return acc, m_i, l_i
+        acc = acc * v_scale
+    return acc
 
 
 @triton.jit

@@ -1,10 +1,19 @@
 """A decode step's rotary + KV store + split-KV attention in one launch (`rotary_store_kv` then
 `paged_decode_attention`, which take three): every program rotates its GQA group's q in registers;
 the split that holds the new token rotates its k, stores k and v at its slot and then runs the split
-loop unchanged, which reads the slot back; the last split of a (sequence, KV head) to finish merges
-the splits' partial results (an atomic counter per pair, reset by that program). On an H200 at
+loop, which reads the slot back; the last split of a (sequence, KV head) to finish merges the
+splits' partial results (an atomic counter per pair, reset by that program). On an H200 at
 Llama-3-8B sizes it takes 6.9 us per layer at batch 1, context 1024, where the three launches took
-9.8 (`bench/runs/2026-12-01-h200-async/fused-attention.txt`)."""
+9.8 (`bench/runs/2026-12-01-h200-async/fused-attention.txt`).
+
+Where the kernel launches with PDL and the cache is 16-bit (EARLY_TILE), each split reads its first
+tile of K and V before waiting for the kernel that wrote q, k and v: the block table and the tokens
+below the new one, which no kernel of the step writes. The new token's k and v are patched into that
+tile from registers, and splits past a short context end at once (the last active split merges; a
+lone one writes the output). H200, batch 1: Qwen2.5-0.5B's step -4.2%, Llama-3-8B's -1.0%, its fp8
+weights' -2.2% (`bench/runs/2026-12-04-h200-15/`). Elsewhere the kernel is the plain one: without a
+wait to overlap the early tile only holds registers (Llama-3-8B batch 64 +7%), and on fp8 caches
+every variant tried was 1-4% slower at batch 1 (`bench/runs/2026-12-04-h200-14/`)."""
 
 from __future__ import annotations
 
@@ -14,13 +23,17 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.kernels.kv_quant import FP8_DTYPE, kv_compute_dtype, quantize_kv
+from pdserve.kernels.kv_quant import FP8_DTYPE, kv_compute_dtype, quantize_kv, widen_kv
 from pdserve.kernels.kv_store import check_kv_store_inputs
 from pdserve.kernels.paged_decode_attention import (
     DecodeLaunch,
     attend_range,
+    attend_tile,
     check_paged_inputs,
     launch_for,
+    normalize_split,
+    scale_decode_q,
+    start_softmax,
     store_split_result,
 )
 from pdserve.kernels.pdl import use_pdl, wait_for_previous_kernel
@@ -43,6 +56,7 @@ def _merge_group(
     stride_out_head,
     first_row,
     num_splits,
+    num_active,
     GROUP_SIZE: tl.constexpr,
     GROUP_P2: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -50,9 +64,9 @@ def _merge_group(
     SPLITS_PAD: tl.constexpr,
     SPLITS_CHUNK: tl.constexpr,
 ):
-    """All GROUP_SIZE heads of one (seq, kv_head) at once from their splits' partials (head g, split
-    s at row first_row + g * num_splits + s), SPLITS_CHUNK splits at a time (~32 fp32 per thread).
-    Loads are .cg: the other programs' stores are in L2, never in this SM's L1."""
+    """All GROUP_SIZE heads of one (seq, kv_head) at once from their first num_active splits'
+    partials (head g, split s at row first_row + g * num_splits + s), SPLITS_CHUNK splits at a time
+    (~32 fp32 per thread). Loads are .cg: the other programs' stores are in L2, never in this SM's L1."""
     offs_g = tl.arange(0, GROUP_P2)[:, None, None]
     offs_s = tl.arange(0, SPLITS_CHUNK)[None, :, None]
     offs_d = tl.arange(0, HEAD_DIM_PAD)[None, None, :]
@@ -60,16 +74,16 @@ def _merge_group(
     rows = first_row + offs_g * num_splits + offs_s  # [GROUP_P2, SPLITS_CHUNK, 1]
     lse_max = tl.full([GROUP_P2, 1, 1], float("-inf"), tl.float32)
     for c in tl.static_range(SPLITS_PAD // SPLITS_CHUNK):
-        is_split = is_head & (c * SPLITS_CHUNK + offs_s < num_splits)
+        is_split = is_head & (c * SPLITS_CHUNK + offs_s < num_active)
         lse = tl.load(partial_lse_ptr + rows + c * SPLITS_CHUNK, mask=is_split, other=float("-inf"), cache_modifier=".cg")
         lse_max = tl.maximum(lse_max, tl.max(lse, 1, keep_dims=True))
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # all splits empty: context_len 0
     acc = tl.zeros([GROUP_P2, 1, HEAD_DIM_PAD], tl.float32)
     total = tl.zeros([GROUP_P2, 1, 1], tl.float32)
     for c in tl.static_range(SPLITS_PAD // SPLITS_CHUNK):
-        is_split = is_head & (c * SPLITS_CHUNK + offs_s < num_splits)
+        is_split = is_head & (c * SPLITS_CHUNK + offs_s < num_active)
         lse = tl.load(partial_lse_ptr + rows + c * SPLITS_CHUNK, mask=is_split, other=float("-inf"), cache_modifier=".cg")
-        weights = tl.exp2(lse - lse_max)  # 0 for empty splits
+        weights = tl.exp2(lse - lse_max)  # 0 for empty splits and those past num_active
         mask = is_split & (offs_d < HEAD_DIM)
         ptrs = partial_out_ptr + (rows + c * SPLITS_CHUNK) * HEAD_DIM + offs_d
         partial = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
@@ -78,6 +92,65 @@ def _merge_group(
     result = acc / tl.where(total > 0, total, 1.0)
     out_ptrs = out_row + offs_g * stride_out_head + offs_d
     tl.store(out_ptrs, result.to(out_row.dtype.element_ty), mask=is_head & (offs_d < HEAD_DIM))
+
+
+@triton.jit
+def _rotated_q(
+    q_ptr, cos_sin_row, seq, kv_head, stride_q_seq, stride_q_head, GROUP_SIZE: tl.constexpr,
+    GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+):  # fmt: skip
+    """The GQA group's q [GROUP_PAD, HEAD_DIM_PAD], rotated in its load layout: column d pairs with
+    d +- half (offs_pair); cos and sin are loaded broadcast over the heads in that layout, which needs
+    no layout conversion."""
+    half = HEAD_DIM // 2
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    heads = kv_head * GROUP_SIZE + offs_g
+    head_mask = (offs_g < GROUP_SIZE)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    offs_pair = (offs_d % half)[None, :]
+    q_ptrs = q_ptr + seq.to(tl.int64) * stride_q_seq + heads[:, None] * stride_q_head + offs_pair
+    cs_ptrs = cos_sin_row + offs_pair + offs_g[:, None] * 0
+    q1, q2 = _rotate_pair(
+        tl.load(q_ptrs, mask=head_mask, other=0.0).to(tl.float32),
+        tl.load(q_ptrs + half, mask=head_mask, other=0.0).to(tl.float32),
+        tl.load(cs_ptrs, mask=head_mask, other=0.0),
+        tl.load(cs_ptrs + half, mask=head_mask, other=0.0),
+    )
+    return tl.where((offs_d < half)[None, :], q1, q2).to(q_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _store_partial_and_merge(
+    acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, counters_ptr, seq, kv_head, split, num_splits,
+    num_active, stride_out_seq, stride_out_head, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
+    GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    SPLITS_CHUNK: tl.constexpr,
+):  # fmt: skip
+    """A split's partial result stored; the last of the (seq, kv_head)'s num_active splits to get here
+    merges them."""
+    store_split_result(
+        acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, seq, kv_head, split, num_splits,
+        stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, False,
+    )  # fmt: skip
+    group_first_row = (seq.to(tl.int64) * tl.num_programs(0) + kv_head) * GROUP_SIZE * num_splits
+    counter = counters_ptr + seq * tl.num_programs(0) + kv_head
+    if is_last_split(counter, num_active):  # the last program of this (seq, kv_head) merges
+        out_row = out_ptr + seq.to(tl.int64) * stride_out_seq + kv_head * GROUP_SIZE * stride_out_head
+        _merge_group(
+            partial_out_ptr,
+            partial_lse_ptr,
+            out_row,
+            stride_out_head,
+            group_first_row,
+            num_splits,
+            num_active,
+            GROUP_SIZE,
+            GROUP_P2,
+            HEAD_DIM,
+            HEAD_DIM_PAD,
+            SPLITS_PAD,
+            SPLITS_CHUNK,
+        )
 
 
 @triton.jit
@@ -130,95 +203,146 @@ def _rotary_split_kernel(
     IS_FP8: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     PDL: tl.constexpr,
+    EARLY_TILE: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
     seq = tl.program_id(1)
     split = tl.program_id(2)
-    # the step's inputs (lengths, positions, slots) and the cos/sin table: no kernel of the step
-    # writes them, so they are read before waiting for the kernel that wrote q, k and v
+    # the step's inputs (lengths, positions, slots), the cos/sin table and, at EARLY_TILE, the block
+    # table and the cache below the new token: no kernel of the step writes them, so they are read
+    # before waiting for the kernel that wrote q, k and v
     context_len = tl.load(context_lens_ptr + seq)
     cos_sin_row = cos_sin_ptr + tl.load(positions_ptr + seq) * stride_cos_sin
     tokens_per_split = tl.cdiv(tl.cdiv(context_len, num_splits), TILE_TOKENS) * TILE_TOKENS
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, context_len)
     half = HEAD_DIM // 2
+    if EARLY_TILE:
+        table_row = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
+        # The splits that hold tokens (split 0 alone for a context_len-0 row): the launch fixes the
+        # split count from shapes, a short context leaves the last ones empty; they end here.
+        num_active = tl.where(context_len > 0, tl.cdiv(context_len, tl.maximum(tokens_per_split, 1)), 1)
+        if split >= num_active:
+            return
+        # The split's first tile, but for the new token, while the kernel before runs; as stored (fp8:
+        # the codes, half the registers of their fp16 while they wait). The new token's k and v come
+        # from registers, in the tile's layout: its k is rotated on whole rows, as q is.
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        is_dim = offs_d < HEAD_DIM
+        offs_pair = offs_d % half
+        cos = tl.load(cos_sin_row + offs_pair, mask=is_dim, other=0.0)
+        sin = tl.load(cos_sin_row + half + offs_pair, mask=is_dim, other=0.0)
+        slot = tl.load(slot_mapping_ptr + seq)
+        new_pos = tl.where(slot >= 0, context_len - 1, -1)  # the new token's position, if stored here
+        head_offsets = kv_head * stride_cache_head + offs_d
+        first_positions = start + tl.arange(0, TILE_TOKENS)
+        first_is_token = first_positions < end
+        block_ids = tl.load(table_row + first_positions // BLOCK_SIZE, mask=first_is_token, other=0).to(tl.int64)
+        token_offsets = block_ids * stride_cache_block + (first_positions % BLOCK_SIZE) * stride_cache_token
+        kv_offsets = token_offsets[:, None] + head_offsets[None, :]
+        kv_mask = (first_is_token & (first_positions != new_pos))[:, None] & is_dim[None, :]
+        first_k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        first_v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        wait_for_previous_kernel(PDL)
 
-    # The new token: the split holding position context_len - 1 stores its k (rotated) and v, as
-    # rotary_store_kv does, before its loop reads that slot back (the barrier orders the stores
-    # before the other threads' async copies). Every program loads, one stores: all loads come
-    # before the stores, which the compiler may not hoist a load above (the pointers may alias).
-    offs_r = tl.arange(0, HALF_PAD)
-    is_half = offs_r < half
-    cos = tl.load(cos_sin_row + offs_r, mask=is_half, other=0.0)
-    sin = tl.load(cos_sin_row + half + offs_r, mask=is_half, other=0.0)
-    slot = tl.load(slot_mapping_ptr + seq)
-    wait_for_previous_kernel(PDL)
-    k_row = k_ptr + seq.to(tl.int64) * stride_k_seq + kv_head * stride_k_head + offs_r
-    v_row = v_ptr + seq.to(tl.int64) * stride_v_seq + kv_head * stride_v_head + offs_r
-    k1 = tl.load(k_row, mask=is_half, other=0.0).to(tl.float32)
-    k2 = tl.load(k_row + half, mask=is_half, other=0.0).to(tl.float32)
-    v1 = tl.load(v_row, mask=is_half, other=0.0)
-    v2 = tl.load(v_row + half, mask=is_half, other=0.0)
+        q = _rotated_q(
+            q_ptr, cos_sin_row, seq, kv_head, stride_q_seq, stride_q_head, GROUP_SIZE, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD
+        )
+        # the new token: all loads before the stores, as below
+        k_row = k_ptr + seq.to(tl.int64) * stride_k_seq + kv_head * stride_k_head
+        k1, k2 = _rotate_pair(
+            tl.load(k_row + offs_pair, mask=is_dim, other=0.0).to(tl.float32),
+            tl.load(k_row + half + offs_pair, mask=is_dim, other=0.0).to(tl.float32),
+            cos,
+            sin,
+        )
+        v_new = tl.load(v_ptr + seq.to(tl.int64) * stride_v_seq + kv_head * stride_v_head + offs_d, mask=is_dim, other=0.0)
+        k_code = quantize_kv(tl.where(offs_d < half, k1, k2).to(k_ptr.dtype.element_ty), k_inv_scale, k_cache_ptr, IS_FP8)
+        v_code = quantize_kv(v_new, v_inv_scale, v_cache_ptr, IS_FP8)
+        is_stored = (start <= new_pos) & (new_pos < end)
+        slot_offset = (slot // BLOCK_SIZE) * stride_cache_block + (slot % BLOCK_SIZE) * stride_cache_token
+        store_mask = offs_d < tl.where(is_stored, HEAD_DIM, 0)
+        tl.store(k_cache_ptr + slot_offset + head_offsets, k_code, mask=store_mask)
+        tl.store(v_cache_ptr + slot_offset + head_offsets, v_code, mask=store_mask)
+        tl.debug_barrier()  # the stores before any thread's (async) load of the slot below
 
-    # q rotated in its load layout: column d pairs with d +- half (offs_pair); cos and sin are
-    # loaded broadcast over the heads in that layout, which needs no layout conversion
-    offs_g = tl.arange(0, GROUP_PAD)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    heads = kv_head * GROUP_SIZE + offs_g
-    head_mask = (offs_g < GROUP_SIZE)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    offs_pair = (offs_d % half)[None, :]
-    q_ptrs = q_ptr + seq.to(tl.int64) * stride_q_seq + heads[:, None] * stride_q_head + offs_pair
-    cs_ptrs = cos_sin_row + offs_pair + offs_g[:, None] * 0
-    q1, q2 = _rotate_pair(
-        tl.load(q_ptrs, mask=head_mask, other=0.0).to(tl.float32),
-        tl.load(q_ptrs + half, mask=head_mask, other=0.0).to(tl.float32),
-        tl.load(cs_ptrs, mask=head_mask, other=0.0),
-        tl.load(cs_ptrs + half, mask=head_mask, other=0.0),
-    )
-    q = tl.where((offs_d < half)[None, :], q1, q2).to(q_ptr.dtype.element_ty)  # [GROUP_PAD, HEAD_DIM_PAD]
+        q, qk_scale = scale_decode_q(q, scale_log2e, k_scale, IS_FP8, COMPUTE_DTYPE)
+        acc, m_i, l_i = start_softmax(GROUP_PAD, HEAD_DIM_PAD)
+        if start < end:  # the first tile, the new token patched in
+            is_new = (first_positions == new_pos)[:, None]
+            k = widen_kv(tl.where(is_new, k_code[None, :], first_k), COMPUTE_DTYPE, IS_FP8)
+            v = widen_kv(tl.where(is_new, v_code[None, :], first_v), COMPUTE_DTYPE, IS_FP8)
+            acc, m_i, l_i = attend_tile(q, qk_scale, acc, m_i, l_i, k, v, first_is_token, DOT_PRECISION)
+        loop_start = start + TILE_TOKENS
+    else:
+        num_active = num_splits
+        # The new token: the split holding position context_len - 1 stores its k (rotated) and v, as
+        # rotary_store_kv does, before its loop reads that slot back (the barrier orders the stores
+        # before the other threads' async copies). Every program loads, one stores: all loads come
+        # before the stores, which the compiler may not hoist a load above (the pointers may alias).
+        offs_r = tl.arange(0, HALF_PAD)
+        is_half = offs_r < half
+        cos = tl.load(cos_sin_row + offs_r, mask=is_half, other=0.0)
+        sin = tl.load(cos_sin_row + half + offs_r, mask=is_half, other=0.0)
+        slot = tl.load(slot_mapping_ptr + seq)
+        wait_for_previous_kernel(PDL)
+        k_row = k_ptr + seq.to(tl.int64) * stride_k_seq + kv_head * stride_k_head + offs_r
+        v_row = v_ptr + seq.to(tl.int64) * stride_v_seq + kv_head * stride_v_head + offs_r
+        k1 = tl.load(k_row, mask=is_half, other=0.0).to(tl.float32)
+        k2 = tl.load(k_row + half, mask=is_half, other=0.0).to(tl.float32)
+        v1 = tl.load(v_row, mask=is_half, other=0.0)
+        v2 = tl.load(v_row + half, mask=is_half, other=0.0)
+        q = _rotated_q(
+            q_ptr, cos_sin_row, seq, kv_head, stride_q_seq, stride_q_head, GROUP_SIZE, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD
+        )
 
-    k1, k2 = _rotate_pair(k1, k2, cos, sin)
-    is_stored = (start <= context_len - 1) & (context_len - 1 < end) & (slot >= 0)
-    slot_offset = (slot // BLOCK_SIZE) * stride_cache_block + (slot % BLOCK_SIZE) * stride_cache_token
-    k_slot = k_cache_ptr + slot_offset + kv_head * stride_cache_head + offs_r
-    v_slot = v_cache_ptr + slot_offset + kv_head * stride_cache_head + offs_r
-    store_mask = offs_r < tl.where(is_stored, half, 0)
-    k_dtype = k_ptr.dtype.element_ty
-    tl.store(k_slot, quantize_kv(k1.to(k_dtype), k_inv_scale, k_cache_ptr, IS_FP8), mask=store_mask)
-    tl.store(k_slot + half, quantize_kv(k2.to(k_dtype), k_inv_scale, k_cache_ptr, IS_FP8), mask=store_mask)
-    tl.store(v_slot, quantize_kv(v1, v_inv_scale, v_cache_ptr, IS_FP8), mask=store_mask)
-    tl.store(v_slot + half, quantize_kv(v2, v_inv_scale, v_cache_ptr, IS_FP8), mask=store_mask)
-    tl.debug_barrier()
+        k1, k2 = _rotate_pair(k1, k2, cos, sin)
+        is_stored = (start <= context_len - 1) & (context_len - 1 < end) & (slot >= 0)
+        slot_offset = (slot // BLOCK_SIZE) * stride_cache_block + (slot % BLOCK_SIZE) * stride_cache_token
+        k_slot = k_cache_ptr + slot_offset + kv_head * stride_cache_head + offs_r
+        v_slot = v_cache_ptr + slot_offset + kv_head * stride_cache_head + offs_r
+        store_mask = offs_r < tl.where(is_stored, half, 0)
+        k_dtype = k_ptr.dtype.element_ty
+        tl.store(k_slot, quantize_kv(k1.to(k_dtype), k_inv_scale, k_cache_ptr, IS_FP8), mask=store_mask)
+        tl.store(k_slot + half, quantize_kv(k2.to(k_dtype), k_inv_scale, k_cache_ptr, IS_FP8), mask=store_mask)
+        tl.store(v_slot, quantize_kv(v1, v_inv_scale, v_cache_ptr, IS_FP8), mask=store_mask)
+        tl.store(v_slot + half, quantize_kv(v2, v_inv_scale, v_cache_ptr, IS_FP8), mask=store_mask)
+        tl.debug_barrier()
 
-    table_row = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
+        table_row = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
+        q, qk_scale = scale_decode_q(q, scale_log2e, k_scale, IS_FP8, COMPUTE_DTYPE)
+        acc, m_i, l_i = start_softmax(GROUP_PAD, HEAD_DIM_PAD)
+        loop_start = start
+
     acc, m_i, l_i = attend_range(
-        q, k_cache_ptr, v_cache_ptr, table_row, kv_head * stride_cache_head, start, end, scale_log2e, k_scale,
-        v_scale, stride_cache_block, stride_cache_token, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE,
-        TILE_TOKENS, DOT_PRECISION, IS_FP8, COMPUTE_DTYPE,
+        q, qk_scale, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row, kv_head * stride_cache_head, loop_start,
+        end, stride_cache_block, stride_cache_token, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, TILE_TOKENS,
+        DOT_PRECISION, IS_FP8, COMPUTE_DTYPE,
     )  # fmt: skip
-    store_split_result(
-        acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, seq, kv_head, split, num_splits,
-        stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, IS_SINGLE_SPLIT,
-    )  # fmt: skip
-    if not IS_SINGLE_SPLIT:
-        group_first_row = (seq.to(tl.int64) * tl.num_programs(0) + kv_head) * GROUP_SIZE * num_splits
-        counter = counters_ptr + seq * tl.num_programs(0) + kv_head
-        if is_last_split(counter, num_splits):  # the last program of this (seq, kv_head) merges
-            out_row = out_ptr + seq.to(tl.int64) * stride_out_seq + kv_head * GROUP_SIZE * stride_out_head
-            _merge_group(
-                partial_out_ptr,
-                partial_lse_ptr,
-                out_row,
-                stride_out_head,
-                group_first_row,
-                num_splits,
-                GROUP_SIZE,
-                GROUP_P2,
-                HEAD_DIM,
-                HEAD_DIM_PAD,
-                SPLITS_PAD,
-                SPLITS_CHUNK,
-            )
+    acc = normalize_split(acc, l_i, v_scale, IS_FP8)
+    if IS_SINGLE_SPLIT:
+        store_split_result(
+            acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, seq, kv_head, split, num_splits,
+            stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, True,
+        )  # fmt: skip
+    elif EARLY_TILE:
+        if num_active == 1:  # the one split of a short context writes the output itself
+            store_split_result(
+                acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, seq, kv_head, split, num_splits,
+                stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, True,
+            )  # fmt: skip
+        else:
+            _store_partial_and_merge(
+                acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, counters_ptr, seq, kv_head, split,
+                num_splits, num_active, stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, GROUP_P2, HEAD_DIM,
+                HEAD_DIM_PAD, SPLITS_PAD, SPLITS_CHUNK,
+            )  # fmt: skip
+    else:
+        _store_partial_and_merge(
+            acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, counters_ptr, seq, kv_head, split,
+            num_splits, num_active, stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, GROUP_P2, HEAD_DIM,
+            HEAD_DIM_PAD, SPLITS_PAD, SPLITS_CHUNK,
+        )  # fmt: skip
 
 
 def rotary_decode_attention(
@@ -237,9 +361,12 @@ def rotary_decode_attention(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     launch: DecodeLaunch | None = None,
+    early_tile: bool | None = None,
 ) -> torch.Tensor:
     """`rotary_store_kv` then `paged_decode_attention` in one launch, the caches left as those leave
-    them (q, k and v are not rotated in place). `launch`: explicit launch parameters (tests)."""
+    them (q, k and v are not rotated in place). `launch`: explicit launch parameters (tests).
+    `early_tile`: whether each split loads its first tile before waiting for the kernel before it;
+    by default where the kernel launches with PDL (a wait to overlap; tests force either)."""
     num_seqs, num_heads, head_dim = q.shape
     check_kv_store_inputs(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     vectors = {"context_lens": (context_lens, num_seqs)}
@@ -264,6 +391,7 @@ def rotary_decode_attention(
     splits_pad = triton.next_power_of_2(num_splits)
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     pdl = use_pdl(q, num_seqs)
+    is_fp8 = k_cache.dtype == FP8_DTYPE
     _rotary_split_kernel[(num_kv_heads, num_seqs, num_splits)](
         q, k, v, positions, cos_sin_cache, slot_mapping, k_cache, v_cache, block_tables, context_lens,
         out, partial_out, partial_lse, counters,
@@ -282,9 +410,10 @@ def rotary_decode_attention(
         SPLITS_CHUNK=min(splits_pad, max(1, 32 // group_p2)),
         IS_SINGLE_SPLIT=num_splits == 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        IS_FP8=k_cache.dtype == FP8_DTYPE,
+        IS_FP8=is_fp8,
         COMPUTE_DTYPE=kv_compute_dtype(q.dtype, k_cache.dtype),
         PDL=pdl,
+        EARLY_TILE=pdl and not is_fp8 if early_tile is None else early_tile,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
         launch_pdl=pdl,
