@@ -1,19 +1,14 @@
 """A decode step's rotary + KV store + split-KV attention in one launch (`rotary_store_kv` then
 `paged_decode_attention`, which take three): every program rotates its GQA group's q in registers;
-the split that holds the new token rotates its k, stores k and v at its slot and then runs the split
-loop, which reads the slot back; the last split of a (sequence, KV head) to finish merges the
-splits' partial results (an atomic counter per pair, reset by that program). On an H200 at
-Llama-3-8B sizes it takes 6.9 us per layer at batch 1, context 1024, where the three launches took
-9.8 (`bench/runs/2026-12-01-h200-async/fused-attention.txt`).
+the split that holds the new token rotates its k and stores k and v at its slot; the last split of a
+(sequence, KV head) to finish merges the splits' partial results (an atomic counter per pair, reset
+by that program).
 
-Where the kernel launches with PDL and the cache is 16-bit (EARLY_TILE), each split reads its first
-tile of K and V before waiting for the kernel that wrote q, k and v: the block table and the tokens
-below the new one, which no kernel of the step writes. The new token's k and v are patched into that
-tile from registers, and splits past a short context end at once (the last active split merges; a
-lone one writes the output). H200, batch 1: Qwen2.5-0.5B's step -4.2%, Llama-3-8B's -1.0%, its fp8
-weights' -2.2% (`bench/runs/2026-12-04-h200-15/`). Elsewhere the kernel is the plain one: without a
-wait to overlap the early tile only holds registers (Llama-3-8B batch 64 +7%), and on fp8 caches
-every variant tried was 1-4% slower at batch 1 (`bench/runs/2026-12-04-h200-14/`)."""
+At PDL launches over 16-bit caches (EARLY_TILE), each split reads its first K/V tile before the PDL
+wait and takes the new token's k and v from registers, and splits past a short context end at once.
+Elsewhere the kernel is the plain one: with no wait to overlap, the early tile only holds registers,
+and on fp8 caches every such rewrite measured slower (bench/RESULTS.md, fourteenth and fifteenth
+sessions)."""
 
 from __future__ import annotations
 
@@ -56,7 +51,7 @@ def _merge_group(
     stride_out_head,
     first_row,
     num_splits,
-    num_active,
+    num_active_splits,
     GROUP_SIZE: tl.constexpr,
     GROUP_P2: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -64,7 +59,7 @@ def _merge_group(
     SPLITS_PAD: tl.constexpr,
     SPLITS_CHUNK: tl.constexpr,
 ):
-    """All GROUP_SIZE heads of one (seq, kv_head) at once from their first num_active splits'
+    """All GROUP_SIZE heads of one (seq, kv_head) at once from their first num_active_splits splits'
     partials (head g, split s at row first_row + g * num_splits + s), SPLITS_CHUNK splits at a time
     (~32 fp32 per thread). Loads are .cg: the other programs' stores are in L2, never in this SM's L1."""
     offs_g = tl.arange(0, GROUP_P2)[:, None, None]
@@ -74,16 +69,16 @@ def _merge_group(
     rows = first_row + offs_g * num_splits + offs_s  # [GROUP_P2, SPLITS_CHUNK, 1]
     lse_max = tl.full([GROUP_P2, 1, 1], float("-inf"), tl.float32)
     for c in tl.static_range(SPLITS_PAD // SPLITS_CHUNK):
-        is_split = is_head & (c * SPLITS_CHUNK + offs_s < num_active)
+        is_split = is_head & (c * SPLITS_CHUNK + offs_s < num_active_splits)
         lse = tl.load(partial_lse_ptr + rows + c * SPLITS_CHUNK, mask=is_split, other=float("-inf"), cache_modifier=".cg")
         lse_max = tl.maximum(lse_max, tl.max(lse, 1, keep_dims=True))
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # all splits empty: context_len 0
     acc = tl.zeros([GROUP_P2, 1, HEAD_DIM_PAD], tl.float32)
     total = tl.zeros([GROUP_P2, 1, 1], tl.float32)
     for c in tl.static_range(SPLITS_PAD // SPLITS_CHUNK):
-        is_split = is_head & (c * SPLITS_CHUNK + offs_s < num_active)
+        is_split = is_head & (c * SPLITS_CHUNK + offs_s < num_active_splits)
         lse = tl.load(partial_lse_ptr + rows + c * SPLITS_CHUNK, mask=is_split, other=float("-inf"), cache_modifier=".cg")
-        weights = tl.exp2(lse - lse_max)  # 0 for empty splits and those past num_active
+        weights = tl.exp2(lse - lse_max)  # 0 for empty splits and those past num_active_splits
         mask = is_split & (offs_d < HEAD_DIM)
         ptrs = partial_out_ptr + (rows + c * SPLITS_CHUNK) * HEAD_DIM + offs_d
         partial = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
@@ -120,37 +115,20 @@ def _rotated_q(
 
 
 @triton.jit
-def _store_partial_and_merge(
-    acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, counters_ptr, seq, kv_head, split, num_splits,
-    num_active, stride_out_seq, stride_out_head, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
-    GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    SPLITS_CHUNK: tl.constexpr,
+def _load_first_tile(
+    k_cache_ptr, v_cache_ptr, table_row, head_offsets, is_dim, start, end, new_position, stride_cache_block,
+    stride_cache_token, BLOCK_SIZE: tl.constexpr, TILE_TOKENS: tl.constexpr,
 ):  # fmt: skip
-    """A split's partial result stored; the last of the (seq, kv_head)'s num_active splits to get here
-    merges them."""
-    store_split_result(
-        acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, seq, kv_head, split, num_splits,
-        stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, False,
-    )  # fmt: skip
-    group_first_row = (seq.to(tl.int64) * tl.num_programs(0) + kv_head) * GROUP_SIZE * num_splits
-    counter = counters_ptr + seq * tl.num_programs(0) + kv_head
-    if is_last_split(counter, num_active):  # the last program of this (seq, kv_head) merges
-        out_row = out_ptr + seq.to(tl.int64) * stride_out_seq + kv_head * GROUP_SIZE * stride_out_head
-        _merge_group(
-            partial_out_ptr,
-            partial_lse_ptr,
-            out_row,
-            stride_out_head,
-            group_first_row,
-            num_splits,
-            num_active,
-            GROUP_SIZE,
-            GROUP_P2,
-            HEAD_DIM,
-            HEAD_DIM_PAD,
-            SPLITS_PAD,
-            SPLITS_CHUNK,
-        )
+    """A split's first tile of K and V [TILE_TOKENS, HEAD_DIM_PAD], as stored (fp8 caches, where a
+    test forces it: the codes, half the registers of their fp16 while they wait), with zeros at the
+    new token's position and past `end`; and the tile's positions."""
+    positions = start + tl.arange(0, TILE_TOKENS)
+    is_token = positions < end
+    block_ids = tl.load(table_row + positions // BLOCK_SIZE, mask=is_token, other=0).to(tl.int64)
+    token_offsets = block_ids * stride_cache_block + (positions % BLOCK_SIZE) * stride_cache_token
+    offsets = token_offsets[:, None] + head_offsets[None, :]
+    mask = (is_token & (positions != new_position))[:, None] & is_dim[None, :]
+    return tl.load(k_cache_ptr + offsets, mask=mask, other=0.0), tl.load(v_cache_ptr + offsets, mask=mask, other=0.0), positions
 
 
 @triton.jit
@@ -217,38 +195,34 @@ def _rotary_split_kernel(
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, context_len)
     half = HEAD_DIM // 2
+    # The new token: the split holding position context_len - 1 stores its k (rotated) and v, as
+    # rotary_store_kv does. Every program loads them, one stores: all loads come before the stores,
+    # which the compiler may not hoist a load above (the pointers may alias).
     if EARLY_TILE:
-        table_row = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
         # The splits that hold tokens (split 0 alone for a context_len-0 row): the launch fixes the
-        # split count from shapes, a short context leaves the last ones empty; they end here.
-        num_active = tl.where(context_len > 0, tl.cdiv(context_len, tl.maximum(tokens_per_split, 1)), 1)
-        if split >= num_active:
+        # split count from shapes, a short context leaves the last ones empty; they end here, without
+        # the PDL wait (PDL takes a program's exit as its trigger; split 0 always waits).
+        num_active_splits = tl.where(context_len > 0, tl.cdiv(context_len, tl.maximum(tokens_per_split, 1)), 1)
+        if split >= num_active_splits:
             return
-        # The split's first tile, but for the new token, while the kernel before runs; as stored (fp8:
-        # the codes, half the registers of their fp16 while they wait). The new token's k and v come
-        # from registers, in the tile's layout: its k is rotated on whole rows, as q is.
         offs_d = tl.arange(0, HEAD_DIM_PAD)
         is_dim = offs_d < HEAD_DIM
-        offs_pair = offs_d % half
+        offs_pair = offs_d % half  # k rotated on whole rows, as q is: the tile's layout
         cos = tl.load(cos_sin_row + offs_pair, mask=is_dim, other=0.0)
         sin = tl.load(cos_sin_row + half + offs_pair, mask=is_dim, other=0.0)
         slot = tl.load(slot_mapping_ptr + seq)
-        new_pos = tl.where(slot >= 0, context_len - 1, -1)  # the new token's position, if stored here
+        new_position = tl.where(slot >= 0, context_len - 1, -1)  # the new token's position, if stored here
         head_offsets = kv_head * stride_cache_head + offs_d
-        first_positions = start + tl.arange(0, TILE_TOKENS)
-        first_is_token = first_positions < end
-        block_ids = tl.load(table_row + first_positions // BLOCK_SIZE, mask=first_is_token, other=0).to(tl.int64)
-        token_offsets = block_ids * stride_cache_block + (first_positions % BLOCK_SIZE) * stride_cache_token
-        kv_offsets = token_offsets[:, None] + head_offsets[None, :]
-        kv_mask = (first_is_token & (first_positions != new_pos))[:, None] & is_dim[None, :]
-        first_k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        first_v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        table_row = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
+        first_k, first_v, first_positions = _load_first_tile(
+            k_cache_ptr, v_cache_ptr, table_row, head_offsets, is_dim, start, end, new_position, stride_cache_block,
+            stride_cache_token, BLOCK_SIZE, TILE_TOKENS,
+        )  # fmt: skip
         wait_for_previous_kernel(PDL)
 
         q = _rotated_q(
             q_ptr, cos_sin_row, seq, kv_head, stride_q_seq, stride_q_head, GROUP_SIZE, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD
         )
-        # the new token: all loads before the stores, as below
         k_row = k_ptr + seq.to(tl.int64) * stride_k_seq + kv_head * stride_k_head
         k1, k2 = _rotate_pair(
             tl.load(k_row + offs_pair, mask=is_dim, other=0.0).to(tl.float32),
@@ -259,27 +233,25 @@ def _rotary_split_kernel(
         v_new = tl.load(v_ptr + seq.to(tl.int64) * stride_v_seq + kv_head * stride_v_head + offs_d, mask=is_dim, other=0.0)
         k_code = quantize_kv(tl.where(offs_d < half, k1, k2).to(k_ptr.dtype.element_ty), k_inv_scale, k_cache_ptr, IS_FP8)
         v_code = quantize_kv(v_new, v_inv_scale, v_cache_ptr, IS_FP8)
-        is_stored = (start <= new_pos) & (new_pos < end)
+        is_stored = (start <= new_position) & (new_position < end)
         slot_offset = (slot // BLOCK_SIZE) * stride_cache_block + (slot % BLOCK_SIZE) * stride_cache_token
         store_mask = offs_d < tl.where(is_stored, HEAD_DIM, 0)
         tl.store(k_cache_ptr + slot_offset + head_offsets, k_code, mask=store_mask)
         tl.store(v_cache_ptr + slot_offset + head_offsets, v_code, mask=store_mask)
-        tl.debug_barrier()  # the stores before any thread's (async) load of the slot below
+        tl.debug_barrier()  # the stores before any thread's (async) load of the slot in a later tile
 
         q, qk_scale = scale_decode_q(q, scale_log2e, k_scale, IS_FP8, COMPUTE_DTYPE)
         acc, m_i, l_i = start_softmax(GROUP_PAD, HEAD_DIM_PAD)
-        if start < end:  # the first tile, the new token patched in
-            is_new = (first_positions == new_pos)[:, None]
+        if start < end:  # the first tile, the new token patched in from registers, as stored
+            is_new = (first_positions == new_position)[:, None]
             k = widen_kv(tl.where(is_new, k_code[None, :], first_k), COMPUTE_DTYPE, IS_FP8)
             v = widen_kv(tl.where(is_new, v_code[None, :], first_v), COMPUTE_DTYPE, IS_FP8)
-            acc, m_i, l_i = attend_tile(q, qk_scale, acc, m_i, l_i, k, v, first_is_token, DOT_PRECISION)
+            acc, m_i, l_i = attend_tile(q, qk_scale, acc, m_i, l_i, k, v, first_positions < end, DOT_PRECISION)
         loop_start = start + TILE_TOKENS
     else:
-        num_active = num_splits
-        # The new token: the split holding position context_len - 1 stores its k (rotated) and v, as
-        # rotary_store_kv does, before its loop reads that slot back (the barrier orders the stores
-        # before the other threads' async copies). Every program loads, one stores: all loads come
-        # before the stores, which the compiler may not hoist a load above (the pointers may alias).
+        num_active_splits = num_splits
+        # the loop reads the stored slot back (the barrier orders the stores before the other
+        # threads' async copies)
         offs_r = tl.arange(0, HALF_PAD)
         is_half = offs_r < half
         cos = tl.load(cos_sin_row + offs_r, mask=is_half, other=0.0)
@@ -320,29 +292,40 @@ def _rotary_split_kernel(
         DOT_PRECISION, IS_FP8, COMPUTE_DTYPE,
     )  # fmt: skip
     acc = normalize_split(acc, l_i, v_scale, IS_FP8)
-    if IS_SINGLE_SPLIT:
+    # a lone split writes the output itself: the one launched, or (EARLY_TILE) a short context's one
+    is_alone = IS_SINGLE_SPLIT
+    if EARLY_TILE:
+        if not IS_SINGLE_SPLIT:
+            is_alone = num_active_splits == 1
+    if is_alone:
         store_split_result(
             acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, seq, kv_head, split, num_splits,
             stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, True,
         )  # fmt: skip
-    elif EARLY_TILE:
-        if num_active == 1:  # the one split of a short context writes the output itself
-            store_split_result(
-                acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, seq, kv_head, split, num_splits,
-                stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, True,
-            )  # fmt: skip
-        else:
-            _store_partial_and_merge(
-                acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, counters_ptr, seq, kv_head, split,
-                num_splits, num_active, stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, GROUP_P2, HEAD_DIM,
-                HEAD_DIM_PAD, SPLITS_PAD, SPLITS_CHUNK,
-            )  # fmt: skip
     else:
-        _store_partial_and_merge(
-            acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, counters_ptr, seq, kv_head, split,
-            num_splits, num_active, stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, GROUP_P2, HEAD_DIM,
-            HEAD_DIM_PAD, SPLITS_PAD, SPLITS_CHUNK,
+        store_split_result(
+            acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, seq, kv_head, split, num_splits,
+            stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, False,
         )  # fmt: skip
+        group_first_row = (seq.to(tl.int64) * tl.num_programs(0) + kv_head) * GROUP_SIZE * num_splits
+        counter = counters_ptr + seq * tl.num_programs(0) + kv_head
+        if is_last_split(counter, num_active_splits):  # the last active program of this (seq, kv_head) merges
+            out_row = out_ptr + seq.to(tl.int64) * stride_out_seq + kv_head * GROUP_SIZE * stride_out_head
+            _merge_group(
+                partial_out_ptr,
+                partial_lse_ptr,
+                out_row,
+                stride_out_head,
+                group_first_row,
+                num_splits,
+                num_active_splits,
+                GROUP_SIZE,
+                GROUP_P2,
+                HEAD_DIM,
+                HEAD_DIM_PAD,
+                SPLITS_PAD,
+                SPLITS_CHUNK,
+            )
 
 
 def rotary_decode_attention(
