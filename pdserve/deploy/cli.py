@@ -12,6 +12,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+from pdserve.deploy import exit_guard
 from pdserve.engine.config import EngineConfig
 from pdserve.proto.deadlines import Deadlines
 from pdserve.router.config import DEFAULT_MAX_REQUEST_BODY_BYTES, GatewayConfig
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from pdserve.deploy.cluster import Cluster, StartupError
+    from pdserve.deploy.cluster import STOP_TIMEOUT_S, Cluster, StartupError
     from pdserve.deploy.controller_client import ControllerClient
     from pdserve.deploy.gateway import run_gateway
     from pdserve.deploy.watchdog import start_watchdog
@@ -250,6 +251,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"pdserve: {exc}", file=sys.stderr)
         return 1
     finally:
+        exit_guard.arm(STOP_TIMEOUT_S + exit_guard.EXIT_TIMEOUT_S)
         cluster.stop()
 
 

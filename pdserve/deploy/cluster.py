@@ -15,6 +15,7 @@ from pdserve.deploy.placement import gpus_per_worker, local_node_resources, miss
 from pdserve.engine.config import ConfigError
 
 logger = logging.getLogger(__name__)
+STOP_TIMEOUT_S = 30.0  # the controller's shutdown of the workers
 
 
 class StartupError(RuntimeError):
@@ -112,7 +113,7 @@ class Cluster:
             return
         if self.controller is not None:
             try:
-                ray.get(self.controller.shutdown.remote(), timeout=30)
+                ray.get(self.controller.shutdown.remote(), timeout=STOP_TIMEOUT_S)
             except Exception as exc:  # noqa: BLE001 - shutting down regardless
                 logger.warning("workers did not stop cleanly: %s", exc)
             ray.kill(self.controller)

@@ -8,6 +8,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
+from pdserve.deploy import exit_guard
 from pdserve.deploy.config import ServeConfig
 from pdserve.deploy.controller_client import ControllerClient
 from pdserve.deploy.http_server import GatewayServer, gateway_config
@@ -30,7 +31,8 @@ REPORT_INTERVAL_S = 2.0  # the controller's view on /metrics is this fresh (the 
 async def run_gateway(
     config: ServeConfig, registry: Registry | None, gateway: GatewayConfig, controller: ControllerClient | None = None
 ) -> int:
-    """`registry` None: colocated. `controller`: the pools' admin routes and the autoscaler's reports."""
+    """`registry` None: colocated. `controller`: the pools' admin routes and the autoscaler's reports.
+    It owns the process: once it stops serving, the process has `exit_guard.EXIT_TIMEOUT_S` to end."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # the event loop, gRPC's threads and (colocated) the engine thread
     metrics = Metrics(config.served_model_name)
     backend = await _colocated(config) if registry is None else await _disaggregated(config, registry, metrics, gateway)
@@ -45,6 +47,7 @@ async def run_gateway(
     try:
         await server.serve()
     finally:
+        exit_guard.arm()  # no longer serving: whatever hangs from here, the process ends
         if reporting is not None:
             reporting.cancel()
         await backend.close()

@@ -10,7 +10,8 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from pdserve.router.workers import WorkerHandle, WorkerPool
+from pdserve.router.closing import end_within
+from pdserve.router.workers import CLOSE_TIMEOUT_S, WorkerHandle, WorkerPool
 
 logger = logging.getLogger(__name__)
 CHECK_INTERVAL_S = 0.25  # the pool polls every 0.5 s: checking more often adds nothing
@@ -73,8 +74,7 @@ class HealthWatch:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await end_within([self._task], CLOSE_TIMEOUT_S, "the health watch")
 
     async def _check_forever(self) -> None:
         while True:

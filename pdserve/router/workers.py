@@ -7,7 +7,6 @@ draining."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -20,10 +19,12 @@ from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.cluster_secret import ClusterSecret
 from pdserve.router.backend import BackendUnavailableError
+from pdserve.router.closing import end_within
 from pdserve.router.registry import Registry, WorkerRecord
 
 logger = logging.getLogger(__name__)
 RETIRE_POLL_S = 0.1  # how often a retired handle checks whether its last call has ended
+CLOSE_TIMEOUT_S = 5.0  # close(): each step (the pool's tasks, the registry) may take this long
 
 
 @dataclass(eq=False)
@@ -54,13 +55,20 @@ class WorkerHandle:
 
 class WorkerPool:
     def __init__(
-        self, registry: Registry, secret: ClusterSecret, poll_interval_s: float = 0.5, rpc_timeout_s: float = 2.0
+        self,
+        registry: Registry,
+        secret: ClusterSecret,
+        poll_interval_s: float = 0.5,
+        rpc_timeout_s: float = 2.0,
+        close_timeout_s: float = CLOSE_TIMEOUT_S,
     ) -> None:
         self.registry = registry
         self.secret = secret
         self.caller = auth.default_caller("gateway")
         self.poll_interval_s = poll_interval_s
         self.rpc_timeout_s = rpc_timeout_s
+        self.close_timeout_s = close_timeout_s
+        self.is_closed = False
         self.workers: dict[str, WorkerHandle] = {}
         self.retired: set[WorkerHandle] = set()  # out of the pool; channel open until their calls end
         self.is_registry_reachable = True
@@ -73,17 +81,18 @@ class WorkerPool:
         self._task = asyncio.create_task(self._poll_forever())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        for closer in list(self._closers):
-            closer.cancel()
+        """Stops polling, closes every channel, then the registry; ends within about twice
+        `close_timeout_s` even when a client hangs in its close or swallows the poller's cancel."""
+        self.is_closed = True
+        tasks = [t for t in (self._task, *self._closers) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await end_within(tasks, self.close_timeout_s, "the worker pool's poller")
         for handle in [*self.workers.values(), *self.retired]:
-            await handle.channel.close()
+            await handle.channel.close()  # no grace: cancels its calls, then returns
         self.workers.clear()
         self.retired.clear()
-        await self.registry.close()
+        await end_within([self.registry.close()], self.close_timeout_s, "closing the worker registry")
 
     async def wait_ready(self, timeout_s: float) -> bool:
         """True once at least one healthy prefill and one healthy decode worker are known."""
@@ -107,7 +116,7 @@ class WorkerPool:
         return min(candidates, key=lambda w: w.load)
 
     async def _poll_forever(self) -> None:
-        while True:
+        while not self.is_closed:  # also ends a poller whose cancel a client swallowed
             await asyncio.sleep(self.poll_interval_s)
             try:
                 await self.refresh()
