@@ -115,6 +115,40 @@ def _rotated_q(
 
 
 @triton.jit
+def _store_partial_and_merge(
+    acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, counters_ptr, seq, kv_head, split, num_splits,
+    num_active_splits, stride_out_seq, stride_out_head, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
+    GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    SPLITS_CHUNK: tl.constexpr,
+):  # fmt: skip
+    """A split's partial result stored; the last of the (seq, kv_head)'s num_active_splits splits to
+    get here merges them."""
+    store_split_result(
+        acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, seq, kv_head, split, num_splits,
+        stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, False,
+    )  # fmt: skip
+    group_first_row = (seq.to(tl.int64) * tl.num_programs(0) + kv_head) * GROUP_SIZE * num_splits
+    counter = counters_ptr + seq * tl.num_programs(0) + kv_head
+    if is_last_split(counter, num_active_splits):  # the last active program of this (seq, kv_head) merges
+        out_row = out_ptr + seq.to(tl.int64) * stride_out_seq + kv_head * GROUP_SIZE * stride_out_head
+        _merge_group(
+            partial_out_ptr,
+            partial_lse_ptr,
+            out_row,
+            stride_out_head,
+            group_first_row,
+            num_splits,
+            num_active_splits,
+            GROUP_SIZE,
+            GROUP_P2,
+            HEAD_DIM,
+            HEAD_DIM_PAD,
+            SPLITS_PAD,
+            SPLITS_CHUNK,
+        )
+
+
+@triton.jit
 def _load_first_tile(
     k_cache_ptr, v_cache_ptr, table_row, head_offsets, is_dim, start, end, new_position, stride_cache_block,
     stride_cache_token, BLOCK_SIZE: tl.constexpr, TILE_TOKENS: tl.constexpr,
@@ -292,40 +326,29 @@ def _rotary_split_kernel(
         DOT_PRECISION, IS_FP8, COMPUTE_DTYPE,
     )  # fmt: skip
     acc = normalize_split(acc, l_i, v_scale, IS_FP8)
-    # a lone split writes the output itself: the one launched, or (EARLY_TILE) a short context's one
-    is_alone = IS_SINGLE_SPLIT
-    if EARLY_TILE:
-        if not IS_SINGLE_SPLIT:
-            is_alone = num_active_splits == 1
-    if is_alone:
+    if IS_SINGLE_SPLIT:  # constexpr: no counter (the wrapper passes none) and no merge compiled
         store_split_result(
             acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, seq, kv_head, split, num_splits,
             stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, True,
         )  # fmt: skip
+    elif EARLY_TILE:
+        if num_active_splits == 1:  # the one split of a short context writes the output itself
+            store_split_result(
+                acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, seq, kv_head, split, num_splits,
+                stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, True,
+            )  # fmt: skip
+        else:
+            _store_partial_and_merge(
+                acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, counters_ptr, seq, kv_head, split,
+                num_splits, num_active_splits, stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, GROUP_P2,
+                HEAD_DIM, HEAD_DIM_PAD, SPLITS_PAD, SPLITS_CHUNK,
+            )  # fmt: skip
     else:
-        store_split_result(
-            acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, seq, kv_head, split, num_splits,
-            stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, False,
+        _store_partial_and_merge(
+            acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, counters_ptr, seq, kv_head, split,
+            num_splits, num_active_splits, stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, GROUP_P2,
+            HEAD_DIM, HEAD_DIM_PAD, SPLITS_PAD, SPLITS_CHUNK,
         )  # fmt: skip
-        group_first_row = (seq.to(tl.int64) * tl.num_programs(0) + kv_head) * GROUP_SIZE * num_splits
-        counter = counters_ptr + seq * tl.num_programs(0) + kv_head
-        if is_last_split(counter, num_active_splits):  # the last active program of this (seq, kv_head) merges
-            out_row = out_ptr + seq.to(tl.int64) * stride_out_seq + kv_head * GROUP_SIZE * stride_out_head
-            _merge_group(
-                partial_out_ptr,
-                partial_lse_ptr,
-                out_row,
-                stride_out_head,
-                group_first_row,
-                num_splits,
-                num_active_splits,
-                GROUP_SIZE,
-                GROUP_P2,
-                HEAD_DIM,
-                HEAD_DIM_PAD,
-                SPLITS_PAD,
-                SPLITS_CHUNK,
-            )
 
 
 def rotary_decode_attention(

@@ -1,0 +1,186 @@
+"""Compiles the launches a kernel wrapper makes for a real GPU (sm_90) on a machine without one: the
+wrapper runs on CPU tensors with its kernel swapped for a recorder, and each recorded launch goes
+through Triton's own compiler and ptxas with the argument types the wrapper gave it. The interpreter
+(TRITON_INTERPRET=1, the CPU tests) never type-checks a branch it does not take; the compiler checks
+every branch a constexpr leaves in, e.g. an atomic on a placeholder pointer. Run it in a process
+without TRITON_INTERPRET: `python -m tests.kernel_compile` prints one JSON line per launch."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+IGNORED_KWARGS = ("launch_pdl",)  # how it launches, not what it compiles
+POINTER_TYPES = {
+    torch.bfloat16: "*bf16",
+    torch.float16: "*fp16",
+    torch.float32: "*fp32",
+    torch.int8: "*i8",
+    torch.uint8: "*u8",
+    torch.int32: "*i32",
+    torch.int64: "*i64",
+    torch.float8_e4m3fn: "*fp8e4nv",
+}
+
+
+class Recorder:
+    """Stands in for a `@triton.jit` kernel: `kernel[grid](*args, **kwargs)` records the call."""
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+        self.calls: list[tuple[object, tuple, dict]] = []
+
+    def __getitem__(self, grid: object) -> Callable[..., None]:
+        return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
+
+
+@contextlib.contextmanager
+def recording(module: Any, name: str) -> Iterator[Recorder]:
+    recorder = Recorder(getattr(module, name))
+    setattr(module, name, recorder)
+    try:
+        yield recorder
+    finally:
+        setattr(module, name, recorder.kernel)
+
+
+def _arg_type(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return POINTER_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {type(value).__name__}")
+
+
+def compile_sm90(kernel: Any, args: tuple, kwargs: dict) -> None:
+    """Compiles one recorded launch of `kernel` for sm_90; raises the compiler's error."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    constexprs = {k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS + IGNORED_KWARGS}
+    values = dict(zip(names, args))
+    signature = {n: "constexpr" if n in constexprs else _arg_type(values[n]) for n in names}
+    source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def compile_recorded(recorder: Recorder, case: str) -> list[dict]:
+    results = []
+    for grid, args, kwargs in recorder.calls:
+        result = {"case": case, "grid": list(grid) if isinstance(grid, tuple) else str(grid)}
+        try:
+            compile_sm90(recorder.kernel, args, kwargs)
+            results.append({**result, "ok": True})
+        except Exception:  # noqa: BLE001 - reported to the test, which prints it
+            results.append({**result, "ok": False, "error": traceback.format_exc(limit=-3)})
+    return results
+
+
+# ---- the launches checked ---------------------------------------------------------------------------
+
+
+def rotary_decode_attention_launches() -> Iterator[dict]:
+    """The fused decode attention in every form the engine launches: one split and several, with
+    and without PDL, early tile or plain, 16-bit and fp8 caches, bf16 and fp16 activations."""
+    from pdserve.kernels.paged_decode_attention import DecodeLaunch
+
+    module = importlib.import_module("pdserve.kernels.rotary_decode_attention")  # the package exports its function
+
+    num_seqs, num_heads, num_kv_heads, head_dim, block_size, num_blocks = 2, 8, 2, 64, 16, 8
+    forms = [
+        (dtype, cache, splits, pdl, early)
+        for dtype in (torch.bfloat16, torch.float16)
+        for cache in ("16-bit", "fp8")
+        for splits in (1, 4)
+        for pdl, early in ((True, True), (True, False), (False, False))
+        if dtype == torch.bfloat16 or (pdl and early)
+    ]
+    for dtype, cache, splits, pdl, early in forms:
+        cache_dtype = torch.float8_e4m3fn if cache == "fp8" else dtype
+        q = torch.zeros(num_seqs, num_heads, head_dim, dtype=dtype)
+        k = torch.zeros(num_seqs, num_kv_heads, head_dim, dtype=dtype)
+        k_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim).to(cache_dtype)
+        launch = DecodeLaunch(num_splits=splits, tile_tokens=32, num_warps=4, num_stages=3)
+        use_pdl, module.use_pdl = module.use_pdl, lambda x, rows, pdl=pdl: pdl
+        try:
+            with recording(module, "_rotary_split_kernel") as recorder:
+                module.rotary_decode_attention(
+                    torch.zeros(num_seqs, dtype=torch.int64), q, k, k.clone(), torch.zeros(256, head_dim),
+                    k_cache, k_cache.clone(), torch.zeros(num_seqs, dtype=torch.int64),
+                    torch.zeros(num_seqs, num_blocks, dtype=torch.int32), torch.ones(num_seqs, dtype=torch.int32),
+                    head_dim**-0.5, launch=launch, early_tile=early,
+                )  # fmt: skip
+        finally:
+            module.use_pdl = use_pdl
+        case = f"rotary_decode_attention {str(dtype)[6:]} {cache} cache, {splits} split(s), pdl={pdl}, early={early}"
+        yield from compile_recorded(recorder, case)
+
+
+def paged_decode_attention_launches() -> Iterator[dict]:
+    module = importlib.import_module("pdserve.kernels.paged_decode_attention")
+    num_seqs, num_heads, num_kv_heads, head_dim, block_size, num_blocks = 2, 8, 2, 64, 16, 8
+    for cache_dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        for splits in (1, 4):
+            q = torch.zeros(num_seqs, num_heads, head_dim, dtype=torch.bfloat16)
+            k_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim).to(cache_dtype)
+            launch = module.DecodeLaunch(num_splits=splits, tile_tokens=32, num_warps=4, num_stages=3)
+            with recording(module, "_split_kernel") as splits_recorder, recording(module, "_combine_kernel") as combine:
+                module.launch_decode(
+                    launch, q, k_cache, k_cache.clone(), torch.zeros(num_seqs, num_blocks, dtype=torch.int32),
+                    torch.ones(num_seqs, dtype=torch.int32), head_dim**-0.5, None, 1.0, 1.0,
+                )  # fmt: skip
+            case = f"paged_decode_attention {str(cache_dtype)[6:]} cache, {splits} split(s)"
+            yield from compile_recorded(splits_recorder, case)
+            yield from compile_recorded(combine, case + ", combine")
+
+
+def w4_launches() -> Iterator[dict]:
+    """The 4-bit GEMV and matmul with one split and several (a placeholder counter with one)."""
+    w4_gemv = importlib.import_module("pdserve.kernels.w4_gemv")
+    w4_matmul = importlib.import_module("pdserve.kernels.w4_matmul")
+    k, n, group_size = 2048, 256, 128
+    qweight = torch.zeros(k // 8, n, dtype=torch.int32)
+    scales = torch.ones(k // group_size, n, dtype=torch.bfloat16)
+    zeros = torch.zeros(k // group_size, n, dtype=torch.uint8)
+    for splits in (1, 2):
+        tiles = w4_gemv.gemv_tile_sizes(n, k, torch.device("cpu"), group_size, 1, 1)._replace(splits=splits)
+        with recording(w4_gemv, "_w4_gemv_kernel") as recorder:
+            w4_gemv.w4_gemv(torch.zeros(1, k, dtype=torch.bfloat16), qweight, scales, zeros, group_size, tile_sizes=tiles)
+        yield from compile_recorded(recorder, f"w4_gemv, {splits} split(s)")
+        with recording(w4_matmul, "_w4_matmul_kernel") as recorder:
+            w4_matmul.w4_matmul(torch.zeros(16, k, dtype=torch.bfloat16), qweight, scales, zeros, group_size, splits=splits)
+        yield from compile_recorded(recorder, f"w4_matmul, {splits} split(s)")
+
+
+LAUNCHES = {
+    "rotary_decode_attention": rotary_decode_attention_launches,
+    "paged_decode_attention": paged_decode_attention_launches,
+    "w4": w4_launches,
+}
+
+
+def main(names: list[str]) -> None:
+    assert not os.environ.get("TRITON_INTERPRET"), "compile for the GPU: run without TRITON_INTERPRET"
+    for name in names or list(LAUNCHES):
+        for result in LAUNCHES[name]():
+            print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
