@@ -6,6 +6,7 @@ within the exit guard's deadline, with every thread's stack on stderr, when its 
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import subprocess
 import sys
@@ -100,15 +101,27 @@ stuck_teardown()
     assert "in stuck_teardown" in result.stderr, result.stderr  # where it hung
 
 
-def test_a_disarmed_exit_guard_leaves_the_process_alone() -> None:
+def test_arming_again_replaces_the_deadline_and_a_process_that_ends_in_time_exits_normally() -> None:
+    """`pdserve serve` re-arms with a longer deadline while it stops its workers."""
     code = """
 import time
 from pdserve.deploy import exit_guard
 
 exit_guard.arm(0.5)
-exit_guard.disarm()
+exit_guard.arm(5.0)
 time.sleep(1.5)
 print("still here")
 """
     result = python(code)
     assert (result.returncode, result.stdout.strip()) == (0, "still here"), result.stderr
+
+
+def test_without_a_real_stderr_the_shutdown_goes_on_without_a_guard(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pdserve.deploy import exit_guard
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # no file descriptor for the stacks
+    with caplog.at_level(logging.WARNING, logger="pdserve.deploy.exit_guard"):
+        exit_guard.arm(1.0)
+    assert "no exit guard at shutdown" in caplog.text

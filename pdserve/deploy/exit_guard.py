@@ -6,15 +6,17 @@ by faulthandler's own timer thread, which needs neither the GIL nor the event lo
 from __future__ import annotations
 
 import faulthandler
+import logging
 import sys
 
+logger = logging.getLogger(__name__)
 EXIT_TIMEOUT_S = 30.0  # closing the backend is bounded to ~15 s (router/closing.py); the rest is teardown
 
 
 def arm(timeout_s: float = EXIT_TIMEOUT_S) -> None:
-    """From now, the process has `timeout_s` to exit; arming again replaces the deadline."""
-    faulthandler.dump_traceback_later(timeout_s, exit=True, file=sys.stderr)
-
-
-def disarm() -> None:
-    faulthandler.cancel_dump_traceback_later()
+    """From now, the process has `timeout_s` to exit; arming again replaces the deadline. Without a
+    real stderr (no file descriptor to write the stacks to) there is no guard, and a warning."""
+    try:
+        faulthandler.dump_traceback_later(timeout_s, exit=True, file=sys.stderr)
+    except (AttributeError, ValueError, OSError, RuntimeError) as exc:  # stderr None, closed, or no fileno()
+        logger.warning("no exit guard at shutdown: %s", exc)
