@@ -119,10 +119,18 @@ def _store_partial_and_merge(
     acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, counters_ptr, seq, kv_head, split, num_splits,
     num_active_splits, stride_out_seq, stride_out_head, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
     GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    SPLITS_CHUNK: tl.constexpr,
+    SPLITS_CHUNK: tl.constexpr, MAY_BE_ALONE: tl.constexpr,
 ):  # fmt: skip
     """A split's partial result stored; the last of the (seq, kv_head)'s num_active_splits splits to
-    get here merges them."""
+    get here merges them. MAY_BE_ALONE (splits past a short context ended early): the one active
+    split of a short context writes the output itself."""
+    if MAY_BE_ALONE:
+        if num_active_splits == 1:
+            store_split_result(
+                acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, seq, kv_head, split, num_splits,
+                stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, True,
+            )  # fmt: skip
+            return
     store_split_result(
         acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, seq, kv_head, split, num_splits,
         stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, False,
@@ -331,23 +339,11 @@ def _rotary_split_kernel(
             acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, seq, kv_head, split, num_splits,
             stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, True,
         )  # fmt: skip
-    elif EARLY_TILE:
-        if num_active_splits == 1:  # the one split of a short context writes the output itself
-            store_split_result(
-                acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, seq, kv_head, split, num_splits,
-                stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, True,
-            )  # fmt: skip
-        else:
-            _store_partial_and_merge(
-                acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, counters_ptr, seq, kv_head, split,
-                num_splits, num_active_splits, stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, GROUP_P2,
-                HEAD_DIM, HEAD_DIM_PAD, SPLITS_PAD, SPLITS_CHUNK,
-            )  # fmt: skip
     else:
         _store_partial_and_merge(
             acc, m_i, l_i, out_ptr, partial_out_ptr, partial_lse_ptr, counters_ptr, seq, kv_head, split,
             num_splits, num_active_splits, stride_out_seq, stride_out_head, GROUP_SIZE, GROUP_PAD, GROUP_P2,
-            HEAD_DIM, HEAD_DIM_PAD, SPLITS_PAD, SPLITS_CHUNK,
+            HEAD_DIM, HEAD_DIM_PAD, SPLITS_PAD, SPLITS_CHUNK, EARLY_TILE,
         )  # fmt: skip
 
 
