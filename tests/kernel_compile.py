@@ -81,9 +81,13 @@ def compile_sm90(kernel: Any, args: tuple, kwargs: dict) -> None:
 
 
 def compile_recorded(recorder: Recorder, case: str) -> list[dict]:
+    """Compiles each recorded launch; a wrapper's ASM constexpr (inline PTX on a GPU, its emulation on
+    CPU tensors) is compiled as a GPU launch passes it: True."""
     results = []
     for grid, args, kwargs in recorder.calls:
         result = {"case": case, "grid": list(grid) if isinstance(grid, tuple) else str(grid)}
+        if "ASM" in kwargs:
+            kwargs = {**kwargs, "ASM": True}
         try:
             compile_sm90(recorder.kernel, args, kwargs)
             results.append({**result, "ok": True})
@@ -168,10 +172,33 @@ def w4_launches() -> Iterator[dict]:
         yield from compile_recorded(recorder, f"w4_matmul, {splits} split(s)")
 
 
+def gemv_launches() -> Iterator[dict]:
+    """The decode GEMV: 8-bit weights with 16-bit x (inline PTX, both weight and x kinds; whole and
+    partial chunk tiles, with a bias), 8-bit weights with fp32 x, bf16 weights at one row and at
+    several (tensor cores)."""
+    gemv = importlib.import_module("pdserve.kernels.gemv")
+    n = 64
+    for w_dtype in (torch.float8_e4m3fn, torch.int8):
+        for x_dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for k in (4096, 96):
+                weight = torch.zeros(n, k).to(w_dtype)
+                bias = torch.zeros(n, dtype=x_dtype) if k == 96 else None
+                name = "_gemv_kernel" if x_dtype == torch.float32 else "_gemv_8bit_kernel"
+                with recording(gemv, name) as recorder:
+                    gemv.gemv(torch.zeros(1, k, dtype=x_dtype), weight, torch.ones(n), bias)
+                yield from compile_recorded(recorder, f"gemv {str(w_dtype)[6:]} x {str(x_dtype)[6:]}, k {k}")
+    weight = torch.zeros(n, 512, dtype=torch.bfloat16)
+    for name, rows in (("_gemv_kernel", 1), ("_rows_dot_kernel", 4)):
+        with recording(gemv, name) as recorder:
+            gemv.gemv(torch.zeros(rows, 512, dtype=torch.bfloat16), weight)
+        yield from compile_recorded(recorder, f"gemv bf16, {rows} row(s)")
+
+
 LAUNCHES = {
     "rotary_decode_attention": rotary_decode_attention_launches,
     "paged_decode_attention": paged_decode_attention_launches,
     "w4": w4_launches,
+    "gemv": gemv_launches,
 }
 
 

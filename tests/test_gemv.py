@@ -66,6 +66,48 @@ def test_gemv_matches_reference(kind: str, m: int, n: int, k: int, has_bias: boo
     torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol * ref.abs().max().item())
 
 
+# 8-bit weights with 16-bit x take `_gemv_8bit_kernel` (f16x2 arithmetic) where K is a multiple of 16:
+# 96 and 64 inputs are one partial tile of chunks; 2112 and 4096 several (4096: whole tiles only);
+# 2100 is not a multiple of 16 and takes the fp32 kernel; n 17 and 300 leave a partial row tile
+CASES_16BIT_X = [
+    (kind, x_dtype, m, n, k)
+    for kind in ("fp8", "int8")
+    for x_dtype in (torch.bfloat16, torch.float16)
+    for m, n, k in [(1, 40, 96), (3, 17, 2112), (1, 70, 4096), (4, 300, 64), (2, 33, 2100)]
+]
+
+
+@pytest.mark.parametrize("kind,x_dtype,m,n,k", CASES_16BIT_X)
+@pytest.mark.parametrize("has_bias", [False, True], ids=["", "bias"])
+def test_gemv_8bit_weights_16bit_x(kind: str, x_dtype: torch.dtype, m: int, n: int, k: int, has_bias: bool) -> None:
+    torch.manual_seed(m * n + k)
+    weight, scale = weights(kind, n, k)
+    x = torch.randn(m, k).to(x_dtype)
+    bias = torch.randn(n).to(x_dtype) if has_bias else None
+    got = K.gemv(x, weight, scale, bias)
+    ref = K.gemv_ref(x, weight, scale, bias)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+def test_gemv_8bit_weights_large_and_small_x(kind: str) -> None:
+    """fp16 arithmetic keeps the extremes of a bf16 model's activations: 16 inputs of 4096 against
+    the largest weights (one chunk's 8-term fp16 sums at 57,344 for fp8) come out finite and exact,
+    and inputs of 1e-3..2e-3 (fp16 subnormals once scaled) give outputs within 1% of the reference
+    (relative to the output vector's norm: these outputs are sums that cancel)."""
+    big = 448.0 if kind == "fp8" else 127.0
+    dtype = torch.float8_e4m3fn if kind == "fp8" else torch.int8
+    weight = torch.full((8, 16), big).to(dtype)
+    x = torch.full((1, 16), 4096.0, dtype=torch.bfloat16)
+    got = K.gemv(x, weight, torch.ones(8))
+    assert torch.equal(got.float(), torch.full((1, 8), big * 4096 * 16))
+    torch.manual_seed(0)
+    weight, scale = weights(kind, 64, 256)
+    small = (torch.rand(1, 256) * 1e-3 + 1e-3).to(torch.bfloat16)
+    got, ref = K.gemv(small, weight, scale).float(), K.gemv_ref(small, weight, scale).float()
+    assert (got - ref).norm() < 1e-2 * ref.norm()
+
+
 def test_gemv_int8_every_byte_value() -> None:
     """All 256 int8 values, each alone in its output channel, come out exactly (scale 1, x one-hot)."""
     values = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8)

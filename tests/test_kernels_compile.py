@@ -25,7 +25,7 @@ def _has_ptxas() -> bool:
 
 
 @pytest.mark.skipif(not _has_ptxas(), reason="this Triton has no NVIDIA backend with ptxas")
-@pytest.mark.parametrize("kernels", ["rotary_decode_attention", "paged_decode_attention", "w4"])
+@pytest.mark.parametrize("kernels", ["rotary_decode_attention", "paged_decode_attention", "w4", "gemv"])
 def test_every_launch_compiles_for_sm90(kernels: str, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compiled here, not found in a cache
@@ -42,4 +42,5 @@ def test_every_launch_compiles_for_sm90(kernels: str, tmp_path: Path) -> None:
     assert results, done.stderr[-3000:]
     failed = [r for r in results if not r["ok"]]
     assert not failed, "\n\n".join(f"{r['case']} (grid {r['grid']}):\n{r['error']}" for r in failed)
-    assert any(r["grid"][-1] == 1 for r in results) and any(r["grid"][-1] > 1 for r in results), results
+    if kernels != "gemv":  # the split kernels: one split and several (the grid's last axis)
+        assert any(r["grid"][-1] == 1 for r in results) and any(r["grid"][-1] > 1 for r in results), results

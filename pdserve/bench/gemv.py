@@ -116,7 +116,7 @@ def sweep_table(copy: float, kinds: list[str], shape_prefix: str = "", top: int 
     from pdserve import kernels
     from pdserve.engine.quant_formats import quantize_per_channel
     from pdserve.engine.quant_layers import W8_DTYPES
-    from pdserve.kernels.gemv import gemv_tile_sizes
+    from pdserve.kernels.gemv import gemv_8bit_tile_sizes, gemv_tile_sizes, takes_8bit_kernel
     from pdserve.kernels.w4_gemv import gemv_tile_sizes as w4_tile_sizes
 
     for name, (n, k) in SWEEP_SHAPES.items():
@@ -154,7 +154,6 @@ def sweep_table(copy: float, kinds: list[str], shape_prefix: str = "", top: int 
                     w = torch.randn(n, k, device="cuda")
                     weights.append((w.bfloat16(), None) if kind == "bf16" else quantize_per_channel(w, W8_DTYPES[kind]))
                     del w
-                heuristic = gemv_tile_sizes(n, k, size)
                 grid = [
                     (bn, b // size, nw, stages)
                     for bn in (2, 4, 8, 16)
@@ -163,6 +162,15 @@ def sweep_table(copy: float, kinds: list[str], shape_prefix: str = "", top: int 
                     for stages in (1, 3)
                     if 4096 <= bn * b <= 16384
                 ]
+                if size == 1 and takes_8bit_kernel(weights[0][0].dtype, torch.bfloat16, n, k):
+                    heuristic = gemv_8bit_tile_sizes(n, k)
+                    # its registers allow smaller tiles: fewer rows, 2 warps (runs/2026-12-04-h200-17)
+                    grid += [
+                        (bn, b, nw, 1)
+                        for bn, b, nw in ((1, 2048, 4), (2, 512, 2), (2, 1024, 2), (2, 1024, 4), (4, 1024, 2), (2, 2048, 8))
+                    ]
+                else:
+                    heuristic = gemv_tile_sizes(n, k, size)
             xs = [torch.randn(1, k, dtype=torch.bfloat16, device="cuda") for _ in range(chain)]
             torch.cuda.synchronize()  # do_bench_cudagraph's own stream does not wait for these writes
 

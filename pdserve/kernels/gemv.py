@@ -2,12 +2,13 @@
 at memory speed. The weight is bf16/fp16/fp32, or fp8 (e4m3) / int8 with one fp32 scale per output
 channel, stored [N, K] as nn.Linear stores it; an optional bias is added in the epilogue.
 
-Two kernels. One row (and fp8/int8 weights up to ELEMENTWISE_MAX_ROWS): no tensor cores; every
+Three kernels. One row (and fp8/int8 weights up to ELEMENTWISE_MAX_ROWS): no tensor cores; every
 program owns BLOCK_N outputs of one row, streams its [BLOCK_N, K] slab of the weight in
 [BLOCK_N, BLOCK_K] tiles with elementwise FMAs into a 2-D fp32 accumulator, and reduces it once at
 the end (the tiles after the first loaded into registers as used, or, with num_stages > 1, through
-a cp.async pipeline in shared memory: 8-bit weights' wide projections); row m is the fastest
-program id, so the M programs that read one slab run together and L2 serves the repeats. Float
+a cp.async pipeline in shared memory); row m is the fastest program id, so the M programs that read
+one slab run together and L2 serves the repeats. 8-bit weights with 16-bit x (a bf16/fp16 model's
+fp8 or int8 weights) take `_gemv_8bit_kernel`, the same loop in f16x2 arithmetic (see there). Float
 weights of x's dtype from DOT_MIN_ROWS rows: `tl.dot` (tensor cores for 16-bit weights; fp32 ones in
 full precision, no TF32), all rows of x (padded to 16) against each program's slab, read once.
 Within a model's PDL row limit (kernels/pdl.py) the kernels launch as dependents of the kernel
@@ -65,6 +66,208 @@ def _gemv_kernel(
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     tl.store(out_ptr + m * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+# 8-bit weights, 16-bit x: x is scaled by 2^-_X_SHIFT into fp16, its 8-term sums of products kept
+# below fp16's 65504: one product of the largest weight (448, e4m3) stays finite up to |x| ~37,000,
+# an 8-term sum of largest weights and inputs of one sign up to ~4,600; x from 2^-8 keeps at least
+# bf16's 8 bits (fp16's normal range starts at 2^-14). The output is scaled back in fp32.
+_X_SHIFT = 8
+_X_DOWN: tl.constexpr = tl.constexpr(2.0**-_X_SHIFT)
+_X_UP: tl.constexpr = tl.constexpr(2.0**_X_SHIFT)
+
+
+def _f16x2_dot16_asm(w_kind: int) -> str:
+    """PTX: $0 (fp32) = the 16 products of one 16-byte chunk of a weight row ($1..$4: 4 bytes each,
+    input k at byte k) and x's 16 inputs ($5..$8: 4 fp16 each, already scaled): the bytes widened to
+    f16x2 pairs (k, k + 1), eight f16x2 FMAs into one pair of 8-term sums (even and odd k), added in
+    fp32."""
+    lines = ["{", ".reg .b16 b<8>;", ".reg .b32 w<8>, y<8>, t, s, e, z;", ".reg .b16 sl, sh;", ".reg .f32 fl, fh;"]
+    if w_kind == 2:
+        lines += ["mov.b32 e, 0x64646464;", "mov.b32 z, 0x64806480;"]  # fp16 exponent bytes; (1152, 1152)
+    for j in range(4):
+        if w_kind == 1:  # fp8 e4m3: the hardware's widening, two bytes an instruction
+            lines.append(f"mov.b32 {{b{2 * j}, b{2 * j + 1}}}, ${1 + j};")
+            lines += [f"cvt.rn.f16x2.e4m3x2 w{2 * j + h}, b{2 * j + h};" for h in range(2)]
+        else:  # int8: byte ^ 0x80 under fp16's exponent of 1024 is 1024 + 128 + q; less 1152, q exactly
+            lines.append(f"xor.b32 t, ${1 + j}, 0x80808080;")
+            lines.append(f"prmt.b32 w{2 * j}, t, e, 0x4140;")
+            lines.append(f"prmt.b32 w{2 * j + 1}, t, e, 0x4342;")
+            lines += [f"sub.rn.f16x2 w{2 * j + h}, w{2 * j + h}, z;" for h in range(2)]
+        lines.append(f"mov.b64 {{y{2 * j}, y{2 * j + 1}}}, ${5 + j};")
+    lines.append("mul.rn.f16x2 s, w0, y0;")
+    lines += [f"fma.rn.f16x2 s, w{p}, y{p}, s;" for p in range(1, 8)]
+    lines += ["mov.b32 {sl, sh}, s;", "cvt.f32.f16 fl, sl;", "cvt.f32.f16 fh, sh;", "add.f32 $0, fl, fh;", "}"]
+    return "\n".join(lines)
+
+
+_DOT16_FP8: tl.constexpr = tl.constexpr(_f16x2_dot16_asm(1))
+_DOT16_INT8: tl.constexpr = tl.constexpr(_f16x2_dot16_asm(2))
+_X_SCALE = f"0f{(127 - _X_SHIFT) << 23:08X}"  # 2^-_X_SHIFT as a PTX fp32 literal
+_X_SCALE_F16X2 = f"0x{((15 - _X_SHIFT) << 10) * 0x10001:08X}"  # (2^-_X_SHIFT, 2^-_X_SHIFT) as f16x2 bits
+# x's 4 inputs (bf16 or fp16, one int64) -> the same 4 times 2^-_X_SHIFT in fp16 (one int64)
+_X4_BF16: tl.constexpr = tl.constexpr(
+    "{ .reg .b32 p, q, r, s; .reg .f32 a, b, c, d; mov.b64 {p, q}, $1; "
+    "shl.b32 a, p, 16; and.b32 b, p, 0xFFFF0000; shl.b32 c, q, 16; and.b32 d, q, 0xFFFF0000; "
+    f"mul.f32 a, a, {_X_SCALE}; mul.f32 b, b, {_X_SCALE}; mul.f32 c, c, {_X_SCALE}; mul.f32 d, d, {_X_SCALE}; "
+    "cvt.rn.f16x2.f32 r, b, a; cvt.rn.f16x2.f32 s, d, c; mov.b64 $0, {r, s}; }"
+)
+_X4_FP16: tl.constexpr = tl.constexpr(
+    f"{{ .reg .b32 p, q, c; mov.b64 {{p, q}}, $1; mov.b32 c, {_X_SCALE_F16X2}; "
+    "mul.rn.f16x2 p, p, c; mul.rn.f16x2 q, q, c; mov.b64 $0, {p, q}; }"
+)
+
+
+@triton.jit
+def _gemv_8bit_kernel(
+    x_ptr,
+    w_ptr,
+    scale_ptr,
+    bias_ptr,
+    out_ptr,
+    N,
+    num_chunks,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    W_KIND: tl.constexpr,
+    X_FP16: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    EVEN_C: tl.constexpr,
+    ASM: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """`_gemv_kernel` for 8-bit weights [N, K] (read as int32, 4 inputs each) and 16-bit x (read as
+    int64, 4 inputs each), K a multiple of 16: tiles of BLOCK_N rows x BLOCK_C 16-byte chunks. A
+    chunk's 16 products are 8 f16x2 FMAs (`_f16x2_dot16_asm`) and its fp32 accumulator one value,
+    so a program of a few rows needs few registers: 28-30 at the tiles of `gemv_8bit_tile_sizes`'
+    2 rows, against 64-72 for the fp32 kernel (whose accumulator is the tile), and the loop issues
+    3.9 (fp8) / 4.6 (int8) sm_90 instructions a weight against 4.2 / 5.9. The fp32 kernel at the
+    same tiles reads 4-27 points slower (bench/runs/2026-12-04-h200-17/). x is widened once a
+    chunk and thread, for the rows the thread holds. Rows and chunks past the end read row N - 1
+    and the last chunk, against x zeros for the chunks (no masks in the loop); their outputs are not
+    stored."""
+    m = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    offs_c = tl.arange(0, BLOCK_C)
+    w_row = w_ptr + rows[:, None, None] * stride_wn + tl.arange(0, 4)[None, None, :]
+    x_row = x_ptr + m * stride_xm + tl.arange(0, 4)[None, :]
+    w = _chunk_words(w_row, offs_c, num_chunks, EVEN_C)  # no kernel writes weights
+    wait_for_previous_kernel(PDL)
+    acc = _dot_chunks(w, _x_chunks(x_row, offs_c, num_chunks, EVEN_C, X_FP16, ASM), W_KIND, ASM)
+    for c0 in tl.range(BLOCK_C, num_chunks, BLOCK_C, num_stages=NUM_STAGES):
+        w = _chunk_words(w_row, c0 + offs_c, num_chunks, EVEN_C)
+        acc += _dot_chunks(w, _x_chunks(x_row, c0 + offs_c, num_chunks, EVEN_C, X_FP16, ASM), W_KIND, ASM)
+    out = tl.sum(acc, axis=1) * _X_UP * tl.load(scale_ptr + rows)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rows).to(tl.float32)
+    tl.store(out_ptr + m * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _chunk_words(w_row, chunks, num_chunks, EVEN_C: tl.constexpr):
+    """The 4 int32 of each chunk of each row: [BLOCK_N, BLOCK_C, 4]; chunks past the end read the last."""
+    if not EVEN_C:
+        chunks = tl.minimum(chunks, num_chunks - 1)
+    return tl.load(w_row + chunks[None, :, None] * 4)
+
+
+@triton.jit
+def _x_chunks(x_row, chunks, num_chunks, EVEN_C: tl.constexpr, X_FP16: tl.constexpr, ASM: tl.constexpr):
+    """x's inputs of each chunk, times 2^-_X_SHIFT in fp16, as 4 int64 of 4 inputs: [BLOCK_C, 4]
+    (zeros past the end)."""
+    ptrs = x_row + chunks[:, None] * 4
+    if EVEN_C:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=(chunks < num_chunks)[:, None], other=0)
+    if not ASM:
+        return _x4_emulated(x, X_FP16)
+    if X_FP16:
+        return tl.inline_asm_elementwise(_X4_FP16, "=l,l", [x], dtype=tl.int64, is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(_X4_BF16, "=l,l", [x], dtype=tl.int64, is_pure=True, pack=1)
+
+
+@triton.jit
+def _dot_chunks(w, x, W_KIND: tl.constexpr, ASM: tl.constexpr):
+    """[BLOCK_N, BLOCK_C] fp32: each row's chunk (w [BLOCK_N, BLOCK_C, 4] int32) against x's
+    ([BLOCK_C, 4] int64 of scaled fp16)."""
+    w02, w13 = tl.split(tl.reshape(w, (w.shape[0], w.shape[1], 2, 2)))
+    w0, w2 = tl.split(w02)
+    w1, w3 = tl.split(w13)
+    x02, x13 = tl.split(tl.reshape(x, (x.shape[0], 2, 2)))
+    x0, x2 = tl.split(x02)
+    x1, x3 = tl.split(x13)
+    x0, x1, x2, x3 = x0[None, :], x1[None, :], x2[None, :], x3[None, :]
+    if ASM and W_KIND == 1:
+        return tl.inline_asm_elementwise(
+            _DOT16_FP8, "=f,r,r,r,r,l,l,l,l", [w0, w1, w2, w3, x0, x1, x2, x3], dtype=tl.float32, is_pure=True, pack=1
+        )
+    if ASM:
+        return tl.inline_asm_elementwise(
+            _DOT16_INT8, "=f,r,r,r,r,l,l,l,l", [w0, w1, w2, w3, x0, x1, x2, x3], dtype=tl.float32, is_pure=True, pack=1
+        )
+    # the PTX's steps in Triton (the interpreter runs no PTX), each f16x2 FMA as two fp32 FMAs
+    # rounded to fp16
+    s_even = tl.zeros(w0.shape, dtype=tl.float32)
+    s_odd = tl.zeros(w0.shape, dtype=tl.float32)
+    s_even, s_odd = _pair_fma(w0, x0, 0, s_even, s_odd, W_KIND)
+    s_even, s_odd = _pair_fma(w0, x0, 1, s_even, s_odd, W_KIND)
+    s_even, s_odd = _pair_fma(w1, x1, 0, s_even, s_odd, W_KIND)
+    s_even, s_odd = _pair_fma(w1, x1, 1, s_even, s_odd, W_KIND)
+    s_even, s_odd = _pair_fma(w2, x2, 0, s_even, s_odd, W_KIND)
+    s_even, s_odd = _pair_fma(w2, x2, 1, s_even, s_odd, W_KIND)
+    s_even, s_odd = _pair_fma(w3, x3, 0, s_even, s_odd, W_KIND)
+    s_even, s_odd = _pair_fma(w3, x3, 1, s_even, s_odd, W_KIND)
+    return s_even + s_odd
+
+
+@triton.jit
+def _pair_fma(w_word, x_word, H: tl.constexpr, s_even, s_odd, W_KIND: tl.constexpr):
+    """Bytes 2 H and 2 H + 1 of w_word times x_word's fp16 inputs 2 H and 2 H + 1, into the sums."""
+    s_even = _f16(tl.fma(_byte(w_word, 2 * H, W_KIND), _half(x_word, 2 * H), s_even))
+    s_odd = _f16(tl.fma(_byte(w_word, 2 * H + 1, W_KIND), _half(x_word, 2 * H + 1), s_odd))
+    return s_even, s_odd
+
+
+@triton.jit
+def _byte(word, B: tl.constexpr, W_KIND: tl.constexpr):
+    """Byte B of an int32 as the weight it holds (fp8 e4m3 or int8), fp32."""
+    b = (word >> (8 * B)) & 0xFF
+    if W_KIND == 1:
+        return b.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    return (b ^ 0x80).to(tl.float32) - 128.0
+
+
+@triton.jit
+def _half(word, H: tl.constexpr):
+    """16-bit lane H of an int64 as fp16, widened to fp32."""
+    return ((word >> (16 * H)) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _f16(value):
+    return value.to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def _x4_emulated(x, X_FP16: tl.constexpr):
+    """`_X4_BF16` / `_X4_FP16` in Triton: each 16-bit lane widened, times 2^-_X_SHIFT, rounded to fp16."""
+    out = tl.zeros(x.shape, dtype=tl.int64)
+    for h in tl.static_range(4):
+        bits = (x >> (16 * h)) & 0xFFFF
+        if X_FP16:
+            value = bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        else:
+            value = (bits << 16).to(tl.int32).to(tl.float32, bitcast=True)
+        half = (value * _X_DOWN).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int64) & 0xFFFF
+        out |= half << (16 * h)
+    return out
 
 
 @triton.jit
@@ -195,6 +398,38 @@ def gemv(
             launch_pdl=pdl,
         )
         return out
+    if takes_8bit_kernel(weight.dtype, x.dtype, n, k):
+        block_n, block_k, num_warps, num_stages = tiles or gemv_8bit_tile_sizes(n, k)
+        if block_k % 16:
+            raise ValueError(f"BLOCK_K {block_k} of 8-bit weights must be a multiple of 16 bytes")
+        if x.stride(0) % 4 or x.storage_offset() % 4:  # x is read as int64, 4 inputs each
+            x = x.clone(memory_format=torch.contiguous_format)
+        num_chunks = k // 16
+        _gemv_8bit_kernel[(m, triton.cdiv(n, block_n))](
+            x.view(torch.int64),
+            weight.view(torch.int32),
+            scale,
+            bias if bias is not None else x,
+            out,
+            n,
+            num_chunks,
+            x.stride(0) // 4,
+            weight.stride(0) // 4,
+            out.stride(0),
+            W_KIND=w_kind,
+            X_FP16=x.dtype == torch.float16,
+            HAS_BIAS=bias is not None,
+            BLOCK_N=block_n,
+            BLOCK_C=block_k // 16,
+            EVEN_C=num_chunks % (block_k // 16) == 0,
+            ASM=x.is_cuda,
+            NUM_STAGES=num_stages,
+            PDL=pdl,
+            num_warps=num_warps,
+            num_stages=num_stages,
+            launch_pdl=pdl,
+        )
+        return out
     block_n, block_k, num_warps, num_stages = tiles or gemv_tile_sizes(n, k, weight.element_size())
     _gemv_kernel[(m, triton.cdiv(n, block_n))](
         x,
@@ -246,6 +481,35 @@ def gemv_tile_sizes(n: int, k: int, element_size: int) -> tuple[int, int, int, i
     if n <= 8192:
         return 16, 512, 8, 1 if element_size > 1 else 3
     return 8, 512 // element_size, 4, 1 if element_size > 1 else 3
+
+
+def takes_8bit_kernel(weight_dtype: torch.dtype, x_dtype: torch.dtype, n: int, k: int) -> bool:
+    """Whether `gemv` runs a one-row launch on `_gemv_8bit_kernel`: 8-bit weights, 16-bit x, K a
+    multiple of 16; but fp8 at q/k/v widths keeps the fp32 kernel's cp.async pipeline (70.9% of
+    copy bandwidth against 67.3% in chains; the Llama-3-8B fp8 step 1.3% faster with it,
+    bench/runs/2026-12-04-h200-17/)."""
+    w_kind = _W_KINDS.get(weight_dtype, 0)
+    return w_kind != 0 and x_dtype != torch.float32 and k % 16 == 0 and not (w_kind == 1 and 4096 < n <= 8192)
+
+
+def gemv_8bit_tile_sizes(n: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K in bytes, num_warps, num_stages) of `_gemv_8bit_kernel`, from a sweep on an
+    H200 of 19 tiles in chains of one-row launches of one shape (Llama-3-8B's and Qwen2.5-0.5B's
+    projections, fp8 and int8; bench/runs/2026-12-04-h200-17/): few rows a program and many
+    programs, as the fp32 kernel's tiles take, rather than many rows a thread.
+    - Wide outputs (gate/up): 4 rows of 1024 bytes, 2 warps: fp8 91.7%, int8 88.7% of copy
+      bandwidth (fp32 kernel 88.0 / 80.3%); Qwen2.5-0.5B's 42.1% (38.6%).
+    - A small model's down (fewer than 2048 outputs of more than 2048 inputs): 2 rows of 2048 bytes,
+      8 warps: 31.1% (28.7%).
+    - Others: 2 rows of 1024 bytes, 4 warps: o fp8 70.6% (64.9%), down 88.7% (85.2%); int8 o 68.3%
+      (59.8%), q/k/v 66.4% (62.0%), down 86.8% (76.8%). fp8 q/k/v read 67.3% against the fp32
+      kernel's 70.9% (its cp.async pipeline), so `gemv` keeps that kernel for them.
+    No stage count above 1 helped any shape."""
+    if n > 8192:
+        return 4, 1024, 2, 1
+    if n < 2048 and k > 2048:
+        return 2, 2048, 8, 1
+    return 2, 1024, 4, 1
 
 
 def dot_tile_sizes(n: int, element_size: int) -> tuple[int, int, int, int]:
