@@ -70,8 +70,10 @@ def _gemv_kernel(
 
 # 8-bit weights, 16-bit x: x is scaled by 2^-_X_SHIFT into fp16, its 8-term sums of products kept
 # below fp16's 65504: one product of the largest weight (448, e4m3) stays finite up to |x| ~37,000,
-# an 8-term sum of largest weights and inputs of one sign up to ~4,600; x from 2^-8 keeps at least
-# bf16's 8 bits (fp16's normal range starts at 2^-14). The output is scaled back in fp32.
+# an 8-term sum of largest weights and inputs of one sign up to ~4,600. Scaled x below 2^-14 is an
+# fp16 subnormal (|x| < 2^-6), whose step, 2^-16 in x's units, is bf16's own at |x| = 2^-9: x keeps
+# bf16's precision down to there, and its absolute error stays that below. The output is scaled
+# back in fp32.
 _X_SHIFT = 8
 _X_DOWN: tl.constexpr = tl.constexpr(2.0**-_X_SHIFT)
 _X_UP: tl.constexpr = tl.constexpr(2.0**_X_SHIFT)
