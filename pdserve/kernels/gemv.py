@@ -240,10 +240,7 @@ def _pair_fma(w_word, x_word, H: tl.constexpr, s_even, s_odd, W_KIND: tl.constex
 @triton.jit
 def _byte(word, B: tl.constexpr, W_KIND: tl.constexpr):
     """Byte B of an int32 as the weight it holds (fp8 e4m3 or int8), fp32."""
-    b = (word >> (8 * B)) & 0xFF
-    if W_KIND == 1:
-        return b.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    return (b ^ 0x80).to(tl.float32) - 128.0
+    return _widen_byte(((word >> (8 * B)) & 0xFF).to(tl.uint8), W_KIND)
 
 
 @triton.jit
@@ -325,16 +322,20 @@ def _weight_tile(w_ptr, offs_n, mask_n, k0, K, stride_wn, W_KIND: tl.constexpr, 
     offs_k = k0 + tl.arange(0, BLOCK_K)
     w_mask = mask_n[:, None] & (offs_k < K)[None, :]
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
-    if W_KIND == 1:  # fp8 e4m3, read as bytes (0 is 0.0)
-        w = tl.load(w_ptrs, mask=w_mask, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    elif W_KIND == 2:
-        # int8 without an int->float conversion: the byte, biased to 0..255 (xor 0x80), put in
-        # the mantissa of 2^23, minus 2^23 + 128, is its value exactly
-        b = tl.load(w_ptrs, mask=w_mask, other=0).to(tl.int32) & 0xFF
-        w = ((b ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
-    else:
-        w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
-    return w
+    if W_KIND:  # fp8 e4m3 / int8, read as bytes (0 is 0.0)
+        return _widen_byte(tl.load(w_ptrs, mask=w_mask, other=0), W_KIND)
+    return tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _widen_byte(b, W_KIND: tl.constexpr):
+    """uint8 weight bytes as fp32: fp8 e4m3 (W_KIND 1) or int8 (2), the latter without an int->float
+    conversion: the byte, biased to 0..255 (xor 0x80), put in the mantissa of 2^23, minus 2^23 + 128,
+    is its value exactly."""
+    if W_KIND == 1:
+        return b.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    bits = b.to(tl.int32) & 0xFF
+    return ((bits ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
 
 
 def gemv(
