@@ -241,7 +241,8 @@ def test_sigterm_drain_finishes_what_fits_the_timeout_and_ends_the_rest_with_an_
         signalled = time.monotonic()
         while not app.state.drain.is_draining:
             time.sleep(0.01)
-        assert httpx.get(url + "/health", timeout=5).status_code == 503
+        health = httpx.get(url + "/health", timeout=5)
+        assert health.status_code == 503 and health.headers["retry-after"] == "1"
         refused = post(url, "too late")
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1" and "shutting down" in refused.text
         for thread in threads:

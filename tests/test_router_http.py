@@ -278,6 +278,9 @@ CASES = [  # (path, body, status, param, words in the message)
     ("/v1/completions", {"prompt": [10**6]}, 400, "prompt", "prompt token ids"),
     ("/v1/completions", {"prompt": []}, 400, "prompt", "empty"),
     ("/v1/completions", {"prompt": [[1, 2], [10**6]]}, 400, "prompt", "prompt token ids"),  # one bad prompt fails the request
+    ("/v1/completions", {"prompt": [-1]}, 400, "prompt", "prompt token ids must be in [0,"),
+    ("/v1/completions", {"prompt": [[5], [3, -7]]}, 400, "prompt", "got -7"),
+    ("/v1/completions", {"prompt": [2**40]}, 400, "prompt", "prompt token ids must be in [0,"),
     ("/v1/completions", {"max_tokens": 0}, 400, "max_tokens", "only with echo"),
     ("/v1/completions", {"prompt_logprobs": 21}, 400, "prompt_logprobs", "prompt_logprobs"),
     ("/v1/completions", {"prompt": None}, 400, "prompt", "prompt"),
@@ -294,7 +297,9 @@ CASES = [  # (path, body, status, param, words in the message)
     ("/v1/completions", {"stream": True, "temperature": -1}, 400, "temperature", "temperature"),
     ("/v1/completions", {"stream_options": {"include_usage": True}}, 400, "stream_options", "stream"),
     ("/v1/chat/completions", {"max_tokens": 0}, 400, "max_tokens", "max_tokens"),
-    ("/v1/chat/completions", {"max_completion_tokens": -1}, 400, "max_tokens", "max_tokens"),
+    ("/v1/chat/completions", {"max_completion_tokens": -1}, 400, "max_completion_tokens", "max_completion_tokens"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 25}, 400, "top_logprobs", "top_logprobs must be in [0, 20]"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": -1}, 400, "top_logprobs", "top_logprobs"),
     (
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": "blocks " * 200}]},
@@ -395,6 +400,24 @@ def test_stream_client_disconnect_aborts_request(server: Server) -> None:
 
 
 # ---- models, health, tokenizer, metrics ----
+
+
+def test_stream_null_is_a_whole_response(server: Server) -> None:
+    """OpenAI types `stream` as boolean | null: clients that send every field, unset ones as null,
+    get the whole response."""
+    for path in DEFAULTS:
+        response = server.http.post(path, json={**DEFAULTS[path], "stream": None})
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == 2
+
+
+def test_metrics_keep_vllm_names_whatever_the_scraper_asks(server: Server) -> None:
+    """Prometheus asks for OpenMetrics first; prometheus_client's OpenMetrics would rename vllm:*
+    series vllm_*, which dashboards do not query, so every scrape gets the text format."""
+    asked = server.http.get("/metrics", headers={"accept": "application/openmetrics-text; version=1.0.0,text/plain;q=0.5"})
+    assert asked.headers["content-type"].startswith("text/plain")
+    names = {sample.name for family in text_string_to_metric_families(asked.text) for sample in family.samples}
+    assert "vllm:request_success_total" in names and not any(name.startswith("vllm_") for name in names)
 
 
 def test_models_and_health(server: Server) -> None:
@@ -571,7 +594,8 @@ def test_health_and_stats_follow_the_backend(scripted: Scripted) -> None:
     assert samples[("vllm:num_requests_running", labels)] == 3 and samples[("vllm:num_requests_waiting", labels)] == 2
     assert samples[("vllm:kv_cache_usage_perc", labels)] == 0.25 and samples[("vllm:num_preemptions_total", labels)] == 7
     scripted.backend.is_up = False
-    assert scripted.http.get("/health").status_code == 503
+    down = scripted.http.get("/health")
+    assert down.status_code == 503 and down.headers["retry-after"] == "1"
     scripted.backend.is_up = True
     assert scripted.http.get("/health").status_code == 200
 

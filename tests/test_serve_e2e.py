@@ -269,24 +269,30 @@ def test_kv_really_crosses_between_the_worker_processes(server: Server, referenc
 
 
 @pytest.mark.parametrize(
-    "body, status, fragment",
+    "body, status, param, fragment",
     [
-        ({"max_tokens": 0}, 400, "max_tokens"),
-        ({"temperature": -1}, 400, "temperature"),
-        ({"top_p": 1.5}, 400, "top_p"),
-        ({"model": "no-such-model"}, 404, "no-such-model"),
-        ({"prompt": "word " * 700}, 400, "maximum context length"),
-        ({"max_tokens": MAX_MODEL_LEN}, 400, "maximum context length"),
+        ({"max_tokens": 0}, 400, "max_tokens", "max_tokens"),
+        ({"temperature": -1}, 400, "temperature", "temperature"),
+        ({"top_p": 1.5}, 400, "top_p", "top_p"),
+        ({"model": "no-such-model"}, 404, "model", "no-such-model"),
+        ({"prompt": "word " * 700}, 400, "prompt", "maximum context length"),
+        ({"max_tokens": MAX_MODEL_LEN}, 400, "max_tokens", "maximum context length"),
+        # refused by the workers (the model's vocabulary): the client's error names its field, not a worker
+        ({"prompt": [10**6]}, 400, "prompt", "prompt token ids must be in [0,"),
+        ({"logit_bias": {"1000000": 1}}, 400, "logit_bias", "must be in [0,"),
+        ({"prompt": [-1]}, 400, "prompt", "prompt token ids must be in [0,"),
     ],
 )
 def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(
-    server: Server, body: dict, status: int, fragment: str
+    server: Server, body: dict, status: int, param: str, fragment: str
 ) -> None:
     payload = {"model": server.model, "prompt": "Hello", "max_tokens": 4, **body}
     response = httpx.post(server.base_url + "/v1/completions", json=payload, timeout=30)
     assert response.status_code == status
     error = response.json()["error"]
     assert fragment in error["message"] and set(error) >= {"message", "type", "param", "code"}
+    assert error["param"] == param
+    assert not any(word in error["message"] for word in ("worker", "127.0.0.1", "INVALID_ARGUMENT")), error
     assert complete(server, "Hello", 3).choices[0].finish_reason == "length"
 
 

@@ -30,6 +30,7 @@ from pdserve.proto import auth
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.convert import params_to_proto
+from pdserve.proto.failures import PARAM_METADATA_KEY
 from tests.servers import CLUSTER_SECRET, free_port
 
 MAX_MODEL_LEN = 128
@@ -638,27 +639,30 @@ def test_prefill_cancelled_right_after_admission_still_frees_its_blocks(
 
 # ---- g. bad input --------------------------------------------------------------------------------
 
-BAD_INPUTS = [
-    ("empty prompt", lambda ids: [], greedy(4), "the prompt is empty"),
-    ("out-of-vocabulary token", lambda ids: ids[:5] + [10**6], greedy(4), "prompt token ids must be in [0,"),
-    ("negative token", lambda ids: [-1] + ids[:5], greedy(4), "prompt token ids must be in [0,"),
-    ("prompt too long", lambda ids: ids[:MAX_MODEL_LEN], greedy(4), "maximum context length is 128"),
-    ("top_p 0", lambda ids: ids[:5], pb.SamplingParams(temperature=0.0, top_p=0.0, top_k=-1, max_tokens=4), "top_p"),
-    ("top_k 0", lambda ids: ids[:5], pb.SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_tokens=4), "top_k"),
+BAD_INPUTS = [  # (case, prompt, params, words in the message, the field the status names)
+    ("empty prompt", lambda ids: [], greedy(4), "the prompt is empty", "prompt"),
+    ("out-of-vocabulary token", lambda ids: ids[:5] + [10**6], greedy(4), "prompt token ids must be in [0,", "prompt"),
+    ("negative token", lambda ids: [-1] + ids[:5], greedy(4), "prompt token ids must be in [0,", "prompt"),
+    ("prompt too long", lambda ids: ids[:MAX_MODEL_LEN], greedy(4), "maximum context length is 128", "prompt"),
+    ("top_p 0", lambda ids: ids[:5], pb.SamplingParams(temperature=0.0, top_p=0.0, top_k=-1, max_tokens=4), "top_p", "top_p"),
+    ("top_k 0", lambda ids: ids[:5], pb.SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_tokens=4), "top_k", "top_k"),
 ]
 
 
-@pytest.mark.parametrize("case, make_prompt, params, fragment", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+@pytest.mark.parametrize("case, make_prompt, params, fragment, param", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_is_invalid_argument_on_both_workers(
-    workers: Workers, text_ids: list[int], case: str, make_prompt: object, params: object, fragment: str
+    workers: Workers, text_ids: list[int], case: str, make_prompt: object, params: object, fragment: str, param: str
 ) -> None:
+    """The status names the offending field in its trailing metadata (the gateway's error `param`)."""
     prefill, decode = workers["prefill"], workers["decode"]
     request = generate_request(make_prompt(text_ids), params, f"bad-{case}")
-    assert_rpc_error(lambda: next(decode.stub.Generate(request, timeout=10)), grpc.StatusCode.INVALID_ARGUMENT, fragment)
+    error = assert_rpc_error(lambda: next(decode.stub.Generate(request, timeout=10)), grpc.StatusCode.INVALID_ARGUMENT, fragment)
+    assert (PARAM_METADATA_KEY, param) in error.trailing_metadata()
     target = pb.Reservation(block_ids=[0], kv_address=decode.address, transports=["grpc"])
-    assert_rpc_error(
+    error = assert_rpc_error(
         lambda: prefill.stub.Prefill(prefill_request(request, target), timeout=10), grpc.StatusCode.INVALID_ARGUMENT, fragment
     )
+    assert (PARAM_METADATA_KEY, param) in error.trailing_metadata()
     prefill.wait_idle(timeout_s=2)
     decode.wait_idle(timeout_s=2)
 

@@ -20,7 +20,7 @@ from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.auth import ServerAuth, caller_of
 from pdserve.proto.cluster_secret import ClusterSecret
 from pdserve.proto.convert import logprobs_to_proto, params_from_proto, worker_status
-from pdserve.proto.failures import Failure, grpc_code
+from pdserve.proto.failures import Failure, grpc_code, param_metadata
 from pdserve.proto.limits import MessageLimitInterceptor, MessageLimits, prompt_message_bytes
 
 DEFAULT_LEASE_S = 30.0
@@ -56,7 +56,7 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
                 for message in self._to_proto(event):
                     yield message
         except InvalidRequestError as exc:
-            await context.abort(grpc_code(Failure.INVALID_REQUEST), str(exc))
+            await context.abort(grpc_code(Failure.INVALID_REQUEST), str(exc), param_metadata(exc.param))
         except DecodeQueueFullError as exc:
             await context.abort(grpc_code(Failure.OVERLOADED), str(exc))
         finally:

@@ -16,7 +16,7 @@ from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.auth import ServerAuth, caller_of
 from pdserve.proto.cluster_secret import ClusterSecret
 from pdserve.proto.convert import logprobs_to_proto, params_from_proto, worker_status
-from pdserve.proto.failures import Failure, grpc_code
+from pdserve.proto.failures import Failure, grpc_code, param_metadata
 from pdserve.proto.limits import MessageLimitInterceptor, MessageLimits, prompt_message_bytes
 
 ABORTED = "aborted by an Abort call"
@@ -45,7 +45,7 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
                 request.request_id, request.transfer_id, list(request.prompt_token_ids), params, target
             )
         except InvalidRequestError as exc:
-            await context.abort(grpc_code(Failure.INVALID_REQUEST), str(exc))
+            await context.abort(grpc_code(Failure.INVALID_REQUEST), str(exc), param_metadata(exc.param))
         except (KVLayoutMismatchError, NoCommonTransportError, UnprovenPeerError) as exc:
             await context.abort(grpc_code(Failure.INCOMPATIBLE), f"decode worker at {target.address}: {exc}")
         except KVTransferError as exc:

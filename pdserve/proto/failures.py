@@ -10,6 +10,9 @@ from dataclasses import dataclass
 import grpc
 
 RETRY_AFTER_S = 1  # the Retry-After of every 503: overload and lost workers pass within seconds
+# An INVALID_ARGUMENT's offending request field (OpenAI's error `param`) rides in this trailing
+# metadata key; its details are the message for the client, as the worker's engine wrote it.
+PARAM_METADATA_KEY = "pdserve-param"
 
 
 class Failure(enum.Enum):
@@ -67,6 +70,19 @@ def grpc_code(failure: Failure) -> grpc.StatusCode:
     code = TABLE[failure].grpc_code
     assert code is not None, f"{failure} is the gateway's own and never crosses gRPC"
     return code
+
+
+def param_metadata(param: str | None) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata of an invalid-request abort that names `param`."""
+    return ((PARAM_METADATA_KEY, param),) if param else ()
+
+
+def param_of(error: grpc.aio.AioRpcError) -> str | None:
+    """The request field an invalid-request status names (`param_metadata`), if any."""
+    for key, value in error.trailing_metadata() or ():
+        if key == PARAM_METADATA_KEY and isinstance(value, str):
+            return value
+    return None
 
 
 def failure_of(code: grpc.StatusCode) -> Failure:

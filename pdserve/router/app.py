@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pdserve.proto.failures import RETRY_AFTER_S
 from pdserve.router.admission import Admission
 from pdserve.router.auth import APIKeyAuth
 from pdserve.router.backend import Backend
@@ -30,6 +31,7 @@ from pdserve.router.serving import Serving, cancel_on_disconnect
 logger = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 5.0  # /health and /metrics ask the backend; a stuck backend must not hang them
+UNAVAILABLE_HEADERS = {"Retry-After": str(RETRY_AFTER_S)}  # every 503, /health's too
 
 
 def create_app(backend: Backend, metrics: Metrics | None = None, config: GatewayConfig | None = None) -> FastAPI:
@@ -75,13 +77,13 @@ def create_app(backend: Backend, metrics: Metrics | None = None, config: Gateway
     @app.get("/health")
     async def health() -> Response:
         if drain.is_draining:
-            return Response(status_code=503)
+            return Response(status_code=503, headers=UNAVAILABLE_HEADERS)
         try:
             is_healthy = await asyncio.wait_for(backend.is_healthy(), PROBE_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - a failing probe means unhealthy
             logger.exception("health probe failed")
             is_healthy = False
-        return Response(status_code=200 if is_healthy else 503)
+        return Response(status_code=200) if is_healthy else Response(status_code=503, headers=UNAVAILABLE_HEADERS)
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -89,6 +91,9 @@ def create_app(backend: Backend, metrics: Metrics | None = None, config: Gateway
             serving.metrics.update_stats(await asyncio.wait_for(backend.stats(), PROBE_TIMEOUT_S))
         except Exception:  # noqa: BLE001 - serve the last known values rather than nothing
             logger.exception("backend stats failed; /metrics shows the last known values")
+        # Always the text format: prometheus_client's OpenMetrics output (0.26) escapes the colons
+        # of vLLM's names (vllm:... -> vllm_...) unless the scraper allows UTF-8 names, which would
+        # break the dashboards' queries; Prometheus reads the text format whatever it asks for.
         return Response(serving.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/tokenize")

@@ -87,7 +87,7 @@ class DisaggregatedBackend:
             except HandoffFailure as failure:
                 handoff.close()
                 if attempt + 1 == NUM_ATTEMPTS or not failure.is_retryable:
-                    raise failure.as_backend_failure() from None
+                    raise failure.as_error() from None
                 logger.warning("request %s: %s; trying once more", request.request_id, failure)
                 continue
             except BaseException:
@@ -114,7 +114,7 @@ class DisaggregatedBackend:
                 try:
                     message = await handoff.stream.read()
                 except grpc.aio.AioRpcError as exc:
-                    raise handoff.failure(exc, decode).as_backend_failure() from None
+                    raise handoff.failure(exc, decode).as_error() from None
                 except asyncio.CancelledError:
                     if is_cancelling():
                         raise
@@ -122,7 +122,7 @@ class DisaggregatedBackend:
                         raise BackendFailure(
                             Failure.UNAVAILABLE, f"{WorkerLostError(decode)} in the middle of the generation"
                         ) from None
-                    raise handoff.left_pool(decode).as_backend_failure() from None
+                    raise handoff.left_pool(decode).as_error() from None
                 if message is grpc.aio.EOF:
                     raise BackendFailure(
                         Failure.INTERNAL, f"decode worker {decode.record.worker_id} ended the stream without finishing"

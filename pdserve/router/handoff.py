@@ -11,10 +11,11 @@ import uuid
 import grpc
 
 from pdserve.engine.outputs import RequestDelta
+from pdserve.engine.sampling_params import InvalidRequestError
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto.convert import logprobs_from_proto
 from pdserve.proto.deadlines import Deadlines
-from pdserve.proto.failures import Failure, failure_of
+from pdserve.proto.failures import Failure, failure_of, param_of
 from pdserve.router.backend import BackendFailure
 from pdserve.router.health_watch import HealthWatch, WorkerLostError
 from pdserve.router.workers import WorkerHandle
@@ -23,17 +24,22 @@ NO_RETRY = frozenset({Failure.INVALID_REQUEST, Failure.INCOMPATIBLE})  # another
 
 
 class HandoffFailure(Exception):
-    """An attempt that failed before its first token."""
+    """An attempt that failed before its first token. A worker's refusal of the client's input
+    carries the worker's message and the field it names, for the client (`invalid_request`)."""
 
-    def __init__(self, failure: Failure, message: str) -> None:
+    def __init__(self, failure: Failure, message: str, invalid_request: InvalidRequestError | None = None) -> None:
         super().__init__(message)
         self.failure = failure
+        self.invalid_request = invalid_request
 
     @property
     def is_retryable(self) -> bool:
         return self.failure not in NO_RETRY
 
-    def as_backend_failure(self) -> BackendFailure:
+    def as_error(self) -> InvalidRequestError | BackendFailure:
+        """What the gateway raises for it: the client's 400 names the field, not the worker."""
+        if self.invalid_request is not None:
+            return self.invalid_request
         return BackendFailure(self.failure, str(self))
 
 
@@ -147,9 +153,12 @@ class Handoff:
 
     def failure(self, exc: grpc.aio.AioRpcError, worker: WorkerHandle) -> HandoffFailure:
         """A worker's gRPC status as a failure kind (`proto/failures.py`)."""
-        return HandoffFailure(
-            failure_of(exc.code()), f"{worker.record.role} worker {_name(worker)}: {exc.code().name}: {exc.details()}"
+        failure = failure_of(exc.code())
+        message = f"{worker.record.role} worker {_name(worker)}: {exc.code().name}: {exc.details()}"
+        invalid = (
+            InvalidRequestError(exc.details() or "invalid request", param_of(exc)) if failure is Failure.INVALID_REQUEST else None
         )
+        return HandoffFailure(failure, message, invalid)
 
     def left_pool(self, worker: WorkerHandle) -> HandoffFailure:
         """gRPC cancelled a call of ours itself: the pool closed the channel to `worker`."""

@@ -9,12 +9,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pdserve.engine.sampling_params import SamplingParams, StructuredOutput
+from pdserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutput
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.router.errors import APIError
 from pdserve.router.structured_output import StructuredOutputsParams, structured_output_of
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_TOKEN_ID = 2**31  # token ids travel as int32 (proto/pdserve.proto)
 MAX_CACHE_SALT_CHARS = 1024
 
 
@@ -96,6 +97,12 @@ class GenerationRequest(BaseModel):
     # Prefix-cache isolation (vLLM's field): cached prefixes are shared only between requests with
     # the same salt (and, with API keys, the same key). Should be random and secret, e.g. 256 bits.
     cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _stream_null_is_false(cls, stream: object) -> object:
+        """OpenAI types `stream` as boolean | null (vLLM: Optional[bool] = False): null streams nothing."""
+        return False if stream is None else stream
 
     def check_supported(self) -> None:
         """Reject what pdserve does not implement rather than silently sampling without it."""
@@ -189,13 +196,22 @@ class CompletionRequest(GenerationRequest):
             raise APIError(400, "max_tokens must be at least 1 (0 only with echo)", "max_tokens")
 
     def prompt_list(self) -> list[str | list[int]]:
-        """The prompts: one text or token-id list, or a batch of either (a choice each)."""
+        """The prompts: one text or token-id list, or a batch of either (a choice each). Token ids
+        are checked here only against what the tokenizer and the wire can hold (a worker checks
+        them against the model's vocabulary)."""
         prompt = self.prompt
+        prompts: list[str | list[int]]
         if isinstance(prompt, str) or all(isinstance(t, int) for t in prompt):
-            return [prompt]
-        if not prompt:
+            prompts = [prompt]  # a text, or one list of ids
+        elif not prompt:
             raise APIError(400, "the prompt list is empty", "prompt")
-        return list(prompt)
+        else:
+            prompts = list(prompt)
+        for ids in prompts:
+            bad = next((t for t in ids if not 0 <= t < MAX_TOKEN_ID), None) if not isinstance(ids, str) else None
+            if bad is not None:
+                raise APIError(400, f"prompt token ids must be in [0, {MAX_TOKEN_ID}), got {bad}", "prompt")
+        return prompts
 
     def sampling_params(
         self,
@@ -227,6 +243,11 @@ class ChatCompletionRequest(GenerationRequest):
         super().check_supported()
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs to be true", "top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}", "top_logprobs")
+        if self.max_completion_tokens is not None and self.max_completion_tokens < 1:
+            message = f"max_completion_tokens must be at least 1, got {self.max_completion_tokens}"
+            raise APIError(400, message, "max_completion_tokens")
 
     @property
     def requested_max_tokens(self) -> int | None:
