@@ -208,9 +208,9 @@ class CompletionRequest(GenerationRequest):
         else:
             prompts = list(prompt)
         for ids in prompts:
-            bad = next((t for t in ids if not 0 <= t < MAX_TOKEN_ID), None) if not isinstance(ids, str) else None
-            if bad is not None:
-                raise APIError(400, f"prompt token ids must be in [0, {MAX_TOKEN_ID}), got {bad}", "prompt")
+            bad = [] if isinstance(ids, str) else [t for t in ids if not 0 <= t < MAX_TOKEN_ID]
+            if bad:
+                raise APIError(400, f"prompt token ids must be in [0, {MAX_TOKEN_ID}), got {bad[0]}", "prompt")
         return prompts
 
     def sampling_params(
