@@ -145,3 +145,29 @@ def test_pool_series_on_metrics(tokenizer: Tokenizer) -> None:
     assert 'pdserve:pool_replicas{model_name="m",pool="decode",state="draining"} 1.0' in text
     assert 'pdserve:pool_desired_replicas{model_name="m",pool="prefill"} 2.0' in text
     assert 'pdserve:autoscaler_decisions_total{direction="up",model_name="m",pool="prefill"} 3.0' in text
+
+
+def test_the_scale_command_resizes_no_pool_when_it_cannot_resize_them_all(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from pdserve.deploy import admin_client
+    from pdserve.deploy.cli import build_parser
+
+    posted: list[tuple[str, int]] = []
+
+    class Gateway:
+        def __init__(self, url: str, token: str | None) -> None:
+            pass
+
+        def pools(self) -> dict:
+            return {"pools": {"prefill": {"min": 1, "max": 8}, "decode": {"min": 1, "max": 8}}}
+
+        def scale(self, pool: str, replicas: int) -> dict:
+            posted.append((pool, replicas))
+            return self.pools()
+
+    monkeypatch.setattr(admin_client, "AdminClient", Gateway)
+    args = build_parser().parse_args(["scale", "--prefill", "2", "--decode", "0"])
+    assert admin_client.scale(args) == 1 and posted == []
+    assert "the decode pool takes 1 to 8 replicas; got 0; no pool was resized" in capsys.readouterr().err
+    assert admin_client.scale(build_parser().parse_args(["scale", "--prefill", "2", "--wait", "-5"])) == 2 and posted == []

@@ -68,6 +68,20 @@ def test_flags_override_the_file(tmp_path: Path, demo_model_dir: Path) -> None:
         ("pools: {prefill: {min: 3, max: 2}}\n", "0 <= min <= max"),
         ("autoscaler: {cooldown: 5}\n", "autoscaler: unknown cooldown"),
         ("- a list\n", "expected a mapping"),
+        # a value of the wrong type is refused here, not after the workers have started
+        ("max-num-seqs: 8.7\n", "max-num-seqs must be an integer, got 8.7"),
+        ("max-num-seqs: eight\n", "max-num-seqs must be an integer, got 'eight'"),
+        ("port: [1, 2]\n", "port must be an integer, got [1, 2]"),
+        ("gpu-memory-utilization: true\n", "gpu-memory-utilization must be a number"),
+        ("host: {a: 1}\n", "host must be text"),
+        ("api-key: [k1, {a: 1}]\n", "api-key must be text"),
+        ("pools: {prefill: {replicas: two}}\n", "pools.prefill.replicas must be an integer, got 'two'"),
+        ("pools: {prefill: {min: '1'}}\n", "pools.prefill.min must be an integer"),
+        ("pools: {prefill: {resources: [1]}}\n", "pools.prefill.resources must map resource names"),
+        ("autoscaler: {interval_s: abc}\n", "autoscaler.interval_s must be a number, got 'abc'"),
+        ("autoscaler: {interval_s: 0}\n", "interval_s > 0"),
+        ("drain: {timeout_s: abc}\n", "drain.timeout_s must be a number, got 'abc'"),
+        ("drain: {quiet_s: -5}\n", "0 <= quiet_s <= timeout_s"),
     ],
 )
 def test_mistakes_in_the_file_are_errors_naming_it(
@@ -78,6 +92,23 @@ def test_mistakes_in_the_file_are_errors_naming_it(
     assert main(["serve", "--config", str(path)]) == 2
     stderr = capsys.readouterr().err
     assert fragment in stderr and str(path) in stderr, stderr
+
+
+def test_a_string_api_key_is_one_key_and_a_list_is_several(tmp_path: Path, demo_model_dir: Path) -> None:
+    from pdserve.deploy.cli import gateway_config
+
+    for text, keys in (("api-key: sekret\n", ("sekret",)), ("api-key: [k1, k2]\n", ("k1", "k2"))):
+        path = tmp_path / "keys.yaml"
+        path.write_text(f"model: {demo_model_dir}\n{text}")
+        args = build_parser(str(path)).parse_args(["serve", "--config", str(path)])
+        assert gateway_config(args).api_keys == keys
+
+
+def test_numbers_in_the_file_take_the_flags_types(tmp_path: Path, demo_model_dir: Path) -> None:
+    text = f"model: {demo_model_dir}\nkv-cache-memory-gib: 1\nmax-num-seqs: '16'\ndrain: {{quiet_s: 1, timeout_s: 30}}\n"
+    config = config_of(tmp_path, text)
+    assert config.engine.kv_cache_memory_gib == 1.0 and isinstance(config.engine.kv_cache_memory_gib, float)
+    assert config.engine.max_num_seqs == 16 and (config.drain.quiet_s, config.drain.timeout_s) == (1, 30)
 
 
 def test_replicas_outside_the_pools_bounds_are_refused(tmp_path: Path, demo_model_dir: Path) -> None:

@@ -259,6 +259,30 @@ def test_sigterm_drain_finishes_what_fits_the_timeout_and_ends_the_rest_with_an_
             time.sleep(0.05)
 
 
+def test_a_second_signal_ends_the_requests_in_flight_at_once_with_an_error_and_done(paced: PacedBackend) -> None:
+    app = create_app(paced, config=GatewayConfig(shutdown_timeout_s=60.0))
+    with gateway_in_thread(app, shutdown_timeout_s=60.0) as (url, server):
+        endless: list = []
+        thread = in_background(stream_events, url, "forever stream", endless)
+        deadline = time.monotonic() + 10
+        while len(endless) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        server.handle_exit(15, None)  # the first SIGTERM: drain, for up to 60 s
+        while not app.state.drain.is_draining:
+            time.sleep(0.01)
+        time.sleep(0.3)
+        assert thread.is_alive() and not server.should_exit
+        server.handle_exit(15, None)  # the second: now
+        signalled = time.monotonic()
+        thread.join(10)
+        assert endless[-1] == "[DONE]" and endless[-2]["error"]["code"] == 503, endless[-3:]
+        assert "shutting down" in endless[-2]["error"]["message"]
+        while not server.should_exit:  # then uvicorn stops
+            time.sleep(0.05)
+        assert time.monotonic() - signalled < 3
+
+
 # ---- input limits ----------------------------------------------------------------------------------
 
 

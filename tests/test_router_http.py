@@ -355,6 +355,18 @@ def test_invalid_request_gets_openai_error(
     assert_serving(server)
 
 
+def test_a_body_not_sent_as_json_is_told_the_content_type(server: Server) -> None:
+    # curl -d '{...}' without -H 'Content-Type: application/json' sends a form's content type
+    body = json.dumps(DEFAULTS["/v1/completions"])
+    response = server.http.post("/v1/completions", content=body, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert "Content-Type: application/json" in message and "application/x-www-form-urlencoded" in message, message
+    response = server.http.post("/v1/completions", content=body)  # no content type at all
+    assert response.status_code == 400 and "(this one's: none)" in response.json()["error"]["message"]
+    assert server.http.post("/v1/completions", content=body, headers={"content-type": "application/json"}).status_code == 200
+
+
 def assert_serving(server: Server) -> None:
     result = server.http.post("/v1/completions", json=DEFAULTS["/v1/completions"])
     assert result.status_code == 200 and result.json()["usage"]["completion_tokens"] >= 1

@@ -68,8 +68,15 @@ def scale(args: argparse.Namespace) -> int:
     if not sizes:
         print("pdserve scale: give --prefill N and/or --decode M", file=sys.stderr)
         return 2
+    if args.wait < 0:
+        print(f"pdserve scale: --wait must be >= 0 seconds; got {args.wait:g}", file=sys.stderr)
+        return 2
     client = AdminClient(args.url, args.token or os.environ.get("PDSERVE_ADMIN_TOKEN"))
     try:
+        refused = out_of_bounds(client.pools(), sizes)  # all or nothing: no pool resized if one cannot be
+        if refused:
+            print(f"pdserve scale: {refused}; no pool was resized", file=sys.stderr)
+            return 1
         for pool, replicas in sizes.items():
             view = client.scale(pool, replicas)
         if args.wait > 0:
@@ -79,6 +86,18 @@ def scale(args: argparse.Namespace) -> int:
         return 1
     print(render(view))
     return 0
+
+
+def out_of_bounds(view: dict, sizes: dict[str, int]) -> str | None:
+    """Why the gateway would refuse one of `sizes` (pool -> replicas), as it would say it; None when
+    it would take them all."""
+    for pool, replicas in sizes.items():
+        bounds = view["pools"][pool]
+        if replicas < 0:
+            return f"replicas must be >= 0; got {replicas} for the {pool} pool"
+        if not bounds["min"] <= replicas <= bounds["max"]:
+            return f"the {pool} pool takes {bounds['min']} to {bounds['max']} replicas; got {replicas}"
+    return None
 
 
 def status(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from pdserve.proto.cluster_secret import ClusterSecret
 
 DEMO_MODEL_NAME = "pdserve-demo"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 API_KEY_ENV = "PDSERVE_API_KEY"  # comma-separated keys, added to --api-key
 
 
@@ -198,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigFileError as exc:
             print(f"pdserve: {exc}", file=sys.stderr)
             return 2
-    level = args.log_level.upper() if args.command in ("serve", "router") else "INFO"
+    # scale and status print their answer; the HTTP client's request lines would only hide it
+    level = args.log_level.upper() if args.command in ("serve", "router") else "WARNING"
+    if level not in LOG_LEVELS:
+        print(f"pdserve {args.command}: --log-level must be one of {', '.join(LOG_LEVELS).lower()}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command in ("router", "scale", "status"):
         from pdserve.deploy import admin_client, router_gateway
@@ -226,6 +232,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         config = serve_config(args)
         gateway = gateway_config(args)
+        check_against_model(config.engine)
+        check_can_listen(config.host, config.port)
     except (ConfigError, ValueError, TypeError) as exc:
         print(f"pdserve: {exc}", file=sys.stderr)
         return 2
@@ -239,10 +247,13 @@ def serve(args: argparse.Namespace) -> int:
     _stop_on_sigterm()
     watchdog = start_watchdog() if config.ray_address is None else None  # noqa: F841 - lives as long as this process
     try:
-        controller = ControllerClient(cluster.start())
-        _stop_on_sigterm()  # again: ray.init installs its own handler (sys.exit(15))
+        controller = ControllerClient(cluster.start(after_ray_init=_stop_on_sigterm))  # ray.init installs its own
         return asyncio.run(run_gateway(config, controller, gateway, controller))
     except (KeyboardInterrupt, _Shutdown):
+        return 0
+    except SystemError as exc:  # a signal's exception raised inside Ray's C code comes back wrapped
+        if not isinstance(exc.__cause__, (KeyboardInterrupt, _Shutdown)):
+            raise
         return 0
     except ConfigError as exc:
         print(f"pdserve: {exc}", file=sys.stderr)
@@ -251,8 +262,8 @@ def serve(args: argparse.Namespace) -> int:
         print(f"pdserve: {exc}", file=sys.stderr)
         return 1
     finally:
-        exit_guard.arm(STOP_TIMEOUT_S + exit_guard.EXIT_TIMEOUT_S)
-        cluster.stop()
+        exit_guard.arm(STOP_TIMEOUT_S + exit_guard.EXIT_TIMEOUT_S)  # covers the drain (MAX_DRAIN_S) too
+        cluster.stop(drain_timeout_s=gateway.shutdown_timeout_s)  # the workers finish other gateways' requests
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
@@ -298,6 +309,28 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         drain=DrainConfig(**(args.drain or {})),
         cluster_secret=cluster_secret(),
     )
+
+
+def check_against_model(engine: EngineConfig) -> None:
+    """What the workers would refuse once loaded, refused before any starts: the context length and
+    --quantization against the checkpoint's config.json."""
+    from pdserve.engine.config import ModelConfig
+    from pdserve.engine.quant_config import resolve_quantization
+
+    model = ModelConfig.from_pretrained(engine.model)
+    engine.model_len(model)
+    resolve_quantization(model.quantization, engine.quantization, is_dummy=engine.load_format == "dummy")
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Raises ValueError when the gateway could not listen on host:port (in use, or no such
+    address), before the workers start rather than after."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.create_server((host, port), family=family):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {host}:{port} (--host, --port): {exc.strerror or exc}") from exc
 
 
 class _Shutdown(Exception):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -15,7 +16,10 @@ from pdserve.deploy.placement import gpus_per_worker, local_node_resources, miss
 from pdserve.engine.config import ConfigError
 
 logger = logging.getLogger(__name__)
-STOP_TIMEOUT_S = 30.0  # the controller's shutdown of the workers
+STOP_TIMEOUT_S = 30.0  # the controller's stop of the workers, after their drain
+# The workers' drain at shutdown is cut to this, so that cli's exit guard (STOP_TIMEOUT_S + 30 s)
+# still covers the drain, the stop and ray.shutdown.
+MAX_DRAIN_S = 20.0
 
 
 class StartupError(RuntimeError):
@@ -28,14 +32,17 @@ class Cluster:
         self.controller: Any = None
         self._started_ray = False
 
-    def start(self) -> Any:
+    def start(self, after_ray_init: Callable[[], None] | None = None) -> Any:
         """Starts the controller and the initial workers (models load in parallel); returns the
-        controller's actor handle once every initial worker is ready."""
+        controller's actor handle once every initial worker is ready. `after_ray_init` runs once
+        Ray is up, before the workers start (ray.init replaces the process's SIGTERM handler)."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         if not ray.is_initialized():
             self._init_ray()
+        if after_ray_init is not None:
+            after_ray_init()
         missing = missing_pools(ray.cluster_resources())
         if missing:
             logger.warning(
@@ -51,8 +58,9 @@ class Cluster:
             scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
             runtime_env={"env_vars": {"PYTHONPATH": pythonpath()}},
         )
+        controller_config = self._controller_config(ray.cluster_resources().get("GPU", 0))  # its own ConfigError
         try:
-            self.controller = controller_cls.remote(self._controller_config(ray.cluster_resources().get("GPU", 0)))
+            self.controller = controller_cls.remote(controller_config)
         except ValueError as exc:  # ActorAlreadyExistsError
             raise ConfigError(f"another `pdserve serve` already controls this Ray cluster ({exc})") from exc
         timeout_s = self.config.startup_timeout_s
@@ -106,14 +114,18 @@ class Cluster:
             cluster_secret=config.cluster_secret,
         )
 
-    def stop(self) -> None:
+    def stop(self, drain_timeout_s: float = 0.0) -> None:
+        """Stops the workers and the controller (and Ray, if this process started it). First, for up
+        to `drain_timeout_s` (cut to `MAX_DRAIN_S`), the workers finish the requests they hold, those
+        of every gateway (`pdserve router`s too), and take no new ones."""
         import ray
 
         if not ray.is_initialized():
             return
         if self.controller is not None:
+            drain_s = min(max(drain_timeout_s, 0.0), MAX_DRAIN_S)
             try:
-                ray.get(self.controller.shutdown.remote(), timeout=STOP_TIMEOUT_S)
+                ray.get(self.controller.shutdown.remote(drain_s), timeout=drain_s + STOP_TIMEOUT_S)
             except Exception as exc:  # noqa: BLE001 - shutting down regardless
                 logger.warning("workers did not stop cleanly: %s", exc)
             ray.kill(self.controller)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from pdserve.engine.config import EngineConfig
 from pdserve.proto.cluster_secret import ClusterSecret
+from pdserve.router.registry import check_redis_url
 
 ROLES = ("prefill", "decode")
 # Ray actor options a pool's `resources` may set besides custom resources.
@@ -77,6 +78,12 @@ class DrainConfig:
     quiet_s: float = 3.0
     timeout_s: float = 660.0  # past the gateway's whole-request deadline (600 s)
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.quiet_s <= self.timeout_s:
+            raise ValueError(
+                f"drain: 0 <= quiet_s <= timeout_s is required; got quiet_s {self.quiet_s}, timeout_s {self.timeout_s}"
+            )
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -101,6 +108,10 @@ class ServeConfig:
     cluster_secret: ClusterSecret = field(default_factory=ClusterSecret.generate)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be in 0..65535; got {self.port}")
+        if self.redis_url is not None:
+            check_redis_url(self.redis_url)
         for role in ROLES:
             replicas, pool = self.replicas(role), self.pool(role)
             if replicas < 1:

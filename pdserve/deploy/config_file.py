@@ -48,18 +48,46 @@ def file_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str, objec
 
 
 def _flag_value(path: str, key: str, action: argparse.Action, value: object) -> object:
+    """The flag's value as the command line would give it: a YAML value of the flag's type (or text
+    that converts to it); a repeatable flag takes one value or a list of them."""
     if action.nargs == 0:  # store_true / --x/--no-x
         if not isinstance(value, bool):
             raise ConfigFileError(f"{path}: {key} must be true or false, got {value!r}")
         return value
-    if action.type is not None and isinstance(value, str):
+    if isinstance(action, argparse._AppendAction):  # --api-key: a string is one value, never its characters
+        return [_scalar(path, key, action, item) for item in (value if isinstance(value, list) else [value])]
+    return _scalar(path, key, action, value)
+
+
+def _scalar(path: str, key: str, action: argparse.Action, value: object) -> object:
+    if value is None and action.default is None:
+        return None
+    kind = _KIND_NAMES.get(action.type, "text") if isinstance(action.type, type) else "text"
+    if isinstance(value, str) and callable(action.type):
         try:
             value = action.type(value)
         except ValueError as exc:
-            raise ConfigFileError(f"{path}: {key}: {exc}") from exc
+            raise ConfigFileError(f"{path}: {key} must be {kind}, got {value!r}") from exc
+    elif not _is_kind(value, action.type):
+        raise ConfigFileError(f"{path}: {key} must be {kind}, got {value!r}")
     if action.choices is not None and value not in action.choices:
         raise ConfigFileError(f"{path}: {key} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
-    return value
+    return float(value) if action.type is float and isinstance(value, int) else value
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _is_kind(value: object, kind: object) -> bool:
+    """Whether a YAML value is already of a flag's or setting's type (a bool is neither an integer
+    nor a number)."""
+    if isinstance(value, bool) or kind is bool:
+        return isinstance(value, bool) and kind is bool
+    if kind is int:
+        return isinstance(value, int)
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, str)
 
 
 def _pools(path: str, value: object) -> dict[str, object]:
@@ -73,6 +101,12 @@ def _pools(path: str, value: object) -> dict[str, object]:
             raise ConfigFileError(
                 f"{path}: pools.{role}: unknown {', '.join(sorted(map(str, unknown)))} (known: {', '.join(sorted(POOL_KEYS))})"
             )
+        for file_key in ("replicas", "min", "max"):
+            if file_key in section and not _is_kind(section[file_key], int):
+                raise ConfigFileError(f"{path}: pools.{role}.{file_key} must be an integer, got {section[file_key]!r}")
+        resources = section.get("resources") or {}
+        if not isinstance(resources, dict):
+            raise ConfigFileError(f"{path}: pools.{role}.resources must map resource names to amounts, got {resources!r}")
         if "replicas" in section:
             values[f"{role}_workers"] = section["replicas"]
         bounds = {
@@ -80,16 +114,26 @@ def _pools(path: str, value: object) -> dict[str, object]:
             "max_replicas": section.get("max", PoolConfig.max_replicas),
         }
         try:
-            values[f"{role}_pool"] = PoolConfig(**bounds, resources=dict(section.get("resources") or {}))
+            values[f"{role}_pool"] = PoolConfig(**bounds, resources=dict(resources))
         except (TypeError, ValueError) as exc:
             raise ConfigFileError(f"{path}: pools.{role}: {exc}") from exc
     return values
 
 
 def _section(path: str, name: str, value: object) -> dict[str, object]:
-    """The section's settings as keyword arguments of its config class (checked when it is built)."""
-    known = {f.name for f in fields(SECTIONS[name])} - {"enabled"}
+    """The section's settings as keyword arguments of its config class, each of its type and
+    checked together by building the class once here."""
+    config_class = SECTIONS[name]
+    types = {f.name: type(f.default) for f in fields(config_class)}
+    known = set(types) - {"enabled"}
     if not isinstance(value, dict) or not set(value) <= known:
         extra = sorted(map(str, set(value) - known)) if isinstance(value, dict) else ["(not a mapping)"]
         raise ConfigFileError(f"{path}: {name}: unknown {', '.join(extra)} (known: {', '.join(sorted(known))})")
+    for key, setting in value.items():
+        if not _is_kind(setting, types[key]):
+            raise ConfigFileError(f"{path}: {name}.{key} must be {_KIND_NAMES[types[key]]}, got {setting!r}")
+    try:
+        config_class(**value)
+    except ValueError as exc:
+        raise ConfigFileError(f"{path}: {exc}") from exc
     return dict(value)

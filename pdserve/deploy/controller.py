@@ -27,6 +27,8 @@ CONTROLLER_NAME = "pdserve-controller"
 NAMESPACE = "pdserve"
 POLL_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 15.0
+SHUTDOWN_POLL_S = 0.1  # how often shutdown's drain asks the workers whether they still hold requests
+SHUTDOWN_QUIET_S = 0.75  # past a gateway's status poll (every 0.5 s): by then none still picks a draining worker
 WORKER_THREADS = 4  # a worker actor answers load() and drain() while start() loads the model
 
 
@@ -101,14 +103,40 @@ class Controller:
         self._latencies[gateway_id] = (time.monotonic(), ttft_s, itl_s)
         return self._view()
 
-    async def shutdown(self) -> None:
+    async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
+        """Stops every worker; first, for up to `drain_timeout_s`, lets them finish what they hold."""
         if self._loop is not None:
             self._loop.cancel()
         workers = [w for pool in self.pools.values() for w in pool.workers.values()]
+        if drain_timeout_s > 0:
+            try:
+                await asyncio.wait_for(self._drain_all(workers), drain_timeout_s)
+            except TimeoutError:
+                busy = [w.worker_id for w in workers if w.state is WorkerState.DRAINING and not (w.load and w.load.is_idle)]
+                logger.warning("shutdown: %s still hold requests after %g s; stopping them", busy, drain_timeout_s)
         actors = list({id(w.actor): w.actor for w in workers}.values())
         await asyncio.gather(*(asyncio.wait_for(_ref(a.stop.remote()), STOP_TIMEOUT_S) for a in actors), return_exceptions=True)
         for actor in actors:
             _kill(actor)
+
+    async def _drain_all(self, workers: list[PoolWorker]) -> None:
+        """Shutdown's drain, as a scale-down's but of every worker at once: none takes new requests
+        (gateways see it at their next status poll); returns once none holds a request or a block."""
+        serving = [w for w in workers if w.state in (WorkerState.READY, WorkerState.DRAINING)]
+        for worker in serving:
+            if worker.state is WorkerState.READY:
+                worker.load_at_drain = worker.load
+                worker.enter(WorkerState.DRAINING)
+        logger.info("shutdown: draining %d workers", len(serving))
+        await asyncio.gather(*(self._mark_draining(w) for w in serving), return_exceptions=True)
+        # With Redis, other gateways may have picked a worker just before their poll saw it draining.
+        quiet_until = time.monotonic() + (SHUTDOWN_QUIET_S if self.config.redis_url else 0.0)
+        while True:
+            await asyncio.gather(*(self._poll(w) for w in serving))
+            held = [w for w in serving if w.state is WorkerState.DRAINING and (w.load is None or not w.load.is_idle)]
+            if not held and time.monotonic() >= quiet_until:
+                return
+            await asyncio.sleep(SHUTDOWN_POLL_S)
 
     # -- the reconcile loop ----------------------------------------------------------------------
     async def _run(self) -> None:

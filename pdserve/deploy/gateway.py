@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sys
 from typing import TYPE_CHECKING
 
@@ -23,23 +24,36 @@ from pdserve.router.registry import Registry
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from pdserve.router.disaggregated import DisaggregatedBackend
+    from pdserve.router.workers import WorkerPool
+
 logger = logging.getLogger(__name__)
 READY_TIMEOUT_S = 60.0
 REPORT_INTERVAL_S = 2.0  # the controller's view on /metrics is this fresh (the autoscaler's interval when it runs)
 
 
 async def run_gateway(
-    config: ServeConfig, registry: Registry | None, gateway: GatewayConfig, controller: ControllerClient | None = None
+    config: ServeConfig,
+    registry: Registry | None,
+    gateway: GatewayConfig,
+    controller: ControllerClient | None = None,
+    can_serve_before_workers: bool = False,
 ) -> int:
     """`registry` None: colocated. `controller`: the pools' admin routes and the autoscaler's reports.
+    `can_serve_before_workers` (`pdserve router`): listen at once, /health 503 until workers register;
+    else (`pdserve serve`, which starts them) fail unless they are ready within `READY_TIMEOUT_S`.
     It owns the process: once it stops serving, the process has `exit_guard.EXIT_TIMEOUT_S` to end."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # the event loop, gRPC's threads and (colocated) the engine thread
     metrics = Metrics(config.served_model_name)
-    backend = await _colocated(config) if registry is None else await _disaggregated(config, registry, metrics, gateway)
+    tasks: list[asyncio.Task] = []
+    if registry is None:
+        backend: Backend = await _colocated(config)
+    else:
+        backend = disaggregated = await _disaggregated(config, registry, metrics, gateway, can_serve_before_workers)
+        tasks.append(asyncio.create_task(_learn_max_model_len(disaggregated)))
     app = create_app(backend, metrics, gateway)
-    reporting = None
     if registry is not None:
-        reporting = _add_operations(app, backend, config, metrics, controller)
+        tasks += _add_operations(app, backend, config, metrics, controller)
     uvicorn_config = gateway_config(app, config.host, config.port, gateway.request_read_timeout_s)
     server = GatewayServer(uvicorn_config, app.state.drain, gateway.shutdown_timeout_s)
     mode = "colocated" if registry is None else f"disaggregated, workers from {type(registry).__name__}"
@@ -48,15 +62,15 @@ async def run_gateway(
         await server.serve()
     finally:
         exit_guard.arm()  # no longer serving: whatever hangs from here, the process ends
-        if reporting is not None:
-            reporting.cancel()
+        for task in tasks:
+            task.cancel()
         await backend.close()
     return 0
 
 
 def _add_operations(
     app: FastAPI, backend: Backend, config: ServeConfig, metrics: Metrics, controller: ControllerClient | None
-) -> asyncio.Task | None:
+) -> list[asyncio.Task]:
     """Admin routes, per-pool metrics and, with a controller, the autoscaler's latency reports."""
     from pdserve.router.admin import admin_routes
     from pdserve.router.pool_metrics import PoolCollector
@@ -66,9 +80,9 @@ def _add_operations(
         PoolCollector(backend.pool, config.served_model_name, lambda: controller.last_view if controller else None)
     )
     if controller is None:
-        return None
+        return []
     interval_s = config.autoscale.interval_s if config.autoscale.enabled else REPORT_INTERVAL_S
-    return asyncio.create_task(controller.report_forever(metrics, interval_s))
+    return [asyncio.create_task(controller.report_forever(metrics, interval_s))]
 
 
 async def _colocated(config: ServeConfig) -> Backend:
@@ -79,22 +93,44 @@ async def _colocated(config: ServeConfig) -> Backend:
     return ColocatedBackend(AsyncEngine(LLMEngine.from_config(config.engine)), config.served_model_name)
 
 
-async def _disaggregated(config: ServeConfig, registry: Registry, metrics: Metrics, gateway: GatewayConfig) -> Backend:
+async def _disaggregated(
+    config: ServeConfig, registry: Registry, metrics: Metrics, gateway: GatewayConfig, can_serve_before_workers: bool
+) -> DisaggregatedBackend:
+    """The backend over the registry's workers. Before they are ready (`can_serve_before_workers`)
+    its context length is the model's, an upper bound of theirs, until `_learn_max_model_len`."""
+    from pdserve.engine.config import ModelConfig
     from pdserve.router.disaggregated import DisaggregatedBackend
     from pdserve.router.workers import WorkerPool
 
     pool = WorkerPool(registry, config.cluster_secret)
     await pool.start()
-    if not await pool.wait_ready(READY_TIMEOUT_S):
+    if not can_serve_before_workers and not await pool.wait_ready(READY_TIMEOUT_S):
         await pool.close()
         raise RuntimeError(f"no healthy prefill and decode workers within {READY_TIMEOUT_S:g} s")
-    max_model_len = min(w.status.max_model_len for w in pool.workers.values() if w.status is not None)
-    tokenizer = Tokenizer.from_pretrained(config.engine.model)
+    if _is_ready(pool):
+        max_model_len = _workers_max_model_len(pool)
+    else:
+        logger.info("no healthy prefill and decode workers yet: /health answers 503 until they register")
+        max_model_len = ModelConfig.from_pretrained(config.engine.model).longest_context
     return DisaggregatedBackend(
         pool,
-        tokenizer,
+        Tokenizer.from_pretrained(config.engine.model),
         config.served_model_name,
         max_model_len,
         on_kv_transfer=metrics.observe_kv_transfer,
         deadlines=gateway.deadlines,
     )
+
+
+async def _learn_max_model_len(backend: DisaggregatedBackend) -> None:
+    """Once the first workers are ready, their context length (a no-op when they were at the start)."""
+    await backend.pool.wait_ready(math.inf)
+    backend.max_model_len = _workers_max_model_len(backend.pool)
+
+
+def _is_ready(pool: WorkerPool) -> bool:
+    return bool(pool.healthy("prefill") and pool.healthy("decode"))
+
+
+def _workers_max_model_len(pool: WorkerPool) -> int:
+    return min(w.status.max_model_len for w in pool.healthy("prefill") + pool.healthy("decode") if w.status is not None)

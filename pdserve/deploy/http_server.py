@@ -1,6 +1,6 @@
 """uvicorn as the gateway runs it: connections that do not deliver a request's headers in time are
 closed (slow or half-open clients hold nothing for long), and SIGTERM/SIGINT first drain the app
-(`router/drain.py`) before uvicorn stops; a second signal stops at once."""
+(`router/drain.py`) before uvicorn stops; a second signal ends the requests in flight at once."""
 
 from __future__ import annotations
 
@@ -73,9 +73,13 @@ class GatewayServer(uvicorn.Server):
         self._drain_task: asyncio.Task | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        """A signal handler (main thread): the first signal asks for the drain, a second one stops."""
-        if self._is_drain_requested:
+        """A signal handler (main thread): the first signal asks for the drain; a second one ends the
+        requests in flight at once (each stream with its error event and `[DONE]`), then stops; a
+        third leaves it to uvicorn (which stops without waiting for its connections)."""
+        if self._drain.is_cut_short:
             super().handle_exit(sig, frame)
+        elif self._is_drain_requested:
+            self._drain.cut_short()
         self._is_drain_requested = True
 
     async def on_tick(self, counter: int) -> bool:

@@ -60,13 +60,17 @@ def main(args: argparse.Namespace) -> int:
     try:
         config = router_config(args)
         gateway = gateway_config(args)
+        registry = RedisRegistry(config.redis_url, config.cluster_secret)  # a malformed URL fails here
     except (ConfigError, ValueError) as exc:
         print(f"pdserve router: {exc}", file=sys.stderr)
         return 2
+    # It serves before its workers register and while the controller is away (503s until then). It
+    # joins Ray later, off the main thread: Ray's crash handler must not take SIGTERM from the drain.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     controller = ControllerClient.find(config.ray_address) if config.ray_address else None
-    signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return asyncio.run(run_gateway(config, RedisRegistry(config.redis_url, config.cluster_secret), gateway, controller))
+        return asyncio.run(run_gateway(config, registry, gateway, controller, can_serve_before_workers=True))
     except KeyboardInterrupt:
         return 0
 

@@ -176,6 +176,10 @@ class EngineConfig:
             raise ConfigError(f"block_size must be a power of two up to 128; got {self.block_size}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ConfigError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"max_model_len must be >= 1; got {self.max_model_len}")
+        if self.kv_cache_memory_gib is not None and not self.kv_cache_memory_gib > 0:
+            raise ConfigError(f"kv_cache_memory_gib must be > 0; got {self.kv_cache_memory_gib}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ConfigError(f"num_kv_blocks must be >= 1; got {self.num_kv_blocks}")
         if self.load_format not in ("auto", "dummy"):

@@ -1,7 +1,7 @@
 """Operator routes, behind a bearer token: `GET /admin/workers` (the workers this gateway routes to,
 as it polls them), `GET /admin/pools` and `POST /admin/pools/{prefill|decode}` (the controller's
-pools: desired and actual replicas, each worker's state, node, pid and load). No token configured:
-the whole admin API is off (403)."""
+pools: desired and actual replicas, each worker's state, node, pid and load; 503 while the controller
+cannot be reached). No token configured: the whole admin API is off (403)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,13 @@ class ScaleError(ValueError):
     """A scale request the controller refuses (a count outside the pool's bounds...): HTTP 400."""
 
 
+class ControllerUnavailableError(RuntimeError):
+    """The controller cannot be reached now (stopped, restarting, its Ray cluster gone): HTTP 503."""
+
+
 class PoolAdmin(Protocol):
-    """The controller as the gateway reaches it (`deploy/controller_client.py`)."""
+    """The controller as the gateway reaches it (`deploy/controller_client.py`); both calls raise
+    ControllerUnavailableError while it cannot be reached."""
 
     async def pools(self) -> dict:
         """{"pools": {name: {desired, min, max, workers: [...], gone: [...]}}, "autoscaler": {...}}"""
@@ -50,7 +55,10 @@ def admin_routes(pool: WorkerPool, token: str | None, admin: PoolAdmin | None = 
 
     @routes.get("/pools")
     async def pools() -> dict:
-        return await _controller(admin).pools()
+        try:
+            return await _controller(admin).pools()
+        except ControllerUnavailableError as exc:
+            raise APIError(503, str(exc)) from exc
 
     @routes.post("/pools/{name}")
     async def scale(name: str, body: ScaleRequest) -> dict:
@@ -62,6 +70,8 @@ def admin_routes(pool: WorkerPool, token: str | None, admin: PoolAdmin | None = 
             return await _controller(admin).scale(name, body.replicas)
         except ScaleError as exc:
             raise APIError(400, str(exc), "replicas") from exc
+        except ControllerUnavailableError as exc:
+            raise APIError(503, str(exc)) from exc
 
     return routes
 

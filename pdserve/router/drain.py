@@ -17,6 +17,7 @@ from pdserve.router.errors import APIError
 logger = logging.getLogger(__name__)
 OPEN_PATHS = ("/health", "/metrics")  # they keep answering while draining (/health with 503)
 WIND_DOWN_S = 5.0  # after ending the generations, how long their error events may take to go out
+CUT_WIND_DOWN_S = 1.0  # the same after a second signal (`cut_short`)
 
 
 class Expirable(Protocol):
@@ -28,6 +29,7 @@ class Drain:
     def __init__(self) -> None:
         self.is_draining = False
         self.is_expired = False
+        self.is_cut_short = False
         self.num_in_flight = 0  # HTTP requests being answered (not probes)
         self._generations: set[Expirable] = set()
 
@@ -43,18 +45,25 @@ class Drain:
         """Refuse new work, let the requests in flight finish within `timeout_s`, end the rest."""
         self.is_draining = True
         logger.info("draining: %d requests in flight, up to %g s", self.num_in_flight, timeout_s)
-        await self._wait_idle(timeout_s)
+        await self._wait_idle(timeout_s, until_cut_short=True)
         if self.num_in_flight:
-            logger.warning("shutdown timeout: ending %d generations", len(self._generations))
+            logger.warning(
+                "shutdown %s: ending %d generations", "cut short" if self.is_cut_short else "timeout", len(self._generations)
+            )
         self.is_expired = True
         for generation in list(self._generations):
             generation.expire()
-        await self._wait_idle(WIND_DOWN_S)
+        await self._wait_idle(CUT_WIND_DOWN_S if self.is_cut_short else WIND_DOWN_S)
 
-    async def _wait_idle(self, timeout_s: float) -> None:
+    def cut_short(self) -> None:
+        """A second signal: end the requests in flight now (their error events and `[DONE]` still go
+        out), rather than at the shutdown timeout."""
+        self.is_cut_short = True
+
+    async def _wait_idle(self, timeout_s: float, until_cut_short: bool = False) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while self.num_in_flight and loop.time() < deadline:
+        while self.num_in_flight and loop.time() < deadline and not (until_cut_short and self.is_cut_short):
             await asyncio.sleep(0.05)
 
 

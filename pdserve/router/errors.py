@@ -61,8 +61,9 @@ def as_api_error(exc: BaseException) -> APIError:
     return APIError.of(Failure.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
 
-def validation_error(exc: RequestValidationError) -> APIError:
-    """Pydantic's complaint as a 400 naming the top-level field (FastAPI would answer 422)."""
+def validation_error(exc: RequestValidationError, content_type: str = "application/json") -> APIError:
+    """Pydantic's complaint as a 400 naming the top-level field (FastAPI would answer 422).
+    `content_type`: the request's; FastAPI reads a body as JSON only when it says JSON."""
     errors = exc.errors()
     if not errors:
         return APIError(400, "invalid request body")
@@ -71,6 +72,11 @@ def validation_error(exc: RequestValidationError) -> APIError:
         detail = (first.get("ctx") or {}).get("error", first.get("msg", ""))
         return APIError(400, f"the request body is not valid JSON: {detail}")
     path = _field_path(first["loc"])
+    if not path and "json" not in content_type.lower():  # curl -d sends a form's type; FastAPI reads it as bytes
+        return APIError(
+            400,
+            f"the request body must be JSON, sent with `Content-Type: application/json` (this one's: {content_type or 'none'})",
+        )
     if not path:
         return APIError(400, f"the request body must be a JSON object: {first.get('msg', '')}")
     # A union field fails once per alternative (prompt: str | list[int] | ...): list them all.
@@ -89,7 +95,7 @@ def _message(error: dict) -> str:
 
 def install_error_handlers(app: FastAPI) -> None:
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(exc).response()
+        return validation_error(exc, request.headers.get("content-type", "")).response()
 
     async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return APIError(exc.status_code, str(exc.detail)).response()  # unknown routes, wrong methods

@@ -113,6 +113,17 @@ class InMemoryRegistry:
         return None
 
 
+def check_redis_url(url: str) -> None:
+    """Raises ValueError naming `--redis-url` when `url` is not one redis-py can connect with
+    (`redis://`, `rediss://`, `unix://`); it connects to nothing."""
+    from redis.connection import parse_url
+
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        raise ValueError(f"--redis-url {url!r}: {exc}") from exc
+
+
 class RedisRegistry:
     """Reads the records workers keep alive with `heartbeat` (`SET key value EX ttl`). `url` may
     carry a user and password (`redis://user:pass@host:port/0`) and use TLS (`rediss://`)."""

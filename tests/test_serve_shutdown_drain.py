@@ -1,0 +1,238 @@
+"""`pdserve serve`'s graceful stop when a second gateway (`pdserve router`) streams through the same
+workers over Redis: the workers drain before they stop, so the router's streams in flight finish
+within `--shutdown-timeout`, and end with an error past it, never hang; a stop with nothing in
+flight stays prompt. And `--device cuda` on a machine without a GPU is reported as such."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pdserve.proto.cluster_secret import ENV_VAR
+from tests.servers import CLUSTER_SECRET, free_port, redis_server, wait_for_http
+
+pytestmark = pytest.mark.slow
+
+MODEL = "demo"
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {ENV_VAR: CLUSTER_SECRET.value, "RAY_USAGE_STATS_ENABLED": "0"}
+PROMPT = "The key value cache is stored in fixed size blocks"
+STOP_BOUND_S = 12.0  # SIGINT to exit with nothing in flight (uvicorn, the workers' stop, ray.shutdown)
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        assert url is not None
+        yield url
+
+
+@contextlib.contextmanager
+def pdserve(command: str, *args: str, log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`pdserve COMMAND ARGS --port P` started (not yet ready: start several, then `wait_for_http`
+    each); yields its URL and process; SIGTERM must stop it with exit status 0, if it still runs."""
+    port = free_port()
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pdserve.deploy.cli", command, *args, "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, **ENV},
+        )
+    try:
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        process.send_signal(signal.SIGTERM)  # a no-op once it exited
+        try:
+            returncode = process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            returncode = None
+    assert returncode == 0, f"pdserve {command} did not stop cleanly ({returncode}):\n{log_path.read_text()[-3000:]}"
+
+
+def serve_args(model_dir: Path, redis_url: str, shutdown_timeout_s: float) -> list[str]:
+    return [
+        *("--model", str(model_dir), "--served-model-name", MODEL, "--device", "cpu", "--max-model-len", "4096"),
+        *("--redis-url", redis_url, "--shutdown-timeout", str(shutdown_timeout_s), "--log-level", "info"),
+    ]
+
+
+@dataclass
+class Stream:
+    """A streamed completion in a thread; `events`: its `data:` payloads as they come."""
+
+    url: str
+    max_tokens: int
+    events: list[str] = field(default_factory=list)
+    ended_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        payload = {
+            "model": MODEL,
+            "prompt": PROMPT,
+            "max_tokens": self.max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        try:
+            with httpx.stream("POST", self.url + "/v1/completions", json=payload, timeout=120) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        self.events.append(line.removeprefix("data: "))
+        finally:
+            self.ended_at = time.monotonic()
+
+    def wait_started(self, num_events: int = 20, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.events) < num_events:
+            assert time.monotonic() < deadline and self.thread.is_alive(), f"the stream never started: {self.events[-2:]}"
+            time.sleep(0.01)
+
+    @property
+    def chunks(self) -> list[dict]:
+        return [json.loads(e) for e in self.events if e != "[DONE]"]
+
+
+def wait_health(url: str, status: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/health", timeout=2).status_code == status:
+                return
+        assert time.monotonic() < deadline, f"{url}/health did not answer {status} within {timeout_s} s"
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def serve_and_router(
+    model_dir: Path, redis_url: str, shutdown_timeout_s: float, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`pdserve serve` and `pdserve router` over its workers, started together; yields serve's
+    process and the router's URL once both answer."""
+    serve_log, router_log = tmp_path / "serve.log", tmp_path / "router.log"
+    router_args = ("--redis-url", redis_url, "--model", str(model_dir), "--served-model-name", MODEL)
+    with (
+        pdserve("serve", *serve_args(model_dir, redis_url, shutdown_timeout_s), log_path=serve_log) as (serve_url, serve),
+        pdserve("router", *router_args, log_path=router_log) as (router_url, router),
+    ):
+        wait_for_http(serve_url + "/health", 240, serve, serve_log)
+        wait_for_http(router_url + "/health", 60, router, router_log)
+        yield serve, router_url
+
+
+def test_a_stop_with_nothing_in_flight_stays_prompt(demo_model_dir: Path, redis_url: str, tmp_path: Path) -> None:
+    """With Redis (other gateways may exist: the drain waits one of their status polls) and nothing
+    in flight, SIGINT to exit takes a few seconds, as before the drain."""
+    log_path = tmp_path / "serve.log"
+    with pdserve("serve", *serve_args(demo_model_dir, redis_url, 30), log_path=log_path) as (url, serve):
+        wait_for_http(url + "/health", 240, serve, log_path)
+        signalled = time.monotonic()
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(timeout=60) == 0
+        stop_s = time.monotonic() - signalled
+    print(f"serve stopped {stop_s:.2f} s after SIGINT with nothing in flight")
+    assert stop_s < STOP_BOUND_S, log_path.read_text()[-3000:]
+
+
+def test_sigint_to_serve_lets_a_router_stream_finish(demo_model_dir: Path, redis_url: str, tmp_path: Path) -> None:
+    """SIGINT to `pdserve serve` while the router streams through its workers: the workers turn
+    draining (the router stops routing to them: its /health turns 503 and a new request gets 503)
+    yet the stream runs to its length and ends with `[DONE]`, no error; serve then exits 0."""
+    with serve_and_router(demo_model_dir, redis_url, 30, tmp_path) as (serve, router_url):
+        stream = Stream(router_url, max_tokens=1200)
+        stream.wait_started()
+        serve.send_signal(signal.SIGINT)
+        wait_health(router_url, 503, 15)
+        assert stream.thread.is_alive(), "the stream ended before the workers drained"
+        refused = httpx.post(router_url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2}, timeout=30)
+        assert refused.status_code == 503, refused.text
+        stream.thread.join(60)
+        assert not [c["error"] for c in stream.chunks if "error" in c], stream.events[-3:]
+        assert stream.events[-1] == "[DONE]"
+        assert stream.chunks[-1]["choices"][0]["finish_reason"] == "length", stream.events[-3:]
+        assert sum(len(c["choices"][0]["text"]) > 0 for c in stream.chunks) > 0
+        assert serve.wait(timeout=60) == 0
+
+
+def test_a_router_stream_past_the_shutdown_timeout_ends_with_an_error(
+    demo_model_dir: Path, redis_url: str, tmp_path: Path
+) -> None:
+    """With `--shutdown-timeout 1`, a router stream far from its end gets an error event and
+    `[DONE]` within seconds of the signal: the drain is bounded, nothing hangs."""
+    shutdown_timeout_s = 1.0
+    with serve_and_router(demo_model_dir, redis_url, shutdown_timeout_s, tmp_path) as (serve, router_url):
+        stream = Stream(router_url, max_tokens=3500)
+        stream.wait_started()
+        signalled = time.monotonic()
+        serve.send_signal(signal.SIGINT)
+        stream.thread.join(60)
+        assert not stream.thread.is_alive(), "the stream hangs"
+        assert stream.events[-1] == "[DONE]"
+        errors = [c["error"] for c in stream.chunks if "error" in c]
+        assert errors and errors[0]["code"] == 503, stream.events[-3:]
+        assert stream.ended_at - signalled < shutdown_timeout_s + 10
+        assert serve.wait(timeout=60) == 0
+
+
+def test_device_cuda_without_a_gpu_says_so(demo_model_dir: Path) -> None:
+    """`--device cuda` on a Ray cluster with no GPU names that cause, not another `pdserve serve`;
+    a controller already there is still reported as one."""
+    import ray
+
+    from pdserve.deploy.cluster import Cluster
+    from pdserve.deploy.config import ServeConfig
+    from pdserve.deploy.controller import CONTROLLER_NAME, NAMESPACE
+    from pdserve.engine.config import ConfigError, EngineConfig
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, namespace=NAMESPACE, logging_level="WARNING")
+    try:
+        assert ray.cluster_resources().get("GPU", 0) == 0
+        cuda = ServeConfig(EngineConfig(model=str(demo_model_dir), device="cuda"), MODEL)
+        with pytest.raises(ConfigError) as cuda_error:
+            Cluster(cuda).start()
+        assert str(cuda_error.value) == "--device cuda was asked for but the Ray cluster has no GPU"
+
+        @ray.remote(num_cpus=0)
+        class Other:
+            pass
+
+        other = Other.options(name=CONTROLLER_NAME, namespace=NAMESPACE).remote()  # noqa: F841 - held while checked
+        cpu = ServeConfig(EngineConfig(model=str(demo_model_dir), device="cpu"), MODEL)
+        with pytest.raises(ConfigError, match="another `pdserve serve` already controls this Ray cluster"):
+            Cluster(cpu).start()
+    finally:
+        ray.shutdown()
+
+
+def test_sigterm_while_the_workers_load_stops_cleanly(demo_model_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM after Ray is up but before the workers are ready (a pod deleted during start-up):
+    exit 0 through pdserve's own stop, not Ray's handler (which aborted: status 134)."""
+    log_path = tmp_path / "serve.log"
+    args = ("--model", str(demo_model_dir), "--device", "cpu", "--log-level", "info")
+    with pdserve("serve", *args, log_path=log_path) as (url, serve):
+        deadline = time.monotonic() + 120
+        while "starting prefill-" not in log_path.read_text():
+            assert time.monotonic() < deadline and serve.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.05)
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+    assert "SIGTERM received" not in log_path.read_text()
