@@ -175,7 +175,7 @@ def w4_launches() -> Iterator[dict]:
 def gemv_launches() -> Iterator[dict]:
     """The decode GEMV: 8-bit weights with 16-bit x (inline PTX, both weight and x kinds; whole and
     partial chunk tiles, with a bias), 8-bit weights with fp32 x, bf16 weights at one row and at
-    several (tensor cores)."""
+    several (tensor cores), the SwiGLU epilogue of both one-row kernels."""
     gemv = importlib.import_module("pdserve.kernels.gemv")
     n = 64
     for w_dtype in (torch.float8_e4m3fn, torch.int8):
@@ -192,6 +192,11 @@ def gemv_launches() -> Iterator[dict]:
         with recording(gemv, name) as recorder:
             gemv.gemv(torch.zeros(rows, 512, dtype=torch.bfloat16), weight)
         yield from compile_recorded(recorder, f"gemv bf16, {rows} row(s)")
+    for name, w in (("_gemv_kernel", weight), ("_gemv_8bit_kernel", torch.zeros(n, 512).to(torch.float8_e4m3fn))):
+        scale = torch.ones(n) if w.element_size() == 1 else None
+        with recording(gemv, name) as recorder:
+            gemv.gemv(torch.zeros(1, 512, dtype=torch.bfloat16), w, scale, swiglu=True)
+        yield from compile_recorded(recorder, f"gemv {str(w.dtype)[6:]}, SwiGLU epilogue")
 
 
 LAUNCHES = {

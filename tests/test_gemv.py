@@ -145,3 +145,40 @@ def test_kernels_chain_one_row_outside_a_model_and_the_models_rows_within(monkey
     with pdl.pdl_max_rows(8):
         assert pdl.use_pdl(x, 8) and not pdl.use_pdl(x, 9)
     assert not pdl.use_pdl(x, 2)
+
+
+# SwiGLU in the one-row kernels' epilogue (weight rows [gate | up]); the tensor-core kernel's rows
+# (float weights from DOT_MIN_ROWS) run the projection, then silu_and_mul. n 80 and 34: partial
+# tiles of (gate, up) pairs at the rule's tiles; 8-row tiles as the wide outputs' (bf16 gate/up)
+CASES_SWIGLU = [
+    (kind, x_dtype, m, n, k, tiles)
+    for kind, x_dtype in [
+        ("fp32", torch.float32),
+        ("fp16", torch.float16),
+        ("fp8", torch.bfloat16),
+        ("int8", torch.float16),
+        ("fp8", torch.float32),
+    ]
+    for m, n, k, tiles in [(1, 80, 96, None), (2, 34, 2112, None), (1, 40, 96, (8, 64, 4, 1))]
+]
+
+
+@pytest.mark.parametrize("kind,x_dtype,m,n,k,tiles", CASES_SWIGLU)
+@pytest.mark.parametrize("has_bias", [False, True], ids=["", "bias"])
+def test_gemv_swiglu_equals_the_projection_then_silu_and_mul(
+    kind: str, x_dtype: torch.dtype, m: int, n: int, k: int, tiles: tuple | None, has_bias: bool
+) -> None:
+    torch.manual_seed(m * n + k)
+    weight, scale = weights(kind, n, k)
+    x = torch.randn(m, k).to(x_dtype)
+    bias = torch.randn(n).to(x_dtype) if has_bias else None
+    fused = K.gemv(x, weight, scale, bias, tiles=tiles, swiglu=True)
+    assert fused.shape == (m, n // 2)
+    assert torch.equal(fused, K.silu_and_mul(K.gemv(x, weight, scale, bias, tiles=tiles)))
+    ref = K.silu_and_mul_ref(K.gemv_ref(x, weight, scale, bias).float())
+    torch.testing.assert_close(fused.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+def test_gemv_swiglu_rejects_an_odd_weight() -> None:
+    with pytest.raises(ValueError, match="even"):
+        K.gemv(torch.randn(1, 32), torch.randn(15, 32), swiglu=True)

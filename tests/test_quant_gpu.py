@@ -62,6 +62,8 @@ def test_gemv_bf16(n: int, k: int, kind: str) -> None:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = K.gemv_ref(x, weight, scale).float()
         assert rel_err(K.gemv(x, weight, scale), ref) < 1e-2, m
+        # SwiGLU in the epilogue (rows as [gate | up]): the projection, then silu_and_mul, bit for bit
+        assert torch.equal(K.gemv(x, weight, scale, swiglu=True), K.silu_and_mul(K.gemv(x, weight, scale))), m
 
 
 @pytest.mark.parametrize("n,k", SHAPES)

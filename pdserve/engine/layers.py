@@ -130,3 +130,11 @@ class MergedLinear(Linear):
     def load_shard(self, shard: str, kind: str, tensor: torch.Tensor) -> None:
         start, size = self.shard_ranges[shard]
         self.load(kind, tensor, slice(start, start + size))
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of a [gate | up] projection: where a decode step's rows take our GEMV, in
+        its epilogue (one launch fewer a layer), else the projection then `silu_and_mul`."""
+        if not self.transposed and self.decode_gemv and use_pdl(x, x.numel() // self.in_features):
+            rows = x.reshape(-1, self.in_features).contiguous()
+            return kernels.gemv(rows, self.weight, bias=self.bias, swiglu=True).view(*x.shape[:-1], self.out_features // 2)
+        return silu_and_mul(self(x))

@@ -10,7 +10,7 @@ from torch import nn
 
 from pdserve.engine.attention import Attention, AttentionMetadata
 from pdserve.engine.config import ConfigError, ModelConfig
-from pdserve.engine.layers import Linear, MergedLinear, RMSNorm, blas_for_rows, silu_and_mul
+from pdserve.engine.layers import Linear, MergedLinear, RMSNorm, blas_for_rows
 from pdserve.engine.quant_config import QuantConfig
 from pdserve.engine.quant_layers import W8_GEMV_MAX_ROWS, QuantizedLinear, quantized_linear
 from pdserve.engine.rotary import build_cos_sin_cache
@@ -74,7 +74,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(size, config.hidden_size, transposed=not decode_gemv, decode_gemv=decode_gemv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj.swiglu(x))
 
 
 class LlamaDecoderLayer(nn.Module):

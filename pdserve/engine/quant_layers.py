@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from pdserve import kernels
+from pdserve.engine.layers import silu_and_mul
 from pdserve.engine.quant_config import QuantConfig
 from pdserve.engine.quant_formats import (
     FP8_MAX,
@@ -65,6 +66,10 @@ class QuantizedLinear(nn.Module):
 
     def _add_bias(self, out: torch.Tensor) -> torch.Tensor:
         return out if self.bias is None else out + self.bias
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of a [gate | up] projection (engine/layers.py `MergedLinear.swiglu`)."""
+        return silu_and_mul(self(x))
 
 
 class W8Linear(QuantizedLinear):
@@ -141,17 +146,27 @@ class W8Linear(QuantizedLinear):
             and fp8_gemm_kind(x.device) is not None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        num_rows = rows.shape[0]
-        if (
+    def _takes_gemv(self, x: torch.Tensor, num_rows: int) -> bool:
+        # one or two rows, narrow outputs (q/k/v, o, down): the GEMV, the bias in its epilogue;
+        # wide ones (gate/up) too where it launches as a dependent (one row on sm_90+: a link in
+        # the chain of the step's kernels); elsewhere w8_matmul reads them faster
+        return (
             x.is_cuda
             and num_rows <= W8_GEMV_MAX_ROWS
             and (self.out_features <= 2 * self.in_features or (num_rows == 1 and use_pdl(x, 1)))
-        ):
-            # one or two rows, narrow outputs (q/k/v, o, down): the GEMV, the bias in its epilogue;
-            # wide ones (gate/up) too where it launches as a dependent (one row on sm_90+: a link in
-            # the chain of the step's kernels); elsewhere w8_matmul reads them faster
+        )
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if self._takes_gemv(x, rows.shape[0]):  # SwiGLU in the GEMV's epilogue
+            out = kernels.gemv(rows.contiguous(), self.weight, self.weight_scale, bias=self.bias, swiglu=True)
+            return out.view(*x.shape[:-1], self.out_features // 2)
+        return silu_and_mul(self(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        num_rows = rows.shape[0]
+        if self._takes_gemv(x, num_rows):
             out = kernels.gemv(rows.contiguous(), self.weight, self.weight_scale, bias=self.bias)
             return out.view(*x.shape[:-1], self.out_features)
         if not x.is_cuda:

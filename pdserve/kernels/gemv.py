@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels.pdl import use_pdl, wait_for_previous_kernel
+from pdserve.kernels.silu_and_mul import silu_and_mul, silu_mul
 from pdserve.kernels.w8_matmul import _X_DTYPES as _FLOAT_DTYPES
 
 GEMV_MAX_ROWS = 16
@@ -47,12 +48,12 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SWIGLU: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     PDL: tl.constexpr,
 ):
     m = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    offs_n, mask_n = _weight_rows(tl.program_id(1), N, BLOCK_N, SWIGLU)
     x_row = x_ptr + m * stride_xm
     w = _weight_tile(w_ptr, offs_n, mask_n, 0, K, stride_wn, W_KIND, BLOCK_K)  # no kernel writes weights
     wait_for_previous_kernel(PDL)
@@ -65,7 +66,36 @@ def _gemv_kernel(
         out = out * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(out_ptr + m * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+    _store_outputs(out_ptr + m * stride_om, out, tl.program_id(1), N, BLOCK_N, SWIGLU)
+
+
+@triton.jit
+def _weight_rows(pid_n, N, BLOCK_N: tl.constexpr, SWIGLU: tl.constexpr):
+    """The weight rows a program reads (int64) and which are in bounds. With SWIGLU the weight is
+    [gate | up] (2 N rows, N outputs): the first BLOCK_N / 2 rows are gate rows, the others the up
+    rows of the same outputs."""
+    local = tl.arange(0, BLOCK_N)
+    if SWIGLU:
+        cols = pid_n * (BLOCK_N // 2) + local % (BLOCK_N // 2)
+        return (cols + (local // (BLOCK_N // 2)) * N).to(tl.int64), cols < N
+    cols = pid_n * BLOCK_N + local
+    return cols.to(tl.int64), cols < N
+
+
+@triton.jit
+def _store_outputs(out_row, out, pid_n, N, BLOCK_N: tl.constexpr, SWIGLU: tl.constexpr):
+    """A program's BLOCK_N fp32 outputs into its row of the output; with SWIGLU, silu(gate) * up of
+    its BLOCK_N / 2 (gate, up) pairs, rounded as the projection's output stored and read back by
+    kernels/silu_and_mul.py would be (the same arithmetic, bit for bit)."""
+    dtype = out_row.dtype.element_ty
+    if SWIGLU:
+        pairs = tl.trans(tl.reshape(out.to(dtype).to(tl.float32), (2, BLOCK_N // 2)))
+        gate, up = tl.split(pairs)
+        cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(out_row + cols, silu_mul(gate, up, dtype).to(dtype), mask=cols < N)
+    else:
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(out_row + cols, out.to(dtype), mask=cols < N)
 
 
 # 8-bit weights, 16-bit x: x is scaled by 2^-_X_SHIFT into fp16, its 8-term sums of products kept
@@ -138,6 +168,7 @@ def _gemv_8bit_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     EVEN_C: tl.constexpr,
+    SWIGLU: tl.constexpr,
     ASM: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     PDL: tl.constexpr,
@@ -149,13 +180,12 @@ def _gemv_8bit_kernel(
     2 rows, against 64-72 for the fp32 kernel (whose accumulator is the tile), and the loop issues
     3.9 (fp8) / 4.6 (int8) sm_90 instructions a weight against 4.2 / 5.9. The fp32 kernel at the
     same tiles reads 4-27 points slower (bench/runs/2026-12-04-h200-17/). x is widened once a
-    chunk and thread, for the rows the thread holds. Rows and chunks past the end read row N - 1
-    and the last chunk, against x zeros for the chunks (no masks in the loop); their outputs are not
-    stored."""
+    chunk and thread, for the rows the thread holds. Rows past the end read row 0 and chunks past
+    the end the last chunk, against x zeros for the chunks (no masks in the loop); their outputs are
+    not stored."""
     m = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    rows, mask_n = _weight_rows(tl.program_id(1), N, BLOCK_N, SWIGLU)
+    rows = tl.where(mask_n, rows, 0)
     offs_c = tl.arange(0, BLOCK_C)
     w_row = w_ptr + rows[:, None, None] * stride_wn + tl.arange(0, 4)[None, None, :]
     x_row = x_ptr + m * stride_xm + tl.arange(0, 4)[None, :]
@@ -168,7 +198,7 @@ def _gemv_8bit_kernel(
     out = tl.sum(acc, axis=1) * _X_UP * tl.load(scale_ptr + rows)
     if HAS_BIAS:
         out += tl.load(bias_ptr + rows).to(tl.float32)
-    tl.store(out_ptr + m * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+    _store_outputs(out_ptr + m * stride_om, out, tl.program_id(1), N, BLOCK_N, SWIGLU)
 
 
 @triton.jit
@@ -345,13 +375,17 @@ def gemv(
     bias: torch.Tensor | None = None,
     *,
     tiles: tuple[int, int, int, int] | None = None,
+    swiglu: bool = False,
 ) -> torch.Tensor:
     """x [M, K] @ (weight * scale[:, None])^T + bias -> [M, N] in x.dtype, for M <= GEMV_MAX_ROWS
     (ELEMENTWISE_MAX_ROWS for fp8/int8 weights).
 
     weight: [N, K], contiguous in K; fp8/int8 weights need `scale` (fp32 [N]); bias: [N], any float dtype.
     tiles: (BLOCK_N, BLOCK_K, num_warps, num_stages) of the kernel taken, instead of `gemv_tile_sizes`
-    (one row: `bench/gemv.py --sweep`) or `dot_tile_sizes` (BLOCK_N at least 16)."""
+    (one row: `bench/gemv.py --sweep`) or `dot_tile_sizes` (BLOCK_N at least 16).
+    swiglu: the weight's rows are [gate | up] (N even); returns silu(gate) * up, [M, N / 2], equal
+    bit for bit to `silu_and_mul` of the projection. The one-row kernels apply it in their epilogue
+    (no SwiGLU launch in the step); the tensor-core kernel's rows take `silu_and_mul` after it."""
     if x.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"need x [M, K] and a 2-D weight; got {tuple(x.shape)}, {tuple(weight.shape)}")
     n, k = weight.shape
@@ -372,8 +406,13 @@ def gemv(
         raise ValueError(f"bias must be a contiguous float vector of shape ({n},); got {bias.dtype} {tuple(bias.shape)}")
     if x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError(f"x and weight must be contiguous in K; got strides {x.stride()}, {weight.stride()}")
+    if swiglu and n % 2:
+        raise ValueError(f"swiglu needs [gate | up] weight rows, an even count; got {n}")
     m = x.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if w_kind == 0 and m >= DOT_MIN_ROWS and weight.dtype == x.dtype and swiglu:
+        return silu_and_mul(gemv(x, weight, scale, bias, tiles=tiles))
+    n_out = n // 2 if swiglu else n
+    out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
     pdl = use_pdl(x, m)
@@ -403,6 +442,7 @@ def gemv(
         return out
     if takes_8bit_kernel(weight.dtype, x.dtype, n, k):
         block_n, block_k, num_warps, num_stages = tiles or gemv_8bit_tile_sizes(n, k)
+        block_n = max(block_n, 2) if swiglu else block_n  # a (gate, up) pair at least
         if block_k % 16:
             raise ValueError(f"BLOCK_K {block_k} of 8-bit weights must be a multiple of 16 bytes")
         if x.stride(0) % 4 or x.storage_offset() % 4:  # x is read as int64, 4 inputs each
@@ -414,7 +454,7 @@ def gemv(
             scale,
             bias if bias is not None else x,
             out,
-            n,
+            n_out,
             num_chunks,
             x.stride(0) // 4,
             weight.stride(0) // 4,
@@ -425,6 +465,7 @@ def gemv(
             BLOCK_N=block_n,
             BLOCK_C=block_k // 16,
             EVEN_C=num_chunks % (block_k // 16) == 0,
+            SWIGLU=swiglu,
             ASM=x.is_cuda,
             NUM_STAGES=num_stages,
             PDL=pdl,
@@ -434,13 +475,14 @@ def gemv(
         )
         return out
     block_n, block_k, num_warps, num_stages = tiles or gemv_tile_sizes(n, k, weight.element_size())
+    block_n = max(block_n, 2) if swiglu else block_n
     _gemv_kernel[(m, triton.cdiv(n, block_n))](
         x,
         weight.view(torch.uint8) if w_kind else weight,
         scale if scale is not None else x,
         bias if bias is not None else x,
         out,
-        n,
+        n_out,
         k,
         x.stride(0),
         weight.stride(0),
@@ -450,6 +492,7 @@ def gemv(
         HAS_BIAS=bias is not None,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        SWIGLU=swiglu,
         NUM_STAGES=num_stages,
         PDL=pdl,
         num_warps=num_warps,

@@ -20,9 +20,17 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, d, BLOCK: tl.cons
     mask = cols < d
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0).to(tl.float32)
-    # Round silu to the input dtype before the multiply, as torch's `F.silu(gate) * up` does.
-    silu = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + cols, (silu * up).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        out_ptr + row * stride_out + cols, silu_mul(gate, up, x_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty), mask=mask
+    )
+
+
+@triton.jit
+def silu_mul(gate, up, DTYPE: tl.constexpr):
+    """silu(gate) * up in fp32 from fp32 values of DTYPE, silu rounded to DTYPE before the multiply,
+    as torch's `F.silu(gate) * up` does (shared with kernels/gemv.py's fused epilogue)."""
+    silu = (gate / (1.0 + tl.exp(-gate))).to(DTYPE).to(tl.float32)
+    return silu * up
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
