@@ -319,11 +319,30 @@ def observed_series(metrics_text: str) -> dict[str, float]:
 
 
 @contextlib.contextmanager
+def private_ray_tmpdir(prefix: str) -> Iterator[str]:
+    """A RAY_TMPDIR of this test's own while it runs (no other Ray user of the machine finds the
+    Ray started under it by default, nor it theirs); the previous one restored after, the folder
+    removed."""
+    path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's socket paths live under it
+    previous = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = path
+    try:
+        yield path
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = previous
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def pdserve(
-    command: str, *args: str, log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 240
+    command: str, *args: str, log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 240, wait: bool = True
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`pdserve COMMAND ARGS --port P` in a subprocess; yields its URL once /health answers 200 and
-    the process. Afterwards SIGTERM must stop it with exit status 0."""
+    """`pdserve COMMAND ARGS --port P` in a subprocess; yields its URL once /health answers 200 (at
+    once with `wait` False: start several, then `wait_for_http` each) and the process. Afterwards
+    SIGTERM must stop it with exit status 0."""
     port = free_port()
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
@@ -335,7 +354,8 @@ def pdserve(
         )
     base_url = f"http://127.0.0.1:{port}"
     try:
-        wait_for_http(base_url + "/health", timeout_s, process, log_path)
+        if wait:
+            wait_for_http(base_url + "/health", timeout_s, process, log_path)
         yield base_url, process
     finally:
         process.send_signal(signal.SIGTERM)

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +23,7 @@ import pytest
 from pdserve.deploy.admin_client import AdminClient
 from pdserve.engine import LLM, SamplingParams
 from pdserve.proto.cluster_secret import ENV_VAR
-from tests.servers import CLUSTER_SECRET, RedisServer, pdserve, redis_process
+from tests.servers import CLUSTER_SECRET, RedisServer, pdserve, private_ray_tmpdir, redis_process
 from tests.traffic import Case, RequestStream, ready, settled, wait_for_pools
 
 pytestmark = pytest.mark.slow
@@ -54,27 +52,20 @@ def nodes() -> Iterator[Nodes]:
     Ray user of the machine finds this cluster by default)."""
     from ray.cluster_utils import Cluster
 
-    ray_tmp = tempfile.mkdtemp(prefix="pdray", dir="/tmp")  # short: Ray's socket paths live under it
-    previous = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = ray_tmp
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    try:
-        prefill = cluster.add_node(num_cpus=3, resources={"prefill_pool": 3})
-        decode = cluster.add_node(num_cpus=3, resources={"decode_pool": 3})
-        cluster.wait_for_nodes()
-        yield Nodes(
-            cluster.address,
-            prefill.node_id,
-            decode.node_id,
-            {"RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0", ENV_VAR: CLUSTER_SECRET.value},
-        )
-    finally:
-        cluster.shutdown()
-        if previous is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = previous
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    with private_ray_tmpdir("pdray") as ray_tmp:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        try:
+            prefill = cluster.add_node(num_cpus=3, resources={"prefill_pool": 3})
+            decode = cluster.add_node(num_cpus=3, resources={"decode_pool": 3})
+            cluster.wait_for_nodes()
+            yield Nodes(
+                cluster.address,
+                prefill.node_id,
+                decode.node_id,
+                {"RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0", ENV_VAR: CLUSTER_SECRET.value},
+            )
+        finally:
+            cluster.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
 from pdserve.proto.cluster_secret import ENV_VAR
-from tests.servers import CLUSTER_SECRET, RedisServer, free_port, pdserve, redis_process
+from tests.servers import CLUSTER_SECRET, RedisServer, free_port, pdserve, private_ray_tmpdir, redis_process
 
 pytestmark = pytest.mark.slow
 
@@ -37,10 +35,9 @@ class RayHead:
     it, nor it theirs), carrying both pool resources; stopping and starting it again gives a new
     Ray instance at the same address, as a restarted head is."""
 
-    def __init__(self) -> None:
-        self.tmp = tempfile.mkdtemp(prefix="pdrr", dir="/tmp")  # short: Ray's socket paths live under it
+    def __init__(self, ray_tmp: str) -> None:
         self.port = free_port()
-        self.env = {"RAY_TMPDIR": self.tmp, "RAY_USAGE_STATS_ENABLED": "0", ENV_VAR: CLUSTER_SECRET.value}
+        self.env = {"RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0", ENV_VAR: CLUSTER_SECRET.value}
         self.cluster: object | None = None
         self.address = ""
 
@@ -49,7 +46,6 @@ class RayHead:
 
         resources = {"prefill_pool": 2, "decode_pool": 2}
         args = {"num_cpus": 4, "resources": resources, "include_dashboard": False, "gcs_server_port": self.port}
-        os.environ["RAY_TMPDIR"] = self.tmp
         self.cluster = Cluster(initialize_head=True, head_node_args=args)
         self.address = self.cluster.address  # type: ignore[attr-defined]
         assert self.address.endswith(f":{self.port}"), self.address
@@ -62,18 +58,13 @@ class RayHead:
 
 @pytest.fixture(scope="module")
 def head() -> Iterator[RayHead]:
-    previous = os.environ.get("RAY_TMPDIR")
-    head = RayHead()
-    head.start()
-    try:
-        yield head
-    finally:
-        head.stop()
-        if previous is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = previous
-        shutil.rmtree(head.tmp, ignore_errors=True)
+    with private_ray_tmpdir("pdrr") as ray_tmp:
+        head = RayHead(ray_tmp)
+        head.start()
+        try:
+            yield head
+        finally:
+            head.stop()
 
 
 @pytest.fixture(scope="module")
@@ -88,38 +79,18 @@ def router(head: RayHead, redis: RedisServer, demo_model_dir: Path, tmp_path_fac
     log_path = tmp_path_factory.mktemp("router") / "router.log"
     args = ["--redis-url", redis.url, "--model", str(demo_model_dir), "--served-model-name", "demo"]
     args += ["--ray-address", head.address, "--admin-token", TOKEN]
-    router = Router(args, log_path, head.env)
-    try:
-        yield router
-    finally:
-        router.stop()
+    with pdserve("router", *args, log_path=log_path, env=head.env, wait=False) as (url, process):
+        yield Router(url, process, log_path)
 
 
+@dataclass(frozen=True)
 class Router:
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str]) -> None:
-        self.log_path = log_path
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        with open(log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "pdserve.deploy.cli", "router", *args, "--port", str(port)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                env={**os.environ, **env},
-            )
+    url: str
+    process: subprocess.Popen
+    log_path: Path
 
     def log(self) -> str:
         return self.log_path.read_text()
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            returncode = self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            returncode = None
-        assert returncode == 0, f"the router did not stop cleanly ({returncode}):\n{self.log()[-3000:]}"
 
 
 def get(url: str, **kwargs: object) -> httpx.Response | None:

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,12 +19,12 @@ import httpx
 import pytest
 
 from pdserve.proto.cluster_secret import ENV_VAR
-from tests.servers import CLUSTER_SECRET, free_port, redis_server, wait_for_http
+from tests import servers
+from tests.servers import CLUSTER_SECRET, redis_server, wait_for_http
 
 pytestmark = pytest.mark.slow
 
 MODEL = "demo"
-ROOT = Path(__file__).resolve().parent.parent
 ENV = {ENV_VAR: CLUSTER_SECRET.value, "RAY_USAGE_STATS_ENABLED": "0"}
 PROMPT = "The key value cache is stored in fixed size blocks"
 STOP_BOUND_S = 12.0  # SIGINT to exit with nothing in flight (uvicorn, the workers' stop, ray.shutdown)
@@ -39,29 +37,9 @@ def redis_url() -> Iterator[str]:
         yield url
 
 
-@contextlib.contextmanager
-def pdserve(command: str, *args: str, log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`pdserve COMMAND ARGS --port P` started (not yet ready: start several, then `wait_for_http`
-    each); yields its URL and process; SIGTERM must stop it with exit status 0, if it still runs."""
-    port = free_port()
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pdserve.deploy.cli", command, *args, "--port", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env={**os.environ, **ENV},
-        )
-    try:
-        yield f"http://127.0.0.1:{port}", process
-    finally:
-        process.send_signal(signal.SIGTERM)  # a no-op once it exited
-        try:
-            returncode = process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            returncode = None
-    assert returncode == 0, f"pdserve {command} did not stop cleanly ({returncode}):\n{log_path.read_text()[-3000:]}"
+def pdserve(command: str, *args: str, log_path: Path) -> contextlib.AbstractContextManager[tuple[str, subprocess.Popen]]:
+    """`pdserve COMMAND ARGS` started with this cluster's secret, not yet ready (`wait_for_http`)."""
+    return servers.pdserve(command, *args, log_path=log_path, env=ENV, wait=False)
 
 
 def serve_args(model_dir: Path, redis_url: str, shutdown_timeout_s: float) -> list[str]:

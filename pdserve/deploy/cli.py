@@ -315,11 +315,10 @@ def check_against_model(engine: EngineConfig) -> None:
     """What the workers would refuse once loaded, refused before any starts: the context length and
     --quantization against the checkpoint's config.json."""
     from pdserve.engine.config import ModelConfig
-    from pdserve.engine.quant_config import resolve_quantization
 
     model = ModelConfig.from_pretrained(engine.model)
     engine.model_len(model)
-    resolve_quantization(model.quantization, engine.quantization, is_dummy=engine.load_format == "dummy")
+    engine.quantization_for(model)
 
 
 def check_can_listen(host: str, port: int) -> None:

@@ -112,7 +112,7 @@ class Controller:
             try:
                 await asyncio.wait_for(self._drain_all(workers), drain_timeout_s)
             except TimeoutError:
-                busy = [w.worker_id for w in workers if w.state is WorkerState.DRAINING and not (w.load and w.load.is_idle)]
+                busy = [w.worker_id for w in workers if _holds_requests(w)]
                 logger.warning("shutdown: %s still hold requests after %g s; stopping them", busy, drain_timeout_s)
         actors = list({id(w.actor): w.actor for w in workers}.values())
         await asyncio.gather(*(asyncio.wait_for(_ref(a.stop.remote()), STOP_TIMEOUT_S) for a in actors), return_exceptions=True)
@@ -125,16 +125,14 @@ class Controller:
         serving = [w for w in workers if w.state in (WorkerState.READY, WorkerState.DRAINING)]
         for worker in serving:
             if worker.state is WorkerState.READY:
-                worker.load_at_drain = worker.load
-                worker.enter(WorkerState.DRAINING)
+                self._enter_draining(worker)
         logger.info("shutdown: draining %d workers", len(serving))
         await asyncio.gather(*(self._mark_draining(w) for w in serving), return_exceptions=True)
         # With Redis, other gateways may have picked a worker just before their poll saw it draining.
         quiet_until = time.monotonic() + (SHUTDOWN_QUIET_S if self.config.redis_url else 0.0)
         while True:
             await asyncio.gather(*(self._poll(w) for w in serving))
-            held = [w for w in serving if w.state is WorkerState.DRAINING and (w.load is None or not w.load.is_idle)]
-            if not held and time.monotonic() >= quiet_until:
+            if not any(map(_holds_requests, serving)) and time.monotonic() >= quiet_until:
                 return
             await asyncio.sleep(SHUTDOWN_POLL_S)
 
@@ -253,10 +251,14 @@ class Controller:
         if worker.state is WorkerState.STARTING:  # it holds nothing and gets no traffic yet
             self._remove(worker, "stopped before it was ready", kill=True)
             return
-        worker.load_at_drain = worker.load  # the last poll's, until the worker answers with its own
-        worker.enter(WorkerState.DRAINING)
+        self._enter_draining(worker)
         logger.info("draining %s (%s)", worker.worker_id, worker.load)
         self._spawn(self._mark_draining(worker))
+
+    @staticmethod
+    def _enter_draining(worker: PoolWorker) -> None:
+        worker.load_at_drain = worker.load  # the last poll's, until the worker answers with its own
+        worker.enter(WorkerState.DRAINING)
 
     async def _mark_draining(self, worker: PoolWorker) -> None:
         loads = await asyncio.wait_for(_ref(worker.actor.drain.remote()), POLL_TIMEOUT_S)
@@ -334,6 +336,11 @@ async def _ref(ref: Any) -> Any:
 def _log_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.warning("controller task failed: %s", task.exception())
+
+
+def _holds_requests(worker: PoolWorker) -> bool:
+    """A draining worker that may still hold requests or KV blocks (or has not said yet)."""
+    return worker.state is WorkerState.DRAINING and (worker.load is None or not worker.load.is_idle)
 
 
 def _kill(actor: Any) -> None:

@@ -60,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         config = router_config(args)
         gateway = gateway_config(args)
-        registry = RedisRegistry(config.redis_url, config.cluster_secret)  # a malformed URL fails here
+        registry = RedisRegistry(config.redis_url, config.cluster_secret)
     except (ConfigError, ValueError) as exc:
         print(f"pdserve router: {exc}", file=sys.stderr)
         return 2

@@ -208,6 +208,12 @@ class EngineConfig:
         """The KV cache's element type: the model's dtype, or fp8 (e4m3)."""
         return KV_CACHE_DTYPES.get(self.kv_cache_dtype, model_dtype)
 
+    def quantization_for(self, model: ModelConfig) -> QuantConfig | None:
+        """What the engine runs for `model` (engine/quant_config.py `resolve_quantization`)."""
+        from pdserve.engine.quant_config import resolve_quantization
+
+        return resolve_quantization(model.quantization, self.quantization, is_dummy=self.load_format == "dummy")
+
     def model_len(self, model: ModelConfig) -> int:
         limit = model.longest_context
         if self.max_model_len is None:

@@ -83,10 +83,13 @@ class Linear(nn.Module):
         if self.transposed:
             out = x @ self.weight
             return out if self.bias is None else out + self.bias
-        if self.decode_gemv and use_pdl(x, x.numel() // self.in_features):
+        if self._takes_gemv(x):
             rows = x.reshape(-1, self.in_features).contiguous()
             return kernels.gemv(rows, self.weight, bias=self.bias).view(*x.shape[:-1], self.out_features)
         return torch.nn.functional.linear(x, self.weight, self.bias)
+
+    def _takes_gemv(self, x: torch.Tensor) -> bool:
+        return not self.transposed and self.decode_gemv and use_pdl(x, x.numel() // self.in_features)
 
     def checkpoint_kinds(self) -> set[str]:
         """Tensor kinds (name suffixes) each HF projection must provide."""
@@ -134,7 +137,7 @@ class MergedLinear(Linear):
     def swiglu(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up of a [gate | up] projection: where a decode step's rows take our GEMV, in
         its epilogue (one launch fewer a layer), else the projection then `silu_and_mul`."""
-        if not self.transposed and self.decode_gemv and use_pdl(x, x.numel() // self.in_features):
+        if self._takes_gemv(x):
             rows = x.reshape(-1, self.in_features).contiguous()
             return kernels.gemv(rows, self.weight, bias=self.bias, swiglu=True).view(*x.shape[:-1], self.out_features // 2)
         return silu_and_mul(self(x))

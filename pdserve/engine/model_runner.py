@@ -21,7 +21,6 @@ from pdserve.engine.loader import init_random_weights, load_weights
 from pdserve.engine.model import LlamaForCausalLM
 from pdserve.engine.outputs import TokenLogprobs
 from pdserve.engine.prompt_logprobs import compute_prompt_logprobs, prompt_targets
-from pdserve.engine.quant_config import resolve_quantization
 from pdserve.engine.request import Request, ScheduledRequest
 from pdserve.engine.sampler import LogprobTensors, Sampler, SamplerOutput, only_argmax, reads_output
 from pdserve.kernels.kv_quant import as_bytes
@@ -115,7 +114,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_model_len = config.model_len(model_config)
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
-        self.quantization = resolve_quantization(model_config.quantization, config.quantization, model_dir is None)
+        self.quantization = config.quantization_for(model_config)
         self.model = self._build_model(model_dir)
         self.kv_cache = self._allocate_kv_cache()
         self.sampler = Sampler()

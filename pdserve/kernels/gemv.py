@@ -409,14 +409,15 @@ def gemv(
     if swiglu and n % 2:
         raise ValueError(f"swiglu needs [gate | up] weight rows, an even count; got {n}")
     m = x.shape[0]
-    if w_kind == 0 and m >= DOT_MIN_ROWS and weight.dtype == x.dtype and swiglu:
+    takes_dot = w_kind == 0 and m >= DOT_MIN_ROWS and weight.dtype == x.dtype
+    if takes_dot and swiglu:
         return silu_and_mul(gemv(x, weight, scale, bias, tiles=tiles))
     n_out = n // 2 if swiglu else n
     out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
     pdl = use_pdl(x, m)
-    if w_kind == 0 and m >= DOT_MIN_ROWS and weight.dtype == x.dtype:
+    if takes_dot:
         block_n, block_k, num_warps, num_stages = tiles or dot_tile_sizes(n, x.element_size())
         _rows_dot_kernel[(triton.cdiv(n, block_n),)](
             x,
