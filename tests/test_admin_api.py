@@ -5,6 +5,7 @@ as 400; and the per-pool series on /metrics."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import httpx
@@ -171,3 +172,41 @@ def test_the_scale_command_resizes_no_pool_when_it_cannot_resize_them_all(
     assert admin_client.scale(args) == 1 and posted == []
     assert "the decode pool takes 1 to 8 replicas; got 0; no pool was resized" in capsys.readouterr().err
     assert admin_client.scale(build_parser().parse_args(["scale", "--prefill", "2", "--wait", "-5"])) == 2 and posted == []
+
+
+def test_status_shows_a_gateway_without_a_controller_its_workers(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """`pdserve status` against `pdserve router` without --ray-address: /admin/pools is 404 there,
+    so it shows that gateway's own view of its workers rather than failing."""
+    from pdserve.deploy import admin_client
+    from pdserve.deploy.cli import build_parser
+    from pdserve.router.admin import _worker_view
+
+    handles = []
+    for name, role, used, draining in (("prefill-1", "prefill", 2, False), ("decode-1", "decode", 30, True)):
+        handle = WorkerHandle(WorkerRecord(name, role, "127.0.0.1:1"), channel=None, stub=None, is_healthy=True)
+        handle.status = pb.WorkerStatus(
+            role=role, num_running=3, num_used_blocks=used, num_total_blocks=100, is_draining=draining
+        )
+        handle.num_in_flight = 2
+        handles.append(handle)
+
+    class Router:
+        def __init__(self, url: str, token: str | None) -> None:
+            pass
+
+        def pools(self) -> dict:
+            raise admin_client.AdminError("HTTP 404: this gateway has no controller", 404)
+
+        def workers(self) -> dict:
+            return {"workers": [_worker_view(handles[0], True), _worker_view(handles[1], False)]}
+
+    monkeypatch.setattr(admin_client, "AdminClient", Router)
+    assert admin_client.status(build_parser().parse_args(["status"])) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "no pools here" in lines[0]
+    assert lines[2].split() == ["prefill-1", "prefill", "healthy", "127.0.0.1:1", "2", "3", "0", "2.0%"]
+    assert lines[3].split() == ["decode-1", "decode", "left", "127.0.0.1:1", "2", "3", "0", "30.0%"]
+    assert admin_client.status(build_parser().parse_args(["status", "--json"])) == 0
+    assert [w["worker_id"] for w in json.loads(capsys.readouterr().out)["workers"]] == ["prefill-1", "decode-1"]

@@ -176,3 +176,26 @@ def test_server_errors_are_reported_as_failures_not_a_crash(server_url: str, tmp
     assert (report["completed"], report["failed"], report["request_goodput"]) == (0, NUM_PROMPTS, 0.0)
     assert all(error.startswith("HTTP 404") and "no-such-model" in error for error in report["errors"])
     assert process.stdout.count("error: HTTP 404") == 1  # distinct errors, once each
+
+
+@pytest.mark.slow
+def test_shared_prefixes_keep_exact_lengths_and_show_as_prefix_cache_hits(server_url: str, tmp_path: Path) -> None:
+    """`--prefix-len 20 --num-prefixes 2`: every prompt still counts exactly --input-len tokens, and
+    the prompts after the first of each prefix find its first block (16 tokens) in the cache."""
+    process, report = run_bench(
+        server_url, tmp_path / "report.json", "--prefix-len", "20", "--num-prefixes", "2", "--max-concurrency", "1"
+    )
+    assert process.returncode == 0, process.stdout + process.stderr
+    assert report["input_lens"] == [INPUT_LEN] * NUM_PROMPTS
+    assert report["total_cached_tokens"] >= 16 * (NUM_PROMPTS - 2), report["total_cached_tokens"]
+    assert f"({report['total_cached_tokens']} from the prefix cache)" in process.stdout
+    for flags in (["--prefix-len", "24"], ["--prefix-len", "-1"], ["--num-prefixes", "0"]):
+        bad = subprocess.run(
+            [sys.executable, "-m", "pdserve.deploy.cli", "bench", "--url", server_url, "--input-len", "24", *flags],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+        assert bad.returncode == 2 and ("--prefix-len" in bad.stderr or "--num-prefixes" in bad.stderr), bad.stderr

@@ -57,6 +57,20 @@ def test_flags_override_the_file(tmp_path: Path, demo_model_dir: Path) -> None:
     assert config.decode_pool.max_replicas == 6
 
 
+def test_a_switch_set_in_the_file_can_be_turned_back_off_by_a_flag(tmp_path: Path, demo_model_dir: Path) -> None:
+    text = f"model: {demo_model_dir}\nno-prefix-caching: true\nenforce-eager: true\nprotect-metrics: true\n"
+    config = config_of(tmp_path, text)
+    assert not config.engine.enable_prefix_caching and config.engine.enforce_eager
+    config = config_of(tmp_path, text, "--enable-prefix-caching", "--no-enforce-eager")
+    assert config.engine.enable_prefix_caching and not config.engine.enforce_eager
+    args = build_parser(str(tmp_path / "pdserve.yaml")).parse_args(["serve", "--no-protect-metrics"])
+    assert not args.protect_metrics
+    # vLLM's spelling, in a file and as a flag; false means the other way
+    assert not config_of(tmp_path, f"model: {demo_model_dir}\nenable-prefix-caching: false\n").engine.enable_prefix_caching
+    assert config_of(tmp_path, f"model: {demo_model_dir}\nno-prefix-caching: false\n").engine.enable_prefix_caching
+    assert not config_of(tmp_path, f"model: {demo_model_dir}\n", "--no-enable-prefix-caching").engine.enable_prefix_caching
+
+
 @pytest.mark.parametrize(
     "text, fragment",
     [

@@ -22,16 +22,24 @@ def busy_port() -> Iterator[int]:
 @pytest.mark.parametrize(
     "flags, fragment",
     [
-        (["--max-model-len", "0"], "max_model_len must be >= 1; got 0"),
-        (["--max-model-len", "-5"], "max_model_len must be >= 1; got -5"),
-        (["--max-model-len", "999999"], "max_model_len 999999 exceeds the model's context length"),
-        (["--kv-cache-memory-gib", "-1"], "kv_cache_memory_gib must be > 0"),
+        (["--max-model-len", "0"], "pdserve: --max-model-len must be >= 1; got 0"),
+        (["--max-model-len", "-5"], "pdserve: --max-model-len must be >= 1; got -5"),
+        (["--max-model-len", "999999"], "pdserve: --max-model-len 999999 exceeds the model's context length"),
+        (["--kv-cache-memory-gib", "-1"], "pdserve: --kv-cache-memory-gib must be > 0"),
+        (["--max-num-seqs", "0"], "pdserve: --max-num-seqs and --max-num-batched-tokens must be >= 1"),
+        (["--gpu-memory-utilization", "1.5"], "pdserve: --gpu-memory-utilization must be in (0, 1]"),
+        (["--shutdown-timeout", "-1"], "pdserve: --shutdown-timeout must be >= 0"),
+        (["--request-timeout", "0"], "--request-timeout must be a positive number of seconds"),
+        (["--max-num-queued-reqs", "0"], "pdserve: --max-num-queued-reqs must be at least 1"),
         (["--port", "70000"], "--port must be in 0..65535; got 70000"),
         (["--port", "-1"], "--port must be in 0..65535"),
         (["--host", "no.such.host.invalid"], "cannot listen on no.such.host.invalid"),
         (["--redis-url", "nonsense://x"], "--redis-url 'nonsense://x'"),
         (["--quantization", "awq"], "--quantization awq needs a checkpoint quantized with awq"),
         (["--log-level", "nonsense"], "--log-level must be one of debug, info"),
+        (["--worker-host", "203.0.113.7"], "cannot listen on 203.0.113.7:0 (--worker-host)"),
+        (["--ray-address", "127.0.0.1:1"], "no Ray cluster answers at 127.0.0.1:1 (--ray-address)"),
+        (["--ray-address", "ray://127.0.0.1:1"], "no Ray cluster answers at ray://127.0.0.1:1"),
     ],
 )
 def test_a_bad_flag_is_refused_before_anything_starts(
@@ -50,3 +58,10 @@ def test_a_port_in_use_is_refused_before_anything_starts(
         assert main(["serve", "--model", str(demo_model_dir), *flags]) == 2
         assert f"cannot listen on 127.0.0.1:{busy_port}" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def test_the_router_names_the_flag_too(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("PDSERVE_CLUSTER_SECRET", "s" * 40)
+    assert main(["router", "--redis-url", "redis://127.0.0.1:1/0", "--port", "0", "--stall-timeout", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "pdserve router: deadline --stall-timeout must be a positive number" in err and "Traceback" not in err, err

@@ -173,7 +173,8 @@ def test_a_router_stream_past_the_shutdown_timeout_ends_with_an_error(
 
 def test_device_cuda_without_a_gpu_says_so(demo_model_dir: Path) -> None:
     """`--device cuda` on a Ray cluster with no GPU names that cause, not another `pdserve serve`;
-    a controller already there is still reported as one."""
+    so does `--kv-transport cuda_ipc` for workers that would run on the CPU, before any starts; a
+    controller already there is still reported as one."""
     import ray
 
     from pdserve.deploy.cluster import Cluster
@@ -188,6 +189,10 @@ def test_device_cuda_without_a_gpu_says_so(demo_model_dir: Path) -> None:
         with pytest.raises(ConfigError) as cuda_error:
             Cluster(cuda).start()
         assert str(cuda_error.value) == "--device cuda was asked for but the Ray cluster has no GPU"
+        for device in ("auto", "cpu"):
+            ipc = ServeConfig(EngineConfig(model=str(demo_model_dir), device=device), MODEL, kv_transport="cuda_ipc")
+            with pytest.raises(ConfigError, match="--kv-transport cuda_ipc needs GPU workers, and these run on the CPU"):
+                Cluster(ipc).start()
 
         @ray.remote(num_cpus=0)
         class Other:

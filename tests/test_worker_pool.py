@@ -1,8 +1,9 @@
 """The gateway's `WorkerPool` tells the truth about its workers whatever the registry does: with Redis
 down it keeps routing over the workers it knows and still notices one dying; a Redis restarted
 empty drops nobody (and the workers register again within a couple of seconds); a worker that
-leaves (unlisted and draining) gets no new request, and its channel stays open until the requests
-already on it have finished. Real workers in this process, a real redis-server."""
+leaves (unlisted and draining) gets no new request, its channel stays open until the requests
+already on it have finished, and `/admin/workers` shows it draining until then. Real workers in
+this process, a real redis-server."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from fastapi import FastAPI
 
 from pdserve.deploy.worker_host import WorkerHost, WorkerSpec
 from pdserve.engine import LLM, SamplingParams
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.tokenizer import Tokenizer
+from pdserve.router.admin import admin_routes
 from pdserve.router.backend import BackendUnavailableError
 from pdserve.router.disaggregated import DisaggregatedBackend
 from pdserve.router.registry import KEY_PREFIX, InMemoryRegistry, RedisRegistry
@@ -152,6 +156,16 @@ def test_a_redis_restarted_empty_drops_no_worker_and_the_workers_register_again(
     assert registered_after is not None and registered_after < 2.0, f"workers registered again after {registered_after} s"
 
 
+async def admin_workers(pool: WorkerPool) -> dict[str, dict]:
+    """This gateway's `GET /admin/workers`, by worker id."""
+    app = FastAPI()
+    app.include_router(admin_routes(pool, "admin-token"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
+        response = await client.get("/admin/workers", headers={"Authorization": "Bearer admin-token"})
+    assert response.status_code == 200, response.text
+    return {view["worker_id"]: view for view in response.json()["workers"]}
+
+
 def test_a_leaving_worker_gets_no_new_request_and_keeps_its_channel_until_its_requests_end(
     hosts_factory: object, tokenizer: Tokenizer, expected: dict[int, list[int]]
 ) -> None:
@@ -172,11 +186,15 @@ def test_a_leaving_worker_gets_no_new_request_and_keeps_its_channel_until_its_re
             await eventually(lambda: decode_id not in pool.workers, 5, "the draining worker leaves the pool")
             with pytest.raises(BackendUnavailableError):
                 await anext(backend.generate(uuid.uuid4().hex, tokenizer.encode(PROMPT), greedy(8)))
+            view = (await admin_workers(pool)).get(decode_id)
+            assert view is not None, "/admin/workers dropped the draining worker while it runs a request"
+            assert (view["draining"], view["in_pool"], view["num_in_flight"]) == (True, False, 1)
             async for delta in stream:  # read the rest only now: the call must still be open
                 assert delta.finish_reason != "error", delta.error
                 tokens += delta.token_ids
             assert tokens == expected[200]
             await eventually(lambda: not pool.retired, 2, "the channel closes once its last request ended")
+            assert decode_id not in await admin_workers(pool)
             assert hosts["decode"].worker.status()["num_used_blocks"] == 0
         finally:
             await pool.close()

@@ -42,11 +42,15 @@ class BenchConfig:
     slo_ttft_ms: float | None
     slo_tpot_ms: float | None
     seed: int
+    prefix_len: int = 0
+    num_prefixes: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("num_prompts", "input_len", "output_len", "request_rate", "burstiness"):
+        for name in ("num_prompts", "input_len", "output_len", "request_rate", "burstiness", "num_prefixes"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if not 0 <= self.prefix_len < self.input_len:
+            raise ValueError(f"--prefix-len must be in 0..{self.input_len - 1} (below --input-len); got {self.prefix_len}")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError("--max-concurrency must be at least 1")
 
@@ -68,6 +72,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput counts requests within this TTFT")
     parser.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput counts requests within this TPOT")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--prefix-len",
+        type=int,
+        default=0,
+        help="tokens at the start of every prompt shared with others (a system prompt); 0: none",
+    )
+    parser.add_argument("--num-prefixes", type=int, default=1, help="distinct shared prefixes, used in turn")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
 
 
@@ -100,7 +111,14 @@ async def benchmark(config: BenchConfig) -> tuple[dict[str, object], list[str]]:
     async with httpx.AsyncClient(base_url=config.url, limits=limits, timeout=timeout) as client:
         model = config.model or await first_model(client)
         prompts = await build_prompts(
-            client, config.endpoint, config.num_prompts, config.input_len, config.output_len, config.seed
+            client,
+            config.endpoint,
+            config.num_prompts,
+            config.input_len,
+            config.output_len,
+            config.seed,
+            config.prefix_len,
+            config.num_prefixes,
         )
         print(f"pdserve bench: {config.num_prompts} {config.endpoint} requests to {model} at {config.url}", flush=True)
         results, duration_s = await run_load(client, config, model, prompts)
@@ -204,6 +222,7 @@ async def read_stream(lines: AsyncIterator[str], start: float) -> RequestResult:
         result.error = "the stream ended without " + ("a usage chunk" if usage is None else "any token")
         return result
     result.num_prompt_tokens, result.num_output_tokens = usage["prompt_tokens"], usage["completion_tokens"]
+    result.num_cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
     return result
 
 

@@ -18,6 +18,7 @@ class RequestResult:
 
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens the server found in its prefix cache (usage.prompt_tokens_details)
     ttft_s: float = 0.0
     itls_s: list[float] = field(default_factory=list)  # gaps between consecutive token-carrying chunks
     latency_s: float = 0.0
@@ -71,6 +72,7 @@ def calculate_metrics(
         "failed": len(results) - len(done),
         "total_input_tokens": num_input,
         "total_output_tokens": num_output,
+        "total_cached_tokens": sum(r.num_cached_tokens for r in done),
         "request_throughput": len(done) / duration_s,
         "request_goodput": sum(meets_slo(r, slo_ttft_ms, slo_tpot_ms) for r in done) / duration_s,
         "output_throughput": num_output / duration_s,
@@ -105,7 +107,10 @@ def format_report(metrics: dict[str, object]) -> str:
     m = metrics
     lines = [
         f"duration {m['duration']:.2f} s   completed {m['completed']}   failed {m['failed']}",
-        f"tokens: input {m['total_input_tokens']}   output {m['total_output_tokens']}",
+        (
+            f"tokens: input {m['total_input_tokens']} ({m['total_cached_tokens']} from the prefix cache)   "
+            f"output {m['total_output_tokens']}"
+        ),
         (
             f"throughput: {m['request_throughput']:.2f} req/s   goodput {m['request_goodput']:.2f} req/s   "
             f"output {m['output_throughput']:.1f} tok/s   total {m['total_token_throughput']:.1f} tok/s"

@@ -21,9 +21,18 @@ class PromptError(Exception):
 
 
 async def build_prompts(
-    client: httpx.AsyncClient, endpoint: str, num_prompts: int, input_len: int, output_len: int, seed: int
+    client: httpx.AsyncClient,
+    endpoint: str,
+    num_prompts: int,
+    input_len: int,
+    output_len: int,
+    seed: int,
+    prefix_len: int = 0,
+    num_prefixes: int = 1,
 ) -> list[str]:
-    """`num_prompts` texts the `endpoint` ("completions" or "chat") counts as exactly `input_len` tokens."""
+    """`num_prompts` texts the `endpoint` ("completions" or "chat") counts as exactly `input_len`
+    tokens; with `prefix_len`, prompt i starts with the text of shared prefix i % `num_prefixes`,
+    `prefix_len` random tokens long, and goes on with text of its own."""
     num_overhead, max_model_len = await count_tokens(client, endpoint, "")
     if input_len + output_len > max_model_len:
         raise PromptError(f"input_len + output_len = {input_len + output_len} exceeds the server's max_model_len {max_model_len}")
@@ -32,19 +41,32 @@ async def build_prompts(
         raise PromptError(f"input_len {input_len} leaves no room for text: {endpoint} counts {num_overhead} for an empty prompt")
     pool = await token_pool(client, random.Random(f"{seed}-pool"))
     limit = asyncio.Semaphore(NUM_PARALLEL)
+    heads = [""]
+    if prefix_len > 0:
+        rng = random.Random(f"{seed}-prefixes")
+        heads = [await detokenize(client, [rng.choice(pool) for _ in range(prefix_len)]) for _ in range(num_prefixes)]
 
     async def one(index: int) -> str:
+        head = heads[index % len(heads)]
         async with limit:
-            return await exact_prompt(client, endpoint, pool, random.Random(f"{seed}-{index}"), input_len, num_body)
+            return head + await exact_prompt(
+                client, endpoint, pool, random.Random(f"{seed}-{index}"), input_len, num_body - prefix_len, head
+            )
 
     return list(await asyncio.gather(*(one(i) for i in range(num_prompts))))
 
 
 async def exact_prompt(
-    client: httpx.AsyncClient, endpoint: str, pool: list[int], rng: random.Random, input_len: int, num_body: int
+    client: httpx.AsyncClient,
+    endpoint: str,
+    pool: list[int],
+    rng: random.Random,
+    input_len: int,
+    num_body: int,
+    head: str = "",
 ) -> str:
     """Random ids -> text -> the server's own tokens of that text; then the first k of those, k
-    corrected by how far the endpoint's count is off, until it counts exactly `input_len`."""
+    corrected by how far the endpoint's count is off, until `head` + it counts exactly `input_len`."""
     closest = None
     for _ in range(NUM_SAMPLES):
         text = await detokenize(client, [rng.choice(pool) for _ in range(2 * num_body + 8)])
@@ -54,7 +76,7 @@ async def exact_prompt(
             if not 1 <= num_kept <= len(tokens):
                 break
             prompt = await detokenize(client, tokens[:num_kept])
-            count, _ = await count_tokens(client, endpoint, prompt)
+            count, _ = await count_tokens(client, endpoint, head + prompt)
             if count == input_len:
                 return prompt
             closest = count if closest is None or abs(count - input_len) < abs(closest - input_len) else closest

@@ -48,9 +48,14 @@ class AdminClient:
     def scale(self, pool: str, replicas: int) -> dict:
         return _checked(self.client.post(f"/admin/pools/{pool}", json={"replicas": replicas}))
 
+    def workers(self) -> dict:
+        return _checked(self.client.get("/admin/workers"))
+
 
 class AdminError(RuntimeError):
-    pass
+    def __init__(self, message: str, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
 
 
 def _checked(response: httpx.Response) -> dict:
@@ -59,7 +64,7 @@ def _checked(response: httpx.Response) -> dict:
             message = response.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = response.text
-        raise AdminError(f"HTTP {response.status_code}: {message}")
+        raise AdminError(f"HTTP {response.status_code}: {message}", response.status_code)
     return response.json()
 
 
@@ -103,11 +108,16 @@ def out_of_bounds(view: dict, sizes: dict[str, int]) -> str | None:
 def status(args: argparse.Namespace) -> int:
     client = AdminClient(args.url, args.token or os.environ.get("PDSERVE_ADMIN_TOKEN"))
     try:
-        view = client.pools()
+        try:
+            view, show = client.pools(), render
+        except AdminError as exc:
+            if exc.status_code != 404:
+                raise
+            view, show = client.workers(), render_workers  # a gateway without a controller (`pdserve router`)
     except (AdminError, httpx.HTTPError) as exc:
         print(f"pdserve status: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(view, indent=2) if args.json else render(view))
+    print(json.dumps(view, indent=2) if args.json else show(view))
     return 0
 
 
@@ -146,4 +156,22 @@ def render(view: dict) -> str:
         lines += [f"  {d['pool']} -> {d['replicas']}: {d['reason']}" for d in autoscaler["recent"][-5:]]
     else:
         lines.append("autoscaler: off")
+    return "\n".join(lines)
+
+
+def render_workers(view: dict) -> str:
+    """`/admin/workers`: the workers a gateway without a controller routes to, as it polls them."""
+    lines = [
+        "no pools here (this gateway has no controller: start it with --ray-address); the workers it routes to:",
+        f"  {'WORKER':18} {'ROLE':7} {'STATE':9} {'ADDRESS':22} {'IN FLIGHT':>9} {'RUNNING':>7} {'WAITING':>7} {'KV':>6}",
+    ]
+    for worker in view["workers"]:
+        status = worker["status"] or {}
+        state = "draining" if worker["draining"] else "healthy" if worker["healthy"] else "unhealthy"
+        used, total = int(status.get("num_used_blocks", 0)), int(status.get("num_total_blocks", 0))
+        lines.append(
+            f"  {worker['worker_id']:18} {worker['role']:7} {state if worker['in_pool'] else 'left':9} {worker['address']:22} "
+            f"{worker['num_in_flight']:>9} {status.get('num_running', '-'):>7} {status.get('num_waiting', '-'):>7} "
+            f"{100 * used / max(1, total):>5.1f}%"
+        )
     return "\n".join(lines)

@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 DEMO_MODEL_NAME = "pdserve-demo"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 API_KEY_ENV = "PDSERVE_API_KEY"  # comma-separated keys, added to --api-key
+RAY_CONNECT_TIMEOUT_S = 5.0  # --ray-address: how long the head may take to accept a connection
 
 
 def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
@@ -61,8 +63,11 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument("--max-num-batched-tokens", type=int, default=8192)
     serve.add_argument("--kv-cache-memory-gib", type=float, default=None)
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    serve.add_argument("--no-prefix-caching", action="store_true")
-    serve.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    serve.add_argument(
+        "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True, help="reuse cached prompt prefixes"
+    )
+    serve.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", help=argparse.SUPPRESS)
+    serve.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False, help="no CUDA graphs")
     serve.add_argument(
         "--async-scheduling",
         action=argparse.BooleanOptionalAction,
@@ -83,12 +88,19 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
         help="fp8|int8: quantize an unquantized checkpoint's weights at load (per output channel); "
         "otherwise the checkpoint's own quantization_config is used (this flag then only checks it)",
     )
-    serve.add_argument("--colocated", action="store_true", help="one engine in this process, no workers (baseline)")
+    serve.add_argument(
+        "--colocated", action=argparse.BooleanOptionalAction, default=False, help="one engine in this process, no workers"
+    )
     serve.add_argument(
         "--admin-token", default=None, help="bearer token of /admin/* (default: $PDSERVE_ADMIN_TOKEN; none: admin off)"
     )
     serve.add_argument("--autoscale", action=argparse.BooleanOptionalAction, default=False, help="size the pools from their load")
-    serve.add_argument("--enable-auto-tool-choice", action="store_true", help="read tool calls out of replies (tool_choice auto)")
+    serve.add_argument(
+        "--enable-auto-tool-choice",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="read tool calls out of replies (tool_choice auto)",
+    )
     serve.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS), help="how the model writes tool calls")
     serve.add_argument("--log-level", default="info")
     add_gateway_arguments(serve)
@@ -104,7 +116,10 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
     from pdserve.deploy import admin_client, router_gateway
 
     add_arguments(commands.add_parser("bench", help="load-test an OpenAI-compatible server"))
-    router_gateway.add_arguments(commands.add_parser("router", help="one more gateway, over the workers registered in Redis"))
+    router = commands.add_parser("router", help="one more gateway, over the workers registered in Redis")
+    router_gateway.add_arguments(router)
+    for command in (serve, router):
+        command.set_defaults(flag_names=flag_names(command))
     admin_client.add_scale_arguments(commands.add_parser("scale", help="set the prefill and/or decode pool's size"))
     admin_client.add_status_arguments(commands.add_parser("status", help="the pools, their workers and load"))
     return parser
@@ -119,7 +134,9 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help=f"required on /v1 as `Authorization: Bearer KEY` (repeatable; also ${API_KEY_ENV}, comma-separated)",
     )
-    parser.add_argument("--protect-metrics", action="store_true", help="/metrics and /health need an API key too")
+    parser.add_argument(
+        "--protect-metrics", action=argparse.BooleanOptionalAction, default=False, help="/metrics and /health need an API key too"
+    )
     parser.add_argument(
         "--max-num-queued-reqs",
         type=int,
@@ -157,6 +174,22 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--stall-timeout", type=float, default=d.stall_s, help="seconds allowed between two tokens")
     parser.add_argument("--request-timeout", type=float, default=d.request_s, help="seconds for a whole request")
+
+
+def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """The configs' field names a message may use (`max_model_len`, `shutdown_timeout_s`, the
+    deadlines' `request_s`) -> the flag that sets each (`--max-model-len`, `--shutdown-timeout`...)."""
+    names: dict[str, str] = {}
+    for action in parser._actions:
+        flag, dest = max(action.option_strings, key=len, default=""), action.dest
+        if flag.startswith("--") and "_" in dest:
+            names |= {dest: flag, f"{dest}_s": flag, f"{dest.removesuffix('_timeout')}_s": flag}
+    return names
+
+
+def in_flag_terms(message: str, names: dict[str, str]) -> str:
+    """A config's error message with each field it names written as its flag."""
+    return re.sub(r"(?<![\w-])[a-z]+(?:_[a-z]+)+(?![\w-])", lambda m: names.get(m.group(), m.group()), message)
 
 
 def gateway_config(args: argparse.Namespace) -> GatewayConfig:
@@ -234,8 +267,14 @@ def serve(args: argparse.Namespace) -> int:
         gateway = gateway_config(args)
         check_against_model(config.engine)
         check_can_listen(config.host, config.port)
+        if config.colocated:
+            pass
+        elif config.ray_address is None:  # every worker runs on this machine and binds there
+            check_can_listen(config.worker_host, 0, "--worker-host")
+        else:
+            check_ray_address(config.ray_address)
     except (ConfigError, ValueError, TypeError) as exc:
-        print(f"pdserve: {exc}", file=sys.stderr)
+        print(f"pdserve: {in_flag_terms(str(exc), args.flag_names)}", file=sys.stderr)
         return 2
     if config.colocated:
         _stop_on_sigterm()  # uvicorn re-raises SIGTERM once it has stopped: exit 0, not -15
@@ -256,7 +295,7 @@ def serve(args: argparse.Namespace) -> int:
             raise
         return 0
     except ConfigError as exc:
-        print(f"pdserve: {exc}", file=sys.stderr)
+        print(f"pdserve: {in_flag_terms(str(exc), args.flag_names)}", file=sys.stderr)
         return 2
     except StartupError as exc:
         print(f"pdserve: {exc}", file=sys.stderr)
@@ -284,7 +323,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory_gib=args.kv_cache_memory_gib,
         gpu_memory_utilization=args.gpu_memory_utilization,
-        enable_prefix_caching=not args.no_prefix_caching,
+        enable_prefix_caching=args.enable_prefix_caching,
         enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
         load_format=args.load_format,
@@ -321,15 +360,28 @@ def check_against_model(engine: EngineConfig) -> None:
     engine.quantization_for(model)
 
 
-def check_can_listen(host: str, port: int) -> None:
-    """Raises ValueError when the gateway could not listen on host:port (in use, or no such
-    address), before the workers start rather than after."""
+def check_can_listen(host: str, port: int, flags: str = "--host, --port") -> None:
+    """Raises ValueError when the gateway (or a worker) could not listen on host:port (in use, or no
+    such address), before the workers start rather than after."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         with socket.create_server((host, port), family=family):
             pass
     except OSError as exc:
-        raise ValueError(f"cannot listen on {host}:{port} (--host, --port): {exc.strerror or exc}") from exc
+        raise ValueError(f"cannot listen on {host}:{port} ({flags}): {exc.strerror or exc}") from exc
+
+
+def check_ray_address(address: str) -> None:
+    """Raises ValueError when nothing answers at a `host:port` (or `ray://host:port`) --ray-address,
+    where ray.init would keep retrying for minutes; `auto` and other forms are left to Ray."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or "://" in host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise ValueError(f"no Ray cluster answers at {address} (--ray-address): {exc.strerror or exc}") from exc
 
 
 class _Shutdown(Exception):

@@ -14,6 +14,7 @@ from pdserve.deploy.config import ROLES, ServeConfig
 from pdserve.deploy.controller import CONTROLLER_NAME, NAMESPACE, Controller, ControllerConfig
 from pdserve.deploy.placement import gpus_per_worker, local_node_resources, missing_pools, pythonpath
 from pdserve.engine.config import ConfigError
+from pdserve.kvtransfer import TRANSPORTS
 
 logger = logging.getLogger(__name__)
 STOP_TIMEOUT_S = 30.0  # the controller's stop of the workers, after their drain
@@ -95,6 +96,13 @@ class Cluster:
         config = self.config
         if config.engine.device == "cuda" and num_cluster_gpus == 0:
             raise ConfigError("--device cuda was asked for but the Ray cluster has no GPU")
+        on_gpus = config.engine.device == "cuda" or (config.engine.device == "auto" and num_cluster_gpus > 0)
+        transport = TRANSPORTS.get(config.kv_transport)
+        if transport is not None and not on_gpus and "cpu" not in transport.devices:
+            raise ConfigError(
+                f"--kv-transport {config.kv_transport} needs GPU workers, and these run on the CPU "
+                f"(--device {config.engine.device}, {num_cluster_gpus:g} GPUs in the Ray cluster)"
+            )
         share = gpus_per_worker(num_cluster_gpus, config.num_prefill_workers + config.num_decode_workers, config.engine.device)
         engine = config.engine
         if 0 < share < 1 and engine.kv_cache_memory_gib is None:

@@ -32,28 +32,37 @@ def file_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str, objec
         return {}
     if not isinstance(data, dict):
         raise ConfigFileError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-    actions = {a.dest: a for a in parser._actions if a.dest not in NOT_IN_FILES}
+    flags = {
+        option.removeprefix("--").replace("-", "_"): (option, action)
+        for action in parser._actions
+        if action.dest not in NOT_IN_FILES
+        for option in action.option_strings
+        if option.startswith("--")
+    }
     values: dict[str, object] = {}
     for key, value in data.items():
-        dest = str(key).replace("-", "_")
-        if dest == "pools":
+        name = str(key).replace("-", "_")
+        if name == "pools":
             values.update(_pools(path, value))
-        elif dest in SECTIONS:
-            values[dest] = _section(path, dest, value)
-        elif dest in actions:
-            values[dest] = _flag_value(path, key, actions[dest], value)
+        elif name in SECTIONS:
+            values[name] = _section(path, name, value)
+        elif name in flags:
+            option, action = flags[name]
+            values[action.dest] = _flag_value(path, key, option, action, value)
         else:
             raise ConfigFileError(f"{path}: unknown setting {key!r}")
     return values
 
 
-def _flag_value(path: str, key: str, action: argparse.Action, value: object) -> object:
+def _flag_value(path: str, key: str, option: str, action: argparse.Action, value: object) -> object:
     """The flag's value as the command line would give it: a YAML value of the flag's type (or text
-    that converts to it); a repeatable flag takes one value or a list of them."""
-    if action.nargs == 0:  # store_true / --x/--no-x
+    that converts to it); a repeatable flag takes one value or a list of them; a switch takes true
+    (as if given: `enforce-eager: true`, `no-prefix-caching: true`) or false (the other way)."""
+    if action.nargs == 0:  # --x, --no-x
         if not isinstance(value, bool):
             raise ConfigFileError(f"{path}: {key} must be true or false, got {value!r}")
-        return value
+        sets = action.const if isinstance(action.const, bool) else not option.startswith("--no-")
+        return value if sets else not value
     if isinstance(action, argparse._AppendAction):  # --api-key: a string is one value, never its characters
         return [_scalar(path, key, action, item) for item in (value if isinstance(value, list) else [value])]
     return _scalar(path, key, action, value)

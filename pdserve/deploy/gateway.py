@@ -119,6 +119,7 @@ async def _disaggregated(
         max_model_len,
         on_kv_transfer=metrics.observe_kv_transfer,
         deadlines=gateway.deadlines,
+        prefix_share_url=config.redis_url,  # several gateways share Redis: they share their prefix routing too
     )
 
 

@@ -52,7 +52,7 @@ def router_config(args: argparse.Namespace) -> ServeConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pdserve.deploy.cli import gateway_config
+    from pdserve.deploy.cli import gateway_config, in_flag_terms
     from pdserve.deploy.controller_client import ControllerClient
     from pdserve.deploy.gateway import run_gateway
     from pdserve.router.registry import RedisRegistry
@@ -62,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
         gateway = gateway_config(args)
         registry = RedisRegistry(config.redis_url, config.cluster_secret)
     except (ConfigError, ValueError) as exc:
-        print(f"pdserve router: {exc}", file=sys.stderr)
+        print(f"pdserve router: {in_flag_terms(str(exc), args.flag_names)}", file=sys.stderr)
         return 2
     # It serves before its workers register and while the controller is away (503s until then). It
     # joins Ray later, off the main thread: Ray's crash handler must not take SIGTERM from the drain.

@@ -118,6 +118,7 @@ async def worker_status(
         max_model_len=worker.core.max_model_len,
         block_size=worker.core.config.block_size,
         is_draining=worker.is_draining,
+        is_prefix_caching=worker.core.config.enable_prefix_caching,
         **worker.status(),
         **extra,
     )

@@ -108,7 +108,7 @@ class StatusRequest(_message.Message):
     def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "model", "max_model_len", "num_running", "num_waiting", "num_total_blocks", "num_used_blocks", "block_size", "num_preemptions", "kv_bytes_sent", "kv_bytes_received", "kv_transports", "iteration_token_counts", "iteration_tokens", "num_iterations", "proof", "is_draining")
+    __slots__ = ("worker_id", "role", "model", "max_model_len", "num_running", "num_waiting", "num_total_blocks", "num_used_blocks", "block_size", "num_preemptions", "kv_bytes_sent", "kv_bytes_received", "kv_transports", "iteration_token_counts", "iteration_tokens", "num_iterations", "proof", "is_draining", "is_prefix_caching")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,7 @@ class WorkerStatus(_message.Message):
     NUM_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     PROOF_FIELD_NUMBER: _ClassVar[int]
     IS_DRAINING_FIELD_NUMBER: _ClassVar[int]
+    IS_PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     model: str
@@ -145,7 +146,8 @@ class WorkerStatus(_message.Message):
     num_iterations: int
     proof: str
     is_draining: bool
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_used_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_transports: _Optional[str] = ..., iteration_token_counts: _Optional[_Iterable[int]] = ..., iteration_tokens: _Optional[int] = ..., num_iterations: _Optional[int] = ..., proof: _Optional[str] = ..., is_draining: _Optional[bool] = ...) -> None: ...
+    is_prefix_caching: bool
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_used_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_transports: _Optional[str] = ..., iteration_token_counts: _Optional[_Iterable[int]] = ..., iteration_tokens: _Optional[int] = ..., num_iterations: _Optional[int] = ..., proof: _Optional[str] = ..., is_draining: _Optional[bool] = ..., is_prefix_caching: _Optional[bool] = ...) -> None: ...
 
 class KVLayout(_message.Message):
     __slots__ = ("model_id", "dtype", "num_layers", "num_kv_heads", "head_dim", "block_size", "layout", "k_scales", "v_scales")

@@ -1,5 +1,5 @@
 """Operator routes, behind a bearer token: `GET /admin/workers` (the workers this gateway routes to,
-as it polls them), `GET /admin/pools` and `POST /admin/pools/{prefill|decode}` (the controller's
+as it polls them, and those that left while its requests on them run), `GET /admin/pools` and `POST /admin/pools/{prefill|decode}` (the controller's
 pools: desired and actual replicas, each worker's state, node, pid and load; 503 while the controller
 cannot be reached). No token configured: the whole admin API is off (403)."""
 
@@ -51,7 +51,7 @@ def admin_routes(pool: WorkerPool, token: str | None, admin: PoolAdmin | None = 
     @routes.get("/workers")
     async def workers() -> dict:
         await pool.refresh()
-        return {"workers": [_worker_view(handle) for handle in pool.workers.values()]}
+        return {"workers": [_worker_view(handle, handle not in pool.retired) for handle in pool.known()]}
 
     @routes.get("/pools")
     async def pools() -> dict:
@@ -97,7 +97,8 @@ def _controller(admin: PoolAdmin | None) -> PoolAdmin:
     return admin
 
 
-def _worker_view(handle: WorkerHandle) -> dict:
+def _worker_view(handle: WorkerHandle, in_pool: bool) -> dict:
+    """`in_pool`: false for a worker that left the pool and still runs this gateway's requests."""
     status = handle.status
     return {
         "worker_id": handle.record.worker_id,
@@ -106,7 +107,9 @@ def _worker_view(handle: WorkerHandle) -> dict:
         "healthy": handle.is_healthy,
         "draining": handle.is_draining,
         "listed": handle.is_listed,
+        "in_pool": in_pool,
         "num_in_flight": handle.num_in_flight,
+        "num_prefill_tokens": handle.num_prefill_tokens,
         "status": MessageToDict(status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
         if status is not None
         else None,

@@ -9,13 +9,19 @@ request with an error (an error event and `[DONE]` for a stream). It is not resu
 client already has tokens drawn from that worker's sampler state, which a re-prefill on another
 worker cannot continue (a seeded request would silently change its own continuation), and a
 resumed request re-pays its whole prefill on a pool that just lost capacity; the client, which
-knows what it has, decides whether to retry."""
+knows what it has, decides whether to retry.
+
+The prefill worker is the one that would finish the prompt first by the gateway's estimate: the
+fewest prompt tokens to compute, its own (the prompt less the prefix `PrefixIndex` thinks it holds
+cached) plus those already sent to it; so a repeated prefix returns to the worker that holds it until
+that worker's queue outweighs recomputing the prefix elsewhere. The decode worker is the
+least-loaded."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 
 import grpc
 
@@ -30,6 +36,8 @@ from pdserve.proto.failures import Failure
 from pdserve.router.backend import BackendFailure, BackendStats
 from pdserve.router.handoff import Handoff, HandoffFailure, is_cancelling
 from pdserve.router.health_watch import HealthWatch, WorkerLostError
+from pdserve.router.prefix_index import PrefixIndex, prefix_hashes
+from pdserve.router.prefix_share import RedisPrefixShare
 from pdserve.router.workers import WorkerHandle, WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -47,8 +55,11 @@ class DisaggregatedBackend:
         max_model_len: int,
         on_kv_transfer: OnKVTransfer | None = None,
         deadlines: Deadlines | None = None,
+        prefix_share_url: str | None = None,
     ) -> None:
-        """`on_kv_transfer(num_bytes, seconds, transport)` is told about every prefill-to-decode hand-off."""
+        """`on_kv_transfer(num_bytes, seconds, transport)` is told about every prefill-to-decode
+        hand-off. `prefix_share_url`: the Redis through which the cluster's gateways share where they
+        sent which prefixes (`RedisPrefixShare`); None: this gateway's own routing only."""
         self.pool = pool
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -56,6 +67,11 @@ class DisaggregatedBackend:
         self.on_kv_transfer = on_kv_transfer
         self.deadlines = deadlines or Deadlines()
         self.watch = HealthWatch(pool)
+        self.prefixes = PrefixIndex()
+        self.prefix_share: RedisPrefixShare | None = None
+        if prefix_share_url is not None:
+            self.prefix_share = RedisPrefixShare(prefix_share_url, pool.secret, self.prefixes, self._num_blocks_of)
+            self.prefix_share.start()
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -78,10 +94,12 @@ class DisaggregatedBackend:
         (its reservation cancelled, its prefill aborted) before the next one, with a fresh transfer,
         starts on other workers where the pool has them."""
         used: set[str] = set()
+        salt = request.params.cache_salt or None
         for attempt in range(NUM_ATTEMPTS):
-            decode, prefill = self._pick("decode", used), self._pick("prefill", used)
+            decode = self._pick("decode", used)
+            prefill, num_prefill_tokens = self._pick_prefill(request.prompt_token_ids, salt, used)
             used |= {decode.record.worker_id, prefill.record.worker_id}
-            handoff = Handoff(request, decode, prefill, self.deadlines, self.watch)
+            handoff = Handoff(request, decode, prefill, self.deadlines, self.watch, num_prefill_tokens)
             try:
                 firsts = await handoff.first_tokens()
             except HandoffFailure as failure:
@@ -102,6 +120,39 @@ class DisaggregatedBackend:
         """The least-loaded healthy worker of `role`, preferring those a failed attempt did not use."""
         fresh = [w for w in self.pool.healthy(role) if w.record.worker_id not in used]
         return min(fresh, key=lambda w: w.load) if fresh else self.pool.pick(role)
+
+    def _pick_prefill(self, token_ids: Sequence[int], salt: str | None, used: set[str]) -> tuple[WorkerHandle, int]:
+        """The healthy prefill worker with the fewest prompt tokens to compute, this prompt's
+        included (ties: the least-loaded), preferring those a failed attempt did not use; recorded as
+        now holding the prompt's blocks. Returns it and the tokens it is expected to compute."""
+        self.prefixes.retain(self.pool.workers)
+        candidates = [w for w in self.pool.healthy("prefill") if w.record.worker_id not in used] or [self.pool.pick("prefill")]
+        hashes: dict[int, list[int]] = {}  # block size -> the prompt's block hashes
+
+        def blocks_of(worker: WorkerHandle) -> tuple[int, list[int]]:
+            status = worker.status
+            if status is None or not status.is_prefix_caching or status.block_size < 1:
+                return 0, []
+            size = status.block_size
+            if size not in hashes:
+                hashes[size] = prefix_hashes(token_ids, size, salt)
+            return size, hashes[size]
+
+        def new_tokens(worker: WorkerHandle) -> int:
+            size, blocks = blocks_of(worker)
+            return len(token_ids) - size * self.prefixes.num_cached(worker.record.worker_id, blocks)
+
+        best = min(candidates, key=lambda w: (w.num_prefill_tokens + new_tokens(w), w.load))
+        num_new, (_, blocks) = new_tokens(best), blocks_of(best)
+        if blocks:
+            self.prefixes.record(best.record.worker_id, blocks, best.status.num_total_blocks)
+            if self.prefix_share is not None:
+                self.prefix_share.publish(best.record.worker_id, blocks)
+        return best, num_new
+
+    def _num_blocks_of(self, worker_id: str) -> int | None:
+        worker = self.pool.workers.get(worker_id)
+        return worker.status.num_total_blocks if worker is not None and worker.status is not None else None
 
     async def _decode_stream(self, handoff: Handoff, request_id: str, num_sequences: int) -> AsyncIterator[RequestDelta]:
         """The tokens after the first, each tagged with its sequence; ends once all n finished. A lost decode worker (killed, or frozen: unhealthy within a
@@ -159,5 +210,7 @@ class DisaggregatedBackend:
         return bool(self.pool.healthy("prefill") and self.pool.healthy("decode"))
 
     async def close(self) -> None:
+        if self.prefix_share is not None:
+            await self.prefix_share.close()
         await self.watch.close()
         await self.pool.close()

@@ -51,8 +51,11 @@ class Handoff:
         prefill: WorkerHandle,
         deadlines: Deadlines,
         watch: HealthWatch,
+        num_prefill_tokens: int = 0,
     ) -> None:
-        """`request`: the Generate request without its transfer id; each attempt makes up its own."""
+        """`request`: the Generate request without its transfer id; each attempt makes up its own.
+        `num_prefill_tokens`: the prompt tokens the prefill worker is expected to compute (its
+        load until the prefill ends)."""
         self.request = pb.GenerateRequest()
         self.request.CopyFrom(request)
         self.request.transfer_id = uuid.uuid4().hex
@@ -64,8 +67,10 @@ class Handoff:
         self.kv_transfer: tuple[int, float, str] = (0, 0.0, "")  # bytes, exposed seconds, transport
         self._prefill_call: grpc.aio.UnaryUnaryCall | None = None
         self._is_prefill_counted = self._is_decode_counted = True
+        self.num_prefill_tokens = num_prefill_tokens
         decode.num_in_flight += 1
         prefill.num_in_flight += 1
+        prefill.num_prefill_tokens += num_prefill_tokens
 
     async def first_tokens(self) -> list[RequestDelta]:
         """The first token of every sequence (their KV committed on the decode worker: one prefill,
@@ -192,6 +197,7 @@ class Handoff:
         if self._is_prefill_counted:
             self._is_prefill_counted = False
             self.prefill.num_in_flight -= 1
+            self.prefill.num_prefill_tokens -= self.num_prefill_tokens
 
 
 def is_cancelling() -> bool:

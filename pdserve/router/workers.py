@@ -36,6 +36,7 @@ class WorkerHandle:
     is_healthy: bool = False
     is_listed: bool = True  # the registry listed it at its last successful read
     num_in_flight: int = 0  # requests this gateway has sent and not finished
+    num_prefill_tokens: int = 0  # prefill workers: prompt tokens of this gateway's it has still to compute
     is_unproven: bool = False  # it answered without proving it holds the cluster secret
     last_seen: float = field(default_factory=time.monotonic)
 
@@ -107,6 +108,11 @@ class WorkerPool:
         """Workers of `role` that answer their health checks and are not draining: those that can
         take a new request."""
         return [w for w in self.workers.values() if w.record.role == role and w.is_routable]
+
+    def known(self) -> list[WorkerHandle]:
+        """The pool's workers, then those that left it (draining, unlisted or dead) while this
+        gateway's requests on them still run."""
+        return [*self.workers.values(), *(h for h in self.retired if h.num_in_flight > 0)]
 
     def pick(self, role: str) -> WorkerHandle:
         """The healthy worker of `role` with the fewest requests in flight, then the emptiest cache."""
