@@ -21,14 +21,15 @@ from pdserve.engine import SamplingParams
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.proto.cluster_secret import ClusterSecret
-from pdserve.router.disaggregated import DisaggregatedBackend
+from pdserve.router.disaggregated import PREFIX_HASH_PURPOSE, DisaggregatedBackend
 from pdserve.router.prefix_index import PrefixIndex, prefix_hashes
-from pdserve.router.prefix_share import CHANNEL, RedisPrefixShare
+from pdserve.router.prefix_share import CHANNEL, MAX_MESSAGE_BYTES, MAX_RECORD_BLOCKS, RedisPrefixShare
 from pdserve.router.registry import InMemoryRegistry
 from pdserve.router.workers import WorkerPool
 from tests.servers import CLUSTER_SECRET, redis_process
 
 MAX_MODEL_LEN = 256
+KEY = CLUSTER_SECRET.key(PREFIX_HASH_PURPOSE)
 BLOCK_SIZE = 16
 TOPICS = ["rivers", "compilers", "volcanoes", "chess openings", "bread", "satellites"]
 
@@ -139,9 +140,9 @@ def test_gateways_sharing_redis_route_a_prefix_where_another_gateway_sent_it(
             while (await forger.pubsub_numsub(CHANNEL))[0][1] < 2:  # both gateways subscribed
                 await asyncio.sleep(0.05)
             forged = ClusterSecret("another-cluster-secret-of-32-chars!!")
-            hashes = prefix_hashes(tokenizer.encode("Zebras play the xylophone on quartz. " * 8), BLOCK_SIZE, None)
+            hashes = prefix_hashes(tokenizer.encode("Zebras play the xylophone on quartz. " * 8), BLOCK_SIZE, None, KEY)
             for message in (
-                RedisPrefixShare(redis_url, forged, PrefixIndex(), lambda _: 64).message([(hosts[0].record.worker_id, hashes)]),
+                RedisPrefixShare(redis_url, forged, PrefixIndex(), lambda _: 64).message([(key_of(hosts[0]), hashes)]),
                 b'{"body": "{}", "signature": 1}',
                 b"not json",
             ):
@@ -150,14 +151,14 @@ def test_gateways_sharing_redis_route_a_prefix_where_another_gateway_sent_it(
             await asyncio.gather(*(cached_tokens(a, token_ids) for token_ids in prompts))  # A spreads them
 
             def knows(token_ids: list[int]) -> bool:
-                blocks = prefix_hashes(token_ids, BLOCK_SIZE, None)
-                return any(b.prefixes.num_cached(host.record.worker_id, blocks) == len(blocks) for host in hosts[:2])
+                blocks = prefix_hashes(token_ids, BLOCK_SIZE, None, KEY)
+                return any(b.prefixes.num_cached(key_of(host), blocks) == len(blocks) for host in hosts[:2])
 
             deadline = time.monotonic() + 10
             while not all(knows(token_ids) for token_ids in prompts):  # A's records reach B
                 assert time.monotonic() < deadline, "gateway B did not learn where gateway A sent its prompts"
                 await asyncio.sleep(0.05)
-            assert b.prefixes.num_cached(hosts[0].record.worker_id, hashes) == 0, "a forged record was applied"
+            assert b.prefixes.num_cached(key_of(hosts[0]), hashes) == 0, "a forged record was applied"
             for token_ids in prompts:
                 assert await cached_tokens(b, token_ids) == (len(token_ids) - 1) // BLOCK_SIZE * BLOCK_SIZE
         finally:
@@ -168,21 +169,70 @@ def test_gateways_sharing_redis_route_a_prefix_where_another_gateway_sent_it(
         asyncio.run(main(redis.url))
 
 
+def key_of(host: WorkerHost) -> str:
+    return f"{host.record.worker_id}@{host.record.address}"
+
+
 def test_the_index_matches_leading_blocks_per_worker_and_salt_and_keeps_the_most_recent() -> None:
     tokens = list(range(100, 165))  # 65 tokens: 4 full blocks before the last token
-    hashes = prefix_hashes(tokens, BLOCK_SIZE, None)
+    hashes = prefix_hashes(tokens, BLOCK_SIZE, None, KEY)
     assert len(hashes) == 4
-    assert prefix_hashes(tokens[:64], BLOCK_SIZE, None) == hashes[:3]  # the last token is always computed
-    assert prefix_hashes(tokens, BLOCK_SIZE, "salt") != hashes and prefix_hashes(tokens, BLOCK_SIZE, "salt")[0] != hashes[0]
+    assert prefix_hashes(tokens[:63], BLOCK_SIZE, None, KEY) == hashes[:3]  # full blocks only; a chain
+    assert prefix_hashes(tokens, BLOCK_SIZE, "salt", KEY)[0] != hashes[0]  # another salt: another chain
+    assert prefix_hashes(tokens, BLOCK_SIZE, None, b"another cluster's key")[0] != hashes[0]
 
     index = PrefixIndex()
     index.record("a", hashes[:2], capacity=8)
     assert (index.num_cached("a", hashes), index.num_cached("b", hashes)) == (2, 0)
-    other = prefix_hashes(list(range(500, 565)), BLOCK_SIZE, None)
+    other = prefix_hashes(list(range(500, 565)), BLOCK_SIZE, None, KEY)
     index.record("a", hashes, capacity=6)  # now holds 4 blocks ...
-    index.record("a", other, capacity=6)  # ... of which the 2 oldest make room for these 4
-    assert index.num_cached("a", other) == 4 and index.num_cached("a", hashes) == 0
-    mixed = [*hashes[:1], *other[1:]]  # a chain is matched from its start: a gap ends it
-    assert index.num_cached("a", mixed) == 0
+    index.record("a", other, capacity=6)  # ... of which the 2 oldest, the last ones, make room for these 4
+    assert index.num_cached("a", other) == 4 and index.num_cached("a", hashes) == 2  # a prefix outlives its tail
+    assert index.num_cached("a", [12345, *other]) == 0  # matched from the first block on
     index.retain(["b"])
     assert index.num_cached("a", other) == 0
+
+
+def test_shared_records_are_signed_fresh_bounded_and_never_break_the_listener() -> None:
+    index = PrefixIndex()
+    ours = RedisPrefixShare("redis://127.0.0.1:1/0", CLUSTER_SECRET, index, lambda worker: 64 if worker == "w@h:1" else None)
+    theirs = RedisPrefixShare("redis://127.0.0.1:1/0", CLUSTER_SECRET, PrefixIndex(), lambda _: 64)
+    now = time.time()
+    ours.apply(ours.message([("w@h:1", [1, 2])], now), now)  # its own: already in its index
+    ours.apply(theirs.message([("w@h:1", [3, 4]), ("gone@h:2", [5])], now - 120), now)  # a replay
+    assert index.num_cached("w@h:1", [1]) == index.num_cached("w@h:1", [3]) == 0
+    ours.apply(theirs.message([("w@h:1", [3, 4]), ("gone@h:2", [5])], now), now)
+    assert (index.num_cached("w@h:1", [3, 4]), index.num_cached("gone@h:2", [5])) == (2, 0)  # unknown worker: skipped
+
+    body = b"[" * 200_000  # signed, yet nested past the parser's recursion limit
+    for data in (body, CLUSTER_SECRET.sign("prefix-share", body).encode() + b" " + body, b"", b"x" * (2 << 20)):
+        ours.apply(data, now)  # dropped, not raised
+
+    records = [(f"w{i}@h:1", list(range(4000))) for i in range(40)]
+    batches = theirs.batches(records)
+    assert len(batches) > 1 and [r for batch in batches for r in batch] == records
+    assert all(len(theirs.message(batch)) <= MAX_MESSAGE_BYTES for batch in batches)
+    theirs.publish("w@h:1", list(range(MAX_RECORD_BLOCKS + 10)))
+    assert len(theirs._pending[-1][1]) == MAX_RECORD_BLOCKS
+
+
+def test_a_prefix_holder_busy_with_other_gateways_prompts_is_passed_over(checkpoints: dict[str, Path]) -> None:
+    """The queue a worker reports (every gateway's prompts) counts, not only this gateway's own."""
+    from pdserve.proto import pdserve_pb2 as pb
+    from pdserve.router.registry import WorkerRecord
+    from pdserve.router.workers import WorkerHandle
+
+    pool = WorkerPool(InMemoryRegistry(), CLUSTER_SECRET)
+    for name in ("p0", "p1"):
+        handle = WorkerHandle(WorkerRecord(name, "prefill", f"{name}:1"), channel=None, stub=None, is_healthy=True)
+        handle.status = pb.WorkerStatus(role="prefill", block_size=16, num_total_blocks=64, is_prefix_caching=True)
+        pool.workers[name] = handle
+    backend = DisaggregatedBackend(pool, Tokenizer.from_pretrained(checkpoints["llama"]), "m", MAX_MODEL_LEN)
+    prompt_ids = list(range(1, 130))
+    first, _ = backend._pick_prefill(prompt_ids, None, True, set())
+    again, num_new = backend._pick_prefill(prompt_ids, None, True, set())
+    assert again is first and num_new == 129 - 128  # its prefix is there: one token to compute
+    first.status.num_queued_prompt_tokens = 500  # other gateways' prompts queue there
+    other, num_new = backend._pick_prefill(prompt_ids, None, True, set())
+    assert other is not first and num_new == 129
+    assert backend._pick_prefill(prompt_ids, None, False, set())[1] == 129  # prompt logprobs: computed whole

@@ -65,3 +65,15 @@ def test_the_router_names_the_flag_too(monkeypatch: pytest.MonkeyPatch, capsys: 
     assert main(["router", "--redis-url", "redis://127.0.0.1:1/0", "--port", "0", "--stall-timeout", "-1"]) == 2
     err = capsys.readouterr().err
     assert "pdserve router: deadline --stall-timeout must be a positive number" in err and "Traceback" not in err, err
+
+
+def test_only_field_names_standing_alone_become_flags() -> None:
+    from pdserve.deploy.cli import build_parser, in_flag_terms
+
+    names = build_parser().parse_args(["serve"]).flag_names
+    assert names["enforce_eager"] == "--enforce-eager" and names["enable_prefix_caching"] == "--enable-prefix-caching"
+    message = "max_num_seqs must be >= 1; model 'org/max_num_seqs' and config.max_model_len are values"
+    assert (
+        in_flag_terms(message, names)
+        == "--max-num-seqs must be >= 1; model 'org/max_num_seqs' and config.max_model_len are values"
+    )

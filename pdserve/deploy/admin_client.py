@@ -111,7 +111,7 @@ def status(args: argparse.Namespace) -> int:
         try:
             view, show = client.pools(), render
         except AdminError as exc:
-            if exc.status_code != 404:
+            if exc.status_code != 404 or "no controller" not in str(exc):
                 raise
             view, show = client.workers(), render_workers  # a gateway without a controller (`pdserve router`)
     except (AdminError, httpx.HTTPError) as exc:

@@ -181,15 +181,19 @@ def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
     deadlines' `request_s`) -> the flag that sets each (`--max-model-len`, `--shutdown-timeout`...)."""
     names: dict[str, str] = {}
     for action in parser._actions:
-        flag, dest = max(action.option_strings, key=len, default=""), action.dest
-        if flag.startswith("--") and "_" in dest:
-            names |= {dest: flag, f"{dest}_s": flag, f"{dest.removesuffix('_timeout')}_s": flag}
+        dest = action.dest
+        own = "--" + dest.replace("_", "-")  # the flag named after the field, else its first positive form
+        flags = [own] if own in action.option_strings else [o for o in action.option_strings if o.startswith("--")]
+        flags = [f for f in flags if not f.startswith("--no-")]
+        if flags and "_" in dest and dest not in names:
+            names |= {dest: flags[0], f"{dest}_s": flags[0], f"{dest.removesuffix('_timeout')}_s": flags[0]}
     return names
 
 
 def in_flag_terms(message: str, names: dict[str, str]) -> str:
-    """A config's error message with each field it names written as its flag."""
-    return re.sub(r"(?<![\w-])[a-z]+(?:_[a-z]+)+(?![\w-])", lambda m: names.get(m.group(), m.group()), message)
+    """A config's error message with each field it names written as its flag (a word on its own:
+    not inside a path, a dotted name or a quoted value)."""
+    return re.sub(r"(?<![\w\-/.'\"])[a-z]+(?:_[a-z]+)+(?![\w\-/.'\"])", lambda m: names.get(m.group(), m.group()), message)
 
 
 def gateway_config(args: argparse.Namespace) -> GatewayConfig:

@@ -48,6 +48,8 @@ def file_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str, objec
             values[name] = _section(path, name, value)
         elif name in flags:
             option, action = flags[name]
+            if action.dest in values:
+                raise ConfigFileError(f"{path}: {key} sets what another key of the file already set")
             values[action.dest] = _flag_value(path, key, option, action, value)
         else:
             raise ConfigFileError(f"{path}: unknown setting {key!r}")

@@ -45,5 +45,9 @@ class ClusterSecret:
             return False
         return hmac.compare_digest(self.sign(purpose, message), signature)
 
+    def key(self, purpose: str) -> bytes:
+        """The 32-byte key derived for `purpose` (for a keyed hash; `sign` uses the same)."""
+        return self._key(purpose)
+
     def _key(self, purpose: str) -> bytes:
         return hmac.new(self.value.encode(), b"pdserve/" + purpose.encode(), hashlib.sha256).digest()

@@ -13,9 +13,9 @@ knows what it has, decides whether to retry.
 
 The prefill worker is the one that would finish the prompt first by the gateway's estimate: the
 fewest prompt tokens to compute, its own (the prompt less the prefix `PrefixIndex` thinks it holds
-cached) plus those already sent to it; so a repeated prefix returns to the worker that holds it until
-that worker's queue outweighs recomputing the prefix elsewhere. The decode worker is the
-least-loaded."""
+cached) plus those queued there (this gateway's, or every gateway's as the worker last reported,
+whichever is more); so a repeated prefix returns to the worker that holds it until that worker's
+queue outweighs recomputing the prefix elsewhere. The decode worker is the least-loaded."""
 
 from __future__ import annotations
 
@@ -36,11 +36,12 @@ from pdserve.proto.failures import Failure
 from pdserve.router.backend import BackendFailure, BackendStats
 from pdserve.router.handoff import Handoff, HandoffFailure, is_cancelling
 from pdserve.router.health_watch import HealthWatch, WorkerLostError
-from pdserve.router.prefix_index import PrefixIndex, prefix_hashes
+from pdserve.router.prefix_index import PrefixIndex, index_key, prefix_hashes
 from pdserve.router.prefix_share import RedisPrefixShare
 from pdserve.router.workers import WorkerHandle, WorkerPool
 
 logger = logging.getLogger(__name__)
+PREFIX_HASH_PURPOSE = "prefix-index"  # the cluster secret's key for the prefix hashes: the same in every gateway
 NUM_ATTEMPTS = 2  # a hand-off that fails before the first token is tried once more
 
 OnKVTransfer = Callable[[int, float, str], None]
@@ -68,6 +69,7 @@ class DisaggregatedBackend:
         self.deadlines = deadlines or Deadlines()
         self.watch = HealthWatch(pool)
         self.prefixes = PrefixIndex()
+        self.hash_key = pool.secret.key(PREFIX_HASH_PURPOSE)
         self.prefix_share: RedisPrefixShare | None = None
         if prefix_share_url is not None:
             self.prefix_share = RedisPrefixShare(prefix_share_url, pool.secret, self.prefixes, self._num_blocks_of)
@@ -94,10 +96,10 @@ class DisaggregatedBackend:
         (its reservation cancelled, its prefill aborted) before the next one, with a fresh transfer,
         starts on other workers where the pool has them."""
         used: set[str] = set()
-        salt = request.params.cache_salt or None
+        salt, uses_cache = request.params.cache_salt or None, not request.params.HasField("prompt_logprobs")
         for attempt in range(NUM_ATTEMPTS):
             decode = self._pick("decode", used)
-            prefill, num_prefill_tokens = self._pick_prefill(request.prompt_token_ids, salt, used)
+            prefill, num_prefill_tokens = self._pick_prefill(request.prompt_token_ids, salt, uses_cache, used)
             used |= {decode.record.worker_id, prefill.record.worker_id}
             handoff = Handoff(request, decode, prefill, self.deadlines, self.watch, num_prefill_tokens)
             try:
@@ -121,13 +123,16 @@ class DisaggregatedBackend:
         fresh = [w for w in self.pool.healthy(role) if w.record.worker_id not in used]
         return min(fresh, key=lambda w: w.load) if fresh else self.pool.pick(role)
 
-    def _pick_prefill(self, token_ids: Sequence[int], salt: str | None, used: set[str]) -> tuple[WorkerHandle, int]:
+    def _pick_prefill(
+        self, token_ids: Sequence[int], salt: str | None, uses_cache: bool, used: set[str]
+    ) -> tuple[WorkerHandle, int]:
         """The healthy prefill worker with the fewest prompt tokens to compute, this prompt's
         included (ties: the least-loaded), preferring those a failed attempt did not use; recorded as
-        now holding the prompt's blocks. Returns it and the tokens it is expected to compute."""
-        self.prefixes.retain(self.pool.workers)
+        now holding the prompt's blocks. Returns it and the tokens it is expected to compute.
+        `uses_cache`: False for a prompt the worker computes whole (prompt logprobs)."""
+        self.prefixes.retain(index_key(w) for w in self.pool.workers.values())
         candidates = [w for w in self.pool.healthy("prefill") if w.record.worker_id not in used] or [self.pool.pick("prefill")]
-        hashes: dict[int, list[int]] = {}  # block size -> the prompt's block hashes
+        hashes: dict[int, list[int]] = {}  # block size -> the hashes of the prompt's full blocks
 
         def blocks_of(worker: WorkerHandle) -> tuple[int, list[int]]:
             status = worker.status
@@ -135,24 +140,35 @@ class DisaggregatedBackend:
                 return 0, []
             size = status.block_size
             if size not in hashes:
-                hashes[size] = prefix_hashes(token_ids, size, salt)
+                hashes[size] = prefix_hashes(token_ids, size, salt, self.hash_key)
             return size, hashes[size]
 
         def new_tokens(worker: WorkerHandle) -> int:
             size, blocks = blocks_of(worker)
-            return len(token_ids) - size * self.prefixes.num_cached(worker.record.worker_id, blocks)
+            if not uses_cache or not blocks:
+                return len(token_ids)
+            findable = blocks[: (len(token_ids) - 1) // size]  # the last token is always computed
+            return len(token_ids) - size * self.prefixes.num_cached(index_key(worker), findable)
 
-        best = min(candidates, key=lambda w: (w.num_prefill_tokens + new_tokens(w), w.load))
+        def queued(worker: WorkerHandle) -> int:
+            """Its prompt tokens still to compute: this gateway's, or all gateways' as it last said."""
+            reported = worker.status.num_queued_prompt_tokens if worker.status is not None else 0
+            return max(worker.num_prefill_tokens, reported)
+
+        best = min(candidates, key=lambda w: (queued(w) + new_tokens(w), w.load))
         num_new, (_, blocks) = new_tokens(best), blocks_of(best)
         if blocks:
-            self.prefixes.record(best.record.worker_id, blocks, best.status.num_total_blocks)
+            self.prefixes.record(index_key(best), blocks, best.status.num_total_blocks)
             if self.prefix_share is not None:
-                self.prefix_share.publish(best.record.worker_id, blocks)
+                self.prefix_share.publish(index_key(best), blocks)
         return best, num_new
 
-    def _num_blocks_of(self, worker_id: str) -> int | None:
-        worker = self.pool.workers.get(worker_id)
-        return worker.status.num_total_blocks if worker is not None and worker.status is not None else None
+    def _num_blocks_of(self, key: str) -> int | None:
+        """The KV blocks of the pool's worker with this index key; None if it has none (or left)."""
+        worker = self.pool.workers.get(key.partition("@")[0])
+        if worker is None or worker.status is None or index_key(worker) != key:
+            return None
+        return worker.status.num_total_blocks
 
     async def _decode_stream(self, handoff: Handoff, request_id: str, num_sequences: int) -> AsyncIterator[RequestDelta]:
         """The tokens after the first, each tagged with its sequence; ends once all n finished. A lost decode worker (killed, or frozen: unhealthy within a

@@ -1,10 +1,13 @@
 """`RedisPrefixShare`: the gateways of one cluster tell each other where they sent which prompt
 prefixes, so that a prompt whose prefix another gateway routed to a prefill worker goes there too.
-Each gateway publishes its `PrefixIndex` records on a Redis channel, batched every FLUSH_INTERVAL_S,
-signed with the cluster secret; each applies the others'. Pub/sub keeps nothing: a gateway that was
-disconnected, or started later, learns from the next records on (its routing is only an estimate
-anyway, and a miss costs a prefill, never a wrong answer). A message that is unsigned, forged,
-malformed or oversized is dropped and logged at most once a minute."""
+Each gateway publishes its `PrefixIndex` records on a Redis channel, batched every FLUSH_INTERVAL_S
+into messages of at most MAX_MESSAGE_BYTES, each signed with the cluster secret and stamped with its
+time; each gateway applies the others'. Pub/sub keeps nothing: a gateway that was disconnected, or
+started later, learns from the next records on (its routing is only an estimate anyway, and a miss
+costs a prefill, never a wrong answer). A message is dropped, and logged at most once a minute, when
+its signature does not verify (checked before it is parsed), when it is older than REPLAY_WINDOW_S,
+oversized or malformed. Every gateway also hears its own messages (a heartbeat when it has nothing
+to say): a subscription that hears nothing for STALE_S is taken as dead and made again."""
 
 from __future__ import annotations
 
@@ -22,10 +25,15 @@ from pdserve.router.prefix_index import PrefixIndex
 
 logger = logging.getLogger(__name__)
 CHANNEL = "pdserve:prefixes"
-SIGNATURE_PURPOSE = "prefix-index"
+SIGNATURE_PURPOSE = "prefix-share"
 FLUSH_INTERVAL_S = 0.05
-MAX_MESSAGE_BYTES = 4 << 20
-MAX_PENDING_RECORDS = 4096  # records waiting for the next flush; beyond, the oldest are dropped
+HEARTBEAT_S = 5.0  # a gateway with nothing to publish says so this often
+STALE_S = 20.0  # a subscription that heard nothing (not even its own heartbeat) this long is made again
+REPLAY_WINDOW_S = 60.0  # a message stamped further from now than this is dropped
+MAX_MESSAGE_BYTES = 1 << 20
+MAX_RECORD_BLOCKS = 8192  # a record's first blocks at most (a prompt of 128k tokens at 16 a block)
+MAX_PENDING_BLOCKS = 1 << 18  # waiting for the next flush; beyond, the oldest records are dropped
+BYTES_PER_BLOCK = 21  # a 64-bit hash in JSON, with its comma
 RECONNECT_S = 1.0
 LOG_INTERVAL_S = 60.0
 CLOSE_TIMEOUT_S = 5.0
@@ -40,29 +48,31 @@ class RedisPrefixShare:
         capacity_of: Callable[[str], int | None],
         timeout_s: float = 2.0,
     ) -> None:
-        """`capacity_of(worker_id)`: that worker's KV blocks, or None for a worker this gateway does
-        not know (yet): its records are skipped."""
+        """`capacity_of(worker)`: that worker's KV blocks, or None for one this gateway does not
+        know (yet): its records are skipped."""
         import redis.asyncio as aioredis
 
-        # No read timeout: the subscription waits for messages; a dead connection is found by its
-        # health checks, and a publish is bounded by `timeout_s`.
-        self._redis = aioredis.Redis.from_url(url, socket_connect_timeout=timeout_s, health_check_interval=30)
-        self._timeout_s = timeout_s
+        self._redis = aioredis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
         self._secret = secret
         self._index = index
         self._capacity_of = capacity_of
+        self._timeout_s = timeout_s
         self.gateway_id = uuid.uuid4().hex
         self._pending: list[tuple[str, list[int]]] = []
+        self._num_pending_blocks = 0
         self._tasks: list[asyncio.Task] = []
         self._last_logged = -LOG_INTERVAL_S
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._publish_forever()), asyncio.create_task(self._listen_forever())]
 
-    def publish(self, worker_id: str, hashes: list[int]) -> None:
-        """This gateway sent a prompt with these blocks to `worker_id` (sent with the next batch)."""
-        self._pending.append((worker_id, hashes))
-        del self._pending[:-MAX_PENDING_RECORDS]
+    def publish(self, worker: str, hashes: list[int]) -> None:
+        """This gateway sent a prompt with these blocks to `worker` (sent with the next batch)."""
+        hashes = hashes[:MAX_RECORD_BLOCKS]
+        self._pending.append((worker, hashes))
+        self._num_pending_blocks += len(hashes)
+        while self._num_pending_blocks > MAX_PENDING_BLOCKS:
+            self._num_pending_blocks -= len(self._pending.pop(0)[1])
 
     async def close(self) -> None:
         """Stops publishing and listening; bounded even when the Redis client hangs in its close."""
@@ -72,18 +82,38 @@ class RedisPrefixShare:
         await end_within([self._redis.aclose()], CLOSE_TIMEOUT_S, "closing the prefix share's Redis client")
 
     # -- publishing -------------------------------------------------------------------------------
-    def message(self, records: list[tuple[str, list[int]]]) -> bytes:
-        body = json.dumps({"gateway": self.gateway_id, "records": records}, separators=(",", ":"))
-        return json.dumps({"body": body, "signature": self._secret.sign(SIGNATURE_PURPOSE, body.encode())}).encode()
+    def message(self, records: list[tuple[str, list[int]]], now: float | None = None) -> bytes:
+        """One signed message: `<signature> <body>`, the signature over the body's bytes."""
+        body = json.dumps(
+            {"gateway": self.gateway_id, "time": time.time() if now is None else now, "records": records},
+            separators=(",", ":"),
+        ).encode()
+        return self._secret.sign(SIGNATURE_PURPOSE, body).encode() + b" " + body
+
+    def batches(self, records: list[tuple[str, list[int]]]) -> list[list[tuple[str, list[int]]]]:
+        """`records` in batches whose messages stay well under MAX_MESSAGE_BYTES."""
+        batches: list[list[tuple[str, list[int]]]] = [[]]
+        size = 0
+        for record in records:
+            record_size = 100 + BYTES_PER_BLOCK * len(record[1])
+            if batches[-1] and size + record_size > MAX_MESSAGE_BYTES // 2:
+                batches.append([])
+                size = 0
+            batches[-1].append(record)
+            size += record_size
+        return batches
 
     async def _publish_forever(self) -> None:
+        last_sent = time.monotonic()
         while True:
             await asyncio.sleep(FLUSH_INTERVAL_S)
-            if not self._pending:
+            if not self._pending and time.monotonic() - last_sent < HEARTBEAT_S:
                 continue
-            records, self._pending = self._pending, []
+            records, self._pending, self._num_pending_blocks = self._pending, [], 0
+            last_sent = time.monotonic()
             try:
-                await asyncio.wait_for(self._redis.publish(CHANNEL, self.message(records)), self._timeout_s)
+                for batch in self.batches(records):
+                    await asyncio.wait_for(self._redis.publish(CHANNEL, self.message(batch)), self._timeout_s)
             except Exception as exc:  # noqa: BLE001 - Redis away: these records are lost, routing goes on
                 self._log(f"cannot publish prefix records ({exc})")
 
@@ -92,42 +122,45 @@ class RedisPrefixShare:
         while True:
             try:
                 async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(CHANNEL)
-                    async for message in pubsub.listen():
-                        self.apply(message["data"])
+                    await asyncio.wait_for(pubsub.subscribe(CHANNEL), self._timeout_s)
+                    heard_at = time.monotonic()
+                    while time.monotonic() - heard_at < STALE_S:
+                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                        if message is not None:
+                            heard_at = time.monotonic()
+                            self.apply(message["data"])
+                    raise ConnectionError(f"nothing heard on {CHANNEL} for {STALE_S:g} s, not even this gateway's own")
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - Redis away or restarted: subscribe again
-                self._log(f"prefix records from the other gateways are not readable ({exc}); retrying")
+            except Exception as exc:  # noqa: BLE001 - Redis away, restarted or silent: subscribe again
+                self._log(f"prefix records from the other gateways are not readable ({exc}); subscribing again")
                 await asyncio.sleep(RECONNECT_S)
 
-    def apply(self, data: bytes | str) -> None:
+    def apply(self, data: bytes | str, now: float | None = None) -> None:
         """One message of the channel: the records of another gateway of this cluster, or dropped."""
-        records = self._records(data)
-        if records is None:
-            return
-        for worker_id, hashes in records:
-            capacity = self._capacity_of(worker_id)
+        records = self._records(data.encode() if isinstance(data, str) else data, time.time() if now is None else now)
+        for worker, hashes in records or []:
+            capacity = self._capacity_of(worker)
             if capacity is not None:
-                self._index.record(worker_id, hashes, capacity)
+                self._index.record(worker, hashes, capacity)
 
-    def _records(self, data: bytes | str) -> list[tuple[str, list[int]]] | None:
+    def _records(self, data: bytes, now: float) -> list[tuple[str, list[int]]] | None:
         if len(data) > MAX_MESSAGE_BYTES:
             self._log(f"dropped a prefix message of {len(data)} bytes")
             return None
+        signature, _, body = data.partition(b" ")
+        if not self._secret.verify(SIGNATURE_PURPOSE, body, signature):
+            self._log("dropped a prefix message with a bad signature: forged, or from another cluster")
+            return None
         try:
-            envelope = json.loads(data)
-            body, signature = envelope["body"], envelope["signature"]
-            if not isinstance(body, str) or not isinstance(signature, str):
-                raise TypeError
-            if not self._secret.verify(SIGNATURE_PURPOSE, body.encode(), signature):
-                self._log("dropped a prefix message with a bad signature: forged, or from another cluster")
-                return None
             message: Any = json.loads(body)
             if message["gateway"] == self.gateway_id:
-                return None  # our own, already in the index
-            return [(str(worker_id), [int(h) for h in hashes]) for worker_id, hashes in message["records"]]
-        except (ValueError, TypeError, KeyError) as exc:
+                return None  # our own, already in the index (or a heartbeat)
+            if not abs(now - float(message["time"])) <= REPLAY_WINDOW_S:
+                self._log("dropped a prefix message stamped more than a minute from now (a replay, or a clock off)")
+                return None
+            return [(str(worker), [int(h) for h in hashes[:MAX_RECORD_BLOCKS]]) for worker, hashes in message["records"]]
+        except Exception as exc:  # noqa: BLE001 - signed yet malformed (another version?): dropped, never fatal
             self._log(f"dropped a malformed prefix message ({type(exc).__name__})")
             return None
 
