@@ -236,3 +236,30 @@ def test_a_prefix_holder_busy_with_other_gateways_prompts_is_passed_over(checkpo
     other, num_new = backend._pick_prefill(prompt_ids, None, True, set())
     assert other is not first and num_new == 129
     assert backend._pick_prefill(prompt_ids, None, False, set())[1] == 129  # prompt logprobs: computed whole
+
+
+def test_a_prefill_worker_reports_the_prompt_tokens_it_has_still_to_compute() -> None:
+    """What the gateways weigh against each other: a waiting prompt counts less the prefix its
+    cache holds, an admitted one its rest; nothing once admitted prompts are computed or aborted."""
+    from pdserve.engine.block_manager import BlockManager
+    from pdserve.engine.request import Request
+    from pdserve.prefill_worker.scheduler import PrefillScheduler
+
+    blocks = BlockManager(num_blocks=32, block_size=BLOCK_SIZE)
+    scheduler = PrefillScheduler(blocks, max_num_batched_tokens=40, max_num_seqs=4)
+    prompt = list(range(1, 66))  # 65 tokens: 4 full blocks before the last
+    cached = blocks.allocate(prompt)  # a first prompt computed and freed: its 4 blocks stay cached
+    blocks.cache_full_blocks(cached.block_table, prompt, len(prompt))
+    blocks.free(cached.block_table)
+    greedy = SamplingParams(temperature=0.0, max_tokens=1)
+    scheduler.add(Request("a", prompt, greedy))  # 65 - 64 cached
+    scheduler.add(Request("b", list(range(100, 150)), greedy))  # 50, nothing cached
+    scheduler.add(Request("c", prompt, SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)))  # computed whole
+    assert scheduler.num_queued_tokens == 1 + 50 + 65
+    scheduler.schedule()  # admits a (1 token) and b (39 of its 50): c waits
+    assert scheduler.num_queued_tokens == 1 + 50 + 65  # admitted: their rest, before this step runs
+    scheduler.abort("c")
+    assert scheduler.num_queued_tokens == 1 + 50
+    for request_id in ("a", "b"):
+        scheduler.abort(request_id)
+    assert scheduler.num_queued_tokens == 0

@@ -20,13 +20,26 @@ class PrefillScheduler:
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admitted, prompt not fully computed
+        # waiting request id -> the prompt tokens it will compute: all but the prefix cached when it came
+        self._waiting_new_tokens: dict[str, int] = {}
 
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
     def add(self, request: Request) -> None:
+        cached = 0
+        if request.params.prompt_logprobs is None:
+            cached = self.block_manager.match_prefix(request.prompt_token_ids[:-1], request.params.cache_salt)
+        self._waiting_new_tokens[request.request_id] = request.num_prompt_tokens - cached
         self.waiting.append(request)
+
+    @property
+    def num_queued_tokens(self) -> int:
+        """Prompt tokens still to compute: the running prompts' rest, and the waiting ones less the
+        prefix the cache held when they came (read from any thread: one pass over each)."""
+        running = list(self.running)
+        return sum(self._waiting_new_tokens.values()) + sum(r.num_prompt_tokens - r.num_computed_tokens for r in running)
 
     def abort(self, request_id: str) -> Request | None:
         """Drops a waiting or computing request (freeing its blocks); None if it is not here."""
@@ -34,6 +47,7 @@ class PrefillScheduler:
             for request in queue:
                 if request.request_id == request_id:
                     queue.remove(request)
+                    self._waiting_new_tokens.pop(request_id, None)
                     self.release(request)
                     request.finish("abort")
                     return request
@@ -60,6 +74,7 @@ class PrefillScheduler:
             if allocation is None:
                 break  # FCFS: wait for blocks to come back from finished transfers
             self.waiting.popleft()
+            self._waiting_new_tokens.pop(request.request_id, None)
             request.block_table = allocation.block_table
             request.num_computed_tokens = request.num_cached_tokens = allocation.num_cached_tokens
             request.scheduled_time = time.monotonic()

@@ -235,9 +235,7 @@ class PrefillWorker:
             "iteration_tokens": self.iteration_tokens.total,
             "num_iterations": self.iteration_tokens.num_steps,
             "kv_bytes_sent": self.sender.bytes_sent,
-            "num_queued_prompt_tokens": sum(
-                r.num_prompt_tokens - r.num_computed_tokens for r in [*self.scheduler.waiting, *self.scheduler.running]
-            ),
+            "num_queued_prompt_tokens": self.scheduler.num_queued_tokens,
         }
 
 
