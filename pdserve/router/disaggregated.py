@@ -120,8 +120,11 @@ class DisaggregatedBackend:
 
     def _pick(self, role: str, used: set[str]) -> WorkerHandle:
         """The least-loaded healthy worker of `role`, preferring those a failed attempt did not use."""
-        fresh = [w for w in self.pool.healthy(role) if w.record.worker_id not in used]
-        return min(fresh, key=lambda w: w.load) if fresh else self.pool.pick(role)
+        return min(self._candidates(role, used), key=lambda w: w.load)
+
+    def _candidates(self, role: str, used: set[str]) -> list[WorkerHandle]:
+        """The healthy workers of `role` a failed attempt did not use, else the pool's pick."""
+        return [w for w in self.pool.healthy(role) if w.record.worker_id not in used] or [self.pool.pick(role)]
 
     def _pick_prefill(
         self, token_ids: Sequence[int], salt: str | None, uses_cache: bool, used: set[str]
@@ -131,7 +134,6 @@ class DisaggregatedBackend:
         now holding the prompt's blocks. Returns it and the tokens it is expected to compute.
         `uses_cache`: False for a prompt the worker computes whole (prompt logprobs)."""
         self.prefixes.retain(index_key(w) for w in self.pool.workers.values())
-        candidates = [w for w in self.pool.healthy("prefill") if w.record.worker_id not in used] or [self.pool.pick("prefill")]
         hashes: dict[int, list[int]] = {}  # block size -> the hashes of the prompt's full blocks
 
         def blocks_of(worker: WorkerHandle) -> tuple[int, list[int]]:
@@ -155,8 +157,10 @@ class DisaggregatedBackend:
             reported = worker.status.num_queued_prompt_tokens if worker.status is not None else 0
             return max(worker.num_prefill_tokens, reported)
 
-        best = min(candidates, key=lambda w: (queued(w) + new_tokens(w), w.load))
-        num_new, (_, blocks) = new_tokens(best), blocks_of(best)
+        num_new, best = min(
+            ((new_tokens(w), w) for w in self._candidates("prefill", used)), key=lambda c: (queued(c[1]) + c[0], c[1].load)
+        )
+        blocks = blocks_of(best)[1]
         if blocks:
             self.prefixes.record(index_key(best), blocks, best.status.num_total_blocks)
             if self.prefix_share is not None:
@@ -165,10 +169,8 @@ class DisaggregatedBackend:
 
     def _num_blocks_of(self, key: str) -> int | None:
         """The KV blocks of the pool's worker with this index key; None if it has none (or left)."""
-        worker = self.pool.workers.get(key.partition("@")[0])
-        if worker is None or worker.status is None or index_key(worker) != key:
-            return None
-        return worker.status.num_total_blocks
+        worker = next((w for w in self.pool.workers.values() if index_key(w) == key), None)
+        return worker.status.num_total_blocks if worker is not None and worker.status is not None else None
 
     async def _decode_stream(self, handoff: Handoff, request_id: str, num_sequences: int) -> AsyncIterator[RequestDelta]:
         """The tokens after the first, each tagged with its sequence; ends once all n finished. A lost decode worker (killed, or frozen: unhealthy within a

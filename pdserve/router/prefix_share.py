@@ -16,6 +16,7 @@ import json
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -58,7 +59,7 @@ class RedisPrefixShare:
         self._capacity_of = capacity_of
         self._timeout_s = timeout_s
         self.gateway_id = uuid.uuid4().hex
-        self._pending: list[tuple[str, list[int]]] = []
+        self._pending: deque[tuple[str, list[int]]] = deque()
         self._num_pending_blocks = 0
         self._tasks: list[asyncio.Task] = []
         self._last_logged = -LOG_INTERVAL_S
@@ -72,7 +73,7 @@ class RedisPrefixShare:
         self._pending.append((worker, hashes))
         self._num_pending_blocks += len(hashes)
         while self._num_pending_blocks > MAX_PENDING_BLOCKS:
-            self._num_pending_blocks -= len(self._pending.pop(0)[1])
+            self._num_pending_blocks -= len(self._pending.popleft()[1])
 
     async def close(self) -> None:
         """Stops publishing and listening; bounded even when the Redis client hangs in its close."""
@@ -109,7 +110,7 @@ class RedisPrefixShare:
             await asyncio.sleep(FLUSH_INTERVAL_S)
             if not self._pending and time.monotonic() - last_sent < HEARTBEAT_S:
                 continue
-            records, self._pending, self._num_pending_blocks = self._pending, [], 0
+            records, self._pending, self._num_pending_blocks = list(self._pending), deque(), 0
             last_sent = time.monotonic()
             try:
                 for batch in self.batches(records):
