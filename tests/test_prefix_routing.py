@@ -158,6 +158,9 @@ def test_gateways_sharing_redis_route_a_prefix_where_another_gateway_sent_it(
             while not all(knows(token_ids) for token_ids in prompts):  # A's records reach B
                 assert time.monotonic() < deadline, "gateway B did not learn where gateway A sent its prompts"
                 await asyncio.sleep(0.05)
+            while any(w.status.num_queued_prompt_tokens for w in b.pool.healthy("prefill")):  # A's burst is over
+                assert time.monotonic() < deadline, "the prefill workers still report A's prompts queued"
+                await asyncio.sleep(0.05)
             assert b.prefixes.num_cached(key_of(hosts[0]), hashes) == 0, "a forged record was applied"
             for token_ids in prompts:
                 assert await cached_tokens(b, token_ids) == (len(token_ids) - 1) // BLOCK_SIZE * BLOCK_SIZE
@@ -232,7 +235,9 @@ def test_a_prefix_holder_busy_with_other_gateways_prompts_is_passed_over(checkpo
     first, _ = backend._pick_prefill(prompt_ids, None, True, set())
     again, num_new = backend._pick_prefill(prompt_ids, None, True, set())
     assert again is first and num_new == 129 - 128  # its prefix is there: one token to compute
-    first.status.num_queued_prompt_tokens = 500  # other gateways' prompts queue there
+    first.status.num_queued_prompt_tokens = first.num_prefill_tokens_at_status = 500  # a report of our own prompts
+    assert backend._pick_prefill(prompt_ids, None, True, set())[0] is first  # done since: not counted again
+    first.num_prefill_tokens_at_status = 0  # other gateways' prompts queue there
     other, num_new = backend._pick_prefill(prompt_ids, None, True, set())
     assert other is not first and num_new == 129
     assert backend._pick_prefill(prompt_ids, None, False, set())[1] == 129  # prompt logprobs: computed whole

@@ -153,9 +153,10 @@ class DisaggregatedBackend:
             return len(token_ids) - size * self.prefixes.num_cached(index_key(worker), findable)
 
         def queued(worker: WorkerHandle) -> int:
-            """Its prompt tokens still to compute: this gateway's, or all gateways' as it last said."""
+            """Its prompt tokens still to compute: this gateway's now, plus the other gateways' as it
+            last said (its report less this gateway's share then: not ours again once they are done)."""
             reported = worker.status.num_queued_prompt_tokens if worker.status is not None else 0
-            return max(worker.num_prefill_tokens, reported)
+            return worker.num_prefill_tokens + max(0, reported - worker.num_prefill_tokens_at_status)
 
         num_new, best = min(
             ((new_tokens(w), w) for w in self._candidates("prefill", used)), key=lambda c: (queued(c[1]) + c[0], c[1].load)

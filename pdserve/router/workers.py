@@ -37,6 +37,7 @@ class WorkerHandle:
     is_listed: bool = True  # the registry listed it at its last successful read
     num_in_flight: int = 0  # requests this gateway has sent and not finished
     num_prefill_tokens: int = 0  # prefill workers: prompt tokens of this gateway's it has still to compute
+    num_prefill_tokens_at_status: int = 0  # ... as they were when its last status came
     is_unproven: bool = False  # it answered without proving it holds the cluster secret
     last_seen: float = field(default_factory=time.monotonic)
 
@@ -215,3 +216,4 @@ class WorkerPool:
             handle.is_healthy, handle.is_unproven = False, True
             return
         handle.status, handle.is_healthy, handle.last_seen = status, True, time.monotonic()
+        handle.num_prefill_tokens_at_status = handle.num_prefill_tokens
