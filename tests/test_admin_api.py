@@ -13,7 +13,7 @@ import pytest
 
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.proto import pdserve_pb2 as pb
-from pdserve.router.admin import ScaleError, admin_routes
+from pdserve.router.admin import ScaleError, admin_routes, colocated_admin_routes
 from pdserve.router.app import create_app
 from pdserve.router.backend import ColocatedBackend
 from pdserve.router.metrics import Metrics
@@ -107,6 +107,19 @@ def test_without_a_configured_token_the_admin_api_is_off(tokenizer: Tokenizer, m
     for token in (None, "anything"):
         response = call(app, method, path, token, json={"replicas": 1})
         assert response.status_code == 403 and "admin API is off" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/admin/workers"), ("GET", "/admin/pools"), ("POST", "/admin/pools/decode")])
+def test_a_colocated_gateway_says_it_has_no_pools_behind_the_same_token(tokenizer: Tokenizer, method: str, path: str) -> None:
+    """`pdserve serve --colocated`: the admin API is off without a token (403, as documented), needs
+    the token when one is set (401), and then says why there is nothing to administer (404)."""
+    off, on = create_app(NoEngine(tokenizer), Metrics("m")), create_app(NoEngine(tokenizer), Metrics("m"))
+    off.include_router(colocated_admin_routes(None))
+    on.include_router(colocated_admin_routes(TOKEN))
+    assert call(off, method, path, TOKEN, json={"replicas": 1}).status_code == 403
+    assert call(on, method, path, "wrong", json={"replicas": 1}).status_code == 401
+    response = call(on, method, path, TOKEN, json={"replicas": 1})
+    assert response.status_code == 404 and "colocated" in response.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(

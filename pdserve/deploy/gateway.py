@@ -54,6 +54,10 @@ async def run_gateway(
     app = create_app(backend, metrics, gateway)
     if registry is not None:
         tasks += _add_operations(app, backend, config, metrics, controller)
+    else:
+        from pdserve.router.admin import colocated_admin_routes
+
+        app.include_router(colocated_admin_routes(config.admin_token))
     uvicorn_config = gateway_config(app, config.host, config.port, gateway.request_read_timeout_s)
     server = GatewayServer(uvicorn_config, app.state.drain, gateway.shutdown_timeout_s)
     mode = "colocated" if registry is None else f"disaggregated, workers from {type(registry).__name__}"

@@ -1,7 +1,9 @@
 """Operator routes, behind a bearer token: `GET /admin/workers` (the workers this gateway routes to,
 as it polls them, and those that left while its requests on them run), `GET /admin/pools` and `POST /admin/pools/{prefill|decode}` (the controller's
 pools: desired and actual replicas, each worker's state, node, pid and load; 503 while the controller
-cannot be reached). No token configured: the whole admin API is off (403)."""
+cannot be reached). No token configured: the whole admin API is off (403). A colocated gateway
+(`pdserve serve --colocated`) has neither workers nor pools: its admin routes, behind the same token,
+say so (404, `colocated_admin_routes`)."""
 
 from __future__ import annotations
 
@@ -72,6 +74,20 @@ def admin_routes(pool: WorkerPool, token: str | None, admin: PoolAdmin | None = 
             raise APIError(400, str(exc), "replicas") from exc
         except ControllerUnavailableError as exc:
             raise APIError(503, str(exc)) from exc
+
+    return routes
+
+
+COLOCATED = "this gateway runs one colocated engine (--colocated): it has no controller, workers or pools"
+
+
+def colocated_admin_routes(token: str | None) -> APIRouter:
+    """/admin/* of a colocated gateway: 403 without a configured token, 401 without it, else 404."""
+    routes = APIRouter(prefix="/admin", dependencies=[Depends(_bearer_check(token))])
+
+    @routes.api_route("/{path:path}", methods=["GET", "POST"])
+    async def nothing_to_administer(path: str) -> None:
+        raise APIError(404, COLOCATED)
 
     return routes
 
