@@ -18,6 +18,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import
 
 import pdserve.kernels as K  # noqa: E402
 from pdserve.engine.quant_formats import quantize_per_channel  # noqa: E402
+from pdserve.kernels.w4_matmul import n_major  # noqa: E402
 from tests.test_kv_fp8_kernels import assert_fp8_codes_match  # noqa: E402
 
 
@@ -50,6 +51,8 @@ def test_w4_matmul_matches_reference_and_naive_dequantization(m: int, k: int, n:
     ref = K.w4_matmul_ref(x, qweight, scales, zeros, group_size)
     torch.testing.assert_close(ref, x.double().matmul(weight.double()).float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(K.w4_matmul(x, qweight, scales, zeros, group_size), ref, rtol=1e-5, atol=1e-5)
+    n_major_weights = [n_major(t) for t in (qweight, scales, zeros)]  # the engine's layout: the same values
+    torch.testing.assert_close(K.w4_matmul(x, *n_major_weights, group_size), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("m,k,splits", [(5, 768, 3), (17, 896, 4), (70, 768, 2)])

@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 
 import pdserve.kernels as K  # noqa: E402
 from pdserve.kernels.w4_gemv import gemv_tile_sizes  # noqa: E402
+from pdserve.kernels.w4_matmul import is_n_major, n_major  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreter = pytest.mark.skipif(not INTERPRETED, reason="CPU-interpreter test (TRITON_INTERPRET=1)")
@@ -33,11 +34,20 @@ GPU_TILES = [
 ]
 
 
-def random_w4(k: int, n: int, group_size: int, device: str = "cpu", max_zero: int = 15) -> tuple[torch.Tensor, ...]:
+def random_w4(
+    k: int, n: int, group_size: int, device: str = "cpu", max_zero: int = 15, layout: str = "columns"
+) -> tuple[torch.Tensor, ...]:
+    """qweight [K / 8, N], scales and zeros [K / group, N]; contiguous in N ("columns", as checkpoints
+    store them) or N-major (as the engine keeps them)."""
     qweight = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, device=device)
     scales = (torch.rand(k // group_size, n, device=device) * 0.01 + 0.001).half()  # stored as checkpoints do
     zeros = torch.randint(0, max_zero + 1, (k // group_size, n), dtype=torch.uint8, device=device)
+    if layout == "n_major":
+        return n_major(qweight), n_major(scales), n_major(zeros)
     return qweight, scales, zeros
+
+
+LAYOUTS = ["columns", "n_major"]
 
 
 def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -53,14 +63,16 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
 
 
 @interpreter
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("m", [1, 2, 4])
 @pytest.mark.parametrize(
     "k,n,group_size",
     [(256, 40, 32), (256, 72, 64), (384, 100, 128), (512, 24, 256), (96, 16, 48)],  # N not a multiple of the tile
 )
-def test_matches_reference(m: int, k: int, n: int, group_size: int) -> None:
+def test_matches_reference(m: int, k: int, n: int, group_size: int, layout: str) -> None:
     torch.manual_seed(m * k + n)
-    qweight, scales, zeros = random_w4(k, n, group_size)
+    qweight, scales, zeros = random_w4(k, n, group_size, layout=layout)
+    assert is_n_major(qweight) == (layout == "n_major")
     x = torch.randn(m, k)
     out = K.w4_gemv(x, qweight, scales, zeros, group_size)
     assert out.dtype == torch.float32
@@ -75,12 +87,13 @@ def test_matches_reference(m: int, k: int, n: int, group_size: int) -> None:
 
 
 @interpreter
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("tiles", GPU_TILES)
 @pytest.mark.parametrize("m,k", [(1, 512), (3, 384)])  # 4 and 3 slices of 16 packed rows: even and not
-def test_gpu_tile_sizes(tiles: tuple[int, int, int, int, int], m: int, k: int) -> None:
+def test_gpu_tile_sizes(tiles: tuple[int, int, int, int, int], m: int, k: int, layout: str) -> None:
     """Slices side by side (BLOCK_G > 1), the last tile of slices partly past K, padded row blocks."""
     torch.manual_seed(m + k)
-    qweight, scales, zeros = random_w4(k, 40, 128)
+    qweight, scales, zeros = random_w4(k, 40, 128, layout=layout)
     for dtype, rel in ((torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)):
         x = torch.randn(m, k).to(dtype)
         out = K.w4_gemv(x, qweight, scales, zeros, 128, tile_sizes=tiles)
@@ -152,6 +165,11 @@ def test_refuses_bad_shapes_and_dtypes() -> None:
         K.w4_gemv(torch.randn(2, 128), qweight.to(torch.int64), scales, zeros, 64)
     with pytest.raises(ValueError, match="uint8 zeros"):
         K.w4_gemv(torch.randn(2, 128), qweight, scales, zeros.to(torch.int32), 64)
+    for kernel in (K.w4_gemv, K.w4_matmul):  # one layout for all three
+        with pytest.raises(ValueError, match="N-major"):
+            kernel(torch.randn(2, 128), n_major(qweight), scales, zeros, 64)
+        with pytest.raises(ValueError, match="N-major"):
+            kernel(torch.randn(2, 128), qweight[:, ::2], scales[:, ::2], zeros[:, ::2], 64)
 
 
 def test_tile_sizes_follow_the_sm_count(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -169,10 +187,11 @@ def test_tile_sizes_follow_the_sm_count(monkeypatch: pytest.MonkeyPatch) -> None
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336)])  # Llama-3-8B's qkv and down_proj
-def test_llama_shapes_on_gpu(n: int, k: int) -> None:
+def test_llama_shapes_on_gpu(n: int, k: int, layout: str) -> None:
     torch.manual_seed(0)
-    qweight, scales, zeros = random_w4(k, n, 128, device="cuda")
+    qweight, scales, zeros = random_w4(k, n, 128, device="cuda", layout=layout)
     for m in (1, 2, 4):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = K.w4_matmul_ref(x.float(), qweight, scales.float(), zeros, 128).double()

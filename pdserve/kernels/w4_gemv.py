@@ -1,6 +1,7 @@
 """4-bit weight GEMV for decode (1..4 rows) in w4_matmul's layout: qweight int32 [K / 8, N], input k
 in bits 4 * (k % 8) of packed row k // 8; scales [K / group, N]; zeros uint8 [K / group, N];
-W[k, n] = (q - zero) * scale. No tl.dot: CUDA cores, as few instructions a weight as the unpacking
+W[k, n] = (q - zero) * scale; all three contiguous in N or all N-major (kernels/w4_matmul.py), read
+through their strides. No tl.dot: CUDA cores, as few instructions a weight as the unpacking
 allows (counts from sm_90 SASS, Triton 3.6; timings: bench/gemv.py --sweep, bench/RESULTS.md).
 
 - bf16 x (the usual model dtype), on a GPU: two weights an instruction. One packed int32's nibbles
@@ -110,8 +111,11 @@ def _w4_gemv_kernel(
     slices_per_split,
     stride_xm,
     stride_qk,
+    stride_qn,
     stride_sg,
+    stride_sn,
     stride_zg,
+    stride_zn,
     stride_om,
     exp_2_23,
     BLOCK_M: tl.constexpr,
@@ -154,9 +158,10 @@ def _w4_gemv_kernel(
             slices = tl.minimum(s0 + g, end - 1)  # past the end: in bounds, masked to zero weights
         rows = slices * BLOCK_K8 + k8  # [K8, G] packed rows
         groups = (slices // SLICES_PER_GROUP)[:, :, None]
-        packed = tl.load(qweight_ptr + rows[:, :, None] * stride_qk + offs_n[None, None, :], mask=mask, other=0)
-        scale = tl.load(scales_ptr + groups * stride_sg + offs_n[None, None, :], mask=mask, other=0.0).to(tl.float32)
-        zero = tl.load(zeros_ptr + groups * stride_zg + offs_n[None, None, :], mask=mask, other=0)
+        cols = offs_n[None, None, :]
+        packed = tl.load(qweight_ptr + rows[:, :, None] * stride_qk + cols * stride_qn, mask=mask, other=0)
+        scale = tl.load(scales_ptr + groups * stride_sg + cols * stride_sn, mask=mask, other=0.0).to(tl.float32)
+        zero = tl.load(zeros_ptr + groups * stride_zg + cols * stride_zn, mask=mask, other=0)
         if X_PAIRS == 1:  # bf16 x: bf16x2 arithmetic
             neg_zero = bf16x2_neg_zero(zero)
             p0, p1, p2, p3 = _bf16_dot8_rows(packed, neg_zero, x0, x1, x2, x3, rows, BLOCK_M, ASM)
@@ -405,9 +410,9 @@ def w4_gemv(
         num_slices,
         slices_per_split,
         x.stride(0),
-        qweight.stride(0),
-        scales.stride(0),
-        zeros.stride(0),
+        *qweight.stride(),
+        *scales.stride(),
+        *zeros.stride(),
         out.stride(0),
         _EXP_2_23,
         BLOCK_M=block_m,

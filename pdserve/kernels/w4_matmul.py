@@ -1,6 +1,10 @@
 """4-bit weight matmul with group-wise scales and zero points (the AWQ/GPTQ family, repacked at
 load into one layout): qweight int32 [K / 8, N], input k in bits 4 * (k % 8) of row k // 8;
-scales [K / group, N] and zeros uint8 [K / group, N]; W[k, n] = (q - zero) * scale.
+scales [K / group, N] and zeros uint8 [K / group, N]; W[k, n] = (q - zero) * scale. Each of the
+three is stored either contiguous in N (as AWQ and GPTQ write them) or N-major (`is_n_major`: the
+transpose of an [N, K / 8] / [N, K / group] tensor, each output's packed inputs contiguous, which
+is the layout the engine keeps: kernels/w4_gemv.py reads it at one row several times faster);
+the kernels take both through their strides.
 
 A tile of the weight is BLOCK_K8 packed rows (8 * BLOCK_K8 inputs, within one group), each int32
 read once. Its nibbles become q - zero exactly, small integers that 16-bit floats hold exactly;
@@ -47,8 +51,11 @@ def _w4_matmul_kernel(
     tiles_per_split,
     stride_xm,
     stride_qk,
+    stride_qn,
     stride_sg,
+    stride_sn,
     stride_zg,
+    stride_zn,
     stride_om,
     exp_2_23,
     BLOCK_M: tl.constexpr,
@@ -71,9 +78,11 @@ def _w4_matmul_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in tl.range(first, end, num_stages=NUM_STAGES):
         group = t // TILES_PER_GROUP
-        packed = tl.load(qweight_ptr + (t * BLOCK_K8 + k8)[:, None] * stride_qk + offs_n[None, :], mask=mask_n[None, :], other=0)
-        zero = tl.load(zeros_ptr + group * stride_zg + offs_n, mask=mask_n, other=0)[None, :]
-        scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        packed = tl.load(
+            qweight_ptr + (t * BLOCK_K8 + k8)[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask_n[None, :], other=0
+        )
+        zero = tl.load(zeros_ptr + group * stride_zg + offs_n * stride_zn, mask=mask_n, other=0)[None, :]
+        scale = tl.load(scales_ptr + group * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + t * 8 * BLOCK_K8 + offs_k[None, :], mask=mask_m[:, None], other=0.0)
         if BF16_PAIRS:  # bf16 x on a GPU: nibbles j and j + 4 as one bf16x2 (w4_gemv's unpacking)
             neg_zero = tl.broadcast_to(bf16x2_neg_zero(zero), packed.shape)
@@ -194,9 +203,9 @@ def w4_matmul(
         num_tiles,
         tiles_per_split,
         x.stride(0),
-        qweight.stride(0),
-        scales.stride(0),
-        zeros.stride(0),
+        *qweight.stride(),
+        *scales.stride(),
+        *zeros.stride(),
         out.stride(0),
         _EXP_2_23,
         BLOCK_M=block_m,
@@ -252,8 +261,36 @@ def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
         raise ValueError(
             f"need float x and scales, int32 qweight, uint8 zeros; got {x.dtype}, {scales.dtype}, {qweight.dtype}, {zeros.dtype}"
         )
-    if x.stride(1) != 1 or qweight.stride(1) != 1 or scales.stride(1) != 1 or zeros.stride(1) != 1:
-        raise ValueError("x, qweight, scales and zeros must be contiguous in their last dim")
+    if x.stride(1) != 1:
+        raise ValueError(f"x must be contiguous in K; got strides {x.stride()}")
+    layouts = {_layout(t) for t in (qweight, scales, zeros)} - {"either"}
+    if None in layouts or len(layouts) > 1:
+        raise ValueError(
+            "qweight, scales and zeros must all be contiguous in N or all N-major (transposes of contiguous "
+            f"[N, ...] tensors); got strides {qweight.stride()}, {scales.stride()}, {zeros.stride()}"
+        )
+
+
+def is_n_major(qweight: torch.Tensor) -> bool:
+    """Whether a [K / 8, N] qweight keeps each output's packed inputs contiguous (the transpose of a
+    contiguous [N, K / 8] tensor)."""
+    return _layout(qweight) in ("n_major", "either") and qweight.stride(0) == 1
+
+
+def n_major(t: torch.Tensor) -> torch.Tensor:
+    """The same [K / 8, N] (or [groups, N]) values, N-major."""
+    return t.t().contiguous().t()
+
+
+def _layout(t: torch.Tensor) -> str | None:
+    rows, cols = t.shape
+    if rows == 1 or cols == 1:  # one row or column: both readings address it alike
+        return "either"
+    if t.stride(1) == 1 and t.stride(0) == cols:
+        return "columns"
+    if t.stride(0) == 1 and t.stride(1) == rows:
+        return "n_major"
+    return None
 
 
 def w4_dequantize_ref(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
