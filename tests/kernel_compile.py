@@ -162,14 +162,19 @@ def w4_launches() -> Iterator[dict]:
     qweight = torch.zeros(k // 8, n, dtype=torch.int32)
     scales = torch.ones(k // group_size, n, dtype=torch.bfloat16)
     zeros = torch.zeros(k // group_size, n, dtype=torch.uint8)
-    for splits in (1, 2):
+    n_major = [w4_matmul.n_major(t) for t in (qweight, scales, zeros)]  # the engine's layout
+    for splits, weights, layout in (
+        (1, (qweight, scales, zeros), "columns"),
+        (2, (qweight, scales, zeros), "columns"),
+        (1, n_major, "N-major"),
+    ):
         tiles = w4_gemv.gemv_tile_sizes(n, k, torch.device("cpu"), group_size, 1, 1)._replace(splits=splits)
         with recording(w4_gemv, "_w4_gemv_kernel") as recorder:
-            w4_gemv.w4_gemv(torch.zeros(1, k, dtype=torch.bfloat16), qweight, scales, zeros, group_size, tile_sizes=tiles)
-        yield from compile_recorded(recorder, f"w4_gemv, {splits} split(s)")
+            w4_gemv.w4_gemv(torch.zeros(1, k, dtype=torch.bfloat16), *weights, group_size, tile_sizes=tiles)
+        yield from compile_recorded(recorder, f"w4_gemv, {splits} split(s), {layout}")
         with recording(w4_matmul, "_w4_matmul_kernel") as recorder:
-            w4_matmul.w4_matmul(torch.zeros(16, k, dtype=torch.bfloat16), qweight, scales, zeros, group_size, splits=splits)
-        yield from compile_recorded(recorder, f"w4_matmul, {splits} split(s)")
+            w4_matmul.w4_matmul(torch.zeros(16, k, dtype=torch.bfloat16), *weights, group_size, splits=splits)
+        yield from compile_recorded(recorder, f"w4_matmul, {splits} split(s), {layout}")
 
 
 def gemv_launches() -> Iterator[dict]:

@@ -119,6 +119,52 @@ def test_a_shared_prefix_spreads_to_another_worker_once_its_holder_has_more_to_c
     assert all(sent), f"KV bytes each prefill worker sent: {sent}: one took the whole burst"
 
 
+def test_prompts_waiting_for_decode_room_sit_in_no_prefill_workers_queue(
+    checkpoints: dict[str, Path], tokenizer: Tokenizer
+) -> None:
+    """A decode worker with room for one long request at a time: while it runs, the prompts behind
+    it wait for a reservation and no prefill worker has them to compute (the prefill worker is
+    picked once the decode worker has room, so a queue that only waits for decode does not steer
+    the prefill choice); then each one is prefilled and finishes."""
+    prefill = EngineConfig(model=str(checkpoints["llama"]), device="cpu", dtype="float32", max_model_len=512, num_kv_blocks=256)
+    decode = EngineConfig(model=str(checkpoints["llama"]), device="cpu", dtype="float32", max_model_len=512, num_kv_blocks=32)
+    started = [WorkerHost(WorkerSpec(role, engine, "m", cluster_secret=CLUSTER_SECRET)) for role, engine in
+               (("prefill", prefill), ("prefill", prefill), ("decode", decode))]  # fmt: skip
+    long_prompt = tokenizer.encode(prompt("the decode worker's whole cache") * 8)[:400]  # 25 of its 32 blocks
+    waiting = [tokenizer.encode(prompt(topic) * 4)[:150] for topic in TOPICS[:3]]  # 10 blocks each: no room beside it
+    assert len(long_prompt) == 400 and {len(w) for w in waiting} == {150}
+
+    async def body(backend: DisaggregatedBackend) -> None:
+        long_params = SamplingParams(temperature=0.0, max_tokens=112, ignore_eos=True)  # to the 512-token limit
+        stream = backend.generate(uuid.uuid4().hex, long_prompt, long_params)
+        await anext(stream)  # the long request decodes: its blocks are taken
+        produced = [1]
+
+        async def drain() -> None:
+            async for delta in stream:
+                produced[0] += len(delta.token_ids)
+
+        long_request = asyncio.create_task(drain())
+        tasks = [asyncio.create_task(cached_tokens(backend, token_ids)) for token_ids in waiting]
+        queued = []
+        while produced[0] < 96 and not long_request.done():  # well before it ends and frees its blocks
+            queued.append(sum(w.num_prefill_tokens for w in backend.pool.healthy("prefill")))
+            await asyncio.sleep(0.002)
+        assert len(queued) >= 5 and not any(task.done() for task in tasks), (len(queued), produced)
+        assert max(queued) == 0, f"prompts waiting for decode room counted in prefill queues: {queued}"
+        await asyncio.wait_for(asyncio.gather(long_request, *tasks), 60)
+        assert produced == [112]
+        assert [w.num_prefill_tokens for w in backend.pool.workers.values()] == [0, 0, 0]
+
+    for host in started:
+        host.start()
+    try:
+        run(started, tokenizer, body)
+    finally:
+        for host in started:
+            host.stop()
+
+
 def test_gateways_sharing_redis_route_a_prefix_where_another_gateway_sent_it(
     hosts: list[WorkerHost], tokenizer: Tokenizer
 ) -> None:

@@ -11,7 +11,9 @@ worker cannot continue (a seeded request would silently change its own continuat
 resumed request re-pays its whole prefill on a pool that just lost capacity; the client, which
 knows what it has, decides whether to retry.
 
-The prefill worker is the one that would finish the prompt first by the gateway's estimate: the
+The prefill worker, picked once the decode worker has reserved room for the prompt (prompts waiting
+for decode room sit in no prefill worker's queue), is the one that would finish the prompt first by
+the gateway's estimate: the
 fewest prompt tokens to compute, its own (the prompt less the prefix `PrefixIndex` thinks it holds
 cached) plus those queued there (this gateway's, or every gateway's as the worker last reported,
 whichever is more); so a repeated prefix returns to the worker that holds it until that worker's
@@ -20,6 +22,7 @@ queue outweighs recomputing the prefix elsewhere. The decode worker is the least
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 
@@ -99,12 +102,12 @@ class DisaggregatedBackend:
         salt, uses_cache = request.params.cache_salt or None, not request.params.HasField("prompt_logprobs")
         for attempt in range(NUM_ATTEMPTS):
             decode = self._pick("decode", used)
-            prefill, num_prefill_tokens = self._pick_prefill(request.prompt_token_ids, salt, uses_cache, used)
-            used |= {decode.record.worker_id, prefill.record.worker_id}
-            handoff = Handoff(request, decode, prefill, self.deadlines, self.watch, num_prefill_tokens)
+            pick_prefill = functools.partial(self._pick_prefill, request.prompt_token_ids, salt, uses_cache, set(used))
+            handoff = Handoff(request, decode, pick_prefill, self.deadlines, self.watch)  # picks once decode has room
             try:
                 firsts = await handoff.first_tokens()
             except HandoffFailure as failure:
+                used |= {decode.record.worker_id} | ({handoff.prefill.record.worker_id} if handoff.prefill else set())
                 handoff.close()
                 if attempt + 1 == NUM_ATTEMPTS or not failure.is_retryable:
                     raise failure.as_error() from None

@@ -1,12 +1,14 @@
 """`Handoff`: one attempt at a request's first token across a decode and a prefill worker: the
 decode worker's reservation (the first message of its Generate stream), then the Prefill that
-pushes the KV into it. Every wait is bounded by the attempt's prefill deadline and ends early when
+pushes the KV into it. The prefill worker is picked once the reservation is made, so prompts still
+waiting for decode room count in no prefill worker's queue. Every wait is bounded by the attempt's prefill deadline and ends early when
 one of the two workers is marked unhealthy. `close()` leaves nothing behind on either worker."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 
 import grpc
 
@@ -43,34 +45,36 @@ class HandoffFailure(Exception):
         return BackendFailure(self.failure, str(self))
 
 
+PickPrefill = Callable[[], tuple[WorkerHandle, int]]
+
+
 class Handoff:
     def __init__(
         self,
         request: pb.GenerateRequest,
         decode: WorkerHandle,
-        prefill: WorkerHandle,
+        pick_prefill: PickPrefill,
         deadlines: Deadlines,
         watch: HealthWatch,
-        num_prefill_tokens: int = 0,
     ) -> None:
         """`request`: the Generate request without its transfer id; each attempt makes up its own.
-        `num_prefill_tokens`: the prompt tokens the prefill worker is expected to compute (its
-        load until the prefill ends)."""
+        `pick_prefill()`, called once the decode worker has reserved room: the prefill worker and the
+        prompt tokens it is expected to compute (its load until the prefill ends)."""
         self.request = pb.GenerateRequest()
         self.request.CopyFrom(request)
         self.request.transfer_id = uuid.uuid4().hex
         self.request.lease_seconds = deadlines.kv_lease_s
-        self.decode, self.prefill = decode, prefill
+        self.decode = decode
+        self.prefill: WorkerHandle | None = None
+        self.pick_prefill = pick_prefill
         self.deadlines = deadlines
         self.watch = watch
         self.stream: grpc.aio.UnaryStreamCall | None = None
         self.kv_transfer: tuple[int, float, str] = (0, 0.0, "")  # bytes, exposed seconds, transport
         self._prefill_call: grpc.aio.UnaryUnaryCall | None = None
-        self._is_prefill_counted = self._is_decode_counted = True
-        self.num_prefill_tokens = num_prefill_tokens
+        self._is_prefill_counted, self._is_decode_counted = False, True
+        self.num_prefill_tokens = 0
         decode.num_in_flight += 1
-        prefill.num_in_flight += 1
-        prefill.num_prefill_tokens += num_prefill_tokens
 
     async def first_tokens(self) -> list[RequestDelta]:
         """The first token of every sequence (their KV committed on the decode worker: one prefill,
@@ -81,7 +85,12 @@ class Handoff:
         except grpc.aio.UsageError:  # its channel closed between the pick and the call
             raise self.left_pool(self.decode) from None
         reservation = await self._reserve(deadline)
-        response = await self._prefill(reservation, deadline)
+        prefill, self.num_prefill_tokens = self.pick_prefill()
+        self.prefill = prefill
+        prefill.num_in_flight += 1
+        prefill.num_prefill_tokens += self.num_prefill_tokens
+        self._is_prefill_counted = True
+        response = await self._prefill(prefill, reservation, deadline)
         self._uncount_prefill()
         self.kv_transfer = (response.kv_bytes, response.kv_seconds, response.kv_transport)
         request_id = self.request.request_id
@@ -127,7 +136,7 @@ class Handoff:
             raise HandoffFailure(Failure.INTERNAL, f"decode worker {_name(self.decode)} did not reserve blocks")
         return message.reservation
 
-    async def _prefill(self, reservation: pb.Reservation, deadline: float) -> pb.PrefillResponse:
+    async def _prefill(self, prefill: WorkerHandle, reservation: pb.Reservation, deadline: float) -> pb.PrefillResponse:
         request = pb.PrefillRequest(
             request_id=self.request.request_id,
             transfer_id=self.request.transfer_id,
@@ -137,24 +146,24 @@ class Handoff:
         )
         timeout = max(0.0, deadline - asyncio.get_running_loop().time())
         try:
-            self._prefill_call = self.prefill.stub.Prefill(request, timeout=timeout)  # the deadline travels to the worker
+            self._prefill_call = prefill.stub.Prefill(request, timeout=timeout)  # the deadline travels to the worker
         except grpc.aio.UsageError:
-            raise self.left_pool(self.prefill) from None
+            raise self.left_pool(prefill) from None
         try:
-            async with self.watch.bounded([self.prefill, self.decode], deadline):
+            async with self.watch.bounded([prefill, self.decode], deadline):
                 return await self._prefill_call
         except WorkerLostError as exc:
             raise HandoffFailure(Failure.UNAVAILABLE, str(exc)) from None
         except TimeoutError:
             raise HandoffFailure(
-                Failure.TIMEOUT, f"prefill worker {_name(self.prefill)} gave no first token within {self.deadlines.prefill_s:g} s"
+                Failure.TIMEOUT, f"prefill worker {_name(prefill)} gave no first token within {self.deadlines.prefill_s:g} s"
             ) from None
         except grpc.aio.AioRpcError as exc:
-            raise self.failure(exc, self.prefill) from None
+            raise self.failure(exc, prefill) from None
         except asyncio.CancelledError:
             if is_cancelling():
                 raise
-            raise self.left_pool(self.prefill) from None
+            raise self.left_pool(prefill) from None
 
     def failure(self, exc: grpc.aio.AioRpcError, worker: WorkerHandle) -> HandoffFailure:
         """A worker's gRPC status as a failure kind (`proto/failures.py`)."""
@@ -194,7 +203,7 @@ class Handoff:
             self.decode.num_in_flight -= 1
 
     def _uncount_prefill(self) -> None:
-        if self._is_prefill_counted:
+        if self._is_prefill_counted and self.prefill is not None:
             self._is_prefill_counted = False
             self.prefill.num_in_flight -= 1
             self.prefill.num_prefill_tokens -= self.num_prefill_tokens
