@@ -200,3 +200,33 @@ def test_a_leaving_worker_gets_no_new_request_and_keeps_its_channel_until_its_re
             await pool.close()
 
     asyncio.run(main())
+
+
+def test_the_gateways_context_length_follows_the_workers_it_routes_to(demo_model_dir: Path) -> None:
+    """Before any worker reports, the model's (an upper bound); then the shortest a routable worker
+    reports; a pool restarted with another --max-model-len is followed, a draining worker ignored."""
+    from pdserve.proto import pdserve_pb2 as pb
+    from pdserve.router.registry import WorkerRecord
+    from pdserve.router.workers import WorkerHandle
+
+    pool = WorkerPool(InMemoryRegistry(), CLUSTER_SECRET)
+    backend = DisaggregatedBackend(pool, Tokenizer.from_pretrained(demo_model_dir), "m", 4096)
+
+    def worker(name: str, role: str, max_model_len: int, draining: bool = False) -> WorkerHandle:
+        handle = WorkerHandle(WorkerRecord(name, role, "127.0.0.1:1"), channel=None, stub=None, is_healthy=True)
+        handle.status = pb.WorkerStatus(role=role, max_model_len=max_model_len, is_draining=draining)
+        pool.workers[name] = handle
+        return handle
+
+    assert backend.max_model_len == 4096
+    worker("prefill-1", "prefill", 1024)
+    worker("decode-1", "decode", 512)
+    assert backend.max_model_len == 512
+    for name in ("prefill-1", "decode-1"):  # restarted with a longer context
+        del pool.workers[name]
+    worker("prefill-2", "prefill", 2048)
+    worker("decode-2", "decode", 2048)
+    worker("decode-3", "decode", 256, draining=True)
+    assert backend.max_model_len == 2048
+    pool.workers.clear()
+    assert backend.max_model_len == 2048  # none reports: the last known

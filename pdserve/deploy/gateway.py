@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import sys
 from typing import TYPE_CHECKING
 
@@ -49,8 +48,7 @@ async def run_gateway(
     if registry is None:
         backend: Backend = await _colocated(config)
     else:
-        backend = disaggregated = await _disaggregated(config, registry, metrics, gateway, can_serve_before_workers)
-        tasks.append(asyncio.create_task(_learn_max_model_len(disaggregated)))
+        backend = await _disaggregated(config, registry, metrics, gateway, can_serve_before_workers)
     app = create_app(backend, metrics, gateway)
     if registry is not None:
         tasks += _add_operations(app, backend, config, metrics, controller)
@@ -101,7 +99,8 @@ async def _disaggregated(
     config: ServeConfig, registry: Registry, metrics: Metrics, gateway: GatewayConfig, can_serve_before_workers: bool
 ) -> DisaggregatedBackend:
     """The backend over the registry's workers. Before they are ready (`can_serve_before_workers`)
-    its context length is the model's, an upper bound of theirs, until `_learn_max_model_len`."""
+    its context length is the model's, an upper bound of theirs, until they report their own
+    (`DisaggregatedBackend.max_model_len` follows the pool's workers)."""
     from pdserve.engine.config import ModelConfig
     from pdserve.router.disaggregated import DisaggregatedBackend
     from pdserve.router.workers import WorkerPool
@@ -111,11 +110,9 @@ async def _disaggregated(
     if not can_serve_before_workers and not await pool.wait_ready(READY_TIMEOUT_S):
         await pool.close()
         raise RuntimeError(f"no healthy prefill and decode workers within {READY_TIMEOUT_S:g} s")
-    if _is_ready(pool):
-        max_model_len = _workers_max_model_len(pool)
-    else:
+    if not _is_ready(pool):
         logger.info("no healthy prefill and decode workers yet: /health answers 503 until they register")
-        max_model_len = ModelConfig.from_pretrained(config.engine.model).longest_context
+    max_model_len = ModelConfig.from_pretrained(config.engine.model).longest_context  # until the workers report theirs
     return DisaggregatedBackend(
         pool,
         Tokenizer.from_pretrained(config.engine.model),
@@ -127,15 +124,5 @@ async def _disaggregated(
     )
 
 
-async def _learn_max_model_len(backend: DisaggregatedBackend) -> None:
-    """Once the first workers are ready, their context length (a no-op when they were at the start)."""
-    await backend.pool.wait_ready(math.inf)
-    backend.max_model_len = _workers_max_model_len(backend.pool)
-
-
 def _is_ready(pool: WorkerPool) -> bool:
     return bool(pool.healthy("prefill") and pool.healthy("decode"))
-
-
-def _workers_max_model_len(pool: WorkerPool) -> int:
-    return min(w.status.max_model_len for w in pool.healthy("prefill") + pool.healthy("decode") if w.status is not None)

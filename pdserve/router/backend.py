@@ -47,8 +47,12 @@ class BackendStats:
 
 class Backend(Protocol):
     model_name: str
-    max_model_len: int
     tokenizer: Tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest prompt + completion, in tokens, it serves now."""
+        ...
 
     def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams

@@ -67,7 +67,7 @@ class DisaggregatedBackend:
         self.pool = pool
         self.tokenizer = tokenizer
         self.model_name = model_name
-        self.max_model_len = max_model_len
+        self._max_model_len = max_model_len
         self.on_kv_transfer = on_kv_transfer
         self.deadlines = deadlines or Deadlines()
         self.watch = HealthWatch(pool)
@@ -77,6 +77,16 @@ class DisaggregatedBackend:
         if prefix_share_url is not None:
             self.prefix_share = RedisPrefixShare(prefix_share_url, pool.secret, self.prefixes, self._num_blocks_of)
             self.prefix_share.start()
+
+    @property
+    def max_model_len(self) -> int:
+        """The shortest context length of the routable workers as they last reported it (a pool
+        whose workers were restarted with another `--max-model-len` is followed); while none
+        reports, the last one known (at the start, the one given: the model's, an upper bound)."""
+        lengths = [w.status.max_model_len for w in self.pool.workers.values() if w.is_routable and w.status is not None]
+        if any(lengths):
+            self._max_model_len = min(n for n in lengths if n > 0)
+        return self._max_model_len
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
