@@ -206,6 +206,8 @@ def test_the_gateways_context_length_follows_the_workers_it_routes_to(demo_model
     """Before any worker reports, the model's (an upper bound); then the shortest a routable worker
     reports; a pool restarted with another --max-model-len is followed, a draining worker ignored."""
     from pdserve.proto import pdserve_pb2 as pb
+    from pdserve.router.app import create_app
+    from pdserve.router.metrics import Metrics
     from pdserve.router.registry import WorkerRecord
     from pdserve.router.workers import WorkerHandle
 
@@ -230,3 +232,8 @@ def test_the_gateways_context_length_follows_the_workers_it_routes_to(demo_model
     assert backend.max_model_len == 2048
     pool.workers.clear()
     assert backend.max_model_len == 2048  # none reports: the last known
+    # the gateway's character bound on prompts (refused before tokenizing) follows it too
+    app = create_app(backend, Metrics("m"))
+    chars_at_2048 = app.state.serving.max_prompt_chars
+    worker("decode-4", "decode", 1024)
+    assert app.state.serving.max_prompt_chars == chars_at_2048 // 2

@@ -60,8 +60,13 @@ class Serving:
         self.deadlines = deadlines
         self.admission = admission
         self.drain = drain
-        self.max_prompt_chars = max_prompt_chars(backend.tokenizer, backend.max_model_len)
+        self._chars_a_token = max_prompt_chars(backend.tokenizer, 1)
         self._threads = ThreadPoolExecutor(NUM_TOKENIZER_THREADS, thread_name_prefix="pdserve-tokenize")
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """Characters beyond which a prompt cannot fit the context the workers serve now."""
+        return self._chars_a_token * self.backend.max_model_len
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.backend.model_name:
