@@ -162,7 +162,7 @@ def w4_launches() -> Iterator[dict]:
     qweight = torch.zeros(k // 8, n, dtype=torch.int32)
     scales = torch.ones(k // group_size, n, dtype=torch.bfloat16)
     zeros = torch.zeros(k // group_size, n, dtype=torch.uint8)
-    n_major = [w4_matmul.n_major(t) for t in (qweight, scales, zeros)]  # the engine's layout
+    n_major = [w4_matmul.n_major(t) for t in (qweight, scales, zeros)]  # the other layout
     for splits, weights, layout in (
         (1, (qweight, scales, zeros), "columns"),
         (2, (qweight, scales, zeros), "columns"),

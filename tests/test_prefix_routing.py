@@ -148,7 +148,7 @@ def test_prompts_waiting_for_decode_room_sit_in_no_prefill_workers_queue(
         tasks = [asyncio.create_task(cached_tokens(backend, token_ids)) for token_ids in waiting]
         queued = []
         while produced[0] < 96 and not long_request.done():  # well before it ends and frees its blocks
-            queued.append(sum(w.num_prefill_tokens for w in backend.pool.healthy("prefill")))
+            queued.append(sum(w.num_prefill_tokens + w.num_in_flight for w in backend.pool.healthy("prefill")))
             await asyncio.sleep(0.002)
         assert len(queued) >= 5 and not any(task.done() for task in tasks), (len(queued), produced)
         assert max(queued) == 0, f"prompts waiting for decode room counted in prefill queues: {queued}"

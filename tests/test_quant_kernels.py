@@ -51,7 +51,7 @@ def test_w4_matmul_matches_reference_and_naive_dequantization(m: int, k: int, n:
     ref = K.w4_matmul_ref(x, qweight, scales, zeros, group_size)
     torch.testing.assert_close(ref, x.double().matmul(weight.double()).float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(K.w4_matmul(x, qweight, scales, zeros, group_size), ref, rtol=1e-5, atol=1e-5)
-    n_major_weights = [n_major(t) for t in (qweight, scales, zeros)]  # the engine's layout: the same values
+    n_major_weights = [n_major(t) for t in (qweight, scales, zeros)]  # the other layout: the same values
     torch.testing.assert_close(K.w4_matmul(x, *n_major_weights, group_size), ref, rtol=1e-5, atol=1e-5)
 
 

@@ -38,7 +38,7 @@ def random_w4(
     k: int, n: int, group_size: int, device: str = "cpu", max_zero: int = 15, layout: str = "columns"
 ) -> tuple[torch.Tensor, ...]:
     """qweight [K / 8, N], scales and zeros [K / group, N]; contiguous in N ("columns", as checkpoints
-    store them) or N-major (as the engine keeps them)."""
+    store them) or N-major."""
     qweight = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, device=device)
     scales = (torch.rand(k // group_size, n, device=device) * 0.01 + 0.001).half()  # stored as checkpoints do
     zeros = torch.randint(0, max_zero + 1, (k // group_size, n), dtype=torch.uint8, device=device)

@@ -221,6 +221,10 @@ def test_the_gateways_context_length_follows_the_workers_it_routes_to(demo_model
         return handle
 
     assert backend.max_model_len == 4096
+    worker("decode-0", "decode", 0)  # no length reported: not counted
+    pool.workers["prefill-0"] = WorkerHandle(WorkerRecord("prefill-0", "prefill", "127.0.0.1:1"), None, None, is_healthy=True)
+    assert backend.max_model_len == 4096
+    del pool.workers["decode-0"], pool.workers["prefill-0"]
     worker("prefill-1", "prefill", 1024)
     worker("decode-1", "decode", 512)
     assert backend.max_model_len == 512
@@ -237,3 +241,29 @@ def test_the_gateways_context_length_follows_the_workers_it_routes_to(demo_model
     chars_at_2048 = app.state.serving.max_prompt_chars
     worker("decode-4", "decode", 1024)
     assert app.state.serving.max_prompt_chars == chars_at_2048 // 2
+
+
+def test_without_a_healthy_prefill_worker_a_request_is_refused_before_any_decode_call(demo_model_dir: Path) -> None:
+    """The prefill worker is picked after the decode worker's reservation; with none healthy the
+    request is still refused at once (503), and no decode worker is called or counted."""
+    from pdserve.proto import pdserve_pb2 as pb
+    from pdserve.router.registry import WorkerRecord
+    from pdserve.router.workers import WorkerHandle
+
+    class NoCalls:
+        def __getattr__(self, name: str) -> object:
+            raise AssertionError(f"the decode worker was called: {name}")
+
+    pool = WorkerPool(InMemoryRegistry(), CLUSTER_SECRET)
+    decode = WorkerHandle(WorkerRecord("decode-1", "decode", "127.0.0.1:1"), channel=None, stub=NoCalls(), is_healthy=True)
+    decode.status = pb.WorkerStatus(role="decode", max_model_len=256)
+    pool.workers["decode-1"] = decode
+    backend = DisaggregatedBackend(pool, Tokenizer.from_pretrained(demo_model_dir), "m", 256)
+
+    async def main() -> None:
+        with pytest.raises(BackendUnavailableError, match="no healthy prefill worker"):
+            async for _ in backend.generate(uuid.uuid4().hex, [1, 2, 3], greedy(2)):
+                pass
+
+    asyncio.run(main())
+    assert decode.num_in_flight == 0

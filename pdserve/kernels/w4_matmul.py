@@ -2,9 +2,8 @@
 load into one layout): qweight int32 [K / 8, N], input k in bits 4 * (k % 8) of row k // 8;
 scales [K / group, N] and zeros uint8 [K / group, N]; W[k, n] = (q - zero) * scale. Each of the
 three is stored either contiguous in N (as AWQ and GPTQ write them) or N-major (`is_n_major`: the
-transpose of an [N, K / 8] / [N, K / group] tensor, each output's packed inputs contiguous, which
-is the layout the engine keeps: kernels/w4_gemv.py reads it at one row several times faster);
-the kernels take both through their strides.
+transpose of an [N, K / 8] / [N, K / group] tensor, each output's packed inputs contiguous); the
+kernels take both through their strides (the engine keeps the first; bench/RESULTS.md).
 
 A tile of the weight is BLOCK_K8 packed rows (8 * BLOCK_K8 inputs, within one group), each int32
 read once. Its nibbles become q - zero exactly, small integers that 16-bit floats hold exactly;
@@ -283,12 +282,14 @@ def n_major(t: torch.Tensor) -> torch.Tensor:
 
 
 def _layout(t: torch.Tensor) -> str | None:
+    """ "columns" (unit stride along N), "n_major" (unit stride along K), "either" (one row or
+    column, or empty: both readings address it alike), None (neither: refused)."""
     rows, cols = t.shape
-    if rows == 1 or cols == 1:  # one row or column: both readings address it alike
+    if rows <= 1 or cols <= 1:
         return "either"
-    if t.stride(1) == 1 and t.stride(0) == cols:
+    if t.stride(1) == 1:
         return "columns"
-    if t.stride(0) == 1 and t.stride(1) == rows:
+    if t.stride(0) == 1:
         return "n_major"
     return None
 

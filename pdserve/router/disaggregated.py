@@ -36,7 +36,7 @@ from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto.convert import params_to_proto
 from pdserve.proto.deadlines import Deadlines
 from pdserve.proto.failures import Failure
-from pdserve.router.backend import BackendFailure, BackendStats
+from pdserve.router.backend import BackendFailure, BackendStats, BackendUnavailableError
 from pdserve.router.handoff import Handoff, HandoffFailure, is_cancelling
 from pdserve.router.health_watch import HealthWatch, WorkerLostError
 from pdserve.router.prefix_index import PrefixIndex, index_key, prefix_hashes
@@ -111,6 +111,8 @@ class DisaggregatedBackend:
         used: set[str] = set()
         salt, uses_cache = request.params.cache_salt or None, not request.params.HasField("prompt_logprobs")
         for attempt in range(NUM_ATTEMPTS):
+            if not self.pool.healthy("prefill"):  # picked after the reservation: refuse now, not after it
+                raise BackendUnavailableError("no healthy prefill worker is available")
             decode = self._pick("decode", used)
             pick_prefill = functools.partial(self._pick_prefill, request.prompt_token_ids, salt, uses_cache, set(used))
             handoff = Handoff(request, decode, pick_prefill, self.deadlines, self.watch)  # picks once decode has room
