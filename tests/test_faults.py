@@ -49,6 +49,7 @@ SLACK_S = 3.0  # scheduling noise on a busy 2-core machine
 # its way) and decodes others.
 PREFILL_ARGS = ("--max-num-batched-tokens", "32", "--max-num-seqs", "2")
 WORKERS = {"prefill-1": "prefill", "prefill-2": "prefill", "decode-1": "decode", "decode-2": "decode"}
+PREFILL_WORKERS = tuple(name for name, role in WORKERS.items() if role == "prefill")
 TEXT = (
     "The key value cache of every request is stored in fixed size blocks, and the decode worker reserves "
     "blocks for a prompt before the prefill worker pushes its keys and values into them. "
@@ -108,13 +109,18 @@ class Cluster:
             stub_cls = pb_grpc.PrefillWorkerStub if WORKERS[name] == "prefill" else pb_grpc.DecodeWorkerStub
             return stub_cls(channel).GetStatus(pb.StatusRequest(), timeout=2)
 
-    def wait_for_phases(self, name: str, is_reached: Callable[[pb.WorkerStatus], bool], timeout_s: float = 15) -> pb.WorkerStatus:
+    def wait_for_phases(
+        self, names: str | tuple[str, ...], is_reached: Callable[[pb.WorkerStatus], bool], timeout_s: float = 15
+    ) -> str:
+        """Until one of `names` reports a status with `is_reached`; returns its name (the gateway
+        may send a burst to either prefill worker: the one holding the burst's shared prefix)."""
+        names = (names,) if isinstance(names, str) else names
         deadline = time.monotonic() + timeout_s
         while True:
-            status = self.status(name)
-            if is_reached(status):
-                return status
-            assert time.monotonic() < deadline, f"{name} never reached the phases wanted: {status}"
+            for name in names:
+                if is_reached(status := self.status(name)):
+                    return name
+            assert time.monotonic() < deadline, f"{names} never reached the phases wanted: {status}"
             time.sleep(0.01)
 
     def wait_healthy(self, names: list[str], timeout_s: float = 20) -> None:
@@ -269,17 +275,21 @@ def test_api_keys_isolate_the_workers_prefix_caches(cluster: Cluster) -> None:
 
 
 def test_a_frozen_prefill_worker_fails_its_requests_over(cluster: Cluster, gateway: str, prompts: list[str]) -> None:
+    frozen: list[str] = []
+
     def fault() -> None:
-        cluster.wait_for_phases("prefill-1", lambda s: s.num_waiting > 0 and s.num_running > 0)  # queued + prefilling
-        freeze_for(cluster, "prefill-1")()
+        # queued + prefilling
+        frozen.append(cluster.wait_for_phases(PREFILL_WORKERS, lambda s: s.num_waiting > 0 and s.num_running > 0))
+        freeze_for(cluster, frozen[0])()
 
     try:
         outcomes, fault_at = load(cluster, gateway, prompts[:12], fault)
     finally:
-        cluster.workers["prefill-1"].signal(signal.SIGCONT)
+        for name in frozen:
+            cluster.workers[name].signal(signal.SIGCONT)
     assert_answered_in_time(outcomes, fault_at, DEADLINES.first_token_s + SLACK_S)
     assert all(o.kind == "ok" for o in outcomes), [o.detail for o in outcomes if o.kind != "ok"]  # failed over
-    cluster.wait_healthy(["prefill-1"])
+    cluster.wait_healthy(frozen)
     cluster.assert_no_kv_held()
     assert_served(gateway)
 
@@ -329,20 +339,9 @@ def test_redis_down_then_restarted_empty_never_hangs_a_request(cluster: Cluster,
 
 def test_a_killed_prefill_worker_fails_its_requests_over(cluster: Cluster, gateway: str, prompts: list[str]) -> None:
     def fault() -> None:
-        # the prefill worker that first holds several prompts, at least one in its forward pass (the
-        # gateway sends prompts with a shared prefix to the worker holding it: either one may)
-        deadline = time.monotonic() + 15
-        while True:
-            held = [
-                name
-                for name in ("prefill-1", "prefill-2")
-                if (s := cluster.status(name)).num_running > 0 and s.num_running + s.num_waiting >= 2
-            ]
-            if held:
-                cluster.workers[held[0]].signal(signal.SIGKILL)
-                return
-            assert time.monotonic() < deadline, "no prefill worker held several prompts"
-            time.sleep(0.01)
+        # the prefill worker that first holds several prompts, at least one in its forward pass
+        held = cluster.wait_for_phases(PREFILL_WORKERS, lambda s: s.num_running > 0 and s.num_running + s.num_waiting >= 2)
+        cluster.workers[held].signal(signal.SIGKILL)
 
     outcomes, fault_at = load(cluster, gateway, prompts[:12], fault)
     assert_answered_in_time(outcomes, fault_at, DEADLINES.first_token_s + SLACK_S)

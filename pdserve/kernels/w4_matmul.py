@@ -1,7 +1,7 @@
 """4-bit weight matmul with group-wise scales and zero points (the AWQ/GPTQ family, repacked at
 load into one layout): qweight int32 [K / 8, N], input k in bits 4 * (k % 8) of row k // 8;
 scales [K / group, N] and zeros uint8 [K / group, N]; W[k, n] = (q - zero) * scale. Each of the
-three is stored either contiguous in N (as AWQ and GPTQ write them) or N-major (`is_n_major`: the
+three is stored either contiguous in N (as AWQ and GPTQ write them) or N-major (`n_major`: the
 transpose of an [N, K / 8] / [N, K / group] tensor, each output's packed inputs contiguous); the
 kernels take both through their strides (the engine keeps the first; bench/RESULTS.md).
 
@@ -268,12 +268,6 @@ def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
             "qweight, scales and zeros must all be contiguous in N or all N-major (transposes of contiguous "
             f"[N, ...] tensors); got strides {qweight.stride()}, {scales.stride()}, {zeros.stride()}"
         )
-
-
-def is_n_major(qweight: torch.Tensor) -> bool:
-    """Whether a [K / 8, N] qweight keeps each output's packed inputs contiguous (the transpose of a
-    contiguous [N, K / 8] tensor)."""
-    return _layout(qweight) in ("n_major", "either") and qweight.stride(0) == 1
 
 
 def n_major(t: torch.Tensor) -> torch.Tensor:

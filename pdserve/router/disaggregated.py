@@ -13,11 +13,10 @@ knows what it has, decides whether to retry.
 
 The prefill worker, picked once the decode worker has reserved room for the prompt (prompts waiting
 for decode room sit in no prefill worker's queue), is the one that would finish the prompt first by
-the gateway's estimate: the
-fewest prompt tokens to compute, its own (the prompt less the prefix `PrefixIndex` thinks it holds
-cached) plus those queued there (this gateway's, or every gateway's as the worker last reported,
-whichever is more); so a repeated prefix returns to the worker that holds it until that worker's
-queue outweighs recomputing the prefix elsewhere. The decode worker is the least-loaded."""
+the gateway's estimate: the fewest prompt tokens to compute, its own (the prompt less the prefix
+`PrefixIndex` thinks it holds cached) plus those queued there (this gateway's now, plus the other
+gateways' share of the worker's last report); so a repeated prefix returns to the worker that
+holds it until that worker's queue outweighs recomputing the prefix elsewhere. The decode worker is the least-loaded."""
 
 from __future__ import annotations
 
@@ -84,8 +83,7 @@ class DisaggregatedBackend:
         whose workers were restarted with another `--max-model-len` is followed); while none
         reports, the last one known (at the start, the one given: the model's, an upper bound)."""
         lengths = [w.status.max_model_len for w in self.pool.workers.values() if w.is_routable and w.status is not None]
-        if any(lengths):
-            self._max_model_len = min(n for n in lengths if n > 0)
+        self._max_model_len = min((n for n in lengths if n > 0), default=self._max_model_len)
         return self._max_model_len
 
     async def generate(
@@ -114,7 +112,7 @@ class DisaggregatedBackend:
             if not self.pool.healthy("prefill"):  # picked after the reservation: refuse now, not after it
                 raise BackendUnavailableError("no healthy prefill worker is available")
             decode = self._pick("decode", used)
-            pick_prefill = functools.partial(self._pick_prefill, request.prompt_token_ids, salt, uses_cache, set(used))
+            pick_prefill = functools.partial(self._pick_prefill, request.prompt_token_ids, salt, uses_cache, used)
             handoff = Handoff(request, decode, pick_prefill, self.deadlines, self.watch)  # picks once decode has room
             try:
                 firsts = await handoff.first_tokens()

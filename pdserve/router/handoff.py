@@ -1,8 +1,9 @@
 """`Handoff`: one attempt at a request's first token across a decode and a prefill worker: the
 decode worker's reservation (the first message of its Generate stream), then the Prefill that
 pushes the KV into it. The prefill worker is picked once the reservation is made, so prompts still
-waiting for decode room count in no prefill worker's queue. Every wait is bounded by the attempt's prefill deadline and ends early when
-one of the two workers is marked unhealthy. `close()` leaves nothing behind on either worker."""
+waiting for decode room count in no prefill worker's queue. Every wait is bounded by the attempt's
+prefill deadline and ends early when one of the two workers is marked unhealthy. `close()` leaves
+nothing behind on either worker."""
 
 from __future__ import annotations
 
