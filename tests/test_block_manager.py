@@ -491,3 +491,24 @@ def test_has_unhashed_full_block_says_when_caching_would_register_one() -> None:
     off = BlockManager(num_blocks=8, block_size=2, enable_prefix_caching=False)
     alloc = off.allocate(tokens, len(tokens))
     assert alloc is not None and not off.has_unhashed_full_block(alloc.block_table, 4)
+
+
+def test_a_reservation_adopts_the_cached_blocks_of_its_prompt_and_frees_the_fresh_ones_it_replaces() -> None:
+    """A decode worker's reservation (fresh blocks, no lookup) keeps the blocks already cached for
+    its prompt's first tokens, of its salt only; the fresh blocks they replace go back to the pool,
+    and freeing the adopted table drops exactly one reference of each."""
+    bm = BlockManager(num_blocks=10, block_size=2)
+    sent_before = _cached_and_computed(bm, [1, 2, 3, 4, 5], 5)  # blocks [1,2] [3,4] cached, no salt
+    assert bm.cached_blocks([1, 2, 3, 4, 5], salt="tenant") == []  # another chain
+    reservation = bm.reserve(6)
+    assert reservation is not None and bm.num_free_blocks == 10 - 3 - 3
+    cached = bm.cached_blocks([1, 2, 3, 4, 7])
+    assert cached == sent_before[:2]
+    fresh = reservation[:2]
+    bm.adopt(reservation, cached)
+    assert reservation[:2] == sent_before[:2] and bm.num_free_blocks == 10 - 3 - 1  # two fresh blocks back
+    assert all(block_id in bm._free for block_id in fresh)
+    bm.free(sent_before)
+    assert bm.cached_blocks([1, 2, 3, 4]) == cached  # still referenced by the reservation
+    bm.free(reservation)
+    assert bm.num_free_blocks == 10 and bm.cached_blocks([1, 2, 3, 4]) == cached  # free, cached, reusable

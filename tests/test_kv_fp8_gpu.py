@@ -167,12 +167,16 @@ def test_fp8_hand_off_between_processes_equals_the_colocated_fp8_engine(llama_di
         args = ("--device", "cuda", "--kv-cache-memory-gib", "0.25", "--kv-cache-dtype", "fp8")
         with worker_process("decode", llama_dir, *args) as (_, address):
             decode = connect(None, address, "decode")
-            for length in (1, 17, 300):
-                result = run(prefill, decode, ids[:length], greedy(12))
-                assert result.token_ids == expected_tokens(reference, ids[:length], greedy(12)), length
+            # Each length a chain of its own (cache_salt), then the longest again: the decode worker
+            # keeps the 18 full blocks of its first 299 tokens (fp8 KV, cached) and is sent the rest.
+            for length, salt, present in [(n, f"length {n}", 0) for n in (1, 17, 300)] + [(300, "length 300", 18)]:
+                params = greedy(12, cache_salt=salt)
+                result = run(prefill, decode, ids[:length], params)
+                assert result.token_ids == expected_tokens(reference, ids[:length], params), (length, present)
                 assert result.prefill.kv_transport == expected
+                assert result.prefill.kv_present_blocks == present
                 assert (
-                    result.prefill.kv_bytes == -(-length // 16) * 16 * 2 * 2 * 2 * 16
+                    result.prefill.kv_bytes == (-(-length // 16) - present) * 16 * 2 * 2 * 2 * 16
                 )  # blocks x layers x K,V x heads x dim, 1 byte
             decode.wait_idle()
             decode.channel.close()

@@ -69,12 +69,16 @@ def test_prefill_and_decode_processes_on_one_gpu_give_the_offline_engines_tokens
     try:
         with worker_process("decode", deep_llama, "--device", "cuda", "--kv-cache-memory-gib", "0.25") as (_, address):
             decode = connect(None, address, "decode")
-            for length in (1, 15, 16, 17, 100, 480):
-                result = run(prefill, decode, ids[:length], greedy(12))
-                assert result.token_ids == expected_tokens(reference, ids[:length], greedy(12)), length
+            # Each length a chain of its own (cache_salt), then the longest again: the decode worker
+            # keeps the 29 full blocks of its first 479 tokens and is sent the last block only.
+            for length, salt, present in [(n, f"length {n}", 0) for n in (1, 15, 16, 17, 100, 480)] + [(480, "length 480", 29)]:
+                params = greedy(12, cache_salt=salt)
+                result = run(prefill, decode, ids[:length], params)
+                assert result.token_ids == expected_tokens(reference, ids[:length], params), (length, present)
                 assert result.prefill.kv_transport == expected
+                assert result.prefill.kv_present_blocks == present
                 assert (
-                    result.prefill.kv_bytes == -(-length // 16) * 16 * 9 * 2 * 2 * 16 * 4
+                    result.prefill.kv_bytes == (-(-length // 16) - present) * 16 * 9 * 2 * 2 * 16 * 4
                 )  # blocks x layers x K,V x heads x dim x fp32
             decode.wait_idle()
             status = decode.status()

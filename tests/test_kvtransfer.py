@@ -32,7 +32,7 @@ from pdserve.kvtransfer import (
     choose,
     offers,
 )
-from pdserve.kvtransfer.control import KVTransferServicer, add_kv_transfer_service
+from pdserve.kvtransfer.control import KVTransferServicer, OnBegin, add_kv_transfer_service
 from pdserve.kvtransfer.grpc_transport import decode_chunk
 from pdserve.proto import GRPC_OPTIONS, auth, pdserve_pb2_grpc
 from pdserve.proto import pdserve_pb2 as pb
@@ -73,10 +73,10 @@ class Commits(list):
 
 
 @contextlib.asynccontextmanager
-async def serving(receiver: KVReceiver, accepted: list[str]) -> AsyncIterator[str]:
+async def serving(receiver: KVReceiver, accepted: list[str], on_begin: OnBegin | None = None) -> AsyncIterator[str]:
     """`receiver`'s KVTransfer service on a real gRPC server (signed calls only, as on a worker); yields its address."""
     server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[auth.ServerAuth(CLUSTER_SECRET)])
-    servicer = KVTransferServicer(receiver, Endpoint.here(CPU, "127.0.0.1"), accepted, CLUSTER_SECRET)
+    servicer = KVTransferServicer(receiver, Endpoint.here(CPU, "127.0.0.1"), accepted, CLUSTER_SECRET, on_begin)
     add_kv_transfer_service(server, servicer)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -107,7 +107,8 @@ async def hand_off(
     if progress is None:
         progress = LayerProgress(sender.bounds)
         progress.mark_all()
-    transfer = OutgoingTransfer(transfer_id, src_blocks, reservation.block_ids, progress, reservation.deadline)
+    src_to_send = src_blocks[reservation.num_present_blocks :]  # the receiver holds the first ones
+    transfer = OutgoingTransfer(transfer_id, src_to_send, reservation.block_ids, progress, reservation.deadline)
     num_bytes = await sender.push(peer, transfer)
     assert await sender.commit(peer, transfer_id, COMMIT, 10) == num_bytes
     return num_bytes
@@ -146,6 +147,62 @@ def test_hand_off_copies_blocks_bit_for_bit(transport_name: str, dtype: torch.dt
     assert torch.equal(bits(dst_cache[:, :, dst_blocks]), bits(src_cache[:, :, src_blocks]))
     assert not bits(dst_cache[:, :, [b for b in range(12) if b not in dst_blocks]]).any()
     assert commits == [COMMIT] and not receiver.is_pending("t1")
+
+
+@pytest.mark.parametrize("transport_name", CPU_TRANSPORTS)
+def test_a_receiver_that_holds_the_prompts_first_blocks_is_sent_only_the_rest(transport_name: str) -> None:
+    """At Begin the receiver's owner keeps two blocks it already holds (from this sender, earlier):
+    the sender learns the other blocks and that two come before them; it sends those only, into
+    the blocks after the kept ones; the replaced blocks and the kept ones are not written."""
+    src_cache, dst_cache = make_cache(16), make_cache(12, is_random=False)
+    dst_cache[:, :, [7, 8]] = src_cache[:, :, [4, 9]]  # what an earlier transfer left there
+    held = dst_cache[:, :, [7, 8]].clone()
+    receiver = KVReceiver(dst_cache, MODEL_ID, "decode-0")
+    sender = make_sender(src_cache, [transport_name])
+    commits = Commits()
+    receiver.expect("t1", [1, 2, 3, 5], later(), commits)
+    begun = []
+
+    async def on_begin(transfer_id: str, sender_id: str) -> None:
+        begun.append((transfer_id, sender_id))
+        receiver.keep_present(transfer_id, sender_id, [7, 8])
+
+    async def main() -> int:
+        async with serving(receiver, [transport_name], on_begin) as address:
+            num_bytes = await hand_off(sender, address, "t1", [4, 9, 0, 11])
+            await sender.close()
+        return num_bytes
+
+    num_bytes = asyncio.run(main())
+    assert begun == [("t1", "prefill-0")] and commits == [COMMIT]
+    assert num_bytes == receiver.bytes_received == src_cache[:, :, [0, 11]].numel() * src_cache.element_size()
+    assert torch.equal(dst_cache[:, :, [3, 5]], src_cache[:, :, [0, 11]])
+    assert torch.equal(dst_cache[:, :, [7, 8]], held) and not dst_cache[:, :, [1, 2]].any()
+
+
+def test_present_blocks_are_kept_only_before_anything_is_written_and_held_with_the_rest() -> None:
+    receiver = KVReceiver(make_cache(12, is_random=False), MODEL_ID)
+    receiver.expect("t1", [0, 1, 2], later(), Commits())
+    with pytest.raises(UnknownTransferError):
+        receiver.keep_present("t2", "p", [9])
+    receiver.begin("t1", "p", 3, is_device_writer=False)
+    with pytest.raises(ValueError, match="was not begun by"):
+        receiver.keep_present("t1", "someone-else", [9])
+    with pytest.raises(ValueError, match="cannot keep 3 present blocks"):
+        receiver.keep_present("t1", "p", [9, 10, 11])  # one block at least is sent
+    receiver.write("t1", "p", 0, NUM_LAYERS, 0, 1, make_cache(1))
+    with pytest.raises(ValueError, match="written already"):
+        receiver.keep_present("t1", "p", [9])
+    assert receiver.to_write("t1", "p")[1:] == ([0, 1, 2], 0) and receiver.cancel("t1")
+    receiver.expect("t2", [3, 4, 5], later(), Commits())
+    receiver.begin("t2", "p", 3, is_device_writer=True)
+    receiver.keep_present("t2", "p", [9, 10])
+    assert receiver.to_write("t2", "p")[1:] == ([5], 2)
+    receiver.begin("t2", "p", 3, is_device_writer=True)  # the prompt's count, as before
+    with pytest.raises(ValueError, match="cannot keep"):
+        receiver.keep_present("t2", "p", [9])  # once
+    assert not receiver.cancel("t2")  # a device writer may still write its block: held with the kept ones
+    assert receiver.poll(time.monotonic() + 120.0) == ([], [[9, 10, 5]])  # past its lease and grace
 
 
 @pytest.mark.parametrize("transport_name", CPU_TRANSPORTS)

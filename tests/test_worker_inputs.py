@@ -27,6 +27,7 @@ from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.convert import params_to_proto
 from tests.servers import CLUSTER_SECRET
 from tests.test_workers import (
+    BLOCK_SIZE,
     MAX_MODEL_LEN,
     RPC_TIMEOUT_S,
     Result,
@@ -37,9 +38,11 @@ from tests.test_workers import (
     expected_tokens,
     generate_request,
     greedy,
+    kv_bytes_of,
     prefill_request,
     read_rest,
     reserve,
+    run,
     signed_channel,
     slowed_steps,
 )
@@ -112,7 +115,11 @@ def forge(
             await sender.push(
                 peer,
                 OutgoingTransfer(
-                    transfer_id, list(range(1, num_blocks + 1)), reservation.block_ids, progress, reservation.deadline
+                    transfer_id,
+                    list(range(1, num_blocks + 1))[reservation.num_present_blocks :],  # it may hold what it sent before
+                    reservation.block_ids,
+                    progress,
+                    reservation.deadline,
                 ),
             )
             await sender.commit(peer, transfer_id, commit, 10)
@@ -350,10 +357,30 @@ def test_garbage_kv_received_for_one_request_never_reaches_another_after_a_preem
     prefill.wait_idle()
 
 
-def test_a_decode_worker_refuses_a_block_pool_that_caches_prefixes(checkpoints: dict[str, Path]) -> None:
-    from pdserve.decode_worker.worker import DecodeWorker
-    from pdserve.engine.core import EngineCore
+# ---- the decode worker's prefix cache: what a sender sent serves that sender's prompts only -------
 
-    core = EngineCore.load(engine_config(checkpoints["llama"], num_kv_blocks=8))  # prefix caching on, the default
-    with pytest.raises(ValueError, match="must not cache prefixes"):
-        DecodeWorker(core, "decode-with-a-prefix-cache")
+
+def test_a_prefix_a_sender_sent_is_kept_for_its_next_prompt_and_never_for_another_senders(
+    workers: dict[str, Worker], reference: LLM, text_ids: list[int], checkpoints: dict[str, Path]
+) -> None:
+    """A forger (authenticated, no prefill worker) hands off garbage KV for prompt P; then the
+    prefill worker hands off P twice. Its first hand-off keeps nothing (the forger's blocks are
+    the forger's) and is sent whole; its second keeps the full blocks of P's first tokens from its
+    first, and is sent the rest. Both equal the offline engine."""
+    prefill, decode = workers["prefill"], workers["decode"]
+    prompt = text_ids[:45]  # 3 blocks; its first 44 tokens fill 2
+    params = greedy(8, cache_salt=uuid.uuid4().hex)  # no other test's prompt shares its chain
+    forged = generate_request(prompt, params, "forged-prefix")
+    stream, _ = reserve(decode, forged)
+    first = expected_tokens(reference, prompt, greedy(1))[0]
+    assert forge(decode, forged.transfer_id, len(prompt), KVCommitInfo(first, None, len(prompt))) is None
+    read_rest(stream, Result(None, None, []))  # decoded from garbage: its own business
+    expected = expected_tokens(reference, prompt, params)
+    one_block = kv_bytes_of(BLOCK_SIZE, checkpoints["llama"])
+    for present in (0, 2):
+        result = run(prefill, decode, prompt, params)
+        assert result.prefill.kv_present_blocks == present
+        assert result.prefill.kv_bytes == (3 - present) * one_block
+        assert result.token_ids == expected, present
+    decode.wait_idle()
+    prefill.wait_idle()

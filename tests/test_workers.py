@@ -301,24 +301,29 @@ def test_greedy_tokens_equal_the_offline_engine_and_kv_bytes_add_up(
     num_prompt_tokens: int,
     max_tokens: int,
 ) -> None:
+    """Then the same prompt again, from the same prefill worker: the decode worker keeps the full
+    blocks it holds of all but the prompt's last token, and is sent only the rest."""
     prefill, decode = workers[PREFILL_OF_TRANSPORT[transport]], workers["decode"]
     prompt = text_ids[:num_prompt_tokens]
-    params = greedy(max_tokens)
-    sent_before, received_before = prefill.status().kv_bytes_sent, decode.status().kv_bytes_received
-
-    result = run(prefill, decode, prompt, params)
-
+    params = greedy(max_tokens, cache_salt=uuid.uuid4().hex)  # a chain of its own: other tests' prompts share nothing with it
     expected = expected_tokens(reference, prompt, params)
     assert len(expected) == min(max_tokens, MAX_MODEL_LEN - num_prompt_tokens)  # the longest prompt: cut by the context
-    assert result.token_ids == expected
-    assert result.finished is not None and result.finished.finish_reason == "length"
-    assert result.prefill.kv_transport == transport  # what the handshake agreed on
-    assert result.reservation.kv_address == decode.address
-    assert len(result.reservation.block_ids) == -(-num_prompt_tokens // BLOCK_SIZE)
-    num_bytes = kv_bytes_of(num_prompt_tokens, checkpoints["llama"])
-    assert result.prefill.kv_bytes == num_bytes
-    assert prefill.status().kv_bytes_sent - sent_before == num_bytes
-    assert decode.status().kv_bytes_received - received_before == num_bytes
+    num_present = (num_prompt_tokens - 1) // BLOCK_SIZE  # on the repeat
+    for attempt, present in enumerate([0, num_present]):
+        sent_before, received_before = prefill.status().kv_bytes_sent, decode.status().kv_bytes_received
+
+        result = run(prefill, decode, prompt, params)
+
+        assert result.token_ids == expected, attempt
+        assert result.finished is not None and result.finished.finish_reason == "length"
+        assert result.prefill.kv_transport == transport  # what the handshake agreed on
+        assert result.reservation.kv_address == decode.address
+        assert len(result.reservation.block_ids) == -(-num_prompt_tokens // BLOCK_SIZE)
+        assert result.prefill.kv_present_blocks == present, attempt
+        num_bytes = kv_bytes_of(num_prompt_tokens, checkpoints["llama"]) - kv_bytes_of(present * BLOCK_SIZE, checkpoints["llama"])
+        assert result.prefill.kv_bytes == num_bytes
+        assert prefill.status().kv_bytes_sent - sent_before == num_bytes
+        assert decode.status().kv_bytes_received - received_before == num_bytes
     prefill.wait_idle()
     decode.wait_idle()
 
@@ -772,12 +777,16 @@ def test_fp8_kv_greedy_tokens_equal_the_colocated_fp8_engine_and_move_a_quarter_
     for num_prompt_tokens, max_tokens in [(5, 12), (45, 30)]:
         prompt, params = text_ids[:num_prompt_tokens], greedy(max_tokens)
         num_cached = []
-        for _ in range(2):  # the second time the prompt's full blocks are prefix-cache hits on the prefill worker
+        # The second time the prompt's full blocks are prefix-cache hits on the prefill worker, and
+        # the decode worker keeps those of its first tokens (each prefill worker's own: none the first time).
+        for present in (0, (num_prompt_tokens - 1) // BLOCK_SIZE):
             result = run(prefill, decode, prompt, params)
             assert result.token_ids == expected_tokens(reference_fp8, prompt, params)
             assert result.prefill.kv_transport == transport
+            assert result.prefill.kv_present_blocks == present
             # one byte per element: half of bf16's, a quarter of these float32 workers'
-            assert result.prefill.kv_bytes == kv_bytes_of(num_prompt_tokens, checkpoints["llama"], element_size=1)
+            num_sent = num_prompt_tokens - present * BLOCK_SIZE
+            assert result.prefill.kv_bytes == kv_bytes_of(num_sent, checkpoints["llama"], element_size=1)
             num_cached.append(result.prefill.num_cached_tokens)
         assert num_cached[1] == num_prompt_tokens // BLOCK_SIZE * BLOCK_SIZE - (num_prompt_tokens % BLOCK_SIZE == 0) * BLOCK_SIZE
     prefill.wait_idle()

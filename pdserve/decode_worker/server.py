@@ -121,7 +121,8 @@ async def start_server(
     transports = accepts(kv_transport, worker.core.runner.device)
     decode_servicer = DecodeServicer(worker, model_name, f"{address}:{bound}", transports, secret)
     pb_grpc.add_DecodeWorkerServicer_to_server(decode_servicer, server)
-    kv_servicer = KVTransferServicer(worker.receiver, Endpoint.here(worker.core.runner.device, address), transports, secret)
+    endpoint = Endpoint.here(worker.core.runner.device, address)
+    kv_servicer = KVTransferServicer(worker.receiver, endpoint, transports, secret, on_begin=worker.on_begin)
     add_kv_transfer_service(server, kv_servicer)
     await server.start()
     return server, bound, kv_servicer

@@ -2,11 +2,16 @@
 continuous batch once a prefill worker has committed its KV and first token, and streams the
 tokens after the first. Preempted requests are recomputed here. All state is owned by the loop
 thread; the KV itself arrives through the `KVReceiver`, never blocking a step. What arrives is
-vetted: a commit must fit its request, each caller gets its share of the reservations, and no
-received KV enters a prefix cache (it could not be checked against its tokens)."""
+vetted: a commit must fit its request, and each caller gets its share of the reservations.
+
+Prefix caching: received KV and the blocks computed on top of it are cached under a chain of
+their sender's (`Request.kv_source`). When a sender begins a transfer whose prompt starts with
+blocks it sent before, the reservation keeps those and the sender ships only the rest; KV cannot
+be checked against its tokens, so one sender's KV never serves a prompt another sender hands off."""
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
@@ -20,7 +25,7 @@ from pdserve.engine.core import EngineCore
 from pdserve.engine.engine_loop import EngineLoop
 from pdserve.engine.iteration_stats import IterationTokens
 from pdserve.engine.outputs import RequestDelta, TokenLogprobs
-from pdserve.engine.request import Request, RequestPhase
+from pdserve.engine.request import Request, RequestPhase, scoped_salt
 from pdserve.engine.sampler import skip_first_draw
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
 from pdserve.engine.scheduler import Scheduler
@@ -43,15 +48,11 @@ class _Incoming:
     transfer_id: str
     lease_s: float
     caller: str  # who asked for it (the gateway that signed the call)
+    sender_id: str | None = None  # the prefill worker that began the transfer
 
 
 class DecodeWorker:
     def __init__(self, core: EngineCore, worker_id: str, limits: DecodeLimits | None = None) -> None:
-        # Received KV cannot be checked against its tokens: cached under their hash, one transfer's
-        # KV would serve another request's prompt (after a preemption, say). Blocks computed here
-        # attend to received KV, so they are no better: this pool caches no prefix at all.
-        if core.block_manager.enable_prefix_caching:
-            raise ValueError("a decode worker's block pool must not cache prefixes (load it with enable_prefix_caching=False)")
         self.core = core
         self.worker_id = worker_id
         self.limits = limits or DecodeLimits()
@@ -102,6 +103,22 @@ class DecodeWorker:
             async for event in events:
                 yield event
 
+    async def on_begin(self, transfer_id: str, sender_id: str) -> None:
+        """`sender_id` took the reservation of `transfer_id` (KVTransferServicer, before it learns
+        the blocks): the request's KV comes from it, and the prompt's first blocks it sent before,
+        if still cached, are kept (only the rest is sent). The loop thread is waited for only when
+        a quick look (a hint, read off the loop thread) finds the prompt's first block cached."""
+        incoming = self._by_transfer.get(transfer_id)
+        if incoming is None:
+            return
+        request, blocks = incoming.request, self.core.block_manager
+        first_block = request.prompt_token_ids[: blocks.block_size]
+        salt = scoped_salt(request.params.cache_salt, sender_id)
+        if request.num_prompt_tokens > blocks.block_size and blocks.match_prefix(first_block, salt):
+            await self.loop.run(lambda: self._begun(incoming, sender_id, keep_cached=True))
+        else:  # runs before the commit's `_admit`: the loop takes calls in order
+            self.loop.call(lambda: self._begun(incoming, sender_id, keep_cached=False))
+
     async def abort(self, request_id: str) -> bool:
         return await self.loop.run(lambda: self._abort(request_id))
 
@@ -150,6 +167,8 @@ class DecodeWorker:
     def _expect(self, incoming: _Incoming, block_ids: list[int]) -> None:
         request = incoming.request
         request.block_table = block_ids
+        for sequence in request.family:  # a chain no one else can name, until its sender is known (`_begun`)
+            sequence.kv_source = f"unbegun {secrets.token_hex(16)}"
         request.phase = RequestPhase.HANDING_OFF
         self._by_transfer[incoming.transfer_id] = incoming
         self.receiver.expect(
@@ -163,6 +182,21 @@ class DecodeWorker:
         )
         self.loop.publish(request.request_id, Reserved(list(block_ids)))
 
+    def _begun(self, incoming: _Incoming, sender_id: str, keep_cached: bool) -> None:
+        if self._by_transfer.get(incoming.transfer_id) is not incoming or incoming.sender_id is not None:
+            return  # ended meanwhile, or begun before (a sender may begin again)
+        incoming.sender_id = sender_id
+        request, blocks = incoming.request, self.core.block_manager
+        for sequence in request.family:
+            sequence.kv_source = sender_id
+        if not keep_cached:
+            return
+        cached = blocks.cached_blocks(request.prompt_token_ids[:-1], request.cache_salt)  # one block is sent, at least
+        if not cached:
+            return
+        self.receiver.keep_present(incoming.transfer_id, sender_id, cached)  # before the blocks change: it may refuse
+        blocks.adopt(request.block_table, cached)
+
     def _admit(self, incoming: _Incoming, info: KVCommitInfo, ready: torch.cuda.Event | None) -> None:
         if self._by_transfer.get(incoming.transfer_id) is not incoming:
             return  # aborted or expired meanwhile; its blocks are already taken care of
@@ -172,6 +206,10 @@ class DecodeWorker:
             torch.cuda.current_stream(self.core.runner.device).wait_event(ready)
         request = incoming.request
         request.num_computed_tokens = request.num_prompt_tokens
+        if incoming.sender_id is not None:  # cached under its sender's chain, for that sender's next prompts
+            self.core.block_manager.cache_full_blocks(
+                request.block_table, request.prompt_token_ids, request.num_prompt_tokens, request.cache_salt
+            )
         firsts = first_tokens(info)  # one per sequence: check_commit saw to it
         for sibling in request.siblings:  # n > 1: each takes a share of the prompt's blocks
             self._fork(request, sibling)

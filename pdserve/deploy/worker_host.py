@@ -72,8 +72,6 @@ class WorkerHost:
         engine = self.spec.engine
         if self.spec.role == "prefill":
             engine = replace(engine, enforce_eager=True)  # it never runs a decode step: no graphs to capture
-        else:
-            engine = replace(engine, enable_prefix_caching=False)  # received KV is never shared (decode_worker/worker.py)
         core = EngineCore.load(engine)
         self._thread.start()
         self.record = asyncio.run_coroutine_threadsafe(self._serve(core), self._loop).result()

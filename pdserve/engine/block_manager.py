@@ -202,6 +202,21 @@ class BlockManager:
         `match_prefix(t[:-1])` equals `allocate(t).num_cached_tokens`."""
         return len(self._match(token_ids, salt)) * self.block_size
 
+    def cached_blocks(self, token_ids: Sequence[int], salt: str | None = None) -> list[int]:
+        """The cached full blocks holding `token_ids`' leading tokens (of its salt), in order;
+        takes no reference (`adopt` does)."""
+        return [block.block_id for block in self._match(token_ids, salt)]
+
+    def adopt(self, block_table: list[int], cached: Sequence[int]) -> None:
+        """Put `cached` (from `cached_blocks`, since unchanged) in place of `block_table`'s leading
+        blocks, in place; those, fresh and never written (a reservation's), are freed."""
+        assert len(cached) <= len(block_table)
+        replaced = block_table[: len(cached)]
+        for block_id in cached:
+            self._take(self._blocks[block_id])
+        block_table[: len(cached)] = cached
+        self.free(replaced)
+
     def reset_prefix_cache(self) -> bool:
         """Forget the hashes of free blocks; False if hashed blocks in use keep theirs."""
         for block in [b for b in self._cached.values() if b.ref_count == 0]:

@@ -29,6 +29,11 @@ class RequestPhase(enum.Enum):
     DONE = "done"
 
 
+def scoped_salt(cache_salt: str | None, kv_source: str | None) -> str | None:
+    """The salt a prefix-cache chain starts from: the client's, scoped to the KV's source if any."""
+    return cache_salt if kv_source is None else f"kv-from {kv_source}\x00{cache_salt or ''}"
+
+
 @dataclass(eq=False)
 class Request:
     request_id: str
@@ -53,6 +58,10 @@ class Request:
     index: int = 0  # which of the request's n sequences this is
     parent: Request | None = None  # sequences 1..n-1: the first sequence, which computes the prompt
     siblings: list[Request] = field(default_factory=list)  # on the first sequence: the others
+    # On a decode worker: who computed the prompt's KV (the prefill worker that sent it). The
+    # request's cached blocks chain from it, so KV received from one sender serves only prompts
+    # that same sender hands off (docs/security.md).
+    kv_source: str | None = None
 
     @property
     def root_id(self) -> str:
@@ -70,6 +79,12 @@ class Request:
         return bool(self.siblings) and not self.siblings[0].output_token_ids
 
     grammar: Grammar | None = None  # advanced with every output token (structured output)
+
+    @property
+    def cache_salt(self) -> str | None:
+        """What its blocks' prefix-cache chain starts from: the client's `cache_salt`, scoped to
+        `kv_source` when another worker computed the prompt."""
+        return scoped_salt(self.params.cache_salt, self.kv_source)
 
     @property
     def num_prompt_tokens(self) -> int:

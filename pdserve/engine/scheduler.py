@@ -115,7 +115,7 @@ class Scheduler:
 
     def _admit(self, request: Request, budget: int) -> ScheduledRequest | None:
         allocation = self.block_manager.allocate(
-            request.all_token_ids, use_cache=request.params.prompt_logprobs is None, salt=request.params.cache_salt
+            request.all_token_ids, use_cache=request.params.prompt_logprobs is None, salt=request.cache_salt
         )
         if allocation is None:
             return None
@@ -151,7 +151,7 @@ class Scheduler:
             request.num_computed_tokens += item.num_tokens
             if request.num_computed_tokens // block_size > before // block_size:
                 self.block_manager.cache_full_blocks(
-                    request.block_table, request.all_token_ids, request.num_computed_tokens, request.params.cache_salt
+                    request.block_table, request.all_token_ids, request.num_computed_tokens, request.cache_salt
                 )
             add_prompt_logprobs(request, output.prompt_logprobs.get(id(request)))
             if not is_sampled:
@@ -187,9 +187,7 @@ class Scheduler:
             updated.append(request)
             num_known = min(request.num_computed_tokens, request.num_tokens)  # computed, and token ids known
             if request.block_table and self.block_manager.has_unhashed_full_block(request.block_table, num_known):
-                self.block_manager.cache_full_blocks(
-                    request.block_table, request.all_token_ids, num_known, request.params.cache_salt
-                )
+                self.block_manager.cache_full_blocks(request.block_table, request.all_token_ids, num_known, request.cache_salt)
         self.running = [r for r in self.running if not r.is_finished]
         return updated
 

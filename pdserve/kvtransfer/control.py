@@ -10,6 +10,7 @@ import asyncio
 import logging
 import secrets
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -42,11 +43,25 @@ MAX_SENDERS = 1024  # handshaken senders remembered; one forgotten handshakes ag
 MAX_REASON_CHARS = 512
 
 
+# on_begin(transfer_id, sender_id): the receiver's owner, once a sender took a reservation and
+# before it learns the blocks, may keep the prompt's first blocks it already holds from that sender
+# (`KVReceiver.keep_present`), so that only the rest is sent.
+OnBegin = Callable[[str, str], Awaitable[None]]
+
+
 class KVTransferServicer(pb_grpc.KVTransferServicer):
     """Serves one decode worker's `KVReceiver` to the prefill workers that hand it KV."""
 
-    def __init__(self, receiver: KVReceiver, endpoint: Endpoint, accepted: list[str], secret: ClusterSecret) -> None:
+    def __init__(
+        self,
+        receiver: KVReceiver,
+        endpoint: Endpoint,
+        accepted: list[str],
+        secret: ClusterSecret,
+        on_begin: OnBegin | None = None,
+    ) -> None:
         self.receiver = receiver
+        self.on_begin = on_begin
         self.endpoint = endpoint
         self.accepted = accepted
         self.secret = secret
@@ -82,12 +97,13 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
     async def Begin(self, request: pb.BeginRequest, context: grpc.aio.ServicerContext) -> pb.BeginResponse:
         name = await self._transport_of(request.sender_id, context)
         try:
-            remaining, block_ids = self.receiver.begin(
-                request.transfer_id, request.sender_id, request.num_blocks, TRANSPORTS[name].is_device_writer
-            )
+            self.receiver.begin(request.transfer_id, request.sender_id, request.num_blocks, TRANSPORTS[name].is_device_writer)
+            if self.on_begin is not None:
+                await self.on_begin(request.transfer_id, request.sender_id)
+            remaining, block_ids, num_present = self.receiver.to_write(request.transfer_id, request.sender_id)
         except (KeyError, ValueError) as error:
             await _abort(context, error)
-        return pb.BeginResponse(lease_remaining_s=remaining, block_ids=block_ids)
+        return pb.BeginResponse(lease_remaining_s=remaining, block_ids=block_ids, num_present_blocks=num_present)
 
     async def PushKV(self, request_iterator: object, context: grpc.aio.ServicerContext) -> pb.KVAck:
         half = await self._data_half("grpc", context)

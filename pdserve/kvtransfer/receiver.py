@@ -10,7 +10,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -64,6 +64,9 @@ class _Reservation:
     check_commit: CheckCommit | None
     is_written: torch.Tensor  # bool [num_layers, num_blocks]: written at least once
     sender_id: str | None = None  # who began it
+    # The prompt's first blocks, which this worker already holds (`keep_present`): nothing is
+    # written into them; `block_ids` are the rest. Held with them when a device writer ends.
+    present_block_ids: list[int] = field(default_factory=list)
     is_device_writer: bool = False  # that sender writes into the blocks itself (CUDA IPC)
     num_bytes: int = 0
 
@@ -164,15 +167,39 @@ class KVReceiver:
             reservation = self._get(transfer_id)
             if reservation.sender_id not in (None, sender_id):
                 raise ValueError(f"transfer {transfer_id!r} was already begun by {reservation.sender_id}")
-            if num_blocks != len(reservation.block_ids):
-                raise ValueError(
-                    f"transfer {transfer_id!r}: the sender has {num_blocks} blocks, the reservation {len(reservation.block_ids)}"
-                )
+            num_reserved = len(reservation.present_block_ids) + len(reservation.block_ids)
+            if num_blocks != num_reserved:
+                raise ValueError(f"transfer {transfer_id!r}: the sender has {num_blocks} blocks, the reservation {num_reserved}")
             reservation.sender_id = sender_id
             reservation.is_device_writer = is_device_writer
             return reservation.deadline - time.monotonic(), list(reservation.block_ids)
 
+    def to_write(self, transfer_id: str, sender_id: str) -> tuple[float, list[int], int]:
+        """What a begun transfer's sender writes: the seconds left on its lease, the blocks, and how
+        many of the prompt's first blocks come before them, already here (`keep_present`)."""
+        with self._lock:
+            reservation = self._get_begun(transfer_id, sender_id)
+            return reservation.deadline - time.monotonic(), list(reservation.block_ids), len(reservation.present_block_ids)
+
+    def keep_present(self, transfer_id: str, sender_id: str, present_block_ids: list[int]) -> None:
+        """The prompt's first `len(present_block_ids)` blocks are already here, in those blocks
+        (cached from an earlier transfer of `sender_id`): they replace the reservation's first
+        blocks, which the owner frees, and the sender writes only the rest. Before the sender
+        learns its blocks (`to_write`): nothing may have been written into the replaced ones."""
+        with self._lock:
+            reservation = self._get_begun(transfer_id, sender_id)
+            num_present = len(present_block_ids)
+            if reservation.present_block_ids or not 0 < num_present < len(reservation.block_ids):
+                raise ValueError(f"transfer {transfer_id!r}: cannot keep {num_present} present blocks")
+            if bool(reservation.is_written[:, :num_present].any()):
+                raise ValueError(f"transfer {transfer_id!r}: its first blocks are written already")
+            reservation.present_block_ids = list(present_block_ids)
+            reservation.block_ids = reservation.block_ids[num_present:]
+            reservation.block_index = reservation.block_index[num_present:]
+            reservation.is_written = reservation.is_written[:, num_present:]
+
     def num_reserved_blocks(self, transfer_id: str, sender_id: str) -> int:
+        """The blocks its sender writes (after any the owner kept: `keep_present`)."""
         with self._lock:
             return len(self._get_begun(transfer_id, sender_id).block_ids)
 
@@ -259,7 +286,8 @@ class KVReceiver:
         if len(self._closed) > _MAX_CLOSED_IDS:
             self._closed.popitem(last=False)
         if reservation.is_device_writer:
-            self._held[transfer_id] = (reservation.block_ids, max(reservation.deadline, time.monotonic()) + HOLD_GRACE_S)
+            blocks = reservation.present_block_ids + reservation.block_ids
+            self._held[transfer_id] = (blocks, max(reservation.deadline, time.monotonic()) + HOLD_GRACE_S)
             return False
         self._fence()
         return True

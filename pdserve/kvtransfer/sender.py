@@ -37,8 +37,9 @@ class Reservation:
     """A decode worker's blocks this sender has begun to fill."""
 
     transfer_id: str
-    block_ids: list[int]
+    block_ids: list[int]  # to write: the prompt's blocks after the first `num_present_blocks`
     deadline: float  # time.monotonic(): the end of its lease
+    num_present_blocks: int = 0  # the prompt's first blocks, which the decode worker already holds
 
 
 class KVSender:
@@ -89,7 +90,13 @@ class KVSender:
         except KVTransferError as error:
             self._forget_if_gone(peer, error)
             raise
-        return Reservation(transfer_id, list(response.block_ids), time.monotonic() + response.lease_remaining_s)
+        if response.num_present_blocks < 0 or response.num_present_blocks + len(response.block_ids) != num_blocks:
+            raise KVTransferError(
+                f"{peer.info.address}: the reservation of transfer {transfer_id!r} has {response.num_present_blocks} "
+                f"blocks present and {len(response.block_ids)} to write; the prompt has {num_blocks}"
+            )
+        deadline = time.monotonic() + response.lease_remaining_s
+        return Reservation(transfer_id, list(response.block_ids), deadline, response.num_present_blocks)
 
     async def push(self, peer: KVPeer, transfer: OutgoingTransfer) -> int:
         try:

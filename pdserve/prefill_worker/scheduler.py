@@ -30,7 +30,7 @@ class PrefillScheduler:
     def add(self, request: Request) -> None:
         cached = 0
         if request.params.prompt_logprobs is None:
-            cached = self.block_manager.match_prefix(request.prompt_token_ids[:-1], request.params.cache_salt)
+            cached = self.block_manager.match_prefix(request.prompt_token_ids[:-1], request.cache_salt)
         self._waiting_new_tokens[request.request_id] = request.num_prompt_tokens - cached
         self.waiting.append(request)
 
@@ -69,7 +69,7 @@ class PrefillScheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             allocation = self.block_manager.allocate(
-                request.prompt_token_ids, use_cache=request.params.prompt_logprobs is None, salt=request.params.cache_salt
+                request.prompt_token_ids, use_cache=request.params.prompt_logprobs is None, salt=request.cache_salt
             )
             if allocation is None:
                 break  # FCFS: wait for blocks to come back from finished transfers
@@ -93,7 +93,7 @@ class PrefillScheduler:
             request, is_sampled = item.request, item.is_sampled
             request.num_computed_tokens += item.num_tokens
             self.block_manager.cache_full_blocks(
-                request.block_table, request.prompt_token_ids, request.num_computed_tokens, request.params.cache_salt
+                request.block_table, request.prompt_token_ids, request.num_computed_tokens, request.cache_salt
             )
             add_prompt_logprobs(request, output.prompt_logprobs.get(id(request)))
             if not is_sampled:

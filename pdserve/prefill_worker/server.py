@@ -62,6 +62,7 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
             first_token_id=result.first_token_id,
             num_cached_tokens=result.num_cached_tokens,
             kv_bytes=result.kv_bytes,
+            kv_present_blocks=result.kv_present_blocks,
             kv_seconds=result.kv_seconds,
             kv_transport=result.kv_transport,
             prompt_logprobs=[logprobs_to_proto(lp) for lp in result.prompt_logprobs],

@@ -55,6 +55,7 @@ class PrefillResult:
     prefill_seconds: float  # first scheduled -> first token
     sibling_token_ids: tuple[int, ...] = ()  # n > 1: the first tokens of sequences 1..n-1
     sibling_logprobs: tuple[TokenLogprobs, ...] = ()
+    kv_present_blocks: int = 0  # the prompt's first blocks the decode worker already held: not sent
 
 
 class PrefillWorker:
@@ -151,13 +152,13 @@ class PrefillWorker:
             request.first_token_time - request.scheduled_time,
             commit.sibling_token_ids,
             commit.sibling_logprobs,
+            begin.result().num_present_blocks,
         )
 
     async def _push(self, peer: KVPeer, begin: asyncio.Future, started: PromptStarted, progress: LayerProgress) -> int:
         reservation: Reservation = await begin
-        transfer = OutgoingTransfer(
-            reservation.transfer_id, started.block_table, reservation.block_ids, progress, reservation.deadline
-        )
+        src_block_ids = started.block_table[reservation.num_present_blocks :]  # the decode worker holds the first ones
+        transfer = OutgoingTransfer(reservation.transfer_id, src_block_ids, reservation.block_ids, progress, reservation.deadline)
         return await self.sender.push(peer, transfer)
 
     async def _give_up(

@@ -233,12 +233,14 @@ class BeginRequest(_message.Message):
     def __init__(self, transfer_id: _Optional[str] = ..., sender_id: _Optional[str] = ..., num_blocks: _Optional[int] = ...) -> None: ...
 
 class BeginResponse(_message.Message):
-    __slots__ = ("lease_remaining_s", "block_ids")
+    __slots__ = ("lease_remaining_s", "block_ids", "num_present_blocks")
     LEASE_REMAINING_S_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PRESENT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     lease_remaining_s: float
     block_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, lease_remaining_s: _Optional[float] = ..., block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    num_present_blocks: int
+    def __init__(self, lease_remaining_s: _Optional[float] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_present_blocks: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("transfer_id", "layer_start", "layer_end", "block_start", "block_end", "data", "sender_id")
@@ -379,11 +381,12 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., target: _Optional[_Union[Reservation, _Mapping]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token_id", "first_logprobs", "num_cached_tokens", "kv_bytes", "kv_seconds", "kv_transport", "sibling_token_ids", "sibling_logprobs", "queue_seconds", "prefill_seconds", "prompt_logprobs")
+    __slots__ = ("first_token_id", "first_logprobs", "num_cached_tokens", "kv_bytes", "kv_present_blocks", "kv_seconds", "kv_transport", "sibling_token_ids", "sibling_logprobs", "queue_seconds", "prefill_seconds", "prompt_logprobs")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_PRESENT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     KV_SECONDS_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     SIBLING_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -395,6 +398,7 @@ class PrefillResponse(_message.Message):
     first_logprobs: TokenLogprobs
     num_cached_tokens: int
     kv_bytes: int
+    kv_present_blocks: int
     kv_seconds: float
     kv_transport: str
     sibling_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -402,4 +406,4 @@ class PrefillResponse(_message.Message):
     queue_seconds: float
     prefill_seconds: float
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprobs]
-    def __init__(self, first_token_id: _Optional[int] = ..., first_logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_seconds: _Optional[float] = ..., kv_transport: _Optional[str] = ..., sibling_token_ids: _Optional[_Iterable[int]] = ..., sibling_logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., queue_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ...) -> None: ...
+    def __init__(self, first_token_id: _Optional[int] = ..., first_logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_present_blocks: _Optional[int] = ..., kv_seconds: _Optional[float] = ..., kv_transport: _Optional[str] = ..., sibling_token_ids: _Optional[_Iterable[int]] = ..., sibling_logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., queue_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ...) -> None: ...
