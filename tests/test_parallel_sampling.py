@@ -90,7 +90,9 @@ def test_n_sequences_are_distinct_reproducible_exact_and_cost_one_prefill(server
     if mode == "disaggregated":  # one prefill's KV moved once, forked on the decode worker
         assert after["pdserve:kv_transfer_seconds_count"] - before["pdserve:kv_transfer_seconds_count"] == 1
         moved = after["pdserve:kv_transfer_bytes_total"] - before.get("pdserve:kv_transfer_bytes_total", 0.0)
-        assert moved == 2 * 16 * 2 * 2 * 2 * 16 * 4  # 2 blocks x 16 tokens x 2 layers x K,V x 2 heads x 16 dims x fp32
+        kept = after["pdserve:kv_transfer_kept_blocks_total"] - before["pdserve:kv_transfer_kept_blocks_total"]
+        # 2 blocks (less those the decode worker kept from an earlier request) x 16 tokens x 2 layers x K,V x 2 heads x 16 dims x fp32
+        assert moved == (2 - kept) * 16 * 2 * 2 * 2 * 16 * 4
     else:
         computed = after["vllm:iteration_tokens_total_sum"] - before["vllm:iteration_tokens_total_sum"]
         cached = response["usage"]["prompt_tokens_details"]["cached_tokens"]

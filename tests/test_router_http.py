@@ -453,7 +453,7 @@ def test_metrics_use_vllm_names_and_count_requests(server: Server) -> None:
     labels = frozenset({"model_name": MODEL}.items())
     before = metric_samples(server.http.get("/metrics").text)
     server.http.post("/v1/completions", json=greedy_body(prompt=PROMPT, max_tokens=4))
-    server.metrics.observe_kv_transfer(4096, 0.002, "cuda_ipc")
+    server.metrics.observe_kv_transfer(4096, 0.002, "cuda_ipc", 3)
     text = server.http.get("/metrics").text
     after = metric_samples(text)
     for name in (
@@ -481,6 +481,7 @@ def test_metrics_use_vllm_names_and_count_requests(server: Server) -> None:
     assert grew("vllm:time_to_first_token_seconds_count") == 1 and grew("vllm:e2e_request_latency_seconds_count") == 1
     assert grew("vllm:inter_token_latency_seconds_count") == 3
     assert grew("pdserve:kv_transfer_bytes_total", {"transport": "cuda_ipc"}) == 4096
+    assert grew("pdserve:kv_transfer_kept_blocks_total") == 3
     assert after[("vllm:num_requests_running", labels)] == 0 and 0 <= after[("vllm:kv_cache_usage_perc", labels)] <= 1
 
 

@@ -256,14 +256,23 @@ def test_sixteen_concurrent_requests_all_come_back_correct(server: Server, refer
 
 
 def test_kv_really_crosses_between_the_worker_processes(server: Server, reference: LLM) -> None:
+    """Every prompt block the decode worker does not hold crosses, all layers, K and V; the same
+    prompt again keeps the full blocks of all but its last token, which do not."""
     prompt = PROMPTS[1] + " and then some more words, so that the prompt fills more than one block"
     num_prompt_tokens = len(reference.get_tokenizer().encode(prompt))
     assert num_prompt_tokens > 16
-    before = server.metric("pdserve:kv_transfer_bytes_total")
-    complete(server, prompt, 2)
-    grown = server.metric("pdserve:kv_transfer_bytes_total") - before
+    num_blocks = -(-num_prompt_tokens // 16)
     bytes_per_block = 16 * reference.engine.core.model_config.kv_bytes_per_token * 4  # 16 tokens, float32
-    assert grown == -(-num_prompt_tokens // 16) * bytes_per_block  # every prompt block, all layers, K and V
+    kept_in_all = []
+    for _ in range(2):
+        before = server.metric("pdserve:kv_transfer_bytes_total"), server.metric("pdserve:kv_transfer_kept_blocks_total")
+        expected = reference.generate([prompt], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+        assert token_ids_of(complete(server, prompt, 2).choices[0]) == expected[0].outputs[0].token_ids
+        grown = server.metric("pdserve:kv_transfer_bytes_total") - before[0]
+        kept = int(server.metric("pdserve:kv_transfer_kept_blocks_total") - before[1])
+        assert grown == (num_blocks - kept) * bytes_per_block
+        kept_in_all.append(kept)
+    assert kept_in_all[1] == (num_prompt_tokens - 1) // 16  # the repeat: nothing left to keep only in its last block
     status = {w["role"]: w["status"] for w in server.workers()}
     assert int(status["prefill"]["kv_bytes_sent"]) == int(status["decode"]["kv_bytes_received"]) > 0
 

@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 PREFIX_HASH_PURPOSE = "prefix-index"  # the cluster secret's key for the prefix hashes: the same in every gateway
 NUM_ATTEMPTS = 2  # a hand-off that fails before the first token is tried once more
 
-OnKVTransfer = Callable[[int, float, str], None]
+OnKVTransfer = Callable[[int, float, str, int], None]
 
 
 class DisaggregatedBackend:
@@ -60,8 +60,8 @@ class DisaggregatedBackend:
         deadlines: Deadlines | None = None,
         prefix_share_url: str | None = None,
     ) -> None:
-        """`on_kv_transfer(num_bytes, seconds, transport)` is told about every prefill-to-decode
-        hand-off. `prefix_share_url`: the Redis through which the cluster's gateways share where they
+        """`on_kv_transfer(num_bytes, seconds, transport, kept_blocks)` is told about every
+        prefill-to-decode hand-off (`kept_blocks`: the prompt's blocks the decode worker already held). `prefix_share_url`: the Redis through which the cluster's gateways share where they
         sent which prefixes (`RedisPrefixShare`); None: this gateway's own routing only."""
         self.pool = pool
         self.tokenizer = tokenizer

@@ -71,7 +71,7 @@ class Handoff:
         self.deadlines = deadlines
         self.watch = watch
         self.stream: grpc.aio.UnaryStreamCall | None = None
-        self.kv_transfer: tuple[int, float, str] = (0, 0.0, "")  # bytes, exposed seconds, transport
+        self.kv_transfer: tuple[int, float, str, int] = (0, 0.0, "", 0)  # bytes, exposed seconds, transport, kept blocks
         self._prefill_call: grpc.aio.UnaryUnaryCall | None = None
         self._is_prefill_counted, self._is_decode_counted = False, True
         self.num_prefill_tokens = 0
@@ -93,7 +93,7 @@ class Handoff:
         self._is_prefill_counted = True
         response = await self._prefill(prefill, reservation, deadline)
         self._uncount_prefill()
-        self.kv_transfer = (response.kv_bytes, response.kv_seconds, response.kv_transport)
+        self.kv_transfer = (response.kv_bytes, response.kv_seconds, response.kv_transport, response.kv_present_blocks)
         request_id = self.request.request_id
         logprobs = [logprobs_from_proto(response.first_logprobs)] if response.HasField("first_logprobs") else []
         prompt_logprobs = None

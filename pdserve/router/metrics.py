@@ -158,6 +158,10 @@ class Metrics:
         self.kv_transfer_bytes = counter(
             "pdserve:kv_transfer_bytes", "KV cache bytes moved from prefill to decode workers, by transport.", ("transport",)
         )
+        self.kv_transfer_kept_blocks = counter(
+            "pdserve:kv_transfer_kept_blocks",
+            "Prompt KV blocks not moved: the decode worker already held them, from the same prefill worker.",
+        )
         self.kv_transfer_seconds = histogram(
             "pdserve:kv_transfer_seconds",
             "KV hand-off time of one request not hidden behind its prefill (first token to the decode worker's ack).",
@@ -197,6 +201,7 @@ class Metrics:
             self.request_params_n,
             self.request_params_max_tokens,
             self.kv_transfer_seconds,
+            self.kv_transfer_kept_blocks,
         ):
             metric.labels(model_name=self.model_name)
         for reason in FINISH_REASONS:
@@ -226,8 +231,9 @@ class Metrics:
             ).set(1)
         self._iteration_tokens = stats.iteration_tokens
 
-    def observe_kv_transfer(self, num_bytes: int, seconds: float, transport: str) -> None:
+    def observe_kv_transfer(self, num_bytes: int, seconds: float, transport: str, kept_blocks: int = 0) -> None:
         self.kv_transfer_bytes.labels(model_name=self.model_name, transport=transport).inc(num_bytes)
+        self.labels(self.kv_transfer_kept_blocks).inc(kept_blocks)
         self.labels(self.kv_transfer_seconds).observe(seconds)
         self.request_phase.labels(model_name=self.model_name, phase="kv_transfer").observe(seconds)
 
