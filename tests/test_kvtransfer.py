@@ -163,8 +163,8 @@ def test_a_receiver_that_holds_the_prompts_first_blocks_is_sent_only_the_rest(tr
     receiver.expect("t1", [1, 2, 3, 5], later(), commits)
     begun = []
 
-    async def on_begin(transfer_id: str, sender_id: str) -> None:
-        begun.append((transfer_id, sender_id))
+    async def on_begin(transfer_id: str, sender_id: str, may_keep: bool) -> None:
+        begun.append((transfer_id, sender_id, may_keep))
         receiver.keep_present(transfer_id, sender_id, [7, 8])
 
     async def main() -> int:
@@ -174,7 +174,7 @@ def test_a_receiver_that_holds_the_prompts_first_blocks_is_sent_only_the_rest(tr
         return num_bytes
 
     num_bytes = asyncio.run(main())
-    assert begun == [("t1", "prefill-0")] and commits == [COMMIT]
+    assert begun == [("t1", "prefill-0", True)] and commits == [COMMIT]
     assert num_bytes == receiver.bytes_received == src_cache[:, :, [0, 11]].numel() * src_cache.element_size()
     assert torch.equal(dst_cache[:, :, [3, 5]], src_cache[:, :, [0, 11]])
     assert torch.equal(dst_cache[:, :, [7, 8]], held) and not dst_cache[:, :, [1, 2]].any()
@@ -203,6 +203,12 @@ def test_present_blocks_are_kept_only_before_anything_is_written_and_held_with_t
         receiver.keep_present("t2", "p", [9])  # once
     assert not receiver.cancel("t2")  # a device writer may still write its block: held with the kept ones
     assert receiver.poll(time.monotonic() + 120.0) == ([], [[9, 10, 5]])  # past its lease and grace
+    receiver.expect("t3", [6, 7, 8], later(), Commits())
+    receiver.begin("t3", "p", 3, is_device_writer=True)
+    assert receiver.to_write("t3", "p")[1:] == ([6, 7, 8], 0)  # a second Begin of its sender was answered...
+    with pytest.raises(ValueError, match="knows its blocks already"):
+        receiver.keep_present("t3", "p", [9])  # ...so the first one's keep comes too late
+    assert receiver.cancel("t3") is False and receiver.poll(time.monotonic() + 120.0)[1] == [[6, 7, 8]]
 
 
 @pytest.mark.parametrize("transport_name", CPU_TRANSPORTS)
@@ -612,6 +618,28 @@ def test_calls_before_a_handshake_are_refused() -> None:
 
     asyncio.run(main())
     assert receiver.is_pending("t1")
+
+
+def test_a_begin_signed_by_another_caller_than_its_sender_is_refused() -> None:
+    """The sender id is what a decode worker caches received KV under: it must be the signer's."""
+    receiver = KVReceiver(make_cache(4, is_random=False), MODEL_ID)
+    receiver.expect("t1", [0, 1], later(), Commits())
+    sender = make_sender(make_cache(4), ["grpc"])
+
+    async def main() -> None:
+        async with serving(receiver, ["grpc"]) as address:
+            await sender.connect(address, 10)  # "prefill-0" handshook
+            async with auth.channel(address, CLUSTER_SECRET, "someone-else", GRPC_OPTIONS) as channel:
+                stub = pdserve_pb2_grpc.KVTransferStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.Begin(pb.BeginRequest(transfer_id="t1", sender_id="prefill-0", num_blocks=2), timeout=10)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "is not the caller that signed" in caught.value.details()
+            await sender.close()
+
+    asyncio.run(main())
+    assert receiver.is_pending("t1")
+    receiver.begin("t1", "prefill-0", 2, is_device_writer=False)  # not taken by the refused call
 
 
 @pytest.mark.parametrize("transport_name", CPU_TRANSPORTS)

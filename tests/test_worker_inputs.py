@@ -6,6 +6,7 @@ reach another request through the decode worker's cache)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 import uuid
@@ -20,6 +21,7 @@ from pdserve.decode_worker.admission import DecodeLimits, DecodeQueueFullError
 from pdserve.deploy.worker_host import WorkerHost, WorkerSpec
 from pdserve.engine import LLM
 from pdserve.engine.outputs import TokenLogprobs
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kvtransfer import Endpoint, KVCommitInfo, KVLayout, KVSender, KVTransferError, LayerProgress, OutgoingTransfer
 from pdserve.proto import GRPC_OPTIONS, auth
 from pdserve.proto import pdserve_pb2 as pb
@@ -384,3 +386,58 @@ def test_a_prefix_a_sender_sent_is_kept_for_its_next_prompt_and_never_for_anothe
         assert result.token_ids == expected, present
     decode.wait_idle()
     prefill.wait_idle()
+
+
+def begin_as_keeper(decode: Worker, prompt: list[int], params: SamplingParams, end: str) -> int:
+    """A sender named "keeper" (no prefill worker: random KV) takes a new reservation of `prompt`
+    and ends it by `end`: "commit" (the rest of the KV, a valid first token; the request then
+    decodes to its end), "abandon", or "leave" (its caller cancels the Generate call). How many
+    of the prompt's blocks the decode worker kept at its Begin."""
+    request = generate_request(prompt, params, uuid.uuid4().hex)
+    stream, _ = reserve(decode, request)
+    layout: KVLayout = decode.host.worker.receiver.layout
+    num_blocks = -(-len(prompt) // layout.block_size)
+    cache = torch.randn(layout.chunk_shape(layout.num_layers, num_blocks + 1))
+
+    async def main() -> int:
+        sender = KVSender(
+            cache, layout, "keeper", Endpoint.here(torch.device("cpu"), "127.0.0.1"), ["grpc"], secret=CLUSTER_SECRET
+        )
+        try:
+            peer = await sender.connect(decode.address, 10)
+            reservation = await sender.begin(peer, request.transfer_id, num_blocks, 10)
+            if end == "abandon":
+                await sender.abandon(peer, request.transfer_id, "the test gives it up")
+            elif end == "leave":
+                stream.cancel()
+            else:
+                progress = LayerProgress(sender.bounds)
+                progress.mark_all()
+                src = list(range(1, num_blocks + 1))[reservation.num_present_blocks :]
+                await sender.push(
+                    peer, OutgoingTransfer(request.transfer_id, src, reservation.block_ids, progress, reservation.deadline)
+                )
+                await sender.commit(peer, request.transfer_id, KVCommitInfo(7, None, len(prompt)), 10)
+            return reservation.num_present_blocks
+        finally:
+            await sender.close()
+
+    kept = asyncio.run(main())
+    with contextlib.suppress(grpc.RpcError):  # "leave": cancelled
+        messages = list(stream)
+        assert messages[-1].finished.finish_reason == ("length" if end == "commit" else "error"), messages[-1]
+    return kept
+
+
+def test_a_reservation_that_kept_cached_blocks_frees_every_block_however_it_ends(
+    workers: dict[str, Worker], text_ids: list[int]
+) -> None:
+    """Kept blocks are shared with the cache: whether the hand-off commits, is abandoned by its
+    sender or left by its caller, the decode worker ends with no block in use."""
+    decode = workers["decode"]
+    prompt, params = text_ids[:45], greedy(3, cache_salt=uuid.uuid4().hex)  # 3 blocks; 2 full in its first 44 tokens
+    kept = []
+    for end in ("commit", "abandon", "leave", "commit"):
+        kept.append(begin_as_keeper(decode, prompt, params, end))
+        decode.wait_idle()
+    assert kept == [0, 2, 2, 2]

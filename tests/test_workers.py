@@ -775,7 +775,7 @@ def test_fp8_kv_greedy_tokens_equal_the_colocated_fp8_engine_and_move_a_quarter_
 ) -> None:
     prefill, decode = workers[FP8_PREFILL_OF_TRANSPORT[transport]], workers["decode-fp8"]
     for num_prompt_tokens, max_tokens in [(5, 12), (45, 30)]:
-        prompt, params = text_ids[:num_prompt_tokens], greedy(max_tokens)
+        prompt, params = text_ids[:num_prompt_tokens], greedy(max_tokens, cache_salt=uuid.uuid4().hex)  # a chain of its own
         num_cached = []
         # The second time the prompt's full blocks are prefix-cache hits on the prefill worker, and
         # the decode worker keeps those of its first tokens (each prefill worker's own: none the first time).

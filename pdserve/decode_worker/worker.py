@@ -35,7 +35,8 @@ from pdserve.kvtransfer.receiver import Ended, KVCommitInfo, KVReceiver
 
 @dataclass(frozen=True)
 class Reserved:
-    """First event of a stream: the blocks the prompt's KV must be written into."""
+    """First event of a stream: the blocks reserved for the prompt's KV (its sender's Begin may
+    keep cached blocks in place of the first ones: `KVReceiver.keep_present`)."""
 
     block_ids: list[int]
 
@@ -103,13 +104,16 @@ class DecodeWorker:
             async for event in events:
                 yield event
 
-    async def on_begin(self, transfer_id: str, sender_id: str) -> None:
+    async def on_begin(self, transfer_id: str, sender_id: str, may_keep: bool = True) -> None:
         """`sender_id` took the reservation of `transfer_id` (KVTransferServicer, before it learns
         the blocks): the request's KV comes from it, and the prompt's first blocks it sent before,
-        if still cached, are kept (only the rest is sent). The loop thread is waited for only when
-        a quick look (a hint, read off the loop thread) finds the prompt's first block cached."""
+        if still cached and `may_keep`, are kept (only the rest is sent). The loop thread is waited
+        for only when a quick look (a hint, read off the loop thread) finds the first block cached."""
         incoming = self._by_transfer.get(transfer_id)
         if incoming is None:
+            return
+        if not may_keep:
+            self.loop.call(lambda: self._begun(incoming, sender_id, keep_cached=False))
             return
         request, blocks = incoming.request, self.core.block_manager
         first_block = request.prompt_token_ids[: blocks.block_size]
@@ -194,7 +198,10 @@ class DecodeWorker:
         cached = blocks.cached_blocks(request.prompt_token_ids[:-1], request.cache_salt)  # one block is sent, at least
         if not cached:
             return
-        self.receiver.keep_present(incoming.transfer_id, sender_id, cached)  # before the blocks change: it may refuse
+        try:  # before the blocks change
+            self.receiver.keep_present(incoming.transfer_id, sender_id, cached)
+        except (KeyError, ValueError):  # ended, or its sender was told every block meanwhile: keep none
+            return
         blocks.adopt(request.block_table, cached)
 
     def _admit(self, incoming: _Incoming, info: KVCommitInfo, ready: torch.cuda.Event | None) -> None:

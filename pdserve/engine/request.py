@@ -31,7 +31,7 @@ class RequestPhase(enum.Enum):
 
 def scoped_salt(cache_salt: str | None, kv_source: str | None) -> str | None:
     """The salt a prefix-cache chain starts from: the client's, scoped to the KV's source if any."""
-    return cache_salt if kv_source is None else f"kv-from {kv_source}\x00{cache_salt or ''}"
+    return cache_salt if kv_source is None else f"kv-from {len(kv_source)}:{kv_source}:{cache_salt or ''}"
 
 
 @dataclass(eq=False)

@@ -43,10 +43,10 @@ MAX_SENDERS = 1024  # handshaken senders remembered; one forgotten handshakes ag
 MAX_REASON_CHARS = 512
 
 
-# on_begin(transfer_id, sender_id): the receiver's owner, once a sender took a reservation and
-# before it learns the blocks, may keep the prompt's first blocks it already holds from that sender
-# (`KVReceiver.keep_present`), so that only the rest is sent.
-OnBegin = Callable[[str, str], Awaitable[None]]
+# on_begin(transfer_id, sender_id, may_keep): the receiver's owner learns who took a reservation
+# and, before that sender learns the blocks, may keep the prompt's first blocks it already holds
+# from it (`KVReceiver.keep_present`; only if `may_keep`: the sender said it sends the rest only).
+OnBegin = Callable[[str, str, bool], Awaitable[None]]
 
 
 class KVTransferServicer(pb_grpc.KVTransferServicer):
@@ -96,10 +96,14 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
 
     async def Begin(self, request: pb.BeginRequest, context: grpc.aio.ServicerContext) -> pb.BeginResponse:
         name = await self._transport_of(request.sender_id, context)
+        if request.sender_id != auth.caller_of(context):  # the id its KV is cached under is the one it signs with
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"sender_id {request.sender_id!r} is not the caller that signed the call"
+            )
         try:
             self.receiver.begin(request.transfer_id, request.sender_id, request.num_blocks, TRANSPORTS[name].is_device_writer)
             if self.on_begin is not None:
-                await self.on_begin(request.transfer_id, request.sender_id)
+                await self.on_begin(request.transfer_id, request.sender_id, request.accepts_present_blocks)
             remaining, block_ids, num_present = self.receiver.to_write(request.transfer_id, request.sender_id)
         except (KeyError, ValueError) as error:
             await _abort(context, error)
@@ -206,7 +210,9 @@ class KVControlClient:
         return self.error(error)
 
     async def begin(self, sender_id: str, transfer_id: str, num_blocks: int, timeout: float) -> pb.BeginResponse:
-        request = pb.BeginRequest(transfer_id=transfer_id, sender_id=sender_id, num_blocks=num_blocks)
+        request = pb.BeginRequest(
+            transfer_id=transfer_id, sender_id=sender_id, num_blocks=num_blocks, accepts_present_blocks=True
+        )
         return await self._call(self.stub.Begin, request, timeout)
 
     async def commit(self, sender_id: str, transfer_id: str, info: KVCommitInfo, timeout: float) -> int:

@@ -67,6 +67,7 @@ class _Reservation:
     # The prompt's first blocks, which this worker already holds (`keep_present`): nothing is
     # written into them; `block_ids` are the rest. Held with them when a device writer ends.
     present_block_ids: list[int] = field(default_factory=list)
+    is_handed_out: bool = False  # its sender was told the blocks to write (`to_write`): they stay
     is_device_writer: bool = False  # that sender writes into the blocks itself (CUDA IPC)
     num_bytes: int = 0
 
@@ -179,6 +180,7 @@ class KVReceiver:
         many of the prompt's first blocks come before them, already here (`keep_present`)."""
         with self._lock:
             reservation = self._get_begun(transfer_id, sender_id)
+            reservation.is_handed_out = True
             return reservation.deadline - time.monotonic(), list(reservation.block_ids), len(reservation.present_block_ids)
 
     def keep_present(self, transfer_id: str, sender_id: str, present_block_ids: list[int]) -> None:
@@ -191,6 +193,8 @@ class KVReceiver:
             num_present = len(present_block_ids)
             if reservation.present_block_ids or not 0 < num_present < len(reservation.block_ids):
                 raise ValueError(f"transfer {transfer_id!r}: cannot keep {num_present} present blocks")
+            if reservation.is_handed_out:  # a second Begin of its sender was answered meanwhile
+                raise ValueError(f"transfer {transfer_id!r}: its sender knows its blocks already")
             if bool(reservation.is_written[:, :num_present].any()):
                 raise ValueError(f"transfer {transfer_id!r}: its first blocks are written already")
             reservation.present_block_ids = list(present_block_ids)

@@ -223,14 +223,16 @@ class HandshakeResponse(_message.Message):
     def __init__(self, receiver_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., transport: _Optional[str] = ..., params: _Optional[_Mapping[str, bytes]] = ..., proof: _Optional[str] = ...) -> None: ...
 
 class BeginRequest(_message.Message):
-    __slots__ = ("transfer_id", "sender_id", "num_blocks")
+    __slots__ = ("transfer_id", "sender_id", "num_blocks", "accepts_present_blocks")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     SENDER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_PRESENT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     sender_id: str
     num_blocks: int
-    def __init__(self, transfer_id: _Optional[str] = ..., sender_id: _Optional[str] = ..., num_blocks: _Optional[int] = ...) -> None: ...
+    accepts_present_blocks: bool
+    def __init__(self, transfer_id: _Optional[str] = ..., sender_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., accepts_present_blocks: _Optional[bool] = ...) -> None: ...
 
 class BeginResponse(_message.Message):
     __slots__ = ("lease_remaining_s", "block_ids", "num_present_blocks")
