@@ -294,8 +294,15 @@ def serve(args: argparse.Namespace) -> int:
         return asyncio.run(run_gateway(config, controller, gateway, controller))
     except (KeyboardInterrupt, _Shutdown):
         return 0
+    except SystemExit as exc:  # SIGTERM while ray.init runs: its own handler exits with the signal's number
+        if exc.code != signal.SIGTERM:
+            raise
+        return 0
     except SystemError as exc:  # a signal's exception raised inside Ray's C code comes back wrapped
-        if not isinstance(exc.__cause__, (KeyboardInterrupt, _Shutdown)):
+        cause = exc.__cause__
+        if not (
+            isinstance(cause, (KeyboardInterrupt, _Shutdown)) or (isinstance(cause, SystemExit) and cause.code == signal.SIGTERM)
+        ):
             raise
         return 0
     except ConfigError as exc:

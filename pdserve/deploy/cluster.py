@@ -80,9 +80,11 @@ class Cluster:
             "logging_level": logging.WARNING,
         }
         if config.ray_address:
+            logger.info("connecting to the Ray cluster at %s", config.ray_address)
             ray.init(address=config.ray_address, **env)
         else:  # "local": a new instance even if `ray start` left one running on this machine
             max_workers = sum(config.pool(role).max_replicas for role in ROLES)
+            logger.info("starting a local Ray instance")
             ray.init(
                 address="local",
                 num_cpus=max(os.cpu_count() or 1, max_workers),
