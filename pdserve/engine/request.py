@@ -58,9 +58,9 @@ class Request:
     index: int = 0  # which of the request's n sequences this is
     parent: Request | None = None  # sequences 1..n-1: the first sequence, which computes the prompt
     siblings: list[Request] = field(default_factory=list)  # on the first sequence: the others
-    # On a decode worker: who computed the prompt's KV (the prefill worker that sent it). The
-    # request's cached blocks chain from it, so KV received from one sender serves only prompts
-    # that same sender hands off (docs/security.md).
+    # On a decode worker: who computed the prompt's KV (the name its sender signs with). The
+    # request's cached blocks chain from it, so KV received under one name serves only prompts
+    # handed off under the same name (docs/security.md says what that does not cover).
     kv_source: str | None = None
 
     @property
