@@ -603,25 +603,18 @@ def test_grpc_chunk_with_a_bad_byte_count_is_invalid_argument() -> None:
     ).shape == (4, 2, 2, 4, 2, 8)
 
 
-def test_calls_before_a_handshake_are_refused() -> None:
-    receiver = KVReceiver(make_cache(4, is_random=False), MODEL_ID)
-    receiver.expect("t1", [0, 1], later(), Commits())
-
-    async def main() -> None:
-        async with serving(receiver, ["grpc"]) as address:
-            async with auth.channel(address, CLUSTER_SECRET, "prefill-0", GRPC_OPTIONS) as channel:
-                stub = pdserve_pb2_grpc.KVTransferStub(channel)
-                with pytest.raises(grpc.aio.AioRpcError) as caught:
-                    await stub.Begin(pb.BeginRequest(transfer_id="t1", sender_id="stranger", num_blocks=2), timeout=10)
-                assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-                assert "has not handshaken" in caught.value.details()
-
-    asyncio.run(main())
-    assert receiver.is_pending("t1")
-
-
-def test_a_begin_signed_by_another_caller_than_its_sender_is_refused() -> None:
-    """The sender id is what a decode worker caches received KV under: it must be the signer's."""
+@pytest.mark.parametrize(
+    "caller, sender_id, code, fragment",
+    [
+        ("prefill-0", "stranger", grpc.StatusCode.FAILED_PRECONDITION, "has not handshaken"),  # calls before a handshake
+        # the sender id is what a decode worker caches received KV under: it must be the signer's
+        ("someone-else", "prefill-0", grpc.StatusCode.INVALID_ARGUMENT, "is not the caller that signed"),
+    ],
+    ids=["before-a-handshake", "signed-by-another-caller"],
+)
+def test_a_begin_is_refused_before_a_handshake_or_when_another_caller_signs_it(
+    caller: str, sender_id: str, code: grpc.StatusCode, fragment: str
+) -> None:
     receiver = KVReceiver(make_cache(4, is_random=False), MODEL_ID)
     receiver.expect("t1", [0, 1], later(), Commits())
     sender = make_sender(make_cache(4), ["grpc"])
@@ -629,12 +622,12 @@ def test_a_begin_signed_by_another_caller_than_its_sender_is_refused() -> None:
     async def main() -> None:
         async with serving(receiver, ["grpc"]) as address:
             await sender.connect(address, 10)  # "prefill-0" handshook
-            async with auth.channel(address, CLUSTER_SECRET, "someone-else", GRPC_OPTIONS) as channel:
+            async with auth.channel(address, CLUSTER_SECRET, caller, GRPC_OPTIONS) as channel:
                 stub = pdserve_pb2_grpc.KVTransferStub(channel)
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
-                    await stub.Begin(pb.BeginRequest(transfer_id="t1", sender_id="prefill-0", num_blocks=2), timeout=10)
-                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-                assert "is not the caller that signed" in caught.value.details()
+                    await stub.Begin(pb.BeginRequest(transfer_id="t1", sender_id=sender_id, num_blocks=2), timeout=10)
+                assert caught.value.code() == code
+                assert fragment in caught.value.details()
             await sender.close()
 
     asyncio.run(main())

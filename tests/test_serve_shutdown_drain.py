@@ -206,32 +206,26 @@ def test_device_cuda_without_a_gpu_says_so(demo_model_dir: Path) -> None:
         ray.shutdown()
 
 
-def test_sigterm_while_ray_starts_stops_cleanly(demo_model_dir: Path, tmp_path: Path) -> None:
-    """SIGTERM while `ray.init` starts the local Ray instance, where Ray's own handler is in place
-    (it exits with the signal's number, 15): exit 0 through pdserve's stop, as later in the start-up."""
+@pytest.mark.parametrize(
+    "logged, absent",
+    [
+        # inside ray.init, where Ray's own handler is in place (it exits with the signal's number, 15)
+        ("starting a local Ray instance", "starting prefill-"),
+        # Ray up, workers loading (a pod deleted during start-up): Ray's handler used to abort (status 134)
+        ("starting prefill-", "SIGTERM received"),
+    ],
+    ids=["while-ray-starts", "while-the-workers-load"],
+)
+def test_sigterm_during_start_up_stops_cleanly(demo_model_dir: Path, tmp_path: Path, logged: str, absent: str) -> None:
+    """SIGTERM once the start-up has logged `logged`: exit 0 through pdserve's own stop."""
     log_path = tmp_path / "serve.log"
     args = ("--model", str(demo_model_dir), "--device", "cpu", "--log-level", "info")
     with pdserve("serve", *args, log_path=log_path) as (url, serve):
         deadline = time.monotonic() + 120
-        while "starting a local Ray instance" not in log_path.read_text():
+        while logged not in log_path.read_text():
             assert time.monotonic() < deadline and serve.poll() is None, log_path.read_text()[-3000:]
             time.sleep(0.02)
-        time.sleep(0.2)  # inside ray.init: its handler is set first, the instance takes seconds to start
+        time.sleep(0.2)  # well inside that step (ray.init sets its handler first, then takes seconds)
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=60) == 0, log_path.read_text()[-3000:]
-    assert "starting prefill-" not in log_path.read_text()  # it stopped in ray.init, before any worker
-
-
-def test_sigterm_while_the_workers_load_stops_cleanly(demo_model_dir: Path, tmp_path: Path) -> None:
-    """SIGTERM after Ray is up but before the workers are ready (a pod deleted during start-up):
-    exit 0 through pdserve's own stop, not Ray's handler (which aborted: status 134)."""
-    log_path = tmp_path / "serve.log"
-    args = ("--model", str(demo_model_dir), "--device", "cpu", "--log-level", "info")
-    with pdserve("serve", *args, log_path=log_path) as (url, serve):
-        deadline = time.monotonic() + 120
-        while "starting prefill-" not in log_path.read_text():
-            assert time.monotonic() < deadline and serve.poll() is None, log_path.read_text()[-3000:]
-            time.sleep(0.05)
-        serve.send_signal(signal.SIGTERM)
-        assert serve.wait(timeout=60) == 0, log_path.read_text()[-3000:]
-    assert "SIGTERM received" not in log_path.read_text()
+    assert absent not in log_path.read_text()

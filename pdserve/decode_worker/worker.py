@@ -11,6 +11,7 @@ be checked against its tokens, so one sender's KV never serves a prompt another 
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -112,16 +113,16 @@ class DecodeWorker:
         incoming = self._by_transfer.get(transfer_id)
         if incoming is None:
             return
-        if not may_keep:
-            self.loop.call(lambda: self._begun(incoming, sender_id, keep_cached=False))
-            return
         request, blocks = incoming.request, self.core.block_manager
-        first_block = request.prompt_token_ids[: blocks.block_size]
         salt = scoped_salt(request.params.cache_salt, sender_id)
-        if request.num_prompt_tokens > blocks.block_size and blocks.match_prefix(first_block, salt):
-            await self.loop.run(lambda: self._begun(incoming, sender_id, keep_cached=True))
-        else:  # runs before the commit's `_admit`: the loop takes calls in order
-            self.loop.call(lambda: self._begun(incoming, sender_id, keep_cached=False))
+        keep = (
+            may_keep
+            and request.num_prompt_tokens > blocks.block_size
+            and blocks.match_prefix(request.prompt_token_ids[: blocks.block_size], salt) > 0
+        )
+        begun = self.loop.call(lambda: self._begun(incoming, sender_id, keep))  # before the commit's `_admit`: calls run in order
+        if keep:  # the sender learns its blocks once the kept ones are in place
+            await asyncio.wrap_future(begun)
 
     async def abort(self, request_id: str) -> bool:
         return await self.loop.run(lambda: self._abort(request_id))
@@ -187,6 +188,8 @@ class DecodeWorker:
         self.loop.publish(request.request_id, Reserved(list(block_ids)))
 
     def _begun(self, incoming: _Incoming, sender_id: str, keep_cached: bool) -> None:
+        """Loop thread: the request's KV source is `sender_id`; with `keep_cached`, the prompt's
+        cached blocks of its chain replace the reservation's first ones."""
         if self._by_transfer.get(incoming.transfer_id) is not incoming or incoming.sender_id is not None:
             return  # ended meanwhile, or begun before (a sender may begin again)
         incoming.sender_id = sender_id

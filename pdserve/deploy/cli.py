@@ -292,17 +292,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         controller = ControllerClient(cluster.start(after_ray_init=_stop_on_sigterm))  # ray.init installs its own
         return asyncio.run(run_gateway(config, controller, gateway, controller))
-    except (KeyboardInterrupt, _Shutdown):
-        return 0
-    except SystemExit as exc:  # SIGTERM while ray.init runs: its own handler exits with the signal's number
-        if exc.code != signal.SIGTERM:
-            raise
-        return 0
-    except SystemError as exc:  # a signal's exception raised inside Ray's C code comes back wrapped
-        cause = exc.__cause__
-        if not (
-            isinstance(cause, (KeyboardInterrupt, _Shutdown)) or (isinstance(cause, SystemExit) and cause.code == signal.SIGTERM)
-        ):
+    except (KeyboardInterrupt, _Shutdown, SystemExit, SystemError) as exc:
+        if not _is_stop(exc):
             raise
         return 0
     except ConfigError as exc:
@@ -397,6 +388,16 @@ def check_ray_address(address: str) -> None:
 
 class _Shutdown(Exception):
     """SIGTERM: stop the gateway and the workers, then exit 0."""
+
+
+def _is_stop(exc: BaseException | None) -> bool:
+    """Whether `exc` is a Ctrl-C or a SIGTERM: ours (`_Shutdown`), ray.init's own handler's (it
+    exits with the signal's number), or either raised inside Ray's C code (wrapped in SystemError)."""
+    if isinstance(exc, SystemError):
+        return exc.__cause__ is not None and _is_stop(exc.__cause__)
+    if isinstance(exc, SystemExit):
+        return exc.code == signal.SIGTERM
+    return isinstance(exc, (KeyboardInterrupt, _Shutdown))
 
 
 def _stop_on_sigterm() -> None:

@@ -162,8 +162,8 @@ class KVReceiver:
             return sum(len(blocks) for blocks, _ in self._held.values())
 
     # -- the sender's messages --------------------------------------------------------------------
-    def begin(self, transfer_id: str, sender_id: str, num_blocks: int, is_device_writer: bool) -> tuple[float, list[int]]:
-        """`sender_id` takes the reservation; the seconds left on its lease, and its blocks."""
+    def begin(self, transfer_id: str, sender_id: str, num_blocks: int, is_device_writer: bool) -> None:
+        """`sender_id` takes the reservation (what it writes: `to_write`)."""
         with self._lock:
             reservation = self._get(transfer_id)
             if reservation.sender_id not in (None, sender_id):
@@ -173,7 +173,6 @@ class KVReceiver:
                 raise ValueError(f"transfer {transfer_id!r}: the sender has {num_blocks} blocks, the reservation {num_reserved}")
             reservation.sender_id = sender_id
             reservation.is_device_writer = is_device_writer
-            return reservation.deadline - time.monotonic(), list(reservation.block_ids)
 
     def to_write(self, transfer_id: str, sender_id: str) -> tuple[float, list[int], int]:
         """What a begun transfer's sender writes: the seconds left on its lease, the blocks, and how
