@@ -21,7 +21,7 @@ from pdserve.engine import SamplingParams
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.proto.cluster_secret import ClusterSecret
-from pdserve.router.disaggregated import PREFIX_HASH_PURPOSE, DisaggregatedBackend
+from pdserve.router.disaggregated import PREFIX_HASH_PURPOSE, DisaggregatedBackend, PromptBlocks
 from pdserve.router.prefix_index import PrefixIndex, prefix_hashes
 from pdserve.router.prefix_share import CHANNEL, MAX_MESSAGE_BYTES, MAX_RECORD_BLOCKS, RedisPrefixShare
 from pdserve.router.registry import InMemoryRegistry
@@ -272,21 +272,22 @@ def test_a_prefix_holder_busy_with_other_gateways_prompts_is_passed_over(checkpo
     from pdserve.router.workers import WorkerHandle
 
     pool = WorkerPool(InMemoryRegistry(), CLUSTER_SECRET)
-    for name in ("p0", "p1"):
-        handle = WorkerHandle(WorkerRecord(name, "prefill", f"{name}:1"), channel=None, stub=None, is_healthy=True)
-        handle.status = pb.WorkerStatus(role="prefill", block_size=16, num_total_blocks=64, is_prefix_caching=True)
+    for name, role in (("p0", "prefill"), ("p1", "prefill"), ("d0", "decode")):
+        handle = WorkerHandle(WorkerRecord(name, role, f"{name}:1"), channel=None, stub=None, is_healthy=True)
+        handle.status = pb.WorkerStatus(role=role, block_size=16, num_total_blocks=64, is_prefix_caching=True)
         pool.workers[name] = handle
     backend = DisaggregatedBackend(pool, Tokenizer.from_pretrained(checkpoints["llama"]), "m", MAX_MODEL_LEN)
-    prompt_ids = list(range(1, 130))
-    first, _ = backend._pick_prefill(prompt_ids, None, True, set())
-    again, num_new = backend._pick_prefill(prompt_ids, None, True, set())
+    blocks = PromptBlocks(list(range(1, 130)), None, backend.hash_key)
+    decode = pool.workers["d0"]
+    first, _ = backend._pick_prefill(blocks, True, decode, set())
+    again, num_new = backend._pick_prefill(blocks, True, decode, set())
     assert again is first and num_new == 129 - 128  # its prefix is there: one token to compute
     first.status.num_queued_prompt_tokens = first.num_prefill_tokens_at_status = 500  # a report of our own prompts
-    assert backend._pick_prefill(prompt_ids, None, True, set())[0] is first  # done since: not counted again
+    assert backend._pick_prefill(blocks, True, decode, set())[0] is first  # done since: not counted again
     first.num_prefill_tokens_at_status = 0  # other gateways' prompts queue there
-    other, num_new = backend._pick_prefill(prompt_ids, None, True, set())
+    other, num_new = backend._pick_prefill(blocks, True, decode, set())
     assert other is not first and num_new == 129
-    assert backend._pick_prefill(prompt_ids, None, False, set())[1] == 129  # prompt logprobs: computed whole
+    assert backend._pick_prefill(blocks, False, decode, set())[1] == 129  # prompt logprobs: computed whole
 
 
 def test_a_prefill_worker_reports_the_prompt_tokens_it_has_still_to_compute() -> None:

@@ -16,13 +16,22 @@ for decode room sit in no prefill worker's queue), is the one that would finish 
 the gateway's estimate: the fewest prompt tokens to compute, its own (the prompt less the prefix
 `PrefixIndex` thinks it holds cached) plus those queued there (this gateway's now, plus the other
 gateways' share of the worker's last report); so a repeated prefix returns to the worker that
-holds it until that worker's queue outweighs recomputing the prefix elsewhere. The decode worker is the least-loaded."""
+holds it until that worker's queue outweighs recomputing the prefix elsewhere (ties: the one whose KV
+of the prefix the decode worker holds).
+
+The decode worker is the least-loaded (requests in flight from this gateway, then KV in use), unless
+one that holds more of the prompt's leading blocks, received earlier from a prefill worker, has at
+most DECODE_SLACK more in flight (a quarter of the least-loaded one's, at least one): then the one
+that holds the most. A decode worker keeps the KV it received in a chain of its sender's, so the
+prompt is then shipped only its rest and shares the prefix's blocks in the decode batch (Dynamo's
+KV-aware routing, SGLang's cache-aware router with its load balance threshold)."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import logging
+import math
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 
 import grpc
@@ -38,13 +47,14 @@ from pdserve.proto.failures import Failure
 from pdserve.router.backend import BackendFailure, BackendStats, BackendUnavailableError
 from pdserve.router.handoff import Handoff, HandoffFailure, is_cancelling
 from pdserve.router.health_watch import HealthWatch, WorkerLostError
-from pdserve.router.prefix_index import PrefixIndex, index_key, prefix_hashes
+from pdserve.router.prefix_index import PrefixIndex, holder_of, index_key, pair_key, prefix_hashes
 from pdserve.router.prefix_share import RedisPrefixShare
 from pdserve.router.workers import WorkerHandle, WorkerPool
 
 logger = logging.getLogger(__name__)
 PREFIX_HASH_PURPOSE = "prefix-index"  # the cluster secret's key for the prefix hashes: the same in every gateway
 NUM_ATTEMPTS = 2  # a hand-off that fails before the first token is tried once more
+DECODE_SLACK = 0.25  # a decode worker holding the prompt's prefix may have this share more in flight (at least 1)
 
 OnKVTransfer = Callable[[int, float, str, int], None]
 
@@ -107,12 +117,14 @@ class DisaggregatedBackend:
         (its reservation cancelled, its prefill aborted) before the next one, with a fresh transfer,
         starts on other workers where the pool has them."""
         used: set[str] = set()
-        salt, uses_cache = request.params.cache_salt or None, not request.params.HasField("prompt_logprobs")
+        uses_cache = not request.params.HasField("prompt_logprobs")
+        blocks = PromptBlocks(request.prompt_token_ids, request.params.cache_salt or None, self.hash_key)
+        self.prefixes.retain(index_key(w) for w in self.pool.workers.values())
         for attempt in range(NUM_ATTEMPTS):
             if not self.pool.healthy("prefill"):  # picked after the reservation: refuse now, not after it
                 raise BackendUnavailableError("no healthy prefill worker is available")
-            decode = self._pick("decode", used)
-            pick_prefill = functools.partial(self._pick_prefill, request.prompt_token_ids, salt, uses_cache, used)
+            decode = self._pick_decode(blocks, used)
+            pick_prefill = functools.partial(self._pick_prefill, blocks, uses_cache, decode, used)
             handoff = Handoff(request, decode, pick_prefill, self.deadlines, self.watch)  # picks once decode has room
             try:
                 firsts = await handoff.first_tokens()
@@ -131,39 +143,41 @@ class DisaggregatedBackend:
             return handoff, firsts
         raise AssertionError("unreachable")
 
-    def _pick(self, role: str, used: set[str]) -> WorkerHandle:
-        """The least-loaded healthy worker of `role`, preferring those a failed attempt did not use."""
-        return min(self._candidates(role, used), key=lambda w: w.load)
+    def _pick_decode(self, blocks: PromptBlocks, used: set[str]) -> WorkerHandle:
+        """The healthy decode worker holding the most of the prompt's leading blocks among those with
+        at most DECODE_SLACK more requests in flight than the least-loaded (ties, and no holder: the
+        least-loaded), preferring those a failed attempt did not use."""
+        candidates = self._candidates("decode", used)
+        least = min(candidates, key=lambda w: w.load)
+        slack = max(1, math.ceil(DECODE_SLACK * least.num_in_flight))
+        near = [w for w in candidates if w.num_in_flight <= least.num_in_flight + slack]
+        return min(near, key=lambda w: (-max(self._held(w, p, blocks) for p in self.pool.healthy("prefill")), w.load))
+
+    def _held(self, decode: WorkerHandle, prefill: WorkerHandle, blocks: PromptBlocks) -> int:
+        """The prompt's leading blocks the decode worker is thought to hold from this prefill worker
+        (and would keep: all but the last token's)."""
+        return self.prefixes.num_cached(pair_key(decode, prefill), blocks.findable(decode))
 
     def _candidates(self, role: str, used: set[str]) -> list[WorkerHandle]:
         """The healthy workers of `role` a failed attempt did not use, else the pool's pick."""
         return [w for w in self.pool.healthy(role) if w.record.worker_id not in used] or [self.pool.pick(role)]
 
     def _pick_prefill(
-        self, token_ids: Sequence[int], salt: str | None, uses_cache: bool, used: set[str]
+        self, blocks: PromptBlocks, uses_cache: bool, decode: WorkerHandle, used: set[str]
     ) -> tuple[WorkerHandle, int]:
         """The healthy prefill worker with the fewest prompt tokens to compute, this prompt's
-        included (ties: the least-loaded), preferring those a failed attempt did not use; recorded as
-        now holding the prompt's blocks. Returns it and the tokens it is expected to compute.
-        `uses_cache`: False for a prompt the worker computes whole (prompt logprobs)."""
-        self.prefixes.retain(index_key(w) for w in self.pool.workers.values())
-        hashes: dict[int, list[int]] = {}  # block size -> the hashes of the prompt's full blocks
-
-        def blocks_of(worker: WorkerHandle) -> tuple[int, list[int]]:
-            status = worker.status
-            if status is None or not status.is_prefix_caching or status.block_size < 1:
-                return 0, []
-            size = status.block_size
-            if size not in hashes:
-                hashes[size] = prefix_hashes(token_ids, size, salt, self.hash_key)
-            return size, hashes[size]
+        included (ties: the one whose KV of the prompt `decode` holds most of, then the
+        least-loaded), preferring those a failed attempt did not use; recorded as now holding the
+        prompt's blocks, and `decode` as holding them from it. Returns it and the tokens it is
+        expected to compute. `uses_cache`: False for a prompt the worker computes whole (prompt
+        logprobs)."""
+        num_tokens = len(blocks.token_ids)
 
         def new_tokens(worker: WorkerHandle) -> int:
-            size, blocks = blocks_of(worker)
-            if not uses_cache or not blocks:
-                return len(token_ids)
-            findable = blocks[: (len(token_ids) - 1) // size]  # the last token is always computed
-            return len(token_ids) - size * self.prefixes.num_cached(index_key(worker), findable)
+            findable = blocks.findable(worker)
+            if not uses_cache or not findable:
+                return num_tokens
+            return num_tokens - worker.status.block_size * self.prefixes.num_cached(index_key(worker), findable)
 
         def queued(worker: WorkerHandle) -> int:
             """Its prompt tokens still to compute: this gateway's now, plus the other gateways' as it
@@ -172,18 +186,24 @@ class DisaggregatedBackend:
             return worker.num_prefill_tokens + max(0, reported - worker.num_prefill_tokens_at_status)
 
         num_new, best = min(
-            ((new_tokens(w), w) for w in self._candidates("prefill", used)), key=lambda c: (queued(c[1]) + c[0], c[1].load)
+            ((new_tokens(w), w) for w in self._candidates("prefill", used)),
+            key=lambda c: (queued(c[1]) + c[0], -self._held(decode, c[1], blocks), c[1].load),
         )
-        blocks = blocks_of(best)[1]
-        if blocks:
-            self.prefixes.record(index_key(best), blocks, best.status.num_total_blocks)
-            if self.prefix_share is not None:
-                self.prefix_share.publish(index_key(best), blocks)
+        self._record(index_key(best), blocks.full(best), best)
+        self._record(pair_key(decode, best), blocks.full(decode), decode)
         return best, num_new
 
+    def _record(self, key: str, hashes: list[int], holder: WorkerHandle) -> None:
+        """`holder` (the worker whose cache `key` describes) was sent a prompt with these blocks."""
+        if hashes and holder.status is not None:
+            self.prefixes.record(key, hashes, holder.status.num_total_blocks)
+            if self.prefix_share is not None:
+                self.prefix_share.publish(key, hashes)
+
     def _num_blocks_of(self, key: str) -> int | None:
-        """The KV blocks of the pool's worker with this index key; None if it has none (or left)."""
-        worker = next((w for w in self.pool.workers.values() if index_key(w) == key), None)
+        """The KV blocks of the pool's worker whose cache this index key (a worker's or a pair's)
+        describes; None if it has none (or left)."""
+        worker = next((w for w in self.pool.workers.values() if index_key(w) == holder_of(key)), None)
         return worker.status.num_total_blocks if worker is not None and worker.status is not None else None
 
     async def _decode_stream(self, handoff: Handoff, request_id: str, num_sequences: int) -> AsyncIterator[RequestDelta]:
@@ -246,3 +266,29 @@ class DisaggregatedBackend:
             await self.prefix_share.close()
         await self.watch.close()
         await self.pool.close()
+
+
+class PromptBlocks:
+    """A prompt's full blocks as chained keyed hashes (`prefix_hashes`), computed once per block size."""
+
+    def __init__(self, token_ids: Sequence[int], salt: str | None, key: bytes) -> None:
+        self.token_ids = token_ids
+        self._salt = salt
+        self._key = key
+        self._hashes: dict[int, list[int]] = {}  # block size -> the hashes of the prompt's full blocks
+
+    def full(self, worker: WorkerHandle) -> list[int]:
+        """Every full block of the prompt, in the worker's block size; none for a worker that does
+        not cache prefixes (or has not reported yet)."""
+        status = worker.status
+        if status is None or not status.is_prefix_caching or status.block_size < 1:
+            return []
+        size = status.block_size
+        if size not in self._hashes:
+            self._hashes[size] = prefix_hashes(self.token_ids, size, self._salt, self._key)
+        return self._hashes[size]
+
+    def findable(self, worker: WorkerHandle) -> list[int]:
+        """The blocks the worker could find cached: those of all tokens but the last (always computed)."""
+        hashes = self.full(worker)
+        return hashes[: (len(self.token_ids) - 1) // worker.status.block_size] if hashes else []

@@ -6,7 +6,12 @@ caches (the same block size, the same salt starting the chain, so one tenant's p
 steer another's requests), and keeps the most recent up to the worker's number of KV blocks: an
 estimate, since the worker evicts on its own. A wrong guess costs a prefill of the prefix, never a
 wrong answer. The hashes are keyed with the cluster secret: what gateways share through Redis
-tells nothing about the prompts to whoever can read it."""
+tells nothing about the prompts to whoever can read it.
+
+It also records, under `pair_key(decode, prefill)`, the prompts each decode worker was sent KV for
+by each prefill worker: a decode worker keeps received KV in a chain of its sender's
+(`engine.request.Request.kv_source`), so a prompt whose prefix it holds from that sender is shipped
+only its rest."""
 
 from __future__ import annotations
 
@@ -20,12 +25,23 @@ if TYPE_CHECKING:
     from pdserve.router.workers import WorkerHandle
 
 HASH_BYTES = 8
+PAIR = "<-"  # joins a decode worker's key to its sender's in a pair key
 
 
 def index_key(worker: WorkerHandle) -> str:
     """A worker process's name in the index: its id and address (a worker restarted under the same
     id at another address starts with an empty cache)."""
     return f"{worker.record.worker_id}@{worker.record.address}"
+
+
+def pair_key(decode: WorkerHandle, prefill: WorkerHandle) -> str:
+    """The index's name for the KV a decode worker received from one prefill worker."""
+    return f"{index_key(decode)}{PAIR}{index_key(prefill)}"
+
+
+def holder_of(key: str) -> str:
+    """The index key of the worker whose cache a key (a worker's or a pair's) describes."""
+    return key.split(PAIR, 1)[0]
 
 
 def prefix_hashes(token_ids: Sequence[int], block_size: int, salt: str | None, key: bytes) -> list[int]:
@@ -66,7 +82,8 @@ class PrefixIndex:
             blocks.popitem(last=False)
 
     def retain(self, workers: Iterable[str]) -> None:
-        """Forgets the workers not in `workers` (gone from the pool: their caches went with them)."""
+        """Forgets the workers not in `workers` (gone from the pool: their caches went with them),
+        and the pairs either of whose workers is gone."""
         keep = set(workers)
-        for worker in [w for w in self._blocks if w not in keep]:
-            del self._blocks[worker]
+        for key in [k for k in self._blocks if not all(part in keep for part in k.split(PAIR))]:
+            del self._blocks[key]

@@ -1,6 +1,6 @@
 """`RedisPrefixShare`: the gateways of one cluster tell each other where they sent which prompt
-prefixes, so that a prompt whose prefix another gateway routed to a prefill worker goes there too.
-Each gateway publishes its `PrefixIndex` records on a Redis channel, batched every FLUSH_INTERVAL_S
+prefixes, so that a prompt whose prefix another gateway routed to a prefill worker (or, from a
+prefill worker, to a decode worker: a pair record) goes there too. Each gateway publishes its `PrefixIndex` records on a Redis channel, batched every FLUSH_INTERVAL_S
 into messages of at most MAX_MESSAGE_BYTES, each signed with the cluster secret and stamped with its
 time; each gateway applies the others'. Pub/sub keeps nothing: a gateway that was disconnected, or
 started later, learns from the next records on (its routing is only an estimate anyway, and a miss
