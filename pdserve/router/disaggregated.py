@@ -19,12 +19,14 @@ gateways' share of the worker's last report); so a repeated prefix returns to th
 holds it until that worker's queue outweighs recomputing the prefix elsewhere (ties: the one whose KV
 of the prefix the decode worker holds).
 
-The decode worker is the least-loaded (requests in flight from this gateway, then KV in use), unless
-one that holds more of the prompt's leading blocks, received earlier from a prefill worker, has at
-most DECODE_SLACK more in flight (a quarter of the least-loaded one's, at least one): then the one
-that holds the most. A decode worker keeps the KV it received in a chain of its sender's, so the
-prompt is then shipped only its rest and shares the prefix's blocks in the decode batch (Dynamo's
-KV-aware routing, SGLang's cache-aware router with its load balance threshold)."""
+The decode worker is the least-loaded (requests this gateway has in flight there, then KV in use),
+unless one with at most DECODE_SLACK more in flight (a quarter of the least-loaded one's, at least
+one) holds more of the prompt's leading blocks, received earlier from a prefill worker the prefill
+pick would now choose: then the one that holds the most. A decode worker keeps the KV it received
+in a chain of its sender's, so when that sender is picked the prompt is shipped only its rest and
+shares the prefix's blocks in the decode batch (Dynamo's KV-aware routing; SGLang's cache-aware
+router with its load-balance threshold). A hand-off that succeeded is recorded as the decode
+worker now holding the prompt from its sender."""
 
 from __future__ import annotations
 
@@ -123,7 +125,7 @@ class DisaggregatedBackend:
         for attempt in range(NUM_ATTEMPTS):
             if not self.pool.healthy("prefill"):  # picked after the reservation: refuse now, not after it
                 raise BackendUnavailableError("no healthy prefill worker is available")
-            decode = self._pick_decode(blocks, used)
+            decode = self._pick_decode(blocks, uses_cache, used)
             pick_prefill = functools.partial(self._pick_prefill, blocks, uses_cache, decode, used)
             handoff = Handoff(request, decode, pick_prefill, self.deadlines, self.watch)  # picks once decode has room
             try:
@@ -138,39 +140,44 @@ class DisaggregatedBackend:
             except BaseException:
                 handoff.close()
                 raise
+            if handoff.prefill is not None:  # its KV is committed there: the decode worker holds the prompt from it
+                self._record(pair_key(decode, handoff.prefill), blocks.full(decode), decode)
             if self.on_kv_transfer is not None:
                 self.on_kv_transfer(*handoff.kv_transfer)
             return handoff, firsts
         raise AssertionError("unreachable")
 
-    def _pick_decode(self, blocks: PromptBlocks, used: set[str]) -> WorkerHandle:
-        """The healthy decode worker holding the most of the prompt's leading blocks among those with
-        at most DECODE_SLACK more requests in flight than the least-loaded (ties, and no holder: the
-        least-loaded), preferring those a failed attempt did not use."""
+    def _pick_decode(self, blocks: PromptBlocks, uses_cache: bool, used: set[str]) -> WorkerHandle:
+        """The healthy decode worker holding the most of the prompt's leading blocks from the prefill
+        workers the prefill pick would now choose, among those with at most DECODE_SLACK more
+        requests in flight than the least-loaded (ties, and no holder: the least-loaded); preferring
+        those a failed attempt did not use."""
         candidates = self._candidates("decode", used)
         least = min(candidates, key=lambda w: w.load)
         slack = max(1, math.ceil(DECODE_SLACK * least.num_in_flight))
         near = [w for w in candidates if w.num_in_flight <= least.num_in_flight + slack]
-        return min(near, key=lambda w: (-max(self._held(w, p, blocks) for p in self.pool.healthy("prefill")), w.load))
+        if len(near) == 1:
+            return near[0]
+        costs = self._prefill_costs(blocks, uses_cache, used)
+        cheapest = min(cost for cost, _, _ in costs)
+        senders = [index_key(p) for cost, _, p in costs if cost == cheapest]
+        held = {id(d): self.prefixes.num_cached_from(index_key(d), senders, blocks.findable(d)) for d in near}
+        return min(near, key=lambda w: (-held[id(w)], w.load))
 
     def _held(self, decode: WorkerHandle, prefill: WorkerHandle, blocks: PromptBlocks) -> int:
         """The prompt's leading blocks the decode worker is thought to hold from this prefill worker
         (and would keep: all but the last token's)."""
-        return self.prefixes.num_cached(pair_key(decode, prefill), blocks.findable(decode))
+        findable = blocks.findable(decode)
+        return self.prefixes.num_cached(pair_key(decode, prefill), findable) if findable else 0
 
     def _candidates(self, role: str, used: set[str]) -> list[WorkerHandle]:
         """The healthy workers of `role` a failed attempt did not use, else the pool's pick."""
         return [w for w in self.pool.healthy(role) if w.record.worker_id not in used] or [self.pool.pick(role)]
 
-    def _pick_prefill(
-        self, blocks: PromptBlocks, uses_cache: bool, decode: WorkerHandle, used: set[str]
-    ) -> tuple[WorkerHandle, int]:
-        """The healthy prefill worker with the fewest prompt tokens to compute, this prompt's
-        included (ties: the one whose KV of the prompt `decode` holds most of, then the
-        least-loaded), preferring those a failed attempt did not use; recorded as now holding the
-        prompt's blocks, and `decode` as holding them from it. Returns it and the tokens it is
-        expected to compute. `uses_cache`: False for a prompt the worker computes whole (prompt
-        logprobs)."""
+    def _prefill_costs(self, blocks: PromptBlocks, uses_cache: bool, used: set[str]) -> list[tuple[int, int, WorkerHandle]]:
+        """For each candidate prefill worker: the prompt tokens it has to compute, this prompt's
+        included (its queue plus the prompt less the prefix it is thought to hold), this prompt's
+        alone, and the worker. `uses_cache`: False for a prompt computed whole (prompt logprobs)."""
         num_tokens = len(blocks.token_ids)
 
         def new_tokens(worker: WorkerHandle) -> int:
@@ -185,12 +192,23 @@ class DisaggregatedBackend:
             reported = worker.status.num_queued_prompt_tokens if worker.status is not None else 0
             return worker.num_prefill_tokens + max(0, reported - worker.num_prefill_tokens_at_status)
 
-        num_new, best = min(
-            ((new_tokens(w), w) for w in self._candidates("prefill", used)),
-            key=lambda c: (queued(c[1]) + c[0], -self._held(decode, c[1], blocks), c[1].load),
+        costs = []
+        for worker in self._candidates("prefill", used):
+            num_new = new_tokens(worker)
+            costs.append((queued(worker) + num_new, num_new, worker))
+        return costs
+
+    def _pick_prefill(
+        self, blocks: PromptBlocks, uses_cache: bool, decode: WorkerHandle, used: set[str]
+    ) -> tuple[WorkerHandle, int]:
+        """The healthy prefill worker with the fewest prompt tokens to compute, this prompt's
+        included (ties: the one whose KV of the prompt `decode` holds most of, then the
+        least-loaded), preferring those a failed attempt did not use; recorded as now holding the
+        prompt's blocks. Returns it and the tokens it is expected to compute."""
+        _, num_new, best = min(
+            self._prefill_costs(blocks, uses_cache, used), key=lambda c: (c[0], -self._held(decode, c[2], blocks), c[2].load)
         )
         self._record(index_key(best), blocks.full(best), best)
-        self._record(pair_key(decode, best), blocks.full(decode), decode)
         return best, num_new
 
     def _record(self, key: str, hashes: list[int], holder: WorkerHandle) -> None:
@@ -276,6 +294,7 @@ class PromptBlocks:
         self._salt = salt
         self._key = key
         self._hashes: dict[int, list[int]] = {}  # block size -> the hashes of the prompt's full blocks
+        self._findable: dict[int, list[int]] = {}  # block size -> those of all tokens but the last
 
     def full(self, worker: WorkerHandle) -> list[int]:
         """Every full block of the prompt, in the worker's block size; none for a worker that does
@@ -291,4 +310,9 @@ class PromptBlocks:
     def findable(self, worker: WorkerHandle) -> list[int]:
         """The blocks the worker could find cached: those of all tokens but the last (always computed)."""
         hashes = self.full(worker)
-        return hashes[: (len(self.token_ids) - 1) // worker.status.block_size] if hashes else []
+        if not hashes:
+            return []
+        size = worker.status.block_size
+        if size not in self._findable:
+            self._findable[size] = hashes[: (len(self.token_ids) - 1) // size]
+        return self._findable[size]

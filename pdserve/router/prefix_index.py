@@ -11,7 +11,8 @@ tells nothing about the prompts to whoever can read it.
 It also records, under `pair_key(decode, prefill)`, the prompts each decode worker was sent KV for
 by each prefill worker: a decode worker keeps received KV in a chain of its sender's
 (`engine.request.Request.kv_source`), so a prompt whose prefix it holds from that sender is shipped
-only its rest."""
+only its rest. A decode worker's records from all its senders share one bound, its KV blocks, as
+they share its cache."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def pair_key(decode: WorkerHandle, prefill: WorkerHandle) -> str:
 
 def holder_of(key: str) -> str:
     """The index key of the worker whose cache a key (a worker's or a pair's) describes."""
-    return key.split(PAIR, 1)[0]
+    return key.partition(PAIR)[0]
 
 
 def prefix_hashes(token_ids: Sequence[int], block_size: int, salt: str | None, key: bytes) -> list[int]:
@@ -58,32 +59,59 @@ def prefix_hashes(token_ids: Sequence[int], block_size: int, salt: str | None, k
 
 class PrefixIndex:
     def __init__(self) -> None:
-        self._blocks: dict[str, OrderedDict[int, None]] = {}  # worker key -> block hashes, oldest first
+        # a worker's cache, oldest first: (sender, block hash) ("" for a prefill worker's own blocks)
+        self._blocks: dict[str, OrderedDict[tuple[str, int], None]] = {}
+        self._workers: frozenset[str] = frozenset()
 
-    def num_cached(self, worker: str, hashes: Sequence[int]) -> int:
-        """How many leading blocks of `hashes` the worker is thought to hold."""
-        blocks = self._blocks.get(worker)
-        if not blocks:
+    def num_cached(self, key: str, hashes: Sequence[int]) -> int:
+        """How many leading blocks of `hashes` the worker (or the decode worker of a pair, from its
+        sender) is thought to hold."""
+        holder, _, sender = key.partition(PAIR)
+        return self.num_cached_from(holder, [sender], hashes)
+
+    def num_cached_from(self, holder: str, senders: Iterable[str], hashes: Sequence[int]) -> int:
+        """The most leading blocks of `hashes` the worker holds from any one of `senders`."""
+        blocks = self._blocks.get(holder)
+        if not blocks or not hashes:
             return 0
-        for num, h in enumerate(hashes):
-            if h not in blocks:
-                return num
-        return len(hashes)
+        best = 0
+        for sender in senders:
+            if (sender, hashes[0]) in blocks and best < len(hashes):
+                best = max(best, _num_held(blocks, sender, hashes))
+        return best
 
-    def record(self, worker: str, hashes: Sequence[int], capacity: int) -> None:
-        """The worker was sent a prompt with these blocks: they are its most recent, its first block
-        the most recent of all (a worker frees a prompt's blocks last to first, so its own cache
-        keeps a prefix longest), and it keeps at most `capacity` (its KV blocks)."""
-        blocks = self._blocks.setdefault(worker, OrderedDict())
+    def record(self, key: str, hashes: Sequence[int], capacity: int) -> None:
+        """The worker (a pair's decode worker, from that sender) was sent a prompt with these
+        blocks: they are its most recent, its first block the most recent of all (a worker frees a
+        prompt's blocks last to first, so its own cache keeps a prefix longest), and it keeps at
+        most `capacity` (its KV blocks: a decode worker's, whichever senders they came from)."""
+        holder, _, sender = key.partition(PAIR)
+        blocks = self._blocks.setdefault(holder, OrderedDict())
         for h in reversed(hashes):
-            blocks[h] = None
-            blocks.move_to_end(h)
+            blocks[sender, h] = None
+            blocks.move_to_end((sender, h))
         while len(blocks) > capacity:
             blocks.popitem(last=False)
 
     def retain(self, workers: Iterable[str]) -> None:
-        """Forgets the workers not in `workers` (gone from the pool: their caches went with them),
-        and the pairs either of whose workers is gone."""
-        keep = set(workers)
-        for key in [k for k in self._blocks if not all(part in keep for part in k.split(PAIR))]:
-            del self._blocks[key]
+        """Forgets the workers not in `workers` (gone from the pool: their caches went with them).
+        (What a decode worker holds from a gone sender stays in its cache until evicted, as there.)"""
+        keep = frozenset(workers)
+        if keep != self._workers:
+            self._workers = keep
+            for holder in [h for h in self._blocks if h not in keep]:
+                del self._blocks[holder]
+
+
+def _num_held(blocks: OrderedDict[tuple[str, int], None], sender: str, hashes: Sequence[int]) -> int:
+    """The leading blocks of `hashes` held from `sender`, its first among them. A chain's blocks are
+    held from its first on (`record` keeps heads longer than tails), so the first one missing is
+    found by bisection."""
+    held, missing = 1, len(hashes) + 1  # hashes[:held] are held, hashes[:missing] are not all held
+    while missing - held > 1:
+        middle = (held + missing) // 2
+        if (sender, hashes[middle - 1]) in blocks:
+            held = middle
+        else:
+            missing = middle
+    return held
