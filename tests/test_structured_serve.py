@@ -365,3 +365,117 @@ def test_auto_tool_choice_parses_hermes_calls_out_of_the_reply(server: Server, s
     jsonschema.validate(json.loads(arguments), WEATHER_TOOL["function"]["parameters"])
     text = chat(server, tools=TOOLS, temperature=1.0, seed=4, max_tokens=10, extra_body={"guided_regex": "[a-z ]{20}"}).choices[0]
     assert text.message.tool_calls is None and len(text.message.content) == 20 and text.finish_reason == "stop"
+
+
+# -- the Responses API: function calls as output items, tool results as input items, text.format ------
+RESPONSES_TOOLS = [{"type": "function", **tool["function"]} for tool in TOOLS]  # the Responses API's are flat
+QUESTION = MESSAGES[0]["content"]
+
+
+def respond(server: Server, **body: Any) -> Any:
+    extra = body.pop("extra_body", {})
+    return server.client().responses.create(model=server.model, input=body.pop("input", QUESTION), extra_body=extra, **body)
+
+
+def test_a_forced_function_call_is_a_function_call_item_whole_and_streamed(server: Server) -> None:
+    """The call equals chat's for the same seeded request; streamed, its arguments arrive in pieces
+    that add up to it."""
+    named = {"type": "function", "name": "get_weather"}
+    body = {
+        "tools": RESPONSES_TOOLS,
+        "tool_choice": named,
+        "temperature": 1.0,
+        "max_output_tokens": 300,
+        "extra_body": {"seed": 5},
+    }
+    whole = respond(server, **body)
+    [call] = whole.output
+    assert (call.type, call.name, call.status, whole.status) == ("function_call", "get_weather", "completed", "completed")
+    jsonschema.validate(json.loads(call.arguments), WEATHER_TOOL["function"]["parameters"])
+    chat_call = (
+        chat(server, tools=TOOLS, tool_choice=NAMED, temperature=1.0, seed=5, max_tokens=300).choices[0].message.tool_calls[0]
+    )
+    assert chat_call.function.arguments == call.arguments
+
+    events = list(respond(server, stream=True, **body))
+    kinds = [e.type for e in events]
+    assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert events[2].item.type == "function_call" and events[2].item.name == "get_weather" and events[2].item.arguments == ""
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    [done] = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(deltas) > 3 and "".join(deltas) == done.arguments == call.arguments
+    assert kinds[-2:] == ["response.output_item.done", "response.completed"]
+    assert (
+        events[-1].response.output[0].arguments == call.arguments
+        and events[-1].response.output[0].call_id == events[2].item.call_id
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_tool_choice_gives_a_message_and_a_function_call_item(server: Server, stream: bool) -> None:
+    """`--tool-call-parser hermes` on a reply that is text and then a Hermes call (the regex makes
+    the random model write one): a message item with the text, then the call."""
+    body = {
+        "tools": RESPONSES_TOOLS,
+        "temperature": 1.0,
+        "max_output_tokens": 100,
+        "extra_body": {"seed": 4, "structured_outputs": {"regex": "Calling it\\.\\n" + HERMES_CALL}},
+    }
+    if stream:
+        events = list(respond(server, stream=True, **body))
+        response = events[-1].response
+        text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        arguments = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+        assert text == response.output[0].content[0].text and arguments == response.output[1].arguments
+    else:
+        response = respond(server, **body)
+    message, call = response.output
+    assert (message.type, message.content[0].text, call.type, call.name) == (
+        "message",
+        "Calling it.\n",
+        "function_call",
+        "get_weather",
+    )
+    jsonschema.validate(json.loads(call.arguments), WEATHER_TOOL["function"]["parameters"])
+
+
+def test_a_tool_result_turn_is_answered_as_the_chat_turn(server: Server) -> None:
+    """function_call and function_call_output input items render as chat's assistant tool call and
+    tool message: the same prompt, the same greedy reply."""
+    arguments = '{"city": "paris", "unit": "celsius"}'
+    items = [
+        {"role": "user", "content": QUESTION},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": arguments},
+        {"type": "function_call_output", "call_id": "call_1", "output": "18 degrees and sunny"},
+    ]
+    response = respond(server, input=items, tools=RESPONSES_TOOLS, tool_choice="none", temperature=0.0, max_output_tokens=8)
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    messages = [
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees and sunny"},
+    ]
+    reply = chat(server, messages=messages, tools=TOOLS, tool_choice="none", temperature=0.0, max_tokens=8)
+    assert response.usage.input_tokens == reply.usage.prompt_tokens
+    assert response.output_text == reply.choices[0].message.content and response.output_text
+
+
+def test_text_format_json_schema_samples_parse_and_validate(server: Server) -> None:
+    schema = SCHEMAS["flat-with-enum"]
+    fmt = {"type": "json_schema", "name": "flat", "schema": schema, "strict": True}
+
+    def run(seed: int) -> Any:
+        return respond(server, text={"format": fmt}, temperature=1.0, max_output_tokens=200, extra_body={"seed": seed, **COMPACT})
+
+    for response in in_parallel(run, list(range(8))):
+        assert response.status == "completed", response.output_text
+        jsonschema.validate(json.loads(response.output_text), schema)
+        assert response.text.format.type == "json_schema"
+    conflict = httpx.post(
+        server.base_url + "/v1/responses",
+        json={"model": server.model, "input": QUESTION, "text": {"format": fmt}, "structured_outputs": {"regex": "a"}},
+        timeout=30,
+    )
+    error = conflict.json()["error"]
+    assert conflict.status_code == 400 and error["param"] == "structured_outputs", conflict.text
+    assert "text.format" in error["message"] and "response_format" not in error["message"]

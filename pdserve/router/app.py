@@ -26,6 +26,7 @@ from pdserve.router.errors import APIError, install_error_handlers
 from pdserve.router.limits import RequestLimits
 from pdserve.router.metrics import Metrics
 from pdserve.router.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from pdserve.router.responses import ResponsesRequest, create_response, not_stored
 from pdserve.router.serving import Serving, cancel_on_disconnect
 
 logger = logging.getLogger(__name__)
@@ -35,8 +36,8 @@ UNAVAILABLE_HEADERS = {"Retry-After": str(RETRY_AFTER_S)}  # every 503, /health'
 
 
 def create_app(backend: Backend, metrics: Metrics | None = None, config: GatewayConfig | None = None) -> FastAPI:
-    """Routes: POST /v1/completions, /v1/chat/completions, /tokenize, /detokenize; GET /v1/models,
-    /health, /metrics. The caller owns the backend (and closes it) and runs `app.state.drain` on
+    """Routes: POST /v1/completions, /v1/chat/completions, /v1/responses, /tokenize, /detokenize;
+    GET /v1/models, /health, /metrics. The caller owns the backend (and closes it) and runs `app.state.drain` on
     SIGTERM (`deploy/http_server.py`)."""
     config = config or GatewayConfig()
     drain = Drain()
@@ -60,6 +61,18 @@ def create_app(backend: Backend, metrics: Metrics | None = None, config: Gateway
         return await cancel_on_disconnect(
             raw_request, create_chat_completion(serving, body, config.tool_options, _tenant(raw_request))
         )
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, raw_request: Request) -> Response:
+        return await cancel_on_disconnect(raw_request, create_response(serving, body, config.tool_options, _tenant(raw_request)))
+
+    @app.get("/v1/responses/{response_id}")
+    async def stored_response(response_id: str) -> Response:
+        raise not_stored(response_id)
+
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel_response(response_id: str) -> Response:
+        raise not_stored(response_id)
 
     @app.get("/v1/models")
     async def models() -> dict:

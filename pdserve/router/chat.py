@@ -57,6 +57,22 @@ async def create_chat_completion(
     serving: Serving, request: ChatCompletionRequest, tool_options: ToolOptions = ToolOptions(), tenant: str | None = None
 ) -> Response:
     """`tenant`: the caller's API-key identity, which isolates its prefix cache."""
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    generations, reader = await prepare_chat(serving, request, tool_options, tenant, request_id)
+    chat = _ChatCompletion(request_id, serving.backend.model_name, serving.backend.tokenizer, generations, request, reader)
+    if request.stream:
+        deltas = generations[0].deltas() if len(generations) == 1 else merge_deltas([g.deltas() for g in generations])
+        return await start_stream(deltas, chat.chunks, lambda: chat.final_chunks(request))
+    wholes = await asyncio.gather(*(collect(g.deltas()) for g in generations))
+    return JSONResponse(chat.response(list(wholes)))
+
+
+async def prepare_chat(
+    serving: Serving, request: ChatCompletionRequest, tool_options: ToolOptions, tenant: str | None, request_id: str
+) -> tuple[list[Generation], Reader | None]:
+    """A chat request checked, rendered and tokenized: its generations (not started: n of them,
+    one prompt's KV) and how tool calls are read from a reply (None: it is all content). Raises
+    APIError (400, 404) before anything runs."""
     serving.check_model(request.model)
     request.check_supported()
     mode = tool_mode(request.tools, request.tool_choice, tool_options)
@@ -72,16 +88,7 @@ async def create_chat_completion(
     params = request.sampling_params(
         max_tokens, request.num_logprobs, tokenizer, forced, cache_salt_of(tenant, request.cache_salt)
     )
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    generations = serving.generations(request_id, prompt_token_ids, params)  # n of them, one prompt's KV
-    chat = _ChatCompletion(
-        request_id, serving.backend.model_name, tokenizer, generations, request, _reply_reader(mode, tool_options)
-    )
-    if request.stream:
-        deltas = generations[0].deltas() if len(generations) == 1 else merge_deltas([g.deltas() for g in generations])
-        return await start_stream(deltas, chat.chunks, lambda: chat.final_chunks(request))
-    wholes = await asyncio.gather(*(collect(g.deltas()) for g in generations))
-    return JSONResponse(chat.response(list(wholes)))
+    return serving.generations(request_id, prompt_token_ids, params), _reply_reader(mode, tool_options)
 
 
 Reader = tuple[Callable[[str], ParsedReply], Callable[[], Any]]  # the whole reply's parser, a stream's

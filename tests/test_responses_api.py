@@ -1,0 +1,151 @@
+"""POST /v1/responses, OpenAI's Responses API, driven by the official openai client (its typed
+events and its stream helper, which rebuilds the response from the events) against a real engine
+on the CPU behind the real HTTP server: a response is the chat reply to the same conversation, its
+stream adds up to the whole, its logprobs are chat's, and what a stateless server cannot do is a
+400 naming the field. Function tools and structured output: tests/test_structured_serve.py."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from pdserve.engine import LLM, SamplingParams
+from tests.test_router_http import MAX_MODEL_LEN, MESSAGES, MODEL, Server, assert_kv_freed, llm, server  # noqa: F401
+
+NUM_TOKENS = 10
+INSTRUCTIONS, QUESTION = MESSAGES[0]["content"], MESSAGES[1]["content"]
+
+
+def chat_reply(server: Server, llm: LLM, messages: list[dict], max_tokens: int = NUM_TOKENS) -> str:  # noqa: F811
+    tokenizer = server.tokenizer
+    prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    return (
+        llm.generate({"prompt_token_ids": prompt_ids}, SamplingParams(temperature=0.0, max_tokens=max_tokens))[0].outputs[0].text
+    )
+
+
+def test_a_response_is_the_chat_reply_to_the_same_conversation(server: Server, llm: LLM) -> None:  # noqa: F811
+    expected = chat_reply(server, llm, MESSAGES)
+    response = server.client.responses.create(
+        model=MODEL, instructions=INSTRUCTIONS, input=QUESTION, max_output_tokens=NUM_TOKENS, temperature=0
+    )
+    assert response.output_text == expected
+    assert response.id.startswith("resp_") and response.object == "response" and response.model == MODEL
+    [message] = response.output
+    assert (message.type, message.role, message.content[0].type) == ("message", "assistant", "output_text")
+    tokenizer = server.tokenizer
+    num_prompt = len(tokenizer.encode(tokenizer.apply_chat_template(MESSAGES), add_special_tokens=False))
+    assert response.usage.input_tokens == num_prompt and response.usage.total_tokens == num_prompt + response.usage.output_tokens
+    if response.usage.output_tokens == NUM_TOKENS:  # cut by max_output_tokens (the random model rarely ends sooner)
+        assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    else:
+        assert response.status == "completed" and response.incomplete_details is None
+    assert response.store is False and response.instructions == INSTRUCTIONS
+
+    # the same conversation as input items: a developer turn, text parts
+    items = [
+        {"role": "developer", "content": INSTRUCTIONS},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": QUESTION}]},
+    ]
+    again = server.client.responses.create(model=MODEL, input=items, max_output_tokens=NUM_TOKENS, temperature=0)
+    assert again.output_text == expected and again.id != response.id
+
+    # an earlier assistant turn, as the previous response's output item it was
+    turns = [*items, message.model_dump(), {"role": "user", "content": "And tomorrow?"}]
+    follow_up = server.client.responses.create(model=MODEL, input=turns, max_output_tokens=NUM_TOKENS, temperature=0)
+    history = [*MESSAGES, {"role": "assistant", "content": expected}, {"role": "user", "content": "And tomorrow?"}]
+    assert follow_up.output_text == chat_reply(server, llm, history)
+
+
+def test_a_streamed_response_adds_up_to_the_whole_one(server: Server) -> None:  # noqa: F811
+    body = {"model": MODEL, "instructions": INSTRUCTIONS, "input": QUESTION, "max_output_tokens": NUM_TOKENS, "temperature": 0}
+    whole = server.client.responses.create(**body)
+    events = list(server.client.responses.create(**body, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added"]
+    closing = ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+    assert kinds[-4:] == [*closing, f"response.{whole.status}"]
+    assert set(kinds[4:-4]) == {"response.output_text.delta"}
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == whole.output_text == events[-4].text == events[-1].response.output_text
+    assert events[0].response.status == "in_progress" and events[-1].response.usage.output_tokens == whole.usage.output_tokens
+    assert all(e.item_id == events[2].item.id for e in events if e.type == "response.output_text.delta")
+
+    with server.client.responses.stream(**body) as stream:  # the SDK's helper rebuilds the response from the events
+        helped = list(stream)
+    assert [e.snapshot for e in helped if e.type == "response.output_text.delta"][-1] == whole.output_text
+    assert helped[-1].type == f"response.{whole.status}" and helped[-1].response.output_text == whole.output_text
+
+
+def test_response_logprobs_are_the_chat_completions(server: Server) -> None:  # noqa: F811
+    response = server.client.responses.create(
+        model=MODEL,
+        instructions=INSTRUCTIONS,
+        input=QUESTION,
+        max_output_tokens=NUM_TOKENS,
+        temperature=0,
+        include=["message.output_text.logprobs"],
+        top_logprobs=3,
+    )
+    chat = server.client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=NUM_TOKENS, temperature=0, logprobs=True, top_logprobs=3
+    )
+    logprobs = response.output[0].content[0].logprobs
+    expected = chat.choices[0].logprobs.content
+    assert len(logprobs) == response.usage.output_tokens == len(expected)
+    for got, want in zip(logprobs, expected, strict=True):
+        assert (got.token, got.bytes) == (want.token, want.bytes) and got.logprob == pytest.approx(want.logprob, abs=1e-4)
+        assert [t.token for t in got.top_logprobs] == [t.token for t in want.top_logprobs]
+    plain = server.client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=2, temperature=0)
+    assert plain.output[0].content[0].logprobs == []  # not asked for
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"previous_response_id": "resp_1"}, "previous_response_id", "stores no responses"),
+        ({"background": True}, "background", "background"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input", "only text"),
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input", "not supported"),
+        ({"input": [{"role": "robot", "content": "hi"}]}, "input", "role"),
+        ({"input": []}, "input", "empty"),
+        ({"tools": [{"type": "web_search"}]}, "tools", "only function tools"),
+        ({"include": ["file_search_call.results"]}, "include", "not supported"),
+        ({"text": {"format": {"type": "grammar"}}}, "text.format", "not supported"),
+        ({"text": {"format": "json"}}, "text.format", "object"),
+        ({"max_output_tokens": 0}, "max_output_tokens", "at least 1"),
+        ({"max_output_tokens": MAX_MODEL_LEN}, "max_output_tokens", ""),
+        ({"input": "many words " * MAX_MODEL_LEN}, "input", ""),
+        ({"truncation": "auto"}, "truncation", "disabled"),
+        ({"input": 3}, "input", ""),
+    ],
+)
+def test_what_a_stateless_server_cannot_do_is_a_400_naming_the_field(server: Server, body: dict, param: str, words: str) -> None:  # noqa: F811
+    answer = server.http.post("/v1/responses", json={"model": MODEL, "input": QUESTION, **body})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == param and words in error["message"], error
+
+
+def test_nothing_is_stored_and_a_wrong_model_is_not_found(server: Server) -> None:  # noqa: F811
+    with pytest.raises(openai.NotFoundError, match="stores no responses"):
+        server.client.responses.retrieve("resp_123")
+    with pytest.raises(openai.NotFoundError):
+        server.client.responses.create(model="no-such-model", input=QUESTION)
+
+
+def test_leaving_a_streamed_response_aborts_it(server: Server) -> None:  # noqa: F811
+    body = {"model": MODEL, "input": QUESTION, "max_output_tokens": MAX_MODEL_LEN - 40, "stream": True}
+    with (
+        httpx.Client(base_url=str(server.http.base_url), timeout=60) as http,
+        http.stream("POST", "/v1/responses", json=body) as response,
+    ):
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: ") and json.loads(line.removeprefix("data: "))["type"] == "response.output_text.delta":
+                break
+    assert_kv_freed(server.engine)
