@@ -13,7 +13,19 @@ import openai
 import pytest
 
 from pdserve.engine import LLM, SamplingParams
-from tests.test_router_http import MAX_MODEL_LEN, MESSAGES, MODEL, Server, assert_kv_freed, llm, server  # noqa: F401
+from pdserve.engine.outputs import RequestDelta
+from tests.test_router_http import (  # noqa: F401
+    MAX_MODEL_LEN,
+    MESSAGES,
+    MODEL,
+    Scripted,
+    Server,
+    assert_kv_freed,
+    llm,
+    scripted,
+    server,
+    tokens,
+)
 
 NUM_TOKENS = 10
 INSTRUCTIONS, QUESTION = MESSAGES[0]["content"], MESSAGES[1]["content"]
@@ -102,6 +114,35 @@ def test_response_logprobs_are_the_chat_completions(server: Server) -> None:  # 
         assert [t.token for t in got.top_logprobs] == [t.token for t in want.top_logprobs]
     plain = server.client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=2, temperature=0)
     assert plain.output[0].content[0].logprobs == []  # not asked for
+    # streamed, a token whose text is held back brings its logprobs with a later delta or the end
+    body = {
+        "model": MODEL,
+        "input": QUESTION,
+        "max_output_tokens": 60,
+        "temperature": 0,
+        "include": ["message.output_text.logprobs"],
+    }
+    whole = server.client.responses.create(**body).output[0].content[0].logprobs
+    events = list(server.client.responses.create(**body, stream=True))
+    streamed = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    [done] = [e for e in events if e.type == "response.output_text.done"]
+    assert (
+        [lp.token for lp in done.logprobs]
+        == [lp.token for lp in whole]
+        == [lp.token for lp in events[-1].response.output[0].content[0].logprobs]
+    )
+    assert [lp.token for lp in streamed] == [lp.token for lp in whole[: len(streamed)]] and len(whole) == 60
+
+
+def test_vllm_sampling_extras_are_honoured_as_on_chat(server: Server) -> None:  # noqa: F811
+    body = {"model": MODEL, "max_tokens": 16, "temperature": 0, "messages": MESSAGES}
+    full = server.http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    chat = server.http.post("/v1/chat/completions", json={**body, "stop": [stop]}).json()["choices"][0]["message"]["content"]
+    response = server.client.responses.create(
+        model=MODEL, instructions=INSTRUCTIONS, input=QUESTION, max_output_tokens=16, temperature=0, extra_body={"stop": [stop]}
+    )
+    assert response.output_text == chat == full[: full.index(stop)] and response.status == "completed"
 
 
 @pytest.mark.parametrize(
@@ -114,7 +155,11 @@ def test_response_logprobs_are_the_chat_completions(server: Server) -> None:  # 
         ({"input": [{"role": "robot", "content": "hi"}]}, "input", "role"),
         ({"input": []}, "input", "empty"),
         ({"tools": [{"type": "web_search"}]}, "tools", "only function tools"),
-        ({"include": ["file_search_call.results"]}, "include", "not supported"),
+        ({"include": ["everything"]}, "include", "not one of"),
+        ({"input": [{"role": ["user"], "content": "hi"}]}, "input", "role"),
+        ({"prompt": {"id": "pmpt_1"}}, "prompt", "no stored prompt"),
+        ({"conversation": "conv_1"}, "conversation", "no stored conversation"),
+        ({"max_tool_calls": 0}, "max_tool_calls", ""),
         ({"text": {"format": {"type": "grammar"}}}, "text.format", "not supported"),
         ({"text": {"format": "json"}}, "text.format", "object"),
         ({"max_output_tokens": 0}, "max_output_tokens", "at least 1"),
@@ -149,3 +194,16 @@ def test_leaving_a_streamed_response_aborts_it(server: Server) -> None:  # noqa:
             if line.startswith("data: ") and json.loads(line.removeprefix("data: "))["type"] == "response.output_text.delta":
                 break
     assert_kv_freed(server.engine)
+
+
+def test_a_failure_mid_stream_ends_it_with_an_error_and_response_failed(scripted: Scripted) -> None:  # noqa: F811
+    for tail, code in (([3600], "504"), ([RequestDelta("", [], finish_reason="error", error="worker died")], "500")):
+        scripted.backend.script = [tokens(scripted.token, 1), *tail]
+        num_aborted = scripted.backend.num_aborted
+        with scripted.http.stream("POST", "/v1/responses", json={"input": "hi", "stream": True}) as response:
+            events = [json.loads(line.removeprefix("data: ")) for line in response.iter_lines() if line.startswith("data: ")]
+        kinds = [e["type"] for e in events]
+        assert kinds[-2:] == ["error", "response.failed"] and "response.output_text.delta" in kinds, kinds
+        assert events[-2]["code"] == code and events[-1]["response"]["status"] == "failed"
+        assert events[-1]["response"]["output"][0]["content"][0]["text"] == scripted.text
+        assert scripted.backend.num_aborted == num_aborted + (code == "504")

@@ -479,3 +479,20 @@ def test_text_format_json_schema_samples_parse_and_validate(server: Server) -> N
     error = conflict.json()["error"]
     assert conflict.status_code == 400 and error["param"] == "structured_outputs", conflict.text
     assert "text.format" in error["message"] and "response_format" not in error["message"]
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call(server: Server) -> None:
+    regex = HERMES_CALL + "\\n" + HERMES_CALL  # the random model writes two calls
+    body = {
+        "tools": RESPONSES_TOOLS,
+        "temperature": 1.0,
+        "max_output_tokens": 200,
+        "extra_body": {"seed": 4, "structured_outputs": {"regex": regex}},
+    }
+    both = respond(server, **body)
+    assert [item.type for item in both.output] == ["function_call", "function_call"] and both.parallel_tool_calls is True
+    one = respond(server, parallel_tool_calls=False, **body)
+    assert [item.arguments for item in one.output] == [both.output[0].arguments] and one.parallel_tool_calls is False
+    streamed = list(respond(server, stream=True, parallel_tool_calls=False, **body))
+    assert [item.arguments for item in streamed[-1].response.output] == [both.output[0].arguments]
+    assert sum(e.type == "response.output_item.added" for e in streamed) == 1

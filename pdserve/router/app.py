@@ -74,6 +74,14 @@ def create_app(backend: Backend, metrics: Metrics | None = None, config: Gateway
     async def cancel_response(response_id: str) -> Response:
         raise not_stored(response_id)
 
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> Response:
+        raise not_stored(response_id)
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def response_input_items(response_id: str) -> Response:
+        raise not_stored(response_id)
+
     @app.get("/v1/models")
     async def models() -> dict:
         card = {

@@ -31,6 +31,13 @@ from pdserve.router.tools import ToolOptions
 ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 TEXT_PARTS = ("input_text", "output_text", "text")
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
+# OpenAI's `include` values: the others name output this server never makes (reasoning, images,
+# built-in tools' results), so asking for them adds nothing, as on vLLM
+INCLUDABLE = frozenset({
+    LOGPROBS_INCLUDE, "reasoning.encrypted_content", "message.input_image.image_url", "file_search_call.results",
+    "web_search_call.results", "web_search_call.action.sources", "computer_call_output.output.image_url",
+    "code_interpreter_call.outputs",
+})  # fmt: skip
 # a chat field's name in this API, for the errors the chat path raises
 PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "max_tokens": "max_output_tokens",
           "response_format": "text.format", "logprobs": "include"}  # fmt: skip
@@ -57,13 +64,25 @@ class ResponsesRequest(BaseModel):
     background: bool | None = None
     reasoning: dict[str, Any] | None = None
     truncation: str | None = None
+    max_tool_calls: int | None = Field(None, ge=1)
     metadata: dict[str, str] | None = None
-    user: str | None = None  # accepted and ignored, like vLLM
-    # vLLM's extras
+    prompt: dict[str, Any] | None = None  # a stored prompt template: refused
+    conversation: str | dict[str, Any] | None = None  # server-side state: refused
+    user: str | None = None  # accepted and ignored, like vLLM (so are service_tier, prompt_cache_key, ...)
+    # vLLM's extras, as on chat
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
     top_k: int | None = None
     min_p: float | None = None
-    repetition_penalty: float | None = None
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | None = None
     cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
 
@@ -79,15 +98,20 @@ class ResponsesRequest(BaseModel):
                 "previous_response_id is not supported: this server stores no responses (send the conversation in `input`)",
                 "previous_response_id",
             )
+        for field, what in (("prompt", "stored prompt templates"), ("conversation", "stored conversations")):
+            if getattr(self, field) is not None:
+                raise APIError(
+                    400, f"{field} is not supported: this server has no {what} (send the conversation in `input`)", field
+                )
         if self.background:
             raise APIError(400, "background responses are not supported", "background")
         if self.truncation not in (None, "disabled"):
             raise APIError(400, f'truncation "{self.truncation}" is not supported (only "disabled")', "truncation")
         if self.reasoning is not None and any(v is not None for v in self.reasoning.values()):
             raise APIError(400, "reasoning options are not supported", "reasoning")
-        unknown = [item for item in self.include or [] if item != LOGPROBS_INCLUDE]
+        unknown = [item for item in self.include or [] if item not in INCLUDABLE]
         if unknown:
-            raise APIError(400, f'include: "{unknown[0]}" is not supported (only "{LOGPROBS_INCLUDE}")', "include")
+            raise APIError(400, f'include: "{unknown[0]}" is not one of {", ".join(sorted(INCLUDABLE))}', "include")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
             raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}", "top_logprobs")
         if self.max_output_tokens is not None and self.max_output_tokens < 1:
@@ -96,6 +120,12 @@ class ResponsesRequest(BaseModel):
     @property
     def wants_logprobs(self) -> bool:
         return LOGPROBS_INCLUDE in (self.include or [])
+
+    @property
+    def max_calls(self) -> int | None:
+        """The function calls a reply may make: one without parallel calls, at most max_tool_calls."""
+        limits = [n for n in (1 if self.parallel_tool_calls is False else None, self.max_tool_calls) if n is not None]
+        return min(limits, default=None)
 
     def chat_request(self) -> ChatCompletionRequest:
         """The same request as a chat completion (pydantic's complaints as a 400 naming `input`)."""
@@ -115,6 +145,15 @@ class ResponsesRequest(BaseModel):
                 min_p=self.min_p,
                 repetition_penalty=self.repetition_penalty,
                 seed=self.seed,
+                stop=self.stop,
+                stop_token_ids=self.stop_token_ids,
+                ignore_eos=self.ignore_eos,
+                min_tokens=self.min_tokens,
+                presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
+                logit_bias=self.logit_bias,
+                skip_special_tokens=self.skip_special_tokens,
+                include_stop_str_in_output=self.include_stop_str_in_output,
                 structured_outputs=self.structured_outputs,
                 cache_salt=self.cache_salt,
                 stream=self.stream,
@@ -137,9 +176,13 @@ def chat_messages(instructions: str | None, items: str | list[dict[str, Any]]) -
         kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role")
-            if role not in ROLES:
+            if not isinstance(role, str) or role not in ROLES:
                 raise APIError(400, f"input[{i}].role must be one of {', '.join(ROLES)}, got {role!r}", "input")
-            messages.append({"role": ROLES[role], "content": _text(item.get("content"), f"input[{i}].content")})
+            content = _text(item.get("content"), f"input[{i}].content")
+            if role == "assistant" and messages and messages[-1]["role"] == "assistant" and messages[-1]["content"] is None:
+                messages[-1]["content"] = content  # the text of the turn whose function calls came first
+            else:
+                messages.append({"role": ROLES[role], "content": content})
         elif kind == "function_call":
             call = {
                 "id": _field(item, "call_id", i),
@@ -173,10 +216,18 @@ def _text(content: object, where: str) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        texts = [part.get("text") if isinstance(part, dict) and part.get("type") in TEXT_PARTS else None for part in content]
+        texts = [_part_text(part) for part in content]
         if all(isinstance(text, str) for text in texts):
             return "\n".join(texts)  # type: ignore[arg-type]
     raise APIError(400, f"{where}: only text content is supported (a string, or input_text / output_text parts)", "input")
+
+
+def _part_text(part: object) -> str | None:
+    if not isinstance(part, dict):
+        return None
+    if part.get("type") == "refusal":  # an earlier assistant turn's, fed back
+        return part.get("refusal")
+    return part.get("text") if part.get("type") in TEXT_PARTS else None
 
 
 def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
@@ -260,6 +311,8 @@ class _Response:
         self._items: list[dict[str, Any]] = []
         self._message: int | None = None
         self._calls: dict[int, int] = {}  # the tool call's index in the reply -> its item's
+        self._held_logprobs: list[dict[str, Any]] = []  # of tokens whose text has not been sent yet
+        self._closed: set[int] = set()  # the items done
         self._text_stream = None if reader is None else reader[1]()
         self._sequence = 0
 
@@ -297,7 +350,10 @@ class _Response:
             usage = self._generation.usage
             body["usage"] = {
                 "input_tokens": usage["prompt_tokens"],
-                "input_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]},
+                "input_tokens_details": {
+                    "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
+                    "cache_write_tokens": 0,
+                },
                 "output_tokens": usage["completion_tokens"],
                 "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": usage["total_tokens"],
@@ -313,8 +369,9 @@ class _Response:
         parsed = None if self._reader is None else self._reader[0](whole.text)
         if parsed is None or not parsed.tool_calls:
             return self.envelope(status, [self._message_item(whole.text, self._logprobs(whole), status)], whole.finish_reason)
-        items = [self._message_item(parsed.content, [], status)] if parsed.content else []
-        items += [self._call_item(call.id, call.name, call.arguments, status) for call in parsed.tool_calls]
+        items = [self._message_item(parsed.content, self._logprobs(whole), status)] if parsed.content else []
+        calls = parsed.tool_calls[: self._request.max_calls]
+        items += [self._call_item(call.id, call.name, call.arguments, status) for call in calls]
         return self.envelope(status, items, whole.finish_reason)
 
     def _message_item(self, text: str, logprobs: list[dict[str, Any]], status: str) -> dict[str, Any]:
@@ -374,16 +431,24 @@ class _Response:
         return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False, allow_nan=False)}\n\n"
 
     def _on_delta(self, delta: TextDelta) -> list[str]:
+        """The events of a delta's text and calls. Logprobs ride with the next text delta (a tool
+        parser may hold text back; the last delta may have none): those still held at the end go
+        into the message's `output_text.done`."""
+        self._held_logprobs += self._logprobs(delta)
+        message: dict[str, Any]
         if self._text_stream is None:
-            return self._text(delta.text, self._logprobs(delta)) if delta.text else []
-        message = self._text_stream.feed(delta.text, is_last=delta.finish_reason is not None)
-        events = self._text(message["content"], []) if message.get("content") else []
+            message = {"content": delta.text}
+        else:
+            message = self._text_stream.feed(delta.text, is_last=delta.finish_reason is not None)
+        events = self._text(message["content"]) if message.get("content") else []
         for call in message.get("tool_calls", []):
             events += self._call(call)
         return events
 
-    def _text(self, text: str, logprobs: list[dict[str, Any]]) -> list[str]:
+    def _text(self, text: str) -> list[str]:
         events = []
+        if self._message in self._closed:  # text after a call: a message of its own
+            self._message = None
         if self._message is None:
             self._message = len(self._items)
             item = {**self._message_item("", [], "in_progress"), "content": []}
@@ -392,6 +457,7 @@ class _Response:
             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
             item["content"].append(part)
             events.append(self._content_event("response.content_part.added", part=part))
+        logprobs, self._held_logprobs = self._held_logprobs, []
         part = self._items[self._message]["content"][0]
         part["text"] += text
         part["logprobs"] += logprobs
@@ -404,14 +470,20 @@ class _Response:
         return self._event(kind, item_id=item_id, output_index=self._message, content_index=0, **fields)
 
     def _call(self, call: dict[str, Any]) -> list[str]:
-        """A chat tool-call delta (its first: id and name; then pieces of its arguments)."""
-        events, function = [], call.get("function") or {}
-        if call["index"] not in self._calls:
-            self._calls[call["index"]] = len(self._items)
+        """A chat tool-call delta (its first: id and name; then pieces of its arguments). The message
+        before it is done when the first call starts; calls past `max_calls` are dropped."""
+        events, function, index = [], call.get("function") or {}, call["index"]
+        if index not in self._calls:
+            max_calls = self._request.max_calls
+            if max_calls is not None and len(self._calls) >= max_calls:
+                return []
+            if self._message is not None and not self._calls:
+                events += self._done(self._message, "completed")
+            self._calls[index] = len(self._items)
             item = self._call_item(call["id"], function["name"], "", "in_progress")
             self._items.append(item)
             events.append(self._event("response.output_item.added", output_index=len(self._items) - 1, item=dict(item)))
-        output_index = self._calls[call["index"]]
+        output_index = self._calls[index]
         item = self._items[output_index]
         if function.get("arguments"):
             item["arguments"] += function["arguments"]
@@ -419,20 +491,29 @@ class _Response:
             events.append(self._event("response.function_call_arguments.delta", **fields))
         return events
 
+    def _done(self, index: int, status: str) -> list[str]:
+        """An output item's closing events."""
+        item, events = self._items[index], []
+        if item["type"] == "message":
+            part = item["content"][0]
+            part["logprobs"] += self._held_logprobs
+            self._held_logprobs = []
+            events.append(self._content_event("response.output_text.done", text=part["text"], logprobs=part["logprobs"]))
+            events.append(self._content_event("response.content_part.done", part=part))
+        else:
+            fields = {"item_id": item["id"], "output_index": index, "name": item["name"], "arguments": item["arguments"]}
+            events.append(self._event("response.function_call_arguments.done", **fields))
+        item["status"] = status
+        events.append(self._event("response.output_item.done", output_index=index, item=item))
+        self._closed.add(index)
+        return events
+
     def _finish(self, finish_reason: str | None) -> list[str]:
         status = self._status(finish_reason)
-        events = [] if self._items else self._text("", [])  # an empty reply is an empty message
-        for index, item in enumerate(self._items):
-            if item["type"] == "message":
-                part = item["content"][0]
-                events.append(self._content_event("response.output_text.done", text=part["text"], logprobs=part["logprobs"]))
-                events.append(self._content_event("response.content_part.done", part=part))
-                item["status"] = status
-            else:
-                fields = {"item_id": item["id"], "output_index": index, "arguments": item["arguments"]}
-                events.append(self._event("response.function_call_arguments.done", **fields))
-                item["status"] = status
-            events.append(self._event("response.output_item.done", output_index=index, item=item))
+        events = [] if self._items else self._text("")  # an empty reply is an empty message
+        for index in range(len(self._items)):
+            if index not in self._closed:
+                events += self._done(index, status)
         kind = "response.incomplete" if status == "incomplete" else "response.completed"
         events.append(self._event(kind, response=self.envelope(status, self._items, finish_reason)))
         return events
