@@ -18,6 +18,7 @@ from pdserve.deploy import exit_guard
 from pdserve.engine.config import EngineConfig
 from pdserve.proto.deadlines import Deadlines
 from pdserve.router.config import DEFAULT_MAX_REQUEST_BODY_BYTES, GatewayConfig
+from pdserve.router.reasoning import PARSERS as REASONING_PARSERS
 from pdserve.router.tools import ToolOptions
 
 if TYPE_CHECKING:
@@ -32,8 +33,6 @@ RAY_CONNECT_TIMEOUT_S = 5.0  # --ray-address: how long the head may take to acce
 
 def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
     """`config_file`: a `--config` YAML whose settings become `serve`'s defaults (flags override it)."""
-    from pdserve.router.tool_parsers import PARSERS
-
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve a model over the OpenAI API")
@@ -95,13 +94,6 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
         "--admin-token", default=None, help="bearer token of /admin/* (default: $PDSERVE_ADMIN_TOKEN; none: admin off)"
     )
     serve.add_argument("--autoscale", action=argparse.BooleanOptionalAction, default=False, help="size the pools from their load")
-    serve.add_argument(
-        "--enable-auto-tool-choice",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="read tool calls out of replies (tool_choice auto)",
-    )
-    serve.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS), help="how the model writes tool calls")
     serve.add_argument("--log-level", default="info")
     add_gateway_arguments(serve)
     serve.set_defaults(prefill_pool=None, decode_pool=None, autoscaler=None, drain=None)  # set by --config only
@@ -126,7 +118,9 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
 
 
 def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
-    """The gateway's security, limits, admission, drain and deadlines (`router/config.py`)."""
+    """The gateway's security, limits, admission, drain, reply parsing and deadlines (`router/config.py`)."""
+    from pdserve.router.tool_parsers import PARSERS
+
     g, d = GatewayConfig(), Deadlines()
     parser.add_argument(
         "--api-key",
@@ -158,6 +152,19 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=g.shutdown_timeout_s,
         help="on SIGTERM, seconds in-flight requests may still run before they are ended",
+    )
+    parser.add_argument(
+        "--enable-auto-tool-choice",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="read tool calls out of replies (tool_choice auto)",
+    )
+    parser.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS), help="how the model writes tool calls")
+    parser.add_argument(
+        "--reasoning-parser",
+        default=None,
+        choices=REASONING_PARSERS,
+        help="return a reasoning model's thinking (<think>...</think>) apart from its answer",
     )
     parser.add_argument("--first-token-timeout", type=float, default=d.first_token_s, help="seconds to the first token")
     parser.add_argument(
@@ -215,7 +222,7 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         max_request_body_bytes=args.max_request_body_bytes,
         request_read_timeout_s=args.request_read_timeout,
         shutdown_timeout_s=args.shutdown_timeout,
-        tool_options=ToolOptions(getattr(args, "enable_auto_tool_choice", False), getattr(args, "tool_call_parser", None)),
+        tool_options=ToolOptions(args.enable_auto_tool_choice, args.tool_call_parser, args.reasoning_parser),
     )
 
 

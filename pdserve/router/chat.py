@@ -5,10 +5,11 @@ a reply with tool calls comes back in `message.tool_calls` / `delta.tool_calls`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi.responses import JSONResponse, Response
 
@@ -16,6 +17,7 @@ from pdserve.engine.tokenizer import Tokenizer
 from pdserve.router.auth import cache_salt_of
 from pdserve.router.errors import APIError
 from pdserve.router.protocol import ChatCompletionRequest, ChatMessage
+from pdserve.router.reasoning import ReasoningSplitter, split, splitter_for
 from pdserve.router.serving import (
     Generation,
     Serving,
@@ -31,6 +33,7 @@ from pdserve.router.tool_parsers import PARSERS, NamedStream, ParsedReply, Requi
 from pdserve.router.tools import ToolMode, ToolOptions, forced_call_schema, tool_mode
 
 RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "tools")
+Reader = tuple[Callable[[str], ParsedReply], Callable[[], Any]]  # the whole reply's parser, a stream's
 
 
 def render_chat(
@@ -58,8 +61,9 @@ async def create_chat_completion(
 ) -> Response:
     """`tenant`: the caller's API-key identity, which isolates its prefix cache."""
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    generations, reader = await prepare_chat(serving, request, tool_options, tenant, request_id)
-    chat = _ChatCompletion(request_id, serving.backend.model_name, serving.backend.tokenizer, generations, request, reader)
+    prepared = await prepare_chat(serving, request, tool_options, tenant, request_id)
+    generations = prepared.generations
+    chat = _ChatCompletion(request_id, serving.backend.model_name, serving.backend.tokenizer, prepared, request)
     if request.stream:
         deltas = generations[0].deltas() if len(generations) == 1 else merge_deltas([g.deltas() for g in generations])
         return await start_stream(deltas, chat.chunks, lambda: chat.final_chunks(request))
@@ -67,12 +71,17 @@ async def create_chat_completion(
     return JSONResponse(chat.response(list(wholes)))
 
 
+class PreparedChat(NamedTuple):
+    generations: list[Generation]  # not started: n of them, one prompt's KV
+    reader: Reader | None  # how tool calls are read from a reply (None: it is all content)
+    new_splitter: Callable[[], ReasoningSplitter | None]  # a reply's thinking apart from its answer (None: no thinking)
+
+
 async def prepare_chat(
     serving: Serving, request: ChatCompletionRequest, tool_options: ToolOptions, tenant: str | None, request_id: str
-) -> tuple[list[Generation], Reader | None]:
-    """A chat request checked, rendered and tokenized: its generations (not started: n of them,
-    one prompt's KV) and how tool calls are read from a reply (None: it is all content). Raises
-    APIError (400, 404) before anything runs."""
+) -> PreparedChat:
+    """A chat request checked, rendered and tokenized, ready to run. Raises APIError (400, 404)
+    before anything runs."""
     serving.check_model(request.model)
     request.check_supported()
     mode = tool_mode(request.tools, request.tool_choice, tool_options)
@@ -88,10 +97,12 @@ async def prepare_chat(
     params = request.sampling_params(
         max_tokens, request.num_logprobs, tokenizer, forced, cache_salt_of(tenant, request.cache_salt)
     )
-    return serving.generations(request_id, prompt_token_ids, params), _reply_reader(mode, tool_options)
-
-
-Reader = tuple[Callable[[str], ParsedReply], Callable[[], Any]]  # the whole reply's parser, a stream's
+    has_grammar = params.structured_output is not None
+    return PreparedChat(
+        serving.generations(request_id, prompt_token_ids, params),
+        _reply_reader(mode, tool_options),
+        functools.partial(splitter_for, tool_options.reasoning_parser, prompt, has_grammar),
+    )
 
 
 def _reply_reader(mode: ToolMode | None, options: ToolOptions) -> Reader | None:
@@ -115,17 +126,14 @@ class _ChatCompletion:
     """The response's JSON, whole or chunk by chunk; a choice per sequence (n)."""
 
     def __init__(
-        self,
-        request_id: str,
-        model: str,
-        tokenizer: Tokenizer,
-        generations: list[Generation],
-        request: ChatCompletionRequest,
-        reader: Reader | None = None,
+        self, request_id: str, model: str, tokenizer: Tokenizer, prepared: PreparedChat, request: ChatCompletionRequest
     ) -> None:
+        generations, reader = prepared.generations, prepared.reader
         self._request = request
         self._as_token_ids = request.return_tokens_as_token_ids
         self._reader = reader
+        self._new_splitter = prepared.new_splitter
+        self._splitters = [prepared.new_splitter() for _ in generations]  # thinking apart from the answer, per choice
         self._streams = [None if reader is None else reader[1]() for _ in generations]  # a tool-call parser per choice
         self._held = [TextDelta("", index=i) for i in range(len(generations))]  # logprobs of text that gave no delta yet
         self.request_id = request_id
@@ -170,10 +178,13 @@ class _ChatCompletion:
         return body
 
     def _choice(self, index: int, whole: TextDelta) -> dict:
-        message: dict[str, Any] = {"role": "assistant", "content": whole.text}
-        parsed = None if self._reader is None else self._reader[0](whole.text)
+        reasoning, answer = split(self._new_splitter(), whole.text)
+        message: dict[str, Any] = {"role": "assistant", "content": answer if answer or reasoning is None else None}
+        parsed = None if self._reader is None else self._reader[0](answer)
         if parsed is not None and parsed.tool_calls:
             message = {"role": "assistant", "content": parsed.content, "tool_calls": [c.to_json() for c in parsed.tool_calls]}
+        if reasoning is not None:  # vLLM's name, and the one it had before
+            message["reasoning"] = message["reasoning_content"] = reasoning
         return {
             "index": index,
             "message": message,
@@ -188,8 +199,25 @@ class _ChatCompletion:
         if not self._is_role_sent[index]:  # vLLM's first chunk of a choice: the role, once there is output
             self._is_role_sent[index] = True
             chunks.append(self._chunk({"role": "assistant", "content": ""}, None, TextDelta("", index=index)))
+        text, splitter = delta.text, self._splitters[index]
+        if splitter is not None:
+            reasoning, text = splitter.feed(delta.text, is_last=delta.finish_reason is not None)
+            if reasoning:
+                thought = TextDelta("", logprobs=delta.logprobs if not text else [], index=index)
+                chunks.append(
+                    self._chunk({"reasoning": reasoning, "reasoning_content": reasoning}, self._logprobs(thought), thought)
+                )
+            if not text and delta.finish_reason is None:  # nothing of the answer yet
+                if not reasoning:
+                    self._held[index].logprobs += delta.logprobs
+                return self._with_usage(chunks)
+            delta = TextDelta(
+                text, delta.token_ids, delta.logprobs if text else [], delta.finish_reason, delta.stop_reason, index
+            )
         stream = self._streams[index]
         if stream is None:
+            held, self._held[index] = self._held[index], TextDelta("", index=index)
+            delta.logprobs = held.logprobs + delta.logprobs
             chunks.append(self._chunk({"content": delta.text}, self._logprobs(delta), delta))
         else:
             message = stream.feed(delta.text, is_last=delta.finish_reason is not None)
@@ -197,6 +225,9 @@ class _ChatCompletion:
             if message or delta.finish_reason is not None:  # text held back (a tag still arriving): no chunk yet
                 held, self._held[index] = self._held[index], TextDelta("", index=index)
                 chunks.append(self._chunk(message, self._logprobs(held), delta))
+        return self._with_usage(chunks)
+
+    def _with_usage(self, chunks: list[dict]) -> list[dict]:
         if self._request.include_usage_in_every_chunk:
             for chunk in chunks:
                 chunk["usage"] = self._usage

@@ -21,10 +21,11 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from pdserve.engine.sampling_params import MAX_LOGPROBS
 from pdserve.engine.tokenizer import Tokenizer
-from pdserve.router.chat import Reader, prepare_chat
+from pdserve.router.chat import PreparedChat, prepare_chat
 from pdserve.router.errors import APIError, as_api_error
 from pdserve.router.protocol import INT64_MAX, INT64_MIN, MAX_CACHE_SALT_CHARS, ChatCompletionRequest
-from pdserve.router.serving import EventStreamResponse, Generation, Serving, TextDelta, collect, json_logprob, token_text
+from pdserve.router.reasoning import split
+from pdserve.router.serving import EventStreamResponse, Serving, TextDelta, collect, json_logprob, token_text
 from pdserve.router.structured_output import StructuredOutputsParams
 from pdserve.router.tools import ToolOptions
 
@@ -274,12 +275,12 @@ async def create_response(
     request.check_supported()
     response_id = f"resp_{uuid.uuid4().hex}"
     try:
-        generations, reader = await prepare_chat(serving, request.chat_request(), tool_options, tenant, response_id)
+        prepared = await prepare_chat(serving, request.chat_request(), tool_options, tenant, response_id)
     except APIError as exc:  # in this API's names
         message = exc.message.replace("response_format", "text.format").replace("max_completion_tokens", "max_output_tokens")
         raise APIError(exc.status_code, message, PARAMS.get(exc.param or "", exc.param)) from None
-    builder = _Response(response_id, serving.backend.model_name, serving.backend.tokenizer, generations[0], request, reader)
-    deltas = generations[0].deltas()
+    builder = _Response(response_id, serving.backend.model_name, serving.backend.tokenizer, prepared, request)
+    deltas = prepared.generations[0].deltas()
     if not request.stream:
         return JSONResponse(builder.whole(await collect(deltas)))
     try:  # the first delta before answering: a failure before any output gets its HTTP status
@@ -298,15 +299,18 @@ class _Response:
     """The response object, whole or as stream events."""
 
     def __init__(
-        self, response_id: str, model: str, tokenizer: Tokenizer, generation: Generation, request: ResponsesRequest, reader: Reader | None
+        self, response_id: str, model: str, tokenizer: Tokenizer, prepared: PreparedChat, request: ResponsesRequest
     ) -> None:  # fmt: skip
         self.id = response_id
         self.created_at = int(time.time())
         self._model = model
         self._tokenizer = tokenizer
-        self._generation = generation
+        self._generation = prepared.generations[0]
         self._request = request
-        self._reader = reader
+        self._reader = reader = prepared.reader
+        self._new_splitter = prepared.new_splitter
+        self._splitter = prepared.new_splitter()
+        self._reasoning: int | None = None  # the reasoning item's place among the items
         # streaming: the output items so far, the message item's place among them, each call's
         self._items: list[dict[str, Any]] = []
         self._message: int | None = None
@@ -366,13 +370,23 @@ class _Response:
 
     def whole(self, whole: TextDelta) -> dict[str, Any]:
         status = self._status(whole.finish_reason)
-        parsed = None if self._reader is None else self._reader[0](whole.text)
+        reasoning, answer = split(self._new_splitter(), whole.text)
+        items = [] if reasoning is None else [self._reasoning_item(reasoning, status)]
+        parsed = None if self._reader is None else self._reader[0](answer)
         if parsed is None or not parsed.tool_calls:
-            return self.envelope(status, [self._message_item(whole.text, self._logprobs(whole), status)], whole.finish_reason)
-        items = [self._message_item(parsed.content, self._logprobs(whole), status)] if parsed.content else []
+            if answer or reasoning is None:  # a reply cut while thinking has no message
+                items.append(self._message_item(answer, self._logprobs(whole), status))
+            return self.envelope(status, items, whole.finish_reason)
+        if parsed.content:
+            items.append(self._message_item(parsed.content, self._logprobs(whole), status))
         calls = parsed.tool_calls[: self._request.max_calls]
         items += [self._call_item(call.id, call.name, call.arguments, status) for call in calls]
         return self.envelope(status, items, whole.finish_reason)
+
+    @staticmethod
+    def _reasoning_item(text: str, status: str) -> dict[str, Any]:
+        content = [{"type": "reasoning_text", "text": text}]
+        return {"id": f"rs_{uuid.uuid4().hex}", "type": "reasoning", "summary": [], "content": content, "status": status}
 
     def _message_item(self, text: str, logprobs: list[dict[str, Any]], status: str) -> dict[str, Any]:
         part = {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}
@@ -435,18 +449,38 @@ class _Response:
         parser may hold text back; the last delta may have none): those still held at the end go
         into the message's `output_text.done`."""
         self._held_logprobs += self._logprobs(delta)
+        text, events, is_last = delta.text, [], delta.finish_reason is not None
+        if self._splitter is not None:
+            reasoning, text = self._splitter.feed(text, is_last)
+            events += self._reasoning_text(reasoning) if reasoning else []
         message: dict[str, Any]
         if self._text_stream is None:
-            message = {"content": delta.text}
+            message = {"content": text}
         else:
-            message = self._text_stream.feed(delta.text, is_last=delta.finish_reason is not None)
-        events = self._text(message["content"]) if message.get("content") else []
+            message = self._text_stream.feed(text, is_last=is_last)
+        events += self._text(message["content"]) if message.get("content") else []
         for call in message.get("tool_calls", []):
             events += self._call(call)
         return events
 
+    def _reasoning_text(self, text: str) -> list[str]:
+        events = []
+        if self._reasoning is None:
+            self._reasoning = len(self._items)
+            item = {**self._reasoning_item("", "in_progress"), "content": []}
+            self._items.append(item)
+            events.append(self._event("response.output_item.added", output_index=self._reasoning, item=item))
+            part = {"type": "reasoning_text", "text": ""}
+            item["content"].append(part)
+            events.append(self._part_event(self._reasoning, "response.content_part.added", part=part))
+        self._items[self._reasoning]["content"][0]["text"] += text
+        events.append(self._part_event(self._reasoning, "response.reasoning_text.delta", delta=text))
+        return events
+
     def _text(self, text: str) -> list[str]:
         events = []
+        if self._reasoning is not None and self._reasoning not in self._closed:  # the thinking is over
+            events += self._done(self._reasoning, "completed")
         if self._message in self._closed:  # text after a call: a message of its own
             self._message = None
         if self._message is None:
@@ -466,8 +500,11 @@ class _Response:
 
     def _content_event(self, kind: str, **fields: Any) -> str:
         assert self._message is not None
-        item_id = self._items[self._message]["id"]
-        return self._event(kind, item_id=item_id, output_index=self._message, content_index=0, **fields)
+        return self._part_event(self._message, kind, **fields)
+
+    def _part_event(self, index: int, kind: str, **fields: Any) -> str:
+        """An event of the first content part of item `index`."""
+        return self._event(kind, item_id=self._items[index]["id"], output_index=index, content_index=0, **fields)
 
     def _call(self, call: dict[str, Any]) -> list[str]:
         """A chat tool-call delta (its first: id and name; then pieces of its arguments). The message
@@ -477,8 +514,9 @@ class _Response:
             max_calls = self._request.max_calls
             if max_calls is not None and len(self._calls) >= max_calls:
                 return []
-            if self._message is not None and not self._calls:
-                events += self._done(self._message, "completed")
+            for open_item in (self._reasoning, self._message):
+                if open_item is not None and open_item not in self._closed:
+                    events += self._done(open_item, "completed")
             self._calls[index] = len(self._items)
             item = self._call_item(call["id"], function["name"], "", "in_progress")
             self._items.append(item)
@@ -494,7 +532,11 @@ class _Response:
     def _done(self, index: int, status: str) -> list[str]:
         """An output item's closing events."""
         item, events = self._items[index], []
-        if item["type"] == "message":
+        if item["type"] == "reasoning":
+            part = item["content"][0]
+            events.append(self._part_event(index, "response.reasoning_text.done", text=part["text"]))
+            events.append(self._part_event(index, "response.content_part.done", part=part))
+        elif item["type"] == "message":
             part = item["content"][0]
             part["logprobs"] += self._held_logprobs
             self._held_logprobs = []

@@ -10,20 +10,24 @@ from typing import Any
 
 from pdserve.engine.sampling_params import StructuredOutput
 from pdserve.router.errors import APIError
+from pdserve.router.reasoning import PARSERS as REASONING_PARSERS
 
 NAMED_CHOICE_USAGE = 'use {"type": "function", "function": {"name": "my_function"}}'
 
 
 @dataclass(frozen=True)
 class ToolOptions:
-    """`pdserve serve --enable-auto-tool-choice --tool-call-parser NAME`."""
+    """How replies are read: `--enable-auto-tool-choice --tool-call-parser NAME --reasoning-parser NAME`."""
 
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None  # a name in `router.tool_parsers.PARSERS`
+    reasoning_parser: str | None = None  # a name in `router.reasoning.PARSERS`
 
     def __post_init__(self) -> None:
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+        if self.reasoning_parser not in (None, *REASONING_PARSERS):
+            raise ValueError(f"--reasoning-parser must be one of {', '.join(REASONING_PARSERS)}, got {self.reasoning_parser}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,151 @@
+"""`--reasoning-parser`: a reasoning model's thinking comes back apart from its answer, on chat
+(`reasoning`, `reasoning_content`; streamed as delta pieces) and on /v1/responses (a `reasoning`
+item), through the real HTTP server and the official openai client. The replies are scripted token
+by token (a model with random weights writes no `<think>`), with the demo tokenizer splitting each
+tag over several tokens; the splitter itself against every way of cutting a reply into pieces."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from pdserve.engine.outputs import RequestDelta
+from pdserve.engine.tokenizer import Tokenizer
+from pdserve.proto.deadlines import Deadlines
+from pdserve.router.app import create_app
+from pdserve.router.config import GatewayConfig
+from pdserve.router.reasoning import ReasoningSplitter, split, splitter_for
+from pdserve.router.tools import ToolOptions
+from tests.test_router_http import ScriptedBackend, serve
+
+THINKING, ANSWER = "I think so.\nYes.", "The answer."
+REPLY = f"<think>{THINKING}</think>{ANSWER}"
+MESSAGES = [{"role": "user", "content": "Is it?"}]
+
+
+@pytest.mark.parametrize(
+    ("parser", "prompt", "reply", "expected"),
+    [
+        ("deepseek_r1", "", REPLY, (THINKING, ANSWER)),
+        ("deepseek_r1", "", f"{THINKING}</think>{ANSWER}", (THINKING, ANSWER)),  # <think> opened by the template
+        ("deepseek_r1", "", f"\n<think>{THINKING}", (THINKING, "")),  # cut while thinking
+        ("deepseek_r1", "", "", ("", "")),
+        ("qwen3", "", REPLY, (THINKING, ANSWER)),
+        ("qwen3", "", ANSWER, (None, ANSWER)),  # no thinking: all answer
+        ("qwen3", "", f"{THINKING}</think>{ANSWER}", (None, f"{THINKING}</think>{ANSWER}")),
+        ("qwen3", "<|im_start|>assistant\n<think>\n", f"{THINKING}</think>{ANSWER}", (THINKING, ANSWER)),
+        ("qwen3", "<|im_start|>assistant\n<think>\n\n</think>\n\n", ANSWER, (None, ANSWER)),  # enable_thinking false
+        ("qwen3", "", "<thin", (None, "<thin")),  # half a tag at the end is text
+    ],
+)
+def test_the_split_of_a_whole_reply_and_of_its_stream_in_every_cut_agree(
+    parser: str, prompt: str, reply: str, expected: tuple[str | None, str]
+) -> None:
+    assert split(splitter_for(parser, prompt, False), reply) == expected
+    for cut in range(len(reply) + 1):  # two pieces, and one character at a time
+        for pieces in ([reply[:cut], reply[cut:]], list(reply) + [""]):
+            splitter = splitter_for(parser, prompt, False)
+            assert splitter is not None
+            outs = [splitter.feed(piece, is_last=i == len(pieces) - 1) for i, piece in enumerate(pieces)]
+            assert ("".join(r for r, _ in outs), "".join(a for _, a in outs)) == (expected[0] or "", expected[1])
+            assert splitter.has_reasoning == (expected[0] is not None)
+
+
+def test_no_parser_or_a_grammar_leaves_the_reply_whole() -> None:
+    assert splitter_for(None, "", False) is None and splitter_for("deepseek_r1", "", True) is None
+    assert split(None, REPLY) == (None, REPLY)
+    assert isinstance(splitter_for("qwen3", "", False), ReasoningSplitter)
+    with pytest.raises(ValueError, match="reasoning-parser"):
+        ToolOptions(reasoning_parser="o1")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_model_dir: Path) -> Tokenizer:
+    return Tokenizer.from_pretrained(demo_model_dir)
+
+
+@pytest.fixture(scope="module", params=["deepseek_r1", "qwen3"])
+def scripted(request: pytest.FixtureRequest, tokenizer: Tokenizer) -> Iterator[tuple[openai.OpenAI, ScriptedBackend]]:
+    backend = ScriptedBackend(tokenizer)
+    config = GatewayConfig(Deadlines(first_token_s=10, request_s=10), tool_options=ToolOptions(reasoning_parser=request.param))
+    with serve(create_app(backend, config=config)) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0), backend
+
+
+def script(backend: ScriptedBackend, tokenizer: Tokenizer, text: str) -> None:
+    """The reply, a token a delta (each tag spans several tokens)."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    backend.script = [RequestDelta("", [i], finish_reason="stop" if n == len(ids) - 1 else None) for n, i in enumerate(ids)]
+
+
+def test_chat_returns_the_thinking_apart_whole_and_streamed(scripted: tuple, tokenizer: Tokenizer) -> None:
+    client, backend = scripted
+    script(backend, tokenizer, REPLY)
+    message = client.chat.completions.create(model="scripted", messages=MESSAGES).choices[0].message
+    assert (message.content, message.reasoning, message.reasoning_content) == (ANSWER, THINKING, THINKING)
+
+    chunks = [c for c in client.chat.completions.create(model="scripted", messages=MESSAGES, stream=True) if c.choices]
+    deltas = [c.choices[0].delta for c in chunks]
+    thinking = [getattr(d, "reasoning", None) for d in deltas]
+    assert "".join(t or "" for t in thinking) == THINKING and sum(t is not None for t in thinking) > 3
+    assert all(getattr(d, "reasoning_content", None) == t for d, t in zip(deltas, thinking, strict=True))
+    assert "".join(d.content or "" for d in deltas) == ANSWER
+    last_thought = max(i for i, t in enumerate(thinking) if t)
+    assert not any(d.content for d in deltas[:last_thought])  # the answer comes after the thinking
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+    script(backend, tokenizer, ANSWER)  # no tags: deepseek_r1 takes it as thinking cut short, qwen3 as an answer
+    plain = client.chat.completions.create(model="scripted", messages=MESSAGES).choices[0].message
+    if getattr(plain, "reasoning", None) is None:
+        assert plain.content == ANSWER and getattr(plain, "reasoning_content", None) is None
+    else:
+        assert plain.reasoning == ANSWER and plain.content is None
+
+
+def test_responses_return_a_reasoning_item_whole_and_streamed(scripted: tuple, tokenizer: Tokenizer) -> None:
+    client, backend = scripted
+    script(backend, tokenizer, REPLY)
+    response = client.responses.create(model="scripted", input="Is it?")
+    reasoning, message = response.output
+    assert (reasoning.type, reasoning.content[0].type, reasoning.content[0].text) == ("reasoning", "reasoning_text", THINKING)
+    assert message.type == "message" and response.output_text == ANSWER
+
+    events = list(client.responses.create(model="scripted", input="Is it?", stream=True))
+    kinds = [e.type for e in events]
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == THINKING
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == ANSWER
+    # the reasoning item is done before the message starts
+    assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
+    assert [e.item.type for e in events if e.type == "response.output_item.done"] == ["reasoning", "message"]
+    assert [i.type for i in events[-1].response.output] == ["reasoning", "message"] and events[-1].type == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_tool_calls_are_read_from_the_answer_alone(tokenizer: Tokenizer) -> None:
+    """Hermes calls after the thinking come back as tool calls; a `<tool_call>` the model only
+    thinks about stays in the reasoning."""
+    backend = ScriptedBackend(tokenizer)
+    options = ToolOptions(enable_auto_tool_choice=True, tool_call_parser="hermes", reasoning_parser="deepseek_r1")
+    call = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>'
+    thinking = "Maybe <tool_call> get_time."
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    config = GatewayConfig(Deadlines(first_token_s=10, request_s=10), tool_options=options)
+    with serve(create_app(backend, config=config)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        script(backend, tokenizer, f"<think>{thinking}</think>{call}")
+        choice = client.chat.completions.create(model="scripted", messages=MESSAGES, tools=tools).choices[0]
+        assert choice.message.reasoning == thinking and choice.finish_reason == "tool_calls"
+        [tool_call] = choice.message.tool_calls
+        assert (tool_call.function.name, tool_call.function.arguments) == ("get_time", '{"zone": "UTC"}')
+        chunks = [
+            c for c in client.chat.completions.create(model="scripted", messages=MESSAGES, tools=tools, stream=True) if c.choices
+        ]
+        assert "".join(getattr(c.choices[0].delta, "reasoning", None) or "" for c in chunks) == thinking
+        calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+        assert calls[0].function.name == "get_time" and "".join(tc.function.arguments or "" for tc in calls) == '{"zone": "UTC"}'
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        response = client.responses.create(model="scripted", input="Is it?", tools=[{"type": "function", "name": "get_time"}])
+        assert [i.type for i in response.output] == ["reasoning", "function_call"] and response.output[1].name == "get_time"
