@@ -88,7 +88,7 @@ def test_v1_without_a_valid_key_is_401_in_openai_shape_and_probes_stay_open(keye
 def test_protect_metrics_puts_metrics_and_health_behind_the_keys(engine: AsyncEngine) -> None:
     app = create_app(ColocatedBackend(engine, MODEL), config=GatewayConfig(api_keys=KEYS, protect_metrics=True))
     with gateway_in_thread(app) as (url, _):
-        for path in ("/metrics", "/health"):
+        for path in ("/metrics", "/health", "/ping"):
             assert httpx.get(url + path, timeout=10).status_code == 401
             assert httpx.get(url + path, headers={"Authorization": "Bearer key-a"}, timeout=10).status_code == 200
 
@@ -241,8 +241,8 @@ def test_sigterm_drain_finishes_what_fits_the_timeout_and_ends_the_rest_with_an_
         signalled = time.monotonic()
         while not app.state.drain.is_draining:
             time.sleep(0.01)
-        health = httpx.get(url + "/health", timeout=5)
-        assert health.status_code == 503 and health.headers["retry-after"] == "1"
+        for probe in (httpx.get(url + "/health", timeout=5), httpx.post(url + "/ping", timeout=5)):
+            assert probe.status_code == 503 and probe.headers["retry-after"] == "1"
         refused = post(url, "too late")
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1" and "shutting down" in refused.text
         for thread in threads:

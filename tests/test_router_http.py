@@ -436,6 +436,7 @@ def test_models_and_health(server: Server) -> None:
     [card] = server.client.models.list().data
     assert (card.id, card.owned_by, card.model_dump()["max_model_len"]) == (MODEL, "pdserve", MAX_MODEL_LEN)
     assert server.http.get("/health").status_code == 200
+    assert server.http.get("/ping").status_code == server.http.post("/ping").status_code == 200
 
 
 def test_tokenize_detokenize_round_trip(server: Server) -> None:

@@ -37,7 +37,7 @@ UNAVAILABLE_HEADERS = {"Retry-After": str(RETRY_AFTER_S)}  # every 503, /health'
 
 def create_app(backend: Backend, metrics: Metrics | None = None, config: GatewayConfig | None = None) -> FastAPI:
     """Routes: POST /v1/completions, /v1/chat/completions, /v1/responses, /tokenize, /detokenize;
-    GET /v1/models, /health, /metrics. The caller owns the backend (and closes it) and runs `app.state.drain` on
+    GET /v1/models, /health (and /ping), /metrics. The caller owns the backend (and closes it) and runs `app.state.drain` on
     SIGTERM (`deploy/http_server.py`)."""
     config = config or GatewayConfig()
     drain = Drain()
@@ -96,6 +96,8 @@ def create_app(backend: Backend, metrics: Metrics | None = None, config: Gateway
         return {"object": "list", "data": [card]}
 
     @app.get("/health")
+    @app.get("/ping")  # vLLM's (SageMaker's) name for it, GET or POST
+    @app.post("/ping")
     async def health() -> Response:
         if drain.is_draining:
             return Response(status_code=503, headers=UNAVAILABLE_HEADERS)

@@ -14,7 +14,7 @@ from pdserve.proto.failures import Failure
 from pdserve.router.errors import APIError
 
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
-PROBE_PATHS = ("/metrics", "/health")
+PROBE_PATHS = ("/metrics", "/health", "/ping")
 
 
 def tenant_of(api_key: bytes) -> str:

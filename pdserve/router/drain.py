@@ -15,7 +15,7 @@ from pdserve.proto.failures import Failure
 from pdserve.router.errors import APIError
 
 logger = logging.getLogger(__name__)
-OPEN_PATHS = ("/health", "/metrics")  # they keep answering while draining (/health with 503)
+OPEN_PATHS = ("/health", "/ping", "/metrics")  # they keep answering while draining (/health and /ping with 503)
 WIND_DOWN_S = 5.0  # after ending the generations, how long their error events may take to go out
 CUT_WIND_DOWN_S = 1.0  # the same after a second signal (`cut_short`)
 
