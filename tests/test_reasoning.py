@@ -6,13 +6,15 @@ tag over several tokens; the splitter itself against every way of cutting a repl
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import openai
 import pytest
 
-from pdserve.engine.outputs import RequestDelta
+from pdserve.engine import SamplingParams
+from pdserve.engine.outputs import RequestDelta, TokenLogprobs
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.proto.deadlines import Deadlines
 from pdserve.router.app import create_app
@@ -62,27 +64,39 @@ def test_no_parser_or_a_grammar_leaves_the_reply_whole() -> None:
         ToolOptions(reasoning_parser="o1")
 
 
+class ReplayBackend(ScriptedBackend):
+    """Yields its script's deltas as they are (logprobs included)."""
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestDelta]:
+        for step in self.script:
+            yield dataclasses.replace(step, request_id=request_id, num_prompt_tokens=len(prompt_token_ids))
+
+
 @pytest.fixture(scope="module")
 def tokenizer(demo_model_dir: Path) -> Tokenizer:
     return Tokenizer.from_pretrained(demo_model_dir)
 
 
 @pytest.fixture(scope="module", params=["deepseek_r1", "qwen3"])
-def scripted(request: pytest.FixtureRequest, tokenizer: Tokenizer) -> Iterator[tuple[openai.OpenAI, ScriptedBackend]]:
-    backend = ScriptedBackend(tokenizer)
+def scripted(request: pytest.FixtureRequest, tokenizer: Tokenizer) -> Iterator[tuple[openai.OpenAI, ScriptedBackend, str]]:
+    backend = ReplayBackend(tokenizer)
     config = GatewayConfig(Deadlines(first_token_s=10, request_s=10), tool_options=ToolOptions(reasoning_parser=request.param))
     with serve(create_app(backend, config=config)) as url:
-        yield openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0), backend
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0), backend, request.param
 
 
-def script(backend: ScriptedBackend, tokenizer: Tokenizer, text: str) -> None:
-    """The reply, a token a delta (each tag spans several tokens)."""
+def script(backend: ScriptedBackend, tokenizer: Tokenizer, text: str) -> list[int]:
+    """The reply, a token a delta (each tag spans several tokens), token n with logprob -(n + 1)."""
     ids = tokenizer.encode(text, add_special_tokens=False)
-    backend.script = [RequestDelta("", [i], finish_reason="stop" if n == len(ids) - 1 else None) for n, i in enumerate(ids)]
+    backend.script = [
+        RequestDelta("", [i], [TokenLogprobs(i, -(n + 1.0), 1, ())], finish_reason="stop" if n == len(ids) - 1 else None)
+        for n, i in enumerate(ids)
+    ]
+    return ids
 
 
 def test_chat_returns_the_thinking_apart_whole_and_streamed(scripted: tuple, tokenizer: Tokenizer) -> None:
-    client, backend = scripted
+    client, backend, parser = scripted
     script(backend, tokenizer, REPLY)
     message = client.chat.completions.create(model="scripted", messages=MESSAGES).choices[0].message
     assert (message.content, message.reasoning, message.reasoning_content) == (ANSWER, THINKING, THINKING)
@@ -97,16 +111,31 @@ def test_chat_returns_the_thinking_apart_whole_and_streamed(scripted: tuple, tok
     assert not any(d.content for d in deltas[:last_thought])  # the answer comes after the thinking
     assert chunks[-1].choices[0].finish_reason == "stop"
 
+    # every token's logprob, once and in order, the thinking's on the reasoning chunks
+    ids = script(backend, tokenizer, REPLY)
+    chunks = [
+        c for c in client.chat.completions.create(model="scripted", messages=MESSAGES, stream=True, logprobs=True) if c.choices
+    ]
+    values = [lp.logprob for c in chunks for lp in (c.choices[0].logprobs.content if c.choices[0].logprobs else [])]
+    assert values == [-(n + 1.0) for n in range(len(ids))]
+    assert any(getattr(c.choices[0].delta, "reasoning", None) and c.choices[0].logprobs for c in chunks)
+
+    # cut while thinking: the last chunk is the thinking's, with the finish reason
+    script(backend, tokenizer, f"<think>{THINKING}")
+    chunks = [c for c in client.chat.completions.create(model="scripted", messages=MESSAGES, stream=True) if c.choices]
+    assert getattr(chunks[-1].choices[0].delta, "reasoning", None) and chunks[-1].choices[0].finish_reason == "stop"
+    assert not any(c.choices[0].delta.content for c in chunks)
+
     script(backend, tokenizer, ANSWER)  # no tags: deepseek_r1 takes it as thinking cut short, qwen3 as an answer
     plain = client.chat.completions.create(model="scripted", messages=MESSAGES).choices[0].message
-    if getattr(plain, "reasoning", None) is None:
-        assert plain.content == ANSWER and getattr(plain, "reasoning_content", None) is None
+    if parser == "qwen3":
+        assert plain.content == ANSWER and getattr(plain, "reasoning", None) is getattr(plain, "reasoning_content", None) is None
     else:
-        assert plain.reasoning == ANSWER and plain.content is None
+        assert (plain.reasoning, plain.content) == (ANSWER, None)
 
 
 def test_responses_return_a_reasoning_item_whole_and_streamed(scripted: tuple, tokenizer: Tokenizer) -> None:
-    client, backend = scripted
+    client, backend, _ = scripted
     script(backend, tokenizer, REPLY)
     response = client.responses.create(model="scripted", input="Is it?")
     reasoning, message = response.output
@@ -123,11 +152,26 @@ def test_responses_return_a_reasoning_item_whole_and_streamed(scripted: tuple, t
     assert [i.type for i in events[-1].response.output] == ["reasoning", "message"] and events[-1].type == "response.completed"
     assert [e.sequence_number for e in events] == list(range(len(events)))
 
+    # the output sent back as the next turn's input, reasoning item included (left out of the prompt)
+    script(backend, tokenizer, ANSWER)
+    turns = [
+        {"role": "user", "content": "Is it?"},
+        *(item.model_dump() for item in response.output),
+        {"role": "user", "content": "Sure?"},
+    ]
+    assert client.responses.create(model="scripted", input=turns).status == "completed"
+
+    # empty thinking: no reasoning item, whole or streamed
+    script(backend, tokenizer, f"<think></think>{ANSWER}")
+    assert [i.type for i in client.responses.create(model="scripted", input="Is it?").output] == ["message"]
+    events = list(client.responses.create(model="scripted", input="Is it?", stream=True))
+    assert [i.type for i in events[-1].response.output] == ["message"]
+
 
 def test_tool_calls_are_read_from_the_answer_alone(tokenizer: Tokenizer) -> None:
     """Hermes calls after the thinking come back as tool calls; a `<tool_call>` the model only
     thinks about stays in the reasoning."""
-    backend = ScriptedBackend(tokenizer)
+    backend = ReplayBackend(tokenizer)
     options = ToolOptions(enable_auto_tool_choice=True, tool_call_parser="hermes", reasoning_parser="deepseek_r1")
     call = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>'
     thinking = "Maybe <tool_call> get_time."

@@ -151,7 +151,8 @@ def test_vllm_sampling_extras_are_honoured_as_on_chat(server: Server) -> None:  
         ({"previous_response_id": "resp_1"}, "previous_response_id", "stores no responses"),
         ({"background": True}, "background", "background"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input", "only text"),
-        ({"input": [{"type": "reasoning", "summary": []}]}, "input", "not supported"),
+        ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input", "not supported"),
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input", "messages"),  # left out: nothing remains
         ({"input": [{"role": "robot", "content": "hi"}]}, "input", "role"),
         ({"input": []}, "input", "empty"),
         ({"tools": [{"type": "web_search"}]}, "tools", "only function tools"),

@@ -202,23 +202,29 @@ class _ChatCompletion:
         text, splitter = delta.text, self._splitters[index]
         if splitter is not None:
             reasoning, text = splitter.feed(delta.text, is_last=delta.finish_reason is not None)
-            if reasoning:
-                thought = TextDelta("", logprobs=delta.logprobs if not text else [], index=index)
-                chunks.append(
-                    self._chunk({"reasoning": reasoning, "reasoning_content": reasoning}, self._logprobs(thought), thought)
-                )
-            if not text and delta.finish_reason is None:  # nothing of the answer yet
-                if not reasoning:
-                    self._held[index].logprobs += delta.logprobs
+            if not reasoning and not text and delta.finish_reason is None:  # a tag still arriving
+                self._held[index].logprobs += delta.logprobs
                 return self._with_usage(chunks)
-            delta = TextDelta(
-                text, delta.token_ids, delta.logprobs if text else [], delta.finish_reason, delta.stop_reason, index
-            )
+            if reasoning:  # the logprobs held back, and this delta's unless its answer text takes them
+                held, self._held[index] = self._held[index], TextDelta("", index=index)
+                is_all = not text  # the delta's end, the reply's if it ends here, go with its thinking
+                thought = TextDelta(
+                    "",
+                    logprobs=held.logprobs + (delta.logprobs if is_all else []),
+                    finish_reason=delta.finish_reason if is_all else None,
+                    stop_reason=delta.stop_reason if is_all else None,
+                    index=index,
+                )
+                message = {"reasoning": reasoning, "reasoning_content": reasoning}
+                chunks.append(self._chunk(message, self._logprobs(thought), thought))
+                if is_all:
+                    return self._with_usage(chunks)
+            delta = TextDelta(text, delta.token_ids, delta.logprobs, delta.finish_reason, delta.stop_reason, index)
         stream = self._streams[index]
         if stream is None:
             held, self._held[index] = self._held[index], TextDelta("", index=index)
-            delta.logprobs = held.logprobs + delta.logprobs
-            chunks.append(self._chunk({"content": delta.text}, self._logprobs(delta), delta))
+            merged = TextDelta(delta.text, logprobs=held.logprobs + delta.logprobs, index=index)
+            chunks.append(self._chunk({"content": delta.text}, self._logprobs(merged), delta))
         else:
             message = stream.feed(delta.text, is_last=delta.finish_reason is not None)
             self._held[index].logprobs += delta.logprobs

@@ -193,13 +193,15 @@ def chat_messages(instructions: str | None, items: str | list[dict[str, Any]]) -
             if not messages or messages[-1]["role"] != "assistant":
                 messages.append({"role": "assistant", "content": None})
             messages[-1].setdefault("tool_calls", []).append(call)
+        elif kind == "reasoning":
+            continue  # an earlier turn's thinking, sent back with its output: templates leave it out, so does this
         elif kind == "function_call_output":
             output = _text(item.get("output"), f"input[{i}].output")
             messages.append({"role": "tool", "content": output, "tool_call_id": _field(item, "call_id", i)})
         else:
             raise APIError(
                 400,
-                f"input[{i}]: items of type {kind!r} are not supported (message, function_call, function_call_output)",
+                f"input[{i}]: items of type {kind!r} are not supported (message, function_call, function_call_output, reasoning)",
                 "input",
             )
     return messages
@@ -371,10 +373,10 @@ class _Response:
     def whole(self, whole: TextDelta) -> dict[str, Any]:
         status = self._status(whole.finish_reason)
         reasoning, answer = split(self._new_splitter(), whole.text)
-        items = [] if reasoning is None else [self._reasoning_item(reasoning, status)]
+        items = [self._reasoning_item(reasoning, status)] if reasoning else []  # as streamed: none when empty
         parsed = None if self._reader is None else self._reader[0](answer)
         if parsed is None or not parsed.tool_calls:
-            if answer or reasoning is None:  # a reply cut while thinking has no message
+            if answer or not items:  # a reply cut while thinking has no message
                 items.append(self._message_item(answer, self._logprobs(whole), status))
             return self.envelope(status, items, whole.finish_reason)
         if parsed.content:
