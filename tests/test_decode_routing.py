@@ -19,8 +19,8 @@ from pdserve.engine import SamplingParams
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.proto import pdserve_pb2 as pb
-from pdserve.router.disaggregated import DisaggregatedBackend, PromptBlocks
-from pdserve.router.prefix_index import PAIR, PrefixIndex, holder_of, index_key, pair_key
+from pdserve.router.disaggregated import DisaggregatedBackend
+from pdserve.router.prefix_index import PAIR, PrefixIndex, PromptBlocks, holder_of, index_key, pair_key
 from pdserve.router.prefix_share import RedisPrefixShare
 from pdserve.router.registry import InMemoryRegistry, WorkerRecord
 from pdserve.router.workers import WorkerHandle, WorkerPool

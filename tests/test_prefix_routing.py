@@ -21,8 +21,8 @@ from pdserve.engine import SamplingParams
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.proto.cluster_secret import ClusterSecret
-from pdserve.router.disaggregated import PREFIX_HASH_PURPOSE, DisaggregatedBackend, PromptBlocks
-from pdserve.router.prefix_index import PrefixIndex, prefix_hashes
+from pdserve.router.disaggregated import PREFIX_HASH_PURPOSE, DisaggregatedBackend
+from pdserve.router.prefix_index import PrefixIndex, PromptBlocks, prefix_hashes
 from pdserve.router.prefix_share import CHANNEL, MAX_MESSAGE_BYTES, MAX_RECORD_BLOCKS, RedisPrefixShare
 from pdserve.router.registry import InMemoryRegistry
 from pdserve.router.workers import WorkerPool

@@ -26,7 +26,8 @@ from pdserve.router.errors import APIError, install_error_handlers
 from pdserve.router.limits import RequestLimits
 from pdserve.router.metrics import Metrics
 from pdserve.router.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from pdserve.router.responses import ResponsesRequest, create_response, not_stored
+from pdserve.router.responses import create_response, not_stored
+from pdserve.router.responses_request import ResponsesRequest
 from pdserve.router.serving import Serving, cancel_on_disconnect
 
 logger = logging.getLogger(__name__)

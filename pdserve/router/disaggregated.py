@@ -34,7 +34,7 @@ import asyncio
 import functools
 import logging
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import grpc
 
@@ -49,7 +49,7 @@ from pdserve.proto.failures import Failure
 from pdserve.router.backend import BackendFailure, BackendStats, BackendUnavailableError
 from pdserve.router.handoff import Handoff, HandoffFailure, is_cancelling
 from pdserve.router.health_watch import HealthWatch, WorkerLostError
-from pdserve.router.prefix_index import PrefixIndex, holder_of, index_key, pair_key, prefix_hashes
+from pdserve.router.prefix_index import PrefixIndex, PromptBlocks, holder_of, index_key, pair_key
 from pdserve.router.prefix_share import RedisPrefixShare
 from pdserve.router.workers import WorkerHandle, WorkerPool
 
@@ -284,35 +284,3 @@ class DisaggregatedBackend:
             await self.prefix_share.close()
         await self.watch.close()
         await self.pool.close()
-
-
-class PromptBlocks:
-    """A prompt's full blocks as chained keyed hashes (`prefix_hashes`), computed once per block size."""
-
-    def __init__(self, token_ids: Sequence[int], salt: str | None, key: bytes) -> None:
-        self.token_ids = token_ids
-        self._salt = salt
-        self._key = key
-        self._hashes: dict[int, list[int]] = {}  # block size -> the hashes of the prompt's full blocks
-        self._findable: dict[int, list[int]] = {}  # block size -> those of all tokens but the last
-
-    def full(self, worker: WorkerHandle) -> list[int]:
-        """Every full block of the prompt, in the worker's block size; none for a worker that does
-        not cache prefixes (or has not reported yet)."""
-        status = worker.status
-        if status is None or not status.is_prefix_caching or status.block_size < 1:
-            return []
-        size = status.block_size
-        if size not in self._hashes:
-            self._hashes[size] = prefix_hashes(self.token_ids, size, self._salt, self._key)
-        return self._hashes[size]
-
-    def findable(self, worker: WorkerHandle) -> list[int]:
-        """The blocks the worker could find cached: those of all tokens but the last (always computed)."""
-        hashes = self.full(worker)
-        if not hashes:
-            return []
-        size = worker.status.block_size
-        if size not in self._findable:
-            self._findable[size] = hashes[: (len(self.token_ids) - 1) // size]
-        return self._findable[size]

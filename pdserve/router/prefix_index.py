@@ -115,3 +115,35 @@ def _num_held(blocks: OrderedDict[tuple[str, int], None], sender: str, hashes: S
         else:
             missing = middle
     return held
+
+
+class PromptBlocks:
+    """A prompt's full blocks as chained keyed hashes (`prefix_hashes`), computed once per block size."""
+
+    def __init__(self, token_ids: Sequence[int], salt: str | None, key: bytes) -> None:
+        self.token_ids = token_ids
+        self._salt = salt
+        self._key = key
+        self._hashes: dict[int, list[int]] = {}  # block size -> the hashes of the prompt's full blocks
+        self._findable: dict[int, list[int]] = {}  # block size -> those of all tokens but the last
+
+    def full(self, worker: WorkerHandle) -> list[int]:
+        """Every full block of the prompt, in the worker's block size; none for a worker that does
+        not cache prefixes (or has not reported yet)."""
+        status = worker.status
+        if status is None or not status.is_prefix_caching or status.block_size < 1:
+            return []
+        size = status.block_size
+        if size not in self._hashes:
+            self._hashes[size] = prefix_hashes(self.token_ids, size, self._salt, self._key)
+        return self._hashes[size]
+
+    def findable(self, worker: WorkerHandle) -> list[int]:
+        """The blocks the worker could find cached: those of all tokens but the last (always computed)."""
+        hashes, status = self.full(worker), worker.status
+        if not hashes or status is None:
+            return []
+        size = status.block_size
+        if size not in self._findable:
+            self._findable[size] = hashes[: (len(self.token_ids) - 1) // size]
+        return self._findable[size]
