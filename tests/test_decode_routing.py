@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.deploy.worker_host import WorkerHost, WorkerSpec
+from pdserve.deploy.worker_host import WorkerHost
 from pdserve.engine import SamplingParams
-from pdserve.engine.config import EngineConfig
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.router.disaggregated import DisaggregatedBackend
@@ -25,13 +24,9 @@ from pdserve.router.prefix_share import RedisPrefixShare
 from pdserve.router.registry import InMemoryRegistry, WorkerRecord
 from pdserve.router.workers import WorkerHandle, WorkerPool
 from tests.servers import CLUSTER_SECRET
+from tests.test_prefix_routing import MAX_MODEL_LEN, prompt, worker_hosts
 
-MAX_MODEL_LEN = 256
 BLOCK_SIZE = 16
-
-
-def prompt(topic: str) -> str:
-    return f"Write a long and careful essay about {topic}, with an introduction, three parts and an ending. " * 3
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +36,7 @@ def tokenizer(checkpoints: dict[str, Path]) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def hosts(checkpoints: dict[str, Path]) -> Iterator[list[WorkerHost]]:
-    engine = EngineConfig(
-        model=str(checkpoints["llama"]), device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN, num_kv_blocks=256
-    )
-    started = [
-        WorkerHost(WorkerSpec(role, engine, "m", cluster_secret=CLUSTER_SECRET)) for role in ("prefill", "decode", "decode")
-    ]
-    for host in started:
-        host.start()
-    yield started
-    for host in started:
-        host.stop()
+    yield from worker_hosts(checkpoints, ("prefill", "decode", "decode"))
 
 
 def run(hosts: list[WorkerHost], tokenizer: Tokenizer, body: object, kept: list[int]) -> None:

@@ -43,19 +43,22 @@ def tokenizer(checkpoints: dict[str, Path]) -> Tokenizer:
     return Tokenizer.from_pretrained(checkpoints["llama"])
 
 
-@pytest.fixture(scope="module")
-def hosts(checkpoints: dict[str, Path]) -> Iterator[list[WorkerHost]]:
+def worker_hosts(checkpoints: dict[str, Path], roles: tuple[str, ...]) -> Iterator[list[WorkerHost]]:
+    """Started workers of these roles on the tiny llama, stopped after."""
     engine = EngineConfig(
         model=str(checkpoints["llama"]), device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN, num_kv_blocks=256
     )
-    started = [
-        WorkerHost(WorkerSpec(role, engine, "m", cluster_secret=CLUSTER_SECRET)) for role in ("prefill", "prefill", "decode")
-    ]
+    started = [WorkerHost(WorkerSpec(role, engine, "m", cluster_secret=CLUSTER_SECRET)) for role in roles]
     for host in started:
         host.start()
     yield started
     for host in started:
         host.stop()
+
+
+@pytest.fixture(scope="module")
+def hosts(checkpoints: dict[str, Path]) -> Iterator[list[WorkerHost]]:
+    yield from worker_hosts(checkpoints, ("prefill", "prefill", "decode"))
 
 
 async def cached_tokens(backend: DisaggregatedBackend, token_ids: list[int], salt: str | None = None) -> int:

@@ -180,6 +180,9 @@ def test_what_a_stateless_server_cannot_do_is_a_400_naming_the_field(server: Ser
 def test_nothing_is_stored_and_a_wrong_model_is_not_found(server: Server) -> None:  # noqa: F811
     with pytest.raises(openai.NotFoundError, match="stores no responses"):
         server.client.responses.retrieve("resp_123")
+    for method, path in (("DELETE", ""), ("GET", "/input_items"), ("POST", "/cancel")):
+        answer = server.http.request(method, f"/v1/responses/resp_123{path}")
+        assert answer.status_code == 404 and "stores no responses" in answer.json()["error"]["message"]
     with pytest.raises(openai.NotFoundError):
         server.client.responses.create(model="no-such-model", input=QUESTION)
 

@@ -67,20 +67,10 @@ def create_app(backend: Backend, metrics: Metrics | None = None, config: Gateway
     async def responses(body: ResponsesRequest, raw_request: Request) -> Response:
         return await cancel_on_disconnect(raw_request, create_response(serving, body, config.tool_options, _tenant(raw_request)))
 
-    @app.get("/v1/responses/{response_id}")
-    async def stored_response(response_id: str) -> Response:
-        raise not_stored(response_id)
-
-    @app.post("/v1/responses/{response_id}/cancel")
-    async def cancel_response(response_id: str) -> Response:
-        raise not_stored(response_id)
-
-    @app.delete("/v1/responses/{response_id}")
-    async def delete_response(response_id: str) -> Response:
-        raise not_stored(response_id)
-
+    @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"])
     @app.get("/v1/responses/{response_id}/input_items")
-    async def response_input_items(response_id: str) -> Response:
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def stored_response(response_id: str) -> Response:
         raise not_stored(response_id)
 
     @app.get("/v1/models")

@@ -57,15 +57,14 @@ class ChatMessage(BaseModel):
         return message
 
 
-class GenerationRequest(BaseModel):
-    """Fields shared by /v1/completions and /v1/chat/completions. None means "the default"."""
+class SamplingFields(BaseModel):
+    """The sampling fields every generation endpoint takes (/v1/responses as well): OpenAI's and
+    vLLM's extras. None means "the default"."""
 
     model: str | None = None
     stream: bool = False
-    stream_options: StreamOptions | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float | None = None
@@ -73,26 +72,14 @@ class GenerationRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None  # accepted and ignored, like vLLM
     # vLLM's extras
-    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N"
     top_k: int | None = None
     min_p: float | None = None
     min_tokens: int = 0
     repetition_penalty: float | None = None
-    bad_words: list[str] | None = None
-    allowed_token_ids: list[int] | None = None
-    prompt_logprobs: int | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    # structured output: OpenAI's response_format, vLLM's guided_* and structured_outputs
-    response_format: dict[str, Any] | None = None
-    guided_json: str | dict[str, Any] | None = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
-    guided_decoding_backend: str | None = None
-    guided_whitespace_pattern: str | None = None
     structured_outputs: StructuredOutputsParams | None = None
     # Prefix-cache isolation (vLLM's field): cached prefixes are shared only between requests with
     # the same salt (and, with API keys, the same key). Should be random and secret, e.g. 256 bits.
@@ -103,6 +90,30 @@ class GenerationRequest(BaseModel):
     def _stream_null_is_false(cls, stream: object) -> object:
         """OpenAI types `stream` as boolean | null (vLLM: Optional[bool] = False): null streams nothing."""
         return False if stream is None else stream
+
+    def sampling_fields(self) -> dict[str, Any]:
+        """These fields as they were given (to build another request from them)."""
+        return self.model_dump(include=set(SamplingFields.model_fields), exclude_unset=True)
+
+
+class GenerationRequest(SamplingFields):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+    # vLLM's extras
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N"
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = None
+    # structured output: OpenAI's response_format, vLLM's guided_* (and structured_outputs, above)
+    response_format: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
 
     def check_supported(self) -> None:
         """Reject what pdserve does not implement rather than silently sampling without it."""

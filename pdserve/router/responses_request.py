@@ -6,12 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError
 
 from pdserve.engine.sampling_params import MAX_LOGPROBS
 from pdserve.router.errors import APIError
-from pdserve.router.protocol import INT64_MAX, INT64_MIN, MAX_CACHE_SALT_CHARS, ChatCompletionRequest
-from pdserve.router.structured_output import StructuredOutputsParams
+from pdserve.router.protocol import ChatCompletionRequest, SamplingFields
 
 ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 TEXT_PARTS = ("input_text", "output_text", "text")
@@ -28,17 +27,13 @@ PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "ma
           "response_format": "text.format", "logprobs": "include"}  # fmt: skip
 
 
-class ResponsesRequest(BaseModel):
-    """OpenAI's fields, and vLLM's sampling extras; what pdserve cannot honour is refused."""
+class ResponsesRequest(SamplingFields):
+    """OpenAI's fields, and the sampling fields chat takes (vLLM's extras too); what pdserve cannot honour is refused."""
 
-    model: str | None = None
     input: str | list[dict[str, Any]]
     instructions: str | None = None
     max_output_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
     top_logprobs: int | None = None
-    stream: bool = False
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -53,28 +48,6 @@ class ResponsesRequest(BaseModel):
     metadata: dict[str, str] | None = None
     prompt: dict[str, Any] | None = None  # a stored prompt template: refused
     conversation: str | dict[str, Any] | None = None  # server-side state: refused
-    user: str | None = None  # accepted and ignored, like vLLM (so are service_tier, prompt_cache_key, ...)
-    # vLLM's extras, as on chat
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
-    structured_outputs: StructuredOutputsParams | None = None
-    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
-
-    @field_validator("stream", mode="before")
-    @classmethod
-    def _stream_null_is_false(cls, stream: object) -> object:
-        return False if stream is None else stream
 
     def check_supported(self) -> None:
         if self.previous_response_id is not None:
@@ -116,32 +89,14 @@ class ResponsesRequest(BaseModel):
         """The same request as a chat completion (pydantic's complaints as a 400 naming `input`)."""
         try:
             return ChatCompletionRequest(
-                model=self.model,
+                **self.sampling_fields(),
                 messages=chat_messages(self.instructions, self.input),  # dicts: validated as ChatMessage here
                 max_completion_tokens=self.max_output_tokens,
-                temperature=self.temperature,
-                top_p=self.top_p,
                 logprobs=self.wants_logprobs,
                 top_logprobs=(self.top_logprobs or 0) if self.wants_logprobs else None,
                 tools=chat_tools(self.tools),
                 tool_choice=chat_tool_choice(self.tool_choice),
                 response_format=response_format(self.text),
-                top_k=self.top_k,
-                min_p=self.min_p,
-                repetition_penalty=self.repetition_penalty,
-                seed=self.seed,
-                stop=self.stop,
-                stop_token_ids=self.stop_token_ids,
-                ignore_eos=self.ignore_eos,
-                min_tokens=self.min_tokens,
-                presence_penalty=self.presence_penalty,
-                frequency_penalty=self.frequency_penalty,
-                logit_bias=self.logit_bias,
-                skip_special_tokens=self.skip_special_tokens,
-                include_stop_str_in_output=self.include_stop_str_in_output,
-                structured_outputs=self.structured_outputs,
-                cache_salt=self.cache_salt,
-                stream=self.stream,
             )
         except ValidationError as exc:
             first = exc.errors()[0]
