@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ class RayHead:
 
     def __init__(self, ray_tmp: str) -> None:
         self.port = free_port()
+        self.ray_tmp = ray_tmp
         self.env = {"RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0", ENV_VAR: CLUSTER_SECRET.value}
         self.cluster: object | None = None
         self.address = ""
@@ -46,7 +48,14 @@ class RayHead:
 
         resources = {"prefill_pool": 2, "decode_pool": 2}
         args = {"num_cpus": 4, "resources": resources, "include_dashboard": False, "gcs_server_port": self.port}
-        self.cluster = Cluster(initialize_head=True, head_node_args=args)
+        for attempt in (1, 2):
+            try:
+                self.cluster = Cluster(initialize_head=True, head_node_args=args)
+                break
+            except Exception as e:  # Ray's fixed 30 s wait for its raylet, which a loaded 2-core CI machine can miss
+                if attempt == 2 or "timed out during startup" not in str(e):
+                    raise
+                self.kill_leftovers(grace_s=0)  # the half-started node's processes hold the GCS port
         self.address = self.cluster.address  # type: ignore[attr-defined]
         assert self.address.endswith(f":{self.port}"), self.address
 
@@ -54,6 +63,27 @@ class RayHead:
         if self.cluster is not None:
             self.cluster.shutdown()  # type: ignore[attr-defined]  # its own processes, by handle
             self.cluster = None
+        self.kill_leftovers(grace_s=10)  # workers the raylet started, which it does not wait for
+
+    def kill_leftovers(self, grace_s: float) -> None:
+        """Ends the processes of this head's Ray instances (their command lines name its RAY_TMPDIR),
+        after `grace_s` for them to exit by themselves."""
+        deadline = time.monotonic() + grace_s
+        while (pids := processes_naming(self.ray_tmp)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def processes_naming(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+    return pids
 
 
 @pytest.fixture(scope="module")
