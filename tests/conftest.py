@@ -111,3 +111,27 @@ def tool_checkpoint(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[
             config["max_position_embeddings"] = 2048
         (directory / name).write_text(json.dumps(config))
     return directory
+
+
+@pytest.fixture(scope="session")
+def thinking_checkpoint(tmp_path_factory: pytest.TempPathFactory, tool_checkpoint: Path) -> Path:
+    """`tool_checkpoint` as a reasoning model's tokenizer has it: `<think>` and `</think>` are tokens
+    of their own (as in Qwen3's and DeepSeek-R1's), and its chat template opens the thinking in the
+    prompt with `open_thinking` (as DeepSeek-R1's does) and closes it with `enable_thinking: false`
+    (as Qwen3's does)."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    directory = tmp_path_factory.mktemp("thinking") / "model"
+    shutil.copytree(tool_checkpoint, directory)
+    tokenizer = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+    tokenizer.add_tokens([AddedToken(tag, special=False, normalized=False) for tag in ("<think>", "</think>")])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    template = (directory / "chat_template.jinja").read_text()
+    (directory / "chat_template.jinja").write_text(
+        template
+        + "{%- if add_generation_prompt and open_thinking is defined and open_thinking %}{{- '<think>\\n' }}{%- endif %}"
+        + "{%- if add_generation_prompt and enable_thinking is defined and not enable_thinking %}"
+        + "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    )
+    return directory

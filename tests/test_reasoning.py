@@ -7,21 +7,25 @@ tag over several tokens; the splitter itself against every way of cutting a repl
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 
 from pdserve.engine import SamplingParams
 from pdserve.engine.outputs import RequestDelta, TokenLogprobs
+from pdserve.engine.sampling_params import Thinking
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.proto.deadlines import Deadlines
 from pdserve.router.app import create_app
 from pdserve.router.config import GatewayConfig
-from pdserve.router.reasoning import ReasoningSplitter, split, splitter_for
+from pdserve.router.reasoning import ReasoningSplitter, split, splitter_for, thinking_for
 from pdserve.router.tools import ToolOptions
 from tests.test_router_http import ScriptedBackend, serve
+from tests.test_serve_e2e import Server, serving
 
 THINKING, ANSWER = "I think so.\nYes.", "The answer."
 REPLY = f"<think>{THINKING}</think>{ANSWER}"
@@ -39,7 +43,6 @@ MESSAGES = [{"role": "user", "content": "Is it?"}]
         ("qwen3", "", ANSWER, (None, ANSWER)),  # no thinking: all answer
         ("qwen3", "", f"{THINKING}</think>{ANSWER}", (None, f"{THINKING}</think>{ANSWER}")),
         ("qwen3", "<|im_start|>assistant\n<think>\n", f"{THINKING}</think>{ANSWER}", (THINKING, ANSWER)),
-        ("qwen3", "<|im_start|>assistant\n<think>\n\n</think>\n\n", ANSWER, (None, ANSWER)),  # enable_thinking false
         ("qwen3", "", "<thin", (None, "<thin")),  # half a tag at the end is text
     ],
 )
@@ -56,8 +59,10 @@ def test_the_split_of_a_whole_reply_and_of_its_stream_in_every_cut_agree(
             assert splitter.has_reasoning == (expected[0] is not None)
 
 
-def test_no_parser_or_a_grammar_leaves_the_reply_whole() -> None:
+def test_no_parser_a_grammar_from_the_first_token_or_a_closed_thinking_leaves_the_reply_whole() -> None:
     assert splitter_for(None, "", False) is None and splitter_for("deepseek_r1", "", True) is None
+    closed = "<|im_start|>assistant\n<think>\n\n</think>\n\n"  # Qwen3's template with enable_thinking false
+    assert splitter_for("qwen3", closed, False) is None and splitter_for("deepseek_r1", closed, False) is None
     assert split(None, REPLY) == (None, REPLY)
     assert isinstance(splitter_for("qwen3", "", False), ReasoningSplitter)
     with pytest.raises(ValueError, match="reasoning-parser"):
@@ -193,3 +198,77 @@ def test_tool_calls_are_read_from_the_answer_alone(tokenizer: Tokenizer) -> None
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
         response = client.responses.create(model="scripted", input="Is it?", tools=[{"type": "function", "name": "get_time"}])
         assert [i.type for i in response.output] == ["reasoning", "function_call"] and response.output[1].name == "get_time"
+
+
+def test_a_grammar_waits_out_the_thinking_where_the_tags_are_tokens(thinking_checkpoint: Path, tokenizer: Tokenizer) -> None:
+    tokens = Tokenizer.from_pretrained(thinking_checkpoint)
+    start, end = (tokens.backend.token_to_id(tag) for tag in ("<think>", "</think>"))
+    opened, closed = "<|im_start|>assistant\n<think>\n", "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert thinking_for("deepseek_r1", "", tokens) == Thinking(start, end, starts_thinking=True)
+    assert thinking_for("qwen3", "<|im_start|>assistant\n", tokens) == Thinking(start, end, starts_thinking=False)
+    assert thinking_for("qwen3", opened, tokens) == Thinking(start, end, starts_thinking=True)
+    assert thinking_for("qwen3", closed, tokens) is None and thinking_for(None, "", tokens) is None
+    assert thinking_for("qwen3", "", tokenizer) is None  # the demo vocabulary spells the tags in pieces
+
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+JSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
+ANSWERS = ({"ok": True}, {"ok": False})
+
+
+@pytest.fixture(scope="module")
+def thinking_server(thinking_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`pdserve serve --reasoning-parser qwen3`, disaggregated: the prefill worker samples the first
+    token under the grammar, the decode worker the rest."""
+    log_path = tmp_path_factory.mktemp("thinking-serve") / "serve.log"
+    with serving(thinking_checkpoint, log_path, "--reasoning-parser", "qwen3") as server:
+        yield server
+
+
+@pytest.mark.slow
+def test_structured_output_constrains_the_answer_after_the_thinking(thinking_server: Server, thinking_checkpoint: Path) -> None:
+    """As with vLLM's reasoning parsers: a JSON schema constrains the answer, the model thinks
+    first, unconstrained, and its thinking comes back apart. The random weights are steered by
+    logit_bias: towards `<think>` and more towards `</think>` (an empty thinking), or towards
+    `</think>` enough to end a sampled thinking of a few tokens."""
+    client = thinking_server.client()
+    tokens = Tokenizer.from_pretrained(thinking_checkpoint)
+    start, end = (str(tokens.backend.token_to_id(tag)) for tag in ("<think>", "</think>"))
+    empty_thinking = {start: 50, end: 100}
+
+    def ask(template: dict | None = None, **body: Any) -> Any:
+        """Chat, the JSON without free whitespace (a random model would fill its budget with it)."""
+        extra = {"structured_outputs": {"disable_any_whitespace": True}, "chat_template_kwargs": template or {}}
+        return client.chat.completions.create(
+            model=thinking_server.model, messages=MESSAGES, max_tokens=128, extra_body=extra, **body
+        ).choices[0]
+
+    message = ask(response_format=JSON_FORMAT, temperature=0, logit_bias=empty_thinking).message
+    assert message.reasoning == "" and json.loads(message.content) in ANSWERS, message
+
+    # the template opens the thinking: it is sampled, then the answer follows the schema
+    replies = [ask({"open_thinking": True}, response_format=JSON_FORMAT, seed=seed, logit_bias={end: 6}) for seed in range(8)]
+    for reply in replies:
+        assert reply.finish_reason == "stop" and reply.message.reasoning is not None, reply
+        assert json.loads(reply.message.content) in ANSWERS, reply
+    assert any(reply.message.reasoning for reply in replies)
+
+    # a forced tool call's arguments come after the thinking
+    tool = {"type": "function", "function": {"name": "answer", "parameters": SCHEMA}}
+    forced = {"type": "function", "function": {"name": "answer"}}
+    reply = ask(tools=[tool], tool_choice=forced, temperature=0, logit_bias=empty_thinking)
+    assert reply.message.reasoning == "" and json.loads(reply.message.tool_calls[0].function.arguments) in ANSWERS
+
+    # a prompt that closed the thinking: the grammar constrains from the first token, `<think>` too
+    message = ask({"enable_thinking": False}, response_format=JSON_FORMAT, temperature=0, logit_bias={start: 50}).message
+    assert getattr(message, "reasoning", None) is None and json.loads(message.content) in ANSWERS, message
+
+    response = client.responses.create(
+        model=thinking_server.model,
+        input="Is it?",
+        temperature=0,
+        max_output_tokens=128,
+        extra_body={"logit_bias": empty_thinking, "structured_outputs": {"disable_any_whitespace": True}},
+        text={"format": {"type": "json_schema", "name": "answer", "schema": SCHEMA}},
+    )
+    assert [item.type for item in response.output] == ["message"] and json.loads(response.output_text) in ANSWERS

@@ -4,6 +4,7 @@ sampler, the grammar advanced with every token, and a complete grammar ending it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -12,7 +13,9 @@ import pytest
 import torch
 
 from pdserve.engine import LLM, SamplingParams
-from pdserve.engine.sampling_params import InvalidRequestError, StructuredOutput
+from pdserve.engine.grammar_masks import GrammarMasks
+from pdserve.engine.request import Request
+from pdserve.engine.sampling_params import InvalidRequestError, StructuredOutput, Thinking
 from pdserve.engine.structured_output import GrammarCompiler
 from pdserve.engine.tokenizer import Tokenizer
 
@@ -157,3 +160,86 @@ def test_eos_is_allowed_exactly_when_the_grammar_may_end(demo_model_dir: Path) -
     request.grammar.accept(tokenizer.encode("b", add_special_tokens=False)[0])
     assert allowed() & eos == eos  # two letters: EOS may end it
     assert all(tokenizer.decode([t]).isalpha() for t in allowed() - eos)
+
+
+def thinking_grammar(checkpoint: Path, spec: StructuredOutput, starts_thinking: bool) -> tuple[Tokenizer, Request]:
+    tokenizer = Tokenizer.from_pretrained(checkpoint)
+    start, end = (tokenizer.backend.token_to_id(tag) for tag in ("<think>", "</think>"))
+    spec = dataclasses.replace(spec, thinking=Thinking(start, end, starts_thinking))
+    grammar = GrammarCompiler(tokenizer, 832, tokenizer.eos_token_ids).compile(spec)
+    return tokenizer, Request("r", [1], SamplingParams(structured_output=spec), grammar=grammar)
+
+
+def allowed_tokens(requests: list[Request]) -> list[set[int]]:
+    """Each request's allowed next tokens, as one step's masks leave them."""
+    logits = torch.zeros(len(requests), 832)
+    pending = GrammarMasks(pin_memory=False).start(requests)
+    logits = logits if pending is None else pending.apply(logits)
+    return [set(row.isfinite().nonzero().flatten().tolist()) for row in logits]
+
+
+@pytest.mark.parametrize("starts_thinking", [True, False])
+def test_a_grammar_waits_out_the_thinking_then_constrains_the_answer(thinking_checkpoint: Path, starts_thinking: bool) -> None:
+    """Under a reasoning parser the grammar constrains the answer after `</think>`: nothing is
+    constrained while the model thinks; a reply that may open with `<think>` has it allowed beside
+    the grammar's tokens."""
+    tokenizer, request = thinking_grammar(thinking_checkpoint, StructuredOutput("regex", "[0-9]+"), starts_thinking)
+    assert request.grammar is not None and request.grammar.thinking is not None
+    start, end = request.grammar.thinking.start_token_id, request.grammar.thinking.end_token_id
+    digits = {t for t in range(tokenizer.vocab_size) if tokenizer.decode([t]).isdigit()}
+    everything = set(range(832))
+    if not starts_thinking:
+        assert allowed_tokens([request])[0] == digits | {start}  # the answer, or the thinking opening
+        request.grammar.accept(start)
+    for token in [*tokenizer.encode("I think: <b> x!", add_special_tokens=False), start]:
+        assert allowed_tokens([request])[0] == everything
+        request.grammar.accept(token)
+        assert not request.grammar.is_terminated
+    request.grammar.accept(end)
+    assert allowed_tokens([request])[0] == digits  # the answer: the grammar's tokens alone
+
+
+def test_a_reply_that_opens_with_its_answer_is_constrained_from_its_first_token(thinking_checkpoint: Path) -> None:
+    tokenizer, request = thinking_grammar(thinking_checkpoint, StructuredOutput("regex", "[0-9]{2}"), starts_thinking=False)
+    request.grammar.accept(tokenizer.encode("4", add_special_tokens=False)[0])
+    one_digit = {t for t in range(tokenizer.vocab_size) if len(tokenizer.decode([t])) == 1 and tokenizer.decode([t]).isdigit()}
+    assert allowed_tokens([request])[0] == one_digit  # `<think>` no longer
+    request.grammar.accept(tokenizer.encode("2", add_special_tokens=False)[0])
+    assert request.grammar.is_terminated
+
+
+def test_the_opening_token_is_allowed_in_its_own_row_at_any_bit_of_its_word(demo_model_dir: Path) -> None:
+    """A batch of a plain grammar, one thinking and two opening rows (one with its token at bit 31
+    of an int32 word, where the bit is the sign): each row gets its own tokens."""
+    tokenizer = Tokenizer.from_pretrained(demo_model_dir)
+    compiler = GrammarCompiler(tokenizer, 832, tokenizer.eos_token_ids)
+    spec = StructuredOutput("regex", "[0-9]+")
+    requests = [
+        Request(str(i), [1], SamplingParams(structured_output=spec), grammar=compiler.compile(s))
+        for i, s in enumerate(
+            [
+                spec,
+                dataclasses.replace(spec, thinking=Thinking(800, 801, starts_thinking=True)),
+                dataclasses.replace(spec, thinking=Thinking(805, 806, starts_thinking=False)),
+                dataclasses.replace(spec, thinking=Thinking(831, 830, starts_thinking=False)),
+            ]
+        )
+    ]
+    digits = {t for t in range(tokenizer.vocab_size) if tokenizer.decode([t]).isdigit()}
+    assert allowed_tokens(requests) == [digits, set(range(832)), digits | {805}, digits | {831}]
+    with pytest.raises(InvalidRequestError, match="thinking"):
+        compiler.compile(dataclasses.replace(spec, thinking=Thinking(832, 801, starts_thinking=True)))
+
+
+def test_greedy_thinks_then_answers_under_the_grammar(thinking_checkpoint: Path) -> None:
+    """Biased towards `<think>` (where the grammar allows it) and more towards `</think>`, greedy
+    decoding opens the thinking, closes it, then answers as the grammar says: the first token is
+    sampled from the grammar's tokens plus `<think>`, the thinking from all of them."""
+    engine = LLM(str(thinking_checkpoint), device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN)
+    tokenizer = engine.get_tokenizer()
+    start, end = (tokenizer.backend.token_to_id(tag) for tag in ("<think>", "</think>"))
+    spec = StructuredOutput("regex", "[0-9]{3}", thinking=Thinking(start, end, starts_thinking=False))
+    params = SamplingParams(temperature=0.0, max_tokens=16, structured_output=spec, logit_bias={start: 50.0, end: 100.0})
+    out = engine.generate(["Hello"], params)[0].outputs[0]
+    assert out.token_ids[:2] == [start, end] and re.fullmatch("[0-9]{3}", tokenizer.decode(out.token_ids[2:])), out.text
+    assert out.finish_reason == "stop"

@@ -9,10 +9,12 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import llguidance
+import numpy
 import torch
 from llguidance.torch import fill_next_token_bitmask_par
 
 from pdserve.engine.request import Request
+from pdserve.engine.structured_output import OPENING
 
 BITS = 32  # tokens per int32 word of a bitmask
 
@@ -46,12 +48,15 @@ class GrammarMasks:
     def start(self, requests: list[Request]) -> PendingMasks | None:
         """Start computing the next token's mask of every request in `requests` that has a grammar
         and has not finished (a finished request's row, in a step launched ahead, allows all)."""
-        matchers = [(r.grammar.matcher, i) for i, r in enumerate(requests) if r.grammar is not None and not r.is_finished]
-        if not matchers:
+        grammars = [(r.grammar, i) for i, r in enumerate(requests) if r.grammar is not None and not r.is_finished]
+        grammars = [(grammar, i) for grammar, i in grammars if grammar.constrains]  # not while the model thinks
+        if not grammars:
             return None
-        num_words = -(-next(r.grammar.vocab_size for r in requests if r.grammar is not None) // BITS)
+        num_words = -(-grammars[0][0].vocab_size // BITS)
         bitmask = torch.full((len(requests), num_words), -1, dtype=torch.int32, pin_memory=self.pin_memory)
-        done = self._thread.submit(fill_next_token_bitmask_par, self._executor, matchers, bitmask)
+        matchers = [(grammar.matcher, i) for grammar, i in grammars]
+        openings = [(i, g.thinking.start_token_id) for g, i in grammars if g.phase == OPENING and g.thinking is not None]
+        done = self._thread.submit(_fill, self._executor, matchers, bitmask, openings)
         return PendingMasks(bitmask, done)
 
     @staticmethod
@@ -60,3 +65,12 @@ class GrammarMasks:
         for request, token_id in zip(requests, token_ids):
             if request.grammar is not None:
                 request.grammar.accept(token_id)
+
+
+def _fill(executor: llguidance.LLExecutor, matchers: list, bitmask: torch.Tensor, openings: list[tuple[int, int]]) -> None:
+    """The grammars' rows, then `<think>` allowed too in the rows of replies that may open with it."""
+    fill_next_token_bitmask_par(executor, matchers, bitmask)
+    words = bitmask.numpy().view(numpy.uint32)  # on the host, as llguidance fills it
+    for row, token_id in openings:
+        word, bit = divmod(token_id, BITS)
+        words[row, word] |= numpy.uint32(1 << bit)

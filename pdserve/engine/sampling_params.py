@@ -23,6 +23,19 @@ class InvalidRequestError(ValueError):
 
 
 @dataclass(frozen=True)
+class Thinking:
+    """A reasoning model's thinking, which a grammar waits out (vLLM's structured output under a
+    reasoning parser): no token is constrained from `start_token_id` (`<think>`) to `end_token_id`
+    (`</think>`), the grammar constrains the answer after it. `starts_thinking`: the reply thinks from
+    its first token (DeepSeek-R1, a prompt ending in an open `<think>`); otherwise it thinks only if its
+    first token is `start_token_id`, and the first token may be that or what the grammar allows."""
+
+    start_token_id: int
+    end_token_id: int
+    starts_thinking: bool
+
+
+@dataclass(frozen=True)
 class StructuredOutput:
     """The constraint on a request's output, as the client gave it (compiled by the engine, see
     `engine/structured_output.py`). `spec`: the schema as JSON text (json), "" (json_object), the
@@ -32,6 +45,7 @@ class StructuredOutput:
     spec: str = ""
     disable_any_whitespace: bool = False  # JSON without whitespace between its tokens
     whitespace_pattern: str | None = None  # JSON whitespace as this regex instead
+    thinking: Thinking | None = None  # None: the grammar constrains the reply from its first token
 
     def __post_init__(self) -> None:
         if self.kind not in STRUCTURED_OUTPUT_KINDS:

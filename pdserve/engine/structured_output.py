@@ -12,6 +12,7 @@ Torch-free, so the gateway can check a spec before anything is queued."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -19,7 +20,7 @@ from collections import OrderedDict
 
 import llguidance
 
-from pdserve.engine.sampling_params import InvalidRequestError, StructuredOutput
+from pdserve.engine.sampling_params import InvalidRequestError, StructuredOutput, Thinking
 from pdserve.engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -75,20 +76,45 @@ def _choices(text: str) -> list[str]:
 
 
 class Grammar:
-    """One request's matcher: which tokens may come next, advanced with every token it gets."""
+    """One request's matcher: which tokens may come next, advanced with every token it gets. Under
+    `thinking` it first waits out the model's thinking: no token is constrained until the thinking
+    ends (or, when the reply may open without it, until a first token other than `<think>`)."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, thinking: Thinking | None = None) -> None:
         self.matcher = matcher
         self.vocab_size = vocab_size  # of its masks: at least the model's
+        self.thinking = thinking
+        if thinking is None:
+            self.phase = ANSWER
+        else:
+            self.phase = THINKING if thinking.starts_thinking else OPENING
+
+    @property
+    def constrains(self) -> bool:
+        """Whether the next token is constrained (by the matcher; at the OPENING, `<think>` also allowed)."""
+        return self.phase != THINKING
 
     def accept(self, token_id: int) -> None:
+        thinking = self.thinking
+        if thinking is not None and self.phase == THINKING:
+            if token_id == thinking.end_token_id:
+                self.phase = ANSWER
+            return
+        if thinking is not None and self.phase == OPENING:
+            if token_id == thinking.start_token_id:
+                self.phase = THINKING
+                return
+            self.phase = ANSWER  # the reply opened with its answer: this token is the grammar's
         if not self.matcher.consume_token(token_id):
             logger.warning("a token the grammar does not allow was accepted: %s", self.matcher.get_error()[:500])
 
     @property
     def is_terminated(self) -> bool:
         """No token but EOS can follow (the grammar is complete), or the matcher failed."""
-        return self.matcher.is_stopped()
+        return self.phase == ANSWER and self.matcher.is_stopped()
+
+
+THINKING, OPENING, ANSWER = "thinking", "opening", "answer"
 
 
 class GrammarCompiler:
@@ -105,6 +131,11 @@ class GrammarCompiler:
 
     def compile(self, spec: StructuredOutput) -> Grammar:
         """A fresh matcher for `spec`; raises InvalidRequestError when it does not compile."""
+        thinking = spec.thinking
+        if thinking is not None:
+            if not all(0 <= t < self._vocab_size for t in (thinking.start_token_id, thinking.end_token_id)):
+                raise InvalidRequestError("the thinking's start and end tokens must be in the vocabulary", "structured_outputs")
+            spec = dataclasses.replace(spec, thinking=None)  # one compiled grammar, with or without it
         with self._lock:
             compiled = self._cache.get(spec)
             if compiled is not None:
@@ -117,7 +148,7 @@ class GrammarCompiler:
                     self._cache.popitem(last=False)
         if isinstance(compiled, str):
             raise InvalidRequestError(compiled, "structured_outputs")
-        return Grammar(compiled.deep_copy(), self._vocab_size)
+        return Grammar(compiled.deep_copy(), self._vocab_size, thinking)
 
     def _compile(self, spec: StructuredOutput) -> llguidance.LLMatcher | str:
         """The compiled matcher, or the error message (errors are cached too)."""

@@ -3,10 +3,11 @@ servers and the gateway's gRPC client) so schedulers and the engine never see pr
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from pdserve.engine.outputs import TokenLogprobs
-from pdserve.engine.sampling_params import SamplingParams, StructuredOutput
+from pdserve.engine.sampling_params import SamplingParams, StructuredOutput, Thinking
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto.auth import STATUS_PROOF, prove
 from pdserve.proto.cluster_secret import ClusterSecret
@@ -48,12 +49,17 @@ def structured_output_to_proto(spec: StructuredOutput) -> pb.StructuredOutput:
     msg = pb.StructuredOutput(kind=spec.kind, spec=spec.spec, disable_any_whitespace=spec.disable_any_whitespace)
     if spec.whitespace_pattern is not None:
         msg.whitespace_pattern = spec.whitespace_pattern
+    if spec.thinking is not None:
+        msg.thinking.CopyFrom(pb.Thinking(**dataclasses.asdict(spec.thinking)))
     return msg
 
 
 def structured_output_from_proto(msg: pb.StructuredOutput) -> StructuredOutput:
     pattern = msg.whitespace_pattern if msg.HasField("whitespace_pattern") else None
-    return StructuredOutput(msg.kind, msg.spec, msg.disable_any_whitespace, pattern)
+    thinking = None
+    if msg.HasField("thinking"):
+        thinking = Thinking(msg.thinking.start_token_id, msg.thinking.end_token_id, msg.thinking.starts_thinking)
+    return StructuredOutput(msg.kind, msg.spec, msg.disable_any_whitespace, pattern, thinking)
 
 
 def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:

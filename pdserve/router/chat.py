@@ -5,6 +5,7 @@ a reply with tool calls comes back in `message.tool_calls` / `delta.tool_calls`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import time
 import uuid
@@ -17,7 +18,7 @@ from pdserve.engine.tokenizer import Tokenizer
 from pdserve.router.auth import cache_salt_of
 from pdserve.router.errors import APIError
 from pdserve.router.protocol import ChatCompletionRequest, ChatMessage
-from pdserve.router.reasoning import ReasoningSplitter, split, splitter_for
+from pdserve.router.reasoning import ReasoningSplitter, split, splitter_for, thinking_for
 from pdserve.router.serving import (
     Generation,
     Serving,
@@ -97,11 +98,14 @@ async def prepare_chat(
     params = request.sampling_params(
         max_tokens, request.num_logprobs, tokenizer, forced, cache_salt_of(tenant, request.cache_salt)
     )
-    has_grammar = params.structured_output is not None
+    grammar = params.structured_output
+    thinking = None if grammar is None else thinking_for(tool_options.reasoning_parser, prompt, tokenizer)
+    if grammar is not None and thinking is not None:  # the grammar constrains the answer after the thinking
+        params = dataclasses.replace(params, structured_output=dataclasses.replace(grammar, thinking=thinking))
     return PreparedChat(
         serving.generations(request_id, prompt_token_ids, params),
         _reply_reader(mode, tool_options),
-        functools.partial(splitter_for, tool_options.reasoning_parser, prompt, has_grammar),
+        functools.partial(splitter_for, tool_options.reasoning_parser, prompt, grammar is not None and thinking is None),
     )
 
 

@@ -9,12 +9,20 @@ on /v1/responses; tool calls are read from the answer alone.
   (Qwen3's thinking-only models); otherwise it is all answer. With `enable_thinking: false` Qwen3's
   template closes the thinking in the prompt, so the reply is all answer.
 
-A request with structured output is all answer: its grammar constrains the reply from the first
-token (pdserve does not hold it back until the thinking ends, as vLLM does), which leaves no
-thinking to split off. The split is made on the text as it streams; the whole reply is split by the
-same rules, so a stream and the whole agree."""
+A prompt that closes the thinking itself (ends in `</think>`) gets a reply that is all answer.
+
+Structured output (a JSON schema, a regex, a forced tool call) constrains the answer, not the
+thinking, as in vLLM: the grammar waits, unconstrained, until the model writes `</think>` (with
+qwen3, while the reply may still open with `<think>`, that token is allowed beside the grammar's).
+This needs both tags to be tokens of the vocabulary, as they are in the Qwen3 and DeepSeek-R1
+tokenizers; where they are not, the grammar constrains the reply from its first token, which leaves
+no thinking to split off. The split is made on the text as it streams; the whole reply is split by
+the same rules, so a stream and the whole agree."""
 
 from __future__ import annotations
+
+from pdserve.engine.sampling_params import Thinking
+from pdserve.engine.tokenizer import Tokenizer
 
 START, END = "<think>", "</think>"
 PARSERS = ("deepseek_r1", "qwen3")
@@ -68,12 +76,24 @@ def _partial_tag(text: str, tag: str) -> int:
 
 
 def splitter_for(parser: str | None, prompt: str, has_structured_output: bool) -> ReasoningSplitter | None:
-    """The splitter for a reply to `prompt` (the rendered chat), or None: no thinking to split off."""
-    if parser is None or has_structured_output:
+    """The splitter for a reply to `prompt` (the rendered chat), or None: no thinking to split off.
+    `has_structured_output`: a grammar constrains the reply from its first token."""
+    if parser is None or has_structured_output or prompt.rstrip().endswith(END):
         return None
     if parser == "deepseek_r1":
         return ReasoningSplitter(starts_thinking=True)
     return ReasoningSplitter(starts_thinking=prompt.rstrip().endswith(START))
+
+
+def thinking_for(parser: str | None, prompt: str, tokenizer: Tokenizer) -> Thinking | None:
+    """What a grammar on the reply to `prompt` waits out (the splitter's rules, on tokens), or None:
+    no reasoning parser, a prompt that closed the thinking, or tags that are not tokens."""
+    if parser is None or prompt.rstrip().endswith(END):
+        return None
+    start, end = (tokenizer.backend.token_to_id(tag) for tag in (START, END))
+    if start is None or end is None:
+        return None
+    return Thinking(start, end, starts_thinking=parser == "deepseek_r1" or prompt.rstrip().endswith(START))
 
 
 def split(splitter: ReasoningSplitter | None, text: str) -> tuple[str | None, str]:
