@@ -1,8 +1,9 @@
 """POST /v1/responses, OpenAI's Responses API, driven by the official openai client (its typed
 events and its stream helper, which rebuilds the response from the events) against a real engine
 on the CPU behind the real HTTP server: a response is the chat reply to the same conversation, its
-stream adds up to the whole, its logprobs are chat's, and what a stateless server cannot do is a
-400 naming the field. Function tools and structured output: tests/test_structured_serve.py."""
+stream adds up to the whole, its logprobs are chat's, and what pdserve cannot do is a 400 naming the
+field. Function tools and structured output: tests/test_structured_serve.py; the response store
+(`previous_response_id`, GET/DELETE): tests/test_responses_store.py."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def test_a_response_is_the_chat_reply_to_the_same_conversation(server: Server, l
         assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
     else:
         assert response.status == "completed" and response.incomplete_details is None
-    assert response.store is False and response.instructions == INSTRUCTIONS
+    assert response.store is True and response.instructions == INSTRUCTIONS
 
     # the same conversation as input items: a developer turn, text parts
     items = [
@@ -148,7 +149,6 @@ def test_vllm_sampling_extras_are_honoured_as_on_chat(server: Server) -> None:  
 @pytest.mark.parametrize(
     ("body", "param", "words"),
     [
-        ({"previous_response_id": "resp_1"}, "previous_response_id", "stores no responses"),
         ({"background": True}, "background", "background"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input", "only text"),
         ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input", "not supported"),
@@ -170,19 +170,21 @@ def test_vllm_sampling_extras_are_honoured_as_on_chat(server: Server) -> None:  
         ({"input": 3}, "input", ""),
     ],
 )
-def test_what_a_stateless_server_cannot_do_is_a_400_naming_the_field(server: Server, body: dict, param: str, words: str) -> None:  # noqa: F811
+def test_what_pdserve_cannot_do_is_a_400_naming_the_field(server: Server, body: dict, param: str, words: str) -> None:  # noqa: F811
     answer = server.http.post("/v1/responses", json={"model": MODEL, "input": QUESTION, **body})
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert error["param"] == param and words in error["message"], error
 
 
-def test_nothing_is_stored_and_a_wrong_model_is_not_found(server: Server) -> None:  # noqa: F811
-    with pytest.raises(openai.NotFoundError, match="stores no responses"):
+def test_an_unknown_response_and_a_wrong_model_are_not_found(server: Server) -> None:  # noqa: F811
+    with pytest.raises(openai.NotFoundError, match="not found"):
         server.client.responses.retrieve("resp_123")
     for method, path in (("DELETE", ""), ("GET", "/input_items"), ("POST", "/cancel")):
         answer = server.http.request(method, f"/v1/responses/resp_123{path}")
-        assert answer.status_code == 404 and "stores no responses" in answer.json()["error"]["message"]
+        assert answer.status_code == 404 and "not found" in answer.json()["error"]["message"]
+    answer = server.http.post("/v1/responses", json={"model": MODEL, "input": QUESTION, "previous_response_id": "resp_1"})
+    assert answer.status_code == 404 and answer.json()["error"]["param"] == "previous_response_id"
     with pytest.raises(openai.NotFoundError):
         server.client.responses.create(model="no-such-model", input=QUESTION)
 

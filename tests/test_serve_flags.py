@@ -31,6 +31,8 @@ def busy_port() -> Iterator[int]:
         (["--shutdown-timeout", "-1"], "pdserve: --shutdown-timeout must be >= 0"),
         (["--request-timeout", "0"], "--request-timeout must be a positive number of seconds"),
         (["--max-num-queued-reqs", "0"], "pdserve: --max-num-queued-reqs must be at least 1"),
+        (["--responses-store-max-entries", "-1"], "pdserve: --responses-store-max-entries must be >= 0"),
+        (["--responses-store-ttl", "0"], "pdserve: --responses-store-ttl must be positive"),
         (["--port", "70000"], "--port must be in 0..65535; got 70000"),
         (["--port", "-1"], "--port must be in 0..65535"),
         (["--host", "no.such.host.invalid"], "cannot listen on no.such.host.invalid"),

@@ -118,7 +118,7 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
 
 
 def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
-    """The gateway's security, limits, admission, drain, reply parsing and deadlines (`router/config.py`)."""
+    """The gateway's security, limits, admission, drain, reply parsing, response store and deadlines (`router/config.py`)."""
     from pdserve.router.tool_parsers import PARSERS
 
     g, d = GatewayConfig(), Deadlines()
@@ -165,6 +165,24 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         choices=REASONING_PARSERS,
         help="return a reasoning model's thinking (<think>...</think>) apart from its answer",
+    )
+    parser.add_argument(
+        "--responses-store-max-entries",
+        type=int,
+        default=g.responses_store_max_entries,
+        help="/v1/responses kept for previous_response_id and GET (in memory; 0: none, the API stateless)",
+    )
+    parser.add_argument(
+        "--responses-store-max-bytes",
+        type=int,
+        default=g.responses_store_max_bytes,
+        help="their JSON in memory, least recently used evicted first (with --redis-url: one response's at most)",
+    )
+    parser.add_argument(
+        "--responses-store-ttl",
+        type=float,
+        default=g.responses_store_ttl_s,
+        help="seconds a stored response is kept (with --redis-url: its Redis expiry)",
     )
     parser.add_argument("--first-token-timeout", type=float, default=d.first_token_s, help="seconds to the first token")
     parser.add_argument(
@@ -223,6 +241,9 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         request_read_timeout_s=args.request_read_timeout,
         shutdown_timeout_s=args.shutdown_timeout,
         tool_options=ToolOptions(args.enable_auto_tool_choice, args.tool_call_parser, args.reasoning_parser),
+        responses_store_max_entries=args.responses_store_max_entries,
+        responses_store_max_bytes=args.responses_store_max_bytes,
+        responses_store_ttl_s=args.responses_store_ttl,
     )
 
 

@@ -19,6 +19,7 @@ from pdserve.router.backend import Backend
 from pdserve.router.config import GatewayConfig
 from pdserve.router.metrics import Metrics
 from pdserve.router.registry import Registry
+from pdserve.router.response_store import open_response_store
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -49,7 +50,9 @@ async def run_gateway(
         backend: Backend = await _colocated(config)
     else:
         backend = await _disaggregated(config, registry, metrics, gateway, can_serve_before_workers)
-    app = create_app(backend, metrics, gateway)
+    # with Redis, the gateways behind one load balancer share their stored responses
+    response_store = open_response_store(gateway, config.redis_url, config.cluster_secret)
+    app = create_app(backend, metrics, gateway, response_store)
     if registry is not None:
         tasks += _add_operations(app, backend, config, metrics, controller)
     else:
@@ -67,6 +70,8 @@ async def run_gateway(
         for task in tasks:
             task.cancel()
         await backend.close()
+        if response_store is not None:
+            await response_store.close()
     return 0
 
 

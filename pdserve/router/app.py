@@ -8,6 +8,7 @@ import asyncio
 import importlib.metadata
 import logging
 import time
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -26,7 +27,8 @@ from pdserve.router.errors import APIError, install_error_handlers
 from pdserve.router.limits import RequestLimits
 from pdserve.router.metrics import Metrics
 from pdserve.router.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from pdserve.router.responses import create_response, not_stored
+from pdserve.router.response_store import ResponseStore, StoredResponse, find, item_page, not_stored, open_response_store
+from pdserve.router.responses import create_response
 from pdserve.router.responses_request import ResponsesRequest
 from pdserve.router.serving import Serving, cancel_on_disconnect
 
@@ -36,14 +38,21 @@ PROBE_TIMEOUT_S = 5.0  # /health and /metrics ask the backend; a stuck backend m
 UNAVAILABLE_HEADERS = {"Retry-After": str(RETRY_AFTER_S)}  # every 503, /health's too
 
 
-def create_app(backend: Backend, metrics: Metrics | None = None, config: GatewayConfig | None = None) -> FastAPI:
+def create_app(
+    backend: Backend,
+    metrics: Metrics | None = None,
+    config: GatewayConfig | None = None,
+    response_store: ResponseStore | None = None,
+) -> FastAPI:
     """Routes: POST /v1/completions, /v1/chat/completions, /v1/responses, /tokenize, /detokenize;
-    GET /v1/models, /health (and /ping), /metrics. The caller owns the backend (and closes it) and runs `app.state.drain` on
-    SIGTERM (`deploy/http_server.py`)."""
+    GET/DELETE /v1/responses/{id}, its input_items and cancel; GET /v1/models, /health (and /ping),
+    /metrics. The caller owns the backend and `response_store` (and closes them; without one, the
+    config's in-memory store, none when it says 0) and runs `app.state.drain` on SIGTERM (`deploy/http_server.py`)."""
     config = config or GatewayConfig()
     drain = Drain()
     admission = Admission(config.max_num_queued_reqs, config.max_num_queued_tokens)
     serving = Serving(backend, metrics or Metrics(backend.model_name), config.deadlines, admission, drain)
+    store = response_store if response_store is not None else open_response_store(config)
     app = FastAPI(title="pdserve")
     app.state.serving = serving
     app.state.drain = drain
@@ -65,13 +74,37 @@ def create_app(backend: Backend, metrics: Metrics | None = None, config: Gateway
 
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, raw_request: Request) -> Response:
-        return await cancel_on_disconnect(raw_request, create_response(serving, body, config.tool_options, _tenant(raw_request)))
+        tenant = _tenant(raw_request)
+        return await cancel_on_disconnect(raw_request, create_response(serving, body, config.tool_options, tenant, store))
 
-    @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"])
+    async def stored(response_id: str, raw_request: Request) -> StoredResponse:
+        if store is None:
+            raise not_stored(response_id)
+        return await find(store, _tenant(raw_request), response_id)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str, raw_request: Request, stream: bool = False) -> JSONResponse:
+        if stream:
+            raise APIError(400, "only background responses can be streamed again (this server makes none)", "stream")
+        return JSONResponse((await stored(response_id, raw_request)).response)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str, raw_request: Request) -> JSONResponse:
+        await stored(response_id, raw_request)  # a 404 unless this tenant's
+        assert store is not None  # else `stored` raised
+        await store.delete(_tenant(raw_request), response_id)
+        return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+
     @app.get("/v1/responses/{response_id}/input_items")
+    async def response_input_items(
+        response_id: str, raw_request: Request, limit: int = 20, order: Literal["asc", "desc"] = "desc", after: str | None = None
+    ) -> JSONResponse:
+        return JSONResponse(item_page((await stored(response_id, raw_request)).input_items, limit, order, after))
+
     @app.post("/v1/responses/{response_id}/cancel")
-    async def stored_response(response_id: str) -> Response:
-        raise not_stored(response_id)
+    async def cancel_response(response_id: str, raw_request: Request) -> Response:
+        await stored(response_id, raw_request)
+        raise APIError(400, "only background responses can be cancelled (this server makes none)", "response_id")
 
     @app.get("/v1/models")
     async def models() -> dict:

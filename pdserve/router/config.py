@@ -1,5 +1,6 @@
 """`GatewayConfig`: what the HTTP gateway is told at start (`pdserve serve` flags): API keys,
-input limits, admission bounds, drain time, the requests' deadlines and the tool-call parser.
+input limits, admission bounds, drain time, the requests' deadlines, the tool-call parser and the
+Responses API's store.
 Built once, never mutated."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pdserve.proto.deadlines import Deadlines
 from pdserve.router.tools import ToolOptions
 
 DEFAULT_MAX_REQUEST_BODY_BYTES = 8 * 2**20  # a full 128K-token prompt as text or as token ids fits many times
+DEFAULT_RESPONSES_STORE_MAX_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -23,14 +25,21 @@ class GatewayConfig:
     request_read_timeout_s: float = 30.0  # a client's request headers, and then its body, must arrive within this
     shutdown_timeout_s: float = 30.0  # SIGTERM: in-flight requests may finish within this, then are ended
     tool_options: ToolOptions = field(default_factory=ToolOptions)  # parsing tool calls out of replies
+    responses_store_max_entries: int = 10_000  # stored /v1/responses in memory; 0: none stored
+    responses_store_max_bytes: int = DEFAULT_RESPONSES_STORE_MAX_BYTES  # their JSON in memory; in Redis, one's at most
+    responses_store_ttl_s: float = 3600.0  # a stored response is forgotten this long after it was written
 
     def __post_init__(self) -> None:
         if any(not key for key in self.api_keys):
             raise ValueError("an API key must not be empty")
-        for name in ("max_num_queued_reqs", "max_num_queued_tokens", "max_request_body_bytes"):
+        for name in ("max_num_queued_reqs", "max_num_queued_tokens", "max_request_body_bytes", "responses_store_max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.request_read_timeout_s > 0:
             raise ValueError(f"request_read_timeout_s must be positive, got {self.request_read_timeout_s}")
+        if self.responses_store_max_entries < 0:
+            raise ValueError(f"responses_store_max_entries must be >= 0, got {self.responses_store_max_entries}")
+        if not self.responses_store_ttl_s > 0:
+            raise ValueError(f"responses_store_ttl_s must be positive, got {self.responses_store_ttl_s}")
         if not self.shutdown_timeout_s >= 0:
             raise ValueError(f"shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s}")

@@ -1,16 +1,17 @@
-"""POST /v1/responses: OpenAI's Responses API, stateless, as vLLM serves it without its store.
-`instructions` and the `input` items become chat messages (a `function_call` item an assistant
-turn's tool call, a `function_call_output` item a tool turn) and take the chat path
-(`chat.prepare_chat`: the template, function tools, `text.format` as structured output); the reply
-comes back as output items, a `message` with its `output_text` and a `function_call` item per tool
-call, whole or as the Responses stream's events (`response.created` ... `response.completed`).
-Nothing is stored: `previous_response_id` and `background` are refused, `store` is answered false,
-and GET /v1/responses/{id} finds nothing."""
+"""POST /v1/responses: OpenAI's Responses API. `instructions` and the conversation's items become
+chat messages (a `function_call` item an assistant turn's tool call, a `function_call_output` item a
+tool turn) and take the chat path (`chat.prepare_chat`: the template, function tools, `text.format`
+as structured output); the reply comes back as output items, a `message` with its `output_text` and
+a `function_call` item per tool call, whole or as the Responses stream's events (`response.created`
+... `response.completed`). Unless `store` is false, the final response and its conversation are kept
+(`response_store.py`) before the client gets it: `previous_response_id` continues that conversation
+(the input items it answered, then its output, then the new `input`; its `instructions` are not
+carried over, as on OpenAI). `background`, `conversation` and `prompt` are refused."""
 
 from __future__ import annotations
 
+import functools
 import json
-import time
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
@@ -21,160 +22,68 @@ from fastapi.responses import JSONResponse, Response
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.router.chat import PreparedChat, prepare_chat
 from pdserve.router.errors import APIError, as_api_error
-from pdserve.router.reasoning import split
+from pdserve.router.response_object import Keep, ResponseObject
+from pdserve.router.response_store import ResponseStore, input_items, previous_conversation
 from pdserve.router.responses_request import PARAMS, ResponsesRequest
-from pdserve.router.serving import EventStreamResponse, Serving, TextDelta, collect, json_logprob, token_text
+from pdserve.router.serving import EventStreamResponse, Serving, TextDelta, collect
 from pdserve.router.tools import ToolOptions
 
 
 async def create_response(
-    serving: Serving, request: ResponsesRequest, tool_options: ToolOptions = ToolOptions(), tenant: str | None = None
+    serving: Serving,
+    request: ResponsesRequest,
+    tool_options: ToolOptions = ToolOptions(),
+    tenant: str | None = None,
+    store: ResponseStore | None = None,
 ) -> Response:
     request.check_supported()
+    items = [*await previous_conversation(store, tenant, request.previous_response_id), *input_items(request.input)]
     response_id = f"resp_{uuid.uuid4().hex}"
     try:
-        prepared = await prepare_chat(serving, request.chat_request(), tool_options, tenant, response_id)
+        prepared = await prepare_chat(serving, request.chat_request(items), tool_options, tenant, response_id)
     except APIError as exc:  # in this API's names
         message = exc.message.replace("response_format", "text.format").replace("max_completion_tokens", "max_output_tokens")
         raise APIError(exc.status_code, message, PARAMS.get(exc.param or "", exc.param)) from None
-    builder = _Response(response_id, serving.backend.model_name, serving.backend.tokenizer, prepared, request)
+    keep = None if store is None or request.store is False else functools.partial(store.put, tenant, input_items=items)
+    built = (serving.backend.model_name, serving.backend.tokenizer, prepared, request, keep)
     deltas = prepared.generations[0].deltas()
     if not request.stream:
-        return JSONResponse(builder.whole(await collect(deltas)))
+        response = ResponseObject(response_id, *built).whole(await collect(deltas))
+        if keep is not None:
+            await keep(response)
+        return JSONResponse(response)
     try:  # the first delta before answering: a failure before any output gets its HTTP status
         first = await anext(deltas)
     except BaseException:
         await deltas.aclose()
         raise
-    return EventStreamResponse(builder.events(first, deltas))
+    return EventStreamResponse(_ResponseStream(response_id, *built).events(first, deltas))
 
 
-def not_stored(response_id: str) -> APIError:
-    return APIError(404, f"response {response_id} not found: this server stores no responses", "response_id")
-
-
-class _Response:
-    """The response object, whole or as stream events."""
+class _ResponseStream(ResponseObject):
+    """The response as the Responses stream's events, its output items built as the reply streams."""
 
     def __init__(
-        self, response_id: str, model: str, tokenizer: Tokenizer, prepared: PreparedChat, request: ResponsesRequest
-    ) -> None:  # fmt: skip
-        self.id = response_id
-        self.created_at = int(time.time())
-        self._model = model
-        self._tokenizer = tokenizer
-        self._generation = prepared.generations[0]
-        self._request = request
-        self._reader = reader = prepared.reader
-        self._new_splitter = prepared.new_splitter
+        self,
+        response_id: str,
+        model: str,
+        tokenizer: Tokenizer,
+        prepared: PreparedChat,
+        request: ResponsesRequest,
+        keep: Keep | None,  # None: not stored
+    ) -> None:
+        super().__init__(response_id, model, tokenizer, prepared, request, keep)
         self._splitter = prepared.new_splitter()
         self._reasoning: int | None = None  # the reasoning item's place among the items
-        # streaming: the output items so far, the message item's place among them, each call's
+        # the output items so far, the message item's place among them, each call's
         self._items: list[dict[str, Any]] = []
         self._message: int | None = None
         self._calls: dict[int, int] = {}  # the tool call's index in the reply -> its item's
         self._held_logprobs: list[dict[str, Any]] = []  # of tokens whose text has not been sent yet
         self._closed: set[int] = set()  # the items done
-        self._text_stream = None if reader is None else reader[1]()
+        self._text_stream = None if prepared.reader is None else prepared.reader[1]()
         self._sequence = 0
 
-    # -- the response object ------------------------------------------------------------------------
-    def envelope(self, status: str, output: list[dict[str, Any]], finish_reason: str | None = None) -> dict[str, Any]:
-        request = self._request
-        body: dict[str, Any] = {
-            "id": self.id,
-            "object": "response",
-            "created_at": self.created_at,
-            "status": status,
-            "background": False,
-            "error": None,
-            "incomplete_details": {"reason": "max_output_tokens"} if finish_reason == "length" else None,
-            "instructions": request.instructions,
-            "max_output_tokens": request.max_output_tokens,
-            "model": self._model,
-            "output": output,
-            "parallel_tool_calls": True if request.parallel_tool_calls is None else request.parallel_tool_calls,
-            "previous_response_id": None,
-            "reasoning": {"effort": None, "summary": None},
-            "store": False,
-            "temperature": 1.0 if request.temperature is None else request.temperature,
-            "text": {"format": (request.text or {}).get("format") or {"type": "text"}},
-            "tool_choice": request.tool_choice or ("auto" if request.tools else "none"),
-            "tools": request.tools or [],
-            "top_logprobs": request.top_logprobs or 0,
-            "top_p": 1.0 if request.top_p is None else request.top_p,
-            "truncation": "disabled",
-            "usage": None,
-            "user": request.user,
-            "metadata": request.metadata or {},
-        }
-        if status in ("completed", "incomplete"):
-            usage = self._generation.usage
-            body["usage"] = {
-                "input_tokens": usage["prompt_tokens"],
-                "input_tokens_details": {
-                    "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
-                    "cache_write_tokens": 0,
-                },
-                "output_tokens": usage["completion_tokens"],
-                "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": usage["total_tokens"],
-            }
-        return body
-
-    @staticmethod
-    def _status(finish_reason: str | None) -> str:
-        return "incomplete" if finish_reason == "length" else "completed"
-
-    def whole(self, whole: TextDelta) -> dict[str, Any]:
-        status = self._status(whole.finish_reason)
-        reasoning, answer = split(self._new_splitter(), whole.text)
-        items = [self._reasoning_item(reasoning, status)] if reasoning else []  # as streamed: none when empty
-        parsed = None if self._reader is None else self._reader[0](answer)
-        if parsed is None or not parsed.tool_calls:
-            if answer or not items:  # a reply cut while thinking has no message
-                items.append(self._message_item(answer, self._logprobs(whole), status))
-            return self.envelope(status, items, whole.finish_reason)
-        if parsed.content:
-            items.append(self._message_item(parsed.content, self._logprobs(whole), status))
-        calls = parsed.tool_calls[: self._request.max_calls]
-        items += [self._call_item(call.id, call.name, call.arguments, status) for call in calls]
-        return self.envelope(status, items, whole.finish_reason)
-
-    @staticmethod
-    def _reasoning_item(text: str, status: str) -> dict[str, Any]:
-        content = [{"type": "reasoning_text", "text": text}]
-        return {"id": f"rs_{uuid.uuid4().hex}", "type": "reasoning", "summary": [], "content": content, "status": status}
-
-    def _message_item(self, text: str, logprobs: list[dict[str, Any]], status: str) -> dict[str, Any]:
-        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}
-        return {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "status": status, "role": "assistant", "content": [part]}
-
-    @staticmethod
-    def _call_item(call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
-        return {
-            "id": f"fc_{uuid.uuid4().hex}",
-            "type": "function_call",
-            "call_id": call_id,
-            "name": name,
-            "arguments": arguments,
-            "status": status,
-        }
-
-    def _logprobs(self, delta: TextDelta) -> list[dict[str, Any]]:
-        if not self._request.wants_logprobs:
-            return []
-        num_top = self._request.top_logprobs or 0
-        return [
-            {**self._entry(lp.token_id, lp.logprob), "top_logprobs": [self._entry(i, v) for i, v in lp.top[:num_top]]}
-            for lp in delta.logprobs
-        ]
-
-    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
-        token = token_text(self._tokenizer, token_id)
-        return {"token": token, "bytes": list(token.encode("utf-8")), "logprob": json_logprob(logprob)}
-
-    # -- the stream ---------------------------------------------------------------------------------
     async def events(self, first: TextDelta, rest: AsyncGenerator[TextDelta, None]) -> AsyncGenerator[str, None]:
         """The SSE body. A failure mid-stream becomes an `error` event and `response.failed` (the
         status line went out with the first event)."""
@@ -189,13 +98,16 @@ class _Response:
                     for event in self._on_delta(delta):
                         yield event
                     finish_reason = delta.finish_reason
-                for event in self._finish(finish_reason):
-                    yield event
+                closing, final = self._finish(finish_reason)
             except Exception as exc:  # noqa: BLE001 - reported to the client in the stream
                 error = as_api_error(exc)
-                yield self._event("error", code=str(error.status_code), message=error.message, param=error.param)
-                failed = {**self.envelope("failed", self._items), "error": {"code": "server_error", "message": error.message}}
-                yield self._event("response.failed", response=failed)
+                final = {**self.envelope("failed", self._items), "error": {"code": "server_error", "message": error.message}}
+                closing = [self._event("error", code=str(error.status_code), message=error.message, param=error.param)]
+                closing.append(self._event("response.failed", response=final))
+            if self._keep is not None:  # before the client sees the end: a retrieve right after it finds the response
+                await self._keep(final)
+            for event in closing:
+                yield event
 
     def _event(self, kind: str, **fields: Any) -> str:
         data = {"type": kind, "sequence_number": self._sequence, **fields}
@@ -308,12 +220,14 @@ class _Response:
         self._closed.add(index)
         return events
 
-    def _finish(self, finish_reason: str | None) -> list[str]:
+    def _finish(self, finish_reason: str | None) -> tuple[list[str], dict[str, Any]]:
+        """The closing events, and the final response object."""
         status = self._status(finish_reason)
         events = [] if self._items else self._text("")  # an empty reply is an empty message
         for index in range(len(self._items)):
             if index not in self._closed:
                 events += self._done(index, status)
         kind = "response.incomplete" if status == "incomplete" else "response.completed"
-        events.append(self._event(kind, response=self.envelope(status, self._items, finish_reason)))
-        return events
+        final = self.envelope(status, self._items, finish_reason)
+        events.append(self._event(kind, response=final))
+        return events, final

@@ -1,6 +1,7 @@
 """The Responses API's request (`ResponsesRequest`) and its meaning as a chat request: the
-`instructions` and `input` items as chat messages, the flat function tools, `text.format` as
-`response_format`; what a stateless server cannot honour is refused with a 400 naming the field."""
+`instructions` and the conversation's items as chat messages, the flat function tools, `text.format`
+as `response_format`; what pdserve cannot honour (background responses, stored prompts and
+conversations) is refused with a 400 naming the field."""
 
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ class ResponsesRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     text: dict[str, Any] | None = None
     include: list[str] | None = None
-    store: bool | None = None  # accepted; nothing is stored (the response says `store: false`)
-    previous_response_id: str | None = None
+    store: bool | None = None  # default true: kept in the response store (unless the server has none)
+    previous_response_id: str | None = None  # a stored response this one continues
     background: bool | None = None
     reasoning: dict[str, Any] | None = None
     truncation: str | None = None
@@ -50,12 +51,6 @@ class ResponsesRequest(SamplingFields):
     conversation: str | dict[str, Any] | None = None  # server-side state: refused
 
     def check_supported(self) -> None:
-        if self.previous_response_id is not None:
-            raise APIError(
-                400,
-                "previous_response_id is not supported: this server stores no responses (send the conversation in `input`)",
-                "previous_response_id",
-            )
         for field, what in (("prompt", "stored prompt templates"), ("conversation", "stored conversations")):
             if getattr(self, field) is not None:
                 raise APIError(
@@ -85,12 +80,13 @@ class ResponsesRequest(SamplingFields):
         limits = [n for n in (1 if self.parallel_tool_calls is False else None, self.max_tool_calls) if n is not None]
         return min(limits, default=None)
 
-    def chat_request(self) -> ChatCompletionRequest:
-        """The same request as a chat completion (pydantic's complaints as a 400 naming `input`)."""
+    def chat_request(self, items: list[dict[str, Any]]) -> ChatCompletionRequest:
+        """The same request as a chat completion over `items`, the whole conversation (`input`, after
+        the previous response's, if any; pydantic's complaints as a 400 naming `input`)."""
         try:
             return ChatCompletionRequest(
                 **self.sampling_fields(),
-                messages=chat_messages(self.instructions, self.input),  # dicts: validated as ChatMessage here
+                messages=chat_messages(self.instructions, items),  # dicts: validated as ChatMessage here
                 max_completion_tokens=self.max_output_tokens,
                 logprobs=self.wants_logprobs,
                 top_logprobs=(self.top_logprobs or 0) if self.wants_logprobs else None,
