@@ -272,3 +272,30 @@ def test_structured_output_constrains_the_answer_after_the_thinking(thinking_ser
         text={"format": {"type": "json_schema", "name": "answer", "schema": SCHEMA}},
     )
     assert [item.type for item in response.output] == ["message"] and json.loads(response.output_text) in ANSWERS
+
+
+def test_a_forced_call_with_no_answer_after_the_thinking_is_no_call(thinking_checkpoint: Path) -> None:
+    """A reply that ends while it thinks (EOS is allowed there) has no arguments to call with: no
+    call, whole or streamed, and not a call whose arguments are empty."""
+    tokenizer = Tokenizer.from_pretrained(thinking_checkpoint)  # the tags are tokens: the grammar waits
+    backend = ReplayBackend(tokenizer)
+    backend.max_model_len = 2048  # room for the tools in the prompt
+    config = GatewayConfig(Deadlines(first_token_s=10, request_s=10), tool_options=ToolOptions(reasoning_parser="deepseek_r1"))
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    forced = {"type": "function", "function": {"name": "get_time"}}
+    with serve(create_app(backend, config=config)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        script(backend, tokenizer, THINKING)
+        choice = client.chat.completions.create(model="scripted", messages=MESSAGES, tools=tools, tool_choice=forced).choices[0]
+        assert (choice.message.reasoning, choice.message.tool_calls, choice.finish_reason) == (THINKING, None, "stop")
+        chunks = [
+            c
+            for c in client.chat.completions.create(
+                model="scripted", messages=MESSAGES, tools=tools, tool_choice=forced, stream=True
+            )
+            if c.choices
+        ]
+        assert not any(c.choices[0].delta.tool_calls for c in chunks) and chunks[-1].choices[0].finish_reason == "stop"
+        output = client.responses.create(model="scripted", input="Is it?", tools=[{"type": "function", "name": "get_time"}],
+                                         tool_choice={"type": "function", "name": "get_time"}).output  # fmt: skip
+        assert [item.type for item in output] == ["reasoning"]

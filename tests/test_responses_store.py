@@ -118,11 +118,12 @@ def test_a_stored_response_reads_back_as_its_client_saw_it_whole_or_streamed(tok
         backend.reply(RequestDelta("", [token] * 2, finish_reason="length"))  # cut by max_output_tokens
         events = list(client.responses.create(model="scripted", input=QUESTION, stream=True, max_output_tokens=2))
         assert client.responses.retrieve(events[-1].response.id).status == "incomplete"
-        backend.reply(RequestDelta("", [token]), RuntimeError("worker lost"))  # a failure mid-stream
+        backend.reply(RequestDelta("", [token]), RuntimeError("worker lost"))  # a failure mid-stream: not kept
         events = list(client.responses.create(model="scripted", input=QUESTION, stream=True))
-        failed = client.responses.retrieve(events[-1].response.id)
-        assert events[-1].type == "response.failed" and failed.status == "failed" and failed.output_text == " the"
-        assert failed.model_dump() == events[-1].response.model_dump()
+        failed = events[-1].response
+        assert events[-1].type == "response.failed" and failed.output_text == " the" and failed.store is False
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(failed.id)
 
 
 def test_a_response_not_to_be_stored_or_deleted_is_not_found(tokenizer: Tokenizer) -> None:
@@ -194,6 +195,32 @@ def test_the_memory_store_evicts_the_least_recently_used_and_expires(tokenizer: 
             client.responses.create(model="scripted", input=FOLLOW_UP, previous_response_id=response.id)
 
 
+def test_a_response_too_big_to_keep_says_so(tokenizer: Tokenizer) -> None:
+    with gateway(tokenizer, responses_store_max_bytes=1500) as (clients, _, _):
+        client = clients["x"]
+        big = client.responses.create(model="scripted", input="x" * 1000)
+        streamed = list(client.responses.create(model="scripted", input="x" * 1000, stream=True))[-1].response
+        assert big.store is False and streamed.store is False
+        for response in (big, streamed):
+            with pytest.raises(openai.NotFoundError):
+                client.responses.retrieve(response.id)
+        assert client.responses.create(model="scripted", input=QUESTION).store is True
+
+
+def test_an_item_id_twice_in_a_conversation_is_a_400(tokenizer: Tokenizer) -> None:
+    """As on OpenAI: a previous response's output sent back as input, and its previous_response_id too."""
+    with gateway(tokenizer) as (clients, http, backend):
+        first = clients["x"].responses.create(model="scripted", input=QUESTION)
+        num_prompts = len(backend.prompts)
+        body = {"input": [first.output[0].model_dump(), {"role": "user", "content": FOLLOW_UP}], "previous_response_id": first.id}
+        answer = http.post("/v1/responses", json=body)
+        assert answer.status_code == 400 and "Duplicate item" in answer.json()["error"]["message"], answer.text
+        twice = [{"id": "msg_1", "role": "user", "content": QUESTION}, {"id": "msg_1", "role": "user", "content": FOLLOW_UP}]
+        assert http.post("/v1/responses", json={"input": twice}).status_code == 400
+        assert http.post("/v1/responses", json={"input": [{"id": 7, "role": "user", "content": QUESTION}]}).status_code == 400
+        assert len(backend.prompts) == num_prompts
+
+
 def test_the_memory_store_is_bounded_in_bytes() -> None:
     store = MemoryResponseStore(max_entries=100, max_bytes=1000, ttl_s=60.0)
 
@@ -243,7 +270,7 @@ def test_with_the_store_off_nothing_is_kept(tokenizer: Tokenizer) -> None:
 
 
 def redis_store(url: str, timeout_s: float = 2.0) -> RedisResponseStore:
-    return RedisResponseStore(url, CLUSTER_SECRET, max_bytes=1 << 20, ttl_s=60.0, timeout_s=timeout_s)
+    return RedisResponseStore(url, CLUSTER_SECRET, ttl_s=60.0, timeout_s=timeout_s)
 
 
 def test_gateways_sharing_a_redis_share_their_responses(tokenizer: Tokenizer) -> None:
@@ -283,7 +310,7 @@ def test_a_redis_failure_fails_only_what_needs_the_store(tokenizer: Tokenizer) -
         try:
             started = time.monotonic()
             answered = client.responses.create(model="scripted", input=QUESTION)  # not kept in time, still answered
-            assert answered.output_text == stored.output_text
+            assert answered.output_text == stored.output_text and answered.store is False
             for method, path, body in (
                 ("POST", "/v1/responses", {"input": FOLLOW_UP, "previous_response_id": stored.id}),
                 ("GET", f"/v1/responses/{stored.id}", None),

@@ -33,6 +33,8 @@ def busy_port() -> Iterator[int]:
         (["--max-num-queued-reqs", "0"], "pdserve: --max-num-queued-reqs must be at least 1"),
         (["--responses-store-max-entries", "-1"], "pdserve: --responses-store-max-entries must be >= 0"),
         (["--responses-store-ttl", "0"], "pdserve: --responses-store-ttl must be positive"),
+        (["--responses-store-ttl", "inf"], "pdserve: --responses-store-ttl must be positive and finite"),
+        (["--responses-store-redis-url", "nonsense://x"], "--responses-store-redis-url 'nonsense://x'"),
         (["--port", "70000"], "--port must be in 0..65535; got 70000"),
         (["--port", "-1"], "--port must be in 0..65535"),
         (["--host", "no.such.host.invalid"], "cannot listen on no.such.host.invalid"),

@@ -176,13 +176,18 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
         "--responses-store-max-bytes",
         type=int,
         default=g.responses_store_max_bytes,
-        help="their JSON in memory, least recently used evicted first (with --redis-url: one response's at most)",
+        help="their JSON in memory, least recently used evicted first",
     )
     parser.add_argument(
         "--responses-store-ttl",
         type=float,
         default=g.responses_store_ttl_s,
-        help="seconds a stored response is kept (with --redis-url: its Redis expiry)",
+        help="seconds a stored response is kept (in Redis: its expiry)",
+    )
+    parser.add_argument(
+        "--responses-store-redis-url",
+        default=None,
+        help="keep them in this Redis instead, shared by the gateways (best not the registry's: its maxmemory bounds them)",
     )
     parser.add_argument("--first-token-timeout", type=float, default=d.first_token_s, help="seconds to the first token")
     parser.add_argument(
@@ -244,6 +249,7 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         responses_store_max_entries=args.responses_store_max_entries,
         responses_store_max_bytes=args.responses_store_max_bytes,
         responses_store_ttl_s=args.responses_store_ttl,
+        responses_store_redis_url=args.responses_store_redis_url,
     )
 
 

@@ -50,8 +50,7 @@ async def run_gateway(
         backend: Backend = await _colocated(config)
     else:
         backend = await _disaggregated(config, registry, metrics, gateway, can_serve_before_workers)
-    # with Redis, the gateways behind one load balancer share their stored responses
-    response_store = open_response_store(gateway, config.redis_url, config.cluster_secret)
+    response_store = open_response_store(gateway, config.cluster_secret)
     app = create_app(backend, metrics, gateway, response_store)
     if registry is not None:
         tasks += _add_operations(app, backend, config, metrics, controller)

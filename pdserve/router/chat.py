@@ -118,7 +118,13 @@ def _reply_reader(mode: ToolMode | None, options: ToolOptions) -> Reader | None:
     if mode.kind == "required":
         return parse_required, RequiredStream
     function = mode.function
-    return (lambda text: ParsedReply(None, [ToolCall(function, text)])), (lambda: NamedStream(function))
+    return functools.partial(_named_call, function), (lambda: NamedStream(function))
+
+
+def _named_call(function: str, answer: str) -> ParsedReply:
+    """A forced call's arguments are the whole answer; none when the reply ended before any (in its
+    thinking, under a reasoning parser), as its stream says."""
+    return ParsedReply(None, [ToolCall(function, answer)] if answer else [])
 
 
 def _finish_reason(delta: TextDelta, has_tool_calls: bool) -> str | None:

@@ -5,6 +5,7 @@ Built once, never mutated."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from pdserve.proto.deadlines import Deadlines
@@ -28,6 +29,7 @@ class GatewayConfig:
     responses_store_max_entries: int = 10_000  # stored /v1/responses in memory; 0: none stored
     responses_store_max_bytes: int = DEFAULT_RESPONSES_STORE_MAX_BYTES  # their JSON in memory; in Redis, one's at most
     responses_store_ttl_s: float = 3600.0  # a stored response is forgotten this long after it was written
+    responses_store_redis_url: str | None = None  # the store in this Redis, shared by the gateways; None: in memory
 
     def __post_init__(self) -> None:
         if any(not key for key in self.api_keys):
@@ -39,7 +41,11 @@ class GatewayConfig:
             raise ValueError(f"request_read_timeout_s must be positive, got {self.request_read_timeout_s}")
         if self.responses_store_max_entries < 0:
             raise ValueError(f"responses_store_max_entries must be >= 0, got {self.responses_store_max_entries}")
-        if not self.responses_store_ttl_s > 0:
-            raise ValueError(f"responses_store_ttl_s must be positive, got {self.responses_store_ttl_s}")
+        if self.responses_store_redis_url is not None:
+            from pdserve.router.registry import check_redis_url
+
+            check_redis_url(self.responses_store_redis_url, "--responses-store-redis-url")
+        if not 0 < self.responses_store_ttl_s < math.inf:
+            raise ValueError(f"responses_store_ttl_s must be positive and finite, got {self.responses_store_ttl_s}")
         if not self.shutdown_timeout_s >= 0:
             raise ValueError(f"shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s}")

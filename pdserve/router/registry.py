@@ -113,15 +113,15 @@ class InMemoryRegistry:
         return None
 
 
-def check_redis_url(url: str) -> None:
-    """Raises ValueError naming `--redis-url` when `url` is not one redis-py can connect with
+def check_redis_url(url: str, flag: str = "--redis-url") -> None:
+    """Raises ValueError naming `flag` when `url` is not one redis-py can connect with
     (`redis://`, `rediss://`, `unix://`); it connects to nothing."""
     from redis.connection import parse_url
 
     try:
         parse_url(url)
     except ValueError as exc:
-        raise ValueError(f"--redis-url {url!r}: {exc}") from exc
+        raise ValueError(f"{flag} {url!r}: {exc}") from exc
 
 
 class RedisRegistry:

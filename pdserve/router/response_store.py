@@ -27,6 +27,7 @@ KEY_PREFIX = "pdserve:response:"
 SIGNATURE_PURPOSE = "response-store"
 CLOSE_TIMEOUT_S = 5.0
 LOG_INTERVAL_S = 60.0
+MAX_RECORD_BYTES = 16 * 2**20  # one response with its conversation: more is not kept (a Redis write of it must end in time)
 RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")  # what `create_response` makes: any other id was never stored
 ITEM_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
 
@@ -77,8 +78,8 @@ class MemoryResponseStore:
 
     async def put(self, tenant: str | None, response: dict[str, Any], input_items: list[dict[str, Any]]) -> bool:
         blob, key = StoredResponse(response, input_items).encode(), (tenant or "", response["id"])
-        if len(blob) > self._max_bytes:
-            logger.warning("response %s not stored: %d bytes, over the store's %d", key[1], len(blob), self._max_bytes)
+        if len(blob) > min(self._max_bytes, MAX_RECORD_BYTES):
+            logger.warning("response %s not stored: %d bytes, over %d", key[1], len(blob), min(self._max_bytes, MAX_RECORD_BYTES))
             return False
         self._drop(key)
         self._blobs[key], self._expiry[key] = blob, self._clock() + self._ttl_s
@@ -118,13 +119,17 @@ class MemoryResponseStore:
 class RedisResponseStore:
     """The store of every gateway sharing one Redis: `SET key value PX ttl` under a key per tenant.
     A value is `<signature> <json>`, signed with the cluster secret over its key and JSON (a record
-    forged, or moved to another tenant's key, reads as absent). Every call ends within `timeout_s`."""
+    forged, or moved to another tenant's key, reads as absent). Every call ends within `timeout_s`.
+    Its Redis bounds the total (`maxmemory`): it should not be the registry's, whose records must
+    not be evicted or refused for want of room."""
 
-    def __init__(self, url: str, secret: ClusterSecret, max_bytes: int, ttl_s: float, timeout_s: float = 2.0) -> None:
+    def __init__(
+        self, url: str, secret: ClusterSecret, ttl_s: float, max_record_bytes: int = MAX_RECORD_BYTES, timeout_s: float = 2.0
+    ) -> None:
         import redis.asyncio as aioredis
 
         self._redis = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        self._secret, self._max_bytes, self._ttl_s, self._timeout_s = secret, max_bytes, ttl_s, timeout_s
+        self._secret, self._max_bytes, self._ttl_s, self._timeout_s = secret, max_record_bytes, ttl_s, timeout_s
         self._logged_at = -LOG_INTERVAL_S
 
     async def put(self, tenant: str | None, response: dict[str, Any], input_items: list[dict[str, Any]]) -> bool:
@@ -178,16 +183,14 @@ def _key(tenant: str | None, response_id: str) -> str:
     return f"{KEY_PREFIX}{tenant or '-'}:{response_id}"
 
 
-def open_response_store(
-    config: GatewayConfig, redis_url: str | None = None, secret: ClusterSecret | None = None
-) -> ResponseStore | None:
-    """The gateway's store: none when `responses_store_max_entries` is 0, in Redis given its URL
-    (and the cluster secret that signs its records), else in memory."""
+def open_response_store(config: GatewayConfig, secret: ClusterSecret | None = None) -> ResponseStore | None:
+    """The gateway's store: none when `responses_store_max_entries` is 0, in Redis given
+    `responses_store_redis_url` (and the cluster secret that signs its records), else in memory."""
     if config.responses_store_max_entries == 0:
         return None
-    if redis_url is not None:
+    if config.responses_store_redis_url is not None:
         assert secret is not None, "records in Redis are signed with the cluster secret"
-        return RedisResponseStore(redis_url, secret, config.responses_store_max_bytes, config.responses_store_ttl_s)
+        return RedisResponseStore(config.responses_store_redis_url, secret, config.responses_store_ttl_s)
     return MemoryResponseStore(config.responses_store_max_entries, config.responses_store_max_bytes, config.responses_store_ttl_s)
 
 
@@ -205,6 +208,19 @@ def input_items(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             item["content"] = [{"type": part, "text": item["content"]}]
         listed.append(item)
     return listed
+
+
+def check_item_ids(items: list[dict[str, Any]]) -> None:
+    """A 400 for an item id that is not a string or comes twice in a conversation (as OpenAI's: a
+    previous response's output sent back as input with its `previous_response_id`)."""
+    seen: set[str] = set()
+    for item in items:
+        item_id = item["id"]
+        if not isinstance(item_id, str):
+            raise APIError(400, f"an input item's id must be a string, got {item_id!r}", "input")
+        if item_id in seen:
+            raise APIError(400, f"Duplicate item found with id {item_id[:100]!r}", "input")
+        seen.add(item_id)
 
 
 def item_page(items: list[dict[str, Any]], limit: int, order: str, after: str | None) -> dict[str, Any]:

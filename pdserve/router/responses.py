@@ -23,7 +23,7 @@ from pdserve.engine.tokenizer import Tokenizer
 from pdserve.router.chat import PreparedChat, prepare_chat
 from pdserve.router.errors import APIError, as_api_error
 from pdserve.router.response_object import Keep, ResponseObject
-from pdserve.router.response_store import ResponseStore, input_items, previous_conversation
+from pdserve.router.response_store import ResponseStore, check_item_ids, input_items, previous_conversation
 from pdserve.router.responses_request import PARAMS, ResponsesRequest
 from pdserve.router.serving import EventStreamResponse, Serving, TextDelta, collect
 from pdserve.router.tools import ToolOptions
@@ -38,6 +38,7 @@ async def create_response(
 ) -> Response:
     request.check_supported()
     items = [*await previous_conversation(store, tenant, request.previous_response_id), *input_items(request.input)]
+    check_item_ids(items)
     response_id = f"resp_{uuid.uuid4().hex}"
     try:
         prepared = await prepare_chat(serving, request.chat_request(items), tool_options, tenant, response_id)
@@ -49,8 +50,8 @@ async def create_response(
     deltas = prepared.generations[0].deltas()
     if not request.stream:
         response = ResponseObject(response_id, *built).whole(await collect(deltas))
-        if keep is not None:
-            await keep(response)
+        if keep is not None and not await keep(response):
+            response["store"] = False  # too big, or the store failed: a continuation would not find it
         return JSONResponse(response)
     try:  # the first delta before answering: a failure before any output gets its HTTP status
         first = await anext(deltas)
@@ -98,16 +99,19 @@ class _ResponseStream(ResponseObject):
                     for event in self._on_delta(delta):
                         yield event
                     finish_reason = delta.finish_reason
-                closing, final = self._finish(finish_reason)
-            except Exception as exc:  # noqa: BLE001 - reported to the client in the stream
+                for event in self._close_items(finish_reason):
+                    yield event
+                final = self.envelope(self._status(finish_reason), self._items, finish_reason)
+                # kept before the client sees the end: a retrieve right after it finds the response
+                if self._keep is not None and not await self._keep(final):
+                    final = {**final, "store": False}
+                yield self._event(f"response.{'incomplete' if final['status'] == 'incomplete' else 'completed'}", response=final)
+            except Exception as exc:  # noqa: BLE001 - reported to the client in the stream; a failed response is not kept
                 error = as_api_error(exc)
-                final = {**self.envelope("failed", self._items), "error": {"code": "server_error", "message": error.message}}
-                closing = [self._event("error", code=str(error.status_code), message=error.message, param=error.param)]
-                closing.append(self._event("response.failed", response=final))
-            if self._keep is not None:  # before the client sees the end: a retrieve right after it finds the response
-                await self._keep(final)
-            for event in closing:
-                yield event
+                failed = {**self.envelope("failed", self._items), "store": False}
+                failed["error"] = {"code": "server_error", "message": error.message}
+                yield self._event("error", code=str(error.status_code), message=error.message, param=error.param)
+                yield self._event("response.failed", response=failed)
 
     def _event(self, kind: str, **fields: Any) -> str:
         data = {"type": kind, "sequence_number": self._sequence, **fields}
@@ -220,14 +224,11 @@ class _ResponseStream(ResponseObject):
         self._closed.add(index)
         return events
 
-    def _finish(self, finish_reason: str | None) -> tuple[list[str], dict[str, Any]]:
-        """The closing events, and the final response object."""
+    def _close_items(self, finish_reason: str | None) -> list[str]:
+        """The events that close the items still open (an empty reply is an empty message)."""
         status = self._status(finish_reason)
-        events = [] if self._items else self._text("")  # an empty reply is an empty message
+        events = [] if self._items else self._text("")
         for index in range(len(self._items)):
             if index not in self._closed:
                 events += self._done(index, status)
-        kind = "response.incomplete" if status == "incomplete" else "response.completed"
-        final = self.envelope(status, self._items, finish_reason)
-        events.append(self._event(kind, response=final))
-        return events, final
+        return events
