@@ -65,7 +65,7 @@ def cached_tokens(url: str, key: str | None, **extra: object) -> int:
 
 def test_v1_without_a_valid_key_is_401_in_openai_shape_and_probes_stay_open(keyed: str) -> None:
     for headers in ({}, {"Authorization": "Bearer key-c"}, {"Authorization": "key-a"}, {"Authorization": "Basic key-a"}):
-        for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models"), ("POST", "/tokenize")):
+        for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models"), ("POST", "/tokenize"), ("POST", "/invocations")):
             response = httpx.request(method, keyed + path, json={"prompt": "hi"}, headers=headers, timeout=10)
             assert response.status_code == 401, (path, headers, response.text)
             assert response.json() == {

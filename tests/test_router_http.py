@@ -367,6 +367,31 @@ def test_a_body_not_sent_as_json_is_told_the_content_type(server: Server) -> Non
     assert server.http.post("/v1/completions", content=body, headers={"content-type": "application/json"}).status_code == 200
 
 
+def test_invocations_answers_chat_and_completion_requests_by_their_fields(server: Server) -> None:
+    """SageMaker's one route, as vLLM serves it: the reply is the one its own route gives."""
+    messages = [{"role": "user", "content": "Hello"}]
+    for path, body, kind, chunk_kind in (
+        ("/v1/chat/completions", greedy_body(messages=messages), "chat.completion", "chat.completion.chunk"),
+        ("/v1/completions", greedy_body(prompt="Hello"), "text_completion", "text_completion"),
+    ):
+        routed, direct = (server.http.post(p, json=body).json() for p in ("/invocations", path))
+        assert routed["object"] == kind and routed["choices"] == direct["choices"], (routed, direct)
+        streamed = stream(server.http, "/invocations", body)
+        assert streamed[-1] == "[DONE]" and streamed[0]["object"] == chunk_kind
+    for body, param, words in (
+        ({"model": MODEL, "messages": "hi"}, "messages", ""),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": -1}, "max_tokens", ""),
+        ({"model": MODEL, "input": "hi"}, None, "`messages`"),
+        ([1, 2], None, "JSON object"),
+    ):
+        response = server.http.post("/invocations", json=body)
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == param and words in error["message"], response.text
+    response = server.http.post("/invocations", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+    assert_serving(server)
+
+
 def assert_serving(server: Server) -> None:
     result = server.http.post("/v1/completions", json=DEFAULTS["/v1/completions"])
     assert result.status_code == 200 and result.json()["usage"]["completion_tokens"] >= 1

@@ -8,11 +8,13 @@ import asyncio
 import importlib.metadata
 import logging
 import time
-from typing import Literal
+from typing import Literal, TypeVar
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pdserve.proto.failures import RETRY_AFTER_S
@@ -33,6 +35,7 @@ from pdserve.router.responses_request import ResponsesRequest
 from pdserve.router.serving import Serving, cancel_on_disconnect
 
 logger = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
 
 PROBE_TIMEOUT_S = 5.0  # /health and /metrics ask the backend; a stuck backend must not hang them
 UNAVAILABLE_HEADERS = {"Retry-After": str(RETRY_AFTER_S)}  # every 503, /health's too
@@ -44,7 +47,7 @@ def create_app(
     config: GatewayConfig | None = None,
     response_store: ResponseStore | None = None,
 ) -> FastAPI:
-    """Routes: POST /v1/completions, /v1/chat/completions, /v1/responses, /tokenize, /detokenize;
+    """Routes: POST /v1/completions, /v1/chat/completions, /v1/responses, /invocations, /tokenize, /detokenize;
     GET/DELETE /v1/responses/{id}, its input_items and cancel; GET /v1/models, /health (and /ping),
     /metrics. The caller owns the backend and `response_store` (and closes them; without one, the
     config's in-memory store, none when it says 0) and runs `app.state.drain` on SIGTERM (`deploy/http_server.py`)."""
@@ -105,6 +108,17 @@ def create_app(
     async def cancel_response(response_id: str, raw_request: Request) -> Response:
         await stored(response_id, raw_request)
         raise APIError(400, "only background responses can be cancelled (this server makes none)", "response_id")
+
+    @app.post("/invocations")
+    async def invocations(raw_request: Request) -> Response:
+        """SageMaker's one route, as vLLM serves it: a chat request (`messages`) or a completion
+        request (`prompt`), told apart by its fields."""
+        body = await _json_body(raw_request)
+        if "messages" in body:
+            return await chat_completions(_parsed(ChatCompletionRequest, body), raw_request)
+        if "prompt" in body:
+            return await completions(_parsed(CompletionRequest, body), raw_request)
+        raise APIError(400, "/invocations takes a chat request (with `messages`) or a completion request (with `prompt`)")
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -209,6 +223,26 @@ def _version() -> str:
         return importlib.metadata.version("pdserve")
     except importlib.metadata.PackageNotFoundError:  # run from a checkout without installing
         return "unknown"
+
+
+async def _json_body(request: Request) -> dict:
+    """The body as a JSON object; a 400 otherwise (as FastAPI's own parsing says it)."""
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+def _parsed(model: type[M], body: dict) -> M:
+    """`body` as `model`; a validation error is the 400 the route's own parsing would give."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        errors = [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
+        raise RequestValidationError(errors) from None
 
 
 def _tenant(request: Request) -> str | None:

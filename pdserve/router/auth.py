@@ -1,5 +1,6 @@
 """API keys, as vLLM checks them: `Authorization: Bearer <key>` on `/v1/*`, `/tokenize` and
-`/detokenize` (and on `/metrics` and `/health` with `protect_metrics`), 401 otherwise. A key's
+`/detokenize`, and on `/invocations`, which generates as they do (vLLM leaves it to SageMaker's
+own authentication); on `/metrics` and `/health` with `protect_metrics`; 401 otherwise. A key's
 identity (a hash, never the key) names its tenant, and seeds the prefix-cache salt of its
 requests, so that cached prefixes, and `cached_tokens` in usage, are shared only within a tenant."""
 
@@ -13,7 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from pdserve.proto.failures import Failure
 from pdserve.router.errors import APIError
 
-PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/invocations")
 PROBE_PATHS = ("/metrics", "/health", "/ping")
 
 
