@@ -125,6 +125,12 @@ def test_chat_returns_the_thinking_apart_whole_and_streamed(scripted: tuple, tok
     assert values == [-(n + 1.0) for n in range(len(ids))]
     assert any(getattr(c.choices[0].delta, "reasoning", None) and c.choices[0].logprobs for c in chunks)
 
+    # return_token_ids: every token once and in order, those of a tag held back with the text after it
+    stream = client.chat.completions.create(
+        model="scripted", messages=MESSAGES, stream=True, extra_body={"return_token_ids": True}
+    )
+    assert [t for c in stream if c.choices for t in (c.choices[0].model_extra.get("token_ids") or [])] == ids
+
     # cut while thinking: the last chunk is the thinking's, with the finish reason
     script(backend, tokenizer, f"<think>{THINKING}")
     chunks = [c for c in client.chat.completions.create(model="scripted", messages=MESSAGES, stream=True) if c.choices]

@@ -392,6 +392,32 @@ def test_invocations_answers_chat_and_completion_requests_by_their_fields(server
     assert_serving(server)
 
 
+def test_return_token_ids_gives_the_prompt_and_output_token_ids_whole_and_streamed(server: Server) -> None:
+    """vLLM's `return_token_ids` (what RL rollouts train on): the prompt's token ids (a chat's as
+    its template rendered it) and each choice's output ids, which decode to its text; streamed, the
+    prompt's once, on the first chunk, and the output's spread over the chunks, adding up to the
+    whole's."""
+    prompt, messages = "The north road", [{"role": "user", "content": "Hello"}]
+    whole = server.http.post("/v1/completions", json=greedy_body(prompt=prompt, n=2, return_token_ids=True)).json()
+    for choice in whole["choices"]:
+        assert choice["prompt_token_ids"] == server.tokenizer.encode(prompt)
+        assert len(choice["token_ids"]) == NUM_TOKENS and server.tokenizer.decode(choice["token_ids"]) == choice["text"]
+    chunks = stream(server.http, "/v1/completions", greedy_body(prompt=prompt, return_token_ids=True))[:-1]
+    assert chunks[0]["choices"][0]["prompt_token_ids"] == server.tokenizer.encode(prompt)
+    assert not any("prompt_token_ids" in c["choices"][0] for c in chunks[1:])
+    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == whole["choices"][0]["token_ids"]
+
+    rendered = server.http.post("/tokenize", json={"model": MODEL, "messages": messages}).json()["tokens"]
+    reply = server.http.post("/v1/chat/completions", json=greedy_body(messages=messages, return_token_ids=True)).json()
+    choice = reply["choices"][0]
+    assert reply["prompt_token_ids"] == rendered and server.tokenizer.decode(choice["token_ids"]) == choice["message"]["content"]
+    chunks = stream(server.http, "/v1/chat/completions", greedy_body(messages=messages, return_token_ids=True))[:-1]
+    assert chunks[0]["prompt_token_ids"] == rendered and not any("prompt_token_ids" in c for c in chunks[1:])
+    assert [t for c in chunks for t in c["choices"][0].get("token_ids", [])] == choice["token_ids"]
+    plain = server.http.post("/v1/chat/completions", json=greedy_body(messages=messages)).json()
+    assert "prompt_token_ids" not in plain and "token_ids" not in plain["choices"][0]
+
+
 def assert_serving(server: Server) -> None:
     result = server.http.post("/v1/completions", json=DEFAULTS["/v1/completions"])
     assert result.status_code == 200 and result.json()["usage"]["completion_tokens"] >= 1

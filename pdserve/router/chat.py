@@ -152,6 +152,8 @@ class _ChatCompletion:
         self._tokenizer = tokenizer
         self._generations = generations
         self._is_role_sent = [False] * len(generations)
+        self._held_ids: list[list[int]] = [[] for _ in generations]  # return_token_ids: tokens not in a chunk yet
+        self._has_prompt_ids = False
 
     def _envelope(self, obj: str, choices: list[dict]) -> dict:
         return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
@@ -183,6 +185,10 @@ class _ChatCompletion:
         choices = [self._choice(index, whole) for index, whole in enumerate(wholes)]
         body = {**self._envelope("chat.completion", choices), "usage": self._usage}
         first = self._generations[0]
+        if self._request.return_token_ids:
+            body["prompt_token_ids"] = first.prompt_token_ids
+            for choice, whole in zip(choices, wholes, strict=True):
+                choice["token_ids"] = whole.token_ids
         if first.params.prompt_logprobs is not None:
             body["prompt_logprobs"] = vllm_prompt_logprobs(self._tokenizer, first.prompt_logprobs)
         return body
@@ -204,6 +210,10 @@ class _ChatCompletion:
         }
 
     def chunks(self, delta: TextDelta) -> list[dict]:
+        self._held_ids[delta.index] += delta.token_ids
+        return self._with_extras(delta.index, self._text_chunks(delta))
+
+    def _text_chunks(self, delta: TextDelta) -> list[dict]:
         chunks = []
         index = delta.index
         if not self._is_role_sent[index]:  # vLLM's first chunk of a choice: the role, once there is output
@@ -214,7 +224,7 @@ class _ChatCompletion:
             reasoning, text = splitter.feed(delta.text, is_last=delta.finish_reason is not None)
             if not reasoning and not text and delta.finish_reason is None:  # a tag still arriving
                 self._held[index].logprobs += delta.logprobs
-                return self._with_usage(chunks)
+                return chunks
             if reasoning:  # the logprobs held back, and this delta's unless its answer text takes them
                 held, self._held[index] = self._held[index], TextDelta("", index=index)
                 is_all = not text  # the delta's end, the reply's if it ends here, go with its thinking
@@ -228,7 +238,7 @@ class _ChatCompletion:
                 message = {"reasoning": reasoning, "reasoning_content": reasoning}
                 chunks.append(self._chunk(message, self._logprobs(thought), thought))
                 if is_all:
-                    return self._with_usage(chunks)
+                    return chunks
             delta = TextDelta(text, delta.token_ids, delta.logprobs, delta.finish_reason, delta.stop_reason, index)
         stream = self._streams[index]
         if stream is None:
@@ -241,12 +251,19 @@ class _ChatCompletion:
             if message or delta.finish_reason is not None:  # text held back (a tag still arriving): no chunk yet
                 held, self._held[index] = self._held[index], TextDelta("", index=index)
                 chunks.append(self._chunk(message, self._logprobs(held), delta))
-        return self._with_usage(chunks)
+        return chunks
 
-    def _with_usage(self, chunks: list[dict]) -> list[dict]:
+    def _with_extras(self, index: int, chunks: list[dict]) -> list[dict]:
+        """Usage on every chunk (`continuous_usage_stats`); with `return_token_ids`, the prompt's ids
+        on the stream's first chunk and the tokens held so far on the choice's last chunk here."""
         if self._request.include_usage_in_every_chunk:
             for chunk in chunks:
                 chunk["usage"] = self._usage
+        if self._request.return_token_ids and chunks:
+            if not self._has_prompt_ids:
+                self._has_prompt_ids = True
+                chunks[0]["prompt_token_ids"] = self._generations[0].prompt_token_ids
+            chunks[-1]["choices"][0]["token_ids"], self._held_ids[index] = self._held_ids[index], []
         return chunks
 
     def _chunk(self, message: dict, logprobs: dict | None, delta: TextDelta) -> dict:

@@ -114,6 +114,7 @@ class _Completion:
         self._is_prompt_only = bool(request.echo) and request.max_tokens == 0
         self._text_offsets = [0] * len(runs)  # chars before each choice's next token, for text_offset
         self._is_echoed = [False] * len(runs)
+        self._has_prompt_ids: set[int] = set()  # the choices whose prompt_token_ids went out (return_token_ids)
 
     def _envelope(self, choices: list[dict]) -> dict:
         return {
@@ -150,6 +151,11 @@ class _Completion:
             choice["prompt_logprobs"] = vllm_prompt_logprobs(self._tokenizer, run.prompt_logprobs)
         if self._is_prompt_only and delta.finish_reason is not None:
             choice["finish_reason"] = "length"
+        if self._request.return_token_ids:  # vLLM's: the prompt's ids with a choice's first chunk, then its tokens'
+            if index not in self._has_prompt_ids:
+                self._has_prompt_ids.add(index)
+                choice["prompt_token_ids"] = self._prompts[at].token_ids
+            choice["token_ids"] = [] if self._is_prompt_only else delta.token_ids
         return choice
 
     def response(self, wholes: list[TextDelta]) -> dict:

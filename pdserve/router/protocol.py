@@ -103,6 +103,7 @@ class GenerationRequest(SamplingFields):
     n: int | None = None
     # vLLM's extras
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N"
+    return_token_ids: bool | None = None  # the prompt's and each choice's token ids beside the text (RL rollouts)
     bad_words: list[str] | None = None
     allowed_token_ids: list[int] | None = None
     prompt_logprobs: int | None = None
