@@ -85,6 +85,21 @@ def test_chat_template_matches_transformers(demo_model_dir: Path, hf_tokenizer, 
     assert ours.apply_chat_template(messages).endswith("<|im_start|>assistant\n")
 
 
+@pytest.mark.parametrize("start", ["The answer is", "The answer is ", "  spaced  ", "", [{"type": "text", "text": "Parts: "}]])
+def test_continuing_the_final_message_matches_transformers(demo_model_dir: Path, hf_tokenizer, start: object) -> None:
+    """The prompt ends inside the assistant's last message (its start given), trailing whitespace
+    kept or not as transformers decides."""
+    ours = Tokenizer.from_pretrained(demo_model_dir)
+    messages = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": start}]
+    expected = hf_tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=False, continue_final_message=True
+    )
+    rendered = ours.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+    assert rendered == expected and not rendered.endswith("<|im_end|>\n")
+    with pytest.raises(ValueError, match="add_generation_prompt"):
+        ours.apply_chat_template(messages, add_generation_prompt=True, continue_final_message=True)
+
+
 def test_special_ids_match_transformers(demo_model_dir: Path, hf_tokenizer) -> None:
     ours = Tokenizer.from_pretrained(demo_model_dir)
     generation_config = transformers.GenerationConfig.from_pretrained(demo_model_dir)

@@ -418,6 +418,56 @@ def test_return_token_ids_gives_the_prompt_and_output_token_ids_whole_and_stream
     assert "prompt_token_ids" not in plain and "token_ids" not in plain["choices"][0]
 
 
+def test_continue_final_message_continues_the_assistants_message(server: Server, llm: LLM) -> None:
+    """vLLM's `continue_final_message`: the prompt ends inside the last (assistant) message, whose
+    start the reply continues; greedy equals the offline engine's chat with the same option."""
+    messages = [{"role": "user", "content": "Who wrote the letter?"}, {"role": "assistant", "content": "The letter was"}]
+    body = greedy_body(messages=messages, add_generation_prompt=False, continue_final_message=True, return_token_ids=True)
+    reply = server.http.post("/v1/chat/completions", json=body).json()
+    rendered = server.tokenizer.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+    assert rendered.endswith("<|im_start|>assistant\nThe letter was")
+    assert reply["prompt_token_ids"] == server.tokenizer.encode(rendered, add_special_tokens=False)
+    [expected] = llm.chat(messages, greedy(), add_generation_prompt=False, continue_final_message=True)
+    assert reply["choices"][0]["message"]["content"] == expected.outputs[0].text
+    tokenized = server.http.post(
+        "/tokenize", json={"model": MODEL, "messages": messages, "add_generation_prompt": False, "continue_final_message": True}
+    )
+    assert tokenized.json()["tokens"] == reply["prompt_token_ids"]
+    for path in ("/v1/chat/completions", "/tokenize"):
+        both = server.http.post(path, json={"model": MODEL, "messages": messages, "continue_final_message": True})
+        assert both.status_code == 400 and both.json()["error"]["param"] == "continue_final_message", both.text
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(server: Server, llm: LLM) -> None:
+    """vLLM's `truncate_prompt_tokens`: a prompt longer than the context runs on its last k tokens
+    (echoed as such), as text or as token ids, on both endpoints; k out of range is a 400."""
+    text = " ".join(["Where did they go? The north road."] * 40)
+    ids = server.tokenizer.encode(text)
+    assert len(ids) > MAX_MODEL_LEN
+    body = greedy_body(prompt=text, truncate_prompt_tokens=32, return_token_ids=True, echo=True)
+    choice = server.http.post("/v1/completions", json=body).json()["choices"][0]
+    [expected] = llm.generate([{"prompt_token_ids": ids[-32:]}], greedy())
+    assert choice["prompt_token_ids"] == ids[-32:] and choice["token_ids"] == expected.outputs[0].token_ids
+    assert choice["text"] == server.tokenizer.decode(ids[-32:], skip_special_tokens=False) + expected.outputs[0].text
+    as_ids = server.http.post("/v1/completions", json=greedy_body(prompt=ids, truncate_prompt_tokens=32)).json()
+    assert as_ids["choices"][0]["text"] == expected.outputs[0].text and as_ids["usage"]["prompt_tokens"] == 32
+
+    messages = [{"role": "user", "content": text}]
+    reply = server.http.post(
+        "/v1/chat/completions", json=greedy_body(messages=messages, truncate_prompt_tokens=-1, max_tokens=None)
+    )
+    assert (
+        reply.status_code == 400 and "maximum context length" in reply.json()["error"]["message"]
+    )  # -1: all the context, none left
+    body = greedy_body(messages=messages, truncate_prompt_tokens=40, return_token_ids=True)
+    rendered = server.tokenizer.encode(server.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    assert server.http.post("/v1/chat/completions", json=body).json()["prompt_token_ids"] == rendered[-40:]
+    for path, extra in (("/v1/completions", {"prompt": "Hi"}), ("/v1/chat/completions", {"messages": messages})):
+        for value in (0, -2, MAX_MODEL_LEN + 1):
+            answer = server.http.post(path, json=greedy_body(**extra, truncate_prompt_tokens=value))
+            assert answer.status_code == 400 and answer.json()["error"]["param"] == "truncate_prompt_tokens", answer.text
+
+
 def assert_serving(server: Server) -> None:
     result = server.http.post("/v1/completions", json=DEFAULTS["/v1/completions"])
     assert result.status_code == 200 and result.json()["usage"]["completion_tokens"] >= 1

@@ -74,11 +74,24 @@ class LLM:
             self.get_tokenizer(), params.stop, params.include_stop_str_in_output, params.skip_special_tokens
         )
 
-    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict | None = None,
+    ) -> list[RequestOutput]:
+        """vLLM's `LLM.chat`: each conversation through the chat template, then generated from."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         tokenizer = self.get_tokenizer()
+        options = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message}
         prompts = [
-            {"prompt_token_ids": tokenizer.encode(tokenizer.apply_chat_template(c), add_special_tokens=False)}
+            {
+                "prompt_token_ids": tokenizer.encode(
+                    tokenizer.apply_chat_template(c, **options, **(chat_template_kwargs or {})), add_special_tokens=False
+                )
+            }
             for c in conversations
         ]
         return self.generate(prompts, sampling_params)

@@ -127,11 +127,16 @@ class Tokenizer:
         messages: list[dict],
         add_generation_prompt: bool = True,
         tools: list | None = None,
+        continue_final_message: bool = False,
         **kwargs: Any,
     ) -> str:
-        """Render messages to a prompt string (encode it with add_special_tokens=False, like transformers)."""
+        """Render messages to a prompt string (encode it with add_special_tokens=False, like transformers).
+        `continue_final_message`: the prompt ends inside the last message, which the model goes on
+        writing (the reply's start given), as transformers cuts it."""
         if not messages:
             raise ValueError("cannot apply the chat template to an empty list of messages")
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
         if any(not isinstance(m, dict) for m in messages):
             raise ValueError("every chat message must be a dict with 'role' and 'content'")
         if tools is not None and any(not isinstance(t, dict) for t in tools):
@@ -139,8 +144,8 @@ class Tokenizer:
         template = self._template(is_tool_use=tools is not None)
         variables = {**self._special_tokens, **kwargs}
         try:
-            return template.render(
-                messages=[_normalize_message(m) for m in messages],
+            rendered = template.render(
+                messages=[_normalize_message(m) for m in (_marked(messages) if continue_final_message else messages)],
                 tools=tools,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
@@ -148,6 +153,7 @@ class Tokenizer:
             )
         except jinja2.TemplateError as error:
             raise ValueError(f"chat template rejected the messages: {error}") from error
+        return _cut_at_mark(rendered) if continue_final_message else rendered
 
     def _token_id(self, name: str) -> int | None:
         token = self._special_tokens.get(name)
@@ -176,6 +182,36 @@ class _GenerationTag(Extension):
         lineno = next(parser.stream).lineno
         body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
         return nodes.Scope(body, lineno=lineno)
+
+
+CONTINUE_MARK = "PDSERVE_CONTINUE_HERE "  # after the final message's text, to find where it ends once rendered
+
+
+def _marked(messages: list[dict]) -> list[dict]:
+    """A copy of `messages` with CONTINUE_MARK after the last message's text (its last text part)."""
+    last = dict(messages[-1])
+    content = last.get("content")
+    if isinstance(content, str):
+        last["content"] = content + CONTINUE_MARK
+    elif isinstance(content, (list, tuple)):
+        parts = [dict(part) if isinstance(part, dict) else part for part in content]
+        texts = [part for part in parts if isinstance(part, dict) and isinstance(part.get("text"), str)]
+        if not texts:
+            raise ValueError("continue_final_message needs text in the final message to continue")
+        texts[-1]["text"] += CONTINUE_MARK
+        last["content"] = parts
+    else:
+        raise ValueError("continue_final_message needs text in the final message to continue")
+    return [*messages[:-1], last]
+
+
+def _cut_at_mark(rendered: str) -> str:
+    """The rendered chat up to the final message's end: its trailing whitespace kept where the
+    template kept the mark's, else trimmed (as transformers cuts it)."""
+    at = rendered.rfind(CONTINUE_MARK.strip())
+    if at < 0:
+        raise ValueError("continue_final_message: the chat template does not render the final message's text")
+    return rendered[:at] if rendered.startswith(CONTINUE_MARK, at) else rendered[:at].rstrip()
 
 
 def _jinja_environment() -> ImmutableSandboxedEnvironment:

@@ -258,5 +258,13 @@ async def _tokenize(serving: Serving, body: TokenizeRequest) -> list[int]:
         add_special_tokens = True if body.add_special_tokens is None else body.add_special_tokens
         return await serving.encode(body.prompt, add_special_tokens, "prompt")
     tokenizer = serving.backend.tokenizer
-    text = await serving.in_thread(render_chat, tokenizer, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+    text = await serving.in_thread(
+        render_chat,
+        tokenizer,
+        body.messages,
+        body.add_generation_prompt,
+        body.chat_template_kwargs,
+        None,
+        body.continue_final_message,
+    )
     return await serving.encode(text, bool(body.add_special_tokens), "messages")

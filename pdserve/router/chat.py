@@ -33,7 +33,7 @@ from pdserve.router.serving import (
 from pdserve.router.tool_parsers import PARSERS, NamedStream, ParsedReply, RequiredStream, ToolCall, parse_required
 from pdserve.router.tools import ToolMode, ToolOptions, forced_call_schema, tool_mode
 
-RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "tools")
+RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "tools", "continue_final_message")
 Reader = tuple[Callable[[str], ParsedReply], Callable[[], Any]]  # the whole reply's parser, a stream's
 
 
@@ -43,15 +43,24 @@ def render_chat(
     add_generation_prompt: bool,
     kwargs: dict[str, Any] | None,
     tools: list[dict[str, Any]] | None = None,
+    continue_final_message: bool = False,
 ) -> str:
-    """The prompt text of a conversation; template failures are the client's (HTTP 400)."""
+    """The prompt text of a conversation (with `continue_final_message`, ending inside its last
+    message, which the reply continues); template failures are the client's (HTTP 400)."""
     kwargs = kwargs or {}
     reserved = [k for k in RESERVED_TEMPLATE_KWARGS if k in kwargs]
     if reserved:
         raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs")
+    if continue_final_message and add_generation_prompt:
+        message = "cannot set both continue_final_message and add_generation_prompt to true (set add_generation_prompt false)"
+        raise APIError(400, message, "continue_final_message")
     try:
         return tokenizer.apply_chat_template(
-            [m.for_template() for m in messages], add_generation_prompt=add_generation_prompt, tools=tools, **kwargs
+            [m.for_template() for m in messages],
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            continue_final_message=continue_final_message,
+            **kwargs,
         )
     except (ValueError, TypeError) as error:
         raise APIError(400, f"cannot apply the chat template: {error}", "messages") from error
@@ -88,9 +97,15 @@ async def prepare_chat(
     mode = tool_mode(request.tools, request.tool_choice, tool_options)
     tokenizer = serving.backend.tokenizer
     prompt = await serving.in_thread(
-        render_chat, tokenizer, request.messages, request.add_generation_prompt, request.chat_template_kwargs, request.tools
+        render_chat,
+        tokenizer,
+        request.messages,
+        request.add_generation_prompt,
+        request.chat_template_kwargs,
+        request.tools,
+        request.continue_final_message,
     )
-    prompt_token_ids = await serving.encode(prompt, request.add_special_tokens, "messages")
+    prompt_token_ids = await serving.encode(prompt, request.add_special_tokens, "messages", request.truncate_prompt_tokens)
     max_tokens = serving.max_tokens(len(prompt_token_ids), request.requested_max_tokens, "messages")
     if mode is not None and mode.kind == "auto" and tool_options.tool_call_parser == "hermes":
         request.skip_special_tokens = False  # its tags may be special tokens (vLLM does the same)

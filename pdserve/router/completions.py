@@ -41,7 +41,8 @@ async def create_completion(serving: Serving, request: CompletionRequest, tenant
     serving.check_model(request.model)
     request.check_supported()
     tokenizer = serving.backend.tokenizer
-    prompts = [await _encode(serving, prompt, request.add_special_tokens) for prompt in request.prompt_list()]
+    truncate = request.truncate_prompt_tokens
+    prompts = [await _encode(serving, prompt, request.add_special_tokens, truncate) for prompt in request.prompt_list()]
     is_prompt_only = request.echo and request.max_tokens == 0  # OpenAI's way to score a prompt
     cache_salt = cache_salt_of(tenant, request.cache_salt)
     request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -85,11 +86,16 @@ def _best(wholes: list[TextDelta], request: CompletionRequest, per_prompt: int) 
     return kept
 
 
-async def _encode(serving: Serving, prompt: str | list[int], add_special_tokens: bool) -> _Prompt:
-    """Tokenized (or decoded, for token ids) on a tokenizer thread."""
+async def _encode(serving: Serving, prompt: str | list[int], add_special_tokens: bool, truncate: int | None) -> _Prompt:
+    """Tokenized (or decoded, for token ids) on a tokenizer thread; `truncate`: only the last tokens
+    kept (`truncate_prompt_tokens`), and echoed."""
     if isinstance(prompt, str):
-        return _Prompt(prompt, await serving.encode(prompt, add_special_tokens, "prompt"))
-    return _Prompt(await serving.in_thread(serving.backend.tokenizer.decode, prompt, False), list(prompt))
+        token_ids = await serving.encode(prompt, add_special_tokens, "prompt", truncate)
+        if truncate is None:
+            return _Prompt(prompt, token_ids)
+    else:
+        token_ids = list(prompt) if truncate is None else list(prompt)[-serving.truncation(truncate) :]
+    return _Prompt(await serving.in_thread(serving.backend.tokenizer.decode, token_ids, False), token_ids)
 
 
 class _Completion:

@@ -103,6 +103,7 @@ class GenerationRequest(SamplingFields):
     n: int | None = None
     # vLLM's extras
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N"
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last tokens (-1: as many as fit the context)
     return_token_ids: bool | None = None  # the prompt's and each choice's token ids beside the text (RL rollouts)
     bad_words: list[str] | None = None
     allowed_token_ids: list[int] | None = None
@@ -248,6 +249,7 @@ class ChatCompletionRequest(GenerationRequest):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the reply continues the last (assistant) message: its start given
     chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = False  # the template already adds BOS and friends
 
@@ -277,6 +279,7 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
     chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False

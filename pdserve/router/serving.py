@@ -76,9 +76,13 @@ class Serving:
         """`fn(*args)` on a tokenizer thread: tokenizing and templating, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
 
-    async def encode(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+    async def encode(self, text: str, add_special_tokens: bool, param: str, truncate: int | None = None) -> list[int]:
         """The prompt's token ids; a prompt longer than any that could fit the context is refused
-        before it is tokenized."""
+        before it is tokenized, unless `truncate` (vLLM's `truncate_prompt_tokens`) keeps only its
+        last tokens (-1: as many as the context holds)."""
+        if truncate is not None:
+            keep = self.truncation(truncate)  # the body's size bounds the text
+            return (await self.in_thread(self.backend.tokenizer.encode, text, add_special_tokens))[-keep:]
         if len(text) > self.max_prompt_chars:
             limit = self.backend.max_model_len
             raise APIError(
@@ -89,6 +93,19 @@ class Serving:
                 param,
             )
         return await self.in_thread(self.backend.tokenizer.encode, text, add_special_tokens)
+
+    def truncation(self, truncate: int) -> int:
+        """How many of a prompt's last tokens `truncate_prompt_tokens` keeps (a 400 when out of range)."""
+        limit = self.backend.max_model_len
+        if truncate == -1:
+            return limit
+        if not 1 <= truncate <= limit:
+            raise APIError(
+                400,
+                f"truncate_prompt_tokens must be -1 or in [1, {limit}] (the context length), got {truncate}",
+                "truncate_prompt_tokens",
+            )
+        return truncate
 
     def max_tokens(self, num_prompt_tokens: int, requested: int | None, prompt_param: str) -> int:
         """The completion budget: `requested`, or up to the context limit. Raises vLLM's 400 when
