@@ -125,11 +125,19 @@ def test_chat_returns_the_thinking_apart_whole_and_streamed(scripted: tuple, tok
     assert values == [-(n + 1.0) for n in range(len(ids))]
     assert any(getattr(c.choices[0].delta, "reasoning", None) and c.choices[0].logprobs for c in chunks)
 
-    # return_token_ids: every token once and in order, those of a tag held back with the text after it
-    stream = client.chat.completions.create(
-        model="scripted", messages=MESSAGES, stream=True, extra_body={"return_token_ids": True}
-    )
-    assert [t for c in stream if c.choices for t in (c.choices[0].model_extra.get("token_ids") or [])] == ids
+    # return_token_ids: every token once and in order, each chunk's ids those of its logprobs (a
+    # tag's held back with the text after it)
+    extra = {"return_token_ids": True, "return_tokens_as_token_ids": True}
+    chunks = [
+        c
+        for c in client.chat.completions.create(model="scripted", messages=MESSAGES, stream=True, logprobs=True, extra_body=extra)
+        if c.choices
+    ]
+    token_ids = [c.choices[0].model_extra.get("token_ids") for c in chunks]
+    assert [t for ids_ in token_ids for t in ids_ or []] == ids
+    for chunk, chunk_ids in zip(chunks, token_ids, strict=True):
+        entries = chunk.choices[0].logprobs.content if chunk.choices[0].logprobs else []
+        assert [int(e.token.removeprefix("token_id:")) for e in entries] == (chunk_ids or [])
 
     # cut while thinking: the last chunk is the thinking's, with the finish reason
     script(backend, tokenizer, f"<think>{THINKING}")
@@ -143,6 +151,21 @@ def test_chat_returns_the_thinking_apart_whole_and_streamed(scripted: tuple, tok
         assert plain.content == ANSWER and getattr(plain, "reasoning", None) is getattr(plain, "reasoning_content", None) is None
     else:
         assert (plain.reasoning, plain.content) == (ANSWER, None)
+
+
+def test_a_continued_message_goes_on_where_its_thinking_stands(scripted: tuple, tokenizer: Tokenizer) -> None:
+    """continue_final_message: a reply continuing an answer is all answer (both parsers), one
+    continuing an open thinking goes on thinking until `</think>`."""
+    client, backend, _ = scripted
+    continued = {"add_generation_prompt": False, "continue_final_message": True}
+    for start, reply, expected in (
+        ("The answer is", " yes.", (None, " yes.")),
+        ("<think>Let me see", f"{THINKING}</think>{ANSWER}", (THINKING, ANSWER)),
+    ):
+        script(backend, tokenizer, reply)
+        messages = [*MESSAGES, {"role": "assistant", "content": start}]
+        message = client.chat.completions.create(model="scripted", messages=messages, extra_body=continued).choices[0].message
+        assert (getattr(message, "reasoning", None), message.content) == expected
 
 
 def test_responses_return_a_reasoning_item_whole_and_streamed(scripted: tuple, tokenizer: Tokenizer) -> None:

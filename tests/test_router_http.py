@@ -387,8 +387,11 @@ def test_invocations_answers_chat_and_completion_requests_by_their_fields(server
         response = server.http.post("/invocations", json=body)
         error = response.json()["error"]
         assert response.status_code == 400 and error["param"] == param and words in error["message"], response.text
-    response = server.http.post("/invocations", content=b"{not json", headers={"content-type": "application/json"})
-    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+    for content in (b"{not json", b"[" * 100_000 + b"]" * 100_000):  # too deep for the parser: a 400, not a 500
+        response = server.http.post("/invocations", content=content, headers={"content-type": "application/json"})
+        assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+    response = server.http.post("/invocations", content=b'{"prompt": "hi"}', headers={"content-type": "text/plain"})
+    assert response.status_code == 400 and "Content-Type: application/json" in response.json()["error"]["message"]
     assert_serving(server)
 
 
@@ -411,9 +414,12 @@ def test_return_token_ids_gives_the_prompt_and_output_token_ids_whole_and_stream
     reply = server.http.post("/v1/chat/completions", json=greedy_body(messages=messages, return_token_ids=True)).json()
     choice = reply["choices"][0]
     assert reply["prompt_token_ids"] == rendered and server.tokenizer.decode(choice["token_ids"]) == choice["message"]["content"]
-    chunks = stream(server.http, "/v1/chat/completions", greedy_body(messages=messages, return_token_ids=True))[:-1]
-    assert chunks[0]["prompt_token_ids"] == rendered and not any("prompt_token_ids" in c for c in chunks[1:])
-    assert [t for c in chunks for t in c["choices"][0].get("token_ids", [])] == choice["token_ids"]
+    chunks = stream(server.http, "/v1/chat/completions", greedy_body(messages=messages, return_token_ids=True, n=2))[:-1]
+    firsts = [c for c in chunks if "prompt_token_ids" in c]  # each choice's first chunk, as vLLM sends them
+    assert [c["prompt_token_ids"] for c in firsts] == [rendered] * 2 and {c["choices"][0]["index"] for c in firsts} == {0, 1}
+    for index in (0, 1):
+        ids = [t for c in chunks if c["choices"][0]["index"] == index for t in c["choices"][0].get("token_ids", [])]
+        assert ids == choice["token_ids"]
     plain = server.http.post("/v1/chat/completions", json=greedy_body(messages=messages)).json()
     assert "prompt_token_ids" not in plain and "token_ids" not in plain["choices"][0]
 
@@ -436,21 +442,33 @@ def test_continue_final_message_continues_the_assistants_message(server: Server,
     for path in ("/v1/chat/completions", "/tokenize"):
         both = server.http.post(path, json={"model": MODEL, "messages": messages, "continue_final_message": True})
         assert both.status_code == 400 and both.json()["error"]["param"] == "continue_final_message", both.text
+    echo = server.http.post("/v1/chat/completions", json={**body, "echo": True})  # vLLM's, not honoured: refused
+    assert echo.status_code == 400 and echo.json()["error"]["param"] == "echo"
 
 
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(server: Server, llm: LLM) -> None:
     """vLLM's `truncate_prompt_tokens`: a prompt longer than the context runs on its last k tokens
     (echoed as such), as text or as token ids, on both endpoints; k out of range is a 400."""
     text = " ".join(["Where did they go? The north road."] * 40)
-    ids = server.tokenizer.encode(text)
-    assert len(ids) > MAX_MODEL_LEN
+    ids = server.tokenizer.encode(text)  # BOS first
+    assert len(ids) > MAX_MODEL_LEN and ids[0] == server.tokenizer.bos_token_id
+    kept = [ids[0], *ids[-31:]]  # as a tokenizer truncating on the left keeps them: BOS, then the text's last
     body = greedy_body(prompt=text, truncate_prompt_tokens=32, return_token_ids=True, echo=True)
     choice = server.http.post("/v1/completions", json=body).json()["choices"][0]
-    [expected] = llm.generate([{"prompt_token_ids": ids[-32:]}], greedy())
-    assert choice["prompt_token_ids"] == ids[-32:] and choice["token_ids"] == expected.outputs[0].token_ids
-    assert choice["text"] == server.tokenizer.decode(ids[-32:], skip_special_tokens=False) + expected.outputs[0].text
+    [expected] = llm.generate([{"prompt_token_ids": kept}], greedy())
+    assert choice["prompt_token_ids"] == kept and choice["token_ids"] == expected.outputs[0].token_ids
+    assert choice["text"] == server.tokenizer.decode(ids[-31:], skip_special_tokens=False) + expected.outputs[0].text
+    short = server.http.post("/v1/completions", json=greedy_body(prompt="The north road", truncate_prompt_tokens=32, echo=True))
+    assert short.json()["choices"][0]["text"].startswith("The north road")  # nothing cut: echoed as sent
+    huge = " ".join(["Where did they go? The north road."] * 3000)  # far beyond what the context could hold
+    body = greedy_body(prompt=huge, truncate_prompt_tokens=32, return_token_ids=True, max_tokens=1)
+    assert server.http.post("/v1/completions", json=body).json()["choices"][0]["prompt_token_ids"] == [
+        ids[0],
+        *server.tokenizer.encode(huge, add_special_tokens=False)[-31:],
+    ]
     as_ids = server.http.post("/v1/completions", json=greedy_body(prompt=ids, truncate_prompt_tokens=32)).json()
-    assert as_ids["choices"][0]["text"] == expected.outputs[0].text and as_ids["usage"]["prompt_tokens"] == 32
+    [from_ids] = llm.generate([{"prompt_token_ids": ids[-32:]}], greedy())  # token ids are cut as they are
+    assert as_ids["choices"][0]["text"] == from_ids.outputs[0].text and as_ids["usage"]["prompt_tokens"] == 32
 
     messages = [{"role": "user", "content": text}]
     reply = server.http.post(

@@ -78,20 +78,24 @@ class LLM:
         self,
         messages: list[dict] | list[list[dict]],
         sampling_params: SamplingParams | None = None,
+        *,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        tools: list[dict] | None = None,
         chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
-        """vLLM's `LLM.chat`: each conversation through the chat template, then generated from."""
+        """vLLM's `LLM.chat` (its keyword arguments): each conversation through the chat template
+        (`chat_template_kwargs` override the others), then generated from."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         tokenizer = self.get_tokenizer()
-        options = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message}
+        options = {
+            "add_generation_prompt": add_generation_prompt,
+            "continue_final_message": continue_final_message,
+            "tools": tools,
+            **(chat_template_kwargs or {}),
+        }
         prompts = [
-            {
-                "prompt_token_ids": tokenizer.encode(
-                    tokenizer.apply_chat_template(c, **options, **(chat_template_kwargs or {})), add_special_tokens=False
-                )
-            }
+            {"prompt_token_ids": tokenizer.encode(tokenizer.apply_chat_template(c, **options), add_special_tokens=False)}
             for c in conversations
         ]
         return self.generate(prompts, sampling_params)

@@ -227,9 +227,15 @@ def _version() -> str:
 
 async def _json_body(request: Request) -> dict:
     """The body as a JSON object; a 400 otherwise (as FastAPI's own parsing says it)."""
+    content_type = request.headers.get("content-type", "")
+    if "json" not in content_type.lower():
+        message = (
+            f"the request body must be JSON, sent with `Content-Type: application/json` (this one's: {content_type or 'none'})"
+        )
+        raise APIError(400, message)
     try:
         body = await request.json()
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep for the parser
         raise APIError(400, f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")

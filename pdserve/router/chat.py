@@ -18,7 +18,7 @@ from pdserve.engine.tokenizer import Tokenizer
 from pdserve.router.auth import cache_salt_of
 from pdserve.router.errors import APIError
 from pdserve.router.protocol import ChatCompletionRequest, ChatMessage
-from pdserve.router.reasoning import ReasoningSplitter, split, splitter_for, thinking_for
+from pdserve.router.reasoning import ReasoningSplitter, reasoning_context, split, splitter_for, thinking_for
 from pdserve.router.serving import (
     Generation,
     Serving,
@@ -114,13 +114,15 @@ async def prepare_chat(
         max_tokens, request.num_logprobs, tokenizer, forced, cache_salt_of(tenant, request.cache_salt)
     )
     grammar = params.structured_output
-    thinking = None if grammar is None else thinking_for(tool_options.reasoning_parser, prompt, tokenizer)
+    continued = request.messages[-1].for_template().get("content") if request.continue_final_message else None
+    context = reasoning_context(prompt, continued if isinstance(continued, str) else None)
+    thinking = None if grammar is None else thinking_for(tool_options.reasoning_parser, context, tokenizer)
     if grammar is not None and thinking is not None:  # the grammar constrains the answer after the thinking
         params = dataclasses.replace(params, structured_output=dataclasses.replace(grammar, thinking=thinking))
     return PreparedChat(
         serving.generations(request_id, prompt_token_ids, params),
         _reply_reader(mode, tool_options),
-        functools.partial(splitter_for, tool_options.reasoning_parser, prompt, grammar is not None and thinking is None),
+        functools.partial(splitter_for, tool_options.reasoning_parser, context, grammar is not None and thinking is None),
     )
 
 
@@ -155,20 +157,20 @@ class _ChatCompletion:
     ) -> None:
         generations, reader = prepared.generations, prepared.reader
         self._request = request
+        # vLLM's: the reply's role is the last message's when it continues it (no generation prompt)
+        self._role = "assistant" if request.add_generation_prompt else request.messages[-1].role
         self._as_token_ids = request.return_tokens_as_token_ids
         self._reader = reader
         self._new_splitter = prepared.new_splitter
         self._splitters = [prepared.new_splitter() for _ in generations]  # thinking apart from the answer, per choice
         self._streams = [None if reader is None else reader[1]() for _ in generations]  # a tool-call parser per choice
-        self._held = [TextDelta("", index=i) for i in range(len(generations))]  # logprobs of text that gave no delta yet
+        self._held = [TextDelta("", index=i) for i in range(len(generations))]  # tokens of text not in a chunk yet
         self.request_id = request_id
         self.model = model
         self.created = int(time.time())
         self._tokenizer = tokenizer
         self._generations = generations
         self._is_role_sent = [False] * len(generations)
-        self._held_ids: list[list[int]] = [[] for _ in generations]  # return_token_ids: tokens not in a chunk yet
-        self._has_prompt_ids = False
 
     def _envelope(self, obj: str, choices: list[dict]) -> dict:
         return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
@@ -210,10 +212,10 @@ class _ChatCompletion:
 
     def _choice(self, index: int, whole: TextDelta) -> dict:
         reasoning, answer = split(self._new_splitter(), whole.text)
-        message: dict[str, Any] = {"role": "assistant", "content": answer if answer or reasoning is None else None}
+        message: dict[str, Any] = {"role": self._role, "content": answer if answer or reasoning is None else None}
         parsed = None if self._reader is None else self._reader[0](answer)
         if parsed is not None and parsed.tool_calls:
-            message = {"role": "assistant", "content": parsed.content, "tool_calls": [c.to_json() for c in parsed.tool_calls]}
+            message = {"role": self._role, "content": parsed.content, "tool_calls": [c.to_json() for c in parsed.tool_calls]}
         if reasoning is not None:  # vLLM's name, and the one it had before
             message["reasoning"] = message["reasoning_content"] = reasoning
         return {
@@ -225,72 +227,75 @@ class _ChatCompletion:
         }
 
     def chunks(self, delta: TextDelta) -> list[dict]:
-        self._held_ids[delta.index] += delta.token_ids
-        return self._with_extras(delta.index, self._text_chunks(delta))
-
-    def _text_chunks(self, delta: TextDelta) -> list[dict]:
+        """The chunks of one delta. Its tokens' logprobs (and, with `return_token_ids`, their ids) go
+        with the chunk that carries their text; those of text held back (a tag still arriving) wait
+        for the chunk that carries it."""
         chunks = []
         index = delta.index
         if not self._is_role_sent[index]:  # vLLM's first chunk of a choice: the role, once there is output
             self._is_role_sent[index] = True
-            chunks.append(self._chunk({"role": "assistant", "content": ""}, None, TextDelta("", index=index)))
+            chunks.append(self._chunk({"role": self._role, "content": ""}, TextDelta("", index=index), None))
+            if self._request.return_token_ids:  # each choice's first chunk, as vLLM sends it
+                chunks[-1]["prompt_token_ids"] = self._generations[0].prompt_token_ids
         text, splitter = delta.text, self._splitters[index]
         if splitter is not None:
             reasoning, text = splitter.feed(delta.text, is_last=delta.finish_reason is not None)
             if not reasoning and not text and delta.finish_reason is None:  # a tag still arriving
-                self._held[index].logprobs += delta.logprobs
-                return chunks
-            if reasoning:  # the logprobs held back, and this delta's unless its answer text takes them
-                held, self._held[index] = self._held[index], TextDelta("", index=index)
+                self._hold(delta)
+                return self._with_usage(chunks)
+            if reasoning:  # the tokens held back, and this delta's unless its answer text takes them
+                held = self._release(index)
                 is_all = not text  # the delta's end, the reply's if it ends here, go with its thinking
                 thought = TextDelta(
                     "",
-                    logprobs=held.logprobs + (delta.logprobs if is_all else []),
+                    held.token_ids + (delta.token_ids if is_all else []),
+                    held.logprobs + (delta.logprobs if is_all else []),
                     finish_reason=delta.finish_reason if is_all else None,
                     stop_reason=delta.stop_reason if is_all else None,
                     index=index,
                 )
-                message = {"reasoning": reasoning, "reasoning_content": reasoning}
-                chunks.append(self._chunk(message, self._logprobs(thought), thought))
+                chunks.append(self._chunk({"reasoning": reasoning, "reasoning_content": reasoning}, thought, thought))
                 if is_all:
-                    return chunks
+                    return self._with_usage(chunks)
             delta = TextDelta(text, delta.token_ids, delta.logprobs, delta.finish_reason, delta.stop_reason, index)
         stream = self._streams[index]
+        self._hold(delta)
         if stream is None:
-            held, self._held[index] = self._held[index], TextDelta("", index=index)
-            merged = TextDelta(delta.text, logprobs=held.logprobs + delta.logprobs, index=index)
-            chunks.append(self._chunk({"content": delta.text}, self._logprobs(merged), delta))
+            chunks.append(self._chunk({"content": delta.text}, delta, self._release(index)))
         else:
             message = stream.feed(delta.text, is_last=delta.finish_reason is not None)
-            self._held[index].logprobs += delta.logprobs
             if message or delta.finish_reason is not None:  # text held back (a tag still arriving): no chunk yet
-                held, self._held[index] = self._held[index], TextDelta("", index=index)
-                chunks.append(self._chunk(message, self._logprobs(held), delta))
-        return chunks
+                chunks.append(self._chunk(message, delta, self._release(index)))
+        return self._with_usage(chunks)
 
-    def _with_extras(self, index: int, chunks: list[dict]) -> list[dict]:
-        """Usage on every chunk (`continuous_usage_stats`); with `return_token_ids`, the prompt's ids
-        on the stream's first chunk and the tokens held so far on the choice's last chunk here."""
+    def _hold(self, delta: TextDelta) -> None:
+        held = self._held[delta.index]
+        held.token_ids += delta.token_ids
+        held.logprobs += delta.logprobs
+
+    def _release(self, index: int) -> TextDelta:
+        held, self._held[index] = self._held[index], TextDelta("", index=index)
+        return held
+
+    def _with_usage(self, chunks: list[dict]) -> list[dict]:
         if self._request.include_usage_in_every_chunk:
             for chunk in chunks:
                 chunk["usage"] = self._usage
-        if self._request.return_token_ids and chunks:
-            if not self._has_prompt_ids:
-                self._has_prompt_ids = True
-                chunks[0]["prompt_token_ids"] = self._generations[0].prompt_token_ids
-            chunks[-1]["choices"][0]["token_ids"], self._held_ids[index] = self._held_ids[index], []
         return chunks
 
-    def _chunk(self, message: dict, logprobs: dict | None, delta: TextDelta) -> dict:
+    def _chunk(self, message: dict, delta: TextDelta, tokens: TextDelta | None) -> dict:
+        """A chunk of `delta`'s choice (its finish), carrying `tokens`' logprobs and ids (None: no tokens)."""
         stream = self._streams[delta.index]
         has_tool_calls = stream is not None and stream.has_tool_calls
         choice = {
             "index": delta.index,
             "delta": message,
-            "logprobs": logprobs,
+            "logprobs": None if tokens is None else self._logprobs(tokens),
             "finish_reason": _finish_reason(delta, has_tool_calls),
             "stop_reason": delta.stop_reason,
         }
+        if self._request.return_token_ids and tokens is not None:
+            choice["token_ids"] = tokens.token_ids
         return self._envelope("chat.completion.chunk", [choice])
 
     def final_chunks(self, request: ChatCompletionRequest) -> list[dict]:

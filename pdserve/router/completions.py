@@ -89,13 +89,15 @@ def _best(wholes: list[TextDelta], request: CompletionRequest, per_prompt: int) 
 async def _encode(serving: Serving, prompt: str | list[int], add_special_tokens: bool, truncate: int | None) -> _Prompt:
     """Tokenized (or decoded, for token ids) on a tokenizer thread; `truncate`: only the last tokens
     kept (`truncate_prompt_tokens`), and echoed."""
+    decode = serving.backend.tokenizer.decode
     if isinstance(prompt, str):
-        token_ids = await serving.encode(prompt, add_special_tokens, "prompt", truncate)
         if truncate is None:
-            return _Prompt(prompt, token_ids)
-    else:
-        token_ids = list(prompt) if truncate is None else list(prompt)[-serving.truncation(truncate) :]
-    return _Prompt(await serving.in_thread(serving.backend.tokenizer.decode, token_ids, False), token_ids)
+            return _Prompt(prompt, await serving.encode(prompt, add_special_tokens, "prompt"))
+        last = await serving.encode_last(prompt, add_special_tokens, truncate)
+        text = prompt if not last.is_cut else await serving.in_thread(decode, last.token_ids[last.num_special :], False)
+        return _Prompt(text, last.token_ids)
+    token_ids = list(prompt) if truncate is None else list(prompt)[-serving.truncation(truncate) :]
+    return _Prompt(await serving.in_thread(decode, token_ids, False), token_ids)
 
 
 class _Completion:

@@ -1,11 +1,13 @@
 """Input limits checked before any work: the request body's size and read time (ASGI middleware,
 ahead of JSON parsing), text that is not Unicode (a lone UTF-16 surrogate escape), and the longest
-prompt, in characters, that could still fit the context (checked before tokenizing)."""
+prompt, in characters, that could still fit the context (checked before tokenizing), or the
+prompt's last tokens when the request asks to truncate it."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+from typing import NamedTuple
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,6 +27,27 @@ def max_prompt_chars(tokenizer: Tokenizer, max_model_len: int) -> int:
     token covers more characters than the longest string in the vocabulary (special tokens included)."""
     longest = max(len(token) for token in tokenizer.backend.get_vocab(with_added_tokens=True))
     return MAX_NORMALIZATION_SHRINK * max_model_len * max(longest, 1)
+
+
+class LastTokens(NamedTuple):
+    token_ids: list[int]
+    num_special: int  # the special tokens the tokenizer put before the text (BOS), kept first
+    is_cut: bool  # whether tokens of the text were left out
+
+
+def last_tokens(tokenizer: Tokenizer, text: str, add_special_tokens: bool, keep: int, chars_a_token: int) -> LastTokens:
+    """The last `keep` tokens of `text` as a tokenizer truncating on the left gives them (vLLM's
+    `truncate_prompt_tokens`): the special tokens it puts before a text (BOS) kept, the text's own
+    tokens cut. Only the text's end is tokenized: the characters that surely hold `keep` tokens,
+    twice over (`chars_a_token`: `max_prompt_chars` for one token)."""
+    tail = text[-2 * keep * chars_a_token :]
+    ids = tokenizer.encode(tail, add_special_tokens=False)
+    full = tokenizer.encode(tail, add_special_tokens=True) if add_special_tokens else ids
+    num_special = len(full) - len(ids)
+    if full[num_special:] != ids or num_special >= keep:  # not specials before the text (EOS after it?): cut the whole
+        return LastTokens(full[-keep:], 0, len(tail) < len(text) or len(full) > keep)
+    num_text = keep - num_special
+    return LastTokens(full[:num_special] + ids[-num_text:], num_special, len(tail) < len(text) or len(ids) > num_text)
 
 
 def has_lone_surrogate(body: bytes) -> bool:

@@ -103,7 +103,7 @@ class GenerationRequest(SamplingFields):
     n: int | None = None
     # vLLM's extras
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N"
-    truncate_prompt_tokens: int | None = None  # keep only the prompt's last tokens (-1: as many as fit the context)
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)  # keep only the prompt's last tokens (-1: as many as fit the context)
     return_token_ids: bool | None = None  # the prompt's and each choice's token ids beside the text (RL rollouts)
     bad_words: list[str] | None = None
     allowed_token_ids: list[int] | None = None
@@ -252,9 +252,14 @@ class ChatCompletionRequest(GenerationRequest):
     continue_final_message: bool = False  # the reply continues the last (assistant) message: its start given
     chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = False  # the template already adds BOS and friends
+    echo: bool | None = None  # vLLM's: the last message's text before the reply's; refused
 
     def check_supported(self) -> None:
         super().check_supported()
+        if self.echo:
+            raise APIError(
+                400, "echo is not supported on chat completions (the continued message's start is the client's)", "echo"
+            )
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs to be true", "top_logprobs")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:

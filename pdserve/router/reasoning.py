@@ -96,6 +96,15 @@ def thinking_for(parser: str | None, prompt: str, tokenizer: Tokenizer) -> Think
     return Thinking(start, end, starts_thinking=parser == "deepseek_r1" or prompt.rstrip().endswith(START))
 
 
+def reasoning_context(prompt: str, continued: str | None) -> str:
+    """What the rules above read of the prompt: the prompt itself, or, when the reply continues a
+    message (`continue_final_message`), where that message's thinking stands: open (it continues the
+    thinking) or not (it continues the answer)."""
+    if continued is None:
+        return prompt
+    return START if continued.rfind(START) > continued.rfind(END) else END
+
+
 def split(splitter: ReasoningSplitter | None, text: str) -> tuple[str | None, str]:
     """A whole reply's (reasoning, answer): reasoning None when the reply did not think."""
     if splitter is None:

@@ -27,7 +27,7 @@ from pdserve.router.admission import Admission
 from pdserve.router.backend import Backend, BackendFailure
 from pdserve.router.drain import Drain
 from pdserve.router.errors import APIError, as_api_error
-from pdserve.router.limits import max_prompt_chars
+from pdserve.router.limits import LastTokens, last_tokens, max_prompt_chars
 from pdserve.router.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -81,8 +81,7 @@ class Serving:
         before it is tokenized, unless `truncate` (vLLM's `truncate_prompt_tokens`) keeps only its
         last tokens (-1: as many as the context holds)."""
         if truncate is not None:
-            keep = self.truncation(truncate)  # the body's size bounds the text
-            return (await self.in_thread(self.backend.tokenizer.encode, text, add_special_tokens))[-keep:]
+            return (await self.encode_last(text, add_special_tokens, truncate)).token_ids
         if len(text) > self.max_prompt_chars:
             limit = self.backend.max_model_len
             raise APIError(
@@ -93,6 +92,11 @@ class Serving:
                 param,
             )
         return await self.in_thread(self.backend.tokenizer.encode, text, add_special_tokens)
+
+    async def encode_last(self, text: str, add_special_tokens: bool, truncate: int) -> LastTokens:
+        """The prompt's last tokens, as `truncate_prompt_tokens` asks (only its end is tokenized)."""
+        keep = self.truncation(truncate)
+        return await self.in_thread(last_tokens, self.backend.tokenizer, text, add_special_tokens, keep, self._chars_a_token)
 
     def truncation(self, truncate: int) -> int:
         """How many of a prompt's last tokens `truncate_prompt_tokens` keeps (a 400 when out of range)."""
