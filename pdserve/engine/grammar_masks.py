@@ -48,8 +48,9 @@ class GrammarMasks:
     def start(self, requests: list[Request]) -> PendingMasks | None:
         """Start computing the next token's mask of every request in `requests` that has a grammar
         and has not finished (a finished request's row, in a step launched ahead, allows all)."""
-        grammars = [(r.grammar, i) for i, r in enumerate(requests) if r.grammar is not None and not r.is_finished]
-        grammars = [(grammar, i) for grammar, i in grammars if grammar.constrains]  # not while the model thinks
+        grammars = [  # none while the model thinks
+            (r.grammar, i) for i, r in enumerate(requests) if r.grammar is not None and r.grammar.constrains and not r.is_finished
+        ]
         if not grammars:
             return None
         num_words = -(-grammars[0][0].vocab_size // BITS)

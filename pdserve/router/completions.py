@@ -94,7 +94,7 @@ async def _encode(serving: Serving, prompt: str | list[int], add_special_tokens:
         if truncate is None:
             return _Prompt(prompt, await serving.encode(prompt, add_special_tokens, "prompt"))
         last = await serving.encode_last(prompt, add_special_tokens, truncate)
-        text = prompt if not last.is_cut else await serving.in_thread(decode, last.token_ids[last.num_special :], False)
+        text = prompt if not last.is_cut else await serving.in_thread(decode, last.text_ids, False)
         return _Prompt(text, last.token_ids)
     token_ids = list(prompt) if truncate is None else list(prompt)[-serving.truncation(truncate) :]
     return _Prompt(await serving.in_thread(decode, token_ids, False), token_ids)

@@ -30,24 +30,27 @@ def max_prompt_chars(tokenizer: Tokenizer, max_model_len: int) -> int:
 
 
 class LastTokens(NamedTuple):
-    token_ids: list[int]
-    num_special: int  # the special tokens the tokenizer put before the text (BOS), kept first
+    token_ids: list[int]  # the tokens kept, with the special tokens the tokenizer adds (BOS)
+    text_ids: list[int]  # the text's own tokens among them
     is_cut: bool  # whether tokens of the text were left out
 
 
 def last_tokens(tokenizer: Tokenizer, text: str, add_special_tokens: bool, keep: int, chars_a_token: int) -> LastTokens:
-    """The last `keep` tokens of `text` as a tokenizer truncating on the left gives them (vLLM's
-    `truncate_prompt_tokens`): the special tokens it puts before a text (BOS) kept, the text's own
-    tokens cut. Only the text's end is tokenized: the characters that surely hold `keep` tokens,
-    twice over (`chars_a_token`: `max_prompt_chars` for one token)."""
+    """The last `keep` tokens of `text` as the tokenizer truncating on the left gives them (vLLM's
+    `truncate_prompt_tokens`): the text's tokens cut to leave room for the special tokens it adds
+    (none when there is no room). Only the text's end is tokenized: the characters that surely hold
+    `keep` tokens, twice over (`chars_a_token`: `max_prompt_chars` for one token)."""
+    backend = tokenizer.backend
     tail = text[-2 * keep * chars_a_token :]
-    ids = tokenizer.encode(tail, add_special_tokens=False)
-    full = tokenizer.encode(tail, add_special_tokens=True) if add_special_tokens else ids
-    num_special = len(full) - len(ids)
-    if full[num_special:] != ids or num_special >= keep:  # not specials before the text (EOS after it?): cut the whole
-        return LastTokens(full[-keep:], 0, len(tail) < len(text) or len(full) > keep)
-    num_text = keep - num_special
-    return LastTokens(full[:num_special] + ids[-num_text:], num_special, len(tail) < len(text) or len(ids) > num_text)
+    encoding = backend.encode(tail, add_special_tokens=False)
+    num_special = backend.num_special_tokens_to_add(False) if add_special_tokens else 0
+    num_text = keep - num_special if num_special < keep else keep
+    is_cut = len(tail) < len(text) or len(encoding.ids) > num_text
+    encoding.truncate(num_text, direction="left")
+    text_ids = encoding.ids
+    if num_special < keep and add_special_tokens:
+        encoding = backend.post_process(encoding)
+    return LastTokens(encoding.ids, text_ids, is_cut)
 
 
 def has_lone_surrogate(body: bytes) -> bool:

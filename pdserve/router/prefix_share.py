@@ -23,6 +23,7 @@ from typing import Any
 from pdserve.proto.cluster_secret import ClusterSecret
 from pdserve.router.closing import end_within
 from pdserve.router.prefix_index import PrefixIndex
+from pdserve.router.throttled_log import ThrottledLog
 
 logger = logging.getLogger(__name__)
 CHANNEL = "pdserve:prefixes"
@@ -36,7 +37,6 @@ MAX_RECORD_BLOCKS = 8192  # a record's first blocks at most (a prompt of 128k to
 MAX_PENDING_BLOCKS = 1 << 18  # waiting for the next flush; beyond, the oldest records are dropped
 BYTES_PER_BLOCK = 21  # a 64-bit hash in JSON, with its comma
 RECONNECT_S = 1.0
-LOG_INTERVAL_S = 60.0
 CLOSE_TIMEOUT_S = 5.0
 
 
@@ -62,7 +62,7 @@ class RedisPrefixShare:
         self._pending: deque[tuple[str, list[int]]] = deque()
         self._num_pending_blocks = 0
         self._tasks: list[asyncio.Task] = []
-        self._last_logged = -LOG_INTERVAL_S
+        self._log = ThrottledLog(logger).warning
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._publish_forever()), asyncio.create_task(self._listen_forever())]
@@ -164,9 +164,3 @@ class RedisPrefixShare:
         except Exception as exc:  # noqa: BLE001 - signed yet malformed (another version?): dropped, never fatal
             self._log(f"dropped a malformed prefix message ({type(exc).__name__})")
             return None
-
-    def _log(self, what: str) -> None:
-        now = time.monotonic()
-        if now - self._last_logged >= LOG_INTERVAL_S:
-            self._last_logged = now
-            logger.warning(what)

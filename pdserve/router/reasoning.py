@@ -75,25 +75,30 @@ def _partial_tag(text: str, tag: str) -> int:
     return 0
 
 
-def splitter_for(parser: str | None, prompt: str, has_structured_output: bool) -> ReasoningSplitter | None:
-    """The splitter for a reply to `prompt` (the rendered chat), or None: no thinking to split off.
-    `has_structured_output`: a grammar constrains the reply from its first token."""
-    if parser is None or has_structured_output or prompt.rstrip().endswith(END):
+def starts_thinking(parser: str | None, prompt: str) -> bool | None:
+    """How a reply to `prompt` (the rendered chat) starts, the one rule the splitter and the grammar
+    follow: thinking (True), thinking only if it opens with `<think>` (False: qwen3), or all answer
+    (None: no parser, or the prompt closed the thinking)."""
+    if parser is None or prompt.rstrip().endswith(END):
         return None
-    if parser == "deepseek_r1":
-        return ReasoningSplitter(starts_thinking=True)
-    return ReasoningSplitter(starts_thinking=prompt.rstrip().endswith(START))
+    return parser == "deepseek_r1" or prompt.rstrip().endswith(START)
+
+
+def splitter_for(parser: str | None, prompt: str, has_structured_output: bool) -> ReasoningSplitter | None:
+    """The splitter for a reply to `prompt`, or None: no thinking to split off.
+    `has_structured_output`: a grammar constrains the reply from its first token."""
+    start = starts_thinking(parser, prompt)
+    return None if start is None or has_structured_output else ReasoningSplitter(start)
 
 
 def thinking_for(parser: str | None, prompt: str, tokenizer: Tokenizer) -> Thinking | None:
-    """What a grammar on the reply to `prompt` waits out (the splitter's rules, on tokens), or None:
-    no reasoning parser, a prompt that closed the thinking, or tags that are not tokens."""
-    if parser is None or prompt.rstrip().endswith(END):
+    """What a grammar on the reply to `prompt` waits out, or None: no thinking, or tags that are
+    not tokens of the vocabulary."""
+    start = starts_thinking(parser, prompt)
+    start_id, end_id = (tokenizer.backend.token_to_id(tag) for tag in (START, END))
+    if start is None or start_id is None or end_id is None:
         return None
-    start, end = (tokenizer.backend.token_to_id(tag) for tag in (START, END))
-    if start is None or end is None:
-        return None
-    return Thinking(start, end, starts_thinking=parser == "deepseek_r1" or prompt.rstrip().endswith(START))
+    return Thinking(start_id, end_id, starts_thinking=start)
 
 
 def reasoning_context(prompt: str, continued: str | None) -> str:

@@ -21,12 +21,12 @@ from pdserve.proto.failures import Failure
 from pdserve.router.closing import end_within
 from pdserve.router.config import GatewayConfig
 from pdserve.router.errors import APIError
+from pdserve.router.throttled_log import ThrottledLog
 
 logger = logging.getLogger(__name__)
 KEY_PREFIX = "pdserve:response:"
 SIGNATURE_PURPOSE = "response-store"
 CLOSE_TIMEOUT_S = 5.0
-LOG_INTERVAL_S = 60.0
 MAX_RECORD_BYTES = 16 * 2**20  # one response with its conversation: more is not kept (a Redis write of it must end in time)
 RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")  # what `create_response` makes: any other id was never stored
 ITEM_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
@@ -130,7 +130,7 @@ class RedisResponseStore:
 
         self._redis = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._secret, self._max_bytes, self._ttl_s, self._timeout_s = secret, max_record_bytes, ttl_s, timeout_s
-        self._logged_at = -LOG_INTERVAL_S
+        self._log = ThrottledLog(logger).warning
 
     async def put(self, tenant: str | None, response: dict[str, Any], input_items: list[dict[str, Any]]) -> bool:
         blob, key = StoredResponse(response, input_items).encode(), _key(tenant, response["id"])
@@ -171,12 +171,6 @@ class RedisResponseStore:
         except Exception as exc:  # noqa: BLE001 - Redis away, slow or refusing: the client may try again
             self._log(f"response store: Redis failed to {what} ({type(exc).__name__}: {exc})")
             raise APIError.of(Failure.UNAVAILABLE, "the response store is unavailable; try again") from None
-
-    def _log(self, what: str) -> None:
-        """At most once a LOG_INTERVAL_S: an outage must not flood the log with one line a request."""
-        if time.monotonic() - self._logged_at >= LOG_INTERVAL_S:
-            self._logged_at = time.monotonic()
-            logger.warning(what)
 
 
 def _key(tenant: str | None, response_id: str) -> str:

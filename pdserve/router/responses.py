@@ -19,10 +19,9 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, Response
 
-from pdserve.engine.tokenizer import Tokenizer
-from pdserve.router.chat import PreparedChat, prepare_chat
+from pdserve.router.chat import prepare_chat
 from pdserve.router.errors import APIError, as_api_error
-from pdserve.router.response_object import Keep, ResponseObject
+from pdserve.router.response_object import ResponseObject
 from pdserve.router.response_store import ResponseStore, check_item_ids, input_items, previous_conversation
 from pdserve.router.responses_request import PARAMS, ResponsesRequest
 from pdserve.router.serving import EventStreamResponse, Serving, TextDelta, collect
@@ -64,17 +63,10 @@ async def create_response(
 class _ResponseStream(ResponseObject):
     """The response as the Responses stream's events, its output items built as the reply streams."""
 
-    def __init__(
-        self,
-        response_id: str,
-        model: str,
-        tokenizer: Tokenizer,
-        prepared: PreparedChat,
-        request: ResponsesRequest,
-        keep: Keep | None,  # None: not stored
-    ) -> None:
-        super().__init__(response_id, model, tokenizer, prepared, request, keep)
-        self._splitter = prepared.new_splitter()
+    def __init__(self, *args: Any) -> None:
+        """`ResponseObject`'s arguments."""
+        super().__init__(*args)
+        self._splitter = self._new_splitter()
         self._reasoning: int | None = None  # the reasoning item's place among the items
         # the output items so far, the message item's place among them, each call's
         self._items: list[dict[str, Any]] = []
@@ -82,7 +74,7 @@ class _ResponseStream(ResponseObject):
         self._calls: dict[int, int] = {}  # the tool call's index in the reply -> its item's
         self._held_logprobs: list[dict[str, Any]] = []  # of tokens whose text has not been sent yet
         self._closed: set[int] = set()  # the items done
-        self._text_stream = None if prepared.reader is None else prepared.reader[1]()
+        self._text_stream = None if self._reader is None else self._reader[1]()
         self._sequence = 0
 
     async def events(self, first: TextDelta, rest: AsyncGenerator[TextDelta, None]) -> AsyncGenerator[str, None]:
