@@ -231,11 +231,18 @@ def test_the_opening_token_is_allowed_in_its_own_row_at_any_bit_of_its_word(demo
         compiler.compile(dataclasses.replace(spec, thinking=Thinking(832, 801, starts_thinking=True)))
 
 
-def test_greedy_thinks_then_answers_under_the_grammar(thinking_checkpoint: Path) -> None:
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_thinks_then_answers_under_the_grammar(thinking_checkpoint: Path, device: str) -> None:
     """Biased towards `<think>` (where the grammar allows it) and more towards `</think>`, greedy
     decoding opens the thinking, closes it, then answers as the grammar says: the first token is
     sampled from the grammar's tokens plus `<think>`, the thinking from all of them."""
-    engine = LLM(str(thinking_checkpoint), device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN)
+    engine = LLM(str(thinking_checkpoint), device=device, dtype="float32", max_model_len=MAX_MODEL_LEN)
     tokenizer = engine.get_tokenizer()
     start, end = (tokenizer.backend.token_to_id(tag) for tag in ("<think>", "</think>"))
     spec = StructuredOutput("regex", "[0-9]{3}", thinking=Thinking(start, end, starts_thinking=False))
@@ -243,3 +250,47 @@ def test_greedy_thinks_then_answers_under_the_grammar(thinking_checkpoint: Path)
     out = engine.generate(["Hello"], params)[0].outputs[0]
     assert out.token_ids[:2] == [start, end] and re.fullmatch("[0-9]{3}", tokenizer.decode(out.token_ids[2:])), out.text
     assert out.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_batch_of_thinking_and_plain_grammars_each_answers_its_own(thinking_checkpoint: Path, device: str) -> None:
+    """Sampled together in steps launched ahead: replies that open with their thinking, replies
+    that may open with it, replies without a thinking and free ones. Each grammar's answer matches
+    it once its thinking (if any) is closed; the free rows are not masked."""
+    engine = LLM(str(thinking_checkpoint), device=device, dtype="float32", max_model_len=MAX_MODEL_LEN)
+    tokenizer = engine.get_tokenizer()
+    start, end = (tokenizer.backend.token_to_id(tag) for tag in ("<think>", "</think>"))
+    bias = {start: 4.0, end: 6.0}  # thinking opened and closed often enough in 48 tokens
+    kinds = [
+        Thinking(start, end, starts_thinking=True),
+        Thinking(start, end, starts_thinking=False),
+        None,  # a grammar from the first token
+        "free",
+    ]
+    params = []
+    for seed in range(16):
+        kind = kinds[seed % 4]
+        spec = None if kind == "free" else StructuredOutput("regex", "[0-9]{2,4}", thinking=kind)
+        params.append(SamplingParams(temperature=1.0, seed=seed, max_tokens=48, structured_output=spec, logit_bias=bias))
+    outs = [o.outputs[0] for o in engine.generate(["Hello"] * 16, params)]
+    digits = re.compile("[0-9]*")
+    assert not all(digits.fullmatch(out.text) for out in outs[3::4])  # the free rows are not masked
+    for seed, out in enumerate(outs):
+        kind = kinds[seed % 4]
+        ids = out.token_ids
+        if kind == "free":
+            continue
+        if isinstance(kind, Thinking) and end in ids:
+            answer = ids[ids.index(end) + 1 :]
+        elif isinstance(kind, Thinking) and (kind.starts_thinking or ids[:1] == [start]):
+            assert out.finish_reason == "length"  # still thinking: unconstrained, no end by the grammar
+            continue
+        else:
+            answer = ids
+        text = tokenizer.decode(answer)  # the EOS that may end it skipped
+        if out.finish_reason == "stop":
+            assert re.fullmatch("[0-9]{2,4}", text), (seed, out.token_ids, text)
+        else:
+            assert re.fullmatch("[0-9]{0,4}", text), (seed, out.token_ids, text)
+    assert not engine.engine.has_unfinished_requests()
+    assert engine.engine.core.block_manager.num_held_blocks == 0

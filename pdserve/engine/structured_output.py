@@ -17,11 +17,15 @@ import json
 import logging
 import threading
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import llguidance
 
 from pdserve.engine.sampling_params import InvalidRequestError, StructuredOutput, Thinking
 from pdserve.engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import torch  # the gateway imports this module without torch
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +88,7 @@ class Grammar:
         self.matcher = matcher
         self.vocab_size = vocab_size  # of its masks: at least the model's
         self.thinking = thinking
+        self.first_mask: torch.Tensor | None = None  # the matcher's mask before any token, once computed (grammar_masks)
         if thinking is None:
             self.phase = ANSWER
         else:
