@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.deploy.cli import build_parser, main, serve_config
+from pdserve.deploy.cli import build_parser, gateway_config, main, serve_config
 from pdserve.deploy.config import PoolConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +55,20 @@ def test_flags_override_the_file(tmp_path: Path, demo_model_dir: Path) -> None:
     config = config_of(tmp_path, text, "--port", "9200", "--decode-workers", "2", "--no-autoscale")
     assert config.port == 9200 and config.num_decode_workers == 2 and not config.autoscale.enabled
     assert config.decode_pool.max_replicas == 6
+
+
+def test_several_served_model_names_from_the_file_or_the_flag(tmp_path: Path, demo_model_dir: Path) -> None:
+    """`--served-model-name a b` (vLLM's): replies carry the first, requests may name any; in the
+    file a list, or one name."""
+    text = f"model: {demo_model_dir}\nserved-model-name: [demo, org/demo-v1]\n"
+    path = tmp_path / "pdserve.yaml"
+    path.write_text(text)
+    args = build_parser(str(path)).parse_args(["serve", "--config", str(path)])
+    assert serve_config(args).served_model_name == "demo" and gateway_config(args).model_aliases == ("org/demo-v1",)
+    args = build_parser(str(path)).parse_args(["serve", "--config", str(path), "--served-model-name", "x", "y", "x"])
+    assert serve_config(args).served_model_name == "x" and gateway_config(args).model_aliases == ("y",)
+    args = build_parser().parse_args(["serve", "--model", str(demo_model_dir)])
+    assert serve_config(args).served_model_name == str(demo_model_dir) and gateway_config(args).model_aliases == ()
 
 
 def test_a_switch_set_in_the_file_can_be_turned_back_off_by_a_flag(tmp_path: Path, demo_model_dir: Path) -> None:

@@ -35,6 +35,7 @@ from pdserve.router.metrics import Metrics
 from tests.servers import DASHBOARD_SERIES, observed_series
 
 MODEL = "demo"
+ALIAS = "org/demo-v1"  # a second --served-model-name, a Hub id's "/" in it
 MAX_MODEL_LEN = 128
 PROMPT = "The little engine ran along the valley"
 NUM_TOKENS = 10
@@ -82,7 +83,8 @@ def server(demo_model_dir: Path) -> Iterator[Server]:
     config = EngineConfig(model=str(demo_model_dir), device="cpu", max_model_len=MAX_MODEL_LEN, num_kv_blocks=64)
     engine = LLMEngine.from_config(config)
     async_engine = AsyncEngine(engine)
-    app = create_app(ColocatedBackend(async_engine, MODEL), config=GatewayConfig(Deadlines(first_token_s=120, request_s=120)))
+    gateway = GatewayConfig(Deadlines(first_token_s=120, request_s=120), model_aliases=(ALIAS,))
+    app = create_app(ColocatedBackend(async_engine, MODEL), config=gateway)
     try:
         with serve(app) as url, httpx.Client(base_url=url, timeout=120) as http:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
@@ -552,10 +554,26 @@ def test_metrics_keep_vllm_names_whatever_the_scraper_asks(server: Server) -> No
 
 
 def test_models_and_health(server: Server) -> None:
-    [card] = server.client.models.list().data
-    assert (card.id, card.owned_by, card.model_dump()["max_model_len"]) == (MODEL, "pdserve", MAX_MODEL_LEN)
+    cards = server.client.models.list().data
+    assert [(c.id, c.owned_by, c.model_dump()["max_model_len"]) for c in cards] == [
+        (MODEL, "pdserve", MAX_MODEL_LEN),
+        (ALIAS, "pdserve", MAX_MODEL_LEN),
+    ]
+    assert server.client.models.retrieve(ALIAS).id == ALIAS
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        server.client.models.retrieve("other")
     assert server.http.get("/health").status_code == 200
     assert server.http.get("/ping").status_code == server.http.post("/ping").status_code == 200
+
+
+def test_any_served_name_is_the_model_and_replies_carry_the_first(server: Server) -> None:
+    """Several --served-model-name (vLLM's): a request may name any; the reply names the first."""
+    reply = server.client.completions.create(model=ALIAS, prompt=PROMPT, max_tokens=2)
+    assert reply.model == MODEL and reply.usage.completion_tokens == 2
+    chat = server.client.chat.completions.create(model=ALIAS, messages=MESSAGES, max_tokens=2)
+    assert chat.model == MODEL
+    with pytest.raises(openai.NotFoundError):
+        server.client.completions.create(model="demo-v1", prompt=PROMPT, max_tokens=2)
 
 
 def test_tokenize_detokenize_round_trip(server: Server) -> None:

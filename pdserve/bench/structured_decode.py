@@ -127,7 +127,9 @@ def main() -> None:
     table = {(bs, kind): ms for bs, kind, ms in rows}
     for bs in args.batch_sizes:
         free, thinking, answer = (table[bs, kind] for kind in KINDS)
-        print(f"| {bs} | {free:.3f} | {thinking:.3f} | {100 * free / thinking:.1f}% | {answer:.3f} | {100 * free / answer:.1f}% |")
+        print(
+            f"| {bs} | {free:.3f} | {thinking:.3f} | {100 * free / thinking:.1f}% | {answer:.3f} | {100 * free / answer:.1f}% |"
+        )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,12 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
         "--config", default=None, help="YAML file of settings (flags' names, pools, autoscaler); flags override it"
     )
     serve.add_argument("--model", default=None, help="HF checkpoint directory or Hub id (default: the demo model)")
-    serve.add_argument("--served-model-name", default=None, help="model name in the API (default: --model)")
+    serve.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="the model's name(s) in the API: requests may name any, replies carry the first (default: --model)",
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -226,6 +231,14 @@ def in_flag_terms(message: str, names: dict[str, str]) -> str:
     return re.sub(r"(?<![\w\-/.'\"])[a-z]+(?:_[a-z]+)+(?![\w\-/.'\"])", lambda m: names.get(m.group(), m.group()), message)
 
 
+def served_model_names(args: argparse.Namespace) -> list[str]:
+    """`--served-model-name`'s names, the first the one replies carry (vLLM's); default: --model."""
+    names = list(dict.fromkeys(args.served_model_name or [args.model or DEMO_MODEL_NAME]))
+    if not all(name.strip() for name in names):
+        raise ValueError("--served-model-name: a name must not be empty")
+    return names
+
+
 def gateway_config(args: argparse.Namespace) -> GatewayConfig:
     """Raises ValueError for a bad value. The only place PDSERVE_API_KEY is read."""
     keys = [*args.api_key, *(k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip())]
@@ -237,6 +250,7 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         request_s=args.request_timeout,
     )
     return GatewayConfig(
+        model_aliases=tuple(served_model_names(args)[1:]),
         deadlines=deadlines,
         api_keys=tuple(dict.fromkeys(keys)),
         protect_metrics=args.protect_metrics,
@@ -367,7 +381,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     )
     return ServeConfig(
         engine=engine,
-        served_model_name=args.served_model_name or args.model or DEMO_MODEL_NAME,
+        served_model_name=served_model_names(args)[0],
         host=args.host,
         port=args.port,
         num_prefill_workers=args.prefill_workers,

@@ -65,7 +65,7 @@ def _flag_value(path: str, key: str, option: str, action: argparse.Action, value
             raise ConfigFileError(f"{path}: {key} must be true or false, got {value!r}")
         sets = action.const if isinstance(action.const, bool) else not option.startswith("--no-")
         return value if sets else not value
-    if isinstance(action, argparse._AppendAction):  # --api-key: a string is one value, never its characters
+    if isinstance(action, argparse._AppendAction) or action.nargs in ("+", "*"):  # a string is one value, never its characters
         return [_scalar(path, key, action, item) for item in (value if isinstance(value, list) else [value])]
     return _scalar(path, key, action, value)
 

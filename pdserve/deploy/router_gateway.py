@@ -17,7 +17,12 @@ from pdserve.engine.config import ConfigError, EngineConfig
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", required=True, help="the Redis the workers register in")
     parser.add_argument("--model", default=None, help="the served checkpoint, for its tokenizer (default: the demo model)")
-    parser.add_argument("--served-model-name", default=None, help="model name in the API (default: --model)")
+    parser.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="the model's name(s) in the API: requests may name any, replies carry the first (default: --model)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
@@ -31,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def router_config(args: argparse.Namespace) -> ServeConfig:
-    from pdserve.deploy.cli import DEMO_MODEL_NAME, cluster_secret
+    from pdserve.deploy.cli import cluster_secret, served_model_names
     from pdserve.engine.demo_model import default_demo_model_dir
     from pdserve.engine.loader import resolve_model_path
     from pdserve.proto.cluster_secret import ENV_VAR
@@ -41,7 +46,7 @@ def router_config(args: argparse.Namespace) -> ServeConfig:
     model_dir = resolve_model_path(args.model or str(default_demo_model_dir()))
     return ServeConfig(
         engine=EngineConfig(model=str(model_dir)),
-        served_model_name=args.served_model_name or args.model or DEMO_MODEL_NAME,
+        served_model_name=served_model_names(args)[0],
         host=args.host,
         port=args.port,
         redis_url=args.redis_url,

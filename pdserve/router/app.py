@@ -48,13 +48,13 @@ def create_app(
     response_store: ResponseStore | None = None,
 ) -> FastAPI:
     """Routes: POST /v1/completions, /v1/chat/completions, /v1/responses, /invocations, /tokenize, /detokenize;
-    GET/DELETE /v1/responses/{id}, its input_items and cancel; GET /v1/models, /health (and /ping),
+    GET/DELETE /v1/responses/{id}, its input_items and cancel; GET /v1/models (and /v1/models/{name}), /health (and /ping),
     /metrics. The caller owns the backend and `response_store` (and closes them; without one, the
     config's in-memory store, none when it says 0) and runs `app.state.drain` on SIGTERM (`deploy/http_server.py`)."""
     config = config or GatewayConfig()
     drain = Drain()
     admission = Admission(config.max_num_queued_reqs, config.max_num_queued_tokens)
-    serving = Serving(backend, metrics or Metrics(backend.model_name), config.deadlines, admission, drain)
+    serving = Serving(backend, metrics or Metrics(backend.model_name), config.deadlines, admission, drain, config.model_aliases)
     store = response_store if response_store is not None else open_response_store(config)
     app = FastAPI(title="pdserve")
     app.state.serving = serving
@@ -120,10 +120,9 @@ def create_app(
             return await completions(_parsed(CompletionRequest, body), raw_request)
         raise APIError(400, "/invocations takes a chat request (with `messages`) or a completion request (with `prompt`)")
 
-    @app.get("/v1/models")
-    async def models() -> dict:
-        card = {
-            "id": backend.model_name,
+    def model_card(name: str) -> dict:
+        return {
+            "id": name,
             "object": "model",
             "created": int(time.time()),
             "owned_by": "pdserve",
@@ -131,7 +130,16 @@ def create_app(
             "parent": None,
             "max_model_len": backend.max_model_len,
         }
-        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card(name) for name in serving.model_names]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict:
+        """The OpenAI SDKs' `models.retrieve` (a Hub id's "/" included)."""
+        serving.check_model(model)
+        return model_card(model)
 
     @app.get("/health")
     @app.get("/ping")  # vLLM's (SageMaker's) name for it, GET or POST

@@ -30,6 +30,7 @@ class GatewayConfig:
     responses_store_max_bytes: int = DEFAULT_RESPONSES_STORE_MAX_BYTES  # their JSON in memory; in Redis, one's at most
     responses_store_ttl_s: float = 3600.0  # a stored response is forgotten this long after it was written
     responses_store_redis_url: str | None = None  # the store in this Redis, shared by the gateways; None: in memory
+    model_aliases: tuple[str, ...] = ()  # other names requests may give the served model (--served-model-name's)
 
     def __post_init__(self) -> None:
         if any(not key for key in self.api_keys):

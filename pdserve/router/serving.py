@@ -54,8 +54,17 @@ class Serving:
     """The backend plus what every request needs from the server: metrics, deadlines, admission,
     the drain, and threads for tokenizing (a long prompt must not stall the event loop)."""
 
-    def __init__(self, backend: Backend, metrics: Metrics, deadlines: Deadlines, admission: Admission, drain: Drain) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        metrics: Metrics,
+        deadlines: Deadlines,
+        admission: Admission,
+        drain: Drain,
+        model_aliases: tuple[str, ...] = (),
+    ) -> None:
         self.backend = backend
+        self.model_names = tuple(dict.fromkeys([backend.model_name, *model_aliases]))  # replies carry the first
         self.metrics = metrics
         self.deadlines = deadlines
         self.admission = admission
@@ -69,7 +78,7 @@ class Serving:
         return self._chars_a_token * self.backend.max_model_len
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.backend.model_name:
+        if model is not None and model not in self.model_names:
             raise APIError(404, f"The model `{model}` does not exist.", "model")
 
     async def in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
