@@ -237,6 +237,45 @@ def test_the_memory_store_is_bounded_in_bytes() -> None:
     asyncio.run(main())
 
 
+def test_a_tenant_flooding_the_store_evicts_its_own_responses() -> None:
+    """When the store is full, the tenant holding the most loses its least recently used
+    response: a flood from one API key does not push out another key's few."""
+    store = MemoryResponseStore(max_entries=6, max_bytes=1 << 20, ttl_s=60.0)
+
+    def response(n: int) -> dict:
+        return {"id": f"resp_{n:032x}", "output": []}
+
+    async def main() -> None:
+        for n in range(2):
+            assert await store.put("key-a", response(n), [])
+        for n in range(2, 40):  # key-b's flood: 38 responses into the 4 places left
+            assert await store.put("key-b", response(n), [])
+        assert [await store.get("key-a", response(n)["id"]) is not None for n in range(2)] == [True, True]
+        assert [await store.get("key-b", response(n)["id"]) is not None for n in range(34, 40)] == [False] * 2 + [True] * 4
+        await store.get("key-b", response(36)["id"])  # read: the most recently used of key-b's
+        assert await store.put("key-a", response(40), [])  # key-b still holds the most: its LRU goes
+        assert await store.get("key-b", response(37)["id"]) is None and await store.get("key-b", response(36)["id"])
+
+    asyncio.run(main())
+
+
+def test_a_tenant_holding_the_most_bytes_loses_a_response_first() -> None:
+    store = MemoryResponseStore(max_entries=100, max_bytes=2000, ttl_s=60.0)
+
+    def response(n: int, size: int) -> dict:
+        return {"id": f"resp_{n:032x}", "output": [], "text": "x" * size}
+
+    async def main() -> None:
+        for n in range(3):
+            assert await store.put("key-a", response(n, 100), [])
+        assert await store.put("key-b", response(3, 900), [])
+        assert await store.put("key-b", response(4, 900), [])  # over 2000 bytes: key-b holds the most bytes
+        assert [await store.get("key-a", response(n, 0)["id"]) is not None for n in range(3)] == [True] * 3
+        assert await store.get("key-b", response(3, 0)["id"]) is None and await store.get("key-b", response(4, 0)["id"])
+
+    asyncio.run(main())
+
+
 def test_input_items_come_in_pages(tokenizer: Tokenizer) -> None:
     with gateway(tokenizer) as (clients, http, _):
         client = clients["x"]

@@ -65,14 +65,16 @@ class ResponseStore(Protocol):
 
 
 class MemoryResponseStore:
-    """One gateway's store: at most `max_entries` responses and `max_bytes` (their JSON), the least
-    recently read or written evicted first; each expires `ttl_s` after it was written."""
+    """One gateway's store: at most `max_entries` responses and `max_bytes` (their JSON); each
+    expires `ttl_s` after it was written. When full, the tenant holding the most (responses, or
+    bytes, whichever is over) loses its least recently read or written one: a tenant storing a
+    flood evicts its own responses, not those of tenants holding less."""
 
     def __init__(
         self, max_entries: int, max_bytes: int, ttl_s: float, clock: Callable[[], float] = time.monotonic
     ) -> None:  # fmt: skip
         self._max_entries, self._max_bytes, self._ttl_s, self._clock = max_entries, max_bytes, ttl_s, clock
-        self._blobs: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # least recently used first
+        self._tenants: dict[str, _TenantResponses] = {}
         self._expiry: dict[tuple[str, str], float] = {}  # in the order written: the order they expire in
         self._num_bytes = 0
 
@@ -82,20 +84,23 @@ class MemoryResponseStore:
             logger.warning("response %s not stored: %d bytes, over %d", key[1], len(blob), min(self._max_bytes, MAX_RECORD_BYTES))
             return False
         self._drop(key)
-        self._blobs[key], self._expiry[key] = blob, self._clock() + self._ttl_s
+        self._tenants.setdefault(key[0], _TenantResponses()).add(key[1], blob)
+        self._expiry[key] = self._clock() + self._ttl_s
         self._num_bytes += len(blob)
         self._expire()
-        while len(self._blobs) > self._max_entries or self._num_bytes > self._max_bytes:
-            self._drop(next(iter(self._blobs)))
+        while len(self._expiry) > self._max_entries:
+            self._evict(lambda held: len(held.blobs))
+        while self._num_bytes > self._max_bytes:
+            self._evict(lambda held: held.num_bytes)
         return True
 
     async def get(self, tenant: str | None, response_id: str) -> StoredResponse | None:
         self._expire()
-        key = (tenant or "", response_id)
-        if key not in self._blobs:
+        held = self._tenants.get(tenant or "")
+        if held is None or response_id not in held.blobs:
             return None
-        self._blobs.move_to_end(key)
-        return StoredResponse.decode(self._blobs[key])
+        held.blobs.move_to_end(response_id)
+        return StoredResponse.decode(held.blobs[response_id])
 
     async def delete(self, tenant: str | None, response_id: str) -> bool:
         self._expire()
@@ -109,11 +114,36 @@ class MemoryResponseStore:
         while self._expiry and next(iter(self._expiry.values())) <= now:
             self._drop(next(iter(self._expiry)))
 
+    def _evict(self, holding: Callable[[_TenantResponses], int]) -> None:
+        """The least recently used response of the tenant that holds the most by `holding`."""
+        tenant, held = max(self._tenants.items(), key=lambda item: holding(item[1]))
+        self._drop((tenant, next(iter(held.blobs))))
+
     def _drop(self, key: tuple[str, str]) -> bool:
-        blob = self._blobs.pop(key, None)
+        held = self._tenants.get(key[0])
+        blob = held.remove(key[1]) if held is not None else None
+        if held is not None and not held.blobs:
+            del self._tenants[key[0]]
         self._expiry.pop(key, None)
         self._num_bytes -= len(blob or b"")
         return blob is not None
+
+
+class _TenantResponses:
+    """One tenant's stored responses, least recently used first."""
+
+    def __init__(self) -> None:
+        self.blobs: OrderedDict[str, bytes] = OrderedDict()
+        self.num_bytes = 0
+
+    def add(self, response_id: str, blob: bytes) -> None:
+        self.blobs[response_id] = blob
+        self.num_bytes += len(blob)
+
+    def remove(self, response_id: str) -> bytes | None:
+        blob = self.blobs.pop(response_id, None)
+        self.num_bytes -= len(blob or b"")
+        return blob
 
 
 class RedisResponseStore:
