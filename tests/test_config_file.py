@@ -151,3 +151,10 @@ def test_the_example_config_in_deploy_loads(demo_model_dir: Path) -> None:
     args = build_parser(str(example)).parse_args(["serve", "--config", str(example), "--model", str(demo_model_dir)])
     config = serve_config(args)
     assert config.autoscale.enabled and config.prefill_pool.max_replicas >= config.num_prefill_workers
+
+
+def test_the_scheduling_policy_reaches_every_worker_engine(tmp_path: Path, demo_model_dir: Path) -> None:
+    assert config_of(tmp_path, f"model: {demo_model_dir}\nscheduling-policy: priority\n").engine.scheduling_policy == "priority"
+    assert config_of(tmp_path, f"model: {demo_model_dir}\n").engine.scheduling_policy == "fcfs"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--scheduling-policy", "lifo"])

@@ -331,6 +331,8 @@ CASES = [  # (path, body, status, param, words in the message)
     ("/v1/completions", BAD_JSON, 400, None, "not valid JSON"),
     ("/v1/chat/completions", [1, 2], 400, None, "JSON object"),
     ("/tokenize", {"prompt": "a", "messages": MESSAGES}, 400, "prompt", "exactly one"),
+    ("/v1/completions", {"priority": 1}, 400, "priority", "--scheduling-policy priority"),
+    ("/v1/chat/completions", {"priority": -3}, 400, "priority", "--scheduling-policy priority"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens", "token ids"),
     ("/v1/nothing", {}, 404, None, "Not Found"),
 ]

@@ -651,6 +651,7 @@ BAD_INPUTS = [  # (case, prompt, params, words in the message, the field the sta
     ("prompt too long", lambda ids: ids[:MAX_MODEL_LEN], greedy(4), "maximum context length is 128", "prompt"),
     ("top_p 0", lambda ids: ids[:5], pb.SamplingParams(temperature=0.0, top_p=0.0, top_k=-1, max_tokens=4), "top_p", "top_p"),
     ("top_k 0", lambda ids: ids[:5], pb.SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_tokens=4), "top_k", "top_k"),
+    ("priority under fcfs", lambda ids: ids[:5], greedy(4, priority=2), "--scheduling-policy priority", "priority"),
 ]
 
 

@@ -31,6 +31,7 @@ from pdserve.engine.sampler import skip_first_draw
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.step_pipeline import StepPipeline
+from pdserve.engine.waiting_queue import serving_key
 from pdserve.kvtransfer.receiver import Ended, KVCommitInfo, KVReceiver
 
 
@@ -59,7 +60,9 @@ class DecodeWorker:
         self.worker_id = worker_id
         self.limits = limits or DecodeLimits()
         config = core.config
-        self.scheduler = Scheduler(core.block_manager, config.max_num_seqs, config.max_num_batched_tokens, core.max_model_len)
+        self.scheduler = Scheduler(
+            core.block_manager, config.max_num_seqs, config.max_num_batched_tokens, core.max_model_len, config.scheduling_policy
+        )
         self.pipeline = StepPipeline(self.scheduler, core.runner, config.async_scheduling)
         self.receiver = KVReceiver(core.runner.kv_cache, core.model_id, worker_id, core.runner.kv_scales)
         self._incoming: dict[str, _Incoming] = {}  # by request_id, in arrival order
@@ -147,8 +150,8 @@ class DecodeWorker:
         return True
 
     def _reserve_queued(self) -> None:
-        """FCFS among the callers within their share: blocks for whole prompts while they last and
-        the batch has room."""
+        """FCFS (or by priority) among the callers within their share: blocks for whole prompts
+        while they last and the batch has room."""
         max_num_seqs, blocks = self.core.config.max_num_seqs, self.core.block_manager
         shares = ReservedShares(
             self.limits,
@@ -156,7 +159,10 @@ class DecodeWorker:
             blocks.num_blocks,
             [(i.caller, len(i.request.block_table)) for i in self._by_transfer.values()],
         )
-        for incoming in list(self._incoming.values()):
+        queued = list(self._incoming.values())
+        if self.scheduler.waiting.by_priority:
+            queued.sort(key=lambda incoming: serving_key(incoming.request))
+        for incoming in queued:
             if len(self.scheduler.running) + len(self._by_transfer) >= max_num_seqs:
                 return
             request = incoming.request

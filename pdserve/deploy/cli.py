@@ -79,6 +79,12 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
         help="launch each decode step before the last one's tokens are read back (default: on)",
     )
     serve.add_argument(
+        "--scheduling-policy",
+        default="fcfs",
+        choices=["fcfs", "priority"],
+        help="the order waiting requests are served in: arrival, or requests' `priority` (lower first), then arrival",
+    )
+    serve.add_argument(
         "--kv-transport",
         default="auto",
         choices=["auto", "cuda_ipc", "nccl", "grpc", "local"],
@@ -376,6 +382,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         enable_prefix_caching=args.enable_prefix_caching,
         enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
+        scheduling_policy=args.scheduling_policy,
         load_format=args.load_format,
         quantization=args.quantization,
     )

@@ -19,6 +19,7 @@ QUANTIZATION_CHOICES = ("fp8", "int8", "awq", "gptq", "compressed-tensors")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # "auto": the model's dtype; "fp8": float8_e4m3fn with per-layer K/V scales (kernels/kv_quant.py)
 KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn}
+SCHEDULING_POLICIES = ("fcfs", "priority")  # engine/waiting_queue.py
 
 
 class ConfigError(ValueError):
@@ -161,6 +162,7 @@ class EngineConfig:
     enforce_eager: bool = False
     # Launch a decode step before the last one's tokens are back (engine/step_pipeline.py)
     async_scheduling: bool = True
+    scheduling_policy: str = "fcfs"  # "fcfs" | "priority": requests' `priority`, lower first (engine/waiting_queue.py)
     load_format: str = "auto"  # "dummy": the checkpoint's shapes with random weights (vLLM's name)
     quantization: str | None = None  # fp8|int8: quantize at load; awq|gptq|...: the checkpoint's (engine/quant_config.py)
     seed: int = 0
@@ -186,6 +188,10 @@ class EngineConfig:
             raise ConfigError(f"load_format must be auto or dummy; got {self.load_format!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATION_CHOICES:
             raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}; got {self.quantization!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ConfigError(
+                f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; got {self.scheduling_policy!r}"
+            )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
 

@@ -82,6 +82,11 @@ class EngineCore:
         ):
             if any(t >= vocab for t in token_ids):
                 raise InvalidRequestError(f"token ids in {name} must be in [0, {vocab})", name)
+        if params.priority != 0 and self.config.scheduling_policy != "priority":
+            raise InvalidRequestError(
+                f"priority {params.priority} needs --scheduling-policy priority (this server serves first come, first served)",
+                "priority",
+            )
         if params.structured_output is not None:
             self.grammars.compile(params.structured_output)  # cached: `new_request` copies it
 

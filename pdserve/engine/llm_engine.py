@@ -16,7 +16,9 @@ class LLMEngine:
     def __init__(self, core: EngineCore) -> None:
         self.core = core
         config = core.config
-        self.scheduler = Scheduler(core.block_manager, config.max_num_seqs, config.max_num_batched_tokens, core.max_model_len)
+        self.scheduler = Scheduler(
+            core.block_manager, config.max_num_seqs, config.max_num_batched_tokens, core.max_model_len, config.scheduling_policy
+        )
         self.pipeline = StepPipeline(self.scheduler, core.runner, config.async_scheduling)
         self.iteration_tokens = IterationTokens()
 

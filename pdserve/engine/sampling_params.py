@@ -82,6 +82,8 @@ class SamplingParams:
     # Prefix-cache isolation: blocks are shared only between requests with the same salt (vLLM's
     # `cache_salt`). It selects no token; it travels with the sampling parameters to every worker.
     cache_salt: str | None = None
+    # Under `--scheduling-policy priority`, lower is served first (vLLM's); it too selects no token.
+    priority: int = 0
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -142,6 +144,8 @@ class SamplingParams:
             fail("token ids in logit_bias, allowed_token_ids and bad words must be non-negative", "logit_bias")
         if self.cache_salt is not None and not 0 < len(self.cache_salt) <= MAX_CACHE_SALT_CHARS:
             fail(f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} characters", "cache_salt")
+        if not -(2**31) <= self.priority < 2**31:
+            fail(f"priority must be a 32-bit integer, got {self.priority}", "priority")
 
     @property
     def is_greedy(self) -> bool:

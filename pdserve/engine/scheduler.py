@@ -1,26 +1,35 @@
 """The colocated continuous-batching scheduler: each step, running requests first (decodes and
 unfinished chunked prefills), then waiting ones while the token budget and the KV blocks last.
-When blocks run out, the latest-arrived running request is preempted and later recomputed.
+When blocks run out, the latest-arrived running request is preempted and later recomputed. Under
+the priority policy (`waiting_queue`), waiting and running requests are served by (priority,
+arrival), and the running request with the largest goes first.
 Pure CPU logic: requests and free blocks in, a batch plan out."""
 
 from __future__ import annotations
 
 import time
-from collections import deque
 
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.outputs import TokenLogprobs
 from pdserve.engine.request import Request, RequestPhase, ScheduledRequest
 from pdserve.engine.sampler import SamplerOutput, add_prompt_logprobs
+from pdserve.engine.waiting_queue import WaitingQueue, serving_key
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int) -> None:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        policy: str = "fcfs",
+    ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitingQueue(policy)
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.pending_copies: list[tuple[int, int]] = []  # KV block copies of forks, done before the next step
@@ -30,7 +39,7 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        self.waiting.add(request)
 
     def add_running(self, request: Request) -> None:
         """A request whose prompt KV is already in `request.block_table` (computed elsewhere)."""
@@ -64,6 +73,8 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted = False
+        if self.waiting.by_priority:  # served in this order; preempted from the back
+            self.running.sort(key=serving_key)
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -75,10 +86,10 @@ class Scheduler:
             else:
                 preempted = True  # `request` itself was preempted; the loop ends
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
-            item = self._admit(self.waiting[0], budget)
+            item = self._admit(self.waiting.peek(), budget)
             if item is None:
                 break
-            self.waiting.popleft()
+            self.waiting.pop()
             scheduled.append(item)
             budget -= item.num_tokens
         return scheduled
@@ -133,7 +144,7 @@ class Scheduler:
         request.phase = RequestPhase.QUEUED
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self.waiting.put_back(request)
 
     def _release(self, request: Request) -> None:
         self.block_manager.free(request.block_table)
@@ -209,7 +220,7 @@ class Scheduler:
         fork = self.block_manager.fork(parent.block_table, parent.num_prompt_tokens) if parent.block_table else None
         if fork is None:
             sibling.phase = RequestPhase.QUEUED
-            self.waiting.appendleft(sibling)
+            self.waiting.put_back(sibling)
             return
         sibling.block_table = fork.block_table
         sibling.num_computed_tokens = parent.num_prompt_tokens

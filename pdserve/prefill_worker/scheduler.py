@@ -1,4 +1,4 @@
-"""The prefill scheduler: prompts are admitted FCFS with their whole block table (prefix-cache hits
+"""The prefill scheduler: prompts are admitted FCFS (or by priority, `engine.waiting_queue`) with their whole block table (prefix-cache hits
 included) and computed in chunks under a token budget. A request whose prompt is done leaves the
 schedule holding its blocks; the worker releases them once the decode worker has acknowledged
 the KV. Pure CPU logic: requests and free blocks in, a batch plan out."""
@@ -6,19 +6,19 @@ the KV. Pure CPU logic: requests and free blocks in, a batch plan out."""
 from __future__ import annotations
 
 import time
-from collections import deque
 
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.request import Request, RequestPhase, ScheduledRequest
 from pdserve.engine.sampler import SamplerOutput, add_prompt_logprobs
+from pdserve.engine.waiting_queue import WaitingQueue
 
 
 class PrefillScheduler:
-    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int, policy: str = "fcfs") -> None:
         self.block_manager = block_manager
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitingQueue(policy)
         self.running: list[Request] = []  # admitted, prompt not fully computed
         # waiting request id -> the prompt tokens it will compute: all but the prefix cached when it came
         self._waiting_new_tokens: dict[str, int] = {}
@@ -32,7 +32,7 @@ class PrefillScheduler:
         if request.params.prompt_logprobs is None:
             cached = self.block_manager.match_prefix(request.prompt_token_ids[:-1], request.cache_salt)
         self._waiting_new_tokens[request.request_id] = request.num_prompt_tokens - cached
-        self.waiting.append(request)
+        self.waiting.add(request)
 
     @property
     def num_queued_tokens(self) -> int:
@@ -67,13 +67,13 @@ class PrefillScheduler:
             scheduled.append(ScheduledRequest(request, num_tokens))
             budget -= num_tokens
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0]
+            request = self.waiting.peek()
             allocation = self.block_manager.allocate(
                 request.prompt_token_ids, use_cache=request.params.prompt_logprobs is None, salt=request.cache_salt
             )
             if allocation is None:
-                break  # FCFS: wait for blocks to come back from finished transfers
-            self.waiting.popleft()
+                break  # in order: wait for blocks to come back from finished transfers
+            self.waiting.pop()
             self._waiting_new_tokens.pop(request.request_id, None)
             request.block_table = allocation.block_table
             request.num_computed_tokens = request.num_cached_tokens = allocation.num_cached_tokens

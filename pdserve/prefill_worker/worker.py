@@ -73,7 +73,9 @@ class PrefillWorker:
         self.core = core
         self.worker_id = worker_id
         config, kv_cache = core.config, core.runner.kv_cache
-        self.scheduler = PrefillScheduler(core.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
+        self.scheduler = PrefillScheduler(
+            core.block_manager, config.max_num_batched_tokens, config.max_num_seqs, config.scheduling_policy
+        )
         self.sender = KVSender(
             kv_cache,
             KVLayout.of(kv_cache, core.model_id, core.runner.kv_scales),

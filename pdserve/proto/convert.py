@@ -25,6 +25,7 @@ def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
         stop_token_ids=list(params.stop_token_ids),
         ignore_eos=params.ignore_eos,
         cache_salt=params.cache_salt or "",
+        priority=params.priority,
     )
     if params.seed is not None:
         msg.seed = params.seed
@@ -85,6 +86,7 @@ def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
         structured_output=structured_output_from_proto(msg.structured_output) if msg.HasField("structured_output") else None,
         cache_salt=msg.cache_salt or None,
+        priority=msg.priority,
     )
 
 

@@ -84,6 +84,7 @@ class SamplingFields(BaseModel):
     # Prefix-cache isolation (vLLM's field): cached prefixes are shared only between requests with
     # the same salt (and, with API keys, the same key). Should be random and secret, e.g. 256 bits.
     cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
+    priority: int = 0  # vLLM's: lower served first, under --scheduling-policy priority (else only 0)
 
     @field_validator("stream", mode="before")
     @classmethod
@@ -166,6 +167,7 @@ class GenerationRequest(SamplingFields):
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             cache_salt=cache_salt,
+            priority=self.priority,
         )
 
 
