@@ -6,8 +6,9 @@ one masked_fill over the batch (rows without a grammar allow every token).
 
 A reply still thinking, in a step launched before the host has its last token, needs no host: its
 next token is free unless that token in flight is `</think>`, and then the grammar's first mask
-(the matcher has taken nothing while the model thought) holds. Both are known at the launch; the
-device picks one per row by the token it sampled (`closing` rows), so such steps run ahead."""
+(the matcher has taken nothing while the model thought) holds. That mask is computed once, kept on
+the device (`Grammar.first_allowed`), and applied by the device where the token it sampled is
+`</think>` (`Closing`), so such steps run ahead, with no llguidance work."""
 
 from __future__ import annotations
 
@@ -33,37 +34,45 @@ class Closing:
 
     rows: list[int]  # in the step
     in_flight_rows: list[int]  # each one's row in the step before's sampled ids
-    end_token_ids: list[int]  # each one's `</think>`
+    grammars: list[Grammar]  # each one's: its `</think>`, and its first mask once known (`Grammar.first_allowed`)
 
 
 class PendingMasks:
-    """The masks of one step's sampled requests, being computed."""
+    """The masks of one step's sampled requests, being computed: llguidance's rows (`bitmask`,
+    None when no row needs one), and the `closing` rows."""
 
-    def __init__(self, bitmask: torch.Tensor, done: Future, closing: Closing | None = None) -> None:
+    def __init__(self, bitmask: torch.Tensor | None, done: Future | None, closing: Closing | None = None) -> None:
         self.bitmask = bitmask  # int32 [num_requests, ceil(vocab / 32)]: bit t of a row set = token t allowed
         self._done = done
         self.closing = closing
 
     def wait(self) -> None:
-        self._done.result()
+        if self._done is not None:
+            self._done.result()
 
     def apply(self, logits: torch.Tensor, in_flight: torch.Tensor | None = None) -> torch.Tensor:
         """A copy of float32 `logits` `[num_requests, vocab]` with disallowed tokens at -inf.
         `in_flight`: the step before's sampled ids on the device, which `closing` rows read."""
         self.wait()
-        device = logits.device
-        words = self.bitmask.to(device, non_blocking=True)
-        closing = self.closing
+        device, closing = logits.device, self.closing
+        disallowed = torch.zeros(logits.shape, dtype=torch.bool, device=device) if self.bitmask is None else None
+        if self.bitmask is not None:
+            words = self.bitmask.to(device, non_blocking=True)
+            shifts = torch.arange(BITS, dtype=torch.int32, device=device)
+            allowed = ((words.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, : logits.shape[-1]].bool()  # [num_requests, vocab]
+            for grammar, row in zip(closing.grammars, closing.rows) if closing is not None else ():
+                if grammar.first_allowed is None:  # its first mask, filled this step: kept on the device
+                    grammar.first_allowed = allowed[row].clone()
+            disallowed = ~allowed
+        assert disallowed is not None
         if closing is not None:
             assert in_flight is not None, "closing rows read the tokens in flight"
             rows = to_device(closing.rows, torch.long, device)
-            closes = in_flight[to_device(closing.in_flight_rows, torch.long, device)] == to_device(
-                closing.end_token_ids, torch.long, device
-            )
-            words[rows] = torch.where(closes.unsqueeze(-1), words[rows], -1)
-        shifts = torch.arange(BITS, dtype=torch.int32, device=device)
-        allowed = ((words.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, : logits.shape[-1]].bool()  # [num_requests, vocab]
-        return logits.masked_fill(~allowed, float("-inf"))
+            ends = to_device([g.thinking.end_token_id for g in closing.grammars if g.thinking is not None], torch.long, device)
+            closes = in_flight[to_device(closing.in_flight_rows, torch.long, device)] == ends
+            firsts = torch.stack([g.first_allowed for g in closing.grammars if g.first_allowed is not None])
+            disallowed[rows] = ~firsts & closes.unsqueeze(-1)
+        return logits.masked_fill(disallowed, float("-inf"))
 
 
 class GrammarMasks:
@@ -78,7 +87,6 @@ class GrammarMasks:
         `in_flight_rows[i] >= 0`: request i has a token in flight the host has not seen (see
         `Closing`); its grammar has taken every token before it."""
         grammars: list[tuple[Grammar, int]] = []
-        firsts: list[tuple[Grammar, int]] = []  # the closing rows: their grammar's first mask
         closing = Closing([], [], [])
         for i, r in enumerate(requests):
             grammar = r.grammar
@@ -88,23 +96,18 @@ class GrammarMasks:
                 grammars.append((grammar, i))
             elif in_flight_rows is not None and in_flight_rows[i] >= 0:  # thinking; free unless that token ends it
                 assert grammar.thinking is not None
-                firsts.append((grammar, i))
                 closing.rows.append(i)
                 closing.in_flight_rows.append(in_flight_rows[i])
-                closing.end_token_ids.append(grammar.thinking.end_token_id)
-        if not grammars and not firsts:
-            return None
-        num_words = -(-(grammars or firsts)[0][0].vocab_size // BITS)
+                closing.grammars.append(grammar)
+                if grammar.first_allowed is None:  # its matcher has taken nothing: its mask now is the first
+                    grammars.append((grammar, i))
+        if not grammars:
+            return None if not closing.rows else PendingMasks(None, None, closing)
+        num_words = -(-grammars[0][0].vocab_size // BITS)
         bitmask = torch.full((len(requests), num_words), -1, dtype=torch.int32, pin_memory=self.pin_memory)
-        for grammar, i in firsts:  # computed once per request
-            if grammar.first_mask is not None:
-                bitmask[i] = grammar.first_mask
-            else:
-                grammars.append((grammar, i))
         matchers = [(grammar.matcher, i) for grammar, i in grammars]
         openings = [(i, g.thinking.start_token_id) for g, i in grammars if g.phase == OPENING and g.thinking is not None]
-        keep = [(g, i) for g, i in firsts if g.first_mask is None]
-        done = self._thread.submit(_fill, self._executor, matchers, bitmask, openings, keep)
+        done = self._thread.submit(_fill, self._executor, matchers, bitmask, openings)
         return PendingMasks(bitmask, done, closing if closing.rows else None)
 
     @staticmethod
@@ -115,19 +118,9 @@ class GrammarMasks:
                 request.grammar.accept(token_id)
 
 
-def _fill(
-    executor: llguidance.LLExecutor,
-    matchers: list,
-    bitmask: torch.Tensor,
-    openings: list[tuple[int, int]],
-    keep: list[tuple[Grammar, int]],
-) -> None:
-    """The grammars' rows, then `<think>` allowed too in the rows of replies that may open with it;
-    the first masks of the grammars in `keep` kept by them."""
-    if matchers:
-        fill_next_token_bitmask_par(executor, matchers, bitmask)
-    for grammar, row in keep:
-        grammar.first_mask = bitmask[row].clone()
+def _fill(executor: llguidance.LLExecutor, matchers: list, bitmask: torch.Tensor, openings: list[tuple[int, int]]) -> None:
+    """The grammars' rows, then `<think>` allowed too in the rows of replies that may open with it."""
+    fill_next_token_bitmask_par(executor, matchers, bitmask)
     words = bitmask.numpy().view(numpy.uint32)  # on the host, as llguidance fills it
     for row, token_id in openings:
         word, bit = divmod(token_id, BITS)

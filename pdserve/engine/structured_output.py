@@ -88,7 +88,7 @@ class Grammar:
         self.matcher = matcher
         self.vocab_size = vocab_size  # of its masks: at least the model's
         self.thinking = thinking
-        self.first_mask: torch.Tensor | None = None  # the matcher's mask before any token, once computed (grammar_masks)
+        self.first_allowed: torch.Tensor | None = None  # bool [vocab] on the device: the matcher's first mask (grammar_masks)
         if thinking is None:
             self.phase = ANSWER
         else:
