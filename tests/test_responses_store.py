@@ -259,6 +259,24 @@ def test_a_tenant_flooding_the_store_evicts_its_own_responses() -> None:
     asyncio.run(main())
 
 
+def test_the_response_just_written_is_kept_whoever_holds_the_most() -> None:
+    """A tenant whose one new response makes it the largest holder keeps it: the others' go."""
+    store = MemoryResponseStore(max_entries=100, max_bytes=3000, ttl_s=60.0)
+
+    def response(n: int, size: int) -> dict:
+        return {"id": f"resp_{n:032x}", "output": [], "text": "x" * size}
+
+    async def main() -> None:
+        for n in range(10):
+            assert await store.put("key-a", response(n, 150), [])
+        assert await store.put("key-b", response(10, 1700), [])
+        assert await store.get("key-b", response(10, 0)["id"]) is not None
+        kept = [await store.get("key-a", response(n, 0)["id"]) is not None for n in range(10)]
+        assert kept[-1] and not kept[0]  # key-a's least recently used went
+
+    asyncio.run(main())
+
+
 def test_a_tenant_holding_the_most_bytes_loses_a_response_first() -> None:
     store = MemoryResponseStore(max_entries=100, max_bytes=2000, ttl_s=60.0)
 

@@ -37,8 +37,8 @@ def launches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return sizes
 
 
-def _llm(path: Path, run_ahead: bool, **engine_args: object) -> LLM:
-    return LLM(model=str(path), device="cpu", dtype="float32", async_scheduling=run_ahead, **engine_args)
+def _llm(path: Path, run_ahead: bool, device: str = "cpu", **engine_args: object) -> LLM:
+    return LLM(model=str(path), device=device, dtype="float32", async_scheduling=run_ahead, **engine_args)
 
 
 def _outputs(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> list[tuple[list[int], str | None, object]]:
@@ -222,8 +222,17 @@ def test_grammar_steps_run_ahead_and_are_sampled_once_the_grammar_has_the_token(
     assert launches and max(abs(n) for n in launches) == len(prompts)  # with the grammar rows
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+        ),
+    ],
+)
 def test_replies_thinking_under_a_grammar_run_ahead_until_their_answer(
-    thinking_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+    thinking_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, device: str
 ) -> None:
     """A reply thinking under a grammar is sampled at its launch, its mask picked on the device by
     whether the token in flight is `</think>` (then the grammar's first mask holds); only its
@@ -251,9 +260,9 @@ def test_replies_thinking_under_a_grammar_run_ahead_until_their_answer(
         for seed, bias in enumerate([3.0, 3.0, 1.0, 5.0, 0.0, 3.0])
     ]
     prompts = ["Hello"] * len(params)
-    expected = [o.outputs[0] for o in _llm(thinking_checkpoint, False).generate(prompts, params)]
+    expected = [o.outputs[0] for o in _llm(thinking_checkpoint, False, device=device).generate(prompts, params)]
     deferred.clear()
-    actual = [o.outputs[0] for o in _llm(thinking_checkpoint, True).generate(prompts, params)]
+    actual = [o.outputs[0] for o in _llm(thinking_checkpoint, True, device=device).generate(prompts, params)]
     assert [(o.token_ids, o.finish_reason) for o in actual] == [(o.token_ids, o.finish_reason) for o in expected]
     answers = [o.token_ids[o.token_ids.index(end) + 1 :] for o in actual if end in o.token_ids]
     assert len(answers) >= 4 and all(re.fullmatch("[0-9]{2,3}", tokenizer.decode(a)) for a in answers)

@@ -239,7 +239,8 @@ def in_flag_terms(message: str, names: dict[str, str]) -> str:
 
 def served_model_names(args: argparse.Namespace) -> list[str]:
     """`--served-model-name`'s names, the first the one replies carry (vLLM's); default: --model."""
-    names = list(dict.fromkeys(args.served_model_name or [args.model or DEMO_MODEL_NAME]))
+    given = [name for name in args.served_model_name or () if name is not None]  # a config file's null: not given
+    names = list(dict.fromkeys(given or [args.model or DEMO_MODEL_NAME]))
     if not all(name.strip() for name in names):
         raise ValueError("--served-model-name: a name must not be empty")
     return names

@@ -68,10 +68,13 @@ class PendingMasks:
         if closing is not None:
             assert in_flight is not None, "closing rows read the tokens in flight"
             rows = to_device(closing.rows, torch.long, device)
-            ends = to_device([g.thinking.end_token_id for g in closing.grammars if g.thinking is not None], torch.long, device)
-            closes = in_flight[to_device(closing.in_flight_rows, torch.long, device)] == ends
-            firsts = torch.stack([g.first_allowed for g in closing.grammars if g.first_allowed is not None])
-            disallowed[rows] = ~firsts & closes.unsqueeze(-1)
+            ends, firsts = [], []
+            for grammar in closing.grammars:
+                assert grammar.thinking is not None and grammar.first_allowed is not None, "a closing row's first mask is known"
+                ends.append(grammar.thinking.end_token_id)
+                firsts.append(grammar.first_allowed)
+            closes = in_flight[to_device(closing.in_flight_rows, torch.long, device)] == to_device(ends, torch.long, device)
+            disallowed[rows] = ~torch.stack(firsts) & closes.unsqueeze(-1)
         return logits.masked_fill(disallowed, float("-inf"))
 
 

@@ -89,9 +89,9 @@ class MemoryResponseStore:
         self._num_bytes += len(blob)
         self._expire()
         while len(self._expiry) > self._max_entries:
-            self._evict(lambda held: len(held.blobs))
+            self._evict(lambda held: len(held.blobs), key)
         while self._num_bytes > self._max_bytes:
-            self._evict(lambda held: held.num_bytes)
+            self._evict(lambda held: held.num_bytes, key)
         return True
 
     async def get(self, tenant: str | None, response_id: str) -> StoredResponse | None:
@@ -114,10 +114,15 @@ class MemoryResponseStore:
         while self._expiry and next(iter(self._expiry.values())) <= now:
             self._drop(next(iter(self._expiry)))
 
-    def _evict(self, holding: Callable[[_TenantResponses], int]) -> None:
-        """The least recently used response of the tenant that holds the most by `holding`."""
-        tenant, held = max(self._tenants.items(), key=lambda item: holding(item[1]))
-        self._drop((tenant, next(iter(held.blobs))))
+    def _evict(self, holding: Callable[[_TenantResponses], int], keep: tuple[str, str]) -> None:
+        """The least recently used response of the tenant that holds the most by `holding`, never
+        `keep` (the one just written: it fits alone)."""
+        for tenant, held in sorted(self._tenants.items(), key=lambda item: -holding(item[1])):
+            victim = next((response_id for response_id in held.blobs if (tenant, response_id) != keep), None)
+            if victim is not None:
+                self._drop((tenant, victim))
+                return
+        raise AssertionError("a response that fits alone was written")
 
     def _drop(self, key: tuple[str, str]) -> bool:
         held = self._tenants.get(key[0])
