@@ -16,7 +16,7 @@ import transformers
 
 from pdserve.engine import LLM, SamplingParams
 from pdserve.engine.model_runner import ModelRunner
-from pdserve.engine.sampling_params import StructuredOutput, Thinking
+from pdserve.engine.sampling_params import StructuredOutput
 from tests.test_llm_vs_hf import hf_greedy, random_prompts
 
 
@@ -37,8 +37,8 @@ def launches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return sizes
 
 
-def _llm(path: Path, run_ahead: bool, device: str = "cpu", **engine_args: object) -> LLM:
-    return LLM(model=str(path), device=device, dtype="float32", async_scheduling=run_ahead, **engine_args)
+def _llm(path: Path, run_ahead: bool, **engine_args: object) -> LLM:
+    return LLM(model=str(path), device="cpu", dtype="float32", async_scheduling=run_ahead, **engine_args)
 
 
 def _outputs(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> list[tuple[list[int], str | None, object]]:
@@ -220,55 +220,6 @@ def test_grammar_steps_run_ahead_and_are_sampled_once_the_grammar_has_the_token(
             assert o.text in ("light is on", "light is off") and o.finish_reason == "stop"
     assert actual[-1].token_ids[:6] == held.outputs[0].token_ids[:6] and len(actual[-1].token_ids) > 7
     assert launches and max(abs(n) for n in launches) == len(prompts)  # with the grammar rows
-
-
-@pytest.mark.parametrize(
-    "device",
-    [
-        "cpu",
-        pytest.param(
-            "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-        ),
-    ],
-)
-def test_replies_thinking_under_a_grammar_run_ahead_until_their_answer(
-    thinking_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, device: str
-) -> None:
-    """A reply thinking under a grammar is sampled at its launch, its mask picked on the device by
-    whether the token in flight is `</think>` (then the grammar's first mask holds); only its
-    answer's steps wait for the host. The tokens are the synchronous engine's, each answer the
-    grammar's."""
-    deferred: list[int] = []
-    sample = ModelRunner.sample
-
-    def counting(self: ModelRunner, step, caught_up: bool = False):  # type: ignore[no-untyped-def]
-        deferred.append(len(step.batch) if caught_up else 0)
-        return sample(self, step, caught_up)
-
-    monkeypatch.setattr(ModelRunner, "sample", counting)
-    tokenizer = _llm(thinking_checkpoint, False).get_tokenizer()
-    start, end = (tokenizer.backend.token_to_id(tag) for tag in ("<think>", "</think>"))
-    thinking = Thinking(start, end, starts_thinking=True)
-    params = [  # thinking for 4-40 tokens, then 2-3 digits
-        SamplingParams(
-            temperature=1.0,
-            seed=seed,
-            max_tokens=64,
-            structured_output=StructuredOutput("regex", "[0-9]{2,3}", thinking=thinking),
-            logit_bias={end: bias},
-        )
-        for seed, bias in enumerate([3.0, 3.0, 1.0, 5.0, 0.0, 3.0])
-    ]
-    prompts = ["Hello"] * len(params)
-    expected = [o.outputs[0] for o in _llm(thinking_checkpoint, False, device=device).generate(prompts, params)]
-    deferred.clear()
-    actual = [o.outputs[0] for o in _llm(thinking_checkpoint, True, device=device).generate(prompts, params)]
-    assert [(o.token_ids, o.finish_reason) for o in actual] == [(o.token_ids, o.finish_reason) for o in expected]
-    answers = [o.token_ids[o.token_ids.index(end) + 1 :] for o in actual if end in o.token_ids]
-    assert len(answers) >= 4 and all(re.fullmatch("[0-9]{2,3}", tokenizer.decode(a)) for a in answers)
-    # the steps that wait for the host: at most those of each answer's tokens and its EOS
-    num_deferred = sum(1 for n in deferred if n)
-    assert num_deferred <= sum(len(a) + 1 for a in answers) < len(deferred) // 4, deferred
 
 
 def test_penalty_counts_are_the_host_tokens_and_the_one_in_flight(tool_checkpoint: Path) -> None:

@@ -254,9 +254,9 @@ def test_greedy_thinks_then_answers_under_the_grammar(thinking_checkpoint: Path,
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_batch_of_thinking_and_plain_grammars_each_answers_its_own(thinking_checkpoint: Path, device: str) -> None:
-    """Sampled together in steps launched ahead: replies that open with their thinking, replies
-    that may open with it, replies without a thinking and free ones. Each grammar's answer matches
-    it once its thinking (if any) is closed; the free rows are not masked."""
+    """Sampled together in one batch: replies that open with their thinking, replies that may open
+    with it, replies without a thinking and free ones. Each grammar's answer matches it once its
+    thinking (if any) is closed; the free rows are not masked."""
     engine = LLM(str(thinking_checkpoint), device=device, dtype="float32", max_model_len=MAX_MODEL_LEN)
     tokenizer = engine.get_tokenizer()
     start, end = (tokenizer.backend.token_to_id(tag) for tag in ("<think>", "</think>"))

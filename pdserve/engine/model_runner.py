@@ -257,7 +257,7 @@ class ModelRunner:
         epochs = [r.num_preemptions for r in requests]
         step = InFlightStep(self._num_launched, batch, epochs, on_device, forward)
         if previous is None or not any(reads_output(r) for r in requests):
-            self.sample(step)  # a reply thinking reads its token in flight on the device (`Closing`)
+            self.sample(step)
         return step
 
     @torch.inference_mode()
@@ -272,8 +272,8 @@ class ModelRunner:
         n = len(requests)
         ids = forward.argmax
         if ids is None or not only_argmax(requests):
+            masks = self.grammar_masks.start(requests)
             in_flight_rows = [-1] * n if caught_up else forward.in_flight_rows
-            masks = self.grammar_masks.start(requests, in_flight_rows)
             step.sampled_ids, logprobs = self.sampler.sample_ahead(
                 forward.logits, requests, forward.in_flight, in_flight_rows, masks
             )

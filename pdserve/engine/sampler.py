@@ -63,7 +63,7 @@ class Sampler:
         penalties count that token and its min_tokens include it. A step sampled after the host
         caught up (grammar `masks` need the token before) has no token in flight: all rows -1."""
         if masks is not None:
-            logits = masks.apply(logits, in_flight)
+            logits = masks.apply(logits)
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in requests):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
@@ -123,11 +123,9 @@ def runs_ahead(request: Request) -> bool:
 
 
 def reads_output(request: Request) -> bool:
-    """Whether the request's sampling reads its output on the host: a grammar's mask (not while
-    the model thinks: `grammar_masks.Closing`), or a bad word of several tokens (banned after its
-    prefix)."""
-    grammar = request.grammar
-    return (grammar is not None and grammar.constrains) or any(len(word) > 1 for word in request.params.bad_words_token_ids or ())
+    """Whether the request's sampling reads its output on the host: a grammar's mask, or a bad
+    word of several tokens (banned after its prefix)."""
+    return request.grammar is not None or any(len(word) > 1 for word in request.params.bad_words_token_ids or ())
 
 
 def _greedy_mask(requests: list[Request], device: torch.device) -> torch.Tensor:

@@ -9,9 +9,7 @@ on the device, read back with the tokens), penalties (their counts take the toke
 the device), logit bias, allowed tokens, one-token bad words, min_tokens (counting the token in
 flight). A step with a grammar or a bad word of several tokens is launched ahead without its
 sampling: its forward pass runs while the host reads the step before's tokens and advances the
-grammars; then the masks are computed and the step sampled. (A reply still thinking under a
-grammar runs ahead: its mask hangs only on whether its token in flight is `</think>`, which the
-device reads, `grammar_masks.Closing`.) Anything else (a prefill, a waiting
+grammars; then the masks are computed and the step sampled. Anything else (a prefill, a waiting
 or preempted request, a sibling still to fork) runs as before, after the step in flight is
 processed. A request that stops at step n (EOS, stop token,
 abort) still has a row in step n+1; that row is dropped, and the blocks freed meanwhile are held

@@ -17,15 +17,11 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING
 
 import llguidance
 
 from pdserve.engine.sampling_params import InvalidRequestError, StructuredOutput, Thinking
 from pdserve.engine.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    import torch  # the gateway imports this module without torch
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +84,6 @@ class Grammar:
         self.matcher = matcher
         self.vocab_size = vocab_size  # of its masks: at least the model's
         self.thinking = thinking
-        self.first_allowed: torch.Tensor | None = None  # bool [vocab] on the device: the matcher's first mask (grammar_masks)
         if thinking is None:
             self.phase = ANSWER
         else:
