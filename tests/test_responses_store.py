@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -221,18 +221,24 @@ def test_an_item_id_twice_in_a_conversation_is_a_400(tokenizer: Tokenizer) -> No
         assert len(backend.prompts) == num_prompts
 
 
+def record(n: int, size: int = 0) -> dict:
+    """A response object to store, with `size` characters of text."""
+    return {"id": f"resp_{n:032x}", "output": [], "text": "x" * size}
+
+
+async def kept(store: MemoryResponseStore, tenant: str | None, numbers: Iterable[int]) -> list[bool]:
+    """Whether each of these responses of `tenant` is still stored."""
+    return [await store.get(tenant, record(n)["id"]) is not None for n in numbers]
+
+
 def test_the_memory_store_is_bounded_in_bytes() -> None:
     store = MemoryResponseStore(max_entries=100, max_bytes=1000, ttl_s=60.0)
 
-    def response(n: int) -> dict:
-        return {"id": f"resp_{n:032x}", "output": [], "text": "x" * 300}
-
     async def main() -> None:
-        assert not await store.put(None, {**response(0), "text": "x" * 1000}, [])  # alone over the bound: not kept
+        assert not await store.put(None, record(0, 1000), [])  # alone over the bound: not kept
         for n in range(1, 4):
-            assert await store.put(None, response(n), [{"id": "msg_1"}])
-        assert await store.get(None, response(1)["id"]) is None  # three do not fit in 1000 bytes: the oldest went
-        assert [await store.get(None, response(n)["id"]) is not None for n in (2, 3)] == [True, True]
+            assert await store.put(None, record(n, 300), [{"id": "msg_1"}])
+        assert await kept(store, None, (1, 2, 3)) == [False, True, True]  # three do not fit in 1000 bytes: the oldest went
 
     asyncio.run(main())
 
@@ -242,19 +248,16 @@ def test_a_tenant_flooding_the_store_evicts_its_own_responses() -> None:
     response: a flood from one API key does not push out another key's few."""
     store = MemoryResponseStore(max_entries=6, max_bytes=1 << 20, ttl_s=60.0)
 
-    def response(n: int) -> dict:
-        return {"id": f"resp_{n:032x}", "output": []}
-
     async def main() -> None:
         for n in range(2):
-            assert await store.put("key-a", response(n), [])
+            assert await store.put("key-a", record(n), [])
         for n in range(2, 40):  # key-b's flood: 38 responses into the 4 places left
-            assert await store.put("key-b", response(n), [])
-        assert [await store.get("key-a", response(n)["id"]) is not None for n in range(2)] == [True, True]
-        assert [await store.get("key-b", response(n)["id"]) is not None for n in range(34, 40)] == [False] * 2 + [True] * 4
-        await store.get("key-b", response(36)["id"])  # read: the most recently used of key-b's
-        assert await store.put("key-a", response(40), [])  # key-b still holds the most: its LRU goes
-        assert await store.get("key-b", response(37)["id"]) is None and await store.get("key-b", response(36)["id"])
+            assert await store.put("key-b", record(n), [])
+        assert await kept(store, "key-a", range(2)) == [True, True]
+        assert await kept(store, "key-b", range(34, 40)) == [False] * 2 + [True] * 4
+        await store.get("key-b", record(36)["id"])  # read: the most recently used of key-b's
+        assert await store.put("key-a", record(40), [])  # key-b still holds the most: its LRU goes
+        assert await kept(store, "key-b", (37, 36)) == [False, True]
 
     asyncio.run(main())
 
@@ -263,16 +266,13 @@ def test_the_response_just_written_is_kept_whoever_holds_the_most() -> None:
     """A tenant whose one new response makes it the largest holder keeps it: the others' go."""
     store = MemoryResponseStore(max_entries=100, max_bytes=3000, ttl_s=60.0)
 
-    def response(n: int, size: int) -> dict:
-        return {"id": f"resp_{n:032x}", "output": [], "text": "x" * size}
-
     async def main() -> None:
         for n in range(10):
-            assert await store.put("key-a", response(n, 150), [])
-        assert await store.put("key-b", response(10, 1700), [])
-        assert await store.get("key-b", response(10, 0)["id"]) is not None
-        kept = [await store.get("key-a", response(n, 0)["id"]) is not None for n in range(10)]
-        assert kept[-1] and not kept[0]  # key-a's least recently used went
+            assert await store.put("key-a", record(n, 150), [])
+        assert await store.put("key-b", record(10, 1700), [])
+        assert await kept(store, "key-b", [10]) == [True]
+        held = await kept(store, "key-a", range(10))
+        assert held[-1] and not held[0]  # key-a's least recently used went
 
     asyncio.run(main())
 
@@ -280,16 +280,13 @@ def test_the_response_just_written_is_kept_whoever_holds_the_most() -> None:
 def test_a_tenant_holding_the_most_bytes_loses_a_response_first() -> None:
     store = MemoryResponseStore(max_entries=100, max_bytes=2000, ttl_s=60.0)
 
-    def response(n: int, size: int) -> dict:
-        return {"id": f"resp_{n:032x}", "output": [], "text": "x" * size}
-
     async def main() -> None:
         for n in range(3):
-            assert await store.put("key-a", response(n, 100), [])
-        assert await store.put("key-b", response(3, 900), [])
-        assert await store.put("key-b", response(4, 900), [])  # over 2000 bytes: key-b holds the most bytes
-        assert [await store.get("key-a", response(n, 0)["id"]) is not None for n in range(3)] == [True] * 3
-        assert await store.get("key-b", response(3, 0)["id"]) is None and await store.get("key-b", response(4, 0)["id"])
+            assert await store.put("key-a", record(n, 100), [])
+        assert await store.put("key-b", record(3, 900), [])
+        assert await store.put("key-b", record(4, 900), [])  # over 2000 bytes: key-b holds the most bytes
+        assert await kept(store, "key-a", range(3)) == [True] * 3
+        assert await kept(store, "key-b", (3, 4)) == [False, True]
 
     asyncio.run(main())
 
