@@ -22,13 +22,19 @@ import random
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from pdserve.bench.ceilings import copy_bandwidth_gbs, describe_gpu, median_ms
 from pdserve.bench.shapes import SHAPES, decode_weight_bytes, write_shape
 from pdserve.engine.config import EngineConfig, ModelConfig
+from pdserve.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pdserve.engine.core import EngineCore
+    from pdserve.engine.request import Request
 
 
 @dataclass
@@ -75,6 +81,46 @@ def time_steps(step: Callable[[], object], num_steps: int, repeats: int = 5) -> 
     return statistics.median(samples)
 
 
+def load_decode_core(name: str, max_batch: int, context: int, num_steps: int, **engine_args: object) -> EngineCore:
+    """An engine on the GPU in `name`'s shape with random weights (`--load-format dummy`), its KV
+    cache holding `max_batch` sequences of `context` tokens and the tokens `num_steps` of
+    benchmark steps add, filled with random values: attention reads real-looking values, never
+    zeros (fp8 has no normal_). `engine_args`: other `EngineConfig` fields."""
+    from pdserve.engine.core import EngineCore
+
+    max_len = context + 64 + 8 * num_steps  # the engine steps add tokens
+    config = EngineConfig(
+        model=str(write_shape(name)),
+        dtype="bfloat16",
+        device="cuda",
+        max_model_len=max_len,
+        max_num_seqs=max_batch,
+        num_kv_blocks=max_batch * -(-max_len // 16) + 8,
+        enable_prefix_caching=False,
+        load_format="dummy",
+        **engine_args,
+    )
+    core = EngineCore.load(config)
+    for layer in core.runner.kv_cache:
+        layer.copy_(torch.randn(layer.shape, dtype=torch.bfloat16, device=layer.device))
+    return core
+
+
+def decoding_request(
+    core: EngineCore, request_id: str, params: SamplingParams, context: int, rng: random.Random, **fields: object
+) -> Request:
+    """A request holding `context` tokens of KV (random prompt ids below 1,000) and one output
+    token, ready to decode (`Scheduler.add_running`). `fields`: other `Request` fields."""
+    from pdserve.engine.request import Request
+
+    prompt = [rng.randrange(1000) for _ in range(context)]
+    request = Request(request_id, prompt, params, output_token_ids=[rng.randrange(1000)], **fields)
+    allocation = core.block_manager.allocate(prompt, context + 1)
+    assert allocation is not None, "the benchmark's KV cache holds every sequence"
+    request.block_table, request.num_computed_tokens = allocation.block_table, context
+    return request
+
+
 def bench_pdserve(
     name: str,
     batch_sizes: list[int],
@@ -85,40 +131,16 @@ def bench_pdserve(
     kv_cache_dtype: str = "auto",
 ) -> list[DecodeRow]:
     """`quantization`: the weights quantized (random, `--load-format dummy`) as `--quantization` would."""
-    from pdserve.engine.core import EngineCore
     from pdserve.engine.llm_engine import LLMEngine
-    from pdserve.engine.request import Request, ScheduledRequest
-    from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.engine.request import ScheduledRequest
 
-    max_bs = max(batch_sizes)
-    max_len = context + 64 + 8 * num_steps  # the engine steps add tokens
-    blocks_per_seq = -(-max_len // 16)
-    config = EngineConfig(
-        model=str(write_shape(name)),
-        dtype="bfloat16",
-        device="cuda",
-        max_model_len=max_len,
-        max_num_seqs=max_bs,
-        num_kv_blocks=max_bs * blocks_per_seq + 8,
-        enable_prefix_caching=False,
-        quantization=quantization,
-        kv_cache_dtype=kv_cache_dtype,
-    )
-    core = EngineCore.load(replace(config, load_format="dummy"))
-    for layer in core.runner.kv_cache:  # attention reads real-looking values, never zeros (fp8 has no normal_)
-        layer.copy_(torch.randn(layer.shape, dtype=torch.bfloat16, device="cuda"))
+    core = load_decode_core(name, max(batch_sizes), context, num_steps, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
     kv_element_bytes = core.runner.kv_cache.element_size()
     rng = random.Random(0)
     greedy = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
     rows = []
     for bs in batch_sizes:
-        requests = []
-        for i in range(bs):
-            prompt = [rng.randrange(1000) for _ in range(context)]
-            request = Request(f"r{i}", prompt, greedy, output_token_ids=[rng.randrange(1000)])
-            allocation = core.block_manager.allocate(prompt, context + 1)
-            request.block_table, request.num_computed_tokens = allocation.block_table, context
-            requests.append(request)
+        requests = [decoding_request(core, f"r{i}", greedy, context, rng) for i in range(bs)]
         batch = [ScheduledRequest(r, 1) for r in requests]
         sync_step_ms = time_steps(lambda batch=batch: core.runner.execute(batch), num_steps)
         engine = LLMEngine(core)

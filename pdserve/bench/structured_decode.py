@@ -20,20 +20,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import random
-from dataclasses import replace
 
 import torch
 
 from pdserve.bench.ceilings import describe_gpu
-from pdserve.bench.decode import time_steps
-from pdserve.bench.shapes import SHAPES, write_shape
-from pdserve.engine.config import EngineConfig
+from pdserve.bench.decode import decoding_request, load_decode_core, time_steps
+from pdserve.bench.shapes import SHAPES
 from pdserve.engine.sampling_params import SamplingParams, StructuredOutput, Thinking
 from pdserve.engine.structured_output import GrammarCompiler
 from pdserve.engine.tokenizer import Tokenizer
 
 KINDS = ("free", "thinking", "answer")
-THINK, END_THINK = 1000, 1001  # two words of the vocabulary stand for `<think>` and `</think>`
+THINK, END_THINK = 1000, 1001  # two words of the vocabulary (above the ids the prompts hold) stand for `<think>` and `</think>`
 
 
 def byte_level_twin(vocab_size: int, eos_id: int) -> Tokenizer:
@@ -50,26 +48,10 @@ def byte_level_twin(vocab_size: int, eos_id: int) -> Tokenizer:
 @torch.inference_mode()
 def bench(name: str, batch_sizes: list[int], context: int, num_steps: int) -> list[tuple[int, str, float]]:
     """(batch, kind, step ms) rows."""
-    from pdserve.engine.core import EngineCore
     from pdserve.engine.llm_engine import LLMEngine
-    from pdserve.engine.request import Request
 
     shape = SHAPES[name]
-    max_bs = max(batch_sizes)
-    max_len = context + 64 + 8 * num_steps
-    blocks_per_seq = -(-max_len // 16)
-    config = EngineConfig(
-        model=str(write_shape(name)),
-        dtype="bfloat16",
-        device="cuda",
-        max_model_len=max_len,
-        max_num_seqs=max_bs,
-        num_kv_blocks=max_bs * blocks_per_seq + 8,
-        enable_prefix_caching=False,
-    )
-    core = EngineCore.load(replace(config, load_format="dummy"))
-    for layer in core.runner.kv_cache:
-        layer.copy_(torch.randn(layer.shape, dtype=torch.bfloat16, device=layer.device))
+    core = load_decode_core(name, max(batch_sizes), context, num_steps)
     eos = shape["eos_token_id"]
     core.grammars = GrammarCompiler(byte_level_twin(shape["vocab_size"], eos), shape["vocab_size"], frozenset([eos]))
     grammar = StructuredOutput("regex", "(w[0-9]+)*")
@@ -88,19 +70,10 @@ def bench(name: str, batch_sizes: list[int], context: int, num_steps: int) -> li
             )
             requests = []
             for i in range(bs):
-                prompt = [rng.randrange(THINK) for _ in range(context)]
-                first = rng.randrange(3, THINK)
-                request = Request(
-                    f"{kind}{i}",
-                    prompt,
-                    params,
-                    output_token_ids=[first],
-                    grammar=None if spec is None else core.grammars.compile(spec),
-                )
-                if request.grammar is not None:
-                    request.grammar.accept(first)  # the thinking's first token, or the answer's
-                allocation = core.block_manager.allocate(prompt, context + 1)
-                request.block_table, request.num_computed_tokens = allocation.block_table, context
+                grammar_of = None if spec is None else core.grammars.compile(spec)
+                request = decoding_request(core, f"{kind}{i}", params, context, rng, grammar=grammar_of)
+                if grammar_of is not None:
+                    grammar_of.accept(request.output_token_ids[0])  # the thinking's first token, or the answer's
                 requests.append(request)
             engine = LLMEngine(core)
             for r in requests:
