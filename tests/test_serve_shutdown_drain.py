@@ -206,10 +206,36 @@ def test_device_cuda_without_a_gpu_says_so(demo_model_dir: Path) -> None:
         ray.shutdown()
 
 
+def test_starting_ray_leaves_sigterm_to_pdserve(demo_model_dir: Path) -> None:
+    """ray.init on the main thread puts its own SIGTERM handler (`sys.exit`) in place of the
+    process's; a SIGTERM landing while Ray forks its processes then raised inside logging's
+    at-fork hook, where Python only prints it, and `pdserve serve` went on starting. Cluster
+    starts Ray with the process's handler left in place, so that handler sees every SIGTERM."""
+    import ray
+
+    from pdserve.deploy.cluster import Cluster
+    from pdserve.deploy.config import ServeConfig
+    from pdserve.engine.config import ConfigError, EngineConfig
+
+    received: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    cluster = Cluster(ServeConfig(EngineConfig(model=str(demo_model_dir), device="cuda"), MODEL))
+    try:
+        with pytest.raises(ConfigError, match="no GPU"):  # Ray up, then refused before any worker starts
+            cluster.start()
+        assert ray.is_initialized()
+        signal.raise_signal(signal.SIGTERM)
+        assert received == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        cluster.stop()
+    assert not ray.is_initialized()
+
+
 @pytest.mark.parametrize(
     "logged, absent",
     [
-        # inside ray.init, where Ray's own handler is in place (it exits with the signal's number, 15)
+        # inside ray.init (its own SIGTERM handler, when it had one, could lose the signal)
         ("starting a local Ray instance", "starting prefill-"),
         # Ray up, workers loading (a pod deleted during start-up): Ray's handler used to abort (status 134)
         ("starting prefill-", "SIGTERM received"),

@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 from typing import TYPE_CHECKING
 
 from pdserve.deploy import exit_guard
@@ -345,9 +346,11 @@ def serve(args: argparse.Namespace) -> int:
     _stop_on_sigterm()
     watchdog = start_watchdog() if config.ray_address is None else None  # noqa: F841 - lives as long as this process
     try:
-        controller = ControllerClient(cluster.start(after_ray_init=_stop_on_sigterm))  # ray.init installs its own
+        controller = ControllerClient(cluster.start())
+        if _stop_requested.is_set():  # a SIGTERM whose exception was lost on its way (Python printed it)
+            raise _Shutdown
         return asyncio.run(run_gateway(config, controller, gateway, controller))
-    except (KeyboardInterrupt, _Shutdown, SystemExit, SystemError) as exc:
+    except (KeyboardInterrupt, _Shutdown, SystemError) as exc:
         if not _is_stop(exc):
             raise
         return 0
@@ -446,21 +449,23 @@ class _Shutdown(Exception):
     """SIGTERM: stop the gateway and the workers, then exit 0."""
 
 
+_stop_requested = threading.Event()  # a SIGTERM came, even if its exception was lost
+
+
 def _is_stop(exc: BaseException | None) -> bool:
-    """Whether `exc` is a Ctrl-C or a SIGTERM: ours (`_Shutdown`), ray.init's own handler's (it
-    exits with the signal's number), or either raised inside Ray's C code (wrapped in SystemError)."""
+    """Whether `exc` is a Ctrl-C or a SIGTERM (`_Shutdown`), or either raised inside Ray's C code
+    (wrapped in SystemError)."""
     if isinstance(exc, SystemError):
         return exc.__cause__ is not None and _is_stop(exc.__cause__)
-    if isinstance(exc, SystemExit):
-        return exc.code == signal.SIGTERM
     return isinstance(exc, (KeyboardInterrupt, _Shutdown))
 
 
 def _stop_on_sigterm() -> None:
     """uvicorn handles SIGINT/SIGTERM while it serves and re-raises them once it has stopped;
-    outside of it (model loading, shutdown) this handler unwinds to `cluster.stop()`."""
+    outside of it (Ray's start, model loading, shutdown) this handler unwinds to `cluster.stop()`."""
 
     def handler(signum: int, frame: object) -> None:
+        _stop_requested.set()
         raise _Shutdown
 
     signal.signal(signal.SIGTERM, handler)

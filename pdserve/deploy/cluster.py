@@ -4,9 +4,13 @@ on this node, waits for the initial workers, and stops it all."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, wait
 from dataclasses import replace
 from typing import Any
 
@@ -21,6 +25,7 @@ STOP_TIMEOUT_S = 30.0  # the controller's stop of the workers, after their drain
 # The workers' drain at shutdown is cut to this, so that cli's exit guard (STOP_TIMEOUT_S + 30 s)
 # still covers the drain, the stop and ray.shutdown.
 MAX_DRAIN_S = 20.0
+RAY_INIT_WAIT_S = 60.0  # a stop signal while Ray starts: how long it may still take to be up
 
 
 class StartupError(RuntimeError):
@@ -32,18 +37,16 @@ class Cluster:
         self.config = config
         self.controller: Any = None
         self._started_ray = False
+        self._ray_released = threading.Event()  # ends the thread that started Ray (`_init_ray`)
 
-    def start(self, after_ray_init: Callable[[], None] | None = None) -> Any:
+    def start(self) -> Any:
         """Starts the controller and the initial workers (models load in parallel); returns the
-        controller's actor handle once every initial worker is ready. `after_ray_init` runs once
-        Ray is up, before the workers start (ray.init replaces the process's SIGTERM handler)."""
+        controller's actor handle once every initial worker is ready."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         if not ray.is_initialized():
             self._init_ray()
-        if after_ray_init is not None:
-            after_ray_init()
         missing = missing_pools(ray.cluster_resources())
         if missing:
             logger.warning(
@@ -71,6 +74,36 @@ class Cluster:
         return self.controller
 
     def _init_ray(self) -> None:
+        """ray.init on a thread of its own, which lives as long as this Ray instance: Ray's
+        processes get SIGKILL when the thread that started them ends (PR_SET_PDEATHSIG). On the
+        main thread, ray.init would replace the process's SIGTERM handler with its own
+        (`sys.exit`), whose exception is lost when the signal lands while Ray forks ("Exception
+        ignored in" logging's at-fork hook): a SIGTERM in those seconds did nothing. An exception
+        here (the caller's handler) waits for Ray to be up, so that `stop()` shuts it down whole."""
+        self._started_ray = True
+        started: Future[None] = Future()
+        self._ray_released.clear()
+
+        def own_ray() -> None:
+            try:
+                self._ray_init()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                started.set_exception(exc)
+                return
+            started.set_result(None)
+            self._ray_released.wait()
+
+        with _quiet_off_main_thread_warning():
+            threading.Thread(target=own_ray, name="ray-owner", daemon=True).start()
+            try:
+                started.result()
+            except BaseException:
+                wait([started], timeout=RAY_INIT_WAIT_S)
+                raise
+            finally:
+                _take_back_sigterm()
+
+    def _ray_init(self) -> None:
         import ray
 
         config = self.config
@@ -92,7 +125,6 @@ class Cluster:
                 include_dashboard=False,
                 **env,
             )
-        self._started_ray = True
 
     def _controller_config(self, num_cluster_gpus: float) -> ControllerConfig:
         config = self.config
@@ -142,3 +174,28 @@ class Cluster:
             self.controller = None
         if self._started_ray:
             ray.shutdown()
+            self._ray_released.set()
+
+
+def _take_back_sigterm() -> None:
+    """Ray's core worker puts a C handler of its own on SIGTERM while it starts (it logs the
+    signal, then aborts the process); installing the process's Python handler again replaces it."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
+
+
+class _OffMainThreadWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "not the main thread" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_off_main_thread_warning() -> Iterator[None]:
+    """ray.init off the main thread warns that it set no SIGTERM handler: that is the point."""
+    ray_logger = logging.getLogger("ray._private.worker")
+    quiet = _OffMainThreadWarning()
+    ray_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        ray_logger.removeFilter(quiet)
