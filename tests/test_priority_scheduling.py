@@ -5,6 +5,7 @@ the default first come, first served, a request that asks for a priority is refu
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,42 @@ def test_the_gateway_passes_each_request_its_priority(demo_model_dir: Path) -> N
     finally:
         async_engine.shutdown()
     assert served == [7, -2, 4]
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_a_decode_worker_grants_queued_reservations_by_priority_then_arrival(demo_model_dir: Path, policy: str) -> None:
+    """A decode worker with room for one request: reservations queued behind it are granted, as
+    each one before is cancelled, by priority (under that policy), else in the order they came."""
+    import threading
+
+    from pdserve.decode_worker.admission import DecodeLimits
+    from tests.test_worker_inputs import start
+    from tests.test_workers import generate_request, reserve
+
+    decode = start("decode", demo_model_dir, DecodeLimits(), scheduling_policy=policy, max_num_seqs=1)
+    granted: list[str] = []
+    try:
+        first, _ = reserve(decode, generate_request(prompts(1, 12)[0], greedy(4), "first"))
+        names_and_priorities = [("low", 5), ("urgent", -1), ("mid", 1), ("default", 0)]
+
+        def wait_for_grant(name: str, priority: int, prompt: list[int]) -> None:
+            stream, _ = reserve(decode, generate_request(prompt, greedy(4, priority if policy == "priority" else 0), name))
+            granted.append(name)
+            stream.cancel()  # frees its blocks and its place: the next one is granted
+
+        threads = []
+        for (name, priority), prompt in zip(names_and_priorities, prompts(4, 12, seed=2)):
+            threads.append(threading.Thread(target=wait_for_grant, args=(name, priority, prompt), daemon=True))
+            threads[-1].start()
+            while decode.status().num_waiting < len(threads) + 1:  # queued, in this order
+                time.sleep(0.01)
+        assert granted == []
+        first.cancel()
+        for thread in threads:
+            thread.join(30)
+        expected = ["urgent", "default", "mid", "low"] if policy == "priority" else [n for n, _ in names_and_priorities]
+        assert granted == expected
+        decode.wait_idle()
+    finally:
+        decode.channel.close()
+        decode.host.stop()
