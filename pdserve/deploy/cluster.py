@@ -180,8 +180,9 @@ class Cluster:
 def _take_back_sigterm() -> None:
     """Ray's core worker puts a C handler of its own on SIGTERM while it starts (it logs the
     signal, then aborts the process); installing the process's Python handler again replaces it."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
+    handler = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread() and handler is not None:  # None: not set from Python
+        signal.signal(signal.SIGTERM, handler)
 
 
 class _OffMainThreadWarning(logging.Filter):
