@@ -12,7 +12,6 @@ import re
 import signal
 import socket
 import sys
-import threading
 from typing import TYPE_CHECKING
 
 from pdserve.deploy import exit_guard
@@ -347,8 +346,6 @@ def serve(args: argparse.Namespace) -> int:
     watchdog = start_watchdog() if config.ray_address is None else None  # noqa: F841 - lives as long as this process
     try:
         controller = ControllerClient(cluster.start())
-        if _stop_requested.is_set():  # a SIGTERM whose exception was lost on its way (Python printed it)
-            raise _Shutdown
         return asyncio.run(run_gateway(config, controller, gateway, controller))
     except (KeyboardInterrupt, _Shutdown, SystemError) as exc:
         if not _is_stop(exc):
@@ -449,9 +446,6 @@ class _Shutdown(Exception):
     """SIGTERM: stop the gateway and the workers, then exit 0."""
 
 
-_stop_requested = threading.Event()  # a SIGTERM came, even if its exception was lost
-
-
 def _is_stop(exc: BaseException | None) -> bool:
     """Whether `exc` is a Ctrl-C or a SIGTERM (`_Shutdown`), or either raised inside Ray's C code
     (wrapped in SystemError)."""
@@ -465,7 +459,6 @@ def _stop_on_sigterm() -> None:
     outside of it (Ray's start, model loading, shutdown) this handler unwinds to `cluster.stop()`."""
 
     def handler(signum: int, frame: object) -> None:
-        _stop_requested.set()
         raise _Shutdown
 
     signal.signal(signal.SIGTERM, handler)

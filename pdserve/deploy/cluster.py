@@ -4,12 +4,10 @@ on this node, waits for the initial workers, and stops it all."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
 from concurrent.futures import Future, wait
 from dataclasses import replace
 from typing import Any
@@ -93,15 +91,17 @@ class Cluster:
             started.set_result(None)
             self._ray_released.wait()
 
-        with _quiet_off_main_thread_warning():
-            threading.Thread(target=own_ray, name="ray-owner", daemon=True).start()
-            try:
-                started.result()
-            except BaseException:
-                wait([started], timeout=RAY_INIT_WAIT_S)
-                raise
-            finally:
-                _take_back_sigterm()
+        ray_logger = logging.getLogger("ray._private.worker")
+        ray_logger.addFilter(_not_the_off_main_thread_warning)
+        threading.Thread(target=own_ray, name="ray-owner", daemon=True).start()
+        try:
+            started.result()
+        except BaseException:
+            wait([started], timeout=RAY_INIT_WAIT_S)
+            raise
+        finally:
+            ray_logger.removeFilter(_not_the_off_main_thread_warning)
+            _take_back_sigterm()
 
     def _ray_init(self) -> None:
         import ray
@@ -185,18 +185,6 @@ def _take_back_sigterm() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
-class _OffMainThreadWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "not the main thread" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _quiet_off_main_thread_warning() -> Iterator[None]:
+def _not_the_off_main_thread_warning(record: logging.LogRecord) -> bool:
     """ray.init off the main thread warns that it set no SIGTERM handler: that is the point."""
-    ray_logger = logging.getLogger("ray._private.worker")
-    quiet = _OffMainThreadWarning()
-    ray_logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        ray_logger.removeFilter(quiet)
+    return "not the main thread" not in record.getMessage()
