@@ -69,6 +69,7 @@ def test_several_served_model_names_from_the_file_or_the_flag(tmp_path: Path, de
     assert serve_config(args).served_model_name == "x" and gateway_config(args).model_aliases == ("y",)
     args = build_parser().parse_args(["serve", "--model", str(demo_model_dir)])
     assert serve_config(args).served_model_name == str(demo_model_dir) and gateway_config(args).model_aliases == ()
+    assert gateway_config(args).model_root == str(demo_model_dir)  # /v1/models' root, as vLLM's
     path.write_text(f"model: {demo_model_dir}\nserved-model-name: null\n")  # null: as if not given
     args = build_parser(str(path)).parse_args(["serve", "--config", str(path)])
     assert serve_config(args).served_model_name == str(demo_model_dir)

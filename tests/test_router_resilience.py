@@ -195,6 +195,7 @@ def test_a_router_started_before_its_workers_serves_once_they_register(
     assert answer.status_code == 200, answer.text
     models = httpx.get(router.url + "/v1/models", timeout=15).json()
     assert models["data"][0]["max_model_len"] == 256  # the workers' context length, not the model's
+    assert (models["data"][0]["id"], models["data"][0]["root"]) == ("demo", str(demo_model_dir))  # vLLM's: --model
     wait_for(router, "/admin/pools", 200, 30, ADMIN)  # a controller started after the router
 
 

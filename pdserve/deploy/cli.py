@@ -248,6 +248,8 @@ def served_model_names(args: argparse.Namespace) -> list[str]:
 
 def gateway_config(args: argparse.Namespace) -> GatewayConfig:
     """Raises ValueError for a bad value. The only place PDSERVE_API_KEY is read."""
+    from pdserve.engine.demo_model import default_demo_model_dir
+
     keys = [*args.api_key, *(k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip())]
     deadlines = Deadlines(
         first_token_s=args.first_token_timeout,
@@ -258,6 +260,7 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
     )
     return GatewayConfig(
         model_aliases=tuple(served_model_names(args)[1:]),
+        model_root=args.model or str(default_demo_model_dir()),
         deadlines=deadlines,
         api_keys=tuple(dict.fromkeys(keys)),
         protect_metrics=args.protect_metrics,

@@ -126,7 +126,7 @@ def create_app(
             "object": "model",
             "created": int(time.time()),
             "owned_by": "pdserve",
-            "root": backend.model_name,
+            "root": config.model_root or backend.model_name,
             "parent": None,
             "max_model_len": backend.max_model_len,
         }

@@ -31,6 +31,7 @@ class GatewayConfig:
     responses_store_ttl_s: float = 3600.0  # a stored response is forgotten this long after it was written
     responses_store_redis_url: str | None = None  # the store in this Redis, shared by the gateways; None: in memory
     model_aliases: tuple[str, ...] = ()  # other names requests may give the served model (--served-model-name's)
+    model_root: str | None = None  # --model as given (a path or Hub id): /v1/models' `root`, as vLLM's; None: the name
 
     def __post_init__(self) -> None:
         if any(not key for key in self.api_keys):
