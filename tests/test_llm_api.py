@@ -69,6 +69,13 @@ def test_stop_token_ids_and_min_tokens(llm: LLM) -> None:
     first = tokens.index(stop_token)
     assert cut.outputs[0].token_ids == tokens[: first + 1]
     assert cut.outputs[0].finish_reason == "stop" and cut.outputs[0].stop_reason == stop_token
+    tokenizer = llm.get_tokenizer()
+    assert cut.outputs[0].text == tokenizer.decode(tokens[:first])  # the stop token's text is left out (vLLM's)
+    kept_params = SamplingParams(
+        temperature=0, max_tokens=16, ignore_eos=True, stop_token_ids=[stop_token], include_stop_str_in_output=True
+    )
+    [kept] = llm.generate([prompt], kept_params)
+    assert kept.outputs[0].text == tokenizer.decode(tokens[: first + 1])
     [held] = llm.generate(
         [prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop_token_ids=[stop_token], min_tokens=first + 2)
     )

@@ -239,6 +239,30 @@ def test_stop_strings_truncate_and_free_kv(server: Server) -> None:
     assert_kv_freed(server.engine)
 
 
+def test_the_token_that_stops_a_request_adds_no_text_unless_asked(server: Server) -> None:
+    """vLLM's: a stop token id or EOS ends the request; its id is in the output, its text is not
+    (unless include_stop_str_in_output), skip_special_tokens or not."""
+    body = greedy_body(prompt=PROMPT, max_tokens=16, logprobs=0, return_tokens_as_token_ids=True)
+    tokens = [
+        int(t.split(":")[1]) for t in server.http.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]["tokens"]
+    ]
+    decode = server.tokenizer.decode
+    first, stop = next((i, t) for i, t in enumerate(tokens) if i > 0 and decode([t]).strip())  # a token with text
+    body = {**body, "stop_token_ids": [stop]}
+    cut = server.http.post("/v1/completions", json=body).json()["choices"][0]
+    assert (cut["text"], cut["finish_reason"], cut["stop_reason"]) == (decode(tokens[:first]), "stop", stop)
+    assert len(cut["logprobs"]["tokens"]) == first + 1  # the stop token is an output token
+    kept = server.http.post("/v1/completions", json={**body, "include_stop_str_in_output": True}).json()["choices"][0]
+    assert kept["text"] == decode(tokens[: first + 1])
+    streamed = [e["choices"][0] for e in stream(server.http, "/v1/completions", body)[:-1]]
+    assert "".join(c["text"] for c in streamed) == decode(tokens[:first])
+    eos = min(server.tokenizer.eos_token_ids)
+    body = greedy_body(prompt=PROMPT, max_tokens=8, ignore_eos=False, min_tokens=2, logit_bias={str(eos): 100})
+    ended = server.http.post("/v1/completions", json={**body, "skip_special_tokens": False}).json()
+    assert ended["usage"]["completion_tokens"] == 3 and ended["choices"][0]["finish_reason"] == "stop"
+    assert decode([eos], skip_special_tokens=False) not in ended["choices"][0]["text"]
+
+
 def test_logprobs_match_offline_llm(server: Server, llm: LLM) -> None:
     expected = llm.generate(PROMPT, greedy(logprobs=3))[0].outputs[0]
     logprobs = server.http.post("/v1/completions", json=greedy_body(prompt=PROMPT, logprobs=3)).json()["choices"][0]["logprobs"]
@@ -257,6 +281,8 @@ def test_logprobs_match_offline_llm(server: Server, llm: LLM) -> None:
     for entry in content:
         assert len(entry["top_logprobs"]) == 2 and entry["bytes"] == list(entry["token"].encode())
         assert entry["logprob"] == pytest.approx(entry["top_logprobs"][0]["logprob"])
+    none_asked = server.http.post("/v1/chat/completions", json=greedy_body(messages=MESSAGES, top_logprobs=0))
+    assert none_asked.status_code == 200 and none_asked.json()["choices"][0]["logprobs"] is None  # vLLM's: 0 asks nothing
 
 
 # ---- errors ----
@@ -292,7 +318,6 @@ CASES = [  # (path, body, status, param, words in the message)
     ("/v1/completions", {"presence_penalty": 2.5}, 400, "presence_penalty", "[-2, 2]"),
     ("/v1/completions", {"frequency_penalty": -3}, 400, "frequency_penalty", "[-2, 2]"),
     ("/v1/completions", {"repetition_penalty": 0}, 400, "repetition_penalty", "> 0"),
-    ("/v1/completions", {"logit_bias": {"5": 101}}, 400, "logit_bias", "[-100, 100]"),
     ("/v1/completions", {"logit_bias": {"five": 1}}, 400, "logit_bias", "integers"),
     ("/v1/completions", {"logit_bias": {"1000000": 1}}, 400, "logit_bias", "must be in [0,"),
     ("/v1/completions", {"allowed_token_ids": [10**6]}, 400, "allowed_token_ids", "must be in [0,"),
@@ -446,8 +471,14 @@ def test_continue_final_message_continues_the_assistants_message(server: Server,
     for path in ("/v1/chat/completions", "/tokenize"):
         both = server.http.post(path, json={"model": MODEL, "messages": messages, "continue_final_message": True})
         assert both.status_code == 400 and both.json()["error"]["param"] == "continue_final_message", both.text
-    echo = server.http.post("/v1/chat/completions", json={**body, "echo": True})  # vLLM's, not honoured: refused
-    assert echo.status_code == 400 and echo.json()["error"]["param"] == "echo"
+    # vLLM's echo: the continued message's text before the reply's, whole and streamed; none when
+    # the last message's role is not the reply's
+    echoed = server.http.post("/v1/chat/completions", json={**body, "echo": True}).json()["choices"][0]["message"]
+    assert echoed["content"] == "The letter was" + expected.outputs[0].text
+    events = stream(server.http, "/v1/chat/completions", {**body, "echo": True})[:-1]
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]) == echoed["content"]
+    asked = {**greedy_body(messages=messages[:1]), "echo": True}
+    assert not server.http.post("/v1/chat/completions", json=asked).json()["choices"][0]["message"]["content"].startswith("Who")
 
 
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(server: Server, llm: LLM) -> None:
@@ -771,6 +802,14 @@ def test_penalties_logit_bias_and_allowed_tokens_equal_the_offline_engine(server
     body = greedy_body(prompt=PROMPT, max_tokens=8, logprobs=0, return_tokens_as_token_ids=True, allowed_token_ids=allowed)
     tokens = server.http.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]["tokens"]
     assert {int(t.split(":")[1]) for t in tokens} <= set(allowed)
+    # a bias past OpenAI's [-100, 100] is clamped to it, as vLLM does, not refused
+    biased = [
+        server.http.post("/v1/completions", json=greedy_body(prompt=PROMPT, max_tokens=4, logit_bias={"40": bias}))
+        for bias in (-100, -1e6, 100, 1e6)
+    ]
+    assert [b.status_code for b in biased] == [200] * 4, biased[1].text
+    texts = [b.json()["choices"][0]["text"] for b in biased]
+    assert texts[0] == texts[1] and texts[2] == texts[3] and texts[0] != texts[2]
 
 
 def test_every_dashboard_series_has_samples_after_a_little_load(server: Server) -> None:

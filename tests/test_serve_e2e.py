@@ -202,6 +202,27 @@ def test_greedy_completions_equal_the_offline_engine(server: Server, reference: 
         assert got.usage.total_tokens == len(want.prompt_token_ids) + 16
 
 
+def test_the_stop_token_that_ends_a_reply_adds_no_text_across_both_workers(server: Server, reference: LLM) -> None:
+    """vLLM's: the id of the stop token that ends a reply is in its tokens, its text is not, whether
+    the prefill worker sampled it (the first token; its finish comes from the decode worker) or the
+    decode worker did (its finish comes in a message after it), streamed or not."""
+    prompt = PROMPTS[1]
+    [full] = reference.generate(prompt, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+    tokens, decode = full.outputs[0].token_ids, reference.get_tokenizer().decode
+    later = next(i for i in range(1, 16) if decode([tokens[i]]).strip() and tokens[i] not in tokens[:i])
+    for first in (0, later):
+        got = complete(server, prompt, 16, stop_token_ids=[tokens[first]]).choices[0]
+        assert (token_ids_of(got), got.finish_reason, got.stop_reason) == (tokens[: first + 1], "stop", tokens[first])
+        assert got.text == decode(tokens[:first])
+        chunks = server.client().completions.create(
+            model=server.model, prompt=prompt, max_tokens=16, temperature=0.0, stream=True,
+            extra_body={"ignore_eos": True, "stop_token_ids": [tokens[first]]},
+        )  # fmt: skip
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == decode(tokens[:first])
+    kept = complete(server, prompt, 16, stop_token_ids=[tokens[later]], include_stop_str_in_output=True).choices[0]
+    assert kept.text == decode(tokens[: later + 1])
+
+
 def test_streamed_text_equals_non_streamed_text_and_reports_usage(server: Server) -> None:
     prompt = PROMPTS[2]
     whole = server.client().completions.create(

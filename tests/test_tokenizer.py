@@ -407,6 +407,23 @@ def test_stop_prefix_is_held_back_until_resolved(style_dirs: dict[str, Path]) ->
     assert detokenizer.text == "Go STOP. " and detokenizer.flush() == ""
 
 
+def test_a_stop_token_s_text_waits_for_the_finish(style_dirs: dict[str, Path]) -> None:
+    """A token that may end the request (EOS, stop_token_ids) shows its text only once more tokens
+    come (it did not end it: min_tokens, or a later message) or the finish is not "stop"."""
+    tokenizer, _ = load_both(style_dirs["demo"])
+    go, stop, on = (tokenizer.encode(piece, add_special_tokens=False) for piece in ("Go", " now", " on"))
+    [stop_id] = stop[-1:]
+
+    def run(min_tokens: int, steps: list[list[int]], finish: str, include: bool = False) -> str:
+        detokenizer = IncrementalDetokenizer(tokenizer, (), include, stop_token_ids={stop_id}, min_tokens=min_tokens)
+        return "".join(detokenizer.step(ids)[0] for ids in steps) + detokenizer.flush(finish)
+
+    assert run(0, [go, stop], "stop") == run(0, [go + stop, []], "stop") == "Go" + tokenizer.decode(stop[:-1])
+    assert run(0, [go, stop], "stop", include=True) == run(0, [go, stop], "length") == "Go now"
+    assert run(0, [go, stop, on], "length") == "Go now on"  # it was not the end
+    assert run(len(go) + len(stop) + 1, [go, stop], "stop") == "Go now"  # before min_tokens it ends nothing
+
+
 def test_multibyte_character_split_across_tokens(style_dirs: dict[str, Path]) -> None:
     tokenizer, _ = load_both(style_dirs["demo"])
     ids = tokenizer.encode("🚂 中", add_special_tokens=False)

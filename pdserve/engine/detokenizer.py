@@ -5,7 +5,7 @@ Never emits half a multi-byte character, and holds back text that could still be
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from pdserve.engine.tokenizer import Tokenizer
 
@@ -15,7 +15,14 @@ from pdserve.engine.tokenizer import Tokenizer
 
 class IncrementalDetokenizer:
     """One request's output text. Invariant: deltas + flush() == tokenizer.decode(all ids), cut at the
-    earliest stop string (the one that ends first; of those, the longest)."""
+    earliest stop string (the one that ends first; of those, the longest), less the stop token that
+    ended it (vLLM's: EOS or one of stop_token_ids is in the output's ids, not its text).
+
+    `stop_token_ids`: the ids that end the request once it has `min_tokens` (EOS unless ignore_eos,
+    and the request's stop_token_ids). Such an id's text waits for the next step or the finish: more
+    tokens, and it was not the end; a "stop" finish, and it was (its text is dropped). The finish may
+    come in a later message than the token (a decode worker's stream); the token is almost always
+    the last one, so nothing waits in practice. With include_stop_str_in_output nothing is held."""
 
     def __init__(
         self,
@@ -23,6 +30,8 @@ class IncrementalDetokenizer:
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
         skip_special_tokens: bool = True,
+        stop_token_ids: Collection[int] = (),
+        min_tokens: int = 0,
     ) -> None:
         if isinstance(stop, str) or any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
@@ -30,6 +39,10 @@ class IncrementalDetokenizer:
         self._stop = tuple(stop)
         self._include_stop = include_stop_str_in_output
         self._skip_special_tokens = skip_special_tokens
+        self._stop_token_ids = frozenset(() if include_stop_str_in_output else stop_token_ids)
+        self._min_tokens = min_tokens
+        self._num_generated = 0  # ids given to step
+        self._stop_token: int | None = None  # the last id given, when it may be the one that ends the request
         self._token_ids: list[int] = []
         # Prefix/read offsets: ids[:read] are decoded into _decoded; ids[prefix:read] give the context
         # that the next window is decoded with (so leading-space and byte merging come out right).
@@ -58,13 +71,27 @@ class IncrementalDetokenizer:
         """Feed newly generated ids; return (text safe to emit now, whether a stop string was hit)."""
         if self._is_stopped:
             return "", True
-        self._token_ids.extend(token_ids)
+        if not token_ids:
+            return "", False
+        ids = list(token_ids)
+        if self._stop_token is not None:  # more tokens came: it did not end the request
+            ids.insert(0, self._stop_token)
+            self._stop_token = None
+        self._num_generated += len(token_ids)
+        if ids[-1] in self._stop_token_ids and self._num_generated >= self._min_tokens:
+            self._stop_token = ids.pop()
+        self._token_ids.extend(ids)
         return self._advance(self._decode_new_text(), is_final=False), self._is_stopped
 
-    def flush(self) -> str:
-        """The request ended for another reason (EOS, length, abort): return everything held back."""
+    def flush(self, finish_reason: str | None = None) -> str:
+        """The request ended for another reason than a stop string (`finish_reason`: "stop" for EOS,
+        a stop token or a complete grammar; "length", "abort"): return everything held back, but
+        for the text of the stop token that ended it."""
         if self._is_stopped:
             return ""
+        if self._stop_token is not None and finish_reason != "stop":
+            self._token_ids.append(self._stop_token)
+        self._stop_token = None
         full = self._decode(0, len(self._token_ids))
         if full.startswith(self._decoded):
             tail = full[len(self._decoded) :]

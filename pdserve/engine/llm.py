@@ -70,8 +70,14 @@ class LLM:
         return [_output(runs, self.get_tokenizer()) for runs in families]
 
     def _detokenizer(self, params: SamplingParams) -> IncrementalDetokenizer:
+        eos = () if params.ignore_eos else self.engine.core.eos_token_ids
         return IncrementalDetokenizer(
-            self.get_tokenizer(), params.stop, params.include_stop_str_in_output, params.skip_special_tokens
+            self.get_tokenizer(),
+            params.stop,
+            params.include_stop_str_in_output,
+            params.skip_special_tokens,
+            stop_token_ids={*eos, *(params.stop_token_ids or ())},
+            min_tokens=params.min_tokens,
         )
 
     def chat(
@@ -127,7 +133,7 @@ class _Run:
                 engine.stop_sequence(self.request)  # frees its blocks
             self.request.finish("stop", self.detokenizer.stop_reason)
         elif self.request.is_finished:
-            self.text += self.detokenizer.flush()
+            self.text += self.detokenizer.flush(self.request.finish_reason)
 
     def completion(self, tokenizer: Tokenizer) -> CompletionOutput:
         r = self.request

@@ -145,7 +145,8 @@ def _named_call(function: str, answer: str) -> ParsedReply:
 
 
 def _finish_reason(delta: TextDelta, has_tool_calls: bool) -> str | None:
-    """A reply that ends (not cut short) with tool calls finishes with "tool_calls"."""
+    """A reply that ends (not cut short) with tool calls it chose finishes with "tool_calls"; a
+    call forced by a named tool_choice does not (OpenAI's and vLLM's: "stop")."""
     return "tool_calls" if has_tool_calls and delta.finish_reason == "stop" else delta.finish_reason
 
 
@@ -159,8 +160,12 @@ class _ChatCompletion:
         self._request = request
         # vLLM's: the reply's role is the last message's when it continues it (no generation prompt)
         self._role = "assistant" if request.add_generation_prompt else request.messages[-1].role
+        last = request.messages[-1]
+        # vLLM's echo: the last message's text before each reply's, when the reply has its role
+        self._echo: str = (last.for_template().get("content") or "") if request.echo and last.role == self._role else ""
         self._as_token_ids = request.return_tokens_as_token_ids
         self._reader = reader
+        self._is_call_chosen = not isinstance(request.tool_choice, dict)  # a named tool_choice forces it
         self._new_splitter = prepared.new_splitter
         self._splitters = [prepared.new_splitter() for _ in generations]  # thinking apart from the answer, per choice
         self._streams = [None if reader is None else reader[1]() for _ in generations]  # a tool-call parser per choice
@@ -218,11 +223,13 @@ class _ChatCompletion:
             message = {"role": self._role, "content": parsed.content, "tool_calls": [c.to_json() for c in parsed.tool_calls]}
         if reasoning is not None:  # vLLM's name, and the one it had before
             message["reasoning"] = message["reasoning_content"] = reasoning
+        if self._echo:
+            message["content"] = self._echo + (message["content"] or "")
         return {
             "index": index,
             "message": message,
             "logprobs": self._logprobs(whole),
-            "finish_reason": _finish_reason(whole, bool(parsed and parsed.tool_calls)),
+            "finish_reason": _finish_reason(whole, self._is_call_chosen and bool(parsed and parsed.tool_calls)),
             "stop_reason": whole.stop_reason,
         }
 
@@ -237,6 +244,8 @@ class _ChatCompletion:
             chunks.append(self._chunk({"role": self._role, "content": ""}, TextDelta("", index=index), None))
             if self._request.return_token_ids:  # each choice's first chunk, as vLLM sends it
                 chunks[-1]["prompt_token_ids"] = self._generations[0].prompt_token_ids
+            if self._echo:
+                chunks.append(self._chunk({"content": self._echo}, TextDelta("", index=index), None))
         text, splitter = delta.text, self._splitters[index]
         if splitter is not None:
             reasoning, text = splitter.feed(delta.text, is_last=delta.finish_reason is not None)
@@ -286,7 +295,7 @@ class _ChatCompletion:
     def _chunk(self, message: dict, delta: TextDelta, tokens: TextDelta | None) -> dict:
         """A chunk of `delta`'s choice (its finish), carrying `tokens`' logprobs and ids (None: no tokens)."""
         stream = self._streams[delta.index]
-        has_tool_calls = stream is not None and stream.has_tool_calls
+        has_tool_calls = self._is_call_chosen and stream is not None and stream.has_tool_calls
         choice = {
             "index": delta.index,
             "delta": message,

@@ -172,9 +172,13 @@ class GenerationRequest(SamplingFields):
 
 
 def _logit_bias(logit_bias: dict[str, float] | None) -> dict[int, float]:
-    """OpenAI sends token ids as JSON object keys (strings)."""
+    """OpenAI sends token ids as JSON object keys (strings). Biases are clamped to OpenAI's [-100, 100]
+    (vLLM's: a client's 1000 works as 100); NaN is left to be refused."""
     try:
-        return {int(token_id): bias for token_id, bias in (logit_bias or {}).items()}
+        return {
+            int(token_id): min(100.0, max(-100.0, bias)) if bias == bias else bias
+            for token_id, bias in (logit_bias or {}).items()
+        }
     except ValueError:
         raise APIError(400, "logit_bias keys must be token ids (integers)", "logit_bias") from None
 
@@ -254,15 +258,11 @@ class ChatCompletionRequest(GenerationRequest):
     continue_final_message: bool = False  # the reply continues the last (assistant) message: its start given
     chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = False  # the template already adds BOS and friends
-    echo: bool | None = None  # vLLM's: the last message's text before the reply's; refused
+    echo: bool | None = None  # vLLM's: the last message's text before the reply's, when it has the reply's role
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise APIError(
-                400, "echo is not supported on chat completions (the continued message's start is the client's)", "echo"
-            )
-        if self.top_logprobs is not None and not self.logprobs:
+        if self.top_logprobs and not self.logprobs:  # 0 asks for nothing (vLLM's)
             raise APIError(400, "top_logprobs needs logprobs to be true", "top_logprobs")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
             raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}", "top_logprobs")

@@ -187,8 +187,14 @@ class Generation:
         self._is_expired = False  # the drain ended it
         self._tracker = serving.metrics.track_request(len(prompt_token_ids), params, is_sequence_only=index > 0)
         self._has_first_delta = False
+        tokenizer = serving.backend.tokenizer
         self._detokenizer = IncrementalDetokenizer(
-            serving.backend.tokenizer, params.stop, params.include_stop_str_in_output, params.skip_special_tokens
+            tokenizer,
+            params.stop,
+            params.include_stop_str_in_output,
+            params.skip_special_tokens,
+            stop_token_ids={*(() if params.ignore_eos else tokenizer.eos_token_ids), *(params.stop_token_ids or ())},
+            min_tokens=params.min_tokens,
         )
         self._held = TextDelta("")  # tokens whose text the detokenizer holds back
 
@@ -298,7 +304,7 @@ class Generation:
         if is_stopped:
             held.finish_reason, held.stop_reason = "stop", self._detokenizer.stop_reason
         elif delta.finish_reason is not None:
-            held.text += self._detokenizer.flush()
+            held.text += self._detokenizer.flush(delta.finish_reason)
             held.finish_reason, held.stop_reason = delta.finish_reason, delta.stop_reason
         if not held.text and held.finish_reason is None:
             return None
