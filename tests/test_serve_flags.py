@@ -44,6 +44,9 @@ def busy_port() -> Iterator[int]:
         (["--worker-host", "203.0.113.7"], "cannot listen on 203.0.113.7:0 (--worker-host)"),
         (["--ray-address", "127.0.0.1:1"], "no Ray cluster answers at 127.0.0.1:1 (--ray-address)"),
         (["--ray-address", "ray://127.0.0.1:1"], "no Ray cluster answers at ray://127.0.0.1:1"),
+        (["-tp", "2"], "pdserve: --tensor-parallel-size 2: pdserve has no tensor or pipeline parallelism"),
+        (["--pipeline_parallel_size=2"], "pdserve: --pipeline-parallel-size 2: pdserve has no tensor"),
+        (["org/other-model"], "pdserve: the model is given twice: 'org/other-model' and --model"),
     ],
 )
 def test_a_bad_flag_is_refused_before_anything_starts(
@@ -81,3 +84,23 @@ def test_only_field_names_standing_alone_become_flags() -> None:
         in_flag_terms(message, names)
         == "--max-num-seqs must be >= 1; model 'org/max_num_seqs' and config.max_model_len are values"
     )
+
+
+def test_a_vllm_serve_command_line_means_the_same_here(demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What operators' `vllm serve` lines carry: the model as an argument, underscored flags, vLLM's
+    names for dtypes and quantizations, parallel sizes of 1, flags with nothing to change here, and
+    the API key in $VLLM_API_KEY, which must not leave the server open."""
+    from pdserve.deploy.cli import build_parser, check_vllm_arguments, gateway_config, serve_config, vllm_spellings
+
+    monkeypatch.setenv("VLLM_API_KEY", "vllm-key")
+    monkeypatch.delenv("PDSERVE_API_KEY", raising=False)
+    argv = vllm_spellings(
+        ["serve", str(demo_model_dir), "--max_model_len", "256", "--dtype", "half", "-tp", "1", "--trust-remote-code"]
+        + ["--disable-log-requests", "-q", "fp8", "--kv-cache-dtype", "fp8_e4m3", "--gpu_memory_utilization=0.8"]
+    )
+    args = build_parser().parse_args(argv)
+    check_vllm_arguments(args, argv)
+    engine = serve_config(args).engine
+    assert Path(engine.model) == demo_model_dir and engine.max_model_len == 256 and engine.dtype == "float16"
+    assert (engine.quantization, engine.kv_cache_dtype, engine.gpu_memory_utilization) == ("fp8", "fp8", 0.8)
+    assert gateway_config(args).api_keys == ("vllm-key",)

@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pdserve.deploy import exit_guard
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
 DEMO_MODEL_NAME = "pdserve-demo"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 API_KEY_ENV = "PDSERVE_API_KEY"  # comma-separated keys, added to --api-key
+VLLM_API_KEY_ENV = "VLLM_API_KEY"  # vLLM's: one key, added to --api-key (a vLLM deployment's key keeps working)
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's other --dtype names
+KV_CACHE_DTYPE_ALIASES = {"fp8_e4m3": "fp8"}
+QUANTIZATION_ALIASES = {"awq_marlin": "awq", "gptq_marlin": "gptq"}  # vLLM's kernel-named methods: the same formats
 RAY_CONNECT_TIMEOUT_S = 5.0  # --ray-address: how long the head may take to accept a connection
 
 
@@ -39,6 +44,7 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument(
         "--config", default=None, help="YAML file of settings (flags' names, pools, autoscaler); flags override it"
     )
+    serve.add_argument("model_tag", nargs="?", default=None, help="the model, as `vllm serve MODEL` takes it (= --model)")
     serve.add_argument("--model", default=None, help="HF checkpoint directory or Hub id (default: the demo model)")
     serve.add_argument(
         "--served-model-name",
@@ -49,10 +55,11 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--dtype", default="auto", type=_alias(DTYPE_ALIASES), choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument(
         "--kv-cache-dtype",
         default="auto",
+        type=_alias(KV_CACHE_DTYPE_ALIASES),
         choices=["auto", "fp8"],
         help="fp8: an e4m3 KV cache with per-layer scales, twice the blocks; hand-offs move half the bytes",
     )
@@ -93,7 +100,9 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights (benchmarks)")
     serve.add_argument(
         "--quantization",
+        "-q",
         default=None,
+        type=_alias(QUANTIZATION_ALIASES),
         choices=["fp8", "int8", "awq", "gptq", "compressed-tensors"],
         help="fp8|int8: quantize an unquantized checkpoint's weights at load (per output channel); "
         "otherwise the checkpoint's own quantization_config is used (this flag then only checks it)",
@@ -106,6 +115,7 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
     )
     serve.add_argument("--autoscale", action=argparse.BooleanOptionalAction, default=False, help="size the pools from their load")
     serve.add_argument("--log-level", default="info")
+    add_vllm_arguments(serve)
     add_gateway_arguments(serve)
     serve.set_defaults(prefill_pool=None, decode_pool=None, autoscaler=None, drain=None)  # set by --config only
     if config_file is not None:
@@ -128,6 +138,51 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _alias(aliases: dict[str, str]) -> Callable[[str], str]:
+    """An argparse `type` that reads vLLM's other names for a choice as pdserve's."""
+    return lambda value: aliases.get(value, value)
+
+
+def add_vllm_arguments(parser: argparse.ArgumentParser) -> None:
+    """`vllm serve` flags that operators' command lines carry: parallel sizes (1 only: a worker is one
+    GPU, pools scale out), and flags with nothing to change here, accepted so that the line runs."""
+    for flag, short in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp")):
+        parser.add_argument(flag, short, type=int, default=1, help="1 only: each worker holds the model on one GPU")
+    no_effect = {
+        "--trust-remote-code": "no effect: pdserve runs no code from a checkpoint",
+        "--disable-log-requests": "no effect: requests are not logged",
+        "--disable-log-stats": "no effect: stats are on /metrics, not in the log",
+    }
+    for flag, help in no_effect.items():
+        parser.add_argument(flag, action="store_true", help=help)
+
+
+def check_vllm_arguments(args: argparse.Namespace, argv: list[str]) -> None:
+    """Raises ValueError for what pdserve cannot do; `vllm serve MODEL` becomes --model MODEL."""
+    for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+        if getattr(args, name) != 1:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"{flag} {getattr(args, name)}: pdserve has no tensor or pipeline parallelism (each worker holds the "
+                "model on one GPU); serve more traffic with --prefill-workers and --decode-workers"
+            )
+    if args.model_tag is not None:
+        if any(a == "--model" or a.startswith("--model=") for a in argv) and args.model != args.model_tag:
+            raise ValueError(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")
+        args.model = args.model_tag
+
+
+def vllm_spellings(argv: list[str]) -> list[str]:
+    """vLLM also takes flags spelt with underscores (`--max_model_len`): the same flags here."""
+    spelt = []
+    for arg in argv:
+        if arg.startswith("--") and "_" in arg.split("=", 1)[0]:
+            name, sep, value = arg.partition("=")
+            arg = name.replace("_", "-") + sep + value
+        spelt.append(arg)
+    return spelt
+
+
 def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     """The gateway's security, limits, admission, drain, reply parsing, response store and deadlines (`router/config.py`)."""
     from pdserve.router.tool_parsers import PARSERS
@@ -137,7 +192,7 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
         "--api-key",
         action="append",
         default=[],
-        help=f"required on /v1 as `Authorization: Bearer KEY` (repeatable; also ${API_KEY_ENV}, comma-separated)",
+        help=f"required on /v1 as `Authorization: Bearer KEY` (repeatable; also ${API_KEY_ENV}, comma-separated, and vLLM's ${VLLM_API_KEY_ENV})",
     )
     parser.add_argument(
         "--protect-metrics", action=argparse.BooleanOptionalAction, default=False, help="/metrics and /health need an API key too"
@@ -247,10 +302,12 @@ def served_model_names(args: argparse.Namespace) -> list[str]:
 
 
 def gateway_config(args: argparse.Namespace) -> GatewayConfig:
-    """Raises ValueError for a bad value. The only place PDSERVE_API_KEY is read."""
+    """Raises ValueError for a bad value. The only place PDSERVE_API_KEY and VLLM_API_KEY are read."""
     from pdserve.engine.demo_model import default_demo_model_dir
 
     keys = [*args.api_key, *(k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip())]
+    if os.environ.get(VLLM_API_KEY_ENV):
+        keys.append(os.environ[VLLM_API_KEY_ENV])
     deadlines = Deadlines(
         first_token_s=args.first_token_timeout,
         prefill_s=args.prefill_timeout,
@@ -288,11 +345,18 @@ def cluster_secret() -> ClusterSecret:
 def main(argv: list[str] | None = None) -> int:
     from pdserve.deploy.config_file import ConfigFileError
 
+    argv = vllm_spellings(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command == "serve" and args.config:
         try:
             args = build_parser(args.config).parse_args(argv)
         except ConfigFileError as exc:
+            print(f"pdserve: {exc}", file=sys.stderr)
+            return 2
+    if args.command == "serve":
+        try:
+            check_vllm_arguments(args, argv)
+        except ValueError as exc:
             print(f"pdserve: {exc}", file=sys.stderr)
             return 2
     # scale and status print their answer; the HTTP client's request lines would only hide it
