@@ -826,3 +826,29 @@ def test_every_dashboard_series_has_samples_after_a_little_load(server: Server) 
         not in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc")
     ]
     assert not empty, empty  # counters, histograms and info gauges moved under load
+
+
+def test_requests_leaving_sampling_out_take_the_checkpoint_s_generation_config(server: Server, demo_model_dir: Path) -> None:
+    """vLLM's `--generation-config auto`: a request's sampling fields it leaves out come from the
+    checkpoint's generation_config.json (here temperature 0 and max_new_tokens 6); its own win."""
+    config = EngineConfig(model=str(demo_model_dir), device="cpu", max_model_len=MAX_MODEL_LEN, num_kv_blocks=64)
+    async_engine = AsyncEngine(LLMEngine.from_config(config))
+    gateway = GatewayConfig(Deadlines(first_token_s=120, request_s=120), sampling_defaults={"temperature": 0.0, "max_tokens": 6})
+    try:
+        with (
+            serve(create_app(ColocatedBackend(async_engine, MODEL), config=gateway)) as url,
+            httpx.Client(base_url=url, timeout=120) as http,
+        ):
+            body = {"model": MODEL, "messages": MESSAGES, "ignore_eos": True}
+            greedy = server.http.post("/v1/chat/completions", json={**body, "temperature": 0, "max_tokens": 6}).json()
+            defaulted = http.post("/v1/chat/completions", json=body).json()
+            assert defaulted["usage"]["completion_tokens"] == 6
+            assert defaulted["choices"][0]["message"]["content"] == greedy["choices"][0]["message"]["content"]
+            own = [
+                http.post("/v1/chat/completions", json={**body, "temperature": 1.0, "seed": s, "max_tokens": 8}).json()
+                for s in range(3)
+            ]
+            assert all(reply["usage"]["completion_tokens"] == 8 for reply in own)
+            assert any(reply["choices"][0]["message"]["content"] != greedy["choices"][0]["message"]["content"] for reply in own)
+    finally:
+        async_engine.shutdown()

@@ -104,3 +104,28 @@ def test_a_vllm_serve_command_line_means_the_same_here(demo_model_dir: Path, mon
     assert Path(engine.model) == demo_model_dir and engine.max_model_len == 256 and engine.dtype == "float16"
     assert (engine.quantization, engine.kv_cache_dtype, engine.gpu_memory_utilization) == ("fp8", "fp8", 0.8)
     assert gateway_config(args).api_keys == ("vllm-key",)
+
+
+def test_the_generation_config_gives_requests_their_sampling_defaults(tmp_path: Path) -> None:
+    """`--generation-config auto` (vLLM's default) reads the checkpoint's generation_config.json;
+    `vllm` reads nothing; a directory is read instead of the checkpoint's."""
+    import json
+
+    from pdserve.deploy.cli import build_parser, gateway_config
+
+    checkpoint, other = tmp_path / "checkpoint", tmp_path / "other"
+    for directory, config in (
+        (checkpoint, {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "max_new_tokens": 512, "do_sample": True}),
+        (other, {"temperature": 0.2}),
+    ):
+        directory.mkdir()
+        (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, **config}))
+
+    def defaults(*flags: str) -> dict:
+        return dict(gateway_config(build_parser().parse_args(["serve", *flags]), str(checkpoint)).sampling_defaults)
+
+    assert defaults() == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "max_tokens": 512}
+    assert defaults("--generation-config", "vllm") == {}
+    assert defaults("--generation-config", str(other)) == {"temperature": 0.2}
+    with pytest.raises(ValueError, match="--generation-config must be auto, vllm or a directory"):
+        defaults("--generation-config", "nonsense")

@@ -33,6 +33,7 @@ VLLM_API_KEY_ENV = "VLLM_API_KEY"  # vLLM's: one key, added to --api-key (a vLLM
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's other --dtype names
 KV_CACHE_DTYPE_ALIASES = {"fp8_e4m3": "fp8"}
 QUANTIZATION_ALIASES = {"awq_marlin": "awq", "gptq_marlin": "gptq"}  # vLLM's kernel-named methods: the same formats
+logger = logging.getLogger(__name__)
 RAY_CONNECT_TIMEOUT_S = 5.0  # --ray-address: how long the head may take to accept a connection
 
 
@@ -195,6 +196,12 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"required on /v1 as `Authorization: Bearer KEY` (repeatable; also ${API_KEY_ENV}, comma-separated, and vLLM's ${VLLM_API_KEY_ENV})",
     )
     parser.add_argument(
+        "--generation-config",
+        default="auto",
+        help="requests' defaults for the sampling fields they leave out: auto (the checkpoint's "
+        "generation_config.json, as vLLM), vllm (none: temperature 1, ...), or a directory holding one",
+    )
+    parser.add_argument(
         "--protect-metrics", action=argparse.BooleanOptionalAction, default=False, help="/metrics and /health need an API key too"
     )
     parser.add_argument(
@@ -272,6 +279,25 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout", type=float, default=d.request_s, help="seconds for a whole request")
 
 
+def sampling_defaults(generation_config: str, model_dir: str | None) -> dict[str, float]:
+    """--generation-config's defaults for requests' sampling fields (logged, as vLLM does)."""
+    from pdserve.engine.config import generation_defaults
+
+    if generation_config == "vllm":
+        return {}
+    if generation_config != "auto" and not os.path.isdir(generation_config):
+        raise ValueError(f"--generation-config must be auto, vllm or a directory; got {generation_config!r}")
+    source = model_dir if generation_config == "auto" else generation_config
+    defaults = generation_defaults(source) if source is not None else {}
+    if defaults:
+        logger.info(
+            "requests that leave them out sample with the checkpoint's generation config %s "
+            "(--generation-config vllm: without it)",
+            ", ".join(f"{k}={v}" for k, v in defaults.items()),
+        )
+    return defaults
+
+
 def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
     """The configs' field names a message may use (`max_model_len`, `shutdown_timeout_s`, the
     deadlines' `request_s`) -> the flag that sets each (`--max-model-len`, `--shutdown-timeout`...)."""
@@ -301,8 +327,10 @@ def served_model_names(args: argparse.Namespace) -> list[str]:
     return names
 
 
-def gateway_config(args: argparse.Namespace) -> GatewayConfig:
-    """Raises ValueError for a bad value. The only place PDSERVE_API_KEY and VLLM_API_KEY are read."""
+def gateway_config(args: argparse.Namespace, model_dir: str | None = None) -> GatewayConfig:
+    """Raises ValueError for a bad value. The only place PDSERVE_API_KEY and VLLM_API_KEY are read.
+    `model_dir`: the served checkpoint's directory, whose generation_config.json gives requests'
+    sampling defaults under `--generation-config auto` (None: no defaults from it)."""
     from pdserve.engine.demo_model import default_demo_model_dir
 
     keys = [*args.api_key, *(k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip())]
@@ -318,6 +346,7 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(
         model_aliases=tuple(served_model_names(args)[1:]),
         model_root=args.model or str(default_demo_model_dir()),
+        sampling_defaults=sampling_defaults(args.generation_config, model_dir),
         deadlines=deadlines,
         api_keys=tuple(dict.fromkeys(keys)),
         protect_metrics=args.protect_metrics,
@@ -390,7 +419,7 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         config = serve_config(args)
-        gateway = gateway_config(args)
+        gateway = gateway_config(args, config.engine.model)
         check_against_model(config.engine)
         check_can_listen(config.host, config.port)
         if config.colocated:

@@ -64,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         config = router_config(args)
-        gateway = gateway_config(args)
+        gateway = gateway_config(args, config.engine.model)
         registry = RedisRegistry(config.redis_url, config.cluster_secret)
     except (ConfigError, ValueError) as exc:
         print(f"pdserve router: {in_flag_terms(str(exc), args.flag_names)}", file=sys.stderr)

@@ -26,6 +26,33 @@ class ConfigError(ValueError):
     """A checkpoint or an engine setting pdserve cannot serve."""
 
 
+# generation_config.json's settings that become requests' defaults (vLLM's `--generation-config auto`)
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+
+
+def generation_defaults(directory: str | Path) -> dict[str, float]:
+    """The sampling settings a checkpoint's generation_config.json recommends, as vLLM reads them:
+    the defaults of requests that leave them out (`max_new_tokens` as `max_tokens`); {} without the
+    file. Raises ConfigError for a file that is not a JSON object."""
+    path = Path(directory) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: not a JSON object")
+    defaults = {
+        key: config[key]
+        for key in GENERATION_DEFAULT_KEYS
+        if isinstance(config.get(key), (int, float)) and not isinstance(config.get(key), bool)
+    }
+    if "max_new_tokens" in defaults:
+        defaults["max_tokens"] = defaults.pop("max_new_tokens")
+    return defaults
+
+
 @dataclass(frozen=True)
 class RopeConfig:
     theta: float = 10000.0

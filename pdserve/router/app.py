@@ -54,7 +54,15 @@ def create_app(
     config = config or GatewayConfig()
     drain = Drain()
     admission = Admission(config.max_num_queued_reqs, config.max_num_queued_tokens)
-    serving = Serving(backend, metrics or Metrics(backend.model_name), config.deadlines, admission, drain, config.model_aliases)
+    serving = Serving(
+        backend,
+        metrics or Metrics(backend.model_name),
+        config.deadlines,
+        admission,
+        drain,
+        config.model_aliases,
+        config.sampling_defaults,
+    )
     store = response_store if response_store is not None else open_response_store(config)
     app = FastAPI(title="pdserve")
     app.state.serving = serving

@@ -111,7 +111,7 @@ async def prepare_chat(
         request.skip_special_tokens = False  # its tags may be special tokens (vLLM does the same)
     forced = None if mode is None else forced_call_schema(mode, request.tools)
     params = request.sampling_params(
-        max_tokens, request.num_logprobs, tokenizer, forced, cache_salt_of(tenant, request.cache_salt)
+        max_tokens, request.num_logprobs, tokenizer, forced, cache_salt_of(tenant, request.cache_salt), serving.sampling_defaults
     )
     grammar = params.structured_output
     continued = request.messages[-1].for_template().get("content") if request.continue_final_message else None

@@ -49,7 +49,9 @@ async def create_completion(serving: Serving, request: CompletionRequest, tenant
     planned = []
     for prompt in prompts:  # every prompt checked before any runs
         max_tokens = serving.max_tokens(len(prompt.token_ids), 1 if is_prompt_only else request.max_tokens, "prompt")
-        params = request.sampling_params(max_tokens, request.logprobs, tokenizer, cache_salt=cache_salt)
+        params = request.sampling_params(
+            max_tokens, request.logprobs, tokenizer, cache_salt=cache_salt, defaults=serving.sampling_defaults
+        )
         planned.append((prompt, _candidates(params, request)))
     # One backend request per prompt; its n (or best_of) sequences share the prompt's KV.
     runs = [serving.generations(f"{request_id}-{i}", prompt.token_ids, params) for i, (prompt, params) in enumerate(planned)]

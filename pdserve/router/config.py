@@ -6,6 +6,7 @@ Built once, never mutated."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pdserve.proto.deadlines import Deadlines
@@ -32,6 +33,9 @@ class GatewayConfig:
     responses_store_redis_url: str | None = None  # the store in this Redis, shared by the gateways; None: in memory
     model_aliases: tuple[str, ...] = ()  # other names requests may give the served model (--served-model-name's)
     model_root: str | None = None  # --model as given (a path or Hub id): /v1/models' `root`, as vLLM's; None: the name
+    # requests' defaults for the sampling fields they leave out (temperature, top_p, top_k, min_p,
+    # repetition_penalty, max_tokens): the checkpoint's generation_config.json, as vLLM applies it
+    sampling_defaults: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if any(not key for key in self.api_keys):

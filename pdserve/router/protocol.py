@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -138,25 +139,29 @@ class GenerationRequest(SamplingFields):
         tokenizer: Tokenizer,
         forced_output: StructuredOutput | None = None,
         cache_salt: str | None = None,
+        defaults: Mapping[str, float] | None = None,
     ) -> SamplingParams:
         """Raises `InvalidRequestError` naming the field for out-of-range values. `forced_output`:
         the grammar of a forced tool call (chat), which excludes any other structured output.
         `cache_salt`: the salt the workers use, derived from `self.cache_salt` and the caller's key
-        (`router/auth.py`)."""
+        (`router/auth.py`). `defaults`: for the sampling fields left out (the checkpoint's
+        generation_config.json), before vLLM's own."""
+        defaults = defaults or {}
+        top_k = self.top_k if self.top_k is not None else defaults.get("top_k")
         return SamplingParams(
             structured_output=structured_output_of(self, forced_output),  # APIError 400 for an unknown or broken one
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            repetition_penalty=_given(self.repetition_penalty, defaults, "repetition_penalty", 1.0),
             logit_bias=_logit_bias(self.logit_bias),
             bad_words_token_ids=_bad_words(self.bad_words, tokenizer),
             allowed_token_ids=self.allowed_token_ids,
             prompt_logprobs=self.prompt_logprobs,
             n=1 if self.n is None else self.n,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=-1 if self.top_k in (None, 0) else self.top_k,  # vLLM: 0 and -1 both mean "all tokens"
-            min_p=0.0 if self.min_p is None else self.min_p,
+            temperature=_given(self.temperature, defaults, "temperature", 1.0),
+            top_p=_given(self.top_p, defaults, "top_p", 1.0),
+            top_k=-1 if top_k in (None, 0) else int(top_k),  # vLLM: 0 and -1 both mean "all tokens"
+            min_p=_given(self.min_p, defaults, "min_p", 0.0),
             seed=self.seed,
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
@@ -169,6 +174,11 @@ class GenerationRequest(SamplingFields):
             cache_salt=cache_salt,
             priority=self.priority,
         )
+
+
+def _given(value: float | None, defaults: Mapping[str, float], name: str, fallback: float) -> float:
+    """A sampling field as the request gave it, else the checkpoint's default, else vLLM's."""
+    return value if value is not None else float(defaults.get(name, fallback))
 
 
 def _logit_bias(logit_bias: dict[str, float] | None) -> dict[int, float]:
@@ -239,8 +249,9 @@ class CompletionRequest(GenerationRequest):
         tokenizer: Tokenizer,
         forced_output: StructuredOutput | None = None,
         cache_salt: str | None = None,
+        defaults: Mapping[str, float] | None = None,
     ) -> SamplingParams:
-        params = super().sampling_params(max_tokens, logprobs, tokenizer, forced_output, cache_salt)
+        params = super().sampling_params(max_tokens, logprobs, tokenizer, forced_output, cache_salt, defaults)
         if self.echo and logprobs is not None and self.prompt_logprobs is None:  # the echoed prompt's logprobs
             return dataclasses.replace(params, prompt_logprobs=logprobs)
         return params

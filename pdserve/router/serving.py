@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -62,8 +62,10 @@ class Serving:
         admission: Admission,
         drain: Drain,
         model_aliases: tuple[str, ...] = (),
+        sampling_defaults: Mapping[str, float] | None = None,
     ) -> None:
         self.backend = backend
+        self.sampling_defaults: Mapping[str, float] = sampling_defaults or {}  # GatewayConfig's
         self.model_names = tuple(dict.fromkeys([backend.model_name, *model_aliases]))  # replies carry the first
         self.metrics = metrics
         self.deadlines = deadlines
@@ -133,8 +135,8 @@ class Serving:
                 f"{num_prompt_tokens} input tokens. Please reduce the length of the input.",
                 prompt_param,
             )
-        if requested is None:
-            return limit - num_prompt_tokens
+        if requested is None:  # the checkpoint's max_new_tokens, when it has one, else all that fits
+            return min(limit - num_prompt_tokens, int(self.sampling_defaults.get("max_tokens", limit)))
         if num_prompt_tokens + requested > limit:
             raise APIError(
                 400,
