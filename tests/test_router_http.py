@@ -852,3 +852,16 @@ def test_requests_leaving_sampling_out_take_the_checkpoint_s_generation_config(s
             assert any(reply["choices"][0]["message"]["content"] != greedy["choices"][0]["message"]["content"] for reply in own)
     finally:
         async_engine.shutdown()
+
+
+def test_a_chat_template_given_replaces_the_checkpoint_s(demo_model_dir: Path) -> None:
+    """vLLM's `--chat-template`: chats render with it (here a bare one) on every route, /tokenize too."""
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    tokenizer = Tokenizer.from_pretrained(demo_model_dir)
+    backend = ScriptedBackend(tokenizer)
+    config = GatewayConfig(Deadlines(first_token_s=5, request_s=5), chat_template=template)
+    with serve(create_app(backend, config=config)) as url, httpx.Client(base_url=url, timeout=30) as http:
+        tokens = http.post("/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+        expected = "<system>Be brief.\n<user>What is the weather like today?\n<assistant>"
+        assert tokens == tokenizer.encode(expected, add_special_tokens=False)
+        assert http.get("/tokenizer_info").json()["chat_template"] == template

@@ -47,6 +47,10 @@ def busy_port() -> Iterator[int]:
         (["-tp", "2"], "pdserve: --tensor-parallel-size 2: pdserve has no tensor or pipeline parallelism"),
         (["--pipeline_parallel_size=2"], "pdserve: --pipeline-parallel-size 2: pdserve has no tensor"),
         (["org/other-model"], "pdserve: the model is given twice: 'org/other-model' and --model"),
+        (["--chat-template", "no/such/template.jinja"], "--chat-template 'no/such/template.jinja' looks like a file"),
+        (["--chat-template", "{% for m in messages %}"], "--chat-template: the chat template does not compile (line 1)"),
+        (["--generation-config", "nonsense"], "--generation-config must be auto, vllm or a directory"),
+        (["--revision", "v1.0"], "revision 'v1.0' is for a Hub id"),
     ],
 )
 def test_a_bad_flag_is_refused_before_anything_starts(
@@ -129,3 +133,14 @@ def test_the_generation_config_gives_requests_their_sampling_defaults(tmp_path: 
     assert defaults("--generation-config", str(other)) == {"temperature": 0.2}
     with pytest.raises(ValueError, match="--generation-config must be auto, vllm or a directory"):
         defaults("--generation-config", "nonsense")
+
+
+def test_a_chat_template_is_a_file_or_the_template_itself(tmp_path: Path) -> None:
+    """vLLM's reading of --chat-template: a file's text, else the template with its escapes read."""
+    from pdserve.deploy.cli import chat_template
+
+    path = tmp_path / "template.jinja"
+    path.write_text("{{ messages[0]['content'] }}\n")
+    assert chat_template(str(path)) == "{{ messages[0]['content'] }}\n"
+    assert chat_template("{{ messages[0]['content'] }}\\n") == "{{ messages[0]['content'] }}\n"
+    assert chat_template(None) is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import logging
 import os
 import re
@@ -195,6 +196,12 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help=f"required on /v1 as `Authorization: Bearer KEY` (repeatable; also ${API_KEY_ENV}, comma-separated, and vLLM's ${VLLM_API_KEY_ENV})",
     )
+    parser.add_argument("--revision", default=None, help="the Hub revision (branch, tag or commit) of --model")
+    parser.add_argument(
+        "--chat-template",
+        default=None,
+        help="the chat template instead of the checkpoint's: a file, or the template itself (vLLM's)",
+    )
     parser.add_argument(
         "--generation-config",
         default="auto",
@@ -279,6 +286,27 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout", type=float, default=d.request_s, help="seconds for a whole request")
 
 
+def chat_template(given: str | None) -> str | None:
+    """--chat-template: a file's text, or the template given inline (vLLM's: escapes such as \\n
+    read as what they mean); checked to compile. Raises ValueError naming the flag."""
+    from pdserve.engine.tokenizer import compile_chat_template
+
+    if given is None:
+        return None
+    if os.path.isfile(given):
+        with open(given, encoding="utf-8") as file:
+            template = file.read()
+    elif not any(c in given for c in "{}\n"):
+        raise ValueError(f"--chat-template {given!r} looks like a file, but there is no such file")
+    else:
+        template = codecs.decode(given, "unicode_escape")
+    try:
+        compile_chat_template(template)
+    except ValueError as exc:
+        raise ValueError(f"--chat-template: {exc}") from None
+    return template
+
+
 def sampling_defaults(generation_config: str, model_dir: str | None) -> dict[str, float]:
     """--generation-config's defaults for requests' sampling fields (logged, as vLLM does)."""
     from pdserve.engine.config import generation_defaults
@@ -347,6 +375,7 @@ def gateway_config(args: argparse.Namespace, model_dir: str | None = None) -> Ga
         model_aliases=tuple(served_model_names(args)[1:]),
         model_root=args.model or str(default_demo_model_dir()),
         sampling_defaults=sampling_defaults(args.generation_config, model_dir),
+        chat_template=chat_template(args.chat_template),
         deadlines=deadlines,
         api_keys=tuple(dict.fromkeys(keys)),
         protect_metrics=args.protect_metrics,
@@ -464,7 +493,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     from pdserve.engine.loader import resolve_model_path
 
     model = args.model or str(default_demo_model_dir())
-    model_dir = resolve_model_path(model)  # fails early, and downloads once for every local worker
+    model_dir = resolve_model_path(model, args.revision)  # fails early, and downloads once for every local worker
     engine = EngineConfig(
         model=str(model_dir),
         dtype=args.dtype,

@@ -17,23 +17,26 @@ from pdserve.engine.config import ConfigError
 HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt"]
 
 
-def resolve_model_path(model: str) -> Path:
-    """A local checkpoint directory for `model`: the directory itself, or a Hub snapshot."""
+def resolve_model_path(model: str, revision: str | None = None) -> Path:
+    """A local checkpoint directory for `model`: the directory itself, or a Hub snapshot (of
+    `revision`: a branch, tag or commit; None: the default branch)."""
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError(f"{model} is a directory but holds no config.json: not an HF checkpoint")
+        if revision is not None:
+            raise ConfigError(f"revision {revision!r} is for a Hub id; {model} is a local directory")
         return path
     if path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1 or path.exists():
         raise ConfigError(f"model directory {model!r} does not exist")
-    return _download(model)
+    return _download(model, revision)
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILE_PATTERNS))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILE_PATTERNS))
     except Exception as exc:  # noqa: BLE001 - hub raises many types; all mean "cannot get it"
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1 is set)" if offline else ""

@@ -105,6 +105,11 @@ class Tokenizer:
         once the run ends. Empty for byte-level BPE (Llama-3, Qwen)."""
         return self._byte_token_ids
 
+    def set_chat_template(self, template: str) -> None:
+        """Render chats with `template` instead of the checkpoint's (`--chat-template`)."""
+        compile_chat_template(template)  # a broken one fails here, before it replaces the checkpoint's
+        self._chat_template = template
+
     def info(self) -> dict[str, Any]:
         """The special tokens and chat template, as vLLM's /tokenizer_info reports a tokenizer."""
         template = self._chat_template
@@ -212,6 +217,14 @@ def _cut_at_mark(rendered: str) -> str:
     if at < 0:
         raise ValueError("continue_final_message: the chat template does not render the final message's text")
     return rendered[:at] if rendered.startswith(CONTINUE_MARK, at) else rendered[:at].rstrip()
+
+
+def compile_chat_template(source: str) -> jinja2.Template:
+    """`source` compiled as chat templates are; ValueError naming the line of a syntax error."""
+    try:
+        return _jinja_environment().from_string(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"the chat template does not compile (line {exc.lineno}): {exc.message}") from None
 
 
 def _jinja_environment() -> ImmutableSandboxedEnvironment:

@@ -50,8 +50,11 @@ def create_app(
     """Routes: POST /v1/completions, /v1/chat/completions, /v1/responses, /invocations, /tokenize, /detokenize;
     GET/DELETE /v1/responses/{id}, its input_items and cancel; GET /v1/models (and /v1/models/{name}), /health (and /ping),
     /metrics. The caller owns the backend and `response_store` (and closes them; without one, the
-    config's in-memory store, none when it says 0) and runs `app.state.drain` on SIGTERM (`deploy/http_server.py`)."""
+    config's in-memory store, none when it says 0) and runs `app.state.drain` on SIGTERM (`deploy/http_server.py`).
+    `config.chat_template` replaces the backend tokenizer's."""
     config = config or GatewayConfig()
+    if config.chat_template is not None:
+        backend.tokenizer.set_chat_template(config.chat_template)
     drain = Drain()
     admission = Admission(config.max_num_queued_reqs, config.max_num_queued_tokens)
     serving = Serving(

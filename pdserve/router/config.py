@@ -36,6 +36,7 @@ class GatewayConfig:
     # requests' defaults for the sampling fields they leave out (temperature, top_p, top_k, min_p,
     # repetition_penalty, max_tokens): the checkpoint's generation_config.json, as vLLM applies it
     sampling_defaults: Mapping[str, float] = field(default_factory=dict)
+    chat_template: str | None = None  # --chat-template: rendered instead of the checkpoint's
 
     def __post_init__(self) -> None:
         if any(not key for key in self.api_keys):
