@@ -123,3 +123,20 @@ def test_chat_applies_the_template(llm: LLM) -> None:
     assert chat.prompt_token_ids == ids
     [plain] = llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
     assert chat.outputs[0].token_ids == plain.outputs[0].token_ids
+
+
+def test_generate_without_sampling_params_follows_the_checkpoint_s_generation_config(
+    demo_model_dir: Path, tmp_path: Path
+) -> None:
+    """vLLM's LLM.generate(prompts): sampling as generation_config.json recommends (here greedy, 5
+    tokens), else SamplingParams' own defaults."""
+    import shutil
+
+    checkpoint = shutil.copytree(demo_model_dir, tmp_path / "model")
+    config = json.loads((checkpoint / "generation_config.json").read_text())
+    (checkpoint / "generation_config.json").write_text(json.dumps({**config, "temperature": 0.0, "max_new_tokens": 5}))
+    llm = LLM(model=str(checkpoint), device="cpu", dtype="float32", max_model_len=256)
+    assert (llm.get_default_sampling_params().temperature, llm.get_default_sampling_params().max_tokens) == (0.0, 5)
+    [defaulted] = llm.generate("The valley road")
+    [greedy] = llm.generate("The valley road", SamplingParams(temperature=0.0, max_tokens=5))
+    assert defaulted.outputs[0].token_ids == greedy.outputs[0].token_ids and len(greedy.outputs[0].token_ids) <= 5

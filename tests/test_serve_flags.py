@@ -51,6 +51,7 @@ def busy_port() -> Iterator[int]:
         (["--chat-template", "{% for m in messages %}"], "--chat-template: the chat template does not compile (line 1)"),
         (["--generation-config", "nonsense"], "--generation-config must be auto, vllm or a directory"),
         (["--revision", "v1.0"], "revision 'v1.0' is for a Hub id"),
+        (["--no-enable-chunked-prefill"], "prefill is always chunked here"),
     ],
 )
 def test_a_bad_flag_is_refused_before_anything_starts(
@@ -144,3 +145,13 @@ def test_a_chat_template_is_a_file_or_the_template_itself(tmp_path: Path) -> Non
     assert chat_template(str(path)) == "{{ messages[0]['content'] }}\n"
     assert chat_template("{{ messages[0]['content'] }}\\n") == "{{ messages[0]['content'] }}\n"
     assert chat_template(None) is None
+
+
+def test_token_counts_read_as_vllm_reads_them() -> None:
+    from pdserve.deploy.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--max-model-len", "32k", "--max-num-batched-tokens", "8K"])
+    assert (args.max_model_len, args.max_num_batched_tokens) == (32_000, 8192)
+    assert build_parser().parse_args(["serve", "--max-model-len", "1.5M"]).max_model_len == 1_572_864
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--max-model-len", "12x"])

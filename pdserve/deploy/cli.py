@@ -71,9 +71,9 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     serve.add_argument("--worker-host", default="127.0.0.1", help="address workers bind (0.0.0.0 across hosts)")
     serve.add_argument("--block-size", type=int, default=16)
-    serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--max-model-len", type=token_count, default=None, help="tokens (vLLM's 32k, 1M too)")
     serve.add_argument("--max-num-seqs", type=int, default=256)
-    serve.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    serve.add_argument("--max-num-batched-tokens", type=token_count, default=8192, help="prompt tokens a step")
     serve.add_argument("--kv-cache-memory-gib", type=float, default=None)
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     serve.add_argument(
@@ -140,6 +140,18 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def token_count(text: str) -> int:
+    """A number of tokens as vLLM reads one: 2048, or with a suffix, 32k (32,000) or 32K (32,768),
+    m/M and g/G alike."""
+    multiples = {"k": 10**3, "m": 10**6, "g": 10**9, "K": 2**10, "M": 2**20, "G": 2**30}
+    try:
+        if text and text[-1] in multiples:
+            return round(float(text[:-1]) * multiples[text[-1]])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of tokens: {text!r}") from None
+
+
 def _alias(aliases: dict[str, str]) -> Callable[[str], str]:
     """An argparse `type` that reads vLLM's other names for a choice as pdserve's."""
     return lambda value: aliases.get(value, value)
@@ -150,6 +162,12 @@ def add_vllm_arguments(parser: argparse.ArgumentParser) -> None:
     GPU, pools scale out), and flags with nothing to change here, accepted so that the line runs."""
     for flag, short in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp")):
         parser.add_argument(flag, short, type=int, default=1, help="1 only: each worker holds the model on one GPU")
+    parser.add_argument(
+        "--enable-chunked-prefill",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="always on: a prompt is computed --max-num-batched-tokens a step",
+    )
     no_effect = {
         "--trust-remote-code": "no effect: pdserve runs no code from a checkpoint",
         "--disable-log-requests": "no effect: requests are not logged",
@@ -168,6 +186,8 @@ def check_vllm_arguments(args: argparse.Namespace, argv: list[str]) -> None:
                 f"{flag} {getattr(args, name)}: pdserve has no tensor or pipeline parallelism (each worker holds the "
                 "model on one GPU); serve more traffic with --prefill-workers and --decode-workers"
             )
+    if not args.enable_chunked_prefill:
+        raise ValueError("--no-enable-chunked-prefill: prefill is always chunked here (--max-num-batched-tokens a step)")
     if args.model_tag is not None:
         if any(a == "--model" or a.startswith("--model=") for a in argv) and args.model != args.model_tag:
             raise ValueError(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")

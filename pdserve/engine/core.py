@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from pdserve.engine.block_manager import BlockManager
-from pdserve.engine.config import ConfigError, EngineConfig, ModelConfig
+from pdserve.engine.config import ConfigError, EngineConfig, ModelConfig, generation_defaults
 from pdserve.engine.fingerprint import model_fingerprint
 from pdserve.engine.loader import resolve_model_path
 from pdserve.engine.model_runner import ModelRunner
@@ -33,6 +33,7 @@ class EngineCore:
     eos_token_ids: frozenset[int]
     model_id: str  # checkpoint fingerprint (config + every weight's content): KV moves only between workers that agree on it
     grammars: GrammarCompiler
+    generation_defaults: dict[str, float] = field(default_factory=dict)  # the checkpoint's generation_config.json
 
     @classmethod
     def load(cls, config: EngineConfig) -> EngineCore:
@@ -54,7 +55,9 @@ class EngineCore:
         eos = frozenset(tokenizer.eos_token_ids) | frozenset(model_config.eos_token_ids)
         model_id += f"-{config.quantization}" if config.quantization else ""  # the same weights, other numerics
         grammars = GrammarCompiler(tokenizer, model_config.vocab_size, eos)
-        return cls(config, model_config, tokenizer, runner, block_manager, eos, model_id, grammars)
+        return cls(
+            config, model_config, tokenizer, runner, block_manager, eos, model_id, grammars, generation_defaults(model_dir)
+        )
 
     def is_device_healthy(self) -> bool:
         """Whether the device still runs work: after a sticky CUDA error (a device-side assert)

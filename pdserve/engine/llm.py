@@ -55,7 +55,7 @@ class LLM:
         """One `RequestOutput` per prompt, in order. A prompt is a string, a list of token ids, or
         a dict with `prompt` or `prompt_token_ids`."""
         prompts = _as_prompt_list(prompts)
-        params = _as_params_list(sampling_params, len(prompts))
+        params = _as_params_list(sampling_params or self.get_default_sampling_params(), len(prompts))
         encoded = [self._encode(p) for p in prompts]
         for (_, token_ids), p in zip(encoded, params):  # validate everything before anything is queued
             self.engine.core.validate(token_ids, p)
@@ -68,6 +68,16 @@ class LLM:
             for request in self.engine.step():
                 by_id[request.request_id].on_token(self.engine)
         return [_output(runs, self.get_tokenizer()) for runs in families]
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: the sampling the checkpoint's generation_config.json recommends (temperature,
+        top_p, top_k, min_p, repetition_penalty, max_new_tokens), on SamplingParams' own defaults."""
+        defaults = dict(self.engine.core.generation_defaults)
+        if "max_tokens" in defaults:
+            defaults["max_tokens"] = int(defaults["max_tokens"])
+        if "top_k" in defaults:
+            defaults["top_k"] = int(defaults["top_k"]) or -1
+        return SamplingParams(**defaults)
 
     def _detokenizer(self, params: SamplingParams) -> IncrementalDetokenizer:
         eos = () if params.ignore_eos else self.engine.core.eos_token_ids
