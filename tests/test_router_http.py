@@ -865,3 +865,27 @@ def test_a_chat_template_given_replaces_the_checkpoint_s(demo_model_dir: Path) -
         expected = "<system>Be brief.\n<user>What is the weather like today?\n<assistant>"
         assert tokens == tokenizer.encode(expected, add_special_tokens=False)
         assert http.get("/tokenizer_info").json()["chat_template"] == template
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_continuous_usage_counts_each_choice_s_own_tokens(server: Server, path: str) -> None:
+    """vLLM's continuous_usage_stats: every chunk carries the prompt and its choice's tokens so far
+    (the role chunk none); the last chunk, all choices' tokens."""
+    fields = {"messages": MESSAGES} if path.endswith("chat/completions") else {"prompt": PROMPT}
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    body = greedy_body(**fields, n=2, temperature=1.0, seed=3, max_tokens=6, stream_options=options)
+    events = stream(server.http, path, body)[:-1]
+    *chunks, final = events
+    num_prompt = final["usage"]["prompt_tokens"]
+    assert final["usage"]["completion_tokens"] == 12 and not final["choices"]
+    seen = {0: 0, 1: 0}
+    for chunk in chunks:
+        [choice] = chunk["choices"]
+        usage = chunk["usage"]
+        assert usage["prompt_tokens"] == num_prompt and usage["total_tokens"] == num_prompt + usage["completion_tokens"]
+        if "role" in choice.get("delta", {}):
+            assert usage["completion_tokens"] == 0
+        else:
+            assert seen[choice["index"]] <= usage["completion_tokens"] <= 6
+            seen[choice["index"]] = usage["completion_tokens"]
+    assert seen == {0: 6, 1: 6}

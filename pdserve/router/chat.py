@@ -287,9 +287,15 @@ class _ChatCompletion:
         return held
 
     def _with_usage(self, chunks: list[dict]) -> list[dict]:
+        """With continuous_usage_stats, vLLM's: each chunk the prompt and its choice's tokens so far
+        (none in the role chunk)."""
         if self._request.include_usage_in_every_chunk:
             for chunk in chunks:
-                chunk["usage"] = self._usage
+                [choice] = chunk["choices"]
+                usage = dict(self._generations[choice["index"]].usage)
+                if "role" in choice["delta"]:
+                    usage["completion_tokens"], usage["total_tokens"] = 0, usage["prompt_tokens"]
+                chunk["usage"] = usage
         return chunks
 
     def _chunk(self, message: dict, delta: TextDelta, tokens: TextDelta | None) -> dict:

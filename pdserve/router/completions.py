@@ -177,8 +177,10 @@ class _Completion:
 
     def chunks(self, delta: TextDelta) -> list[dict]:
         chunk = self._envelope([self._choice(delta)])
-        if self._request.include_usage_in_every_chunk:
-            chunk["usage"] = self._usage()
+        if self._request.include_usage_in_every_chunk:  # vLLM's: the choice's own prompt and tokens so far
+            usage = self._runs[delta.index].usage
+            num_output = 0 if self._is_prompt_only else usage["completion_tokens"]
+            chunk["usage"] = {**usage, "completion_tokens": num_output, "total_tokens": usage["prompt_tokens"] + num_output}
         return [chunk]
 
     def final_chunks(self) -> list[dict]:
