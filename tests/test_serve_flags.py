@@ -102,6 +102,7 @@ def test_a_vllm_serve_command_line_means_the_same_here(demo_model_dir: Path, mon
     argv = vllm_spellings(
         ["serve", str(demo_model_dir), "--max_model_len", "256", "--dtype", "half", "-tp", "1", "--trust-remote-code"]
         + ["--disable-log-requests", "-q", "fp8", "--kv-cache-dtype", "fp8_e4m3", "--gpu_memory_utilization=0.8"]
+        + ["--uvicorn-log-level", "debug", "--disable-uvicorn-access-log", "--enable-chunked-prefill"]
     )
     args = build_parser().parse_args(argv)
     check_vllm_arguments(args, argv)

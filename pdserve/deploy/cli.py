@@ -172,9 +172,13 @@ def add_vllm_arguments(parser: argparse.ArgumentParser) -> None:
         "--trust-remote-code": "no effect: pdserve runs no code from a checkpoint",
         "--disable-log-requests": "no effect: requests are not logged",
         "--disable-log-stats": "no effect: stats are on /metrics, not in the log",
+        "--disable-uvicorn-access-log": "no effect: the HTTP server logs no access lines",
     }
     for flag, help in no_effect.items():
         parser.add_argument(flag, action="store_true", help=help)
+    parser.add_argument(
+        "--uvicorn-log-level", default=None, help="no effect: the HTTP server logs warnings only (see --log-level)"
+    )
 
 
 def check_vllm_arguments(args: argparse.Namespace, argv: list[str]) -> None:
