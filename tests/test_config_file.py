@@ -10,6 +10,7 @@ import pytest
 
 from pdserve.deploy.cli import build_parser, gateway_config, main, serve_config
 from pdserve.deploy.config import PoolConfig
+from pdserve.deploy.config_file import ConfigFileError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -155,6 +156,13 @@ def test_the_example_config_in_deploy_loads(demo_model_dir: Path) -> None:
     args = build_parser(str(example)).parse_args(["serve", "--config", str(example), "--model", str(demo_model_dir)])
     config = serve_config(args)
     assert config.autoscale.enabled and config.prefill_pool.max_replicas >= config.num_prefill_workers
+
+
+def test_token_counts_in_the_file_are_numbers_or_vllm_s_text(tmp_path: Path, demo_model_dir: Path) -> None:
+    assert config_of(tmp_path, f"model: {demo_model_dir}\nmax-model-len: 256\n").engine.max_model_len == 256
+    assert config_of(tmp_path, f"model: {demo_model_dir}\nmax-num-batched-tokens: 8K\n").engine.max_num_batched_tokens == 8192
+    with pytest.raises(ConfigFileError, match="max-model-len: not a number of tokens: 'lots'"):
+        config_of(tmp_path, f"model: {demo_model_dir}\nmax-model-len: lots\n")
 
 
 def test_the_scheduling_policy_reaches_every_worker_engine(tmp_path: Path, demo_model_dir: Path) -> None:

@@ -110,6 +110,8 @@ def test_a_vllm_serve_command_line_means_the_same_here(demo_model_dir: Path, mon
     assert Path(engine.model) == demo_model_dir and engine.max_model_len == 256 and engine.dtype == "float16"
     assert (engine.quantization, engine.kv_cache_dtype, engine.gpu_memory_utilization) == ("fp8", "fp8", 0.8)
     assert gateway_config(args).api_keys == ("vllm-key",)
+    # as on vLLM, a key given otherwise replaces it (a rotated key does not leave the old one valid)
+    assert gateway_config(build_parser().parse_args(["serve", "--api-key", "new"])).api_keys == ("new",)
 
 
 def test_the_generation_config_gives_requests_their_sampling_defaults(tmp_path: Path) -> None:
@@ -154,5 +156,6 @@ def test_token_counts_read_as_vllm_reads_them() -> None:
     args = build_parser().parse_args(["serve", "--max-model-len", "32k", "--max-num-batched-tokens", "8K"])
     assert (args.max_model_len, args.max_num_batched_tokens) == (32_000, 8192)
     assert build_parser().parse_args(["serve", "--max-model-len", "1.5M"]).max_model_len == 1_572_864
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve", "--max-model-len", "12x"])
+    for bad in ("12x", "infk"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--max-model-len", bad])

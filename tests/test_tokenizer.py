@@ -424,6 +424,17 @@ def test_a_stop_token_s_text_waits_for_the_finish(style_dirs: dict[str, Path]) -
     assert run(len(go) + len(stop) + 1, [go, stop], "stop") == "Go now"  # before min_tokens it ends nothing
 
 
+def test_config_json_s_eos_ends_generation_too(demo_model_dir: Path, tmp_path: Path) -> None:
+    """The engine stops on config.json's eos_token_id as well: the tokenizer's set is the same, so
+    the gateway holds back the same stop tokens."""
+    import shutil
+
+    checkpoint = shutil.copytree(demo_model_dir, tmp_path / "model")
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "eos_token_id": 7}))
+    assert Tokenizer.from_pretrained(checkpoint).eos_token_ids == Tokenizer.from_pretrained(demo_model_dir).eos_token_ids | {7}
+
+
 def test_multibyte_character_split_across_tokens(style_dirs: dict[str, Path]) -> None:
     tokenizer, _ = load_both(style_dirs["demo"])
     ids = tokenizer.encode("🚂 中", add_special_tokens=False)

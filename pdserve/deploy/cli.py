@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 DEMO_MODEL_NAME = "pdserve-demo"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 API_KEY_ENV = "PDSERVE_API_KEY"  # comma-separated keys, added to --api-key
-VLLM_API_KEY_ENV = "VLLM_API_KEY"  # vLLM's: one key, added to --api-key (a vLLM deployment's key keeps working)
+VLLM_API_KEY_ENV = "VLLM_API_KEY"  # vLLM's: one key, when neither --api-key nor $PDSERVE_API_KEY gives one
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's other --dtype names
 KV_CACHE_DTYPE_ALIASES = {"fp8_e4m3": "fp8"}
 QUANTIZATION_ALIASES = {"awq_marlin": "awq", "gptq_marlin": "gptq"}  # vLLM's kernel-named methods: the same formats
@@ -148,8 +148,8 @@ def token_count(text: str) -> int:
         if text and text[-1] in multiples:
             return round(float(text[:-1]) * multiples[text[-1]])
         return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of tokens: {text!r}") from None
+    except (ValueError, OverflowError):  # OverflowError: "infk"
+        raise ValueError(f"not a number of tokens: {text!r}") from None
 
 
 def _alias(aliases: dict[str, str]) -> Callable[[str], str]:
@@ -218,7 +218,7 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
         "--api-key",
         action="append",
         default=[],
-        help=f"required on /v1 as `Authorization: Bearer KEY` (repeatable; also ${API_KEY_ENV}, comma-separated, and vLLM's ${VLLM_API_KEY_ENV})",
+        help=f"required on /v1 as `Authorization: Bearer KEY` (repeatable; also ${API_KEY_ENV}, comma-separated; without either, vLLM's ${VLLM_API_KEY_ENV})",
     )
     parser.add_argument("--revision", default=None, help="the Hub revision (branch, tag or commit) of --model")
     parser.add_argument(
@@ -386,7 +386,7 @@ def gateway_config(args: argparse.Namespace, model_dir: str | None = None) -> Ga
     from pdserve.engine.demo_model import default_demo_model_dir
 
     keys = [*args.api_key, *(k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip())]
-    if os.environ.get(VLLM_API_KEY_ENV):
+    if not keys and os.environ.get(VLLM_API_KEY_ENV):  # vLLM's fallback: a key given otherwise replaces it
         keys.append(os.environ[VLLM_API_KEY_ENV])
     deadlines = Deadlines(
         first_token_s=args.first_token_timeout,

@@ -74,11 +74,15 @@ def _scalar(path: str, key: str, action: argparse.Action, value: object) -> obje
     if value is None and action.default is None:
         return None
     kind = _KIND_NAMES.get(action.type, "text") if isinstance(action.type, type) else "text"
+    is_converter = callable(action.type) and not isinstance(action.type, type)  # e.g. token counts, "32k"
+    if is_converter and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # as the command line gives it
     if isinstance(value, str) and callable(action.type):
         try:
             value = action.type(value)
         except ValueError as exc:
-            raise ConfigFileError(f"{path}: {key} must be {kind}, got {value!r}") from exc
+            message = f"{key}: {exc}" if is_converter else f"{key} must be {kind}, got {value!r}"
+            raise ConfigFileError(f"{path}: {message}") from exc
     elif not _is_kind(value, action.type):
         raise ConfigFileError(f"{path}: {key} must be {kind}, got {value!r}")
     if action.choices is not None and value not in action.choices:

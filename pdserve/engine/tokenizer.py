@@ -1,7 +1,7 @@
 """Text <-> token ids and chat templates for a Hugging Face checkpoint, matching transformers 5.
 
 Wraps a `tokenizers.Tokenizer` from tokenizer.json plus the special tokens, chat template and EOS ids
-found in tokenizer_config.json, chat_template.jinja, special_tokens_map.json and generation_config.json.
+found in tokenizer_config.json, chat_template.jinja, special_tokens_map.json, generation_config.json and config.json.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Tokenizer:
             special_tokens,
             extra_special_tokens,
             _chat_template(directory, config),
-            _generation_eos_ids(directory / "generation_config.json"),
+            _generation_eos_ids(directory / "generation_config.json") + _generation_eos_ids(directory / "config.json"),
         )
 
     @property
@@ -92,7 +92,8 @@ class Tokenizer:
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
-        """Ids that end generation: generation_config's eos_token_id(s) and the tokenizer's eos token."""
+        """Ids that end generation: generation_config's and config.json's eos_token_id(s) and the
+        tokenizer's eos token (the engine's set: the gateway's detokenizer holds back the same ids)."""
         return self._eos_token_ids
 
     @property
