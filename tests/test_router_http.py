@@ -889,3 +889,14 @@ def test_continuous_usage_counts_each_choice_s_own_tokens(server: Server, path: 
             assert seen[choice["index"]] <= usage["completion_tokens"] <= 6
             seen[choice["index"]] = usage["completion_tokens"]
     assert seen == {0: 6, 1: 6}
+
+
+def test_iteration_token_buckets_are_written_as_vllm_s_exporter_writes_them(server: Server) -> None:
+    """prometheus_client writes a bound of 1 as le="1.0"; a fleet of vLLM and pdserve gateways must
+    not split one bucket into two series."""
+    server.http.post("/v1/completions", json=greedy_body(prompt=PROMPT, max_tokens=2))
+    text = server.http.get("/metrics").text
+    bounds = [
+        line.split('le="')[1].split('"')[0] for line in text.splitlines() if line.startswith("vllm:iteration_tokens_total_bucket")
+    ]
+    assert bounds[:3] == ["1.0", "8.0", "16.0"] and bounds[-1] == "+Inf"

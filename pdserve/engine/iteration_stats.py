@@ -22,9 +22,10 @@ class IterationTokens:
         self.num_steps += 1
 
     def cumulative(self) -> list[tuple[str, int]]:
-        """(le, steps with at most that many tokens), Prometheus' bucket form."""
+        """(le, steps with at most that many tokens), Prometheus' bucket form; bounds written as
+        prometheus_client (vLLM's exporter) writes them, "1.0", so both fleets' series are one."""
         running, out = 0, []
-        for bound, count in zip([*map(str, BUCKETS), "+Inf"], self.counts):
+        for bound, count in zip([*(str(float(b)) for b in BUCKETS), "+Inf"], self.counts):
             running += count
             out.append((bound, running))
         return out
