@@ -383,8 +383,6 @@ def gateway_config(args: argparse.Namespace, model_dir: str | None = None) -> Ga
     """Raises ValueError for a bad value. The only place PDSERVE_API_KEY and VLLM_API_KEY are read.
     `model_dir`: the served checkpoint's directory, whose generation_config.json gives requests'
     sampling defaults under `--generation-config auto` (None: no defaults from it)."""
-    from pdserve.engine.demo_model import default_demo_model_dir
-
     keys = [*args.api_key, *(k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip())]
     if not keys and os.environ.get(VLLM_API_KEY_ENV):  # vLLM's fallback: a key given otherwise replaces it
         keys.append(os.environ[VLLM_API_KEY_ENV])
@@ -397,7 +395,7 @@ def gateway_config(args: argparse.Namespace, model_dir: str | None = None) -> Ga
     )
     return GatewayConfig(
         model_aliases=tuple(served_model_names(args)[1:]),
-        model_root=args.model or str(default_demo_model_dir()),
+        model_root=args.model or model_dir,
         sampling_defaults=sampling_defaults(args.generation_config, model_dir),
         chat_template=chat_template(args.chat_template),
         deadlines=deadlines,

@@ -32,8 +32,9 @@ GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition
 
 def generation_defaults(directory: str | Path) -> dict[str, float]:
     """The sampling settings a checkpoint's generation_config.json recommends, as vLLM reads them:
-    the defaults of requests that leave them out (`max_new_tokens` as `max_tokens`); {} without the
-    file. Raises ConfigError for a file that is not a JSON object."""
+    the defaults of requests that leave them out, as SamplingParams takes them (`max_new_tokens` as
+    `max_tokens`, whole numbers; `top_k` 0, all tokens, as -1); {} without the file. Raises
+    ConfigError for a file that is not a JSON object."""
     path = Path(directory) / "generation_config.json"
     if not path.is_file():
         return {}
@@ -49,7 +50,9 @@ def generation_defaults(directory: str | Path) -> dict[str, float]:
         if isinstance(config.get(key), (int, float)) and not isinstance(config.get(key), bool)
     }
     if "max_new_tokens" in defaults:
-        defaults["max_tokens"] = defaults.pop("max_new_tokens")
+        defaults["max_tokens"] = int(defaults.pop("max_new_tokens"))
+    if "top_k" in defaults:
+        defaults["top_k"] = int(defaults["top_k"]) or -1
     return defaults
 
 

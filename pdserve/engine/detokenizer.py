@@ -6,7 +6,9 @@ Never emits half a multi-byte character, and holds back text that could still be
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from typing import cast
 
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.tokenizer import Tokenizer
 
 # Not tokenizers.decoders.DecodeStream: it raises "Invalid prefix" and emits text that a later byte
@@ -52,6 +54,20 @@ class IncrementalDetokenizer:
         self._num_emitted = 0  # chars of _decoded already returned
         self._is_stopped = False
         self._stop_reason: str | None = None
+
+    @classmethod
+    def for_request(cls, tokenizer: Tokenizer, params: SamplingParams) -> IncrementalDetokenizer:
+        """The detokenizer of a request sampled with `params`: its stop strings, and the ids that end
+        it (the tokenizer's EOS ids, the engine's, unless ignore_eos; its stop_token_ids)."""
+        eos = () if params.ignore_eos else tokenizer.eos_token_ids
+        return cls(
+            tokenizer,
+            cast(tuple[str, ...], params.stop),  # a tuple once SamplingParams is built
+            params.include_stop_str_in_output,
+            params.skip_special_tokens,
+            stop_token_ids={*eos, *(params.stop_token_ids or ())},
+            min_tokens=params.min_tokens,
+        )
 
     @property
     def text(self) -> str:

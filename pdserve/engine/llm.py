@@ -62,7 +62,9 @@ class LLM:
         families = []
         for (text, token_ids), p in zip(encoded, params):
             request = self.engine.add_request(str(next(self._ids)), token_ids, p)
-            families.append([_Run(sequence, text, self._detokenizer(p)) for sequence in request.family])
+            families.append(
+                [_Run(sequence, text, IncrementalDetokenizer.for_request(self.get_tokenizer(), p)) for sequence in request.family]
+            )
         by_id = {run.request.request_id: run for runs in families for run in runs}
         while self.engine.has_unfinished_requests():
             for request in self.engine.step():
@@ -72,23 +74,7 @@ class LLM:
     def get_default_sampling_params(self) -> SamplingParams:
         """vLLM's: the sampling the checkpoint's generation_config.json recommends (temperature,
         top_p, top_k, min_p, repetition_penalty, max_new_tokens), on SamplingParams' own defaults."""
-        defaults = dict(self.engine.core.generation_defaults)
-        if "max_tokens" in defaults:
-            defaults["max_tokens"] = int(defaults["max_tokens"])
-        if "top_k" in defaults:
-            defaults["top_k"] = int(defaults["top_k"]) or -1
-        return SamplingParams(**defaults)
-
-    def _detokenizer(self, params: SamplingParams) -> IncrementalDetokenizer:
-        eos = () if params.ignore_eos else self.engine.core.eos_token_ids
-        return IncrementalDetokenizer(
-            self.get_tokenizer(),
-            params.stop,
-            params.include_stop_str_in_output,
-            params.skip_special_tokens,
-            stop_token_ids={*eos, *(params.stop_token_ids or ())},
-            min_tokens=params.min_tokens,
-        )
+        return SamplingParams(**self.engine.core.generation_defaults)
 
     def chat(
         self,

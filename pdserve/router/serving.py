@@ -189,15 +189,7 @@ class Generation:
         self._is_expired = False  # the drain ended it
         self._tracker = serving.metrics.track_request(len(prompt_token_ids), params, is_sequence_only=index > 0)
         self._has_first_delta = False
-        tokenizer = serving.backend.tokenizer
-        self._detokenizer = IncrementalDetokenizer(
-            tokenizer,
-            params.stop,
-            params.include_stop_str_in_output,
-            params.skip_special_tokens,
-            stop_token_ids={*(() if params.ignore_eos else tokenizer.eos_token_ids), *(params.stop_token_ids or ())},
-            min_tokens=params.min_tokens,
-        )
+        self._detokenizer = IncrementalDetokenizer.for_request(serving.backend.tokenizer, params)
         self._held = TextDelta("")  # tokens whose text the detokenizer holds back
 
     @property
