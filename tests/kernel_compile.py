@@ -204,11 +204,33 @@ def gemv_launches() -> Iterator[dict]:
         yield from compile_recorded(recorder, f"gemv {str(w.dtype)[6:]}, SwiGLU epilogue")
 
 
+def dequantize_launches() -> Iterator[dict]:
+    """The prefill path's weight widening: fp8 and int8 to bf16, 4 bits in both layouts to bf16 and fp16."""
+    dequantize = importlib.import_module("pdserve.kernels.dequantize")
+    for w_dtype in (torch.float8_e4m3fn, torch.int8):
+        with recording(dequantize, "_w8_dequantize_kernel") as recorder:
+            dequantize.w8_dequantize(torch.zeros(48, 320).to(w_dtype), torch.ones(48), torch.bfloat16)
+        yield from compile_recorded(recorder, f"w8_dequantize {str(w_dtype)[6:]}")
+    k, n, group_size = 256, 48, 128
+    weights = (
+        torch.zeros(k // 8, n, dtype=torch.int32),
+        torch.ones(k // group_size, n).half(),
+        torch.zeros(k // group_size, n, dtype=torch.uint8),
+    )
+    w4_matmul = importlib.import_module("pdserve.kernels.w4_matmul")
+    for layout, tensors in (("columns", weights), ("N-major", [w4_matmul.n_major(t) for t in weights])):
+        for out_dtype in (torch.bfloat16, torch.float16):
+            with recording(dequantize, "_w4_dequantize_kernel") as recorder:
+                dequantize.w4_dequantize(*tensors, group_size, out_dtype)
+            yield from compile_recorded(recorder, f"w4_dequantize {layout} -> {str(out_dtype)[6:]}")
+
+
 LAUNCHES = {
     "rotary_decode_attention": rotary_decode_attention_launches,
     "paged_decode_attention": paged_decode_attention_launches,
     "w4": w4_launches,
     "gemv": gemv_launches,
+    "dequantize": dequantize_launches,
 }
 
 

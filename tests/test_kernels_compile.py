@@ -25,7 +25,7 @@ def _has_ptxas() -> bool:
 
 
 @pytest.mark.skipif(not _has_ptxas(), reason="this Triton has no NVIDIA backend with ptxas")
-@pytest.mark.parametrize("kernels", ["rotary_decode_attention", "paged_decode_attention", "w4", "gemv"])
+@pytest.mark.parametrize("kernels", ["rotary_decode_attention", "paged_decode_attention", "w4", "gemv", "dequantize"])
 def test_every_launch_compiles_for_sm90(kernels: str, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compiled here, not found in a cache

@@ -79,6 +79,20 @@ def test_w4_matmul_bf16(n: int, k: int) -> None:
         assert rel_err(K.w4_matmul(x, qweight, scales, zeros, group), ref) < 1e-2, m
 
 
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_dequantize_bit_exact(n: int, k: int) -> None:
+    """The prefill path's widened weights (kernels/dequantize.py) equal the torch references bit for bit."""
+    torch.manual_seed(0)
+    for dtype in (torch.float8_e4m3fn, torch.int8):
+        weight, scale = quantize_per_channel(torch.randn(n, k, device="cuda") * 0.02, dtype)
+        assert torch.equal(K.w8_dequantize(weight, scale, torch.bfloat16), K.w8_dequantize_ref(weight, scale, torch.bfloat16))
+    qweight = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda")
+    scales = (torch.rand(k // 128, n, device="cuda") * 0.004 + 0.001).half()
+    zeros = torch.randint(0, 16, (k // 128, n), dtype=torch.uint8, device="cuda")
+    widened = K.w4_dequantize(qweight, scales, zeros, 128, torch.bfloat16)
+    assert torch.equal(widened, K.w4_dequantize_ref(qweight, scales, zeros, 128).bfloat16())
+
+
 def test_quantize_fp8_rows_bit_exact() -> None:
     x = torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16) * 3
     x[7] = 0.0
@@ -181,16 +195,23 @@ def references(plain: dict[str, Path]) -> dict[str, dict]:
     return out
 
 
-@pytest.mark.parametrize("fmt", BF16_FORMATS)
+@pytest.mark.parametrize("fmt", BF16_FORMATS + ["ct-int8-channel-widened", "awq-widened"])
 def test_bf16_quantized_engines_lose_only_what_quantization_and_bf16_lose(
-    fmt: str, quantized: dict, references: dict[str, dict]
+    fmt: str, quantized: dict, references: dict[str, dict], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """bf16 on the GPU, as served: one 192-row prefill (the FP8 tensor-core GEMM for the fp8
-    formats, w8_matmul for int8, w4_matmul for AWQ/GPTQ) and decode steps of one row (the GEMVs).
-    Against the unquantized fp32 model: KL within KL_SLACK x (the quantization's KL + bf16's KL),
-    top-1 agreement no more than 0.1 below the worse of the two, on every family."""
+    formats, w8_matmul for int8, w4_matmul for AWQ/GPTQ; "-widened": the weights widened to bf16
+    and the bf16 GEMM, as longer prompts take) and decode steps of one row (the
+    GEMVs). Against the unquantized fp32 model: KL within KL_SLACK x (the quantization's KL + bf16's
+    KL), top-1 agreement no more than 0.1 below the worse of the two, on every family."""
+    from pdserve.engine import quant_layers
     from tests.test_kv_fp8_accuracy import measure
     from tests.test_quantization import PROMPTS, agreement, sequence_logits
+
+    if fmt.endswith("-widened"):
+        fmt = fmt.removesuffix("-widened")
+        for name in ("W8_WIDEN_MIN_ROWS", "W4_WIDEN_MIN_ROWS"):  # the 192-row prefill; decode rows keep the GEMVs
+            monkeypatch.setattr(quant_layers, name, 64)
 
     rows = []
     for family in references:

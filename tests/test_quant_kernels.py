@@ -102,6 +102,36 @@ def test_w8_matmul_matches_reference_and_naive_dequantization(m: int, dtype: tor
     torch.testing.assert_close(K.w8_matmul(x, weight, scale), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
+def test_w8_dequantize_equals_reference_and_naive_dequantization(dtype: torch.dtype) -> None:
+    """fp32 and fp16 bit for bit (the interpreter casts to bf16 by truncation: within one bf16 step;
+    tests/test_quant_gpu.py checks bf16 bit for bit)."""
+    torch.manual_seed(1)
+    n, k = 40, 300  # neither a multiple of the tiles
+    weight, scale = quantize_per_channel(torch.randn(n, k), dtype)
+    naive = weight.double() * scale.double()[:, None]
+    torch.testing.assert_close(K.w8_dequantize_ref(weight, scale, torch.float32).double(), naive, rtol=1e-7, atol=0)
+    for out_dtype in (torch.float32, torch.float16):
+        assert torch.equal(K.w8_dequantize(weight, scale, out_dtype), K.w8_dequantize_ref(weight, scale, out_dtype))
+    widened = K.w8_dequantize(weight, scale, torch.bfloat16).double()
+    torch.testing.assert_close(widened, naive, rtol=2**-7, atol=0)
+
+
+@pytest.mark.parametrize("k,n,group_size", [(128, 48, 32), (256, 200, 128), (96, 16, 48)])
+def test_w4_dequantize_equals_naive_dequantization_in_both_layouts(k: int, n: int, group_size: int) -> None:
+    torch.manual_seed(k + n)
+    qweight, scales, zeros = random_w4(k, n, group_size)
+    naive = torch.from_numpy(naive_w4_weight(qweight, scales, zeros, group_size))
+    for layout in (lambda t: t, n_major):
+        weights = [layout(t) for t in (qweight, scales, zeros)]
+        torch.testing.assert_close(K.w4_dequantize(*weights, group_size, torch.float32).double(), naive, rtol=1e-6, atol=0)
+        assert torch.equal(K.w4_dequantize(*weights, group_size, torch.float16), naive.to(torch.float16))
+    with pytest.raises(ValueError, match="qweight"):
+        K.w4_dequantize(qweight, scales[:1], zeros, group_size, torch.bfloat16)
+    with pytest.raises(ValueError, match="output dtype"):
+        K.w4_dequantize(qweight, scales, zeros, group_size, torch.int8)
+
+
 def test_w8_matmul_half_precision_input() -> None:
     torch.manual_seed(0)
     weight = torch.randn(32, 64).to(torch.float8_e4m3fn)

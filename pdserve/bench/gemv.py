@@ -7,7 +7,7 @@ bytes they must read (weights at their stored size + scales + zero points).
 of dependent launches as the decode step runs them, each shape's best against the heuristic's pick
 (how their `*_tile_sizes` were chosen).
 
-    python -m pdserve.bench.gemv [--quantized | --sweep [--weights w4] [--shapes llama3-8b]]"""
+    python -m pdserve.bench.gemv [--quantized | --prefill | --sweep [--weights w4] [--shapes llama3-8b]]"""
 
 from __future__ import annotations
 
@@ -95,6 +95,46 @@ def quantized_table(copy: float, group_size: int = 128) -> None:
         torch.cuda.empty_cache()
 
 
+def prefill_table(rows: tuple[int, ...] = (256, 512, 1024, 2048, 4096), group_size: int = 128) -> None:
+    """Prefill-sized matmuls of quantized weights (Llama-3-8B's projections): the weight-only kernels
+    (w8_matmul, w4_matmul) against widening the weight to bf16 first (kernels/dequantize.py) and the
+    bf16 GEMM, as TFLOP/s and as a share of the bf16 GEMM of the same shape with a bf16 weight."""
+    print("| proj | rows | bf16 GEMM TFLOP/s | int8 w8_matmul | int8 widened + GEMM | 4-bit w4_matmul | 4-bit widened + GEMM |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (n_out, n_in) in SHAPES.items():
+        if name != "lm_head":
+            _prefill_rows(name, n_out, n_in, rows, group_size)
+            torch.cuda.empty_cache()
+
+
+def _prefill_rows(name: str, n_out: int, n_in: int, rows: tuple[int, ...], group_size: int) -> None:
+    from triton.testing import do_bench
+
+    from pdserve import kernels
+    from pdserve.engine.quant_formats import quantize_per_channel
+    from pdserve.kernels.dequantize import w4_dequantize, w8_dequantize
+
+    w_bf16 = torch.randn(n_out, n_in, device="cuda").bfloat16()
+    q8, s8 = quantize_per_channel(w_bf16.float(), torch.int8)
+    w4 = (
+        torch.randint(-(2**31), 2**31 - 1, (n_in // 8, n_out), dtype=torch.int32, device="cuda"),
+        (torch.rand(n_in // group_size, n_out, device="cuda") * 0.004 + 0.001).half(),
+        torch.randint(0, 16, (n_in // group_size, n_out), dtype=torch.uint8, device="cuda"),
+    )
+    for m in rows:
+        x = torch.randn(m, n_in, dtype=torch.bfloat16, device="cuda")
+        variants = [
+            lambda x=x: torch.nn.functional.linear(x, w_bf16),
+            lambda x=x: kernels.w8_matmul(x, q8, s8),
+            lambda x=x: torch.nn.functional.linear(x, w8_dequantize(q8, s8, x.dtype)),
+            lambda x=x: kernels.w4_matmul(x, *w4, group_size),
+            lambda x=x: x @ w4_dequantize(*w4, group_size, x.dtype),
+        ]
+        rates = [2 * m * n_out * n_in / (do_bench(v, rep=50, return_mode="median") * 1e-3) / 1e12 for v in variants]
+        cells = [f"{r:.0f} ({100 * r / rates[0]:.0f}%)" for r in rates[1:]]
+        print(f"| {name} | {m} | {rates[0]:.0f} | " + " | ".join(cells) + " |", flush=True)
+
+
 # --sweep: Llama-3-8B's projections and those of two Qwen2.5 sizes (narrow and wide ones of other lengths)
 SWEEP_SHAPES = {
     **{f"llama3-8b {name}": shape for name, shape in SHAPES.items() if name != "lm_head"},
@@ -102,6 +142,7 @@ SWEEP_SHAPES = {
     "qwen2.5-0.5b o_proj": (896, 896),
     "qwen2.5-0.5b gate_up": (9728, 896),
     "qwen2.5-0.5b down": (896, 4864),
+    "qwen2.5-0.5b lm_head": (151936, 896),
     "qwen2.5-7b qkv": (4608, 3584),
     "qwen2.5-7b gate_up": (37888, 3584),
     "qwen2.5-7b down": (3584, 18944),
@@ -182,6 +223,7 @@ def sweep_table(copy: float, kinds: list[str], shape_prefix: str = "", top: int 
                         kernels.gemv(x, *w, tiles=tiles)
 
             rates = []
+            grid = [tiles for tiles in grid if kind == "w4" or -(-n // tiles[0]) <= 65535]  # a grid's y limit
             for tiles in [heuristic, *grid]:
                 ms = do_bench_cudagraph(lambda tiles=tiles: run(tiles), rep=25, return_mode="median")
                 rates.append((100 * chain * nbytes / (ms * 1e-3) / 1e9 / copy, tiles))
@@ -197,6 +239,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quantized", action="store_true", help="the quantized-weight kernels")
     parser.add_argument("--sweep", action="store_true", help="the decode GEMVs' tile sizes")
+    parser.add_argument(
+        "--prefill", action="store_true", help="prefill-sized quantized matmuls: weight-only kernels vs widen + GEMM"
+    )
     parser.add_argument("--weights", nargs="+", choices=("bf16", "fp8", "int8", "w4"), default=["bf16", "fp8", "int8", "w4"])
     parser.add_argument("--shapes", default="", help="--sweep: only the shapes whose name starts with this (e.g. llama3-8b)")
     parser.add_argument("--top", type=int, default=3, help="--sweep: how many of the grid's best tiles to print")
@@ -207,6 +252,9 @@ def main() -> None:
         print("| proj | weights | heuristic | best of the grid |")
         print("|---|---|---|---|")
         sweep_table(copy, args.weights, args.shapes, args.top)
+        return
+    if args.prefill:
+        prefill_table()
         return
     if args.quantized:
         print(f"copy {copy:.0f} GB/s")

@@ -33,6 +33,15 @@ W8_GEMV_MAX_ROWS = 2
 # H200 decode steps: at 16 rows the split-K weight-only kernel is faster (4.02 vs 5.76 ms), at 64 the
 # GEMM (7.14 ms; int8 through split-K w8_matmul 8.29 ms); 32 lies between, not measured
 FP8_GEMM_MIN_ROWS = 32
+# From these rows on (16-bit activations on a GPU, outside CUDA-graph capture, after the FP8 GEMM
+# where it applies), the weight is widened to the activations' dtype (kernels/dequantize.py) for the
+# 16-bit GEMM: the weight-only kernels are bound by their unpacking there. H100, Llama-3-8B's
+# projections (bench.gemv --prefill): int8 at 512 rows 57-67% of the bf16 GEMM's rate against
+# w8_matmul's 47-56% (at 256 mixed: gate/up 47 against 68%); 4-bit from 256 rows 51-72% against
+# w4_matmul's 29-43%. The engine's prefill of 2,048 tokens: int8 51 -> 75%, AWQ 33 -> 75% of the
+# bf16 matmul rate (bench/RESULTS.md, twenty-eighth session).
+W8_WIDEN_MIN_ROWS = 512
+W4_WIDEN_MIN_ROWS = 256
 
 
 class QuantizedLinear(nn.Module):
@@ -173,6 +182,8 @@ class W8Linear(QuantizedLinear):
             out = kernels.w8_matmul_ref(rows, self.weight, self.weight_scale)
         elif num_rows > FP8_GEMM_MIN_ROWS and self.is_fp8_gemm_eligible(x):
             out = fp8_gemm(rows, self.weight, self.weight_scale, fp8_gemm_kind(x.device))
+        elif takes_widened_weight(x, num_rows, W8_WIDEN_MIN_ROWS):
+            out = torch.nn.functional.linear(rows, kernels.w8_dequantize(self.weight, self.weight_scale, x.dtype))
         else:
             out = kernels.w8_matmul(rows.contiguous(), self.weight, self.weight_scale)
         return self._add_bias(out).view(*x.shape[:-1], self.out_features)
@@ -246,10 +257,24 @@ class W4Linear(QuantizedLinear):
             matmul = kernels.w4_matmul_ref
         elif rows.shape[0] <= W4_GEMV_MAX_ROWS:
             matmul = kernels.w4_gemv  # decode rows: unpacking at memory speed, no tensor cores
+        elif takes_widened_weight(x, rows.shape[0], W4_WIDEN_MIN_ROWS):
+            matmul = _widened_w4_matmul
         else:
             matmul = kernels.w4_matmul
         out = matmul(rows.contiguous(), self.qweight, self.scales, self.zeros, self.group_size)
         return self._add_bias(out).view(*x.shape[:-1], self.out_features)
+
+
+def takes_widened_weight(x: torch.Tensor, num_rows: int, min_rows: int) -> bool:
+    """Whether a quantized projection widens its weight for the 16-bit GEMM (W8/W4_WIDEN_MIN_ROWS):
+    never in a captured CUDA graph, whose memory pool would keep the widened copy."""
+    return num_rows >= min_rows and x.dtype in (torch.bfloat16, torch.float16) and not torch.cuda.is_current_stream_capturing()
+
+
+def _widened_w4_matmul(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    return x @ kernels.w4_dequantize(qweight, scales, zeros, group_size, x.dtype)
 
 
 def quantized_linear(

@@ -1,6 +1,7 @@
 """Triton kernels of the model forward pass, each with its plain-torch reference (`*_ref`)."""
 
 from pdserve.kernels.argmax import argmax, argmax_ref
+from pdserve.kernels.dequantize import w4_dequantize, w8_dequantize, w8_dequantize_ref
 from pdserve.kernels.fp8_quant import quantize_fp8_rows, quantize_fp8_rows_ref
 from pdserve.kernels.gemv import DOT_MIN_ROWS, ELEMENTWISE_MAX_ROWS, GEMV_MAX_ROWS, gemv, gemv_ref
 from pdserve.kernels.kv_block_copy import copy_kv_blocks, copy_kv_blocks_ref
@@ -49,10 +50,13 @@ __all__ = [
     "silu_and_mul_ref",
     "store_kv_cache",
     "store_kv_cache_ref",
+    "w4_dequantize",
     "w4_dequantize_ref",
     "w4_gemv",
     "w4_matmul",
     "w4_matmul_ref",
+    "w8_dequantize",
+    "w8_dequantize_ref",
     "w8_matmul",
     "w8_matmul_ref",
 ]
