@@ -236,16 +236,19 @@ def gateway_in_thread(
     header_timeout_s: float = 30.0,
     shutdown_timeout_s: float = 30.0,
     loop: asyncio.AbstractEventLoop | None = None,
+    gateway: object | None = None,
 ) -> Iterator[tuple[str, object]]:
     """`app` (from `router.app.create_app`) served as `pdserve serve` serves it (header timeout,
-    drain on `server.handle_exit`), on a free local port: on `loop` (running in another thread:
-    the one its backend's gRPC channels live on) or on a thread of its own. Yields its URL and
-    the server."""
+    drain on `server.handle_exit`; `gateway`, a `GatewayConfig`: its TLS and root path too), on a
+    free local port: on `loop` (running in another thread: the one its backend's gRPC channels live
+    on) or on a thread of its own. Yields its URL and the server."""
     from pdserve.deploy.http_server import GatewayServer, gateway_config
+    from pdserve.router.config import GatewayConfig
 
+    config = gateway if isinstance(gateway, GatewayConfig) else GatewayConfig(request_read_timeout_s=header_timeout_s)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = GatewayServer(gateway_config(app, "127.0.0.1", 0, header_timeout_s), app.state.drain, shutdown_timeout_s)
+    server = GatewayServer(gateway_config(app, "127.0.0.1", 0, config), app.state.drain, shutdown_timeout_s)
     if loop is None:
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
@@ -261,7 +264,7 @@ def gateway_in_thread(
         assert time.monotonic() < deadline and is_running(), "the gateway did not start"
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", server
+        yield f"{'https' if config.tls else 'http'}://127.0.0.1:{sock.getsockname()[1]}", server
     finally:
         server.should_exit = True
         deadline = time.monotonic() + 15

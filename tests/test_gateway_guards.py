@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -27,7 +29,7 @@ from pdserve.engine.tokenizer import Tokenizer
 from pdserve.proto.deadlines import Deadlines
 from pdserve.router.app import create_app
 from pdserve.router.backend import BackendStats, ColocatedBackend
-from pdserve.router.config import GatewayConfig
+from pdserve.router.config import CorsOptions, GatewayConfig, TLSOptions
 from tests.servers import gateway_in_thread
 
 MODEL = "demo"
@@ -91,6 +93,67 @@ def test_protect_metrics_puts_metrics_and_health_behind_the_keys(engine: AsyncEn
         for path in ("/metrics", "/health", "/ping"):
             assert httpx.get(url + path, timeout=10).status_code == 401
             assert httpx.get(url + path, headers={"Authorization": "Bearer key-a"}, timeout=10).status_code == 200
+
+
+APP_ORIGIN = "https://app.example"
+PREFLIGHT = {"Origin": APP_ORIGIN, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+
+
+def test_browser_pages_of_the_allowed_origins_may_call_the_api_and_no_others(engine: AsyncEngine, keyed: str) -> None:
+    """CORS (--allowed-origins): an allowed origin's preflight is answered without an API key, and
+    its replies, a 401 included, carry the header that lets the page read them; another origin's
+    get nothing. Without the flag no CORS header is sent (vLLM sends them for any origin)."""
+    config = GatewayConfig(api_keys=KEYS, cors=CorsOptions((APP_ORIGIN,)))
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
+    with gateway_in_thread(create_app(ColocatedBackend(engine, MODEL), config=config)) as (url, _):
+        preflight = httpx.options(url + "/v1/completions", headers=PREFLIGHT, timeout=10)
+        assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == APP_ORIGIN
+        assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+        for key, status in (("key-a", 200), ("wrong", 401)):
+            headers = {"Origin": APP_ORIGIN, "Authorization": f"Bearer {key}"}
+            reply = httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=60)
+            assert reply.status_code == status and reply.headers["access-control-allow-origin"] == APP_ORIGIN, reply.text
+        other = httpx.options(url + "/v1/completions", headers={**PREFLIGHT, "Origin": "https://other.example"}, timeout=10)
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        headers = {"Origin": "https://other.example", "Authorization": "Bearer key-a"}
+        assert (
+            "access-control-allow-origin"
+            not in httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=60).headers
+        )
+    for reply in (
+        httpx.options(keyed + "/v1/completions", headers=PREFLIGHT, timeout=10),
+        httpx.post(
+            keyed + "/v1/completions", json=body, headers={"Origin": APP_ORIGIN, "Authorization": "Bearer key-a"}, timeout=60
+        ),
+    ):
+        assert "access-control-allow-origin" not in reply.headers
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_https_under_a_proxy_root_path_still_asks_for_the_key(engine: AsyncEngine, tmp_path: Path) -> None:
+    """--ssl-keyfile/--ssl-certfile and --root-path (a proxy serving the API under /llm, passing on
+    paths without it): the openai client over HTTPS, the key still required although uvicorn
+    puts the root path in front of every request's path, and the API's schema names the prefix."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1"]
+        + ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    config = GatewayConfig(api_keys=KEYS, tls=TLSOptions(str(key), str(cert)), root_path="/llm")
+    with gateway_in_thread(create_app(ColocatedBackend(engine, MODEL), config=config), gateway=config) as (url, _):
+        assert url.startswith("https://")
+        client = openai.OpenAI(base_url=url + "/v1", api_key="key-a", max_retries=0, http_client=httpx.Client(verify=str(cert)))
+        assert client.completions.create(model=MODEL, prompt="Hello", max_tokens=2).usage.completion_tokens == 2
+        for path in ("/v1/models", "/tokenize"):
+            assert (
+                httpx.request("GET" if path == "/v1/models" else "POST", url + path, verify=str(cert), timeout=10).status_code
+                == 401
+            )
+        assert httpx.get(url + "/openapi.json", verify=str(cert), timeout=10).json()["servers"] == [{"url": "/llm"}]
+        with pytest.raises(httpx.HTTPError):  # HTTPS only
+            httpx.get(url.replace("https", "http") + "/health", timeout=5)
 
 
 def test_cached_prefixes_and_cached_token_counts_stay_within_a_tenant(keyed: str) -> None:

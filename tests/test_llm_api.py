@@ -115,6 +115,25 @@ def test_params_per_prompt_and_seeded_sampling(llm: LLM) -> None:
         llm.generate(prompts, params[:1])
 
 
+def test_the_engine_seed_reproduces_requests_without_their_own(demo_model_dir: Path) -> None:
+    """EngineConfig.seed (`pdserve serve --seed`, vLLM's): each engine, a worker's too, seeds the
+    sampling of requests that give no seed from it: the same seed, the same text."""
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.llm_engine import LLMEngine
+
+    def sample(seed: int) -> list[int]:
+        torch.manual_seed(1234)  # whatever ran in this process before the engine started
+        engine = LLMEngine.from_config(
+            EngineConfig(model=str(demo_model_dir), device="cpu", seed=seed, max_model_len=128, num_kv_blocks=32)
+        )
+        request = engine.add_request("r", [41, 42, 43], SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            engine.step()
+        return list(request.output_token_ids)
+
+    assert sample(5) == sample(5) != sample(6)
+
+
 def test_chat_applies_the_template(llm: LLM) -> None:
     messages = [{"role": "user", "content": "Hello there"}]
     [chat] = llm.chat(messages, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))

@@ -52,6 +52,12 @@ def busy_port() -> Iterator[int]:
         (["--generation-config", "nonsense"], "--generation-config must be auto, vllm or a directory"),
         (["--revision", "v1.0"], "revision 'v1.0' is for a Hub id"),
         (["--no-enable-chunked-prefill"], "prefill is always chunked here"),
+        (["--allowed-methods", '["GET"]'], "--allowed-methods applies to cross-origin requests: give --allowed-origins"),
+        (["--allow-credentials"], "--allow-credentials applies to cross-origin requests: give --allowed-origins"),
+        (["--ssl-certfile", "no/such/cert.pem"], "HTTPS needs both --ssl-keyfile and --ssl-certfile"),
+        (["--ssl-keyfile", "no/such/key.pem", "--ssl-certfile", "x"], "--ssl-keyfile no/such/key.pem: no such file"),
+        (["--ssl-cert-reqs", "2"], "--ssl-ca-certs and --ssl-cert-reqs need HTTPS"),
+        (["--root-path", "llm"], "--root-path must start with '/'"),
     ],
 )
 def test_a_bad_flag_is_refused_before_anything_starts(
@@ -110,6 +116,16 @@ def test_a_vllm_serve_command_line_means_the_same_here(demo_model_dir: Path, mon
     assert Path(engine.model) == demo_model_dir and engine.max_model_len == 256 and engine.dtype == "float16"
     assert (engine.quantization, engine.kv_cache_dtype, engine.gpu_memory_utilization) == ("fp8", "fp8", 0.8)
     assert gateway_config(args).api_keys == ("vllm-key",)
+    line = ["serve", "--allowed-origins", '["https://a.example", "https://b.example"]', "--allowed_methods", '["GET","POST"]']
+    args = build_parser().parse_args(vllm_spellings([*line, "--root-path", "/llm/", "--seed", "3"]))
+    cors = gateway_config(args).cors
+    assert cors is not None and cors.allowed_origins == ("https://a.example", "https://b.example")
+    assert (cors.allowed_methods, cors.allowed_headers, cors.allow_credentials) == (("GET", "POST"), ("*",), False)
+    assert gateway_config(args).root_path == "/llm" and serve_config(args).engine.seed == 3
+    assert build_parser().parse_args(["serve", "--allowed-origins", "https://a.example,*"]).allowed_origins == (
+        "https://a.example",
+        "*",
+    )
     # as on vLLM, a key given otherwise replaces it (a rotated key does not leave the old one valid)
     assert gateway_config(build_parser().parse_args(["serve", "--api-key", "new"])).api_keys == ("new",)
 

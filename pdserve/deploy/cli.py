@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import codecs
+import json
 import logging
 import os
 import re
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 from pdserve.deploy import exit_guard
 from pdserve.engine.config import EngineConfig
 from pdserve.proto.deadlines import Deadlines
-from pdserve.router.config import DEFAULT_MAX_REQUEST_BODY_BYTES, GatewayConfig
+from pdserve.router.config import DEFAULT_MAX_REQUEST_BODY_BYTES, CorsOptions, GatewayConfig, TLSOptions
 from pdserve.router.reasoning import PARSERS as REASONING_PARSERS
 from pdserve.router.tools import ToolOptions
 
@@ -116,6 +117,9 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
         "--admin-token", default=None, help="bearer token of /admin/* (default: $PDSERVE_ADMIN_TOKEN; none: admin off)"
     )
     serve.add_argument("--autoscale", action=argparse.BooleanOptionalAction, default=False, help="size the pools from their load")
+    serve.add_argument(
+        "--seed", type=int, default=0, help="random seed: dummy weights, and sampling of requests without a seed of their own"
+    )
     serve.add_argument("--log-level", default="info")
     add_vllm_arguments(serve)
     add_gateway_arguments(serve)
@@ -293,6 +297,23 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="keep them in this Redis instead, shared by the gateways (best not the registry's: its maxmemory bounds them)",
     )
+    parser.add_argument(
+        "--allowed-origins",
+        type=string_list,
+        default=None,
+        help="origins whose browser pages may call the API (CORS): a JSON list as vLLM takes it, "
+        "'[\"https://app.example\"]' or '[\"*\"]', or comma-separated; default none (vLLM's: any)",
+    )
+    parser.add_argument("--allowed-methods", type=string_list, default=None, help='with --allowed-origins (default ["*"])')
+    parser.add_argument("--allowed-headers", type=string_list, default=None, help='with --allowed-origins (default ["*"])')
+    parser.add_argument("--allow-credentials", action="store_true", help="with --allowed-origins: cookies and HTTP auth")
+    parser.add_argument("--root-path", default="", help="the path prefix a proxy serves the API under (e.g. /llm)")
+    parser.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key (and --ssl-certfile)")
+    parser.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate chain")
+    parser.add_argument("--ssl-ca-certs", default=None, help="CA certificates that client certificates are checked against")
+    parser.add_argument(
+        "--ssl-cert-reqs", type=int, default=0, help="client certificates: 0 not asked, 1 optional, 2 required (Python's ssl)"
+    )
     parser.add_argument("--first-token-timeout", type=float, default=d.first_token_s, help="seconds to the first token")
     parser.add_argument(
         "--prefill-timeout",
@@ -308,6 +329,49 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--stall-timeout", type=float, default=d.stall_s, help="seconds allowed between two tokens")
     parser.add_argument("--request-timeout", type=float, default=d.request_s, help="seconds for a whole request")
+
+
+def string_list(text: str) -> tuple[str, ...]:
+    """A JSON list of strings as vLLM's list flags take it ('["a", "b"]'), or plain comma-separated text."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = [part.strip() for part in text.split(",") if part.strip()]
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, list) or not value or not all(isinstance(item, str) and item for item in value):
+        raise ValueError(f"not a list of names: {text!r}")
+    return tuple(value)
+
+
+def cors_options(args: argparse.Namespace) -> CorsOptions | None:
+    if args.allowed_origins is None:
+        given = [flag for flag in ("allowed_methods", "allowed_headers", "allow_credentials") if getattr(args, flag)]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} applies to cross-origin requests: give --allowed-origins too")
+        return None
+    return CorsOptions(
+        args.allowed_origins, args.allowed_methods or ("*",), args.allowed_headers or ("*",), args.allow_credentials
+    )
+
+
+def tls_options(args: argparse.Namespace) -> TLSOptions | None:
+    if args.ssl_keyfile is None and args.ssl_certfile is None:
+        if args.ssl_ca_certs is not None or args.ssl_cert_reqs:
+            raise ValueError("--ssl-ca-certs and --ssl-cert-reqs need HTTPS: give --ssl-keyfile and --ssl-certfile")
+        return None
+    for flag in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs"):
+        path = getattr(args, flag)
+        if path is None and flag != "ssl_ca_certs":
+            raise ValueError("HTTPS needs both --ssl-keyfile and --ssl-certfile")
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"--{flag.replace('_', '-')} {path}: no such file")
+    return TLSOptions(args.ssl_keyfile, args.ssl_certfile, args.ssl_ca_certs, args.ssl_cert_reqs)
+
+
+def root_path(given: str) -> str:
+    if given and not given.startswith("/"):
+        raise ValueError(f"--root-path must start with '/', got {given!r}")
+    return given.rstrip("/")
 
 
 def chat_template(given: str | None) -> str | None:
@@ -411,6 +475,9 @@ def gateway_config(args: argparse.Namespace, model_dir: str | None = None) -> Ga
         responses_store_max_bytes=args.responses_store_max_bytes,
         responses_store_ttl_s=args.responses_store_ttl,
         responses_store_redis_url=args.responses_store_redis_url,
+        cors=cors_options(args),
+        tls=tls_options(args),
+        root_path=root_path(args.root_path),
     )
 
 
@@ -533,6 +600,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         scheduling_policy=args.scheduling_policy,
         load_format=args.load_format,
         quantization=args.quantization,
+        seed=args.seed,
     )
     return ServeConfig(
         engine=engine,

@@ -58,10 +58,11 @@ async def run_gateway(
         from pdserve.router.admin import colocated_admin_routes
 
         app.include_router(colocated_admin_routes(config.admin_token))
-    uvicorn_config = gateway_config(app, config.host, config.port, gateway.request_read_timeout_s)
+    uvicorn_config = gateway_config(app, config.host, config.port, gateway)
     server = GatewayServer(uvicorn_config, app.state.drain, gateway.shutdown_timeout_s)
     mode = "colocated" if registry is None else f"disaggregated, workers from {type(registry).__name__}"
-    logger.info("serving %s at http://%s:%d/v1 (%s)", config.served_model_name, config.host, config.port, mode)
+    url = f"{'https' if gateway.tls else 'http'}://{config.host}:{config.port}{gateway.root_path}/v1"
+    logger.info("serving %s at %s (%s)", config.served_model_name, url, mode)
     try:
         await server.serve()
     finally:

@@ -5,12 +5,14 @@ closed (slow or half-open clients hold nothing for long), and SIGTERM/SIGINT fir
 from __future__ import annotations
 
 import asyncio
+import ssl
 from types import FrameType
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from pdserve.router.config import GatewayConfig
 from pdserve.router.drain import WIND_DOWN_S, Drain
 
 
@@ -92,12 +94,18 @@ class GatewayServer(uvicorn.Server):
         self.should_exit = True
 
 
-def gateway_config(app: Any, host: str, port: int, header_timeout_s: float) -> uvicorn.Config:
+def gateway_config(app: Any, host: str, port: int, gateway: GatewayConfig) -> uvicorn.Config:
+    tls = gateway.tls
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level="warning",
-        http=protocol_class(header_timeout_s),
+        http=protocol_class(gateway.request_read_timeout_s),
         timeout_graceful_shutdown=int(WIND_DOWN_S),  # the drain has ended every request by then
+        root_path=gateway.root_path,
+        ssl_keyfile=tls.keyfile if tls else None,
+        ssl_certfile=tls.certfile if tls else None,
+        ssl_ca_certs=tls.ca_certs if tls else None,
+        ssl_cert_reqs=tls.cert_reqs if tls else ssl.CERT_NONE,
     )

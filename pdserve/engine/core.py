@@ -39,6 +39,7 @@ class EngineCore:
     def load(cls, config: EngineConfig) -> EngineCore:
         """`config.load_format == "dummy"`: the checkpoint's shapes with random weights (benchmarks)."""
         random_weights = config.load_format == "dummy"
+        torch.manual_seed(config.seed)  # requests without a seed of their own sample from this
         model_dir = resolve_model_path(config.model)
         model_config = ModelConfig.from_pretrained(model_dir)
         tokenizer = Tokenizer.from_pretrained(model_dir)

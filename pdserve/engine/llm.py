@@ -6,8 +6,6 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.llm_engine import LLMEngine
@@ -40,7 +38,6 @@ class LLM:
         config = EngineConfig(
             model=model, device=device, dtype=dtype, load_format=load_format, kv_cache_dtype=kv_cache_dtype, **engine_args
         )
-        torch.manual_seed(config.seed)
         self.engine = LLMEngine.from_config(config)
         self._ids = itertools.count()
 

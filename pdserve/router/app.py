@@ -1,6 +1,6 @@
 """`create_app(backend, config)`: the OpenAI-compatible HTTP gateway, with vLLM's routes and shapes,
 so OpenAI/vLLM clients, benchmarks and dashboards work unchanged; behind API keys, the drain gate
-and the input limits (middleware, outermost first)."""
+and the input limits (middleware, outermost first), with CORS outside them where configured."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
@@ -74,7 +75,15 @@ def create_app(
     app.add_middleware(RequestLimits, max_body_bytes=config.max_request_body_bytes, read_timeout_s=config.request_read_timeout_s)
     app.add_middleware(DrainGate, drain=drain)
     app.add_middleware(APIKeyAuth, api_keys=config.api_keys, protect_metrics=config.protect_metrics)
-    app.add_middleware(HTTPMetricsMiddleware, metrics=serving.metrics)  # outermost: counts refusals too
+    app.add_middleware(HTTPMetricsMiddleware, metrics=serving.metrics)  # counts refusals too
+    if config.cors is not None:  # outermost: preflights answered before the API key is asked for, 401s readable
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=config.cors.allowed_origins,
+            allow_methods=config.cors.allowed_methods,
+            allow_headers=config.cors.allowed_headers,
+            allow_credentials=config.cors.allow_credentials,
+        )
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw_request: Request) -> Response:

@@ -18,6 +18,15 @@ PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/invocations")
 PROBE_PATHS = ("/metrics", "/health", "/ping")
 
 
+def route_path(scope: Scope) -> str:
+    """The path the app routes on: without the root path a proxy serves it under (`--root-path`:
+    uvicorn puts it in front of every request's path, and routing takes it off again)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :]
+    return path
+
+
 def tenant_of(api_key: bytes) -> str:
     return hashlib.sha256(b"pdserve-api-key\0" + api_key).hexdigest()[:32]
 
@@ -39,7 +48,7 @@ class APIKeyAuth:
         self._protected = PROTECTED_PREFIXES + (PROBE_PATHS if protect_metrics else ())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self._keys or not scope["path"].startswith(self._protected):
+        if scope["type"] != "http" or not self._keys or not route_path(scope).startswith(self._protected):
             await self.app(scope, receive, send)
             return
         key = self._bearer_key(scope)

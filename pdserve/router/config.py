@@ -1,6 +1,6 @@
 """`GatewayConfig`: what the HTTP gateway is told at start (`pdserve serve` flags): API keys,
-input limits, admission bounds, drain time, the requests' deadlines, the tool-call parser and the
-Responses API's store.
+input limits, admission bounds, drain time, the requests' deadlines, the tool-call parser, the
+Responses API's store, and how it listens (CORS, TLS, a proxy's root path).
 Built once, never mutated."""
 
 from __future__ import annotations
@@ -14,6 +14,33 @@ from pdserve.router.tools import ToolOptions
 
 DEFAULT_MAX_REQUEST_BODY_BYTES = 8 * 2**20  # a full 128K-token prompt as text or as token ids fits many times
 DEFAULT_RESPONSES_STORE_MAX_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class CorsOptions:
+    """Cross-origin requests from browsers (vLLM's --allowed-origins, --allowed-methods,
+    --allowed-headers, --allow-credentials): the CORS headers sent, preflights answered."""
+
+    allowed_origins: tuple[str, ...]  # "*": any
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
+
+
+@dataclass(frozen=True)
+class TLSOptions:
+    """HTTPS (vLLM's --ssl-keyfile, --ssl-certfile, --ssl-ca-certs, --ssl-cert-reqs), as uvicorn takes it."""
+
+    keyfile: str
+    certfile: str
+    ca_certs: str | None = None  # client certificates are checked against these (with cert_reqs > 0)
+    cert_reqs: int = 0  # ssl.CERT_NONE (0), CERT_OPTIONAL (1) or CERT_REQUIRED (2)
+
+    def __post_init__(self) -> None:
+        if self.cert_reqs not in (0, 1, 2):
+            raise ValueError(f"ssl_cert_reqs must be 0, 1 or 2 (none, optional, required), got {self.cert_reqs}")
+        if self.cert_reqs and not self.ca_certs:
+            raise ValueError("ssl_cert_reqs > 0 checks client certificates: it needs ssl_ca_certs")
 
 
 @dataclass(frozen=True)
@@ -37,6 +64,9 @@ class GatewayConfig:
     # repetition_penalty, max_tokens): the checkpoint's generation_config.json, as vLLM applies it
     sampling_defaults: Mapping[str, float] = field(default_factory=dict)
     chat_template: str | None = None  # --chat-template: rendered instead of the checkpoint's
+    cors: CorsOptions | None = None  # None: no CORS headers (a browser page of another origin cannot read replies)
+    tls: TLSOptions | None = None  # None: plain HTTP
+    root_path: str = ""  # the path prefix a proxy serves the gateway under (ASGI root_path; vLLM's --root-path)
 
     def __post_init__(self) -> None:
         if any(not key for key in self.api_keys):

@@ -12,6 +12,7 @@ from typing import Protocol
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pdserve.proto.failures import Failure
+from pdserve.router.auth import route_path
 from pdserve.router.errors import APIError
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class DrainGate:
         self.drain = drain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or route_path(scope) in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         if self.drain.is_draining:
