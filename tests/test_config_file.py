@@ -139,6 +139,18 @@ def test_a_string_api_key_is_one_key_and_a_list_is_several(tmp_path: Path, demo_
         assert gateway_config(args).api_keys == keys
 
 
+def test_allowed_origins_in_the_file_are_a_list_or_text(tmp_path: Path, demo_model_dir: Path) -> None:
+    from pdserve.deploy.cli import gateway_config
+
+    for text in ("allowed-origins: [https://a.example, '*']\n", "allowed-origins: https://a.example,*\n"):
+        path = tmp_path / "cors.yaml"
+        path.write_text(f"model: {demo_model_dir}\n{text}")
+        cors = gateway_config(build_parser(str(path)).parse_args(["serve", "--config", str(path)])).cors
+        assert cors is not None and cors.allowed_origins == ("https://a.example", "*")
+    with pytest.raises(ConfigFileError, match="allowed-origins: not a list of names"):
+        config_of(tmp_path, f"model: {demo_model_dir}\nallowed-origins: [1, 2]\n")
+
+
 def test_numbers_in_the_file_take_the_flags_types(tmp_path: Path, demo_model_dir: Path) -> None:
     text = f"model: {demo_model_dir}\nkv-cache-memory-gib: 1\nmax-num-seqs: '16'\ndrain: {{quiet_s: 1, timeout_s: 30}}\n"
     config = config_of(tmp_path, text)

@@ -6,6 +6,7 @@ autoscaler's thresholds; `autoscale: true` turns it on) and `drain`. Unknown key
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import fields
 from pathlib import Path
 
@@ -77,6 +78,8 @@ def _scalar(path: str, key: str, action: argparse.Action, value: object) -> obje
     is_converter = callable(action.type) and not isinstance(action.type, type)  # e.g. token counts, "32k"
     if is_converter and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)  # as the command line gives it
+    elif is_converter and isinstance(value, list):  # a list flag's YAML list: the JSON its flag takes
+        value = json.dumps(value)
     if isinstance(value, str) and callable(action.type):
         try:
             value = action.type(value)
