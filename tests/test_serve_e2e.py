@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,19 +113,35 @@ def assert_gone(processes: dict[int, int], timeout_s: float = 10.0) -> None:
         time.sleep(0.1)
 
 
+@pytest.fixture(scope="module")
+def tokenizer_dir(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The checkpoint's tokenizer files alone, with a chat template of their own (vLLM's --tokenizer):
+    chats rendered by anything that read the model's directory instead come out otherwise."""
+    directory = tmp_path_factory.mktemp("tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (checkpoints["llama"] / name).is_file():
+            shutil.copy(checkpoints["llama"] / name, directory / name)
+    template = "{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}\n{% endfor %}[ASSISTANT]"
+    (directory / "chat_template.jinja").write_text(template)
+    return directory
+
+
 @pytest.fixture(scope="module", params=["memory-registry", "redis-registry"])
 def server(
-    request: pytest.FixtureRequest, checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, checkpoints: dict[str, Path], tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     with redis_server(enabled=request.param == "redis-registry") as redis_url:
-        with serving(checkpoints["llama"], log_path, *(["--redis-url", redis_url] if redis_url else [])) as server:
+        redis = ["--redis-url", redis_url] if redis_url else []
+        with serving(checkpoints["llama"], log_path, "--tokenizer", str(tokenizer_dir), *redis) as server:
             yield server
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoints: dict[str, Path]) -> LLM:
-    return LLM(model=str(checkpoints["llama"]), device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN)
+def reference(checkpoints: dict[str, Path], tokenizer_dir: Path) -> LLM:
+    return LLM(
+        model=str(checkpoints["llama"]), tokenizer=str(tokenizer_dir), device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN
+    )
 
 
 def token_ids_of(choice: object) -> list[int]:
@@ -251,6 +268,7 @@ def test_chat_completion_applies_the_chat_template(server: Server, reference: LL
         model=server.model, messages=messages, max_tokens=12, temperature=0.0, extra_body={"ignore_eos": True}
     )
     tokenizer = reference.get_tokenizer()
+    assert tokenizer.apply_chat_template(messages).startswith("[SYSTEM] You are terse.\n")  # --tokenizer's template
     prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
     [want] = reference.generate({"prompt_token_ids": prompt_ids}, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     assert got.choices[0].message.role == "assistant"

@@ -58,6 +58,8 @@ def busy_port() -> Iterator[int]:
         (["--ssl-keyfile", "no/such/key.pem", "--ssl-certfile", "x"], "--ssl-keyfile no/such/key.pem: no such file"),
         (["--ssl-cert-reqs", "2"], "--ssl-ca-certs and --ssl-cert-reqs need HTTPS"),
         (["--root-path", "llm"], "--root-path must start with '/'"),
+        (["--tokenizer", "no/such/tokenizer"], "tokenizer directory 'no/such/tokenizer' does not exist"),
+        (["--tokenizer-revision", "v1"], "--tokenizer-revision is the revision of --tokenizer: give --tokenizer too"),
     ],
 )
 def test_a_bad_flag_is_refused_before_anything_starts(

@@ -457,3 +457,20 @@ def test_bad_stop_strings_are_rejected(style_dirs: dict[str, Path], stop: object
     tokenizer, _ = load_both(style_dirs["demo"])
     with pytest.raises(ValueError, match="stop must be a list of non-empty strings"):
         IncrementalDetokenizer(tokenizer, stop=stop)
+
+
+def test_a_tokenizer_from_elsewhere_keeps_the_models_eos_ids(demo_model_dir: Path, tmp_path: Path) -> None:
+    """--tokenizer DIR: the tokenizer and its chat template from DIR, the EOS ids of the model's
+    generation_config.json and config.json still (the gateway's detokenizer holds back those)."""
+    import shutil
+
+    tokenizer_dir, model_dir = tmp_path / "tokenizer", tmp_path / "model"
+    tokenizer_dir.mkdir()
+    model_dir.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo_model_dir / name, tokenizer_dir / name)
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
+    (model_dir / "config.json").write_text(json.dumps({"eos_token_id": 11}))
+    alone = Tokenizer.from_pretrained(tokenizer_dir)
+    assert not {7, 9, 11} & alone.eos_token_ids
+    assert Tokenizer.from_pretrained(tokenizer_dir, model_dir).eos_token_ids == alone.eos_token_ids | {7, 9, 11}

@@ -226,6 +226,10 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--revision", default=None, help="the Hub revision (branch, tag or commit) of --model")
     parser.add_argument(
+        "--tokenizer", default=None, help="the tokenizer (and chat template) from this directory or Hub id, not --model's"
+    )
+    parser.add_argument("--tokenizer-revision", default=None, help="the Hub revision of --tokenizer")
+    parser.add_argument(
         "--chat-template",
         default=None,
         help="the chat template instead of the checkpoint's: a file, or the template itself (vLLM's)",
@@ -576,6 +580,17 @@ def serve(args: argparse.Namespace) -> int:
         cluster.stop(drain_timeout_s=gateway.shutdown_timeout_s)  # the workers finish other gateways' requests
 
 
+def tokenizer_path(args: argparse.Namespace) -> str | None:
+    """--tokenizer as a local directory (a Hub id downloaded once, here, for every local worker)."""
+    from pdserve.engine.loader import resolve_tokenizer_path
+
+    if args.tokenizer is None:
+        if args.tokenizer_revision is not None:
+            raise ValueError("--tokenizer-revision is the revision of --tokenizer: give --tokenizer too")
+        return None
+    return str(resolve_tokenizer_path(args.tokenizer, args.tokenizer_revision))
+
+
 def serve_config(args: argparse.Namespace) -> ServeConfig:
     from pdserve.deploy.config import AutoscaleConfig, DrainConfig, PoolConfig, ServeConfig
     from pdserve.engine.demo_model import default_demo_model_dir
@@ -585,6 +600,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     model_dir = resolve_model_path(model, args.revision)  # fails early, and downloads once for every local worker
     engine = EngineConfig(
         model=str(model_dir),
+        tokenizer=tokenizer_path(args),
         dtype=args.dtype,
         kv_cache_dtype=args.kv_cache_dtype,
         device=args.device,

@@ -107,6 +107,7 @@ async def _disaggregated(
     its context length is the model's, an upper bound of theirs, until they report their own
     (`DisaggregatedBackend.max_model_len` follows the pool's workers)."""
     from pdserve.engine.config import ModelConfig
+    from pdserve.engine.loader import tokenizer_dir
     from pdserve.router.disaggregated import DisaggregatedBackend
     from pdserve.router.workers import WorkerPool
 
@@ -120,7 +121,9 @@ async def _disaggregated(
     max_model_len = ModelConfig.from_pretrained(config.engine.model).longest_context  # until the workers report theirs
     return DisaggregatedBackend(
         pool,
-        Tokenizer.from_pretrained(config.engine.model),
+        Tokenizer.from_pretrained(
+            tokenizer_dir(config.engine, config.engine.model), config.engine.model
+        ),  # the workers' tokenizer
         config.served_model_name,
         max_model_len,
         on_kv_transfer=metrics.observe_kv_transfer,

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def router_config(args: argparse.Namespace) -> ServeConfig:
-    from pdserve.deploy.cli import cluster_secret, served_model_names
+    from pdserve.deploy.cli import cluster_secret, served_model_names, tokenizer_path
     from pdserve.engine.demo_model import default_demo_model_dir
     from pdserve.engine.loader import resolve_model_path
     from pdserve.proto.cluster_secret import ENV_VAR
@@ -45,7 +45,7 @@ def router_config(args: argparse.Namespace) -> ServeConfig:
         raise ConfigError(f"set {ENV_VAR} to the cluster's secret (the one `pdserve serve` was given)")
     model_dir = resolve_model_path(args.model or str(default_demo_model_dir()), args.revision)
     return ServeConfig(
-        engine=EngineConfig(model=str(model_dir)),
+        engine=EngineConfig(model=str(model_dir), tokenizer=tokenizer_path(args)),
         served_model_name=served_model_names(args)[0],
         host=args.host,
         port=args.port,

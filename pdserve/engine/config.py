@@ -178,6 +178,7 @@ class EngineConfig:
     """Knobs of one engine (one worker). `model` is a local directory once resolved."""
 
     model: str
+    tokenizer: str | None = None  # a directory or Hub id holding the tokenizer (vLLM's --tokenizer); None: the model's
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"  # "auto" | "fp8" (half the bytes per block: twice the blocks)
     device: str = "auto"

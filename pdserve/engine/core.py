@@ -13,7 +13,7 @@ import torch
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import ConfigError, EngineConfig, ModelConfig, generation_defaults
 from pdserve.engine.fingerprint import model_fingerprint
-from pdserve.engine.loader import resolve_model_path
+from pdserve.engine.loader import resolve_model_path, tokenizer_dir
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.request import Request
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
@@ -42,7 +42,7 @@ class EngineCore:
         torch.manual_seed(config.seed)  # requests without a seed of their own sample from this
         model_dir = resolve_model_path(config.model)
         model_config = ModelConfig.from_pretrained(model_dir)
-        tokenizer = Tokenizer.from_pretrained(model_dir)
+        tokenizer = Tokenizer.from_pretrained(tokenizer_dir(config, model_dir), model_dir)
         with ThreadPoolExecutor(max_workers=1) as pool:  # hashing the weight files overlaps loading them
             fingerprint = pool.submit(model_fingerprint, model_dir, config.seed if random_weights else None)
             runner = ModelRunner(config, model_config, None if random_weights else model_dir)

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from pdserve.engine.config import ConfigError
+from pdserve.engine.config import ConfigError, EngineConfig
 
 HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt"]
 
@@ -20,28 +20,46 @@ HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt"
 def resolve_model_path(model: str, revision: str | None = None) -> Path:
     """A local checkpoint directory for `model`: the directory itself, or a Hub snapshot (of
     `revision`: a branch, tag or commit; None: the default branch)."""
-    path = Path(model).expanduser()
+    return _resolve(model, revision, "config.json", HUB_FILE_PATTERNS, "model", "an HF checkpoint")
+
+
+def resolve_tokenizer_path(tokenizer: str, revision: str | None = None) -> Path:
+    """A local directory holding `tokenizer`'s tokenizer.json (vLLM's --tokenizer: a model's tokenizer
+    from elsewhere), or a Hub snapshot of a repository's tokenizer files and chat template only."""
+    return _resolve(tokenizer, revision, "tokenizer.json", TOKENIZER_FILE_PATTERNS, "tokenizer", "a fast tokenizer")
+
+
+def tokenizer_dir(config: EngineConfig, model_dir: str | Path) -> Path:
+    """Where an engine's tokenizer is: `config.tokenizer`'s directory, else the model's."""
+    return resolve_tokenizer_path(config.tokenizer) if config.tokenizer else Path(model_dir)
+
+
+TOKENIZER_FILE_PATTERNS = ["tokenizer*", "special_tokens_map.json", "chat_template.json", "*.jinja", "generation_config.json"]
+
+
+def _resolve(name: str, revision: str | None, required: str, patterns: list[str], what: str, kind: str) -> Path:
+    path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{model} is a directory but holds no config.json: not an HF checkpoint")
+        if not (path / required).is_file():
+            raise ConfigError(f"{name} is a directory but holds no {required}: not {kind}")
         if revision is not None:
-            raise ConfigError(f"revision {revision!r} is for a Hub id; {model} is a local directory")
+            raise ConfigError(f"revision {revision!r} is for a Hub id; {name} is a local directory")
         return path
-    if path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1 or path.exists():
-        raise ConfigError(f"model directory {model!r} does not exist")
-    return _download(model, revision)
+    if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or path.exists():
+        raise ConfigError(f"{what} directory {name!r} does not exist")
+    return _download(name, revision, patterns, what)
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
+def _download(repo_id: str, revision: str | None, patterns: list[str], what: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILE_PATTERNS))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as exc:  # noqa: BLE001 - hub raises many types; all mean "cannot get it"
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1 is set)" if offline else ""
         raise ConfigError(
-            f"model {repo_id!r} is not a local directory and could not be fetched from the Hugging Face Hub{hint}: "
+            f"{what} {repo_id!r} is not a local directory and could not be fetched from the Hugging Face Hub{hint}: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
 

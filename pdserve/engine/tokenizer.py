@@ -57,8 +57,11 @@ class Tokenizer:
         self._byte_token_ids = _byte_fallback_ids(backend)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> Tokenizer:
+    def from_pretrained(cls, path: str | Path, model_dir: str | Path | None = None) -> Tokenizer:
+        """`model_dir`: the checkpoint whose generation_config.json and config.json name its EOS ids,
+        when the tokenizer comes from elsewhere (default: `path`)."""
         directory = Path(path)
+        config_dir = directory if model_dir is None else Path(model_dir)
         if not (directory / "tokenizer.json").is_file():
             raise FileNotFoundError(f"no tokenizer.json in {directory}: pdserve needs a checkpoint with a fast tokenizer file")
         try:
@@ -74,7 +77,7 @@ class Tokenizer:
             special_tokens,
             extra_special_tokens,
             _chat_template(directory, config),
-            _generation_eos_ids(directory / "generation_config.json") + _generation_eos_ids(directory / "config.json"),
+            _generation_eos_ids(config_dir / "generation_config.json") + _generation_eos_ids(config_dir / "config.json"),
         )
 
     @property
