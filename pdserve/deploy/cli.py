@@ -363,12 +363,15 @@ def tls_options(args: argparse.Namespace) -> TLSOptions | None:
         if args.ssl_ca_certs is not None or args.ssl_cert_reqs:
             raise ValueError("--ssl-ca-certs and --ssl-cert-reqs need HTTPS: give --ssl-keyfile and --ssl-certfile")
         return None
-    for flag in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs"):
-        path = getattr(args, flag)
-        if path is None and flag != "ssl_ca_certs":
-            raise ValueError("HTTPS needs both --ssl-keyfile and --ssl-certfile")
+    if args.ssl_keyfile is None or args.ssl_certfile is None:
+        raise ValueError("HTTPS needs both --ssl-keyfile and --ssl-certfile")
+    for flag, path in (
+        ("--ssl-keyfile", args.ssl_keyfile),
+        ("--ssl-certfile", args.ssl_certfile),
+        ("--ssl-ca-certs", args.ssl_ca_certs),
+    ):
         if path is not None and not os.path.isfile(path):
-            raise ValueError(f"--{flag.replace('_', '-')} {path}: no such file")
+            raise ValueError(f"{flag} {path}: no such file")
     return TLSOptions(args.ssl_keyfile, args.ssl_certfile, args.ssl_ca_certs, args.ssl_cert_reqs)
 
 
