@@ -111,12 +111,15 @@ def test_a_vllm_serve_command_line_means_the_same_here(demo_model_dir: Path, mon
         ["serve", str(demo_model_dir), "--max_model_len", "256", "--dtype", "half", "-tp", "1", "--trust-remote-code"]
         + ["--disable-log-requests", "-q", "fp8", "--kv-cache-dtype", "fp8_e4m3", "--gpu_memory_utilization=0.8"]
         + ["--uvicorn-log-level", "debug", "--disable-uvicorn-access-log", "--enable-chunked-prefill"]
+        + ["--swap-space", "4", "--disable-frontend-multiprocessing", "--enable-prompt-tokens-details"]
+        + ["--tokenizer-mode", "auto", "--load-format", "safetensors", "--num-gpu-blocks-override", "512"]
     )
     args = build_parser().parse_args(argv)
     check_vllm_arguments(args, argv)
     engine = serve_config(args).engine
     assert Path(engine.model) == demo_model_dir and engine.max_model_len == 256 and engine.dtype == "float16"
     assert (engine.quantization, engine.kv_cache_dtype, engine.gpu_memory_utilization) == ("fp8", "fp8", 0.8)
+    assert (engine.load_format, engine.num_kv_blocks) == ("auto", 512)
     assert gateway_config(args).api_keys == ("vllm-key",)
     line = ["serve", "--allowed-origins", '["https://a.example", "https://b.example"]', "--allowed_methods", '["GET","POST"]']
     args = build_parser().parse_args(vllm_spellings([*line, "--root-path", "/llm/", "--seed", "3"]))
@@ -177,3 +180,27 @@ def test_token_counts_read_as_vllm_reads_them() -> None:
     for bad in ("12x", "infk"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", "--max-model-len", bad])
+
+
+def test_download_dir_is_the_hub_cache_a_model_id_is_read_from(
+    demo_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--download-dir (vLLM's): a Hub id is downloaded into, and read from, that cache; offline here,
+    so a snapshot laid out as huggingface_hub lays it out is found there, and only there."""
+    import shutil
+
+    from huggingface_hub import is_offline_mode
+
+    from pdserve.deploy.cli import build_parser, serve_config
+    from pdserve.engine.config import ConfigError
+
+    monkeypatch.setitem(is_offline_mode.__globals__, "HF_HUB_OFFLINE", True)
+    repo = tmp_path / "cache" / "models--org--demo"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(demo_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    args = build_parser().parse_args(["serve", "--model", "org/demo", "--download-dir", str(tmp_path / "cache")])
+    assert Path(serve_config(args).engine.model) == repo / "snapshots" / commit
+    with pytest.raises(ConfigError, match="model 'org/demo' is not a local directory and could not be fetched"):
+        serve_config(build_parser().parse_args(["serve", "--model", "org/demo"]))

@@ -76,6 +76,9 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument("--max-num-seqs", type=int, default=256)
     serve.add_argument("--max-num-batched-tokens", type=token_count, default=8192, help="prompt tokens a step")
     serve.add_argument("--kv-cache-memory-gib", type=float, default=None)
+    serve.add_argument(
+        "--num-gpu-blocks-override", type=int, default=None, help="this many KV blocks, whatever the memory (vLLM's)"
+    )
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     serve.add_argument(
         "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True, help="reuse cached prompt prefixes"
@@ -100,7 +103,13 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
         choices=["auto", "cuda_ipc", "nccl", "grpc", "local"],
         help="how KV moves from prefill to decode workers (auto: CUDA IPC on one host, NCCL across hosts, else gRPC)",
     )
-    serve.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights (benchmarks)")
+    serve.add_argument(
+        "--load-format",
+        default="auto",
+        type=_alias({"safetensors": "auto"}),
+        choices=["auto", "dummy"],
+        help="auto (= safetensors): the checkpoint's weights; dummy: random weights (benchmarks)",
+    )
     serve.add_argument(
         "--quantization",
         "-q",
@@ -177,11 +186,19 @@ def add_vllm_arguments(parser: argparse.ArgumentParser) -> None:
         "--disable-log-requests": "no effect: requests are not logged",
         "--disable-log-stats": "no effect: stats are on /metrics, not in the log",
         "--disable-uvicorn-access-log": "no effect: the HTTP server logs no access lines",
+        "--disable-frontend-multiprocessing": "no effect: the engines run in worker processes already",
+        "--enable-prompt-tokens-details": "no effect: usage always carries prompt_tokens_details.cached_tokens",
     }
     for flag, help in no_effect.items():
         parser.add_argument(flag, action="store_true", help=help)
     parser.add_argument(
         "--uvicorn-log-level", default=None, help="no effect: the HTTP server logs warnings only (see --log-level)"
+    )
+    parser.add_argument(
+        "--swap-space", type=float, default=None, help="no effect: a preempted request is recomputed, never swapped out"
+    )
+    parser.add_argument(
+        "--tokenizer-mode", default="auto", choices=["auto", "hf"], help="the checkpoint's tokenizer.json (a fast tokenizer)"
     )
 
 
@@ -225,6 +242,7 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"required on /v1 as `Authorization: Bearer KEY` (repeatable; also ${API_KEY_ENV}, comma-separated; without either, vLLM's ${VLLM_API_KEY_ENV})",
     )
     parser.add_argument("--revision", default=None, help="the Hub revision (branch, tag or commit) of --model")
+    parser.add_argument("--download-dir", default=None, help="the Hub cache to download into and read from (default: HF's)")
     parser.add_argument(
         "--tokenizer", default=None, help="the tokenizer (and chat template) from this directory or Hub id, not --model's"
     )
@@ -591,7 +609,7 @@ def tokenizer_path(args: argparse.Namespace) -> str | None:
         if args.tokenizer_revision is not None:
             raise ValueError("--tokenizer-revision is the revision of --tokenizer: give --tokenizer too")
         return None
-    return str(resolve_tokenizer_path(args.tokenizer, args.tokenizer_revision))
+    return str(resolve_tokenizer_path(args.tokenizer, args.tokenizer_revision, args.download_dir))
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
@@ -600,7 +618,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     from pdserve.engine.loader import resolve_model_path
 
     model = args.model or str(default_demo_model_dir())
-    model_dir = resolve_model_path(model, args.revision)  # fails early, and downloads once for every local worker
+    model_dir = resolve_model_path(model, args.revision, args.download_dir)  # fails early; downloads once for every local worker
     engine = EngineConfig(
         model=str(model_dir),
         tokenizer=tokenizer_path(args),
@@ -612,6 +630,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory_gib=args.kv_cache_memory_gib,
+        num_kv_blocks=args.num_gpu_blocks_override,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching,
         enforce_eager=args.enforce_eager,

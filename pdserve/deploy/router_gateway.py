@@ -43,7 +43,7 @@ def router_config(args: argparse.Namespace) -> ServeConfig:
 
     if not os.environ.get(ENV_VAR):
         raise ConfigError(f"set {ENV_VAR} to the cluster's secret (the one `pdserve serve` was given)")
-    model_dir = resolve_model_path(args.model or str(default_demo_model_dir()), args.revision)
+    model_dir = resolve_model_path(args.model or str(default_demo_model_dir()), args.revision, args.download_dir)
     return ServeConfig(
         engine=EngineConfig(model=str(model_dir), tokenizer=tokenizer_path(args)),
         served_model_name=served_model_names(args)[0],

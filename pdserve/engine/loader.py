@@ -17,16 +17,16 @@ from pdserve.engine.config import ConfigError, EngineConfig
 HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt"]
 
 
-def resolve_model_path(model: str, revision: str | None = None) -> Path:
+def resolve_model_path(model: str, revision: str | None = None, cache_dir: str | None = None) -> Path:
     """A local checkpoint directory for `model`: the directory itself, or a Hub snapshot (of
-    `revision`: a branch, tag or commit; None: the default branch)."""
-    return _resolve(model, revision, "config.json", HUB_FILE_PATTERNS, "model", "an HF checkpoint")
+    `revision`: a branch, tag or commit; None: the default branch) in `cache_dir` (None: HF's cache)."""
+    return _resolve(model, revision, cache_dir, "config.json", HUB_FILE_PATTERNS, "model", "an HF checkpoint")
 
 
-def resolve_tokenizer_path(tokenizer: str, revision: str | None = None) -> Path:
+def resolve_tokenizer_path(tokenizer: str, revision: str | None = None, cache_dir: str | None = None) -> Path:
     """A local directory holding `tokenizer`'s tokenizer.json (vLLM's --tokenizer: a model's tokenizer
     from elsewhere), or a Hub snapshot of a repository's tokenizer files and chat template only."""
-    return _resolve(tokenizer, revision, "tokenizer.json", TOKENIZER_FILE_PATTERNS, "tokenizer", "a fast tokenizer")
+    return _resolve(tokenizer, revision, cache_dir, "tokenizer.json", TOKENIZER_FILE_PATTERNS, "tokenizer", "a fast tokenizer")
 
 
 def tokenizer_dir(config: EngineConfig, model_dir: str | Path) -> Path:
@@ -37,7 +37,9 @@ def tokenizer_dir(config: EngineConfig, model_dir: str | Path) -> Path:
 TOKENIZER_FILE_PATTERNS = ["tokenizer*", "special_tokens_map.json", "chat_template.json", "*.jinja", "generation_config.json"]
 
 
-def _resolve(name: str, revision: str | None, required: str, patterns: list[str], what: str, kind: str) -> Path:
+def _resolve(
+    name: str, revision: str | None, cache_dir: str | None, required: str, patterns: list[str], what: str, kind: str
+) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / required).is_file():
@@ -47,14 +49,14 @@ def _resolve(name: str, revision: str | None, required: str, patterns: list[str]
         return path
     if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or path.exists():
         raise ConfigError(f"{what} directory {name!r} does not exist")
-    return _download(name, revision, patterns, what)
+    return _download(name, revision, cache_dir, patterns, what)
 
 
-def _download(repo_id: str, revision: str | None, patterns: list[str], what: str) -> Path:
+def _download(repo_id: str, revision: str | None, cache_dir: str | None, patterns: list[str], what: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns))
     except Exception as exc:  # noqa: BLE001 - hub raises many types; all mean "cannot get it"
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1 is set)" if offline else ""
