@@ -46,6 +46,7 @@ def busy_port() -> Iterator[int]:
         (["--ray-address", "ray://127.0.0.1:1"], "no Ray cluster answers at ray://127.0.0.1:1"),
         (["-tp", "2"], "pdserve: --tensor-parallel-size 2: pdserve has no tensor or pipeline parallelism"),
         (["--pipeline_parallel_size=2"], "pdserve: --pipeline-parallel-size 2: pdserve has no tensor"),
+        (["-dp", "4"], "pdserve: --data-parallel-size 4: pdserve's replicas are its workers"),
         (["org/other-model"], "pdserve: the model is given twice: 'org/other-model' and --model"),
         (["--chat-template", "no/such/template.jinja"], "--chat-template 'no/such/template.jinja' looks like a file"),
         (["--chat-template", "{% for m in messages %}"], "--chat-template: the chat template does not compile (line 1)"),
@@ -112,7 +113,7 @@ def test_a_vllm_serve_command_line_means_the_same_here(demo_model_dir: Path, mon
         + ["--disable-log-requests", "-q", "fp8", "--kv-cache-dtype", "fp8_e4m3", "--gpu_memory_utilization=0.8"]
         + ["--uvicorn-log-level", "debug", "--disable-uvicorn-access-log", "--enable-chunked-prefill"]
         + ["--swap-space", "4", "--disable-frontend-multiprocessing", "--enable-prompt-tokens-details"]
-        + ["--tokenizer-mode", "auto", "--load-format", "safetensors", "--num-gpu-blocks-override", "512"]
+        + ["--tokenizer-mode", "auto", "--load-format", "safetensors", "--num-gpu-blocks-override", "512", "-dp", "1"]
     )
     args = build_parser().parse_args(argv)
     check_vllm_arguments(args, argv)

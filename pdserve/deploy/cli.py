@@ -173,7 +173,7 @@ def _alias(aliases: dict[str, str]) -> Callable[[str], str]:
 def add_vllm_arguments(parser: argparse.ArgumentParser) -> None:
     """`vllm serve` flags that operators' command lines carry: parallel sizes (1 only: a worker is one
     GPU, pools scale out), and flags with nothing to change here, accepted so that the line runs."""
-    for flag, short in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp")):
+    for flag, short in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp"), ("--data-parallel-size", "-dp")):
         parser.add_argument(flag, short, type=int, default=1, help="1 only: each worker holds the model on one GPU")
     parser.add_argument(
         "--enable-chunked-prefill",
@@ -211,6 +211,11 @@ def check_vllm_arguments(args: argparse.Namespace, argv: list[str]) -> None:
                 f"{flag} {getattr(args, name)}: pdserve has no tensor or pipeline parallelism (each worker holds the "
                 "model on one GPU); serve more traffic with --prefill-workers and --decode-workers"
             )
+    if args.data_parallel_size != 1:
+        raise ValueError(
+            f"--data-parallel-size {args.data_parallel_size}: pdserve's replicas are its workers: "
+            f"--prefill-workers and --decode-workers (e.g. --decode-workers {args.data_parallel_size})"
+        )
     if not args.enable_chunked_prefill:
         raise ValueError("--no-enable-chunked-prefill: prefill is always chunked here (--max-num-batched-tokens a step)")
     if args.model_tag is not None:
