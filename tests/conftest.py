@@ -135,3 +135,22 @@ def thinking_checkpoint(tmp_path_factory: pytest.TempPathFactory, tool_checkpoin
         + "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
     )
     return directory
+
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def offline_hub_cache(tmp_path: Path, demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A Hugging Face Hub cache holding the demo checkpoint as the Hub id `org/demo` (its main branch
+    at HUB_COMMIT), laid out as huggingface_hub lays one out; the Hub offline, so that only a cache
+    can answer."""
+    from huggingface_hub import is_offline_mode
+
+    monkeypatch.setitem(is_offline_mode.__globals__, "HF_HUB_OFFLINE", True)
+    cache = tmp_path / "hub-cache"
+    repo = cache / "models--org--demo"
+    shutil.copytree(demo_model_dir, repo / "snapshots" / HUB_COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    return cache

@@ -134,6 +134,20 @@ def test_the_engine_seed_reproduces_requests_without_their_own(demo_model_dir: P
     assert sample(5) == sample(5) != sample(6)
 
 
+def test_a_hub_id_is_read_from_the_download_dir_at_its_revision(offline_hub_cache: Path, demo_model_dir: Path) -> None:
+    """LLM(model=HUB_ID, revision=..., download_dir=...), as vLLM's LLM takes them (the Hub offline:
+    the cache answers); the same text as the checkpoint's own directory gives."""
+    from tests.conftest import HUB_COMMIT
+
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    want = LLM(model=str(demo_model_dir), device="cpu", max_model_len=128).generate([[41, 42, 43]], greedy)
+    for revision in (None, HUB_COMMIT):
+        llm = LLM(model="org/demo", revision=revision, download_dir=str(offline_hub_cache), device="cpu", max_model_len=128)
+        assert llm.generate([[41, 42, 43]], greedy)[0].outputs[0].token_ids == want[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="could not be fetched"):
+        LLM(model="org/demo", revision="v9", download_dir=str(offline_hub_cache), device="cpu")
+
+
 def test_chat_applies_the_template(llm: LLM) -> None:
     messages = [{"role": "user", "content": "Hello there"}]
     [chat] = llm.chat(messages, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))

@@ -183,25 +183,14 @@ def test_token_counts_read_as_vllm_reads_them() -> None:
             build_parser().parse_args(["serve", "--max-model-len", bad])
 
 
-def test_download_dir_is_the_hub_cache_a_model_id_is_read_from(
-    demo_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_download_dir_is_the_hub_cache_a_model_id_is_read_from(offline_hub_cache: Path) -> None:
     """--download-dir (vLLM's): a Hub id is downloaded into, and read from, that cache; offline here,
     so a snapshot laid out as huggingface_hub lays it out is found there, and only there."""
-    import shutil
-
-    from huggingface_hub import is_offline_mode
-
     from pdserve.deploy.cli import build_parser, serve_config
     from pdserve.engine.config import ConfigError
+    from tests.conftest import HUB_COMMIT
 
-    monkeypatch.setitem(is_offline_mode.__globals__, "HF_HUB_OFFLINE", True)
-    repo = tmp_path / "cache" / "models--org--demo"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    shutil.copytree(demo_model_dir, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    args = build_parser().parse_args(["serve", "--model", "org/demo", "--download-dir", str(tmp_path / "cache")])
-    assert Path(serve_config(args).engine.model) == repo / "snapshots" / commit
+    args = build_parser().parse_args(["serve", "--model", "org/demo", "--download-dir", str(offline_hub_cache)])
+    assert Path(serve_config(args).engine.model) == offline_hub_cache / "models--org--demo" / "snapshots" / HUB_COMMIT
     with pytest.raises(ConfigError, match="model 'org/demo' is not a local directory and could not be fetched"):
         serve_config(build_parser().parse_args(["serve", "--model", "org/demo"]))

@@ -179,6 +179,9 @@ class EngineConfig:
 
     model: str
     tokenizer: str | None = None  # a directory or Hub id holding the tokenizer (vLLM's --tokenizer); None: the model's
+    revision: str | None = None  # of a Hub id `model` (a branch, tag or commit); None: the default branch
+    tokenizer_revision: str | None = None  # likewise of a Hub id `tokenizer`
+    download_dir: str | None = None  # the Hub cache Hub ids are fetched into and read from; None: HF's
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"  # "auto" | "fp8" (half the bytes per block: twice the blocks)
     device: str = "auto"

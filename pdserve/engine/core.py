@@ -40,7 +40,7 @@ class EngineCore:
         """`config.load_format == "dummy"`: the checkpoint's shapes with random weights (benchmarks)."""
         random_weights = config.load_format == "dummy"
         torch.manual_seed(config.seed)  # requests without a seed of their own sample from this
-        model_dir = resolve_model_path(config.model)
+        model_dir = resolve_model_path(config.model, config.revision, config.download_dir)
         model_config = ModelConfig.from_pretrained(model_dir)
         tokenizer = Tokenizer.from_pretrained(tokenizer_dir(config, model_dir), model_dir)
         with ThreadPoolExecutor(max_workers=1) as pool:  # hashing the weight files overlaps loading them

@@ -31,7 +31,9 @@ def resolve_tokenizer_path(tokenizer: str, revision: str | None = None, cache_di
 
 def tokenizer_dir(config: EngineConfig, model_dir: str | Path) -> Path:
     """Where an engine's tokenizer is: `config.tokenizer`'s directory, else the model's."""
-    return resolve_tokenizer_path(config.tokenizer) if config.tokenizer else Path(model_dir)
+    if config.tokenizer is None:
+        return Path(model_dir)
+    return resolve_tokenizer_path(config.tokenizer, config.tokenizer_revision, config.download_dir)
 
 
 TOKENIZER_FILE_PATTERNS = ["tokenizer*", "special_tokens_map.json", "chat_template.json", "*.jinja", "generation_config.json"]
