@@ -65,8 +65,14 @@ def _arg_type(value: object) -> str:
     raise TypeError(f"no Triton type for {type(value).__name__}")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def compile_sm90(kernel: Any, args: tuple, kwargs: dict) -> None:
-    """Compiles one recorded launch of `kernel` for sm_90; raises the compiler's error."""
+    """Compiles one recorded launch of `kernel` for sm_90 as a launch specializes it (an int of 1 is a
+    constant; pointers and ints that are multiples of 16 are marked divisible by 16, which decides
+    vector widths, layouts and so what is compiled); raises the compiler's error."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -74,8 +80,23 @@ def compile_sm90(kernel: Any, args: tuple, kwargs: dict) -> None:
     names = kernel.arg_names
     constexprs = {k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS + IGNORED_KWARGS}
     values = dict(zip(names, args))
+    constexprs |= {n: 1 for n, v in values.items() if n not in constexprs and _is_int(v) and v == 1}
     signature = {n: "constexpr" if n in constexprs else _arg_type(values[n]) for n in names}
-    source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    divisible = [
+        (i,)
+        for i, n in enumerate(names)
+        if n not in constexprs
+        and (
+            (isinstance(values[n], torch.Tensor) and values[n].data_ptr() % 16 == 0)
+            or (_is_int(values[n]) and values[n] % 16 == 0)
+        )
+    ]
+    source = ASTSource(
+        kernel,
+        signature,
+        constexprs={(names.index(k),): v for k, v in constexprs.items()},
+        attrs={path: [["tt.divisibility", 16]] for path in divisible},
+    )
     options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
     triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
