@@ -1,6 +1,6 @@
 """Compiles the launches a kernel wrapper makes for a real GPU (sm_90) on a machine without one: the
 wrapper runs on CPU tensors with its kernel swapped for a recorder, and each recorded launch goes
-through Triton's own compiler and ptxas with the argument types the wrapper gave it. The interpreter
+through Triton's own binder (the specialization a launch gets), compiler and ptxas. The interpreter
 (TRITON_INTERPRET=1, the CPU tests) never type-checks a branch it does not take; the compiler checks
 every branch a constexpr leaves in, e.g. an atomic on a placeholder pointer. Run it in a process
 without TRITON_INTERPRET: `python -m tests.kernel_compile` prints one JSON line per launch."""
@@ -17,19 +17,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-
-LAUNCH_OPTIONS = ("num_warps", "num_stages")
-IGNORED_KWARGS = ("launch_pdl",)  # how it launches, not what it compiles
-POINTER_TYPES = {
-    torch.bfloat16: "*bf16",
-    torch.float16: "*fp16",
-    torch.float32: "*fp32",
-    torch.int8: "*i8",
-    torch.uint8: "*u8",
-    torch.int32: "*i32",
-    torch.int64: "*i64",
-    torch.float8_e4m3fn: "*fp8e4nv",
-}
 
 
 class Recorder:
@@ -53,52 +40,21 @@ def recording(module: Any, name: str) -> Iterator[Recorder]:
         setattr(module, name, recorder.kernel)
 
 
-def _arg_type(value: object) -> str:
-    if isinstance(value, torch.Tensor):
-        return POINTER_TYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(2**31) <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for {type(value).__name__}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def compile_sm90(kernel: Any, args: tuple, kwargs: dict) -> None:
-    """Compiles one recorded launch of `kernel` for sm_90 as a launch specializes it (an int of 1 is a
-    constant; pointers and ints that are multiples of 16 are marked divisible by 16, which decides
-    vector widths, layouts and so what is compiled); raises the compiler's error."""
+    """Compiles one recorded launch of `kernel` for sm_90 as a launch would: Triton's own binder
+    specializes the arguments (an int of 1 a constant, pointers and ints divisible by 16 marked so,
+    which decides vector widths and layouts) and splits the launch options off; raises the
+    compiler's error."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
 
-    names = kernel.arg_names
-    constexprs = {k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS + IGNORED_KWARGS}
-    values = dict(zip(names, args))
-    constexprs |= {n: 1 for n, v in values.items() if n not in constexprs and _is_int(v) and v == 1}
-    signature = {n: "constexpr" if n in constexprs else _arg_type(values[n]) for n in names}
-    divisible = [
-        (i,)
-        for i, n in enumerate(names)
-        if n not in constexprs
-        and (
-            (isinstance(values[n], torch.Tensor) and values[n].data_ptr() % 16 == 0)
-            or (_is_int(values[n]) and values[n] % 16 == 0)
-        )
-    ]
-    source = ASTSource(
-        kernel,
-        signature,
-        constexprs={(names.index(k),): v for k, v in constexprs.items()},
-        attrs={path: [["tt.divisibility", 16]] for path in divisible},
-    )
-    options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
-    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=backend.target, options=options.__dict__)
 
 
 def compile_recorded(recorder: Recorder, case: str) -> list[dict]:
