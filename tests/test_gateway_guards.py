@@ -188,6 +188,7 @@ class PacedBackend:
 
     model_name = MODEL
     max_model_len = 64
+    max_logprobs = 20
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer

@@ -28,7 +28,7 @@ def llm(checkpoints: dict[str, Path]) -> LLM:
         ("top_p", {"top_p": 1.5}),
         ("top_k", {"top_k": 0}),
         ("min_p", {"min_p": 2.0}),
-        ("logprobs", {"logprobs": 100}),
+        ("logprobs", {"logprobs": -2}),  # more than the engine allows: EngineCore.validate (tests/test_max_logprobs.py)
         ("min_tokens", {"min_tokens": 5, "max_tokens": 2}),
     ],
 )

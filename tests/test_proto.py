@@ -65,7 +65,7 @@ def test_out_of_range_wire_params_are_refused_naming_the_field() -> None:
         params_from_proto(pb.SamplingParams(temperature=1.0, top_p=0.0, top_k=-1))  # proto3 default top_p
     assert caught.value.param == "top_p"
     with pytest.raises(InvalidRequestError, match="logprobs"):
-        params_from_proto(pb.SamplingParams(top_p=1.0, top_k=-1, logprobs=21))
+        params_from_proto(pb.SamplingParams(top_p=1.0, top_k=-1, logprobs=-1))
 
 
 @pytest.mark.parametrize(

@@ -310,7 +310,7 @@ CASES = [  # (path, body, status, param, words in the message)
     ("/v1/completions", {"prompt": [[5], [3, -7]]}, 400, "prompt", "got -7"),
     ("/v1/completions", {"prompt": [2**40]}, 400, "prompt", "prompt token ids must be in [0,"),
     ("/v1/completions", {"max_tokens": 0}, 400, "max_tokens", "only with echo"),
-    ("/v1/completions", {"prompt_logprobs": 21}, 400, "prompt_logprobs", "prompt_logprobs"),
+    ("/v1/completions", {"prompt_logprobs": 21}, 400, "prompt_logprobs", "prompt logprobs of 21"),
     ("/v1/completions", {"prompt": None}, 400, "prompt", "prompt"),
     ("/v1/completions", {"max_tokens": "many"}, 400, "max_tokens", "integer"),
     ("/v1/completions", {"temperature": "hot"}, 400, "temperature", "number"),
@@ -325,7 +325,7 @@ CASES = [  # (path, body, status, param, words in the message)
     ("/v1/completions", {"stream_options": {"include_usage": True}}, 400, "stream_options", "stream"),
     ("/v1/chat/completions", {"max_tokens": 0}, 400, "max_tokens", "max_tokens"),
     ("/v1/chat/completions", {"max_completion_tokens": -1}, 400, "max_completion_tokens", "max_completion_tokens"),
-    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 25}, 400, "top_logprobs", "top_logprobs must be in [0, 20]"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 25}, 400, "top_logprobs", "greater than max allowed: 20"),
     ("/v1/chat/completions", {"logprobs": True, "top_logprobs": -1}, 400, "top_logprobs", "top_logprobs"),
     (
         "/v1/chat/completions",
@@ -665,6 +665,7 @@ class ScriptedBackend:
 
     model_name = "scripted"
     max_model_len = 64
+    max_logprobs = 20
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer

@@ -27,6 +27,7 @@ def busy_port() -> Iterator[int]:
         (["--max-model-len", "999999"], "pdserve: --max-model-len 999999 exceeds the model's context length"),
         (["--kv-cache-memory-gib", "-1"], "pdserve: --kv-cache-memory-gib must be > 0"),
         (["--max-num-seqs", "0"], "pdserve: --max-num-seqs and --max-num-batched-tokens must be >= 1"),
+        (["--max-logprobs", "-2"], "pdserve: --max-logprobs must be >= 0, or -1 for the whole vocabulary; got -2"),
         (["--gpu-memory-utilization", "1.5"], "pdserve: --gpu-memory-utilization must be in (0, 1]"),
         (["--shutdown-timeout", "-1"], "pdserve: --shutdown-timeout must be >= 0"),
         (["--request-timeout", "0"], "--request-timeout must be a positive number of seconds"),

@@ -148,6 +148,10 @@ FORGED_COMMITS = {
     ),
     "NaN logprob": (lambda n, t: KVCommitInfo(t, TokenLogprobs(t, math.nan, 1, ()), n), "not <= 0"),
     "another prompt length": (lambda n, t: KVCommitInfo(t, None, n + 1), "prompt tokens, the reservation for"),
+    "logprobs the request did not ask for": (
+        lambda n, t: KVCommitInfo(t, TokenLogprobs(t, -0.5, 1, ((t, -0.5),)), n),
+        "first_logprobs has more than 0 entries",
+    ),
 }
 
 
@@ -180,6 +184,21 @@ def test_a_forged_commit_fails_only_itself_while_a_real_request_on_the_worker_fi
     victim_stream.cancel()
     decode.wait_idle()
     prefill.wait_idle()
+
+
+def test_more_logprobs_than_the_workers_max_logprobs_is_invalid_argument_and_reserves_nothing(
+    workers: dict[str, Worker], text_ids: list[int]
+) -> None:
+    decode = workers["decode"]
+    for params, field in ((greedy(4, logprobs=21), "sample"), (greedy(4, prompt_logprobs=25), "prompt")):
+        request = generate_request(text_ids[:20], params, uuid.uuid4().hex)
+        assert_rpc_error(
+            lambda request=request: next(decode.stub.Generate(request, timeout=10)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"Requested {field} logprobs of",
+            "greater than max allowed: 20 (--max-logprobs)",
+        )
+    assert decode.wait_idle(timeout_s=2).max_logprobs == 20  # what gateways read to refuse it first
 
 
 # ---- leases --------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pdserve.engine.outputs import TokenLogprobs
-from pdserve.engine.sampling_params import MAX_LOGPROBS, InvalidRequestError
+from pdserve.engine.sampling_params import InvalidRequestError
 from pdserve.kvtransfer.receiver import KVCommitInfo
 
 
@@ -77,15 +77,16 @@ class ReservedShares:
         self._num_blocks[caller] += num_blocks
 
 
-def check_commit(info: KVCommitInfo, num_prompt_tokens: int, num_sequences: int, vocab_size: int) -> None:
+def check_commit(info: KVCommitInfo, num_prompt_tokens: int, num_sequences: int, num_logprobs: int, vocab_size: int) -> None:
     """A commit must fit its reservation's request, or it is refused (ValueError: INVALID_ARGUMENT)
-    and changes nothing: a token outside the vocabulary would fail every request of the batch."""
+    and changes nothing: a token outside the vocabulary would fail every request of the batch.
+    `num_logprobs`: the alternatives the request asked for with each token (its params.logprobs)."""
     if info.num_prompt_tokens != num_prompt_tokens:
         raise ValueError(f"the commit is for {info.num_prompt_tokens} prompt tokens, the reservation for {num_prompt_tokens}")
     if len(info.sibling_token_ids) != num_sequences - 1 or len(info.sibling_logprobs) > num_sequences - 1:
         raise ValueError(f"the commit has {1 + len(info.sibling_token_ids)} first tokens, the request {num_sequences} sequences")
     for first_token_id, logprobs in first_tokens(info):
-        _check_first_token(first_token_id, logprobs, vocab_size)
+        _check_first_token(first_token_id, logprobs, num_logprobs, vocab_size)
 
 
 def first_tokens(info: KVCommitInfo) -> list[tuple[int, TokenLogprobs | None]]:
@@ -95,7 +96,7 @@ def first_tokens(info: KVCommitInfo) -> list[tuple[int, TokenLogprobs | None]]:
     return [(info.first_token_id, info.first_logprobs), *zip(info.sibling_token_ids, sibling_logprobs)]
 
 
-def _check_first_token(first_token_id: int, logprobs: TokenLogprobs | None, vocab_size: int) -> None:
+def _check_first_token(first_token_id: int, logprobs: TokenLogprobs | None, num_logprobs: int, vocab_size: int) -> None:
     if not 0 <= first_token_id < vocab_size:
         raise ValueError(f"first_token_id {first_token_id} is outside the vocabulary [0, {vocab_size})")
     if logprobs is None:
@@ -104,5 +105,5 @@ def _check_first_token(first_token_id: int, logprobs: TokenLogprobs | None, voca
     values = [logprobs.logprob, *(value for _, value in logprobs.top)]
     if logprobs.token_id != first_token_id or not all(0 <= t < vocab_size for t in token_ids):
         raise ValueError(f"first_logprobs names token ids outside the vocabulary [0, {vocab_size}) or another first token")
-    if len(logprobs.top) > MAX_LOGPROBS or logprobs.rank < 1 or any(math.isnan(v) or v > 0 for v in values):
-        raise ValueError(f"first_logprobs has more than {MAX_LOGPROBS} entries, a rank below 1 or a logprob that is not <= 0")
+    if len(logprobs.top) > num_logprobs or logprobs.rank < 1 or any(math.isnan(v) or v > 0 for v in values):
+        raise ValueError(f"first_logprobs has more than {num_logprobs} entries, a rank below 1 or a logprob that is not <= 0")

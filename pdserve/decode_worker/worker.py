@@ -188,7 +188,11 @@ class DecodeWorker:
             time.monotonic() + incoming.lease_s,
             on_commit=lambda info, ready, i=incoming: self.loop.call(lambda: self._admit(i, info, ready)),
             check_commit=lambda info: check_commit(
-                info, request.num_prompt_tokens, len(request.family), self.core.model_config.vocab_size
+                info,
+                request.num_prompt_tokens,
+                len(request.family),
+                request.params.logprobs or 0,
+                self.core.model_config.vocab_size,
             ),
         )
         self.loop.publish(request.request_id, Reserved(list(block_ids)))

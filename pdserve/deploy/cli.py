@@ -98,6 +98,12 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
         help="the order waiting requests are served in: arrival, or requests' `priority` (lower first), then arrival",
     )
     serve.add_argument(
+        "--max-logprobs",
+        type=int,
+        default=20,
+        help="the most logprobs (and prompt_logprobs) a request may ask for; -1: the whole vocabulary (vLLM's)",
+    )
+    serve.add_argument(
         "--kv-transport",
         default="auto",
         choices=["auto", "cuda_ipc", "nccl", "grpc", "local"],
@@ -644,6 +650,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         load_format=args.load_format,
         quantization=args.quantization,
         seed=args.seed,
+        max_logprobs=args.max_logprobs,
     )
     return ServeConfig(
         engine=engine,

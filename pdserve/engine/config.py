@@ -20,6 +20,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # "auto": the model's dtype; "fp8": float8_e4m3fn with per-layer K/V scales (kernels/kv_quant.py)
 KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn}
 SCHEDULING_POLICIES = ("fcfs", "priority")  # engine/waiting_queue.py
+DEFAULT_MAX_LOGPROBS = 20  # vLLM's --max-logprobs (and OpenAI's top_logprobs limit)
 
 
 class ConfigError(ValueError):
@@ -200,6 +201,7 @@ class EngineConfig:
     load_format: str = "auto"  # "dummy": the checkpoint's shapes with random weights (vLLM's name)
     quantization: str | None = None  # fp8|int8: quantize at load; awq|gptq|...: the checkpoint's (engine/quant_config.py)
     seed: int = 0
+    max_logprobs: int = DEFAULT_MAX_LOGPROBS  # a request's logprobs / prompt_logprobs at most (vLLM's); -1: the vocabulary
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
@@ -210,6 +212,8 @@ class EngineConfig:
             raise ConfigError(f"device must be auto, cpu or cuda; got {self.device!r}")
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
             raise ConfigError(f"block_size must be a power of two up to 128; got {self.block_size}")
+        if self.max_logprobs < -1:
+            raise ConfigError(f"max_logprobs must be >= 0, or -1 for the whole vocabulary; got {self.max_logprobs}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ConfigError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.max_model_len is not None and self.max_model_len < 1:

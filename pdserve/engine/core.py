@@ -16,7 +16,7 @@ from pdserve.engine.fingerprint import model_fingerprint
 from pdserve.engine.loader import resolve_model_path, tokenizer_dir
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.request import Request
-from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
+from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams, check_logprobs
 from pdserve.engine.structured_output import GrammarCompiler
 from pdserve.engine.tokenizer import Tokenizer
 
@@ -73,10 +73,17 @@ class EngineCore:
     def max_model_len(self) -> int:
         return self.runner.max_model_len
 
+    @property
+    def max_logprobs(self) -> int:
+        """The most logprobs (or prompt_logprobs) a request may ask for: --max-logprobs, -1 the vocabulary."""
+        limit = self.config.max_logprobs
+        return self.model_config.vocab_size if limit == -1 else limit
+
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Everything about a request that depends on the model; raises InvalidRequestError."""
         self.validate_prompt(prompt_token_ids)
         vocab = self.model_config.vocab_size
+        check_logprobs(params, self.max_logprobs)
         if any(t >= vocab for t in params.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
         for name, token_ids in (

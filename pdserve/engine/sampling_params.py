@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-MAX_LOGPROBS = 20
 MAX_N = 64
 # vLLM's structured-output kinds: a JSON schema, any JSON object, a regex, one of a list of strings,
 # a Lark or EBNF (GBNF) grammar.
@@ -119,10 +118,10 @@ class SamplingParams:
             fail(f"min_tokens must be >= 0, got {self.min_tokens}", "min_tokens")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             fail(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})", "min_tokens")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            fail(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", "logprobs")
-        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
-            fail(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}", "prompt_logprobs")
+        for name in ("logprobs", "prompt_logprobs"):  # their limit is the engine's --max-logprobs (EngineCore.validate)
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                fail(f"{name} must be >= 0, got {value}", name)
         if any(not s for s in self.stop):
             fail("stop strings must be non-empty", "stop")
         if any(t < 0 for t in self.stop_token_ids):
@@ -150,3 +149,13 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature < 1e-5
+
+
+def check_logprobs(params: SamplingParams, max_logprobs: int) -> None:
+    """vLLM's refusal (InvalidRequestError) of more logprobs or prompt_logprobs than the server's
+    --max-logprobs allows."""
+    for kind, name in (("sample", "logprobs"), ("prompt", "prompt_logprobs")):
+        asked = getattr(params, name)
+        if asked is not None and asked > max_logprobs:
+            message = f"Requested {kind} logprobs of {asked}, which is greater than max allowed: {max_logprobs}"
+            raise InvalidRequestError(f"{message} (--max-logprobs)", name)

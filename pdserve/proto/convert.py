@@ -124,6 +124,7 @@ async def worker_status(
         role=role,
         model=model_name,
         max_model_len=worker.core.max_model_len,
+        max_logprobs=worker.core.max_logprobs,
         block_size=worker.core.config.block_size,
         is_draining=worker.is_draining,
         is_prefix_caching=worker.core.config.enable_prefix_caching,

@@ -122,7 +122,7 @@ class StatusRequest(_message.Message):
     def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "model", "max_model_len", "num_running", "num_waiting", "num_total_blocks", "num_used_blocks", "block_size", "num_preemptions", "kv_bytes_sent", "kv_bytes_received", "kv_transports", "iteration_token_counts", "iteration_tokens", "num_iterations", "proof", "is_draining", "is_prefix_caching", "num_queued_prompt_tokens")
+    __slots__ = ("worker_id", "role", "model", "max_model_len", "num_running", "num_waiting", "num_total_blocks", "num_used_blocks", "block_size", "num_preemptions", "kv_bytes_sent", "kv_bytes_received", "kv_transports", "iteration_token_counts", "iteration_tokens", "num_iterations", "proof", "is_draining", "is_prefix_caching", "num_queued_prompt_tokens", "max_logprobs")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,7 @@ class WorkerStatus(_message.Message):
     IS_DRAINING_FIELD_NUMBER: _ClassVar[int]
     IS_PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
     NUM_QUEUED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     model: str
@@ -163,7 +164,8 @@ class WorkerStatus(_message.Message):
     is_draining: bool
     is_prefix_caching: bool
     num_queued_prompt_tokens: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_used_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_transports: _Optional[str] = ..., iteration_token_counts: _Optional[_Iterable[int]] = ..., iteration_tokens: _Optional[int] = ..., num_iterations: _Optional[int] = ..., proof: _Optional[str] = ..., is_draining: _Optional[bool] = ..., is_prefix_caching: _Optional[bool] = ..., num_queued_prompt_tokens: _Optional[int] = ...) -> None: ...
+    max_logprobs: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_used_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_transports: _Optional[str] = ..., iteration_token_counts: _Optional[_Iterable[int]] = ..., iteration_tokens: _Optional[int] = ..., num_iterations: _Optional[int] = ..., proof: _Optional[str] = ..., is_draining: _Optional[bool] = ..., is_prefix_caching: _Optional[bool] = ..., num_queued_prompt_tokens: _Optional[int] = ..., max_logprobs: _Optional[int] = ...) -> None: ...
 
 class KVLayout(_message.Message):
     __slots__ = ("model_id", "dtype", "num_layers", "num_kv_heads", "head_dim", "block_size", "layout", "k_scales", "v_scales")

@@ -54,6 +54,11 @@ class Backend(Protocol):
         """The longest prompt + completion, in tokens, it serves now."""
         ...
 
+    @property
+    def max_logprobs(self) -> int | None:
+        """The most logprobs a request may ask for (--max-logprobs); None: not known yet."""
+        ...
+
     def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncGenerator[RequestDelta, None]:
@@ -74,6 +79,7 @@ class ColocatedBackend:
         self.engine = engine
         self.model_name = model_name
         self.max_model_len = engine.engine.core.max_model_len
+        self.max_logprobs = engine.engine.core.max_logprobs
         self.tokenizer = engine.engine.core.tokenizer
 
     def generate(

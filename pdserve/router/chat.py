@@ -113,6 +113,7 @@ async def prepare_chat(
     params = request.sampling_params(
         max_tokens, request.num_logprobs, tokenizer, forced, cache_salt_of(tenant, request.cache_salt), serving.sampling_defaults
     )
+    serving.check_logprobs(params, "top_logprobs")
     grammar = params.structured_output
     continued = request.messages[-1].for_template().get("content") if request.continue_final_message else None
     context = reasoning_context(prompt, continued if isinstance(continued, str) else None)

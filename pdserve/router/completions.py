@@ -52,6 +52,7 @@ async def create_completion(serving: Serving, request: CompletionRequest, tenant
         params = request.sampling_params(
             max_tokens, request.logprobs, tokenizer, cache_salt=cache_salt, defaults=serving.sampling_defaults
         )
+        serving.check_logprobs(params)
         planned.append((prompt, _candidates(params, request)))
     # One backend request per prompt; its n (or best_of) sequences share the prompt's KV.
     runs = [serving.generations(f"{request_id}-{i}", prompt.token_ids, params) for i, (prompt, params) in enumerate(planned)]

@@ -98,6 +98,13 @@ class DisaggregatedBackend:
         self._max_model_len = min((n for n in lengths if n > 0), default=self._max_model_len)
         return self._max_model_len
 
+    @property
+    def max_logprobs(self) -> int | None:
+        """The smallest --max-logprobs of the routable workers (each refuses more than its own);
+        None while none has reported one."""
+        statuses = [w.status for w in self.pool.workers.values() if w.is_routable and w.status is not None]
+        return min((s.max_logprobs for s in statuses if s.HasField("max_logprobs")), default=None)
+
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncGenerator[RequestDelta, None]:

@@ -19,7 +19,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from pdserve.engine.detokenizer import IncrementalDetokenizer
-from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
+from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams, check_logprobs
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.proto.deadlines import Deadlines
 from pdserve.proto.failures import TABLE, Failure
@@ -82,6 +82,17 @@ class Serving:
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.model_names:
             raise APIError(404, f"The model `{model}` does not exist.", "model")
+
+    def check_logprobs(self, params: SamplingParams, logprobs_param: str = "logprobs") -> None:
+        """vLLM's 400 for more logprobs than the workers' --max-logprobs allows (they refuse it too;
+        here it names the API's own field, `logprobs_param`: chat's `top_logprobs`)."""
+        limit = self.backend.max_logprobs
+        if limit is None:
+            return
+        try:
+            check_logprobs(params, limit)
+        except InvalidRequestError as exc:
+            raise APIError(400, str(exc), logprobs_param if exc.param == "logprobs" else exc.param) from None
 
     async def in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         """`fn(*args)` on a tokenizer thread: tokenizing and templating, off the event loop."""

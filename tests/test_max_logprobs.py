@@ -1,0 +1,145 @@
+"""`--max-logprobs`, as vLLM's: a server started with it serves that many alternatives a token
+(completions' `logprobs` and `prompt_logprobs`, chat's `top_logprobs`), the same as HF transformers
+ranks them, and refuses more with an OpenAI 400 naming the request's own field; colocated, and over
+a prefill and a decode worker (the first token's alternatives come from the prefill worker, the
+others from the decode worker). Offline, `LLM(max_logprobs=...)` likewise, -1 the whole vocabulary."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import transformers
+
+from pdserve.engine import LLM
+from pdserve.engine.config import ConfigError, EngineConfig
+from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
+from tests.servers import pdserve
+
+MAX_LOGPROBS = 30
+PROMPT_IDS = [1, 450, 217, 601, 273, 341, 278, 717, 322, 769, 115]  # the demo tokenizer has 832 tokens
+NUM_TOKENS = 3
+
+
+@pytest.fixture(scope="module", params=["colocated", "disaggregated"])
+def server(
+    request: pytest.FixtureRequest, checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    args = ["--model", str(checkpoints["llama"]), "--served-model-name", "m", "--device", "cpu", "--dtype", "float32"]
+    args += ["--max-model-len", "256", "--max-logprobs", str(MAX_LOGPROBS)]
+    if request.param == "colocated":
+        args.append("--colocated")
+    with pdserve("serve", *args, "--log-level", "warning", log_path=tmp_path_factory.mktemp("serve") / "serve.log") as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoints: dict[str, Path]) -> transformers.PreTrainedModel:
+    return transformers.AutoModelForCausalLM.from_pretrained(checkpoints["llama"], dtype=torch.float32).eval()
+
+
+def hf_top(model: transformers.PreTrainedModel, token_ids: list[int], k: int) -> list[dict[int, float]]:
+    """Per position of `token_ids`, the k most likely next tokens and their log-probabilities."""
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([token_ids])).logits[0].double(), dim=-1)
+    values, ids = logprobs.topk(k, dim=-1)
+    return [dict(zip(i.tolist(), v.tolist())) for i, v in zip(ids, values)]
+
+
+def assert_same_top(served: dict[int, float], expected: dict[int, float]) -> None:
+    assert sorted(served) == sorted(expected)
+    for token_id, value in expected.items():
+        assert served[token_id] == pytest.approx(value, abs=2e-3)
+
+
+def test_the_server_gives_max_logprobs_alternatives_as_transformers_ranks_them(
+    server: str, hf: transformers.PreTrainedModel
+) -> None:
+    body = {
+        "model": "m",
+        "prompt": PROMPT_IDS,
+        "max_tokens": NUM_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "logprobs": MAX_LOGPROBS,
+        "prompt_logprobs": MAX_LOGPROBS,
+        "return_tokens_as_token_ids": True,  # "token_id:N" keys: two tokens of the same text stay two
+    }
+    response = httpx.post(f"{server}/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    generated = [int(token.removeprefix("token_id:")) for token in choice["logprobs"]["tokens"]]
+    expected = hf_top(hf, PROMPT_IDS + generated, MAX_LOGPROBS)
+    assert len(generated) == NUM_TOKENS
+    for i, top in enumerate(choice["logprobs"]["top_logprobs"]):
+        served = {int(token.removeprefix("token_id:")): value for token, value in top.items()}
+        assert generated[i] == max(expected[len(PROMPT_IDS) - 1 + i], key=expected[len(PROMPT_IDS) - 1 + i].get)
+        assert_same_top(served, expected[len(PROMPT_IDS) - 1 + i])
+    prompt_logprobs = choice["prompt_logprobs"]
+    assert prompt_logprobs[0] is None and len(prompt_logprobs) == len(PROMPT_IDS)
+    for position, entry in enumerate(prompt_logprobs[1:]):  # alternatives, plus the prompt's own token when not among them
+        served = {int(t): v["logprob"] for t, v in entry.items() if v["rank"] <= MAX_LOGPROBS}
+        assert_same_top(served, expected[position])
+
+
+@pytest.mark.parametrize(
+    "path, fields, param",
+    [
+        ("/v1/completions", {"prompt": PROMPT_IDS, "logprobs": MAX_LOGPROBS + 1}, "logprobs"),
+        ("/v1/completions", {"prompt": PROMPT_IDS, "prompt_logprobs": MAX_LOGPROBS + 1}, "prompt_logprobs"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": MAX_LOGPROBS + 1},
+            "top_logprobs",
+        ),
+        (
+            "/v1/responses",
+            {"input": "hi", "include": ["message.output_text.logprobs"], "top_logprobs": MAX_LOGPROBS + 1},
+            "top_logprobs",
+        ),
+    ],
+)
+def test_more_than_max_logprobs_is_a_400_naming_the_field(server: str, path: str, fields: dict, param: str) -> None:
+    budget = {"max_output_tokens": 2} if path == "/v1/responses" else {"max_tokens": 2}
+    response = httpx.post(f"{server}{path}", json={"model": "m", **budget, **fields}, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert f"logprobs of {MAX_LOGPROBS + 1}, which is greater than max allowed: {MAX_LOGPROBS}" in error["message"]
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0)
+    reply = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2, logprobs=True, top_logprobs=MAX_LOGPROBS
+    )
+    assert len(reply.choices[0].logprobs.content[0].top_logprobs) == MAX_LOGPROBS  # the server serves on
+
+
+def test_offline_llm_takes_max_logprobs_and_minus_one_is_the_vocabulary(checkpoints: dict[str, Path]) -> None:
+    llm = LLM(model=str(checkpoints["llama"]), device="cpu", dtype="float32", max_model_len=64, max_logprobs=-1)
+    vocab_size = llm.engine.core.model_config.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=2, logprobs=vocab_size)
+    [output] = llm.generate({"prompt_token_ids": PROMPT_IDS}, params)
+    for logprobs in output.outputs[0].logprobs:
+        assert len(logprobs) == vocab_size
+        assert sum(lp.logprob for lp in logprobs.values()) < 0 and torch.tensor(
+            [lp.logprob for lp in logprobs.values()]
+        ).exp().sum() == pytest.approx(1, abs=1e-3)
+    with pytest.raises(InvalidRequestError, match=f"greater than max allowed: {vocab_size}") as caught:
+        llm.generate({"prompt_token_ids": PROMPT_IDS}, SamplingParams(max_tokens=1, prompt_logprobs=vocab_size + 1))
+    assert caught.value.param == "prompt_logprobs"
+    with pytest.raises(ConfigError, match="max_logprobs must be >= 0, or -1"):
+        EngineConfig(model=str(checkpoints["llama"]), max_logprobs=-2)
+
+
+def test_offline_llm_refuses_more_than_twenty_by_default(checkpoints: dict[str, Path]) -> None:
+    llm = LLM(model=str(checkpoints["llama"]), device="cpu", dtype="float32", max_model_len=64)
+    with pytest.raises(
+        InvalidRequestError, match="Requested sample logprobs of 21, which is greater than max allowed: 20"
+    ) as caught:
+        llm.generate({"prompt_token_ids": PROMPT_IDS}, SamplingParams(max_tokens=1, logprobs=21))
+    assert caught.value.param == "logprobs"
+    [output] = llm.generate({"prompt_token_ids": PROMPT_IDS}, SamplingParams(temperature=0, max_tokens=1, logprobs=20))
+    assert len(output.outputs[0].logprobs[0]) in (20, 21)  # the chosen token joins when not among them
