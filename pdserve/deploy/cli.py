@@ -326,6 +326,11 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds a stored response is kept (in Redis: its expiry)",
     )
     parser.add_argument(
+        "--return-tokens-as-token-ids",
+        action="store_true",
+        help='logprobs name each token "token_id:N" (as a request\'s return_tokens_as_token_ids does), unless it says false',
+    )
+    parser.add_argument(
         "--responses-store-redis-url",
         default=None,
         help="keep them in this Redis instead, shared by the gateways (best not the registry's: its maxmemory bounds them)",
@@ -511,6 +516,7 @@ def gateway_config(args: argparse.Namespace, model_dir: str | None = None) -> Ga
         responses_store_max_bytes=args.responses_store_max_bytes,
         responses_store_ttl_s=args.responses_store_ttl,
         responses_store_redis_url=args.responses_store_redis_url,
+        return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         cors=cors_options(args),
         tls=tls_options(args),
         root_path=root_path(args.root_path),

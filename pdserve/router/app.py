@@ -66,6 +66,7 @@ def create_app(
         drain,
         config.model_aliases,
         config.sampling_defaults,
+        config.return_tokens_as_token_ids,
     )
     store = response_store if response_store is not None else open_response_store(config)
     app = FastAPI(title="pdserve")

@@ -94,6 +94,8 @@ async def prepare_chat(
     before anything runs."""
     serving.check_model(request.model)
     request.check_supported()
+    if request.return_tokens_as_token_ids is None:
+        request.return_tokens_as_token_ids = serving.return_tokens_as_token_ids
     mode = tool_mode(request.tools, request.tool_choice, tool_options)
     tokenizer = serving.backend.tokenizer
     prompt = await serving.in_thread(
@@ -164,7 +166,7 @@ class _ChatCompletion:
         last = request.messages[-1]
         # vLLM's echo: the last message's text before each reply's, when the reply has its role
         self._echo: str = (last.for_template().get("content") or "") if request.echo and last.role == self._role else ""
-        self._as_token_ids = request.return_tokens_as_token_ids
+        self._as_token_ids = bool(request.return_tokens_as_token_ids)  # resolved by prepare_chat
         self._reader = reader
         self._is_call_chosen = not isinstance(request.tool_choice, dict)  # a named tool_choice forces it
         self._new_splitter = prepared.new_splitter

@@ -40,6 +40,8 @@ async def create_completion(serving: Serving, request: CompletionRequest, tenant
     """`tenant`: the caller's API-key identity, which isolates its prefix cache."""
     serving.check_model(request.model)
     request.check_supported()
+    if request.return_tokens_as_token_ids is None:
+        request.return_tokens_as_token_ids = serving.return_tokens_as_token_ids
     tokenizer = serving.backend.tokenizer
     truncate = request.truncate_prompt_tokens
     prompts = [await _encode(serving, prompt, request.add_special_tokens, truncate) for prompt in request.prompt_list()]
@@ -217,16 +219,15 @@ class _Completion:
         top_logprobs: list[dict[str, float] | None] = []
         text_offset: list[int] = []
         for position, lp in enumerate(entries):
-            token = token_text(self._tokenizer, lp.token_id, self._request.return_tokens_as_token_ids)
+            as_ids = bool(self._request.return_tokens_as_token_ids)  # resolved by create_completion
+            token = token_text(self._tokenizer, lp.token_id, as_ids)
             tokens.append(token)
             if position < num_echoed and lp.rank == 0:  # no logprob for it
                 token_logprobs.append(None)
                 top_logprobs.append(None)
             else:
                 token_logprobs.append(json_logprob(lp.logprob))
-                top = {
-                    token_text(self._tokenizer, i, self._request.return_tokens_as_token_ids): json_logprob(v) for i, v in lp.top
-                }
+                top = {token_text(self._tokenizer, i, as_ids): json_logprob(v) for i, v in lp.top}
                 top_logprobs.append({token: json_logprob(lp.logprob), **top})
             text_offset.append(self._text_offsets[index])
             self._text_offsets[index] += len(token)

@@ -63,6 +63,8 @@ class GatewayConfig:
     # requests' defaults for the sampling fields they leave out (temperature, top_p, top_k, min_p,
     # repetition_penalty, max_tokens): the checkpoint's generation_config.json, as vLLM applies it
     sampling_defaults: Mapping[str, float] = field(default_factory=dict)
+    # logprobs name tokens "token_id:N" unless a request says otherwise (vLLM's --return-tokens-as-token-ids)
+    return_tokens_as_token_ids: bool = False
     chat_template: str | None = None  # --chat-template: rendered instead of the checkpoint's
     cors: CorsOptions | None = None  # None: no CORS headers (a browser page of another origin cannot read replies)
     tls: TLSOptions | None = None  # None: plain HTTP

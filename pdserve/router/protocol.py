@@ -104,7 +104,8 @@ class GenerationRequest(SamplingFields):
     stream_options: StreamOptions | None = None
     n: int | None = None
     # vLLM's extras
-    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N"
+    # logprobs name tokens "token_id:N"; None: the server's --return-tokens-as-token-ids (chat.py, completions.py)
+    return_tokens_as_token_ids: bool | None = None
     truncate_prompt_tokens: int | None = Field(None, ge=-1)  # keep only the prompt's last tokens (-1: as many as fit the context)
     return_token_ids: bool | None = None  # the prompt's and each choice's token ids beside the text (RL rollouts)
     bad_words: list[str] | None = None

@@ -63,8 +63,10 @@ class Serving:
         drain: Drain,
         model_aliases: tuple[str, ...] = (),
         sampling_defaults: Mapping[str, float] | None = None,
+        return_tokens_as_token_ids: bool = False,
     ) -> None:
         self.backend = backend
+        self.return_tokens_as_token_ids = return_tokens_as_token_ids  # GatewayConfig's: a request's default
         self.sampling_defaults: Mapping[str, float] = sampling_defaults or {}  # GatewayConfig's
         self.model_names = tuple(dict.fromkeys([backend.model_name, *model_aliases]))  # replies carry the first
         self.metrics = metrics

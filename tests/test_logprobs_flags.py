@@ -1,8 +1,10 @@
-"""`--max-logprobs`, as vLLM's: a server started with it serves that many alternatives a token
-(completions' `logprobs` and `prompt_logprobs`, chat's `top_logprobs`), the same as HF transformers
-ranks them, and refuses more with an OpenAI 400 naming the request's own field; colocated, and over
-a prefill and a decode worker (the first token's alternatives come from the prefill worker, the
-others from the decode worker). Offline, `LLM(max_logprobs=...)` likewise, -1 the whole vocabulary."""
+"""The server's logprobs flags, as vLLM's. `--max-logprobs`: a server started with it serves that
+many alternatives a token (completions' `logprobs` and `prompt_logprobs`, chat's `top_logprobs`),
+the same as HF transformers ranks them, and refuses more with an OpenAI 400 naming the request's own
+field; colocated, and over a prefill and a decode worker (the first token's alternatives come from
+the prefill worker, the others from the decode worker). Offline, `LLM(max_logprobs=...)` likewise,
+-1 the whole vocabulary. `--return-tokens-as-token-ids`: logprobs name tokens "token_id:N" unless a
+request says false."""
 
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def server(
     request: pytest.FixtureRequest, checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     args = ["--model", str(checkpoints["llama"]), "--served-model-name", "m", "--device", "cpu", "--dtype", "float32"]
-    args += ["--max-model-len", "256", "--max-logprobs", str(MAX_LOGPROBS)]
+    args += ["--max-model-len", "256", "--max-logprobs", str(MAX_LOGPROBS), "--return-tokens-as-token-ids"]
     if request.param == "colocated":
         args.append("--colocated")
     with pdserve("serve", *args, "--log-level", "warning", log_path=tmp_path_factory.mktemp("serve") / "serve.log") as (url, _):
@@ -67,8 +69,7 @@ def test_the_server_gives_max_logprobs_alternatives_as_transformers_ranks_them(
         "ignore_eos": True,
         "logprobs": MAX_LOGPROBS,
         "prompt_logprobs": MAX_LOGPROBS,
-        "return_tokens_as_token_ids": True,  # "token_id:N" keys: two tokens of the same text stay two
-    }
+    }  # the server's --return-tokens-as-token-ids: "token_id:N" keys, so two tokens of the same text stay two
     response = httpx.post(f"{server}/v1/completions", json=body, timeout=120)
     assert response.status_code == 200, response.text
     choice = response.json()["choices"][0]
@@ -143,3 +144,21 @@ def test_offline_llm_refuses_more_than_twenty_by_default(checkpoints: dict[str, 
     assert caught.value.param == "logprobs"
     [output] = llm.generate({"prompt_token_ids": PROMPT_IDS}, SamplingParams(temperature=0, max_tokens=1, logprobs=20))
     assert len(output.outputs[0].logprobs[0]) in (20, 21)  # the chosen token joins when not among them
+
+
+def test_a_request_may_name_tokens_by_their_text_on_a_server_that_names_them_by_id(server: str) -> None:
+    def tokens(**fields: object) -> list[str]:
+        body = {"model": "m", "prompt": PROMPT_IDS, "max_tokens": 2, "temperature": 0, "logprobs": 1, **fields}
+        response = httpx.post(f"{server}/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["logprobs"]["tokens"]
+
+    by_id, by_text = tokens(), tokens(return_tokens_as_token_ids=False)
+    assert all(token.startswith("token_id:") for token in by_id)
+    assert len(by_text) == len(by_id) and not any(token.startswith("token_id:") for token in by_text)
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0)
+    reply = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2, logprobs=True, top_logprobs=2
+    )
+    entry = reply.choices[0].logprobs.content[0]
+    assert entry.token.startswith("token_id:") and all(top.token.startswith("token_id:") for top in entry.top_logprobs)
