@@ -35,6 +35,7 @@ allows (counts from sm_90 SASS, Triton 3.6; timings: bench/gemv.py --sweep, benc
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -447,7 +448,7 @@ def gemv_tile_sizes(
       with 4.
     - Wide outputs: 32 columns and 8 slices, 256 weights a thread, which spreads each iteration's
       fixed cost (barriers, addresses, scales and zeros) further: gate_up 58% against 49% at 2
-      slices.
+      slices. At one row, a GPU named in WIDE_ONE_ROW_TILES takes its own (`wide_one_row_tile`).
     - K is split only while the column tiles fill less than one program an SM (a small model's
       projections): at Llama-3-8B's widths splitting was no faster (o_proj 4 splits of 32 columns
       27%, down 4 splits of 64 columns 47%)."""
@@ -456,10 +457,24 @@ def gemv_tile_sizes(
     block_k8 = min(16, group_k8 & -group_k8)
     wide = row_blocks * triton.cdiv(n, 32) >= 4 * num_sms
     block_n, block_g = (32, 8) if wide else (16, 4 if block_m == 1 else 2)
+    if wide and device.type == "cuda" and row_blocks * block_m == 1:
+        block_n, block_g = wide_one_row_tile(device.index or 0)
     programs = row_blocks * triton.cdiv(n, block_n)
     iterations = k // 8 // block_k8 // block_g
     splits = max(1, min(MAX_SPLITS, triton.cdiv(num_sms, programs), iterations // MIN_SPLIT_ITERATIONS))
     return W4Tiles(block_n, block_k8, block_g, num_warps=4, num_stages=4, splits=splits)
+
+
+# One row's wide tile (BLOCK_N, BLOCK_G) on GPUs whose sweep ranks another above the H200's (32, 8),
+# by a part of the device's name. H100 80GB HBM3, Llama-3-8B's gate_up, % of copy: (64, 1) 70%,
+# (32, 8) 64% (bench/runs/2026-12-06-h100-29/loan1); on the H200 (32, 8) 57-58%, (64, 1) 52%.
+WIDE_ONE_ROW_TILES = {"H100": (64, 1)}
+
+
+@functools.lru_cache(maxsize=16)
+def wide_one_row_tile(device_index: int) -> tuple[int, int]:
+    name = torch.cuda.get_device_name(device_index)
+    return next((tile for part, tile in WIDE_ONE_ROW_TILES.items() if part in name), (32, 8))
 
 
 MIN_SPLIT_ITERATIONS = 4  # a split's fewest loop iterations (the pipeline's prologue is ~3)
