@@ -4,7 +4,7 @@ the same as HF transformers ranks them, and refuses more with an OpenAI 400 nami
 field; colocated, and over a prefill and a decode worker (the first token's alternatives come from
 the prefill worker, the others from the decode worker). Offline, `LLM(max_logprobs=...)` likewise,
 -1 the whole vocabulary. `--return-tokens-as-token-ids`: logprobs name tokens "token_id:N" unless a
-request says false."""
+request says false (the Responses API, which has no such field, always)."""
 
 from __future__ import annotations
 
@@ -162,3 +162,8 @@ def test_a_request_may_name_tokens_by_their_text_on_a_server_that_names_them_by_
     )
     entry = reply.choices[0].logprobs.content[0]
     assert entry.token.startswith("token_id:") and all(top.token.startswith("token_id:") for top in entry.top_logprobs)
+    response = client.responses.create(
+        model="m", input="hi", max_output_tokens=2, include=["message.output_text.logprobs"], top_logprobs=2
+    )
+    [logprob, *_] = response.output[0].content[0].logprobs  # the Responses API has no field of its own: the server's
+    assert logprob.token.startswith("token_id:") and all(top.token.startswith("token_id:") for top in logprob.top_logprobs)

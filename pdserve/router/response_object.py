@@ -30,6 +30,7 @@ class ResponseObject:
         prepared: PreparedChat,
         request: ResponsesRequest,
         keep: Keep | None,  # None: not stored
+        as_token_ids: bool = False,  # logprobs name tokens "token_id:N" (--return-tokens-as-token-ids)
     ) -> None:
         self.id = response_id
         self._keep = keep
@@ -40,6 +41,7 @@ class ResponseObject:
         self._request = request
         self._reader = prepared.reader
         self._new_splitter = prepared.new_splitter
+        self._as_token_ids = as_token_ids
 
     def envelope(self, status: str, output: list[dict[str, Any]], finish_reason: str | None = None) -> dict[str, Any]:
         request = self._request
@@ -133,5 +135,5 @@ class ResponseObject:
         ]
 
     def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
-        token = token_text(self._tokenizer, token_id)
+        token = token_text(self._tokenizer, token_id, self._as_token_ids)
         return {"token": token, "bytes": list(token.encode("utf-8")), "logprob": json_logprob(logprob)}
