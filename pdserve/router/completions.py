@@ -218,8 +218,8 @@ class _Completion:
         token_logprobs: list[float | None] = []
         top_logprobs: list[dict[str, float] | None] = []
         text_offset: list[int] = []
+        as_ids = bool(self._request.return_tokens_as_token_ids)  # resolved by create_completion
         for position, lp in enumerate(entries):
-            as_ids = bool(self._request.return_tokens_as_token_ids)  # resolved by create_completion
             token = token_text(self._tokenizer, lp.token_id, as_ids)
             tokens.append(token)
             if position < num_echoed and lp.rank == 0:  # no logprob for it
