@@ -94,8 +94,7 @@ async def prepare_chat(
     before anything runs."""
     serving.check_model(request.model)
     request.check_supported()
-    if request.return_tokens_as_token_ids is None:
-        request.return_tokens_as_token_ids = serving.return_tokens_as_token_ids
+    request.return_tokens_as_token_ids = serving.as_token_ids(request.return_tokens_as_token_ids)
     mode = tool_mode(request.tools, request.tool_choice, tool_options)
     tokenizer = serving.backend.tokenizer
     prompt = await serving.in_thread(

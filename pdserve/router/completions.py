@@ -40,8 +40,7 @@ async def create_completion(serving: Serving, request: CompletionRequest, tenant
     """`tenant`: the caller's API-key identity, which isolates its prefix cache."""
     serving.check_model(request.model)
     request.check_supported()
-    if request.return_tokens_as_token_ids is None:
-        request.return_tokens_as_token_ids = serving.return_tokens_as_token_ids
+    request.return_tokens_as_token_ids = serving.as_token_ids(request.return_tokens_as_token_ids)
     tokenizer = serving.backend.tokenizer
     truncate = request.truncate_prompt_tokens
     prompts = [await _encode(serving, prompt, request.add_special_tokens, truncate) for prompt in request.prompt_list()]

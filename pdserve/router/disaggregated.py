@@ -94,7 +94,7 @@ class DisaggregatedBackend:
         """The shortest context length of the routable workers as they last reported it (a pool
         whose workers were restarted with another `--max-model-len` is followed); while none
         reports, the last one known (at the start, the one given: the model's, an upper bound)."""
-        lengths = [w.status.max_model_len for w in self.pool.workers.values() if w.is_routable and w.status is not None]
+        lengths = [s.max_model_len for s in self._routable_statuses()]
         self._max_model_len = min((n for n in lengths if n > 0), default=self._max_model_len)
         return self._max_model_len
 
@@ -102,8 +102,11 @@ class DisaggregatedBackend:
     def max_logprobs(self) -> int | None:
         """The smallest --max-logprobs of the routable workers (each refuses more than its own);
         None while none has reported one."""
-        statuses = [w.status for w in self.pool.workers.values() if w.is_routable and w.status is not None]
-        return min((s.max_logprobs for s in statuses if s.HasField("max_logprobs")), default=None)
+        return min((s.max_logprobs for s in self._routable_statuses() if s.HasField("max_logprobs")), default=None)
+
+    def _routable_statuses(self) -> list[pb.WorkerStatus]:
+        """The last reported status of each routable worker that has reported one."""
+        return [w.status for w in self.pool.workers.values() if w.is_routable and w.status is not None]
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams

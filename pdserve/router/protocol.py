@@ -104,7 +104,7 @@ class GenerationRequest(SamplingFields):
     stream_options: StreamOptions | None = None
     n: int | None = None
     # vLLM's extras
-    # logprobs name tokens "token_id:N"; None: the server's --return-tokens-as-token-ids (chat.py, completions.py)
+    # logprobs name tokens "token_id:N"; None: the server's --return-tokens-as-token-ids (Serving.as_token_ids)
     return_tokens_as_token_ids: bool | None = None
     truncate_prompt_tokens: int | None = Field(None, ge=-1)  # keep only the prompt's last tokens (-1: as many as fit the context)
     return_token_ids: bool | None = None  # the prompt's and each choice's token ids beside the text (RL rollouts)

@@ -85,6 +85,11 @@ class Serving:
         if model is not None and model not in self.model_names:
             raise APIError(404, f"The model `{model}` does not exist.", "model")
 
+    def as_token_ids(self, requested: bool | None) -> bool:
+        """Whether logprobs name tokens "token_id:N": the request's `return_tokens_as_token_ids`,
+        else the server's --return-tokens-as-token-ids."""
+        return self.return_tokens_as_token_ids if requested is None else requested
+
     def check_logprobs(self, params: SamplingParams, logprobs_param: str = "logprobs") -> None:
         """vLLM's 400 for more logprobs than the workers' --max-logprobs allows (they refuse it too;
         here it names the API's own field, `logprobs_param`: chat's `top_logprobs`)."""
