@@ -182,3 +182,29 @@ def test_gemv_swiglu_equals_the_projection_then_silu_and_mul(
 def test_gemv_swiglu_rejects_an_odd_weight() -> None:
     with pytest.raises(ValueError, match="even"):
         K.gemv(torch.randn(1, 32), torch.randn(15, 32), swiglu=True)
+
+
+@pytest.mark.parametrize(
+    "gpu,qkv,gate_up,o_proj",
+    [
+        ("NVIDIA H100 80GB HBM3", (4, 2048, 4, 1), (4, 2048, 4, 1), (4, 2048, 4, 1)),
+        ("NVIDIA H200", (2, 1024, 4, 1), (4, 1024, 2, 1), (2, 1024, 4, 1)),
+    ],
+)
+def test_8bit_one_row_tiles_by_gpu(monkeypatch: pytest.MonkeyPatch, gpu: str, qkv: tuple, gate_up: tuple, o_proj: tuple) -> None:
+    """A GPU named in LARGE_8BIT_TILES takes its own tile for Llama-3-8B-sized projections (4096
+    inputs and outputs and more); small models, a CPU device and other GPUs keep the rule."""
+    gemv_module = importlib.import_module("pdserve.kernels.gemv")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: gpu)
+    gemv_module.large_8bit_tile.cache_clear()
+    cuda = torch.device("cuda", 0)
+    try:
+        assert gemv_module.gemv_8bit_tile_sizes(6144, 4096, cuda) == qkv
+        assert gemv_module.gemv_8bit_tile_sizes(28672, 4096, cuda) == gate_up
+        assert gemv_module.gemv_8bit_tile_sizes(4096, 4096, cuda) == o_proj
+        assert gemv_module.gemv_8bit_tile_sizes(4096, 14336, cuda) == o_proj  # down: the same class
+        assert gemv_module.gemv_8bit_tile_sizes(896, 4864, cuda) == (2, 2048, 8, 1)  # Qwen2.5-0.5B's down
+        assert gemv_module.gemv_8bit_tile_sizes(9728, 896, cuda) == (4, 1024, 2, 1)  # Qwen2.5-0.5B's gate/up
+        assert gemv_module.gemv_8bit_tile_sizes(6144, 4096, torch.device("cpu")) == (2, 1024, 4, 1)
+    finally:
+        gemv_module.large_8bit_tile.cache_clear()

@@ -204,7 +204,7 @@ def sweep_table(copy: float, kinds: list[str], shape_prefix: str = "", top: int 
                     if 4096 <= bn * b <= 16384
                 ]
                 if size == 1 and takes_8bit_kernel(weights[0][0].dtype, torch.bfloat16, n, k):
-                    heuristic = gemv_8bit_tile_sizes(n, k)
+                    heuristic = gemv_8bit_tile_sizes(n, k, torch.device("cuda", 0))
                     # its registers allow smaller tiles: fewer rows, 2 warps (runs/2026-12-04-h200-17)
                     grid += [
                         (bn, b, nw, 1)

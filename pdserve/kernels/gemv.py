@@ -17,6 +17,8 @@ wrote x."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -442,7 +444,7 @@ def gemv(
         )
         return out
     if takes_8bit_kernel(weight.dtype, x.dtype, n, k):
-        block_n, block_k, num_warps, num_stages = tiles or gemv_8bit_tile_sizes(n, k)
+        block_n, block_k, num_warps, num_stages = tiles or gemv_8bit_tile_sizes(n, k, x.device)
         block_n = max(block_n, 2) if swiglu else block_n  # a (gate, up) pair at least
         if block_k % 16:
             raise ValueError(f"BLOCK_K {block_k} of 8-bit weights must be a multiple of 16 bytes")
@@ -539,7 +541,7 @@ def takes_8bit_kernel(weight_dtype: torch.dtype, x_dtype: torch.dtype, n: int, k
     return w_kind != 0 and x_dtype != torch.float32 and k % 16 == 0 and not (w_kind == 1 and 4096 < n <= 8192)
 
 
-def gemv_8bit_tile_sizes(n: int, k: int) -> tuple[int, int, int, int]:
+def gemv_8bit_tile_sizes(n: int, k: int, device: torch.device | None = None) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K in bytes, num_warps, num_stages) of `_gemv_8bit_kernel`, from a sweep on an
     H200 of 19 tiles in chains of one-row launches of one shape (Llama-3-8B's and Qwen2.5-0.5B's
     projections, fp8 and int8; bench/runs/2026-12-04-h200-17/): few rows a program and many
@@ -551,12 +553,32 @@ def gemv_8bit_tile_sizes(n: int, k: int) -> tuple[int, int, int, int]:
     - Others: 2 rows of 1024 bytes, 4 warps: o fp8 70.6% (64.9%), down 88.7% (85.2%); int8 o 68.3%
       (59.8%), q/k/v 66.4% (62.0%), down 86.8% (76.8%). fp8 q/k/v read 67.3% against the fp32
       kernel's 70.9% (its cp.async pipeline), so `gemv` keeps that kernel for them.
-    No stage count above 1 helped any shape."""
+    No stage count above 1 helped any shape. On a CUDA device named in LARGE_8BIT_TILES, projections
+    of at least 4096 outputs and 4096 inputs take that GPU's own tile (`large_8bit_tile`)."""
+    if device is not None and device.type == "cuda" and n >= 4096 and k >= 4096:
+        tile = large_8bit_tile(device.index or 0)
+        if tile is not None:
+            return tile
     if n > 8192:
         return 4, 1024, 2, 1
     if n < 2048 and k > 2048:
         return 2, 2048, 8, 1
     return 2, 1024, 4, 1
+
+
+# One row's 8-bit tile (BLOCK_N, BLOCK_K bytes, num_warps, num_stages) for projections of at least
+# 4096 outputs and 4096 inputs, on GPUs where it beats the H200's rule, by a part of the device's
+# name. H100 80GB HBM3: Llama-3-8B's batch-1 decode step int8 3.260 -> 3.196-3.201 ms, fp8 3.225 ->
+# 3.190-3.192 ms; with the tile on q/k/v and gate/up only (o_proj and down on the rule, where the
+# sweep ranks fp8 at 83% of copy against 79%), 3.223 and 3.215 ms: the step, not the one-shape
+# sweep, decides (bench/runs/2026-12-06-h100-31/loan3).
+LARGE_8BIT_TILES = {"H100": (4, 2048, 4, 1)}
+
+
+@functools.lru_cache(maxsize=16)
+def large_8bit_tile(device_index: int) -> tuple[int, int, int, int] | None:
+    name = torch.cuda.get_device_name(device_index)
+    return next((tile for part, tile in LARGE_8BIT_TILES.items() if part in name), None)
 
 
 def dot_tile_sizes(n: int, element_size: int) -> tuple[int, int, int, int]:
