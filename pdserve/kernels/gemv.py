@@ -566,9 +566,9 @@ def gemv_8bit_tile_sizes(n: int, k: int, device: torch.device | None = None) -> 
     return 2, 1024, 4, 1
 
 
-# One row's 8-bit tile (BLOCK_N, BLOCK_K bytes, num_warps, num_stages) for projections of at least
+# The 8-bit GEMV's tile (BLOCK_N, BLOCK_K bytes, num_warps, num_stages) for projections of at least
 # 4096 outputs and 4096 inputs, on GPUs where it beats the H200's rule, by a part of the device's
-# name. H100 80GB HBM3: Llama-3-8B's batch-1 decode step int8 3.260 -> 3.196-3.201 ms, fp8 3.225 ->
+# name; measured at one row. H100 80GB HBM3: Llama-3-8B's batch-1 decode step int8 3.260 -> 3.196-3.201 ms, fp8 3.225 ->
 # 3.190-3.192 ms; with the tile on q/k/v and gate/up only (o_proj and down on the rule, where the
 # sweep ranks fp8 at 83% of copy against 79%), 3.223 and 3.215 ms: the step, not the one-shape
 # sweep, decides (bench/runs/2026-12-06-h100-31/loan3).
