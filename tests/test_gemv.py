@@ -196,7 +196,8 @@ def test_8bit_one_row_tiles_by_gpu(monkeypatch: pytest.MonkeyPatch, gpu: str, qk
     inputs and outputs and more); small models, a CPU device and other GPUs keep the rule."""
     gemv_module = importlib.import_module("pdserve.kernels.gemv")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: gpu)
-    gemv_module.large_8bit_tile.cache_clear()
+    gpus = importlib.import_module("pdserve.kernels.gpus")
+    gpus.gpu_name.cache_clear()
     cuda = torch.device("cuda", 0)
     try:
         assert gemv_module.gemv_8bit_tile_sizes(6144, 4096, cuda) == qkv
@@ -207,4 +208,4 @@ def test_8bit_one_row_tiles_by_gpu(monkeypatch: pytest.MonkeyPatch, gpu: str, qk
         assert gemv_module.gemv_8bit_tile_sizes(9728, 896, cuda) == (4, 1024, 2, 1)  # Qwen2.5-0.5B's gate/up
         assert gemv_module.gemv_8bit_tile_sizes(6144, 4096, torch.device("cpu")) == (2, 1024, 4, 1)
     finally:
-        gemv_module.large_8bit_tile.cache_clear()
+        gpus.gpu_name.cache_clear()

@@ -174,8 +174,9 @@ def test_refuses_bad_shapes_and_dtypes() -> None:
 
 def test_tile_sizes_follow_the_sm_count(monkeypatch: pytest.MonkeyPatch) -> None:
     module = importlib.import_module("pdserve.kernels.w4_gemv")  # the package's w4_gemv is the function
-    monkeypatch.setattr(module, "_num_sms", lambda index: 132)
-    monkeypatch.setattr(module, "wide_one_row_tile", lambda index: (32, 8))  # the H200's
+    gpus = importlib.import_module("pdserve.kernels.gpus")
+    monkeypatch.setattr(module, "num_sms", lambda index: 132)
+    monkeypatch.setattr(gpus, "gpu_name", lambda index: "NVIDIA H200")  # the rule's wide tile
     cuda = torch.device("cuda", 0)
     assert gemv_tile_sizes(4096, 4096, cuda) == (16, 16, 4, 4, 4, 1)  # 256 programs of 16 columns
     assert gemv_tile_sizes(28672, 4096, cuda) == (32, 16, 8, 4, 4, 1)  # 896 programs: wide tiles
@@ -184,7 +185,7 @@ def test_tile_sizes_follow_the_sm_count(monkeypatch: pytest.MonkeyPatch) -> None
     assert gemv_tile_sizes(896, 512, cuda).splits == 1  # 2 iterations: too short to split
     assert gemv_tile_sizes(4096, 4096, cuda, block_m=4)[:3] == (16, 16, 2)  # 4 rows: 2 slices
     assert gemv_tile_sizes(4096, 4096, torch.device("cpu")).block_n == 32  # one "SM": wide tiles
-    monkeypatch.setattr(module, "wide_one_row_tile", lambda index: (64, 1))  # an H100's
+    monkeypatch.setattr(gpus, "gpu_name", lambda index: "NVIDIA H100 80GB HBM3")  # WIDE_ONE_ROW_TILES' entry
     assert gemv_tile_sizes(28672, 4096, cuda) == (64, 16, 1, 4, 4, 1)  # one row: the GPU's own wide tile
     assert gemv_tile_sizes(28672, 4096, cuda, block_m=2)[:3] == (32, 16, 8)  # two: the rule's
     assert gemv_tile_sizes(4096, 4096, cuda)[:3] == (16, 16, 4)  # narrow outputs: the rule's

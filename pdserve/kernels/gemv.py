@@ -17,12 +17,11 @@ wrote x."""
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.gpus import by_gpu_name
 from pdserve.kernels.pdl import use_pdl, wait_for_previous_kernel
 from pdserve.kernels.silu_and_mul import silu_and_mul, silu_mul
 from pdserve.kernels.w8_matmul import _X_DTYPES as _FLOAT_DTYPES
@@ -554,11 +553,10 @@ def gemv_8bit_tile_sizes(n: int, k: int, device: torch.device | None = None) -> 
       (59.8%), q/k/v 66.4% (62.0%), down 86.8% (76.8%). fp8 q/k/v read 67.3% against the fp32
       kernel's 70.9% (its cp.async pipeline), so `gemv` keeps that kernel for them.
     No stage count above 1 helped any shape. On a CUDA device named in LARGE_8BIT_TILES, projections
-    of at least 4096 outputs and 4096 inputs take that GPU's own tile (`large_8bit_tile`)."""
-    if device is not None and device.type == "cuda" and n >= 4096 and k >= 4096:
-        tile = large_8bit_tile(device.index or 0)
-        if tile is not None:
-            return tile
+    of at least 4096 outputs and 4096 inputs take that GPU's own tile."""
+    tile = by_gpu_name(LARGE_8BIT_TILES, device) if n >= 4096 and k >= 4096 else None
+    if tile is not None:
+        return tile
     if n > 8192:
         return 4, 1024, 2, 1
     if n < 2048 and k > 2048:
@@ -573,12 +571,6 @@ def gemv_8bit_tile_sizes(n: int, k: int, device: torch.device | None = None) -> 
 # sweep ranks fp8 at 83% of copy against 79%), 3.223 and 3.215 ms: the step, not the one-shape
 # sweep, decides (bench/runs/2026-12-06-h100-31/loan3).
 LARGE_8BIT_TILES = {"H100": (4, 2048, 4, 1)}
-
-
-@functools.lru_cache(maxsize=16)
-def large_8bit_tile(device_index: int) -> tuple[int, int, int, int] | None:
-    name = torch.cuda.get_device_name(device_index)
-    return next((tile for part, tile in LARGE_8BIT_TILES.items() if part in name), None)
 
 
 def dot_tile_sizes(n: int, element_size: int) -> tuple[int, int, int, int]:

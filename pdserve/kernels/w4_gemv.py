@@ -35,17 +35,16 @@ allows (counts from sm_90 SASS, Triton 3.6; timings: bench/gemv.py --sweep, benc
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.gpus import by_gpu_name, num_sms
 from pdserve.kernels.pdl import use_pdl, wait_for_previous_kernel
 from pdserve.kernels.split_counters import is_last_split, split_counters, sum_of_splits
 from pdserve.kernels.w4_matmul import _EXP_2_23, _check, _weight, bf16x2_neg_zero
-from pdserve.kernels.w8_matmul import _num_sms
 
 MAX_ROWS = 4  # rows a program unrolls; more rows take more programs, each reading the weight again
 MAX_SPLITS = 8
@@ -448,20 +447,20 @@ def gemv_tile_sizes(
       with 4.
     - Wide outputs: 32 columns and 8 slices, 256 weights a thread, which spreads each iteration's
       fixed cost (barriers, addresses, scales and zeros) further: gate_up 58% against 49% at 2
-      slices. At one row, a GPU named in WIDE_ONE_ROW_TILES takes its own (`wide_one_row_tile`).
+      slices. At one row, a GPU named in WIDE_ONE_ROW_TILES takes its own.
     - K is split only while the column tiles fill less than one program an SM (a small model's
       projections): at Llama-3-8B's widths splitting was no faster (o_proj 4 splits of 32 columns
       27%, down 4 splits of 64 columns 47%)."""
-    num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 1
+    sms = num_sms(device.index or 0) if device.type == "cuda" else 1
     group_k8 = group_size // 8
     block_k8 = min(16, group_k8 & -group_k8)
-    wide = row_blocks * triton.cdiv(n, 32) >= 4 * num_sms
+    wide = row_blocks * triton.cdiv(n, 32) >= 4 * sms
     block_n, block_g = (32, 8) if wide else (16, 4 if block_m == 1 else 2)
-    if wide and device.type == "cuda" and row_blocks * block_m == 1:
-        block_n, block_g = wide_one_row_tile(device.index or 0)
+    if wide and row_blocks * block_m == 1:
+        block_n, block_g = by_gpu_name(WIDE_ONE_ROW_TILES, device) or (block_n, block_g)
     programs = row_blocks * triton.cdiv(n, block_n)
     iterations = k // 8 // block_k8 // block_g
-    splits = max(1, min(MAX_SPLITS, triton.cdiv(num_sms, programs), iterations // MIN_SPLIT_ITERATIONS))
+    splits = max(1, min(MAX_SPLITS, triton.cdiv(sms, programs), iterations // MIN_SPLIT_ITERATIONS))
     return W4Tiles(block_n, block_k8, block_g, num_warps=4, num_stages=4, splits=splits)
 
 
@@ -469,12 +468,6 @@ def gemv_tile_sizes(
 # by a part of the device's name. H100 80GB HBM3, Llama-3-8B's gate_up, % of copy: (64, 1) 70%,
 # (32, 8) 64% (bench/runs/2026-12-06-h100-29/loan1); on the H200 (32, 8) 57-58%, (64, 1) 52%.
 WIDE_ONE_ROW_TILES = {"H100": (64, 1)}
-
-
-@functools.lru_cache(maxsize=16)
-def wide_one_row_tile(device_index: int) -> tuple[int, int]:
-    name = torch.cuda.get_device_name(device_index)
-    return next((tile for part, tile in WIDE_ONE_ROW_TILES.items() if part in name), (32, 8))
 
 
 MIN_SPLIT_ITERATIONS = 4  # a split's fewest loop iterations (the pipeline's prologue is ~3)

@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.gpus import num_sms
 from pdserve.kernels.split_counters import is_last_split, split_counters, sum_of_splits
-from pdserve.kernels.w8_matmul import _num_sms
 
 _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _EXP_2_23 = 150 << 23  # bits of 2^23 (exponent 127 + 23, empty mantissa)
@@ -234,10 +234,10 @@ def tile_sizes(m: int, n: int, device: torch.device, num_tiles: int) -> tuple[in
     if m > 64:
         return 128, 128, 8, 3, 1
     block_m = max(16, triton.next_power_of_2(m))
-    num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 1
-    block_n, num_stages = (32, 3) if block_m < 64 else (64 if triton.cdiv(n, 64) >= num_sms else 32, 5)
+    sms = num_sms(device.index or 0) if device.type == "cuda" else 1
+    block_n, num_stages = (32, 3) if block_m < 64 else (64 if triton.cdiv(n, 64) >= sms else 32, 5)
     programs = triton.cdiv(n, block_n)
-    wanted = triton.cdiv(2 * num_sms, programs) if block_m < 64 else 2 * num_sms // programs
+    wanted = triton.cdiv(2 * sms, programs) if block_m < 64 else 2 * sms // programs
     splits = max(1, min(MAX_SPLITS, wanted, num_tiles // MIN_SPLIT_TILES))
     return block_m, block_n, 4, num_stages, splits
 

@@ -3,12 +3,11 @@ per output channel; W is widened to x's dtype tile by tile and the scale applied
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.gpus import num_sms
 from pdserve.kernels.pdl import use_pdl, wait_for_previous_kernel
 
 WEIGHT_DTYPES = (torch.float8_e4m3fn, torch.int8)
@@ -139,16 +138,11 @@ def tile_sizes(m: int, n: int, k: int, device: torch.device) -> tuple[int, int, 
     if m > 64:
         return 128, 128, 64, 8, 1
     block_m = max(16, triton.next_power_of_2(m))
-    num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 1
+    sms = num_sms(device.index or 0) if device.type == "cuda" else 1
     block_n, block_k = 64, 128
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    split_k = max(1, min(8, triton.cdiv(2 * num_sms, tiles), k // (4 * block_k)))
+    split_k = max(1, min(8, triton.cdiv(2 * sms, tiles), k // (4 * block_k)))
     return block_m, block_n, block_k, 4, split_k
-
-
-@functools.lru_cache(maxsize=16)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def w8_matmul_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
