@@ -50,6 +50,7 @@ SLACK_S = 3.0  # scheduling noise on a busy 2-core machine
 PREFILL_ARGS = ("--max-num-batched-tokens", "32", "--max-num-seqs", "2")
 WORKERS = {"prefill-1": "prefill", "prefill-2": "prefill", "decode-1": "decode", "decode-2": "decode"}
 PREFILL_WORKERS = tuple(name for name, role in WORKERS.items() if role == "prefill")
+DECODE_WORKERS = tuple(name for name, role in WORKERS.items() if role == "decode")
 TEXT = (
     "The key value cache of every request is stored in fixed size blocks, and the decode worker reserves "
     "blocks for a prompt before the prefill worker pushes its keys and values into them. "
@@ -297,20 +298,23 @@ def test_a_frozen_prefill_worker_fails_its_requests_over(cluster: Cluster, gatew
 def test_a_frozen_decode_worker_ends_its_streams_within_the_stall_bound(
     cluster: Cluster, gateway: str, prompts: list[str]
 ) -> None:
-    def fault() -> None:
-        cluster.wait_for_phases("decode-1", lambda s: s.num_running > 1 and s.num_waiting > 0)  # decoding + KV arriving
-        freeze_for(cluster, "decode-1")()
+    frozen: list[str] = []
+
+    def fault() -> None:  # whichever decode worker the gateway loads first: it places by load
+        frozen.append(cluster.wait_for_phases(DECODE_WORKERS, lambda s: s.num_running > 1 and s.num_waiting > 0))
+        freeze_for(cluster, frozen[0])()  # decoding + KV arriving
 
     try:
         outcomes, fault_at = load(cluster, gateway, prompts[12:24], fault)
     finally:
-        cluster.workers["decode-1"].signal(signal.SIGCONT)
+        for name in frozen:
+            cluster.workers[name].signal(signal.SIGCONT)
     assert_answered_in_time(outcomes, fault_at, DEADLINES.first_token_s + SLACK_S)
     errors = [o for o in outcomes if o.kind == "error"]
     assert errors, "some requests were decoding on the frozen worker"
     assert all(o.ended_at - fault_at < DEADLINES.stall_s + SLACK_S for o in errors)  # not at the request deadline
     assert any(o.kind == "ok" for o in outcomes)  # the other decode worker, and hand-offs retried on it
-    cluster.wait_healthy(["decode-1"])
+    cluster.wait_healthy(frozen)
     cluster.assert_no_kv_held()
     assert_served(gateway)
 
@@ -353,9 +357,9 @@ def test_a_killed_prefill_worker_fails_its_requests_over(cluster: Cluster, gatew
 def test_a_killed_decode_worker_ends_its_streams_with_an_error_and_done(
     cluster: Cluster, gateway: str, prompts: list[str]
 ) -> None:
-    def fault() -> None:
-        cluster.wait_for_phases("decode-1", lambda s: s.num_running > 0 and s.num_waiting > 0)
-        cluster.workers["decode-1"].signal(signal.SIGKILL)
+    def fault() -> None:  # decoding + KV arriving, on whichever decode worker gets there first
+        killed = cluster.wait_for_phases(DECODE_WORKERS, lambda s: s.num_running > 0 and s.num_waiting > 0)
+        cluster.workers[killed].signal(signal.SIGKILL)
 
     outcomes, fault_at = load(cluster, gateway, prompts[12:24], fault)
     assert_answered_in_time(outcomes, fault_at, DEADLINES.first_token_s + SLACK_S)
