@@ -77,7 +77,7 @@ def test_w4_matmul_splits_k_where_column_tiles_leave_sms_idle() -> None:
     Llama-3-8B's o (4096 columns, 32 tiles of K) and down (112 tiles) split; q/k/v (6144 columns)
     splits below 64 rows only; gate/up (28672 columns) and prefill rows do not."""
     w4 = importlib.import_module("pdserve.kernels.w4_matmul")
-    with unittest.mock.patch.object(w4, "num_sms", lambda index: 132):
+    with unittest.mock.patch.object(w4, "num_sms", lambda device: 132):
         cuda = torch.device("cuda", 0)
         assert w4.tile_sizes(16, 4096, cuda, 32) == (16, 32, 4, 3, 3)
         assert w4.tile_sizes(64, 4096, cuda, 112) == (64, 32, 4, 5, 2)
@@ -179,7 +179,7 @@ def test_w8_matmul_split_k_sums_every_input_once(split_k: int, dtype: torch.dtyp
 def test_w8_matmul_splits_decode_rows_over_narrow_outputs() -> None:
     module = importlib.import_module("pdserve.kernels.w8_matmul")
     cuda = torch.device("cuda", 0)
-    with unittest.mock.patch.object(module, "num_sms", lambda index: 132):
+    with unittest.mock.patch.object(module, "num_sms", lambda device: 132):
         assert module.tile_sizes(64, 4096, 4096, cuda)[4] == 5  # 64 column tiles: 5 ranges of 7 input tiles
         assert module.tile_sizes(1, 28672, 4096, cuda)[4] == 1  # 448 column tiles fill the GPU
         assert module.tile_sizes(300, 4096, 4096, cuda)[4] == 1  # prefill

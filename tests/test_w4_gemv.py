@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import types
 
 import pytest
 import torch
@@ -173,9 +174,8 @@ def test_refuses_bad_shapes_and_dtypes() -> None:
 
 
 def test_tile_sizes_follow_the_sm_count(monkeypatch: pytest.MonkeyPatch) -> None:
-    module = importlib.import_module("pdserve.kernels.w4_gemv")  # the package's w4_gemv is the function
     gpus = importlib.import_module("pdserve.kernels.gpus")
-    monkeypatch.setattr(module, "num_sms", lambda index: 132)
+    monkeypatch.setattr(gpus, "_properties", lambda index: types.SimpleNamespace(multi_processor_count=132))
     monkeypatch.setattr(gpus, "gpu_name", lambda index: "NVIDIA H200")  # the rule's wide tile
     cuda = torch.device("cuda", 0)
     assert gemv_tile_sizes(4096, 4096, cuda) == (16, 16, 4, 4, 4, 1)  # 256 programs of 16 columns

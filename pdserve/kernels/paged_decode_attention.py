@@ -4,7 +4,6 @@ all query heads of that GQA group, and a second kernel merges the per-split part
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -12,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.gpus import num_sms, shared_memory_per_sm
 from pdserve.kernels.kv_quant import FP8_DTYPE, check_scale, dequantize_kv_ref, kv_compute_dtype, load_kv_tile
 
 _PROGRAMS_PER_SM = 4  # enough resident programs per SM to keep HBM busy
@@ -312,9 +312,9 @@ def launch_for(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tenso
         block_size=k_cache.shape[1],
         head_dim=q.shape[2],
         dtype=q.dtype,
-        sm_count=_sm_count(q.device),
+        sm_count=num_sms(q.device, on_cpu=_CPU_SM_COUNT),
         kv_dtype=k_cache.dtype,
-        deep_pipeline=_shared_memory_per_sm(q.device) >= 200 * 1024,
+        deep_pipeline=shared_memory_per_sm(q.device) >= 200 * 1024,  # 0 (unknown): 3 stages
     )
 
 
@@ -392,20 +392,6 @@ def launch_decode(
             num_warps=4,
         )
     return out
-
-
-@functools.cache
-def _shared_memory_per_sm(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 0
-    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_multiprocessor", 0)  # 0: 3 stages
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _CPU_SM_COUNT
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def check_paged_inputs(

@@ -451,7 +451,7 @@ def gemv_tile_sizes(
     - K is split only while the column tiles fill less than one program an SM (a small model's
       projections): at Llama-3-8B's widths splitting was no faster (o_proj 4 splits of 32 columns
       27%, down 4 splits of 64 columns 47%)."""
-    sms = num_sms(device.index or 0) if device.type == "cuda" else 1
+    sms = num_sms(device)
     group_k8 = group_size // 8
     block_k8 = min(16, group_k8 & -group_k8)
     wide = row_blocks * triton.cdiv(n, 32) >= 4 * sms

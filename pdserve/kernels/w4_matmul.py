@@ -234,7 +234,7 @@ def tile_sizes(m: int, n: int, device: torch.device, num_tiles: int) -> tuple[in
     if m > 64:
         return 128, 128, 8, 3, 1
     block_m = max(16, triton.next_power_of_2(m))
-    sms = num_sms(device.index or 0) if device.type == "cuda" else 1
+    sms = num_sms(device)
     block_n, num_stages = (32, 3) if block_m < 64 else (64 if triton.cdiv(n, 64) >= sms else 32, 5)
     programs = triton.cdiv(n, block_n)
     wanted = triton.cdiv(2 * sms, programs) if block_m < 64 else 2 * sms // programs

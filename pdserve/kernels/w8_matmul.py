@@ -138,7 +138,7 @@ def tile_sizes(m: int, n: int, k: int, device: torch.device) -> tuple[int, int, 
     if m > 64:
         return 128, 128, 64, 8, 1
     block_m = max(16, triton.next_power_of_2(m))
-    sms = num_sms(device.index or 0) if device.type == "cuda" else 1
+    sms = num_sms(device)
     block_n, block_k = 64, 128
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     split_k = max(1, min(8, triton.cdiv(2 * sms, tiles), k // (4 * block_k)))
