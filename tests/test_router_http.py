@@ -167,6 +167,23 @@ def test_seeded_sampling_matches_offline_llm(server: Server, llm: LLM) -> None:
     assert result.choices[0].text == expected.text
 
 
+def test_a_top_k_past_the_vocabulary_keeps_every_token_and_fails_no_other_request(server: Server, llm: LLM) -> None:
+    """vLLM's reading of a top_k at or past the vocabulary: every token. Past int64 it once failed
+    the engine step, and with it every request in the batch (a 500 for the sender, an error event
+    for a stream beside it)."""
+    expected = llm.generate(PROMPT, SamplingParams(temperature=1.0, seed=1234, max_tokens=8))[0].outputs[0]
+    with ThreadPoolExecutor(1) as pool:
+        beside = pool.submit(stream, server.http, "/v1/completions", greedy_body(prompt=PROMPT, max_tokens=MAX_MODEL_LEN - 16))
+        for top_k in (server.tokenizer.vocab_size, 2**63):
+            result = server.client.completions.create(
+                model=MODEL, prompt=PROMPT, max_tokens=8, seed=1234, extra_body={"top_k": top_k}
+            )
+            assert result.choices[0].text == expected.text
+        events = beside.result(timeout=120)
+    assert events[-1] == "[DONE]" and not [e for e in events[:-1] if "error" in e], events[-2:]
+    assert_kv_freed(server.engine)
+
+
 def test_streamed_completion_equals_whole(server: Server) -> None:
     body = greedy_body(prompt=PROMPT, logprobs=2)
     whole = server.http.post("/v1/completions", json=body).json()

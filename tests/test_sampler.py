@@ -65,6 +65,13 @@ def test_top_k_never_picks_outside_the_k_best(seed: int, top_k: int, temperature
         assert len(set(picks)) > 1
 
 
+def test_a_top_k_past_the_vocabulary_keeps_every_token() -> None:
+    logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(7))
+    every = sample_many(logits, SamplingParams(temperature=1.0, seed=99))
+    for top_k in (VOCAB, VOCAB + 1, 2**63, 2**70):  # past int64 too
+        assert sample_many(logits, SamplingParams(temperature=1.0, seed=99, top_k=top_k)) == every
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31), top_p=st.floats(0.05, 0.95), temperature=st.floats(0.5, 2.0))
 def test_top_p_never_picks_outside_the_nucleus(seed: int, top_p: float, temperature: float) -> None:

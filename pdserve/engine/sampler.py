@@ -175,7 +175,8 @@ def _sample(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
 def _top_k_top_p(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     device, vocab = logits.device, logits.shape[-1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    top_k = to_device([r.params.top_k if r.params.top_k > 0 else vocab for r in requests], torch.long, device)
+    # a top_k past the vocabulary keeps every token (as in vLLM), whatever its size
+    top_k = to_device([min(r.params.top_k, vocab) if r.params.top_k > 0 else vocab for r in requests], torch.long, device)
     sorted_logits = sorted_logits.masked_fill(torch.arange(vocab, device=device) >= top_k.unsqueeze(1), float("-inf"))
     top_p = _column([r.params.top_p for r in requests], device)
     sorted_probs = torch.softmax(sorted_logits, dim=-1)

@@ -161,7 +161,9 @@ class GenerationRequest(SamplingFields):
             n=1 if self.n is None else self.n,
             temperature=_given(self.temperature, defaults, "temperature", 1.0),
             top_p=_given(self.top_p, defaults, "top_p", 1.0),
-            top_k=-1 if top_k in (None, 0) else top_k,  # vLLM: 0 and -1 both mean "all tokens"
+            top_k=-1
+            if top_k in (None, 0) or top_k >= tokenizer.vocab_size
+            else top_k,  # vLLM: 0, -1 and past the vocabulary: all tokens
             min_p=_given(self.min_p, defaults, "min_p", 0.0),
             seed=self.seed,
             max_tokens=max_tokens,
