@@ -195,9 +195,11 @@ class PacedBackend:
         self.gate = threading.Event()
         self.num_encoded = 0
         self.token = tokenizer.encode(" the", add_special_tokens=False)[0]
+        self.started: list[str] = []  # the prompts of the requests run
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestDelta]:
-        mode = self.tokenizer.decode(prompt_token_ids).split()[0]
+        self.started.append(self.tokenizer.decode(prompt_token_ids))
+        mode = self.started[-1].split()[0]
         if mode == "wait":
             while not self.gate.is_set():
                 await asyncio.sleep(0.01)
@@ -226,8 +228,9 @@ def paced(demo_model_dir: Path) -> PacedBackend:
     return PacedBackend(Tokenizer.from_pretrained(demo_model_dir))
 
 
-def post(url: str, prompt: str, stream: bool = False, timeout: float = 30) -> httpx.Response:
-    return httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 8, "stream": stream}, timeout=timeout)
+def post(url: str, prompt: str, stream: bool = False, timeout: float = 30, n: int = 1) -> httpx.Response:
+    body = {"prompt": prompt, "max_tokens": 8, "stream": stream, "n": n}
+    return httpx.post(url + "/v1/completions", json=body, timeout=timeout)
 
 
 def stream_events(url: str, prompt: str, out: list) -> None:
@@ -257,12 +260,14 @@ def test_admission_answers_503_with_retry_after_beyond_the_queue_then_admits_aga
             assert time.monotonic() < deadline
             time.sleep(0.01)
         for is_stream in (False, True):
-            refused = post(url, "one too many", stream=is_stream)
-            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
-            assert (
-                refused.json()["error"]["type"] == "ServiceUnavailableError"
-                and "overloaded" in refused.json()["error"]["message"]
-            )
+            for n in (1, 3):  # a request's n sequences are admitted, or refused, as one
+                refused = post(url, "one too many", stream=is_stream, n=n)
+                assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+                assert (
+                    refused.json()["error"]["type"] == "ServiceUnavailableError"
+                    and "overloaded" in refused.json()["error"]["message"]
+                )
+        assert not [p for p in paced.started if p.startswith("one too many")]  # refused: none of it ran
         paced.gate.set()
         for thread in threads:
             thread.join(10)

@@ -110,6 +110,22 @@ def test_best_of_returns_the_n_most_likely_of_its_candidates(server: tuple[str, 
     assert response["usage"]["completion_tokens"] == 4 * SAMPLED["max_tokens"]
 
 
+def test_every_choice_carries_the_prompt_s_logprobs(server: tuple[str, str]) -> None:
+    """With n > 1 or best_of, the prompt's logprobs are the request's: every choice has them, echoed
+    or as `prompt_logprobs` (they once came with the first sequence's choice only)."""
+    _, url = server
+    scored = {"echo": True, "logprobs": 1, "max_tokens": 2}
+    single = complete(url, **scored)["choices"][0]["logprobs"]["token_logprobs"][: len(PROMPT)]
+    assert single[0] is None and None not in single[1:]
+    for body in ({"n": 2}, {"n": 1, "best_of": 3}):
+        choices = complete(url, **scored, **body)["choices"]
+        for choice in choices:
+            assert choice["logprobs"]["token_logprobs"][: len(PROMPT)] == pytest.approx(single, abs=1e-4), body
+    choices = complete(url, n=2, prompt_logprobs=1, max_tokens=2)["choices"]
+    assert len(choices[0]["prompt_logprobs"]) == len(PROMPT)
+    assert choices[1]["prompt_logprobs"] == choices[0]["prompt_logprobs"]
+
+
 def test_streamed_chat_with_n_gives_every_choice_its_role_and_finish(server: tuple[str, str]) -> None:
     _, url = server
     body = {

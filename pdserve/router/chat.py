@@ -4,7 +4,6 @@ a reply with tool calls comes back in `message.tool_calls` / `delta.tool_calls`.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import functools
 import time
@@ -23,7 +22,7 @@ from pdserve.router.serving import (
     Generation,
     Serving,
     TextDelta,
-    collect,
+    collect_all,
     json_logprob,
     merge_deltas,
     start_stream,
@@ -77,8 +76,7 @@ async def create_chat_completion(
     if request.stream:
         deltas = generations[0].deltas() if len(generations) == 1 else merge_deltas([g.deltas() for g in generations])
         return await start_stream(deltas, chat.chunks, lambda: chat.final_chunks(request))
-    wholes = await asyncio.gather(*(collect(g.deltas()) for g in generations))
-    return JSONResponse(chat.response(list(wholes)))
+    return JSONResponse(chat.response(await collect_all(generations)))
 
 
 class PreparedChat(NamedTuple):

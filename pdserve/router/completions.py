@@ -4,7 +4,6 @@ logprobs when `logprobs` is set (the first token's null), as lm-eval reads them.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 import uuid
@@ -21,7 +20,7 @@ from pdserve.router.serving import (
     Generation,
     Serving,
     TextDelta,
-    collect,
+    collect_all,
     json_logprob,
     merge_deltas,
     start_stream,
@@ -64,7 +63,7 @@ async def create_completion(serving: Serving, request: CompletionRequest, tenant
     if request.stream:
         deltas = flat[0].deltas() if len(flat) == 1 else merge_deltas([run.deltas() for run in flat])
         return await start_stream(deltas, completion.chunks, completion.final_chunks)
-    wholes = list(await asyncio.gather(*(collect(run.deltas()) for run in flat)))
+    wholes = await collect_all(flat)
     for position, whole in enumerate(wholes):
         whole.index = position  # its run; `response` renumbers the choices kept
     return JSONResponse(completion.response(_best(wholes, request, len(runs[0]))))

@@ -23,7 +23,7 @@ from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams, 
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.proto.deadlines import Deadlines
 from pdserve.proto.failures import TABLE, Failure
-from pdserve.router.admission import Admission
+from pdserve.router.admission import Admission, Ticket
 from pdserve.router.backend import Backend, BackendFailure
 from pdserve.router.drain import Drain
 from pdserve.router.errors import APIError, as_api_error
@@ -172,7 +172,11 @@ class Serving:
         """One per sequence of the request (n of them): one backend request, its prompt computed once."""
         if params.n == 1:
             return [self.generation(request_id, prompt_token_ids, params)]
-        shared = SharedStream(lambda: self.backend.generate(request_id, prompt_token_ids, params), params.n)
+        shared = SharedStream(
+            lambda: self.backend.generate(request_id, prompt_token_ids, params),
+            params.n,
+            lambda: self.admission.admit(len(prompt_token_ids)),
+        )
         return [Generation(self, request_id, prompt_token_ids, params, shared.view(i), i) for i in range(params.n)]
 
 
@@ -231,8 +235,8 @@ class Generation:
         """The request's text deltas, the last with its finish_reason. Closing this generator early
         (client gone) aborts the request; so does a deadline (an APIError 504) or the drain (503).
         Over the admission bounds it raises BackendFailure(OVERLOADED) before anything runs."""
-        # A request's n sequences queue as one: the first holds its admission ticket.
-        ticket = self._serving.admission.admit(len(self.prompt_token_ids)) if self.index == 0 else None
+        # A request's n sequences queue as one: their shared stream holds the admission ticket.
+        ticket = self._serving.admission.admit(len(self.prompt_token_ids)) if self._source is None else None
         self._serving.drain.track(self)
         stream = self._source or self._serving.backend.generate(self.request_id, self.prompt_token_ids, self.params)
         finish_reason: str | None = "abort"  # unless it runs to its end: the client left, the deadline passed
@@ -339,6 +343,19 @@ async def _close(stream: AsyncIterator[RequestDelta]) -> None:
         await stream.aclose()  # type: ignore[attr-defined]
 
 
+async def collect_all(generations: list[Generation]) -> list[TextDelta]:
+    """Every generation's whole output. The first failure is raised and aborts the others (a
+    plain gather would let them run on for a client already answered with the error)."""
+    tasks = [asyncio.create_task(collect(g.deltas())) for g in generations]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def collect(deltas: AsyncGenerator[TextDelta, None]) -> TextDelta:
     """A whole request's output as one delta."""
     whole = TextDelta("")
@@ -353,18 +370,23 @@ async def collect(deltas: AsyncGenerator[TextDelta, None]) -> TextDelta:
 
 class SharedStream:
     """One backend stream carrying the deltas of a request's n sequences (by `index`), read as n
-    streams. It starts with the first read of any view and is closed (the request aborted on the
-    workers) once every view is closed; a view ends with its sequence's finish."""
+    streams. The first read of any view admits the request (`admit`: its ticket, or
+    BackendFailure(OVERLOADED), which every view raises and nothing runs) and starts the stream,
+    which is closed (the request aborted on the workers) once every view is closed; a view ends
+    with its sequence's finish. Every sequence gets the request's prompt logprobs."""
 
-    def __init__(self, open_stream: Callable[[], AsyncGenerator[RequestDelta, None]], num_views: int) -> None:
+    def __init__(
+        self, open_stream: Callable[[], AsyncGenerator[RequestDelta, None]], num_views: int, admit: Callable[[], Ticket]
+    ) -> None:
         self._open_stream = open_stream
+        self._admit = admit
         self._queues: list[asyncio.Queue[RequestDelta | BaseException]] = [asyncio.Queue() for _ in range(num_views)]
         self._num_open = num_views
         self._pump: asyncio.Task | None = None
 
     async def view(self, index: int) -> AsyncGenerator[RequestDelta, None]:
         if self._pump is None:
-            self._pump = asyncio.create_task(self._run(self._open_stream()))
+            self._pump = asyncio.create_task(self._run())
         try:
             while True:
                 item = await self._queues[index].get()
@@ -380,16 +402,34 @@ class SharedStream:
                 with anyio.CancelScope(shield=True):
                     await asyncio.gather(self._pump, return_exceptions=True)
 
-    async def _run(self, stream: AsyncGenerator[RequestDelta, None]) -> None:
-        async with aclosing(stream):
-            try:
+    async def _run(self) -> None:
+        try:
+            ticket = self._admit()
+        except BackendFailure as exc:
+            self._end(exc)
+            return
+        prompt_logprobs, given = None, set()  # the request's, and the sequences given them
+        try:
+            async with aclosing(self._open_stream()) as stream:
                 async for delta in stream:
+                    if delta.token_ids:
+                        ticket.release()  # no longer queued: it is being answered
+                    if delta.prompt_logprobs:  # the first sequence's (the engine gives the others [])
+                        prompt_logprobs = delta.prompt_logprobs
+                    elif prompt_logprobs is not None and delta.index not in given:
+                        delta.prompt_logprobs = prompt_logprobs
+                    if delta.prompt_logprobs:
+                        given.add(delta.index)
                     self._queues[delta.index].put_nowait(delta)
-                ended: BaseException = APIError(500, "the backend ended the request without a finish reason")
-            except Exception as exc:  # noqa: BLE001 - every view raises it
-                ended = exc
-            for queue in self._queues:  # views still waiting: they end with the stream
-                queue.put_nowait(ended)
+            self._end(APIError(500, "the backend ended the request without a finish reason"))
+        except Exception as exc:  # noqa: BLE001 - every view raises it
+            self._end(exc)
+        finally:
+            ticket.release()
+
+    def _end(self, ended: BaseException) -> None:
+        for queue in self._queues:  # views still waiting: they end with the stream
+            queue.put_nowait(ended)
 
 
 async def merge_deltas(streams: list[AsyncGenerator[TextDelta, None]]) -> AsyncGenerator[TextDelta, None]:
