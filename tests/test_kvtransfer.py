@@ -507,6 +507,25 @@ def test_receiver_commits_exactly_once_only_after_every_layer_and_block() -> Non
     assert torch.equal(cache[0:2, :, [5, 0, 3]], part) and commits == [COMMIT]
 
 
+def test_the_receiver_remembers_only_the_latest_ended_transfers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Committed and cancelled ids alike: its memory stays bounded however many requests it serves."""
+    monkeypatch.setattr("pdserve.kvtransfer.receiver._MAX_CLOSED_IDS", 3)
+    receiver = KVReceiver(make_cache(2, is_random=False), MODEL_ID)
+    for i in range(6):
+        receiver.expect(f"t{i}", [0], later(), Commits())
+        receiver.begin(f"t{i}", "p", 1, is_device_writer=False)
+        receiver.write(f"t{i}", "p", 0, NUM_LAYERS, 0, 1, make_cache(1))
+        receiver.commit(f"t{i}", "p", COMMIT)
+    assert list(receiver._closed) == ["t3", "t4", "t5"]
+    with pytest.raises(UnknownTransferError, match="already committed"):
+        receiver.commit("t5", "p", COMMIT)
+    with pytest.raises(UnknownTransferError, match="never expected"):
+        receiver.commit("t0", "p", COMMIT)  # forgotten
+    receiver.expect("t6", [1], later(), Commits())
+    receiver.cancel("t6")
+    assert list(receiver._closed) == ["t4", "t5", "t6"]
+
+
 def test_receiver_takes_writes_from_many_threads_while_the_owner_polls() -> None:
     src = make_cache(16, num_layers=8)
     cache = make_cache(16, is_random=False, num_layers=8)
@@ -583,10 +602,10 @@ def test_an_abandoned_reservation_ends_and_its_blocks_are_free() -> None:
 def test_grpc_chunk_with_a_bad_byte_count_is_invalid_argument() -> None:
     receiver = KVReceiver(make_cache(4, is_random=False), MODEL_ID)
     receiver.expect("t1", [0, 1], later(), Commits())
-    receiver.begin("t1", "p", 2, is_device_writer=False)
+    receiver.begin("t1", "prefill-0", 2, is_device_writer=False)
     data = make_cache(2).contiguous().view(torch.uint8).numpy().tobytes()
     truncated = pb.KVChunk(
-        transfer_id="t1", sender_id="p", layer_start=0, layer_end=NUM_LAYERS, block_start=0, block_end=2, data=data[:-4]
+        transfer_id="t1", sender_id="prefill-0", layer_start=0, layer_end=NUM_LAYERS, block_start=0, block_end=2, data=data[:-4]
     )
 
     async def main() -> None:
@@ -635,6 +654,49 @@ def test_a_begin_is_refused_before_a_handshake_or_when_another_caller_signs_it(
     receiver.begin("t1", "prefill-0", 2, is_device_writer=False)  # not taken by the refused call
 
 
+@pytest.mark.parametrize("method", ["Commit", "Abandon", "PushKV", "Receive"])
+def test_a_call_naming_another_sender_than_its_signer_is_refused_and_changes_nothing(method: str) -> None:
+    src_cache, dst_cache = make_cache(4), make_cache(4, is_random=False)
+    receiver = KVReceiver(dst_cache, MODEL_ID, "decode-0")
+    commits = Commits()
+    receiver.expect("t1", [0, 1], later(), commits)
+    sender = make_sender(src_cache, ["nccl"])
+    chunk = pb.KVChunk(
+        transfer_id="t1",
+        sender_id="prefill-0",
+        layer_start=0,
+        layer_end=NUM_LAYERS,
+        block_start=0,
+        block_end=2,
+        data=bits(make_cache(2)).numpy().tobytes(),
+    )
+
+    async def main() -> None:
+        async with serving(receiver, ["grpc", "nccl"]) as address:
+            peer = await sender.connect(address, 10)
+            await sender.begin(peer, "t1", 2, 10)  # "prefill-0" took the reservation
+            async with auth.channel(address, CLUSTER_SECRET, "prefill-1", GRPC_OPTIONS) as channel:
+                stub = pdserve_pb2_grpc.KVTransferStub(channel)
+                calls = {
+                    "Commit": lambda: stub.Commit(pb.KVCommit(transfer_id="t1", sender_id="prefill-0"), timeout=5),
+                    "Abandon": lambda: stub.Abandon(pb.AbandonRequest(transfer_id="t1", sender_id="prefill-0"), timeout=5),
+                    "PushKV": lambda: stub.PushKV(iter([chunk]), timeout=5),
+                    "Receive": lambda: stub.Receive(
+                        pb.ReceiveRequest(transfer_id="t1", sender_id="prefill-0", layer_bounds=sender.bounds), timeout=5
+                    ),
+                }
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await calls[method]()
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert caught.value.details() == "sender_id 'prefill-0' is not the caller that signed the call"
+            assert receiver.is_pending("t1") and receiver.bytes_received == 0 and not peer.half.is_broken
+            await hand_off(sender, address, "t1", [2, 3])  # the real sender's transfer goes on
+            await sender.close()
+
+    asyncio.run(main())
+    assert commits == [COMMIT] and torch.equal(dst_cache[:, :, [0, 1]], src_cache[:, :, [2, 3]])
+
+
 @pytest.mark.parametrize("transport_name", CPU_TRANSPORTS)
 def test_a_push_past_its_deadline_fails_with_deadline_exceeded(transport_name: str) -> None:
     receiver = KVReceiver(make_cache(4, is_random=False), MODEL_ID, "decode-0")
@@ -656,6 +718,47 @@ def test_a_push_past_its_deadline_fails_with_deadline_exceeded(transport_name: s
 
     asyncio.run(main())
     assert commits == [] and receiver.is_pending("t1")  # the owner's poll frees it when its lease ends
+
+
+def test_a_push_queued_behind_one_cancelled_on_a_nccl_pair_fails_unavailable_and_a_retry_succeeds() -> None:
+    """Prompt "a"'s push is cancelled (its client left) while "b"'s waits for the pair: the cancel
+    closes the pair, so "b" fails with UNAVAILABLE (the sender forgets the peer), and "b" sent again
+    after a fresh handshake arrives whole."""
+    src_cache, dst_cache = make_cache(16), make_cache(12, is_random=False)
+    receiver = KVReceiver(dst_cache, MODEL_ID, "decode-0")
+    commits = Commits()
+    receiver.expect("a", [0, 1], later(), Commits())
+    receiver.expect("b", [2, 3], later(), commits)
+    sender = make_sender(src_cache, ["nccl"], layers_per_group=2)
+
+    async def main() -> None:
+        async with serving(receiver, ["nccl"]) as address:
+            peer = await sender.connect(address, 10)
+            reserved_a, reserved_b = await sender.begin(peer, "a", 2, 10), await sender.begin(peer, "b", 2, 10)
+            computing = LayerProgress(sender.bounds)  # "a"'s layers are still being computed
+            push_a = asyncio.create_task(
+                sender.push(peer, OutgoingTransfer("a", [4, 5], reserved_a.block_ids, computing, reserved_a.deadline))
+            )
+            computed = LayerProgress(sender.bounds)
+            computed.mark_all()
+            transfer_b = OutgoingTransfer("b", [6, 7], reserved_b.block_ids, computed, reserved_b.deadline)
+            push_b = asyncio.create_task(sender.push(peer, transfer_b))
+            await asyncio.sleep(0.2)
+            assert not push_b.done()  # waits for "a"
+            push_a.cancel()
+            receiver.cancel("a")
+            await asyncio.gather(push_a, return_exceptions=True)
+            with pytest.raises(KVTransferError) as caught:
+                await push_b
+            assert caught.value.code == "UNAVAILABLE"
+            retried = await sender.connect(address, 10)
+            assert retried is not peer
+            await sender.push(retried, transfer_b)
+            await sender.commit(retried, "b", COMMIT, 10)
+            await sender.close()
+
+    asyncio.run(main())
+    assert commits == [COMMIT] and torch.equal(dst_cache[:, :, [2, 3]], src_cache[:, :, [6, 7]])
 
 
 def test_an_unreachable_peer_is_unavailable() -> None:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import secrets
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -96,10 +96,7 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
 
     async def Begin(self, request: pb.BeginRequest, context: grpc.aio.ServicerContext) -> pb.BeginResponse:
         name = await self._transport_of(request.sender_id, context)
-        if request.sender_id != auth.caller_of(context):  # the id its KV is cached under is the one it signs with
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"sender_id {request.sender_id!r} is not the caller that signed the call"
-            )
+        await _check_caller(request.sender_id, context)
         try:
             self.receiver.begin(request.transfer_id, request.sender_id, request.num_blocks, TRANSPORTS[name].is_device_writer)
             if self.on_begin is not None:
@@ -109,17 +106,19 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
             await _abort(context, error)
         return pb.BeginResponse(lease_remaining_s=remaining, block_ids=block_ids, num_present_blocks=num_present)
 
-    async def PushKV(self, request_iterator: object, context: grpc.aio.ServicerContext) -> pb.KVAck:
+    async def PushKV(self, request_iterator: AsyncIterator[pb.KVChunk], context: grpc.aio.ServicerContext) -> pb.KVAck:
         half = await self._data_half("grpc", context)
-        return await half.receive_stream(request_iterator, context)
+        return await half.receive_stream(_callers_chunks(request_iterator, auth.caller_of(context)), context)
 
     async def Receive(self, request: pb.ReceiveRequest, context: grpc.aio.ServicerContext) -> pb.KVAck:
         if await self._transport_of(request.sender_id, context) != "nccl":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{request.sender_id} did not agree on nccl")
+        await _check_caller(request.sender_id, context)
         half = await self._data_half("nccl", context)
         return await half.receive(request, context)
 
     async def Commit(self, request: pb.KVCommit, context: grpc.aio.ServicerContext) -> pb.KVAck:
+        await _check_caller(request.sender_id, context)
         try:
             num_bytes = self.receiver.commit(request.transfer_id, request.sender_id, commit_from_proto(request))
         except (KeyError, ValueError) as error:
@@ -127,6 +126,7 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
         return pb.KVAck(bytes_received=num_bytes)
 
     async def Abandon(self, request: pb.AbandonRequest, context: grpc.aio.ServicerContext) -> pb.AbandonResponse:
+        await _check_caller(request.sender_id, context)
         self.receiver.abandon(request.transfer_id, request.sender_id, request.reason[:MAX_REASON_CHARS])
         return pb.AbandonResponse()
 
@@ -235,6 +235,26 @@ class KVControlClient:
 
     def error(self, error: grpc.aio.AioRpcError) -> KVTransferError:
         return KVTransferError(f"{self.address}: {error.details()}", error.code().name)
+
+
+async def _check_caller(sender_id: str, context: grpc.aio.ServicerContext) -> None:
+    """A sender acts only as itself: the id its reservations and cached KV go by is the one it signs with."""
+    if sender_id != auth.caller_of(context):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _not_the_caller(sender_id))
+
+
+async def _callers_chunks(chunks: AsyncIterator[pb.KVChunk], caller: str) -> AsyncIterator[pb.KVChunk]:
+    """`chunks` up to the first that names another sender than `caller`, which ends them with a ValueError (unwritten)."""
+    async for chunk in chunks:
+        if chunk.sender_id != caller:
+            async for _ in chunks:  # read to the end before failing the call (grpc/grpc#36066)
+                pass
+            raise ValueError(_not_the_caller(chunk.sender_id))
+        yield chunk
+
+
+def _not_the_caller(sender_id: str) -> str:
+    return f"sender_id {sender_id!r} is not the caller that signed the call"
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:

@@ -48,8 +48,20 @@ class _Pair:
         self.stream: torch.cuda.Stream | None = None
         self.is_broken = False
 
-    def run(self, fn: Callable[..., Any], *args: object) -> asyncio.Future:
-        return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    async def run(self, fn: Callable[..., Any], *args: object) -> Any:
+        """`fn(*args)` on the pair's thread. On a pair closed before or meanwhile (by another
+        transfer's failure, a new handshake, `close`): KVTransferError UNAVAILABLE, so its sender
+        handshakes afresh."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        except Exception as error:  # the executor shut down, or the group was shut down under `fn`
+            if self.is_broken:
+                raise _closed_error() from error
+            raise
+        except asyncio.CancelledError:
+            if self.is_broken and not asyncio.current_task().cancelling():  # close() dropped it from the queue
+                raise _closed_error() from None
+            raise
 
     def close(self) -> None:
         self.is_broken = True
@@ -82,10 +94,10 @@ class NcclSendHalf:
         return self._pair.is_broken
 
     async def push(self, transfer: OutgoingTransfer) -> int:
-        if self._pair.is_broken:
-            raise KVTransferError("the process group to this peer failed earlier", "UNAVAILABLE")
         self._lock = self._lock or asyncio.Lock()
         async with self._lock:  # the peer receives our transfers in the order we send them
+            if self._pair.is_broken:  # checked once ours: the push before us may have failed and closed it
+                raise _closed_error()
             request = pb.ReceiveRequest(
                 transfer_id=transfer.transfer_id, sender_id=self.sender_id, layer_bounds=transfer.progress.bounds
             )
@@ -198,6 +210,10 @@ class NcclReceiveHalf:
             pairs, self._pairs = list(self._pairs.values()), {}
         for pair in pairs:
             pair.close()
+
+
+def _closed_error() -> KVTransferError:
+    return KVTransferError("the process group to this peer was closed: handshake again", "UNAVAILABLE")
 
 
 def _join(pair: _Pair, backend: str, store: dist.TCPStore, address: str) -> None:

@@ -253,7 +253,7 @@ class KVReceiver:
                 self.bytes_received += reservation.num_bytes
             if self._stream is not None and not reservation.is_device_writer:
                 ready = self._stream.record_event()
-            self._closed[transfer_id] = "already committed"
+            self._remember_closed(transfer_id, "already committed")
             del self._pending[transfer_id]
         reservation.on_commit(info, ready)  # outside the lock: the callback may call back into us
         return reservation.num_bytes
@@ -285,15 +285,19 @@ class KVReceiver:
     def _close(self, transfer_id: str, reason: str) -> bool:
         """Ends a pending reservation; whether its blocks are free now (else they are held)."""
         reservation = self._pending.pop(transfer_id)
-        self._closed[transfer_id] = reason
-        if len(self._closed) > _MAX_CLOSED_IDS:
-            self._closed.popitem(last=False)
+        self._remember_closed(transfer_id, reason)
         if reservation.is_device_writer:
             blocks = reservation.present_block_ids + reservation.block_ids
             self._held[transfer_id] = (blocks, max(reservation.deadline, time.monotonic()) + HOLD_GRACE_S)
             return False
         self._fence()
         return True
+
+    def _remember_closed(self, transfer_id: str, reason: str) -> None:
+        """Why `transfer_id` ended, for late messages; only the latest `_MAX_CLOSED_IDS` are kept."""
+        self._closed[transfer_id] = reason
+        if len(self._closed) > _MAX_CLOSED_IDS:
+            self._closed.popitem(last=False)
 
     def _release(self, transfer_id: str) -> None:
         held = self._held.pop(transfer_id, None)
