@@ -575,6 +575,10 @@ def test_blocks_a_device_writer_may_still_write_are_held_until_it_is_done() -> N
         receiver.begin(transfer_id, "p", 2, is_device_writer=transfer_id != "plain")
     assert [receiver.cancel(t) for t in ("abandoned", "late-commit", "silent", "plain")] == [False, False, False, True]
     assert receiver.num_held_blocks == 6 and receiver.poll() == ([], [])
+    receiver.abandon("abandoned", "q", "not its writer")  # another sender's word frees nothing
+    with pytest.raises(UnknownTransferError):
+        receiver.commit("late-commit", "q", COMMIT)
+    assert receiver.num_held_blocks == 6 and receiver.poll() == ([], [])
     receiver.abandon("abandoned", "p", "cancelled by the client")
     with pytest.raises(UnknownTransferError, match="cancelled"):
         receiver.commit("late-commit", "p", COMMIT)  # a commit says it is done too

@@ -95,7 +95,7 @@ class KVReceiver:
         self._pending: dict[str, _Reservation] = {}
         self._closed: OrderedDict[str, str] = OrderedDict()  # transfer_id -> why it ended
         self._ended: list[Ended] = []  # for the owner's next poll
-        self._held: dict[str, tuple[list[int], float]] = {}  # transfer_id -> (blocks, release deadline)
+        self._held: dict[str, tuple[list[int], float, str | None]] = {}  # transfer_id -> (blocks, release deadline, sender)
         self._released: list[list[int]] = []
         self._stream = torch.cuda.Stream(kv_cache.device) if kv_cache.is_cuda else None
         self._positions = torch.arange(kv_cache.shape[2], device=kv_cache.device)  # identity block ids
@@ -146,7 +146,7 @@ class KVReceiver:
         with self._lock:
             for transfer_id in [t for t, r in self._pending.items() if r.deadline <= now]:
                 self._ended.append(Ended(transfer_id, "expired", self._close(transfer_id, "expired")))
-            for transfer_id in [t for t, (_, deadline) in self._held.items() if deadline <= now]:
+            for transfer_id in [t for t, (_, deadline, _) in self._held.items() if deadline <= now]:
                 self._release(transfer_id)
             ended, released = self._ended, self._released
             self._ended, self._released = [], []
@@ -159,7 +159,7 @@ class KVReceiver:
     @property
     def num_held_blocks(self) -> int:
         with self._lock:
-            return sum(len(blocks) for blocks, _ in self._held.values())
+            return sum(len(blocks) for blocks, _, _ in self._held.values())
 
     # -- the sender's messages --------------------------------------------------------------------
     def begin(self, transfer_id: str, sender_id: str, num_blocks: int, is_device_writer: bool) -> None:
@@ -239,7 +239,7 @@ class KVReceiver:
         for its own writes). The bytes received."""
         ready = None
         with self._lock:
-            self._release(transfer_id)  # a late commit: the sender is done with blocks we gave up
+            self._release(transfer_id, sender_id)  # a late commit: the sender is done with blocks we gave up
             reservation = self._get_begun(transfer_id, sender_id)
             if not reservation.is_device_writer and not bool(reservation.is_written.all()):
                 raise ValueError(
@@ -262,7 +262,7 @@ class KVReceiver:
         """The sender writes nothing more for `transfer_id`: a pending reservation ends, and blocks
         held for it are free."""
         with self._lock:
-            self._release(transfer_id)
+            self._release(transfer_id, sender_id)
             reservation = self._pending.get(transfer_id)
             if reservation is not None and reservation.sender_id == sender_id:
                 reservation.is_device_writer = False  # it said it is done writing
@@ -288,7 +288,7 @@ class KVReceiver:
         self._remember_closed(transfer_id, reason)
         if reservation.is_device_writer:
             blocks = reservation.present_block_ids + reservation.block_ids
-            self._held[transfer_id] = (blocks, max(reservation.deadline, time.monotonic()) + HOLD_GRACE_S)
+            self._held[transfer_id] = (blocks, max(reservation.deadline, time.monotonic()) + HOLD_GRACE_S, reservation.sender_id)
             return False
         self._fence()
         return True
@@ -299,9 +299,11 @@ class KVReceiver:
         if len(self._closed) > _MAX_CLOSED_IDS:
             self._closed.popitem(last=False)
 
-    def _release(self, transfer_id: str) -> None:
-        held = self._held.pop(transfer_id, None)
-        if held is not None:
+    def _release(self, transfer_id: str, sender_id: str | None = None) -> None:
+        """Held blocks free: at their deadline (no `sender_id`), or when the sender that writes them is done."""
+        held = self._held.get(transfer_id)
+        if held is not None and sender_id in (None, held[2]):
+            del self._held[transfer_id]
             self._released.append(held[0])
 
     def _fence(self) -> None:
