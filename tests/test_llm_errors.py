@@ -59,6 +59,28 @@ def test_out_of_vocabulary_token_ids_are_refused(llm: LLM) -> None:
         llm.generate([[1, 10**7]], SamplingParams())
 
 
+def test_an_interrupted_generate_leaves_nothing_behind(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (or a failed step) mid-`generate`: its requests are aborted and their blocks freed, so
+    the next call on the same LLM answers as a fresh one would (it once failed with KeyError)."""
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, n=2)
+    expected = [[c.token_ids for c in out.outputs] for out in llm.generate(prompts, params)]
+    step, num_steps = llm.engine.step, [0]
+
+    def interrupted_step() -> list:
+        num_steps[0] += 1
+        if num_steps[0] == 3:
+            raise KeyboardInterrupt
+        return step()
+
+    monkeypatch.setattr(llm.engine, "step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(prompts, params)
+    monkeypatch.undo()
+    assert not llm.engine.has_unfinished_requests() and llm.engine.core.block_manager.num_used_blocks == 0
+    assert [[c.token_ids for c in out.outputs] for out in llm.generate(prompts, params)] == expected
+
+
 def test_unknown_checkpoint_path() -> None:
     with pytest.raises(ConfigError, match="/no/such/model"):
         LLM(model="/no/such/model", device="cpu")

@@ -56,16 +56,25 @@ class LLM:
         encoded = [self._encode(p) for p in prompts]
         for (_, token_ids), p in zip(encoded, params):  # validate everything before anything is queued
             self.engine.core.validate(token_ids, p)
-        families = []
-        for (text, token_ids), p in zip(encoded, params):
-            request = self.engine.add_request(str(next(self._ids)), token_ids, p)
-            families.append(
-                [_Run(sequence, text, IncrementalDetokenizer.for_request(self.get_tokenizer(), p)) for sequence in request.family]
-            )
-        by_id = {run.request.request_id: run for runs in families for run in runs}
-        while self.engine.has_unfinished_requests():
-            for request in self.engine.step():
-                by_id[request.request_id].on_token(self.engine)
+        families: list[list[_Run]] = []
+        try:
+            for (text, token_ids), p in zip(encoded, params):
+                request = self.engine.add_request(str(next(self._ids)), token_ids, p)
+                families.append(
+                    [
+                        _Run(sequence, text, IncrementalDetokenizer.for_request(self.get_tokenizer(), p))
+                        for sequence in request.family
+                    ]
+                )
+            by_id = {run.request.request_id: run for runs in families for run in runs}
+            while self.engine.has_unfinished_requests():
+                for request in self.engine.step():
+                    by_id[request.request_id].on_token(self.engine)
+        except BaseException:  # Ctrl-C, a failed step: none of this call's requests stays queued, nor its blocks used
+            self.engine.pipeline.reset()
+            for runs in families:
+                self.engine.abort_request(runs[0].request.request_id)
+            raise
         return [_output(runs, self.get_tokenizer()) for runs in families]
 
     def get_default_sampling_params(self) -> SamplingParams:
