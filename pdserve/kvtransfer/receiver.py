@@ -11,6 +11,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -72,6 +73,14 @@ class _Reservation:
     num_bytes: int = 0
 
 
+class _Held(NamedTuple):
+    """The blocks of a reservation that ended while a device writer (CUDA IPC) may still write them."""
+
+    block_ids: list[int]
+    deadline: float  # time.monotonic(): free by then whatever the writer does
+    sender_id: str | None  # the writer: its commit or abandon frees them sooner
+
+
 @dataclass(frozen=True)
 class Ended:
     """A reservation that ended without a commit (lease expired, sender abandoned it)."""
@@ -95,7 +104,7 @@ class KVReceiver:
         self._pending: dict[str, _Reservation] = {}
         self._closed: OrderedDict[str, str] = OrderedDict()  # transfer_id -> why it ended
         self._ended: list[Ended] = []  # for the owner's next poll
-        self._held: dict[str, tuple[list[int], float, str | None]] = {}  # transfer_id -> (blocks, release deadline, sender)
+        self._held: dict[str, _Held] = {}
         self._released: list[list[int]] = []
         self._stream = torch.cuda.Stream(kv_cache.device) if kv_cache.is_cuda else None
         self._positions = torch.arange(kv_cache.shape[2], device=kv_cache.device)  # identity block ids
@@ -146,7 +155,7 @@ class KVReceiver:
         with self._lock:
             for transfer_id in [t for t, r in self._pending.items() if r.deadline <= now]:
                 self._ended.append(Ended(transfer_id, "expired", self._close(transfer_id, "expired")))
-            for transfer_id in [t for t, (_, deadline, _) in self._held.items() if deadline <= now]:
+            for transfer_id in [t for t, held in self._held.items() if held.deadline <= now]:
                 self._release(transfer_id)
             ended, released = self._ended, self._released
             self._ended, self._released = [], []
@@ -159,7 +168,7 @@ class KVReceiver:
     @property
     def num_held_blocks(self) -> int:
         with self._lock:
-            return sum(len(blocks) for blocks, _, _ in self._held.values())
+            return sum(len(held.block_ids) for held in self._held.values())
 
     # -- the sender's messages --------------------------------------------------------------------
     def begin(self, transfer_id: str, sender_id: str, num_blocks: int, is_device_writer: bool) -> None:
@@ -288,7 +297,9 @@ class KVReceiver:
         self._remember_closed(transfer_id, reason)
         if reservation.is_device_writer:
             blocks = reservation.present_block_ids + reservation.block_ids
-            self._held[transfer_id] = (blocks, max(reservation.deadline, time.monotonic()) + HOLD_GRACE_S, reservation.sender_id)
+            self._held[transfer_id] = _Held(
+                blocks, max(reservation.deadline, time.monotonic()) + HOLD_GRACE_S, reservation.sender_id
+            )
             return False
         self._fence()
         return True
@@ -302,9 +313,9 @@ class KVReceiver:
     def _release(self, transfer_id: str, sender_id: str | None = None) -> None:
         """Held blocks free: at their deadline (no `sender_id`), or when the sender that writes them is done."""
         held = self._held.get(transfer_id)
-        if held is not None and sender_id in (None, held[2]):
+        if held is not None and sender_id in (None, held.sender_id):
             del self._held[transfer_id]
-            self._released.append(held[0])
+            self._released.append(held.block_ids)
 
     def _fence(self) -> None:
         """Work issued after this (a decode step reusing freed blocks) runs after our writes."""

@@ -350,10 +350,16 @@ async def collect_all(generations: list[Generation]) -> list[TextDelta]:
     try:
         return list(await asyncio.gather(*tasks))
     finally:
-        for task in tasks:
-            task.cancel()
-        with anyio.CancelScope(shield=True):
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await _cancel_and_wait(tasks)
+
+
+async def _cancel_and_wait(tasks: list[asyncio.Task]) -> None:
+    """Cancel `tasks` and wait until each has finished its cleanup (closed its backend stream),
+    even while the caller itself is being cancelled."""
+    for task in tasks:
+        task.cancel()
+    with anyio.CancelScope(shield=True):
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def collect(deltas: AsyncGenerator[TextDelta, None]) -> TextDelta:
@@ -398,9 +404,7 @@ class SharedStream:
         finally:
             self._num_open -= 1
             if self._num_open == 0:
-                self._pump.cancel()
-                with anyio.CancelScope(shield=True):
-                    await asyncio.gather(self._pump, return_exceptions=True)
+                await _cancel_and_wait([self._pump])
 
     async def _run(self) -> None:
         try:
@@ -408,18 +412,16 @@ class SharedStream:
         except BackendFailure as exc:
             self._end(exc)
             return
-        prompt_logprobs, given = None, set()  # the request's, and the sequences given them
+        prompt_logprobs = None  # the request's: the first sequence's; the engine gives the others []
         try:
             async with aclosing(self._open_stream()) as stream:
                 async for delta in stream:
                     if delta.token_ids:
                         ticket.release()  # no longer queued: it is being answered
-                    if delta.prompt_logprobs:  # the first sequence's (the engine gives the others [])
-                        prompt_logprobs = delta.prompt_logprobs
-                    elif prompt_logprobs is not None and delta.index not in given:
-                        delta.prompt_logprobs = prompt_logprobs
                     if delta.prompt_logprobs:
-                        given.add(delta.index)
+                        prompt_logprobs = delta.prompt_logprobs
+                    elif prompt_logprobs is not None:
+                        delta.prompt_logprobs = prompt_logprobs
                     self._queues[delta.index].put_nowait(delta)
             self._end(APIError(500, "the backend ended the request without a finish reason"))
         except Exception as exc:  # noqa: BLE001 - every view raises it
@@ -459,10 +461,7 @@ async def merge_deltas(streams: list[AsyncGenerator[TextDelta, None]]) -> AsyncG
             else:
                 yield item
     finally:
-        for task in tasks:
-            task.cancel()
-        with anyio.CancelScope(shield=True):
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await _cancel_and_wait(tasks)
 
 
 async def start_stream(deltas: AsyncGenerator[TextDelta, None], chunks: Chunks, final: Callable[[], list[dict]]) -> Response:
