@@ -79,11 +79,14 @@ def test_several_prompts_come_back_as_choices_in_order_prompt_only_with_max_toke
     assert usage["prompt_tokens"] == sum(map(len, TOKEN_LISTS)) and usage["completion_tokens"] == 0
 
 
-def test_prompt_logprobs_field_in_vllms_shape(server: tuple[str, str], hf: dict) -> None:
+@pytest.mark.parametrize("echo", [False, True])
+def test_prompt_logprobs_field_in_vllms_shape(server: tuple[str, str], hf: dict, echo: bool) -> None:
+    """As vLLM answers: the field is there whether or not the prompt is echoed."""
     family, url = server
     tokens = TOKEN_LISTS[0]
-    body = {"model": "m", "prompt": tokens, "max_tokens": 2, "temperature": 0, "prompt_logprobs": 3}
+    body = {"model": "m", "prompt": tokens, "max_tokens": 2, "temperature": 0, "prompt_logprobs": 3, "echo": echo}
     choice = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+    assert choice["logprobs"] is None  # not asked for
     entries = choice["prompt_logprobs"]
     assert entries[0] is None and len(entries) == len(tokens)
     for token, entry, want in zip(tokens[1:], entries[1:], hf_prompt_logprobs(hf[family], tokens)):

@@ -158,7 +158,7 @@ class _Completion:
         }
         if self._request.logprobs is not None:
             choice["logprobs"] = self._logprobs(at, [*echoed, *logprobs], len(echoed))
-        if run.params.prompt_logprobs is not None and not self._request.echo:
+        if run.params.prompt_logprobs is not None:  # vLLM's: whenever computed, echo (+ logprobs) or asked for
             choice["prompt_logprobs"] = vllm_prompt_logprobs(self._tokenizer, run.prompt_logprobs)
         if self._is_prompt_only and delta.finish_reason is not None:
             choice["finish_reason"] = "length"
