@@ -765,6 +765,42 @@ def test_a_push_queued_behind_one_cancelled_on_a_nccl_pair_fails_unavailable_and
     assert commits == [COMMIT] and torch.equal(dst_cache[:, :, [2, 3]], src_cache[:, :, [6, 7]])
 
 
+def test_a_failed_send_on_a_nccl_pair_fails_unavailable_and_a_retry_succeeds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process group's send fails (as gloo's does when the peer resets the connection): the
+    push fails UNAVAILABLE, which the prefill worker answers as retryable, not UNKNOWN; the sender
+    forgets the peer, and the transfer sent again after a fresh handshake arrives whole."""
+    src_cache, dst_cache = make_cache(8), make_cache(4, is_random=False)
+    receiver = KVReceiver(dst_cache, MODEL_ID, "decode-0")
+    commits = Commits()
+    receiver.expect("t1", [0, 1], later(), commits)
+    sender = make_sender(src_cache, ["nccl"])
+
+    async def main() -> None:
+        async with serving(receiver, ["nccl"]) as address:
+            peer = await sender.connect(address, 10)
+            reservation = await sender.begin(peer, "t1", 2, 10)
+            computed = LayerProgress(sender.bounds)
+            computed.mark_all()
+            transfer = OutgoingTransfer("t1", [4, 5], reservation.block_ids, computed, reservation.deadline)
+
+            def reset_by_peer(*args: object) -> None:
+                raise RuntimeError("[gloo] Connection closed by peer")
+
+            with monkeypatch.context() as patched:
+                patched.setattr(peer.half, "_send", reset_by_peer)
+                with pytest.raises(KVTransferError) as caught:
+                    await sender.push(peer, transfer)
+            assert caught.value.code == "UNAVAILABLE" and peer.half.is_broken
+            retried = await sender.connect(address, 10)
+            assert retried is not peer
+            await sender.push(retried, transfer)
+            await sender.commit(retried, "t1", COMMIT, 10)
+            await sender.close()
+
+    asyncio.run(main())
+    assert commits == [COMMIT] and torch.equal(dst_cache[:, :, [0, 1]], src_cache[:, :, [4, 5]])
+
+
 def test_an_unreachable_peer_is_unavailable() -> None:
     sender = make_sender(make_cache(1), ["grpc"])
 

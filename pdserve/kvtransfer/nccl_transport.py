@@ -117,6 +117,8 @@ class NcclSendHalf:
                 await asyncio.gather(ack, sends, return_exceptions=True)  # retrieved: nothing left to log
                 if isinstance(error, grpc.aio.AioRpcError):
                     raise KVTransferError(f"the peer's receive failed: {error.details()}", error.code().name) from error
+                if isinstance(error, Exception) and not isinstance(error, KVTransferError):  # gloo/NCCL: a lost peer, a timeout
+                    raise KVTransferError(f"sending to the peer failed: {error}; handshake again", "UNAVAILABLE") from error
                 raise
 
     async def _send_groups(self, transfer: OutgoingTransfer) -> None:
