@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -73,10 +73,15 @@ class Commits(list):
 
 
 @contextlib.asynccontextmanager
-async def serving(receiver: KVReceiver, accepted: list[str], on_begin: OnBegin | None = None) -> AsyncIterator[str]:
-    """`receiver`'s KVTransfer service on a real gRPC server (signed calls only, as on a worker); yields its address."""
+async def serving(
+    receiver: KVReceiver, accepted: list[str], on_begin: OnBegin | None = None, servicers: list | None = None
+) -> AsyncIterator[str]:
+    """`receiver`'s KVTransfer service on a real gRPC server (signed calls only, as on a worker); yields its address.
+    The servicer is appended to `servicers`, when given."""
     server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[auth.ServerAuth(CLUSTER_SECRET)])
     servicer = KVTransferServicer(receiver, Endpoint.here(CPU, "127.0.0.1"), accepted, CLUSTER_SECRET, on_begin)
+    if servicers is not None:
+        servicers.append(servicer)
     add_kv_transfer_service(server, servicer)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -85,6 +90,13 @@ async def serving(receiver: KVReceiver, accepted: list[str], on_begin: OnBegin |
     finally:
         await server.stop(grace=None)
         servicer.close()
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout_s} s"
+        await asyncio.sleep(0.02)
 
 
 def make_sender(
@@ -759,6 +771,40 @@ def test_a_push_queued_behind_one_cancelled_on_a_nccl_pair_fails_unavailable_and
             assert retried is not peer
             await sender.push(retried, transfer_b)
             await sender.commit(retried, "b", COMMIT, 10)
+            await sender.close()
+
+    asyncio.run(main())
+    assert commits == [COMMIT] and torch.equal(dst_cache[:, :, [2, 3]], src_cache[:, :, [6, 7]])
+
+
+def test_a_sender_that_leaves_mid_transfer_gets_its_nccl_group_aborted_on_the_receiver() -> None:
+    """The prompt's client leaves after the first layer group went over: the receiver aborts its end
+    of the group at once. On NCCL its receive of the group that never comes would otherwise hold the
+    KV stream, and every decode step fenced behind it, until the group's 60 s timeout. The sender's
+    next hand-off, on a fresh group, arrives whole."""
+    src_cache, dst_cache = make_cache(8), make_cache(4, is_random=False)
+    receiver = KVReceiver(dst_cache, MODEL_ID, "decode-0")
+    commits = Commits()
+    receiver.expect("a", [0, 1], later(), Commits())
+    receiver.expect("b", [2, 3], later(), commits)
+    sender = make_sender(src_cache, ["nccl"], layers_per_group=2)
+    servicers: list = []
+
+    async def main() -> None:
+        async with serving(receiver, ["nccl"], servicers=servicers) as address:
+            peer = await sender.connect(address, 10)
+            reserved = await sender.begin(peer, "a", 2, 10)
+            computing = LayerProgress(sender.bounds)
+            computing.on_layer(1, None)  # the first group of layers only
+            push = asyncio.create_task(
+                sender.push(peer, OutgoingTransfer("a", [4, 5], reserved.block_ids, computing, reserved.deadline))
+            )
+            await until(lambda: receiver.bytes_received > 0)  # the first group arrived; the second never will
+            receive_pair = servicers[0].halves["nccl"]._pairs["prefill-0"]
+            push.cancel()
+            await asyncio.gather(push, return_exceptions=True)
+            await until(lambda: receive_pair.is_broken, timeout_s=5)
+            await hand_off(sender, address, "b", [6, 7])
             await sender.close()
 
     asyncio.run(main())

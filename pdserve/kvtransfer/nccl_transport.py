@@ -189,6 +189,12 @@ class NcclReceiveHalf:
         except Exception as error:  # noqa: BLE001 - a timeout or a lost peer: this group is done
             pair.close()
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"receiving from {request.sender_id} failed: {error}")
+        except asyncio.CancelledError:
+            # The sender left mid-transfer (its end is closed). On NCCL our receives of the layers it
+            # will never send would hold our stream, and the decode steps fenced behind it, until the
+            # group timed out; aborting the group ends them now.
+            pair.close()
+            raise
         return pb.KVAck(bytes_received=num_bytes)
 
     def _receive(self, pair: _Pair, transfer_id: str, sender_id: str, bounds: list[int], num_blocks: int) -> int:
