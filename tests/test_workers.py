@@ -10,7 +10,7 @@ import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +19,14 @@ import grpc
 import pytest
 import torch
 
+from pdserve.decode_worker.worker import DecodeWorker, Reserved
 from pdserve.deploy.worker_host import WorkerHost, WorkerSpec
 from pdserve.engine import LLM
 from pdserve.engine.config import EngineConfig, ModelConfig
 from pdserve.engine.core import EngineCore
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
 from pdserve.kvtransfer import Endpoint, KVSender, KVTransferError
+from pdserve.kvtransfer.receiver import HOLD_GRACE_S
 from pdserve.prefill_worker.worker import KVTarget, PrefillWorker
 from pdserve.proto import auth
 from pdserve.proto import pdserve_pb2 as pb
@@ -712,6 +714,47 @@ def test_duplicate_transfer_id_is_refused_without_harming_the_other_request(
     finally:
         stream.cancel()
         second.cancel()
+
+
+def test_a_transfer_id_held_for_an_aborted_device_writer_is_refused_until_its_blocks_come_back(
+    checkpoints: dict[str, Path], text_ids: list[int]
+) -> None:
+    """A CUDA IPC sender writes the decode worker's blocks itself, so when its request is aborted the
+    blocks stay held for it until its lease (and a grace) ends. A new request naming that transfer id
+    meanwhile is refused: taking it lost the held blocks for good (the worker never came back idle)."""
+    worker = DecodeWorker(EngineCore.load(engine_config(checkpoints["llama"])), "decode-direct")
+    prompt, lease_s = text_ids[:20], 1.0
+
+    async def reserved(request_id: str) -> tuple[AsyncGenerator, Reserved]:
+        stream = worker.generate(request_id, "held-transfer", prompt, greedy(4), lease_s, "gateway")
+        first = await anext(stream)
+        assert isinstance(first, Reserved)
+        return stream, first
+
+    def num_used_blocks() -> int:
+        return worker.loop.call(lambda: worker.core.block_manager.num_used_blocks).result(5)
+
+    async def main() -> None:
+        stream, reservation = await reserved("a")
+        worker.receiver.begin("held-transfer", "prefill-0", len(reservation.block_ids), is_device_writer=True)
+        await worker.on_begin("held-transfer", "prefill-0")
+        worker.receiver.to_write("held-transfer", "prefill-0")  # the writer was told its blocks
+        await stream.aclose()  # the client left: aborted; its blocks are held for the writer
+        assert num_used_blocks() > 0
+        with pytest.raises(InvalidRequestError, match="already pending"):
+            await reserved("b")
+        deadline = time.monotonic() + lease_s + HOLD_GRACE_S + 10
+        while num_used_blocks() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert num_used_blocks() == 0
+        stream, _ = await reserved("c")  # free again: the id may be used
+        await stream.aclose()
+        assert num_used_blocks() == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        worker.shutdown()
 
 
 # ---- h. a decode worker short of KV blocks --------------------------------------------------------

@@ -91,7 +91,8 @@ class DecodeWorker:
         self.limits.check_lease(lease_s)
 
         def add() -> None:
-            if transfer_id in self._by_transfer or any(i.transfer_id == transfer_id for i in self._incoming.values()):
+            is_taken = transfer_id in self._by_transfer or any(i.transfer_id == transfer_id for i in self._incoming.values())
+            if is_taken or self.receiver.is_held(transfer_id):  # held: its cancelled writer may still write
                 raise InvalidRequestError(f"transfer {transfer_id} is already pending here", "transfer_id")
             request = self.core.new_request(request_id, prompt_token_ids, params)
             self.limits.check_pending([i.caller for i in self._incoming.values()], caller)

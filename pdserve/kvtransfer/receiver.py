@@ -136,7 +136,7 @@ class KVReceiver:
             is_written=torch.zeros(self.layout.num_layers, len(block_ids), dtype=torch.bool),
         )
         with self._lock:
-            if transfer_id in self._pending:
+            if transfer_id in self._pending or transfer_id in self._held:
                 raise ValueError(f"transfer {transfer_id!r} is already pending")
             self._closed.pop(transfer_id, None)
             self._pending[transfer_id] = reservation
@@ -147,7 +147,15 @@ class KVReceiver:
         with self._lock:
             if transfer_id in self._pending:
                 return self._close(transfer_id, "cancelled")
-            return transfer_id not in self._held
+            if transfer_id in self._held:
+                return False
+            self._fence()  # committed meanwhile: its writes may still be on our stream
+            return True
+
+    def is_held(self, transfer_id: str) -> bool:
+        """Whether `transfer_id`'s blocks are held for a device writer (the id may not be reused yet)."""
+        with self._lock:
+            return transfer_id in self._held
 
     def poll(self, now: float | None = None) -> tuple[list[Ended], list[list[int]]]:
         """Reservations that ended by themselves since the last poll, and held blocks now free."""
