@@ -338,6 +338,8 @@ CASES = [  # (path, body, status, param, words in the message)
     ("/v1/completions", {"logit_bias": {"five": 1}}, 400, "logit_bias", "integers"),
     ("/v1/completions", {"logit_bias": {"1000000": 1}}, 400, "logit_bias", "must be in [0,"),
     ("/v1/completions", {"allowed_token_ids": [10**6]}, 400, "allowed_token_ids", "must be in [0,"),
+    ("/v1/completions", {"allowed_token_ids": []}, 400, "allowed_token_ids", "must not be empty"),
+    ("/v1/chat/completions", {"allowed_token_ids": []}, 400, "allowed_token_ids", "must not be empty"),
     ("/v1/completions", {"stream": True, "temperature": -1}, 400, "temperature", "temperature"),
     ("/v1/completions", {"stream_options": {"include_usage": True}}, 400, "stream_options", "stream"),
     ("/v1/chat/completions", {"max_tokens": 0}, 400, "max_tokens", "max_tokens"),
@@ -498,6 +500,13 @@ def test_continue_final_message_continues_the_assistants_message(server: Server,
     assert not server.http.post("/v1/chat/completions", json=asked).json()["choices"][0]["message"]["content"].startswith("Who")
 
 
+def test_tokenize_counts_a_text_of_any_length(server: Server) -> None:
+    """vLLM's /tokenize has no context check: clients measure long documents with it before cutting them."""
+    huge = " ".join(["Where did they go? The north road."] * 3000)  # far beyond what the context could hold
+    response = server.http.post("/tokenize", json={"model": MODEL, "prompt": huge})
+    assert response.status_code == 200 and response.json()["count"] == len(server.tokenizer.encode(huge))
+
+
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(server: Server, llm: LLM) -> None:
     """vLLM's `truncate_prompt_tokens`: a prompt longer than the context runs on its last k tokens
     (echoed as such), as text or as token ids, on both endpoints; k out of range is a 400."""
@@ -616,12 +625,18 @@ def test_models_and_health(server: Server) -> None:
     assert server.http.get("/ping").status_code == server.http.post("/ping").status_code == 200
 
 
-def test_any_served_name_is_the_model_and_replies_carry_the_first(server: Server) -> None:
-    """Several --served-model-name (vLLM's): a request may name any; the reply names the first."""
+def test_any_served_name_is_the_model_and_the_reply_carries_the_one_asked_for(server: Server) -> None:
+    """Several --served-model-name (vLLM's): a request may name any, and its reply names that one
+    (vLLM's, which clients and proxies routing by name check); without a name, the first."""
     reply = server.client.completions.create(model=ALIAS, prompt=PROMPT, max_tokens=2)
-    assert reply.model == MODEL and reply.usage.completion_tokens == 2
+    assert reply.model == ALIAS and reply.usage.completion_tokens == 2
     chat = server.client.chat.completions.create(model=ALIAS, messages=MESSAGES, max_tokens=2)
-    assert chat.model == MODEL
+    assert chat.model == ALIAS
+    streamed = list(server.client.chat.completions.create(model=ALIAS, messages=MESSAGES, max_tokens=2, stream=True))
+    assert {chunk.model for chunk in streamed} == {ALIAS}
+    assert server.client.responses.create(model=ALIAS, input="Hello", max_output_tokens=2).model == ALIAS
+    unnamed = server.http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}).json()
+    assert unnamed["model"] == MODEL
     with pytest.raises(openai.NotFoundError):
         server.client.completions.create(model="demo-v1", prompt=PROMPT, max_tokens=2)
 

@@ -336,6 +336,11 @@ def test_tool_choice_none_renders_the_tools_and_answers_text(server: Server) -> 
     prompt = httpx.post(server.base_url + "/tokenize", json={"messages": MESSAGES}, timeout=30).json()["count"]
     usage = chat(server, tools=TOOLS, tool_choice="none", temperature=0.0, max_tokens=1).usage
     assert usage.prompt_tokens > prompt + 40  # the tools are in the prompt
+    # /tokenize renders them too, as vLLM's does: a client budgeting its context counts the real prompt
+    with_tools = httpx.post(server.base_url + "/tokenize", json={"messages": MESSAGES, "tools": TOOLS}, timeout=30).json()
+    assert with_tools["count"] == usage.prompt_tokens
+    bad = httpx.post(server.base_url + "/tokenize", json={"messages": MESSAGES, "tools": [{"type": "x"}]}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tools"
 
 
 HERMES_CALL = (

@@ -34,6 +34,7 @@ from pdserve.router.response_store import ResponseStore, StoredResponse, find, i
 from pdserve.router.responses import create_response
 from pdserve.router.responses_request import ResponsesRequest
 from pdserve.router.serving import Serving, cancel_on_disconnect
+from pdserve.router.tools import check_tools
 
 logger = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -286,20 +287,24 @@ def _tenant(request: Request) -> str | None:
 
 
 async def _tokenize(serving: Serving, body: TokenizeRequest) -> list[int]:
-    """vLLM's /tokenize: a prompt (special tokens added by default) or chat messages (not)."""
+    """vLLM's /tokenize: a prompt (special tokens added by default) or chat messages (not), with
+    their tools as the chat endpoint renders them. Any length (within the body limit): clients
+    measure long documents with it."""
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of `prompt` and `messages`", "prompt")
+    tokenizer = serving.backend.tokenizer
     if body.prompt is not None:
         add_special_tokens = True if body.add_special_tokens is None else body.add_special_tokens
-        return await serving.encode(body.prompt, add_special_tokens, "prompt")
-    tokenizer = serving.backend.tokenizer
+        return await serving.in_thread(tokenizer.encode, body.prompt, add_special_tokens)
+    if body.tools is not None:
+        check_tools(body.tools)
     text = await serving.in_thread(
         render_chat,
         tokenizer,
         body.messages,
         body.add_generation_prompt,
         body.chat_template_kwargs,
-        None,
+        body.tools,
         body.continue_final_message,
     )
-    return await serving.encode(text, bool(body.add_special_tokens), "messages")
+    return await serving.in_thread(tokenizer.encode, text, bool(body.add_special_tokens))

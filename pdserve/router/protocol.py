@@ -124,6 +124,8 @@ class GenerationRequest(SamplingFields):
         """Reject what pdserve does not implement rather than silently sampling without it."""
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options can only be set when stream is true", "stream_options")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:  # vLLM's 400: no token could be sampled
+            raise APIError(400, "allowed_token_ids must not be empty", "allowed_token_ids")
 
     @property
     def include_usage_in_stream(self) -> bool:
@@ -303,6 +305,7 @@ class TokenizeRequest(BaseModel):
     continue_final_message: bool = False
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None  # rendered with the messages, as in a chat request
     return_token_strs: bool = False
 
 
