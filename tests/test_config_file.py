@@ -59,7 +59,7 @@ def test_flags_override_the_file(tmp_path: Path, demo_model_dir: Path) -> None:
 
 
 def test_several_served_model_names_from_the_file_or_the_flag(tmp_path: Path, demo_model_dir: Path) -> None:
-    """`--served-model-name a b` (vLLM's): replies carry the first, requests may name any; in the
+    """`--served-model-name a b` (vLLM's): requests may name any, the first is the default; in the
     file a list, or one name."""
     text = f"model: {demo_model_dir}\nserved-model-name: [demo, org/demo-v1]\n"
     path = tmp_path / "pdserve.yaml"

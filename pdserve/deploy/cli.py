@@ -53,7 +53,7 @@ def build_parser(config_file: str | None = None) -> argparse.ArgumentParser:
         "--served-model-name",
         nargs="+",
         default=None,
-        help="the model's name(s) in the API: requests may name any, replies carry the first (default: --model)",
+        help="the model's name(s) in the API: requests may name any; the first is the default (default: --model)",
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -476,7 +476,7 @@ def in_flag_terms(message: str, names: dict[str, str]) -> str:
 
 
 def served_model_names(args: argparse.Namespace) -> list[str]:
-    """`--served-model-name`'s names, the first the one replies carry (vLLM's); default: --model."""
+    """`--served-model-name`'s names, the first the default one (vLLM's); default: --model."""
     given = [name for name in args.served_model_name or () if name is not None]  # a config file's null: not given
     names = list(dict.fromkeys(given or [args.model or DEMO_MODEL_NAME]))
     if not all(name.strip() for name in names):

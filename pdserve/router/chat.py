@@ -72,7 +72,7 @@ async def create_chat_completion(
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     prepared = await prepare_chat(serving, request, tool_options, tenant, request_id)
     generations = prepared.generations
-    chat = _ChatCompletion(request_id, serving.backend.model_name, serving.backend.tokenizer, prepared, request)
+    chat = _ChatCompletion(request_id, serving.reply_model(request.model), serving.backend.tokenizer, prepared, request)
     if request.stream:
         deltas = generations[0].deltas() if len(generations) == 1 else merge_deltas([g.deltas() for g in generations])
         return await start_stream(deltas, chat.chunks, lambda: chat.final_chunks(request))

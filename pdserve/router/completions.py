@@ -58,7 +58,12 @@ async def create_completion(serving: Serving, request: CompletionRequest, tenant
     runs = [serving.generations(f"{request_id}-{i}", prompt.token_ids, params) for i, (prompt, params) in enumerate(planned)]
     flat = [run for group in runs for run in group]
     completion = _Completion(
-        request_id, serving.backend.model_name, tokenizer, request, [p for p, _ in planned for _ in range(len(runs[0]))], flat
+        request_id,
+        serving.reply_model(request.model),
+        tokenizer,
+        request,
+        [p for p, _ in planned for _ in range(len(runs[0]))],
+        flat,
     )
     if request.stream:
         deltas = flat[0].deltas() if len(flat) == 1 else merge_deltas([run.deltas() for run in flat])

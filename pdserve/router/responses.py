@@ -45,7 +45,14 @@ async def create_response(
         message = exc.message.replace("response_format", "text.format").replace("max_completion_tokens", "max_output_tokens")
         raise APIError(exc.status_code, message, PARAMS.get(exc.param or "", exc.param)) from None
     keep = None if store is None or request.store is False else functools.partial(store.put, tenant, input_items=items)
-    built = (serving.backend.model_name, serving.backend.tokenizer, prepared, request, keep, serving.return_tokens_as_token_ids)
+    built = (
+        serving.reply_model(request.model),
+        serving.backend.tokenizer,
+        prepared,
+        request,
+        keep,
+        serving.return_tokens_as_token_ids,
+    )
     deltas = prepared.generations[0].deltas()
     if not request.stream:
         response = ResponseObject(response_id, *built).whole(await collect(deltas))

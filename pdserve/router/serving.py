@@ -68,7 +68,7 @@ class Serving:
         self.backend = backend
         self.return_tokens_as_token_ids = return_tokens_as_token_ids  # GatewayConfig's: a request's default
         self.sampling_defaults: Mapping[str, float] = sampling_defaults or {}  # GatewayConfig's
-        self.model_names = tuple(dict.fromkeys([backend.model_name, *model_aliases]))  # replies carry the first
+        self.model_names = tuple(dict.fromkeys([backend.model_name, *model_aliases]))
         self.metrics = metrics
         self.deadlines = deadlines
         self.admission = admission
@@ -84,6 +84,10 @@ class Serving:
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.model_names:
             raise APIError(404, f"The model `{model}` does not exist.", "model")
+
+    def reply_model(self, model: str | None) -> str:
+        """The name a reply carries: the one the request gave (vLLM's), else the first served name."""
+        return model if model in self.model_names else self.model_names[0]
 
     def as_token_ids(self, requested: bool | None) -> bool:
         """Whether logprobs name tokens "token_id:N": the request's `return_tokens_as_token_ids`,
