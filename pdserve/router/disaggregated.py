@@ -137,7 +137,7 @@ class DisaggregatedBackend:
                 raise BackendUnavailableError("no healthy prefill worker is available")
             decode = self._pick_decode(blocks, uses_cache, used)
             pick_prefill = functools.partial(self._pick_prefill, blocks, uses_cache, decode, used)
-            handoff = Handoff(request, decode, pick_prefill, self.deadlines, self.watch)  # picks once decode has room
+            handoff = Handoff(request, decode, pick_prefill, self.deadlines, self.watch, attempt)  # picks once decode has room
             try:
                 firsts = await handoff.first_tokens()
             except HandoffFailure as failure:

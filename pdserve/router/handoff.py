@@ -57,13 +57,18 @@ class Handoff:
         pick_prefill: PickPrefill,
         deadlines: Deadlines,
         watch: HealthWatch,
+        attempt: int = 0,
     ) -> None:
         """`request`: the Generate request without its transfer id; each attempt makes up its own.
         `pick_prefill()`, called once the decode worker has reserved room: the prefill worker and the
-        prompt tokens it is expected to compute (its load until the prefill ends)."""
+        prompt tokens it is expected to compute (its load until the prefill ends). A retry (`attempt`
+        1, ...) has an id of its own on the workers: the one before may still be ending there."""
+        self.request_id = request.request_id
         self.request = pb.GenerateRequest()
         self.request.CopyFrom(request)
         self.request.transfer_id = uuid.uuid4().hex
+        if attempt:
+            self.request.request_id = f"{request.request_id}-retry{attempt}"
         self.request.lease_seconds = deadlines.kv_lease_s
         self.decode = decode
         self.prefill: WorkerHandle | None = None
@@ -94,7 +99,7 @@ class Handoff:
         response = await self._prefill(prefill, reservation, deadline)
         self._uncount_prefill()
         self.kv_transfer = (response.kv_bytes, response.kv_seconds, response.kv_transport, response.kv_present_blocks)
-        request_id = self.request.request_id
+        request_id = self.request_id
         logprobs = [logprobs_from_proto(response.first_logprobs)] if response.HasField("first_logprobs") else []
         prompt_logprobs = None
         if self.request.params.HasField("prompt_logprobs"):
