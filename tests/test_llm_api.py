@@ -113,6 +113,8 @@ def test_params_per_prompt_and_seeded_sampling(llm: LLM) -> None:
     assert first[1].outputs[0].token_ids == again[0].outputs[0].token_ids  # the seed reproduces, whatever the batch
     with pytest.raises(ValueError, match="SamplingParams for"):
         llm.generate(prompts, params[:1])
+    with pytest.raises(ValueError, match="got 0 SamplingParams for 2 prompts"):  # not the defaults, silently
+        llm.generate(prompts, [])
 
 
 def test_the_engine_seed_reproduces_requests_without_their_own(demo_model_dir: Path) -> None:
@@ -155,6 +157,21 @@ def test_chat_applies_the_template(llm: LLM) -> None:
     ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
     assert chat.prompt_token_ids == ids
     [plain] = llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    assert chat.outputs[0].token_ids == plain.outputs[0].token_ids
+
+
+def test_chat_and_generate_take_vllm_s_arguments(llm: LLM) -> None:
+    """vLLM scripts pass `use_tqdm` (no bar is drawn here) and `LLM.chat(chat_template=...)`, a
+    template of their own instead of the checkpoint's."""
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    messages = [{"role": "user", "content": "Hello there"}]
+    template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
+    )
+    [chat] = llm.chat(messages, greedy, use_tqdm=False, chat_template=template)
+    ids = llm.get_tokenizer().encode("<user>Hello there\n<a>", add_special_tokens=False)
+    assert chat.prompt_token_ids == ids
+    [plain] = llm.generate({"prompt_token_ids": ids}, greedy, use_tqdm=False)
     assert chat.outputs[0].token_ids == plain.outputs[0].token_ids
 
 

@@ -339,6 +339,13 @@ CASES = [  # (path, body, status, param, words in the message)
     ("/v1/completions", {"logit_bias": {"1000000": 1}}, 400, "logit_bias", "must be in [0,"),
     ("/v1/completions", {"allowed_token_ids": [10**6]}, 400, "allowed_token_ids", "must be in [0,"),
     ("/v1/completions", {"allowed_token_ids": []}, 400, "allowed_token_ids", "must not be empty"),
+    (
+        "/v1/chat/completions",
+        {"chat_template_kwargs": {"chat_template": "{{ 'x' }}"}},
+        400,
+        "chat_template_kwargs",
+        "may not set",
+    ),
     ("/v1/chat/completions", {"allowed_token_ids": []}, 400, "allowed_token_ids", "must not be empty"),
     ("/v1/completions", {"stream": True, "temperature": -1}, 400, "temperature", "temperature"),
     ("/v1/completions", {"stream_options": {"include_usage": True}}, 400, "stream_options", "stream"),

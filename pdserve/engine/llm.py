@@ -48,11 +48,13 @@ class LLM:
         self,
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """One `RequestOutput` per prompt, in order. A prompt is a string, a list of token ids, or
-        a dict with `prompt` or `prompt_token_ids`."""
+        a dict with `prompt` or `prompt_token_ids`. `use_tqdm` is taken for vLLM's scripts; no
+        progress bar is drawn."""
         prompts = _as_prompt_list(prompts)
-        params = _as_params_list(sampling_params or self.get_default_sampling_params(), len(prompts))
+        params = _as_params_list(self.get_default_sampling_params() if sampling_params is None else sampling_params, len(prompts))
         encoded = [self._encode(p) for p in prompts]
         for (_, token_ids), p in zip(encoded, params):  # validate everything before anything is queued
             self.engine.core.validate(token_ids, p)
@@ -85,28 +87,32 @@ class LLM:
     def chat(
         self,
         messages: list[dict] | list[list[dict]],
-        sampling_params: SamplingParams | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
         *,
+        chat_template: str | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         tools: list[dict] | None = None,
         chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
         """vLLM's `LLM.chat` (its keyword arguments): each conversation through the chat template
-        (`chat_template_kwargs` override the others), then generated from."""
+        (`chat_template`, a Jinja source, instead of the checkpoint's; `chat_template_kwargs`
+        override the others), then generated from."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         tokenizer = self.get_tokenizer()
         options = {
             "add_generation_prompt": add_generation_prompt,
             "continue_final_message": continue_final_message,
             "tools": tools,
+            "chat_template": chat_template,
             **(chat_template_kwargs or {}),
         }
         prompts = [
             {"prompt_token_ids": tokenizer.encode(tokenizer.apply_chat_template(c, **options), add_special_tokens=False)}
             for c in conversations
         ]
-        return self.generate(prompts, sampling_params)
+        return self.generate(prompts, sampling_params, use_tqdm)
 
     def _encode(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

@@ -137,11 +137,13 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         tools: list | None = None,
         continue_final_message: bool = False,
+        chat_template: str | None = None,
         **kwargs: Any,
     ) -> str:
         """Render messages to a prompt string (encode it with add_special_tokens=False, like transformers).
         `continue_final_message`: the prompt ends inside the last message, which the model goes on
-        writing (the reply's start given), as transformers cuts it."""
+        writing (the reply's start given), as transformers cuts it. `chat_template`: a Jinja template
+        to use instead of the checkpoint's."""
         if not messages:
             raise ValueError("cannot apply the chat template to an empty list of messages")
         if continue_final_message and add_generation_prompt:
@@ -150,7 +152,7 @@ class Tokenizer:
             raise ValueError("every chat message must be a dict with 'role' and 'content'")
         if tools is not None and any(not isinstance(t, dict) for t in tools):
             raise ValueError("tools must be JSON-schema dicts")
-        template = self._template(is_tool_use=tools is not None)
+        template = self._template(is_tool_use=tools is not None, source=chat_template)
         variables = {**self._special_tokens, **kwargs}
         try:
             rendered = template.render(
@@ -168,8 +170,8 @@ class Tokenizer:
         token = self._special_tokens.get(name)
         return None if token is None else self._backend.token_to_id(token)
 
-    def _template(self, is_tool_use: bool) -> jinja2.Template:
-        source = self._chat_template
+    def _template(self, is_tool_use: bool, source: str | dict[str, str] | None = None) -> jinja2.Template:
+        source = self._chat_template if source is None else source
         if source is None:
             raise ValueError("this checkpoint has no chat template (in tokenizer_config.json or chat_template.jinja)")
         if isinstance(source, dict):

@@ -32,7 +32,7 @@ from pdserve.router.serving import (
 from pdserve.router.tool_parsers import PARSERS, NamedStream, ParsedReply, RequiredStream, ToolCall, parse_required
 from pdserve.router.tools import ToolMode, ToolOptions, forced_call_schema, tool_mode
 
-RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "tools", "continue_final_message")
+RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "tools", "continue_final_message", "chat_template")
 Reader = tuple[Callable[[str], ParsedReply], Callable[[], Any]]  # the whole reply's parser, a stream's
 
 
