@@ -123,6 +123,39 @@ def test_with_redis_down_health_follows_the_workers_own_checks(
     asyncio.run(main())
 
 
+class HangingRegistry(InMemoryRegistry):
+    """A registry that stops answering once `is_hung` (a frozen controller or Redis)."""
+
+    is_hung = False
+
+    async def list_workers(self) -> list:
+        if self.is_hung:
+            await asyncio.sleep(3600)
+        return await super().list_workers()
+
+
+def test_a_registry_that_stops_answering_holds_up_no_health_check(hosts_factory: object) -> None:
+    """Each health check waits at most its RPC timeout; the registry read must not make every check
+    wait for it (a dead worker stayed routable for as long as the read took)."""
+    hosts = hosts_factory(None)
+    registry = HangingRegistry([host.record for host in hosts.values()])
+
+    async def main() -> None:
+        pool = WorkerPool(registry, CLUSTER_SECRET, poll_interval_s=POLL_S, rpc_timeout_s=1.0)
+        await pool.start()
+        try:
+            assert await pool.wait_ready(10)
+            registry.is_hung = True
+            await asyncio.sleep(3 * POLL_S)
+            assert pool.healthy("decode"), "a registry that does not answer must not hide live workers"
+            hosts["decode"].stop()
+            await eventually(lambda: not pool.healthy("decode"), 5, "the gateway notices the dead decode worker")
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
+
+
 def test_a_redis_restarted_empty_drops_no_worker_and_the_workers_register_again(
     redis: RedisServer, hosts_factory: object, tokenizer: Tokenizer, expected: dict[int, list[int]]
 ) -> None:

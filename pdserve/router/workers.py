@@ -75,6 +75,7 @@ class WorkerPool:
         self.retired: set[WorkerHandle] = set()  # out of the pool; channel open until their calls end
         self.is_registry_reachable = True
         self._task: asyncio.Task | None = None
+        self._listing: asyncio.Task | None = None  # the registry read in flight
         self._closers: set[asyncio.Task] = set()
         self._refreshing = asyncio.Lock()  # the poller and /admin/workers may refresh at once
 
@@ -86,7 +87,7 @@ class WorkerPool:
         """Stops polling, closes every channel, then the registry; ends within about twice
         `close_timeout_s` even when a client hangs in its close or swallows the poller's cancel."""
         self.is_closed = True
-        tasks = [t for t in (self._task, *self._closers) if t is not None]
+        tasks = [t for t in (self._task, self._listing, *self._closers) if t is not None]
         for task in tasks:
             task.cancel()
         await end_within(tasks, self.close_timeout_s, "the worker pool's poller")
@@ -136,11 +137,17 @@ class WorkerPool:
 
     async def _refresh(self) -> None:
         """The registry adds workers; each worker's own health check keeps or drops it, so a registry
-        that is down or restarted empty neither hides live workers nor keeps dead ones healthy."""
-        records = await self._listed()
-        if records is not None:
-            self._sync(records)
-        await asyncio.gather(*(self._poll(h) for h in list(self.workers.values())))
+        that is down or restarted empty neither hides live workers nor keeps dead ones healthy. A
+        registry slow to answer (a busy controller, a frozen Redis) holds up no health check: the
+        read is awaited for as long as one check may take, and taken in a later round otherwise."""
+        listing = self._listing = self._listing or asyncio.ensure_future(self._listed())
+        known = [self._poll(h) for h in list(self.workers.values())]
+        await asyncio.gather(asyncio.wait({listing}, timeout=self.rpc_timeout_s), *known)
+        if listing.done():
+            self._listing = None
+            records = listing.result()
+            if records is not None:
+                await asyncio.gather(*(self._poll(h) for h in self._sync(records)))
         for handle in list(self.workers.values()):
             if not handle.is_listed and (not handle.is_healthy or handle.is_draining):
                 self._retire(handle)
@@ -161,15 +168,16 @@ class WorkerPool:
         self.is_registry_reachable = True
         return records
 
-    def _sync(self, records: dict[str, WorkerRecord]) -> None:
+    def _sync(self, records: dict[str, WorkerRecord]) -> list[WorkerHandle]:
+        """The pool as the registry lists it; returns the workers new to it."""
         for worker_id, handle in list(self.workers.items()):
             record = records.get(worker_id)
             handle.is_listed = record is not None
             if record is not None and record != handle.record:  # same id, another address: a new process
                 self._retire(handle)
-        for worker_id, record in records.items():
-            if worker_id not in self.workers:
-                self.workers[worker_id] = self._connect(record)
+        new = [self._connect(record) for worker_id, record in records.items() if worker_id not in self.workers]
+        self.workers.update((handle.record.worker_id, handle) for handle in new)
+        return new
 
     def _retire(self, handle: WorkerHandle) -> None:
         """Out of the pool at once; its channel stays open until this gateway's calls on it end
