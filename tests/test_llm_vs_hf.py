@@ -151,3 +151,40 @@ def test_tiny_kv_pool_forces_preemption_and_still_matches(checkpoints: dict, hf_
     for prompt, output in zip(prompts, outputs):
         assert output.outputs[0].token_ids == hf_greedy(hf, prompt, 20)
     assert llm.engine.core.block_manager.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("layout", ["cublas", "decode-gemv"])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_attention_bias_checkpoints_load_and_match_transformers(
+    family: str, layout: str, demo_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`attention_bias: true` gives Llama and Qwen3 biases on q, k, v and o_proj (Qwen2: q, k, v only);
+    such a checkpoint was refused for its o_proj.bias."""
+    from tests.conftest import write_hf_checkpoint
+
+    monkeypatch.setattr(model_runner, "uses_decode_gemv", lambda device: layout == "decode-gemv")
+    path = write_hf_checkpoint(tmp_path / family, family, demo_model_dir, attention_bias=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert hf.model.layers[0].self_attn.o_proj.bias is not None
+    hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = None, 0
+    llm = LLM(model=str(path), device="cpu", dtype="float32")
+    prompts = random_prompts(hf.config.vocab_size, [5, 21])
+    for prompt, output in zip(prompts, llm.generate(prompts, GREEDY)):
+        assert output.outputs[0].token_ids == hf_greedy(hf, prompt)
+
+
+def test_a_config_without_architectures_is_read_by_its_model_type(checkpoints: dict, hf_models: dict, tmp_path: Path) -> None:
+    """transformers reads such a config by its `model_type`; so do we."""
+    import json
+    import shutil
+
+    path = Path(shutil.copytree(checkpoints["qwen2"], tmp_path / "qwen2"))
+    config = json.loads((path / "config.json").read_text())
+    del config["architectures"]
+    (path / "config.json").write_text(json.dumps(config))
+    prompt = random_prompts(hf_models["qwen2"].config.vocab_size, [9])[0]
+    [output] = LLM(model=str(path), device="cpu", dtype="float32").generate([prompt], GREEDY)
+    assert output.outputs[0].token_ids == hf_greedy(hf_models["qwen2"], prompt)
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "gemma"}))
+    with pytest.raises(ValueError, match="architecture 'gemma' is not supported"):
+        LLM(model=str(path), device="cpu", dtype="float32")

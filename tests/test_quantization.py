@@ -363,6 +363,24 @@ def test_unknown_tensor_name_is_an_error_naming_it(plain: dict[str, Path], tmp_p
         make_llm(path)
 
 
+@pytest.mark.parametrize(
+    "name", ["model.layers.7.self_attn.k_scale", "model.self_attn.v_scale", "model.layers.9.self_attn.rotary_emb.inv_freq"]
+)
+def test_a_skipped_kind_of_tensor_of_no_layer_is_an_error_naming_it(name: str, plain: dict[str, Path], tmp_path: Path) -> None:
+    """KV scales and old rotary tables are skipped as weights, but only those of a real attention layer."""
+    path = copy_of(plain["llama"], tmp_path)
+    edit_tensors(path, lambda t: t.__setitem__(name, torch.tensor(0.5)))
+    with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
+        make_llm(path)
+
+    def of_a_real_layer(tensors: dict[str, torch.Tensor]) -> None:
+        del tensors[name]
+        tensors["model.layers.1.self_attn.rotary_emb.inv_freq"] = torch.ones(16)  # an old checkpoint's table: skipped
+
+    edit_tensors(path, of_a_real_layer)
+    make_llm(path)
+
+
 def test_scale_in_an_unquantized_checkpoint_is_an_error_naming_it(plain: dict[str, Path], tmp_path: Path) -> None:
     path = copy_of(plain["mistral"], tmp_path)
     edit_tensors(path, lambda t: t.__setitem__("model.layers.1.self_attn.o_proj.weight_scale", torch.tensor(0.1)))

@@ -14,6 +14,12 @@ if TYPE_CHECKING:
     from pdserve.engine.quant_config import QuantConfig
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+ARCHITECTURE_OF_MODEL_TYPE = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 QUANTIZATION_CHOICES = ("fp8", "int8", "awq", "gptq", "compressed-tensors")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -102,7 +108,8 @@ class ModelConfig:
     max_position_embeddings: int
     rope: RopeConfig = field(default_factory=RopeConfig)
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # q/k/v biases
+    o_proj_bias: bool = False
     qk_norm: bool = False
     checkpoint_dtype: str = "float32"
     eos_token_ids: tuple[int, ...] = ()
@@ -126,7 +133,8 @@ class ModelConfig:
     def from_hf(cls, hf: dict) -> ModelConfig:
         from pdserve.engine.quant_config import parse_quantization_config  # it needs ConfigError from here
 
-        architectures = hf.get("architectures") or [hf.get("model_type", "?")]
+        model_type = hf.get("model_type", "?")  # a config without `architectures`: its model_type's, as transformers reads it
+        architectures = hf.get("architectures") or [ARCHITECTURE_OF_MODEL_TYPE.get(model_type, model_type)]
         architecture = architectures[0]
         if architecture not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(f"architecture {architecture!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
@@ -154,6 +162,7 @@ class ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             # Qwen2 always has q/k/v biases; its config has no attention_bias key.
             attention_bias=True if is_qwen2 else bool(hf.get("attention_bias") or False),
+            o_proj_bias=False if is_qwen2 else bool(hf.get("attention_bias") or False),  # transformers' Llama, Qwen3
             qk_norm=architecture == "Qwen3ForCausalLM",
             checkpoint_dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
             eos_token_ids=eos_ids,

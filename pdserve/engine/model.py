@@ -38,7 +38,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = MergedLinear(
             config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, config.attention_bias, decode_gemv=decode_gemv
         )
-        self.o_proj = Linear(q_size, config.hidden_size, transposed=not decode_gemv, decode_gemv=decode_gemv)
+        self.o_proj = Linear(q_size, config.hidden_size, config.o_proj_bias, transposed=not decode_gemv, decode_gemv=decode_gemv)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
@@ -219,7 +219,15 @@ class LlamaForCausalLM(nn.Module):
     def load_weight(self, name: str, tensor: torch.Tensor) -> set[str]:
         """Load one HF checkpoint tensor; returns the names of `weight_keys` it filled. A tensor
         with no place in this model, or one of the wrong kind, shape or dtype, is an error naming it."""
-        if name.endswith(IGNORABLE_SUFFIXES) or (name == "lm_head.weight" and self.config.tie_word_embeddings):
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            return set()
+        if name.endswith(IGNORABLE_SUFFIXES):
+            rotary = ".rotary_emb.inv_freq"
+            owner = name.removesuffix(rotary) if name.endswith(rotary) else name.rpartition(".")[0]  # its attention layer
+            if not isinstance(self._find_module(owner), (LlamaAttention, LlamaModel)):
+                raise ConfigError(
+                    f"checkpoint tensor {name}: no such layer in a {self.config.architecture} of {self.config.num_layers} layers"
+                )
             return set()
         prefix, _, kind = name.rpartition(".")
         parent, _, module_name = prefix.rpartition(".")
