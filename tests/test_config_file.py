@@ -96,6 +96,9 @@ def test_a_switch_set_in_the_file_can_be_turned_back_off_by_a_flag(tmp_path: Pat
         ("max_num_sequences: 4\n", "unknown setting 'max_num_sequences'"),
         ("max-num-seqs: 4\nmax_num_seqs: 8\n", "max_num_seqs sets what another key of the file already set"),
         ("enforce-eager: true\nno-enforce-eager: true\n", "no-enforce-eager sets what another key"),
+        # pools.decode.replicas is decode-workers: refused whichever comes first, never one dropped
+        ("decode-workers: 4\npools: {decode: {replicas: 2}}\n", "pools sets what another key of the file already set"),
+        ("pools: {decode: {replicas: 2}}\ndecode-workers: 4\n", "decode-workers sets what another key of the file already set"),
         ("kv_transport: carrier-pigeon\n", "kv_transport must be one of"),
         ("autoscale: yes please\n", "autoscale must be true or false"),
         ("pools: {prefill: {replicas: 2, size: 3}}\n", "pools.prefill: unknown size"),

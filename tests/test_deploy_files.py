@@ -2,7 +2,7 @@
 own JSON schema (from the installed ray package) and its node types, a variant of it brought up
 by Ray's autoscaler with the `fake_multinode` provider (both pool node types really start), the
 KubeRay manifest's worker groups, and the Grafana dashboard's queries against the metric names
-the gateway exports."""
+the gateway exports (the controller's series, the same on every gateway, taken with max)."""
 
 from __future__ import annotations
 
@@ -251,3 +251,20 @@ def test_the_grafana_dashboard_queries_only_metrics_the_gateway_exports() -> Non
         "pdserve:pool_num_requests_waiting",
     ):
         assert metric in queried, metric
+
+
+def test_the_grafana_dashboard_takes_the_max_of_the_controllers_series_over_the_gateways() -> None:
+    """Every gateway that reaches the controller exports the same pool sizes and decisions: a sum over
+    the scraped gateways would show N gateways' worth of workers."""
+    dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] if p.get("type") != "row" for t in p["targets"]]
+    expected = {
+        "pdserve:pool_replicas": r"^max by\(pool, state\) \(pdserve:pool_replicas\{",
+        "pdserve:pool_desired_replicas": r"^max by\(pool\) \(pdserve:pool_desired_replicas\{",
+        "pdserve:autoscaler_decisions_total": r"^max by\(pool, direction\) \((increase|rate)\(pdserve:autoscaler_decisions_total\{",
+    }
+    for metric, pattern in expected.items():
+        queries = [e for e in exprs if re.search(re.escape(metric) + r"\{", e)]
+        assert queries, metric
+        for expr in queries:
+            assert re.match(pattern, expr), expr

@@ -118,6 +118,28 @@ def test_the_latency_window_reads_only_what_was_observed_since_the_last_reading(
     assert window.quantile(0.5) == 2560.0
 
 
+def test_the_latency_window_interpolates_inside_the_bucket_like_histogram_quantile() -> None:
+    metrics = Metrics("m")
+    window = LatencyWindow(metrics.inter_token_latency)  # bounds ... 0.01 ... 0.1, 0.15, 0.2 ...
+    for value in [0.12] * 5 + [0.17] * 5:
+        metrics.labels(metrics.inter_token_latency).observe(value)
+    assert window.quantile(0.9) == pytest.approx(0.19)  # rank 9: 4 of the 5 in (0.15, 0.2]
+    for _ in range(10):
+        metrics.labels(metrics.inter_token_latency).observe(0.004)
+    assert window.quantile(0.5) == pytest.approx(0.005)  # the first bucket starts at 0, not at its bound
+
+
+def test_an_itl_p90_under_the_high_threshold_does_not_grow_the_decode_pool() -> None:
+    metrics = Metrics("m")
+    window = LatencyWindow(metrics.inter_token_latency)
+    for _ in range(100):
+        metrics.labels(metrics.inter_token_latency).observe(0.155)  # every token 0.155 s apart
+    itl = window.quantile(0.9)
+    assert itl is not None and itl < 0.2  # not the 0.2 s bound of its bucket
+    scaler = Autoscaler(AutoscaleConfig(itl_high_s=0.2), 256)
+    assert scaler.pressure(PoolSignals("decode", [WorkerLoad(1, 0, 10, 100)], itl_s=itl))[0] is None
+
+
 def test_workers_ask_for_their_pool_and_the_local_node_has_both() -> None:
     options = actor_options({"decode": 1}, {"num_gpus": 1, "accelerator_type:H200": 0.001}, gpu_share=0.5)
     assert options["resources"] == {"decode_pool": 1, "accelerator_type:H200": 0.001}
@@ -127,3 +149,31 @@ def test_workers_ask_for_their_pool_and_the_local_node_has_both() -> None:
     assert missing_pools(local_node_resources()) == []
     assert missing_pools({"CPU": 8, "prefill_pool": 2}) == ["decode_pool"]
     assert gpus_per_worker(1, 2, "auto") == 0.5 and gpus_per_worker(8, 2, "auto") == 1 and gpus_per_worker(8, 2, "cpu") == 0
+
+
+@pytest.mark.parametrize("prefill_gpus", [1, 0.25])
+def test_a_worker_sizes_its_kv_cache_for_the_gpu_share_ray_gives_it(prefill_gpus: float) -> None:
+    """A pool's `num_gpus` (1 in the example files) is what Ray gives each of its workers, so it is
+    also the memory they size their KV cache in; a pool without it gets the even share of the GPUs."""
+    from pdserve.deploy.cluster import Cluster
+    from pdserve.deploy.config import ServeConfig
+    from pdserve.deploy.controller import Controller
+    from pdserve.engine.config import EngineConfig
+
+    engine = EngineConfig(model="m", gpu_memory_utilization=0.9)
+    config = ServeConfig(
+        engine=engine,
+        served_model_name="m",
+        num_decode_workers=2,
+        prefill_pool=PoolConfig(resources={"num_gpus": prefill_gpus, "num_cpus": 4}),
+        decode_pool=PoolConfig(resources={"num_cpus": 4}),
+    )
+    controller_config = Cluster(config)._controller_config(num_cluster_gpus=2.0)  # 3 workers on 2 GPUs: 1/2 each
+    controller = Controller(controller_config)
+    given = {}
+    for role in ("prefill", "decode"):
+        num_gpus = actor_options({role: 1}, controller_config.pools[role].resources, controller_config.gpu_share)["num_gpus"]
+        given[role] = num_gpus
+        utilization = controller._spec(role).engine.gpu_memory_utilization
+        assert utilization == pytest.approx(0.9 * min(1.0, num_gpus)), (role, num_gpus, utilization)
+    assert given == {"prefill": prefill_gpus, "decode": 0.5}

@@ -14,8 +14,8 @@ from typing import Any
 
 from pdserve.deploy.config import ROLES, ServeConfig
 from pdserve.deploy.controller import CONTROLLER_NAME, NAMESPACE, Controller, ControllerConfig
-from pdserve.deploy.placement import gpus_per_worker, local_node_resources, missing_pools, pythonpath
-from pdserve.engine.config import ConfigError
+from pdserve.deploy.placement import gpus_per_worker, local_node_resources, missing_pools, pool_gpu_share, pythonpath
+from pdserve.engine.config import ConfigError, EngineConfig
 from pdserve.kvtransfer import TRANSPORTS
 
 logger = logging.getLogger(__name__)
@@ -138,12 +138,12 @@ class Cluster:
                 f"(--device {config.engine.device}, {num_cluster_gpus:g} GPUs in the Ray cluster)"
             )
         share = gpus_per_worker(num_cluster_gpus, config.num_prefill_workers + config.num_decode_workers, config.engine.device)
-        engine = config.engine
-        if 0 < share < 1 and engine.kv_cache_memory_gib is None:
-            # Workers share a GPU: each sizes its KV cache within its share of the memory.
-            engine = replace(engine, gpu_memory_utilization=engine.gpu_memory_utilization * share)
+        if config.kv_transport == "local":  # one process holds every worker: they share its GPU whatever the pools ask
+            shares = dict.fromkeys(ROLES, share)
+        else:
+            shares = {role: pool_gpu_share(config.pool(role).resources, share) for role in ROLES}
         return ControllerConfig(
-            engine=engine,
+            engines={role: _engine_for_share(config.engine, shares[role]) for role in ROLES},
             model_name=config.served_model_name,
             worker_host=config.worker_host,
             kv_transport=config.kv_transport,
@@ -175,6 +175,14 @@ class Cluster:
         if self._started_ray:
             ray.shutdown()
             self._ray_released.set()
+
+
+def _engine_for_share(engine: EngineConfig, gpu_share: float) -> EngineConfig:
+    """The engine a worker given `gpu_share` of a GPU runs: below a whole GPU, it sizes its KV cache
+    within that part of the GPU's memory (unless the KV cache's size is set outright)."""
+    if 0 < gpu_share < 1 and engine.kv_cache_memory_gib is None:
+        return replace(engine, gpu_memory_utilization=engine.gpu_memory_utilization * gpu_share)
+    return engine
 
 
 def _take_back_sigterm() -> None:

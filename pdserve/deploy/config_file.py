@@ -44,16 +44,17 @@ def file_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str, objec
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name == "pools":
-            values.update(_pools(path, value))
+            settings = _pools(path, value)
         elif name in SECTIONS:
-            values[name] = _section(path, name, value)
+            settings = {name: _section(path, name, value)}
         elif name in flags:
             option, action = flags[name]
-            if action.dest in values:
-                raise ConfigFileError(f"{path}: {key} sets what another key of the file already set")
-            values[action.dest] = _flag_value(path, key, option, action, value)
+            settings = {action.dest: _flag_value(path, key, option, action, value)}
         else:
             raise ConfigFileError(f"{path}: unknown setting {key!r}")
+        if settings.keys() & values.keys():  # e.g. decode-workers and pools.decode.replicas, in either order
+            raise ConfigFileError(f"{path}: {key} sets what another key of the file already set")
+        values.update(settings)
     return values
 
 

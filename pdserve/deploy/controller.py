@@ -34,7 +34,7 @@ WORKER_THREADS = 4  # a worker actor answers load() and drain() while start() lo
 
 @dataclass(frozen=True)
 class ControllerConfig:
-    engine: EngineConfig  # as each worker runs it (GPU memory already scaled to its share)
+    engines: dict[str, EngineConfig]  # per role, as its workers run it (GPU memory already scaled to their share)
     model_name: str
     worker_host: str
     kv_transport: str
@@ -55,7 +55,9 @@ class Controller:
         self.config = config
         is_fixed = config.kv_transport == "local"
         self.pools = {role: Pool(role, config.pools[role], config.replicas[role], is_fixed) for role in ROLES}
-        self.autoscaler = Autoscaler(config.autoscale, config.engine.max_num_seqs) if config.autoscale.enabled else None
+        self.autoscaler = (
+            Autoscaler(config.autoscale, config.engines["decode"].max_num_seqs) if config.autoscale.enabled else None
+        )
         self._latencies: dict[str, tuple[float, float | None, float | None]] = {}  # gateway -> (at, ttft, itl)
         self._next_autoscale = 0.0
         self._tasks: set[asyncio.Task] = set()
@@ -192,7 +194,7 @@ class Controller:
         c = self.config
         return WorkerSpec(
             role,
-            c.engine,
+            c.engines[role],
             c.model_name,
             c.worker_host,
             kv_transport=c.kv_transport,

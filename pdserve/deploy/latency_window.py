@@ -14,19 +14,25 @@ class LatencyWindow:
         self._previous = self._buckets()
 
     def quantile(self, q: float) -> float | None:
-        """The upper bound of the bucket holding the q-quantile of the observations since the last
-        call (a +Inf bucket reads as its lower bound); None when nothing was observed."""
+        """The q-quantile of the observations since the last call, interpolated linearly inside its
+        bucket as Prometheus's histogram_quantile does (the first bucket starts at 0; a quantile in
+        the +Inf bucket reads as the highest finite bound); None when nothing was observed."""
+        assert 0.0 <= q <= 1.0, q
         now = self._buckets()
         window = [(bound, count - self._previous.get(bound, 0.0)) for bound, count in sorted(now.items())]
         self._previous = now
         total = window[-1][1] if window else 0.0
         if total <= 0:
             return None
-        finite = [bound for bound, _ in window if math.isfinite(bound)]
-        for bound, count in window:
-            if count >= q * total:
-                return bound if math.isfinite(bound) else finite[-1]
-        return finite[-1]
+        rank = q * total
+        lower, below = 0.0, 0.0  # the previous bucket's bound and cumulative count
+        for upper, count in window:
+            if not math.isfinite(upper):
+                return lower
+            if count >= rank and count > below:  # `count > below`: q = 0 skips empty leading buckets
+                return lower + (upper - lower) * (rank - below) / (count - below)
+            lower, below = upper, count
+        return lower
 
     def _buckets(self) -> dict[float, float]:
         """Cumulative count per bucket upper bound, summed over the histogram's label sets."""

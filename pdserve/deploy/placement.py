@@ -39,6 +39,13 @@ def gpus_per_worker(num_cluster_gpus: float, num_workers: int, device: str) -> f
     return 1 / math.ceil(num_workers / num_cluster_gpus)  # equal shares that pack whole GPUs
 
 
+def pool_gpu_share(resources: dict[str, float], computed_share: float) -> float:
+    """The GPU share of one worker of a pool, both what Ray gives it and the part of a GPU's memory
+    it sizes its KV cache in: the pool's own `num_gpus` if it sets one (Ray's request is then that,
+    see `actor_options`), else the even share `gpus_per_worker` computed."""
+    return float(resources["num_gpus"]) if "num_gpus" in resources else computed_share
+
+
 def actor_options(units: dict[str, int], resources: dict[str, float], gpu_share: float) -> dict:
     """Ray actor options of a process hosting `units[role]` workers of each role (several only for
     the `local` KV transport): their pool resources, a CPU, GPU shares, and the pool's `resources`."""
