@@ -21,6 +21,7 @@ from pdserve.kvtransfer import (
     KVCommitInfo,
     KVLayout,
     KVLayoutMismatchError,
+    KVPeer,
     KVReceiver,
     KVSender,
     KVTransferError,
@@ -736,6 +737,16 @@ def test_a_push_past_its_deadline_fails_with_deadline_exceeded(transport_name: s
     assert commits == [] and receiver.is_pending("t1")  # the owner's poll frees it when its lease ends
 
 
+async def send_again_on_a_fresh_group(sender: KVSender, address: str, failed: KVPeer, transfer: OutgoingTransfer) -> None:
+    """What the prefill worker's retry does after an UNAVAILABLE push: handshake anew (the failed
+    peer is forgotten), push, commit; then close the sender."""
+    retried = await sender.connect(address, 10)
+    assert retried is not failed
+    await sender.push(retried, transfer)
+    await sender.commit(retried, transfer.transfer_id, COMMIT, 10)
+    await sender.close()
+
+
 def test_a_push_queued_behind_one_cancelled_on_a_nccl_pair_fails_unavailable_and_a_retry_succeeds() -> None:
     """Prompt "a"'s push is cancelled (its client left) while "b"'s waits for the pair: the cancel
     closes the pair, so "b" fails with UNAVAILABLE (the sender forgets the peer), and "b" sent again
@@ -767,11 +778,7 @@ def test_a_push_queued_behind_one_cancelled_on_a_nccl_pair_fails_unavailable_and
             with pytest.raises(KVTransferError) as caught:
                 await push_b
             assert caught.value.code == "UNAVAILABLE"
-            retried = await sender.connect(address, 10)
-            assert retried is not peer
-            await sender.push(retried, transfer_b)
-            await sender.commit(retried, "b", COMMIT, 10)
-            await sender.close()
+            await send_again_on_a_fresh_group(sender, address, peer, transfer_b)
 
     asyncio.run(main())
     assert commits == [COMMIT] and torch.equal(dst_cache[:, :, [2, 3]], src_cache[:, :, [6, 7]])
@@ -837,11 +844,7 @@ def test_a_failed_send_on_a_nccl_pair_fails_unavailable_and_a_retry_succeeds(mon
                 with pytest.raises(KVTransferError) as caught:
                     await sender.push(peer, transfer)
             assert caught.value.code == "UNAVAILABLE" and peer.half.is_broken
-            retried = await sender.connect(address, 10)
-            assert retried is not peer
-            await sender.push(retried, transfer)
-            await sender.commit(retried, "t1", COMMIT, 10)
-            await sender.close()
+            await send_again_on_a_fresh_group(sender, address, peer, transfer)
 
     asyncio.run(main())
     assert commits == [COMMIT] and torch.equal(dst_cache[:, :, [0, 1]], src_cache[:, :, [4, 5]])
