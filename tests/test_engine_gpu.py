@@ -118,10 +118,13 @@ def test_gpu_prefix_cache_chunked_prefill_and_preemption(checkpoints: dict[str, 
     assert llm.engine.core.block_manager.num_used_blocks == 0
 
 
-def test_llama3_8b_shape_bf16_agrees_with_transformers() -> None:
+@pytest.mark.parametrize("shape", ["llama3-8b", "qwen2.5-0.5b"])
+def test_bf16_model_shape_agrees_with_transformers(shape: str) -> None:
+    """Qwen2.5-0.5B's prompts run one at a time: its decode steps of one row fold the norms into
+    the GEMVs (engine/layers.py `add_norm_project`); Llama-3-8B's decode together."""
     from pdserve.bench.shapes import write_shape
 
-    model_dir = write_shape("llama3-8b")
+    model_dir = write_shape(shape)
     with torch.device("cuda"):
         hf = transformers.AutoModelForCausalLM.from_config(
             transformers.AutoConfig.from_pretrained(model_dir), dtype=torch.bfloat16
@@ -144,8 +147,17 @@ def test_llama3_8b_shape_bf16_agrees_with_transformers() -> None:
     rng = random.Random(7)
     prompts = [[rng.randrange(128000) for _ in range(n)] for n in (16, 100, 333, 700)]
     steps = record_logits(llm)
-    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
-    ours = {rid: logits[row] for rids, _, logits in steps[:1] for row, rid in enumerate(rids)}
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    if shape == "llama3-8b":
+        outputs = llm.generate(prompts, greedy)
+    else:
+        outputs = [output for prompt in prompts for output in llm.generate([prompt], greedy)]
+    ours = {  # the prefill's logits (its last prompt position) of each prompt
+        rid: logits[row]
+        for rids, positions, logits in steps
+        for row, (rid, position) in enumerate(zip(rids, positions))
+        if position == len(prompts[int(rid)]) - 1
+    }
     hf_runs = [hf_generate(hf, prompt, 8) for prompt in prompts]
     hf.float()  # the same weights, exactly, in fp32: the reference both bf16 runs are judged against
     num_agreeing, num_first_equal = 0, 0

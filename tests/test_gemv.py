@@ -209,3 +209,83 @@ def test_8bit_one_row_tiles_by_gpu(monkeypatch: pytest.MonkeyPatch, gpu: str, qk
         assert gemv_module.gemv_8bit_tile_sizes(6144, 4096, torch.device("cpu")) == (2, 1024, 4, 1)
     finally:
         gpus.gpu_name.cache_clear()
+
+
+# The residual add and RMSNorm folded into the one-row float GEMV: k 96 one tile of inputs, 2100
+# several (the last partial), 64-input tiles force the loop; swiglu and a bias in its epilogue
+CASES_NORM = [
+    (dtype, n, k, tiles, swiglu)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16)
+    for n, k, tiles, swiglu in [
+        (40, 96, None, False),
+        (70, 2100, None, True),
+        (34, 200, (8, 64, 4, 1), True),
+        (33, 130, (4, 64, 4, 1), False),
+    ]
+]
+
+
+@pytest.mark.parametrize("dtype,n,k,tiles,swiglu", CASES_NORM)
+@pytest.mark.parametrize("has_bias", [False, True], ids=["", "bias"])
+def test_gemv_add_rms_norm_equals_the_norm_then_the_projection(
+    dtype: torch.dtype, n: int, k: int, tiles: tuple | None, swiglu: bool, has_bias: bool
+) -> None:
+    """The new residual is x + residual as fused_add_rms_norm rounds it, bit for bit, in a new tensor
+    (the residual passed in is left as it was); the projection matches the two kernels' to within the
+    rounding of the normed row, which the fold skips."""
+    torch.manual_seed(n + k)
+    x, residual = torch.randn(1, k).to(dtype), torch.randn(1, k).to(dtype)
+    norm_weight = (1 + 0.1 * torch.randn(k)).to(dtype)
+    weight = (torch.randn(n, k) / k**0.5).to(dtype)
+    bias = torch.randn(n).to(dtype) if has_bias else None
+    before = residual.clone()
+    out, new_residual = K.gemv_add_rms_norm(x, residual, norm_weight, 1e-6, weight, bias, tiles=tiles, swiglu=swiglu)
+    normed, ref_residual = K.fused_add_rms_norm(x.clone(), residual.clone(), norm_weight, 1e-6)
+    ref = K.gemv(normed, weight, bias=bias, tiles=tiles, swiglu=swiglu)
+    assert torch.equal(new_residual, ref_residual) and torch.equal(residual, before)
+    assert out.shape == ref.shape == (1, n // 2 if swiglu else n) and out.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def test_gemv_add_rms_norm_rejects_what_it_does_not_fold() -> None:
+    x, residual, g = torch.randn(1, 32), torch.randn(1, 32), torch.ones(32)
+    with pytest.raises(ValueError, match="one row"):
+        K.gemv_add_rms_norm(torch.randn(2, 32), torch.randn(2, 32), g, 1e-6, torch.randn(8, 32))
+    w, scale = weights("int8", 8, 32)
+    with pytest.raises(ValueError, match="float weight"):
+        K.gemv_add_rms_norm(x, residual, g, 1e-6, w)
+    with pytest.raises(ValueError, match="residual must match"):
+        K.gemv_add_rms_norm(x, residual.double(), g, 1e-6, torch.randn(8, 32))
+    with pytest.raises(ValueError, match="norm_weight"):
+        K.gemv_add_rms_norm(x, residual, torch.ones(31), 1e-6, torch.randn(8, 32))
+
+
+def test_a_decode_step_s_one_row_folds_the_norm_into_a_short_projection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """engine/layers.py `add_norm_project`: one row of a GEMV projection of up to
+    FOLDED_NORM_MAX_INPUTS inputs takes the folded kernel and gives what the norm then the
+    projection give; two rows, a longer projection and the first layer (no residual yet) keep them apart."""
+    layers = importlib.import_module("pdserve.engine.layers")
+    monkeypatch.setattr(layers, "use_pdl", lambda x, rows: rows <= 2)  # as a decode step on an sm_90 GPU
+    folded = []
+    real_fold = K.gemv_add_rms_norm
+    monkeypatch.setattr(K, "gemv_add_rms_norm", lambda *a, **kw: folded.append(1) or real_fold(*a, **kw))
+    torch.manual_seed(0)
+    for hidden, rows, with_residual, folds in [
+        (96, 1, True, True),
+        (96, 2, True, False),
+        (96, 1, False, False),
+        (1040, 1, True, False),
+    ]:
+        norm = layers.RMSNorm(hidden, 1e-6)
+        norm.weight.data = 1 + 0.1 * torch.randn(hidden)
+        projection = layers.MergedLinear(hidden, {"gate": 24, "up": 24}, bias=False, decode_gemv=True)
+        projection.weight.data = torch.randn(48, hidden) / hidden**0.5
+        x, residual = torch.randn(rows, hidden), torch.randn(rows, hidden) if with_residual else None
+        summed = x.clone() if residual is None else x + residual
+        folded.clear()
+        out, new_residual = layers.add_norm_project(norm, projection, x, residual, swiglu=True)
+        assert bool(folded) == folds
+        assert torch.equal(new_residual, summed)
+        ref = K.silu_and_mul_ref(K.gemv_ref(K.rms_norm_ref(summed, norm.weight, 1e-6), projection.weight).float())
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -66,6 +66,26 @@ def test_gemv_bf16(n: int, k: int, kind: str) -> None:
         assert torch.equal(K.gemv(x, weight, scale, swiglu=True), K.silu_and_mul(K.gemv(x, weight, scale))), m
 
 
+@pytest.mark.parametrize("n,k,swiglu", [(1152, 896, False), (9728, 896, True), (896, 896, False)])  # Qwen2.5-0.5B's
+def test_gemv_add_rms_norm_bf16(n: int, k: int, swiglu: bool) -> None:
+    """The norm folded into the one-row GEMV (PDL launches, as in a decode step) against the norm
+    kernel then the GEMV: the new residual bit for bit, the projection as close to the exact
+    (float64) one as theirs."""
+    torch.manual_seed(n)
+    x, residual = (torch.randn(1, k, device="cuda") * 4).bfloat16(), torch.randn(1, k, device="cuda").bfloat16()
+    norm_weight = (1 + 0.1 * torch.randn(k, device="cuda")).bfloat16()
+    weight, bias = (torch.randn(n, k, device="cuda") * 0.02).bfloat16(), (torch.randn(n, device="cuda") * 0.1).bfloat16()
+    folded, new_residual = K.gemv_add_rms_norm(x, residual, norm_weight, 1e-6, weight, bias, swiglu=swiglu)
+    normed, ref_residual = K.fused_add_rms_norm(x.clone(), residual.clone(), norm_weight, 1e-6)
+    separate = K.gemv(normed, weight, bias=bias, swiglu=swiglu)
+    assert torch.equal(new_residual, ref_residual)
+    h = ref_residual.double()
+    exact = (h * torch.rsqrt(h.pow(2).mean() + 1e-6) * norm_weight.double()) @ weight.double().t() + bias.double()
+    if swiglu:
+        exact = torch.nn.functional.silu(exact[:, : n // 2]) * exact[:, n // 2 :]
+    assert rel_err(folded, exact) <= 1.5 * rel_err(separate, exact) + 1e-3
+
+
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_w4_matmul_bf16(n: int, k: int) -> None:
     torch.manual_seed(0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -14,6 +15,12 @@ from torch import nn
 from pdserve import kernels
 from pdserve.kernels.pdl import use_pdl
 
+# Up to this many inputs, a decode step's one row folds the residual add and RMSNorm before a float
+# projection into its GEMV (`add_norm_project`): every GEMV program then reads and norms the whole
+# row itself, which costs L2 reads that grow with it. H100, batch-1 decode steps with the folds of
+# q/k/v and gate/up against none: Qwen2.5-0.5B (896 inputs) -5.3%, Qwen3-0.6B (1024) -0.7%,
+# Qwen2.5-1.5B (1536) +5.6% (bench/RESULTS.md)
+FOLDED_NORM_MAX_INPUTS = 1024
 # From this many rows the matmuls prefer cuBLASLt's kernels to cuBLAS's, on sm_90+ (H200, Llama-3-8B
 # decode steps: 1-3.5% faster at 32-128 rows, 1.4-2% slower at 8-16; prefill unchanged; bench/RESULTS.md)
 CUBLASLT_MIN_ROWS = 32
@@ -54,6 +61,33 @@ class RMSNorm(nn.Module):
         return fused(x, residual, self.weight, self.eps)
 
 
+class Projection(Protocol):
+    """A linear layer, float or quantized (engine/quant_layers.py)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def add_norm_project(
+    norm: RMSNorm, projection: Projection, x: torch.Tensor, residual: torch.Tensor | None, swiglu: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`norm(x, residual)` (`norm(x)` with no residual yet: x becomes it), then the projection of the
+    normed rows (`swiglu`: its `swiglu`); returns (the projection, the new residual). Where a decode
+    step's one row takes a float projection's GEMV over at most FOLDED_NORM_MAX_INPUTS inputs, both in
+    one launch (`kernels.gemv_add_rms_norm`), whose new residual is a new tensor."""
+    if residual is not None and isinstance(projection, Linear) and projection.folds_norm(x):
+        out, residual = kernels.gemv_add_rms_norm(
+            x.reshape(1, -1), residual.reshape(1, -1), norm.weight, norm.eps, projection.weight, projection.bias, swiglu=swiglu
+        )
+        return out.view(*x.shape[:-1], out.shape[-1]), residual.view(x.shape)
+    if residual is None:
+        normed, residual = norm(x), x
+    else:
+        normed, residual = norm(x, residual)
+    return (projection.swiglu(normed) if swiglu else projection(normed)), residual
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return kernels.silu_and_mul(x) if x.is_cuda else kernels.silu_and_mul_ref(x)
 
@@ -90,6 +124,10 @@ class Linear(nn.Module):
 
     def _takes_gemv(self, x: torch.Tensor) -> bool:
         return not self.transposed and self.decode_gemv and use_pdl(x, x.numel() // self.in_features)
+
+    def folds_norm(self, x: torch.Tensor) -> bool:
+        """Whether `add_norm_project` folds the norm before this projection of x into its GEMV."""
+        return x.numel() == self.in_features <= FOLDED_NORM_MAX_INPUTS and self._takes_gemv(x)
 
     def checkpoint_kinds(self) -> set[str]:
         """Tensor kinds (name suffixes) each HF projection must provide."""

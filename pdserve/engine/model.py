@@ -10,7 +10,7 @@ from torch import nn
 
 from pdserve.engine.attention import Attention, AttentionMetadata
 from pdserve.engine.config import ConfigError, ModelConfig
-from pdserve.engine.layers import Linear, MergedLinear, RMSNorm, blas_for_rows
+from pdserve.engine.layers import Linear, MergedLinear, RMSNorm, add_norm_project, blas_for_rows
 from pdserve.engine.quant_config import QuantConfig
 from pdserve.engine.quant_layers import W8_GEMV_MAX_ROWS, QuantizedLinear, quantized_linear
 from pdserve.engine.rotary import build_cos_sin_cache
@@ -46,13 +46,12 @@ class LlamaAttention(nn.Module):
     def forward(
         self,
         positions: torch.Tensor,
-        hidden: torch.Tensor,
+        qkv: torch.Tensor,  # qkv_proj's output [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         cos_sin_cache: torch.Tensor,
     ) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
+        num_tokens = qkv.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
@@ -73,9 +72,6 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedLinear(config.hidden_size, shards, False, transposed=not decode_gemv, decode_gemv=decode_gemv)
         self.down_proj = Linear(size, config.hidden_size, transposed=not decode_gemv, decode_gemv=decode_gemv)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj.swiglu(x))
-
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, decode_gemv: bool = False) -> None:
@@ -94,14 +90,10 @@ class LlamaDecoderLayer(nn.Module):
         meta: AttentionMetadata,
         cos_sin_cache: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, meta, cos_sin_cache)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        qkv, residual = add_norm_project(self.input_layernorm, self.self_attn.qkv_proj, hidden, residual)
+        hidden = self.self_attn(positions, qkv, kv_cache, meta, cos_sin_cache)
+        gated, residual = add_norm_project(self.post_attention_layernorm, self.mlp.gate_up_proj, hidden, residual, swiglu=True)
+        return self.mlp.down_proj(gated), residual
 
 
 class LlamaModel(nn.Module):

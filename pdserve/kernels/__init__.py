@@ -3,7 +3,7 @@
 from pdserve.kernels.argmax import argmax, argmax_ref
 from pdserve.kernels.dequantize import w4_dequantize, w8_dequantize, w8_dequantize_ref
 from pdserve.kernels.fp8_quant import quantize_fp8_rows, quantize_fp8_rows_ref
-from pdserve.kernels.gemv import DOT_MIN_ROWS, ELEMENTWISE_MAX_ROWS, GEMV_MAX_ROWS, gemv, gemv_ref
+from pdserve.kernels.gemv import DOT_MIN_ROWS, ELEMENTWISE_MAX_ROWS, GEMV_MAX_ROWS, gemv, gemv_add_rms_norm, gemv_ref
 from pdserve.kernels.kv_block_copy import copy_kv_blocks, copy_kv_blocks_ref
 from pdserve.kernels.kv_store import store_kv_cache, store_kv_cache_ref
 from pdserve.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
@@ -32,6 +32,7 @@ __all__ = [
     "fused_add_rms_norm",
     "fused_add_rms_norm_ref",
     "gemv",
+    "gemv_add_rms_norm",
     "gemv_ref",
     "paged_decode_attention",
     "paged_decode_attention_ref",

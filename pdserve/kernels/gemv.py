@@ -39,8 +39,12 @@ def _gemv_kernel(
     scale_ptr,
     bias_ptr,
     out_ptr,
+    residual_ptr,
+    residual_out_ptr,
+    norm_weight_ptr,
     N,
     K,
+    eps,
     stride_xm,
     stride_wn,
     stride_om,
@@ -50,19 +54,33 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SWIGLU: tl.constexpr,
+    NORM: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    """NORM (`gemv_add_rms_norm`, one row): x is x + residual normed, as `fused_add_rms_norm` makes
+    it; every program reads the whole row, sums its squares alongside the dot and scales its outputs
+    by 1 / rms, and program 0 writes x + residual to residual_out."""
     m = tl.program_id(0).to(tl.int64)
     offs_n, mask_n = _weight_rows(tl.program_id(1), N, BLOCK_N, SWIGLU)
     x_row = x_ptr + m * stride_xm
     w = _weight_tile(w_ptr, offs_n, mask_n, 0, K, stride_wn, W_KIND, BLOCK_K)  # no kernel writes weights
     wait_for_previous_kernel(PDL)
-    acc = w * _x_tile(x_row, 0, K, BLOCK_K)  # [BLOCK_N, BLOCK_K]
-    # num_stages on the loop itself: Triton pipelines loads that feed no tl.dot only when asked here
-    for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=NUM_STAGES):
-        acc += _weight_tile(w_ptr, offs_n, mask_n, k0, K, stride_wn, W_KIND, BLOCK_K) * _x_tile(x_row, k0, K, BLOCK_K)
-    out = tl.sum(acc, axis=1)
+    if NORM:
+        is_writer = tl.program_id(1) == 0
+        x, squares = _added_tile(x_row, residual_ptr, residual_out_ptr, norm_weight_ptr, 0, K, BLOCK_K, is_writer)
+        acc = w * x
+        for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=NUM_STAGES):
+            x, tile_squares = _added_tile(x_row, residual_ptr, residual_out_ptr, norm_weight_ptr, k0, K, BLOCK_K, is_writer)
+            acc += _weight_tile(w_ptr, offs_n, mask_n, k0, K, stride_wn, W_KIND, BLOCK_K) * x
+            squares += tile_squares
+        out = tl.sum(acc, axis=1) * tl.rsqrt(tl.sum(squares, 0) / K + eps)
+    else:
+        acc = w * _x_tile(x_row, 0, K, BLOCK_K)  # [BLOCK_N, BLOCK_K]
+        # num_stages on the loop itself: Triton pipelines loads that feed no tl.dot only when asked here
+        for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=NUM_STAGES):
+            acc += _weight_tile(w_ptr, offs_n, mask_n, k0, K, stride_wn, W_KIND, BLOCK_K) * _x_tile(x_row, k0, K, BLOCK_K)
+        out = tl.sum(acc, axis=1)
     if HAS_SCALE:
         out = out * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
     if HAS_BIAS:
@@ -348,6 +366,20 @@ def _x_tile(x_row, k0, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _added_tile(x_row, residual_ptr, residual_out_ptr, norm_weight_ptr, k0, K, BLOCK_K: tl.constexpr, is_writer):
+    """Inputs [k0, k0 + BLOCK_K) of h = x + residual, rounded to x's dtype as the norm kernel's add
+    (stored to residual_out by the writer), times the norm's weight, as a [1, BLOCK_K] fp32 row; and
+    h's squares [BLOCK_K]."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask = offs_k < K
+    x = tl.load(x_row + offs_k, mask=mask, other=0.0)
+    h = (x.to(tl.float32) + tl.load(residual_ptr + offs_k, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+    tl.store(residual_out_ptr + offs_k, h, mask=offs_k < tl.where(is_writer, K, 0))
+    h = h.to(tl.float32)
+    return (h * tl.load(norm_weight_ptr + offs_k, mask=mask, other=0.0).to(tl.float32))[None, :], h * h
+
+
+@triton.jit
 def _weight_tile(w_ptr, offs_n, mask_n, k0, K, stride_wn, W_KIND: tl.constexpr, BLOCK_K: tl.constexpr):
     """Weight columns [k0, k0 + BLOCK_K) of rows offs_n, as fp32 (unscaled for fp8/int8)."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -387,29 +419,8 @@ def gemv(
     swiglu: the weight's rows are [gate | up] (N even); returns silu(gate) * up, [M, N / 2], equal
     bit for bit to `silu_and_mul` of the projection. The one-row kernels apply it in their epilogue
     (no SwiGLU launch in the step); the tensor-core kernel's rows take `silu_and_mul` after it."""
-    if x.dim() != 2 or weight.dim() != 2:
-        raise ValueError(f"need x [M, K] and a 2-D weight; got {tuple(x.shape)}, {tuple(weight.shape)}")
-    n, k = weight.shape
-    if x.shape[1] != k:
-        raise ValueError(f"x {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
-    if x.shape[0] > GEMV_MAX_ROWS:
-        raise ValueError(f"gemv takes at most {GEMV_MAX_ROWS} rows; got {x.shape[0]}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"x must be one of {_FLOAT_DTYPES}; got {x.dtype}")
-    w_kind = _W_KINDS.get(weight.dtype, 0)
-    if w_kind == 0 and weight.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"weight must be float, fp8 e4m3 or int8; got {weight.dtype}")
-    if w_kind and x.shape[0] > ELEMENTWISE_MAX_ROWS:
-        raise ValueError(f"gemv takes at most {ELEMENTWISE_MAX_ROWS} rows with {weight.dtype} weights; got {x.shape[0]}")
-    if w_kind and (scale is None or scale.shape != (n,) or scale.dtype != torch.float32 or not scale.is_contiguous()):
-        raise ValueError(f"a {weight.dtype} weight needs a contiguous fp32 scale of shape ({n},)")
-    if bias is not None and (bias.shape != (n,) or bias.dtype not in _FLOAT_DTYPES or not bias.is_contiguous()):
-        raise ValueError(f"bias must be a contiguous float vector of shape ({n},); got {bias.dtype} {tuple(bias.shape)}")
-    if x.stride(1) != 1 or weight.stride(1) != 1:
-        raise ValueError(f"x and weight must be contiguous in K; got strides {x.stride()}, {weight.stride()}")
-    if swiglu and n % 2:
-        raise ValueError(f"swiglu needs [gate | up] weight rows, an even count; got {n}")
-    m = x.shape[0]
+    w_kind = _check_gemv_inputs(x, weight, scale, bias, swiglu)
+    (m, k), n = x.shape, weight.shape[0]
     takes_dot = w_kind == 0 and m >= DOT_MIN_ROWS and weight.dtype == x.dtype
     if takes_dot and swiglu:
         return silu_and_mul(gemv(x, weight, scale, bias, tiles=tiles))
@@ -476,16 +487,103 @@ def gemv(
             launch_pdl=pdl,
         )
         return out
+    _launch_one_row_kernel(x, weight, scale, bias, out, w_kind, swiglu, tiles, pdl)
+    return out
+
+
+def gemv_add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    tiles: tuple[int, int, int, int] | None = None,
+    swiglu: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fused_add_rms_norm(x, residual, norm_weight, eps)` then `gemv` of its normed row, in one
+    launch: one row x [1, K], a float weight. Returns (the projection, x + residual); the sum is a
+    new tensor, not written into residual (the launch's other programs still read it). The norm is
+    not rounded to x's dtype before the projection, as the two kernels round it: the result is as
+    close to the exact one, not bit-equal to theirs."""
+    if x.dim() != 2 or x.shape[0] != 1 or weight.dtype in _W_KINDS:
+        raise ValueError(f"gemv_add_rms_norm takes one row and a float weight; got x {tuple(x.shape)}, a {weight.dtype} weight")
+    _check_gemv_inputs(x, weight, None, bias, swiglu)
+    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device or residual.stride(1) != 1:
+        raise ValueError(
+            f"residual must match x ({x.dtype} {tuple(x.shape)} on {x.device}), got {residual.dtype} {tuple(residual.shape)}"
+        )
+    if norm_weight.shape != (x.shape[1],) or norm_weight.dtype not in _FLOAT_DTYPES or not norm_weight.is_contiguous():
+        raise ValueError(
+            f"norm_weight must be a contiguous float vector of shape ({x.shape[1]},); got {tuple(norm_weight.shape)}"
+        )
+    n = weight.shape[0]
+    out = torch.empty((1, n // 2 if swiglu else n), dtype=x.dtype, device=x.device)
+    residual_out = torch.empty_like(x)
+    norm = (residual, residual_out, norm_weight, eps)
+    _launch_one_row_kernel(x, weight, None, bias, out, 0, swiglu, tiles, use_pdl(x, 1), norm)
+    return out, residual_out
+
+
+def _check_gemv_inputs(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, swiglu: bool
+) -> int:
+    """Raises on inputs `gemv` does not take; returns the weight's kind (0 float, 1 fp8, 2 int8)."""
+    if x.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"need x [M, K] and a 2-D weight; got {tuple(x.shape)}, {tuple(weight.shape)}")
+    n, k = weight.shape
+    if x.shape[1] != k:
+        raise ValueError(f"x {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
+    if x.shape[0] > GEMV_MAX_ROWS:
+        raise ValueError(f"gemv takes at most {GEMV_MAX_ROWS} rows; got {x.shape[0]}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be one of {_FLOAT_DTYPES}; got {x.dtype}")
+    w_kind = _W_KINDS.get(weight.dtype, 0)
+    if w_kind == 0 and weight.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"weight must be float, fp8 e4m3 or int8; got {weight.dtype}")
+    if w_kind and x.shape[0] > ELEMENTWISE_MAX_ROWS:
+        raise ValueError(f"gemv takes at most {ELEMENTWISE_MAX_ROWS} rows with {weight.dtype} weights; got {x.shape[0]}")
+    if w_kind and (scale is None or scale.shape != (n,) or scale.dtype != torch.float32 or not scale.is_contiguous()):
+        raise ValueError(f"a {weight.dtype} weight needs a contiguous fp32 scale of shape ({n},)")
+    if bias is not None and (bias.shape != (n,) or bias.dtype not in _FLOAT_DTYPES or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous float vector of shape ({n},); got {bias.dtype} {tuple(bias.shape)}")
+    if x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError(f"x and weight must be contiguous in K; got strides {x.stride()}, {weight.stride()}")
+    if swiglu and n % 2:
+        raise ValueError(f"swiglu needs [gate | up] weight rows, an even count; got {n}")
+    return w_kind
+
+
+def _launch_one_row_kernel(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    w_kind: int,
+    swiglu: bool,
+    tiles: tuple[int, int, int, int] | None,
+    pdl: bool,
+    norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None,
+) -> None:
+    """`_gemv_kernel` over x's rows; `norm`: (residual, residual_out, norm weight, eps) of NORM."""
+    n, k = weight.shape
     block_n, block_k, num_warps, num_stages = tiles or gemv_tile_sizes(n, k, weight.element_size())
     block_n = max(block_n, 2) if swiglu else block_n
-    _gemv_kernel[(m, triton.cdiv(n, block_n))](
+    residual, residual_out, norm_weight, eps = norm or (x, x, x, 0.0)
+    _gemv_kernel[(x.shape[0], triton.cdiv(n, block_n))](
         x,
         weight.view(torch.uint8) if w_kind else weight,
         scale if scale is not None else x,
         bias if bias is not None else x,
         out,
-        n_out,
+        residual,
+        residual_out,
+        norm_weight,
+        out.shape[1],
         k,
+        eps,
         x.stride(0),
         weight.stride(0),
         out.stride(0),
@@ -495,13 +593,13 @@ def gemv(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         SWIGLU=swiglu,
+        NORM=norm is not None,
         NUM_STAGES=num_stages,
         PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
         launch_pdl=pdl,
     )
-    return out
 
 
 def gemv_tile_sizes(n: int, k: int, element_size: int) -> tuple[int, int, int, int]:
