@@ -3,6 +3,8 @@ autoscaler's hysteresis, bounds and cool-down, the gateway's latency windows, an
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from pdserve.deploy.autoscaler import Autoscaler, PoolSignals
@@ -177,3 +179,42 @@ def test_a_worker_sizes_its_kv_cache_for_the_gpu_share_ray_gives_it(prefill_gpus
         utilization = controller._spec(role).engine.gpu_memory_utilization
         assert utilization == pytest.approx(0.9 * min(1.0, num_gpus)), (role, num_gpus, utilization)
     assert given == {"prefill": prefill_gpus, "decode": 0.5}
+
+
+@pytest.mark.parametrize("scaled_down", [True, False], ids=["scaled-down", "failed"])
+def test_a_worker_killed_by_a_scale_down_while_starting_is_no_failed_start(
+    monkeypatch: pytest.MonkeyPatch, scaled_down: bool
+) -> None:
+    """The controller kills a starting worker that a scale-down takes (it holds nothing); its start
+    call then fails, as Ray's does for a killed actor. That is no failed start: the pool's next start
+    is not backed off. A start that fails on its own still backs the pool's starts off."""
+    from types import SimpleNamespace
+
+    from pdserve.deploy import controller as controller_module
+    from pdserve.deploy.config import AutoscaleConfig, DrainConfig
+
+    async def scenario() -> Pool:
+        started: asyncio.Future = asyncio.get_running_loop().create_future()
+        monkeypatch.setattr(
+            controller_module, "_kill", lambda actor: started.done() or started.set_exception(RuntimeError("actor died"))
+        )
+        config = SimpleNamespace(pools={role: PoolConfig() for role in ("prefill", "decode")}, replicas={"prefill": 1, "decode": 2},
+                                 kv_transport="grpc", autoscale=AutoscaleConfig(), drain=DrainConfig())  # fmt: skip
+        ctl = controller_module.Controller(config)
+        pool = ctl.pools["decode"]
+        w = PoolWorker("decode-1", "decode", actor=SimpleNamespace(start=SimpleNamespace(remote=lambda: started)))
+        pool.add(w)
+        bring_up = asyncio.ensure_future(ctl._bring_up(pool, [w]))
+        await asyncio.sleep(0)
+        if scaled_down:
+            pool.set_desired(1)
+            ctl._drain(w)
+        else:
+            started.set_exception(RuntimeError("no GPU left"))
+        await asyncio.wait_for(bring_up, 5)
+        assert w.state is WorkerState.GONE
+        assert w.end_reason == ("stopped before it was ready" if scaled_down else "failed to start: no GPU left")
+        return pool
+
+    pool = asyncio.run(scenario())
+    assert (pool.next_start_at == 0.0) == scaled_down

@@ -235,11 +235,12 @@ class Controller:
             records = {r.worker_id: r for r in await _ref(actor.start.remote())}
             node_id, pid = await _ref(actor.where.remote())
         except Exception as exc:  # noqa: BLE001 - a worker that cannot start is gone; another one is tried
-            for worker in workers:
-                if worker.state is WorkerState.STARTING:
-                    logger.error("%s failed to start: %s", worker.worker_id, exc)
-                    self._remove(worker, f"failed to start: {exc}", kill=True)
-            pool.started(is_ok=False)
+            failed = [worker for worker in workers if worker.state is WorkerState.STARTING]
+            for worker in failed:
+                logger.error("%s failed to start: %s", worker.worker_id, exc)
+                self._remove(worker, f"failed to start: {exc}", kill=True)
+            if failed:  # else all were taken out while starting (killed by a scale-down): no failed start
+                pool.started(is_ok=False)
             return
         pool.started(is_ok=True)
         for worker in workers:
