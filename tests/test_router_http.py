@@ -280,6 +280,24 @@ def test_the_token_that_stops_a_request_adds_no_text_unless_asked(server: Server
     assert decode([eos], skip_special_tokens=False) not in ended["choices"][0]["text"]
 
 
+def test_a_stop_string_within_min_tokens_ends_nothing(server: Server) -> None:
+    """vLLM's: stop strings count only in text after the first min_tokens tokens."""
+    body = greedy_body(prompt=PROMPT, max_tokens=8, logprobs=0, return_tokens_as_token_ids=True)
+    tokens = [
+        int(t.split(":")[1]) for t in server.http.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]["tokens"]
+    ]
+    decode = server.tokenizer.decode
+    first = next(i for i, t in enumerate(tokens) if decode([t]).strip())  # the first token with text
+    stop = decode(tokens[: first + 1])[-1]  # its last character
+    assert decode(tokens[:first]).count(stop) == 0
+    body = greedy_body(prompt=PROMPT, max_tokens=8, stop=[stop])
+    assert server.http.post("/v1/completions", json=body).json()["usage"]["completion_tokens"] == first + 1
+    held = server.http.post("/v1/completions", json={**body, "min_tokens": first + 1}).json()
+    text = held["choices"][0]["text"]
+    assert held["usage"]["completion_tokens"] > first + 1 and text.startswith(decode(tokens[: first + 1]))
+    assert_kv_freed(server.engine)
+
+
 def test_logprobs_match_offline_llm(server: Server, llm: LLM) -> None:
     expected = llm.generate(PROMPT, greedy(logprobs=3))[0].outputs[0]
     logprobs = server.http.post("/v1/completions", json=greedy_body(prompt=PROMPT, logprobs=3)).json()["choices"][0]["logprobs"]

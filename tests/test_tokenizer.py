@@ -474,3 +474,27 @@ def test_a_tokenizer_from_elsewhere_keeps_the_models_eos_ids(demo_model_dir: Pat
     alone = Tokenizer.from_pretrained(tokenizer_dir)
     assert not {7, 9, 11} & alone.eos_token_ids
     assert Tokenizer.from_pretrained(tokenizer_dir, model_dir).eos_token_ids == alone.eos_token_ids | {7, 9, 11}
+
+
+def test_stop_strings_count_only_past_min_tokens(style_dirs: dict[str, Path]) -> None:
+    """As vLLM's detokenizer: a stop string in the text of the first min_tokens ids ends nothing;
+    one that ends after it does, even if it begins within it."""
+    tokenizer, _ = load_both(style_dirs["demo"])
+    pieces = [tokenizer.encode(piece, add_special_tokens=False) for piece in ("ab", "cd", "ab", "xy")]
+
+    def run(min_tokens: int, stop: str) -> tuple[str, str | None]:
+        detokenizer = IncrementalDetokenizer(tokenizer, [stop], min_tokens=min_tokens)
+        text = ""
+        for ids in pieces:
+            delta, is_stopped = detokenizer.step(ids)
+            text += delta
+            if is_stopped:
+                break
+        return text + detokenizer.flush("length"), detokenizer.stop_reason
+
+    first_two = len(pieces[0]) + len(pieces[1])
+    assert run(0, "ab") == ("", "ab")
+    assert run(len(pieces[0]), "ab") == ("abcd", "ab")  # the first "ab" is within min_tokens
+    assert run(first_two + len(pieces[2]), "ab") == ("abcdabxy", None)  # so are both
+    assert run(len(pieces[0]), "bc") == ("a", "bc")  # it ends past min_tokens' text
+    assert run(first_two, "bc") == ("abcdabxy", None)

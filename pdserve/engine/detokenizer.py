@@ -20,6 +20,9 @@ class IncrementalDetokenizer:
     earliest stop string (the one that ends first; of those, the longest), less the stop token that
     ended it (vLLM's: EOS or one of stop_token_ids is in the output's ids, not its text).
 
+    Stop strings, as vLLM's, count only once the output has more than `min_tokens` ids: one must end
+    in text decoded after that.
+
     `stop_token_ids`: the ids that end the request once it has `min_tokens` (EOS unless ignore_eos,
     and the request's stop_token_ids). Such an id's text waits for the next step or the finish: more
     tokens, and it was not the end; a "stop" finish, and it was (its text is dropped). The finish may
@@ -52,6 +55,7 @@ class IncrementalDetokenizer:
         self._read_offset = 0
         self._decoded = ""  # text released by the decoder: emitted, then held back
         self._num_emitted = 0  # chars of _decoded already returned
+        self._stop_search_from = 0  # a stop string must end past this char: _decoded's length at min_tokens ids
         self._is_stopped = False
         self._stop_reason: str | None = None
 
@@ -138,9 +142,13 @@ class IncrementalDetokenizer:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
 
     def _advance(self, new_text: str, is_final: bool) -> str:
-        num_searched = len(self._decoded)
+        num_searched = max(len(self._decoded), self._stop_search_from)
         self._decoded += new_text
-        stop_end = self._find_stop(num_searched) if new_text else None
+        stop_end = None
+        if self._num_generated <= self._min_tokens:
+            self._stop_search_from = len(self._decoded)
+        elif len(self._decoded) > num_searched:
+            stop_end = self._find_stop(num_searched)
         if stop_end is not None:
             self._is_stopped = True
             self._decoded = self._decoded[:stop_end]
