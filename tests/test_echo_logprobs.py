@@ -121,3 +121,21 @@ def test_streamed_batch_of_prompts_carries_every_index(server: tuple[str, str]) 
     whole = httpx.post(url + "/v1/completions", json=plain, timeout=60).json()
     assert finished == {0, 1, 2} and usage["completion_tokens"] == 12
     assert [texts[i] for i in range(3)] == [c["text"] for c in whole["choices"]]
+
+
+def test_a_streamed_echo_carries_the_prompt_s_logprobs_once(server: tuple[str, str]) -> None:
+    """Streamed `echo` + `logprobs`: the chunks' logprobs, joined, are the whole response's (the
+    prompt's first); no chunk repeats the prompt's as `prompt_logprobs`, which vLLM never streams."""
+    _, url = server
+    body = {"model": "m", "prompt": TEXT, "max_tokens": 3, "temperature": 0, "echo": True, "logprobs": 1, "ignore_eos": True}
+    whole = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+    tokens, chunks = [], 0
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for choice in json.loads(line[6:])["choices"]:
+                chunks += 1
+                assert "prompt_logprobs" not in choice
+                tokens += choice["logprobs"]["tokens"]
+    assert chunks > 1 and tokens == whole["logprobs"]["tokens"]

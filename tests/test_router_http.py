@@ -346,6 +346,8 @@ CASES = [  # (path, body, status, param, words in the message)
     ("/v1/completions", {"prompt": [2**40]}, 400, "prompt", "prompt token ids must be in [0,"),
     ("/v1/completions", {"max_tokens": 0}, 400, "max_tokens", "only with echo"),
     ("/v1/completions", {"prompt_logprobs": 21}, 400, "prompt_logprobs", "prompt logprobs of 21"),
+    ("/v1/completions", {"prompt_logprobs": 2, "stream": True}, 400, "prompt_logprobs", "not available when `stream=True`"),
+    ("/v1/chat/completions", {"prompt_logprobs": 1, "stream": True}, 400, "prompt_logprobs", "not available when `stream=True`"),
     ("/v1/completions", {"prompt": None}, 400, "prompt", "prompt"),
     ("/v1/completions", {"max_tokens": "many"}, 400, "max_tokens", "integer"),
     ("/v1/completions", {"temperature": "hot"}, 400, "temperature", "number"),

@@ -163,7 +163,9 @@ class _Completion:
         }
         if self._request.logprobs is not None:
             choice["logprobs"] = self._logprobs(at, [*echoed, *logprobs], len(echoed))
-        if run.params.prompt_logprobs is not None:  # vLLM's: whenever computed, echo (+ logprobs) or asked for
+        # vLLM's: whenever computed, echo (+ logprobs) or asked for; never in a stream's chunks (it
+        # refuses prompt_logprobs with stream, and echo's are the first chunk's logprobs)
+        if run.params.prompt_logprobs is not None and not self._request.stream:
             choice["prompt_logprobs"] = vllm_prompt_logprobs(self._tokenizer, run.prompt_logprobs)
         if self._is_prompt_only and delta.finish_reason is not None:
             choice["finish_reason"] = "length"

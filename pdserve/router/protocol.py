@@ -124,6 +124,8 @@ class GenerationRequest(SamplingFields):
         """Reject what pdserve does not implement rather than silently sampling without it."""
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options can only be set when stream is true", "stream_options")
+        if self.stream and self.prompt_logprobs not in (None, 0):  # vLLM's 400: a stream's chunks have no place for them
+            raise APIError(400, "`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs")
         if self.allowed_token_ids is not None and not self.allowed_token_ids:  # vLLM's 400: no token could be sampled
             raise APIError(400, "allowed_token_ids must not be empty", "allowed_token_ids")
 
