@@ -57,6 +57,7 @@ def test_a_response_is_the_chat_reply_to_the_same_conversation(server: Server, l
     else:
         assert response.status == "completed" and response.incomplete_details is None
     assert response.store is True and response.instructions == INSTRUCTIONS
+    assert response.tool_choice == "auto" and response.tools == []  # the default, as OpenAI reports it
 
     # the same conversation as input items: a developer turn, text parts
     items = [

@@ -63,7 +63,7 @@ class ResponseObject:
             "store": self._keep is not None,
             "temperature": 1.0 if request.temperature is None else request.temperature,
             "text": {"format": (request.text or {}).get("format") or {"type": "text"}},
-            "tool_choice": request.tool_choice or ("auto" if request.tools else "none"),
+            "tool_choice": request.tool_choice or "auto",  # the default, as OpenAI and vLLM report it, tools or not
             "tools": request.tools or [],
             "top_logprobs": request.top_logprobs or 0,
             "top_p": 1.0 if request.top_p is None else request.top_p,
