@@ -482,10 +482,11 @@ def test_stop_strings_count_only_past_min_tokens(style_dirs: dict[str, Path]) ->
     tokenizer, _ = load_both(style_dirs["demo"])
     pieces = [tokenizer.encode(piece, add_special_tokens=False) for piece in ("ab", "cd", "ab", "xy")]
 
-    def run(min_tokens: int, stop: str) -> tuple[str, str | None]:
+    def run(min_tokens: int, stop: str, whole: bool = False) -> tuple[str, str | None]:
+        """The pieces a step each, or (`whole`) all in one step."""
         detokenizer = IncrementalDetokenizer(tokenizer, [stop], min_tokens=min_tokens)
         text = ""
-        for ids in pieces:
+        for ids in [sum(pieces, [])] if whole else pieces:
             delta, is_stopped = detokenizer.step(ids)
             text += delta
             if is_stopped:
@@ -493,8 +494,9 @@ def test_stop_strings_count_only_past_min_tokens(style_dirs: dict[str, Path]) ->
         return text + detokenizer.flush("length"), detokenizer.stop_reason
 
     first_two = len(pieces[0]) + len(pieces[1])
-    assert run(0, "ab") == ("", "ab")
-    assert run(len(pieces[0]), "ab") == ("abcd", "ab")  # the first "ab" is within min_tokens
-    assert run(first_two + len(pieces[2]), "ab") == ("abcdabxy", None)  # so are both
-    assert run(len(pieces[0]), "bc") == ("a", "bc")  # it ends past min_tokens' text
-    assert run(first_two, "bc") == ("abcdabxy", None)
+    for whole in (False, True):
+        assert run(0, "ab", whole) == ("", "ab")
+        assert run(len(pieces[0]), "ab", whole) == ("abcd", "ab")  # the first "ab" is within min_tokens
+        assert run(first_two + len(pieces[2]), "ab", whole) == ("abcdabxy", None)  # so are both
+        assert run(len(pieces[0]), "bc", whole) == ("a", "bc")  # it ends past min_tokens' text
+        assert run(first_two, "bc", whole) == ("abcdabxy", None)

@@ -55,7 +55,6 @@ class IncrementalDetokenizer:
         self._read_offset = 0
         self._decoded = ""  # text released by the decoder: emitted, then held back
         self._num_emitted = 0  # chars of _decoded already returned
-        self._stop_search_from = 0  # a stop string must end past this char: _decoded's length at min_tokens ids
         self._is_stopped = False
         self._stop_reason: str | None = None
 
@@ -93,6 +92,11 @@ class IncrementalDetokenizer:
             return "", True
         if not token_ids:
             return "", False
+        num_within = self._min_tokens - self._num_generated
+        if 0 < num_within < len(token_ids):  # the first num_within ids' text can end no stop string
+            text, _ = self.step(token_ids[:num_within])
+            more, is_stopped = self.step(token_ids[num_within:])
+            return text + more, is_stopped
         ids = list(token_ids)
         if self._stop_token is not None:  # more tokens came: it did not end the request
             ids.insert(0, self._stop_token)
@@ -142,13 +146,10 @@ class IncrementalDetokenizer:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
 
     def _advance(self, new_text: str, is_final: bool) -> str:
-        num_searched = max(len(self._decoded), self._stop_search_from)
+        num_searched = len(self._decoded)
         self._decoded += new_text
-        stop_end = None
-        if self._num_generated <= self._min_tokens:
-            self._stop_search_from = len(self._decoded)
-        elif len(self._decoded) > num_searched:
-            stop_end = self._find_stop(num_searched)
+        is_past_min_tokens = self._num_generated > self._min_tokens  # vLLM's: stop strings count only then
+        stop_end = self._find_stop(num_searched) if new_text and is_past_min_tokens else None
         if stop_end is not None:
             self._is_stopped = True
             self._decoded = self._decoded[:stop_end]

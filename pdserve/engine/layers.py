@@ -19,7 +19,7 @@ from pdserve.kernels.pdl import use_pdl
 # projection into its GEMV (`add_norm_project`): every GEMV program then reads and norms the whole
 # row itself, which costs L2 reads that grow with it. H100, batch-1 decode steps with the folds of
 # q/k/v and gate/up against none: Qwen2.5-0.5B (896 inputs) -5.3%, Qwen3-0.6B (1024) -0.7%,
-# Qwen2.5-1.5B (1536) +5.6% (bench/RESULTS.md)
+# Qwen2.5-1.5B (1536) +5.7% (bench/RESULTS.md)
 FOLDED_NORM_MAX_INPUTS = 1024
 # From this many rows the matmuls prefer cuBLASLt's kernels to cuBLAS's, on sm_90+ (H200, Llama-3-8B
 # decode steps: 1-3.5% faster at 32-128 rows, 1.4-2% slower at 8-16; prefill unchanged; bench/RESULTS.md)

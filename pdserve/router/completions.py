@@ -145,7 +145,6 @@ class _Completion:
         """`source`: the run the delta came from, when it differs from the choice's index (best_of)."""
         index = delta.index
         at = index if source is None else source  # the run, its prompt, its echo and offsets
-        run = self._runs[at]
         text, logprobs = delta.text, delta.logprobs
         if self._is_prompt_only:
             text, logprobs = "", []
@@ -163,10 +162,6 @@ class _Completion:
         }
         if self._request.logprobs is not None:
             choice["logprobs"] = self._logprobs(at, [*echoed, *logprobs], len(echoed))
-        # vLLM's: whenever computed, echo (+ logprobs) or asked for; never in a stream's chunks (it
-        # refuses prompt_logprobs with stream, and echo's are the first chunk's logprobs)
-        if run.params.prompt_logprobs is not None and not self._request.stream:
-            choice["prompt_logprobs"] = vllm_prompt_logprobs(self._tokenizer, run.prompt_logprobs)
         if self._is_prompt_only and delta.finish_reason is not None:
             choice["finish_reason"] = "length"
         if self._request.return_token_ids:  # vLLM's: the prompt's ids with a choice's first chunk, then its tokens'
@@ -180,7 +175,11 @@ class _Completion:
         choices = []
         for index, whole in enumerate(wholes):
             source, whole.index = whole.index, index
-            choices.append(self._choice(whole, source))
+            choice = self._choice(whole, source)
+            run = self._runs[source]
+            if run.params.prompt_logprobs is not None:  # vLLM's: echo (+ logprobs) or asked for; never streamed
+                choice["prompt_logprobs"] = vllm_prompt_logprobs(self._tokenizer, run.prompt_logprobs)
+            choices.append(choice)
         return {**self._envelope(choices), "usage": self._usage()}
 
     def chunks(self, delta: TextDelta) -> list[dict]:
