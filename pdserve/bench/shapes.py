@@ -75,25 +75,13 @@ SHAPES = {
         "eos_token_id": 151645,
         "torch_dtype": "bfloat16",
     },
-    "qwen2.5-1.5b": {  # Qwen/Qwen2.5-1.5B-Instruct
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "hidden_size": 1536,
-        "intermediate_size": 8960,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 12,
-        "num_key_value_heads": 2,
-        "vocab_size": 151936,
-        "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0,
-        "tie_word_embeddings": True,
-        "hidden_act": "silu",
-        "use_sliding_window": False,
-        "bos_token_id": 151643,
-        "eos_token_id": 151645,
-        "torch_dtype": "bfloat16",
-    },
+}
+SHAPES["qwen2.5-1.5b"] = {  # Qwen/Qwen2.5-1.5B-Instruct: Qwen2.5-0.5B's config at its own sizes
+    **SHAPES["qwen2.5-0.5b"],
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
 }
 
 
