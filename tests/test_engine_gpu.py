@@ -169,7 +169,6 @@ def test_bf16_model_shape_agrees_with_transformers(shape: str, monkeypatch: pyte
     }
     hf_runs = [hf_generate(hf, prompt, 8) for prompt in prompts]
     hf.float()  # the same weights, exactly, in fp32: the reference both bf16 runs are judged against
-    num_agreeing, num_first_equal = 0, 0
     for i, (prompt, output, (hf_tokens, hf_logits)) in enumerate(zip(prompts, outputs, hf_runs)):
         with torch.no_grad():
             reference = hf(torch.tensor([prompt], device="cuda")).logits[0, -1].float()
@@ -182,11 +181,9 @@ def test_bf16_model_shape_agrees_with_transformers(shape: str, monkeypatch: pyte
         )
         assert our_err <= 1.5 * hf_err + 1e-3  # as close to exact as transformers' own bf16 run
         # Where the two bf16 runs pick different first tokens, it is a near-tie of the exact model:
-        # the fp32 logits of the two picks differ by less than HF's own bf16 error.
+        # the fp32 logits of the two picks differ by less than HF's own bf16 error. Random weights
+        # spread the logits little, so such ties are common (Llama-3-8B's shape, an H100: 2 of 4
+        # prompts); how many there are is no measure of the engine.
         gap = (reference[hf_tokens[0]] - reference[tokens[0]]).abs().item()
         assert tokens[0] == hf_tokens[0] or gap <= (hf_logits - reference).abs().max().item()
-        num_first_equal += tokens[0] == hf_tokens[0]
-        num_agreeing += next((j for j, (a, b) in enumerate(zip(tokens, hf_tokens)) if a != b), len(tokens))
     assert bool(folds) == (shape == "qwen2.5-0.5b")
-    assert num_first_equal >= len(prompts) - 1
-    assert num_agreeing >= 2 * len(prompts)  # bf16 rounding may let greedy paths part later on
