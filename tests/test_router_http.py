@@ -890,7 +890,8 @@ def test_every_dashboard_series_has_samples_after_a_little_load(server: Server) 
 
 def test_requests_leaving_sampling_out_take_the_checkpoint_s_generation_config(server: Server, demo_model_dir: Path) -> None:
     """vLLM's `--generation-config auto`: a request's sampling fields it leaves out come from the
-    checkpoint's generation_config.json (here temperature 0 and max_new_tokens 6); its own win."""
+    checkpoint's generation_config.json (here temperature 0 and max_new_tokens 6); its own win; a
+    response object reports the values used."""
     config = EngineConfig(model=str(demo_model_dir), device="cpu", max_model_len=MAX_MODEL_LEN, num_kv_blocks=64)
     async_engine = AsyncEngine(LLMEngine.from_config(config))
     gateway = GatewayConfig(Deadlines(first_token_s=120, request_s=120), sampling_defaults={"temperature": 0.0, "max_tokens": 6})
@@ -910,6 +911,11 @@ def test_requests_leaving_sampling_out_take_the_checkpoint_s_generation_config(s
             ]
             assert all(reply["usage"]["completion_tokens"] == 8 for reply in own)
             assert any(reply["choices"][0]["message"]["content"] != greedy["choices"][0]["message"]["content"] for reply in own)
+            # a response object reports the settings it was sampled with, as vLLM's does
+            response = http.post("/v1/responses", json={"model": MODEL, "input": "Hi", "max_output_tokens": 2}).json()
+            assert (response["temperature"], response["top_p"]) == (0.0, 1.0)
+            response = http.post("/v1/responses", json={"model": MODEL, "input": "Hi", "temperature": 0.7, "top_p": 0.9}).json()
+            assert (response["temperature"], response["top_p"]) == (0.7, 0.9)
     finally:
         async_engine.shutdown()
 

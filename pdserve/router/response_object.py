@@ -61,12 +61,12 @@ class ResponseObject:
             "previous_response_id": request.previous_response_id,
             "reasoning": {"effort": None, "summary": None},
             "store": self._keep is not None,
-            "temperature": 1.0 if request.temperature is None else request.temperature,
+            "temperature": self._generation.params.temperature,  # as sampled: the checkpoint's default if left out (vLLM)
             "text": {"format": (request.text or {}).get("format") or {"type": "text"}},
             "tool_choice": request.tool_choice or "auto",  # the default, as OpenAI and vLLM report it, tools or not
             "tools": request.tools or [],
             "top_logprobs": request.top_logprobs or 0,
-            "top_p": 1.0 if request.top_p is None else request.top_p,
+            "top_p": self._generation.params.top_p,
             "truncation": "disabled",
             "usage": None,
             "user": request.user,
