@@ -912,9 +912,10 @@ def test_requests_leaving_sampling_out_take_the_checkpoint_s_generation_config(s
             assert all(reply["usage"]["completion_tokens"] == 8 for reply in own)
             assert any(reply["choices"][0]["message"]["content"] != greedy["choices"][0]["message"]["content"] for reply in own)
             # a response object reports the settings it was sampled with, as vLLM's does
-            response = http.post("/v1/responses", json={"model": MODEL, "input": "Hi", "max_output_tokens": 2}).json()
+            asked = {"model": MODEL, "input": "Hi", "max_output_tokens": 2}
+            response = http.post("/v1/responses", json=asked).json()
             assert (response["temperature"], response["top_p"]) == (0.0, 1.0)
-            response = http.post("/v1/responses", json={"model": MODEL, "input": "Hi", "temperature": 0.7, "top_p": 0.9}).json()
+            response = http.post("/v1/responses", json={**asked, "temperature": 0.7, "top_p": 0.9}).json()
             assert (response["temperature"], response["top_p"]) == (0.7, 0.9)
     finally:
         async_engine.shutdown()
