@@ -715,6 +715,50 @@ def test_metrics_use_vllm_names_and_count_requests(server: Server) -> None:
     assert after[("vllm:num_requests_running", labels)] == 0 and 0 <= after[("vllm:kv_cache_usage_perc", labels)] <= 1
 
 
+def test_metrics_count_each_of_n_sequences_as_a_request_as_vllm_does(server: Server) -> None:
+    """vLLM runs a request with n > 1 as n child requests: each is a finished request in
+    `request_success` and the per-request histograms; the request's n and its longest sequence are
+    observed once. The prompt is computed once here, and counted once."""
+    before = metric_samples(server.http.get("/metrics").text)
+    body = greedy_body(prompt=PROMPT, n=3, temperature=1.0, seed=5, max_tokens=4)
+    usage = server.http.post("/v1/completions", json=body).json()["usage"]
+    after = metric_samples(server.http.get("/metrics").text)
+
+    def grew(name: str, extra: dict | None = None) -> float:
+        key = (name, frozenset({"model_name": MODEL, **(extra or {})}.items()))
+        return after[key] - before.get(key, 0.0)
+
+    assert usage["completion_tokens"] == 12
+    assert grew("vllm:request_success_total", {"finished_reason": "length"}) == 3
+    assert grew("vllm:e2e_request_latency_seconds_count") == 3 and grew("vllm:time_to_first_token_seconds_count") == 3
+    assert grew("vllm:request_generation_tokens_count") == 3 and grew("vllm:request_generation_tokens_sum") == 12
+    assert grew("vllm:generation_tokens_total") == 12
+    assert grew("vllm:prompt_tokens_total") == usage["prompt_tokens"]
+    assert grew("vllm:request_params_n_count") == 1 and grew("vllm:request_params_n_sum") == 3
+    assert grew("vllm:request_max_num_generation_tokens_count") == 1
+    assert grew("vllm:request_max_num_generation_tokens_sum") == 4
+
+
+def test_a_request_s_longest_sequence_is_observed_when_its_last_sequence_ends() -> None:
+    metrics = Metrics(MODEL)
+    group = metrics.sequence_group(2)
+    first, second = (metrics.track_request(5, SamplingParams(n=2, max_tokens=9), group, index) for index in (0, 1))
+    first.on_tokens(3)
+    second.on_tokens(7)
+    first.on_finish("stop")
+    samples = metric_samples(metrics.render().decode())
+    key = ("vllm:request_max_num_generation_tokens_count", frozenset({"model_name": MODEL}.items()))
+    assert samples.get(key, 0.0) == 0  # one sequence still runs
+    second.on_finish("length")
+    samples = metric_samples(metrics.render().decode())
+    labels = frozenset({"model_name": MODEL}.items())
+    assert samples[("vllm:request_max_num_generation_tokens_count", labels)] == 1
+    assert samples[("vllm:request_max_num_generation_tokens_sum", labels)] == 7
+    assert samples[("vllm:request_params_n_sum", labels)] == 2
+    assert samples[("vllm:request_generation_tokens_sum", labels)] == 10
+    assert samples[("vllm:prompt_tokens_total", labels)] == 5
+
+
 # ---- failures, with a scripted backend ----
 
 

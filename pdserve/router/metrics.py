@@ -241,11 +241,16 @@ class Metrics:
         self.http_requests.labels(handler=handler, method=method, status=f"{status_code // 100}xx").inc()
 
     def track_request(
-        self, num_prompt_tokens: int, params: SamplingParams | None = None, is_sequence_only: bool = False
+        self, num_prompt_tokens: int, params: SamplingParams | None = None, group: SequenceGroup | None = None, index: int = 0
     ) -> RequestTracker:
-        """`is_sequence_only`: sequence 1.. of a request with n > 1: its tokens count, the request
-        (prompt, latency, finish) is counted by sequence 0's tracker."""
-        return RequestTracker(self, num_prompt_tokens, params, is_sequence_only)
+        """One sequence of a request. As vLLM counts a request with n > 1 (one child request a
+        sequence): each sequence is a finished request of its own (`request_success`, latencies, its
+        token counts); the request's n and its longest sequence are observed once, by `group`
+        (`sequence_group`). The prompt is computed once, and counted once: by sequence 0."""
+        return RequestTracker(self, num_prompt_tokens, params, group, index)
+
+    def sequence_group(self, n: int) -> SequenceGroup:
+        return SequenceGroup(self, n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -265,14 +270,34 @@ class _IterationTokensCollector:
         yield family
 
 
+class SequenceGroup:
+    """The n sequences of one request (vLLM's ParentRequest): when the last finishes,
+    `vllm:request_params_n` and the most tokens one of them generated."""
+
+    def __init__(self, metrics: Metrics, n: int) -> None:
+        self._metrics = metrics
+        self._n = n
+        self._num_unfinished = n
+        self._max_output_tokens = 0
+
+    def on_sequence_finish(self, num_output_tokens: int) -> None:
+        self._max_output_tokens = max(self._max_output_tokens, num_output_tokens)
+        self._num_unfinished -= 1
+        if self._num_unfinished == 0:
+            m = self._metrics
+            m.labels(m.request_params_n).observe(self._n)
+            m.labels(m.request_max_num_generation_tokens).observe(self._max_output_tokens)
+
+
 class RequestTracker:
-    """Timings and token counts of one request, from its arrival at the router."""
+    """Timings and token counts of one sequence of a request, from its arrival at the router."""
 
     def __init__(
-        self, metrics: Metrics, num_prompt_tokens: int, params: SamplingParams | None, is_sequence_only: bool = False
+        self, metrics: Metrics, num_prompt_tokens: int, params: SamplingParams | None, group: SequenceGroup | None, index: int
     ) -> None:
         self._metrics = metrics
-        self._is_sequence_only = is_sequence_only
+        self._group = group or SequenceGroup(metrics, 1)
+        self._is_sequence_only = index > 0  # the prompt's work (tokens, prefix cache) is sequence 0's
         self._num_prompt_tokens = num_prompt_tokens
         self._params = params
         self._arrival = time.monotonic()
@@ -283,12 +308,12 @@ class RequestTracker:
         self._is_finished = False
 
     def on_first_delta(self, delta: RequestDelta) -> None:
+        self._engine_seconds = (delta.queue_seconds, delta.prefill_seconds)
         if self._is_sequence_only:
             return
         m = self._metrics
         m.labels(m.prefix_cache_queries).inc(self._num_prompt_tokens)
         m.labels(m.prefix_cache_hits).inc(delta.num_cached_tokens)
-        self._engine_seconds = (delta.queue_seconds, delta.prefill_seconds)
 
     def on_tokens(self, num_tokens: int) -> None:
         if num_tokens == 0:
@@ -296,8 +321,8 @@ class RequestTracker:
         m, now = self._metrics, time.monotonic()
         if self._last_token_time is None:
             self._first_token_time = now
+            m.labels(m.time_to_first_token).observe(now - self._arrival)
             if not self._is_sequence_only:
-                m.labels(m.time_to_first_token).observe(now - self._arrival)
                 m.labels(m.prompt_tokens).inc(self._num_prompt_tokens)
         else:
             gap = (now - self._last_token_time) / num_tokens  # a multi-token delta spreads its interval
@@ -310,7 +335,7 @@ class RequestTracker:
 
     def on_finish(self, finish_reason: str) -> None:
         """`finish_reason`: stop | length | abort (cancelled, disconnected, timed out) | error."""
-        if self._is_finished or self._is_sequence_only:
+        if self._is_finished:
             return
         self._is_finished = True
         m, now = self._metrics, time.monotonic()
@@ -318,12 +343,10 @@ class RequestTracker:
         m.request_success.labels(model_name=m.model_name, finished_reason=finish_reason).inc()
         m.labels(m.request_prompt_tokens).observe(self._num_prompt_tokens)
         m.labels(m.request_generation_tokens).observe(self._num_output_tokens)
-        m.labels(m.request_max_num_generation_tokens).observe(self._num_output_tokens)
-        if self._params is not None:
-            m.labels(m.request_params_n).observe(self._params.n)
-            if self._params.max_tokens is not None:
-                m.labels(m.request_params_max_tokens).observe(self._params.max_tokens)
+        if self._params is not None and self._params.max_tokens is not None:
+            m.labels(m.request_params_max_tokens).observe(self._params.max_tokens)
         self._observe_phases(now)
+        self._group.on_sequence_finish(self._num_output_tokens)
 
     def _observe_phases(self, now: float) -> None:
         if self._first_token_time is None:

@@ -28,7 +28,7 @@ from pdserve.router.backend import Backend, BackendFailure
 from pdserve.router.drain import Drain
 from pdserve.router.errors import APIError, as_api_error
 from pdserve.router.limits import LastTokens, last_tokens, max_prompt_chars
-from pdserve.router.metrics import Metrics
+from pdserve.router.metrics import Metrics, SequenceGroup
 
 if TYPE_CHECKING:
     from pdserve.engine.outputs import RequestDelta, TokenLogprobs
@@ -181,7 +181,8 @@ class Serving:
             params.n,
             lambda: self.admission.admit(len(prompt_token_ids)),
         )
-        return [Generation(self, request_id, prompt_token_ids, params, shared.view(i), i) for i in range(params.n)]
+        group = self.metrics.sequence_group(params.n)
+        return [Generation(self, request_id, prompt_token_ids, params, shared.view(i), i, group) for i in range(params.n)]
 
 
 class Generation:
@@ -197,8 +198,10 @@ class Generation:
         params: SamplingParams,
         source: AsyncGenerator[RequestDelta, None] | None = None,
         index: int = 0,
+        group: SequenceGroup | None = None,
     ) -> None:
-        """`source`: this sequence's deltas when the request has several (`Serving.generations`)."""
+        """`source`, `group`: this sequence's deltas and its request's metrics when the request has
+        several (`Serving.generations`)."""
         self.request_id = request_id
         self.index = index
         self._source = source
@@ -213,7 +216,7 @@ class Generation:
         self._first_token_deadline = now + deadlines.first_token_s
         self._timeout: asyncio.Timeout | None = None  # the wait for the next delta, while it runs
         self._is_expired = False  # the drain ended it
-        self._tracker = serving.metrics.track_request(len(prompt_token_ids), params, is_sequence_only=index > 0)
+        self._tracker = serving.metrics.track_request(len(prompt_token_ids), params, group, index)
         self._has_first_delta = False
         self._detokenizer = IncrementalDetokenizer.for_request(serving.backend.tokenizer, params)
         self._held = TextDelta("")  # tokens whose text the detokenizer holds back
