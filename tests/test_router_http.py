@@ -31,7 +31,7 @@ from pdserve.proto.deadlines import Deadlines
 from pdserve.router.app import create_app
 from pdserve.router.backend import BackendStats, BackendUnavailableError, ColocatedBackend
 from pdserve.router.config import GatewayConfig
-from pdserve.router.metrics import Metrics
+from pdserve.router.metrics import Metrics, SequenceGroup
 from tests.servers import DASHBOARD_SERIES, observed_series
 
 MODEL = "demo"
@@ -127,6 +127,14 @@ def metric_samples(text: str) -> dict[tuple[str, frozenset], float]:
     return {
         (s.name, frozenset(s.labels.items())): s.value for family in text_string_to_metric_families(text) for s in family.samples
     }
+
+
+def growth(
+    before: dict[tuple[str, frozenset], float], after: dict[tuple[str, frozenset], float], name: str, extra: dict | None = None
+) -> float:
+    """How much the sample `name` (labelled with the model and `extra`) grew between two scrapes."""
+    key = (name, frozenset({"model_name": MODEL, **(extra or {})}.items()))
+    return after[key] - before.get(key, 0.0)
 
 
 def assert_kv_freed(engine: LLMEngine) -> None:
@@ -702,8 +710,7 @@ def test_metrics_use_vllm_names_and_count_requests(server: Server) -> None:
     assert f'vllm:generation_tokens_total{{model_name="{MODEL}"}}' in text
 
     def grew(name: str, extra: dict | None = None) -> float:
-        key = (name, frozenset({"model_name": MODEL, **(extra or {})}.items()))
-        return after[key] - before.get(key, 0.0)
+        return growth(before, after, name, extra)
 
     assert grew("vllm:generation_tokens_total") == 4
     assert grew("vllm:prompt_tokens_total") == len(server.tokenizer.encode(PROMPT))
@@ -725,8 +732,7 @@ def test_metrics_count_each_of_n_sequences_as_a_request_as_vllm_does(server: Ser
     after = metric_samples(server.http.get("/metrics").text)
 
     def grew(name: str, extra: dict | None = None) -> float:
-        key = (name, frozenset({"model_name": MODEL, **(extra or {})}.items()))
-        return after[key] - before.get(key, 0.0)
+        return growth(before, after, name, extra)
 
     assert usage["completion_tokens"] == 12
     assert grew("vllm:request_success_total", {"finished_reason": "length"}) == 3
@@ -741,7 +747,7 @@ def test_metrics_count_each_of_n_sequences_as_a_request_as_vllm_does(server: Ser
 
 def test_a_request_s_longest_sequence_is_observed_when_its_last_sequence_ends() -> None:
     metrics = Metrics(MODEL)
-    group = metrics.sequence_group(2)
+    group = SequenceGroup(metrics, 2)
     first, second = (metrics.track_request(5, SamplingParams(n=2, max_tokens=9), group, index) for index in (0, 1))
     first.on_tokens(3)
     second.on_tokens(7)

@@ -245,12 +245,9 @@ class Metrics:
     ) -> RequestTracker:
         """One sequence of a request. As vLLM counts a request with n > 1 (one child request a
         sequence): each sequence is a finished request of its own (`request_success`, latencies, its
-        token counts); the request's n and its longest sequence are observed once, by `group`
-        (`sequence_group`). The prompt is computed once, and counted once: by sequence 0."""
+        token counts); the request's n and its longest sequence are observed once, by their shared
+        `group`. The prompt is computed once, and counted once: by sequence 0."""
         return RequestTracker(self, num_prompt_tokens, params, group, index)
-
-    def sequence_group(self, n: int) -> SequenceGroup:
-        return SequenceGroup(self, n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

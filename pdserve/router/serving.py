@@ -181,7 +181,7 @@ class Serving:
             params.n,
             lambda: self.admission.admit(len(prompt_token_ids)),
         )
-        group = self.metrics.sequence_group(params.n)
+        group = SequenceGroup(self.metrics, params.n)
         return [Generation(self, request_id, prompt_token_ids, params, shared.view(i), i, group) for i in range(params.n)]
 
 
