@@ -192,6 +192,7 @@ class PacedBackend:
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.vocab_size
         self.gate = threading.Event()
         self.num_encoded = 0
         self.token = tokenizer.encode(" the", add_special_tokens=False)[0]

@@ -64,8 +64,9 @@ def test_out_of_range_wire_params_are_refused_naming_the_field() -> None:
     with pytest.raises(InvalidRequestError, match="top_p") as caught:
         params_from_proto(pb.SamplingParams(temperature=1.0, top_p=0.0, top_k=-1))  # proto3 default top_p
     assert caught.value.param == "top_p"
-    with pytest.raises(InvalidRequestError, match="logprobs"):
-        params_from_proto(pb.SamplingParams(top_p=1.0, top_k=-1, logprobs=-1))
+    with pytest.raises(InvalidRequestError, match="logprobs must be >= 0, or -1"):
+        params_from_proto(pb.SamplingParams(top_p=1.0, top_k=-1, logprobs=-2))
+    assert params_from_proto(pb.SamplingParams(top_p=1.0, top_k=-1, logprobs=-1, prompt_logprobs=-1)).logprobs == -1
 
 
 @pytest.mark.parametrize(

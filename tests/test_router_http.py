@@ -380,7 +380,8 @@ CASES = [  # (path, body, status, param, words in the message)
     ("/v1/chat/completions", {"max_tokens": 0}, 400, "max_tokens", "max_tokens"),
     ("/v1/chat/completions", {"max_completion_tokens": -1}, 400, "max_completion_tokens", "max_completion_tokens"),
     ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 25}, 400, "top_logprobs", "greater than max allowed: 20"),
-    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": -1}, 400, "top_logprobs", "top_logprobs"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": -1}, 400, "top_logprobs", "greater than max allowed: 20"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": -2}, 400, "top_logprobs", "top_logprobs must be >= 0, or -1"),
     (
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": "blocks " * 200}]},
@@ -778,6 +779,7 @@ class ScriptedBackend:
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.vocab_size
         self.script: list = []
         self.is_up = True
         self.num_aborted = 0

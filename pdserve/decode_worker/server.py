@@ -11,7 +11,7 @@ import grpc
 from pdserve.decode_worker.admission import DecodeQueueFullError
 from pdserve.decode_worker.worker import DecodeWorker, Reserved
 from pdserve.engine.outputs import RequestDelta
-from pdserve.engine.sampling_params import InvalidRequestError
+from pdserve.engine.sampling_params import MAX_N, InvalidRequestError
 from pdserve.kvtransfer import AUTO, Endpoint, accepts
 from pdserve.kvtransfer.control import KVTransferServicer, add_kv_transfer_service
 from pdserve.kvtransfer.grpc_transport import max_chunk_message_bytes
@@ -21,7 +21,7 @@ from pdserve.proto.auth import ServerAuth, caller_of
 from pdserve.proto.cluster_secret import ClusterSecret
 from pdserve.proto.convert import logprobs_to_proto, params_from_proto, worker_status
 from pdserve.proto.failures import Failure, grpc_code, param_metadata
-from pdserve.proto.limits import MessageLimitInterceptor, MessageLimits, prompt_message_bytes
+from pdserve.proto.limits import MessageLimitInterceptor, MessageLimits, commit_message_bytes, prompt_message_bytes
 
 DEFAULT_LEASE_S = 30.0
 
@@ -113,6 +113,7 @@ async def start_server(
         {
             "/pdserve.DecodeWorker/Generate": prompt_message_bytes(worker.core.max_model_len),
             "/pdserve.KVTransfer/PushKV": max_chunk_message_bytes(worker.receiver.layout),
+            "/pdserve.KVTransfer/Commit": commit_message_bytes(MAX_N, worker.core.max_logprobs),
         }
     )
     server = grpc.aio.server(options=limits.server_options(), interceptors=[ServerAuth(secret), MessageLimitInterceptor(limits)])

@@ -118,17 +118,18 @@ async def _disaggregated(
         raise RuntimeError(f"no healthy prefill and decode workers within {READY_TIMEOUT_S:g} s")
     if not _is_ready(pool):
         logger.info("no healthy prefill and decode workers yet: /health answers 503 until they register")
-    max_model_len = ModelConfig.from_pretrained(config.engine.model).longest_context  # until the workers report theirs
+    model = ModelConfig.from_pretrained(config.engine.model)
     return DisaggregatedBackend(
         pool,
         Tokenizer.from_pretrained(
             tokenizer_dir(config.engine, config.engine.model), config.engine.model
         ),  # the workers' tokenizer
         config.served_model_name,
-        max_model_len,
+        model.longest_context,  # until the workers report theirs
         on_kv_transfer=metrics.observe_kv_transfer,
         deadlines=gateway.deadlines,
         prefix_share_url=config.redis_url,  # several gateways share Redis: they share their prefix routing too
+        vocab_size=model.vocab_size,  # what a logprobs count of -1 asks for
     )
 
 

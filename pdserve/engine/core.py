@@ -16,7 +16,7 @@ from pdserve.engine.fingerprint import model_fingerprint
 from pdserve.engine.loader import resolve_model_path, tokenizer_dir
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.request import Request
-from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams, check_logprobs
+from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams, check_logprobs, with_vocab_logprobs
 from pdserve.engine.structured_output import GrammarCompiler
 from pdserve.engine.tokenizer import Tokenizer
 
@@ -83,7 +83,7 @@ class EngineCore:
         """Everything about a request that depends on the model; raises InvalidRequestError."""
         self.validate_prompt(prompt_token_ids)
         vocab = self.model_config.vocab_size
-        check_logprobs(params, self.max_logprobs)
+        check_logprobs(params, self.max_logprobs, vocab)
         if any(t >= vocab for t in params.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
         for name, token_ids in (
@@ -124,8 +124,10 @@ class EngineCore:
     def new_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         """The request's first sequence; with n > 1 it carries the other n - 1 as siblings, which
         share its prompt's KV (computed once) and start from samples of the same logits. With a
-        seed, sequence i draws from seed + i: distinct, and reproducible."""
+        seed, sequence i draws from seed + i: distinct, and reproducible. A logprobs count of -1
+        becomes the vocabulary's size."""
         self.validate(prompt_token_ids, params)
+        params = with_vocab_logprobs(params, self.model_config.vocab_size)
         request = self._sequence(request_id, prompt_token_ids, params, 0)
         for index in range(1, params.n):
             sibling = self._sequence(f"{request_id}#{index}", prompt_token_ids, params, index)

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 MAX_N = 64
 # vLLM's structured-output kinds: a JSON schema, any JSON object, a regex, one of a list of strings,
 # a Lark or EBNF (GBNF) grammar.
 STRUCTURED_OUTPUT_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 MAX_CACHE_SALT_CHARS = 256
+ALL_LOGPROBS = -1  # a logprobs / prompt_logprobs count asking for the whole vocabulary (vLLM's)
 
 
 class InvalidRequestError(ValueError):
@@ -120,8 +121,8 @@ class SamplingParams:
             fail(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})", "min_tokens")
         for name in ("logprobs", "prompt_logprobs"):  # their limit is the engine's --max-logprobs (EngineCore.validate)
             value = getattr(self, name)
-            if value is not None and value < 0:
-                fail(f"{name} must be >= 0, got {value}", name)
+            if value is not None and value < ALL_LOGPROBS:
+                fail(f"{name} must be >= 0, or -1 for the whole vocabulary; got {value}", name)
         if any(not s for s in self.stop):
             fail("stop strings must be non-empty", "stop")
         if any(t < 0 for t in self.stop_token_ids):
@@ -151,11 +152,21 @@ class SamplingParams:
         return self.temperature < 1e-5
 
 
-def check_logprobs(params: SamplingParams, max_logprobs: int) -> None:
+def check_logprobs(params: SamplingParams, max_logprobs: int, vocab_size: int) -> None:
     """vLLM's refusal (InvalidRequestError) of more logprobs or prompt_logprobs than the server's
-    --max-logprobs allows."""
+    --max-logprobs allows: `max_logprobs` as the engine resolves it (its -1: `vocab_size`), and a
+    count of -1 asks for `vocab_size`."""
     for kind, name in (("sample", "logprobs"), ("prompt", "prompt_logprobs")):
         asked = getattr(params, name)
-        if asked is not None and asked > max_logprobs:
-            message = f"Requested {kind} logprobs of {asked}, which is greater than max allowed: {max_logprobs}"
-            raise InvalidRequestError(f"{message} (--max-logprobs)", name)
+        num_asked = vocab_size if asked == ALL_LOGPROBS else asked
+        if num_asked is not None and num_asked > max_logprobs:
+            message = f"Requested {kind} logprobs of {num_asked}, which is greater than max allowed: {max_logprobs}"
+            whole = "; -1 asks for the whole vocabulary" if asked == ALL_LOGPROBS else ""
+            raise InvalidRequestError(f"{message} (--max-logprobs{whole})", name)
+
+
+def with_vocab_logprobs(params: SamplingParams, vocab_size: int) -> SamplingParams:
+    """`params` with a logprobs or prompt_logprobs count of -1 made the `vocab_size` it asks for:
+    what the engine computes and returns."""
+    counts = {name: vocab_size for name in ("logprobs", "prompt_logprobs") if getattr(params, name) == ALL_LOGPROBS}
+    return replace(params, **counts) if counts else params

@@ -15,11 +15,18 @@ from pdserve.proto import MAX_MESSAGE_BYTES
 
 CONTROL_MESSAGE_BYTES = 64 * 2**10  # status, abort, handshake, begin, commit, abandon: a few hundred bytes each
 BYTES_PER_TOKEN = 5  # a token id below 2**31 as a varint
+BYTES_PER_LOGPROB = BYTES_PER_TOKEN + 4  # an alternative: its token id and its float logprob (packed fields)
 
 
 def prompt_message_bytes(max_model_len: int) -> int:
     """A request carrying a whole prompt (plus sampling parameters and stop token ids)."""
     return max_model_len * BYTES_PER_TOKEN + CONTROL_MESSAGE_BYTES
+
+
+def commit_message_bytes(max_sequences: int, max_logprobs: int) -> int:
+    """A KV commit: the first token of each of a request's sequences, each with up to `max_logprobs`
+    alternatives (a worker's --max-logprobs, the vocabulary for -1)."""
+    return CONTROL_MESSAGE_BYTES + max_sequences * (max_logprobs + 1) * BYTES_PER_LOGPROB
 
 
 @dataclass(frozen=True)

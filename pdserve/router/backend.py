@@ -59,6 +59,11 @@ class Backend(Protocol):
         """The most logprobs a request may ask for (--max-logprobs); None: not known yet."""
         ...
 
+    @property
+    def vocab_size(self) -> int:
+        """The model's vocabulary (its logits' width): what a logprobs count of -1 asks for."""
+        ...
+
     def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncGenerator[RequestDelta, None]:
@@ -80,6 +85,7 @@ class ColocatedBackend:
         self.model_name = model_name
         self.max_model_len = engine.engine.core.max_model_len
         self.max_logprobs = engine.engine.core.max_logprobs
+        self.vocab_size = engine.engine.core.model_config.vocab_size
         self.tokenizer = engine.engine.core.tokenizer
 
     def generate(

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from fastapi.responses import JSONResponse, Response
 
+from pdserve.engine.sampling_params import ALL_LOGPROBS
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.router.auth import cache_salt_of
 from pdserve.router.errors import APIError
@@ -184,9 +185,10 @@ class _ChatCompletion:
         num_top = self._generations[0].params.logprobs
         if num_top is None:
             return None
+        shown = None if num_top == ALL_LOGPROBS else num_top  # -1: all the worker sent, the whole vocabulary
         return {
             "content": [
-                {**self._entry(lp.token_id, lp.logprob), "top_logprobs": [self._entry(i, v) for i, v in lp.top[:num_top]]}
+                {**self._entry(lp.token_id, lp.logprob), "top_logprobs": [self._entry(i, v) for i, v in lp.top[:shown]]}
                 for lp in delta.logprobs
             ]
         }

@@ -71,14 +71,17 @@ class DisaggregatedBackend:
         on_kv_transfer: OnKVTransfer | None = None,
         deadlines: Deadlines | None = None,
         prefix_share_url: str | None = None,
+        vocab_size: int | None = None,
     ) -> None:
         """`on_kv_transfer(num_bytes, seconds, transport, kept_blocks)` is told about every
         prefill-to-decode hand-off (`kept_blocks`: the prompt's blocks the decode worker already held). `prefix_share_url`: the Redis through which the cluster's gateways share where they
-        sent which prefixes (`RedisPrefixShare`); None: this gateway's own routing only."""
+        sent which prefixes (`RedisPrefixShare`); None: this gateway's own routing only.
+        `vocab_size`: the model's (its logits' width); None: the tokenizer's."""
         self.pool = pool
         self.tokenizer = tokenizer
         self.model_name = model_name
         self._max_model_len = max_model_len
+        self.vocab_size = tokenizer.vocab_size if vocab_size is None else vocab_size
         self.on_kv_transfer = on_kv_transfer
         self.deadlines = deadlines or Deadlines()
         self.watch = HealthWatch(pool)

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pdserve.engine.sampling_params import SamplingParams, StructuredOutput
+from pdserve.engine.sampling_params import ALL_LOGPROBS, SamplingParams, StructuredOutput
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.router.errors import APIError
 from pdserve.router.structured_output import StructuredOutputsParams, structured_output_of
@@ -282,8 +282,10 @@ class ChatCompletionRequest(GenerationRequest):
         super().check_supported()
         if self.top_logprobs and not self.logprobs:  # 0 asks for nothing (vLLM's)
             raise APIError(400, "top_logprobs needs logprobs to be true", "top_logprobs")
-        if self.top_logprobs is not None and self.top_logprobs < 0:  # the limit: --max-logprobs (Serving.check_logprobs)
-            raise APIError(400, f"top_logprobs must be >= 0, got {self.top_logprobs}", "top_logprobs")
+        # -1 asks for the whole vocabulary; the limit: --max-logprobs (Serving.check_logprobs)
+        if self.top_logprobs is not None and self.top_logprobs < ALL_LOGPROBS:
+            message = f"top_logprobs must be >= 0, or -1 for the whole vocabulary; got {self.top_logprobs}"
+            raise APIError(400, message, "top_logprobs")
         if self.max_completion_tokens is not None and self.max_completion_tokens < 1:
             message = f"max_completion_tokens must be at least 1, got {self.max_completion_tokens}"
             raise APIError(400, message, "max_completion_tokens")

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from pdserve.engine.sampling_params import ALL_LOGPROBS
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.router.chat import PreparedChat
 from pdserve.router.reasoning import split
@@ -129,8 +130,9 @@ class ResponseObject:
         if not self._request.wants_logprobs:
             return []
         num_top = self._request.top_logprobs or 0
+        shown = None if num_top == ALL_LOGPROBS else num_top  # -1: all the worker sent, the whole vocabulary
         return [
-            {**self._entry(lp.token_id, lp.logprob), "top_logprobs": [self._entry(i, v) for i, v in lp.top[:num_top]]}
+            {**self._entry(lp.token_id, lp.logprob), "top_logprobs": [self._entry(i, v) for i, v in lp.top[:shown]]}
             for lp in delta.logprobs
         ]
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
+from pdserve.engine.sampling_params import ALL_LOGPROBS
 from pdserve.router.errors import APIError
 from pdserve.router.protocol import ChatCompletionRequest, SamplingFields
 
@@ -64,8 +65,10 @@ class ResponsesRequest(SamplingFields):
         unknown = [item for item in self.include or [] if item not in INCLUDABLE]
         if unknown:
             raise APIError(400, f'include: "{unknown[0]}" is not one of {", ".join(sorted(INCLUDABLE))}', "include")
-        if self.top_logprobs is not None and self.top_logprobs < 0:  # the limit: --max-logprobs (Serving.check_logprobs)
-            raise APIError(400, f"top_logprobs must be >= 0, got {self.top_logprobs}", "top_logprobs")
+        # -1 asks for the whole vocabulary; the limit: --max-logprobs (Serving.check_logprobs)
+        if self.top_logprobs is not None and self.top_logprobs < ALL_LOGPROBS:
+            message = f"top_logprobs must be >= 0, or -1 for the whole vocabulary; got {self.top_logprobs}"
+            raise APIError(400, message, "top_logprobs")
         if self.max_output_tokens is not None and self.max_output_tokens < 1:
             raise APIError(400, f"max_output_tokens must be at least 1, got {self.max_output_tokens}", "max_output_tokens")
 

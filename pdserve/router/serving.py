@@ -96,12 +96,13 @@ class Serving:
 
     def check_logprobs(self, params: SamplingParams, logprobs_param: str = "logprobs") -> None:
         """vLLM's 400 for more logprobs than the workers' --max-logprobs allows (they refuse it too;
-        here it names the API's own field, `logprobs_param`: chat's `top_logprobs`)."""
+        here it names the API's own field, `logprobs_param`: chat's `top_logprobs`); -1 asks for the
+        model's whole vocabulary."""
         limit = self.backend.max_logprobs
         if limit is None:
             return
         try:
-            check_logprobs(params, limit)
+            check_logprobs(params, limit, self.backend.vocab_size)
         except InvalidRequestError as exc:
             raise APIError(400, str(exc), logprobs_param if exc.param == "logprobs" else exc.param) from None
 
