@@ -310,8 +310,8 @@ def test_a_request_may_name_tokens_by_their_text_on_a_server_that_names_them_by_
 
 
 def test_minus_one_with_many_sequences_reaches_every_sequence(whole_vocab_server: str, hf: transformers.PreTrainedModel) -> None:
-    """n sequences each with the whole vocabulary's alternatives: disaggregated, their first tokens'
-    all cross from the prefill to the decode worker in one commit (here ~16 x 832 entries)."""
+    """n sequences, each with the whole vocabulary's alternatives: disaggregated, the alternatives of
+    all n first tokens cross from the prefill to the decode worker in one KV commit (here 16 x 832)."""
     vocab_size = hf.config.vocab_size
     client = openai.OpenAI(base_url=f"{whole_vocab_server}/v1", api_key="none", max_retries=0)
     completion = client.completions.create(
